@@ -1,0 +1,38 @@
+# pool-managerd. `make test` is the one test command (CI runs exactly it).
+GO      ?= go
+GOFLAGS ?=
+export GOFLAGS
+
+.PHONY: all build test fmt-check vet unit demo fuzz clean
+
+all: build
+
+build:
+	$(GO) build -o build/ ./cmd/...
+
+test: fmt-check vet unit
+
+fmt-check:
+	@out=$$(gofmt -l cmd internal); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+
+vet:
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -race -count=1 -timeout 300s ./...
+
+# Validates the shipped example configuration, then prints the restart
+# schedule the policy follows for two simulated crash loops.
+demo: build
+	./build/pool-managerd --config-dir packaging/examples --check-config
+	./build/pool-managerd --config-dir packaging/examples --print-schedule 8 --crash-reason cuda_error
+	./build/pool-managerd --config-dir packaging/examples --print-schedule 14 --crash-reason exit_code --crash-after 1s
+
+# Fuzzes the configuration parser for FUZZTIME (seed corpus runs in `make test`).
+FUZZTIME ?= 60s
+fuzz:
+	$(GO) test ./internal/config -run '^$$' -fuzz FuzzParsePool -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/config -run '^$$' -fuzz FuzzParseManager -fuzztime $(FUZZTIME)
+
+clean:
+	rm -rf build

@@ -1,0 +1,157 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"path/filepath"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/llorch/pool-managerd/internal/config"
+	"github.com/llorch/pool-managerd/internal/crash"
+	"github.com/llorch/pool-managerd/internal/policy"
+)
+
+func printConfig(w io.Writer, c *config.Config) {
+	m := c.Manager
+	fmt.Fprintf(w, "manager: %s\n", or(m.File, "(defaults)"))
+	fmt.Fprintf(w, "  state %s, runtime %s, models %s\n", m.StateDir, m.RuntimeDir, m.ModelsDir)
+	fmt.Fprintf(w, "  metrics %s every %s, listen %s, admin group %s\n", or(m.MetricsTextfile, "(off)"), m.MetricsInterval, or(m.MetricsListen, "(off)"), m.AdminGroup)
+	fmt.Fprintf(w, "  inventory %s", m.Inventory.Backend)
+	for _, d := range m.Inventory.Devices {
+		fmt.Fprintf(w, ", %d=%s (%s)", d.Index, d.UUID, d.Node)
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintf(w, "%d pool(s)\n", len(c.Pools))
+	for _, p := range c.Pools {
+		printPool(w, p, m.ModelsDir)
+	}
+}
+
+func printPool(w io.Writer, p *config.Pool, modelsDir string) {
+	model := p.Model
+	if !filepath.IsAbs(strings.TrimPrefix(model, "file://")) {
+		model = filepath.Join(modelsDir, model)
+	}
+	sp := p.Specifiers(strings.TrimPrefix(model, "file://"))
+	exec := make([]string, len(p.Engine.ExecStart))
+	for i, a := range p.Engine.ExecStart {
+		exec[i] = sp.Expand(a)
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 1, ' ', 0)
+	fmt.Fprintf(tw, "\npool %s\t(%s)\n", p.ID, p.File)
+	row := func(k, format string, a ...any) { fmt.Fprintf(tw, "  %s\t"+format+"\n", append([]any{k}, a...)...) }
+	if p.Description != "" {
+		row("description", "%s", p.Description)
+	}
+	row("unit", "pool-engine-%s.scope in pool-managerd-engines.slice", p.ID)
+	row("devices", "%s", sp.Devices)
+	row("model", "%s%s", model, prefix(" ", p.ModelDigest))
+	if p.Slots > 0 {
+		row("slots", "%d", p.Slots)
+	} else {
+		row("slots", "unlimited")
+	}
+	row("autostart", "%t", p.AutoStart)
+	row("exec", "%s", strings.Join(exec, " "))
+	row("user", "%s", p.Engine.User)
+	for _, e := range p.Engine.Environment {
+		row("environment", "%s", sp.Expand(e))
+	}
+	row("stop", "SIGTERM, SIGKILL after %s", p.Engine.StopTimeout)
+	if p.Engine.Version != "" {
+		row("version", "%s", p.Engine.Version)
+	} else if len(p.Engine.VersionCommand) > 0 {
+		row("version", "from %s", strings.Join(p.Engine.VersionCommand, " "))
+	}
+	h := p.Health
+	row("health", "%s every %s, timeout %s, unhealthy after %d failures, start timeout %s", sp.Expand(p.Engine.HealthURL), h.Interval, h.Timeout, h.FailureThreshold, h.StartTimeout)
+	r := p.Restart
+	var mult []string
+	for reason, f := range r.Backoff.Multiplier {
+		mult = append(mult, fmt.Sprintf("%s x%g", reason, f))
+	}
+	slices.Sort(mult)
+	row("backoff", "%s doubling to %s (min %s, jitter %g%%%s), reset after %s stable", r.Backoff.Initial, r.Backoff.Max, r.Backoff.Min, r.Backoff.JitterPercent, prefix(", ", strings.Join(mult, ", ")), r.Backoff.Stable)
+	row("breaker", "opens after %d consecutive failures for %s (doubling to %s), closes after %s stable", r.Breaker.Threshold, r.Breaker.Open, r.Breaker.OpenMax, r.Breaker.Stable)
+	row("storm", "at most %d restarts in %s, restart count reset after %s stable", r.Storm.Max, r.Storm.Window, r.RestartCountReset)
+	for _, s := range p.Scope {
+		row("scope", "%s=%s", s.Key, s.Raw)
+	}
+	tw.Flush()
+}
+
+// printSchedule runs the pool's policy through a crash loop on a simulated
+// clock and prints every decision.
+func printSchedule(w io.Writer, p *config.Pool, reason crash.Reason, crashes int, runFor time.Duration, t0 time.Time) {
+	rng := rand.New(rand.NewPCG(1, uint64(len(p.ID))))
+	tr := policy.New(p.Restart, rng.Float64)
+	fmt.Fprintf(w, "\nrestart schedule of pool %s: %d crashes (%s), each restarted engine crashing %s after it starts\n", p.ID, crashes, reason, runFor)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "crash\tat\tdecision\tbreaker\trestarts in window\tnotes")
+	now := t0
+	off := func(t time.Time) string { return "+" + t.Sub(t0).Round(time.Millisecond).String() }
+	for n := 1; n <= crashes; n++ {
+		d := tr.Crash(now, reason)
+		var notes []string
+		notes = append(notes, describe(d.Events)...)
+		st := tr.Status(now)
+		decision := fmt.Sprintf("restart in %s", d.Delay.Round(time.Millisecond))
+		next := d.At
+		if d.Held {
+			decision = "held until " + off(d.At)
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d/%d in %s\t%s\n", n, off(now), decision, st.Breaker, st.RestartRate, p.Restart.Storm.Max, p.Restart.Storm.Window, strings.Join(notes, "; "))
+		now = next
+		ev := tr.Tick(now)
+		pm, err := tr.Restart(now)
+		ev = append(ev, pm.Events...)
+		if err != nil {
+			fmt.Fprintf(tw, "\t%s\t%s\t\t\t%s\n", off(now), err, strings.Join(describe(ev), "; "))
+			break
+		}
+		if notes := describe(ev); len(notes) > 0 {
+			fmt.Fprintf(tw, "\t%s\trestarted\t%s\t%d/%d in %s\t%s\n", off(now), tr.Status(now).Breaker, tr.Status(now).RestartRate, p.Restart.Storm.Max, p.Restart.Storm.Window, strings.Join(notes, "; "))
+		}
+		now = now.Add(runFor)
+	}
+	tw.Flush()
+}
+
+// describe keeps the events worth a line in the schedule.
+func describe(events []policy.Event) []string {
+	var out []string
+	for _, e := range events {
+		switch e := e.(type) {
+		case policy.BreakerChanged:
+			s := fmt.Sprintf("%s breaker %s -> %s", e.Class, e.From, e.To)
+			out = append(out, s)
+		case policy.StormWarning:
+			out = append(out, fmt.Sprintf("storm warning (%d/%d)", e.InWindow, e.Max))
+		case policy.StormDetected:
+			out = append(out, fmt.Sprintf("STORM %s: %s", e.Kind, e.Kind.Hint()))
+		case policy.Restarting:
+			if e.Test {
+				out = append(out, "test restart")
+			}
+		}
+	}
+	return out
+}
+
+func or(s, alt string) string {
+	if s == "" {
+		return alt
+	}
+	return s
+}
+
+func prefix(p, s string) string {
+	if s == "" {
+		return ""
+	}
+	return p + s
+}

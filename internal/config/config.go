@@ -1,0 +1,271 @@
+// Package config reads pool-managerd's configuration: the manager file and
+// one *.pool file per pool, in systemd unit syntax. Validation is strict and
+// complete: every problem is reported at once, each naming its file, line,
+// section and key, and a configuration with any problem is refused whole.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/llorch/pool-managerd/internal/crash"
+	"github.com/llorch/pool-managerd/internal/policy"
+)
+
+// Default locations on an installed host.
+const (
+	DefaultDir   = "/etc/pool-managerd"
+	ManagerFile  = "pool-managerd.conf"
+	PoolsDir     = "pools.d"
+	PoolSuffix   = ".pool"
+	DefaultUser  = "pool-engine"
+	DefaultGroup = "pool-admin"
+)
+
+// Config is a whole, valid configuration.
+type Config struct {
+	Manager Manager
+	// Pools are sorted by id.
+	Pools []*Pool
+}
+
+// Manager holds the [Manager] and [Inventory] settings.
+type Manager struct {
+	File            string
+	StateDir        string
+	RuntimeDir      string
+	ModelsDir       string
+	MetricsTextfile string // empty: no textfile
+	MetricsInterval time.Duration
+	MetricsListen   string // empty: no listener
+	AdminGroup      string
+	Inventory       Inventory
+}
+
+// Backend selects where the GPU inventory comes from.
+type Backend string
+
+const (
+	BackendAuto   Backend = "auto"
+	BackendNVML   Backend = "nvml"
+	BackendStatic Backend = "static"
+)
+
+// Inventory is the [Inventory] section.
+type Inventory struct {
+	Backend        Backend
+	Devices        []StaticDevice
+	ControlDevices []string
+}
+
+// StaticDevice is one Device= line: a GPU known without NVML.
+type StaticDevice struct {
+	Index int
+	UUID  string
+	Node  string
+}
+
+// Pool is one *.pool file.
+type Pool struct {
+	ID   string
+	File string
+
+	Description string
+	// Devices are the Devices= entries as written: NVML indices, GPU UUIDs
+	// or MIG UUIDs.
+	Devices     []string
+	Model       string
+	ModelDigest string // "sha256:<hex>" or empty
+	Slots       uint32 // 0: no limit
+	AutoStart   bool
+
+	Engine  Engine
+	Health  Health
+	Restart policy.Params
+	Scope   []ScopeProperty
+}
+
+// Engine is the [Engine] section. String fields keep their specifiers;
+// expand them with Pool.Specifiers once the model is staged.
+type Engine struct {
+	ExecStart      []string
+	Port           int // 0: none
+	HealthURL      string
+	User           string
+	Environment    []string // NAME=value
+	StopTimeout    time.Duration
+	Version        string
+	VersionCommand []string
+}
+
+// Health is the [Health] section.
+type Health struct {
+	Interval         time.Duration
+	Timeout          time.Duration
+	FailureThreshold int
+	StartTimeout     time.Duration
+}
+
+// Specifiers returns the specifier values for the pool with the given
+// staged model path.
+func (p *Pool) Specifiers(model string) Specifiers {
+	port := ""
+	if p.Engine.Port > 0 {
+		port = fmt.Sprint(p.Engine.Port)
+	}
+	return Specifiers{ID: p.ID, Model: model, Port: port, Devices: strings.Join(p.Devices, ",")}
+}
+
+// DefaultManager is the manager configuration when no file exists.
+func DefaultManager() Manager {
+	return Manager{
+		StateDir:        "/var/lib/pool-managerd",
+		RuntimeDir:      "/run/pool-managerd",
+		ModelsDir:       "/var/lib/pool-managerd/models",
+		MetricsTextfile: "/var/lib/prometheus/node-exporter/pool-managerd.prom",
+		MetricsInterval: 15 * time.Second,
+		AdminGroup:      DefaultGroup,
+		Inventory:       Inventory{Backend: BackendAuto},
+	}
+}
+
+func defaultPool(id, file string) *Pool {
+	return &Pool{
+		ID:        id,
+		File:      file,
+		AutoStart: true,
+		Engine:    Engine{User: DefaultUser, StopTimeout: 30 * time.Second},
+		Health: Health{
+			Interval:         5 * time.Second,
+			Timeout:          2 * time.Second,
+			FailureThreshold: 3,
+			StartTimeout:     120 * time.Second,
+		},
+		Restart: policy.Defaults(),
+	}
+}
+
+// Load reads DIR/pool-managerd.conf (optional) and DIR/pools.d/*.pool.
+func Load(dir string) (*Config, error) {
+	pools, err := filepath.Glob(filepath.Join(dir, PoolsDir, "*"+PoolSuffix))
+	if err != nil {
+		return nil, err
+	}
+	mgr := filepath.Join(dir, ManagerFile)
+	if _, err := os.Stat(mgr); errors.Is(err, fs.ErrNotExist) {
+		mgr = ""
+	}
+	if _, err := os.Stat(filepath.Join(dir, PoolsDir)); err != nil && mgr == "" {
+		return nil, fmt.Errorf("%s: no %s and no %s/ directory: is this a pool-managerd configuration directory?", dir, ManagerFile, PoolsDir)
+	}
+	return LoadFiles(mgr, pools)
+}
+
+// LoadFiles reads the given manager file (empty: defaults) and pool files.
+func LoadFiles(managerFile string, poolFiles []string) (*Config, error) {
+	var errs Errors
+	c := &Config{Manager: DefaultManager()}
+	if managerFile != "" {
+		c.Manager.File = managerFile
+		data, err := os.ReadFile(managerFile)
+		if err != nil {
+			errs = append(errs, &Error{File: managerFile, Msg: err.Error()})
+		} else {
+			errs = append(errs, parseManager(managerFile, data, &c.Manager)...)
+		}
+	}
+	seen := map[string]string{}
+	for _, f := range poolFiles {
+		id := strings.TrimSuffix(filepath.Base(f), PoolSuffix)
+		if prev, dup := seen[id]; dup {
+			errs = append(errs, &Error{File: f, Msg: fmt.Sprintf("duplicate pool id %q: already defined by %s", id, prev)})
+			continue
+		}
+		seen[id] = f
+		data, err := os.ReadFile(f)
+		if err != nil {
+			errs = append(errs, &Error{File: f, Msg: err.Error()})
+			continue
+		}
+		p, perrs := ParsePool(f, data)
+		errs = append(errs, perrs...)
+		if p != nil {
+			c.Pools = append(c.Pools, p)
+		}
+	}
+	sort.Slice(c.Pools, func(i, j int) bool { return c.Pools[i].ID < c.Pools[j].ID })
+	errs = append(errs, c.checkDevices()...)
+	if len(errs) > 0 {
+		return nil, errs
+	}
+	return c, nil
+}
+
+// staticApplies says whether Devices= entries can be checked against the
+// static inventory now: NVML is only known at run time.
+func (m *Manager) staticApplies() bool {
+	return m.Inventory.Backend == BackendStatic ||
+		m.Inventory.Backend == BackendAuto && len(m.Inventory.Devices) > 0
+}
+
+// checkDevices finds GPUs claimed by two pools (by index or UUID alike when
+// the static inventory relates them) and entries the inventory lacks.
+func (c *Config) checkDevices() Errors {
+	var errs Errors
+	canon := func(d string) string { return d }
+	known := func(string) bool { return true }
+	if c.Manager.staticApplies() {
+		byKey := map[string]string{}
+		for _, d := range c.Manager.Inventory.Devices {
+			byKey[fmt.Sprint(d.Index)] = d.UUID
+			byKey[strings.ToLower(d.UUID)] = d.UUID
+		}
+		canon = func(d string) string {
+			if u, ok := byKey[strings.ToLower(d)]; ok {
+				return u
+			}
+			return d
+		}
+		known = func(d string) bool { _, ok := byKey[strings.ToLower(d)]; return ok }
+	}
+	owner := map[string]string{}
+	for _, p := range c.Pools {
+		for _, d := range p.Devices {
+			if !known(d) {
+				errs = append(errs, &Error{File: p.File, Section: "Pool", Key: "Devices",
+					Msg: fmt.Sprintf("GPU %q is not in the static inventory (Device= lines of [Inventory] in %s)", d, orDefault(c.Manager.File))})
+				continue
+			}
+			k := strings.ToLower(canon(d))
+			if prev, ok := owner[k]; ok && prev != p.ID {
+				errs = append(errs, &Error{File: p.File, Section: "Pool", Key: "Devices",
+					Msg: fmt.Sprintf("GPU %q is already used by pool %q: a GPU belongs to one pool", d, prev)})
+				continue
+			}
+			owner[k] = p.ID
+		}
+	}
+	return errs
+}
+
+func orDefault(f string) string {
+	if f == "" {
+		return "the manager file"
+	}
+	return f
+}
+
+// Reasons used by Multiplier=, for error messages.
+func reasonList() string {
+	s := make([]string, len(crash.Reasons))
+	for i, r := range crash.Reasons {
+		s[i] = string(r)
+	}
+	return strings.Join(s, ", ")
+}

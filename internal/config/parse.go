@@ -1,0 +1,538 @@
+package config
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"net"
+	"net/url"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/unit"
+
+	"github.com/llorch/pool-managerd/internal/crash"
+)
+
+// option is one Key=value with where it stands.
+type option struct {
+	section, key, value string
+	line                int
+}
+
+// readUnit parses unit syntax with go-systemd and adds line numbers, which
+// it does not track, plus the checks it leaves out (text before the first
+// section, an empty section name).
+func readUnit(file string, data []byte) ([]option, Errors) {
+	var errs Errors
+	lines, pre := optionLines(data)
+	if pre > 0 {
+		errs = append(errs, &Error{File: file, Line: pre, Msg: "text before the first [Section] header"})
+	}
+	opts, err := unit.DeserializeOptions(bytes.NewReader(data))
+	if err != nil {
+		return nil, append(errs, &Error{File: file, Msg: "syntax error: " + syntaxMsg(err)})
+	}
+	out := make([]option, len(opts))
+	for i, o := range opts {
+		out[i] = option{section: o.Section, key: o.Name, value: cleanValue(o.Value)}
+		if len(lines) == len(opts) {
+			out[i].line = lines[i]
+		}
+		if o.Section == "" {
+			errs = append(errs, &Error{File: file, Line: out[i].line, Msg: "empty section name []"})
+		}
+	}
+	return out, errs
+}
+
+func syntaxMsg(err error) string {
+	if err.Error() == "EOF" {
+		return "unexpected end of file: a line without '=' (every line is [Section], Key=value, or a comment starting with # or ;)"
+	}
+	return err.Error()
+}
+
+// cleanValue joins continuation lines the way systemd does: the
+// backslash-newline becomes a space.
+func cleanValue(v string) string {
+	return strings.TrimSpace(strings.ReplaceAll(v, "\\\n", " "))
+}
+
+// optionLines returns the line number of each option in the order
+// go-systemd yields them, and the first line of text before any section.
+func optionLines(data []byte) (lines []int, pre int) {
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc.Buffer(make([]byte, 0, 64*1024), len(data)+1)
+	n, inSection, cont := 0, false, false
+	for sc.Scan() {
+		n++
+		l := strings.TrimRight(sc.Text(), "\r")
+		t := strings.TrimSpace(l)
+		if cont {
+			cont = strings.HasSuffix(strings.TrimRight(l, " "), "\\")
+			continue
+		}
+		switch {
+		case t == "":
+		case t[0] == '#' || t[0] == ';':
+			cont = strings.HasSuffix(strings.TrimRight(l, " "), "\\")
+		case t[0] == '[':
+			inSection = true
+		case !inSection:
+			if pre == 0 {
+				pre = n
+			}
+		default:
+			lines = append(lines, n)
+			cont = strings.HasSuffix(l, "\\")
+		}
+	}
+	return lines, pre
+}
+
+// decoder applies options to a value through a schema and collects errors.
+type decoder struct {
+	file string
+	errs Errors
+	opt  option
+}
+
+func (d *decoder) fail(format string, a ...any) {
+	d.errs = append(d.errs, &Error{File: d.file, Line: d.opt.line, Section: d.opt.section, Key: d.opt.key, Msg: fmt.Sprintf(format, a...)})
+}
+
+// keyFunc applies one value; an error is reported against the option.
+type keyFunc func(v string) error
+
+type schema map[string]map[string]keyFunc
+
+func (d *decoder) apply(opts []option, s schema, passthrough map[string]func(option)) {
+	for _, o := range opts {
+		d.opt = o
+		keys, ok := s[o.section]
+		if !ok {
+			if f, ok := passthrough[o.section]; ok {
+				f(o)
+				continue
+			}
+			d.fail("unknown section (known: %s)", sectionNames(s, passthrough))
+			continue
+		}
+		f, ok := keys[o.key]
+		if !ok {
+			d.fail("unknown key in [%s]", o.section)
+			continue
+		}
+		if err := f(o.value); err != nil {
+			d.fail("%s", err)
+		}
+	}
+}
+
+func sectionNames(s schema, extra map[string]func(option)) string {
+	var names []string
+	for n := range s {
+		names = append(names, "["+n+"]")
+	}
+	for n := range extra {
+		names = append(names, "["+n+"]")
+	}
+	sort.Strings(names)
+	return strings.Join(names, " ")
+}
+
+// Setters for the common value kinds.
+
+func setString(p *string) keyFunc { return func(v string) error { *p = v; return nil } }
+
+func setSeconds(p *time.Duration, positive bool) keyFunc {
+	return func(v string) error {
+		t, err := parseSeconds(v)
+		if err != nil {
+			return err
+		}
+		if positive && t <= 0 {
+			return fmt.Errorf("must be more than 0, got %q", v)
+		}
+		*p = t
+		return nil
+	}
+}
+
+func setInt(p *int, lo, hi int64) keyFunc {
+	return func(v string) error {
+		n, err := parseInt(v, lo, hi)
+		*p = int(n)
+		if err != nil {
+			return err
+		}
+		return nil
+	}
+}
+
+func setBool(p *bool) keyFunc {
+	return func(v string) error {
+		b, err := parseBool(v)
+		if err == nil {
+			*p = b
+		}
+		return err
+	}
+}
+
+func setAbsPath(p *string, allowEmpty bool) keyFunc {
+	return func(v string) error {
+		if v == "" && allowEmpty {
+			*p = ""
+			return nil
+		}
+		if !filepath.IsAbs(v) {
+			return fmt.Errorf("%q is not an absolute path", v)
+		}
+		*p = filepath.Clean(v)
+		return nil
+	}
+}
+
+func withSpecifiers(p *string) keyFunc {
+	return func(v string) error {
+		if err := checkSpecifiers(v); err != nil {
+			return err
+		}
+		*p = v
+		return nil
+	}
+}
+
+func setCommand(p *[]string) keyFunc {
+	return func(v string) error {
+		if err := checkSpecifiers(v); err != nil {
+			return err
+		}
+		w, err := splitWords(v)
+		if err != nil {
+			return fmt.Errorf("cannot split command line: %w", err)
+		}
+		if len(w) == 0 {
+			*p = nil
+			return nil
+		}
+		*p = w
+		return nil
+	}
+}
+
+// ParsePool parses one pool file; the id is the file name's stem. It
+// returns every problem found; the pool is nil when there was any.
+func ParsePool(file string, data []byte) (*Pool, Errors) {
+	id := strings.TrimSuffix(filepath.Base(file), PoolSuffix)
+	d := &decoder{file: file}
+	if !ValidPoolID(id) {
+		d.errs = append(d.errs, &Error{File: file, Msg: fmt.Sprintf("pool id %q (the file name without .pool) must be 1 to 64 characters of A-Z a-z 0-9 _ -", id)})
+	}
+	opts, errs := readUnit(file, data)
+	d.errs = append(d.errs, errs...)
+	if opts == nil && len(errs) > 0 {
+		return nil, d.errs
+	}
+	p := defaultPool(id, file)
+	seen := map[string]bool{}
+	r := &p.Restart
+	mult := &r.Backoff.Multiplier
+	multDefault := true
+	s := schema{
+		"Pool": {
+			"Description": setString(&p.Description),
+			"Devices": func(v string) error {
+				var bad []string
+				for _, dev := range strings.Fields(v) {
+					if err := parseDevice(dev); err != nil {
+						bad = append(bad, err.Error())
+						continue
+					}
+					if !contains(p.Devices, dev) {
+						p.Devices = append(p.Devices, dev)
+					}
+				}
+				if v == "" {
+					p.Devices = nil
+				}
+				if len(bad) > 0 {
+					return fmt.Errorf("%s", strings.Join(bad, "; "))
+				}
+				return nil
+			},
+			"Model": func(v string) error {
+				if v == "" {
+					return fmt.Errorf("must not be empty")
+				}
+				p.Model = v
+				return nil
+			},
+			"ModelDigest": func(v string) error {
+				if v != "" && !digestRe.MatchString(v) {
+					return fmt.Errorf("%q is not sha256:<64 lower-case hex digits>", v)
+				}
+				p.ModelDigest = v
+				return nil
+			},
+			"Slots": func(v string) error {
+				n, err := parseInt(v, 0, 1<<20)
+				p.Slots = uint32(n)
+				return err
+			},
+			"AutoStart": setBool(&p.AutoStart),
+		},
+		"Engine": {
+			"ExecStart": setCommand(&p.Engine.ExecStart),
+			"Port":      setInt(&p.Engine.Port, 1, 65535),
+			"HealthURL": withSpecifiers(&p.Engine.HealthURL),
+			"User": func(v string) error {
+				if !userRe.MatchString(v) {
+					return fmt.Errorf("%q is not a valid user name", v)
+				}
+				p.Engine.User = v
+				return nil
+			},
+			"Environment": func(v string) error {
+				if v == "" {
+					p.Engine.Environment = nil
+					return nil
+				}
+				if err := checkSpecifiers(v); err != nil {
+					return err
+				}
+				w, err := splitWords(v)
+				if err != nil {
+					return err
+				}
+				for _, a := range w {
+					name, _, ok := strings.Cut(a, "=")
+					if !ok || !envNameRe.MatchString(name) {
+						return fmt.Errorf("%q is not NAME=value", a)
+					}
+					if name == "CUDA_VISIBLE_DEVICES" || name == "NVIDIA_VISIBLE_DEVICES" {
+						return fmt.Errorf("%s is set by pool-managerd from Devices=", name)
+					}
+					p.Engine.Environment = append(p.Engine.Environment, a)
+				}
+				return nil
+			},
+			"StopTimeoutSec": setSeconds(&p.Engine.StopTimeout, true),
+			"Version":        setString(&p.Engine.Version),
+			"VersionCommand": setCommand(&p.Engine.VersionCommand),
+		},
+		"Health": {
+			"IntervalSec":      setSeconds(&p.Health.Interval, true),
+			"TimeoutSec":       setSeconds(&p.Health.Timeout, true),
+			"FailureThreshold": setInt(&p.Health.FailureThreshold, 1, 1000),
+			"StartTimeoutSec":  setSeconds(&p.Health.StartTimeout, true),
+		},
+		"Restart": {
+			"BackoffInitialSec": setSeconds(&r.Backoff.Initial, true),
+			"BackoffMaxSec":     setSeconds(&r.Backoff.Max, true),
+			"BackoffMinSec":     setSeconds(&r.Backoff.Min, false),
+			"JitterPercent": func(v string) error {
+				f, err := parseFloat(v, 0, 99)
+				r.Backoff.JitterPercent = f
+				return err
+			},
+			"StableSec": setSeconds(&r.Backoff.Stable, true),
+			"Multiplier": func(v string) error {
+				if multDefault {
+					*mult = map[crash.Reason]float64{}
+					multDefault = false
+				}
+				if v == "" {
+					*mult = map[crash.Reason]float64{}
+					return nil
+				}
+				for _, w := range strings.Fields(v) {
+					name, factor, ok := strings.Cut(w, ":")
+					if !ok {
+						return fmt.Errorf("%q is not reason:factor (e.g. cuda_error:2)", w)
+					}
+					reason, err := crash.ParseReason(name)
+					if err != nil {
+						return err
+					}
+					f, err := parseFloat(factor, 0.01, 1000)
+					if err != nil {
+						return fmt.Errorf("factor for %s: %w", name, err)
+					}
+					(*mult)[reason] = f
+				}
+				return nil
+			},
+			"BreakerThreshold":     setInt(&r.Breaker.Threshold, 1, 1000),
+			"BreakerOpenSec":       setSeconds(&r.Breaker.Open, true),
+			"BreakerOpenMaxSec":    setSeconds(&r.Breaker.OpenMax, true),
+			"BreakerStableSec":     setSeconds(&r.Breaker.Stable, true),
+			"StormMaxRestarts":     setInt(&r.Storm.Max, 1, 10000),
+			"StormWindowSec":       setSeconds(&r.Storm.Window, true),
+			"RestartCountResetSec": setSeconds(&r.RestartCountReset, true),
+		},
+	}
+	passthrough := map[string]func(option){
+		"Scope": func(o option) {
+			d.opt = o
+			sp, err := parseScopeProperty(o.key, o.value)
+			if err != nil {
+				d.fail("%s", err)
+				return
+			}
+			p.Scope = append(p.Scope, sp)
+		},
+	}
+	for _, o := range opts {
+		seen[o.section+"/"+o.key] = true
+	}
+	d.apply(opts, s, passthrough)
+
+	// Whole-pool checks, reported against the key that must change.
+	d.opt = option{}
+	need := func(section, key, msg string) {
+		d.errs = append(d.errs, &Error{File: file, Section: section, Key: key, Msg: msg})
+	}
+	if !seen["Engine/ExecStart"] || len(p.Engine.ExecStart) == 0 {
+		need("Engine", "ExecStart", "missing: the engine's command line is required")
+	}
+	if !seen["Pool/Model"] {
+		need("Pool", "Model", "missing: the model path or name is required")
+	}
+	if len(p.Devices) == 0 {
+		need("Pool", "Devices", "missing: a pool needs at least one GPU (an index, GPU- or MIG- UUID)")
+	}
+	usesPort := strings.Contains(strings.Join(p.Engine.ExecStart, " ")+p.Engine.HealthURL, "%p")
+	if usesPort && p.Engine.Port == 0 {
+		need("Engine", "Port", "missing: ExecStart= or HealthURL= uses %p")
+	}
+	if p.Engine.HealthURL == "" {
+		if p.Engine.Port == 0 {
+			need("Engine", "HealthURL", "missing: set HealthURL= or Port= (the default probe is http://127.0.0.1:%p/health)")
+		} else {
+			p.Engine.HealthURL = "http://127.0.0.1:%p/health"
+		}
+	} else if u, err := url.Parse(p.Specifiers("").Expand(p.Engine.HealthURL)); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		need("Engine", "HealthURL", fmt.Sprintf("%q is not an http:// or https:// URL", p.Engine.HealthURL))
+	}
+	if p.Engine.Version != "" && len(p.Engine.VersionCommand) > 0 {
+		need("Engine", "VersionCommand", "set Version= or VersionCommand=, not both")
+	}
+	if p.Health.Timeout > p.Health.Interval {
+		need("Health", "TimeoutSec", fmt.Sprintf("%s is longer than IntervalSec= (%s): probes would overlap", p.Health.Timeout, p.Health.Interval))
+	}
+	if err := p.Restart.Validate(); err != nil {
+		for _, e := range strings.Split(err.Error(), "\n") {
+			need("Restart", "", e)
+		}
+	}
+	if len(d.errs) > 0 {
+		return nil, d.errs
+	}
+	return p, nil
+}
+
+func parseManager(file string, data []byte, m *Manager) Errors {
+	d := &decoder{file: file}
+	opts, errs := readUnit(file, data)
+	d.errs = append(d.errs, errs...)
+	if opts == nil && len(errs) > 0 {
+		return d.errs
+	}
+	inv := &m.Inventory
+	s := schema{
+		"Manager": {
+			"StateDir":           setAbsPath(&m.StateDir, false),
+			"RuntimeDir":         setAbsPath(&m.RuntimeDir, false),
+			"ModelsDir":          setAbsPath(&m.ModelsDir, false),
+			"MetricsTextfile":    setAbsPath(&m.MetricsTextfile, true),
+			"MetricsIntervalSec": setSeconds(&m.MetricsInterval, true),
+			"MetricsListen": func(v string) error {
+				if v == "" {
+					m.MetricsListen = ""
+					return nil
+				}
+				if _, port, err := net.SplitHostPort(v); err != nil || port == "" {
+					return fmt.Errorf("%q is not host:port (e.g. 127.0.0.1:9464)", v)
+				}
+				m.MetricsListen = v
+				return nil
+			},
+			"AdminGroup": func(v string) error {
+				if !userRe.MatchString(v) {
+					return fmt.Errorf("%q is not a valid group name", v)
+				}
+				m.AdminGroup = v
+				return nil
+			},
+		},
+		"Inventory": {
+			"Backend": func(v string) error {
+				switch b := Backend(v); b {
+				case BackendAuto, BackendNVML, BackendStatic:
+					inv.Backend = b
+					return nil
+				}
+				return fmt.Errorf("%q is not auto, nvml or static", v)
+			},
+			"Device": func(v string) error {
+				if v == "" {
+					inv.Devices = nil
+					return nil
+				}
+				f := strings.Fields(v)
+				if len(f) != 3 {
+					return fmt.Errorf("%q is not INDEX UUID NODE (e.g. 0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0)", v)
+				}
+				idx, err := parseInt(f[0], 0, 1023)
+				if err != nil {
+					return fmt.Errorf("index: %w", err)
+				}
+				if !uuidRe.MatchString(f[1]) {
+					return fmt.Errorf("%q is not a GPU-<uuid> or MIG-<uuid>", f[1])
+				}
+				if !strings.HasPrefix(f[2], "/dev/") || filepath.Clean(f[2]) != f[2] {
+					return fmt.Errorf("device node %q is not a path under /dev", f[2])
+				}
+				for _, o := range inv.Devices {
+					if o.Index == int(idx) || strings.EqualFold(o.UUID, f[1]) || o.Node == f[2] {
+						return fmt.Errorf("GPU %s is listed twice", v)
+					}
+				}
+				inv.Devices = append(inv.Devices, StaticDevice{Index: int(idx), UUID: f[1], Node: f[2]})
+				return nil
+			},
+			"ControlDevice": func(v string) error {
+				if v == "" {
+					inv.ControlDevices = nil
+					return nil
+				}
+				if !strings.HasPrefix(v, "/dev/") || filepath.Clean(v) != v {
+					return fmt.Errorf("%q is not a path under /dev", v)
+				}
+				if !contains(inv.ControlDevices, v) {
+					inv.ControlDevices = append(inv.ControlDevices, v)
+				}
+				return nil
+			},
+		},
+	}
+	d.apply(opts, s, nil)
+	if inv.Backend == BackendStatic && len(inv.Devices) == 0 {
+		d.errs = append(d.errs, &Error{File: file, Section: "Inventory", Key: "Device", Msg: "Backend=static needs at least one Device= line"})
+	}
+	return d.errs
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,82 @@
+// Package journal holds the structured-log vocabulary of pool-managerd: the
+// journal field names operators filter on, the MESSAGE_ID of each event kind
+// (each has a catalog entry), and the one function that writes an event.
+package journal
+
+import (
+	"context"
+	"log/slog"
+
+	slogjournal "github.com/systemd/slog-journal"
+)
+
+// Field names. They are journal fields as written (upper case), and the
+// same keys appear in the plain-text log.
+const (
+	PoolID           = "POOL_ID"
+	Model            = "MODEL"
+	EngineVersion    = "ENGINE_VERSION"
+	DeviceMask       = "DEVICE_MASK"
+	CrashReason      = "CRASH_REASON"
+	ExitCode         = "EXIT_CODE"
+	ExitSignal       = "EXIT_SIGNAL"
+	UptimeSec        = "UPTIME_SEC"
+	CrashCount       = "CRASH_COUNT"
+	RestartCount     = "RESTART_COUNT"
+	BackoffMS        = "BACKOFF_MS"
+	NextRestartAt    = "NEXT_RESTART_AT"
+	OldState         = "OLD_STATE"
+	NewState         = "NEW_STATE"
+	FailureCount     = "FAILURE_COUNT"
+	ActiveLeases     = "ACTIVE_LEASES"
+	TimeWindowSec    = "TIME_WINDOW_SEC"
+	StormKind        = "STORM_KIND"
+	BreakerClass     = "BREAKER_CLASS"
+	RestartsInWindow = "RESTARTS_IN_WINDOW"
+	Hint             = "HINT"
+	MessageIDField   = "MESSAGE_ID"
+)
+
+// Levels beyond slog's own, mapped to syslog priorities by slog-journal.
+const (
+	LevelNotice   = slogjournal.LevelNotice
+	LevelCritical = slogjournal.LevelCritical // PRIORITY=2
+)
+
+// MessageID identifies an event kind across releases; the catalog in
+// packaging/ explains each.
+type MessageID string
+
+const (
+	MsgCrash            MessageID = "b7d7597cfa114df0a87d0da1ee5155ee"
+	MsgRestartScheduled MessageID = "c698aeb5b2d5434193b4076086e2282c"
+	MsgBreakerChanged   MessageID = "ad4e10e1e5de467a87ed9ad7ed11477d"
+	MsgStorm            MessageID = "30f6e50e6ff04f24bb0b2b15fc61abe5"
+	MsgOOM              MessageID = "8328e70b46c6467baa31e0915d715135"
+	MsgDrainDone        MessageID = "893bc5e51e154421a72a1db097c4c260"
+	MsgReloadDone       MessageID = "5d6384075fe5483d80d97cbb0b7185cb"
+	MsgReloadRolledBack MessageID = "bf79adbc50af4784854c19c94c99b0fb"
+	MsgStormWarning     MessageID = "8ce97e2d63d24d708b7d95a6954986bf"
+	MsgRestart          MessageID = "6f3861b47afa4ffeab99a6bc047d51c6"
+	MsgRecovered        MessageID = "4088c57751c047968efa4c67c3099faa"
+	MsgOperator         MessageID = "6018531e4a104b0bacee2909f523bf30"
+)
+
+// Event is anything worth one journal entry.
+type Event interface {
+	MessageID() MessageID
+	Level() slog.Level
+	Message() string
+	Attrs() []slog.Attr
+}
+
+// Emit writes each event for the pool, with POOL_ID and MESSAGE_ID added.
+func Emit(ctx context.Context, log *slog.Logger, pool string, events ...Event) {
+	for _, e := range events {
+		attrs := append([]slog.Attr{
+			slog.String(MessageIDField, string(e.MessageID())),
+			slog.String(PoolID, pool),
+		}, e.Attrs()...)
+		log.LogAttrs(ctx, e.Level(), e.Message(), attrs...)
+	}
+}

@@ -1,0 +1,127 @@
+// Package metrics defines every Prometheus family pool-managerd exports and
+// turns policy events into their values. Families are in base units with
+// the pool_managerd_ prefix; pool-level families carry pool_id.
+package metrics
+
+import (
+	"runtime"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/llorch/pool-managerd/internal/breaker"
+	"github.com/llorch/pool-managerd/internal/crash"
+	"github.com/llorch/pool-managerd/internal/policy"
+)
+
+// Version is the daemon's version, set at link time.
+var Version = "dev"
+
+const ns = "pool_managerd"
+
+// Set holds the families, registered on one registry.
+type Set struct {
+	DrainDuration       *prometheus.HistogramVec
+	Drains              *prometheus.CounterVec
+	DrainForceStops     *prometheus.CounterVec
+	ReloadDuration      *prometheus.HistogramVec
+	ReloadSuccess       *prometheus.CounterVec
+	ReloadFailure       *prometheus.CounterVec
+	EngineCrashes       *prometheus.CounterVec
+	BackoffDelay        *prometheus.HistogramVec
+	RestartsScheduled   *prometheus.CounterVec
+	BreakerOpens        *prometheus.CounterVec
+	BreakerState        *prometheus.GaugeVec
+	RestartStorms       *prometheus.CounterVec
+	RestartRate         *prometheus.GaugeVec
+	PoolReady           *prometheus.GaugeVec
+	PoolLive            *prometheus.GaugeVec
+	PoolDraining        *prometheus.GaugeVec
+	ActiveLeases        *prometheus.GaugeVec
+	PoolInfo            *prometheus.GaugeVec
+	HealthCheckFailures *prometheus.CounterVec
+	BuildInfo           *prometheus.GaugeVec
+}
+
+// New creates the families and registers them on reg.
+func New(reg prometheus.Registerer) *Set {
+	counter := func(name, help string, labels ...string) *prometheus.CounterVec {
+		return prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: name, Help: help}, labels)
+	}
+	gauge := func(name, help string, labels ...string) *prometheus.GaugeVec {
+		return prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: name, Help: help}, labels)
+	}
+	histogram := func(name, help string, buckets []float64, labels ...string) *prometheus.HistogramVec {
+		return prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Name: name, Help: help, Buckets: buckets}, labels)
+	}
+	m := &Set{
+		DrainDuration: histogram("drain_duration_seconds", "Time from a drain request to its outcome.",
+			[]float64{.001, .01, .1, .5, 1, 5, 10, 30, 60, 120, 300}, "pool_id", "outcome"),
+		Drains:          counter("drains_total", "Drains by outcome (drained or forced).", "pool_id", "outcome"),
+		DrainForceStops: counter("drain_force_stops_total", "Drains that hit their deadline and force-stopped the engine.", "pool_id"),
+		ReloadDuration: histogram("reload_duration_seconds", "Time from a reload request to its outcome.",
+			[]float64{1, 5, 10, 30, 60, 120, 300, 600}, "pool_id", "outcome"),
+		ReloadSuccess: counter("reload_success_total", "Reloads that switched the pool to the new model.", "pool_id"),
+		ReloadFailure: counter("reload_failure_total", "Reloads that failed, by reason.", "pool_id", "reason"),
+		EngineCrashes: counter("engine_crashes_total", "Engine crashes by reason.", "pool_id", "reason"),
+		BackoffDelay: histogram("backoff_delay_seconds", "Backoff delay chosen before a restart.",
+			[]float64{.5, 1, 2, 4, 8, 16, 32, 60, 120, 300}, "pool_id", "crash_reason"),
+		RestartsScheduled:   counter("restarts_scheduled_total", "Restarts scheduled after a crash.", "pool_id", "crash_reason"),
+		BreakerOpens:        counter("circuit_breaker_opens_total", "Times a circuit breaker opened.", "pool_id", "class"),
+		BreakerState:        gauge("circuit_breaker_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open.", "pool_id", "class"),
+		RestartStorms:       counter("restart_storms_total", "Restart storms by kind.", "pool_id", "kind"),
+		RestartRate:         gauge("restart_rate", "Restarts in the restart storm window.", "pool_id"),
+		PoolReady:           gauge("pool_ready", "1 when the pool is ready to take leases.", "pool_id"),
+		PoolLive:            gauge("pool_live", "1 when the pool's engine process is up.", "pool_id"),
+		PoolDraining:        gauge("pool_draining", "1 while the pool drains.", "pool_id"),
+		ActiveLeases:        gauge("active_leases", "Leases held on the pool.", "pool_id"),
+		PoolInfo:            gauge("pool_info", "Constant 1, labelled with what the pool runs.", "pool_id", "model", "engine_version", "device_mask"),
+		HealthCheckFailures: counter("health_check_failures_total", "Failed engine health probes.", "pool_id"),
+		BuildInfo:           gauge("build_info", "Constant 1, labelled with the daemon's build.", "version", "goversion"),
+	}
+	reg.MustRegister(m.DrainDuration, m.Drains, m.DrainForceStops, m.ReloadDuration, m.ReloadSuccess,
+		m.ReloadFailure, m.EngineCrashes, m.BackoffDelay, m.RestartsScheduled, m.BreakerOpens,
+		m.BreakerState, m.RestartStorms, m.RestartRate, m.PoolReady, m.PoolLive, m.PoolDraining,
+		m.ActiveLeases, m.PoolInfo, m.HealthCheckFailures, m.BuildInfo)
+	m.BuildInfo.WithLabelValues(Version, runtime.Version()).Set(1)
+	return m
+}
+
+// Policy records a pool's policy events and its state after them.
+func (m *Set) Policy(pool string, events []policy.Event, st policy.Status) {
+	for _, e := range events {
+		switch e := e.(type) {
+		case policy.Crashed:
+			m.EngineCrashes.WithLabelValues(pool, string(e.Reason)).Inc()
+		case policy.RestartScheduled:
+			m.BackoffDelay.WithLabelValues(pool, string(e.Reason)).Observe(e.Delay.Seconds())
+			m.RestartsScheduled.WithLabelValues(pool, string(e.Reason)).Inc()
+		case policy.BreakerChanged:
+			if e.To == breaker.Open {
+				m.BreakerOpens.WithLabelValues(pool, string(e.Class)).Inc()
+			}
+		case policy.StormDetected:
+			m.RestartStorms.WithLabelValues(pool, string(e.Kind)).Inc()
+		}
+	}
+	for c, s := range st.Breakers {
+		m.BreakerState.WithLabelValues(pool, string(c)).Set(float64(s.State))
+	}
+	m.RestartRate.WithLabelValues(pool).Set(float64(st.RestartRate))
+}
+
+// Forget drops every series of a pool that is gone from the configuration.
+func (m *Set) Forget(pool string) {
+	l := prometheus.Labels{"pool_id": pool}
+	for _, v := range []interface{ DeletePartialMatch(prometheus.Labels) int }{
+		m.DrainDuration, m.Drains, m.DrainForceStops, m.ReloadDuration, m.ReloadSuccess, m.ReloadFailure,
+		m.EngineCrashes, m.BackoffDelay, m.RestartsScheduled, m.BreakerOpens, m.BreakerState,
+		m.RestartStorms, m.RestartRate, m.PoolReady, m.PoolLive, m.PoolDraining, m.ActiveLeases,
+		m.PoolInfo, m.HealthCheckFailures,
+	} {
+		v.DeletePartialMatch(l)
+	}
+}
+
+// Classes are the breaker class label values, for callers that need to
+// pre-create series.
+func Classes() []crash.Class { return append([]crash.Class{crash.ClassGeneral}, crash.Classes...) }

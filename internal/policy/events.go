@@ -1,0 +1,226 @@
+package policy
+
+import (
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/llorch/pool-managerd/internal/breaker"
+	"github.com/llorch/pool-managerd/internal/crash"
+	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/storm"
+)
+
+// Event is something the policy decided or noticed. Every event carries
+// its journal fields; POOL_ID is added when it is written.
+type Event = journal.Event
+
+func at(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
+
+// Crashed: an engine crash was counted.
+type Crashed struct {
+	Reason     crash.Reason
+	CrashCount uint64
+	// Streak is the crash's place in the current run of crashes.
+	Streak int
+}
+
+func (e Crashed) MessageID() journal.MessageID {
+	if e.Reason == crash.OutOfMemory {
+		return journal.MsgOOM
+	}
+	return journal.MsgCrash
+}
+func (Crashed) Level() slog.Level { return slog.LevelError }
+func (e Crashed) Message() string {
+	return fmt.Sprintf("engine crashed (%s), crash %d", e.Reason, e.CrashCount)
+}
+func (e Crashed) Attrs() []slog.Attr {
+	return []slog.Attr{
+		slog.String(journal.CrashReason, string(e.Reason)),
+		slog.Uint64(journal.CrashCount, e.CrashCount),
+	}
+}
+
+// RestartScheduled: the engine restarts after a backoff delay.
+type RestartScheduled struct {
+	Reason       crash.Reason
+	Delay        time.Duration
+	At           time.Time
+	CrashCount   uint64
+	RestartCount uint64
+}
+
+func (RestartScheduled) MessageID() journal.MessageID { return journal.MsgRestartScheduled }
+func (RestartScheduled) Level() slog.Level            { return journal.LevelNotice }
+func (e RestartScheduled) Message() string {
+	return fmt.Sprintf("restart scheduled in %s after %s", e.Delay, e.Reason)
+}
+func (e RestartScheduled) Attrs() []slog.Attr {
+	return []slog.Attr{
+		slog.String(journal.CrashReason, string(e.Reason)),
+		slog.Int64(journal.BackoffMS, e.Delay.Milliseconds()),
+		slog.String(journal.NextRestartAt, at(e.At)),
+		slog.Uint64(journal.CrashCount, e.CrashCount),
+		slog.Uint64(journal.RestartCount, e.RestartCount),
+	}
+}
+
+// RestartHeld: an open breaker (or a full storm window) holds the restart.
+type RestartHeld struct {
+	Reason crash.Reason
+	// RetryAt is when the hold can lift; zero while a test restart is out.
+	RetryAt time.Time
+}
+
+func (RestartHeld) MessageID() journal.MessageID { return journal.MsgRestartScheduled }
+func (RestartHeld) Level() slog.Level            { return slog.LevelWarn }
+func (e RestartHeld) Message() string {
+	if e.RetryAt.IsZero() {
+		return "restart held until the test restart resolves"
+	}
+	return "restart held by the circuit breaker until " + at(e.RetryAt) + "; AllowRestart or ResetBreaker to override"
+}
+func (e RestartHeld) Attrs() []slog.Attr {
+	a := []slog.Attr{slog.String(journal.CrashReason, string(e.Reason))}
+	if !e.RetryAt.IsZero() {
+		a = append(a, slog.String(journal.NextRestartAt, at(e.RetryAt)))
+	}
+	return a
+}
+
+// BreakerChanged: one circuit breaker changed state.
+type BreakerChanged struct{ breaker.Transition }
+
+func (BreakerChanged) MessageID() journal.MessageID { return journal.MsgBreakerChanged }
+func (e BreakerChanged) Level() slog.Level {
+	switch e.To {
+	case breaker.Open:
+		return slog.LevelWarn
+	case breaker.HalfOpen:
+		return journal.LevelNotice
+	}
+	return slog.LevelInfo
+}
+func (e BreakerChanged) Message() string {
+	return fmt.Sprintf("%s circuit breaker %s -> %s after %d consecutive failures", e.Class, e.From, e.To, e.Failures)
+}
+func (e BreakerChanged) Attrs() []slog.Attr {
+	a := []slog.Attr{
+		slog.String(journal.BreakerClass, string(e.Class)),
+		slog.String(journal.OldState, e.From.String()),
+		slog.String(journal.NewState, e.To.String()),
+		slog.Int(journal.FailureCount, e.Failures),
+	}
+	if !e.Until.IsZero() {
+		a = append(a, slog.String(journal.NextRestartAt, at(e.Until)))
+	}
+	return a
+}
+
+// StormWarning: the restart window is filling past half.
+type StormWarning struct {
+	InWindow     int
+	Max          int
+	Window       time.Duration
+	RestartCount uint64
+}
+
+func (StormWarning) MessageID() journal.MessageID { return journal.MsgStormWarning }
+func (StormWarning) Level() slog.Level            { return slog.LevelWarn }
+func (e StormWarning) Message() string {
+	return fmt.Sprintf("restart rate high: %d restarts in %s (limit %d)", e.InWindow, e.Window, e.Max)
+}
+func (e StormWarning) Attrs() []slog.Attr {
+	return []slog.Attr{
+		slog.Uint64(journal.RestartCount, e.RestartCount),
+		slog.Int(journal.RestartsInWindow, e.InWindow),
+		slog.Int64(journal.TimeWindowSec, int64(e.Window/time.Second)),
+	}
+}
+
+// StormDetected: the restart limit is reached; the restart is held and the
+// breaker of the storm's class opens.
+type StormDetected struct {
+	Kind         storm.Kind
+	InWindow     int
+	Window       time.Duration
+	RestartCount uint64
+}
+
+func (StormDetected) MessageID() journal.MessageID { return journal.MsgStorm }
+func (StormDetected) Level() slog.Level            { return journal.LevelCritical }
+func (e StormDetected) Message() string {
+	return fmt.Sprintf("restart storm (%s): %d restarts in %s, restarts held: %s", e.Kind, e.InWindow, e.Window, e.Kind.Hint())
+}
+func (e StormDetected) Attrs() []slog.Attr {
+	return []slog.Attr{
+		slog.String(journal.StormKind, string(e.Kind)),
+		slog.Uint64(journal.RestartCount, e.RestartCount),
+		slog.Int(journal.RestartsInWindow, e.InWindow),
+		slog.Int64(journal.TimeWindowSec, int64(e.Window/time.Second)),
+		slog.String(journal.Hint, e.Kind.Hint()),
+	}
+}
+
+// Restarting: a restart was let through.
+type Restarting struct {
+	Reason       crash.Reason
+	RestartCount uint64
+	InWindow     int
+	// Test is set for the one test restart of a half-open breaker.
+	Test bool
+	// Override is set when an operator's AllowRestart let it through.
+	Override bool
+}
+
+func (Restarting) MessageID() journal.MessageID { return journal.MsgRestart }
+func (Restarting) Level() slog.Level            { return slog.LevelInfo }
+func (e Restarting) Message() string {
+	switch {
+	case e.Override:
+		return fmt.Sprintf("restarting engine (restart %d, allowed by operator)", e.RestartCount)
+	case e.Test:
+		return fmt.Sprintf("restarting engine (restart %d, circuit breaker test)", e.RestartCount)
+	}
+	return fmt.Sprintf("restarting engine (restart %d)", e.RestartCount)
+}
+func (e Restarting) Attrs() []slog.Attr {
+	return []slog.Attr{
+		slog.String(journal.CrashReason, string(e.Reason)),
+		slog.Uint64(journal.RestartCount, e.RestartCount),
+		slog.Int(journal.RestartsInWindow, e.InWindow),
+	}
+}
+
+// Recovered: the engine ran healthy long enough for a counter to start over.
+type Recovered struct {
+	// What started over: "backoff" or "restart_count".
+	What   string
+	Stable time.Duration
+}
+
+func (Recovered) MessageID() journal.MessageID { return journal.MsgRecovered }
+func (Recovered) Level() slog.Level            { return slog.LevelInfo }
+func (e Recovered) Message() string {
+	return fmt.Sprintf("engine healthy for %s: %s reset", e.Stable, e.What)
+}
+func (e Recovered) Attrs() []slog.Attr { return nil }
+
+// OperatorOverride: an operator reset the breaker or allowed a restart.
+type OperatorOverride struct {
+	// Action is "ResetBreaker" or "AllowRestart".
+	Action       string
+	CrashCount   uint64
+	RestartCount uint64
+}
+
+func (OperatorOverride) MessageID() journal.MessageID { return journal.MsgOperator }
+func (OperatorOverride) Level() slog.Level            { return journal.LevelNotice }
+func (e OperatorOverride) Message() string            { return "operator override: " + e.Action }
+func (e OperatorOverride) Attrs() []slog.Attr {
+	return []slog.Attr{
+		slog.Uint64(journal.CrashCount, e.CrashCount),
+		slog.Uint64(journal.RestartCount, e.RestartCount),
+	}
+}
