@@ -31,8 +31,8 @@ demo: build
 # Fuzzes the configuration parser for FUZZTIME (seed corpus runs in `make test`).
 FUZZTIME ?= 60s
 fuzz:
-	$(GO) test ./internal/config -run '^$$' -fuzz FuzzParsePool -fuzztime $(FUZZTIME)
-	$(GO) test ./internal/config -run '^$$' -fuzz FuzzParseManager -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/config -run '^$$' -fuzz FuzzParsePool -fuzztime $(FUZZTIME) -fuzzminimizetime 10s
+	$(GO) test ./internal/config -run '^$$' -fuzz FuzzParseManager -fuzztime $(FUZZTIME) -fuzzminimizetime 10s
 
 clean:
 	rm -rf build

@@ -98,10 +98,22 @@ type decoder struct {
 	file string
 	errs Errors
 	opt  option
+	// given holds "Section/Key" of every key set, valid or not, so that
+	// whole-file checks do not repeat an error as a missing key.
+	given map[string]bool
 }
 
 func (d *decoder) fail(format string, a ...any) {
 	d.errs = append(d.errs, &Error{File: d.file, Line: d.opt.line, Section: d.opt.section, Key: d.opt.key, Msg: fmt.Sprintf(format, a...)})
+}
+
+func (d *decoder) failed(section, key string) bool {
+	for _, e := range d.errs {
+		if e.Section == section && e.Key == key {
+			return true
+		}
+	}
+	return false
 }
 
 // keyFunc applies one value; an error is reported against the option.
@@ -110,8 +122,10 @@ type keyFunc func(v string) error
 type schema map[string]map[string]keyFunc
 
 func (d *decoder) apply(opts []option, s schema, passthrough map[string]func(option)) {
+	d.given = map[string]bool{}
 	for _, o := range opts {
 		d.opt = o
+		d.given[o.section+"/"+o.key] = true
 		keys, ok := s[o.section]
 		if !ok {
 			if f, ok := passthrough[o.section]; ok {
@@ -239,7 +253,6 @@ func ParsePool(file string, data []byte) (*Pool, Errors) {
 		return nil, d.errs
 	}
 	p := defaultPool(id, file)
-	seen := map[string]bool{}
 	r := &p.Restart
 	mult := &r.Backoff.Multiplier
 	multDefault := true
@@ -387,35 +400,36 @@ func ParsePool(file string, data []byte) (*Pool, Errors) {
 			p.Scope = append(p.Scope, sp)
 		},
 	}
-	for _, o := range opts {
-		seen[o.section+"/"+o.key] = true
-	}
 	d.apply(opts, s, passthrough)
+	seen := d.given
 
 	// Whole-pool checks, reported against the key that must change.
 	d.opt = option{}
 	need := func(section, key, msg string) {
 		d.errs = append(d.errs, &Error{File: file, Section: section, Key: key, Msg: msg})
 	}
-	if !seen["Engine/ExecStart"] || len(p.Engine.ExecStart) == 0 {
+	if !seen["Engine/ExecStart"] {
 		need("Engine", "ExecStart", "missing: the engine's command line is required")
+	} else if len(p.Engine.ExecStart) == 0 && !d.failed("Engine", "ExecStart") {
+		need("Engine", "ExecStart", "empty: the engine's command line is required")
 	}
 	if !seen["Pool/Model"] {
 		need("Pool", "Model", "missing: the model path or name is required")
 	}
-	if len(p.Devices) == 0 {
+	if len(p.Devices) == 0 && !d.failed("Pool", "Devices") {
 		need("Pool", "Devices", "missing: a pool needs at least one GPU (an index, GPU- or MIG- UUID)")
 	}
 	usesPort := strings.Contains(strings.Join(p.Engine.ExecStart, " ")+p.Engine.HealthURL, "%p")
-	if usesPort && p.Engine.Port == 0 {
+	if usesPort && !seen["Engine/Port"] {
 		need("Engine", "Port", "missing: ExecStart= or HealthURL= uses %p")
 	}
-	if p.Engine.HealthURL == "" {
-		if p.Engine.Port == 0 {
+	if p.Engine.HealthURL == "" && !d.failed("Engine", "HealthURL") {
+		if !seen["Engine/Port"] {
 			need("Engine", "HealthURL", "missing: set HealthURL= or Port= (the default probe is http://127.0.0.1:%p/health)")
 		} else {
 			p.Engine.HealthURL = "http://127.0.0.1:%p/health"
 		}
+	} else if p.Engine.HealthURL == "" {
 	} else if u, err := url.Parse(p.Specifiers("").Expand(p.Engine.HealthURL)); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		need("Engine", "HealthURL", fmt.Sprintf("%q is not an http:// or https:// URL", p.Engine.HealthURL))
 	}

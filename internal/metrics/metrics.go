@@ -9,7 +9,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/llorch/pool-managerd/internal/breaker"
-	"github.com/llorch/pool-managerd/internal/crash"
 	"github.com/llorch/pool-managerd/internal/policy"
 )
 
@@ -121,7 +120,3 @@ func (m *Set) Forget(pool string) {
 		v.DeletePartialMatch(l)
 	}
 }
-
-// Classes are the breaker class label values, for callers that need to
-// pre-create series.
-func Classes() []crash.Class { return append([]crash.Class{crash.ClassGeneral}, crash.Classes...) }

@@ -92,17 +92,6 @@ func (w *Window) AllowedAt(t time.Time) time.Time {
 	return in[len(in)-w.p.Max].at.Add(w.p.Window)
 }
 
-// Oldest is the time of the oldest restart still in the window at now.
-func (w *Window) Oldest(now time.Time) (time.Time, bool) {
-	cut := now.Add(-w.p.Window)
-	for _, r := range w.restarts {
-		if r.at.After(cut) {
-			return r.at, true
-		}
-	}
-	return time.Time{}, false
-}
-
 // Kind names what a storm is made of.
 type Kind string
 

@@ -1,0 +1,53 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestCheckConfigGood(t *testing.T) {
+	var out, errb bytes.Buffer
+	rc := run([]string{"--config-dir", "../../packaging/examples", "--check-config"}, &out, &errb)
+	require.Equal(t, exitOK, rc, errb.String())
+	assert.Contains(t, out.String(), "pool llama8b")
+	assert.Contains(t, out.String(), "/usr/bin/llama-server --model /var/lib/models/llama-3-8b-q4.gguf --port 8081 --host 127.0.0.1 -ngl 99")
+	assert.Contains(t, out.String(), "pool embed")
+}
+
+func TestCheckConfigBad(t *testing.T) {
+	dir := t.TempDir()
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "pools.d"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "bad.pool"),
+		[]byte("[Pool]\nDevices=0\nModel=m.gguf\n[Engine]\nExecStart=/bin/engine\nPort=99999\n"), 0o644))
+	var out, errb bytes.Buffer
+	rc := run([]string{"--config-dir", dir, "--check-config"}, &out, &errb)
+	assert.Equal(t, exitConfig, rc)
+	assert.Empty(t, out.String())
+	assert.Contains(t, errb.String(), "1 configuration error(s)")
+	assert.Contains(t, errb.String(), filepath.Join(dir, "pools.d", "bad.pool")+":6: [Engine] Port=: 99999 is out of range [1, 65535]")
+}
+
+func TestPrintSchedule(t *testing.T) {
+	var out, errb bytes.Buffer
+	rc := run([]string{"--config-dir", "../../packaging/examples", "--print-schedule", "14", "--crash-after", "1s"}, &out, &errb)
+	require.Equal(t, exitOK, rc, errb.String())
+	s := out.String()
+	assert.Contains(t, s, "restart schedule of pool llama8b")
+	assert.Contains(t, s, "process breaker closed -> open")
+	assert.Contains(t, s, "storm warning (6/10)")
+	assert.Contains(t, s, "STORM process_storm")
+	assert.True(t, strings.Index(s, "STORM") > strings.Index(s, "storm warning"))
+}
+
+func TestUsageErrors(t *testing.T) {
+	var out, errb bytes.Buffer
+	assert.Equal(t, exitUsage, run([]string{"--config-dir", "../../packaging/examples"}, &out, &errb))
+	assert.Equal(t, exitUsage, run([]string{"--print-schedule", "3", "--crash-reason", "gremlins"}, &out, &errb))
+	assert.Equal(t, exitUsage, run([]string{"stray"}, &out, &errb))
+}

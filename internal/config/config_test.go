@@ -1,0 +1,255 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/pool-managerd/internal/crash"
+)
+
+const minimalPool = `[Pool]
+Devices=0
+Model=/models/m.gguf
+[Engine]
+ExecStart=/usr/bin/llama-server --model %m --port %p
+Port=8081
+`
+
+// writeDir lays out a configuration directory from file name -> content.
+func writeDir(t *testing.T, files map[string]string) string {
+	t.Helper()
+	dir := t.TempDir()
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, PoolsDir), 0o755))
+	for name, content := range files {
+		require.NoError(t, os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644))
+	}
+	return dir
+}
+
+func TestLoadExample(t *testing.T) {
+	c, err := Load("../../packaging/examples")
+	require.NoError(t, err)
+	require.Len(t, c.Pools, 2)
+	p := c.Pools[1]
+	assert.Equal(t, "llama8b", p.ID)
+	assert.Equal(t, []string{"0", "1"}, p.Devices)
+	assert.Equal(t, "/var/lib/models/llama-3-8b-q4.gguf", p.Model)
+	assert.Equal(t, uint32(4), p.Slots)
+	assert.Equal(t, 8081, p.Engine.Port)
+	assert.Equal(t, "pool-engine", p.Engine.User)
+	assert.Equal(t, []string{"LLAMA_ARG_CTX_SIZE=8192"}, p.Engine.Environment)
+	assert.Equal(t, 30*time.Second, p.Engine.StopTimeout)
+	assert.Equal(t, "b4567", p.Engine.Version)
+	assert.Equal(t, Health{Interval: 5 * time.Second, Timeout: 2 * time.Second, FailureThreshold: 3, StartTimeout: 120 * time.Second}, p.Health)
+	assert.Equal(t, 500*time.Millisecond, p.Restart.Backoff.Min)
+	assert.Equal(t, map[crash.Reason]float64{crash.CUDAError: 2}, p.Restart.Backoff.Multiplier)
+	require.Len(t, p.Scope, 2)
+	assert.Equal(t, ScopeProperty{Key: "MemoryMax", Raw: "64G", Name: "MemoryMax", Value: uint64(64 << 30)}, p.Scope[0])
+	assert.Equal(t, ScopeProperty{Key: "CPUWeight", Raw: "200", Name: "CPUWeight", Value: uint64(200)}, p.Scope[1])
+
+	sp := p.Specifiers("/staged/m.gguf")
+	argv := make([]string, len(p.Engine.ExecStart))
+	for i, a := range p.Engine.ExecStart {
+		argv[i] = sp.Expand(a)
+	}
+	assert.Equal(t, []string{"/usr/bin/llama-server", "--model", "/staged/m.gguf", "--port", "8081", "--host", "127.0.0.1", "-ngl", "99"}, argv)
+	assert.Equal(t, "http://127.0.0.1:8081/health", sp.Expand(p.Engine.HealthURL))
+
+	m := c.Manager
+	assert.Equal(t, BackendAuto, m.Inventory.Backend)
+	assert.Equal(t, StaticDevice{Index: 1, UUID: "GPU-8f2c1a70-0000-4000-8000-000000000001", Node: "/dev/nvidia1"}, m.Inventory.Devices[1])
+	assert.Equal(t, []string{"/dev/nvidiactl", "/dev/nvidia-uvm"}, m.Inventory.ControlDevices)
+}
+
+func TestDefaults(t *testing.T) {
+	dir := writeDir(t, map[string]string{"pools.d/a.pool": minimalPool})
+	c, err := Load(dir)
+	require.NoError(t, err)
+	assert.Equal(t, DefaultManager(), c.Manager)
+	p := c.Pools[0]
+	assert.True(t, p.AutoStart)
+	assert.Equal(t, "pool-engine", p.Engine.User)
+	assert.Equal(t, "http://127.0.0.1:%p/health", p.Engine.HealthURL)
+	assert.Equal(t, time.Second, p.Restart.Backoff.Initial)
+	assert.Equal(t, 60*time.Second, p.Restart.Backoff.Max)
+	assert.Equal(t, float64(10), p.Restart.Backoff.JitterPercent)
+	assert.Equal(t, 300*time.Second, p.Restart.Backoff.Stable)
+	assert.Equal(t, 5, p.Restart.Breaker.Threshold)
+	assert.Equal(t, 300*time.Second, p.Restart.Breaker.Open)
+	assert.Equal(t, 60*time.Second, p.Restart.Breaker.Stable)
+	assert.Equal(t, 10, p.Restart.Storm.Max)
+	assert.Equal(t, 60*time.Second, p.Restart.Storm.Window)
+	assert.Equal(t, 600*time.Second, p.Restart.RestartCountReset)
+}
+
+func TestValues(t *testing.T) {
+	pool := func(extra string) string { return minimalPool + extra }
+	c, err := Load(writeDir(t, map[string]string{"pools.d/a.pool": pool(`
+[Health]
+IntervalSec=1min 30s
+TimeoutSec=500ms
+[Restart]
+BackoffInitialSec=0.25
+Multiplier=
+Multiplier=cuda_error:3 out_of_memory:1.5
+[Pool]
+AutoStart=no
+Description=multi \
+  line
+[Engine]
+Environment="A=b c" D=e
+Environment=F=%i
+`)}))
+	require.NoError(t, err)
+	p := c.Pools[0]
+	assert.Equal(t, 90*time.Second, p.Health.Interval)
+	assert.Equal(t, 500*time.Millisecond, p.Health.Timeout)
+	assert.Equal(t, 250*time.Millisecond, p.Restart.Backoff.Initial)
+	assert.Equal(t, map[crash.Reason]float64{crash.CUDAError: 3, crash.OutOfMemory: 1.5}, p.Restart.Backoff.Multiplier)
+	assert.False(t, p.AutoStart)
+	assert.Equal(t, "multi    line", p.Description, "a continuation is a space, like systemd")
+	assert.Equal(t, []string{"A=b c", "D=e", "F=%i"}, p.Engine.Environment)
+	assert.Equal(t, "F=a", p.Specifiers("").Expand(p.Engine.Environment[2]))
+}
+
+// Each bad input must be named by file, section and key, with a reason.
+func TestErrors(t *testing.T) {
+	cases := []struct {
+		name  string
+		files map[string]string
+		want  []string
+	}{
+		{"unknown section", map[string]string{"pools.d/a.pool": minimalPool + "[Bogus]\nX=1\n"},
+			[]string{"a.pool:8: [Bogus] X=: unknown section"}},
+		{"unknown key", map[string]string{"pools.d/a.pool": minimalPool + "Prot=1\n"},
+			[]string{"a.pool:7: [Engine] Prot=: unknown key in [Engine]"}},
+		{"bad number", map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nSlots=four\n"},
+			[]string{"a.pool:8: [Pool] Slots=: \"four\" is not an integer"}},
+		{"bad duration", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nIntervalSec=5 parsecs\n"},
+			[]string{"[Health] IntervalSec=: \"5 parsecs\" is not a time span: unknown unit \"parsecs\""}},
+		{"bad bool", map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nAutoStart=maybe\n"},
+			[]string{"[Pool] AutoStart=: \"maybe\" is not a boolean"}},
+		{"missing ExecStart", map[string]string{"pools.d/a.pool": "[Pool]\nDevices=0\nModel=m\n"},
+			[]string{"a.pool: [Engine] ExecStart=: missing"}},
+		{"bad pool id", map[string]string{"pools.d/a.b.pool": minimalPool},
+			[]string{`pool id "a.b"`}},
+		{"two pools on one GPU", map[string]string{"pools.d/a.pool": minimalPool, "pools.d/b.pool": strings.Replace(minimalPool, "8081", "8082", 1)},
+			[]string{`b.pool: [Pool] Devices=: GPU "0" is already used by pool "a"`}},
+		{"one GPU by index and by UUID", map[string]string{
+			ManagerFile:      "[Inventory]\nDevice=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0\n",
+			"pools.d/a.pool": minimalPool,
+			"pools.d/b.pool": strings.Replace(minimalPool, "Devices=0", "Devices=GPU-8F2C1A70-0000-4000-8000-000000000000", 1)},
+			[]string{`b.pool: [Pool] Devices=: GPU "GPU-8F2C1A70-0000-4000-8000-000000000000" is already used by pool "a"`}},
+		{"GPU not in inventory", map[string]string{
+			ManagerFile:      "[Inventory]\nBackend=static\nDevice=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0\n",
+			"pools.d/a.pool": strings.Replace(minimalPool, "Devices=0", "Devices=0 3", 1)},
+			[]string{`a.pool: [Pool] Devices=: GPU "3" is not in the static inventory`}},
+		{"unknown specifier", map[string]string{"pools.d/a.pool": strings.Replace(minimalPool, "%m", "%x", 1)},
+			[]string{"[Engine] ExecStart=: unknown specifier %x"}},
+		{"port needed", map[string]string{"pools.d/a.pool": strings.Replace(minimalPool, "Port=8081\n", "", 1)},
+			[]string{"[Engine] Port=: missing: ExecStart= or HealthURL= uses %p"}},
+		{"owned scope key", map[string]string{"pools.d/a.pool": minimalPool + "[Scope]\nDeviceAllow=/dev/nvidia1 rw\n"},
+			[]string{"[Scope] DeviceAllow=: set by pool-managerd"}},
+		{"bad scope value", map[string]string{"pools.d/a.pool": minimalPool + "[Scope]\nMemoryMax=lots\n"},
+			[]string{`[Scope] MemoryMax=: "lots" is not a size`}},
+		{"bad reason in multiplier", map[string]string{"pools.d/a.pool": minimalPool + "[Restart]\nMultiplier=gremlins:2\n"},
+			[]string{`[Restart] Multiplier=: unknown crash reason "gremlins"`}},
+		{"inconsistent restart policy", map[string]string{"pools.d/a.pool": minimalPool + "[Restart]\nBackoffMaxSec=0.1\n"},
+			[]string{"[Restart] backoff: maximum delay 100ms is below the minimum 500ms"}},
+		{"text before a section", map[string]string{"pools.d/a.pool": "Devices=0\n" + minimalPool},
+			[]string{"a.pool:1: text before the first [Section] header"}},
+		{"line without =", map[string]string{"pools.d/a.pool": minimalPool + "Garbage\n"},
+			[]string{"a.pool: syntax error: "}},
+		{"manager: bad key and value", map[string]string{ManagerFile: "[Manager]\nStateDir=relative\nMetricsListen=nope\n[Inventory]\nBackend=cuda\n", "pools.d/a.pool": minimalPool},
+			[]string{
+				"pool-managerd.conf:2: [Manager] StateDir=: \"relative\" is not an absolute path",
+				"pool-managerd.conf:3: [Manager] MetricsListen=: \"nope\" is not host:port",
+				"pool-managerd.conf:5: [Inventory] Backend=: \"cuda\" is not auto, nvml or static",
+			}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := Load(writeDir(t, tc.files))
+			require.Error(t, err)
+			assert.Nil(t, c, "a bad configuration yields nothing")
+			var errs Errors
+			require.ErrorAs(t, err, &errs)
+			for _, w := range tc.want {
+				assert.Contains(t, err.Error(), w)
+			}
+		})
+	}
+}
+
+func TestAllErrorsAtOnce(t *testing.T) {
+	dir := writeDir(t, map[string]string{
+		"pools.d/a.pool": "[Pool]\nDevices=0\nModel=m\nSlots=x\n[Engine]\nPort=0\n",
+		"pools.d/b.pool": "[Pool]\nDevices=zero\n",
+	})
+	_, err := Load(dir)
+	var errs Errors
+	require.ErrorAs(t, err, &errs)
+	var got []string
+	for _, e := range errs {
+		got = append(got, filepath.Base(e.File)+" ["+e.Section+"] "+e.Key)
+	}
+	assert.Equal(t, []string{
+		"a.pool [Pool] Slots",
+		"a.pool [Engine] Port",
+		"a.pool [Engine] ExecStart",
+		"b.pool [Pool] Devices",
+		"b.pool [Engine] ExecStart",
+		"b.pool [Pool] Model",
+		"b.pool [Engine] HealthURL",
+	}, got, "every error once, none repeated as a follow-on")
+}
+
+func TestDuplicatePoolID(t *testing.T) {
+	a, b := t.TempDir(), t.TempDir()
+	for _, d := range []string{a, b} {
+		require.NoError(t, os.WriteFile(filepath.Join(d, "x.pool"), []byte(minimalPool), 0o644))
+	}
+	_, err := LoadFiles("", []string{filepath.Join(a, "x.pool"), filepath.Join(b, "x.pool")})
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), `duplicate pool id "x"`)
+}
+
+func TestNotAConfigDir(t *testing.T) {
+	_, err := Load(t.TempDir())
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "is this a pool-managerd configuration directory?")
+}
+
+func TestParseSeconds(t *testing.T) {
+	for in, want := range map[string]time.Duration{
+		"5": 5 * time.Second, "0.5": 500 * time.Millisecond, "500ms": 500 * time.Millisecond,
+		"1min 30s": 90 * time.Second, "2h": 2 * time.Hour, "1m30s": 90 * time.Second, "0": 0,
+	} {
+		got, err := parseSeconds(in)
+		require.NoError(t, err, in)
+		assert.Equal(t, want, got, in)
+	}
+	for _, in := range []string{"", "-1", "infinity", "5 parsecs", "1e400", "ms", "2 years", "NaN"} {
+		_, err := parseSeconds(in)
+		assert.Error(t, err, in)
+	}
+}
+
+func TestSplitWords(t *testing.T) {
+	w, err := splitWords(`/bin/x "a b" 'c d' e\ f ""`)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"/bin/x", "a b", "c d", "e f", ""}, w)
+	_, err = splitWords(`/bin/x "open`)
+	assert.ErrorContains(t, err, "unterminated")
+}
+
+func TestExpand(t *testing.T) {
+	sp := Specifiers{ID: "p", Model: "/m", Port: "1", Devices: "0,1"}
+	assert.Equal(t, "p /m 1 0,1 %", sp.Expand("%i %m %p %d %%"))
+}

@@ -1,0 +1,138 @@
+package policy
+
+import (
+	"errors"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/pool-managerd/internal/breaker"
+	"github.com/llorch/pool-managerd/internal/crash"
+)
+
+var t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+
+func half() float64 { return 0.5 } // no jitter: the middle of the band
+
+func TestStoppedCancelsPendingRestart(t *testing.T) {
+	tr := New(Defaults(), half)
+	d := tr.Crash(t0, crash.ExitCode)
+	require.False(t, d.Held)
+	tr.Stopped(t0.Add(100 * time.Millisecond))
+	_, err := tr.Restart(d.At)
+	assert.ErrorIs(t, err, ErrNoRestartPending)
+	_, err = tr.AllowRestart(d.At)
+	assert.ErrorIs(t, err, ErrNoRestartPending)
+	assert.False(t, tr.Status(d.At).Pending)
+}
+
+func TestRestartWithoutCrash(t *testing.T) {
+	tr := New(Defaults(), half)
+	_, err := tr.Restart(t0)
+	assert.ErrorIs(t, err, ErrNoRestartPending)
+	assert.Zero(t, tr.Status(t0).RestartCount)
+}
+
+func TestHeldUntilBreakerAndWindowAllow(t *testing.T) {
+	p := Defaults()
+	p.Breaker.Open = 10 * time.Second
+	p.Breaker.OpenMax = 10 * time.Second
+	p.Breaker.Threshold = 100
+	p.Backoff.Initial, p.Backoff.Min, p.Backoff.Max = time.Second, time.Second, time.Second
+	tr := New(p, half)
+	now := t0
+	var first time.Time
+	for i := range 10 {
+		d := tr.Crash(now, crash.ExitCode)
+		require.False(t, d.Held, "crash %d", i)
+		now = d.At
+		_, err := tr.Restart(now)
+		require.NoError(t, err)
+		if first.IsZero() {
+			first = now
+		}
+	}
+	d := tr.Crash(now, crash.ExitCode)
+	require.True(t, d.Held)
+	// The breaker alone would allow a test at now+10s; the window at first+60s.
+	assert.Equal(t, first.Add(60*time.Second), d.At)
+	assert.Equal(t, breaker.Open, tr.Status(now).Breaker)
+
+	var r *Refusal
+	_, err := tr.Restart(now.Add(30 * time.Second))
+	require.True(t, errors.As(err, &r))
+	assert.Equal(t, "restart storm limit reached", r.Why)
+	assert.Equal(t, first.Add(60*time.Second), r.RetryAt)
+
+	pm, err := tr.Restart(d.At)
+	require.NoError(t, err)
+	assert.True(t, pm.Test, "the first restart after the hold is the breaker's test")
+}
+
+func TestNextTick(t *testing.T) {
+	tr := New(Defaults(), half)
+	assert.True(t, tr.NextTick().IsZero(), "nothing to wait for")
+	d := tr.Crash(t0, crash.ExitCode)
+	_, err := tr.Restart(d.At)
+	require.NoError(t, err)
+	up := d.At.Add(5 * time.Second)
+	tr.Healthy(up)
+	// The breaker's count clears after 60 s, the backoff after 300 s, the
+	// restart count after 600 s: each is a tick.
+	assert.Equal(t, up.Add(60*time.Second), tr.NextTick())
+	tr.Tick(up.Add(60 * time.Second))
+	assert.Equal(t, up.Add(300*time.Second), tr.NextTick())
+	ev := tr.Tick(up.Add(300 * time.Second))
+	require.Len(t, ev, 1)
+	assert.Equal(t, Recovered{What: "backoff", Stable: 300 * time.Second}, ev[0])
+	assert.Equal(t, up.Add(600*time.Second), tr.NextTick())
+	ev = tr.Tick(up.Add(600 * time.Second))
+	require.Len(t, ev, 1)
+	assert.Equal(t, "restart_count", ev[0].(Recovered).What)
+	assert.True(t, tr.NextTick().IsZero())
+	assert.Equal(t, uint64(1), tr.Status(up).CrashCount, "crash count is history and never resets")
+}
+
+func TestHealthyTwiceKeepsFirstTime(t *testing.T) {
+	tr := New(Defaults(), half)
+	d := tr.Crash(t0, crash.ExitCode)
+	_, _ = tr.Restart(d.At)
+	tr.Healthy(d.At)
+	tr.Healthy(d.At.Add(200 * time.Second))
+	tr.Tick(d.At.Add(300 * time.Second))
+	assert.Zero(t, tr.Status(d.At).Streak)
+}
+
+func TestSameSeedSameSchedule(t *testing.T) {
+	run := func() []time.Duration {
+		tr := New(Defaults(), rand.New(rand.NewPCG(1, 2)).Float64)
+		var out []time.Duration
+		now := t0
+		for range 4 {
+			d := tr.Crash(now, crash.Signal)
+			out = append(out, d.Delay)
+			now = d.At
+			_, _ = tr.Restart(now)
+		}
+		return out
+	}
+	a, b := run(), run()
+	assert.Equal(t, a, b)
+	assert.NotEqual(t, []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second}, a, "jitter moved the delays")
+}
+
+func TestValidateJoinsErrors(t *testing.T) {
+	p := Defaults()
+	p.Backoff.Initial = 0
+	p.Breaker.Threshold = 0
+	p.Storm.Max = 0
+	p.RestartCountReset = 0
+	err := p.Validate()
+	require.Error(t, err)
+	for _, s := range []string{"backoff:", "circuit breaker:", "restart storm:", "restart count reset"} {
+		assert.Contains(t, err.Error(), s)
+	}
+}
