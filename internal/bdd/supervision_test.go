@@ -508,10 +508,22 @@ func initSupervision(sc *godog.ScenarioContext) {
 		if p.last == nil || !p.last.Held {
 			return fmt.Errorf("a restart is scheduled: %+v", p.last)
 		}
-		if _, err := w.findEntry("restart scheduled", map[string]string{journal.PoolID: p.id}); err != nil {
+		// The journal says so too: the pool's latest restart decision is
+		// a hold, with no backoff delay.
+		es, err := w.entries("restart scheduled")
+		if err != nil {
 			return err
 		}
-		return nil
+		for _, e := range slices.Backward(es) {
+			if e.fields[journal.PoolID] != p.id {
+				continue
+			}
+			if _, ok := e.fields[journal.BackoffMS]; ok || e.level != slog.LevelWarn {
+				return fmt.Errorf("the latest restart decision in the journal is not a hold: %v", e.fields)
+			}
+			return nil
+		}
+		return errors.New("no restart decision in the journal")
 	})
 	sc.Step(`^the restart delays are ([\d, ]+) ms$`, func(list string) error {
 		p, _ := w.pool("")
@@ -746,20 +758,24 @@ func initSupervision(sc *godog.ScenarioContext) {
 	}
 	sc.Step(`^the restart is allowed$`, func() error { return allowed("") })
 	sc.Step(`^the restart is allowed as (a test restart|an override)$`, allowed)
-	sc.Step(`^a restart attempt is refused(?: because "([^"]+)")?$`, func(why string) error {
-		p, _ := w.pool("")
-		if p.permit == nil && p.refused == nil || p.permit != nil {
-			// Then-step form: make the attempt now; a refusal changes nothing.
-			w.attempt(p)
-		}
+	refusedBecause := func(p *simPool, why string) error {
 		var r *policy.Refusal
 		if !errors.As(p.refused, &r) {
-			return fmt.Errorf("the restart was not refused by the policy: %v", p.refused)
+			return fmt.Errorf("the restart was not refused by the policy: permit %+v, error %v", p.permit, p.refused)
 		}
 		if why != "" && r.Why != why {
 			return fmt.Errorf("refused because %q, want %q", r.Why, why)
 		}
 		return nil
+	}
+	sc.Step(`^a restart attempt is refused(?: because "([^"]+)")?$`, func(why string) error {
+		p, _ := w.pool("")
+		w.attempt(p)
+		return refusedBecause(p, why)
+	})
+	sc.Step(`^the attempt is refused because "([^"]+)"$`, func(why string) error {
+		p, _ := w.pool("")
+		return refusedBecause(p, why)
 	})
 	sc.Step(`^the operator resets the circuit breaker$`, func() {
 		p, _ := w.pool("")

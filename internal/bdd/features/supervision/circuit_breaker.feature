@@ -39,7 +39,7 @@ Feature: Circuit breaker
     When a restart is attempted
     Then the restart is allowed as a test restart
     When another restart is attempted
-    Then a restart attempt is refused because "circuit breaker test restart in progress"
+    Then the attempt is refused because "circuit breaker test restart in progress"
     And the restart count is 5
 
   Scenario: Circuit closes after successful test restart (B-SUPER-024)
