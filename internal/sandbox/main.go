@@ -1,0 +1,75 @@
+package sandbox
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"testing"
+)
+
+// InsideEnv is set in the environment of a test binary re-executed inside
+// a sandbox.
+const InsideEnv = "POOL_MANAGERD_IN_SANDBOX"
+
+// Inside reports whether this process runs inside a sandbox.
+func Inside() bool { return os.Getenv(InsideEnv) == "1" }
+
+// Main is a TestMain for packages whose tests need a real systemd: outside
+// a sandbox it boots one (one per package), runs this same test binary
+// inside it with the same arguments, and tears it down; inside it runs the
+// tests. setup, when set, runs outside before the boot and returns extra
+// environment for the tests and directories to bind into the sandbox.
+// Without root the tests are skipped loudly, and with CI set a skip fails.
+func Main(m *testing.M, o Options, setup func() (env []string, binds []string, err error)) int {
+	if Inside() {
+		return m.Run()
+	}
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "\n*** SKIPPED: these tests boot a real systemd in a namespace and need root ***")
+		if os.Getenv("CI") != "" {
+			fmt.Fprintln(os.Stderr, "*** CI is set: a skipped sandbox test is a failure ***")
+			return 1
+		}
+		return 0
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	wd, _ := os.Getwd()
+	var env []string
+	if setup != nil {
+		e, binds, err := setup()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "sandbox setup:", err)
+			return 1
+		}
+		env = e
+		o.Binds = append(o.Binds, binds...)
+	}
+	o.Binds = append(o.Binds, filepath.Dir(exe))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	s, err := Boot(ctx, o)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer s.Close()
+	cmd := s.CommandIn(ctx, wd, "env", append(append([]string{InsideEnv + "=1", "SANDBOX_TAG=" + s.Tag}, env...), append([]string{exe}, os.Args[1:]...)...)...)
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	err = cmd.Run()
+	if ee, ok := err.(*exec.ExitError); ok {
+		return ee.ExitCode()
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}

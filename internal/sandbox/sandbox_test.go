@@ -1,0 +1,67 @@
+package sandbox
+
+import (
+	"context"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// This test drives the harness from outside (it is the one test that does
+// not run inside a sandbox).
+func TestBootRunTeardown(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("the sandbox needs root, and CI is set")
+		}
+		t.Skip("*** SKIPPED: the sandbox needs root ***")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	bind := t.TempDir()
+	require.NoError(t, os.WriteFile(bind+"/hello", []byte("from the host"), 0o644))
+	s, err := Boot(ctx, Options{Nodes: FakeGPUs, Binds: []string{bind}})
+	require.NoError(t, err)
+	closed := false
+	defer func() {
+		if !closed {
+			s.Close()
+		}
+	}()
+
+	out, err := s.Run(ctx, "systemctl", "is-active", "dbus.service")
+	require.NoError(t, err)
+	assert.Equal(t, "active", strings.TrimSpace(out))
+	out, err = s.Run(ctx, "cat", bind+"/hello")
+	require.NoError(t, err)
+	assert.Equal(t, "from the host", out)
+	out, err = s.Run(ctx, "stat", "-c", "%F %t:%T", "/dev/nvidia1")
+	require.NoError(t, err)
+	assert.Equal(t, "character special file c3:1", strings.TrimSpace(out))
+
+	// What happens inside stays inside.
+	_, err = s.Run(ctx, "useradd", "--system", "sbprobe")
+	require.NoError(t, err)
+	_, err = s.Run(ctx, "touch", "/usr/local/sbprobe")
+	require.NoError(t, err)
+	_, err = os.Stat("/usr/local/sbprobe")
+	assert.True(t, os.IsNotExist(err), "a file made inside is not on the host")
+	_, err = os.Stat("/dev/nvidia1")
+	assert.True(t, os.IsNotExist(err), "fake device nodes are not on the host")
+	passwd, _ := os.ReadFile("/etc/passwd")
+	assert.NotContains(t, string(passwd), "sbprobe")
+
+	pid := s.PID
+	require.NoError(t, s.Close())
+	closed = true
+	assert.ErrorIs(t, syscall.Kill(pid, 0), syscall.ESRCH, "systemd is gone")
+	_, err = os.Stat(s.dir)
+	assert.True(t, os.IsNotExist(err), "the sandbox directory is gone")
+	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	assert.NotContains(t, string(mounts), s.Tag)
+}
