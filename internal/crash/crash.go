@@ -5,6 +5,7 @@ package crash
 
 import (
 	"fmt"
+	"strings"
 	"syscall"
 )
 
@@ -115,4 +116,35 @@ func Classify(e Exit) (r Reason, ok bool) {
 		return Signal, true
 	}
 	return ExitCode, true
+}
+
+// gpuFaults are what CUDA, cuBLAS, NCCL and the driver print when the GPU
+// side of an engine fails, in llama.cpp, PyTorch/vLLM and TGI alike. A
+// line containing any of them is a cuda_error: the engine is not to be
+// trusted after it even if it keeps running.
+var gpuFaults = []string{
+	"CUDA error",                     // ggml-cuda: "CUDA error: an illegal memory access was encountered"; torch: "RuntimeError: CUDA error: ..."
+	"CUDA out of memory",             // torch.cuda.OutOfMemoryError
+	"cudaErrorIllegalAddress",        // raw runtime error names
+	"cudaErrorLaunchFailure",         //
+	"cudaErrorECCUncorrectable",      //
+	"uncorrectable ECC error",        //
+	"CUBLAS_STATUS_EXECUTION_FAILED", // cuBLAS
+	"CUBLAS_STATUS_ALLOC_FAILED",     //
+	"CUBLAS_STATUS_INTERNAL_ERROR",   //
+	"NCCL error",                     // multi-GPU collectives
+	"no CUDA-capable device is detected",
+	"CUDA driver version is insufficient",
+	"GPU is lost", // nvidia-smi / driver after an Xid 79
+	"NVRM: Xid",   // engines that echo the kernel's Xid line
+}
+
+// GPUFault reports whether an engine output line says the GPU side failed.
+func GPUFault(line string) bool {
+	for _, p := range gpuFaults {
+		if strings.Contains(line, p) {
+			return true
+		}
+	}
+	return false
 }

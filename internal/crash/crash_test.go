@@ -50,3 +50,25 @@ func TestReasons(t *testing.T) {
 	_, err := ParseReason("gremlins")
 	assert.ErrorContains(t, err, "cuda_error")
 }
+
+func TestGPUFault(t *testing.T) {
+	for _, l := range []string{
+		"CUDA error: an illegal memory access was encountered",
+		"RuntimeError: CUDA error: device-side assert triggered",
+		"torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+		"cuBLAS error CUBLAS_STATUS_EXECUTION_FAILED at ggml-cuda.cu:1234",
+		"torch.distributed.DistBackendError: NCCL error in: ../torch/csrc/distributed/c10d/NCCLUtils.hpp:275, unhandled cuda error",
+		"ggml_cuda_init: failed to initialize CUDA: no CUDA-capable device is detected",
+		"[ 1234.5] NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus.",
+	} {
+		assert.True(t, GPUFault(l), l)
+	}
+	for _, l := range []string{
+		"llama_model_load: loaded meta data with 30 key-value pairs",
+		"srv  log_server_r: request: GET /health 127.0.0.1 200",
+		"ggml_cuda_init: found 2 CUDA devices:",
+		"main: server is listening on http://127.0.0.1:8081",
+	} {
+		assert.False(t, GPUFault(l), l)
+	}
+}

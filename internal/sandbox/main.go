@@ -22,9 +22,10 @@ func Inside() bool { return os.Getenv(InsideEnv) == "1" }
 // a sandbox it boots one (one per package), runs this same test binary
 // inside it with the same arguments, and tears it down; inside it runs the
 // tests. setup, when set, runs outside before the boot and returns extra
-// environment for the tests and directories to bind into the sandbox.
+// environment for the tests, directories to bind into the sandbox, and a
+// cleanup run after the teardown.
 // Without root the tests are skipped loudly, and with CI set a skip fails.
-func Main(m *testing.M, o Options, setup func() (env []string, binds []string, err error)) int {
+func Main(m *testing.M, o Options, setup func() (env, binds []string, cleanup func(), err error)) int {
 	if Inside() {
 		return m.Run()
 	}
@@ -44,7 +45,10 @@ func Main(m *testing.M, o Options, setup func() (env []string, binds []string, e
 	wd, _ := os.Getwd()
 	var env []string
 	if setup != nil {
-		e, binds, err := setup()
+		e, binds, cleanup, err := setup()
+		if cleanup != nil {
+			defer cleanup()
+		}
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "sandbox setup:", err)
 			return 1

@@ -43,6 +43,8 @@ type Options struct {
 	Nodes []Node
 	// Units are started once the system is up (dbus is always started).
 	Units []string
+	// Prepare are commands run inside once it is up, e.g. a useradd.
+	Prepare [][]string
 }
 
 // Sandbox is one booted systemd.
@@ -102,14 +104,14 @@ func Boot(ctx context.Context, o Options) (*Sandbox, error) {
 	}
 	s := &Sandbox{Tag: tag, dir: dir, cmd: cmd, done: make(chan struct{})}
 	go func() { cmd.Wait(); close(s.done) }()
-	if err := s.waitUp(ctx, &out, o.Units); err != nil {
+	if err := s.waitUp(ctx, &out, o.Units, o.Prepare); err != nil {
 		s.Close()
 		return nil, err
 	}
 	return s, nil
 }
 
-func (s *Sandbox) waitUp(ctx context.Context, out *bytes.Buffer, units []string) error {
+func (s *Sandbox) waitUp(ctx context.Context, out *bytes.Buffer, units []string, prepare [][]string) error {
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
 	for s.PID == 0 {
@@ -147,6 +149,11 @@ func (s *Sandbox) waitUp(ctx context.Context, out *bytes.Buffer, units []string)
 	args := append([]string{"start", "dbus.socket", "dbus.service"}, units...)
 	if o, err := s.Command(ctx, "systemctl", args...).CombinedOutput(); err != nil {
 		return fmt.Errorf("sandbox: systemctl start: %v: %s", err, o)
+	}
+	for _, c := range prepare {
+		if _, err := s.Run(ctx, c[0], c[1:]...); err != nil {
+			return fmt.Errorf("sandbox: %w", err)
+		}
 	}
 	return nil
 }

@@ -1,0 +1,170 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+	"unsafe"
+)
+
+type faultKind int
+
+const (
+	faultSegv faultKind = iota
+	faultAbort
+	faultCuda
+	faultExit
+	faultOOM
+	faultHangHealth
+	faultIgnoreTerm
+	faultForkChild
+)
+
+var faultNames = map[string]faultKind{
+	"segv":        faultSegv,
+	"abort":       faultAbort,
+	"cuda":        faultCuda,
+	"oom":         faultOOM,
+	"hang-health": faultHangHealth,
+	"ignore-term": faultIgnoreTerm,
+	"fork-child":  faultForkChild,
+}
+
+type fault struct {
+	kind faultKind
+	code int // exit status for faultExit
+}
+
+func (f fault) String() string {
+	if f.kind == faultExit {
+		return "exit:" + strconv.Itoa(f.code)
+	}
+	for n, k := range faultNames {
+		if k == f.kind {
+			return n
+		}
+	}
+	return "unknown"
+}
+
+func parseFault(s string) (fault, error) {
+	if rest, ok := strings.CutPrefix(s, "exit:"); ok {
+		n, err := strconv.Atoi(rest)
+		if err != nil || n < 0 || n > 255 {
+			return fault{}, fmt.Errorf("invalid exit status %q in fault %q (want exit:0..255)", rest, s)
+		}
+		return fault{kind: faultExit, code: n}, nil
+	}
+	if k, ok := faultNames[s]; ok {
+		return fault{kind: k}, nil
+	}
+	return fault{}, fmt.Errorf("unknown fault kind %q (want segv, abort, cuda, oom, exit:N, hang-health, ignore-term or fork-child)", s)
+}
+
+func (s *server) fire(f fault) {
+	switch f.kind {
+	case faultSegv:
+		// A real segfault prints nothing.
+		dieBySignal(syscall.SIGSEGV)
+	case faultAbort:
+		logf("/app/ggml/src/ggml.c:1503: GGML_ASSERT(ggml_can_repeat(b, a)) failed")
+		dieBySignal(syscall.SIGABRT)
+	case faultCuda:
+		logf("CUDA error: an illegal memory access was encountered\n" +
+			"  current device: 0, in function ggml_backend_cuda_synchronize at /app/ggml/src/ggml-cuda/ggml-cuda.cu:2503\n" +
+			"  cudaStreamSynchronize(cuda_ctx->stream())\n" +
+			"/app/ggml/src/ggml-cuda/ggml-cuda.cu:75: CUDA error")
+		dieBySignal(syscall.SIGABRT)
+	case faultExit:
+		logf("srv  update_slots: fatal error, exiting with status %d", f.code)
+		os.Exit(f.code)
+	case faultOOM:
+		go allocateUntilKilled()
+	case faultHangHealth:
+		s.hangHealth.Store(true)
+		logf("sim: hang-health: /health will not answer any more")
+	case faultIgnoreTerm:
+		signal.Ignore(syscall.SIGTERM)
+		logf("sim: ignore-term: ignoring SIGTERM from now on")
+	case faultForkChild:
+		forkChild()
+	}
+}
+
+// dieBySignal makes the parent's waitpid see WIFSIGNALED with sig, as for
+// a crashing C++ engine. Go's runtime handles SIGSEGV and SIGABRT itself
+// (exit status 2), so put back SIG_DFL behind its back first.
+func dieBySignal(sig syscall.Signal) {
+	runtime.LockOSThread()
+	// Kernel struct sigaction: handler, flags, restorer, mask. All zero is
+	// SIG_DFL with no flags and an empty mask, on amd64 and arm64 alike.
+	var act [4]uint64
+	if _, _, e := syscall.RawSyscall6(syscall.SYS_RT_SIGACTION, uintptr(sig),
+		uintptr(unsafe.Pointer(&act)), 0, 8, 0, 0); e != 0 {
+		logf("sim: rt_sigaction(%d): %v", sig, e)
+	}
+	mask := uint64(1) << (uint(sig) - 1)
+	const sigUnblock = 1
+	_, _, _ = syscall.RawSyscall6(syscall.SYS_RT_SIGPROCMASK, sigUnblock,
+		uintptr(unsafe.Pointer(&mask)), 0, 8, 0, 0)
+	// Aim at this thread, whose mask was just cleared.
+	_ = syscall.Tgkill(os.Getpid(), syscall.Gettid(), sig)
+	for {
+		time.Sleep(time.Hour)
+	}
+}
+
+const (
+	oomChunk    = 8 << 20
+	oomLogEvery = 64 << 20
+	oomCap      = 8 << 30
+)
+
+// oomHeld keeps every chunk reachable so the GC cannot give memory back.
+var oomHeld [][]byte
+
+// allocateUntilKilled grows RSS (each page written) until the OOM killer or
+// a cgroup memory limit ends the process.
+func allocateUntilKilled() {
+	page := os.Getpagesize()
+	total := 0
+	for total < oomCap {
+		chunk := make([]byte, oomChunk)
+		for i := 0; i < len(chunk); i += page {
+			chunk[i] = 1
+		}
+		oomHeld = append(oomHeld, chunk)
+		total += oomChunk
+		if total%oomLogEvery == 0 {
+			logf("sim: oom: %d MiB allocated", total>>20)
+		}
+	}
+	logf("sim: oom: %d MiB allocated without being killed, giving up", total>>20)
+	os.Exit(1)
+}
+
+// forkChild leaves behind a process in its own session that outlives this
+// one, as a stray helper would; only killing the whole cgroup removes it.
+// Its stdio is /dev/null so it does not hold the engine's log pipes open.
+func forkChild() {
+	exe, err := os.Executable()
+	if err != nil {
+		logf("sim: fork-child: %v", err)
+		return
+	}
+	c := exec.Command(exe, "--sim-child")
+	c.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := c.Start(); err != nil {
+		logf("sim: fork-child: %v", err)
+		return
+	}
+	logf("sim: fork-child: child %d started", c.Process.Pid)
+	// Reap it should it die first; nothing waits on this.
+	go func() { _ = c.Wait() }()
+}

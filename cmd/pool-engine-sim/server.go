@@ -1,0 +1,279 @@
+package main
+
+import (
+	"encoding/json"
+	"log"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+type server struct {
+	opts       options
+	mu         sync.Mutex
+	loaded     bool
+	sha256     string
+	hangHealth atomic.Bool
+	shutdown   chan struct{} // closed on SIGTERM/SIGINT
+}
+
+func newServer(o options) *server {
+	return &server{opts: o, shutdown: make(chan struct{})}
+}
+
+func (s *server) setLoaded(sum string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.sha256, s.loaded = sum, true
+}
+
+func (s *server) state() (loaded bool, sum string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.loaded, s.sha256
+}
+
+func (s *server) httpServer() *http.Server {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/health", s.handleHealth)
+	mux.HandleFunc("/v1/health", s.handleHealth)
+	mux.HandleFunc("/v1/models", s.handleModels)
+	mux.HandleFunc("/models", s.handleModels)
+	mux.HandleFunc("/sim/devices", s.handleDevices)
+	mux.HandleFunc("/sim/fault", s.handleFault)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, "File Not Found", "not_found_error")
+	})
+	return &http.Server{
+		Handler:           accessLog(mux),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          log.New(stderrWriter{}, "srv  http: ", 0),
+	}
+}
+
+type stderrWriter struct{}
+
+func (stderrWriter) Write(b []byte) (int, error) {
+	logf("%s", b)
+	return len(b), nil
+}
+
+// recorder keeps the status for the access line and lets a handler run
+// something (a fault) after the response is out and the line is logged.
+type recorder struct {
+	http.ResponseWriter
+	status int
+	after  func()
+}
+
+func (r *recorder) WriteHeader(code int) {
+	if r.status == 0 {
+		r.status = code
+	}
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *recorder) Write(b []byte) (int, error) {
+	if r.status == 0 {
+		r.status = http.StatusOK
+	}
+	return r.ResponseWriter.Write(b)
+}
+
+func (r *recorder) Flush() {
+	if f, ok := r.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+func accessLog(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rec := &recorder{ResponseWriter: w}
+		h.ServeHTTP(rec, r)
+		if rec.status == 0 {
+			rec.status = http.StatusOK
+		}
+		host, _, err := net.SplitHostPort(r.RemoteAddr)
+		if err != nil {
+			host = r.RemoteAddr
+		}
+		logf("srv  log_server_r: request: %s %s %s %d", r.Method, r.URL.Path, host, rec.status)
+		if rec.after != nil {
+			rec.after()
+		}
+	})
+}
+
+// writeJSON sets Content-Length so that a flushed response is complete on
+// the wire even if the process dies before the handler returns.
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		status, b = http.StatusInternalServerError, []byte(`{"error":{"code":500,"message":"encoding failed","type":"server_error"}}`)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(status)
+	_, _ = w.Write(b)
+}
+
+func writeError(w http.ResponseWriter, status int, msg, typ string) {
+	writeJSON(w, status, map[string]any{
+		"error": map[string]any{"code": status, "message": msg, "type": typ},
+	})
+}
+
+func allowMethods(w http.ResponseWriter, r *http.Request, methods ...string) bool {
+	for _, m := range methods {
+		if r.Method == m {
+			return true
+		}
+	}
+	w.Header().Set("Allow", methods[0])
+	writeError(w, http.StatusMethodNotAllowed, "Method Not Allowed", "invalid_request_error")
+	return false
+}
+
+func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
+	if !allowMethods(w, r, http.MethodGet, http.MethodHead) {
+		return
+	}
+	if s.hangHealth.Load() {
+		// Never answer; drop the connection without a response once the
+		// client gives up or the process shuts down.
+		select {
+		case <-r.Context().Done():
+		case <-s.shutdown:
+		}
+		panic(http.ErrAbortHandler)
+	}
+	if loaded, _ := s.state(); !loaded {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "loading model"})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+type modelMeta struct {
+	SHA256 string `json:"sha256"`
+	Path   string `json:"path"`
+}
+
+type modelEntry struct {
+	ID      string    `json:"id"`
+	Object  string    `json:"object"`
+	OwnedBy string    `json:"owned_by"`
+	Meta    modelMeta `json:"meta"`
+}
+
+type modelList struct {
+	Object string       `json:"object"`
+	Data   []modelEntry `json:"data"`
+}
+
+func (s *server) handleModels(w http.ResponseWriter, r *http.Request) {
+	if !allowMethods(w, r, http.MethodGet) {
+		return
+	}
+	loaded, sum := s.state()
+	if !loaded {
+		writeError(w, http.StatusServiceUnavailable, "Loading model", "unavailable_error")
+		return
+	}
+	writeJSON(w, http.StatusOK, modelList{
+		Object: "list",
+		Data: []modelEntry{{
+			ID:      filepath.Base(s.opts.model),
+			Object:  "model",
+			OwnedBy: "llamacpp",
+			Meta:    modelMeta{SHA256: sum, Path: s.opts.model},
+		}},
+	})
+}
+
+func (s *server) handleDevices(w http.ResponseWriter, r *http.Request) {
+	if !allowMethods(w, r, http.MethodGet) {
+		return
+	}
+	out := make(map[string]string, len(s.opts.probeDevices))
+	for _, p := range s.opts.probeDevices {
+		out[p] = probeDevice(p)
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// probeDevice opens the path as a CUDA runtime opens /dev/nvidia*, so the
+// cgroup device controller (EPERM) and permissions (EACCES) show.
+func probeDevice(path string) string {
+	fd, err := syscall.Open(path, syscall.O_RDWR|syscall.O_CLOEXEC|syscall.O_NOCTTY, 0)
+	if err != nil {
+		if errno, ok := err.(syscall.Errno); ok {
+			return errnoName(errno)
+		}
+		return err.Error()
+	}
+	_ = syscall.Close(fd)
+	return "ok"
+}
+
+var errnoNames = map[syscall.Errno]string{
+	syscall.EPERM:        "EPERM",
+	syscall.ENOENT:       "ENOENT",
+	syscall.EINTR:        "EINTR",
+	syscall.EIO:          "EIO",
+	syscall.ENXIO:        "ENXIO",
+	syscall.EAGAIN:       "EAGAIN",
+	syscall.ENOMEM:       "ENOMEM",
+	syscall.EACCES:       "EACCES",
+	syscall.EFAULT:       "EFAULT",
+	syscall.EBUSY:        "EBUSY",
+	syscall.EEXIST:       "EEXIST",
+	syscall.ENODEV:       "ENODEV",
+	syscall.ENOTDIR:      "ENOTDIR",
+	syscall.EISDIR:       "EISDIR",
+	syscall.EINVAL:       "EINVAL",
+	syscall.ENFILE:       "ENFILE",
+	syscall.EMFILE:       "EMFILE",
+	syscall.ETXTBSY:      "ETXTBSY",
+	syscall.EROFS:        "EROFS",
+	syscall.ENAMETOOLONG: "ENAMETOOLONG",
+	syscall.ELOOP:        "ELOOP",
+	syscall.EOPNOTSUPP:   "EOPNOTSUPP",
+	syscall.ENOSPC:       "ENOSPC",
+	syscall.EOVERFLOW:    "EOVERFLOW",
+}
+
+func errnoName(e syscall.Errno) string {
+	if n, ok := errnoNames[e]; ok {
+		return n
+	}
+	return "errno " + strconv.Itoa(int(e))
+}
+
+func (s *server) handleFault(w http.ResponseWriter, r *http.Request) {
+	if !allowMethods(w, r, http.MethodPost) {
+		return
+	}
+	kind := r.FormValue("kind")
+	f, err := parseFault(kind)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error(), "invalid_request_error")
+		return
+	}
+	w.Header().Set("Connection", "close")
+	writeJSON(w, http.StatusAccepted, map[string]string{"fault": f.String()})
+	if rec, ok := w.(*recorder); ok {
+		rec.Flush()
+		rec.after = func() { s.fire(f) }
+		return
+	}
+	if fl, ok := w.(http.Flusher); ok {
+		fl.Flush()
+	}
+	s.fire(f)
+}

@@ -1,0 +1,277 @@
+// Package engine runs inference engines in transient systemd scopes: each
+// engine in its own scope in pool-managerd-engines.slice, restricted to its
+// GPUs' device nodes, as its unprivileged user, with its output in the
+// journal under the scope, and reports how it ended.
+package engine
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"time"
+
+	sddbus "github.com/coreos/go-systemd/v22/dbus"
+	"github.com/coreos/go-systemd/v22/unit"
+	"github.com/godbus/dbus/v5"
+
+	"github.com/llorch/pool-managerd/internal/config"
+)
+
+// Slice holds every engine scope.
+const Slice = "pool-managerd-engines.slice"
+
+// UnitName is the scope of a pool's engine.
+func UnitName(pool string) string { return "pool-engine-" + unit.UnitNameEscape(pool) + ".scope" }
+
+// Spec is one engine to run.
+type Spec struct {
+	Pool        string
+	Description string
+	Argv        []string
+	// Env is added to the engine's minimal environment.
+	Env  []string
+	User string
+	// DeviceNodes are the only device nodes (besides the standard pseudo
+	// devices) the engine may open.
+	DeviceNodes []string
+	Scope       []config.ScopeProperty
+	StopTimeout time.Duration
+}
+
+// Event is something an engine's shim reported after the start.
+type Event struct {
+	// Fault is an output line that showed a GPU fault; the engine may
+	// still be running.
+	Fault string
+	// Exit is set when the engine is gone.
+	Exit *Exit
+}
+
+// Exit is how an engine ended.
+type Exit struct {
+	Status syscall.WaitStatus
+	// OOMKills counts OOM kills in the scope during the run.
+	OOMKills uint64
+	// Lost is set when the shim died before reporting (the scope was
+	// killed as a whole): the status is unknown.
+	Lost bool
+	At   time.Time
+}
+
+// Engine is one running engine.
+type Engine struct {
+	Unit    string
+	PID     int
+	ShimPID int
+	Started time.Time
+	events  chan Event
+}
+
+// Events delivers the engine's faults and, last, its exit; then it closes.
+func (e *Engine) Events() <-chan Event { return e.events }
+
+// Runtime starts and stops engines through systemd.
+type Runtime struct {
+	conn *sddbus.Conn
+	// shim is the command re-executed as the shim (the daemon binary).
+	shim []string
+}
+
+// New connects to systemd on the system bus. shim is the command line of
+// the shim: the daemon's own binary, which acts as the shim when ShimEnv
+// is set.
+func New(ctx context.Context, shim []string) (*Runtime, error) {
+	c, err := sddbus.NewSystemConnectionContext(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to systemd on the system bus: %w", err)
+	}
+	return &Runtime{conn: c, shim: shim}, nil
+}
+
+// Close drops the connection to systemd; engines keep running.
+func (r *Runtime) Close() { r.conn.Close() }
+
+type deviceAllow struct {
+	Path string
+	Perm string
+}
+
+func (r *Runtime) properties(s Spec, shimPID int) ([]sddbus.Property, error) {
+	allow := make([]deviceAllow, 0, len(s.DeviceNodes))
+	for _, n := range s.DeviceNodes {
+		allow = append(allow, deviceAllow{n, "rw"})
+	}
+	desc := s.Description
+	if desc == "" {
+		desc = "Engine of pool " + s.Pool
+	}
+	props := []sddbus.Property{
+		sddbus.PropDescription(desc),
+		sddbus.PropSlice(Slice),
+		sddbus.PropPids(uint32(shimPID)),
+		{Name: "DevicePolicy", Value: dbus.MakeVariant("closed")},
+		{Name: "DeviceAllow", Value: dbus.MakeVariant(allow)},
+		{Name: "TimeoutStopUSec", Value: dbus.MakeVariant(uint64(s.StopTimeout / time.Microsecond))},
+		{Name: "SendSIGKILL", Value: dbus.MakeVariant(true)},
+		// A crashed engine's scope must not linger as failed and block
+		// the next start under the same name.
+		{Name: "CollectMode", Value: dbus.MakeVariant("inactive-or-failed")},
+	}
+	for _, p := range s.Scope {
+		props = append(props, sddbus.Property{Name: p.Name, Value: dbus.MakeVariant(p.Value)})
+	}
+	return props, nil
+}
+
+// Start runs the engine: the shim is started, moved into a new scope, and
+// only then allowed to start the engine. It returns once the engine
+// process exists.
+func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
+	name := UnitName(s.Pool)
+	// A scope of an earlier engine that is still there means leftovers:
+	// stop them first (a no-op when there is none).
+	if err := r.stopUnit(ctx, name); err != nil {
+		return nil, err
+	}
+	spec, _ := json.Marshal(shimSpec{Argv: s.Argv, Env: s.Env, User: s.User})
+	goR, goW, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	stR, stW, err := os.Pipe()
+	if err != nil {
+		goR.Close()
+		goW.Close()
+		return nil, err
+	}
+	cmd := exec.Command(r.shim[0], r.shim[1:]...)
+	cmd.Env = append(os.Environ(), ShimEnv+"="+string(spec))
+	cmd.ExtraFiles = []*os.File{goR, stW}
+	cmd.Stderr = os.Stderr
+	// Its own session: signals for the daemon's terminal or process group
+	// are not the engine's.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	err = cmd.Start()
+	goR.Close()
+	stW.Close()
+	if err != nil {
+		goW.Close()
+		stR.Close()
+		return nil, fmt.Errorf("starting the shim: %w", err)
+	}
+	reaped := make(chan struct{})
+	go func() { cmd.Wait(); close(reaped) }()
+	abort := func(err error) (*Engine, error) {
+		cmd.Process.Kill()
+		goW.Close()
+		stR.Close()
+		<-reaped
+		return nil, err
+	}
+
+	props, err := r.properties(s, cmd.Process.Pid)
+	if err != nil {
+		return abort(err)
+	}
+	done := make(chan string, 1)
+	if _, err := r.conn.StartTransientUnitContext(ctx, name, "fail", props, done); err != nil {
+		return abort(fmt.Errorf("creating %s: %w", name, err))
+	}
+	select {
+	case res := <-done:
+		if res != "done" {
+			return abort(fmt.Errorf("creating %s: job %s", name, res))
+		}
+	case <-ctx.Done():
+		return abort(ctx.Err())
+	}
+	if _, err := goW.Write([]byte{1}); err != nil {
+		return abort(fmt.Errorf("shim of %s: %w", name, err))
+	}
+	goW.Close()
+
+	rd := bufio.NewReader(stR)
+	first, err := readMessage(rd)
+	if err != nil || first.Event != "started" {
+		if err == nil {
+			err = errors.New(first.Error)
+		}
+		<-reaped
+		stR.Close()
+		r.stopUnit(context.WithoutCancel(ctx), name)
+		return nil, fmt.Errorf("starting engine of pool %s: %w", s.Pool, err)
+	}
+	e := &Engine{Unit: name, PID: first.PID, ShimPID: cmd.Process.Pid, Started: time.Now(), events: make(chan Event, 4)}
+	go func() {
+		defer close(e.events)
+		defer stR.Close()
+		for {
+			m, err := readMessage(rd)
+			if err != nil {
+				<-reaped
+				e.events <- Event{Exit: &Exit{Lost: true, At: time.Now()}}
+				return
+			}
+			switch m.Event {
+			case "fault":
+				e.events <- Event{Fault: m.Line}
+			case "exit":
+				<-reaped
+				e.events <- Event{Exit: &Exit{Status: syscall.WaitStatus(m.Status), OOMKills: m.OOMKills, At: time.Now()}}
+				return
+			}
+		}
+	}()
+	return e, nil
+}
+
+func readMessage(rd *bufio.Reader) (message, error) {
+	var m message
+	line, err := rd.ReadBytes('\n')
+	if err != nil {
+		return m, err
+	}
+	return m, json.Unmarshal(line, &m)
+}
+
+// Stop stops the engine's scope the systemd way: SIGTERM to every process
+// in it, SIGKILL to what is left after its stop timeout. It returns when
+// nothing of the engine is left.
+func (r *Runtime) Stop(ctx context.Context, pool string) error {
+	return r.stopUnit(ctx, UnitName(pool))
+}
+
+func (r *Runtime) stopUnit(ctx context.Context, name string) error {
+	done := make(chan string, 1)
+	if _, err := r.conn.StopUnitContext(ctx, name, "replace", done); err != nil {
+		var de dbus.Error
+		if errors.As(err, &de) && strings.HasSuffix(de.Name, ".NoSuchUnit") {
+			return nil
+		}
+		return fmt.Errorf("stopping %s: %w", name, err)
+	}
+	select {
+	case res := <-done:
+		if res != "done" {
+			return fmt.Errorf("stopping %s: job %s", name, res)
+		}
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return nil
+}
+
+// ScopeProperty reads one property of a pool's scope, for status and tests.
+func (r *Runtime) ScopeProperty(ctx context.Context, pool, name string) (any, error) {
+	p, err := r.conn.GetUnitTypePropertyContext(ctx, UnitName(pool), "Scope", name)
+	if err != nil {
+		return nil, err
+	}
+	return p.Value.Value(), nil
+}

@@ -1,0 +1,244 @@
+package engine
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/llorch/pool-managerd/internal/crash"
+)
+
+// ShimEnv carries the shim's instructions; its presence makes a re-executed
+// daemon (or test) binary act as the shim.
+const ShimEnv = "POOL_MANAGERD_SHIM"
+
+// IsShim reports whether this process was started as an engine shim.
+func IsShim() bool { return os.Getenv(ShimEnv) != "" }
+
+// shimSpec is what the daemon tells the shim.
+type shimSpec struct {
+	Argv []string `json:"argv"`
+	Env  []string `json:"env"`
+	User string   `json:"user"`
+}
+
+// message is one line the shim reports to the daemon.
+type message struct {
+	Event string `json:"event"` // started, fault, exit, error
+	PID   int    `json:"pid,omitempty"`
+	// Line is the output line that showed a GPU fault.
+	Line string `json:"line,omitempty"`
+	// Status is the engine's wait status.
+	Status uint32 `json:"status,omitempty"`
+	// OOMKills is how many processes of the scope the OOM killer took
+	// while the engine ran.
+	OOMKills uint64 `json:"oom_kills,omitempty"`
+	Error    string `json:"error,omitempty"`
+}
+
+// Shim is the small process that becomes the engine's parent inside the
+// engine's scope. Started by the daemon, it waits on fd 3 until the daemon
+// has moved it into the scope, so the engine never runs outside it; then
+// it drops to the engine's user, starts the engine with no new privileges,
+// forwards its output to the journal (attributed to the scope, because the
+// shim connects from inside it) while watching for GPU faults, and reports
+// on fd 4: the engine's PID, faults, and how it ended, with the scope's
+// OOM kill count read while the cgroup still exists.
+func Shim() int {
+	status := os.NewFile(4, "status")
+	report := func(m message) {
+		b, _ := json.Marshal(m)
+		// The daemon may be gone (restarting): the engine must not be.
+		status.Write(append(b, '\n'))
+	}
+	fail := func(err error) int {
+		report(message{Event: "error", Error: err.Error()})
+		fmt.Fprintln(os.Stderr, "pool-managerd shim:", err)
+		return 1
+	}
+	var spec shimSpec
+	if err := json.Unmarshal([]byte(os.Getenv(ShimEnv)), &spec); err != nil || len(spec.Argv) == 0 {
+		return fail(fmt.Errorf("bad instructions: %v", err))
+	}
+	os.Unsetenv(ShimEnv)
+	// systemd signals every process of the scope on stop; the shim
+	// outlives the engine to report on it. Catching (not ignoring) keeps
+	// the engine's own dispositions default across exec.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGPIPE)
+	go func() {
+		for range sigs {
+		}
+	}()
+
+	goAhead := os.NewFile(3, "go")
+	if _, err := io.ReadFull(goAhead, make([]byte, 1)); err != nil {
+		return fail(errors.New("no go-ahead from the daemon"))
+	}
+	goAhead.Close()
+
+	cred, home, err := credentials(spec.User)
+	if err != nil {
+		return fail(err)
+	}
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return fail(fmt.Errorf("no_new_privs: %w", err))
+	}
+	ident := filepath.Base(spec.Argv[0])
+	outW, outLog := output(ident, 6)
+	errW, errLog := output(ident, 6)
+	oomBefore := oomKills()
+
+	cmd := exec.Command(spec.Argv[0], spec.Argv[1:]...)
+	cmd.Env = append([]string{
+		"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+		"HOME=" + home, "USER=" + spec.User, "LOGNAME=" + spec.User,
+	}, spec.Env...)
+	cmd.Dir = "/"
+	outR, outPipe, _ := os.Pipe()
+	errR, errPipe, _ := os.Pipe()
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, outPipe, errPipe
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	if err := cmd.Start(); err != nil {
+		return fail(fmt.Errorf("start %s: %w", spec.Argv[0], err))
+	}
+	outPipe.Close()
+	errPipe.Close()
+	// The OOM killer must pick the engine, never its reporter.
+	os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0)
+	report(message{Event: "started", PID: cmd.Process.Pid})
+
+	var mu sync.Mutex
+	faulted := false
+	var wg sync.WaitGroup
+	forward := func(r *os.File, w io.Writer) {
+		defer wg.Done()
+		sc := bufio.NewScanner(r)
+		sc.Buffer(make([]byte, 64*1024), 1<<20)
+		for sc.Scan() {
+			line := sc.Text()
+			fmt.Fprintln(w, line)
+			if crash.GPUFault(line) {
+				mu.Lock()
+				first := !faulted
+				faulted = true
+				mu.Unlock()
+				if first {
+					report(message{Event: "fault", Line: line})
+				}
+			}
+		}
+	}
+	wg.Add(2)
+	go forward(outR, outW)
+	go forward(errR, errW)
+
+	err = cmd.Wait()
+	ws, _ := cmd.ProcessState.Sys().(syscall.WaitStatus)
+	if err != nil && cmd.ProcessState == nil {
+		return fail(err)
+	}
+	// Everything the engine wrote is in the pipes now; a child it left
+	// behind may hold them open, so do not wait for EOF past a moment.
+	deadline := time.Now().Add(100 * time.Millisecond)
+	outR.SetReadDeadline(deadline)
+	errR.SetReadDeadline(deadline)
+	wg.Wait()
+	outLog()
+	errLog()
+	report(message{Event: "exit", Status: uint32(ws), OOMKills: oomKills() - oomBefore})
+	return 0
+}
+
+// credentials resolves the engine's user.
+func credentials(name string) (*syscall.Credential, string, error) {
+	u, err := user.Lookup(name)
+	if err != nil {
+		return nil, "", fmt.Errorf("user %q: %w", name, err)
+	}
+	uid, _ := strconv.ParseUint(u.Uid, 10, 32)
+	gid, _ := strconv.ParseUint(u.Gid, 10, 32)
+	var groups []uint32
+	if ids, err := u.GroupIds(); err == nil {
+		for _, g := range ids {
+			if n, err := strconv.ParseUint(g, 10, 32); err == nil && n != gid {
+				groups = append(groups, uint32(n))
+			}
+		}
+	}
+	home := u.HomeDir
+	if home == "" {
+		home = "/"
+	}
+	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: groups}, home, nil
+}
+
+// output opens a journal stream for the engine's output, as systemd does
+// for a service's StandardOutput=journal; journald attributes it to the
+// cgroup of the connecting process: the engine's scope. Without journald
+// the output goes to the shim's stderr.
+func output(ident string, priority int) (io.Writer, func()) {
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: "/run/systemd/journal/stdout", Net: "unix"})
+	if err != nil {
+		return os.Stderr, func() {}
+	}
+	// identifier, unit id, priority, level prefix, forward to syslog,
+	// kmsg, console.
+	fmt.Fprintf(c, "%s\n\n%d\n0\n0\n0\n0\n", ident, priority)
+	c.CloseRead()
+	return c, func() { c.Close() }
+}
+
+// oomKills reads the OOM kill counter of the shim's own (the scope's)
+// memory cgroup, v2 or v1.
+func oomKills() uint64 {
+	cg, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(cg), "\n") {
+		parts := strings.SplitN(l, ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		var file string
+		switch {
+		case parts[0] == "0" && parts[1] == "":
+			file = filepath.Join("/sys/fs/cgroup", parts[2], "memory.events")
+			if _, err := os.Stat(file); err != nil {
+				// Hybrid layout: the v2 tree has no memory controller.
+				continue
+			}
+		case strings.Contains(","+parts[1]+",", ",memory,"):
+			file = filepath.Join("/sys/fs/cgroup/memory", parts[2], "memory.oom_control")
+		default:
+			continue
+		}
+		b, err := os.ReadFile(file)
+		if err != nil {
+			continue
+		}
+		for _, kv := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(kv); len(f) == 2 && f[0] == "oom_kill" {
+				n, _ := strconv.ParseUint(f[1], 10, 64)
+				return n
+			}
+		}
+	}
+	return 0
+}
