@@ -2,6 +2,8 @@
 GO      ?= go
 GOFLAGS ?=
 export GOFLAGS
+# go-nvml's header trips deprecation warnings in every uncached cgo build.
+export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 
 .PHONY: all build test fmt-check vet unit demo fuzz clean
 

@@ -214,7 +214,6 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 		for {
 			m, err := readMessage(rd)
 			if err != nil {
-				<-reaped
 				e.events <- Event{Exit: &Exit{Lost: true, At: time.Now()}}
 				return
 			}
@@ -222,7 +221,8 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 			case "fault":
 				e.events <- Event{Fault: m.Line}
 			case "exit":
-				<-reaped
+				// Not waiting for the shim to be reaped: its own exit may
+				// take a while (a race-detector build sleeps a second).
 				e.events <- Event{Exit: &Exit{Status: syscall.WaitStatus(m.Status), OOMKills: m.OOMKills, At: time.Now()}}
 				return
 			}

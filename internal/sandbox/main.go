@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 )
@@ -76,4 +77,36 @@ func Main(m *testing.M, o Options, setup func() (env, binds []string, cleanup fu
 		return 1
 	}
 	return 0
+}
+
+// Build returns a Main setup that builds the given main packages outside
+// the sandbox into a directory the sandbox sees (and the engine user can
+// read), and passes each binary's path to the tests in the environment as
+// SANDBOX_BIN_<NAME>, e.g. SANDBOX_BIN_POOL_ENGINE_SIM.
+func Build(pkgs ...string) func() ([]string, []string, func(), error) {
+	return func() ([]string, []string, func(), error) {
+		dir, err := os.MkdirTemp("", "sandbox-bin-")
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		cleanup := func() { os.RemoveAll(dir) }
+		if err := os.Chmod(dir, 0o755); err != nil {
+			return nil, nil, cleanup, err
+		}
+		var env []string
+		for _, p := range pkgs {
+			out, err := exec.Command("go", "build", "-o", dir, p).CombinedOutput()
+			if err != nil {
+				return nil, nil, cleanup, fmt.Errorf("building %s: %v: %s", p, err, out)
+			}
+			name := filepath.Base(p)
+			env = append(env, BinEnv(name)+"="+filepath.Join(dir, name))
+		}
+		return env, []string{dir}, cleanup, nil
+	}
+}
+
+// BinEnv is the environment variable Build sets for a binary.
+func BinEnv(name string) string {
+	return "SANDBOX_BIN_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_"))
 }

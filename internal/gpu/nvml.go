@@ -1,0 +1,53 @@
+package gpu
+
+import "time"
+
+// NVML is the part of NVIDIA's management library this package uses, so
+// tests can stand in for the driver. NewNVML is the real one. Init and
+// Shutdown nest; handles are valid only between them.
+type NVML interface {
+	// Init loads libnvidia-ml and initialises NVML; ErrNoLibrary when the
+	// library is missing.
+	Init() error
+	Shutdown() error
+	DeviceCount() (int, error)
+	DeviceByIndex(i int) (Device, error)
+	// DeviceByUUID takes GPU and MIG UUIDs.
+	DeviceByUUID(uuid string) (Device, error)
+	NewEventSet() (EventSet, error)
+}
+
+// Device is an NVML device handle: a GPU or a MIG device.
+type Device interface {
+	UUID() (string, error)
+	Minor() (int, error)
+	Name() (string, error)
+	MemoryTotal() (uint64, error)
+	// MIGDevices lists a GPU's MIG devices when MIG mode is on; none
+	// otherwise.
+	MIGDevices() ([]Device, error)
+	// Parent is a MIG device's GPU; nil for a GPU.
+	Parent() (Device, error)
+	// MIGInstance is a MIG device's GPU and compute instance ids.
+	MIGInstance() (gi, ci int, err error)
+}
+
+// EventSet receives XID events of the GPUs registered with it.
+type EventSet interface {
+	RegisterXID(d Device) error
+	// Wait returns the next XID event, or nil when timeout passes first.
+	Wait(timeout time.Duration) (*Event, error)
+	Free() error
+}
+
+// Event is one XID event.
+type Event struct {
+	UUID string // the GPU's (never a MIG device's) UUID
+	XID  uint64
+	// GPUInstance and ComputeInstance place the event on a MIG device;
+	// NoInstance when it concerns the whole GPU.
+	GPUInstance, ComputeInstance uint32
+}
+
+// NoInstance is NVML's "no MIG instance" in event data.
+const NoInstance = ^uint32(0)

@@ -1,0 +1,181 @@
+// Package testpool runs pools of the engine simulator under a real
+// supervisor and systemd, for tests that run inside a sandbox.
+package testpool
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/pool-managerd/internal/config"
+	"github.com/llorch/pool-managerd/internal/engine"
+	"github.com/llorch/pool-managerd/internal/gpu"
+	"github.com/llorch/pool-managerd/internal/metrics"
+	"github.com/llorch/pool-managerd/internal/sandbox"
+	"github.com/llorch/pool-managerd/internal/supervisor"
+)
+
+// Sim is the simulator's main package, for sandbox.Build.
+const Sim = "github.com/llorch/pool-managerd/cmd/pool-engine-sim"
+
+// Options is the sandbox every package using testpool needs: two fake
+// GPUs and the engine user.
+var Options = sandbox.Options{
+	Nodes:   sandbox.FakeGPUs,
+	Prepare: [][]string{{"useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "pool-engine"}},
+}
+
+const manager = `[Inventory]
+Backend=static
+Device=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0
+Device=1 GPU-8f2c1a70-0000-4000-8000-000000000001 /dev/nvidia1
+ControlDevice=/dev/nvidiactl
+ControlDevice=/dev/nvidia-uvm
+`
+
+// Env is one test's configuration directory, runtime and observers.
+type Env struct {
+	T       testing.TB
+	Ctx     context.Context
+	RT      *engine.Runtime
+	Dir     string
+	Reg     *prometheus.Registry
+	Metrics *metrics.Set
+	Log     *slog.Logger
+	inv     *gpu.Inventory
+}
+
+// New prepares an environment; handler receives the supervisors' logs
+// (nil: stderr).
+func New(t testing.TB, handler slog.Handler) *Env {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	t.Cleanup(cancel)
+	exe, err := os.Executable()
+	require.NoError(t, err)
+	rt, err := engine.New(ctx, []string{exe})
+	require.NoError(t, err)
+	t.Cleanup(rt.Close)
+	dir, err := os.MkdirTemp("", "pool-test-")
+	require.NoError(t, err)
+	require.NoError(t, os.Chmod(dir, 0o755))
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "pools.d"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte(manager), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "model.gguf"), []byte("GGUF\x03\x00\x00\x00 a tiny model"), 0o644))
+	if handler == nil {
+		handler = slog.NewTextHandler(os.Stderr, nil)
+	}
+	reg := prometheus.NewRegistry()
+	return &Env{T: t, Ctx: ctx, RT: rt, Dir: dir, Reg: reg, Metrics: metrics.New(reg), Log: slog.New(handler)}
+}
+
+// Pool is one supervised pool of the simulator.
+type Pool struct {
+	*supervisor.Supervisor
+	ID   string
+	Port int
+	env  *Env
+}
+
+// Pool writes a pool file running the simulator on the given devices,
+// with extra simulator flags and extra pool file lines (appended to the
+// [Restart] section, so start them with a section header to go elsewhere),
+// and starts it. Its engine is stopped when the test ends.
+func (e *Env) Pool(id, devices, simArgs, extra string) *Pool {
+	t := e.T
+	t.Helper()
+	port := freePort(t)
+	sim := os.Getenv(sandbox.BinEnv("pool-engine-sim"))
+	require.NotEmpty(t, sim, "the simulator was not built for this sandbox")
+	text := fmt.Sprintf(`[Pool]
+Devices=%s
+Model=%s
+[Engine]
+ExecStart=%s --model %%m --port %%p %s --probe-devices /dev/nvidia0,/dev/nvidia1,/dev/nvidiactl
+Port=%d
+StopTimeoutSec=2
+Version=sim-1
+[Health]
+IntervalSec=0.2
+TimeoutSec=0.2
+FailureThreshold=3
+StartTimeoutSec=20
+[Restart]
+BackoffInitialSec=0.2
+BackoffMinSec=0.1
+BackoffMaxSec=2
+JitterPercent=0
+%s`, devices, filepath.Join(e.Dir, "model.gguf"), sim, simArgs, port, extra)
+	require.NoError(t, os.WriteFile(filepath.Join(e.Dir, "pools.d", id+".pool"), []byte(text), 0o644))
+	c, err := config.Load(e.Dir)
+	require.NoError(t, err)
+	var p *config.Pool
+	for _, x := range c.Pools {
+		if x.ID == id {
+			p = x
+		}
+	}
+	if e.inv == nil {
+		e.inv, err = gpu.Load(c.Manager.Inventory, gpu.NewNVML(), "/dev")
+		require.NoError(t, err)
+	}
+	cfg, err := supervisor.FromPool(p, e.inv, supervisor.ModelPath(p.Model, c.Manager.ModelsDir))
+	require.NoError(t, err)
+	s := supervisor.New(cfg, e.RT, e.Log, e.Metrics)
+	ctx, cancel := context.WithCancel(e.Ctx)
+	go s.Run(ctx)
+	t.Cleanup(func() {
+		sctx, scancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer scancel()
+		require.NoError(t, s.Stop(sctx))
+		cancel()
+	})
+	require.NoError(t, s.Start())
+	return &Pool{Supervisor: s, ID: id, Port: port, env: e}
+}
+
+// Wait waits (a minute at most) until cond holds.
+func (p *Pool) Wait(what string, cond func(supervisor.Snapshot) bool) (supervisor.Snapshot, error) {
+	ctx, cancel := context.WithTimeout(p.env.Ctx, 60*time.Second)
+	defer cancel()
+	s, err := p.Supervisor.Wait(ctx, cond)
+	if err != nil {
+		return s, fmt.Errorf("waiting for %s: %w", what, err)
+	}
+	return s, nil
+}
+
+// ReadyAfter holds once the pool is ready on its n-th engine start.
+func ReadyAfter(n int) func(supervisor.Snapshot) bool {
+	return func(s supervisor.Snapshot) bool { return s.Ready && s.Starts >= n }
+}
+
+// Fault asks the simulator for a fault.
+func (p *Pool) Fault(kind string) error {
+	resp, err := http.Post(fmt.Sprintf("http://127.0.0.1:%d/sim/fault?kind=%s", p.Port, kind), "", nil)
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		return fmt.Errorf("fault %s: %s", kind, resp.Status)
+	}
+	return nil
+}
+
+func freePort(t testing.TB) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
