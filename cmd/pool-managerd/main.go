@@ -11,6 +11,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/crash"
+	"github.com/llorch/pool-managerd/internal/engine"
 )
 
 // Exit statuses, as sysexits.h and systemd name them.
@@ -20,7 +21,14 @@ const (
 	exitConfig = 78 // EX_CONFIG
 )
 
-func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
+func main() {
+	// The daemon re-executes itself as the shim that starts each engine
+	// inside its scope.
+	if engine.IsShim() {
+		os.Exit(engine.Shim())
+	}
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
 
 func run(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("pool-managerd", flag.ContinueOnError)
@@ -35,10 +43,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "pool-managerd: unexpected argument %q\n", fs.Arg(0))
-		return exitUsage
-	}
-	if !*check && *schedule <= 0 {
-		fmt.Fprintln(stderr, "pool-managerd: supervising engines needs the engine runtime, which this build does not have yet; use --check-config or --print-schedule N")
 		return exitUsage
 	}
 	r, err := crash.ParseReason(*reason)
@@ -64,5 +68,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 			printSchedule(stdout, p, r, *schedule, *crashAfter, time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
 		}
 	}
-	return exitOK
+	if *check || *schedule > 0 {
+		return exitOK
+	}
+	return daemon(cfg, stderr)
 }

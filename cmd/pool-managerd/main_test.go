@@ -47,7 +47,6 @@ func TestPrintSchedule(t *testing.T) {
 
 func TestUsageErrors(t *testing.T) {
 	var out, errb bytes.Buffer
-	assert.Equal(t, exitUsage, run([]string{"--config-dir", "../../packaging/examples"}, &out, &errb))
 	assert.Equal(t, exitUsage, run([]string{"--print-schedule", "3", "--crash-reason", "gremlins"}, &out, &errb))
 	assert.Equal(t, exitUsage, run([]string{"stray"}, &out, &errb))
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/llorch/pool-managerd/internal/bdd/capture"
 	"github.com/llorch/pool-managerd/internal/crash"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/metrics"
@@ -31,8 +32,12 @@ func TestSupervisionFeatures(t *testing.T) {
 		Name:                "supervision",
 		ScenarioInitializer: initSupervision,
 		Options: &godog.Options{
-			Format:   "progress",
-			Paths:    []string{"features/supervision"},
+			Format: "progress",
+			Paths: []string{
+				"features/supervision/backoff.feature",
+				"features/supervision/circuit_breaker.feature",
+				"features/supervision/restart_storm.feature",
+			},
 			Strict:   true,
 			TestingT: t,
 		},
@@ -82,7 +87,7 @@ type world struct {
 	herd    []*simPool
 	reg     *prometheus.Registry
 	metrics *metrics.Set
-	logs    *capture
+	logs    *capture.Log
 	log     *slog.Logger
 	// firstRestart is when the current pool first restarted.
 	firstRestart time.Time
@@ -90,7 +95,7 @@ type world struct {
 
 func newWorld() *world {
 	reg := prometheus.NewRegistry()
-	logs := newCapture()
+	logs := capture.NewLog()
 	return &world{
 		now:     epoch,
 		params:  policy.Defaults(),
@@ -285,14 +290,14 @@ var entryKinds = map[string]journal.MessageID{
 	"operator override": journal.MsgOperator,
 }
 
-func (w *world) entries(kind string) ([]entry, error) {
+func (w *world) entries(kind string) ([]capture.Entry, error) {
 	id, ok := entryKinds[kind]
 	if !ok {
 		return nil, fmt.Errorf("unknown journal entry kind %q", kind)
 	}
-	var out []entry
-	for _, e := range w.logs.all() {
-		if e.fields[journal.MessageIDField] == string(id) {
+	var out []capture.Entry
+	for _, e := range w.logs.All() {
+		if e.Fields[journal.MessageIDField] == string(id) {
 			out = append(out, e)
 		}
 	}
@@ -301,15 +306,15 @@ func (w *world) entries(kind string) ([]entry, error) {
 
 // findEntry returns the latest entry of the kind whose fields include all
 // of want.
-func (w *world) findEntry(kind string, want map[string]string) (entry, error) {
+func (w *world) findEntry(kind string, want map[string]string) (capture.Entry, error) {
 	es, err := w.entries(kind)
 	if err != nil {
-		return entry{}, err
+		return capture.Entry{}, err
 	}
 	for _, e := range slices.Backward(es) {
 		ok := true
 		for k, v := range want {
-			if e.fields[k] != v {
+			if e.Fields[k] != v {
 				ok = false
 				break
 			}
@@ -320,9 +325,9 @@ func (w *world) findEntry(kind string, want map[string]string) (entry, error) {
 	}
 	var seen []string
 	for _, e := range es {
-		seen = append(seen, fmt.Sprint(e.fields))
+		seen = append(seen, fmt.Sprint(e.Fields))
 	}
-	return entry{}, fmt.Errorf("no %q entry with %v; %q entries: %v", kind, want, kind, seen)
+	return capture.Entry{}, fmt.Errorf("no %q entry with %v; %q entries: %v", kind, want, kind, seen)
 }
 
 func tableFields(t *godog.Table) map[string]string {
@@ -515,11 +520,11 @@ func initSupervision(sc *godog.ScenarioContext) {
 			return err
 		}
 		for _, e := range slices.Backward(es) {
-			if e.fields[journal.PoolID] != p.id {
+			if e.Fields[journal.PoolID] != p.id {
 				continue
 			}
-			if _, ok := e.fields[journal.BackoffMS]; ok || e.level != slog.LevelWarn {
-				return fmt.Errorf("the latest restart decision in the journal is not a hold: %v", e.fields)
+			if _, ok := e.Fields[journal.BackoffMS]; ok || e.Level != slog.LevelWarn {
+				return fmt.Errorf("the latest restart decision in the journal is not a hold: %v", e.Fields)
 			}
 			return nil
 		}
@@ -818,8 +823,8 @@ func initSupervision(sc *godog.ScenarioContext) {
 		if err != nil {
 			return err
 		}
-		if !strings.Contains(e.fields[journal.Hint], hint) {
-			return fmt.Errorf("hint %q does not mention %q", e.fields[journal.Hint], hint)
+		if !strings.Contains(e.Fields[journal.Hint], hint) {
+			return fmt.Errorf("hint %q does not mention %q", e.Fields[journal.Hint], hint)
 		}
 		return nil
 	})
@@ -834,15 +839,15 @@ func initSupervision(sc *godog.ScenarioContext) {
 		if err != nil {
 			return err
 		}
-		if e.level != journal.LevelCritical {
-			return fmt.Errorf("entry level is %s, want critical", e.level)
+		if e.Level != journal.LevelCritical {
+			return fmt.Errorf("entry level is %s, want critical", e.Level)
 		}
 		return nil
 	})
 	sc.Step(`^the journal has no "([^"]+)" entry$`, func(kind string) error {
 		es, err := w.entries(kind)
 		if err == nil && len(es) > 0 {
-			err = fmt.Errorf("%d %q entries: %v", len(es), kind, es[0].fields)
+			err = fmt.Errorf("%d %q entries: %v", len(es), kind, es[0].Fields)
 		}
 		return err
 	})
@@ -851,26 +856,26 @@ func initSupervision(sc *godog.ScenarioContext) {
 		if err != nil {
 			return err
 		}
-		if !strings.Contains(e.fields[journal.Hint], s) {
-			return fmt.Errorf("HINT %q does not mention %q", e.fields[journal.Hint], s)
+		if !strings.Contains(e.Fields[journal.Hint], s) {
+			return fmt.Errorf("HINT %q does not mention %q", e.Fields[journal.Hint], s)
 		}
 		return nil
 	})
 
 	// Metrics.
 	sc.Step(`^the metric (\S+) is (\S+)$`, func(s string, want float64) error {
-		m, t, err := series(w.reg, s)
+		m, t, err := capture.Series(w.reg, s)
 		if err != nil {
 			return err
 		}
-		v, err := value(m, t)
+		v, err := capture.Value(m, t)
 		if err == nil && v != want {
 			err = fmt.Errorf("%s is %g, want %g", s, v, want)
 		}
 		return err
 	})
 	sc.Step(`^the metric (\S+) has (\d+) observations summing to (\S+)$`, func(s string, n int, sum float64) error {
-		m, t, err := series(w.reg, s)
+		m, t, err := capture.Series(w.reg, s)
 		if err != nil {
 			return err
 		}

@@ -73,6 +73,8 @@ type Snapshot struct {
 	HealthFailures []time.Time
 	// Starts counts engine starts, restarts included.
 	Starts int
+	// ReadyAt is when the current engine became ready.
+	ReadyAt time.Time
 }
 
 // Supervisor runs one pool.
@@ -105,8 +107,10 @@ type run struct {
 	healthy bool
 	// why the manager is stopping it, if it is: "" (not stopping),
 	// "request", "health", "fault".
-	stopping  string
-	fault     string
+	stopping string
+	fault    string
+	// xid is set when the fault came from NVML, not the engine's output.
+	xid       bool
 	failures  []time.Time
 	lastProbe error
 }
@@ -381,7 +385,7 @@ func (s *Supervisor) becameHealthy(r *run, now time.Time) {
 	}
 	r.healthy = true
 	s.emit(s.tracker.Healthy(now))
-	s.update(func(p *Snapshot) { p.State, p.Ready, p.LastError = Ready, true, "" })
+	s.update(func(p *Snapshot) { p.State, p.Ready, p.LastError, p.ReadyAt = Ready, true, "", now })
 	s.log.Info("engine ready", journal.PoolID, s.cfg.Pool, journal.EngineVersion, s.cfg.EngineVersion,
 		journal.Model, s.cfg.Model, journal.DeviceMask, s.cfg.DeviceMask, "STARTUP_SEC", now.Sub(r.started).Seconds())
 }
@@ -414,6 +418,20 @@ func (s *Supervisor) probed(r *run, now time.Time, err error) {
 	if len(r.failures) >= s.cfg.Health.FailureThreshold {
 		s.stopRun("health")
 	}
+}
+
+// XID reports an NVML critical XID event on one of the pool's GPUs: the
+// engine cannot be trusted any more and is restarted.
+func (s *Supervisor) XID(uuid string, xid uint64) {
+	s.post(func() {
+		r := s.run
+		if r == nil || r.stopping != "" {
+			return
+		}
+		r.fault, r.xid = fmt.Sprintf("NVML: Xid %d on %s", xid, uuid), true
+		s.log.Error("GPU XID event", journal.PoolID, s.cfg.Pool, "XID", xid, "GPU", uuid)
+		s.stopRun("fault")
+	})
 }
 
 // stopRun stops the current engine in the background; its exit arrives as
@@ -493,6 +511,9 @@ func classify(r *run, x *engine.Exit) (crash.Reason, bool) {
 	case "start":
 		return crash.StartFailure, true
 	case "fault":
+		if r.xid {
+			return crash.DriverXID, true
+		}
 		return crash.CUDAError, true
 	}
 	return reason, ok
@@ -522,7 +543,7 @@ func describe(reason crash.Reason, r *run, x *engine.Exit) string {
 	switch reason {
 	case crash.OutOfMemory:
 		return fmt.Sprintf("out of memory: %s, %d OOM kill(s) in the scope", how, x.OOMKills)
-	case crash.CUDAError:
+	case crash.CUDAError, crash.DriverXID:
 		return fmt.Sprintf("GPU fault: %q; %s", r.fault, how)
 	case crash.HealthCheck:
 		return fmt.Sprintf("health check failed %d times (%v); %s", len(r.failures), r.lastProbe, how)

@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -42,9 +41,17 @@ ControlDevice=/dev/nvidiactl
 ControlDevice=/dev/nvidia-uvm
 `
 
+// T is what testpool needs of a test: testing.TB has it, and so can a
+// behaviour scenario's adapter.
+type T interface {
+	require.TestingT
+	Helper()
+	Cleanup(func())
+}
+
 // Env is one test's configuration directory, runtime and observers.
 type Env struct {
-	T       testing.TB
+	T       T
 	Ctx     context.Context
 	RT      *engine.Runtime
 	Dir     string
@@ -56,7 +63,7 @@ type Env struct {
 
 // New prepares an environment; handler receives the supervisors' logs
 // (nil: stderr).
-func New(t testing.TB, handler slog.Handler) *Env {
+func New(t T, handler slog.Handler) *Env {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	t.Cleanup(cancel)
@@ -137,7 +144,9 @@ JitterPercent=0
 	t.Cleanup(func() {
 		sctx, scancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer scancel()
-		require.NoError(t, s.Stop(sctx))
+		if err := s.Stop(sctx); err != nil {
+			t.Errorf("stopping pool %s: %v", id, err)
+		}
 		cancel()
 	})
 	require.NoError(t, s.Start())
@@ -173,7 +182,7 @@ func (p *Pool) Fault(kind string) error {
 	return nil
 }
 
-func freePort(t testing.TB) int {
+func freePort(t T) int {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	defer l.Close()

@@ -1,4 +1,4 @@
-package bdd
+package capture
 
 import (
 	"fmt"
@@ -11,10 +11,10 @@ import (
 
 var seriesRe = regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?$`)
 
-// series finds one series by its exposition-format name, e.g.
+// Series finds one series by its exposition-format name, e.g.
 // pool_managerd_restart_rate{pool_id="a"}: the labels given must be all the
 // series has.
-func series(g prometheus.Gatherer, s string) (*dto.Metric, dto.MetricType, error) {
+func Series(g prometheus.Gatherer, s string) (*dto.Metric, dto.MetricType, error) {
 	m := seriesRe.FindStringSubmatch(s)
 	if m == nil {
 		return nil, 0, fmt.Errorf("cannot read series %q", s)
@@ -59,7 +59,8 @@ func labelsEqual(have []*dto.LabelPair, want map[string]string) bool {
 	return true
 }
 
-func value(m *dto.Metric, t dto.MetricType) (float64, error) {
+// Value is a counter or gauge value.
+func Value(m *dto.Metric, t dto.MetricType) (float64, error) {
 	switch t {
 	case dto.MetricType_COUNTER:
 		return m.GetCounter().GetValue(), nil
