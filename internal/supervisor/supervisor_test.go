@@ -184,3 +184,15 @@ func metricSum(g prometheus.Gatherer, name string) (float64, error) {
 	}
 	return 0, fmt.Errorf("no %s", name)
 }
+
+func TestXIDEventRestartsTheEngine(t *testing.T) {
+	e := testpool.New(t, nil)
+	s := e.Pool("xid", "0", "", "")
+	first := waitFor(t, s, "ready", ready(1))
+	s.XID("GPU-8f2c1a70-0000-4000-8000-000000000000", 79)
+	crashed := waitFor(t, s, "the crash", func(s Snapshot) bool { return s.CrashCount == 1 })
+	assert.Equal(t, crash.DriverXID, crashed.LastReason)
+	assert.Contains(t, crashed.LastError, "Xid 79")
+	again := waitFor(t, s, "ready again", ready(2))
+	assert.NotEqual(t, first.MainPID, again.MainPID)
+}

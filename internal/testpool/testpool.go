@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -62,7 +63,7 @@ type Env struct {
 }
 
 // New prepares an environment; handler receives the supervisors' logs
-// (nil: stderr).
+// (nil: stderr with go test -v, else nowhere).
 func New(t T, handler slog.Handler) *Env {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
@@ -80,7 +81,10 @@ func New(t T, handler slog.Handler) *Env {
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte(manager), 0o644))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "model.gguf"), []byte("GGUF\x03\x00\x00\x00 a tiny model"), 0o644))
 	if handler == nil {
-		handler = slog.NewTextHandler(os.Stderr, nil)
+		handler = slog.DiscardHandler
+		if testing.Verbose() {
+			handler = slog.NewTextHandler(os.Stderr, nil)
+		}
 	}
 	reg := prometheus.NewRegistry()
 	return &Env{T: t, Ctx: ctx, RT: rt, Dir: dir, Reg: reg, Metrics: metrics.New(reg), Log: slog.New(handler)}

@@ -1,0 +1,93 @@
+package main
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/pool-managerd/internal/sandbox"
+	"github.com/llorch/pool-managerd/internal/testpool"
+)
+
+// The tests of this package run inside a sandbox: the daemon runs there as
+// a unit of a real systemd.
+func TestMain(m *testing.M) {
+	os.Exit(sandbox.Main(m, testpool.Options, sandbox.Build("github.com/llorch/pool-managerd/cmd/pool-managerd", testpool.Sim)))
+}
+
+func sh(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	require.NoError(t, err, "%s %v: %s", name, args, out)
+	return strings.TrimSpace(string(out))
+}
+
+// The daemon started by systemd supervises its pools; stopping the daemon
+// leaves the engines running in their own scopes.
+func TestDaemonRunsPoolsAndLeavesEnginesOnStop(t *testing.T) {
+	dir, err := os.MkdirTemp("", "daemon-test-")
+	require.NoError(t, err)
+	defer os.RemoveAll(dir)
+	require.NoError(t, os.Chmod(dir, 0o755))
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "pools.d"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "model.gguf"), []byte("GGUF\x03\x00\x00\x00"), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte(`[Inventory]
+Backend=static
+Device=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0
+ControlDevice=/dev/nvidiactl
+`), 0o644))
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "demo.pool"), []byte(fmt.Sprintf(`[Pool]
+Devices=0
+Model=%s/model.gguf
+[Engine]
+ExecStart=%s --model %%m --port %%p
+Port=%d
+StopTimeoutSec=2
+[Health]
+IntervalSec=0.5
+TimeoutSec=0.5
+`, dir, os.Getenv(sandbox.BinEnv("pool-engine-sim")), port)), 0o644))
+
+	daemon := os.Getenv(sandbox.BinEnv("pool-managerd"))
+	sh(t, "systemd-run", "--unit=pool-managerd-test.service", "--property=KillMode=control-group", daemon, "--config-dir", dir)
+	defer exec.Command("systemctl", "stop", "pool-engine-demo.scope").Run()
+	defer exec.Command("systemctl", "stop", "pool-managerd-test.service").Run()
+
+	health := fmt.Sprintf("http://127.0.0.1:%d/health", port)
+	require.Eventually(t, func() bool {
+		resp, err := http.Get(health)
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}, 30*time.Second, 100*time.Millisecond, "the engine answers")
+	assert.Equal(t, "active", sh(t, "systemctl", "is-active", "pool-engine-demo.scope"))
+	assert.Equal(t, "pool-managerd-engines.slice", sh(t, "systemctl", "show", "-p", "Slice", "--value", "pool-engine-demo.scope"))
+	require.Eventually(t, func() bool {
+		out, _ := exec.Command("journalctl", "-u", "pool-managerd-test.service", "--no-pager", "-o", "cat").CombinedOutput()
+		return strings.Contains(string(out), "engine ready")
+	}, 20*time.Second, 100*time.Millisecond)
+	out := sh(t, "journalctl", "-u", "pool-managerd-test.service", "--no-pager", "-o", "verbose")
+	assert.Contains(t, out, "POOL_ID=demo", "structured fields reach the journal")
+
+	sh(t, "systemctl", "stop", "pool-managerd-test.service")
+	assert.Equal(t, "active", sh(t, "systemctl", "is-active", "pool-engine-demo.scope"), "the engine outlives the daemon")
+	resp, err := http.Get(health)
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+}
