@@ -50,8 +50,8 @@ func journal(t *testing.T, unit string, want string) string {
 func TestEngineStartsInsideItsScope(t *testing.T) {
 	rt, ctx := runtime(t)
 	e, err := rt.Start(ctx, engine.Spec{
-		Pool: "first-light",
-		Argv: []string{"/bin/sh", "-c", `echo "cgroup $(cat /proc/self/cgroup | tail -n 1)"; echo "uid $(id -u) $(grep NoNewPrivs /proc/self/status)"; echo "env $GREETING $CUDA_VISIBLE_DEVICES"; exit 7`},
+		Pool:        "first-light",
+		Argv:        []string{"/bin/sh", "-c", `echo "cgroup $(cat /proc/self/cgroup | tail -n 1)"; echo "uid $(id -u) $(grep NoNewPrivs /proc/self/status)"; echo "env $GREETING $CUDA_VISIBLE_DEVICES"; exit 7`},
 		Env:         []string{"GREETING=hello", "CUDA_VISIBLE_DEVICES=GPU-x"},
 		User:        "pool-engine",
 		DeviceNodes: []string{"/dev/nvidia0"},
