@@ -218,6 +218,35 @@ func errText(err error) string {
 	return err.Error()
 }
 
+// modelFault reads a "sim-fault=KIND" line from the model file.
+func modelFault(path string) (fault, bool) {
+	kind, ok := modelMarker(path, "sim-fault=")
+	if !ok {
+		return fault{}, false
+	}
+	f, err := parseFault(kind)
+	return f, err == nil
+}
+
+// modelMarker finds a "<prefix>VALUE" line in the first 4 KiB of a model
+// file: a test model can ask the simulator to misbehave or to load slowly,
+// so one model of a pool does and another does not.
+func modelMarker(path, prefix string) (string, bool) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", false
+	}
+	defer f.Close()
+	b := make([]byte, 4096)
+	n, _ := io.ReadFull(f, b)
+	for _, line := range strings.Split(string(b[:n]), "\n") {
+		if v, ok := strings.CutPrefix(line, prefix); ok {
+			return strings.TrimSpace(v), true
+		}
+	}
+	return "", false
+}
+
 func hashFile(path string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -281,11 +310,21 @@ func serve(o options) int {
 			versionText += " (latest)"
 		}
 		logf("llama_model_loader: loaded meta data from %s (version %s)", o.model, versionText)
-		if d := o.loadTime - time.Since(listenedAt); d > 0 {
+		loadTime := o.loadTime
+		if d, ok := modelMarker(o.model, "sim-load-time="); ok {
+			if extra, err := time.ParseDuration(d); err == nil {
+				loadTime += extra
+			}
+		}
+		if d := loadTime - time.Since(listenedAt); d > 0 {
 			time.Sleep(d)
 		}
 		s.setLoaded(sum)
 		logf("main: model loaded")
+		if f, ok := modelFault(o.model); ok {
+			logf("sim: model asks for fault %s", f)
+			go s.fire(f)
+		}
 		url := fmt.Sprintf("http://%s", net.JoinHostPort(o.host, strconv.Itoa(port)))
 		logf("main: server is listening on %s - starting the main loop", url)
 		fmt.Fprintf(os.Stdout, "main: server is listening on %s - starting the main loop\n", url)

@@ -641,3 +641,23 @@ func TestDropUnknownFlags(t *testing.T) {
 	assert.Equal(t, []string{"--model", "m.gguf", "--port=1", "--version"}, kept)
 	assert.Equal(t, []string{"-ngl 99", "--flash-attn", "--seed", "-1", "-c 8192"}, dropped)
 }
+
+func TestModelCarriesFault(t *testing.T) {
+	dir := t.TempDir()
+	m := filepath.Join(dir, "bad.gguf")
+	require.NoError(t, os.WriteFile(m, []byte("GGUF\x03\x00\x00\x00\nsim-fault=exit:4\n"), 0o644))
+	port := freePort(t)
+	cmd := exec.Command(simBin, "--model", m, "--port", strconv.Itoa(port))
+	require.NoError(t, cmd.Start())
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		var ee *exec.ExitError
+		require.ErrorAs(t, err, &ee)
+		assert.Equal(t, 4, ee.ExitCode())
+	case <-time.After(20 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("the model's fault did not fire")
+	}
+}

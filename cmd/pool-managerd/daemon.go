@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
 	sdjournal "github.com/coreos/go-systemd/v22/journal"
@@ -17,6 +18,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/gpu"
 	"github.com/llorch/pool-managerd/internal/metrics"
+	"github.com/llorch/pool-managerd/internal/model"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 )
 
@@ -46,11 +48,12 @@ func daemon(cfg *config.Config, stderr io.Writer) int {
 	if inv.Fallback != nil {
 		log.Warn("NVML unavailable, using the static inventory: " + inv.Fallback.Error())
 	}
+	stager := model.New(cfg.Manager.ModelsDir, filepath.Join(cfg.Manager.StateDir, "staged"))
 	var sups []*supervisor.Supervisor
 	var cfgs []supervisor.Config
 	bad := false
 	for _, p := range cfg.Pools {
-		c, err := supervisor.FromPool(p, inv, supervisor.ModelPath(p.Model, cfg.Manager.ModelsDir))
+		c, err := supervisor.FromPool(p, &cfg.Manager, inv, stager)
 		if err != nil {
 			log.Error(err.Error())
 			bad = true

@@ -40,7 +40,11 @@ func TestDaemonRunsPoolsAndLeavesEnginesOnStop(t *testing.T) {
 	require.NoError(t, os.Chmod(dir, 0o755))
 	require.NoError(t, os.MkdirAll(filepath.Join(dir, "pools.d"), 0o755))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "model.gguf"), []byte("GGUF\x03\x00\x00\x00"), 0o644))
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte(`[Inventory]
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte(`[Manager]
+StateDir=`+dir+`/state
+RuntimeDir=`+dir+`/run
+ModelsDir=`+dir+`/models
+[Inventory]
 Backend=static
 Device=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0
 ControlDevice=/dev/nvidiactl

@@ -278,3 +278,40 @@ func (s *Set) NextChange(healthySince time.Time) time.Time {
 	}
 	return t
 }
+
+// ClassState is one breaker as persisted.
+type ClassState struct {
+	State    State         `json:"state"`
+	Failures int           `json:"failures"`
+	OpenFor  time.Duration `json:"open_for"`
+	OpenedAt time.Time     `json:"opened_at,omitzero"`
+}
+
+// SetState is a Set as persisted.
+type SetState struct {
+	Classes map[crash.Class]ClassState `json:"classes"`
+	Testing bool                       `json:"testing"`
+}
+
+// Save returns what must survive a daemon restart.
+func (s *Set) Save() SetState {
+	out := SetState{Classes: map[crash.Class]ClassState{}, Testing: s.testing}
+	for c, b := range s.b {
+		out.Classes[c] = ClassState{State: b.state, Failures: b.failures, OpenFor: b.openFor, OpenedAt: b.openedAt}
+	}
+	return out
+}
+
+// Restore puts back a saved state; unknown classes and impossible values
+// are ignored (a state file is input like any other).
+func (s *Set) Restore(st SetState) {
+	for c, cs := range st.Classes {
+		b, ok := s.b[c]
+		if !ok || cs.State < Closed || cs.State > HalfOpen || cs.Failures < 0 {
+			continue
+		}
+		b.state, b.failures, b.openedAt = cs.State, cs.Failures, cs.OpenedAt
+		b.openFor = min(max(cs.OpenFor, s.p.Open), s.p.OpenMax)
+	}
+	s.testing = st.Testing && s.State() == HalfOpen
+}

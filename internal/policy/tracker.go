@@ -274,3 +274,32 @@ func (t *Tracker) Status(now time.Time) Status {
 
 // OpenFor is how long the class's breaker stays open when it next opens.
 func (t *Tracker) OpenFor(c crash.Class) time.Duration { return t.breakers.OpenFor(c) }
+
+// State is what of a pool's policy survives a daemon restart: a restart
+// must not be a way around the breaker, nor reset the counters.
+type State struct {
+	CrashCount   uint64       `json:"crash_count"`
+	RestartCount uint64       `json:"restart_count"`
+	Streak       int          `json:"streak"`
+	LastReason   crash.Reason `json:"last_reason,omitempty"`
+	// Pending is set when a crashed engine had not been restarted yet.
+	Pending  bool             `json:"pending"`
+	Breakers breaker.SetState `json:"breakers"`
+	Restarts []storm.Restart  `json:"restarts,omitempty"`
+}
+
+// Save returns the state to persist.
+func (t *Tracker) Save() State {
+	return State{
+		CrashCount: t.crashes, RestartCount: t.restarts, Streak: t.streak, LastReason: t.last,
+		Pending: t.waiting, Breakers: t.breakers.Save(), Restarts: t.window.Save(),
+	}
+}
+
+// Restore puts back a saved state.
+func (t *Tracker) Restore(s State) {
+	t.crashes, t.restarts, t.last, t.waiting = s.CrashCount, s.RestartCount, s.LastReason, s.Pending
+	t.streak = max(s.Streak, 0)
+	t.breakers.Restore(s.Breakers)
+	t.window.Restore(s.Restarts)
+}

@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"encoding/json"
 	"errors"
 	"math/rand/v2"
 	"testing"
@@ -135,4 +136,33 @@ func TestValidateJoinsErrors(t *testing.T) {
 	for _, s := range []string{"backoff:", "circuit breaker:", "restart storm:", "restart count reset"} {
 		assert.Contains(t, err.Error(), s)
 	}
+}
+
+func TestSaveRestoreKeepsBreakerAndCounters(t *testing.T) {
+	tr := New(Defaults(), half)
+	now := t0
+	for range 5 {
+		d := tr.Crash(now, crash.CUDAError)
+		if d.Held {
+			break
+		}
+		now = d.At
+		_, err := tr.Restart(now)
+		require.NoError(t, err)
+	}
+	saved := tr.Save()
+	b, err := json.Marshal(saved)
+	require.NoError(t, err)
+	var back State
+	require.NoError(t, json.Unmarshal(b, &back))
+
+	fresh := New(Defaults(), half)
+	fresh.Restore(back)
+	assert.Equal(t, tr.Status(now), fresh.Status(now))
+	assert.Equal(t, breaker.Open, fresh.Status(now).Breakers[crash.ClassCUDA].State)
+	_, err = fresh.Restart(now)
+	var r *Refusal
+	require.ErrorAs(t, err, &r, "a daemon restart is no way around the breaker")
+	fresh.Tick(tr.NextTick())
+	assert.Equal(t, breaker.HalfOpen, fresh.Status(tr.NextTick()).Breaker, "the open time runs on across the restart")
 }

@@ -157,3 +157,28 @@ func (k Kind) Hint() string {
 	}
 	return "the engine fails in several ways at once: check the host (GPU health, memory, driver) before the engine"
 }
+
+// Restart is one restart in the window, as persisted.
+type Restart struct {
+	At     time.Time    `json:"at"`
+	Reason crash.Reason `json:"reason"`
+}
+
+// Save returns the restarts in the window.
+func (w *Window) Save() []Restart {
+	out := make([]Restart, len(w.restarts))
+	for i, r := range w.restarts {
+		out[i] = Restart{r.at, r.reason}
+	}
+	return out
+}
+
+// Restore puts back saved restarts, oldest first.
+func (w *Window) Restore(rs []Restart) {
+	w.restarts = w.restarts[:0]
+	for _, r := range rs {
+		if n := len(w.restarts); n == 0 || !r.At.Before(w.restarts[n-1].at) {
+			w.restarts = append(w.restarts, restart{r.At, r.Reason})
+		}
+	}
+}

@@ -9,26 +9,17 @@ import (
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/gpu"
+	"github.com/llorch/pool-managerd/internal/state"
 )
 
-// FromPool builds a supervisor's configuration from a pool file, the GPU
-// inventory and the path of the model to load.
-func FromPool(p *config.Pool, inv *gpu.Inventory, model string) (Config, error) {
+// FromPool builds a supervisor's configuration from a pool file, the
+// manager settings, the GPU inventory and the model stager.
+func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Stager) (Config, error) {
 	gpus, err := inv.Resolve(p.Devices)
 	if err != nil {
 		return Config{}, fmt.Errorf("pool %s (%s): %w", p.ID, p.File, err)
 	}
 	mask := gpu.VisibleDevices(gpus)
-	sp := p.Specifiers(model)
-	sp.Devices = mask
-	argv := make([]string, len(p.Engine.ExecStart))
-	for i, a := range p.Engine.ExecStart {
-		argv[i] = sp.Expand(a)
-	}
-	env := []string{"CUDA_VISIBLE_DEVICES=" + mask, "NVIDIA_VISIBLE_DEVICES=" + mask}
-	for _, e := range p.Engine.Environment {
-		env = append(env, sp.Expand(e))
-	}
 	var nodes []string
 	for _, n := range inv.DeviceNodes(gpus) {
 		// DeviceAllow= of a missing node is refused by systemd; a control
@@ -37,9 +28,18 @@ func FromPool(p *config.Pool, inv *gpu.Inventory, model string) (Config, error) 
 			nodes = append(nodes, n)
 		}
 	}
-	return Config{
-		Pool: p.ID,
-		Spec: engine.Spec{
+	build := func(model string) engine.Spec {
+		sp := p.Specifiers(model)
+		sp.Devices = mask
+		argv := make([]string, len(p.Engine.ExecStart))
+		for i, a := range p.Engine.ExecStart {
+			argv[i] = sp.Expand(a)
+		}
+		env := []string{"CUDA_VISIBLE_DEVICES=" + mask, "NVIDIA_VISIBLE_DEVICES=" + mask}
+		for _, e := range p.Engine.Environment {
+			env = append(env, sp.Expand(e))
+		}
+		return engine.Spec{
 			Pool:        p.ID,
 			Description: p.Description,
 			Argv:        argv,
@@ -48,23 +48,23 @@ func FromPool(p *config.Pool, inv *gpu.Inventory, model string) (Config, error) 
 			DeviceNodes: nodes,
 			Scope:       p.Scope,
 			StopTimeout: p.Engine.StopTimeout,
-		},
-		HealthURL: sp.Expand(p.Engine.HealthURL),
+		}
+	}
+	return Config{
+		Pool:      p.ID,
+		Build:     build,
+		HealthURL: p.Specifiers("").Expand(p.Engine.HealthURL),
 		Health: HealthConfig{Interval: p.Health.Interval, Timeout: p.Health.Timeout,
 			StartTimeout: p.Health.StartTimeout, FailureThreshold: p.Health.FailureThreshold},
-		Restart:       p.Restart,
-		Model:         p.Model,
-		EngineVersion: p.Engine.Version,
-		DeviceMask:    strings.Join(p.Devices, ","),
+		Restart:        p.Restart,
+		Model:          p.Model,
+		ModelDigest:    p.ModelDigest,
+		EngineVersion:  p.Engine.Version,
+		VersionCommand: p.Engine.VersionCommand,
+		DeviceMask:     strings.Join(p.Devices, ","),
+		Slots:          p.Slots,
+		Stager:         stager,
+		Records:        state.Dir{Path: filepath.Join(m.RuntimeDir, "pools"), Mode: 0o644},
+		State:          state.Dir{Path: filepath.Join(m.StateDir, "pools"), Mode: 0o600},
 	}, nil
-}
-
-// ModelPath resolves a pool's model reference to a path (staging proper,
-// with digests, comes with reloads).
-func ModelPath(ref, modelsDir string) string {
-	ref = strings.TrimPrefix(ref, "file://")
-	if filepath.IsAbs(ref) {
-		return ref
-	}
-	return filepath.Join(modelsDir, ref)
 }

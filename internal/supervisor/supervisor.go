@@ -1,6 +1,7 @@
 // Package supervisor owns one pool: it is the only place the pool's state
-// changes. The engine's shim, the health prober and timers report to its
-// loop; it asks the restart policy what to do about a crash and does it.
+// changes. The engine's shim, the health prober, timers, lease holders and
+// operators report to its loop; it asks the restart policy what to do about
+// a crash and does it, and it drains and reloads the pool.
 package supervisor
 
 import (
@@ -9,11 +10,10 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"os/exec"
+	"strings"
 	"sync"
-	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/llorch/pool-managerd/internal/breaker"
 	"github.com/llorch/pool-managerd/internal/crash"
@@ -21,7 +21,9 @@ import (
 	"github.com/llorch/pool-managerd/internal/health"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/metrics"
+	"github.com/llorch/pool-managerd/internal/model"
 	"github.com/llorch/pool-managerd/internal/policy"
+	"github.com/llorch/pool-managerd/internal/state"
 )
 
 // Pool states.
@@ -31,19 +33,32 @@ const (
 	Ready    = "ready"
 	Backoff  = "backoff"
 	Failed   = "failed"
-	Stopping = "stopping"
+	Draining = "draining"
 )
 
 // Config is what a supervisor needs to know about its pool.
 type Config struct {
-	Pool          string
-	Spec          engine.Spec
-	HealthURL     string
-	Health        HealthConfig
-	Restart       policy.Params
-	Model         string
-	EngineVersion string
-	DeviceMask    string
+	Pool string
+	// Build is the engine to run for a staged model path.
+	Build     func(model string) engine.Spec
+	HealthURL string
+	Health    HealthConfig
+	Restart   policy.Params
+	// Model is the ref as configured; ModelDigest the digest it must have
+	// ("" to accept any).
+	Model, ModelDigest string
+	EngineVersion      string
+	// VersionCommand, when set, is run before each start to learn the
+	// engine's version (an upgraded binary shows after a reload).
+	VersionCommand []string
+	DeviceMask     string
+	// Slots caps the leases on the pool (0: no cap).
+	Slots uint32
+	// Stager validates and stages models.
+	Stager Stager
+	// Records holds the runtime record of a running engine; State the
+	// persisted policy state.
+	Records, State state.Dir
 }
 
 // HealthConfig is the pool's [Health] section.
@@ -52,25 +67,40 @@ type HealthConfig struct {
 	FailureThreshold                int
 }
 
+// Stager validates and stages model files.
+type Stager interface {
+	Resolve(ref string) (model.Source, error)
+	Digest(src model.Source) (string, error)
+	Stage(ref, want string) (model.Staged, error)
+}
+
 // Snapshot is the pool's state at one moment.
 type Snapshot struct {
 	ID           string
 	State        string
 	Live, Ready  bool
+	Draining     bool
+	ActiveLeases uint32
+	Slots        uint32
 	LastError    string
 	LastReason   crash.Reason
 	CrashCount   uint64
 	RestartCount uint64
 	BreakerState string
 	// NextRestart is when a pending restart is due (zero if none).
-	NextRestart   time.Time
-	Unit          string
-	MainPID       int
-	Model         string
-	EngineVersion string
-	DeviceMask    string
+	NextRestart time.Time
+	Unit        string
+	MainPID     int
+	// Model is the ref the pool runs (as configured or last reloaded),
+	// ModelDigest the digest of what the engine loaded, StagedPath the
+	// file it loaded.
+	Model, ModelDigest, StagedPath string
+	EngineVersion                  string
+	DeviceMask                     string
 	// HealthFailures are the times of the current run of failed probes.
 	HealthFailures []time.Time
+	// LastHeartbeat is the last successful health probe.
+	LastHeartbeat time.Time
 	// Starts counts engine starts, restarts included.
 	Starts int
 	// ReadyAt is when the current engine became ready.
@@ -92,10 +122,13 @@ type Supervisor struct {
 	changed chan struct{}
 
 	// Owned by the loop.
-	run         *run
-	restartAt   *time.Timer
-	tickAt      *time.Timer
-	stopWaiters []chan error
+	run       *run
+	current   model.Staged // what the running (or next) engine loads
+	restartAt *time.Timer
+	tickAt    *time.Timer
+	leases    map[string]string // lease id -> owner
+	drain     *drainOp
+	reload    *reloadOp
 }
 
 // run is one engine process's life.
@@ -105,27 +138,45 @@ type run struct {
 	cancel  context.CancelFunc
 	started time.Time
 	healthy bool
-	// why the manager is stopping it, if it is: "" (not stopping),
-	// "request", "health", "fault".
+	staged  model.Staged
+	// stopping says why the manager stops it: "" (it is not), "drain",
+	// "reload", "health", "start", "fault".
 	stopping string
-	fault    string
+	// candidate is set for the new engine of a reload: its end is the
+	// reload's business, not a crash to restart.
+	candidate bool
+	fault     string
 	// xid is set when the fault came from NVML, not the engine's output.
 	xid       bool
 	failures  []time.Time
 	lastProbe error
+	exited    chan struct{}
 }
 
-// New creates the supervisor; Run starts it.
+// New creates the supervisor; Run starts it. It restores the pool's
+// persisted policy state, reporting a corrupt state file.
 func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supervisor {
 	s := &Supervisor{
 		cfg: cfg, rt: rt, log: log, metrics: m,
 		tracker: policy.New(cfg.Restart, rand.Float64),
 		prober:  health.New(cfg.HealthURL, cfg.Health.Timeout),
-		events:  make(chan func(), 16),
+		events:  make(chan func(), 64),
 		changed: make(chan struct{}),
+		leases:  map[string]string{},
 	}
 	s.snap = Snapshot{ID: cfg.Pool, State: Stopped, BreakerState: breaker.Closed.String(), Unit: engine.UnitName(cfg.Pool),
-		Model: cfg.Model, EngineVersion: cfg.EngineVersion, DeviceMask: cfg.DeviceMask}
+		Model: cfg.Model, EngineVersion: cfg.EngineVersion, DeviceMask: cfg.DeviceMask, Slots: cfg.Slots}
+	if cfg.State.Path != "" {
+		var st policy.State
+		found, err := cfg.State.Load(cfg.Pool, &st)
+		if err != nil {
+			log.Error("persisted pool state unusable, starting with fresh counters: "+err.Error(), journal.PoolID, cfg.Pool)
+		}
+		if found {
+			s.tracker.Restore(st)
+		}
+	}
+	s.refresh(&s.snap)
 	return s
 }
 
@@ -144,6 +195,13 @@ func (s *Supervisor) Run(ctx context.Context) {
 
 // post runs f on the loop.
 func (s *Supervisor) post(f func()) { s.events <- f }
+
+// call runs f on the loop and returns its error.
+func (s *Supervisor) call(f func() error) error {
+	errc := make(chan error, 1)
+	s.post(func() { errc <- f() })
+	return <-errc
+}
 
 // Snapshot returns the current state.
 func (s *Supervisor) Snapshot() Snapshot {
@@ -171,12 +229,19 @@ func (s *Supervisor) Wait(ctx context.Context, cond func(Snapshot) bool) (Snapsh
 	}
 }
 
+func (s *Supervisor) refresh(p *Snapshot) {
+	st := s.tracker.Status(time.Now())
+	p.CrashCount, p.RestartCount = st.CrashCount, st.RestartCount
+	p.BreakerState = st.Breaker.String()
+	p.ActiveLeases = uint32(len(s.leases))
+	p.Draining = s.drain != nil
+}
+
+// update changes the published state; only the loop calls it.
 func (s *Supervisor) update(f func(*Snapshot)) {
 	s.mu.Lock()
 	f(&s.snap)
-	st := s.tracker.Status(time.Now())
-	s.snap.CrashCount, s.snap.RestartCount = st.CrashCount, st.RestartCount
-	s.snap.BreakerState = st.Breaker.String()
+	s.refresh(&s.snap)
 	snap := s.snap
 	close(s.changed)
 	s.changed = make(chan struct{})
@@ -187,10 +252,14 @@ func (s *Supervisor) update(f func(*Snapshot)) {
 		}
 		return 0
 	}
-	s.metrics.PoolReady.WithLabelValues(snap.ID).Set(b(snap.Ready))
-	s.metrics.PoolLive.WithLabelValues(snap.ID).Set(b(snap.Live))
+	id := snap.ID
+	s.metrics.PoolReady.WithLabelValues(id).Set(b(snap.Ready))
+	s.metrics.PoolLive.WithLabelValues(id).Set(b(snap.Live))
+	s.metrics.PoolDraining.WithLabelValues(id).Set(b(snap.Draining))
+	s.metrics.ActiveLeases.WithLabelValues(id).Set(float64(snap.ActiveLeases))
 }
 
+// emit logs and counts policy events and persists the policy state.
 func (s *Supervisor) emit(events []policy.Event) {
 	var logged []policy.Event
 	for _, e := range events {
@@ -202,44 +271,48 @@ func (s *Supervisor) emit(events []policy.Event) {
 	}
 	journal.Emit(context.Background(), s.log, s.cfg.Pool, logged...)
 	s.metrics.Policy(s.cfg.Pool, events, s.tracker.Status(time.Now()))
+	if len(events) > 0 && s.cfg.State.Path != "" {
+		if err := s.cfg.State.Save(s.cfg.Pool, s.tracker.Save()); err != nil {
+			s.log.Error("persisting pool state: "+err.Error(), journal.PoolID, s.cfg.Pool)
+		}
+	}
 	s.armTick()
 }
 
-// Start starts the engine of a stopped or failed pool.
+// ErrBreakerOpen refuses a start while the circuit breaker holds the pool.
+var ErrBreakerOpen = errors.New("the circuit breaker is open")
+
+// Start starts the engine of a stopped or failed pool. A pool whose
+// breaker holds it stays held: a start is no way around the breaker.
 func (s *Supervisor) Start() error {
-	errc := make(chan error, 1)
-	s.post(func() {
-		if s.run != nil {
-			errc <- fmt.Errorf("pool %s is %s", s.cfg.Pool, s.Snapshot().State)
-			return
+	return s.call(func() error {
+		if s.run != nil || s.drain != nil || s.reload != nil {
+			return fmt.Errorf("pool %s is %s: %w", s.cfg.Pool, s.Snapshot().State, ErrBusy)
+		}
+		now := time.Now()
+		if s.tracker.Status(now).Pending {
+			s.cancelRestart()
+			pm, err := s.tracker.Restart(now)
+			s.emit(pm.Events)
+			var r *policy.Refusal
+			if errors.As(err, &r) {
+				s.update(func(p *Snapshot) { p.State, p.NextRestart = Failed, r.RetryAt })
+				if !r.RetryAt.IsZero() {
+					s.scheduleRestart(r.RetryAt)
+				}
+				return fmt.Errorf("pool %s: %w: %v", s.cfg.Pool, ErrBreakerOpen, err)
+			}
 		}
 		s.cancelRestart()
-		errc <- s.startEngine()
+		return s.startEngine(false)
 	})
-	return <-errc
 }
 
-// Stop stops the engine (SIGTERM, then SIGKILL after the stop timeout) and
-// cancels any pending restart; it returns when the engine is gone.
+// Stop is a drain with deadline 0: leases are revoked and the engine
+// stopped at once (SIGTERM, SIGKILL after its stop timeout).
 func (s *Supervisor) Stop(ctx context.Context) error {
-	errc := make(chan error, 1)
-	s.post(func() {
-		s.cancelRestart()
-		s.emit(s.tracker.Stopped(time.Now()))
-		if s.run == nil {
-			s.update(func(p *Snapshot) { p.State, p.NextRestart = Stopped, time.Time{} })
-			errc <- nil
-			return
-		}
-		s.stopWaiters = append(s.stopWaiters, errc)
-		s.stopRun("request")
-	})
-	select {
-	case err := <-errc:
-		return err
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	_, err := s.Drain(ctx, 0)
+	return err
 }
 
 // ResetBreaker closes the pool's breakers; a held restart happens now.
@@ -247,7 +320,7 @@ func (s *Supervisor) ResetBreaker() {
 	s.post(func() {
 		now := time.Now()
 		s.emit(s.tracker.ResetBreaker(now))
-		if s.tracker.Status(now).Pending {
+		if s.tracker.Status(now).Pending && s.drain == nil {
 			s.scheduleRestart(now)
 		}
 		s.update(func(*Snapshot) {})
@@ -256,16 +329,14 @@ func (s *Supervisor) ResetBreaker() {
 
 // AllowRestart lets a held restart happen once, now.
 func (s *Supervisor) AllowRestart() error {
-	errc := make(chan error, 1)
-	s.post(func() {
+	return s.call(func() error {
 		ev, err := s.tracker.AllowRestart(time.Now())
 		s.emit(ev)
-		if err == nil {
+		if err == nil && s.drain == nil {
 			s.scheduleRestart(time.Now())
 		}
-		errc <- err
+		return err
 	})
-	return <-errc
 }
 
 func (s *Supervisor) cancelRestart() {
@@ -277,7 +348,17 @@ func (s *Supervisor) cancelRestart() {
 
 func (s *Supervisor) scheduleRestart(at time.Time) {
 	s.cancelRestart()
-	s.restartAt = time.AfterFunc(time.Until(at), func() { s.post(s.restartDue) })
+	var t *time.Timer
+	t = time.AfterFunc(time.Until(at), func() {
+		s.post(func() {
+			// A restart cancelled (or rescheduled) after the timer fired
+			// must not happen.
+			if s.restartAt == t {
+				s.restartDue()
+			}
+		})
+	})
+	s.restartAt = t
 }
 
 // armTick keeps one timer at the policy's next time-driven change.
@@ -298,7 +379,7 @@ func (s *Supervisor) armTick() {
 
 func (s *Supervisor) restartDue() {
 	s.restartAt = nil
-	if s.run != nil {
+	if s.run != nil || s.drain != nil || s.reload != nil {
 		return
 	}
 	now := time.Now()
@@ -315,25 +396,55 @@ func (s *Supervisor) restartDue() {
 	case err != nil:
 		return
 	}
-	if err := s.startEngine(); err != nil {
+	if err := s.startEngine(false); err != nil {
 		s.crashed(crash.StartFailure, err.Error(), nil, 0)
 	}
 }
 
-func (s *Supervisor) startEngine() error {
+// stageCurrent stages the pool's model if nothing is staged yet.
+func (s *Supervisor) stageCurrent() error {
+	if s.current.Path != "" {
+		return nil
+	}
+	st, err := s.cfg.Stager.Stage(s.cfg.Model, s.cfg.ModelDigest)
+	if err != nil {
+		return err
+	}
+	s.current = st
+	return nil
+}
+
+// startEngine starts an engine on s.current (staging the configured model
+// first if needed).
+func (s *Supervisor) startEngine(candidate bool) error {
 	s.update(func(p *Snapshot) { p.State, p.NextRestart, p.HealthFailures = Starting, time.Time{}, nil })
+	if err := s.stageCurrent(); err != nil {
+		s.update(func(p *Snapshot) { p.State, p.LastError = Failed, err.Error() })
+		return err
+	}
+	st := s.current
+	if len(s.cfg.VersionCommand) > 0 {
+		if v, err := engineVersion(s.cfg.VersionCommand); err != nil {
+			s.log.Warn("VersionCommand: "+err.Error(), journal.PoolID, s.cfg.Pool)
+		} else {
+			s.update(func(p *Snapshot) { p.EngineVersion = v })
+		}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	startCtx, stop := context.WithTimeout(ctx, 30*time.Second)
-	e, err := s.rt.Start(startCtx, s.cfg.Spec)
+	e, err := s.rt.Start(startCtx, s.cfg.Build(st.Path))
 	stop()
 	if err != nil {
 		cancel()
 		s.update(func(p *Snapshot) { p.State, p.LastError = Failed, err.Error() })
 		return err
 	}
-	r := &run{e: e, ctx: ctx, cancel: cancel, started: time.Now()}
+	r := &run{e: e, ctx: ctx, cancel: cancel, started: time.Now(), staged: st, candidate: candidate, exited: make(chan struct{})}
 	s.run = r
-	s.update(func(p *Snapshot) { p.Live, p.MainPID, p.Starts = true, e.PID, p.Starts+1 })
+	s.update(func(p *Snapshot) {
+		p.Live, p.MainPID, p.Starts = true, e.PID, p.Starts+1
+		p.ModelDigest, p.StagedPath = st.Digest, st.Path
+	})
 	go func() {
 		for ev := range e.Events() {
 			s.post(func() { s.engineEvent(r, ev) })
@@ -343,11 +454,36 @@ func (s *Supervisor) startEngine() error {
 	return nil
 }
 
+// engineVersion runs the version command: "version: X" in its output (as
+// llama-server prints it) or else its first line is the version.
+func engineVersion(argv []string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, argv[0], argv[1:]...).CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", strings.Join(argv, " "), err)
+	}
+	first := ""
+	for _, l := range strings.Split(string(out), "\n") {
+		l = strings.TrimSpace(l)
+		if v, ok := strings.CutPrefix(l, "version: "); ok {
+			return v, nil
+		}
+		if first == "" {
+			first = l
+		}
+	}
+	if first == "" {
+		return "", fmt.Errorf("%s printed nothing", strings.Join(argv, " "))
+	}
+	return first, nil
+}
+
 // probe checks health: often until the engine first answers (bounded by
 // StartTimeout), then every Interval; it reports each result to the loop.
 func (s *Supervisor) probe(r *run) {
 	h := s.cfg.Health
-	startEvery := min(h.Interval, 250*time.Millisecond)
+	startEvery := min(h.Interval, 100*time.Millisecond)
 	deadline := time.Now().Add(h.StartTimeout)
 	healthy := false
 	for {
@@ -384,10 +520,17 @@ func (s *Supervisor) becameHealthy(r *run, now time.Time) {
 		return
 	}
 	r.healthy = true
+	if r.candidate {
+		s.reloadCandidateHealthy(r)
+		return
+	}
 	s.emit(s.tracker.Healthy(now))
-	s.update(func(p *Snapshot) { p.State, p.Ready, p.LastError, p.ReadyAt = Ready, true, "", now })
-	s.log.Info("engine ready", journal.PoolID, s.cfg.Pool, journal.EngineVersion, s.cfg.EngineVersion,
-		journal.Model, s.cfg.Model, journal.DeviceMask, s.cfg.DeviceMask, "STARTUP_SEC", now.Sub(r.started).Seconds())
+	s.update(func(p *Snapshot) {
+		p.State, p.Ready, p.LastError, p.ReadyAt, p.LastHeartbeat = Ready, true, "", now, now
+	})
+	s.writeRecord(r)
+	s.log.Info("engine ready", journal.PoolID, s.cfg.Pool, journal.EngineVersion, s.snap.EngineVersion,
+		journal.Model, s.snap.Model, journal.DeviceMask, s.cfg.DeviceMask, "STARTUP_SEC", now.Sub(r.started).Seconds())
 }
 
 func (s *Supervisor) startTimedOut(r *run, err error) {
@@ -403,10 +546,8 @@ func (s *Supervisor) probed(r *run, now time.Time, err error) {
 		return
 	}
 	if err == nil {
-		if len(r.failures) > 0 {
-			r.failures = nil
-			s.update(func(p *Snapshot) { p.HealthFailures = nil })
-		}
+		s.update(func(p *Snapshot) { p.HealthFailures, p.LastHeartbeat = nil, now })
+		r.failures = nil
 		return
 	}
 	r.failures = append(r.failures, now)
@@ -438,19 +579,15 @@ func (s *Supervisor) XID(uuid string, xid uint64) {
 // an event like any other.
 func (s *Supervisor) stopRun(why string) {
 	r := s.run
-	if r.stopping != "" {
+	if r == nil || r.stopping != "" {
 		return
 	}
 	r.stopping = why
 	r.cancel()
-	s.update(func(p *Snapshot) {
-		p.Ready = false
-		if why == "request" {
-			p.State = Stopping
-		}
-	})
+	s.update(func(p *Snapshot) { p.Ready = false })
+	stopTimeout := s.cfg.Build(r.staged.Path).StopTimeout
 	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Spec.StopTimeout+30*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), stopTimeout+30*time.Second)
 		defer cancel()
 		if err := s.rt.Stop(ctx, s.cfg.Pool); err != nil {
 			s.log.Error("stopping engine", journal.PoolID, s.cfg.Pool, "ERROR", err.Error())
@@ -474,15 +611,17 @@ func (s *Supervisor) engineEvent(r *run, ev engine.Event) {
 	}
 	s.run = nil
 	r.cancel()
+	close(r.exited)
 	uptime := x.At.Sub(r.started)
+	s.removeRecord()
 	s.update(func(p *Snapshot) { p.Live, p.Ready, p.MainPID = false, false, 0 })
 
-	if r.stopping == "request" {
-		s.update(func(p *Snapshot) { p.State = Stopped })
-		for _, w := range s.stopWaiters {
-			w <- nil
-		}
-		s.stopWaiters = nil
+	switch {
+	case r.candidate:
+		s.reloadCandidateExited(r, x)
+		return
+	case r.stopping == "drain" || r.stopping == "reload":
+		s.engineStopped(r)
 		return
 	}
 	reason, ok := classify(r, x)
@@ -490,71 +629,18 @@ func (s *Supervisor) engineEvent(r *run, ev engine.Event) {
 		s.log.Info("engine exited on its own with status 0: not restarted", journal.PoolID, s.cfg.Pool,
 			journal.ExitCode, 0, journal.UptimeSec, int64(uptime.Seconds()))
 		s.emit(s.tracker.Stopped(time.Now()))
+		s.revokeLeases("the engine exited")
 		s.update(func(p *Snapshot) { p.State, p.LastError = Stopped, "exited with status 0" })
+		s.engineStopped(r)
 		return
 	}
 	s.crashed(reason, describe(reason, r, x), x, uptime)
+	s.engineStopped(r)
 }
 
-// classify adds to crash.Classify what only the supervisor knows: that it
-// killed the engine for failing its probes or its start.
-func classify(r *run, x *engine.Exit) (crash.Reason, bool) {
-	if x.Lost {
-		return crash.Signal, true
-	}
-	reason, ok := crash.Classify(crash.Exit{Status: x.Status, OOMKilled: x.OOMKills > 0, CUDAFault: r.fault != ""})
-	switch r.stopping {
-	case "health":
-		if reason != crash.OutOfMemory && reason != crash.CUDAError {
-			return crash.HealthCheck, true
-		}
-	case "start":
-		return crash.StartFailure, true
-	case "fault":
-		if r.xid {
-			return crash.DriverXID, true
-		}
-		return crash.CUDAError, true
-	}
-	return reason, ok
-}
-
-func signalName(sig syscall.Signal) string {
-	if n := unix.SignalName(sig); n != "" {
-		return n
-	}
-	return fmt.Sprintf("signal %d", int(sig))
-}
-
-func describe(reason crash.Reason, r *run, x *engine.Exit) string {
-	ws := x.Status
-	how := ""
-	switch {
-	case x.Lost:
-		how = "engine scope killed before its exit was seen"
-	case ws.Exited():
-		how = fmt.Sprintf("exited with status %d", ws.ExitStatus())
-	case ws.Signaled():
-		how = "killed by " + signalName(ws.Signal())
-		if ws.CoreDump() {
-			how += " (core dumped)"
-		}
-	}
-	switch reason {
-	case crash.OutOfMemory:
-		return fmt.Sprintf("out of memory: %s, %d OOM kill(s) in the scope", how, x.OOMKills)
-	case crash.CUDAError, crash.DriverXID:
-		return fmt.Sprintf("GPU fault: %q; %s", r.fault, how)
-	case crash.HealthCheck:
-		return fmt.Sprintf("health check failed %d times (%v); %s", len(r.failures), r.lastProbe, how)
-	case crash.StartFailure:
-		return fmt.Sprintf("%v; %s", r.lastProbe, how)
-	}
-	return how
-}
-
-// crashed handles a crash: the pool is not live or ready, the policy
-// decides when it restarts.
+// crashed handles a crash: the pool is not live or ready, its leases are
+// gone with its engine, and the policy decides when it restarts (unless a
+// drain is under way: then it does not).
 func (s *Supervisor) crashed(reason crash.Reason, msg string, x *engine.Exit, uptime time.Duration) {
 	now := time.Now()
 	d := s.tracker.Crash(now, reason)
@@ -562,7 +648,7 @@ func (s *Supervisor) crashed(reason crash.Reason, msg string, x *engine.Exit, up
 	attrs := []any{
 		journal.MessageIDField, string(journal.MsgCrash), journal.PoolID, s.cfg.Pool,
 		journal.CrashReason, string(reason), journal.CrashCount, st.CrashCount, journal.RestartCount, st.RestartCount,
-		journal.EngineVersion, s.cfg.EngineVersion, journal.Model, s.cfg.Model, journal.DeviceMask, s.cfg.DeviceMask,
+		journal.EngineVersion, s.snap.EngineVersion, journal.Model, s.snap.Model, journal.DeviceMask, s.cfg.DeviceMask,
 	}
 	if x != nil && !x.Lost {
 		if x.Status.Exited() {
@@ -580,6 +666,13 @@ func (s *Supervisor) crashed(reason crash.Reason, msg string, x *engine.Exit, up
 		level = journal.LevelCritical
 	}
 	s.log.Log(context.Background(), level, "engine crashed: "+msg, attrs...)
+	s.revokeLeases("the engine crashed")
+	if s.drain != nil {
+		// A draining pool is not restarted.
+		s.emit(append(d.Events, s.tracker.Stopped(now)...))
+		s.update(func(p *Snapshot) { p.LastError, p.LastReason = msg, reason })
+		return
+	}
 	s.emit(d.Events)
 	state := Backoff
 	if d.Held {

@@ -6,7 +6,10 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -195,4 +198,96 @@ func TestXIDEventRestartsTheEngine(t *testing.T) {
 	assert.Contains(t, crashed.LastError, "Xid 79")
 	again := waitFor(t, s, "ready again", ready(2))
 	assert.NotEqual(t, first.MainPID, again.MainPID)
+}
+
+func TestLeasesUnderConcurrency(t *testing.T) {
+	e := testpool.New(t, nil)
+	s := e.Pool("leases", "0", "", "[Pool]\nSlots=8\n")
+	waitFor(t, s, "ready", ready(1))
+	var wg sync.WaitGroup
+	var granted, refused atomic.Int64
+	for g := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			owner := fmt.Sprintf("router-%d", g%4)
+			for range 50 {
+				id, err := s.AcquireLease(owner)
+				if err != nil {
+					require.ErrorIs(t, err, ErrNoCapacity)
+					refused.Add(1)
+					continue
+				}
+				granted.Add(1)
+				assert.LessOrEqual(t, s.Snapshot().ActiveLeases, uint32(8), "never more than Slots=")
+				require.NoError(t, s.ReleaseLease(id))
+				assert.ErrorIs(t, s.ReleaseLease(id), ErrNoSuchLease, "a second release changes nothing")
+			}
+		}()
+	}
+	wg.Wait()
+	assert.Equal(t, int64(16*50), granted.Load()+refused.Load())
+	assert.Positive(t, granted.Load())
+	assert.Zero(t, s.Snapshot().ActiveLeases)
+
+	// All of one owner's leases go at once.
+	for range 3 {
+		_, err := s.AcquireLease("conn-a")
+		require.NoError(t, err)
+	}
+	_, err := s.AcquireLease("conn-b")
+	require.NoError(t, err)
+	assert.Equal(t, 3, s.ReleaseOwner("conn-a"))
+	assert.Equal(t, uint32(1), s.Snapshot().ActiveLeases)
+	pool, ok := LeasePool("leases/0123")
+	assert.True(t, ok)
+	assert.Equal(t, "leases", pool)
+}
+
+func TestLeaseRefusals(t *testing.T) {
+	e := testpool.New(t, nil)
+	s := e.Pool("refusals", "0", "--load-time 2s", "")
+	_, err := s.AcquireLease("r")
+	assert.ErrorIs(t, err, ErrNotReady, "not ready while the model loads")
+	waitFor(t, s, "ready", ready(1))
+	_, err = s.AcquireLease("r")
+	require.NoError(t, err)
+	go s.Drain(e.Ctx, time.Minute)
+	waitFor(t, s, "draining", func(p Snapshot) bool { return p.Draining })
+	_, err = s.AcquireLease("r")
+	assert.ErrorIs(t, err, ErrDraining)
+}
+
+func TestCountersSurviveARestartOfTheDaemon(t *testing.T) {
+	e := testpool.New(t, nil)
+	s := e.Pool("persist", "0", "", "BreakerThreshold=2\n")
+	waitFor(t, s, "ready", ready(1))
+	require.NoError(t, s.Fault("exit:1"))
+	waitFor(t, s, "ready again", ready(2))
+	require.NoError(t, s.Fault("exit:1"))
+	failed := waitFor(t, s, "failed", func(p Snapshot) bool { return p.State == Failed })
+	assert.Equal(t, "open", failed.BreakerState)
+
+	// A new supervisor of the same pool, as after a daemon restart.
+	again := e.Start(testpool.Spec{ID: "persist", Devices: "0", Extra: "BreakerThreshold=2\n", NoStart: true})
+	snap := again.Snapshot()
+	assert.Equal(t, uint64(2), snap.CrashCount)
+	assert.Equal(t, uint64(1), snap.RestartCount)
+	assert.Equal(t, "open", snap.BreakerState)
+	assert.ErrorIs(t, again.Start(), ErrBreakerOpen, "a daemon restart is no way around the breaker")
+	assert.Equal(t, Failed, again.Snapshot().State)
+}
+
+func TestCorruptStateIsSetAside(t *testing.T) {
+	e := testpool.New(t, nil)
+	// The state directory holds the staged models too: the engine user
+	// must traverse it, as tmpfiles makes /var/lib/pool-managerd.
+	dir := filepath.Join(e.Dir, "state", "pools")
+	require.NoError(t, os.MkdirAll(dir, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "corrupt.json"), []byte("{\"crash_count\": "), 0o600))
+	s := e.Pool("corrupt", "0", "", "")
+	snap := waitFor(t, s, "ready", ready(1))
+	assert.Zero(t, snap.CrashCount)
+	aside, _ := filepath.Glob(filepath.Join(dir, "corrupt.json.corrupt-*"))
+	assert.Len(t, aside, 1)
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/gpu"
 	"github.com/llorch/pool-managerd/internal/metrics"
+	"github.com/llorch/pool-managerd/internal/model"
 	"github.com/llorch/pool-managerd/internal/sandbox"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 )
@@ -34,7 +35,11 @@ var Options = sandbox.Options{
 	Prepare: [][]string{{"useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "pool-engine"}},
 }
 
-const manager = `[Inventory]
+const manager = `[Manager]
+StateDir=%[1]s/state
+RuntimeDir=%[1]s/run
+ModelsDir=%[1]s/models
+[Inventory]
 Backend=static
 Device=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0
 Device=1 GPU-8f2c1a70-0000-4000-8000-000000000001 /dev/nvidia1
@@ -78,7 +83,8 @@ func New(t T, handler slog.Handler) *Env {
 	require.NoError(t, os.Chmod(dir, 0o755))
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	require.NoError(t, os.MkdirAll(filepath.Join(dir, "pools.d"), 0o755))
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte(manager), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte(fmt.Sprintf(manager, dir)), 0o644))
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "models"), 0o755))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "model.gguf"), []byte("GGUF\x03\x00\x00\x00 a tiny model"), 0o644))
 	if handler == nil {
 		handler = slog.DiscardHandler
@@ -98,24 +104,59 @@ type Pool struct {
 	env  *Env
 }
 
-// Pool writes a pool file running the simulator on the given devices,
-// with extra simulator flags and extra pool file lines (appended to the
-// [Restart] section, so start them with a section header to go elsewhere),
-// and starts it. Its engine is stopped when the test ends.
+// Spec describes a pool of the simulator.
+type Spec struct {
+	ID, Devices string
+	// Model is the model ref (default: the environment's model.gguf).
+	Model string
+	// SimArgs are extra simulator flags.
+	SimArgs string
+	// Engine are the [Engine] lines besides ExecStart= and Port=
+	// (default: Version=sim-1, StopTimeoutSec=2).
+	Engine string
+	// Extra is appended after the [Restart] section (start it with a
+	// section header to go elsewhere).
+	Extra string
+	// NoStart leaves the pool stopped.
+	NoStart bool
+}
+
+// Pool starts a pool of the simulator on the given devices with extra
+// simulator flags and extra pool file lines (see Spec.Extra).
 func (e *Env) Pool(id, devices, simArgs, extra string) *Pool {
+	return e.Start(Spec{ID: id, Devices: devices, SimArgs: simArgs, Extra: extra})
+}
+
+// WriteModel writes a model file under the models directory and returns
+// its path.
+func (e *Env) WriteModel(name, content string) string {
+	p := filepath.Join(e.Dir, "models", name)
+	require.NoError(e.T, os.WriteFile(p, []byte(content), 0o644))
+	return p
+}
+
+// Start writes the pool file and starts the pool. Its engine is stopped
+// when the test ends.
+func (e *Env) Start(ps Spec) *Pool {
 	t := e.T
 	t.Helper()
 	port := freePort(t)
 	sim := os.Getenv(sandbox.BinEnv("pool-engine-sim"))
 	require.NotEmpty(t, sim, "the simulator was not built for this sandbox")
+	if ps.Model == "" {
+		ps.Model = filepath.Join(e.Dir, "model.gguf")
+	}
+	if ps.Engine == "" {
+		ps.Engine = "Version=sim-1\nStopTimeoutSec=2\n"
+	}
+	id := ps.ID
 	text := fmt.Sprintf(`[Pool]
 Devices=%s
 Model=%s
 [Engine]
 ExecStart=%s --model %%m --port %%p %s --probe-devices /dev/nvidia0,/dev/nvidia1,/dev/nvidiactl
 Port=%d
-StopTimeoutSec=2
-Version=sim-1
+%s
 [Health]
 IntervalSec=0.2
 TimeoutSec=0.2
@@ -126,7 +167,7 @@ BackoffInitialSec=0.2
 BackoffMinSec=0.1
 BackoffMaxSec=2
 JitterPercent=0
-%s`, devices, filepath.Join(e.Dir, "model.gguf"), sim, simArgs, port, extra)
+%s`, ps.Devices, ps.Model, sim, ps.SimArgs, port, ps.Engine, ps.Extra)
 	require.NoError(t, os.WriteFile(filepath.Join(e.Dir, "pools.d", id+".pool"), []byte(text), 0o644))
 	c, err := config.Load(e.Dir)
 	require.NoError(t, err)
@@ -140,7 +181,7 @@ JitterPercent=0
 		e.inv, err = gpu.Load(c.Manager.Inventory, gpu.NewNVML(), "/dev")
 		require.NoError(t, err)
 	}
-	cfg, err := supervisor.FromPool(p, e.inv, supervisor.ModelPath(p.Model, c.Manager.ModelsDir))
+	cfg, err := supervisor.FromPool(p, &c.Manager, e.inv, model.New(c.Manager.ModelsDir, filepath.Join(c.Manager.StateDir, "staged")))
 	require.NoError(t, err)
 	s := supervisor.New(cfg, e.RT, e.Log, e.Metrics)
 	ctx, cancel := context.WithCancel(e.Ctx)
@@ -153,7 +194,9 @@ JitterPercent=0
 		}
 		cancel()
 	})
-	require.NoError(t, s.Start())
+	if !ps.NoStart {
+		require.NoError(t, s.Start())
+	}
 	return &Pool{Supervisor: s, ID: id, Port: port, env: e}
 }
 

@@ -381,3 +381,8 @@ func initCrashDetection(sc *godog.ScenarioContext) {
 		return nil
 	})
 }
+
+func execOut(name string, args ...string) (string, error) {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	return strings.TrimSpace(string(out)), err
+}

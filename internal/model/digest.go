@@ -1,0 +1,265 @@
+package model
+
+import (
+	"encoding/hex"
+	"encoding/json"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+
+	"golang.org/x/sys/unix"
+)
+
+const (
+	cacheFileName = "digests.json"
+	cacheVersion  = 1
+	// Enough for every model a host plausibly has seen; bounds digests.json.
+	maxCacheEntries = 4096
+	bufSize         = 1 << 20
+)
+
+type fileID struct{ Dev, Ino uint64 }
+
+// fileKey is a file version: the content is assumed unchanged while all of
+// it is. ctime is left out on purpose: chmod (which Stage does) changes it.
+type fileKey struct {
+	fileID
+	Size    int64
+	MtimeNs int64
+}
+
+func statKey(st *unix.Stat_t) fileKey {
+	return fileKey{fileID{uint64(st.Dev), st.Ino}, st.Size, st.Mtim.Nano()}
+}
+
+type cacheEntry struct {
+	Dev     uint64 `json:"dev"`
+	Ino     uint64 `json:"ino"`
+	Size    int64  `json:"size"`
+	MtimeNs int64  `json:"mtime_ns"`
+	Digest  string `json:"digest"`
+	Path    string `json:"path,omitempty"` // for people reading the file
+	used    uint64
+}
+
+func (e cacheEntry) key() fileKey {
+	return fileKey{fileID{e.Dev, e.Ino}, e.Size, e.MtimeNs}
+}
+
+type cacheFile struct {
+	Version int          `json:"version"`
+	Entries []cacheEntry `json:"entries"`
+}
+
+type flight struct {
+	done   chan struct{}
+	digest string
+	err    error
+}
+
+// Digest returns "sha256:<hex>" of the source's content. A file version
+// (device, inode, size, mtime) already hashed is answered from the cache
+// without opening the file; otherwise the file is re-opened through the same
+// validation as Resolve, checked to be the same version, and hashed
+// streaming. Concurrent calls for one file version share one hash.
+func (s *Stager) Digest(src Source) (string, error) {
+	k := src.key()
+	s.mu.Lock()
+	s.loadLocked()
+	if d, ok := s.lookupLocked(k); ok {
+		s.mu.Unlock()
+		return d, nil
+	}
+	if f, ok := s.flights[k]; ok {
+		s.mu.Unlock()
+		<-f.done
+		return f.digest, f.err
+	}
+	f := &flight{done: make(chan struct{})}
+	s.flights[k] = f
+	s.mu.Unlock()
+
+	f.digest, f.err = s.hash(src)
+
+	s.mu.Lock()
+	delete(s.flights, k)
+	if f.err == nil {
+		s.storeLocked(k, src.Path, f.digest)
+	}
+	s.mu.Unlock()
+	close(f.done)
+	if f.err == nil {
+		s.persist()
+	}
+	return f.digest, f.err
+}
+
+// reopen opens the source again, through the same validation as Resolve,
+// and refuses it if it is no longer the version that was resolved.
+func (s *Stager) reopen(src Source) (*os.File, error) {
+	ref := src.Ref
+	if ref == "" {
+		ref = src.Path
+	}
+	f, cur, err := s.open(ref)
+	if err != nil {
+		return nil, err
+	}
+	if cur.key() != src.key() {
+		f.Close()
+		return nil, refErr(src.Ref, src.Path, nil,
+			"changed since it was resolved (size %d, mtime %s; now size %d, mtime %s)",
+			src.Size, src.ModTime, cur.Size, cur.ModTime)
+	}
+	return f, nil
+}
+
+func (s *Stager) hash(src Source) (string, error) {
+	f, err := s.reopen(src)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := s.newHash()
+	n, err := io.CopyBuffer(h, readerOnly{f}, make([]byte, bufSize))
+	if err != nil {
+		return "", refErr(src.Ref, src.Path, err, "cannot be read: %v", err)
+	}
+	if err := unchanged(f, src, n); err != nil {
+		return "", err
+	}
+	return "sha256:" + hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// unchanged checks that reading f, which gave n bytes, saw the version src
+// describes: a file written during the read would give a digest of nothing.
+func unchanged(f *os.File, src Source, n int64) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return refErr(src.Ref, src.Path, err, "cannot be examined: %v", err)
+	}
+	if n != src.Size || statKey(&st) != src.key() {
+		return refErr(src.Ref, src.Path, nil, "changed while it was being read; try again once it is complete")
+	}
+	return nil
+}
+
+// readerOnly hides (*os.File).WriteTo, so io.CopyBuffer uses our buffer.
+type readerOnly struct{ io.Reader }
+
+func (s *Stager) lookupLocked(k fileKey) (string, bool) {
+	e, ok := s.cache[k.fileID]
+	if !ok || e.key() != k {
+		return "", false
+	}
+	s.used++
+	e.used = s.used
+	s.cache[k.fileID] = e
+	return e.Digest, true
+}
+
+// storeLocked records a digest. An inode has one entry: a new version of it
+// replaces the old.
+func (s *Stager) storeLocked(k fileKey, path, digest string) {
+	s.used++
+	s.cache[k.fileID] = cacheEntry{
+		Dev: k.Dev, Ino: k.Ino, Size: k.Size, MtimeNs: k.MtimeNs,
+		Digest: digest, Path: path, used: s.used,
+	}
+	if len(s.cache) <= maxCacheEntries {
+		return
+	}
+	var oldest fileID
+	first := true
+	for id, e := range s.cache {
+		if first || e.used < s.cache[oldest].used {
+			oldest, first = id, false
+		}
+	}
+	delete(s.cache, oldest)
+}
+
+// loadLocked reads digests.json once. A missing, unreadable or corrupt file
+// only costs re-hashing, so it is ignored (and rewritten on the next store).
+func (s *Stager) loadLocked() {
+	if s.loaded {
+		return
+	}
+	s.loaded = true
+	data, err := os.ReadFile(filepath.Join(s.stageDir, cacheFileName))
+	if err != nil {
+		return
+	}
+	var cf cacheFile
+	if json.Unmarshal(data, &cf) != nil || cf.Version != cacheVersion {
+		return
+	}
+	for _, e := range cf.Entries {
+		if !ValidDigest(e.Digest) || e.Size <= 0 {
+			continue
+		}
+		s.used++
+		e.used = s.used
+		s.cache[fileID{e.Dev, e.Ino}] = e
+	}
+}
+
+// persist writes the cache atomically. It is best effort: failing to write
+// it only costs a re-hash after a restart, never a wrong answer.
+func (s *Stager) persist() {
+	s.persistMu.Lock()
+	defer s.persistMu.Unlock()
+	s.mu.Lock()
+	s.loadLocked() // never overwrite entries not yet read
+	cf := cacheFile{Version: cacheVersion, Entries: make([]cacheEntry, 0, len(s.cache))}
+	for _, e := range s.cache {
+		cf.Entries = append(cf.Entries, e)
+	}
+	s.mu.Unlock()
+	sort.Slice(cf.Entries, func(i, j int) bool { return cf.Entries[i].Path < cf.Entries[j].Path })
+	data, err := json.MarshalIndent(cf, "", "  ")
+	if err != nil {
+		return
+	}
+	if s.ensureStageDir() != nil {
+		return
+	}
+	_ = writeFileAtomic(filepath.Join(s.stageDir, cacheFileName), append(data, '\n'), 0o644)
+}
+
+func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, tmpPrefix+filepath.Base(path)+"-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Chmod(perm)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

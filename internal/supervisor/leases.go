@@ -1,0 +1,99 @@
+package supervisor
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/llorch/pool-managerd/internal/journal"
+)
+
+// Refusals a caller can match with errors.Is.
+var (
+	ErrNotReady    = errors.New("not ready")
+	ErrDraining    = errors.New("draining")
+	ErrNoCapacity  = errors.New("no capacity")
+	ErrNoSuchLease = errors.New("no such lease")
+	ErrBusy        = errors.New("busy")
+)
+
+// LeasePool returns the pool a lease id belongs to: ids are
+// "<pool>/<random>", and pool ids cannot contain a slash.
+func LeasePool(id string) (string, bool) {
+	pool, _, ok := strings.Cut(id, "/")
+	return pool, ok && pool != ""
+}
+
+// AcquireLease takes a lease on a ready pool for owner (the next layer
+// ties owners to bus connections).
+func (s *Supervisor) AcquireLease(owner string) (string, error) {
+	var id string
+	err := s.call(func() error {
+		switch {
+		case s.drain != nil:
+			return fmt.Errorf("pool %s is draining: %w", s.cfg.Pool, ErrDraining)
+		case !s.snap.Ready:
+			return fmt.Errorf("pool %s is %s: %w", s.cfg.Pool, s.snap.State, ErrNotReady)
+		case s.cfg.Slots > 0 && uint32(len(s.leases)) >= s.cfg.Slots:
+			return fmt.Errorf("pool %s has all %d slots leased: %w", s.cfg.Pool, s.cfg.Slots, ErrNoCapacity)
+		}
+		b := make([]byte, 16)
+		rand.Read(b)
+		id = s.cfg.Pool + "/" + hex.EncodeToString(b)
+		s.leases[id] = owner
+		s.update(func(*Snapshot) {})
+		return nil
+	})
+	return id, err
+}
+
+// ReleaseLease gives a lease back. A lease that is not held (never was,
+// already released, revoked) is ErrNoSuchLease and changes nothing.
+func (s *Supervisor) ReleaseLease(id string) error {
+	return s.call(func() error {
+		if _, ok := s.leases[id]; !ok {
+			return fmt.Errorf("lease %q: %w", id, ErrNoSuchLease)
+		}
+		delete(s.leases, id)
+		s.update(func(*Snapshot) {})
+		s.leaseReleased()
+		return nil
+	})
+}
+
+// ReleaseOwner releases every lease of owner and returns how many.
+func (s *Supervisor) ReleaseOwner(owner string) int {
+	n := 0
+	s.call(func() error {
+		for id, o := range s.leases {
+			if o == owner {
+				delete(s.leases, id)
+				n++
+			}
+		}
+		if n > 0 {
+			s.update(func(*Snapshot) {})
+			s.leaseReleased()
+		}
+		return nil
+	})
+	return n
+}
+
+// revokeLeases drops every lease (the engine is gone or a drain's
+// deadline passed).
+func (s *Supervisor) revokeLeases(why string) {
+	n := len(s.leases)
+	if n == 0 {
+		return
+	}
+	clear(s.leases)
+	if s.drain != nil {
+		s.drain.res.Revoked += n
+		s.drain.res.Outcome = Forced
+	}
+	s.log.Warn(fmt.Sprintf("%d lease(s) revoked: %s", n, why), journal.PoolID, s.cfg.Pool, journal.ActiveLeases, n)
+	s.update(func(*Snapshot) {})
+}
