@@ -1,6 +1,7 @@
 package supervisor_test
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -290,4 +291,45 @@ func TestCorruptStateIsSetAside(t *testing.T) {
 	assert.Zero(t, snap.CrashCount)
 	aside, _ := filepath.Glob(filepath.Join(dir, "corrupt.json.corrupt-*"))
 	assert.Len(t, aside, 1)
+}
+
+func TestDrainCancelsScheduledRestart(t *testing.T) {
+	e := testpool.New(t, nil)
+	s := e.Pool("cancel", "0", "", "BackoffInitialSec=1\nBackoffMinSec=1\n")
+	waitFor(t, s, "ready", ready(1))
+	require.NoError(t, s.Fault("exit:1"))
+	crashed := waitFor(t, s, "backoff", func(p Snapshot) bool { return p.State == Backoff })
+	res, err := s.Drain(e.Ctx, time.Minute)
+	require.NoError(t, err)
+	assert.Equal(t, Drained, res.Outcome)
+	// Past the moment the restart was due, nothing was started.
+	ctx, cancel := context.WithDeadline(e.Ctx, crashed.NextRestart.Add(500*time.Millisecond))
+	defer cancel()
+	_, err = s.Supervisor.Wait(ctx, func(p Snapshot) bool { return p.Starts > 1 })
+	assert.ErrorIs(t, err, context.DeadlineExceeded, "no restart sneaks in after a drain")
+	assert.Equal(t, Stopped, s.Snapshot().State)
+}
+
+func TestReloadIsBusyWhileReloading(t *testing.T) {
+	e := testpool.New(t, nil)
+	s := e.Pool("busy", "0", "", "")
+	waitFor(t, s, "ready", ready(1))
+	lease, err := s.AcquireLease("router")
+	require.NoError(t, err)
+	other := e.WriteModel("other.gguf", "GGUF\x03\x00\x00\x00 other")
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.Reload(e.Ctx, other, time.Minute)
+		done <- err
+	}()
+	waitFor(t, s, "draining", func(p Snapshot) bool { return p.Draining })
+	_, err = s.Reload(e.Ctx, other, time.Minute)
+	assert.ErrorIs(t, err, ErrBusy)
+	_, err = s.Drain(e.Ctx, time.Minute)
+	assert.ErrorIs(t, err, ErrBusy)
+	require.NoError(t, s.ReleaseLease(lease))
+	require.NoError(t, <-done)
+	_, err = s.Reload(e.Ctx, "../escape.gguf", time.Minute)
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	assert.Equal(t, "other.gguf", filepath.Base(s.Snapshot().Model), "a bad ref changes nothing")
 }
