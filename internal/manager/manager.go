@@ -30,6 +30,15 @@ func New(pools ...*supervisor.Supervisor) *Manager {
 	return m
 }
 
+// Pools returns the supervisors, sorted by id.
+func (m *Manager) Pools() []*supervisor.Supervisor {
+	var out []*supervisor.Supervisor
+	for _, id := range m.IDs() {
+		out = append(out, m.pools[id])
+	}
+	return out
+}
+
 // Pool returns one pool's supervisor.
 func (m *Manager) Pool(id string) (*supervisor.Supervisor, error) {
 	p, ok := m.pools[id]
@@ -67,6 +76,16 @@ func (m *Manager) ReleaseLease(id string) error {
 		return fmt.Errorf("lease %q: %w", id, supervisor.ErrNoSuchLease)
 	}
 	return p.ReleaseLease(id)
+}
+
+// ReleaseLeaseAs gives back a lease owner holds.
+func (m *Manager) ReleaseLeaseAs(id, owner string) error {
+	pool, ok := supervisor.LeasePool(id)
+	p, found := m.pools[pool]
+	if !ok || !found {
+		return fmt.Errorf("lease %q: %w", id, supervisor.ErrNoSuchLease)
+	}
+	return p.ReleaseLeaseAs(id, owner)
 }
 
 // ReleaseOwner releases every lease owner holds on any pool.

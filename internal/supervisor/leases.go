@@ -17,6 +17,7 @@ var (
 	ErrNoCapacity  = errors.New("no capacity")
 	ErrNoSuchLease = errors.New("no such lease")
 	ErrBusy        = errors.New("busy")
+	ErrNotOwner    = errors.New("lease held by another owner")
 )
 
 // LeasePool returns the pool a lease id belongs to: ids are
@@ -55,6 +56,24 @@ func (s *Supervisor) ReleaseLease(id string) error {
 	return s.call(func() error {
 		if _, ok := s.leases[id]; !ok {
 			return fmt.Errorf("lease %q: %w", id, ErrNoSuchLease)
+		}
+		delete(s.leases, id)
+		s.update(func(*Snapshot) {})
+		s.leaseReleased()
+		return nil
+	})
+}
+
+// ReleaseLeaseAs gives back a lease owner holds; another owner's lease is
+// refused and stays.
+func (s *Supervisor) ReleaseLeaseAs(id, owner string) error {
+	return s.call(func() error {
+		o, ok := s.leases[id]
+		switch {
+		case !ok:
+			return fmt.Errorf("lease %q: %w", id, ErrNoSuchLease)
+		case o != owner:
+			return fmt.Errorf("lease %q: %w", id, ErrNotOwner)
 		}
 		delete(s.leases, id)
 		s.update(func(*Snapshot) {})

@@ -203,6 +203,23 @@ func (s *Supervisor) call(f func() error) error {
 	return <-errc
 }
 
+// Ping returns once the pool's loop has run a no-op: a watchdog that pings
+// every loop notices one that hangs.
+func (s *Supervisor) Ping(ctx context.Context) error {
+	done := make(chan struct{})
+	select {
+	case s.events <- func() { close(done) }:
+	case <-ctx.Done():
+		return fmt.Errorf("pool %s: loop not taking events: %w", s.cfg.Pool, ctx.Err())
+	}
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("pool %s: loop hung: %w", s.cfg.Pool, ctx.Err())
+	}
+}
+
 // Snapshot returns the current state.
 func (s *Supervisor) Snapshot() Snapshot {
 	s.mu.Lock()

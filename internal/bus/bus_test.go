@@ -1,0 +1,284 @@
+package bus_test
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/godbus/dbus/v5"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/pool-managerd/internal/bus"
+	"github.com/llorch/pool-managerd/internal/sandbox"
+	"github.com/llorch/pool-managerd/internal/testpool"
+)
+
+// The daemon runs as pool-managerd.service (the unit in systemd/) with the
+// bus policy in dbus/, in a sandbox with a real systemd and system bus; the
+// tests drive it with busctl and a bus client, as an operator and a router
+// would.
+func TestMain(m *testing.M) {
+	opts := testpool.Options
+	opts.Prepare = append(opts.Prepare, []string{"groupadd", "--system", "pool-admin"})
+	os.Exit(sandbox.Main(m, opts, sandbox.Build("github.com/llorch/pool-managerd/cmd/pool-managerd", testpool.Sim)))
+}
+
+func sh(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	require.NoError(t, err, "%s %v: %s", name, args, out)
+	return strings.TrimSpace(string(out))
+}
+
+func try(name string, args ...string) (string, error) {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	return strings.TrimSpace(string(out)), err
+}
+
+const mgr = "/org/llorch/PoolManager1"
+
+func call(args ...string) (string, error) {
+	return try("busctl", append([]string{"--timeout=60", "call", "org.llorch.PoolManager1", mgr, "org.llorch.PoolManager1.Manager"}, args...)...)
+}
+
+func getProp(t *testing.T, pool, name string) string {
+	return sh(t, "busctl", "get-property", "org.llorch.PoolManager1", string(bus.PoolPath(pool)), "org.llorch.PoolManager1.Pool", name)
+}
+
+// daemon installs the shipped unit and bus policy and starts the daemon on
+// a configuration with one simulator pool; it returns the pool's port.
+func daemon(t *testing.T) (dir string, port int) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "bus-test-")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	require.NoError(t, os.Chmod(dir, 0o755))
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "pools.d"), 0o755))
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "models"), 0o755))
+	for _, m := range []string{"a.gguf", "b.gguf"} {
+		require.NoError(t, os.WriteFile(filepath.Join(dir, "models", m), []byte("GGUF\x03\x00\x00\x00 "+m), 0o644))
+	}
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte(fmt.Sprintf(`[Manager]
+StateDir=%[1]s/state
+RuntimeDir=%[1]s/run
+ModelsDir=%[1]s/models
+[Inventory]
+Backend=static
+Device=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0
+ControlDevice=/dev/nvidiactl
+`, dir)), 0o644))
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	port = l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "llama-8b.pool"), []byte(fmt.Sprintf(`[Pool]
+Devices=0
+Model=a.gguf
+Slots=2
+[Engine]
+ExecStart=%s --model %%m --port %%p
+Port=%d
+StopTimeoutSec=2
+Version=sim-1
+[Health]
+IntervalSec=0.2
+TimeoutSec=0.2
+[Restart]
+BackoffInitialSec=0.2
+`, os.Getenv(sandbox.BinEnv("pool-engine-sim")), port)), 0o644))
+
+	src, err := os.ReadFile("../../systemd/pool-managerd.service")
+	require.NoError(t, err)
+	unit := strings.Replace(string(src), "ExecStart=/usr/bin/pool-managerd",
+		"ExecStart="+os.Getenv(sandbox.BinEnv("pool-managerd"))+" --config-dir "+dir, 1)
+	require.NoError(t, os.WriteFile("/etc/systemd/system/pool-managerd.service", []byte(unit), 0o644))
+	policy, err := os.ReadFile("../../dbus/org.llorch.PoolManager1.conf")
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile("/etc/dbus-1/system.d/org.llorch.PoolManager1.conf", policy, 0o644))
+	sh(t, "systemctl", "reload", "dbus.service")
+	sh(t, "systemctl", "daemon-reload")
+	sh(t, "systemctl", "start", "pool-managerd.service")
+	t.Cleanup(func() {
+		exec.Command("systemctl", "stop", "pool-managerd.service").Run()
+		exec.Command("systemctl", "stop", "pool-engine-llama\\x2d8b.scope").Run()
+	})
+	return dir, port
+}
+
+func TestOperatorAndRouterOverTheBus(t *testing.T) {
+	_, _ = daemon(t)
+	// Type=notify: active only after READY=1, with the pool started.
+	assert.Equal(t, "active", sh(t, "systemctl", "show", "-p", "ActiveState", "--value", "pool-managerd.service"))
+	require.Eventually(t, func() bool { return getProp(t, "llama-8b", "Ready") == "b true" }, 30*time.Second, 50*time.Millisecond)
+	require.Eventually(t, func() bool {
+		return sh(t, "systemctl", "show", "-p", "StatusText", "--value", "pool-managerd.service") == "1/1 pools ready"
+	}, 10*time.Second, 50*time.Millisecond)
+
+	out, err := call("ListPools")
+	require.NoError(t, err, out)
+	assert.Equal(t, `a(so) 1 "llama-8b" "/org/llorch/PoolManager1/pool/llama_2d8b"`, out)
+
+	for name, want := range map[string]string{
+		"Id": `s "llama-8b"`, "State": `s "ready"`, "Live": "b true", "Ready": "b true", "Draining": "b false",
+		"ActiveLeases": "u 0", "Slots": "u 2", "Model": `s "a.gguf"`, "EngineVersion": `s "sim-1"`,
+		"DeviceMask": `s "0"`, "LastError": `s ""`, "CrashCount": "u 0", "RestartCount": "u 0",
+		"BreakerState": `s "closed"`, "NextRestartUSec": "t 0", "Unit": `s "pool-engine-llama\\x2d8b.scope"`,
+	} {
+		assert.Equal(t, want, getProp(t, "llama-8b", name), name)
+	}
+	assert.Regexp(t, `^s "sha256:[0-9a-f]{64}"$`, getProp(t, "llama-8b", "ModelDigest"))
+	assert.Regexp(t, `^u [1-9][0-9]*$`, getProp(t, "llama-8b", "MainPID"))
+
+	// A router's lease is its connection's: when it leaves the bus, the
+	// lease goes and a pending drain completes.
+	router, err := dbus.ConnectSystemBus()
+	require.NoError(t, err)
+	obj := router.Object(bus.Name, mgr)
+	var lease string
+	require.NoError(t, obj.Call(bus.ManagerIface+".AcquireLease", 0, "llama-8b").Store(&lease))
+	assert.Equal(t, "u 1", getProp(t, "llama-8b", "ActiveLeases"))
+	out, err = call("ReleaseLease", "s", lease)
+	assert.Error(t, err)
+	assert.Contains(t, out, "held by another owner", "another connection cannot release it")
+	drained := make(chan string, 1)
+	go func() {
+		o, _ := call("Drain", "st", "llama-8b", "60000")
+		drained <- o
+	}()
+	require.Eventually(t, func() bool { return getProp(t, "llama-8b", "Draining") == "b true" }, 10*time.Second, 20*time.Millisecond)
+	out, err = call("AcquireLease", "s", "llama-8b")
+	assert.Error(t, err)
+	assert.Contains(t, out, "is draining")
+	router.Close()
+	select {
+	case o := <-drained:
+		assert.Equal(t, `s "drained"`, o)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the drain did not complete when the lease holder left")
+	}
+	assert.Equal(t, `s "stopped"`, getProp(t, "llama-8b", "State"))
+
+	// PropertiesChanged when Ready flips.
+	watcher, err := dbus.ConnectSystemBus()
+	require.NoError(t, err)
+	defer watcher.Close()
+	require.NoError(t, watcher.AddMatchSignal(dbus.WithMatchObjectPath(bus.PoolPath("llama-8b")),
+		dbus.WithMatchInterface("org.freedesktop.DBus.Properties"), dbus.WithMatchMember("PropertiesChanged")))
+	sigs := make(chan *dbus.Signal, 64)
+	watcher.Signal(sigs)
+	out, err = call("Start", "s", "llama-8b")
+	require.NoError(t, err, out)
+	deadline := time.After(30 * time.Second)
+	for ready := false; !ready; {
+		select {
+		case s := <-sigs:
+			if changed, ok := s.Body[1].(map[string]dbus.Variant); ok {
+				if v, ok := changed["Ready"]; ok && v.Value() == true {
+					ready = true
+				}
+			}
+		case <-deadline:
+			t.Fatal("no PropertiesChanged with Ready=true")
+		}
+	}
+
+	out, err = call("Reload", "sst", "llama-8b", "b.gguf", "30000")
+	require.NoError(t, err, out)
+	assert.Equal(t, `s "b.gguf"`, out)
+	assert.Equal(t, `s "b.gguf"`, getProp(t, "llama-8b", "Model"))
+	out, err = call("ResetBreaker", "s", "llama-8b")
+	require.NoError(t, err, out)
+	out, err = call("AllowRestart", "s", "llama-8b")
+	assert.Contains(t, out, "no restart is pending")
+
+	// Bad input: a clear error a script can match, nothing changes.
+	client, err := dbus.ConnectSystemBus()
+	require.NoError(t, err)
+	defer client.Close()
+	cobj := client.Object(bus.Name, mgr)
+	for _, c := range []struct {
+		method string
+		args   []any
+		want   string
+	}{
+		{"Drain", []any{"", uint64(1000)}, "InvalidArgument"},
+		{"Drain", []any{strings.Repeat("x", 4096), uint64(1000)}, "InvalidArgument"},
+		{"Drain", []any{"nope", uint64(1000)}, "NoSuchPool"},
+		{"Drain", []any{"llama-8b", uint64(99999999999)}, "InvalidArgument"},
+		{"Reload", []any{"llama-8b", "../etc/passwd", uint64(1000)}, "InvalidArgument"},
+		{"Reload", []any{"llama-8b", "/nonexistent.gguf", uint64(1000)}, "InvalidArgument"},
+		{"ReleaseLease", []any{"llama-8b/0000"}, "NoSuchLease"},
+		{"AcquireLease", []any{"nope"}, "NoSuchPool"},
+	} {
+		err := cobj.Call(bus.ManagerIface+"."+c.method, 0, c.args...).Err
+		var de dbus.Error
+		require.ErrorAs(t, err, &de, "%s %v", c.method, c.args)
+		assert.Equal(t, bus.ErrorPrefix+c.want, de.Name, "%s: %v", c.method, de.Body)
+	}
+	assert.Equal(t, `s "ready"`, getProp(t, "llama-8b", "State"))
+	assert.Equal(t, `s "b.gguf"`, getProp(t, "llama-8b", "Model"))
+}
+
+func TestUnprivilegedCallersMayOnlyRead(t *testing.T) {
+	daemon(t)
+	require.Eventually(t, func() bool { return getProp(t, "llama-8b", "Ready") == "b true" }, 30*time.Second, 50*time.Millisecond)
+	nobody := func(args ...string) (string, error) {
+		return try("setpriv", append([]string{"--reuid=65534", "--regid=65534", "--clear-groups", "busctl", "call",
+			"org.llorch.PoolManager1", mgr, "org.llorch.PoolManager1.Manager"}, args...)...)
+	}
+	for _, args := range [][]string{
+		{"Drain", "st", "llama-8b", "1000"},
+		{"Reload", "sst", "llama-8b", "b.gguf", "1000"},
+		{"Start", "s", "llama-8b"},
+		{"Stop", "s", "llama-8b"},
+		{"AcquireLease", "s", "llama-8b"},
+		{"ReleaseLease", "s", "llama-8b/00"},
+		{"ResetBreaker", "s", "llama-8b"},
+		{"AllowRestart", "s", "llama-8b"},
+	} {
+		out, err := nobody(args...)
+		assert.Error(t, err, "%v", args)
+		assert.Contains(t, out, "Access denied", "%v", args)
+	}
+	out, err := nobody("ListPools")
+	require.NoError(t, err, out)
+	out, err = try("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "busctl", "get-property",
+		"org.llorch.PoolManager1", string(bus.PoolPath("llama-8b")), "org.llorch.PoolManager1.Pool", "Ready")
+	require.NoError(t, err, out)
+	assert.Equal(t, "b true", out)
+	assert.Equal(t, `s "ready"`, getProp(t, "llama-8b", "State"), "nothing changed")
+
+	// With a bus policy that lets everyone through, the daemon still
+	// refuses, and says who was refused.
+	permissive := `<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><policy context="default"><allow send_destination="org.llorch.PoolManager1"/></policy></busconfig>`
+	require.NoError(t, os.WriteFile("/etc/dbus-1/system.d/zz-permissive.conf", []byte(permissive), 0o644))
+	defer func() {
+		os.Remove("/etc/dbus-1/system.d/zz-permissive.conf")
+		exec.Command("systemctl", "reload", "dbus.service").Run()
+	}()
+	sh(t, "systemctl", "reload", "dbus.service")
+	// The bus reloads its policy asynchronously; busctl shows any access
+	// denial alike, so the daemon's own journal entry tells them apart.
+	require.Eventually(t, func() bool {
+		out, err = nobody("Drain", "st", "llama-8b", "1000")
+		j, _ := try("journalctl", "-u", "pool-managerd.service", "--no-pager", "-o", "cat")
+		return err != nil && strings.Contains(j, "access denied: Drain by uid 65534")
+	}, 10*time.Second, 100*time.Millisecond, out)
+	assert.Equal(t, `s "ready"`, getProp(t, "llama-8b", "State"), "nothing changed")
+
+	// A member of the admin group may.
+	sh(t, "useradd", "--system", "--no-create-home", "-G", "pool-admin", "operator1")
+	defer exec.Command("userdel", "operator1").Run()
+	out, err = try("setpriv", "--reuid=operator1", "--regid=operator1", "--init-groups", "busctl", "call",
+		"org.llorch.PoolManager1", mgr, "org.llorch.PoolManager1.Manager", "AcquireLease", "s", "llama-8b")
+	require.NoError(t, err, out)
+	assert.Contains(t, out, `s "llama-8b/`)
+}
