@@ -65,6 +65,10 @@ IntervalSec=0.5
 TimeoutSec=0.5
 `, dir, os.Getenv(sandbox.BinEnv("pool-engine-sim")), port)), 0o644))
 
+	policy, err := os.ReadFile("../../dbus/org.llorch.PoolManager1.conf")
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile("/etc/dbus-1/system.d/org.llorch.PoolManager1.conf", policy, 0o644))
+	sh(t, "systemctl", "reload", "dbus.service")
 	daemon := os.Getenv(sandbox.BinEnv("pool-managerd"))
 	sh(t, "systemd-run", "--unit=pool-managerd-test.service", "--property=KillMode=control-group", daemon, "--config-dir", dir)
 	defer exec.Command("systemctl", "stop", "pool-engine-demo.scope").Run()
