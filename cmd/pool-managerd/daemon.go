@@ -95,21 +95,37 @@ func daemon(cfg *config.Config, stderr io.Writer) int {
 		}
 	}
 	mgr := manager.New(sups...)
-	// READY=1 comes once every pool has been started (or has failed to,
-	// with a reason) and the bus name is ours.
-	for i, s := range sups {
-		if cfg.Pools[i].AutoStart {
-			if err := s.Start(); err != nil {
-				log.Error(fmt.Sprintf("pool %s did not start: %v", cfgs[i].Pool, err), journal.PoolID, cfgs[i].Pool)
-			}
-		}
-	}
 	conn, err := dbus.ConnectSystemBus()
 	if err != nil {
 		log.Error("connecting to the system bus: " + err.Error())
 		return 1
 	}
 	defer conn.Close()
+	// Engines a previous daemon left running are adopted, not restarted;
+	// those of pools no longer configured are stopped.
+	ids := mgr.IDs()
+	if stopped, err := rt.StopOrphans(ctx, ids); err != nil {
+		log.Error("looking for engines of removed pools: " + err.Error())
+	} else if len(stopped) > 0 {
+		log.Info(fmt.Sprintf("stopped %d engine(s) of pools no longer configured: %v", len(stopped), stopped))
+	}
+	onBus := func(owner string) bool {
+		var has bool
+		return conn.BusObject().Call("org.freedesktop.DBus.NameHasOwner", 0, owner).Store(&has) == nil && has
+	}
+	// READY=1 comes once every pool has been started (or has failed to,
+	// with a reason) and the bus name is ours.
+	for i, s := range sups {
+		adopted, err := s.Adopt(ctx, onBus)
+		if err != nil {
+			log.Error(fmt.Sprintf("pool %s: %v", cfgs[i].Pool, err), journal.PoolID, cfgs[i].Pool)
+		}
+		if !adopted && cfg.Pools[i].AutoStart {
+			if err := s.Start(); err != nil {
+				log.Error(fmt.Sprintf("pool %s did not start: %v", cfgs[i].Pool, err), journal.PoolID, cfgs[i].Pool)
+			}
+		}
+	}
 	if _, err := bus.Serve(ctx, conn, mgr, log, cfg.Manager.AdminGroup); err != nil {
 		log.Error(err.Error())
 		return 1

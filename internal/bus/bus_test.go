@@ -3,6 +3,7 @@ package bus_test
 import (
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -281,4 +282,43 @@ func TestUnprivilegedCallersMayOnlyRead(t *testing.T) {
 		"org.llorch.PoolManager1", mgr, "org.llorch.PoolManager1.Manager", "AcquireLease", "s", "llama-8b")
 	require.NoError(t, err, out)
 	assert.Contains(t, out, `s "llama-8b/`)
+}
+
+func TestDaemonRestartAdoptsEngines(t *testing.T) {
+	_, port := daemon(t)
+	require.Eventually(t, func() bool { return getProp(t, "llama-8b", "Ready") == "b true" }, 30*time.Second, 50*time.Millisecond)
+	pid := getProp(t, "llama-8b", "MainPID")
+	router, err := dbus.ConnectSystemBus()
+	require.NoError(t, err)
+	defer router.Close()
+	var lease string
+	require.NoError(t, router.Object(bus.Name, mgr).Call(bus.ManagerIface+".AcquireLease", 0, "llama-8b").Store(&lease))
+
+	readyAgain := func(what string) {
+		t.Helper()
+		require.Eventually(t, func() bool {
+			out, err := try("busctl", "get-property", "org.llorch.PoolManager1", string(bus.PoolPath("llama-8b")), "org.llorch.PoolManager1.Pool", "Ready")
+			return err == nil && out == "b true"
+		}, 30*time.Second, 50*time.Millisecond, what)
+		assert.Equal(t, pid, getProp(t, "llama-8b", "MainPID"), "%s: the engine was adopted, not restarted", what)
+	}
+	sh(t, "systemctl", "restart", "pool-managerd.service")
+	readyAgain("after systemctl restart")
+	assert.Equal(t, "u 1", getProp(t, "llama-8b", "ActiveLeases"), "the lease of a client still on the bus is kept")
+	sh(t, "systemctl", "kill", "--signal=KILL", "pool-managerd.service")
+	require.Eventually(t, func() bool {
+		out, _ := try("systemctl", "show", "-p", "NRestarts", "--value", "pool-managerd.service")
+		return out == "1"
+	}, 20*time.Second, 50*time.Millisecond, "systemd restarts the killed daemon")
+	readyAgain("after kill -9")
+
+	// A crash of the adopted engine is still seen and restarted.
+	resp, err := http.Post(fmt.Sprintf("http://127.0.0.1:%d/sim/fault?kind=exit:1", port), "", nil)
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Eventually(t, func() bool {
+		return getProp(t, "llama-8b", "CrashCount") == "u 1" && getProp(t, "llama-8b", "Ready") == "b true"
+	}, 30*time.Second, 50*time.Millisecond)
+	assert.NotEqual(t, pid, getProp(t, "llama-8b", "MainPID"))
+	assert.Equal(t, `s "exited with status 1"`, getProp(t, "llama-8b", "LastError"))
 }

@@ -10,8 +10,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -42,6 +45,8 @@ type Spec struct {
 	DeviceNodes []string
 	Scope       []config.ScopeProperty
 	StopTimeout time.Duration
+	// Socket is where the shim listens for a restarted daemon.
+	Socket string
 }
 
 // Event is something an engine's shim reported after the start.
@@ -139,7 +144,12 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 	if err := r.stopUnit(ctx, name); err != nil {
 		return nil, err
 	}
-	spec, _ := json.Marshal(shimSpec{Argv: s.Argv, Env: s.Env, User: s.User})
+	if s.Socket != "" {
+		if err := os.MkdirAll(filepath.Dir(s.Socket), 0o755); err != nil {
+			return nil, err
+		}
+	}
+	spec, _ := json.Marshal(shimSpec{Argv: s.Argv, Env: s.Env, User: s.User, Socket: s.Socket})
 	goR, goW, err := os.Pipe()
 	if err != nil {
 		return nil, err
@@ -208,26 +218,53 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 		return nil, fmt.Errorf("starting engine of pool %s: %w", s.Pool, err)
 	}
 	e := &Engine{Unit: name, PID: first.PID, ShimPID: cmd.Process.Pid, Started: time.Now(), events: make(chan Event, 4)}
-	go func() {
-		defer close(e.events)
-		defer stR.Close()
-		for {
-			m, err := readMessage(rd)
-			if err != nil {
-				e.events <- Event{Exit: &Exit{Lost: true, At: time.Now()}}
-				return
-			}
-			switch m.Event {
-			case "fault":
-				e.events <- Event{Fault: m.Line}
-			case "exit":
-				// Not waiting for the shim to be reaped: its own exit may
-				// take a while (a race-detector build sleeps a second).
-				e.events <- Event{Exit: &Exit{Status: syscall.WaitStatus(m.Status), OOMKills: m.OOMKills, At: time.Now()}}
-				return
-			}
+	go e.forward(rd, stR)
+	return e, nil
+}
+
+// forward turns the shim's messages into events until the exit.
+func (e *Engine) forward(rd *bufio.Reader, c io.Closer) {
+	defer close(e.events)
+	defer c.Close()
+	for {
+		m, err := readMessage(rd)
+		if err != nil {
+			e.events <- Event{Exit: &Exit{Lost: true, At: time.Now()}}
+			return
 		}
-	}()
+		switch m.Event {
+		case "fault":
+			e.events <- Event{Fault: m.Line}
+		case "exit":
+			// Not waiting for the shim to be reaped: its own exit may
+			// take a while (a race-detector build sleeps a second).
+			e.events <- Event{Exit: &Exit{Status: syscall.WaitStatus(m.Status), OOMKills: m.OOMKills, At: time.Now()}}
+			return
+		}
+	}
+}
+
+// Attach reattaches to the shim of a pool's engine that a previous daemon
+// started, through its socket; it fails when there is no such engine.
+func (r *Runtime) Attach(ctx context.Context, pool, socket string) (*Engine, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", socket)
+	if err != nil {
+		return nil, fmt.Errorf("no engine of pool %s to adopt: %w", pool, err)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	rd := bufio.NewReader(c)
+	first, err := readMessage(rd)
+	if err != nil || first.Event != "started" {
+		c.Close()
+		return nil, fmt.Errorf("engine of pool %s: shim did not say it runs: %v", pool, err)
+	}
+	c.SetReadDeadline(time.Time{})
+	e := &Engine{Unit: UnitName(pool), PID: first.PID, events: make(chan Event, 4)}
+	if p, err := os.Stat(fmt.Sprintf("/proc/%d", first.PID)); err == nil {
+		e.Started = p.ModTime()
+	}
+	go e.forward(rd, c)
 	return e, nil
 }
 
@@ -265,6 +302,30 @@ func (r *Runtime) stopUnit(ctx context.Context, name string) error {
 		return ctx.Err()
 	}
 	return nil
+}
+
+// StopOrphans stops engine scopes of pools not in keep (pools removed from
+// the configuration while no daemon ran) and returns their unit names.
+func (r *Runtime) StopOrphans(ctx context.Context, keep []string) ([]string, error) {
+	units, err := r.conn.ListUnitsByPatternsContext(ctx, nil, []string{"pool-engine-*.scope"})
+	if err != nil {
+		return nil, err
+	}
+	known := map[string]bool{}
+	for _, p := range keep {
+		known[UnitName(p)] = true
+	}
+	var stopped []string
+	for _, u := range units {
+		if known[u.Name] || u.ActiveState == "inactive" || u.ActiveState == "failed" {
+			continue
+		}
+		if err := r.stopUnit(ctx, u.Name); err != nil {
+			return stopped, err
+		}
+		stopped = append(stopped, u.Name)
+	}
+	return stopped, nil
 }
 
 // ScopeProperty reads one property of a pool's scope, for status and tests.

@@ -35,6 +35,8 @@ type shimSpec struct {
 	Argv []string `json:"argv"`
 	Env  []string `json:"env"`
 	User string   `json:"user"`
+	// Socket is where a restarted daemon reattaches to the shim.
+	Socket string `json:"socket,omitempty"`
 }
 
 // message is one line the shim reports to the daemon.
@@ -61,11 +63,8 @@ type message struct {
 // OOM kill count read while the cgroup still exists.
 func Shim() int {
 	status := os.NewFile(4, "status")
-	report := func(m message) {
-		b, _ := json.Marshal(m)
-		// The daemon may be gone (restarting): the engine must not be.
-		status.Write(append(b, '\n'))
-	}
+	out := &reporter{w: status, delivered: make(chan struct{})}
+	report := out.report
 	fail := func(err error) int {
 		report(message{Event: "error", Error: err.Error()})
 		fmt.Fprintln(os.Stderr, "pool-managerd shim:", err)
@@ -122,6 +121,9 @@ func Shim() int {
 	// The OOM killer must pick the engine, never its reporter.
 	os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0)
 	report(message{Event: "started", PID: cmd.Process.Pid})
+	if spec.Socket != "" {
+		go out.serve(spec.Socket)
+	}
 
 	var mu sync.Mutex
 	faulted := false
@@ -162,7 +164,104 @@ func Shim() int {
 	outLog()
 	errLog()
 	report(message{Event: "exit", Status: uint32(ws), OOMKills: oomKills() - oomBefore})
+	// If no daemon heard the exit (it is restarting), wait a while for one
+	// to reattach: the crash must not go unseen.
+	select {
+	case <-out.delivered:
+	case <-time.After(2 * time.Minute):
+	}
+	if spec.Socket != "" {
+		os.Remove(spec.Socket)
+	}
 	return 0
+}
+
+// reporter sends the shim's messages to the daemon that started it and to
+// any daemon that reattaches later; a late one first gets what it missed.
+type reporter struct {
+	mu        sync.Mutex
+	w         io.Writer // the starting daemon's pipe, nil once broken
+	clients   []net.Conn
+	started   *message
+	fault     *message
+	exit      *message
+	delivered chan struct{}
+	once      sync.Once
+}
+
+func (r *reporter) report(m message) {
+	b, _ := json.Marshal(m)
+	b = append(b, '\n')
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	switch m.Event {
+	case "started":
+		r.started = &m
+	case "fault":
+		r.fault = &m
+	case "exit":
+		r.exit = &m
+	}
+	sent := false
+	if r.w != nil {
+		// The daemon may be gone (restarting): the engine must not be.
+		if _, err := r.w.Write(b); err != nil {
+			r.w = nil
+		} else {
+			sent = true
+		}
+	}
+	live := r.clients[:0]
+	for _, c := range r.clients {
+		if _, err := c.Write(b); err == nil {
+			live = append(live, c)
+			sent = true
+		} else {
+			c.Close()
+		}
+	}
+	r.clients = live
+	if m.Event == "exit" && sent {
+		r.once.Do(func() { close(r.delivered) })
+	}
+}
+
+// serve accepts reattaching daemons on a unix socket only root can reach.
+func (r *reporter) serve(path string) {
+	os.Remove(path)
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "pool-managerd shim: no reattach socket:", err)
+		return
+	}
+	os.Chmod(path, 0o600)
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		r.mu.Lock()
+		ok := true
+		for _, m := range []*message{r.started, r.fault, r.exit} {
+			if m == nil {
+				continue
+			}
+			b, _ := json.Marshal(m)
+			if _, err := c.Write(append(b, '\n')); err != nil {
+				ok = false
+				break
+			}
+		}
+		if ok {
+			r.clients = append(r.clients, c)
+			if r.exit != nil {
+				r.once.Do(func() { close(r.delivered) })
+			}
+		} else {
+			c.Close()
+		}
+		r.mu.Unlock()
+	}
 }
 
 // credentials resolves the engine's user.

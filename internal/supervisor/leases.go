@@ -45,6 +45,7 @@ func (s *Supervisor) AcquireLease(owner string) (string, error) {
 		id = s.cfg.Pool + "/" + hex.EncodeToString(b)
 		s.leases[id] = owner
 		s.update(func(*Snapshot) {})
+		s.leasesChanged()
 		return nil
 	})
 	return id, err
@@ -59,9 +60,18 @@ func (s *Supervisor) ReleaseLease(id string) error {
 		}
 		delete(s.leases, id)
 		s.update(func(*Snapshot) {})
+		s.leasesChanged()
 		s.leaseReleased()
 		return nil
 	})
+}
+
+// leasesChanged keeps the runtime record's leases current, for a daemon
+// that restarts.
+func (s *Supervisor) leasesChanged() {
+	if s.run != nil && s.run.healthy && s.drain == nil {
+		s.writeRecord(s.run)
+	}
 }
 
 // ReleaseLeaseAs gives back a lease owner holds; another owner's lease is
@@ -77,6 +87,7 @@ func (s *Supervisor) ReleaseLeaseAs(id, owner string) error {
 		}
 		delete(s.leases, id)
 		s.update(func(*Snapshot) {})
+		s.leasesChanged()
 		s.leaseReleased()
 		return nil
 	})
@@ -94,6 +105,7 @@ func (s *Supervisor) ReleaseOwner(owner string) int {
 		}
 		if n > 0 {
 			s.update(func(*Snapshot) {})
+			s.leasesChanged()
 			s.leaseReleased()
 		}
 		return nil

@@ -1,7 +1,11 @@
 package supervisor
 
 import (
+	"context"
+	"fmt"
 	"time"
+
+	"github.com/llorch/pool-managerd/internal/model"
 
 	"github.com/llorch/pool-managerd/internal/journal"
 )
@@ -19,6 +23,9 @@ type Record struct {
 	DeviceMask    string    `json:"device_mask"`
 	URL           string    `json:"url"`
 	StartedAt     time.Time `json:"started_at"`
+	// Leases are the leases on the engine, id -> owner, for a restarted
+	// daemon to keep those whose owners are still connected.
+	Leases map[string]string `json:"leases,omitempty"`
 }
 
 func (s *Supervisor) writeRecord(r *run) {
@@ -28,7 +35,7 @@ func (s *Supervisor) writeRecord(r *run) {
 	rec := Record{
 		Pool: s.cfg.Pool, Unit: r.e.Unit, PID: r.e.PID, Model: s.snap.Model, StagedPath: r.staged.Path,
 		Digest: r.staged.Digest, EngineVersion: s.snap.EngineVersion, DeviceMask: s.cfg.DeviceMask,
-		URL: s.cfg.HealthURL, StartedAt: r.started,
+		URL: s.cfg.HealthURL, StartedAt: r.started, Leases: s.leases,
 	}
 	if r.candidate || s.reload != nil {
 		rec.Model = s.reload.ref
@@ -36,6 +43,55 @@ func (s *Supervisor) writeRecord(r *run) {
 	if err := s.cfg.Records.Save(s.cfg.Pool, rec); err != nil {
 		s.log.Error("writing runtime record: "+err.Error(), journal.PoolID, s.cfg.Pool)
 	}
+}
+
+// Adopt takes over the engine a previous daemon left running: it reattaches
+// to its shim, restores its leases whose owners keep says are still there,
+// and watches it like any engine (it is ready again at its first good
+// health probe). It reports false when there is no such engine.
+func (s *Supervisor) Adopt(ctx context.Context, keep func(owner string) bool) (bool, error) {
+	var rec Record
+	found, err := s.cfg.Records.Load(s.cfg.Pool, &rec)
+	if err != nil || !found {
+		return false, err
+	}
+	spec := s.cfg.Build(rec.StagedPath)
+	e, err := s.rt.Attach(ctx, s.cfg.Pool, spec.Socket)
+	if err != nil {
+		s.removeRecord()
+		return false, nil
+	}
+	err = s.call(func() error {
+		if s.run != nil {
+			return fmt.Errorf("pool %s already runs an engine", s.cfg.Pool)
+		}
+		s.current = model.Staged{Digest: rec.Digest, Path: rec.StagedPath}
+		s.current.Ref = rec.Model
+		ctx, cancel := context.WithCancel(context.Background())
+		r := &run{e: e, ctx: ctx, cancel: cancel, started: rec.StartedAt, staged: s.current, exited: make(chan struct{})}
+		s.run = r
+		kept := 0
+		for id, owner := range rec.Leases {
+			if keep(owner) {
+				s.leases[id] = owner
+				kept++
+			}
+		}
+		s.update(func(p *Snapshot) {
+			p.State, p.Live, p.MainPID = Starting, true, e.PID
+			p.Model, p.ModelDigest, p.StagedPath, p.EngineVersion = rec.Model, rec.Digest, rec.StagedPath, rec.EngineVersion
+		})
+		s.log.Info(fmt.Sprintf("adopted the running engine (pid %d), %d of %d lease(s) kept", e.PID, kept, len(rec.Leases)),
+			journal.PoolID, s.cfg.Pool)
+		go func() {
+			for ev := range e.Events() {
+				s.post(func() { s.engineEvent(r, ev) })
+			}
+		}()
+		go s.probe(r)
+		return nil
+	})
+	return err == nil, err
 }
 
 func (s *Supervisor) removeRecord() {

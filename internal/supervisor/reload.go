@@ -121,7 +121,8 @@ func (s *Supervisor) Reload(ctx context.Context, ref string, drainDeadline time.
 			now := time.Now()
 			s.emit(s.tracker.Healthy(now))
 			s.update(func(p *Snapshot) {
-				p.State, p.Ready, p.LastError, p.ReadyAt, p.LastHeartbeat = Ready, true, "", now, now
+				// LastError stays: it is the last error, not the current one.
+				p.State, p.Ready, p.ReadyAt, p.LastHeartbeat = Ready, true, now, now
 				p.Model, p.ModelDigest, p.StagedPath = ref, staged.Digest, staged.Path
 			})
 			s.writeRecord(r)

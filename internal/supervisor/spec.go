@@ -48,6 +48,7 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Stag
 			DeviceNodes: nodes,
 			Scope:       p.Scope,
 			StopTimeout: p.Engine.StopTimeout,
+			Socket:      filepath.Join(m.RuntimeDir, "pools", p.ID+".sock"),
 		}
 	}
 	return Config{

@@ -543,7 +543,8 @@ func (s *Supervisor) becameHealthy(r *run, now time.Time) {
 	}
 	s.emit(s.tracker.Healthy(now))
 	s.update(func(p *Snapshot) {
-		p.State, p.Ready, p.LastError, p.ReadyAt, p.LastHeartbeat = Ready, true, "", now, now
+		// LastError stays: it is the last error, not the current one.
+		p.State, p.Ready, p.ReadyAt, p.LastHeartbeat = Ready, true, now, now
 	})
 	s.writeRecord(r)
 	s.log.Info("engine ready", journal.PoolID, s.cfg.Pool, journal.EngineVersion, s.snap.EngineVersion,
