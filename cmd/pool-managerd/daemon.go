@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"reflect"
+	"sync"
 	"syscall"
 	"time"
 
@@ -16,6 +18,7 @@ import (
 	"github.com/godbus/dbus/v5"
 	"github.com/prometheus/client_golang/prometheus"
 	slogjournal "github.com/systemd/slog-journal"
+	"golang.org/x/sys/unix"
 
 	"github.com/llorch/pool-managerd/internal/bus"
 	"github.com/llorch/pool-managerd/internal/config"
@@ -39,9 +42,35 @@ func logger(stderr io.Writer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(stderr, nil))
 }
 
+// pool is one configured pool as the daemon runs it.
+type pool struct {
+	cfg    *config.Pool
+	sup    *supervisor.Supervisor
+	cancel context.CancelFunc
+}
+
+// daemonState is what the daemon keeps between configuration reloads.
+type daemonState struct {
+	ctx     context.Context
+	dir     string
+	log     *slog.Logger
+	cfg     *config.Config
+	inv     *gpu.Inventory
+	rt      *engine.Runtime
+	metrics *metrics.Set
+	stager  *model.Stager
+	mgr     *manager.Manager
+	srv     *bus.Server
+
+	mu    sync.Mutex
+	pools map[string]*pool
+	// changed wakes the status and XID watchers after a reload.
+	changed chan struct{}
+}
+
 // daemon supervises every configured pool until SIGTERM or SIGINT. Engines
 // keep running after it exits: they live in their own scopes.
-func daemon(cfg *config.Config, stderr io.Writer) int {
+func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 	log := logger(stderr)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -54,22 +83,6 @@ func daemon(cfg *config.Config, stderr io.Writer) int {
 	if inv.Fallback != nil {
 		log.Warn("NVML unavailable, using the static inventory: " + inv.Fallback.Error())
 	}
-	stager := model.New(cfg.Manager.ModelsDir, filepath.Join(cfg.Manager.StateDir, "staged"))
-	var sups []*supervisor.Supervisor
-	var cfgs []supervisor.Config
-	bad := false
-	for _, p := range cfg.Pools {
-		c, err := supervisor.FromPool(p, &cfg.Manager, inv, stager)
-		if err != nil {
-			log.Error(err.Error())
-			bad = true
-			continue
-		}
-		cfgs = append(cfgs, c)
-	}
-	if bad {
-		return exitConfig
-	}
 	exe, err := os.Executable()
 	if err != nil {
 		log.Error(err.Error())
@@ -81,20 +94,24 @@ func daemon(cfg *config.Config, stderr io.Writer) int {
 		return 1
 	}
 	defer rt.Close()
-	m := metrics.New(prometheus.NewRegistry())
-	byUUID := map[string]*supervisor.Supervisor{}
-	var uuids []string
-	for i, c := range cfgs {
-		s := supervisor.New(c, rt, log, m)
-		sups = append(sups, s)
-		go s.Run(ctx)
-		gpus, _ := inv.Resolve(cfg.Pools[i].Devices)
-		for _, g := range gpus {
-			byUUID[g.UUID] = s
-			uuids = append(uuids, g.UUID)
-		}
+	d := &daemonState{
+		ctx: ctx, dir: dir, log: log, cfg: cfg, inv: inv, rt: rt,
+		metrics: metrics.New(prometheus.NewRegistry()),
+		stager:  model.New(cfg.Manager.ModelsDir, filepath.Join(cfg.Manager.StateDir, "staged")),
+		mgr:     manager.New(),
+		pools:   map[string]*pool{},
+		changed: make(chan struct{}, 1),
 	}
-	mgr := manager.New(sups...)
+	for _, p := range cfg.Pools {
+		np, err := d.newPool(p)
+		if err != nil {
+			log.Error(err.Error())
+			return exitConfig
+		}
+		d.pools[p.ID] = np
+		d.mgr.Put(np.sup)
+	}
+
 	conn, err := dbus.ConnectSystemBus()
 	if err != nil {
 		log.Error("connecting to the system bus: " + err.Error())
@@ -103,8 +120,7 @@ func daemon(cfg *config.Config, stderr io.Writer) int {
 	defer conn.Close()
 	// Engines a previous daemon left running are adopted, not restarted;
 	// those of pools no longer configured are stopped.
-	ids := mgr.IDs()
-	if stopped, err := rt.StopOrphans(ctx, ids); err != nil {
+	if stopped, err := rt.StopOrphans(ctx, d.mgr.IDs()); err != nil {
 		log.Error("looking for engines of removed pools: " + err.Error())
 	} else if len(stopped) > 0 {
 		log.Info(fmt.Sprintf("stopped %d engine(s) of pools no longer configured: %v", len(stopped), stopped))
@@ -115,45 +131,145 @@ func daemon(cfg *config.Config, stderr io.Writer) int {
 	}
 	// READY=1 comes once every pool has been started (or has failed to,
 	// with a reason) and the bus name is ours.
-	for i, s := range sups {
-		adopted, err := s.Adopt(ctx, onBus)
+	for _, id := range d.mgr.IDs() {
+		p := d.pools[id]
+		adopted, err := p.sup.Adopt(ctx, onBus)
 		if err != nil {
-			log.Error(fmt.Sprintf("pool %s: %v", cfgs[i].Pool, err), journal.PoolID, cfgs[i].Pool)
+			log.Error(fmt.Sprintf("pool %s: %v", id, err), journal.PoolID, id)
 		}
-		if !adopted && cfg.Pools[i].AutoStart {
-			if err := s.Start(); err != nil {
-				log.Error(fmt.Sprintf("pool %s did not start: %v", cfgs[i].Pool, err), journal.PoolID, cfgs[i].Pool)
-			}
+		if !adopted && p.cfg.AutoStart {
+			d.start(p)
 		}
 	}
-	if _, err := bus.Serve(ctx, conn, mgr, log, cfg.Manager.AdminGroup); err != nil {
+	d.srv, err = bus.Serve(ctx, conn, d.mgr, log, cfg.Manager.AdminGroup)
+	if err != nil {
 		log.Error(err.Error())
 		return 1
 	}
-	sddaemon.SdNotify(false, sddaemon.SdNotifyReady+"\nSTATUS="+status(sups))
-	go keepStatus(ctx, sups)
-	go watchdog(ctx, sups, log)
-	if inv.Source == gpu.SourceNVML && len(uuids) > 0 {
-		go func() {
-			err := gpu.WatchXID(ctx, nil, uuids, func(uuid string, xid uint64) {
-				if s := byUUID[uuid]; s != nil {
-					s.XID(uuid, xid)
-				}
-			})
-			if err != nil {
-				log.Warn("not watching for GPU XID events: " + err.Error())
-			}
-		}()
+	sddaemon.SdNotify(false, sddaemon.SdNotifyReady+"\nSTATUS="+d.status())
+	go d.keepStatus()
+	go d.watchdog()
+	go d.watchXID()
+
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	for {
+		select {
+		case <-hup:
+			d.reload()
+		case <-ctx.Done():
+			sddaemon.SdNotify(false, sddaemon.SdNotifyStopping)
+			log.Info("stopping; engines keep running in their scopes")
+			return exitOK
+		}
 	}
-	log.Info(fmt.Sprintf("supervising %d pool(s)", len(sups)))
-	<-ctx.Done()
-	sddaemon.SdNotify(false, sddaemon.SdNotifyStopping)
-	log.Info("stopping; engines keep running in their scopes")
-	return exitOK
+}
+
+func (d *daemonState) newPool(p *config.Pool) (*pool, error) {
+	c, err := supervisor.FromPool(p, &d.cfg.Manager, d.inv, d.stager)
+	if err != nil {
+		return nil, err
+	}
+	s := supervisor.New(c, d.rt, d.log, d.metrics)
+	ctx, cancel := context.WithCancel(d.ctx)
+	go s.Run(ctx)
+	return &pool{cfg: p, sup: s, cancel: cancel}, nil
+}
+
+func (d *daemonState) start(p *pool) {
+	if err := p.sup.Start(); err != nil {
+		d.log.Error(fmt.Sprintf("pool %s did not start: %v", p.cfg.ID, err), journal.PoolID, p.cfg.ID)
+	}
+}
+
+// reload re-reads the configuration (SIGHUP, systemctl reload): added
+// pools start, removed pools are drained and stopped, changed pools are
+// drained and started again on their new configuration. A bad
+// configuration changes nothing.
+func (d *daemonState) reload() {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	sddaemon.SdNotify(false, fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d", ts.Nano()/1000))
+	defer sddaemon.SdNotify(false, sddaemon.SdNotifyReady+"\nSTATUS="+d.status())
+	cfg, err := config.Load(d.dir)
+	if err == nil && !reflect.DeepEqual(cfg.Manager, d.cfg.Manager) {
+		err = fmt.Errorf("%s changed: [Manager] and [Inventory] settings take effect on a restart of the daemon", config.ManagerFile)
+	}
+	if err != nil {
+		d.log.Error("configuration reload refused, the running configuration stays:\n" + err.Error())
+		return
+	}
+	next := map[string]*config.Pool{}
+	for _, p := range cfg.Pools {
+		next[p.ID] = p
+	}
+	// Build the new supervisors first: a pool that cannot be set up
+	// (an unknown GPU) refuses the whole reload.
+	fresh := map[string]*pool{}
+	for id, p := range next {
+		if old, ok := d.pools[id]; ok && reflect.DeepEqual(old.cfg, p) {
+			continue
+		}
+		np, err := d.newPool(p)
+		if err != nil {
+			for _, f := range fresh {
+				f.cancel()
+			}
+			d.log.Error("configuration reload refused, the running configuration stays: " + err.Error())
+			return
+		}
+		fresh[id] = np
+	}
+	drain := func(p *pool) {
+		ctx, cancel := context.WithTimeout(d.ctx, 10*time.Minute)
+		defer cancel()
+		if _, err := p.sup.Drain(ctx, 30*time.Second); err != nil {
+			d.log.Error(fmt.Sprintf("draining pool %s: %v", p.cfg.ID, err), journal.PoolID, p.cfg.ID)
+		}
+		p.cancel()
+	}
+	removed, added, changed := 0, 0, 0
+	for id, old := range d.pools {
+		if _, ok := next[id]; !ok {
+			d.srv.RemovePool(id)
+			d.mgr.Remove(id)
+			drain(old)
+			d.metrics.Forget(id)
+			d.mu.Lock()
+			delete(d.pools, id)
+			d.mu.Unlock()
+			removed++
+		}
+	}
+	for id, np := range fresh {
+		if old, ok := d.pools[id]; ok {
+			drain(old)
+			changed++
+		} else {
+			added++
+		}
+		d.mu.Lock()
+		d.pools[id] = np
+		d.mu.Unlock()
+		d.mgr.Put(np.sup)
+		if err := d.srv.PutPool(np.sup); err != nil {
+			d.log.Error(fmt.Sprintf("publishing pool %s: %v", id, err), journal.PoolID, id)
+		}
+		if np.cfg.AutoStart {
+			d.start(np)
+		}
+	}
+	d.cfg = cfg
+	select {
+	case d.changed <- struct{}{}:
+	default:
+	}
+	d.log.Info(fmt.Sprintf("configuration reloaded: %d pool(s) added, %d removed, %d changed", added, removed, changed))
 }
 
 // status is the one-line state systemctl status shows.
-func status(sups []*supervisor.Supervisor) string {
+func (d *daemonState) status() string {
+	sups := d.mgr.Pools()
 	count := map[string]int{}
 	for _, s := range sups {
 		count[s.Snapshot().State]++
@@ -168,42 +284,55 @@ func status(sups []*supervisor.Supervisor) string {
 }
 
 // keepStatus sends STATUS= whenever it changes.
-func keepStatus(ctx context.Context, sups []*supervisor.Supervisor) {
-	changed := make(chan struct{}, 1)
-	for _, s := range sups {
-		go func() {
-			last := s.Snapshot().State
-			for {
-				snap, err := s.Wait(ctx, func(p supervisor.Snapshot) bool { return p.State != last })
-				if err != nil {
-					return
-				}
-				last = snap.State
-				select {
-				case changed <- struct{}{}:
-				default:
-				}
-			}
-		}()
-	}
-	last := ""
-	for {
+func (d *daemonState) keepStatus() {
+	wake := make(chan struct{}, 1)
+	poke := func() {
 		select {
-		case <-ctx.Done():
-			return
-		case <-changed:
-			if st := status(sups); st != last {
-				sddaemon.SdNotify(false, "STATUS="+st)
-				last = st
+		case wake <- struct{}{}:
+		default:
+		}
+	}
+	watch := func(ctx context.Context, s *supervisor.Supervisor) {
+		last := s.Snapshot().State
+		for {
+			snap, err := s.Wait(ctx, func(p supervisor.Snapshot) bool { return p.State != last })
+			if err != nil {
+				return
+			}
+			last = snap.State
+			poke()
+		}
+	}
+	for {
+		ctx, cancel := context.WithCancel(d.ctx)
+		for _, s := range d.mgr.Pools() {
+			go watch(ctx, s)
+		}
+		last := ""
+	loop:
+		for {
+			select {
+			case <-d.ctx.Done():
+				cancel()
+				return
+			case <-d.changed:
+				poke()
+				break loop
+			case <-wake:
+				if st := d.status(); st != last {
+					sddaemon.SdNotify(false, "STATUS="+st)
+					last = st
+				}
 			}
 		}
+		cancel()
 	}
 }
 
 // watchdog pets systemd's watchdog at half its interval, but only after
 // every pool's loop has answered: a hung loop stops the petting and systemd
 // restarts the daemon.
-func watchdog(ctx context.Context, sups []*supervisor.Supervisor, log *slog.Logger) {
+func (d *daemonState) watchdog() {
 	every, err := sddaemon.SdWatchdogEnabled(false)
 	if err != nil || every <= 0 {
 		return
@@ -212,15 +341,15 @@ func watchdog(ctx context.Context, sups []*supervisor.Supervisor, log *slog.Logg
 	defer t.Stop()
 	for {
 		select {
-		case <-ctx.Done():
+		case <-d.ctx.Done():
 			return
 		case <-t.C:
 		}
-		pctx, cancel := context.WithTimeout(ctx, every/2)
+		ctx, cancel := context.WithTimeout(d.ctx, every/2)
 		ok := true
-		for _, s := range sups {
-			if err := s.Ping(pctx); err != nil {
-				log.Error("watchdog: " + err.Error())
+		for _, s := range d.mgr.Pools() {
+			if err := s.Ping(ctx); err != nil {
+				d.log.Error("watchdog: " + err.Error())
 				ok = false
 				break
 			}
@@ -229,5 +358,36 @@ func watchdog(ctx context.Context, sups []*supervisor.Supervisor, log *slog.Logg
 		if ok {
 			sddaemon.SdNotify(false, sddaemon.SdNotifyWatchdog)
 		}
+	}
+}
+
+// watchXID routes NVML XID events to the pool owning the GPU.
+func (d *daemonState) watchXID() {
+	if d.inv.Source != gpu.SourceNVML {
+		return
+	}
+	// GPUs are watched as configured at start; the pool is looked up at
+	// each event, so a pool a reload replaced gets its events.
+	owner := map[string]string{}
+	var uuids []string
+	d.mu.Lock()
+	for id, p := range d.pools {
+		gpus, _ := d.inv.Resolve(p.cfg.Devices)
+		for _, g := range gpus {
+			owner[g.UUID] = id
+			uuids = append(uuids, g.UUID)
+		}
+	}
+	d.mu.Unlock()
+	if len(uuids) == 0 {
+		return
+	}
+	err := gpu.WatchXID(d.ctx, nil, uuids, func(uuid string, xid uint64) {
+		if s, err := d.mgr.Pool(owner[uuid]); err == nil {
+			s.XID(uuid, xid)
+		}
+	})
+	if err != nil {
+		d.log.Warn("not watching for GPU XID events: " + err.Error())
 	}
 }

@@ -71,5 +71,5 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if *check || *schedule > 0 {
 		return exitOK
 	}
-	return daemon(cfg, stderr)
+	return daemon(*dir, cfg, stderr)
 }

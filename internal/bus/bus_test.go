@@ -54,7 +54,7 @@ func getProp(t *testing.T, pool, name string) string {
 
 // daemon installs the shipped unit and bus policy and starts the daemon on
 // a configuration with one simulator pool; it returns the pool's port.
-func daemon(t *testing.T) (dir string, port int) {
+func daemon(t *testing.T, dropIn ...string) (dir string, port int) {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "bus-test-")
 	require.NoError(t, err)
@@ -72,6 +72,7 @@ ModelsDir=%[1]s/models
 [Inventory]
 Backend=static
 Device=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0
+Device=1 GPU-8f2c1a70-0000-4000-8000-000000000001 /dev/nvidia1
 ControlDevice=/dev/nvidiactl
 `, dir)), 0o644))
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -103,6 +104,11 @@ BackoffInitialSec=0.2
 	require.NoError(t, err)
 	require.NoError(t, os.WriteFile("/etc/dbus-1/system.d/org.llorch.PoolManager1.conf", policy, 0o644))
 	sh(t, "systemctl", "reload", "dbus.service")
+	os.RemoveAll("/etc/systemd/system/pool-managerd.service.d")
+	for i, d := range dropIn {
+		require.NoError(t, os.MkdirAll("/etc/systemd/system/pool-managerd.service.d", 0o755))
+		require.NoError(t, os.WriteFile(fmt.Sprintf("/etc/systemd/system/pool-managerd.service.d/%d.conf", i), []byte(d), 0o644))
+	}
 	sh(t, "systemctl", "daemon-reload")
 	sh(t, "systemctl", "start", "pool-managerd.service")
 	t.Cleanup(func() {
@@ -321,4 +327,78 @@ func TestDaemonRestartAdoptsEngines(t *testing.T) {
 	}, 30*time.Second, 50*time.Millisecond)
 	assert.NotEqual(t, pid, getProp(t, "llama-8b", "MainPID"))
 	assert.Equal(t, `s "exited with status 1"`, getProp(t, "llama-8b", "LastError"))
+}
+
+func TestConfigurationReload(t *testing.T) {
+	dir, _ := daemon(t)
+	require.Eventually(t, func() bool { return getProp(t, "llama-8b", "Ready") == "b true" }, 30*time.Second, 50*time.Millisecond)
+	pid := getProp(t, "llama-8b", "MainPID")
+	journal := func() string {
+		out, _ := try("journalctl", "-u", "pool-managerd.service", "--no-pager", "-o", "cat")
+		return out
+	}
+
+	// A bad configuration changes nothing and says why.
+	bad := filepath.Join(dir, "pools.d", "bad.pool")
+	require.NoError(t, os.WriteFile(bad, []byte("[Pool]\nDevices=1\nModel=b.gguf\nColour=blue\n"), 0o644))
+	sh(t, "systemctl", "reload", "pool-managerd.service")
+	require.Eventually(t, func() bool { return strings.Contains(journal(), "configuration reload refused") }, 10*time.Second, 50*time.Millisecond)
+	assert.Contains(t, journal(), "bad.pool:4: [Pool] Colour=: unknown key in [Pool]")
+	assert.Equal(t, "active", sh(t, "systemctl", "is-active", "pool-managerd.service"))
+	assert.Equal(t, pid, getProp(t, "llama-8b", "MainPID"))
+	out, err := call("ListPools")
+	require.NoError(t, err)
+	assert.NotContains(t, out, "bad")
+	require.NoError(t, os.Remove(bad))
+
+	// Added pools start; removed pools are drained and stopped.
+	src, err := os.ReadFile(filepath.Join(dir, "pools.d", "llama-8b.pool"))
+	require.NoError(t, err)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	port2 := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	second := strings.Replace(strings.Replace(string(src), "Devices=0", "Devices=1", 1), "Port=", fmt.Sprintf("Port=%d\n#", port2), 1)
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "second.pool"), []byte(second), 0o644))
+	require.NoError(t, os.Remove(filepath.Join(dir, "pools.d", "llama-8b.pool")))
+	// systemctl reload returns once the daemon has its SIGHUP (systemd 252
+	// does not wait for the READY=1 that ends a reload).
+	sh(t, "systemctl", "reload", "pool-managerd.service")
+	require.Eventually(t, func() bool {
+		out, err = call("ListPools")
+		return err == nil && out == `a(so) 1 "second" "/org/llorch/PoolManager1/pool/second"`
+	}, 30*time.Second, 50*time.Millisecond, out)
+	require.Eventually(t, func() bool {
+		out, err := try("busctl", "get-property", "org.llorch.PoolManager1", string(bus.PoolPath("second")), "org.llorch.PoolManager1.Pool", "Ready")
+		return err == nil && out == "b true"
+	}, 30*time.Second, 50*time.Millisecond)
+	n := strings.TrimPrefix(pid, "u ")
+	_, err = os.Stat("/proc/" + n)
+	assert.True(t, os.IsNotExist(err), "the removed pool's engine is gone")
+
+	// A changed pool starts again on its new configuration.
+	pid2 := getProp(t, "second", "MainPID")
+	second = strings.Replace(second, "Slots=2", "Slots=3", 1)
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "second.pool"), []byte(second), 0o644))
+	sh(t, "systemctl", "reload", "pool-managerd.service")
+	require.Eventually(t, func() bool {
+		out, err := try("busctl", "get-property", "org.llorch.PoolManager1", string(bus.PoolPath("second")), "org.llorch.PoolManager1.Pool", "Slots")
+		return err == nil && out == "u 3" && getProp(t, "second", "Ready") == "b true"
+	}, 30*time.Second, 50*time.Millisecond)
+	assert.NotEqual(t, pid2, getProp(t, "second", "MainPID"))
+	assert.Equal(t, "1/1 pools ready", sh(t, "systemctl", "show", "-p", "StatusText", "--value", "pool-managerd.service"))
+	exec.Command("systemctl", "stop", "pool-engine-second.scope").Run()
+}
+
+func TestWatchdogIsPetted(t *testing.T) {
+	daemon(t, "[Service]\nWatchdogSec=1\n")
+	require.Eventually(t, func() bool { return getProp(t, "llama-8b", "Ready") == "b true" }, 30*time.Second, 50*time.Millisecond)
+	start := time.Now()
+	// Over three watchdog periods the daemon is neither killed nor restarted.
+	for time.Since(start) < 3*time.Second {
+		assert.Equal(t, "active", sh(t, "systemctl", "is-active", "pool-managerd.service"))
+		assert.Equal(t, "0", sh(t, "systemctl", "show", "-p", "NRestarts", "--value", "pool-managerd.service"))
+		time.Sleep(250 * time.Millisecond)
+	}
+	assert.NotContains(t, sh(t, "journalctl", "-u", "pool-managerd.service", "--no-pager"), "Watchdog timeout")
 }

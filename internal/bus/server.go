@@ -35,14 +35,14 @@ type Server struct {
 	adminGID int // -1: no admin group on this host
 
 	mu    sync.Mutex
-	props map[string]*prop.Properties
+	pools map[string]context.CancelFunc // stops a pool's publisher
 }
 
 // Serve exports the manager and its pools on conn, watches for callers
 // leaving the bus, and then takes the bus name: a caller never finds the
 // name without the objects. It runs until ctx ends.
 func Serve(ctx context.Context, conn *dbus.Conn, mgr *manager.Manager, log *slog.Logger, adminGroup string) (*Server, error) {
-	s := &Server{conn: conn, mgr: mgr, log: log, ctx: ctx, adminGID: -1, props: map[string]*prop.Properties{}}
+	s := &Server{conn: conn, mgr: mgr, log: log, ctx: ctx, adminGID: -1, pools: map[string]context.CancelFunc{}}
 	if g, err := user.LookupGroup(adminGroup); err == nil {
 		if gid, err := strconv.Atoi(g.Gid); err == nil {
 			s.adminGID = gid
@@ -53,10 +53,7 @@ func Serve(ctx context.Context, conn *dbus.Conn, mgr *manager.Manager, log *slog
 	if err := conn.Export(&managerObject{s}, ManagerPath, ManagerIface); err != nil {
 		return nil, err
 	}
-	var ids []string
 	for _, p := range mgr.Pools() {
-		id := p.Snapshot().ID
-		ids = append(ids, PathEncode(id))
 		if err := s.exportPool(p); err != nil {
 			return nil, err
 		}
@@ -64,7 +61,7 @@ func Serve(ctx context.Context, conn *dbus.Conn, mgr *manager.Manager, log *slog
 	if err := exportIntrospection(conn, ManagerPath, shipped.Manager, []string{"pool"}, false); err != nil {
 		return nil, err
 	}
-	if err := exportIntrospection(conn, PoolPrefix, "", ids, false); err != nil {
+	if err := s.exportPoolList(); err != nil {
 		return nil, err
 	}
 	if err := s.watchCallers(); err != nil {
@@ -124,6 +121,40 @@ func properties(s supervisor.Snapshot) map[string]any {
 	}
 }
 
+func (s *Server) exportPoolList() error {
+	var ids []string
+	for _, id := range s.mgr.IDs() {
+		ids = append(ids, PathEncode(id))
+	}
+	return exportIntrospection(s.conn, PoolPrefix, "", ids, false)
+}
+
+// PutPool publishes a pool added by a configuration reload, or the new
+// supervisor of a pool whose configuration changed.
+func (s *Server) PutPool(p *supervisor.Supervisor) error {
+	s.RemovePool(p.Snapshot().ID)
+	if err := s.exportPool(p); err != nil {
+		return err
+	}
+	return s.exportPoolList()
+}
+
+// RemovePool takes a pool's object off the bus.
+func (s *Server) RemovePool(id string) {
+	s.mu.Lock()
+	cancel := s.pools[id]
+	delete(s.pools, id)
+	s.mu.Unlock()
+	if cancel == nil {
+		return
+	}
+	cancel()
+	path := PoolPath(id)
+	s.conn.Export(nil, path, "org.freedesktop.DBus.Properties")
+	s.conn.Export(nil, path, "org.freedesktop.DBus.Introspectable")
+	s.exportPoolList()
+}
+
 func (s *Server) exportPool(p *supervisor.Supervisor) error {
 	snap := p.Snapshot()
 	path := PoolPath(snap.ID)
@@ -140,18 +171,19 @@ func (s *Server) exportPool(p *supervisor.Supervisor) error {
 	if err := exportIntrospection(s.conn, path, shipped.Pool, nil, true); err != nil {
 		return err
 	}
+	ctx, cancel := context.WithCancel(s.ctx)
 	s.mu.Lock()
-	s.props[snap.ID] = props
+	s.pools[snap.ID] = cancel
 	s.mu.Unlock()
-	go s.publish(p, path, props, cur)
+	go s.publish(ctx, p, path, props, cur)
 	return nil
 }
 
 // publish keeps a pool's properties current and sends one
 // PropertiesChanged per change with every property that changed.
-func (s *Server) publish(p *supervisor.Supervisor, path dbus.ObjectPath, props *prop.Properties, last map[string]any) {
+func (s *Server) publish(ctx context.Context, p *supervisor.Supervisor, path dbus.ObjectPath, props *prop.Properties, last map[string]any) {
 	for {
-		snap, err := p.Wait(s.ctx, func(snap supervisor.Snapshot) bool { return !reflect.DeepEqual(properties(snap), last) })
+		snap, err := p.Wait(ctx, func(snap supervisor.Snapshot) bool { return !reflect.DeepEqual(properties(snap), last) })
 		if err != nil {
 			return
 		}

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/llorch/pool-managerd/internal/supervisor"
@@ -16,8 +17,10 @@ import (
 // ErrNoSuchPool refuses an operation on a pool that is not configured.
 var ErrNoSuchPool = errors.New("no such pool")
 
-// Manager holds the supervised pools.
+// Manager holds the supervised pools; a configuration reload adds and
+// removes them while calls go on.
 type Manager struct {
+	mu    sync.RWMutex
 	pools map[string]*supervisor.Supervisor
 }
 
@@ -32,15 +35,33 @@ func New(pools ...*supervisor.Supervisor) *Manager {
 
 // Pools returns the supervisors, sorted by id.
 func (m *Manager) Pools() []*supervisor.Supervisor {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	var out []*supervisor.Supervisor
-	for _, id := range m.IDs() {
+	for _, id := range m.ids() {
 		out = append(out, m.pools[id])
 	}
 	return out
 }
 
+// Put adds a pool or replaces the pool of the same id.
+func (m *Manager) Put(p *supervisor.Supervisor) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.pools[p.Snapshot().ID] = p
+}
+
+// Remove drops a pool.
+func (m *Manager) Remove(id string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.pools, id)
+}
+
 // Pool returns one pool's supervisor.
 func (m *Manager) Pool(id string) (*supervisor.Supervisor, error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	p, ok := m.pools[id]
 	if !ok {
 		return nil, fmt.Errorf("pool %q: %w", id, ErrNoSuchPool)
@@ -50,6 +71,12 @@ func (m *Manager) Pool(id string) (*supervisor.Supervisor, error) {
 
 // IDs lists the pool ids, sorted.
 func (m *Manager) IDs() []string {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.ids()
+}
+
+func (m *Manager) ids() []string {
 	ids := make([]string, 0, len(m.pools))
 	for id := range m.pools {
 		ids = append(ids, id)
@@ -71,8 +98,8 @@ func (m *Manager) AcquireLease(pool, owner string) (string, error) {
 // supervisor.ErrNoSuchLease like any unknown lease.
 func (m *Manager) ReleaseLease(id string) error {
 	pool, ok := supervisor.LeasePool(id)
-	p, found := m.pools[pool]
-	if !ok || !found {
+	p, err := m.Pool(pool)
+	if !ok || err != nil {
 		return fmt.Errorf("lease %q: %w", id, supervisor.ErrNoSuchLease)
 	}
 	return p.ReleaseLease(id)
@@ -81,8 +108,8 @@ func (m *Manager) ReleaseLease(id string) error {
 // ReleaseLeaseAs gives back a lease owner holds.
 func (m *Manager) ReleaseLeaseAs(id, owner string) error {
 	pool, ok := supervisor.LeasePool(id)
-	p, found := m.pools[pool]
-	if !ok || !found {
+	p, err := m.Pool(pool)
+	if !ok || err != nil {
 		return fmt.Errorf("lease %q: %w", id, supervisor.ErrNoSuchLease)
 	}
 	return p.ReleaseLeaseAs(id, owner)
@@ -91,7 +118,7 @@ func (m *Manager) ReleaseLeaseAs(id, owner string) error {
 // ReleaseOwner releases every lease owner holds on any pool.
 func (m *Manager) ReleaseOwner(owner string) int {
 	n := 0
-	for _, p := range m.pools {
+	for _, p := range m.Pools() {
 		n += p.ReleaseOwner(owner)
 	}
 	return n
