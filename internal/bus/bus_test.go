@@ -1,6 +1,7 @@
 package bus_test
 
 import (
+	"encoding/xml"
 	"fmt"
 	"net"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/godbus/dbus/v5"
+	"github.com/godbus/dbus/v5/introspect"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -311,6 +313,17 @@ func TestDaemonRestartAdoptsEngines(t *testing.T) {
 	sh(t, "systemctl", "restart", "pool-managerd.service")
 	readyAgain("after systemctl restart")
 	assert.Equal(t, "u 1", getProp(t, "llama-8b", "ActiveLeases"), "the lease of a client still on the bus is kept")
+
+	// A client that leaves while no daemon runs loses its lease.
+	gone, err := dbus.ConnectSystemBus()
+	require.NoError(t, err)
+	require.NoError(t, gone.Object(bus.Name, mgr).Call(bus.ManagerIface+".AcquireLease", 0, "llama-8b").Err)
+	require.Eventually(t, func() bool { return getProp(t, "llama-8b", "ActiveLeases") == "u 2" }, 5*time.Second, 20*time.Millisecond)
+	sh(t, "systemctl", "stop", "pool-managerd.service")
+	gone.Close()
+	sh(t, "systemctl", "start", "pool-managerd.service")
+	readyAgain("after stop and start")
+	assert.Equal(t, "u 1", getProp(t, "llama-8b", "ActiveLeases"), "only the connected client's lease is kept")
 	sh(t, "systemctl", "kill", "--signal=KILL", "pool-managerd.service")
 	require.Eventually(t, func() bool {
 		out, _ := try("systemctl", "show", "-p", "NRestarts", "--value", "pool-managerd.service")
@@ -401,4 +414,40 @@ func TestWatchdogIsPetted(t *testing.T) {
 		time.Sleep(250 * time.Millisecond)
 	}
 	assert.NotContains(t, sh(t, "journalctl", "-u", "pool-managerd.service", "--no-pager"), "Watchdog timeout")
+}
+
+func TestEngineOfPoolRemovedWhileDownIsStopped(t *testing.T) {
+	dir, _ := daemon(t)
+	require.Eventually(t, func() bool { return getProp(t, "llama-8b", "Ready") == "b true" }, 30*time.Second, 50*time.Millisecond)
+	pid := strings.TrimPrefix(getProp(t, "llama-8b", "MainPID"), "u ")
+	sh(t, "systemctl", "stop", "pool-managerd.service")
+	_, err := os.Stat("/proc/" + pid)
+	require.NoError(t, err, "the engine outlives the daemon")
+	require.NoError(t, os.Remove(filepath.Join(dir, "pools.d", "llama-8b.pool")))
+	sh(t, "systemctl", "start", "pool-managerd.service")
+	_, err = os.Stat("/proc/" + pid)
+	assert.True(t, os.IsNotExist(err), "the engine of the removed pool is stopped")
+	out, _ := try("systemctl", "is-active", "pool-engine-llama\\x2d8b.scope")
+	assert.NotEqual(t, "active", out)
+}
+
+func TestServedIntrospectionIsTheShippedOne(t *testing.T) {
+	daemon(t)
+	for path, file := range map[string]string{mgr: "org.llorch.PoolManager1.Manager.xml", string(bus.PoolPath("llama-8b")): "org.llorch.PoolManager1.Pool.xml"} {
+		served := sh(t, "busctl", "introspect", "--xml-interface", "org.llorch.PoolManager1", path)
+		shippedXML, err := os.ReadFile(filepath.Join("../../dbus", file))
+		require.NoError(t, err)
+		var a, b introspect.Node
+		require.NoError(t, xml.Unmarshal([]byte(served), &a))
+		require.NoError(t, xml.Unmarshal(shippedXML, &b))
+		var got *introspect.Interface
+		for i := range a.Interfaces {
+			if a.Interfaces[i].Name == b.Interfaces[0].Name {
+				got = &a.Interfaces[i]
+			}
+		}
+		require.NotNil(t, got, "%s serves %s", path, b.Interfaces[0].Name)
+		assert.Equal(t, b.Interfaces[0].Methods, got.Methods, path)
+		assert.Equal(t, b.Interfaces[0].Properties, got.Properties, path)
+	}
 }
