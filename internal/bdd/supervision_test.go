@@ -17,6 +17,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/llorch/pool-managerd/internal/bdd/capture"
+	"github.com/llorch/pool-managerd/internal/bdd/suite"
 	"github.com/llorch/pool-managerd/internal/crash"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/metrics"
@@ -28,38 +29,10 @@ import (
 const supervisionScenarios = 30
 
 func TestSupervisionFeatures(t *testing.T) {
-	suite := godog.TestSuite{
-		Name:                "supervision",
-		ScenarioInitializer: initSupervision,
-		Options: &godog.Options{
-			Format: "progress",
-			Paths: []string{
-				"features/supervision/backoff.feature",
-				"features/supervision/circuit_breaker.feature",
-				"features/supervision/restart_storm.feature",
-			},
-			Strict:   true,
-			TestingT: t,
-		},
-	}
-	features, err := suite.RetrieveFeatures()
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, f := range features {
-		for _, c := range f.GherkinDocument.Feature.Children {
-			if c.Scenario != nil {
-				n++
-			}
-		}
-	}
-	if n != supervisionScenarios {
-		t.Fatalf("features hold %d scenarios, want %d", n, supervisionScenarios)
-	}
-	if st := suite.Run(); st != 0 {
-		t.Fatalf("godog exited with status %d", st)
-	}
+	suite.Run(t, "supervision", supervisionScenarios, initSupervision,
+		"features/supervision/backoff.feature",
+		"features/supervision/circuit_breaker.feature",
+		"features/supervision/restart_storm.feature")
 }
 
 // epoch is the simulated clock's start; journal timestamps in the

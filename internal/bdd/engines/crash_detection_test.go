@@ -16,8 +16,10 @@ import (
 	"time"
 
 	"github.com/cucumber/godog"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/llorch/pool-managerd/internal/bdd/capture"
+	"github.com/llorch/pool-managerd/internal/bdd/suite"
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/sandbox"
@@ -36,34 +38,7 @@ func TestMain(m *testing.M) {
 }
 
 func TestCrashDetectionFeature(t *testing.T) {
-	suite := godog.TestSuite{
-		Name:                "crash detection",
-		ScenarioInitializer: initCrashDetection,
-		Options: &godog.Options{
-			Format:   "progress",
-			Paths:    []string{"../features/supervision/crash_detection.feature"},
-			Strict:   true,
-			TestingT: t,
-		},
-	}
-	features, err := suite.RetrieveFeatures()
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, f := range features {
-		for _, c := range f.GherkinDocument.Feature.Children {
-			if c.Scenario != nil {
-				n++
-			}
-		}
-	}
-	if n != crashScenarios {
-		t.Fatalf("crash_detection.feature holds %d scenarios, want %d", n, crashScenarios)
-	}
-	if st := suite.Run(); st != 0 {
-		t.Fatalf("godog exited with status %d", st)
-	}
+	suite.Run(t, "crash detection", crashScenarios, initCrashDetection, "../features/supervision/crash_detection.feature")
 }
 
 // scenarioT lets testpool register cleanups that run after the scenario.
@@ -359,17 +334,7 @@ func initCrashDetection(sc *godog.ScenarioContext) {
 		}
 		return nil
 	})
-	sc.Step(`^the metric (\S+) is (\S+)$`, func(s string, want float64) error {
-		m, typ, err := capture.Series(w.env.Reg, s)
-		if err != nil {
-			return err
-		}
-		v, err := capture.Value(m, typ)
-		if err == nil && v != want {
-			err = fmt.Errorf("%s is %g, want %g", s, v, want)
-		}
-		return err
-	})
+	sc.Step(`^the metric (\S+) is (\S+)$`, func(s string, want float64) error { return metricIs(w.env.Reg, s, want) })
 	sc.Step(`^the journal has a critical \(PRIORITY=2\) "OOM" entry for pool "([^"]+)"$`, func(pool string) error {
 		e, err := w.crashEntry(pool)
 		if err != nil {
@@ -385,4 +350,18 @@ func initCrashDetection(sc *godog.ScenarioContext) {
 func execOut(name string, args ...string) (string, error) {
 	out, err := exec.Command(name, args...).CombinedOutput()
 	return strings.TrimSpace(string(out)), err
+}
+
+// metricIs checks a counter or gauge series, named as in the exposition
+// format.
+func metricIs(g prometheus.Gatherer, s string, want float64) error {
+	m, typ, err := capture.Series(g, s)
+	if err != nil {
+		return err
+	}
+	v, err := capture.Value(m, typ)
+	if err == nil && v != want {
+		err = fmt.Errorf("%s is %g, want %g", s, v, want)
+	}
+	return err
 }

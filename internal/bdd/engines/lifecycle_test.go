@@ -20,6 +20,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/llorch/pool-managerd/internal/bdd/capture"
+	"github.com/llorch/pool-managerd/internal/bdd/suite"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/testpool"
@@ -29,34 +30,7 @@ import (
 const lifecycleScenarios = 24
 
 func TestLifecycleFeatures(t *testing.T) {
-	suite := godog.TestSuite{
-		Name:                "lifecycle",
-		ScenarioInitializer: initLifecycle,
-		Options: &godog.Options{
-			Format:   "progress",
-			Paths:    []string{"../features/lifecycle"},
-			Strict:   true,
-			TestingT: t,
-		},
-	}
-	features, err := suite.RetrieveFeatures()
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, f := range features {
-		for _, c := range f.GherkinDocument.Feature.Children {
-			if c.Scenario != nil {
-				n++
-			}
-		}
-	}
-	if n != lifecycleScenarios {
-		t.Fatalf("lifecycle features hold %d scenarios, want %d", n, lifecycleScenarios)
-	}
-	if st := suite.Run(); st != 0 {
-		t.Fatalf("godog exited with status %d", st)
-	}
+	suite.Run(t, "lifecycle", lifecycleScenarios, initLifecycle, "../features/lifecycle")
 }
 
 type drainCall struct {
@@ -573,17 +547,7 @@ func initLifecycle(sc *godog.ScenarioContext) {
 	})
 
 	// Metrics.
-	sc.Step(`^the metric (\S+) is (\S+)$`, func(s string, want float64) error {
-		m, typ, err := capture.Series(w.env.Reg, s)
-		if err != nil {
-			return err
-		}
-		v, err := capture.Value(m, typ)
-		if err == nil && v != want {
-			err = fmt.Errorf("%s is %g, want %g", s, v, want)
-		}
-		return err
-	})
+	sc.Step(`^the metric (\S+) is (\S+)$`, func(s string, want float64) error { return metricIs(w.env.Reg, s, want) })
 	sc.Step(`^the metric (\S+) has (\d+) observations?$`, func(s string, n int) error {
 		m, typ, err := capture.Series(w.env.Reg, s)
 		if err != nil {
