@@ -94,9 +94,10 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 		return 1
 	}
 	defer rt.Close()
+	reg := prometheus.NewRegistry()
 	d := &daemonState{
 		ctx: ctx, dir: dir, log: log, cfg: cfg, inv: inv, rt: rt,
-		metrics: metrics.New(prometheus.NewRegistry()),
+		metrics: metrics.New(reg),
 		stager:  model.New(cfg.Manager.ModelsDir, filepath.Join(cfg.Manager.StateDir, "staged")),
 		mgr:     manager.New(),
 		pools:   map[string]*pool{},
@@ -147,6 +148,7 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 		return 1
 	}
 	sddaemon.SdNotify(false, sddaemon.SdNotifyReady+"\nSTATUS="+d.status())
+	go d.metrics.Export(ctx, reg, cfg.Manager.MetricsTextfile, cfg.Manager.MetricsInterval, cfg.Manager.MetricsListen, log)
 	go d.keepStatus()
 	go d.watchdog()
 	go d.watchXID()

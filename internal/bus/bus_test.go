@@ -1,6 +1,7 @@
 package bus_test
 
 import (
+	"encoding/json"
 	"encoding/xml"
 	"fmt"
 	"net"
@@ -14,6 +15,9 @@ import (
 
 	"github.com/godbus/dbus/v5"
 	"github.com/godbus/dbus/v5/introspect"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -71,6 +75,7 @@ func daemon(t *testing.T, dropIn ...string) (dir string, port int) {
 StateDir=%[1]s/state
 RuntimeDir=%[1]s/run
 ModelsDir=%[1]s/models
+MetricsTextfile=%[1]s/metrics/pool-managerd.prom
 [Inventory]
 Backend=static
 Device=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0
@@ -106,6 +111,12 @@ BackoffInitialSec=0.2
 	require.NoError(t, err)
 	require.NoError(t, os.WriteFile("/etc/dbus-1/system.d/org.llorch.PoolManager1.conf", policy, 0o644))
 	sh(t, "systemctl", "reload", "dbus.service")
+	catalog, err := os.ReadFile("../../packaging/pool-managerd.catalog")
+	require.NoError(t, err)
+	require.NoError(t, os.MkdirAll("/usr/lib/systemd/catalog", 0o755))
+	require.NoError(t, os.WriteFile("/usr/lib/systemd/catalog/pool-managerd.catalog", catalog, 0o644))
+	sh(t, "journalctl", "--update-catalog")
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "metrics"), 0o755))
 	os.RemoveAll("/etc/systemd/system/pool-managerd.service.d")
 	for i, d := range dropIn {
 		require.NoError(t, os.MkdirAll("/etc/systemd/system/pool-managerd.service.d", 0o755))
@@ -121,7 +132,7 @@ BackoffInitialSec=0.2
 }
 
 func TestOperatorAndRouterOverTheBus(t *testing.T) {
-	_, _ = daemon(t)
+	dir, _ := daemon(t)
 	// Type=notify: active only after READY=1, with the pool started.
 	assert.Equal(t, "active", sh(t, "systemctl", "show", "-p", "ActiveState", "--value", "pool-managerd.service"))
 	require.Eventually(t, func() bool { return getProp(t, "llama-8b", "Ready") == "b true" }, 30*time.Second, 50*time.Millisecond)
@@ -232,6 +243,41 @@ func TestOperatorAndRouterOverTheBus(t *testing.T) {
 	}
 	assert.Equal(t, `s "ready"`, getProp(t, "llama-8b", "State"))
 	assert.Equal(t, `s "b.gguf"`, getProp(t, "llama-8b", "Model"))
+
+	// node_exporter's textfile: every family, with the drain and the
+	// reload counted.
+	var fams map[string]*dto.MetricFamily
+	require.Eventually(t, func() bool {
+		f, err := os.Open(filepath.Join(dir, "metrics", "pool-managerd.prom"))
+		if err != nil {
+			return false
+		}
+		defer f.Close()
+		p := expfmt.NewTextParser(model.UTF8Validation)
+		fams, err = p.TextToMetricFamilies(f)
+		return err == nil && counter(fams, "pool_managerd_reload_success_total") == 1
+	}, 20*time.Second, 100*time.Millisecond)
+	for _, name := range []string{
+		"drain_duration_seconds", "drains_total", "drain_force_stops_total", "reload_duration_seconds",
+		"reload_success_total", "reload_failure_total", "engine_crashes_total", "backoff_delay_seconds",
+		"restarts_scheduled_total", "circuit_breaker_opens_total", "circuit_breaker_state", "restart_storms_total",
+		"restart_rate", "pool_ready", "pool_live", "pool_draining", "active_leases", "pool_info",
+		"health_check_failures_total", "build_info",
+	} {
+		assert.Contains(t, fams, "pool_managerd_"+name)
+	}
+	assert.Equal(t, 1.0, counter(fams, "pool_managerd_drains_total"))
+}
+
+// counter sums a family's counter values.
+func counter(fams map[string]*dto.MetricFamily, name string) float64 {
+	sum := 0.0
+	if f, ok := fams[name]; ok {
+		for _, m := range f.GetMetric() {
+			sum += m.GetCounter().GetValue()
+		}
+	}
+	return sum
 }
 
 func TestUnprivilegedCallersMayOnlyRead(t *testing.T) {
@@ -332,14 +378,30 @@ func TestDaemonRestartAdoptsEngines(t *testing.T) {
 	readyAgain("after kill -9")
 
 	// A crash of the adopted engine is still seen and restarted.
-	resp, err := http.Post(fmt.Sprintf("http://127.0.0.1:%d/sim/fault?kind=exit:1", port), "", nil)
+	resp, err := http.Post(fmt.Sprintf("http://127.0.0.1:%d/sim/fault?kind=segv", port), "", nil)
 	require.NoError(t, err)
 	resp.Body.Close()
 	require.Eventually(t, func() bool {
 		return getProp(t, "llama-8b", "CrashCount") == "u 1" && getProp(t, "llama-8b", "Ready") == "b true"
 	}, 30*time.Second, 50*time.Millisecond)
 	assert.NotEqual(t, pid, getProp(t, "llama-8b", "MainPID"))
-	assert.Equal(t, `s "exited with status 1"`, getProp(t, "llama-8b", "LastError"))
+	assert.Equal(t, `s "killed by SIGSEGV"`, getProp(t, "llama-8b", "LastError"))
+
+	// The crash in the journal, with its fields and its catalog entry.
+	var crash map[string]any
+	for _, line := range strings.Split(sh(t, "journalctl", "-u", "pool-managerd.service", "-o", "json", "--no-pager"), "\n") {
+		var e map[string]any
+		if json.Unmarshal([]byte(line), &e) == nil && e["MESSAGE_ID"] == "b7d7597cfa114df0a87d0da1ee5155ee" {
+			crash = e
+		}
+	}
+	require.NotNil(t, crash, "a crash entry with its MESSAGE_ID")
+	assert.Equal(t, "llama-8b", crash["POOL_ID"])
+	assert.Equal(t, "signal", crash["CRASH_REASON"])
+	assert.Equal(t, "SIGSEGV", crash["EXIT_SIGNAL"])
+	assert.Equal(t, "3", crash["PRIORITY"])
+	assert.Contains(t, sh(t, "journalctl", "-x", "-u", "pool-managerd.service", "--no-pager"),
+		"Subject: Inference engine of pool llama-8b crashed (signal)")
 }
 
 func TestConfigurationReload(t *testing.T) {

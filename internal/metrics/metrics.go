@@ -39,6 +39,8 @@ type Set struct {
 	PoolInfo            *prometheus.GaugeVec
 	HealthCheckFailures *prometheus.CounterVec
 	BuildInfo           *prometheus.GaugeVec
+
+	touched chan struct{}
 }
 
 // New creates the families and registers them on reg.
@@ -76,6 +78,7 @@ func New(reg prometheus.Registerer) *Set {
 		PoolInfo:            gauge("pool_info", "Constant 1, labelled with what the pool runs.", "pool_id", "model", "engine_version", "device_mask"),
 		HealthCheckFailures: counter("health_check_failures_total", "Failed engine health probes.", "pool_id"),
 		BuildInfo:           gauge("build_info", "Constant 1, labelled with the daemon's build.", "version", "goversion"),
+		touched:             make(chan struct{}, 1),
 	}
 	reg.MustRegister(m.DrainDuration, m.Drains, m.DrainForceStops, m.ReloadDuration, m.ReloadSuccess,
 		m.ReloadFailure, m.EngineCrashes, m.BackoffDelay, m.RestartsScheduled, m.BreakerOpens,
@@ -106,6 +109,7 @@ func (m *Set) Policy(pool string, events []policy.Event, st policy.Status) {
 		m.BreakerState.WithLabelValues(pool, string(c)).Set(float64(s.State))
 	}
 	m.RestartRate.WithLabelValues(pool).Set(float64(st.RestartRate))
+	m.Touch()
 }
 
 // Forget drops every series of a pool that is gone from the configuration.

@@ -122,6 +122,7 @@ type Supervisor struct {
 	changed chan struct{}
 
 	// Owned by the loop.
+	info      [4]string // the pool_info labels set last
 	run       *run
 	current   model.Staged // what the running (or next) engine loads
 	restartAt *time.Timer
@@ -164,6 +165,7 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 		changed: make(chan struct{}),
 		leases:  map[string]string{},
 	}
+	m.InitPool(cfg.Pool)
 	s.snap = Snapshot{ID: cfg.Pool, State: Stopped, BreakerState: breaker.Closed.String(), Unit: engine.UnitName(cfg.Pool),
 		Model: cfg.Model, EngineVersion: cfg.EngineVersion, DeviceMask: cfg.DeviceMask, Slots: cfg.Slots}
 	if cfg.State.Path != "" {
@@ -274,6 +276,15 @@ func (s *Supervisor) update(f func(*Snapshot)) {
 	s.metrics.PoolLive.WithLabelValues(id).Set(b(snap.Live))
 	s.metrics.PoolDraining.WithLabelValues(id).Set(b(snap.Draining))
 	s.metrics.ActiveLeases.WithLabelValues(id).Set(float64(snap.ActiveLeases))
+	info := [4]string{id, snap.Model, snap.EngineVersion, snap.DeviceMask}
+	if info != s.info {
+		if s.info[0] != "" {
+			s.metrics.PoolInfo.DeleteLabelValues(s.info[:]...)
+		}
+		s.metrics.PoolInfo.WithLabelValues(info[:]...).Set(1)
+		s.info = info
+	}
+	s.metrics.Touch()
 }
 
 // emit logs and counts policy events and persists the policy state.
