@@ -5,12 +5,28 @@ export GOFLAGS
 # go-nvml's header trips deprecation warnings in every uncached cgo build.
 export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 
-.PHONY: all build test fmt-check vet unit demo fuzz clean
+VERSION ?= 0.1.0
+GOARCH  ?= $(shell $(GO) env GOARCH)
+export VERSION GOARCH
+
+.PHONY: all build man packages deb rpm test fmt-check vet unit demo fuzz clean
 
 all: build
 
 build:
-	$(GO) build -o build/ ./cmd/...
+	$(GO) build -ldflags "-X github.com/llorch/pool-managerd/internal/metrics.Version=$(VERSION)" -o build/ ./cmd/...
+
+MANPAGES := build/man/pool-managerd.8.gz build/man/pool-managerd.conf.5.gz build/man/pool-managerd.pool.5.gz
+man: $(MANPAGES)
+build/man/%.gz: packaging/man/%.md
+	@mkdir -p build/man
+	$(GO) tool go-md2man -in $< | gzip -9n > $@
+
+packages: deb rpm
+deb: build man
+	$(GO) tool nfpm package -f nfpm.yaml -p deb -t build/
+rpm: build man
+	$(GO) tool nfpm package -f nfpm.yaml -p rpm -t build/
 
 test: fmt-check vet unit
 

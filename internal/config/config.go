@@ -5,9 +5,7 @@
 package config
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
@@ -151,33 +149,38 @@ func defaultPool(id, file string) *Pool {
 	}
 }
 
-// Load reads DIR/pool-managerd.conf (optional) and DIR/pools.d/*.pool.
+// Load reads DIR/pool-managerd.conf (optional), then its drop-ins
+// DIR/pool-managerd.conf.d/*.conf in name order (later ones override, as
+// with systemd's), and DIR/pools.d/*.pool.
 func Load(dir string) (*Config, error) {
 	pools, err := filepath.Glob(filepath.Join(dir, PoolsDir, "*"+PoolSuffix))
 	if err != nil {
 		return nil, err
 	}
-	mgr := filepath.Join(dir, ManagerFile)
-	if _, err := os.Stat(mgr); errors.Is(err, fs.ErrNotExist) {
-		mgr = ""
+	var mgr []string
+	if _, err := os.Stat(filepath.Join(dir, ManagerFile)); err == nil {
+		mgr = append(mgr, filepath.Join(dir, ManagerFile))
 	}
-	if _, err := os.Stat(filepath.Join(dir, PoolsDir)); err != nil && mgr == "" {
+	dropIns, _ := filepath.Glob(filepath.Join(dir, ManagerFile+".d", "*.conf"))
+	mgr = append(mgr, dropIns...)
+	if _, err := os.Stat(filepath.Join(dir, PoolsDir)); err != nil && len(mgr) == 0 {
 		return nil, fmt.Errorf("%s: no %s and no %s/ directory: is this a pool-managerd configuration directory?", dir, ManagerFile, PoolsDir)
 	}
 	return LoadFiles(mgr, pools)
 }
 
-// LoadFiles reads the given manager file (empty: defaults) and pool files.
-func LoadFiles(managerFile string, poolFiles []string) (*Config, error) {
+// LoadFiles reads the given manager files in order (none: defaults) and
+// pool files.
+func LoadFiles(managerFiles []string, poolFiles []string) (*Config, error) {
 	var errs Errors
 	c := &Config{Manager: DefaultManager()}
-	if managerFile != "" {
-		c.Manager.File = managerFile
-		data, err := os.ReadFile(managerFile)
+	for _, f := range managerFiles {
+		c.Manager.File = f
+		data, err := os.ReadFile(f)
 		if err != nil {
-			errs = append(errs, &Error{File: managerFile, Msg: err.Error()})
+			errs = append(errs, &Error{File: f, Msg: err.Error()})
 		} else {
-			errs = append(errs, parseManager(managerFile, data, &c.Manager)...)
+			errs = append(errs, parseManager(f, data, &c.Manager)...)
 		}
 	}
 	seen := map[string]string{}

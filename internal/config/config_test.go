@@ -215,7 +215,7 @@ func TestDuplicatePoolID(t *testing.T) {
 	for _, d := range []string{a, b} {
 		require.NoError(t, os.WriteFile(filepath.Join(d, "x.pool"), []byte(minimalPool), 0o644))
 	}
-	_, err := LoadFiles("", []string{filepath.Join(a, "x.pool"), filepath.Join(b, "x.pool")})
+	_, err := LoadFiles(nil, []string{filepath.Join(a, "x.pool"), filepath.Join(b, "x.pool")})
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), `duplicate pool id "x"`)
 }
@@ -252,4 +252,19 @@ func TestSplitWords(t *testing.T) {
 func TestExpand(t *testing.T) {
 	sp := Specifiers{ID: "p", Model: "/m", Port: "1", Devices: "0,1"}
 	assert.Equal(t, "p /m 1 0,1 %", sp.Expand("%i %m %p %d %%"))
+}
+
+func TestManagerDropInsOverride(t *testing.T) {
+	dir := writeDir(t, map[string]string{
+		ManagerFile:      "[Manager]\nAdminGroup=ops\nMetricsIntervalSec=30\n",
+		"pools.d/a.pool": minimalPool,
+	})
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, ManagerFile+".d"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, ManagerFile+".d", "10-site.conf"), []byte("[Manager]\nAdminGroup=gpu-ops\n"), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, ManagerFile+".d", "20-inv.conf"), []byte("[Inventory]\nBackend=static\nDevice=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0\n"), 0o644))
+	c, err := Load(dir)
+	require.NoError(t, err)
+	assert.Equal(t, "gpu-ops", c.Manager.AdminGroup, "a later drop-in wins")
+	assert.Equal(t, 30*time.Second, c.Manager.MetricsInterval, "what no drop-in sets stays")
+	assert.Equal(t, BackendStatic, c.Manager.Inventory.Backend)
 }
