@@ -39,12 +39,10 @@ vet:
 unit:
 	$(GO) test -race -count=1 -timeout 300s ./...
 
-# Validates the shipped example configuration, then prints the restart
-# schedule the policy follows for two simulated crash loops.
-demo: build
-	./build/pool-managerd --config-dir packaging/examples --check-config
-	./build/pool-managerd --config-dir packaging/examples --print-schedule 8 --crash-reason cuda_error
-	./build/pool-managerd --config-dir packaging/examples --print-schedule 14 --crash-reason exit_code --crash-after 1s
+# The operator's walkthrough: the .deb installed into a private systemd
+# (root needed), two simulator pools on fake GPUs, busctl, journalctl.
+demo: packages
+	$(GO) run ./internal/demo
 
 # Fuzzes the configuration parser for FUZZTIME (seed corpus runs in `make test`).
 FUZZTIME ?= 60s

@@ -97,6 +97,19 @@ func (s *server) fire(f fault) {
 	}
 }
 
+// crashLikeC makes a SIGSEGV, SIGBUS or SIGABRT sent from outside (kill
+// -SEGV) end the simulator by that signal, as it ends a C++ engine; Go's
+// runtime would otherwise turn it into exit status 2.
+func crashLikeC() {
+	var act [4]uint64
+	for _, sig := range []syscall.Signal{syscall.SIGSEGV, syscall.SIGBUS, syscall.SIGABRT} {
+		if _, _, e := syscall.RawSyscall6(syscall.SYS_RT_SIGACTION, uintptr(sig),
+			uintptr(unsafe.Pointer(&act)), 0, 8, 0, 0); e != 0 {
+			logf("sim: rt_sigaction(%d): %v", sig, e)
+		}
+	}
+}
+
 // dieBySignal makes the parent's waitpid see WIFSIGNALED with sig, as for
 // a crashing C++ engine. Go's runtime handles SIGSEGV and SIGABRT itself
 // (exit status 2), so put back SIG_DFL behind its back first.

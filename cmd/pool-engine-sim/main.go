@@ -52,6 +52,7 @@ func logf(format string, args ...any) {
 }
 
 func main() {
+	crashLikeC()
 	os.Exit(run(os.Args[1:]))
 }
 

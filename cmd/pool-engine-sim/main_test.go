@@ -661,3 +661,27 @@ func TestModelCarriesFault(t *testing.T) {
 		t.Fatal("the model's fault did not fire")
 	}
 }
+
+func TestKillSEGVFromOutsideKillsBySignal(t *testing.T) {
+	dir := t.TempDir()
+	m := filepath.Join(dir, "m.gguf")
+	require.NoError(t, os.WriteFile(m, []byte("GGUF\x03\x00\x00\x00"), 0o644))
+	port := freePort(t)
+	cmd := exec.Command(simBin, "--model", m, "--port", strconv.Itoa(port))
+	require.NoError(t, cmd.Start())
+	defer cmd.Process.Kill()
+	require.Eventually(t, func() bool {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/health", port))
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil
+	}, 10*time.Second, 20*time.Millisecond)
+	require.NoError(t, cmd.Process.Signal(syscall.SIGSEGV))
+	err := cmd.Wait()
+	var ee *exec.ExitError
+	require.ErrorAs(t, err, &ee)
+	ws := ee.Sys().(syscall.WaitStatus)
+	assert.True(t, ws.Signaled())
+	assert.Equal(t, syscall.SIGSEGV, ws.Signal())
+}
