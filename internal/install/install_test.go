@@ -37,7 +37,9 @@ func setup() ([]string, []string, func(), error) {
 	if err != nil {
 		return nil, nil, cleanup, err
 	}
-	return append(env, "PACKAGES="+filepath.Join(root, "build")), binds, cleanup, nil
+	// The checkout may be under /tmp, which the sandbox has its own of.
+	build := filepath.Join(root, "build")
+	return append(env, "PACKAGES="+build), append(binds, build), cleanup, nil
 }
 
 func sh(t *testing.T, name string, args ...string) string {
