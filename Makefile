@@ -9,7 +9,7 @@ VERSION ?= 0.1.0
 GOARCH  ?= $(shell $(GO) env GOARCH)
 export VERSION GOARCH
 
-.PHONY: all build man packages deb rpm test fmt-check vet unit demo fuzz clean
+.PHONY: all build man packages deb rpm test fmt-check vet unit demo bench fuzz clean
 
 all: build
 
@@ -43,6 +43,11 @@ unit:
 # (root needed), two simulator pools on fake GPUs, busctl, journalctl.
 demo: packages
 	$(GO) run ./internal/demo
+
+# Figures against systemd and the bus, measured in one run in the sandbox
+# (root needed); writes build/bench.json.
+bench:
+	$(GO) run ./internal/bench
 
 # Fuzzes the configuration parser for FUZZTIME (seed corpus runs in `make test`).
 FUZZTIME ?= 60s

@@ -161,6 +161,12 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 			d.reload()
 		case <-ctx.Done():
 			sddaemon.SdNotify(false, sddaemon.SdNotifyStopping)
+			d.mu.Lock()
+			for _, p := range d.pools {
+				p.sup.Flush()
+				p.cancel()
+			}
+			d.mu.Unlock()
 			log.Info("stopping; engines keep running in their scopes")
 			return exitOK
 		}
@@ -173,7 +179,8 @@ func (d *daemonState) newPool(p *config.Pool) (*pool, error) {
 		return nil, err
 	}
 	s := supervisor.New(c, d.rt, d.log, d.metrics)
-	ctx, cancel := context.WithCancel(d.ctx)
+	// Not d.ctx: the loop must outlive SIGTERM long enough to flush.
+	ctx, cancel := context.WithCancel(context.Background())
 	go s.Run(ctx)
 	return &pool{cfg: p, sup: s, cancel: cancel}, nil
 }

@@ -36,13 +36,16 @@ type Server struct {
 
 	mu    sync.Mutex
 	pools map[string]context.CancelFunc // stops a pool's publisher
+	// callers caches each connection's verdict: unique names are never
+	// reused while the bus runs, and an entry goes when its name leaves.
+	callers map[string]caller
 }
 
 // Serve exports the manager and its pools on conn, watches for callers
 // leaving the bus, and then takes the bus name: a caller never finds the
 // name without the objects. It runs until ctx ends.
 func Serve(ctx context.Context, conn *dbus.Conn, mgr *manager.Manager, log *slog.Logger, adminGroup string) (*Server, error) {
-	s := &Server{conn: conn, mgr: mgr, log: log, ctx: ctx, adminGID: -1, pools: map[string]context.CancelFunc{}}
+	s := &Server{conn: conn, mgr: mgr, log: log, ctx: ctx, adminGID: -1, pools: map[string]context.CancelFunc{}, callers: map[string]caller{}}
 	if g, err := user.LookupGroup(adminGroup); err == nil {
 		if gid, err := strconv.Atoi(g.Gid); err == nil {
 			s.adminGID = gid
@@ -223,6 +226,9 @@ func (s *Server) watchCallers() error {
 				name, _ := sig.Body[0].(string)
 				newOwner, _ := sig.Body[2].(string)
 				if newOwner == "" && len(name) > 0 && name[0] == ':' {
+					s.mu.Lock()
+					delete(s.callers, name)
+					s.mu.Unlock()
 					if n := s.mgr.ReleaseOwner(name); n > 0 {
 						s.log.Info(fmt.Sprintf("released %d lease(s) of %s: it left the bus", n, name), journal.ActiveLeases, n)
 					}
@@ -233,28 +239,52 @@ func (s *Server) watchCallers() error {
 	return nil
 }
 
-// authorize lets root and members of the admin group change pools.
+// caller is what the bus said of one connection.
+type caller struct {
+	uid     uint32
+	allowed bool
+	err     string // why the bus could not say
+}
+
+// authorize lets root and members of the admin group change pools. A
+// connection's credentials are asked of the bus once.
 func (s *Server) authorize(sender dbus.Sender, method string) *dbus.Error {
+	s.mu.Lock()
+	c, ok := s.callers[string(sender)]
+	s.mu.Unlock()
+	if !ok {
+		c = s.credentials(sender)
+		s.mu.Lock()
+		s.callers[string(sender)] = c
+		s.mu.Unlock()
+	}
+	switch {
+	case c.err != "":
+		return dbus.NewError("org.freedesktop.DBus.Error.AccessDenied", []any{c.err})
+	case c.allowed:
+		return nil
+	}
+	s.log.Warn(fmt.Sprintf("access denied: %s by uid %d", method, c.uid), "CALLER_UID", c.uid, "METHOD", method, "SENDER", string(sender))
+	return dbus.NewError("org.freedesktop.DBus.Error.AccessDenied",
+		[]any{fmt.Sprintf("%s is for root and the admin group; uid %d is neither", method, c.uid)})
+}
+
+// credentials asks the bus who a connection is.
+func (s *Server) credentials(sender dbus.Sender) caller {
 	var creds map[string]dbus.Variant
 	err := s.conn.BusObject().Call("org.freedesktop.DBus.GetConnectionCredentials", 0, string(sender)).Store(&creds)
 	if err != nil {
-		return dbus.NewError("org.freedesktop.DBus.Error.AccessDenied", []any{"cannot tell who is calling: " + err.Error()})
+		return caller{err: "cannot tell who is calling: " + err.Error()}
 	}
 	uid, ok := creds["UnixUserID"].Value().(uint32)
 	if !ok {
-		return dbus.NewError("org.freedesktop.DBus.Error.AccessDenied", []any{"the bus did not say who is calling"})
+		return caller{err: "the bus did not say who is calling"}
 	}
-	if uid == 0 {
-		return nil
+	c := caller{uid: uid, allowed: uid == 0}
+	if gids, ok := creds["UnixGroupIDs"].Value().([]uint32); ok && s.adminGID >= 0 && slices.Contains(gids, uint32(s.adminGID)) {
+		c.allowed = true
 	}
-	if s.adminGID >= 0 {
-		if gids, ok := creds["UnixGroupIDs"].Value().([]uint32); ok && slices.Contains(gids, uint32(s.adminGID)) {
-			return nil
-		}
-	}
-	s.log.Warn(fmt.Sprintf("access denied: %s by uid %d", method, uid), "CALLER_UID", uid, "METHOD", method, "SENDER", string(sender))
-	return dbus.NewError("org.freedesktop.DBus.Error.AccessDenied",
-		[]any{fmt.Sprintf("%s is for root and the admin group; uid %d is neither", method, uid)})
+	return c
 }
 
 // managerObject is the exported Manager interface.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/llorch/pool-managerd/internal/journal"
 )
@@ -67,11 +68,33 @@ func (s *Supervisor) ReleaseLease(id string) error {
 }
 
 // leasesChanged keeps the runtime record's leases current, for a daemon
-// that restarts.
+// that restarts: at most every 100 ms, so that a lease call does not pay
+// for a file write.
 func (s *Supervisor) leasesChanged() {
-	if s.run != nil && s.run.healthy && s.drain == nil {
-		s.writeRecord(s.run)
+	if s.recordAt != nil {
+		return
 	}
+	s.recordAt = time.AfterFunc(100*time.Millisecond, func() {
+		s.post(func() {
+			s.recordAt = nil
+			if s.run != nil && s.run.healthy && s.drain == nil && !s.run.candidate {
+				s.writeRecord(s.run)
+			}
+		})
+	})
+}
+
+// Flush writes what leasesChanged has pending, before the daemon exits.
+func (s *Supervisor) Flush() {
+	s.call(func() error {
+		if s.recordAt != nil && s.recordAt.Stop() {
+			s.recordAt = nil
+			if s.run != nil && s.run.healthy && s.drain == nil && !s.run.candidate {
+				s.writeRecord(s.run)
+			}
+		}
+		return nil
+	})
 }
 
 // ReleaseLeaseAs gives back a lease owner holds; another owner's lease is

@@ -123,6 +123,7 @@ type Supervisor struct {
 
 	// Owned by the loop.
 	info      [4]string // the pool_info labels set last
+	recordAt  *time.Timer
 	run       *run
 	current   model.Staged // what the running (or next) engine loads
 	restartAt *time.Timer
@@ -638,12 +639,13 @@ func (s *Supervisor) engineEvent(r *run, ev engine.Event) {
 	if x == nil {
 		return
 	}
+	// Not live, not ready: said first, before any file is touched.
+	s.update(func(p *Snapshot) { p.Live, p.Ready, p.MainPID = false, false, 0 })
 	s.run = nil
 	r.cancel()
 	close(r.exited)
 	uptime := x.At.Sub(r.started)
 	s.removeRecord()
-	s.update(func(p *Snapshot) { p.Live, p.Ready, p.MainPID = false, false, 0 })
 
 	switch {
 	case r.candidate:

@@ -1,0 +1,306 @@
+// Command bench measures pool-managerd against systemd and the bus in the
+// same run, inside the project's sandbox: each figure is a ratio to a
+// reference taken on the same machine at the same time. Run it with make
+// bench; it writes build/bench.json.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/godbus/dbus/v5"
+
+	"github.com/llorch/pool-managerd/internal/bus"
+	"github.com/llorch/pool-managerd/internal/sandbox"
+)
+
+// Figure is one measured figure with its reference.
+type Figure struct {
+	Name      string  `json:"name"`
+	Unit      string  `json:"unit"`
+	Samples   int     `json:"samples"`
+	Median    float64 `json:"median"`
+	P99       float64 `json:"p99"`
+	RefName   string  `json:"reference"`
+	RefMedian float64 `json:"reference_median"`
+	RefP99    float64 `json:"reference_p99"`
+	// Ratio is the figure's p99 (or median, see Basis) over the
+	// reference's.
+	Ratio float64 `json:"ratio"`
+	Basis string  `json:"basis"`
+	Goal  string  `json:"goal"`
+	Met   bool    `json:"met"`
+}
+
+func stats(d []time.Duration) (median, p99 float64) {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	ms := func(x time.Duration) float64 { return float64(x.Microseconds()) / 1000 }
+	return ms(s[len(s)/2]), ms(s[min(len(s)-1, len(s)*99/100)])
+}
+
+func must(err error) {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		panic(err)
+	}
+}
+
+// inside runs in the sandbox (re-executed there by main).
+func inside() {
+	sim := os.Getenv(sandbox.BinEnv("pool-engine-sim"))
+	daemon := os.Getenv(sandbox.BinEnv("pool-managerd"))
+	dir, err := os.MkdirTemp("", "bench-")
+	must(err)
+	os.Chmod(dir, 0o755)
+	for _, d := range []string{"pools.d", "models"} {
+		must(os.MkdirAll(filepath.Join(dir, d), 0o755))
+	}
+	must(os.WriteFile(filepath.Join(dir, "models", "m.gguf"), []byte("GGUF\x03\x00\x00\x00 bench"), 0o644))
+	must(os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte(fmt.Sprintf(`[Manager]
+StateDir=%[1]s/state
+RuntimeDir=%[1]s/run
+ModelsDir=%[1]s/models
+MetricsTextfile=
+[Inventory]
+Backend=static
+Device=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0
+ControlDevice=/dev/nvidiactl
+`, dir)), 0o644))
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	must(os.WriteFile(filepath.Join(dir, "pools.d", "bench.pool"), []byte(fmt.Sprintf(`[Pool]
+Devices=0
+Model=m.gguf
+[Engine]
+ExecStart=%s --model %%m --port %%p
+Port=%d
+StopTimeoutSec=2
+[Health]
+IntervalSec=0.1
+TimeoutSec=0.1
+StartTimeoutSec=20
+[Restart]
+BackoffInitialSec=0.1
+BackoffMinSec=0.1
+BackoffMaxSec=0.1
+JitterPercent=0
+BreakerThreshold=1000
+StormMaxRestarts=10000
+`, sim, port)), 0o644))
+	unit, err := os.ReadFile("systemd/pool-managerd.service")
+	must(err)
+	must(os.WriteFile("/etc/systemd/system/pool-managerd.service",
+		[]byte(strings.Replace(string(unit), "ExecStart=/usr/bin/pool-managerd", "ExecStart="+daemon+" --config-dir "+dir, 1)), 0o644))
+	policy, err := os.ReadFile("dbus/org.llorch.PoolManager1.conf")
+	must(err)
+	must(os.WriteFile("/etc/dbus-1/system.d/org.llorch.PoolManager1.conf", policy, 0o644))
+	for _, c := range [][]string{{"systemctl", "reload", "dbus"}, {"systemctl", "daemon-reload"}, {"systemctl", "start", "pool-managerd"}} {
+		out, err := exec.Command(c[0], c[1:]...).CombinedOutput()
+		if err != nil {
+			must(fmt.Errorf("%v: %v: %s", c, err, out))
+		}
+	}
+	conn, err := dbus.ConnectSystemBus()
+	must(err)
+	pool := conn.Object(bus.Name, bus.PoolPath("bench"))
+	mgr := conn.Object(bus.Name, bus.ManagerPath)
+	get := func(name string) any {
+		v, err := pool.GetProperty(bus.PoolIface + "." + name)
+		must(err)
+		return v.Value()
+	}
+	waitReady := func() {
+		deadline := time.Now().Add(60 * time.Second)
+		for get("Ready") != true {
+			if time.Now().After(deadline) {
+				must(fmt.Errorf("pool not ready"))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	waitReady()
+	var figs []Figure
+
+	// Crash detection: SIGKILL -> Ready=false seen by a client, against
+	// SIGKILL of a transient service's main process -> its ActiveState
+	// change seen the same way.
+	sigs := make(chan *dbus.Signal, 256)
+	conn.Signal(sigs)
+	must(conn.AddMatchSignal(dbus.WithMatchInterface("org.freedesktop.DBus.Properties"), dbus.WithMatchMember("PropertiesChanged")))
+	// systemd sends unit change signals only to subscribers.
+	must(conn.Object("org.freedesktop.systemd1", "/org/freedesktop/systemd1").Call("org.freedesktop.systemd1.Manager.Subscribe", 0).Err)
+	const n = 40
+	var ours, ref []time.Duration
+	for range n {
+		waitReady()
+		pid := int(get("MainPID").(uint32))
+		drain(sigs)
+		t0 := time.Now()
+		must(syscall.Kill(pid, syscall.SIGKILL))
+		ours = append(ours, waitSignal(sigs, bus.PoolPath("bench"), "Ready", false).Sub(t0))
+	}
+	for i := range n {
+		name := fmt.Sprintf("bench-ref-%d.service", i)
+		out, err := exec.Command("systemd-run", "--unit="+name, "--property=Restart=no", "sleep", "infinity").CombinedOutput()
+		if err != nil {
+			must(fmt.Errorf("systemd-run: %v: %s", err, out))
+		}
+		path := dbus.ObjectPath("/org/freedesktop/systemd1/unit/" + bus.PathEncode(name))
+		var v dbus.Variant
+		must(conn.Object("org.freedesktop.systemd1", path).Call("org.freedesktop.DBus.Properties.Get", 0,
+			"org.freedesktop.systemd1.Service", "MainPID").Store(&v))
+		pid := v.Value().(uint32)
+		drain(sigs)
+		t0 := time.Now()
+		must(syscall.Kill(int(pid), syscall.SIGKILL))
+		ref = append(ref, waitSignal(sigs, path, "ActiveState", nil).Sub(t0))
+		exec.Command("systemctl", "reset-failed", name).Run()
+	}
+	figs = append(figs, figure("crash detection", ours, "systemd ActiveState change", ref, "p99", 1.5))
+
+	// Lease calls against Ping, from one connection.
+	waitReady()
+	var lease, ping []time.Duration
+	for range 2000 {
+		t0 := time.Now()
+		var id string
+		must(mgr.Call(bus.ManagerIface+".AcquireLease", 0, "bench").Store(&id))
+		t1 := time.Now()
+		must(mgr.Call(bus.ManagerIface+".ReleaseLease", 0, id).Err)
+		t2 := time.Now()
+		must(mgr.Call("org.freedesktop.DBus.Peer.Ping", 0).Err)
+		t3 := time.Now()
+		lease = append(lease, t1.Sub(t0), t2.Sub(t1))
+		ping = append(ping, t3.Sub(t2))
+	}
+	figs = append(figs, figure("lease call", lease, "Peer.Ping", ping, "median", 1.25))
+
+	// Drain completion: last ReleaseLease -> Drain reply. The reply
+	// includes the engine's stop (SIGTERM to exit), which the simulator
+	// makes short.
+	var drains []time.Duration
+	for range 20 {
+		waitReady()
+		var id string
+		must(mgr.Call(bus.ManagerIface+".AcquireLease", 0, "bench").Store(&id))
+		call := mgr.Go(bus.ManagerIface+".Drain", 0, nil, "bench", uint64(30000))
+		for get("Draining") != true {
+			time.Sleep(time.Millisecond)
+		}
+		must(mgr.Call(bus.ManagerIface+".ReleaseLease", 0, id).Err)
+		t0 := time.Now()
+		<-call.Done
+		drains = append(drains, time.Since(t0))
+		must(call.Err)
+		must(mgr.Call(bus.ManagerIface+".Start", 0, "bench").Err)
+	}
+	med, p99 := stats(drains)
+	figs = append(figs, Figure{Name: "drain completion (incl. engine stop)", Unit: "ms", Samples: len(drains), Median: med, P99: p99,
+		RefName: "none", Basis: "p99", Goal: "p99 < 2 ms after the release, engine stop excluded", Met: p99 < 2})
+
+	exec.Command("systemctl", "stop", "pool-managerd", "pool-engine-bench.scope").Run()
+	b, err := json.MarshalIndent(figs, "", "  ")
+	must(err)
+	fmt.Println(string(b))
+}
+
+func drain(ch chan *dbus.Signal) {
+	for {
+		select {
+		case <-ch:
+		default:
+			return
+		}
+	}
+}
+
+// waitSignal returns when a PropertiesChanged on path carried prop (with
+// want, if not nil).
+func waitSignal(ch chan *dbus.Signal, path dbus.ObjectPath, prop string, want any) time.Time {
+	timeout := time.After(30 * time.Second)
+	for {
+		select {
+		case s := <-ch:
+			at := time.Now()
+			if s.Path != path || len(s.Body) < 2 {
+				continue
+			}
+			changed, _ := s.Body[1].(map[string]dbus.Variant)
+			if v, ok := changed[prop]; ok && (want == nil || v.Value() == want) {
+				return at
+			}
+		case <-timeout:
+			must(fmt.Errorf("no %s change on %s", prop, path))
+		}
+	}
+}
+
+func figure(name string, ours []time.Duration, refName string, ref []time.Duration, basis string, goal float64) Figure {
+	m, p := stats(ours)
+	rm, rp := stats(ref)
+	f := Figure{Name: name, Unit: "ms", Samples: len(ours), Median: m, P99: p, RefName: refName, RefMedian: rm, RefP99: rp, Basis: basis}
+	if basis == "p99" {
+		f.Ratio = p / rp
+	} else {
+		f.Ratio = m / rm
+	}
+	f.Goal = fmt.Sprintf("%s ratio <= %s", basis, strconv.FormatFloat(goal, 'f', -1, 64))
+	f.Met = f.Ratio <= goal
+	return f
+}
+
+func main() {
+	if sandbox.Inside() {
+		defer func() {
+			if r := recover(); r != nil {
+				fmt.Fprintln(os.Stderr, "bench inside:", r)
+				os.Exit(1)
+			}
+		}()
+		inside()
+		return
+	}
+	// Outside: boot a sandbox and run this program again inside it.
+	setup := sandbox.Build("github.com/llorch/pool-managerd/cmd/pool-managerd", "github.com/llorch/pool-managerd/cmd/pool-engine-sim")
+	env, binds, cleanup, err := setup()
+	if cleanup != nil {
+		defer cleanup()
+	}
+	must(err)
+	exe, _ := os.Executable()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	s, err := sandbox.Boot(ctx, sandbox.Options{Nodes: sandbox.FakeGPUs, Binds: append(binds, filepath.Dir(exe)), Prepare: [][]string{{"useradd", "--system", "pool-engine"}}})
+	must(err)
+	defer s.Close()
+	wd, _ := os.Getwd()
+	cmd := s.CommandIn(ctx, wd, "env", append(append([]string{sandbox.InsideEnv + "=1"}, env...), exe)...)
+	cmd.Stderr = os.Stderr
+	out, err := cmd.Output()
+	must(err)
+	if len(out) == 0 {
+		must(fmt.Errorf("the measurement inside the sandbox printed nothing"))
+	}
+	var figs []Figure
+	if err := json.Unmarshal(out, &figs); err != nil {
+		must(fmt.Errorf("reading the figures: %v: %q", err, out))
+	}
+	must(os.MkdirAll("build", 0o755))
+	must(os.WriteFile("build/bench.json", out, 0o644))
+	fmt.Printf("%-40s %8s %8s   %-28s %8s %8s   %6s  %-26s %s\n", "figure", "median", "p99", "reference", "median", "p99", "ratio", "goal", "met")
+	for _, f := range figs {
+		fmt.Printf("%-40s %7.3f%s %7.3f%s   %-28s %8.3f %8.3f   %6.2f  %-26s %t\n", f.Name, f.Median, "", f.P99, "", f.RefName, f.RefMedian, f.RefP99, f.Ratio, f.Goal, f.Met)
+	}
+}
