@@ -28,7 +28,7 @@ deb: build man
 rpm: build man
 	$(GO) tool nfpm package -f nfpm.yaml -p rpm -t build/
 
-test: fmt-check vet unit
+test: fmt-check vet unit fuzz-short
 
 fmt-check:
 	@out=$$(gofmt -l cmd internal); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
@@ -49,11 +49,16 @@ demo: packages
 bench:
 	$(GO) run ./internal/bench
 
-# Fuzzes the configuration parser for FUZZTIME (seed corpus runs in `make test`).
+# Fuzzes every target for FUZZTIME; make test runs each briefly (their
+# seed corpora also run as plain tests).
 FUZZTIME ?= 60s
 fuzz:
 	$(GO) test ./internal/config -run '^$$' -fuzz FuzzParsePool -fuzztime $(FUZZTIME) -fuzzminimizetime 10s
 	$(GO) test ./internal/config -run '^$$' -fuzz FuzzParseManager -fuzztime $(FUZZTIME) -fuzzminimizetime 10s
+	$(GO) test ./internal/bus -run '^$$' -fuzz FuzzPathAndArguments -fuzztime $(FUZZTIME) -fuzzminimizetime 10s
+
+fuzz-short:
+	$(MAKE) fuzz FUZZTIME=4s
 
 clean:
 	rm -rf build
