@@ -80,6 +80,7 @@ MetricsTextfile=%[1]s/metrics/pool-managerd.prom
 Backend=static
 Device=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0
 Device=1 GPU-8f2c1a70-0000-4000-8000-000000000001 /dev/nvidia1
+Device=2 GPU-8f2c1a70-0000-4000-8000-000000000002 /dev/nvidia2
 ControlDevice=/dev/nvidiactl
 `, dir)), 0o644))
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -512,4 +513,88 @@ func TestServedIntrospectionIsTheShippedOne(t *testing.T) {
 		assert.Equal(t, b.Interfaces[0].Methods, got.Methods, path)
 		assert.Equal(t, b.Interfaces[0].Properties, got.Properties, path)
 	}
+}
+
+func waitProp(t *testing.T, pool, name, want string) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		out, err := try("busctl", "get-property", "org.llorch.PoolManager1", string(bus.PoolPath(pool)), "org.llorch.PoolManager1.Pool", name)
+		return err == nil && out == want
+	}, 30*time.Second, 20*time.Millisecond, "%s %s = %s", pool, name, want)
+}
+
+func killDaemon(t *testing.T, restarts string) {
+	t.Helper()
+	sh(t, "systemctl", "kill", "--signal=KILL", "pool-managerd.service")
+	require.Eventually(t, func() bool {
+		out, _ := try("systemctl", "show", "-p", "NRestarts", "--value", "pool-managerd.service")
+		a, _ := try("systemctl", "is-active", "pool-managerd.service")
+		return out == restarts && a == "active"
+	}, 30*time.Second, 20*time.Millisecond, "systemd restarts the killed daemon")
+}
+
+// A GPU whose device node is missing: the pool says so and does not run
+// an engine without its GPU; the other pools are not affected.
+func TestGPUNodeMissing(t *testing.T) {
+	dir, _ := daemon(t)
+	waitProp(t, "llama-8b", "Ready", "b true")
+	src, err := os.ReadFile(filepath.Join(dir, "pools.d", "llama-8b.pool"))
+	require.NoError(t, err)
+	ghost := strings.Replace(strings.Replace(string(src), "Devices=0", "Devices=2", 1), "Port=", "Port=1\n#", 1)
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "ghost.pool"), []byte(ghost), 0o644))
+	sh(t, "systemctl", "reload", "pool-managerd.service")
+	waitProp(t, "ghost", "State", `s "failed"`)
+	assert.Contains(t, getProp(t, "ghost", "LastError"), "GPU device node /dev/nvidia2 is missing")
+	assert.Equal(t, "b false", getProp(t, "ghost", "Live"))
+	assert.Equal(t, "b true", getProp(t, "llama-8b", "Ready"))
+}
+
+// The daemon killed while a drain waits for a lease: the new daemon adopts
+// the engine with the lease of the still-connected client; nothing is lost.
+func TestDaemonKilledMidDrain(t *testing.T) {
+	dir, _ := daemon(t)
+	waitProp(t, "llama-8b", "Ready", "b true")
+	pid := getProp(t, "llama-8b", "MainPID")
+	router, err := dbus.ConnectSystemBus()
+	require.NoError(t, err)
+	defer router.Close()
+	var lease string
+	require.NoError(t, router.Object(bus.Name, mgr).Call(bus.ManagerIface+".AcquireLease", 0, "llama-8b").Store(&lease))
+	require.Eventually(t, func() bool {
+		b, err := os.ReadFile(filepath.Join(dir, "run", "pools", "llama-8b.json"))
+		return err == nil && strings.Contains(string(b), lease)
+	}, 10*time.Second, 20*time.Millisecond, "the lease reaches the runtime record")
+	drainDone := make(chan error, 1)
+	go func() {
+		_, err := call("Drain", "st", "llama-8b", "60000")
+		drainDone <- err
+	}()
+	waitProp(t, "llama-8b", "Draining", "b true")
+	killDaemon(t, "1")
+	assert.Error(t, <-drainDone, "the drain's caller learns the daemon went away")
+	waitProp(t, "llama-8b", "Ready", "b true")
+	assert.Equal(t, pid, getProp(t, "llama-8b", "MainPID"), "the engine was adopted, not restarted")
+	assert.Equal(t, "u 1", getProp(t, "llama-8b", "ActiveLeases"), "the connected client's lease is kept")
+	assert.Equal(t, "u 0", getProp(t, "llama-8b", "CrashCount"))
+	require.NoError(t, router.Object(bus.Name, mgr).Call(bus.ManagerIface+".ReleaseLease", 0, lease).Err)
+}
+
+// The daemon killed while a reload waits for its new engine: the new daemon
+// kills that engine and starts the pool on its configured model.
+func TestDaemonKilledMidReload(t *testing.T) {
+	dir, _ := daemon(t)
+	waitProp(t, "llama-8b", "Ready", "b true")
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "models", "slow.gguf"), []byte("GGUF\x03\x00\x00\x00\nsim-fault=hang-health\n"), 0o644))
+	reloadDone := make(chan error, 1)
+	go func() {
+		_, err := call("Reload", "sst", "llama-8b", "slow.gguf", "30000")
+		reloadDone <- err
+	}()
+	waitProp(t, "llama-8b", "State", `s "starting"`)
+	killDaemon(t, "1")
+	assert.Error(t, <-reloadDone)
+	waitProp(t, "llama-8b", "Ready", "b true")
+	assert.Equal(t, `s "a.gguf"`, getProp(t, "llama-8b", "Model"))
+	out, _ := try("pgrep", "-c", "-f", "pool-engine-sim")
+	assert.Equal(t, "1", out, "the half-started engine is gone")
 }

@@ -20,11 +20,16 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Stag
 		return Config{}, fmt.Errorf("pool %s (%s): %w", p.ID, p.File, err)
 	}
 	mask := gpu.VisibleDevices(gpus)
+	// A control node a host lacks is simply not needed there (and systemd
+	// refuses DeviceAllow= of a missing node); a GPU's own node must be
+	// there, which startEngine checks at each start.
 	var nodes []string
+	gpuNode := map[string]bool{}
+	for _, g := range gpus {
+		gpuNode[g.Node] = true
+	}
 	for _, n := range inv.DeviceNodes(gpus) {
-		// DeviceAllow= of a missing node is refused by systemd; a control
-		// node a host lacks is simply not needed there.
-		if _, err := os.Stat(n); err == nil {
+		if _, err := os.Stat(n); err == nil || gpuNode[n] {
 			nodes = append(nodes, n)
 		}
 	}

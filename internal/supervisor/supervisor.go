@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"os"
 	"os/exec"
 	"strings"
 	"sync"
@@ -459,9 +460,17 @@ func (s *Supervisor) startEngine(candidate bool) error {
 			s.update(func(p *Snapshot) { p.EngineVersion = v })
 		}
 	}
+	spec := s.cfg.Build(st.Path)
+	for _, n := range spec.DeviceNodes {
+		if _, err := os.Stat(n); err != nil {
+			err = fmt.Errorf("GPU device node %s is missing (is the NVIDIA driver loaded?): %w", n, err)
+			s.update(func(p *Snapshot) { p.State, p.LastError = Failed, err.Error() })
+			return err
+		}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	startCtx, stop := context.WithTimeout(ctx, 30*time.Second)
-	e, err := s.rt.Start(startCtx, s.cfg.Build(st.Path))
+	e, err := s.rt.Start(startCtx, spec)
 	stop()
 	if err != nil {
 		cancel()
