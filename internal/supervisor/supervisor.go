@@ -585,8 +585,15 @@ func (s *Supervisor) probed(r *run, now time.Time, err error) {
 		return
 	}
 	if err == nil {
-		s.update(func(p *Snapshot) { p.HealthFailures, p.LastHeartbeat = nil, now })
-		r.failures = nil
+		if len(r.failures) > 0 {
+			r.failures = nil
+			s.update(func(p *Snapshot) { p.HealthFailures, p.LastHeartbeat = nil, now })
+			return
+		}
+		// A heartbeat alone wakes nobody: it is read, not watched.
+		s.mu.Lock()
+		s.snap.LastHeartbeat = now
+		s.mu.Unlock()
 		return
 	}
 	r.failures = append(r.failures, now)
