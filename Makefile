@@ -9,7 +9,7 @@ VERSION ?= 0.1.0
 GOARCH  ?= $(shell $(GO) env GOARCH)
 export VERSION GOARCH
 
-.PHONY: all build man packages deb rpm test fmt-check vet unit demo bench fuzz clean
+.PHONY: all build man packages deb rpm test fmt-check vet unit demo bench soak fuzz fuzz-short clean
 
 all: build
 
@@ -48,6 +48,11 @@ demo: packages
 # (root needed); writes build/bench.json.
 bench:
 	$(GO) run ./internal/bench
+
+# 1000 engine faults across four pools with drains and reloads, then the
+# leak checks (root needed; bounded by 8 minutes).
+soak:
+	$(GO) run ./internal/soak
 
 # Fuzzes every target for FUZZTIME; make test runs each briefly (their
 # seed corpora also run as plain tests).

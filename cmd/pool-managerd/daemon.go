@@ -17,6 +17,7 @@ import (
 	sdjournal "github.com/coreos/go-systemd/v22/journal"
 	"github.com/godbus/dbus/v5"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	slogjournal "github.com/systemd/slog-journal"
 	"golang.org/x/sys/unix"
 
@@ -95,6 +96,9 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 	}
 	defer rt.Close()
 	reg := prometheus.NewRegistry()
+	// go_goroutines, process_open_fds, process_resident_memory_bytes: what
+	// a leak shows in first.
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	d := &daemonState{
 		ctx: ctx, dir: dir, log: log, cfg: cfg, inv: inv, rt: rt,
 		metrics: metrics.New(reg),

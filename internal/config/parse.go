@@ -179,10 +179,12 @@ func setSeconds(p *time.Duration, positive bool) keyFunc {
 func setInt(p *int, lo, hi int64) keyFunc {
 	return func(v string) error {
 		n, err := parseInt(v, lo, hi)
-		*p = int(n)
 		if err != nil {
+			// Keep the default: a bad value is reported once, not again
+			// as an impossible policy.
 			return err
 		}
+		*p = int(n)
 		return nil
 	}
 }
@@ -294,7 +296,9 @@ func ParsePool(file string, data []byte) (*Pool, Errors) {
 			},
 			"Slots": func(v string) error {
 				n, err := parseInt(v, 0, 1<<20)
-				p.Slots = uint32(n)
+				if err == nil {
+					p.Slots = uint32(n)
+				}
 				return err
 			},
 			"AutoStart": setBool(&p.AutoStart),
@@ -350,7 +354,9 @@ func ParsePool(file string, data []byte) (*Pool, Errors) {
 			"BackoffMinSec":     setSeconds(&r.Backoff.Min, false),
 			"JitterPercent": func(v string) error {
 				f, err := parseFloat(v, 0, 99)
-				r.Backoff.JitterPercent = f
+				if err == nil {
+					r.Backoff.JitterPercent = f
+				}
 				return err
 			},
 			"StableSec": setSeconds(&r.Backoff.Stable, true),

@@ -1,0 +1,346 @@
+// Command soak runs a bounded crash/restart soak of pool-managerd inside
+// the project's sandbox: 1000 engine faults of every kind across four
+// pools, with drains and reloads interleaved, then checks that nothing
+// leaked and every crash was counted once. Run it with make soak.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/godbus/dbus/v5"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+
+	"github.com/llorch/pool-managerd/internal/bus"
+	"github.com/llorch/pool-managerd/internal/sandbox"
+)
+
+const (
+	pools  = 4
+	faults = 1000
+	limit  = 8 * time.Minute
+)
+
+var kinds = []struct{ fault, reason string }{
+	{"segv", "signal"}, {"exit:3", "exit_code"}, {"cuda", "cuda_error"}, {"hang-health", "health_check"}, {"oom", "out_of_memory"},
+}
+
+func must(err error) {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "soak:", err)
+		os.Exit(1)
+	}
+}
+
+func sh(cmd string) (string, error) {
+	c := exec.Command("sh", "-c", cmd)
+	c.Dir = "/"
+	out, err := c.CombinedOutput()
+	return strings.TrimSpace(string(out)), err
+}
+
+// daemonStats reads the daemon's own figures from its textfile.
+func daemonStats(textfile string) (fds, goroutines, rssMiB float64, crashes map[string]float64) {
+	f, err := os.Open(textfile)
+	must(err)
+	defer f.Close()
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := p.TextToMetricFamilies(f)
+	must(err)
+	one := func(name string) float64 {
+		if f, ok := fams[name]; ok && len(f.GetMetric()) > 0 {
+			m := f.GetMetric()[0]
+			if m.GetGauge() != nil {
+				return m.GetGauge().GetValue()
+			}
+		}
+		return -1
+	}
+	crashes = map[string]float64{}
+	if f, ok := fams["pool_managerd_engine_crashes_total"]; ok {
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "reason" {
+					crashes[l.GetValue()] += m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return one("process_open_fds"), one("go_goroutines"), one("process_resident_memory_bytes") / (1 << 20), crashes
+}
+
+func inside() {
+	sim := os.Getenv(sandbox.BinEnv("pool-engine-sim"))
+	daemon := os.Getenv(sandbox.BinEnv("pool-managerd"))
+	dir, err := os.MkdirTemp("", "soak-")
+	must(err)
+	os.Chmod(dir, 0o755)
+	for _, d := range []string{"pools.d", "models", "metrics"} {
+		must(os.MkdirAll(filepath.Join(dir, d), 0o755))
+	}
+	for _, m := range []string{"a.gguf", "b.gguf"} {
+		must(os.WriteFile(filepath.Join(dir, "models", m), []byte("GGUF\x03\x00\x00\x00 "+m), 0o644))
+	}
+	var inv strings.Builder
+	for i := range pools {
+		fmt.Fprintf(&inv, "Device=%d GPU-8f2c1a70-0000-4000-8000-%012d /dev/nvidia%d\n", i, i, i)
+	}
+	textfile := filepath.Join(dir, "metrics", "pool-managerd.prom")
+	must(os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte(fmt.Sprintf(`[Manager]
+StateDir=%[1]s/state
+RuntimeDir=%[1]s/run
+ModelsDir=%[1]s/models
+MetricsTextfile=%[2]s
+MetricsIntervalSec=1
+[Inventory]
+Backend=static
+%[3]sControlDevice=/dev/nvidiactl
+`, dir, textfile, inv.String())), 0o644))
+	for i := range pools {
+		must(os.WriteFile(filepath.Join(dir, "pools.d", fmt.Sprintf("s%d.pool", i)), []byte(fmt.Sprintf(`[Pool]
+Devices=%d
+Model=a.gguf
+[Engine]
+ExecStart=%s --model %%m --port %%p
+Port=%d
+StopTimeoutSec=2
+[Health]
+IntervalSec=0.2
+TimeoutSec=0.2
+[Restart]
+BackoffInitialSec=0.1
+BackoffMinSec=0.1
+BackoffMaxSec=0.1
+JitterPercent=0
+BreakerThreshold=1000
+StormMaxRestarts=10000
+[Scope]
+MemoryMax=64M
+`, i, sim, 19500+i)), 0o644))
+	}
+	unit, err := os.ReadFile("systemd/pool-managerd.service")
+	must(err)
+	must(os.WriteFile("/etc/systemd/system/pool-managerd.service",
+		[]byte(strings.Replace(string(unit), "ExecStart=/usr/bin/pool-managerd", "ExecStart="+daemon+" --config-dir "+dir, 1)), 0o644))
+	policy, err := os.ReadFile("dbus/org.llorch.PoolManager1.conf")
+	must(err)
+	must(os.WriteFile("/etc/dbus-1/system.d/org.llorch.PoolManager1.conf", policy, 0o644))
+	for _, c := range []string{"systemctl reload dbus", "systemctl daemon-reload", "systemctl start pool-managerd"} {
+		if out, err := sh(c); err != nil {
+			j, _ := sh("journalctl -u pool-managerd --no-pager -o cat | tail -n 20")
+			must(fmt.Errorf("%s: %v: %s\n%s", c, err, out, j))
+		}
+	}
+	conn, err := dbus.ConnectSystemBus()
+	must(err)
+	mgr := conn.Object(bus.Name, bus.ManagerPath)
+	obj := func(i int) dbus.BusObject { return conn.Object(bus.Name, bus.PoolPath(fmt.Sprintf("s%d", i))) }
+	prop := func(i int, name string) any {
+		v, err := obj(i).GetProperty(bus.PoolIface + "." + name)
+		if err != nil {
+			return nil
+		}
+		return v.Value()
+	}
+	waitReady := func(i int, notPID uint32) error {
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			if prop(i, "Ready") == true && prop(i, "MainPID") != notPID {
+				return nil
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("pool s%d not ready: %v %v", i, prop(i, "State"), prop(i, "LastError"))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	for i := range pools {
+		must(waitReady(i, 0))
+	}
+	time.Sleep(2 * time.Second) // let the textfile catch up once
+	fdStart, gStart, rssStart, _ := daemonStats(textfile)
+	// Open fds and goroutines are compared with the start, when every pool
+	// was ready as at the end. RSS is compared with its size after a
+	// warm-up of 100 faults: caches and the heap find their size first.
+	var rss0 float64
+	var warm sync.Once
+	warmUp := func() {
+		warm.Do(func() {
+			time.Sleep(1500 * time.Millisecond)
+			_, _, rss0, _ = daemonStats(textfile)
+		})
+	}
+
+	var injected sync.Map // reason -> *int64
+	count := func(reason string) {
+		v, _ := injected.LoadOrStore(reason, new(int64))
+		atomic.AddInt64(v.(*int64), 1)
+	}
+	var total atomic.Int64
+	var drains, reloads atomic.Int64
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, pools)
+	for i := range pools {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := 0; ; n++ {
+				if total.Load() >= faults || time.Since(start) > limit {
+					return
+				}
+				// A pool may still be restarting from its last fault: Busy is
+				// then the right answer, and the call is made again.
+				retry := func(f func() error) error {
+					for try := 0; ; try++ {
+						err := f()
+						var de dbus.Error
+						if err == nil || try == 20 || !errors.As(err, &de) || de.Name != bus.ErrorPrefix+"Busy" {
+							return err
+						}
+						if err := waitReady(i, 0); err != nil {
+							return err
+						}
+						time.Sleep(100 * time.Millisecond)
+					}
+				}
+				if n%50 == 25 {
+					// A drain, then a start; or a reload between the models.
+					if i%2 == 0 {
+						if err := retry(func() error {
+							return mgr.Call(bus.ManagerIface+".Drain", 0, fmt.Sprintf("s%d", i), uint64(5000)).Err
+						}); err != nil {
+							errs <- err
+							return
+						}
+						if err := mgr.Call(bus.ManagerIface+".Start", 0, fmt.Sprintf("s%d", i)).Err; err != nil {
+							errs <- err
+							return
+						}
+						drains.Add(1)
+					} else {
+						m := []string{"a.gguf", "b.gguf"}[n/50%2]
+						if err := retry(func() error {
+							return mgr.Call(bus.ManagerIface+".Reload", 0, fmt.Sprintf("s%d", i), m, uint64(5000)).Err
+						}); err != nil {
+							errs <- err
+							return
+						}
+						reloads.Add(1)
+					}
+					if err := waitReady(i, 0); err != nil {
+						errs <- err
+						return
+					}
+				}
+				pid, _ := prop(i, "MainPID").(uint32)
+				k := kinds[(n+i)%len(kinds)]
+				resp, err := http.Post(fmt.Sprintf("http://127.0.0.1:%d/sim/fault?kind=%s", 19500+i, k.fault), "", nil)
+				if err != nil {
+					continue
+				}
+				resp.Body.Close()
+				count(k.reason)
+				if total.Add(1) == 100 {
+					warmUp()
+				}
+				if err := waitReady(i, pid); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		must(err)
+	}
+	took := time.Since(start)
+	time.Sleep(3 * time.Second) // the textfile is rewritten every second
+	fd1, g1, rss1, crashes := daemonStats(textfile)
+
+	fmt.Printf("faults injected: %d in %s (%d drains, %d reloads interleaved), 4 pools\n", total.Load(), took.Round(time.Second), drains.Load(), reloads.Load())
+	ok := true
+	injected.Range(func(k, v any) bool {
+		n := float64(atomic.LoadInt64(v.(*int64)))
+		fmt.Printf("  %-14s injected %4.0f  counted %4.0f\n", k, n, crashes[k.(string)])
+		if crashes[k.(string)] != n {
+			ok = false
+		}
+		return true
+	})
+	fmt.Printf("daemon open fds: %.0f at start, %.0f after %d faults\n", fdStart, fd1, total.Load())
+	fmt.Printf("daemon goroutines: %.0f at start, %.0f after\n", gStart, g1)
+	fmt.Printf("daemon RSS: %.1f MiB at start, %.1f MiB after 100 faults, %.1f MiB after (%+.1f %% over the last %d)\n",
+		rssStart, rss0, rss1, (rss1/rss0-1)*100, total.Load()-100)
+	if fd1 > fdStart || g1 > gStart || rss1 > rss0*1.05 {
+		ok = false
+	}
+	// Everything stopped: nothing of any engine is left.
+	for i := range pools {
+		must(mgr.Call(bus.ManagerIface+".Stop", 0, fmt.Sprintf("s%d", i)).Err)
+	}
+	scopes, _ := sh("systemctl list-units --no-legend 'pool-engine-*' | wc -l")
+	procs, _ := sh("pgrep -c -x pool-engine-sim || true")
+	records, _ := filepath.Glob(filepath.Join(dir, "run", "pools", "*.json"))
+	leases := 0
+	for i := range pools {
+		if v, ok := prop(i, "ActiveLeases").(uint32); ok {
+			leases += int(v)
+		}
+	}
+	fmt.Printf("after stopping every pool: %s scopes, %s engine processes, %d runtime records, %d leases\n", scopes, procs, len(records), leases)
+	if scopes != "0" || procs != "0" || len(records) != 0 || leases != 0 {
+		ok = false
+	}
+	exec.Command("systemctl", "stop", "pool-managerd").Run()
+	if !ok || total.Load() < faults {
+		fmt.Println("SOAK FAILED")
+		os.Exit(1)
+	}
+	fmt.Println("soak passed")
+}
+
+func main() {
+	if sandbox.Inside() {
+		inside()
+		return
+	}
+	setup := sandbox.Build("github.com/llorch/pool-managerd/cmd/pool-managerd", "github.com/llorch/pool-managerd/cmd/pool-engine-sim")
+	env, binds, cleanup, err := setup()
+	if cleanup != nil {
+		defer cleanup()
+	}
+	must(err)
+	exe, _ := os.Executable()
+	ctx, cancel := context.WithTimeout(context.Background(), limit+5*time.Minute)
+	defer cancel()
+	nodes := []sandbox.Node{{Path: "/dev/nvidiactl", Major: 195, Minor: 255}}
+	for i := range pools {
+		nodes = append(nodes, sandbox.Node{Path: "/dev/nvidia" + strconv.Itoa(i), Major: 195, Minor: uint32(i)})
+	}
+	s, err := sandbox.Boot(ctx, sandbox.Options{Nodes: nodes, Binds: append(binds, filepath.Dir(exe)),
+		Prepare: [][]string{{"useradd", "--system", "pool-engine"}}})
+	must(err)
+	wd, _ := os.Getwd()
+	cmd := s.CommandIn(ctx, wd, "env", append(append([]string{sandbox.InsideEnv + "=1"}, env...), exe)...)
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	err = cmd.Run()
+	s.Close()
+	if cleanup != nil {
+		cleanup()
+	}
+	must(err)
+}
