@@ -170,6 +170,32 @@ StormMaxRestarts=10000
 	}
 	figs = append(figs, figure("crash detection", ours, "systemd ActiveState change", ref, "p99", 1.5))
 
+	// Restart overhead: from the decision to start to the engine running
+	// in its new scope (the daemon logs it as START_USEC), against
+	// systemd-run --scope /bin/true end to end.
+	var restarts, scopes []time.Duration
+	out, err := exec.Command("journalctl", "-u", "pool-managerd", "-o", "json", "--no-pager").Output()
+	must(err)
+	for _, line := range strings.Split(string(out), "\n") {
+		var e map[string]any
+		if json.Unmarshal([]byte(line), &e) != nil || e["MESSAGE"] != "engine process started" {
+			continue
+		}
+		us, _ := strconv.Atoi(fmt.Sprint(e["START_USEC"]))
+		restarts = append(restarts, time.Duration(us)*time.Microsecond)
+	}
+	for range n {
+		t0 := time.Now()
+		if out, err := exec.Command("systemd-run", "--scope", "--quiet", "/bin/true").CombinedOutput(); err != nil {
+			must(fmt.Errorf("systemd-run --scope: %v: %s", err, out))
+		}
+		scopes = append(scopes, time.Since(t0))
+	}
+	if len(restarts) == 0 {
+		must(fmt.Errorf("no engine start was logged"))
+	}
+	figs = append(figs, figure("restart overhead", restarts, "systemd-run --scope /bin/true", scopes, "median", 1.0))
+
 	// Lease calls against Ping, from one connection.
 	waitReady()
 	var lease, ping []time.Duration
@@ -206,9 +232,32 @@ StormMaxRestarts=10000
 		must(call.Err)
 		must(mgr.Call(bus.ManagerIface+".Start", 0, "bench").Err)
 	}
-	med, p99 := stats(drains)
-	figs = append(figs, Figure{Name: "drain completion (incl. engine stop)", Unit: "ms", Samples: len(drains), Median: med, P99: p99,
-		RefName: "none", Basis: "p99", Goal: "p99 < 2 ms after the release, engine stop excluded", Met: p99 < 2})
+	// The daemon logs each drain's engine stop (ENGINE_STOP_USEC); what
+	// is left of the reply time is the drain's own.
+	out, err = exec.Command("journalctl", "-u", "pool-managerd", "-o", "json", "--no-pager", "MESSAGE_ID=893bc5e51e154421a72a1db097c4c260").Output()
+	must(err)
+	var stopsUS []int
+	for _, line := range strings.Split(string(out), "\n") {
+		var e map[string]any
+		if json.Unmarshal([]byte(line), &e) == nil && e["OUTCOME"] == "drained" {
+			us, _ := strconv.Atoi(fmt.Sprint(e["ENGINE_STOP_USEC"]))
+			stopsUS = append(stopsUS, us)
+		}
+	}
+	stopsUS = stopsUS[max(0, len(stopsUS)-len(drains)):]
+	if len(stopsUS) != len(drains) {
+		must(fmt.Errorf("%d drains, %d logged", len(drains), len(stopsUS)))
+	}
+	var own, stops []time.Duration
+	for i, d := range drains {
+		s := time.Duration(stopsUS[i]) * time.Microsecond
+		stops = append(stops, s)
+		own = append(own, max(0, d-s))
+	}
+	med, p99 := stats(own)
+	sm, sp := stats(stops)
+	figs = append(figs, Figure{Name: "drain completion, engine stop excluded", Unit: "ms", Samples: len(drains), Median: med, P99: p99,
+		RefName: "engine stop (reported apart)", RefMedian: sm, RefP99: sp, Basis: "p99", Goal: "p99 < 2 ms", Met: p99 < 2})
 
 	exec.Command("systemctl", "stop", "pool-managerd", "pool-engine-bench.scope").Run()
 	figs = append(figs, scale(conn, dir, sim)...)

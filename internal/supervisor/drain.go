@@ -186,6 +186,11 @@ func (s *Supervisor) finishDrain() {
 func (s *Supervisor) drainDone(start time.Time, res DrainResult) {
 	s.metrics.Drains.WithLabelValues(s.cfg.Pool, res.Outcome).Inc()
 	s.metrics.DrainDuration.WithLabelValues(s.cfg.Pool, res.Outcome).Observe(res.Done.Sub(start).Seconds())
+	var stop int64
+	if !res.LeasesDrainedAt.IsZero() {
+		stop = res.Done.Sub(res.LeasesDrainedAt).Microseconds()
+	}
 	s.log.Info("drain "+res.Outcome, journal.MessageIDField, string(journal.MsgDrainDone), journal.PoolID, s.cfg.Pool,
-		"OUTCOME", res.Outcome, "REVOKED_LEASES", res.Revoked, "DURATION_SEC", res.Done.Sub(start).Seconds())
+		"OUTCOME", res.Outcome, "REVOKED_LEASES", res.Revoked, "DURATION_SEC", res.Done.Sub(start).Seconds(),
+		"ENGINE_STOP_USEC", stop)
 }

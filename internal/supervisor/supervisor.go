@@ -470,8 +470,14 @@ func (s *Supervisor) startEngine(candidate bool) error {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	startCtx, stop := context.WithTimeout(ctx, 30*time.Second)
+	t0 := time.Now()
 	e, err := s.rt.Start(startCtx, spec)
 	stop()
+	if err == nil {
+		// How long from the decision to start to an engine running in its
+		// scope: the restart overhead make bench reports.
+		s.log.Info("engine process started", journal.PoolID, s.cfg.Pool, "START_USEC", time.Since(t0).Microseconds(), "UNIT", e.Unit)
+	}
 	if err != nil {
 		cancel()
 		s.update(func(p *Snapshot) { p.State, p.LastError = Failed, err.Error() })
