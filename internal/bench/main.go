@@ -5,6 +5,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -22,6 +23,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/bus"
 	"github.com/llorch/pool-managerd/internal/sandbox"
+	"github.com/llorch/pool-managerd/internal/testpool"
 )
 
 // Figure is one measured figure with its reference.
@@ -99,19 +101,7 @@ JitterPercent=0
 BreakerThreshold=1000
 StormMaxRestarts=10000
 `, sim, port)), 0o644))
-	unit, err := os.ReadFile("systemd/pool-managerd.service")
-	must(err)
-	must(os.WriteFile("/etc/systemd/system/pool-managerd.service",
-		[]byte(strings.Replace(string(unit), "ExecStart=/usr/bin/pool-managerd", "ExecStart="+daemon+" --config-dir "+dir, 1)), 0o644))
-	policy, err := os.ReadFile("dbus/org.llorch.PoolManager1.conf")
-	must(err)
-	must(os.WriteFile("/etc/dbus-1/system.d/org.llorch.PoolManager1.conf", policy, 0o644))
-	for _, c := range [][]string{{"systemctl", "reload", "dbus"}, {"systemctl", "daemon-reload"}, {"systemctl", "start", "pool-managerd"}} {
-		out, err := exec.Command(c[0], c[1:]...).CombinedOutput()
-		if err != nil {
-			must(fmt.Errorf("%v: %v: %s", c, err, out))
-		}
-	}
+	must(testpool.InstallDaemon(".", daemon, dir))
 	conn, err := dbus.ConnectSystemBus()
 	must(err)
 	pool := conn.Object(bus.Name, bus.PoolPath("bench"))
@@ -323,27 +313,12 @@ func main() {
 		return
 	}
 	// Outside: boot a sandbox and run this program again inside it.
-	setup := sandbox.Build("github.com/llorch/pool-managerd/cmd/pool-managerd", "github.com/llorch/pool-managerd/cmd/pool-engine-sim")
-	env, binds, cleanup, err := setup()
-	if cleanup != nil {
-		defer cleanup()
-	}
-	must(err)
-	exe, _ := os.Executable()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	nodes := []sandbox.Node{{Path: "/dev/nvidiactl", Major: 195, Minor: 255}}
-	for i := range scalePools {
-		nodes = append(nodes, sandbox.Node{Path: fmt.Sprintf("/dev/nvidia%d", i), Major: 195, Minor: uint32(i)})
-	}
-	s, err := sandbox.Boot(ctx, sandbox.Options{Nodes: nodes, Binds: append(binds, filepath.Dir(exe)), Prepare: [][]string{{"useradd", "--system", "pool-engine"}}})
-	must(err)
-	defer s.Close()
-	wd, _ := os.Getwd()
-	cmd := s.CommandIn(ctx, wd, "env", append(append([]string{sandbox.InsideEnv + "=1"}, env...), exe)...)
-	cmd.Stderr = os.Stderr
-	out, err := cmd.Output()
-	must(err)
+	var buf bytes.Buffer
+	must(sandbox.RunSelf(ctx, sandbox.Options{Nodes: sandbox.GPUNodes(scalePools), Prepare: [][]string{{"useradd", "--system", "pool-engine"}}},
+		&buf, "github.com/llorch/pool-managerd/cmd/pool-managerd", "github.com/llorch/pool-managerd/cmd/pool-engine-sim"))
+	out := buf.Bytes()
 	if len(out) == 0 {
 		must(fmt.Errorf("the measurement inside the sandbox printed nothing"))
 	}

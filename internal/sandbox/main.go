@@ -3,6 +3,7 @@ package sandbox
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -111,4 +112,41 @@ func Build(pkgs ...string) func() ([]string, []string, func(), error) {
 // BinEnv is the environment variable Build sets for a binary.
 func BinEnv(name string) string {
 	return "SANDBOX_BIN_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_"))
+}
+
+// GPUNodes are the device nodes of n fake NVIDIA GPUs and the control
+// device.
+func GPUNodes(n int) []Node {
+	nodes := []Node{{"/dev/nvidiactl", 195, 255}}
+	for i := range n {
+		nodes = append(nodes, Node{fmt.Sprintf("/dev/nvidia%d", i), 195, uint32(i)})
+	}
+	return nodes
+}
+
+// RunSelf is Main for programs (make bench, make soak): it builds pkgs as
+// Build does, boots a sandbox, runs this same executable inside it (where
+// Inside reports true) with its stdout going to stdout, and tears down.
+func RunSelf(ctx context.Context, o Options, stdout io.Writer, pkgs ...string) error {
+	env, binds, cleanup, err := Build(pkgs...)()
+	if cleanup != nil {
+		defer cleanup()
+	}
+	if err != nil {
+		return err
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	o.Binds = append(append(o.Binds, binds...), filepath.Dir(exe))
+	s, err := Boot(ctx, o)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	wd, _ := os.Getwd()
+	cmd := s.CommandIn(ctx, wd, "env", append(append([]string{InsideEnv + "=1"}, env...), exe)...)
+	cmd.Stdout, cmd.Stderr = stdout, os.Stderr
+	return cmd.Run()
 }

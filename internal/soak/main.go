@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -24,6 +23,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/bus"
 	"github.com/llorch/pool-managerd/internal/sandbox"
+	"github.com/llorch/pool-managerd/internal/testpool"
 )
 
 const (
@@ -129,19 +129,7 @@ StormMaxRestarts=10000
 MemoryMax=64M
 `, i, sim, 19500+i)), 0o644))
 	}
-	unit, err := os.ReadFile("systemd/pool-managerd.service")
-	must(err)
-	must(os.WriteFile("/etc/systemd/system/pool-managerd.service",
-		[]byte(strings.Replace(string(unit), "ExecStart=/usr/bin/pool-managerd", "ExecStart="+daemon+" --config-dir "+dir, 1)), 0o644))
-	policy, err := os.ReadFile("dbus/org.llorch.PoolManager1.conf")
-	must(err)
-	must(os.WriteFile("/etc/dbus-1/system.d/org.llorch.PoolManager1.conf", policy, 0o644))
-	for _, c := range []string{"systemctl reload dbus", "systemctl daemon-reload", "systemctl start pool-managerd"} {
-		if out, err := sh(c); err != nil {
-			j, _ := sh("journalctl -u pool-managerd --no-pager -o cat | tail -n 20")
-			must(fmt.Errorf("%s: %v: %s\n%s", c, err, out, j))
-		}
-	}
+	must(testpool.InstallDaemon(".", daemon, dir))
 	conn, err := dbus.ConnectSystemBus()
 	must(err)
 	mgr := conn.Object(bus.Name, bus.ManagerPath)
@@ -318,29 +306,8 @@ func main() {
 		inside()
 		return
 	}
-	setup := sandbox.Build("github.com/llorch/pool-managerd/cmd/pool-managerd", "github.com/llorch/pool-managerd/cmd/pool-engine-sim")
-	env, binds, cleanup, err := setup()
-	if cleanup != nil {
-		defer cleanup()
-	}
-	must(err)
-	exe, _ := os.Executable()
 	ctx, cancel := context.WithTimeout(context.Background(), limit+5*time.Minute)
 	defer cancel()
-	nodes := []sandbox.Node{{Path: "/dev/nvidiactl", Major: 195, Minor: 255}}
-	for i := range pools {
-		nodes = append(nodes, sandbox.Node{Path: "/dev/nvidia" + strconv.Itoa(i), Major: 195, Minor: uint32(i)})
-	}
-	s, err := sandbox.Boot(ctx, sandbox.Options{Nodes: nodes, Binds: append(binds, filepath.Dir(exe)),
-		Prepare: [][]string{{"useradd", "--system", "pool-engine"}}})
-	must(err)
-	wd, _ := os.Getwd()
-	cmd := s.CommandIn(ctx, wd, "env", append(append([]string{sandbox.InsideEnv + "=1"}, env...), exe)...)
-	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
-	err = cmd.Run()
-	s.Close()
-	if cleanup != nil {
-		cleanup()
-	}
-	must(err)
+	must(sandbox.RunSelf(ctx, sandbox.Options{Nodes: sandbox.GPUNodes(pools), Prepare: [][]string{{"useradd", "--system", "pool-engine"}}},
+		os.Stdout, "github.com/llorch/pool-managerd/cmd/pool-managerd", "github.com/llorch/pool-managerd/cmd/pool-engine-sim"))
 }

@@ -9,7 +9,9 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -234,4 +236,33 @@ func freePort(t T) int {
 	require.NoError(t, err)
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
+}
+
+// InstallDaemon installs the project's pool-managerd.service (running the
+// given binary on configDir) and bus policy into the running sandbox, and
+// starts the daemon: it returns once the daemon said READY=1. Paths are
+// relative to the repository root.
+func InstallDaemon(root, binary, configDir string) error {
+	unit, err := os.ReadFile(filepath.Join(root, "systemd", "pool-managerd.service"))
+	if err != nil {
+		return err
+	}
+	unit = []byte(strings.Replace(string(unit), "ExecStart=/usr/bin/pool-managerd", "ExecStart="+binary+" --config-dir "+configDir, 1))
+	if err := os.WriteFile("/etc/systemd/system/pool-managerd.service", unit, 0o644); err != nil {
+		return err
+	}
+	policy, err := os.ReadFile(filepath.Join(root, "dbus", "org.llorch.PoolManager1.conf"))
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile("/etc/dbus-1/system.d/org.llorch.PoolManager1.conf", policy, 0o644); err != nil {
+		return err
+	}
+	for _, c := range [][]string{{"systemctl", "reload", "dbus.service"}, {"systemctl", "daemon-reload"}, {"systemctl", "start", "pool-managerd.service"}} {
+		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+			j, _ := exec.Command("journalctl", "-u", "pool-managerd", "--no-pager", "-o", "cat", "-n", "20").CombinedOutput()
+			return fmt.Errorf("%s: %v: %s\n%s", strings.Join(c, " "), err, out, j)
+		}
+	}
+	return nil
 }
