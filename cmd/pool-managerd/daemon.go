@@ -89,7 +89,11 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 		log.Error(err.Error())
 		return 1
 	}
-	rt, err := engine.New(ctx, []string{exe})
+	shimCmd, dedicated := engine.ShimCommand(exe)
+	if !dedicated {
+		log.Warn("pool-managerd-shim not found beside " + exe + " or at " + engine.ShimPath + ": engines start through the daemon's own binary, which is slower")
+	}
+	rt, err := engine.New(ctx, shimCmd)
 	if err != nil {
 		log.Error(err.Error())
 		return 1

@@ -21,7 +21,7 @@ import (
 // The tests of this package run inside a sandbox: the daemon runs there as
 // a unit of a real systemd.
 func TestMain(m *testing.M) {
-	os.Exit(sandbox.Main(m, testpool.Options, sandbox.Build("github.com/llorch/pool-managerd/cmd/pool-managerd", testpool.Sim)))
+	os.Exit(sandbox.Main(m, testpool.Options, sandbox.Build("github.com/llorch/pool-managerd/cmd/pool-managerd", "github.com/llorch/pool-managerd/cmd/pool-managerd-shim", testpool.Sim)))
 }
 
 func sh(t *testing.T, name string, args ...string) string {
@@ -85,6 +85,21 @@ TimeoutSec=0.5
 	}, 30*time.Second, 100*time.Millisecond, "the engine answers")
 	assert.Equal(t, "active", sh(t, "systemctl", "is-active", "pool-engine-demo.scope"))
 	assert.Equal(t, "pool-managerd-engines.slice", sh(t, "systemctl", "show", "-p", "Slice", "--value", "pool-engine-demo.scope"))
+	// The engine's parent in the scope is the dedicated shim found beside
+	// the daemon, not a re-executed daemon.
+	shim := filepath.Join(filepath.Dir(daemon), "pool-managerd-shim")
+	var exes []string
+	cg := sh(t, "systemctl", "show", "-p", "ControlGroup", "--value", "pool-engine-demo.scope")
+	procs, err := os.ReadFile("/sys/fs/cgroup/systemd" + cg + "/cgroup.procs") // hybrid layout
+	if err != nil {
+		procs, err = os.ReadFile("/sys/fs/cgroup" + cg + "/cgroup.procs")
+	}
+	require.NoError(t, err)
+	for _, pid := range strings.Fields(string(procs)) {
+		exe, _ := os.Readlink("/proc/" + pid + "/exe")
+		exes = append(exes, exe)
+	}
+	assert.Contains(t, exes, shim, "processes of the scope: %v", exes)
 	require.Eventually(t, func() bool {
 		out, _ := exec.Command("journalctl", "-u", "pool-managerd-test.service", "--no-pager", "-o", "cat").CombinedOutput()
 		return strings.Contains(string(out), "engine ready")

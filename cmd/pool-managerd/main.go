@@ -11,7 +11,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/crash"
-	"github.com/llorch/pool-managerd/internal/engine"
+	"github.com/llorch/pool-managerd/internal/shim"
 )
 
 // Exit statuses, as sysexits.h and systemd name them.
@@ -22,10 +22,10 @@ const (
 )
 
 func main() {
-	// The daemon re-executes itself as the shim that starts each engine
-	// inside its scope.
-	if engine.IsShim() {
-		os.Exit(engine.Shim())
+	// Without pool-managerd-shim installed, the daemon re-executes itself
+	// as the shim that starts each engine inside its scope.
+	if shim.Is() {
+		os.Exit(shim.Main())
 	}
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }

@@ -317,7 +317,7 @@ func main() {
 	defer cancel()
 	var buf bytes.Buffer
 	must(sandbox.RunSelf(ctx, sandbox.Options{Nodes: sandbox.GPUNodes(scalePools), Prepare: [][]string{{"useradd", "--system", "pool-engine"}}},
-		&buf, "github.com/llorch/pool-managerd/cmd/pool-managerd", "github.com/llorch/pool-managerd/cmd/pool-engine-sim"))
+		&buf, "github.com/llorch/pool-managerd/cmd/pool-managerd", "github.com/llorch/pool-managerd/cmd/pool-managerd-shim", "github.com/llorch/pool-managerd/cmd/pool-engine-sim"))
 	out := buf.Bytes()
 	if len(out) == 0 {
 		must(fmt.Errorf("the measurement inside the sandbox printed nothing"))

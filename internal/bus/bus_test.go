@@ -33,7 +33,7 @@ import (
 func TestMain(m *testing.M) {
 	opts := testpool.Options
 	opts.Prepare = append(opts.Prepare, []string{"groupadd", "--system", "pool-admin"})
-	os.Exit(sandbox.Main(m, opts, sandbox.Build("github.com/llorch/pool-managerd/cmd/pool-managerd", testpool.Sim)))
+	os.Exit(sandbox.Main(m, opts, sandbox.Build("github.com/llorch/pool-managerd/cmd/pool-managerd", "github.com/llorch/pool-managerd/cmd/pool-managerd-shim", testpool.Sim)))
 }
 
 func sh(t *testing.T, name string, args ...string) string {

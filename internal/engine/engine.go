@@ -14,8 +14,9 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
-	"strings"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -24,6 +25,7 @@ import (
 	"github.com/godbus/dbus/v5"
 
 	"github.com/llorch/pool-managerd/internal/config"
+	"github.com/llorch/pool-managerd/internal/shim"
 )
 
 // Slice holds every engine scope.
@@ -89,14 +91,30 @@ type Runtime struct {
 }
 
 // New connects to systemd on the system bus. shim is the command line of
-// the shim: the daemon's own binary, which acts as the shim when ShimEnv
-// is set.
+// the shim (see ShimCommand).
 func New(ctx context.Context, shim []string) (*Runtime, error) {
 	c, err := sddbus.NewSystemConnectionContext(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("connecting to systemd on the system bus: %w", err)
 	}
 	return &Runtime{conn: c, shim: shim}, nil
+}
+
+// ShimPath is where the packages install pool-managerd-shim.
+const ShimPath = "/usr/libexec/pool-managerd/pool-managerd-shim"
+
+// ShimCommand is the shim for a daemon running from exe:
+// pool-managerd-shim beside it (a build tree), else the installed one. If
+// there is neither, the daemon's own binary acts as the shim (it calls
+// shim.Main when shim.Env is set) and dedicated is false: that works, but
+// each start then waits for the whole daemon binary to start.
+func ShimCommand(exe string) (argv []string, dedicated bool) {
+	for _, p := range []string{filepath.Join(filepath.Dir(exe), "pool-managerd-shim"), ShimPath} {
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 {
+			return []string{p}, true
+		}
+	}
+	return []string{exe}, false
 }
 
 // Close drops the connection to systemd; engines keep running.
@@ -139,9 +157,8 @@ func (r *Runtime) properties(s Spec, shimPID int) ([]sddbus.Property, error) {
 // process exists.
 func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 	name := UnitName(s.Pool)
-	// A scope of an earlier engine that is still there means leftovers:
-	// stop them first (a no-op when there is none).
-	if err := r.stopUnit(ctx, name); err != nil {
+	u, err := lookupUser(s.User)
+	if err != nil {
 		return nil, err
 	}
 	if s.Socket != "" {
@@ -149,7 +166,7 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 			return nil, err
 		}
 	}
-	spec, _ := json.Marshal(shimSpec{Argv: s.Argv, Env: s.Env, User: s.User, Socket: s.Socket})
+	spec, _ := json.Marshal(shim.Spec{Argv: s.Argv, Env: s.Env, User: s.User, UID: u.uid, GID: u.gid, Groups: u.groups, Home: u.home, Socket: s.Socket})
 	goR, goW, err := os.Pipe()
 	if err != nil {
 		return nil, err
@@ -161,7 +178,7 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 		return nil, err
 	}
 	cmd := exec.Command(r.shim[0], r.shim[1:]...)
-	cmd.Env = append(os.Environ(), ShimEnv+"="+string(spec))
+	cmd.Env = append(os.Environ(), shim.Env+"="+string(spec))
 	cmd.ExtraFiles = []*os.File{goR, stW}
 	cmd.Stderr = os.Stderr
 	// Its own session: signals for the daemon's terminal or process group
@@ -190,7 +207,18 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 		return abort(err)
 	}
 	done := make(chan string, 1)
-	if _, err := r.conn.StartTransientUnitContext(ctx, name, "fail", props, done); err != nil {
+	_, err = r.conn.StartTransientUnitContext(ctx, name, "fail", props, done)
+	if isDBusError(err, "org.freedesktop.systemd1.UnitExists") {
+		// A scope of an earlier engine is still there (something it
+		// forked, or systemd not done collecting it): stop it, then
+		// create ours. Asking only when it exists keeps a round trip off
+		// every restart.
+		if err := r.stopUnit(ctx, name); err != nil {
+			return abort(err)
+		}
+		_, err = r.conn.StartTransientUnitContext(ctx, name, "fail", props, done)
+	}
+	if err != nil {
 		return abort(fmt.Errorf("creating %s: %w", name, err))
 	}
 	select {
@@ -268,8 +296,8 @@ func (r *Runtime) Attach(ctx context.Context, pool, socket string) (*Engine, err
 	return e, nil
 }
 
-func readMessage(rd *bufio.Reader) (message, error) {
-	var m message
+func readMessage(rd *bufio.Reader) (shim.Message, error) {
+	var m shim.Message
 	line, err := rd.ReadBytes('\n')
 	if err != nil {
 		return m, err
@@ -287,8 +315,7 @@ func (r *Runtime) Stop(ctx context.Context, pool string) error {
 func (r *Runtime) stopUnit(ctx context.Context, name string) error {
 	done := make(chan string, 1)
 	if _, err := r.conn.StopUnitContext(ctx, name, "replace", done); err != nil {
-		var de dbus.Error
-		if errors.As(err, &de) && strings.HasSuffix(de.Name, ".NoSuchUnit") {
+		if isDBusError(err, "org.freedesktop.systemd1.NoSuchUnit") {
 			return nil
 		}
 		return fmt.Errorf("stopping %s: %w", name, err)
@@ -302,6 +329,11 @@ func (r *Runtime) stopUnit(ctx context.Context, name string) error {
 		return ctx.Err()
 	}
 	return nil
+}
+
+func isDBusError(err error, name string) bool {
+	var de dbus.Error
+	return errors.As(err, &de) && de.Name == name
 }
 
 // StopOrphans stops engine scopes of pools not in keep (pools removed from
@@ -326,6 +358,35 @@ func (r *Runtime) StopOrphans(ctx context.Context, keep []string) ([]string, err
 		stopped = append(stopped, u.Name)
 	}
 	return stopped, nil
+}
+
+type account struct {
+	uid, gid uint32
+	groups   []uint32
+	home     string
+}
+
+// lookupUser resolves the engine's user (through NSS, in the daemon: the
+// shim stays free of it).
+func lookupUser(name string) (account, error) {
+	u, err := user.Lookup(name)
+	if err != nil {
+		return account{}, fmt.Errorf("user %q: %w", name, err)
+	}
+	uid, _ := strconv.ParseUint(u.Uid, 10, 32)
+	gid, _ := strconv.ParseUint(u.Gid, 10, 32)
+	a := account{uid: uint32(uid), gid: uint32(gid), home: u.HomeDir}
+	if ids, err := u.GroupIds(); err == nil {
+		for _, g := range ids {
+			if n, err := strconv.ParseUint(g, 10, 32); err == nil && n != gid {
+				a.groups = append(a.groups, uint32(n))
+			}
+		}
+	}
+	if a.home == "" {
+		a.home = "/"
+	}
+	return a, nil
 }
 
 // ScopeProperty reads one property of a pool's scope, for status and tests.

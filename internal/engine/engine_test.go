@@ -13,11 +13,12 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/sandbox"
+	"github.com/llorch/pool-managerd/internal/shim"
 )
 
 func TestMain(m *testing.M) {
-	if engine.IsShim() {
-		os.Exit(engine.Shim())
+	if shim.Is() {
+		os.Exit(shim.Main())
 	}
 	os.Exit(sandbox.Main(m, sandbox.Options{
 		Nodes:   sandbox.FakeGPUs,

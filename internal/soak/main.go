@@ -309,5 +309,5 @@ func main() {
 	ctx, cancel := context.WithTimeout(context.Background(), limit+5*time.Minute)
 	defer cancel()
 	must(sandbox.RunSelf(ctx, sandbox.Options{Nodes: sandbox.GPUNodes(pools), Prepare: [][]string{{"useradd", "--system", "pool-engine"}}},
-		os.Stdout, "github.com/llorch/pool-managerd/cmd/pool-managerd", "github.com/llorch/pool-managerd/cmd/pool-engine-sim"))
+		os.Stdout, "github.com/llorch/pool-managerd/cmd/pool-managerd", "github.com/llorch/pool-managerd/cmd/pool-managerd-shim", "github.com/llorch/pool-managerd/cmd/pool-engine-sim"))
 }

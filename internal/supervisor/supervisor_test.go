@@ -19,15 +19,15 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/pool-managerd/internal/crash"
-	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/sandbox"
+	"github.com/llorch/pool-managerd/internal/shim"
 	. "github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/testpool"
 )
 
 func TestMain(m *testing.M) {
-	if engine.IsShim() {
-		os.Exit(engine.Shim())
+	if shim.Is() {
+		os.Exit(shim.Main())
 	}
 	os.Exit(sandbox.Main(m, testpool.Options, sandbox.Build(testpool.Sim)))
 }

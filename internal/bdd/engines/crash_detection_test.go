@@ -20,9 +20,9 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/bdd/capture"
 	"github.com/llorch/pool-managerd/internal/bdd/suite"
-	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/sandbox"
+	"github.com/llorch/pool-managerd/internal/shim"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/testpool"
 )
@@ -31,8 +31,8 @@ import (
 const crashScenarios = 9
 
 func TestMain(m *testing.M) {
-	if engine.IsShim() {
-		os.Exit(engine.Shim())
+	if shim.Is() {
+		os.Exit(shim.Main())
 	}
 	os.Exit(sandbox.Main(m, testpool.Options, sandbox.Build(testpool.Sim)))
 }

@@ -1,4 +1,8 @@
-package engine
+// Package shim is the engine's parent inside its scope. It is kept apart
+// from the daemon so that the shim binary, pool-managerd-shim, links only
+// what it needs: it starts in a fraction of the daemon's start-up time (it
+// is on the path of every restart) and stays small for the engine's life.
+package shim
 
 import (
 	"bufio"
@@ -6,11 +10,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"os/signal"
-	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -23,24 +25,29 @@ import (
 	"github.com/llorch/pool-managerd/internal/crash"
 )
 
-// ShimEnv carries the shim's instructions; its presence makes a re-executed
-// daemon (or test) binary act as the shim.
-const ShimEnv = "POOL_MANAGERD_SHIM"
+// Env carries the shim's instructions; its presence makes a binary that
+// calls Main first (the daemon, a test) act as the shim.
+const Env = "POOL_MANAGERD_SHIM"
 
-// IsShim reports whether this process was started as an engine shim.
-func IsShim() bool { return os.Getenv(ShimEnv) != "" }
+// Is reports whether this process was started as an engine shim.
+func Is() bool { return os.Getenv(Env) != "" }
 
-// shimSpec is what the daemon tells the shim.
-type shimSpec struct {
-	Argv []string `json:"argv"`
-	Env  []string `json:"env"`
-	User string   `json:"user"`
+// Spec is what the daemon tells the shim. The daemon resolves the user:
+// the shim links no NSS and loads no libraries on the way to the engine.
+type Spec struct {
+	Argv   []string `json:"argv"`
+	Env    []string `json:"env"`
+	User   string   `json:"user"`
+	UID    uint32   `json:"uid"`
+	GID    uint32   `json:"gid"`
+	Groups []uint32 `json:"groups"`
+	Home   string   `json:"home"`
 	// Socket is where a restarted daemon reattaches to the shim.
 	Socket string `json:"socket,omitempty"`
 }
 
-// message is one line the shim reports to the daemon.
-type message struct {
+// Message is one line the shim reports to the daemon.
+type Message struct {
 	Event string `json:"event"` // started, fault, exit, error
 	PID   int    `json:"pid,omitempty"`
 	// Line is the output line that showed a GPU fault.
@@ -53,7 +60,7 @@ type message struct {
 	Error    string `json:"error,omitempty"`
 }
 
-// Shim is the small process that becomes the engine's parent inside the
+// Main is the small process that becomes the engine's parent inside the
 // engine's scope. Started by the daemon, it waits on fd 3 until the daemon
 // has moved it into the scope, so the engine never runs outside it; then
 // it drops to the engine's user, starts the engine with no new privileges,
@@ -61,20 +68,20 @@ type message struct {
 // shim connects from inside it) while watching for GPU faults, and reports
 // on fd 4: the engine's PID, faults, and how it ended, with the scope's
 // OOM kill count read while the cgroup still exists.
-func Shim() int {
+func Main() int {
 	status := os.NewFile(4, "status")
 	out := &reporter{w: status, delivered: make(chan struct{})}
 	report := out.report
 	fail := func(err error) int {
-		report(message{Event: "error", Error: err.Error()})
+		report(Message{Event: "error", Error: err.Error()})
 		fmt.Fprintln(os.Stderr, "pool-managerd shim:", err)
 		return 1
 	}
-	var spec shimSpec
-	if err := json.Unmarshal([]byte(os.Getenv(ShimEnv)), &spec); err != nil || len(spec.Argv) == 0 {
+	var spec Spec
+	if err := json.Unmarshal([]byte(os.Getenv(Env)), &spec); err != nil || len(spec.Argv) == 0 {
 		return fail(fmt.Errorf("bad instructions: %v", err))
 	}
-	os.Unsetenv(ShimEnv)
+	os.Unsetenv(Env)
 	// systemd signals every process of the scope on stop; the shim
 	// outlives the engine to report on it. Catching (not ignoring) keeps
 	// the engine's own dispositions default across exec.
@@ -90,11 +97,6 @@ func Shim() int {
 		return fail(errors.New("no go-ahead from the daemon"))
 	}
 	goAhead.Close()
-
-	cred, home, err := credentials(spec.User)
-	if err != nil {
-		return fail(err)
-	}
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 		return fail(fmt.Errorf("no_new_privs: %w", err))
 	}
@@ -106,13 +108,13 @@ func Shim() int {
 	cmd := exec.Command(spec.Argv[0], spec.Argv[1:]...)
 	cmd.Env = append([]string{
 		"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-		"HOME=" + home, "USER=" + spec.User, "LOGNAME=" + spec.User,
+		"HOME=" + spec.Home, "USER=" + spec.User, "LOGNAME=" + spec.User,
 	}, spec.Env...)
 	cmd.Dir = "/"
 	outR, outPipe, _ := os.Pipe()
 	errR, errPipe, _ := os.Pipe()
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, outPipe, errPipe
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: spec.UID, Gid: spec.GID, Groups: spec.Groups}}
 	if err := cmd.Start(); err != nil {
 		return fail(fmt.Errorf("start %s: %w", spec.Argv[0], err))
 	}
@@ -120,7 +122,7 @@ func Shim() int {
 	errPipe.Close()
 	// The OOM killer must pick the engine, never its reporter.
 	os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0)
-	report(message{Event: "started", PID: cmd.Process.Pid})
+	report(Message{Event: "started", PID: cmd.Process.Pid})
 	if spec.Socket != "" {
 		go out.serve(spec.Socket)
 	}
@@ -141,7 +143,7 @@ func Shim() int {
 				faulted = true
 				mu.Unlock()
 				if first {
-					report(message{Event: "fault", Line: line})
+					report(Message{Event: "fault", Line: line})
 				}
 			}
 		}
@@ -150,7 +152,7 @@ func Shim() int {
 	go forward(outR, outW)
 	go forward(errR, errW)
 
-	err = cmd.Wait()
+	err := cmd.Wait()
 	ws, _ := cmd.ProcessState.Sys().(syscall.WaitStatus)
 	if err != nil && cmd.ProcessState == nil {
 		return fail(err)
@@ -163,7 +165,7 @@ func Shim() int {
 	wg.Wait()
 	outLog()
 	errLog()
-	report(message{Event: "exit", Status: uint32(ws), OOMKills: oomKills() - oomBefore})
+	report(Message{Event: "exit", Status: uint32(ws), OOMKills: oomKills() - oomBefore})
 	// If no daemon heard the exit (it is restarting), wait a while for one
 	// to reattach: the crash must not go unseen.
 	select {
@@ -181,15 +183,15 @@ func Shim() int {
 type reporter struct {
 	mu        sync.Mutex
 	w         io.Writer // the starting daemon's pipe, nil once broken
-	clients   []net.Conn
-	started   *message
-	fault     *message
-	exit      *message
+	clients   []*os.File
+	started   *Message
+	fault     *Message
+	exit      *Message
 	delivered chan struct{}
 	once      sync.Once
 }
 
-func (r *reporter) report(m message) {
+func (r *reporter) report(m Message) {
 	b, _ := json.Marshal(m)
 	b = append(b, '\n')
 	r.mu.Lock()
@@ -226,23 +228,30 @@ func (r *reporter) report(m message) {
 	}
 }
 
+// The shim's sockets are plain system calls rather than package net: net
+// would link the C library's resolver, and the shim is a static binary
+// that starts in a few milliseconds.
+
 // serve accepts reattaching daemons on a unix socket only root can reach.
 func (r *reporter) serve(path string) {
 	os.Remove(path)
-	l, err := net.Listen("unix", path)
+	l, err := listenUnix(path)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "pool-managerd shim: no reattach socket:", err)
 		return
 	}
-	os.Chmod(path, 0o600)
 	for {
-		c, err := l.Accept()
+		fd, _, err := unix.Accept4(l, unix.SOCK_CLOEXEC)
+		if err == unix.EINTR || err == unix.ECONNABORTED {
+			continue
+		}
 		if err != nil {
 			return
 		}
+		c := os.NewFile(uintptr(fd), "daemon")
 		r.mu.Lock()
 		ok := true
-		for _, m := range []*message{r.started, r.fault, r.exit} {
+		for _, m := range []*Message{r.started, r.fault, r.exit} {
 			if m == nil {
 				continue
 			}
@@ -264,27 +273,37 @@ func (r *reporter) serve(path string) {
 	}
 }
 
-// credentials resolves the engine's user.
-func credentials(name string) (*syscall.Credential, string, error) {
-	u, err := user.Lookup(name)
+func listenUnix(path string) (int, error) {
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return nil, "", fmt.Errorf("user %q: %w", name, err)
+		return -1, err
 	}
-	uid, _ := strconv.ParseUint(u.Uid, 10, 32)
-	gid, _ := strconv.ParseUint(u.Gid, 10, 32)
-	var groups []uint32
-	if ids, err := u.GroupIds(); err == nil {
-		for _, g := range ids {
-			if n, err := strconv.ParseUint(g, 10, 32); err == nil && n != gid {
-				groups = append(groups, uint32(n))
-			}
-		}
+	// Only root may reattach; nobody can connect before the listen, so
+	// the mode is set in between.
+	err = unix.Bind(fd, &unix.SockaddrUnix{Name: path})
+	if err == nil {
+		err = os.Chmod(path, 0o600)
 	}
-	home := u.HomeDir
-	if home == "" {
-		home = "/"
+	if err == nil {
+		err = unix.Listen(fd, 8)
 	}
-	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: groups}, home, nil
+	if err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("%s: %w", path, err)
+	}
+	return fd, nil
+}
+
+func dialUnix(path string) (*os.File, error) {
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Connect(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	return os.NewFile(uintptr(fd), path), nil
 }
 
 // output opens a journal stream for the engine's output, as systemd does
@@ -292,14 +311,14 @@ func credentials(name string) (*syscall.Credential, string, error) {
 // cgroup of the connecting process: the engine's scope. Without journald
 // the output goes to the shim's stderr.
 func output(ident string, priority int) (io.Writer, func()) {
-	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: "/run/systemd/journal/stdout", Net: "unix"})
+	c, err := dialUnix("/run/systemd/journal/stdout")
 	if err != nil {
 		return os.Stderr, func() {}
 	}
 	// identifier, unit id, priority, level prefix, forward to syslog,
 	// kmsg, console.
 	fmt.Fprintf(c, "%s\n\n%d\n0\n0\n0\n0\n", ident, priority)
-	c.CloseRead()
+	unix.Shutdown(int(c.Fd()), unix.SHUT_RD)
 	return c, func() { c.Close() }
 }
 
