@@ -207,7 +207,7 @@ StormMaxRestarts=10000
 	// includes the engine's stop (SIGTERM to exit), which the simulator
 	// makes short.
 	var drains []time.Duration
-	for range 20 {
+	for range 60 {
 		waitReady()
 		var id string
 		must(mgr.Call(bus.ManagerIface+".AcquireLease", 0, "bench").Store(&id))
@@ -421,55 +421,89 @@ JitterPercent=10
 	idleCPU := float64(cpu()-c0) / float64(time.Since(t0)) * 100
 	mem := rss()
 
-	// Every engine killed at once; each pool's way back timed, and the
-	// properties read all along.
+	// Every engine killed at once; each pool's way back timed by its
+	// Ready=true signal (polling 64 pools would load the bus it measures),
+	// and a property read every 5 ms all along, on a connection of its
+	// own as busctl's would be.
 	pids := make([]int, scalePools)
 	for i, o := range pools {
 		v, err := o.GetProperty(bus.PoolIface + ".MainPID")
 		must(err)
 		pids[i] = int(v.Value().(uint32))
 	}
+	sigs := make(chan *dbus.Signal, 4096)
+	conn.Signal(sigs)
+	must(conn.AddMatchSignal(dbus.WithMatchInterface("org.freedesktop.DBus.Properties"), dbus.WithMatchMember("PropertiesChanged"),
+		dbus.WithMatchPathNamespace(bus.ManagerPath)))
+	reader, err := dbus.ConnectSystemBus()
+	must(err)
+	defer reader.Close()
 	stop := make(chan struct{})
-	lat := make(chan []time.Duration, 1)
+	lat := make(chan [2][]time.Duration, 1)
+	systemd := reader.Object("org.freedesktop.systemd1", "/org/freedesktop/systemd1")
 	go func() {
-		var l []time.Duration
+		// Ours and, in turn, systemd's own (the reference: the same bus,
+		// the same storm).
+		var l [2][]time.Duration
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
 		for i := 0; ; i++ {
 			select {
 			case <-stop:
 				lat <- l
 				return
-			default:
+			case <-tick.C:
 			}
 			t := time.Now()
-			if _, err := pools[i%scalePools].GetProperty(bus.PoolIface + ".State"); err == nil {
-				l = append(l, time.Since(t))
+			var err error
+			if i%2 == 0 {
+				_, err = reader.Object(bus.Name, bus.PoolPath(fmt.Sprintf("p%02d", i/2%scalePools))).GetProperty(bus.PoolIface + ".State")
+			} else {
+				_, err = systemd.GetProperty("org.freedesktop.systemd1.Manager.NNames")
+			}
+			if err == nil {
+				l[i%2] = append(l[i%2], time.Since(t))
 			}
 		}
 	}()
+	index := map[dbus.ObjectPath]int{}
+	for i := range pools {
+		index[bus.PoolPath(fmt.Sprintf("p%02d", i))] = i
+	}
+	drain(sigs)
 	kill := time.Now()
 	for _, p := range pids {
 		syscall.Kill(p, syscall.SIGKILL)
 	}
 	back := make([]time.Duration, scalePools)
-	remaining := scalePools
-	for remaining > 0 {
-		if time.Since(kill) > 2*time.Minute {
-			must(fmt.Errorf("%d pools not ready again", remaining))
-		}
-		for i, o := range pools {
-			if back[i] == 0 {
-				if v, err := o.GetProperty(bus.PoolIface + ".MainPID"); err == nil && int(v.Value().(uint32)) != pids[i] && ready(o) {
-					back[i] = time.Since(kill)
+	down := make([]bool, scalePools)
+	timeout := time.After(2 * time.Minute)
+	for remaining := scalePools; remaining > 0; {
+		select {
+		case s := <-sigs:
+			at := time.Since(kill)
+			i, ok := index[s.Path]
+			if !ok || len(s.Body) < 2 || back[i] != 0 {
+				continue
+			}
+			changed, _ := s.Body[1].(map[string]dbus.Variant)
+			if v, ok := changed["Ready"]; ok {
+				if v.Value() == false {
+					down[i] = true
+				} else if down[i] {
+					back[i] = at
 					remaining--
 				}
 			}
+		case <-timeout:
+			must(fmt.Errorf("pools not ready again within 2 minutes"))
 		}
-		time.Sleep(20 * time.Millisecond)
 	}
 	close(stop)
 	l := <-lat
 	slices.Sort(back)
-	lm, lp := stats(l)
+	lm, lp := stats(l[0])
+	rm, rp := stats(l[1])
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 	return []Figure{
 		{Name: "64 pools idle: daemon RSS", Unit: "MiB", Samples: 1, Median: mem, P99: mem, RefName: "none", Basis: "value",
@@ -478,7 +512,8 @@ JitterPercent=10
 			Basis: "value", Goal: "< 0.5 %", Met: idleCPU < 0.5},
 		{Name: "64 engines killed: all ready again", Unit: "ms", Samples: scalePools, Median: ms(back[len(back)/2]), P99: ms(back[len(back)-1]),
 			RefName: "spread (last - first)", RefMedian: ms(back[len(back)-1] - back[0]), Basis: "max", Goal: "report", Met: true},
-		{Name: "get-property during the storm", Unit: "ms", Samples: len(l), Median: lm, P99: lp, RefName: "none", Basis: "p99",
+		{Name: "get-property during the storm", Unit: "ms", Samples: len(l[0]), Median: lm, P99: lp,
+			RefName: "systemd's own property, same bus", RefMedian: rm, RefP99: rp, Ratio: lp / rp, Basis: "p99",
 			Goal: "p99 < 20 ms", Met: lp < 20},
 	}
 }

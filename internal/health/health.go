@@ -4,39 +4,69 @@
 package health
 
 import (
+	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/url"
+	"os"
 	"time"
 )
 
-// Prober probes one URL.
+// Prober probes one URL. Each probe is a new connection, closed after the
+// answer (as kubelet's probes do): a probe must not ride on a connection a
+// hung engine holds, nor hold one of the engine's HTTP workers between
+// probes.
 type Prober struct {
 	URL     string
 	Timeout time.Duration
+	// addr and request are set for http:// URLs, which are probed with
+	// one request written on a plain connection: a daemon probing many
+	// pools spends most of its idle time here, and net/http's transport
+	// costs two goroutines and a connection pool per probe. https:// goes
+	// through client.
+	addr    string
+	request []byte
 	client  *http.Client
 }
 
 // New returns a prober; each probe gives up after timeout.
-func New(url string, timeout time.Duration) *Prober {
-	return &Prober{URL: url, Timeout: timeout, client: &http.Client{
-		// A probe must not ride on a connection a hung engine holds.
-		Transport: &http.Transport{DisableKeepAlives: true},
-	}}
+func New(rawURL string, timeout time.Duration) *Prober {
+	p := &Prober{URL: rawURL, Timeout: timeout}
+	u, err := url.Parse(rawURL)
+	if err == nil && u.Scheme == "http" && u.Host != "" && u.User == nil {
+		p.addr = u.Host
+		if u.Port() == "" {
+			p.addr = net.JoinHostPort(u.Hostname(), "80")
+		}
+		p.request = []byte("GET " + u.RequestURI() + " HTTP/1.1\r\nHost: " + u.Host +
+			"\r\nUser-Agent: pool-managerd\r\nAccept: */*\r\nConnection: close\r\n\r\n")
+		return p
+	}
+	p.client = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	return p
 }
 
 // Probe returns nil when the engine answers 200 within the timeout.
 func (p *Prober) Probe(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, p.Timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, p.URL, nil)
-	if err != nil {
-		return err
+	var resp *http.Response
+	var err error
+	if p.client != nil {
+		resp, err = p.viaClient(ctx)
+	} else {
+		var c net.Conn
+		c, resp, err = p.plain(ctx)
+		if c != nil {
+			defer c.Close()
+		}
 	}
-	resp, err := p.client.Do(req)
 	if err != nil {
-		if ctx.Err() == context.DeadlineExceeded {
+		if ctx.Err() == context.DeadlineExceeded || errors.Is(err, os.ErrDeadlineExceeded) {
 			return fmt.Errorf("no answer from %s within %s", p.URL, p.Timeout)
 		}
 		return err
@@ -47,4 +77,36 @@ func (p *Prober) Probe(ctx context.Context) error {
 		return fmt.Errorf("%s answered %d %s", p.URL, resp.StatusCode, string(body))
 	}
 	return nil
+}
+
+func (p *Prober) viaClient(ctx context.Context) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, p.URL, nil)
+	if err != nil {
+		return nil, err
+	}
+	return p.client.Do(req)
+}
+
+// plain sends the request on a new connection and reads the answer's
+// head; the caller closes the connection.
+func (p *Prober) plain(ctx context.Context) (net.Conn, *http.Response, error) {
+	// No TCP keep-alive: the connection lives for one answer.
+	d := net.Dialer{KeepAlive: -1}
+	c, err := d.DialContext(ctx, "tcp", p.addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("GET %s: %w", p.URL, err)
+	}
+	deadline, _ := ctx.Deadline()
+	c.SetDeadline(deadline)
+	// A cancelled probe (the engine is being stopped) ends at once.
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	if _, err := c.Write(p.request); err != nil {
+		return c, nil, fmt.Errorf("GET %s: %w", p.URL, err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReaderSize(c, 1024), nil)
+	if err != nil {
+		return c, nil, fmt.Errorf("GET %s: %w", p.URL, err)
+	}
+	return c, resp, nil
 }

@@ -177,10 +177,11 @@ func (s *Supervisor) finishDrain() {
 	}
 	d.res.Done = now
 	s.update(func(p *Snapshot) { p.State, p.Ready, p.Live = Stopped, false, s.run != nil })
-	s.drainDone(d.start, d.res)
+	// The callers first, then the journal and the metrics.
 	for _, w := range d.waiters {
 		w <- d.res
 	}
+	s.drainDone(d.start, d.res)
 }
 
 func (s *Supervisor) drainDone(start time.Time, res DrainResult) {
