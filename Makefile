@@ -45,9 +45,10 @@ demo: packages
 	$(GO) run ./internal/demo
 
 # Figures against systemd and the bus, measured in one run in the sandbox
-# (root needed); writes build/bench.json.
+# (root needed); writes build/bench.json. BENCH_ARGS=scale runs only the
+# 64-pool figures (build/bench-scale.json).
 bench:
-	$(GO) run ./internal/bench
+	$(GO) run ./internal/bench $(BENCH_ARGS)
 
 # 1000 engine faults across four pools with drains and reloads, then the
 # leak checks (root needed; bounded by 8 minutes).

@@ -122,6 +122,14 @@ StormMaxRestarts=10000
 	}
 	waitReady()
 	var figs []Figure
+	if len(os.Args) > 1 && os.Args[1] == "scale" {
+		// make bench BENCH_ARGS=scale: the 64-pool figures alone.
+		exec.Command("systemctl", "stop", "pool-managerd", "pool-engine-bench.scope").Run()
+		out, err := json.MarshalIndent(scale(conn, dir, sim), "", "  ")
+		must(err)
+		fmt.Println(string(out))
+		return
+	}
 
 	// Crash detection: SIGKILL -> Ready=false seen by a client, against
 	// SIGKILL of a transient service's main process -> its ActiveState
@@ -327,7 +335,11 @@ func main() {
 		must(fmt.Errorf("reading the figures: %v: %q", err, out))
 	}
 	must(os.MkdirAll("build", 0o755))
-	must(os.WriteFile("build/bench.json", out, 0o644))
+	name := "build/bench.json"
+	if len(os.Args) > 1 {
+		name = "build/bench-" + os.Args[1] + ".json"
+	}
+	must(os.WriteFile(name, out, 0o644))
 	fmt.Printf("%-40s %8s %8s   %-28s %8s %8s   %6s  %-26s %s\n", "figure", "median", "p99", "reference", "median", "p99", "ratio", "goal", "met")
 	for _, f := range figs {
 		fmt.Printf("%-40s %7.3f%s %7.3f%s   %-28s %8.3f %8.3f   %6.2f  %-26s %t\n", f.Name, f.Median, "", f.P99, "", f.RefName, f.RefMedian, f.RefP99, f.Ratio, f.Goal, f.Met)

@@ -125,8 +125,9 @@ func GPUNodes(n int) []Node {
 }
 
 // RunSelf is Main for programs (make bench, make soak): it builds pkgs as
-// Build does, boots a sandbox, runs this same executable inside it (where
-// Inside reports true) with its stdout going to stdout, and tears down.
+// Build does, boots a sandbox, runs this same executable with the same
+// arguments inside it (where Inside reports true) with its stdout going to
+// stdout, and tears down.
 func RunSelf(ctx context.Context, o Options, stdout io.Writer, pkgs ...string) error {
 	env, binds, cleanup, err := Build(pkgs...)()
 	if cleanup != nil {
@@ -146,7 +147,7 @@ func RunSelf(ctx context.Context, o Options, stdout io.Writer, pkgs ...string) e
 	}
 	defer s.Close()
 	wd, _ := os.Getwd()
-	cmd := s.CommandIn(ctx, wd, "env", append(append([]string{InsideEnv + "=1"}, env...), exe)...)
+	cmd := s.CommandIn(ctx, wd, "env", append(append(append([]string{InsideEnv + "=1"}, env...), exe), os.Args[1:]...)...)
 	cmd.Stdout, cmd.Stderr = stdout, os.Stderr
 	return cmd.Run()
 }
