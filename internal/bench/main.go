@@ -139,7 +139,7 @@ StormMaxRestarts=10000
 	must(conn.AddMatchSignal(dbus.WithMatchInterface("org.freedesktop.DBus.Properties"), dbus.WithMatchMember("PropertiesChanged")))
 	// systemd sends unit change signals only to subscribers.
 	must(conn.Object("org.freedesktop.systemd1", "/org/freedesktop/systemd1").Call("org.freedesktop.systemd1.Manager.Subscribe", 0).Err)
-	const n = 40
+	const n = 150
 	var ours, ref []time.Duration
 	for range n {
 		waitReady()
@@ -215,7 +215,7 @@ StormMaxRestarts=10000
 	// includes the engine's stop (SIGTERM to exit), which the simulator
 	// makes short.
 	var drains []time.Duration
-	for range 60 {
+	for range 150 {
 		waitReady()
 		var id string
 		must(mgr.Call(bus.ManagerIface+".AcquireLease", 0, "bench").Store(&id))

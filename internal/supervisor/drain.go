@@ -177,16 +177,25 @@ func (s *Supervisor) finishDrain() {
 	}
 	d.res.Done = now
 	s.update(func(p *Snapshot) { p.State, p.Ready, p.Live = Stopped, false, s.run != nil })
-	// The callers first, then the journal and the metrics.
+	// Counted before the callers hear of it, journaled after.
+	s.drainCounted(d.start, d.res)
 	for _, w := range d.waiters {
 		w <- d.res
 	}
-	s.drainDone(d.start, d.res)
+	s.drainLogged(d.start, d.res)
 }
 
 func (s *Supervisor) drainDone(start time.Time, res DrainResult) {
+	s.drainCounted(start, res)
+	s.drainLogged(start, res)
+}
+
+func (s *Supervisor) drainCounted(start time.Time, res DrainResult) {
 	s.metrics.Drains.WithLabelValues(s.cfg.Pool, res.Outcome).Inc()
 	s.metrics.DrainDuration.WithLabelValues(s.cfg.Pool, res.Outcome).Observe(res.Done.Sub(start).Seconds())
+}
+
+func (s *Supervisor) drainLogged(start time.Time, res DrainResult) {
 	var stop int64
 	if !res.LeasesDrainedAt.IsZero() {
 		stop = res.Done.Sub(res.LeasesDrainedAt).Microseconds()

@@ -454,11 +454,13 @@ func (s *Supervisor) startEngine(candidate bool) error {
 	}
 	st := s.current
 	if len(s.cfg.VersionCommand) > 0 {
-		if v, err := engineVersion(s.cfg.VersionCommand); err != nil {
-			s.log.Warn("VersionCommand: "+err.Error(), journal.PoolID, s.cfg.Pool)
-		} else {
-			s.update(func(p *Snapshot) { p.EngineVersion = v })
-		}
+		// Asked beside the start, not before it: a version command that
+		// initialises a GPU runtime takes seconds, and the pool's loop
+		// must keep answering meanwhile.
+		go func() {
+			v, err := engineVersion(s.cfg.VersionCommand)
+			s.post(func() { s.versionKnown(v, err) })
+		}()
 	}
 	spec := s.cfg.Build(st.Path)
 	for _, n := range spec.DeviceNodes {
@@ -496,6 +498,22 @@ func (s *Supervisor) startEngine(candidate bool) error {
 	}()
 	go s.probe(r)
 	return nil
+}
+
+// versionKnown records what VersionCommand said; a record written before
+// it came is written again.
+func (s *Supervisor) versionKnown(v string, err error) {
+	if err != nil {
+		s.log.Warn("VersionCommand: "+err.Error(), journal.PoolID, s.cfg.Pool)
+		return
+	}
+	if v == s.snap.EngineVersion {
+		return
+	}
+	s.update(func(p *Snapshot) { p.EngineVersion = v })
+	if r := s.run; r != nil && r.healthy && r.stopping == "" {
+		s.writeRecord(r)
+	}
 }
 
 // engineVersion runs the version command: "version: X" in its output (as

@@ -341,10 +341,14 @@ func initLifecycle(sc *godog.ScenarioContext) {
 		}
 		return nil
 	})
+	// The drain is seen to begin (Draining) a moment before its warning
+	// is written.
 	sc.Step(`^the journal has a warning for pool "([^"]+)" with ACTIVE_LEASES (\d+)$`, func(pool, n string) error {
-		for _, e := range w.logs.All() {
-			if e.Fields[journal.PoolID] == pool && e.Fields[journal.ActiveLeases] == n && e.Level.String() == "WARN" {
-				return nil
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			for _, e := range w.logs.All() {
+				if e.Fields[journal.PoolID] == pool && e.Fields[journal.ActiveLeases] == n && e.Level.String() == "WARN" {
+					return nil
+				}
 			}
 		}
 		return fmt.Errorf("no warning with ACTIVE_LEASES=%s", n)
@@ -496,9 +500,14 @@ func initLifecycle(sc *godog.ScenarioContext) {
 		}
 		return nil
 	})
+	// The version command runs beside the engine's start: what it says
+	// may come a moment after the engine is ready.
 	sc.Step(`^the pool's engine version is "([^"]+)"$`, func(v string) error {
-		if got := w.pool.Snapshot().EngineVersion; got != v {
-			return fmt.Errorf("engine version %q, want %q", got, v)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		s, err := w.pool.Supervisor.Wait(ctx, func(s supervisor.Snapshot) bool { return s.EngineVersion == v })
+		if err != nil {
+			return fmt.Errorf("engine version %q, want %q", s.EngineVersion, v)
 		}
 		return nil
 	})
@@ -509,19 +518,22 @@ func initLifecycle(sc *godog.ScenarioContext) {
 		return nil
 	})
 	sc.Step(`^the runtime record says engine_version "([^"]+)" and model "([^"]+)"$`, func(v, m string) error {
-		var rec supervisor.Record
-		b, err := os.ReadFile(filepath.Join(w.env.Dir, "run", "pools", "llama8b.json"))
-		if err == nil {
-			err = json.Unmarshal(b, &rec)
+		var err error
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			var rec supervisor.Record
+			b, rerr := os.ReadFile(filepath.Join(w.env.Dir, "run", "pools", "llama8b.json"))
+			if rerr == nil {
+				rerr = json.Unmarshal(b, &rec)
+			}
+			s := w.pool.Snapshot()
+			err = rerr
+			if err == nil && (rec.EngineVersion != v || rec.Model != m || rec.PID != s.MainPID || rec.Digest != s.ModelDigest) {
+				err = fmt.Errorf("runtime record %+v; pool pid %d digest %s", rec, s.MainPID, s.ModelDigest)
+			}
+			if err == nil || time.Now().After(deadline) {
+				return err
+			}
 		}
-		if err != nil {
-			return err
-		}
-		s := w.pool.Snapshot()
-		if rec.EngineVersion != v || rec.Model != m || rec.PID != s.MainPID || rec.Digest != s.ModelDigest {
-			return fmt.Errorf("runtime record %+v; pool pid %d digest %s", rec, s.MainPID, s.ModelDigest)
-		}
-		return nil
 	})
 	sc.Step(`^the pool id is "([^"]+)"$`, func(id string) error {
 		if got := w.pool.Snapshot().ID; got != id {
