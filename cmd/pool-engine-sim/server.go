@@ -265,6 +265,14 @@ func (s *server) handleFault(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.Error(), "invalid_request_error")
 		return
 	}
+	switch f.kind {
+	case faultHangHealth, faultIgnoreTerm, faultForkChild:
+		// The process lives on: the fault is in effect before the
+		// answer, so whatever the caller does next already sees it.
+		s.fire(f)
+		writeJSON(w, http.StatusAccepted, map[string]string{"fault": f.String()})
+		return
+	}
 	w.Header().Set("Connection", "close")
 	writeJSON(w, http.StatusAccepted, map[string]string{"fault": f.String()})
 	if rec, ok := w.(*recorder); ok {

@@ -598,3 +598,30 @@ func TestDaemonKilledMidReload(t *testing.T) {
 	out, _ := try("pgrep", "-c", "-f", "pool-engine-sim")
 	assert.Equal(t, "1", out, "the half-started engine is gone")
 }
+
+// The daemon killed while an engine loads its model (it has no runtime
+// record yet): the new daemon adopts the loading engine from what its shim
+// kept, with no second load, and it becomes ready.
+func TestDaemonKilledWhileEngineStarts(t *testing.T) {
+	dir, _ := daemon(t)
+	waitProp(t, "llama-8b", "Ready", "b true")
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "models", "big.gguf"), []byte("GGUF\x03\x00\x00\x00\nsim-load-time=4s\n"), 0o644))
+	conf := filepath.Join(dir, "pools.d", "llama-8b.pool")
+	src, err := os.ReadFile(conf)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(conf, []byte(strings.Replace(string(src), "Model=a.gguf", "Model=big.gguf", 1)), 0o644))
+	sh(t, "systemctl", "reload", "pool-managerd.service")
+	waitProp(t, "llama-8b", "Model", `s "big.gguf"`)
+	waitProp(t, "llama-8b", "Live", "b true")
+	require.Equal(t, `s "starting"`, getProp(t, "llama-8b", "State"))
+	pid := getProp(t, "llama-8b", "MainPID")
+	killDaemon(t, "1")
+	waitProp(t, "llama-8b", "Ready", "b true")
+	assert.Equal(t, pid, getProp(t, "llama-8b", "MainPID"), "the loading engine was adopted, not started again")
+	assert.Equal(t, `s "big.gguf"`, getProp(t, "llama-8b", "Model"))
+	assert.Equal(t, "u 0", getProp(t, "llama-8b", "CrashCount"))
+	out, _ := try("pgrep", "-c", "-f", "pool-engine-sim")
+	assert.Equal(t, "1", out, "one engine, the adopted one")
+	out, _ = try("journalctl", "-u", "pool-managerd.service", "--no-pager", "-o", "cat")
+	assert.Contains(t, out, "that was starting")
+}

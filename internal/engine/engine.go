@@ -49,6 +49,9 @@ type Spec struct {
 	StopTimeout time.Duration
 	// Socket is where the shim listens for a restarted daemon.
 	Socket string
+	// Note is JSON the shim keeps for a restarted daemon: Attach gives
+	// it back in Engine.Note.
+	Note []byte
 }
 
 // Event is something an engine's shim reported after the start.
@@ -77,7 +80,9 @@ type Engine struct {
 	PID     int
 	ShimPID int
 	Started time.Time
-	events  chan Event
+	// Note is Spec.Note of the start.
+	Note   []byte
+	events chan Event
 }
 
 // Events delivers the engine's faults and, last, its exit; then it closes.
@@ -166,7 +171,7 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 			return nil, err
 		}
 	}
-	spec, _ := json.Marshal(shim.Spec{Argv: s.Argv, Env: s.Env, User: s.User, UID: u.uid, GID: u.gid, Groups: u.groups, Home: u.home, Socket: s.Socket})
+	spec, _ := json.Marshal(shim.Spec{Argv: s.Argv, Env: s.Env, User: s.User, UID: u.uid, GID: u.gid, Groups: u.groups, Home: u.home, Socket: s.Socket, Note: s.Note})
 	goR, goW, err := os.Pipe()
 	if err != nil {
 		return nil, err
@@ -245,7 +250,7 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 		r.stopUnit(context.WithoutCancel(ctx), name)
 		return nil, fmt.Errorf("starting engine of pool %s: %w", s.Pool, err)
 	}
-	e := &Engine{Unit: name, PID: first.PID, ShimPID: cmd.Process.Pid, Started: time.Now(), events: make(chan Event, 4)}
+	e := &Engine{Unit: name, PID: first.PID, ShimPID: cmd.Process.Pid, Started: time.Now(), Note: first.Note, events: make(chan Event, 4)}
 	go e.forward(rd, stR)
 	return e, nil
 }
@@ -288,7 +293,7 @@ func (r *Runtime) Attach(ctx context.Context, pool, socket string) (*Engine, err
 		return nil, fmt.Errorf("engine of pool %s: shim did not say it runs: %v", pool, err)
 	}
 	c.SetReadDeadline(time.Time{})
-	e := &Engine{Unit: UnitName(pool), PID: first.PID, events: make(chan Event, 4)}
+	e := &Engine{Unit: UnitName(pool), PID: first.PID, Note: first.Note, events: make(chan Event, 4)}
 	if p, err := os.Stat(fmt.Sprintf("/proc/%d", first.PID)); err == nil {
 		e.Started = p.ModTime()
 	}

@@ -82,7 +82,10 @@ TimeoutSec=0.5
 `, i, sim, 18431+i)), 0o644))
 	}
 
-	sh(t, "dpkg", "-i", glob(t, "pool-managerd_*.deb"))
+	if out, err := exec.Command("dpkg", "-i", glob(t, "pool-managerd_*.deb")).CombinedOutput(); err != nil {
+		j, _ := exec.Command("journalctl", "--no-pager", "-n", "60", "-o", "short-monotonic").CombinedOutput()
+		t.Fatalf("dpkg -i: %v: %s\njournal:\n%s", err, out, j)
+	}
 	assert.Equal(t, "active", sh(t, "systemctl", "is-active", "pool-managerd.service"))
 	assert.Equal(t, "enabled", sh(t, "systemctl", "is-enabled", "pool-managerd.service"))
 	assert.Contains(t, sh(t, "getent", "passwd", "pool-engine"), "/usr/sbin/nologin")

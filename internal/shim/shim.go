@@ -42,6 +42,10 @@ type Spec struct {
 	GID    uint32   `json:"gid"`
 	Groups []uint32 `json:"groups"`
 	Home   string   `json:"home"`
+	// Note is the daemon's, given back with "started" to a daemon that
+	// reattaches: what it needs to adopt an engine that has no runtime
+	// record yet (it was still starting).
+	Note json.RawMessage `json:"note,omitempty"`
 	// Socket is where a restarted daemon reattaches to the shim.
 	Socket string `json:"socket,omitempty"`
 }
@@ -58,6 +62,8 @@ type Message struct {
 	// while the engine ran.
 	OOMKills uint64 `json:"oom_kills,omitempty"`
 	Error    string `json:"error,omitempty"`
+	// Note is Spec.Note, with "started".
+	Note json.RawMessage `json:"note,omitempty"`
 }
 
 // Main is the small process that becomes the engine's parent inside the
@@ -122,7 +128,7 @@ func Main() int {
 	errPipe.Close()
 	// The OOM killer must pick the engine, never its reporter.
 	os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0)
-	report(Message{Event: "started", PID: cmd.Process.Pid})
+	report(Message{Event: "started", PID: cmd.Process.Pid, Note: spec.Note})
 	if spec.Socket != "" {
 		go out.serve(spec.Socket)
 	}

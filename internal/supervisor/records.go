@@ -2,12 +2,12 @@ package supervisor
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"time"
 
-	"github.com/llorch/pool-managerd/internal/model"
-
 	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/model"
 )
 
 // Record is the runtime record of a running, healthy engine:
@@ -45,21 +45,54 @@ func (s *Supervisor) writeRecord(r *run) {
 	}
 }
 
+// startNote is what the shim keeps for a restarted daemon about an engine
+// being started: an engine has a runtime record only once it is healthy,
+// and one still loading its model must not be killed and loaded again
+// because the daemon restarted (a package upgrade, a crash).
+type startNote struct {
+	Model      string    `json:"model"`
+	Digest     string    `json:"digest"`
+	StagedPath string    `json:"staged_path"`
+	Candidate  bool      `json:"candidate,omitempty"`
+	StartedAt  time.Time `json:"started_at"`
+}
+
 // Adopt takes over the engine a previous daemon left running: it reattaches
 // to its shim, restores its leases whose owners keep says are still there,
 // and watches it like any engine (it is ready again at its first good
-// health probe). It reports false when there is no such engine.
+// health probe). An engine that was still starting has no record: it is
+// adopted from what its shim kept (and must be healthy within
+// StartTimeoutSec of its start), unless it was a reload's candidate, which
+// is stopped: the pool starts on its configured model. It reports false
+// when there is no engine to adopt.
 func (s *Supervisor) Adopt(ctx context.Context, keep func(owner string) bool) (bool, error) {
 	var rec Record
 	found, err := s.cfg.Records.Load(s.cfg.Pool, &rec)
-	if err != nil || !found {
+	if err != nil {
 		return false, err
 	}
 	spec := s.cfg.Build(rec.StagedPath)
 	e, err := s.rt.Attach(ctx, s.cfg.Pool, spec.Socket)
 	if err != nil {
-		s.removeRecord()
+		if found {
+			s.removeRecord()
+		}
 		return false, nil
+	}
+	if !found {
+		var n startNote
+		if json.Unmarshal(e.Note, &n) != nil || n.Candidate || n.StagedPath == "" {
+			go func() {
+				for range e.Events() {
+				}
+			}()
+			if err := s.rt.Stop(ctx, s.cfg.Pool); err != nil {
+				return false, err
+			}
+			s.log.Info(fmt.Sprintf("stopped the engine (pid %d) a reload was starting when the daemon went away", e.PID), journal.PoolID, s.cfg.Pool)
+			return false, nil
+		}
+		rec = Record{Model: n.Model, Digest: n.Digest, StagedPath: n.StagedPath, StartedAt: n.StartedAt, EngineVersion: s.Snapshot().EngineVersion}
 	}
 	err = s.call(func() error {
 		if s.run != nil {
@@ -69,6 +102,9 @@ func (s *Supervisor) Adopt(ctx context.Context, keep func(owner string) bool) (b
 		s.current.Ref = rec.Model
 		ctx, cancel := context.WithCancel(context.Background())
 		r := &run{e: e, ctx: ctx, cancel: cancel, started: rec.StartedAt, staged: s.current, exited: make(chan struct{})}
+		if !found {
+			r.startBy = rec.StartedAt.Add(s.cfg.Health.StartTimeout)
+		}
 		s.run = r
 		kept := 0
 		for id, owner := range rec.Leases {
@@ -81,8 +117,13 @@ func (s *Supervisor) Adopt(ctx context.Context, keep func(owner string) bool) (b
 			p.State, p.Live, p.MainPID = Starting, true, e.PID
 			p.Model, p.ModelDigest, p.StagedPath, p.EngineVersion = rec.Model, rec.Digest, rec.StagedPath, rec.EngineVersion
 		})
-		s.log.Info(fmt.Sprintf("adopted the running engine (pid %d), %d of %d lease(s) kept", e.PID, kept, len(rec.Leases)),
-			journal.PoolID, s.cfg.Pool)
+		if found {
+			s.log.Info(fmt.Sprintf("adopted the running engine (pid %d), %d of %d lease(s) kept", e.PID, kept, len(rec.Leases)),
+				journal.PoolID, s.cfg.Pool)
+		} else {
+			s.log.Info(fmt.Sprintf("adopted the engine (pid %d) that was starting, %s into its start", e.PID, time.Since(rec.StartedAt).Round(time.Millisecond)),
+				journal.PoolID, s.cfg.Pool)
+		}
 		go func() {
 			for ev := range e.Events() {
 				s.post(func() { s.engineEvent(r, ev) })

@@ -6,6 +6,7 @@ package supervisor
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -154,6 +155,10 @@ type run struct {
 	failures  []time.Time
 	lastProbe error
 	exited    chan struct{}
+	// startBy, when set, is when the engine must be healthy (an adopted
+	// engine that was starting); else StartTimeoutSec from the probes'
+	// start.
+	startBy time.Time
 }
 
 // New creates the supervisor; Run starts it. It restores the pool's
@@ -463,6 +468,8 @@ func (s *Supervisor) startEngine(candidate bool) error {
 		}()
 	}
 	spec := s.cfg.Build(st.Path)
+	started := time.Now()
+	spec.Note, _ = json.Marshal(startNote{Model: st.Ref, Digest: st.Digest, StagedPath: st.Path, Candidate: candidate, StartedAt: started})
 	for _, n := range spec.DeviceNodes {
 		if _, err := os.Stat(n); err != nil {
 			err = fmt.Errorf("GPU device node %s is missing (is the NVIDIA driver loaded?): %w", n, err)
@@ -559,6 +566,9 @@ func (s *Supervisor) probe(r *run) {
 	h := s.cfg.Health
 	startEvery := min(h.Interval, 100*time.Millisecond)
 	deadline := time.Now().Add(h.StartTimeout)
+	if !r.startBy.IsZero() {
+		deadline = r.startBy
+	}
 	healthy := false
 	for {
 		wait := startEvery
