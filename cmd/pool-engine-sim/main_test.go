@@ -350,13 +350,18 @@ func TestHealthLoading(t *testing.T) {
 	assert.JSONEq(t, `{"status":"ok"}`, string(body))
 
 	s.waitLog(`main: model loaded`)
+	// A request's line is written once its answer is out.
+	s.waitLog(`srv  log_server_r: request: GET /health 127.0.0.1 200\n`)
 	stderr := s.stderr.String()
 	assert.Contains(t, stderr, "build: 4567 (pool-engine-sim)")
 	assert.Contains(t, stderr, "llama_model_loader: loaded meta data from "+model+" (version GGUF V3 (latest))")
 	assert.Contains(t, stderr, "srv  log_server_r: request: GET /health 127.0.0.1 503\n")
 	assert.Contains(t, stderr, "srv  log_server_r: request: GET /health 127.0.0.1 200\n")
 	assert.Less(t, strings.Index(stderr, "GET /health 127.0.0.1 503"), strings.Index(stderr, "main: model loaded"))
-	assert.Contains(t, s.stdout.String(), fmt.Sprintf("main: server is listening on http://127.0.0.1:%d - starting the main loop", s.port))
+	// stdout is its own pipe: its line may be read a moment after stderr's.
+	want := fmt.Sprintf("main: server is listening on http://127.0.0.1:%d - starting the main loop", s.port)
+	assert.Eventually(t, func() bool { return strings.Contains(s.stdout.String(), want) }, 10*time.Second, 10*time.Millisecond,
+		"stdout %q lacks %q", s.stdout.String(), want)
 }
 
 func TestModels(t *testing.T) {
