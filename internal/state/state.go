@@ -18,6 +18,10 @@ type Dir struct {
 	Path string
 	// Mode is the mode of the files written (and, plus x bits, of Path).
 	Mode fs.FileMode
+	// NoSync skips the fsyncs: for files that need to outlive the daemon,
+	// not the machine (the runtime records, in /run). The write is still
+	// atomic.
+	NoSync bool
 }
 
 func (d Dir) file(name string) string { return filepath.Join(d.Path, name+".json") }
@@ -28,6 +32,9 @@ func (d Dir) Save(name string, v any) error {
 	b, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
 		return err
+	}
+	if d.NoSync {
+		return writeFile(d.file(name), append(b, '\n'), d.Mode, false)
 	}
 	return WriteFile(d.file(name), append(b, '\n'), d.Mode)
 }
@@ -62,8 +69,12 @@ func (d Dir) Remove(name string) error {
 	return nil
 }
 
-// WriteFile replaces path with data atomically.
+// WriteFile replaces path with data atomically and durably.
 func WriteFile(path string, data []byte, mode fs.FileMode) error {
+	return writeFile(path, data, mode, true)
+}
+
+func writeFile(path string, data []byte, mode fs.FileMode, durable bool) error {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, mode|0o111); err != nil {
 		return err
@@ -81,15 +92,20 @@ func WriteFile(path string, data []byte, mode fs.FileMode) error {
 		tmp.Close()
 		return err
 	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
+	if durable {
+		if err := tmp.Sync(); err != nil {
+			tmp.Close()
+			return err
+		}
 	}
 	if err := tmp.Close(); err != nil {
 		return err
 	}
 	if err := os.Rename(tmp.Name(), path); err != nil {
 		return err
+	}
+	if !durable {
+		return nil
 	}
 	if d, err := os.Open(dir); err == nil {
 		d.Sync()

@@ -14,8 +14,16 @@ type rec struct {
 	Name  string `json:"name"`
 }
 
+// Durable (persisted counters) and NoSync (runtime records in /run) files
+// are written and read back the same way, atomically.
 func TestSaveLoadRemove(t *testing.T) {
-	d := Dir{Path: filepath.Join(t.TempDir(), "pools"), Mode: 0o644}
+	for _, noSync := range []bool{false, true} {
+		t.Run(map[bool]string{false: "durable", true: "nosync"}[noSync], func(t *testing.T) { saveLoadRemove(t, noSync) })
+	}
+}
+
+func saveLoadRemove(t *testing.T, noSync bool) {
+	d := Dir{Path: filepath.Join(t.TempDir(), "pools"), Mode: 0o644, NoSync: noSync}
 	var r rec
 	found, err := d.Load("a", &r)
 	require.NoError(t, err)

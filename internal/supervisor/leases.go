@@ -67,31 +67,55 @@ func (s *Supervisor) ReleaseLease(id string) error {
 	})
 }
 
-// leasesChanged keeps the runtime record's leases current, for a daemon
-// that restarts: at most every 100 ms, so that a lease call does not pay
-// for a file write.
-func (s *Supervisor) leasesChanged() {
+// recordEvery bounds how often lease changes rewrite a pool's runtime
+// record: a router taking thousands of leases a second must not pay a file
+// write for each, and a daemon killed loses at most this much of them.
+const recordEvery = 10 * time.Millisecond
+
+// leasesChanged marks the runtime record's leases stale; the loop writes
+// the record once it has nothing else queued (see Run), after the lease
+// call's reply, and at most every recordEvery.
+func (s *Supervisor) leasesChanged() { s.recordDirty = true }
+
+// leasesIdle is called by the loop when it has nothing queued and the
+// leases changed.
+func (s *Supervisor) leasesIdle() {
 	if s.recordAt != nil {
 		return
 	}
-	s.recordAt = time.AfterFunc(100*time.Millisecond, func() {
-		s.post(func() {
-			s.recordAt = nil
-			if s.run != nil && s.run.healthy && s.drain == nil && !s.run.candidate {
-				s.writeRecord(s.run)
-			}
+	if wait := time.Until(s.recordLast.Add(recordEvery)); wait > 0 {
+		s.recordAt = time.AfterFunc(wait, func() {
+			s.post(func() {
+				s.recordAt = nil
+				if s.recordDirty {
+					s.flushLeases()
+				}
+			})
 		})
-	})
+		return
+	}
+	s.flushLeases()
+}
+
+// flushLeases writes the record the leases changed, if there is one to
+// write.
+func (s *Supervisor) flushLeases() {
+	s.recordDirty = false
+	s.recordLast = time.Now()
+	if s.run != nil && s.run.healthy && s.drain == nil && !s.run.candidate {
+		s.writeRecord(s.run)
+	}
 }
 
 // Flush writes what leasesChanged has pending, before the daemon exits.
 func (s *Supervisor) Flush() {
 	s.call(func() error {
-		if s.recordAt != nil && s.recordAt.Stop() {
+		if s.recordAt != nil {
+			s.recordAt.Stop()
 			s.recordAt = nil
-			if s.run != nil && s.run.healthy && s.drain == nil && !s.run.candidate {
-				s.writeRecord(s.run)
-			}
+		}
+		if s.recordDirty {
+			s.flushLeases()
 		}
 		return nil
 	})

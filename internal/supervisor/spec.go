@@ -70,7 +70,7 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Stag
 		DeviceMask:     strings.Join(p.Devices, ","),
 		Slots:          p.Slots,
 		Stager:         stager,
-		Records:        state.Dir{Path: filepath.Join(m.RuntimeDir, "pools"), Mode: 0o644},
+		Records:        state.Dir{Path: filepath.Join(m.RuntimeDir, "pools"), Mode: 0o644, NoSync: true},
 		State:          state.Dir{Path: filepath.Join(m.StateDir, "pools"), Mode: 0o600},
 	}, nil
 }

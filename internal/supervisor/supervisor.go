@@ -124,15 +124,19 @@ type Supervisor struct {
 	changed chan struct{}
 
 	// Owned by the loop.
-	info      [4]string // the pool_info labels set last
-	recordAt  *time.Timer
-	run       *run
-	current   model.Staged // what the running (or next) engine loads
-	restartAt *time.Timer
-	tickAt    *time.Timer
-	leases    map[string]string // lease id -> owner
-	drain     *drainOp
-	reload    *reloadOp
+	info [4]string // the pool_info labels set last
+	// recordDirty: the leases changed since the runtime record was last
+	// written (at recordLast); recordAt is the pending write.
+	recordDirty bool
+	recordLast  time.Time
+	recordAt    *time.Timer
+	run         *run
+	current     model.Staged // what the running (or next) engine loads
+	restartAt   *time.Timer
+	tickAt      *time.Timer
+	leases      map[string]string // lease id -> owner
+	drain       *drainOp
+	reload      *reloadOp
 }
 
 // run is one engine process's life.
@@ -198,6 +202,9 @@ func (s *Supervisor) Run(ctx context.Context) {
 			return
 		case f := <-s.events:
 			f()
+			if s.recordDirty && len(s.events) == 0 {
+				s.leasesIdle()
+			}
 		}
 	}
 }
