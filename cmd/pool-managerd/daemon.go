@@ -9,6 +9,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -65,8 +66,9 @@ type daemonState struct {
 
 	mu    sync.Mutex
 	pools map[string]*pool
-	// changed wakes the status and XID watchers after a reload.
-	changed chan struct{}
+	// changed wakes the status watcher after a reload, xidReload the XID
+	// watcher.
+	changed, xidReload chan struct{}
 }
 
 // daemon supervises every configured pool until SIGTERM or SIGINT. Engines
@@ -105,11 +107,12 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	d := &daemonState{
 		ctx: ctx, dir: dir, log: log, cfg: cfg, inv: inv, rt: rt,
-		metrics: metrics.New(reg),
-		stager:  model.New(cfg.Manager.ModelsDir, filepath.Join(cfg.Manager.StateDir, "staged")),
-		mgr:     manager.New(),
-		pools:   map[string]*pool{},
-		changed: make(chan struct{}, 1),
+		metrics:   metrics.New(reg),
+		stager:    model.New(cfg.Manager.ModelsDir, filepath.Join(cfg.Manager.StateDir, "staged")),
+		mgr:       manager.New(),
+		pools:     map[string]*pool{},
+		changed:   make(chan struct{}, 1),
+		xidReload: make(chan struct{}, 1),
 	}
 	for _, p := range cfg.Pools {
 		np, err := d.newPool(p)
@@ -277,9 +280,11 @@ func (d *daemonState) reload() {
 		}
 	}
 	d.cfg = cfg
-	select {
-	case d.changed <- struct{}{}:
-	default:
+	for _, c := range []chan struct{}{d.changed, d.xidReload} {
+		select {
+		case c <- struct{}{}:
+		default:
+		}
 	}
 	d.log.Info(fmt.Sprintf("configuration reloaded: %d pool(s) added, %d removed, %d changed", added, removed, changed))
 }
@@ -378,33 +383,52 @@ func (d *daemonState) watchdog() {
 	}
 }
 
-// watchXID routes NVML XID events to the pool owning the GPU.
+// watchXID routes NVML XID events to the pool owning the GPU. It watches
+// the GPUs of the pools configured now, again on a reload's; an NVML
+// failure is logged (once while it lasts) and the watch tried again.
 func (d *daemonState) watchXID() {
 	if d.inv.Source != gpu.SourceNVML {
 		return
 	}
-	// GPUs are watched as configured at start; the pool is looked up at
-	// each event, so a pool a reload replaced gets its events.
-	owner := map[string]string{}
-	var uuids []string
+	lastErr := ""
+	gpu.KeepWatchingXID(d.ctx, nil, d.poolGPUs, d.xidReload, 30*time.Second, d.routeXID, func(err error) {
+		if err.Error() != lastErr {
+			d.log.Warn("not watching for GPU XID events (trying again every 30 s): " + err.Error())
+			lastErr = err.Error()
+		}
+	})
+}
+
+// poolGPUs are the UUIDs of every configured pool's GPUs.
+func (d *daemonState) poolGPUs() []string {
 	d.mu.Lock()
-	for id, p := range d.pools {
+	defer d.mu.Unlock()
+	var uuids []string
+	for _, p := range d.pools {
 		gpus, _ := d.inv.Resolve(p.cfg.Devices)
 		for _, g := range gpus {
-			owner[g.UUID] = id
 			uuids = append(uuids, g.UUID)
 		}
 	}
+	return uuids
+}
+
+// routeXID gives an XID event to the pool that owns the GPU now.
+func (d *daemonState) routeXID(uuid string, xid uint64) {
+	d.mu.Lock()
+	var owner *pool
+	for _, p := range d.pools {
+		gpus, _ := d.inv.Resolve(p.cfg.Devices)
+		for _, g := range gpus {
+			if strings.EqualFold(g.UUID, uuid) {
+				owner = p
+			}
+		}
+	}
 	d.mu.Unlock()
-	if len(uuids) == 0 {
+	if owner == nil {
+		d.log.Warn("GPU XID event on a GPU no pool uses", "XID", xid, "GPU", uuid)
 		return
 	}
-	err := gpu.WatchXID(d.ctx, nil, uuids, func(uuid string, xid uint64) {
-		if s, err := d.mgr.Pool(owner[uuid]); err == nil {
-			s.XID(uuid, xid)
-		}
-	})
-	if err != nil {
-		d.log.Warn("not watching for GPU XID events: " + err.Error())
-	}
+	owner.sup.XID(uuid, xid)
 }

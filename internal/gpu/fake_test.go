@@ -14,7 +14,8 @@ type fakeNVML struct {
 	events  chan Event
 
 	mu         sync.Mutex
-	open       int // Inits not yet shut down
+	waitErr    error // the next event wait fails with it
+	open       int   // Inits not yet shut down
 	inits      int
 	registered []string
 }
@@ -139,6 +140,13 @@ func (s *fakeEventSet) RegisterXID(d Device) error {
 }
 
 func (s *fakeEventSet) Wait(time.Duration) (*Event, error) {
+	s.f.mu.Lock()
+	err := s.f.waitErr
+	s.f.waitErr = nil
+	s.f.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
 	select {
 	case ev := <-s.f.events:
 		return &ev, nil

@@ -15,8 +15,12 @@ const xidPoll = time.Second
 // error at once when NVML cannot watch them, and when NVML fails later; the
 // caller decides whether to watch again. MIG devices are watched through
 // their parent GPU: an event for the whole GPU reaches every watched MIG
-// device on it, one for a GPU instance only that instance.
+// device on it, one for a GPU instance only that instance. A nil lib is
+// the host's NVML.
 func WatchXID(ctx context.Context, lib NVML, uuids []string, fn func(uuid string, xid uint64)) error {
+	if lib == nil {
+		lib = NewNVML()
+	}
 	if err := lib.Init(); err != nil {
 		return err
 	}
@@ -83,4 +87,45 @@ func WatchXID(ctx context.Context, lib NVML, uuids []string, fn func(uuid string
 		}
 	}
 	return nil
+}
+
+// KeepWatchingXID watches for XID events on the GPUs uuids() names, for as
+// long as ctx lasts: it starts over on the new set each time changed fires
+// (a configuration reload), and when NVML fails, at once or later, it
+// reports the error to failed and tries again after retry (or at the next
+// change). A nil lib is the host's NVML.
+func KeepWatchingXID(ctx context.Context, lib NVML, uuids func() []string, changed <-chan struct{}, retry time.Duration,
+	fn func(uuid string, xid uint64), failed func(error)) {
+	for {
+		var done chan error
+		wctx, cancel := context.WithCancel(ctx)
+		if set := uuids(); len(set) > 0 {
+			done = make(chan error, 1)
+			go func() { done <- WatchXID(wctx, lib, set, fn) }()
+		}
+		var err error
+		select {
+		case <-ctx.Done():
+		case <-changed:
+		case err = <-done:
+			done = nil
+		}
+		cancel()
+		if done != nil {
+			// NVML is shut down before it is initialised again.
+			<-done
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			failed(err)
+			select {
+			case <-ctx.Done():
+				return
+			case <-changed:
+			case <-time.After(retry):
+			}
+		}
+	}
 }
