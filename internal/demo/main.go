@@ -157,6 +157,8 @@ Port=8082
 	d.run(call("ListPools"))
 	d.run(fmt.Sprintf("busctl introspect %s /org/llorch/PoolManager1/pool/llama8b org.llorch.PoolManager1.Pool", dest))
 	d.run("systemctl show -p Slice,DevicePolicy,DeviceAllow,MemoryMax pool-engine-llama8b.scope")
+	// The engine's scope holds its shim and the engine, nothing else.
+	d.run("systemd-cgls --no-pager -u pool-engine-llama8b.scope")
 	d.run("curl -s localhost:8081/v1/models; echo")
 
 	section("A lease: held by the caller's connection, gone with it")
