@@ -53,17 +53,8 @@ ControlDevice=/dev/nvidiactl
 	require.NoError(t, err)
 	port := l.Addr().(*net.TCPAddr).Port
 	l.Close()
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "demo.pool"), []byte(fmt.Sprintf(`[Pool]
-Devices=0
-Model=%s/model.gguf
-[Engine]
-ExecStart=%s --model %%m --port %%p
-Port=%d
-StopTimeoutSec=2
-[Health]
-IntervalSec=0.5
-TimeoutSec=0.5
-`, dir, os.Getenv(sandbox.BinEnv("pool-engine-sim")), port)), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "demo.pool"), testpool.SimPoolFile(os.Getenv(sandbox.BinEnv("pool-engine-sim")),
+		"0", dir+"/model.gguf", port, "[Health]\nIntervalSec=0.5\nTimeoutSec=0.5\n"), 0o644))
 
 	policy, err := os.ReadFile("../../dbus/org.llorch.PoolManager1.conf")
 	require.NoError(t, err)

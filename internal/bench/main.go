@@ -82,14 +82,7 @@ ControlDevice=/dev/nvidiactl
 	l, _ := net.Listen("tcp", "127.0.0.1:0")
 	port := l.Addr().(*net.TCPAddr).Port
 	l.Close()
-	must(os.WriteFile(filepath.Join(dir, "pools.d", "bench.pool"), []byte(fmt.Sprintf(`[Pool]
-Devices=0
-Model=m.gguf
-[Engine]
-ExecStart=%s --model %%m --port %%p
-Port=%d
-StopTimeoutSec=2
-[Health]
+	must(os.WriteFile(filepath.Join(dir, "pools.d", "bench.pool"), testpool.SimPoolFile(sim, "0", "m.gguf", port, `[Health]
 IntervalSec=0.1
 TimeoutSec=0.1
 StartTimeoutSec=20
@@ -100,7 +93,7 @@ BackoffMaxSec=0.1
 JitterPercent=0
 BreakerThreshold=1000
 StormMaxRestarts=10000
-`, sim, port)), 0o644))
+`), 0o644))
 	must(testpool.InstallDaemon(".", daemon, dir))
 	conn, err := dbus.ConnectSystemBus()
 	must(err)
@@ -372,20 +365,13 @@ Backend=static
 `, dir, inv.String())), 0o644))
 	os.Remove(filepath.Join(dir, "pools.d", "bench.pool"))
 	for i := range scalePools {
-		must(os.WriteFile(filepath.Join(dir, "pools.d", fmt.Sprintf("p%02d.pool", i)), []byte(fmt.Sprintf(`[Pool]
-Devices=%d
-Model=m.gguf
-[Engine]
-ExecStart=%s --model %%m --port %%p
-Port=%d
-StopTimeoutSec=2
-[Health]
+		must(os.WriteFile(filepath.Join(dir, "pools.d", fmt.Sprintf("p%02d.pool", i)), testpool.SimPoolFile(sim, strconv.Itoa(i), "m.gguf", 19000+i, `[Health]
 IntervalSec=5
 TimeoutSec=2
 [Restart]
 BackoffInitialSec=1
 JitterPercent=10
-`, i, sim, 19000+i)), 0o644))
+`), 0o644))
 	}
 	out, err := exec.Command("systemctl", "restart", "pool-managerd").CombinedOutput()
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/pool-managerd/internal/sandbox"
+	"github.com/llorch/pool-managerd/internal/testpool"
 )
 
 // The packages are built outside (make packages) and installed inside a
@@ -69,17 +71,8 @@ ControlDevice=/dev/nvidiactl
 	require.NoError(t, os.WriteFile("/var/lib/pool-managerd/models/tiny.gguf", []byte("GGUF\x03\x00\x00\x00 tiny"), 0o644))
 	sim := os.Getenv(sandbox.BinEnv("pool-engine-sim"))
 	for i, id := range []string{"alpha", "beta"} {
-		require.NoError(t, os.WriteFile("/etc/pool-managerd/pools.d/"+id+".pool", []byte(fmt.Sprintf(`[Pool]
-Devices=%d
-Model=tiny.gguf
-[Engine]
-ExecStart=%s --model %%m --port %%p
-Port=%d
-StopTimeoutSec=2
-[Health]
-IntervalSec=0.5
-TimeoutSec=0.5
-`, i, sim, 18431+i)), 0o644))
+		require.NoError(t, os.WriteFile("/etc/pool-managerd/pools.d/"+id+".pool",
+			testpool.SimPoolFile(sim, strconv.Itoa(i), "tiny.gguf", 18431+i, "[Health]\nIntervalSec=0.5\nTimeoutSec=0.5\n"), 0o644))
 	}
 
 	if out, err := exec.Command("dpkg", "-i", glob(t, "pool-managerd_*.deb")).CombinedOutput(); err != nil {

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -108,14 +109,7 @@ Backend=static
 %[3]sControlDevice=/dev/nvidiactl
 `, dir, textfile, inv.String())), 0o644))
 	for i := range pools {
-		must(os.WriteFile(filepath.Join(dir, "pools.d", fmt.Sprintf("s%d.pool", i)), []byte(fmt.Sprintf(`[Pool]
-Devices=%d
-Model=a.gguf
-[Engine]
-ExecStart=%s --model %%m --port %%p
-Port=%d
-StopTimeoutSec=2
-[Health]
+		must(os.WriteFile(filepath.Join(dir, "pools.d", fmt.Sprintf("s%d.pool", i)), testpool.SimPoolFile(sim, strconv.Itoa(i), "a.gguf", 19500+i, `[Health]
 IntervalSec=0.2
 TimeoutSec=0.2
 [Restart]
@@ -127,7 +121,7 @@ BreakerThreshold=1000
 StormMaxRestarts=10000
 [Scope]
 MemoryMax=64M
-`, i, sim, 19500+i)), 0o644))
+`), 0o644))
 	}
 	must(testpool.InstallDaemon(".", daemon, dir))
 	conn, err := dbus.ConnectSystemBus()

@@ -238,6 +238,14 @@ func freePort(t T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
+// SimPoolFile is the text of a .pool file whose engine is the simulator at
+// sim, on devices, model and port, stopped within 2 s; more follows it:
+// further [Engine] keys first, then other sections.
+func SimPoolFile(sim, devices, model string, port int, more string) []byte {
+	return []byte(fmt.Sprintf("[Pool]\nDevices=%s\nModel=%s\n[Engine]\nExecStart=%s --model %%m --port %%p\nPort=%d\nStopTimeoutSec=2\n%s",
+		devices, model, sim, port, more))
+}
+
 // InstallDaemon installs the project's pool-managerd.service (running the
 // given binary on configDir) and bus policy into the running sandbox, and
 // starts the daemon: it returns once the daemon said READY=1. Paths are
