@@ -205,6 +205,11 @@ func (s *Set) Allow(now time.Time) (ok, test bool, retryAt time.Time) {
 	return true, false, time.Time{}
 }
 
+// Abandon ends a test restart that was stopped on request before it could
+// prove anything: the breaker stays half-open and the next start is the
+// test.
+func (s *Set) Abandon() { s.testing = false }
+
 // Reset closes every breaker and clears all counts and open times.
 func (s *Set) Reset(now time.Time) []Transition {
 	var out []Transition

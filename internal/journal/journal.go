@@ -34,7 +34,9 @@ const (
 	BreakerClass     = "BREAKER_CLASS"
 	RestartsInWindow = "RESTARTS_IN_WINDOW"
 	Hint             = "HINT"
-	MessageIDField   = "MESSAGE_ID"
+	// Error carries an error's text beside a fixed message.
+	Error          = "ERROR"
+	MessageIDField = "MESSAGE_ID"
 )
 
 // Levels beyond slog's own, mapped to syslog priorities by slog-journal.

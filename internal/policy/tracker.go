@@ -146,6 +146,31 @@ func (t *Tracker) Restart(now time.Time) (Permit, error) {
 	return p, nil
 }
 
+// Start asks to start the engine on an operator's or the daemon's request
+// (Start, Reload, a configuration reload). A pending restart goes through
+// Restart; otherwise a start is no way around the breaker: an open breaker
+// refuses it, a half-open one lets it through as its single test, and an
+// AllowRestart override lets it through once. Such a start is not counted
+// as a restart.
+func (t *Tracker) Start(now time.Time) (Permit, error) {
+	if t.waiting {
+		return t.Restart(now)
+	}
+	ev := t.settle(now)
+	if t.override {
+		t.override = false
+		return Permit{Override: true, Events: ev}, nil
+	}
+	if t.breakers.Testing() {
+		return Permit{Events: ev}, &Refusal{Why: "circuit breaker test restart in progress"}
+	}
+	ok, test, retry := t.breakers.Allow(now)
+	if !ok {
+		return Permit{Events: ev}, &Refusal{Why: "circuit breaker open", RetryAt: retry}
+	}
+	return Permit{Test: test, Events: ev}, nil
+}
+
 // Healthy records that the engine became healthy at now.
 func (t *Tracker) Healthy(now time.Time) []Event {
 	ev := t.settle(now)
@@ -162,6 +187,9 @@ func (t *Tracker) Stopped(now time.Time) []Event {
 	t.healthySince = time.Time{}
 	t.waiting = false
 	t.override = false
+	if t.breakers.State() == breaker.HalfOpen {
+		t.breakers.Abandon()
+	}
 	return ev
 }
 
@@ -178,11 +206,14 @@ func (t *Tracker) ResetBreaker(now time.Time) []Event {
 	return append(ev, OperatorOverride{Action: "ResetBreaker", CrashCount: t.crashes, RestartCount: t.restarts})
 }
 
-// AllowRestart lets the pending restart through once, past the breaker and
-// the storm limit, without resetting any counter.
+// AllowRestart lets the pending restart (or, while the breaker is open, the
+// next start) through once, past the breaker and the storm limit, without
+// resetting any counter.
 func (t *Tracker) AllowRestart(now time.Time) ([]Event, error) {
 	ev := t.settle(now)
-	if !t.waiting {
+	// A stopped pool whose breaker is open has no pending restart, yet
+	// its next Start needs the same override.
+	if !t.waiting && t.breakers.State() != breaker.Open {
 		return ev, ErrNoRestartPending
 	}
 	t.override = true
@@ -302,4 +333,39 @@ func (t *Tracker) Restore(s State) {
 	t.streak = max(s.Streak, 0)
 	t.breakers.Restore(s.Breakers)
 	t.window.Restore(s.Restarts)
+}
+
+// Check says what in a state read back from disk is impossible. Such a
+// file is refused whole: quietly dropping the bad part could close an
+// open breaker.
+func (s State) Check() error {
+	var errs []error
+	if s.Streak < 0 {
+		errs = append(errs, fmt.Errorf("streak %d is negative", s.Streak))
+	}
+	if s.LastReason != "" {
+		if _, err := crash.ParseReason(string(s.LastReason)); err != nil {
+			errs = append(errs, fmt.Errorf("last_reason: %w", err))
+		}
+	}
+	known := map[crash.Class]bool{crash.ClassGeneral: true}
+	for _, c := range crash.Classes {
+		known[c] = true
+	}
+	for c, cs := range s.Breakers.Classes {
+		switch {
+		case !known[c]:
+			errs = append(errs, fmt.Errorf("breakers: unknown class %q", c))
+		case cs.State < breaker.Closed || cs.State > breaker.HalfOpen:
+			errs = append(errs, fmt.Errorf("breakers: class %q has impossible state %d", c, cs.State))
+		case cs.Failures < 0 || cs.OpenFor < 0:
+			errs = append(errs, fmt.Errorf("breakers: class %q has a negative count or open time", c))
+		}
+	}
+	for i, r := range s.Restarts {
+		if _, err := crash.ParseReason(string(r.Reason)); err != nil {
+			errs = append(errs, fmt.Errorf("restarts[%d]: %w", i, err))
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -166,3 +166,94 @@ func TestSaveRestoreKeepsBreakerAndCounters(t *testing.T) {
 	fresh.Tick(tr.NextTick())
 	assert.Equal(t, breaker.HalfOpen, fresh.Status(tr.NextTick()).Breaker, "the open time runs on across the restart")
 }
+
+// openBreaker crashes a pool until its breaker opens, then stops it on
+// request, as a drain or Stop does: no restart is pending any more.
+func openBreaker(t *testing.T) (*Tracker, time.Time) {
+	t.Helper()
+	p := Defaults()
+	p.Breaker.Threshold = 2
+	tr := New(p, half)
+	now := t0
+	d := tr.Crash(now, crash.ExitCode)
+	now = d.At
+	_, err := tr.Restart(now)
+	require.NoError(t, err)
+	now = now.Add(time.Second)
+	require.True(t, tr.Crash(now, crash.ExitCode).Held)
+	require.Equal(t, breaker.Open, tr.Status(now).Breaker)
+	tr.Stopped(now)
+	require.False(t, tr.Status(now).Pending)
+	return tr, now
+}
+
+func TestStopThenStartDoesNotBypassOpenBreaker(t *testing.T) {
+	tr, now := openBreaker(t)
+	_, err := tr.Start(now)
+	var r *Refusal
+	require.ErrorAs(t, err, &r)
+	assert.Equal(t, "circuit breaker open", r.Why)
+	assert.False(t, r.RetryAt.IsZero())
+	assert.Equal(t, breaker.Open, tr.Status(now).Breaker)
+}
+
+func TestStartOfStoppedPoolWithOpenBreakerNeedsAllowRestart(t *testing.T) {
+	tr, now := openBreaker(t)
+	_, err := tr.AllowRestart(now)
+	require.NoError(t, err)
+	p, err := tr.Start(now)
+	require.NoError(t, err)
+	assert.True(t, p.Override)
+	_, err = tr.Start(now)
+	assert.Error(t, err, "an override lets one start through, not two")
+	assert.Equal(t, uint64(1), tr.Status(now).RestartCount, "a start on request is not counted as a restart")
+}
+
+func TestStartOfHalfOpenBreakerIsItsTest(t *testing.T) {
+	tr, now := openBreaker(t)
+	later := now.Add(tr.OpenFor(crash.ClassGeneral) + time.Second)
+	p, err := tr.Start(later)
+	require.NoError(t, err)
+	assert.True(t, p.Test)
+	_, err = tr.Start(later)
+	assert.Error(t, err, "one test at a time")
+	// The operator stops the test engine before it proved itself: the
+	// next start is the test.
+	tr.Stopped(later.Add(time.Second))
+	p, err = tr.Start(later.Add(2 * time.Second))
+	require.NoError(t, err)
+	assert.True(t, p.Test)
+}
+
+func TestStartWithClosedBreaker(t *testing.T) {
+	tr := New(Defaults(), half)
+	p, err := tr.Start(t0)
+	require.NoError(t, err)
+	assert.False(t, p.Test || p.Override)
+	assert.Zero(t, tr.Status(t0).RestartCount)
+}
+
+func TestStateCheckRefusesImpossibleValues(t *testing.T) {
+	good := New(Defaults(), half)
+	good.Crash(t0, crash.CUDAError)
+	require.NoError(t, good.Save().Check())
+	for name, mutate := range map[string]func(*State){
+		"negative streak": func(s *State) { s.Streak = -1 },
+		"unknown reason":  func(s *State) { s.LastReason = "gremlins" },
+		"unknown class": func(s *State) {
+			s.Breakers.Classes["nope"] = breaker.ClassState{}
+		},
+		"impossible breaker state": func(s *State) {
+			s.Breakers.Classes[crash.ClassGeneral] = breaker.ClassState{State: 7}
+		},
+		"negative failures": func(s *State) {
+			s.Breakers.Classes[crash.ClassCUDA] = breaker.ClassState{Failures: -3}
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			st := good.Save()
+			mutate(&st)
+			assert.Error(t, st.Check())
+		})
+	}
+}

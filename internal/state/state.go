@@ -26,6 +26,9 @@ type Dir struct {
 
 func (d Dir) file(name string) string { return filepath.Join(d.Path, name+".json") }
 
+// File is the path of name's file.
+func (d Dir) File(name string) string { return d.file(name) }
+
 // Save writes v as name.json atomically: a temporary file, fsync, rename,
 // fsync of the directory.
 func (d Dir) Save(name string, v any) error {

@@ -68,8 +68,13 @@ type startNote struct {
 func (s *Supervisor) Adopt(ctx context.Context, keep func(owner string) bool) (bool, error) {
 	var rec Record
 	found, err := s.cfg.Records.Load(s.cfg.Pool, &rec)
-	if err != nil {
-		return false, err
+	// The shim is the truth, the record a cache: an unreadable record
+	// (set aside by Load) must not cost a healthy engine its life.
+	corrupt := err != nil
+	if corrupt {
+		s.log.Error("runtime record unreadable: adopting the engine from its shim, its leases are lost",
+			journal.PoolID, s.cfg.Pool, journal.Error, err.Error())
+		found, rec = false, Record{}
 	}
 	spec := s.cfg.Build(rec.StagedPath)
 	e, err := s.rt.Attach(ctx, s.cfg.Pool, spec.Socket)
@@ -102,7 +107,12 @@ func (s *Supervisor) Adopt(ctx context.Context, keep func(owner string) bool) (b
 		s.current.Ref = rec.Model
 		ctx, cancel := context.WithCancel(context.Background())
 		r := &run{e: e, ctx: ctx, cancel: cancel, started: rec.StartedAt, staged: s.current, exited: make(chan struct{})}
-		if !found {
+		switch {
+		case corrupt:
+			// Maybe long healthy, maybe still loading: it has a full
+			// StartTimeoutSec from now to answer.
+			r.startBy = time.Now().Add(s.cfg.Health.StartTimeout)
+		case !found:
 			r.startBy = rec.StartedAt.Add(s.cfg.Health.StartTimeout)
 		}
 		s.run = r

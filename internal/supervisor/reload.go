@@ -65,6 +65,12 @@ func (s *Supervisor) Reload(ctx context.Context, ref string, drainDeadline time.
 		case s.run != nil && s.run.healthy && s.current.Digest == digest:
 			same = true
 			return nil
+		case s.run == nil:
+			// The new engine is a start like any other: no way around
+			// the breaker.
+			if err := s.mayStart(); err != nil {
+				return err
+			}
 		}
 		s.reload = op
 		op.prev, op.old = s.current, s.run

@@ -137,6 +137,9 @@ type Supervisor struct {
 	leases      map[string]string // lease id -> owner
 	drain       *drainOp
 	reload      *reloadOp
+	// held says why the pool may not start until ResetBreaker (its
+	// persisted state could not be read); "" when it may.
+	held string
 }
 
 // run is one engine process's life.
@@ -182,10 +185,20 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 	if cfg.State.Path != "" {
 		var st policy.State
 		found, err := cfg.State.Load(cfg.Pool, &st)
-		if err != nil {
-			log.Error("persisted pool state unusable, starting with fresh counters: "+err.Error(), journal.PoolID, cfg.Pool)
+		if err == nil && found {
+			err = st.Check()
+			if err != nil {
+				err = fmt.Errorf("%s: %w", cfg.State.File(cfg.Pool), err)
+			}
 		}
-		if found {
+		switch {
+		case err != nil:
+			// Fail closed: fresh counters would be a way around an open
+			// breaker.
+			s.held = fmt.Sprintf("persisted state unreadable (%v): held until ResetBreaker", err)
+			s.snap.State, s.snap.LastError = Failed, s.held
+			log.Error("persisted pool state unreadable: pool held until ResetBreaker", journal.PoolID, cfg.Pool, journal.Error, err.Error())
+		case found:
 			s.tracker.Restore(st)
 		}
 	}
@@ -325,29 +338,42 @@ func (s *Supervisor) emit(events []policy.Event) {
 var ErrBreakerOpen = errors.New("the circuit breaker is open")
 
 // Start starts the engine of a stopped or failed pool. A pool whose
-// breaker holds it stays held: a start is no way around the breaker.
+// breaker holds it stays held: neither a start nor a Stop then Start is a
+// way around the breaker; ResetBreaker and AllowRestart are.
 func (s *Supervisor) Start() error {
 	return s.call(func() error {
 		if s.run != nil || s.drain != nil || s.reload != nil {
 			return fmt.Errorf("pool %s is %s: %w", s.cfg.Pool, s.Snapshot().State, ErrBusy)
 		}
-		now := time.Now()
-		if s.tracker.Status(now).Pending {
-			s.cancelRestart()
-			pm, err := s.tracker.Restart(now)
-			s.emit(pm.Events)
-			var r *policy.Refusal
-			if errors.As(err, &r) {
-				s.update(func(p *Snapshot) { p.State, p.NextRestart = Failed, r.RetryAt })
-				if !r.RetryAt.IsZero() {
-					s.scheduleRestart(r.RetryAt)
-				}
-				return fmt.Errorf("pool %s: %w: %v", s.cfg.Pool, ErrBreakerOpen, err)
-			}
+		if err := s.mayStart(); err != nil {
+			return err
 		}
 		s.cancelRestart()
 		return s.startEngine(false)
 	})
+}
+
+// mayStart asks the policy whether an engine may start on request now; a
+// refusal keeps a pending restart scheduled for when it may.
+func (s *Supervisor) mayStart() error {
+	if s.held != "" {
+		return fmt.Errorf("pool %s: %w: %s", s.cfg.Pool, ErrBreakerOpen, s.held)
+	}
+	now := time.Now()
+	pending := s.tracker.Status(now).Pending
+	pm, err := s.tracker.Start(now)
+	s.emit(pm.Events)
+	var r *policy.Refusal
+	if errors.As(err, &r) {
+		if pending {
+			s.update(func(p *Snapshot) { p.State, p.NextRestart = Failed, r.RetryAt })
+			if !r.RetryAt.IsZero() {
+				s.scheduleRestart(r.RetryAt)
+			}
+		}
+		return fmt.Errorf("pool %s: %w: %v", s.cfg.Pool, ErrBreakerOpen, err)
+	}
+	return err
 }
 
 // Stop is a drain with deadline 0: leases are revoked and the engine
@@ -357,9 +383,17 @@ func (s *Supervisor) Stop(ctx context.Context) error {
 	return err
 }
 
-// ResetBreaker closes the pool's breakers; a held restart happens now.
+// ResetBreaker closes the pool's breakers (and lifts the hold of an
+// unreadable state file); a held restart happens now.
 func (s *Supervisor) ResetBreaker() {
 	s.post(func() {
+		if s.held != "" {
+			s.log.Warn("hold lifted by ResetBreaker: the pool starts with fresh counters", journal.PoolID, s.cfg.Pool)
+			s.held = ""
+			if s.snap.State == Failed && s.run == nil {
+				s.update(func(p *Snapshot) { p.State = Stopped })
+			}
+		}
 		now := time.Now()
 		s.emit(s.tracker.ResetBreaker(now))
 		if s.tracker.Status(now).Pending && s.drain == nil {
@@ -684,12 +718,17 @@ func (s *Supervisor) stopRun(why string) {
 	r.stopping = why
 	r.cancel()
 	s.update(func(p *Snapshot) { p.Ready = false })
+	s.stopScope(r)
+}
+
+// stopScope stops the engine's scope in the background.
+func (s *Supervisor) stopScope(r *run) {
 	stopTimeout := s.cfg.Build(r.staged.Path).StopTimeout
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), stopTimeout+30*time.Second)
 		defer cancel()
 		if err := s.rt.Stop(ctx, s.cfg.Pool); err != nil {
-			s.log.Error("stopping engine", journal.PoolID, s.cfg.Pool, "ERROR", err.Error())
+			s.log.Error("stopping engine", journal.PoolID, s.cfg.Pool, journal.Error, err.Error())
 		}
 	}()
 }
@@ -713,6 +752,13 @@ func (s *Supervisor) engineEvent(r *run, ev engine.Event) {
 	s.run = nil
 	r.cancel()
 	close(r.exited)
+	if x.Lost {
+		// Without its shim nothing reports on the engine any more (and a
+		// garbled report may come from an engine that still runs): the
+		// scope goes before anything else happens on its GPUs.
+		s.log.Error("engine's shim lost: stopping its scope", journal.PoolID, s.cfg.Pool) // LOSTWHY
+		s.stopScope(r)
+	}
 	uptime := x.At.Sub(r.started)
 	s.removeRecord()
 
@@ -775,6 +821,9 @@ func (s *Supervisor) crashed(reason crash.Reason, msg string, x *engine.Exit, up
 	}
 	s.emit(d.Events)
 	state := Backoff
+	if s.held != "" {
+		d.Held, d.At = true, time.Time{}
+	}
 	if d.Held {
 		state = Failed
 	}

@@ -279,20 +279,6 @@ func TestCountersSurviveARestartOfTheDaemon(t *testing.T) {
 	assert.Equal(t, Failed, again.Snapshot().State)
 }
 
-func TestCorruptStateIsSetAside(t *testing.T) {
-	e := testpool.New(t, nil)
-	// The state directory holds the staged models too: the engine user
-	// must traverse it, as tmpfiles makes /var/lib/pool-managerd.
-	dir := filepath.Join(e.Dir, "state", "pools")
-	require.NoError(t, os.MkdirAll(dir, 0o755))
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "corrupt.json"), []byte("{\"crash_count\": "), 0o600))
-	s := e.Pool("corrupt", "0", "", "")
-	snap := waitFor(t, s, "ready", ready(1))
-	assert.Zero(t, snap.CrashCount)
-	aside, _ := filepath.Glob(filepath.Join(dir, "corrupt.json.corrupt-*"))
-	assert.Len(t, aside, 1)
-}
-
 func TestDrainCancelsScheduledRestart(t *testing.T) {
 	e := testpool.New(t, nil)
 	s := e.Pool("cancel", "0", "", "BackoffInitialSec=1\nBackoffMinSec=1\n")

@@ -121,6 +121,8 @@ type Spec struct {
 	Extra string
 	// NoStart leaves the pool stopped.
 	NoStart bool
+	// Port is the engine's port (0: a free one).
+	Port int
 }
 
 // Pool starts a pool of the simulator on the given devices with extra
@@ -142,7 +144,10 @@ func (e *Env) WriteModel(name, content string) string {
 func (e *Env) Start(ps Spec) *Pool {
 	t := e.T
 	t.Helper()
-	port := freePort(t)
+	port := ps.Port
+	if port == 0 {
+		port = freePort(t)
+	}
 	sim := os.Getenv(sandbox.BinEnv("pool-engine-sim"))
 	require.NotEmpty(t, sim, "the simulator was not built for this sandbox")
 	if ps.Model == "" {

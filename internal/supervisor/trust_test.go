@@ -1,0 +1,107 @@
+package supervisor_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	. "github.com/llorch/pool-managerd/internal/supervisor"
+	"github.com/llorch/pool-managerd/internal/testpool"
+)
+
+// failedByBreaker runs a pool whose engine exits at once until its
+// breaker opens.
+func failedByBreaker(t *testing.T, e *testpool.Env, id string) *testpool.Pool {
+	s := e.Pool(id, "0", "", "BreakerThreshold=1\n")
+	waitFor(t, s, "ready", ready(1))
+	require.NoError(t, s.Fault("exit:1"))
+	failed := waitFor(t, s, "failed", func(p Snapshot) bool { return p.State == Failed })
+	require.Equal(t, "open", failed.BreakerState)
+	return s
+}
+
+func TestStopThenStartDoesNotBypassTheBreaker(t *testing.T) {
+	e := testpool.New(t, nil)
+	s := failedByBreaker(t, e, "bypass")
+	require.NoError(t, s.Stop(e.Ctx))
+	require.Equal(t, Stopped, s.Snapshot().State)
+	assert.ErrorIs(t, s.Start(), ErrBreakerOpen)
+	snap := s.Snapshot()
+	assert.Equal(t, 1, snap.Starts, "no engine was started")
+	assert.Equal(t, "open", snap.BreakerState)
+
+	// AllowRestart is the override: one start, no counter reset.
+	require.NoError(t, s.AllowRestart())
+	require.NoError(t, s.Start())
+	again := waitFor(t, s, "ready", ready(2))
+	assert.Equal(t, uint64(1), again.CrashCount)
+}
+
+func TestReloadDoesNotBypassTheBreaker(t *testing.T) {
+	e := testpool.New(t, nil)
+	s := failedByBreaker(t, e, "rbypass")
+	other := e.WriteModel("other.gguf", "GGUF\x03\x00\x00\x00 other")
+	_, err := s.Reload(e.Ctx, other, time.Second)
+	assert.ErrorIs(t, err, ErrBreakerOpen)
+	require.NoError(t, s.Stop(e.Ctx))
+	_, err = s.Reload(e.Ctx, other, time.Second)
+	assert.ErrorIs(t, err, ErrBreakerOpen)
+	snap := s.Snapshot()
+	assert.Equal(t, 1, snap.Starts)
+	assert.NotEqual(t, other, snap.Model, "a refused reload changes nothing")
+}
+
+func TestCorruptStateFileHoldsThePoolUntilResetBreaker(t *testing.T) {
+	for id, text := range map[string]string{
+		"truncated":  `{"crash_count": `,
+		"impossible": `{"crash_count": 9, "breakers": {"classes": {"general": {"state": 7}}}}`,
+	} {
+		t.Run(id, func(t *testing.T) {
+			e := testpool.New(t, nil)
+			dir := filepath.Join(e.Dir, "state", "pools")
+			require.NoError(t, os.MkdirAll(dir, 0o755))
+			require.NoError(t, os.WriteFile(filepath.Join(dir, id+".json"), []byte(text), 0o600))
+			s := e.Start(testpool.Spec{ID: id, Devices: "0", NoStart: true})
+			snap := s.Snapshot()
+			assert.Equal(t, Failed, snap.State, "an unreadable state fails closed")
+			aside, _ := filepath.Glob(filepath.Join(dir, id+".json.corrupt-*"))
+			if id == "truncated" {
+				require.Len(t, aside, 1)
+				assert.Contains(t, snap.LastError, aside[0], "it says where the bad file went")
+			}
+			assert.Contains(t, snap.LastError, "ResetBreaker")
+			assert.ErrorIs(t, s.Start(), ErrBreakerOpen)
+			assert.Zero(t, s.Snapshot().Starts)
+
+			s.ResetBreaker()
+			require.NoError(t, s.Start())
+			waitFor(t, s, "ready", ready(1))
+		})
+	}
+}
+
+func TestCorruptRuntimeRecordStillAdoptsTheEngine(t *testing.T) {
+	e := testpool.New(t, nil)
+	s := e.Pool("record", "0", "", "")
+	first := waitFor(t, s, "ready", ready(1))
+	rec := filepath.Join(e.Dir, "run", "pools", "record.json")
+	require.Eventually(t, func() bool { _, err := os.Stat(rec); return err == nil }, 5*time.Second, 10*time.Millisecond)
+	require.NoError(t, os.WriteFile(rec, []byte("{\"pool\": \"rec"), 0o644))
+
+	// A second supervisor of the pool, as after a daemon restart.
+	again := e.Start(testpool.Spec{ID: "record", Devices: "0", NoStart: true, Port: s.Port})
+	ctx, cancel := context.WithTimeout(e.Ctx, 20*time.Second)
+	defer cancel()
+	adopted, err := again.Adopt(ctx, func(string) bool { return true })
+	require.NoError(t, err)
+	require.True(t, adopted, "the shim is the truth, the record a cache")
+	snap := waitFor(t, again, "ready", func(p Snapshot) bool { return p.Ready })
+	assert.Equal(t, first.MainPID, snap.MainPID, "the same engine, not a new one")
+	assert.Zero(t, snap.Starts)
+	assert.Zero(t, s.Snapshot().CrashCount, "the engine was never killed")
+}
