@@ -11,10 +11,45 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"time"
 )
+
+// Verify checks the engine end of a probe's connection before anything is
+// sent on it; an error fails the probe.
+type Verify func(remote netip.AddrPort) error
+
+type verifyKey struct{}
+
+// WithVerify makes the probes under ctx check their connection's peer with
+// v: a probe answered by whoever squats the engine's port must not count.
+func WithVerify(ctx context.Context, v Verify) context.Context {
+	return context.WithValue(ctx, verifyKey{}, v)
+}
+
+// dial connects and, where the context asks, verifies the peer.
+func dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	// No TCP keep-alive: the connection lives for one answer.
+	d := net.Dialer{KeepAlive: -1}
+	c, err := d.DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	if v, _ := ctx.Value(verifyKey{}).(Verify); v != nil {
+		if tcp, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+			err = v(tcp.AddrPort())
+		} else {
+			err = fmt.Errorf("peer %s is not a TCP address", c.RemoteAddr())
+		}
+		if err != nil {
+			c.Close()
+			return nil, err
+		}
+	}
+	return c, nil
+}
 
 // Prober probes one URL. Each probe is a new connection, closed after the
 // answer (as kubelet's probes do): a probe must not ride on a connection a
@@ -46,7 +81,7 @@ func New(rawURL string, timeout time.Duration) *Prober {
 			"\r\nUser-Agent: pool-managerd\r\nAccept: */*\r\nConnection: close\r\n\r\n")
 		return p
 	}
-	p.client = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	p.client = &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: dial}}
 	return p
 }
 
@@ -90,9 +125,7 @@ func (p *Prober) viaClient(ctx context.Context) (*http.Response, error) {
 // plain sends the request on a new connection and reads the answer's
 // head; the caller closes the connection.
 func (p *Prober) plain(ctx context.Context) (net.Conn, *http.Response, error) {
-	// No TCP keep-alive: the connection lives for one answer.
-	d := net.Dialer{KeepAlive: -1}
-	c, err := d.DialContext(ctx, "tcp", p.addr)
+	c, err := dial(ctx, "tcp", p.addr)
 	if err != nil {
 		return nil, nil, fmt.Errorf("GET %s: %w", p.URL, err)
 	}

@@ -2,9 +2,11 @@ package health
 
 import (
 	"context"
+	"errors"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"sync"
 	"testing"
 	"time"
@@ -110,5 +112,43 @@ func TestProbeBadAnswers(t *testing.T) {
 		err := New(url, time.Second).Probe(context.Background())
 		require.Error(t, err)
 		assert.Contains(t, err.Error(), url)
+	}
+}
+
+// A probe whose peer fails verification sends the peer nothing and fails,
+// over plain HTTP and through the https client alike.
+func TestProbeSendsNothingToAnUnverifiedPeer(t *testing.T) {
+	for _, tls := range []bool{false, true} {
+		var mu sync.Mutex
+		got := 0
+		h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			got++
+			mu.Unlock()
+		})
+		srv := httptest.NewUnstartedServer(h)
+		if tls {
+			srv.StartTLS()
+		} else {
+			srv.Start()
+		}
+		p := New(srv.URL+"/health", time.Second)
+		if tls {
+			p.client.Transport.(*http.Transport).TLSClientConfig = srv.Client().Transport.(*http.Transport).TLSClientConfig
+		}
+		var seen netip.AddrPort
+		refuse := WithVerify(context.Background(), func(peer netip.AddrPort) error {
+			seen = peer
+			return errors.New("held by a socket outside the scope")
+		})
+		err := p.Probe(refuse)
+		assert.ErrorContains(t, err, "outside the scope", "tls=%v", tls)
+		assert.Equal(t, srv.Listener.Addr().String(), seen.String())
+		accept := WithVerify(context.Background(), func(netip.AddrPort) error { return nil })
+		require.NoError(t, p.Probe(accept))
+		srv.Close()
+		mu.Lock()
+		assert.Equal(t, 1, got, "only the verified probe reached the server (tls=%v)", tls)
+		mu.Unlock()
 	}
 }
