@@ -65,6 +65,9 @@ fuzz:
 	$(GO) test ./internal/config -run '^$$' -fuzz FuzzParsePool -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 	$(GO) test ./internal/config -run '^$$' -fuzz FuzzParseManager -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 	$(GO) test ./internal/bus -run '^$$' -fuzz FuzzPathAndArguments -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
+	$(GO) test ./internal/shim -run '^$$' -fuzz FuzzReadMessage -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
+	$(GO) test ./internal/safetext -run '^$$' -fuzz FuzzBound -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
+	$(GO) test ./internal/sockdiag -run '^$$' -fuzz FuzzParseMessages -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 
 fuzz-short:
 	$(MAKE) fuzz FUZZTIME=20000x FUZZMINTIME=500x

@@ -24,6 +24,8 @@ const (
 	faultHangHealth
 	faultIgnoreTerm
 	faultForkChild
+	faultLongLine
+	faultLog
 )
 
 var faultNames = map[string]faultKind{
@@ -38,12 +40,22 @@ var faultNames = map[string]faultKind{
 
 type fault struct {
 	kind faultKind
-	code int // exit status for faultExit
+	code int    // exit status for faultExit, bytes for faultLongLine
+	text string // the request line of faultLog
 }
 
+// maxLongLine bounds long-line:N; a test wants megabytes, not the host's
+// memory.
+const maxLongLine = 1 << 30
+
 func (f fault) String() string {
-	if f.kind == faultExit {
+	switch f.kind {
+	case faultExit:
 		return "exit:" + strconv.Itoa(f.code)
+	case faultLongLine:
+		return "long-line:" + strconv.Itoa(f.code)
+	case faultLog:
+		return "log:" + f.text
 	}
 	for n, k := range faultNames {
 		if k == f.kind {
@@ -61,10 +73,20 @@ func parseFault(s string) (fault, error) {
 		}
 		return fault{kind: faultExit, code: n}, nil
 	}
+	if rest, ok := strings.CutPrefix(s, "long-line:"); ok {
+		n, err := strconv.Atoi(rest)
+		if err != nil || n < 1 || n > maxLongLine {
+			return fault{}, fmt.Errorf("invalid length %q in fault %q (want long-line:1..%d)", rest, s, maxLongLine)
+		}
+		return fault{kind: faultLongLine, code: n}, nil
+	}
+	if rest, ok := strings.CutPrefix(s, "log:"); ok {
+		return fault{kind: faultLog, text: rest}, nil
+	}
 	if k, ok := faultNames[s]; ok {
 		return fault{kind: k}, nil
 	}
-	return fault{}, fmt.Errorf("unknown fault kind %q (want segv, abort, cuda, oom, exit:N, hang-health, ignore-term or fork-child)", s)
+	return fault{}, fmt.Errorf("unknown fault kind %q (want segv, abort, cuda, oom, exit:N, hang-health, ignore-term, fork-child, long-line:N or log:TEXT)", s)
 }
 
 func (s *server) fire(f fault) {
@@ -94,7 +116,33 @@ func (s *server) fire(f fault) {
 		logf("sim: ignore-term: ignoring SIGTERM from now on")
 	case faultForkChild:
 		forkChild()
+	case faultLongLine:
+		longLine(f.code)
+	case faultLog:
+		// llama-server --verbose logs each request's body as it came
+		// (SRV_DBG in log_server_request); here it stays one line.
+		logf("srv  log_server_r: request:  %s", strings.NewReplacer("\n", `\n`, "\r", `\r`).Replace(f.text))
 	}
+}
+
+// longLine writes one line of n bytes (no newline but its end) to
+// stderr, as an engine that logs a whole prompt or a tensor would; the
+// write blocks for as long as nobody reads.
+func longLine(n int) {
+	chunk := make([]byte, 64<<10)
+	for i := range chunk {
+		chunk[i] = 'a' + byte(i%26)
+	}
+	logMu.Lock()
+	defer logMu.Unlock()
+	for n > 0 {
+		k := min(n, len(chunk))
+		if _, err := os.Stderr.Write(chunk[:k]); err != nil {
+			return
+		}
+		n -= k
+	}
+	_, _ = os.Stderr.WriteString("\n")
 }
 
 // crashLikeC makes a SIGSEGV, SIGBUS or SIGABRT sent from outside (kill

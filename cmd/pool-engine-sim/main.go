@@ -33,6 +33,7 @@ type options struct {
 	host         string
 	port         int
 	loadTime     time.Duration
+	listenAfter  time.Duration
 	probeDevices []string
 	fault        string
 	faultAfter   time.Duration
@@ -66,8 +67,9 @@ func run(args []string) int {
 	fs.StringVar(&o.host, "host", envOr("LLAMA_ARG_HOST", "127.0.0.1"), "address to listen on")
 	port := fs.String("port", os.Getenv("LLAMA_ARG_PORT"), "port to listen on (required; 0 picks one)")
 	fs.DurationVar(&o.loadTime, "load-time", 0, "how long /health reports that the model is loading")
+	fs.DurationVar(&o.listenAfter, "listen-after", 0, "load this long before listening at all, as vLLM's API server does")
 	fs.StringVar(&probe, "probe-devices", "", "comma-separated device `paths` that /sim/devices opens O_RDWR")
-	fs.StringVar(&o.fault, "fault", "", "fault `kind` to inject on its own (segv, abort, cuda, oom, exit:N, hang-health, ignore-term, fork-child)")
+	fs.StringVar(&o.fault, "fault", "", "fault `kind` to inject on its own (segv, abort, cuda, oom, exit:N, hang-health, ignore-term, fork-child, long-line:N, log:TEXT)")
 	fs.DurationVar(&o.faultAfter, "fault-after", 0, "delay between listening and --fault firing")
 	version := fs.Bool("version", false, "print the version and exit")
 	simChild := fs.Bool("sim-child", false, "internal: the leaked child of the fork-child fault")
@@ -271,6 +273,7 @@ func serve(o options) int {
 
 	// Listen before loading, as llama-server does, so that /health can say
 	// "loading model" while the hash and --load-time run.
+	time.Sleep(o.listenAfter)
 	ln, err := net.Listen("tcp", net.JoinHostPort(o.host, strconv.Itoa(o.port)))
 	if err != nil {
 		logf("main: couldn't bind HTTP server socket, hostname: %s, port: %d (%v)", o.host, o.port, err)

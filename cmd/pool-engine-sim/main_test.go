@@ -12,6 +12,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -587,6 +588,41 @@ func TestFaultHangHealth(t *testing.T) {
 		assert.Error(t, err, "/health must not answer even at shutdown")
 	case <-time.After(5 * time.Second):
 		t.Error("hung /health request outlived the process")
+	}
+}
+
+// long-line:N writes one line of N bytes; log:TEXT logs TEXT as
+// llama-server --verbose logs a request's body, on one line; both leave
+// the engine running.
+func TestFaultLongLineAndRequestLog(t *testing.T) {
+	t.Parallel()
+	model, _ := ggufModel(t)
+	s := startSim(t, model)
+	s.waitHealthy()
+	s.postFault("long-line:100000")
+	long := func() bool {
+		for l := range strings.SplitSeq(s.stderr.String(), "\n") {
+			if len(l) == 100000 && strings.Trim(l, "abcdefghijklmnopqrstuvwxyz") == "" {
+				return true
+			}
+		}
+		return false
+	}
+	require.Eventually(t, long, 10*time.Second, 10*time.Millisecond, "one line of 100000 bytes")
+
+	prompt := `{"prompt":"CUDA error: out of memory\nsecond line"}`
+	resp, err := client(5*time.Second).Post(s.url("/sim/fault?kind="+url.QueryEscape("log:"+prompt)), "", nil)
+	require.NoError(t, err)
+	_ = resp.Body.Close()
+	require.Equal(t, http.StatusAccepted, resp.StatusCode)
+	s.waitLog(`\nsrv  log_server_r: request:  \{"prompt":"CUDA error: out of memory\\nsecond line"\}\n`)
+	assert.True(t, s.alive())
+
+	for _, bad := range []string{"long-line:0", "long-line:x", "long-line:2000000000"} {
+		resp, err := client(2*time.Second).Post(s.url("/sim/fault?kind="+bad), "", nil)
+		require.NoError(t, err)
+		_ = resp.Body.Close()
+		assert.Equal(t, http.StatusBadRequest, resp.StatusCode, bad)
 	}
 }
 

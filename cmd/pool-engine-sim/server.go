@@ -266,7 +266,7 @@ func (s *server) handleFault(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	switch f.kind {
-	case faultHangHealth, faultIgnoreTerm, faultForkChild:
+	case faultHangHealth, faultIgnoreTerm, faultForkChild, faultLongLine, faultLog:
 		// The process lives on: the fault is in effect before the
 		// answer, so whatever the caller does next already sees it.
 		s.fire(f)

@@ -108,12 +108,13 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 	d := &daemonState{
 		ctx: ctx, dir: dir, log: log, cfg: cfg, inv: inv, rt: rt,
 		metrics:   metrics.New(reg),
-		stager:    model.New(cfg.Manager.ModelsDir, filepath.Join(cfg.Manager.StateDir, "staged")),
+		stager:    model.New(cfg.Manager.ModelsDir, filepath.Join(cfg.Manager.StateDir, "staged"), model.WithModelDirs(cfg.Manager.ModelDirs...)),
 		mgr:       manager.New(),
 		pools:     map[string]*pool{},
 		changed:   make(chan struct{}, 1),
 		xidReload: make(chan struct{}, 1),
 	}
+	d.stager.SetPoolModels(poolModels(cfg))
 	for _, p := range cfg.Pools {
 		np, err := d.newPool(p)
 		if err != nil {
@@ -141,8 +142,10 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 		var has bool
 		return conn.BusObject().Call("org.freedesktop.DBus.NameHasOwner", 0, owner).Store(&has) == nil && has
 	}
-	// READY=1 comes once every pool has been started (or has failed to,
-	// with a reason) and the bus name is ours.
+	// READY=1 comes once the configuration is loaded, running engines are
+	// adopted and the bus name is ours; starts go on in the background
+	// (the first start of a big model hashes it for minutes, longer than
+	// systemd waits for readiness).
 	for _, id := range d.mgr.IDs() {
 		p := d.pools[id]
 		adopted, err := p.sup.Adopt(ctx, onBus)
@@ -150,7 +153,7 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 			log.Error(fmt.Sprintf("pool %s: %v", id, err), journal.PoolID, id)
 		}
 		if !adopted && p.cfg.AutoStart {
-			d.start(p)
+			go d.start(p)
 		}
 	}
 	d.srv, err = bus.Serve(ctx, conn, d.mgr, log, cfg.Manager.AdminGroup)
@@ -163,6 +166,7 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 	go d.keepStatus()
 	go d.watchdog()
 	go d.watchXID()
+	go d.keepPruning()
 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
@@ -219,6 +223,9 @@ func (d *daemonState) reload() {
 		d.log.Error("configuration reload refused, the running configuration stays:\n" + err.Error())
 		return
 	}
+	// A refused reload puts the running configuration's models back.
+	d.stager.SetPoolModels(append(poolModels(d.cfg), poolModels(cfg)...))
+	defer func() { d.stager.SetPoolModels(poolModels(d.cfg)) }()
 	next := map[string]*config.Pool{}
 	for _, p := range cfg.Pools {
 		next[p.ID] = p
@@ -276,7 +283,7 @@ func (d *daemonState) reload() {
 			d.log.Error(fmt.Sprintf("publishing pool %s: %v", id, err), journal.PoolID, id)
 		}
 		if np.cfg.AutoStart {
-			d.start(np)
+			go d.start(np)
 		}
 	}
 	d.cfg = cfg
@@ -287,6 +294,48 @@ func (d *daemonState) reload() {
 		}
 	}
 	d.log.Info(fmt.Sprintf("configuration reloaded: %d pool(s) added, %d removed, %d changed", added, removed, changed))
+	d.prune()
+}
+
+// poolModels are the Model= refs of the configuration's pool files: a bus
+// ref equal to one of them may lie outside the model directories.
+func poolModels(cfg *config.Config) []string {
+	var refs []string
+	for _, p := range cfg.Pools {
+		refs = append(refs, p.Model)
+	}
+	return refs
+}
+
+// keepPruning removes staged models no pool uses, now and then: a reload
+// leaves the old model staged (a rollback may want it back) and disks of
+// model stores fill.
+func (d *daemonState) keepPruning() {
+	t := time.NewTicker(10 * time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-t.C:
+			d.prune()
+		}
+	}
+}
+
+// prune removes staged models that no pool's engine runs on. A pool
+// between staging its model and starting its engine may lose the file in
+// that moment; its start then fails and the restart stages it again.
+func (d *daemonState) prune() {
+	var keep []string
+	for _, s := range d.mgr.Pools() {
+		if p := s.Snapshot().StagedPath; p != "" {
+			keep = append(keep, p)
+		}
+	}
+	if err := d.stager.Prune(keep); err != nil {
+		d.log.Warn("pruning staged models", journal.Error, err.Error())
+	}
 }
 
 // status is the one-line state systemctl status shows.

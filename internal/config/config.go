@@ -35,10 +35,13 @@ type Config struct {
 
 // Manager holds the [Manager] and [Inventory] settings.
 type Manager struct {
-	File            string
-	StateDir        string
-	RuntimeDir      string
-	ModelsDir       string
+	File       string
+	StateDir   string
+	RuntimeDir string
+	ModelsDir  string
+	// ModelDirs are further directories that absolute model refs from the
+	// bus may resolve beneath (ModelsDir always may).
+	ModelDirs       []string
 	MetricsTextfile string // empty: no textfile
 	MetricsInterval time.Duration
 	MetricsListen   string // empty: no listener

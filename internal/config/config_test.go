@@ -268,3 +268,26 @@ func TestManagerDropInsOverride(t *testing.T) {
 	assert.Equal(t, 30*time.Second, c.Manager.MetricsInterval, "what no drop-in sets stays")
 	assert.Equal(t, BackendStatic, c.Manager.Inventory.Backend)
 }
+
+func TestManagerModelDirs(t *testing.T) {
+	tests := []struct {
+		name, lines string
+		want        []string
+	}{
+		{"none", "", nil},
+		{"space-separated, cleaned, once each", "ModelDirs=/srv/models/ /data//llm /srv/models\n", []string{"/srv/models", "/data/llm"}},
+		{"repeated keys add up", "ModelDirs=/a\nModelDirs=/b /a\n", []string{"/a", "/b"}},
+		{"empty resets", "ModelDirs=/a\nModelDirs=\nModelDirs=/c\n", []string{"/c"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := Load(writeDir(t, map[string]string{ManagerFile: "[Manager]\n" + tt.lines, "pools.d/a.pool": minimalPool}))
+			require.NoError(t, err)
+			assert.Equal(t, tt.want, c.Manager.ModelDirs)
+		})
+	}
+
+	_, err := Load(writeDir(t, map[string]string{ManagerFile: "[Manager]\nModelDirs=/ok relative\n", "pools.d/a.pool": minimalPool}))
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), `pool-managerd.conf:2: [Manager] ModelDirs=: "relative" is not an absolute path`)
+}

@@ -466,9 +466,27 @@ func parseManager(file string, data []byte, m *Manager) Errors {
 	inv := &m.Inventory
 	s := schema{
 		"Manager": {
-			"StateDir":           setAbsPath(&m.StateDir, false),
-			"RuntimeDir":         setAbsPath(&m.RuntimeDir, false),
-			"ModelsDir":          setAbsPath(&m.ModelsDir, false),
+			"StateDir":   setAbsPath(&m.StateDir, false),
+			"RuntimeDir": setAbsPath(&m.RuntimeDir, false),
+			"ModelsDir":  setAbsPath(&m.ModelsDir, false),
+			"ModelDirs": func(v string) error {
+				if v == "" {
+					m.ModelDirs = nil
+					return nil
+				}
+				dirs := strings.Fields(v)
+				for _, d := range dirs {
+					if !filepath.IsAbs(d) {
+						return fmt.Errorf("%q is not an absolute path", d)
+					}
+				}
+				for _, d := range dirs {
+					if d = filepath.Clean(d); !contains(m.ModelDirs, d) {
+						m.ModelDirs = append(m.ModelDirs, d)
+					}
+				}
+				return nil
+			},
 			"MetricsTextfile":    setAbsPath(&m.MetricsTextfile, true),
 			"MetricsIntervalSec": setSeconds(&m.MetricsInterval, true),
 			"MetricsListen": func(v string) error {

@@ -5,7 +5,6 @@
 package engine
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -68,11 +67,18 @@ type Exit struct {
 	Status syscall.WaitStatus
 	// OOMKills counts OOM kills in the scope during the run.
 	OOMKills uint64
-	// Lost is set when the shim died before reporting (the scope was
-	// killed as a whole): the status is unknown.
+	// Lost is set when the shim is no witness any more: it died before
+	// reporting (the scope was killed as a whole), or it sent something
+	// that is not a report (the engine may still be running). The status
+	// is unknown.
 	Lost bool
-	At   time.Time
+	// LostWhy says which: LostVanished, or why a report was refused.
+	LostWhy string
+	At      time.Time
 }
+
+// LostVanished is Exit.LostWhy when the shim's stream ended with no exit.
+const LostVanished = "the shim ended without reporting the engine's exit"
 
 // Engine is one running engine.
 type Engine struct {
@@ -171,6 +177,9 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 			return nil, err
 		}
 	}
+	if len(s.Note) > shim.MaxNote {
+		return nil, fmt.Errorf("engine of pool %s: note of %d bytes over the shim's %d", s.Pool, len(s.Note), shim.MaxNote)
+	}
 	spec, _ := json.Marshal(shim.Spec{Argv: s.Argv, Env: s.Env, User: s.User, UID: u.uid, GID: u.gid, Groups: u.groups, Home: u.home, Socket: s.Socket, Note: s.Note})
 	goR, goW, err := os.Pipe()
 	if err != nil {
@@ -239,12 +248,19 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 	}
 	goW.Close()
 
-	rd := bufio.NewReader(stR)
-	first, err := readMessage(rd)
-	if err != nil || first.Event != "started" {
-		if err == nil {
+	rd := shim.NewReader(stR)
+	first, err := rd.Next()
+	if err != nil || first.Event != shim.EventStarted {
+		switch {
+		case err == nil && first.Event == shim.EventError:
 			err = errors.New(first.Error)
+		case err == nil:
+			err = fmt.Errorf("the shim reported %q before the engine started", first.Event)
+		case err == io.EOF:
+			err = errors.New("the shim ended before the engine started")
 		}
+		// A shim that said anything else is not waited for.
+		cmd.Process.Kill()
 		<-reaped
 		stR.Close()
 		r.stopUnit(context.WithoutCancel(ctx), name)
@@ -255,23 +271,42 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 	return e, nil
 }
 
-// forward turns the shim's messages into events until the exit.
-func (e *Engine) forward(rd *bufio.Reader, c io.Closer) {
+// forward turns the shim's messages into events until the exit. Anything
+// but a valid fault or exit makes the shim lost: whatever sent it is not
+// to be believed about the engine.
+func (e *Engine) forward(rd *shim.Reader, c io.Closer) {
 	defer close(e.events)
 	defer c.Close()
+	lost := func(why string) {
+		e.events <- Event{Exit: &Exit{Lost: true, LostWhy: why, At: time.Now()}}
+	}
 	for {
-		m, err := readMessage(rd)
-		if err != nil {
-			e.events <- Event{Exit: &Exit{Lost: true, At: time.Now()}}
+		m, err := rd.Next()
+		var bad *shim.ReportError
+		switch {
+		case err == io.EOF:
+			lost(LostVanished)
+			return
+		case errors.As(err, &bad):
+			lost(bad.Why)
+			return
+		case err != nil:
+			lost("reading the shim's reports: " + err.Error())
 			return
 		}
 		switch m.Event {
-		case "fault":
+		case shim.EventFault:
 			e.events <- Event{Fault: m.Line}
-		case "exit":
+		case shim.EventExit:
 			// Not waiting for the shim to be reaped: its own exit may
 			// take a while (a race-detector build sleeps a second).
 			e.events <- Event{Exit: &Exit{Status: syscall.WaitStatus(m.Status), OOMKills: m.OOMKills, At: time.Now()}}
+			return
+		case shim.EventError:
+			lost("the shim failed: " + m.Error)
+			return
+		default:
+			lost(fmt.Sprintf("malformed report from the shim: %q after the start", m.Event))
 			return
 		}
 	}
@@ -286,11 +321,14 @@ func (r *Runtime) Attach(ctx context.Context, pool, socket string) (*Engine, err
 		return nil, fmt.Errorf("no engine of pool %s to adopt: %w", pool, err)
 	}
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	rd := bufio.NewReader(c)
-	first, err := readMessage(rd)
-	if err != nil || first.Event != "started" {
+	rd := shim.NewReader(c)
+	first, err := rd.Next()
+	if err == nil && first.Event != shim.EventStarted {
+		err = fmt.Errorf("it reported %q first", first.Event)
+	}
+	if err != nil {
 		c.Close()
-		return nil, fmt.Errorf("engine of pool %s: shim did not say it runs: %v", pool, err)
+		return nil, fmt.Errorf("engine of pool %s: shim did not say it runs: %w", pool, err)
 	}
 	c.SetReadDeadline(time.Time{})
 	e := &Engine{Unit: UnitName(pool), PID: first.PID, Note: first.Note, events: make(chan Event, 4)}
@@ -299,15 +337,6 @@ func (r *Runtime) Attach(ctx context.Context, pool, socket string) (*Engine, err
 	}
 	go e.forward(rd, c)
 	return e, nil
-}
-
-func readMessage(rd *bufio.Reader) (shim.Message, error) {
-	var m shim.Message
-	line, err := rd.ReadBytes('\n')
-	if err != nil {
-		return m, err
-	}
-	return m, json.Unmarshal(line, &m)
 }
 
 // Stop stops the engine's scope the systemd way: SIGTERM to every process

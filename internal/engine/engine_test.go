@@ -1,15 +1,21 @@
 package engine_test
 
 import (
+	"bytes"
 	"context"
+	"fmt"
+	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/sandbox"
@@ -38,12 +44,18 @@ func runtime(t *testing.T) (*engine.Runtime, context.Context) {
 }
 
 func journal(t *testing.T, unit string, want string) string {
-	var out []byte
-	require.Eventually(t, func() bool {
-		out, _ = exec.Command("journalctl", "-u", unit, "--no-pager", "-o", "cat").CombinedOutput()
-		return strings.Contains(string(out), want)
-	}, 20*time.Second, 50*time.Millisecond, "journalctl -u %s shows %q", unit, want)
-	return string(out)
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		out, _ := exec.Command("journalctl", "-u", unit, "--no-pager", "-o", "cat").CombinedOutput()
+		if strings.Contains(string(out), want) {
+			return string(out)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("journalctl -u %s does not show %q:\n%s", unit, want, out)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // The very first thing the engine does already happens inside its scope,
@@ -85,4 +97,78 @@ func TestBadUserFailsCleanly(t *testing.T) {
 	assert.Contains(t, err.Error(), `user "no-such-user"`)
 	out, _ := exec.Command("systemctl", "is-active", "pool-engine-nobody\\x2dhere.scope").CombinedOutput()
 	assert.NotEqual(t, "active", strings.TrimSpace(string(out)), "nothing is left running")
+}
+
+// The engine gets stdin, stdout and stderr and nothing else: not the
+// shim's pipes to the daemon, not a descriptor the daemon leaked.
+func TestEngineInheritsOnlyStdio(t *testing.T) {
+	rt, ctx := runtime(t)
+	leak, err := unix.Dup(2) // dup(2) leaves close-on-exec off: the shim inherits it
+	require.NoError(t, err)
+	defer unix.Close(leak)
+	e, err := rt.Start(ctx, engine.Spec{Pool: "stdio-only", Argv: []string{"/bin/sleep", "60"}, User: "pool-engine", StopTimeout: 2 * time.Second})
+	require.NoError(t, err)
+	t.Cleanup(func() { rt.Stop(context.Background(), "stdio-only") })
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", e.PID))
+	require.NoError(t, err)
+	var fds []string
+	for _, d := range ents {
+		fds = append(fds, d.Name())
+	}
+	assert.Equal(t, []string{"0", "1", "2"}, fds)
+}
+
+// An engine that writes a forged exit report to every descriptor it might
+// have reaches no one: no exit is reported and it keeps running.
+func TestForgedExitReportIsNotBelieved(t *testing.T) {
+	rt, ctx := runtime(t)
+	forge := `for fd in $(seq 3 20); do (eval "echo '{\"event\":\"exit\",\"status\":0}' >&$fd") 2>/dev/null; done; echo forged; exec sleep 60`
+	e, err := rt.Start(ctx, engine.Spec{Pool: "forger", Argv: []string{"/bin/sh", "-c", forge}, User: "pool-engine", StopTimeout: 2 * time.Second})
+	require.NoError(t, err)
+	t.Cleanup(func() { rt.Stop(context.Background(), "forger") })
+	journal(t, e.Unit, "forged")
+	select {
+	case ev, ok := <-e.Events():
+		t.Fatalf("the daemon heard %+v (open %v) from a running engine", ev, ok)
+	case <-time.After(2 * time.Second):
+	}
+	assert.NoError(t, unix.Kill(e.PID, 0), "the engine still runs")
+
+	require.NoError(t, rt.Stop(ctx, "forger"))
+	select {
+	case ev := <-e.Events():
+		require.NotNil(t, ev.Exit)
+		assert.False(t, ev.Exit.Lost)
+		assert.Equal(t, syscall.SIGTERM, ev.Exit.Status.Signal(), "the real exit")
+	case <-time.After(10 * time.Second):
+		t.Fatal("no exit after the stop")
+	}
+}
+
+// Attach reads a shim's socket no further than one bounded message.
+func TestAttachRefusesAnEndlessReport(t *testing.T) {
+	rt, ctx := runtime(t)
+	sock := filepath.Join(t.TempDir(), "shim.sock")
+	l, err := net.Listen("unix", sock)
+	require.NoError(t, err)
+	defer l.Close()
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		chunk := bytes.Repeat([]byte("x"), 1<<20)
+		for range 256 {
+			if _, err := c.Write(chunk); err != nil {
+				return
+			}
+		}
+		time.Sleep(10 * time.Second)
+	}()
+	start := time.Now()
+	_, err = rt.Attach(ctx, "endless", sock)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), fmt.Sprintf("over %d bytes", shim.MaxMessage))
+	assert.Less(t, time.Since(start), 3*time.Second, "refused at once, not at the read deadline")
 }

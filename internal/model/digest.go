@@ -13,7 +13,9 @@ import (
 
 const (
 	cacheFileName = "digests.json"
-	cacheVersion  = 1
+	// Version 1 entries had no ctime: they are read, never match, and are
+	// replaced as their files are hashed again.
+	cacheVersion = 2
 	// Enough for every model a host plausibly has seen; bounds digests.json.
 	maxCacheEntries = 4096
 	bufSize         = 1 << 20
@@ -22,15 +24,23 @@ const (
 type fileID struct{ Dev, Ino uint64 }
 
 // fileKey is a file version: the content is assumed unchanged while all of
-// it is. ctime is left out on purpose: chmod (which Stage does) changes it.
+// it is. mtime can be set back by the file's owner; ctime cannot.
 type fileKey struct {
 	fileID
 	Size    int64
 	MtimeNs int64
+	CtimeNs int64
 }
 
 func statKey(st *unix.Stat_t) fileKey {
-	return fileKey{fileID{uint64(st.Dev), st.Ino}, st.Size, st.Mtim.Nano()}
+	return fileKey{fileID{uint64(st.Dev), st.Ino}, st.Size, st.Mtim.Nano(), st.Ctim.Nano()}
+}
+
+// sameContent reports whether two versions differ at most in ctime, which a
+// link, an unlink or a rename of the file changes.
+func sameContent(a, b fileKey) bool {
+	a.CtimeNs, b.CtimeNs = 0, 0
+	return a == b
 }
 
 type cacheEntry struct {
@@ -38,13 +48,14 @@ type cacheEntry struct {
 	Ino     uint64 `json:"ino"`
 	Size    int64  `json:"size"`
 	MtimeNs int64  `json:"mtime_ns"`
+	CtimeNs int64  `json:"ctime_ns"`
 	Digest  string `json:"digest"`
 	Path    string `json:"path,omitempty"` // for people reading the file
 	used    uint64
 }
 
 func (e cacheEntry) key() fileKey {
-	return fileKey{fileID{e.Dev, e.Ino}, e.Size, e.MtimeNs}
+	return fileKey{fileID{e.Dev, e.Ino}, e.Size, e.MtimeNs, e.CtimeNs}
 }
 
 type cacheFile struct {
@@ -59,7 +70,7 @@ type flight struct {
 }
 
 // Digest returns "sha256:<hex>" of the source's content. A file version
-// (device, inode, size, mtime) already hashed is answered from the cache
+// (device, inode, size, mtime, ctime) already hashed is answered from the cache
 // without opening the file; otherwise the file is re-opened through the same
 // validation as Resolve, checked to be the same version, and hashed
 // streaming. Concurrent calls for one file version share one hash.
@@ -93,26 +104,6 @@ func (s *Stager) Digest(src Source) (string, error) {
 		s.persist()
 	}
 	return f.digest, f.err
-}
-
-// reopen opens the source again, through the same validation as Resolve,
-// and refuses it if it is no longer the version that was resolved.
-func (s *Stager) reopen(src Source) (*os.File, error) {
-	ref := src.Ref
-	if ref == "" {
-		ref = src.Path
-	}
-	f, cur, err := s.open(ref)
-	if err != nil {
-		return nil, err
-	}
-	if cur.key() != src.key() {
-		f.Close()
-		return nil, refErr(src.Ref, src.Path, nil,
-			"changed since it was resolved (size %d, mtime %s; now size %d, mtime %s)",
-			src.Size, src.ModTime, cur.Size, cur.ModTime)
-	}
-	return f, nil
 }
 
 func (s *Stager) hash(src Source) (string, error) {
@@ -164,7 +155,7 @@ func (s *Stager) lookupLocked(k fileKey) (string, bool) {
 func (s *Stager) storeLocked(k fileKey, path, digest string) {
 	s.used++
 	s.cache[k.fileID] = cacheEntry{
-		Dev: k.Dev, Ino: k.Ino, Size: k.Size, MtimeNs: k.MtimeNs,
+		Dev: k.Dev, Ino: k.Ino, Size: k.Size, MtimeNs: k.MtimeNs, CtimeNs: k.CtimeNs,
 		Digest: digest, Path: path, used: s.used,
 	}
 	if len(s.cache) <= maxCacheEntries {
@@ -192,11 +183,11 @@ func (s *Stager) loadLocked() {
 		return
 	}
 	var cf cacheFile
-	if json.Unmarshal(data, &cf) != nil || cf.Version != cacheVersion {
+	if json.Unmarshal(data, &cf) != nil || cf.Version < 1 || cf.Version > cacheVersion {
 		return
 	}
 	for _, e := range cf.Entries {
-		if !ValidDigest(e.Digest) || e.Size <= 0 {
+		if !ValidDigest(e.Digest) || e.Size <= 0 || e.CtimeNs == 0 {
 			continue
 		}
 		s.used++

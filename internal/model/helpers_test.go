@@ -21,7 +21,25 @@ func newTestStager(t *testing.T) (s *Stager, models, stage string) {
 	models = filepath.Join(root, "models")
 	stage = filepath.Join(root, "stage")
 	require.NoError(t, os.Mkdir(models, 0o755))
-	return New(models, stage), models, stage
+	return newStager(models, stage), models, stage
+}
+
+// engine names the made-up engine user of the tests: no owner, no group of
+// any test file, so it reads what "other" may read.
+const engine = "engine"
+
+var engineUser = User{Name: engine, UID: 4242, GID: 4242}
+
+// newStager is New with the test's engine user.
+func newStager(models, stage string, opts ...Option) *Stager {
+	s := New(models, stage, opts...)
+	s.lookupUser = func(name string) (User, error) {
+		if name == engine {
+			return engineUser, nil
+		}
+		return LookupUser(name)
+	}
+	return s
 }
 
 func writeFile(t *testing.T, path, content string) {

@@ -3,11 +3,17 @@
 //
 // Operators name a model by a ref: an absolute path, the same as a file://
 // URL, or a plain name under the configured models directory. A ref is
-// validated without reading its content (Resolve), hashed with sha256 once
-// per file version (Digest, cached by device, inode, size and mtime and
-// persisted across restarts), and staged (Stage) as an immutable,
-// content-addressed file, stageDir/sha256-<hex>/<name>, so the engine's
-// file cannot change even if the operator later replaces the source.
+// validated without reading its content (Resolve): it must lie beneath the
+// models directory or another allowed model directory, with no symlink
+// leading out, unless it is a pool file's own Model=; it must be a non-empty
+// regular file (checked through an O_PATH descriptor, so a device or a FIFO
+// is never opened for reading) that the engine's user can read by its mode
+// bits. Content is hashed with sha256 once per file version (Digest, cached
+// by device, inode, size, mtime and ctime and persisted across restarts),
+// and staged (Stage) as a content-addressed file,
+// stageDir/sha256-<hex>/<name>: a hard link of the source when possible,
+// else a copy that is no more readable than the source. The operator's file
+// is never modified.
 package model
 
 import (
@@ -17,8 +23,11 @@ import (
 	"hash"
 	"net/url"
 	"os"
+	"os/user"
 	"path/filepath"
 	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -30,59 +39,176 @@ import (
 // use.
 type Stager struct {
 	modelsDir string
+	modelDirs []string // further directories bus refs may resolve beneath
 	stageDir  string
 
 	// Hooks, replaced by tests only.
 	// openFile opens name relative to dirfd; resolve != 0 means openat2 with
-	// those RESOLVE_* flags. Tests make it fail with EACCES (the tests run as
-	// root, for whom no file is unreadable) or ENOSYS (to run the fallback).
-	openFile func(dirfd int, name string, flags int, resolve uint64) (int, error)
-	link     func(oldname, newname string) error // tests make it fail with EXDEV
-	newHash  func() hash.Hash                    // tests count it
+	// those RESOLVE_* flags. Tests make it fail with EACCES or ENOSYS (to run
+	// the fallback).
+	openFile   func(dirfd int, name string, flags int, resolve uint64) (int, error)
+	link       func(oldname, newname string) error // tests make it fail with EXDEV
+	newHash    func() hash.Hash                    // tests count it
+	lookupUser func(name string) (User, error)     // tests give made-up users
 
-	mu       sync.Mutex
-	loaded   bool                  // cache read from digests.json
-	cache    map[fileID]cacheEntry // digests by file identity
-	used     uint64                // LRU clock for cache entries
-	flights  map[fileKey]*flight   // hashes in progress
-	dirLocks map[string]*dirLock   // staging directories in use
+	mu         sync.Mutex
+	poolModels map[string]bool       // absolute paths pool files name as Model=
+	loaded     bool                  // cache read from digests.json
+	cache      map[fileID]cacheEntry // digests by file identity
+	used       uint64                // LRU clock for cache entries
+	flights    map[fileKey]*flight   // hashes in progress
+	dirLocks   map[string]*dirLock   // staging directories in use
 
 	persistMu sync.Mutex // serializes writes of digests.json
+}
+
+// Option configures a Stager.
+type Option func(*Stager)
+
+// WithModelDirs lets absolute refs resolve beneath dirs (absolute paths)
+// as well as beneath the models directory.
+func WithModelDirs(dirs ...string) Option {
+	return func(s *Stager) {
+		for _, d := range dirs {
+			if d = filepath.Clean(d); !slices.Contains(s.modelDirs, d) {
+				s.modelDirs = append(s.modelDirs, d)
+			}
+		}
+	}
 }
 
 // New returns a Stager. Plain names resolve under modelsDir, which must be
 // absolute. Staged files live under stageDir, created 0755 when first
 // needed; the digest cache is persisted at stageDir/digests.json.
-func New(modelsDir, stageDir string) *Stager {
-	return &Stager{
-		modelsDir: filepath.Clean(modelsDir),
-		stageDir:  filepath.Clean(stageDir),
-		openFile:  sysOpen,
-		link:      sysLink,
-		newHash:   sha256.New,
-		cache:     map[fileID]cacheEntry{},
-		flights:   map[fileKey]*flight{},
-		dirLocks:  map[string]*dirLock{},
+func New(modelsDir, stageDir string, opts ...Option) *Stager {
+	s := &Stager{
+		modelsDir:  filepath.Clean(modelsDir),
+		stageDir:   filepath.Clean(stageDir),
+		openFile:   sysOpen,
+		link:       sysLink,
+		newHash:    sha256.New,
+		lookupUser: LookupUser,
+		poolModels: map[string]bool{},
+		cache:      map[fileID]cacheEntry{},
+		flights:    map[fileKey]*flight{},
+		dirLocks:   map[string]*dirLock{},
 	}
+	WithModelDirs(s.modelsDir)(s)
+	for _, o := range opts {
+		o(s)
+	}
+	return s
+}
+
+// SetPoolModels replaces the set of refs that pool files name as Model=
+// (call it on every configuration load, so that a removed pool's model is
+// no longer one). An absolute ref (or file:// URL) naming the same path as
+// one of them may lie anywhere; any other must resolve beneath an allowed
+// model directory. Plain names need no entry: they resolve beneath the
+// models directory.
+func (s *Stager) SetPoolModels(refs []string) {
+	s.mu.Lock()
+	s.poolModels = map[string]bool{}
+	s.mu.Unlock()
+	s.AddPoolModels(refs...)
+}
+
+// AddPoolModels adds refs to the set SetPoolModels replaces.
+func (s *Stager) AddPoolModels(refs ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, ref := range refs {
+		if p, ok := absPath(ref); ok {
+			s.poolModels[p] = true
+		}
+	}
+}
+
+// absPath is the path an absolute or file:// ref names.
+func absPath(ref string) (string, bool) {
+	switch {
+	case strings.HasPrefix(ref, "/"):
+		return ref, true
+	case strings.HasPrefix(strings.ToLower(ref), "file:"):
+		p, err := filePath(ref)
+		return p, err == nil
+	}
+	return "", false
+}
+
+// User is the account an engine runs as: a model must be readable by it.
+type User struct {
+	Name     string
+	UID, GID uint32
+	Groups   []uint32 // supplementary groups
+}
+
+// LookupUser resolves an engine's user through NSS.
+func LookupUser(name string) (User, error) {
+	if name == "" {
+		return User{}, errors.New("no engine user given")
+	}
+	u, err := user.Lookup(name)
+	if err != nil {
+		return User{}, fmt.Errorf("the engine's user %q: %w", name, err)
+	}
+	uid, err1 := strconv.ParseUint(u.Uid, 10, 32)
+	gid, err2 := strconv.ParseUint(u.Gid, 10, 32)
+	if err1 != nil || err2 != nil {
+		return User{}, fmt.Errorf("the engine's user %q has a non-numeric uid %q or gid %q", name, u.Uid, u.Gid)
+	}
+	out := User{Name: name, UID: uint32(uid), GID: uint32(gid)}
+	ids, err := u.GroupIds()
+	if err != nil {
+		return User{}, fmt.Errorf("the groups of the engine's user %q: %w", name, err)
+	}
+	for _, g := range ids {
+		if n, err := strconv.ParseUint(g, 10, 32); err == nil && uint32(n) != out.GID {
+			out.Groups = append(out.Groups, uint32(n))
+		}
+	}
+	return out, nil
+}
+
+// canRead reports whether u may read a file of this mode, owner and group
+// by its permission bits, as the kernel decides (owner bits for the owner
+// alone, then group bits, then other bits).
+func (u User) canRead(mode, uid, gid uint32) bool {
+	switch {
+	case u.UID == 0:
+		return true
+	case uid == u.UID:
+		return mode&0o400 != 0
+	case gid == u.GID || slices.Contains(u.Groups, gid):
+		return mode&0o040 != 0
+	}
+	return mode&0o004 != 0
 }
 
 // Source is a resolved, validated model file.
 type Source struct {
-	Ref     string // as given
-	Path    string // absolute path of the file that was opened
-	Size    int64
-	Dev     uint64
-	Ino     uint64
-	ModTime time.Time
+	Ref        string // as given
+	Path       string // absolute path of the file that was opened
+	Size       int64
+	Dev        uint64
+	Ino        uint64
+	ModTime    time.Time
+	ChangeTime time.Time // ctime: no write, chmod or chown goes without it
+	Mode       uint32    // permission bits
+	UID, GID   uint32    // owner
 }
 
 func (src Source) key() fileKey {
-	return fileKey{fileID{src.Dev, src.Ino}, src.Size, src.ModTime.UnixNano()}
+	return fileKey{fileID{src.Dev, src.Ino}, src.Size, src.ModTime.UnixNano(), src.ChangeTime.UnixNano()}
 }
 
-// O_NONBLOCK so that a FIFO named as a model fails validation instead of
-// blocking the open until a writer appears; it is a no-op on regular files.
-const openFlags = unix.O_RDONLY | unix.O_CLOEXEC | unix.O_NOCTTY | unix.O_NONBLOCK
+// Read-opens happen only on a descriptor whose type was checked, through
+// /proc/self/fd; O_NONBLOCK all the same, so that nothing can block there.
+const readFlags = unix.O_RDONLY | unix.O_CLOEXEC | unix.O_NOCTTY | unix.O_NONBLOCK
+
+// pathFlags open without opening the file itself: a device's driver, a
+// FIFO's other end never see an O_PATH open.
+const pathFlags = unix.O_PATH | unix.O_CLOEXEC
 
 func sysOpen(dirfd int, name string, flags int, resolve uint64) (int, error) {
 	for tries := 0; ; tries++ {
@@ -102,74 +228,113 @@ func sysOpen(dirfd int, name string, flags int, resolve uint64) (int, error) {
 	}
 }
 
-// sysLink follows a final symlink, so a plain name that is a symlink inside
-// the models directory stages the file, not the link.
+// sysLink links the file a /proc/self/fd link names: exactly the inode that
+// was checked, whatever its path now leads to.
 func sysLink(oldname, newname string) error {
 	return unix.Linkat(unix.AT_FDCWD, oldname, unix.AT_FDCWD, newname, unix.AT_SYMLINK_FOLLOW)
 }
 
-// Resolve validates a ref without reading the file's content: it opens the
-// file for reading and checks what it opened is a non-empty regular file.
-// Errors are *RefError.
-func (s *Stager) Resolve(ref string) (Source, error) {
-	f, src, err := s.open(ref)
+func fdPath(fd int) string { return "/proc/self/fd/" + strconv.Itoa(fd) }
+
+// Resolve validates a ref without reading the file's content: where it
+// resolves to, that it is a non-empty regular file, and that the engine's
+// user (by name) can read it. Problems with the ref are *RefError; an
+// unknown user is a plain error.
+func (s *Stager) Resolve(ref, engineUser string) (Source, error) {
+	fd, src, err := s.openPath(ref)
 	if err != nil {
 		return Source{}, err
 	}
-	f.Close()
+	unix.Close(fd)
+	u, err := s.lookupUser(engineUser)
+	if err != nil {
+		return Source{}, fmt.Errorf("model %q: %w", ref, err)
+	}
+	if !u.canRead(src.Mode, src.UID, src.GID) {
+		return Source{}, refErr(ref, src.Path, unix.EACCES,
+			"is not readable by the engine's user %s (uid %d): mode %#o, owner %d, group %d",
+			u.Name, u.UID, src.Mode, src.UID, src.GID)
+	}
 	return src, nil
 }
 
 // Only "scheme://" makes a URL: "hf:llama.gguf" is a plain (if odd) name.
 var urlSchemeRE = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9+.-]*://`)
 
-// open resolves ref, opens it for reading and validates the open file (by
-// fstat, so what was validated is what is read).
-func (s *Stager) open(ref string) (*os.File, Source, error) {
+// openPath resolves ref to an O_PATH descriptor and validates what it names
+// by fstat, before anything opens it for reading.
+func (s *Stager) openPath(ref string) (int, Source, error) {
+	fd, path, err := s.locate(ref)
+	if err != nil {
+		return -1, Source{}, err
+	}
+	src, err := validate(ref, path, fd)
+	if err != nil {
+		unix.Close(fd)
+		return -1, Source{}, err
+	}
+	return fd, src, nil
+}
+
+func (s *Stager) locate(ref string) (int, string, error) {
 	if ref == "" {
-		return nil, Source{}, refErr(ref, "", nil, "ref is empty")
+		return -1, "", refErr(ref, "", nil, "ref is empty")
 	}
 	if strings.IndexByte(ref, 0) >= 0 {
-		return nil, Source{}, refErr(ref, "", nil, "ref contains a NUL byte")
+		return -1, "", refErr(ref, "", nil, "ref contains a NUL byte")
 	}
-	var (
-		fd   int
-		path string
-		err  error
-	)
+	var path string
 	switch {
 	case strings.HasPrefix(ref, "/"):
 		path = ref
-		fd, err = s.openFile(unix.AT_FDCWD, path, openFlags, 0)
-		if err != nil {
-			return nil, Source{}, openErr(ref, path, unix.AT_FDCWD, path, err)
-		}
 	case strings.HasPrefix(strings.ToLower(ref), "file:"):
-		path, err = filePath(ref)
-		if err != nil {
-			return nil, Source{}, err
-		}
-		fd, err = s.openFile(unix.AT_FDCWD, path, openFlags, 0)
-		if err != nil {
-			return nil, Source{}, openErr(ref, path, unix.AT_FDCWD, path, err)
+		var err error
+		if path, err = filePath(ref); err != nil {
+			return -1, "", err
 		}
 	case urlSchemeRE.MatchString(ref):
 		scheme := ref[:strings.Index(ref, ":")]
-		return nil, Source{}, refErr(ref, "", nil,
+		return -1, "", refErr(ref, "", nil,
 			"unsupported URL scheme %q: use an absolute path, a file:///path URL or a name under the models directory", scheme)
 	default:
-		fd, path, err = s.openBeneath(ref)
+		if hasDotDot(ref) {
+			return -1, "", refErr(ref, "", nil, `name contains a ".." element; names must stay under the models directory`)
+		}
+		if !filepath.IsAbs(s.modelsDir) {
+			return -1, "", refErr(ref, "", nil,
+				"cannot resolve a plain name: the models directory %q is not an absolute path", s.modelsDir)
+		}
+		return s.openBeneath(ref, s.modelsDir, ref)
+	}
+
+	s.mu.Lock()
+	pool := s.poolModels[path]
+	s.mu.Unlock()
+	if pool {
+		// A pool file's own words: its symlinks are followed.
+		fd, err := s.openFile(unix.AT_FDCWD, path, pathFlags, unix.RESOLVE_NO_MAGICLINKS)
+		if errors.Is(err, unix.ENOSYS) {
+			fd, err = s.openFile(unix.AT_FDCWD, path, pathFlags, 0)
+		}
 		if err != nil {
-			return nil, Source{}, err
+			return -1, "", openErr(ref, path, err)
+		}
+		return fd, path, nil
+	}
+	if !hasDotDot(path) {
+		clean := filepath.Clean(path)
+		for _, dir := range s.modelDirs {
+			if rel, ok := strings.CutPrefix(clean, strings.TrimSuffix(dir, "/")+"/"); ok && filepath.IsAbs(dir) {
+				return s.openBeneath(ref, dir, rel)
+			}
 		}
 	}
-	f := os.NewFile(uintptr(fd), path)
-	src, err := validate(ref, path, f)
-	if err != nil {
-		f.Close()
-		return nil, Source{}, err
-	}
-	return f, src, nil
+	return -1, "", refErr(ref, path, nil, "not beneath an allowed model directory (%s) and not a pool file's Model=",
+		strings.Join(s.modelDirs, ", "))
+}
+
+func hasDotDot(p string) bool {
+	return slices.Contains(strings.Split(p, "/"), "..")
 }
 
 // filePath turns a file: URL into the absolute path it names.
@@ -200,68 +365,62 @@ func filePath(ref string) (string, error) {
 	return u.Path, nil
 }
 
-// openBeneath opens a plain name under the models directory, refusing any
-// resolution (symlinks included) that leaves it.
-func (s *Stager) openBeneath(name string) (int, string, error) {
-	for _, el := range strings.Split(name, "/") {
-		if el == ".." {
-			return -1, "", refErr(name, "", nil, `name contains a ".." element; names must stay under the models directory`)
-		}
-	}
-	if !filepath.IsAbs(s.modelsDir) {
-		return -1, "", refErr(name, "", nil,
-			"cannot resolve a plain name: the models directory %q is not an absolute path", s.modelsDir)
-	}
-	path := filepath.Join(s.modelsDir, name)
-	dirfd, err := s.openFile(unix.AT_FDCWD, s.modelsDir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+// openBeneath opens rel under dir with O_PATH, refusing any resolution
+// (symlinks included) that leaves dir.
+func (s *Stager) openBeneath(ref, dir, rel string) (int, string, error) {
+	path := filepath.Join(dir, rel)
+	dirfd, err := s.openFile(unix.AT_FDCWD, dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return -1, "", refErr(name, path, err, "cannot open the models directory %s: %v", s.modelsDir, err)
+		return -1, "", refErr(ref, path, err, "cannot open the model directory %s: %v", dir, err)
 	}
 	defer unix.Close(dirfd)
-	fd, err := s.openFile(dirfd, name, openFlags, unix.RESOLVE_BENEATH|unix.RESOLVE_NO_MAGICLINKS)
+	fd, err := s.openFile(dirfd, rel, pathFlags, unix.RESOLVE_BENEATH|unix.RESOLVE_NO_MAGICLINKS)
 	switch {
 	case err == nil:
 		return fd, path, nil
 	case errors.Is(err, unix.ENOSYS):
-		return s.openBeneathFallback(name, path)
+		return s.openBeneathFallback(ref, dir, rel, path)
 	case errors.Is(err, unix.EXDEV):
-		return -1, "", refErr(name, path, err,
-			"escapes the models directory %s (through an absolute symlink, or a relative one leading outside it)", s.modelsDir)
+		return -1, "", refErr(ref, path, err,
+			"escapes the model directory %s (through an absolute symlink, or a relative one leading outside it)", dir)
 	}
-	return -1, "", openErr(name, path, dirfd, name, err)
+	return -1, "", openErr(ref, path, err)
 }
 
 // openBeneathFallback is for kernels without openat2 (before 5.6): resolve
-// every symlink, check the result is inside the models directory, open it
-// without following a final symlink, then check the path the kernel reports
-// for the open file, in case a directory was swapped in between.
-func (s *Stager) openBeneathFallback(name, path string) (int, string, error) {
-	root, err := filepath.EvalSymlinks(s.modelsDir)
+// every symlink, check the result is inside dir, open it without following
+// a final symlink, then check the path the kernel reports for the open
+// file, in case a directory was swapped in between.
+func (s *Stager) openBeneathFallback(ref, dir, rel, path string) (int, string, error) {
+	root, err := filepath.EvalSymlinks(dir)
 	if err != nil {
-		return -1, "", refErr(name, path, err, "cannot resolve the models directory %s: %v", s.modelsDir, err)
+		return -1, "", refErr(ref, path, err, "cannot resolve the model directory %s: %v", dir, err)
 	}
-	real, err := filepath.EvalSymlinks(filepath.Join(root, name))
+	real, err := filepath.EvalSymlinks(filepath.Join(root, rel))
 	if err != nil {
-		return -1, "", openErr(name, path, unix.AT_FDCWD, path, err)
+		return -1, "", openErr(ref, path, err)
 	}
 	escapes := func(p string) *RefError {
 		if within(root, p) {
 			return nil
 		}
-		return refErr(name, path, unix.EXDEV, "escapes the models directory %s (it resolves to %s)", s.modelsDir, p)
+		return refErr(ref, path, unix.EXDEV, "escapes the model directory %s (it resolves to %s)", dir, p)
 	}
 	if e := escapes(real); e != nil {
 		return -1, "", e
 	}
-	fd, err := s.openFile(unix.AT_FDCWD, real, openFlags|unix.O_NOFOLLOW, 0)
+	fd, err := s.openFile(unix.AT_FDCWD, real, pathFlags|unix.O_NOFOLLOW, 0)
 	if err != nil {
-		return -1, "", openErr(name, path, unix.AT_FDCWD, real, err)
+		return -1, "", openErr(ref, path, err)
 	}
-	if p, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd)); err == nil {
-		if e := escapes(p); e != nil {
-			unix.Close(fd)
-			return -1, "", e
-		}
+	p, err := os.Readlink(fdPath(fd))
+	if err != nil {
+		unix.Close(fd)
+		return -1, "", refErr(ref, path, err, "cannot be checked: %v", err)
+	}
+	if e := escapes(p); e != nil {
+		unix.Close(fd)
+		return -1, "", e
 	}
 	return fd, path, nil
 }
@@ -270,9 +429,8 @@ func within(root, p string) bool {
 	return p == root || strings.HasPrefix(p, strings.TrimSuffix(root, "/")+"/")
 }
 
-// openErr explains a failed open. dirfd and name locate the file again for
-// ENXIO, the answer to opening a socket.
-func openErr(ref, path string, dirfd int, name string, err error) *RefError {
+// openErr explains a failed open.
+func openErr(ref, path string, err error) *RefError {
 	var errno unix.Errno
 	if !errors.As(err, &errno) {
 		return refErr(ref, path, err, "cannot be opened: %v", err)
@@ -286,18 +444,14 @@ func openErr(ref, path string, dirfd int, name string, err error) *RefError {
 		return refErr(ref, path, err, "is not readable: %v", errno)
 	case unix.ELOOP:
 		return refErr(ref, path, err, "cannot be opened: too many levels of symbolic links, or a /proc magic link")
-	case unix.ENXIO, unix.ENODEV:
-		var st unix.Stat_t
-		if unix.Fstatat(dirfd, name, &st, 0) == nil && st.Mode&unix.S_IFMT != unix.S_IFREG {
-			return refErr(ref, path, err, "is not a regular file (it is %s)", kind(st.Mode))
-		}
 	}
 	return refErr(ref, path, err, "cannot be opened: %v", errno)
 }
 
-func validate(ref, path string, f *os.File) (Source, error) {
+// validate checks what an O_PATH descriptor names.
+func validate(ref, path string, fd int) (Source, error) {
 	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+	if err := unix.Fstat(fd, &st); err != nil {
 		return Source{}, refErr(ref, path, err, "cannot be examined: %v", err)
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
@@ -307,13 +461,58 @@ func validate(ref, path string, f *os.File) (Source, error) {
 		return Source{}, refErr(ref, path, nil, "is empty")
 	}
 	return Source{
-		Ref:     ref,
-		Path:    path,
-		Size:    st.Size,
-		Dev:     uint64(st.Dev),
-		Ino:     st.Ino,
-		ModTime: time.Unix(st.Mtim.Sec, st.Mtim.Nsec),
+		Ref:        ref,
+		Path:       path,
+		Size:       st.Size,
+		Dev:        uint64(st.Dev),
+		Ino:        st.Ino,
+		ModTime:    time.Unix(st.Mtim.Sec, st.Mtim.Nsec),
+		ChangeTime: time.Unix(st.Ctim.Sec, st.Ctim.Nsec),
+		Mode:       st.Mode & 0o7777,
+		UID:        st.Uid,
+		GID:        st.Gid,
 	}, nil
+}
+
+// pin opens the source again as an O_PATH descriptor, through the same
+// rules as Resolve, and refuses it if it is no longer the version that was
+// resolved.
+func (s *Stager) pin(src Source) (int, error) {
+	ref := src.Ref
+	if ref == "" {
+		ref = src.Path
+	}
+	fd, cur, err := s.openPath(ref)
+	if err != nil {
+		return -1, err
+	}
+	if cur.key() != src.key() {
+		unix.Close(fd)
+		return -1, refErr(src.Ref, src.Path, nil,
+			"changed since it was resolved (size %d, mtime %s, ctime %s; now size %d, mtime %s, ctime %s)",
+			src.Size, src.ModTime, src.ChangeTime, cur.Size, cur.ModTime, cur.ChangeTime)
+	}
+	return fd, nil
+}
+
+// reopen opens the pinned source for reading, through /proc/self/fd so that
+// the inode read is the one checked, and makes sure of that.
+func (s *Stager) reopen(src Source) (*os.File, error) {
+	pfd, err := s.pin(src)
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(pfd)
+	fd, err := s.openFile(unix.AT_FDCWD, fdPath(pfd), readFlags, 0)
+	if err != nil {
+		return nil, openErr(src.Ref, src.Path, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil || uint64(st.Dev) != src.Dev || st.Ino != src.Ino {
+		unix.Close(fd)
+		return nil, refErr(src.Ref, src.Path, err, "the file opened for reading is not the one checked")
+	}
+	return os.NewFile(uintptr(fd), src.Path), nil
 }
 
 func kind(mode uint32) string {

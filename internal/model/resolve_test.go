@@ -8,6 +8,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -40,7 +41,7 @@ func TestResolveRejects(t *testing.T) {
 				writeFile(t, filepath.Join(outside, "secret.gguf"), "secret")
 				require.NoError(t, os.Symlink("../outside/secret.gguf", filepath.Join(models, "out.gguf")))
 			},
-			want: "escapes the models directory",
+			want: "escapes the model directory",
 		},
 		{
 			name: "absolute symlink",
@@ -49,7 +50,7 @@ func TestResolveRejects(t *testing.T) {
 				writeFile(t, filepath.Join(outside, "secret.gguf"), "secret")
 				require.NoError(t, os.Symlink(filepath.Join(outside, "secret.gguf"), filepath.Join(models, "abs.gguf")))
 			},
-			want: "escapes the models directory",
+			want: "escapes the model directory",
 		},
 		{
 			name: "symlinked directory escaping",
@@ -58,11 +59,11 @@ func TestResolveRejects(t *testing.T) {
 				writeFile(t, filepath.Join(outside, "secret.gguf"), "secret")
 				require.NoError(t, os.Symlink("../outside", filepath.Join(models, "dir")))
 			},
-			want: "escapes the models directory",
+			want: "escapes the model directory",
 		},
 		{name: "missing name", ref: lit("missing.gguf"), want: "missing.gguf): does not exist"},
-		{name: "missing absolute", ref: func(_, o string) string { return o + "/missing.gguf" }, want: "missing.gguf\": does not exist"},
-		{name: "missing file URL", ref: func(_, o string) string { return "file://" + o + "/missing.gguf" }, want: "missing.gguf): does not exist"},
+		{name: "missing absolute", ref: func(m, _ string) string { return m + "/missing.gguf" }, want: "missing.gguf\": does not exist"},
+		{name: "missing file URL", ref: func(m, _ string) string { return "file://" + m + "/missing.gguf" }, want: "missing.gguf): does not exist"},
 		{
 			name:  "path through a file",
 			ref:   lit("f.gguf/x"),
@@ -96,7 +97,7 @@ func TestResolveRejects(t *testing.T) {
 			},
 			want: "is not a regular file (it is a socket)",
 		},
-		{name: "device", ref: lit("/dev/null"), want: `model "/dev/null": is not a regular file (it is a character device)`},
+		{name: "device outside", ref: lit("/dev/null"), want: `model "/dev/null": not beneath an allowed model directory`},
 		{
 			name:  "empty file",
 			ref:   lit("empty.gguf"),
@@ -114,7 +115,7 @@ func TestResolveRejects(t *testing.T) {
 			}
 			ref := tt.ref(models, outside)
 
-			_, err := s.Resolve(ref)
+			_, err := s.Resolve(ref, engine)
 			var re *RefError
 			require.ErrorAs(t, err, &re)
 			assert.Equal(t, ref, re.Ref)
@@ -122,7 +123,7 @@ func TestResolveRejects(t *testing.T) {
 			assert.True(t, strings.HasPrefix(err.Error(), "model "), err.Error())
 
 			// Stage validates the same way, before creating anything.
-			_, err = s.Stage(ref, "")
+			_, err = s.Stage(ref, "", engine)
 			require.ErrorAs(t, err, &re)
 			assert.Contains(t, err.Error(), tt.want)
 			assert.NoDirExists(t, stage)
@@ -133,16 +134,23 @@ func TestResolveRejects(t *testing.T) {
 func lit(ref string) func(string, string) string { return func(string, string) string { return ref } }
 
 func TestResolveAccepts(t *testing.T) {
-	s, models, _ := newTestStager(t)
-	outside := filepath.Join(filepath.Dir(models), "outside")
+	root := t.TempDir()
+	models, extra, outside := filepath.Join(root, "models"), filepath.Join(root, "extra"), filepath.Join(root, "outside")
+	s := newStager(models, filepath.Join(root, "stage"), WithModelDirs(extra))
 	writeFile(t, filepath.Join(models, "plain.gguf"), "plain")
 	writeFile(t, filepath.Join(models, "llama", "8b-q4.gguf"), "nested")
 	writeFile(t, filepath.Join(models, "with space.gguf"), "space")
+	writeFile(t, filepath.Join(extra, "x", "big.gguf"), "extra")
 	writeFile(t, filepath.Join(outside, "abs.gguf"), "absolute")
 	require.NoError(t, os.Symlink("llama/8b-q4.gguf", filepath.Join(models, "current.gguf")))
 	require.NoError(t, os.Symlink("../llama", filepath.Join(models, "llama", "alias")))
-	// Absolute refs are the operator's own words: their symlinks are followed.
+	require.NoError(t, os.Symlink("x/big.gguf", filepath.Join(extra, "big.gguf")))
+	// A pool file's own Model= is the operator's word: its symlinks are
+	// followed, wherever it is.
 	require.NoError(t, os.Symlink(filepath.Join(outside, "abs.gguf"), filepath.Join(outside, "abs-link.gguf")))
+	s.SetPoolModels([]string{
+		filepath.Join(outside, "abs.gguf"), "file://" + filepath.Join(outside, "abs-link.gguf"), "plain.gguf",
+	})
 
 	tests := []struct {
 		ref, path, content string
@@ -152,6 +160,12 @@ func TestResolveAccepts(t *testing.T) {
 		{"llama/8b-q4.gguf", filepath.Join(models, "llama/8b-q4.gguf"), "nested"},
 		{"current.gguf", filepath.Join(models, "current.gguf"), "nested"},
 		{"llama/alias/8b-q4.gguf", filepath.Join(models, "llama/alias/8b-q4.gguf"), "nested"},
+		{filepath.Join(models, "plain.gguf"), filepath.Join(models, "plain.gguf"), "plain"},
+		{models + "//llama/./8b-q4.gguf", models + "//llama/./8b-q4.gguf", "nested"},
+		{filepath.Join(models, "current.gguf"), filepath.Join(models, "current.gguf"), "nested"},
+		{filepath.Join(extra, "x", "big.gguf"), filepath.Join(extra, "x", "big.gguf"), "extra"},
+		{filepath.Join(extra, "big.gguf"), filepath.Join(extra, "big.gguf"), "extra"},
+		{"file://" + filepath.Join(extra, "big.gguf"), filepath.Join(extra, "big.gguf"), "extra"},
 		{filepath.Join(outside, "abs.gguf"), filepath.Join(outside, "abs.gguf"), "absolute"},
 		{filepath.Join(outside, "abs-link.gguf"), filepath.Join(outside, "abs-link.gguf"), "absolute"},
 		{"file://" + filepath.Join(outside, "abs.gguf"), filepath.Join(outside, "abs.gguf"), "absolute"},
@@ -161,14 +175,15 @@ func TestResolveAccepts(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.ref, func(t *testing.T) {
-			src, err := s.Resolve(tt.ref)
+			src, err := s.Resolve(tt.ref, engine)
 			require.NoError(t, err)
 			st, err := os.Stat(tt.path)
 			require.NoError(t, err)
 			sys := st.Sys().(*syscall.Stat_t)
 			assert.Equal(t, Source{
-				Ref: tt.ref, Path: tt.path, Size: int64(len(tt.content)),
+				Ref: tt.ref, Path: filepath.Clean(tt.path), Size: int64(len(tt.content)),
 				Dev: sys.Dev, Ino: sys.Ino, ModTime: st.ModTime(),
+				ChangeTime: time.Unix(sys.Ctim.Sec, sys.Ctim.Nsec), Mode: 0o644, UID: 0, GID: 0,
 			}, src)
 		})
 	}
@@ -187,7 +202,7 @@ func TestResolveUnreadable(t *testing.T) {
 		return open(dirfd, name, flags, resolve)
 	}
 	for _, ref := range []string{"locked.gguf", filepath.Join(models, "locked.gguf")} {
-		_, err := s.Resolve(ref)
+		_, err := s.Resolve(ref, engine)
 		var re *RefError
 		require.ErrorAs(t, err, &re)
 		assert.Contains(t, err.Error(), "is not readable: permission denied")
@@ -213,18 +228,18 @@ func TestResolveWithoutOpenat2(t *testing.T) {
 	}
 
 	for _, ref := range []string{"llama/8b.gguf", "in.gguf"} {
-		src, err := s.Resolve(ref)
+		src, err := s.Resolve(ref, engine)
 		require.NoError(t, err, ref)
 		assert.Equal(t, filepath.Join(models, ref), src.Path)
 		assert.Equal(t, int64(len("nested")), src.Size)
 	}
 	for ref, want := range map[string]string{
-		"out.gguf":           "escapes the models directory",
-		"outdir/secret.gguf": "escapes the models directory",
+		"out.gguf":           "escapes the model directory",
+		"outdir/secret.gguf": "escapes the model directory",
 		"missing.gguf":       "does not exist",
 		"../x.gguf":          `".." element`,
 	} {
-		_, err := s.Resolve(ref)
+		_, err := s.Resolve(ref, engine)
 		var re *RefError
 		require.ErrorAs(t, err, &re, ref)
 		assert.Contains(t, err.Error(), want, ref)
@@ -232,8 +247,8 @@ func TestResolveWithoutOpenat2(t *testing.T) {
 }
 
 func TestResolveRelativeModelsDir(t *testing.T) {
-	s := New("models", t.TempDir())
-	_, err := s.Resolve("x.gguf")
+	s := newStager("models", t.TempDir())
+	_, err := s.Resolve("x.gguf", engine)
 	var re *RefError
 	require.ErrorAs(t, err, &re)
 	assert.Contains(t, err.Error(), `the models directory "models" is not an absolute path`)
@@ -256,8 +271,8 @@ func TestResolveAbsoluteSymlinkInside(t *testing.T) {
 	s, models, _ := newTestStager(t)
 	writeFile(t, filepath.Join(models, "real.gguf"), "x")
 	require.NoError(t, os.Symlink(filepath.Join(models, "real.gguf"), filepath.Join(models, "abs.gguf")))
-	_, err := s.Resolve("abs.gguf")
+	_, err := s.Resolve("abs.gguf", engine)
 	var re *RefError
 	require.ErrorAs(t, err, &re)
-	assert.Contains(t, err.Error(), "escapes the models directory")
+	assert.Contains(t, err.Error(), "escapes the model directory")
 }

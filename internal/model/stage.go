@@ -23,7 +23,7 @@ const (
 type Staged struct {
 	Source
 	Digest string // "sha256:<hex>" of the content
-	Path   string // the staged, immutable path to hand the engine
+	Path   string // the staged path to hand the engine
 }
 
 type dirLock struct {
@@ -53,20 +53,24 @@ func (s *Stager) lockDir(name string) (unlock func()) {
 	}
 }
 
-// Stage resolves ref, computes its digest, checks it against want (when
-// want is not empty) and returns the staged file
-// stageDir/sha256-<hex>/<base name of the source>, mode 0444 in a 0755
-// directory so an unprivileged engine can read it. The staged file is a hard
-// link of the source when both are on one filesystem (the source's mode
-// becomes 0444 too, as they are one inode), else a copy verified against the
-// digest. Content staged before is reused. Every problem with ref or want is
-// a *RefError, found before anything is created.
-func (s *Stager) Stage(ref, want string) (Staged, error) {
+// Stage resolves ref as Resolve does for the engine's user, computes its
+// digest, checks it against want (when want is not empty) and returns the
+// staged file stageDir/sha256-<hex>/<base name of the source> in a 0755
+// directory. The staged file is a hard link of the source when the daemon
+// may make one (same filesystem; the source's mode and owner stay as they
+// are), else a copy verified against the digest, with the source's owner,
+// group and read bits only. The operator's file is never modified.
+//
+// Call it before every engine start: an unchanged source costs a few stats;
+// a changed one (any of inode, size, mtime, ctime) is hashed again and
+// staged under its new digest. Every problem with ref or want is a
+// *RefError, found before anything is created.
+func (s *Stager) Stage(ref, want, engineUser string) (Staged, error) {
 	if want != "" && !ValidDigest(want) {
 		return Staged{}, refErr(ref, "", nil,
 			"malformed digest %q: want \"sha256:\" followed by 64 lower-case hex digits", want)
 	}
-	src, err := s.Resolve(ref)
+	src, err := s.Resolve(ref, engineUser)
 	if err != nil {
 		return Staged{}, err
 	}
@@ -90,7 +94,7 @@ func (s *Stager) Stage(ref, want string) (Staged, error) {
 		return Staged{}, fmt.Errorf("stage model %q: %w", ref, err)
 	}
 	staged := Staged{Source: src, Digest: digest, Path: filepath.Join(dir, filepath.Base(src.Path))}
-	if s.isStaged(staged.Path, digest) {
+	if s.isStaged(staged.Path, digest, src) {
 		return staged, nil
 	}
 	if err := s.create(src, digest, staged.Path); err != nil {
@@ -99,12 +103,18 @@ func (s *Stager) Stage(ref, want string) (Staged, error) {
 	return staged, nil
 }
 
-// isStaged reports whether path is a 0444 regular file whose version is one
-// this Stager hashed (or wrote) with this digest; anything else is
+// isStaged reports whether path is a regular file whose version is one this
+// Stager hashed (or wrote) with this digest, and is the source itself or a
+// copy with the source's owner, group and read bits; anything else is
 // re-created.
-func (s *Stager) isStaged(path, digest string) bool {
+func (s *Stager) isStaged(path, digest string, src Source) bool {
 	var st unix.Stat_t
-	if unix.Lstat(path, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Mode&0o7777 != 0o444 {
+	if unix.Lstat(path, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return false
+	}
+	linked := uint64(st.Dev) == src.Dev && st.Ino == src.Ino
+	copied := st.Uid == src.UID && st.Gid == src.GID && st.Mode&0o7777 == src.Mode&0o444
+	if !linked && !copied {
 		return false
 	}
 	s.mu.Lock()
@@ -121,14 +131,15 @@ func (s *Stager) create(src Source, digest, final string) error {
 	if err != nil {
 		return fmt.Errorf("stage model %q: %w", src.Ref, err)
 	}
+	var made fileKey // the version of tmp, as it was made
 	linked, err := s.linkStaged(src, tmp)
 	if err != nil {
 		return err
 	}
-	if !linked {
-		if err := s.copyStaged(src, digest, tmp); err != nil {
-			return err
-		}
+	if linked {
+		made = src.key()
+	} else if made, err = s.copyStaged(src, digest, tmp); err != nil {
+		return err
 	}
 	if err := os.Rename(tmp, final); err != nil {
 		os.Remove(tmp)
@@ -137,48 +148,63 @@ func (s *Stager) create(src Source, digest, final string) error {
 	if err := syncDir(filepath.Dir(final)); err != nil {
 		return fmt.Errorf("stage model %q: %w", src.Ref, err)
 	}
+	// Linking and renaming changed the file's ctime: record the version
+	// now there, so the next start finds it without hashing.
+	var st unix.Stat_t
+	if err := unix.Lstat(final, &st); err != nil {
+		return fmt.Errorf("stage model %q: %w", src.Ref, err)
+	}
+	if !sameContent(statKey(&st), made) {
+		return refErr(src.Ref, src.Path, nil, "changed while it was being staged; try again")
+	}
+	s.mu.Lock()
+	s.storeLocked(statKey(&st), final, digest)
+	s.mu.Unlock()
+	s.persist()
 	return nil
 }
 
 // linkStaged hard-links the source at tmp. It reports false, without error,
-// when a link is not possible here and a copy should be made instead.
+// when a link is not possible here and a copy should be made instead: across
+// filesystems, or (EPERM) another user's file when the daemon lacks
+// CAP_FOWNER under fs.protected_hardlinks.
 func (s *Stager) linkStaged(src Source, tmp string) (bool, error) {
-	if err := s.link(src.Path, tmp); err != nil {
+	fd, err := s.pin(src)
+	if err != nil {
+		return false, err
+	}
+	defer unix.Close(fd)
+	if err := s.link(fdPath(fd), tmp); err != nil {
 		if errors.Is(err, unix.EXDEV) || errors.Is(err, unix.EPERM) || errors.Is(err, unix.EMLINK) ||
 			errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOTSUP) {
 			return false, nil
 		}
 		return false, fmt.Errorf("stage model %q: %w", src.Ref, err)
 	}
-	// The link was made by path: make sure it is the version we hashed.
 	var st unix.Stat_t
 	if err := unix.Lstat(tmp, &st); err != nil {
 		os.Remove(tmp)
 		return false, fmt.Errorf("stage model %q: %w", src.Ref, err)
 	}
-	if statKey(&st) != src.key() {
+	if !sameContent(statKey(&st), src.key()) {
 		os.Remove(tmp)
 		return false, refErr(src.Ref, src.Path, nil, "changed while it was being staged; try again")
-	}
-	if err := os.Chmod(tmp, 0o444); err != nil {
-		// Not ours to chmod (or read-only): a copy is ours.
-		os.Remove(tmp)
-		return false, nil
 	}
 	return true, nil
 }
 
 // copyStaged copies the source to tmp, hashing what it copies, and keeps
-// the copy only if that matches digest.
-func (s *Stager) copyStaged(src Source, digest, tmp string) (err error) {
+// the copy only if that matches digest. The copy gets the source's owner
+// and group and only its read bits: never more readable than the source.
+func (s *Stager) copyStaged(src Source, digest, tmp string) (_ fileKey, err error) {
 	in, err := s.reopen(src)
 	if err != nil {
-		return err
+		return fileKey{}, err
 	}
 	defer in.Close()
 	out, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
-		return fmt.Errorf("stage model %q: %w", src.Ref, err)
+		return fileKey{}, fmt.Errorf("stage model %q: %w", src.Ref, err)
 	}
 	defer func() {
 		if out != nil {
@@ -191,37 +217,37 @@ func (s *Stager) copyStaged(src Source, digest, tmp string) (err error) {
 	h := s.newHash()
 	n, err := io.CopyBuffer(io.MultiWriter(out, h), readerOnly{in}, make([]byte, bufSize))
 	if err != nil {
-		return fmt.Errorf("stage model %q: copy to %s: %w", src.Ref, tmp, err)
+		return fileKey{}, fmt.Errorf("stage model %q: copy to %s: %w", src.Ref, tmp, err)
 	}
 	if err := unchanged(in, src, n); err != nil {
-		return err
+		return fileKey{}, err
 	}
 	if got := "sha256:" + hex.EncodeToString(h.Sum(nil)); got != digest {
-		return refErr(src.Ref, src.Path, ErrDigestMismatch,
+		return fileKey{}, refErr(src.Ref, src.Path, ErrDigestMismatch,
 			"the copy does not match the digest: want %s, copied %s (the file changed without changing size or mtime?)",
 			digest, got)
 	}
-	if err := out.Chmod(0o444); err != nil {
-		return fmt.Errorf("stage model %q: %w", src.Ref, err)
-	}
 	if err := out.Sync(); err != nil {
-		return fmt.Errorf("stage model %q: %w", src.Ref, err)
+		return fileKey{}, fmt.Errorf("stage model %q: %w", src.Ref, err)
+	}
+	// chmod while the file is still ours, then give it away.
+	if err := unix.Fchmod(int(out.Fd()), src.Mode&0o444); err != nil {
+		return fileKey{}, fmt.Errorf("stage model %q: %w", src.Ref, err)
+	}
+	if err := unix.Fchown(int(out.Fd()), int(src.UID), int(src.GID)); err != nil {
+		return fileKey{}, fmt.Errorf("stage model %q: cannot give the copy the source's owner %d and group %d "+
+			"(copying another user's model across filesystems needs CAP_CHOWN): %w", src.Ref, src.UID, src.GID, err)
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(int(out.Fd()), &st); err != nil {
-		return fmt.Errorf("stage model %q: %w", src.Ref, err)
+		return fileKey{}, fmt.Errorf("stage model %q: %w", src.Ref, err)
 	}
 	if err := out.Close(); err != nil {
 		out = nil
-		return fmt.Errorf("stage model %q: %w", src.Ref, err)
+		return fileKey{}, fmt.Errorf("stage model %q: %w", src.Ref, err)
 	}
 	out = nil
-	// Record the copy, so isStaged knows it later without hashing it.
-	s.mu.Lock()
-	s.storeLocked(statKey(&st), filepath.Join(filepath.Dir(tmp), filepath.Base(src.Path)), digest)
-	s.mu.Unlock()
-	s.persist()
-	return nil
+	return statKey(&st), nil
 }
 
 func tmpName(final string) (string, error) {
@@ -234,7 +260,7 @@ func tmpName(final string) (string, error) {
 
 // ensureStageDir creates the staging directory, 0755 whatever the umask.
 func (s *Stager) ensureStageDir() error {
-	if st, err := os.Stat(s.stageDir); err == nil && st.IsDir() {
+	if st, err := os.Lstat(s.stageDir); err == nil && st.IsDir() {
 		return nil
 	}
 	if err := os.MkdirAll(filepath.Dir(s.stageDir), 0o755); err != nil {
@@ -258,6 +284,9 @@ func mkdir0755(dir string) error {
 	if err != nil {
 		return err
 	}
+	if st.Mode()&os.ModeSymlink != 0 {
+		return fmt.Errorf("%s is a symbolic link: staged models are not written through one (set StateDir= to where they should live)", dir)
+	}
 	if !st.IsDir() {
 		return fmt.Errorf("%s exists and is not a directory", dir)
 	}
@@ -270,16 +299,26 @@ func mkdir0755(dir string) error {
 // Prune deletes staged files that are not in keep (the staged paths engines
 // still use), leftovers of interrupted stagings, and staging directories
 // left empty. keep must include paths returned by Stage calls that are
-// still in flight. Files Prune does not know are left alone.
+// still in flight. It works only through descriptors opened without
+// following symlinks, so it never deletes anything outside the staging
+// directory: a symlink there is removed, never followed, and files Prune
+// does not know (other names, directories inside a staging directory) are
+// left alone.
 func (s *Stager) Prune(keep []string) error {
 	keepSet := make(map[string]bool, len(keep))
 	for _, k := range keep {
 		keepSet[filepath.Clean(k)] = true
 	}
-	entries, err := os.ReadDir(s.stageDir)
-	if errors.Is(err, os.ErrNotExist) {
+	root, err := unix.Open(s.stageDir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ENOENT) {
 		return nil
 	}
+	if err != nil {
+		return fmt.Errorf("prune staged models: %s: %w", s.stageDir, err)
+	}
+	dir := os.NewFile(uintptr(root), s.stageDir)
+	defer dir.Close()
+	entries, err := dir.ReadDir(-1)
 	if err != nil {
 		return fmt.Errorf("prune staged models: %w", err)
 	}
@@ -288,10 +327,10 @@ func (s *Stager) Prune(keep []string) error {
 		name := e.Name()
 		switch {
 		case e.IsDir() && isStageDirName(name):
-			errs = append(errs, s.pruneDir(name, keepSet)...)
-		case !e.IsDir() && strings.HasPrefix(name, tmpPrefix+cacheFileName):
+			errs = append(errs, s.pruneDir(root, name, keepSet)...)
+		case e.Type().IsRegular() && strings.HasPrefix(name, tmpPrefix+cacheFileName):
 			s.persistMu.Lock() // not a digests.json being written now
-			if err := os.Remove(filepath.Join(s.stageDir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			if err := unix.Unlinkat(root, name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
 				errs = append(errs, err)
 			}
 			s.persistMu.Unlock()
@@ -303,48 +342,87 @@ func (s *Stager) Prune(keep []string) error {
 	return nil
 }
 
-func (s *Stager) pruneDir(name string, keep map[string]bool) []error {
+func (s *Stager) pruneDir(root int, name string, keep map[string]bool) []error {
 	unlock := s.lockDir(name)
 	defer unlock()
-	dir := filepath.Join(s.stageDir, name)
-	entries, err := os.ReadDir(dir)
+	dirPath := filepath.Join(s.stageDir, name)
+	fd, err := unix.Openat(root, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return nil
+		}
+		return []error{fmt.Errorf("%s: %w", dirPath, err)}
+	}
+	dir := os.NewFile(uintptr(fd), dirPath)
+	defer dir.Close()
+	entries, err := dir.ReadDir(-1)
 	if err != nil {
 		return []error{err}
 	}
 	var errs []error
 	left := 0
-	forgot := false
+	changed := false
 	for _, e := range entries {
-		p := filepath.Join(dir, e.Name())
-		if keep[p] {
+		if keep[filepath.Join(dirPath, e.Name())] || e.IsDir() {
 			left++
 			continue
 		}
-		var st unix.Stat_t
-		if unix.Lstat(p, &st) == nil && st.Nlink <= 1 {
-			// A copy (or a link whose source is gone): its digest is dead weight.
-			s.mu.Lock()
-			s.loadLocked()
-			if c, ok := s.cache[fileID{uint64(st.Dev), st.Ino}]; ok && c.key() == statKey(&st) {
-				delete(s.cache, c.key().fileID)
-				forgot = true
-			}
-			s.mu.Unlock()
-		}
-		if err := os.RemoveAll(p); err != nil {
-			errs = append(errs, err)
+		c, err := s.unlinkStaged(fd, e.Name())
+		changed = changed || c
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", filepath.Join(dirPath, e.Name()), err))
 			left++
 		}
 	}
 	if left == 0 {
-		if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, err)
+		if err := unix.Unlinkat(root, name, unix.AT_REMOVEDIR); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("%s: %w", dirPath, err))
 		}
 	}
-	if forgot {
+	if changed {
 		s.persist()
 	}
 	return errs
+}
+
+// unlinkStaged removes one entry of a staging directory (a symlink itself,
+// never its target) and keeps the digest cache right: a copy's digest is
+// dead weight once it is gone, and a hard link's removal changes the ctime
+// of the source it shares an inode with, which must not cost a re-hash.
+func (s *Stager) unlinkStaged(dirfd int, name string) (changed bool, err error) {
+	var before unix.Stat_t
+	if err := unix.Fstatat(dirfd, name, &before, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return false, nil
+		}
+		return false, err
+	}
+	if before.Mode&unix.S_IFMT != unix.S_IFREG {
+		return false, unix.Unlinkat(dirfd, name, 0)
+	}
+	pfd, err := unix.Openat(dirfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false, err
+	}
+	defer unix.Close(pfd)
+	if err := unix.Unlinkat(dirfd, name, 0); err != nil {
+		return false, err
+	}
+	k := statKey(&before)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.loadLocked()
+	c, ok := s.cache[k.fileID]
+	if !ok || c.key() != k {
+		return false, nil
+	}
+	var after unix.Stat_t
+	if before.Nlink > 1 && unix.Fstat(pfd, &after) == nil && after.Nlink > 0 && sameContent(statKey(&after), k) {
+		s.storeLocked(statKey(&after), c.Path, c.Digest)
+	} else {
+		delete(s.cache, k.fileID)
+	}
+	return true, nil
 }
 
 func isStageDirName(name string) bool {

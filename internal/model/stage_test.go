@@ -22,7 +22,13 @@ func requireStaged(t *testing.T, st Staged, content string) {
 	fi, err := os.Lstat(st.Path)
 	require.NoError(t, err)
 	assert.True(t, fi.Mode().IsRegular())
-	assert.Equal(t, os.FileMode(0o444), fi.Mode().Perm())
+	sys := fi.Sys().(*syscall.Stat_t)
+	if sys.Ino == st.Ino && sys.Dev == st.Dev {
+		assert.Equal(t, st.Mode, sys.Mode&0o7777, "a hard link: the source's own mode")
+	} else {
+		assert.Equal(t, st.Mode&0o444, sys.Mode&0o7777, "a copy: the source's read bits only")
+	}
+	assert.Equal(t, [2]uint32{st.UID, st.GID}, [2]uint32{sys.Uid, sys.Gid}, "the source's owner and group")
 	di, err := os.Stat(filepath.Dir(st.Path))
 	require.NoError(t, err)
 	assert.Equal(t, os.FileMode(0o755), di.Mode().Perm())
@@ -34,7 +40,7 @@ func TestStage(t *testing.T) {
 	writeFile(t, path, "model v1")
 	hashes := countHashes(s)
 
-	st, err := s.Stage("llama/8b-q4.gguf", "")
+	st, err := s.Stage("llama/8b-q4.gguf", "", engine)
 	require.NoError(t, err)
 	want := sha("model v1")
 	assert.Equal(t, want, st.Digest)
@@ -47,7 +53,7 @@ func TestStage(t *testing.T) {
 	assert.Equal(t, os.FileMode(0o755), si.Mode().Perm())
 
 	// Again, with the digest given: same path, nothing re-hashed.
-	again, err := s.Stage("llama/8b-q4.gguf", want)
+	again, err := s.Stage("llama/8b-q4.gguf", want, engine)
 	require.NoError(t, err)
 	assert.Equal(t, st.Path, again.Path)
 	assert.EqualValues(t, 1, hashes.Load())
@@ -55,7 +61,7 @@ func TestStage(t *testing.T) {
 	// The operator replaces the source: the staged file does not change.
 	replaceFile(t, path, "model v2")
 	requireStaged(t, st, "model v1")
-	v2, err := s.Stage("llama/8b-q4.gguf", "")
+	v2, err := s.Stage("llama/8b-q4.gguf", "", engine)
 	require.NoError(t, err)
 	assert.Equal(t, sha("model v2"), v2.Digest)
 	assert.NotEqual(t, st.Path, v2.Path)
@@ -64,7 +70,7 @@ func TestStage(t *testing.T) {
 
 	// Other forms of a ref to the same file stage to the same path.
 	for _, ref := range []string{path, "file://" + path} {
-		other, err := s.Stage(ref, "")
+		other, err := s.Stage(ref, "", engine)
 		require.NoError(t, err, ref)
 		assert.Equal(t, v2.Path, other.Path, ref)
 	}
@@ -81,7 +87,7 @@ func TestStageBadDigest(t *testing.T) {
 	writeFile(t, filepath.Join(models, "m.gguf"), "content")
 	wrong := sha("something else")
 
-	_, err := s.Stage("m.gguf", wrong)
+	_, err := s.Stage("m.gguf", wrong, engine)
 	var re *RefError
 	require.ErrorAs(t, err, &re)
 	assert.ErrorIs(t, err, ErrDigestMismatch)
@@ -95,7 +101,7 @@ func TestStageBadDigest(t *testing.T) {
 		fmt.Sprintf("%064x", 1),
 		"sha256:" + fmt.Sprintf("%065x", 1),
 	} {
-		_, err := s.Stage("m.gguf", bad)
+		_, err := s.Stage("m.gguf", bad, engine)
 		require.ErrorAs(t, err, &re, bad)
 		assert.Contains(t, err.Error(), fmt.Sprintf("malformed digest %q", bad))
 	}
@@ -103,10 +109,10 @@ func TestStageBadDigest(t *testing.T) {
 
 func TestStageNothingCreatedOnBadRef(t *testing.T) {
 	s, _, stage := newTestStager(t)
-	_, err := s.Stage("missing.gguf", "")
+	_, err := s.Stage("missing.gguf", "", engine)
 	var re *RefError
 	require.ErrorAs(t, err, &re)
-	_, err = s.Stage("missing.gguf", "sha256:nope")
+	_, err = s.Stage("missing.gguf", "sha256:nope", engine)
 	require.ErrorAs(t, err, &re)
 	assert.NoDirExists(t, stage)
 }
@@ -125,7 +131,7 @@ func TestStageCopyAcrossFilesystems(t *testing.T) {
 	}
 	hashes := countHashes(s)
 
-	st, err := s.Stage("m.gguf", sha(content))
+	st, err := s.Stage("m.gguf", sha(content), engine)
 	require.NoError(t, err)
 	assert.Equal(t, 1, links)
 	assert.EqualValues(t, 2, hashes.Load(), "the digest, then the copy")
@@ -133,39 +139,39 @@ func TestStageCopyAcrossFilesystems(t *testing.T) {
 	assert.NotEqual(t, inode(t, path), inode(t, st.Path), "a copy")
 
 	// The copy is known: staging again neither copies nor hashes.
-	again, err := s.Stage("m.gguf", "")
+	again, err := s.Stage("m.gguf", "", engine)
 	require.NoError(t, err)
 	assert.Equal(t, st.Path, again.Path)
 	assert.Equal(t, 1, links)
 	assert.EqualValues(t, 2, hashes.Load())
 
 	// Even after a restart.
-	s2 := New(models, filepath.Dir(filepath.Dir(st.Path)))
+	s2 := newStager(models, filepath.Dir(filepath.Dir(st.Path)))
 	s2.link = s.link
 	hashes = countHashes(s2)
-	again, err = s2.Stage("m.gguf", "")
+	again, err = s2.Stage("m.gguf", "", engine)
 	require.NoError(t, err)
 	assert.Equal(t, st.Path, again.Path)
 	assert.Equal(t, 1, links)
 	assert.EqualValues(t, 0, hashes.Load())
 }
 
-// The copy is checked against the digest: here the cached digest is stale
-// (content rewritten in place, size and mtime kept), and the copy says so.
+// The copy is checked against the digest: here the cached digest is wrong
+// (as if the cache file had been damaged), and the copy says so.
 func TestStageCopyVerified(t *testing.T) {
 	s, models, _ := newTestStager(t)
 	path := filepath.Join(models, "m.gguf")
-	writeFile(t, path, "original")
-	src, err := s.Resolve("m.gguf")
+	writeFile(t, path, "tampered")
+	src, err := s.Resolve("m.gguf", engine)
 	require.NoError(t, err)
-	d, err := s.Digest(src)
-	require.NoError(t, err)
-
-	require.NoError(t, os.WriteFile(path, []byte("tampered"), 0o644))
-	require.NoError(t, os.Chtimes(path, src.ModTime, src.ModTime))
+	d := sha("original")
+	s.mu.Lock()
+	s.loadLocked()
+	s.storeLocked(src.key(), path, d)
+	s.mu.Unlock()
 	s.link = func(string, string) error { return syscall.EXDEV }
 
-	_, err = s.Stage("m.gguf", "")
+	_, err = s.Stage("m.gguf", "", engine)
 	var re *RefError
 	require.ErrorAs(t, err, &re)
 	assert.ErrorIs(t, err, ErrDigestMismatch)
@@ -180,7 +186,7 @@ func TestStageLinkErrors(t *testing.T) {
 	s, models, _ := newTestStager(t)
 	writeFile(t, filepath.Join(models, "m.gguf"), "x")
 	s.link = func(string, string) error { return syscall.EIO }
-	_, err := s.Stage("m.gguf", "")
+	_, err := s.Stage("m.gguf", "", engine)
 	require.ErrorIs(t, err, syscall.EIO)
 }
 
@@ -206,11 +212,11 @@ func TestStageRecreates(t *testing.T) {
 			s, models, _ := newTestStager(t)
 			writeFile(t, filepath.Join(models, "m.gguf"), "content")
 			s.link = func(string, string) error { return syscall.EXDEV }
-			st, err := s.Stage("m.gguf", "")
+			st, err := s.Stage("m.gguf", "", engine)
 			require.NoError(t, err)
 			tt.tamper(t, st.Path)
 
-			again, err := s.Stage("m.gguf", "")
+			again, err := s.Stage("m.gguf", "", engine)
 			require.NoError(t, err)
 			assert.Equal(t, st.Path, again.Path)
 			requireStaged(t, again, "content")
@@ -228,7 +234,7 @@ func TestStageConcurrent(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			st, err := s.Stage("m.gguf", "")
+			st, err := s.Stage("m.gguf", "", engine)
 			assert.NoError(t, err)
 			paths[i] = st.Path
 		}()
@@ -247,7 +253,8 @@ func TestStageUmask(t *testing.T) {
 	defer unix.Umask(old)
 	s, models, _ := newTestStager(t)
 	writeFile(t, filepath.Join(models, "m.gguf"), "content")
-	st, err := s.Stage("m.gguf", "")
+	require.NoError(t, os.Chmod(filepath.Join(models, "m.gguf"), 0o644))
+	st, err := s.Stage("m.gguf", "", engine)
 	require.NoError(t, err)
 	requireStaged(t, st, "content")
 }
@@ -257,11 +264,11 @@ func TestPrune(t *testing.T) {
 	writeFile(t, filepath.Join(models, "a.gguf"), "a")
 	writeFile(t, filepath.Join(models, "b.gguf"), "b")
 	writeFile(t, filepath.Join(models, "b-copy.gguf"), "b")
-	a, err := s.Stage("a.gguf", "")
+	a, err := s.Stage("a.gguf", "", engine)
 	require.NoError(t, err)
-	b, err := s.Stage("b.gguf", "")
+	b, err := s.Stage("b.gguf", "", engine)
 	require.NoError(t, err)
-	bCopy, err := s.Stage("b-copy.gguf", "")
+	bCopy, err := s.Stage("b-copy.gguf", "", engine)
 	require.NoError(t, err)
 	require.Equal(t, filepath.Dir(b.Path), filepath.Dir(bCopy.Path))
 	stale := filepath.Join(filepath.Dir(a.Path), tmpPrefix+"0123456789abcdef")
@@ -284,7 +291,7 @@ func TestPrune(t *testing.T) {
 	assert.NoDirExists(t, filepath.Dir(b.Path))
 
 	// Pruned content stages again.
-	a2, err := s.Stage("a.gguf", "")
+	a2, err := s.Stage("a.gguf", "", engine)
 	require.NoError(t, err)
 	requireStaged(t, a2, "a")
 
@@ -297,7 +304,7 @@ func TestPruneForgetsCopies(t *testing.T) {
 	s, models, _ := newTestStager(t)
 	writeFile(t, filepath.Join(models, "m.gguf"), "content")
 	s.link = func(string, string) error { return syscall.EXDEV }
-	st, err := s.Stage("m.gguf", "")
+	st, err := s.Stage("m.gguf", "", engine)
 	require.NoError(t, err)
 	copyIno := inode(t, st.Path)
 	require.NoError(t, s.Prune(nil))

@@ -5,7 +5,7 @@
 package shim
 
 import (
-	"bufio"
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -19,6 +19,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/sys/unix"
 
@@ -50,22 +51,6 @@ type Spec struct {
 	Socket string `json:"socket,omitempty"`
 }
 
-// Message is one line the shim reports to the daemon.
-type Message struct {
-	Event string `json:"event"` // started, fault, exit, error
-	PID   int    `json:"pid,omitempty"`
-	// Line is the output line that showed a GPU fault.
-	Line string `json:"line,omitempty"`
-	// Status is the engine's wait status.
-	Status uint32 `json:"status,omitempty"`
-	// OOMKills is how many processes of the scope the OOM killer took
-	// while the engine ran.
-	OOMKills uint64 `json:"oom_kills,omitempty"`
-	Error    string `json:"error,omitempty"`
-	// Note is Spec.Note, with "started".
-	Note json.RawMessage `json:"note,omitempty"`
-}
-
 // Main is the small process that becomes the engine's parent inside the
 // engine's scope. Started by the daemon, it waits on fd 3 until the daemon
 // has moved it into the scope, so the engine never runs outside it; then
@@ -75,11 +60,14 @@ type Message struct {
 // on fd 4: the engine's PID, faults, and how it ended, with the scope's
 // OOM kill count read while the cgroup still exists.
 func Main() int {
+	// Nothing the shim inherited beyond stdio (its pipes from the daemon,
+	// whatever the daemon itself inherited) may reach the engine.
+	closeOnExecFrom(3)
 	status := os.NewFile(4, "status")
 	out := &reporter{w: status, delivered: make(chan struct{})}
 	report := out.report
 	fail := func(err error) int {
-		report(Message{Event: "error", Error: err.Error()})
+		report(Message{Event: EventError, Error: err.Error()})
 		fmt.Fprintln(os.Stderr, "pool-managerd shim:", err)
 		return 1
 	}
@@ -128,7 +116,7 @@ func Main() int {
 	errPipe.Close()
 	// The OOM killer must pick the engine, never its reporter.
 	os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0)
-	report(Message{Event: "started", PID: cmd.Process.Pid, Note: spec.Note})
+	report(Message{Event: EventStarted, PID: cmd.Process.Pid, Note: spec.Note})
 	if spec.Socket != "" {
 		go out.serve(spec.Socket)
 	}
@@ -138,31 +126,29 @@ func Main() int {
 	var wg sync.WaitGroup
 	forward := func(r *os.File, w io.Writer) {
 		defer wg.Done()
-		sc := bufio.NewScanner(r)
-		sc.Buffer(make([]byte, 64*1024), 1<<20)
-		for sc.Scan() {
-			line := sc.Text()
-			fmt.Fprintln(w, line)
-			if crash.GPUFault(line) {
-				mu.Lock()
-				first := !faulted
-				faulted = true
-				mu.Unlock()
-				if first {
-					report(Message{Event: "fault", Line: line})
-				}
+		var scan crash.FaultScanner
+		forwardLines(r, w, func(line []byte) {
+			f, ok := scan.Line(line)
+			if !ok {
+				return
 			}
-		}
+			mu.Lock()
+			first := !faulted
+			faulted = true
+			mu.Unlock()
+			if first {
+				report(Message{Event: EventFault, Line: f})
+			}
+		})
 	}
 	wg.Add(2)
 	go forward(outR, outW)
 	go forward(errR, errW)
 
-	err := cmd.Wait()
-	ws, _ := cmd.ProcessState.Sys().(syscall.WaitStatus)
-	if err != nil && cmd.ProcessState == nil {
+	if err := cmd.Wait(); err != nil && cmd.ProcessState == nil {
 		return fail(err)
 	}
+	ws, _ := cmd.ProcessState.Sys().(syscall.WaitStatus)
 	// Everything the engine wrote is in the pipes now; a child it left
 	// behind may hold them open, so do not wait for EOF past a moment.
 	deadline := time.Now().Add(100 * time.Millisecond)
@@ -171,7 +157,7 @@ func Main() int {
 	wg.Wait()
 	outLog()
 	errLog()
-	report(Message{Event: "exit", Status: uint32(ws), OOMKills: oomKills() - oomBefore})
+	report(Message{Event: EventExit, Status: uint32(ws), OOMKills: oomKills() - oomBefore})
 	// If no daemon heard the exit (it is restarting), wait a while for one
 	// to reattach: the crash must not go unseen.
 	select {
@@ -198,16 +184,15 @@ type reporter struct {
 }
 
 func (r *reporter) report(m Message) {
-	b, _ := json.Marshal(m)
-	b = append(b, '\n')
+	b := m.Encode()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	switch m.Event {
-	case "started":
+	case EventStarted:
 		r.started = &m
-	case "fault":
+	case EventFault:
 		r.fault = &m
-	case "exit":
+	case EventExit:
 		r.exit = &m
 	}
 	sent := false
@@ -229,7 +214,7 @@ func (r *reporter) report(m Message) {
 		}
 	}
 	r.clients = live
-	if m.Event == "exit" && sent {
+	if m.Event == EventExit && sent {
 		r.once.Do(func() { close(r.delivered) })
 	}
 }
@@ -261,8 +246,7 @@ func (r *reporter) serve(path string) {
 			if m == nil {
 				continue
 			}
-			b, _ := json.Marshal(m)
-			if _, err := c.Write(append(b, '\n')); err != nil {
+			if _, err := c.Write(m.Encode()); err != nil {
 				ok = false
 				break
 			}
@@ -365,4 +349,88 @@ func oomKills() uint64 {
 		}
 	}
 	return 0
+}
+
+// closeOnExecFrom marks every descriptor from fd on close-on-exec; the
+// shim's own use of them is unchanged.
+func closeOnExecFrom(fd int) {
+	if unix.CloseRange(uint(fd), ^uint(0), unix.CLOSE_RANGE_CLOEXEC) == nil {
+		return
+	}
+	// Before Linux 5.11.
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		if n, err := strconv.Atoi(e.Name()); err == nil && n >= fd {
+			unix.CloseOnExec(n)
+		}
+	}
+}
+
+// pieceMax is journald's default LineMax=: a longer line is forwarded in
+// pieces of at most this, as journald would split it.
+const pieceMax = 48 << 10
+
+// forwardLines copies an engine's output stream to w, line by line, a line
+// longer than pieceMax in pieces (cut where no UTF-8 sequence is split),
+// and gives scan the start of every line. It reads until r ends or fails,
+// whatever it is sent and whatever w does, so the engine never blocks on
+// its output.
+func forwardLines(r io.Reader, w io.Writer, scan func(line []byte)) {
+	buf := make([]byte, 2*pieceMax)
+	out := make([]byte, 0, pieceMax+1)
+	start, end := 0, 0 // unconsumed: buf[start:end]
+	lineStart := true
+	emit := func(piece []byte, first bool) {
+		out = append(append(out[:0], piece...), '\n')
+		w.Write(out)
+		if first {
+			scan(piece)
+		}
+	}
+	for {
+		n, err := r.Read(buf[end:])
+		end += n
+		for {
+			data := buf[start:end]
+			if i := bytes.IndexByte(data[:min(len(data), pieceMax+1)], '\n'); i >= 0 {
+				emit(data[:i], lineStart)
+				lineStart = true
+				start += i + 1
+				continue
+			}
+			if len(data) > pieceMax {
+				n := runeCut(data[:pieceMax])
+				emit(data[:n], lineStart)
+				lineStart = false
+				start += n
+				continue
+			}
+			break
+		}
+		end = copy(buf, buf[start:end])
+		start = 0
+		if err != nil {
+			if end > 0 {
+				emit(buf[:end], lineStart)
+			}
+			return
+		}
+	}
+}
+
+// runeCut is where to cut b so that no UTF-8 sequence is split, unless
+// that would leave nothing.
+func runeCut(b []byte) int {
+	for i := len(b) - 1; i > 0 && i >= len(b)-utf8.UTFMax; i-- {
+		if utf8.RuneStart(b[i]) {
+			if utf8.FullRune(b[i:]) {
+				return len(b)
+			}
+			return i
+		}
+	}
+	return len(b)
 }

@@ -71,6 +71,7 @@ func (s *Supervisor) beginDrain(deadline time.Duration, ch chan DrainResult) err
 	now := time.Now()
 	// No restart sneaks in during or after a drain.
 	s.cancelRestart()
+	s.cancelStart("the pool is being drained")
 	s.emit(s.tracker.Stopped(now))
 	if s.run == nil {
 		s.update(func(p *Snapshot) { p.State, p.Ready, p.NextRestart = Stopped, false, time.Time{} })

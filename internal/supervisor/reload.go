@@ -44,13 +44,22 @@ func (s *Supervisor) Reload(ctx context.Context, ref string, drainDeadline time.
 		return "", err
 	}
 	prevRef := s.Snapshot().Model
+	// A bad ref (*model.RefError) is the caller's; anything else (the
+	// engine's user unknown, a read error) is the host's.
+	refFail := func(err error) (string, error) {
+		var re *model.RefError
+		if errors.As(err, &re) {
+			return fail("invalid_model", fmt.Errorf("%w: %v", ErrInvalidArgument, err))
+		}
+		return fail("stage", fmt.Errorf("%w: %v (nothing changed)", ErrReloadFailed, err))
+	}
 	src, err := s.cfg.Stager.Resolve(ref)
 	if err != nil {
-		return fail("invalid_model", fmt.Errorf("%w: %v", ErrInvalidArgument, err))
+		return refFail(err)
 	}
 	digest, err := s.cfg.Stager.Digest(src)
 	if err != nil {
-		return fail("invalid_model", fmt.Errorf("%w: %v", ErrInvalidArgument, err))
+		return refFail(err)
 	}
 	op := &reloadOp{ref: ref, digest: digest, drained: make(chan error, 1), oldStopped: make(chan struct{}), result: make(chan error, 1)}
 	same := false
@@ -112,10 +121,8 @@ func (s *Supervisor) Reload(ctx context.Context, ref string, drainDeadline time.
 	s.post(func() { s.stopRun("reload") })
 	<-op.oldStopped
 
-	err = s.call(func() error {
-		s.current = staged
-		return s.startEngine(true)
-	})
+	err = s.callThen(func() error { s.current = staged; return nil },
+		func(done func(error)) { s.startEngine(true, done) })
 	if err == nil {
 		err = <-op.result
 	}
@@ -188,9 +195,7 @@ func (s *Supervisor) rollback(op *reloadOp) {
 			s.update(func(p *Snapshot) { p.State = Stopped })
 			return nil
 		}
-		if err := s.startEngine(false); err != nil {
-			s.crashed("start_failure", err.Error(), nil, 0)
-		}
+		s.startEngine(false, s.startFailed)
 		return nil
 	})
 }

@@ -9,17 +9,48 @@ import (
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/gpu"
+	"github.com/llorch/pool-managerd/internal/model"
 	"github.com/llorch/pool-managerd/internal/state"
 )
 
+// ModelStager is the daemon's model stager (*model.Stager), which checks
+// every model against the reading rights of the engine's user.
+type ModelStager interface {
+	Resolve(ref, engineUser string) (model.Source, error)
+	Digest(src model.Source) (string, error)
+	Stage(ref, want, engineUser string) (model.Staged, error)
+	// AddPoolModels records refs that a pool file names as Model=: they
+	// may lie outside the model directories.
+	AddPoolModels(refs ...string)
+}
+
+// engineStager is a ModelStager as one pool's engine user sees it.
+type engineStager struct {
+	s    ModelStager
+	user string
+}
+
+func (e engineStager) Resolve(ref string) (model.Source, error) { return e.s.Resolve(ref, e.user) }
+
+func (e engineStager) Digest(src model.Source) (string, error) { return e.s.Digest(src) }
+
+func (e engineStager) Stage(ref, want string) (model.Staged, error) {
+	return e.s.Stage(ref, want, e.user)
+}
+
 // FromPool builds a supervisor's configuration from a pool file, the
-// manager settings, the GPU inventory and the model stager.
-func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Stager) (Config, error) {
+// manager settings, the GPU inventory and the model stager, which learns
+// the pool's Model= (the daemon still replaces that set on every
+// configuration load). The pool's models are staged for its [Engine]
+// User=, looked up at each start (the user may be created after the pool
+// file).
+func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager ModelStager) (Config, error) {
 	gpus, err := inv.Resolve(p.Devices)
 	if err != nil {
 		return Config{}, fmt.Errorf("pool %s (%s): %w", p.ID, p.File, err)
 	}
 	mask := gpu.VisibleDevices(gpus)
+	stager.AddPoolModels(p.Model)
 	// A control node a host lacks is simply not needed there (and systemd
 	// refuses DeviceAllow= of a missing node); a GPU's own node must be
 	// there, which startEngine checks at each start.
@@ -69,7 +100,7 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Stag
 		VersionCommand: p.Engine.VersionCommand,
 		DeviceMask:     strings.Join(p.Devices, ","),
 		Slots:          p.Slots,
-		Stager:         stager,
+		Stager:         engineStager{stager, p.Engine.User},
 		Records:        state.Dir{Path: filepath.Join(m.RuntimeDir, "pools"), Mode: 0o644, NoSync: true},
 		State:          state.Dir{Path: filepath.Join(m.StateDir, "pools"), Mode: 0o600},
 	}, nil

@@ -11,10 +11,13 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net/netip"
 	"os"
 	"os/exec"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/llorch/pool-managerd/internal/breaker"
@@ -25,6 +28,8 @@ import (
 	"github.com/llorch/pool-managerd/internal/metrics"
 	"github.com/llorch/pool-managerd/internal/model"
 	"github.com/llorch/pool-managerd/internal/policy"
+	"github.com/llorch/pool-managerd/internal/safetext"
+	"github.com/llorch/pool-managerd/internal/sockdiag"
 	"github.com/llorch/pool-managerd/internal/state"
 )
 
@@ -137,6 +142,7 @@ type Supervisor struct {
 	leases      map[string]string // lease id -> owner
 	drain       *drainOp
 	reload      *reloadOp
+	staging     *startOp // a start waiting for its model to be staged
 	// held says why the pool may not start until ResetBreaker (its
 	// persisted state could not be read); "" when it may.
 	held string
@@ -166,6 +172,13 @@ type run struct {
 	// engine that was starting); else StartTimeoutSec from the probes'
 	// start.
 	startBy time.Time
+	// Owned by the prober: the scope a probe's peer must belong to.
+	scopeOnce sync.Once
+	scope     sockdiag.Scope
+	scopeErr  error
+	// failing is set by the loop after a failed probe; squatted once a
+	// foreign listener was reported.
+	failing, squatted atomic.Bool
 }
 
 // New creates the supervisor; Run starts it. It restores the pool's
@@ -229,6 +242,20 @@ func (s *Supervisor) post(f func()) { s.events <- f }
 func (s *Supervisor) call(f func() error) error {
 	errc := make(chan error, 1)
 	s.post(func() { errc <- f() })
+	return <-errc
+}
+
+// callThen runs check on the loop and, if it passes, then, and returns
+// what then's done reports (later, on the loop).
+func (s *Supervisor) callThen(check func() error, then func(done func(error))) error {
+	errc := make(chan error, 1)
+	s.post(func() {
+		if err := check(); err != nil {
+			errc <- err
+			return
+		}
+		then(func(err error) { errc <- err })
+	})
 	return <-errc
 }
 
@@ -337,20 +364,21 @@ func (s *Supervisor) emit(events []policy.Event) {
 // ErrBreakerOpen refuses a start while the circuit breaker holds the pool.
 var ErrBreakerOpen = errors.New("the circuit breaker is open")
 
-// Start starts the engine of a stopped or failed pool. A pool whose
+// Start starts the engine of a stopped or failed pool and returns once it
+// runs (its model staged, which the first time may take a while). A pool whose
 // breaker holds it stays held: neither a start nor a Stop then Start is a
 // way around the breaker; ResetBreaker and AllowRestart are.
 func (s *Supervisor) Start() error {
-	return s.call(func() error {
-		if s.run != nil || s.drain != nil || s.reload != nil {
+	return s.callThen(func() error {
+		if s.run != nil || s.drain != nil || s.reload != nil || s.staging != nil {
 			return fmt.Errorf("pool %s is %s: %w", s.cfg.Pool, s.Snapshot().State, ErrBusy)
 		}
 		if err := s.mayStart(); err != nil {
 			return err
 		}
 		s.cancelRestart()
-		return s.startEngine(false)
-	})
+		return nil
+	}, func(done func(error)) { s.startEngine(false, done) })
 }
 
 // mayStart asks the policy whether an engine may start on request now; a
@@ -455,7 +483,7 @@ func (s *Supervisor) armTick() {
 
 func (s *Supervisor) restartDue() {
 	s.restartAt = nil
-	if s.run != nil || s.drain != nil || s.reload != nil {
+	if s.run != nil || s.drain != nil || s.reload != nil || s.staging != nil {
 		return
 	}
 	now := time.Now()
@@ -472,32 +500,74 @@ func (s *Supervisor) restartDue() {
 	case err != nil:
 		return
 	}
-	if err := s.startEngine(false); err != nil {
-		s.crashed(crash.StartFailure, err.Error(), nil, 0)
+	s.startEngine(false, s.startFailed)
+}
+
+// startFailed counts a restart that could not start an engine as a crash.
+func (s *Supervisor) startFailed(err error) {
+	if err != nil && !errors.Is(err, ErrBusy) {
+		s.crashed(crash.StartFailure, safetext.Bound(err.Error()), nil, 0)
 	}
 }
 
-// stageCurrent stages the pool's model if nothing is staged yet.
-func (s *Supervisor) stageCurrent() error {
-	if s.current.Path != "" {
-		return nil
+// stageRef is the model the next engine loads (a reload's, an adopted
+// engine's, else the configured one) and the digest it must have: the
+// configured ModelDigest pins the configured model only.
+func (s *Supervisor) stageRef() (ref, want string) {
+	if s.current.Ref != "" && s.current.Ref != s.cfg.Model {
+		return s.current.Ref, ""
 	}
-	st, err := s.cfg.Stager.Stage(s.cfg.Model, s.cfg.ModelDigest)
+	return s.cfg.Model, s.cfg.ModelDigest
+}
+
+// startOp is an engine start whose model is being staged.
+type startOp struct {
+	candidate bool
+	done      func(error)
+}
+
+// startEngine starts an engine: its model is staged before every start
+// (cheap when the source is unchanged; a source changed since it was
+// staged is hashed and staged again), off the loop, for hashing a big
+// model takes minutes and the pool must keep answering. done hears, on
+// the loop, whether the engine process runs.
+func (s *Supervisor) startEngine(candidate bool, done func(error)) {
+	s.update(func(p *Snapshot) { p.State, p.NextRestart, p.HealthFailures = Starting, time.Time{}, nil })
+	op := &startOp{candidate: candidate, done: done}
+	s.staging = op
+	ref, want := s.stageRef()
+	go func() {
+		st, err := s.cfg.Stager.Stage(ref, want)
+		s.post(func() { s.staged(op, st, err) })
+	}()
+}
+
+// staged goes on with a start once its model is staged, unless a drain
+// called the start off meanwhile.
+func (s *Supervisor) staged(op *startOp, st model.Staged, err error) {
+	if s.staging != op {
+		return
+	}
+	s.staging = nil
 	if err != nil {
-		return err
+		s.update(func(p *Snapshot) { p.State, p.LastError = Failed, safetext.Bound(err.Error()) })
+		op.done(err)
+		return
 	}
 	s.current = st
-	return nil
+	op.done(s.launch(op.candidate))
 }
 
-// startEngine starts an engine on s.current (staging the configured model
-// first if needed).
-func (s *Supervisor) startEngine(candidate bool) error {
-	s.update(func(p *Snapshot) { p.State, p.NextRestart, p.HealthFailures = Starting, time.Time{}, nil })
-	if err := s.stageCurrent(); err != nil {
-		s.update(func(p *Snapshot) { p.State, p.LastError = Failed, err.Error() })
-		return err
+// cancelStart calls off a start whose model is still being staged.
+func (s *Supervisor) cancelStart(why string) {
+	if op := s.staging; op != nil {
+		s.staging = nil
+		op.done(fmt.Errorf("start of pool %s called off: %s: %w", s.cfg.Pool, why, ErrBusy))
 	}
+}
+
+// launch starts the engine on the staged s.current.
+func (s *Supervisor) launch(candidate bool) error {
 	st := s.current
 	if len(s.cfg.VersionCommand) > 0 {
 		// Asked beside the start, not before it: a version command that
@@ -514,7 +584,7 @@ func (s *Supervisor) startEngine(candidate bool) error {
 	for _, n := range spec.DeviceNodes {
 		if _, err := os.Stat(n); err != nil {
 			err = fmt.Errorf("GPU device node %s is missing (is the NVIDIA driver loaded?): %w", n, err)
-			s.update(func(p *Snapshot) { p.State, p.LastError = Failed, err.Error() })
+			s.update(func(p *Snapshot) { p.State, p.LastError = Failed, safetext.Bound(err.Error()) })
 			return err
 		}
 	}
@@ -530,7 +600,7 @@ func (s *Supervisor) startEngine(candidate bool) error {
 	}
 	if err != nil {
 		cancel()
-		s.update(func(p *Snapshot) { p.State, p.LastError = Failed, err.Error() })
+		s.update(func(p *Snapshot) { p.State, p.LastError = Failed, safetext.Bound(err.Error()) })
 		return err
 	}
 	r := &run{e: e, ctx: ctx, cancel: cancel, started: time.Now(), staged: st, candidate: candidate, exited: make(chan struct{})}
@@ -621,9 +691,21 @@ func (s *Supervisor) probe(r *run) {
 			return
 		case <-time.After(wait):
 		}
-		err := s.prober.Probe(r.ctx)
+		// Until it is healthy (and again after a failed probe) an
+		// answer counts only from a socket of the engine's own scope:
+		// while the engine is down or loading, another user may listen
+		// on its port.
+		pctx := r.ctx
+		if !healthy || r.failing.Load() {
+			pctx = health.WithVerify(r.ctx, s.ownedByScope(r))
+		}
+		err := s.prober.Probe(pctx)
 		if r.ctx.Err() != nil {
 			return
+		}
+		var foreign *sockdiag.ForeignError
+		if errors.As(err, &foreign) && !r.squatted.Swap(true) {
+			s.post(func() { s.squatterSeen(r, foreign) })
 		}
 		now := time.Now()
 		if !healthy {
@@ -638,6 +720,43 @@ func (s *Supervisor) probe(r *run) {
 		}
 		s.post(func() { s.probed(r, now, err) })
 	}
+}
+
+// ownedByScope verifies that a probe's peer is a socket of the engine's
+// scope. The scope's cgroup is found from the engine's process once per
+// run.
+func (s *Supervisor) ownedByScope(r *run) health.Verify {
+	return func(peer netip.AddrPort) error {
+		r.scopeOnce.Do(func() {
+			id, err := sockdiag.CgroupID(r.e.PID)
+			if err != nil && !errors.Is(err, sockdiag.ErrNoCgroup2) {
+				r.scopeErr = fmt.Errorf("finding the engine's cgroup: %w", err)
+				return
+			}
+			var st syscall.Stat_t
+			if err := syscall.Stat(fmt.Sprintf("/proc/%d", r.e.PID), &st); err != nil {
+				r.scopeErr = fmt.Errorf("finding the engine's user: %w", err)
+				return
+			}
+			r.scope = sockdiag.Scope{Unit: r.e.Unit, CgroupID: id, UID: st.Uid}
+		})
+		if r.scopeErr != nil {
+			return r.scopeErr
+		}
+		_, err := sockdiag.CheckOwner(peer.Addr(), peer.Port(), r.scope)
+		return err
+	}
+}
+
+// squatterSeen says, once per run, that another process answers on the
+// engine's port: the pool is not Ready while it does.
+func (s *Supervisor) squatterSeen(r *run, err *sockdiag.ForeignError) {
+	if s.run != r {
+		return
+	}
+	msg := safetext.Bound("not ready: " + err.Error())
+	s.log.Warn("engine's port held by a process outside its scope", journal.PoolID, s.cfg.Pool, journal.Error, err.Error())
+	s.update(func(p *Snapshot) { p.LastError = msg })
 }
 
 func (s *Supervisor) becameHealthy(r *run, now time.Time) {
@@ -671,6 +790,7 @@ func (s *Supervisor) probed(r *run, now time.Time, err error) {
 	if s.run != r || r.stopping != "" {
 		return
 	}
+	r.failing.Store(err != nil)
 	if err == nil {
 		if len(r.failures) > 0 {
 			r.failures = nil
@@ -688,7 +808,7 @@ func (s *Supervisor) probed(r *run, now time.Time, err error) {
 	s.metrics.HealthCheckFailures.WithLabelValues(s.cfg.Pool).Inc()
 	fails := append([]time.Time(nil), r.failures...)
 	s.update(func(p *Snapshot) { p.HealthFailures = fails })
-	s.log.Warn("health probe failed", journal.PoolID, s.cfg.Pool, journal.FailureCount, len(fails), "ERROR", err.Error())
+	s.log.Warn("health probe failed", journal.PoolID, s.cfg.Pool, journal.FailureCount, len(fails), journal.Error, safetext.Bound(err.Error()))
 	if len(r.failures) >= s.cfg.Health.FailureThreshold {
 		s.stopRun("health")
 	}
@@ -739,7 +859,7 @@ func (s *Supervisor) engineEvent(r *run, ev engine.Event) {
 	}
 	if ev.Fault != "" {
 		r.fault = ev.Fault
-		s.log.Error("GPU fault in engine output", journal.PoolID, s.cfg.Pool, "LINE", ev.Fault)
+		s.log.Error("GPU fault in engine output", journal.PoolID, s.cfg.Pool, "LINE", safetext.Bound(ev.Fault))
 		s.stopRun("fault")
 		return
 	}
@@ -756,7 +876,7 @@ func (s *Supervisor) engineEvent(r *run, ev engine.Event) {
 		// Without its shim nothing reports on the engine any more (and a
 		// garbled report may come from an engine that still runs): the
 		// scope goes before anything else happens on its GPUs.
-		s.log.Error("engine's shim lost: stopping its scope", journal.PoolID, s.cfg.Pool) // LOSTWHY
+		s.log.Error("engine's shim lost: stopping its scope", journal.PoolID, s.cfg.Pool, journal.Error, x.LostWhy)
 		s.stopScope(r)
 	}
 	uptime := x.At.Sub(r.started)
@@ -788,6 +908,9 @@ func (s *Supervisor) engineEvent(r *run, ev engine.Event) {
 // gone with its engine, and the policy decides when it restarts (unless a
 // drain is under way: then it does not).
 func (s *Supervisor) crashed(reason crash.Reason, msg string, x *engine.Exit, uptime time.Duration) {
+	// It may quote the engine's output: valid UTF-8 and bounded before
+	// it reaches the journal and the bus.
+	msg = safetext.Bound(msg)
 	now := time.Now()
 	d := s.tracker.Crash(now, reason)
 	st := s.tracker.Status(now)

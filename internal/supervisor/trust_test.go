@@ -2,14 +2,19 @@ package supervisor_test
 
 import (
 	"context"
+	"fmt"
+	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/llorch/pool-managerd/internal/sandbox"
 	. "github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/testpool"
 )
@@ -104,4 +109,80 @@ func TestCorruptRuntimeRecordStillAdoptsTheEngine(t *testing.T) {
 	assert.Equal(t, first.MainPID, snap.MainPID, "the same engine, not a new one")
 	assert.Zero(t, snap.Starts)
 	assert.Zero(t, s.Snapshot().CrashCount, "the engine was never killed")
+}
+
+// The engine loads its model before it listens (as vLLM does); meanwhile
+// another local user listens on the pool's port and answers 200.
+func TestSquatterOnTheEnginesPortNeverMakesThePoolReady(t *testing.T) {
+	e := testpool.New(t, nil)
+	s := e.Start(testpool.Spec{ID: "squat", Devices: "0", NoStart: true, SimArgs: "--listen-after 6s"})
+	sim := os.Getenv(sandbox.BinEnv("pool-engine-sim"))
+	squatter := exec.Command("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+		sim, "--model", filepath.Join(e.Dir, "model.gguf"), "--port", strconv.Itoa(s.Port))
+	require.NoError(t, squatter.Start())
+	t.Cleanup(func() { squatter.Process.Kill(); squatter.Wait() })
+	require.Eventually(t, func() bool {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/health", s.Port))
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil && resp.StatusCode == http.StatusOK
+	}, 10*time.Second, 20*time.Millisecond, "the squatter answers")
+
+	require.NoError(t, s.Start())
+	ctx, cancel := context.WithTimeout(e.Ctx, 3*time.Second)
+	defer cancel()
+	snap, err := s.Supervisor.Wait(ctx, func(p Snapshot) bool { return p.Ready })
+	require.ErrorIs(t, err, context.DeadlineExceeded, "never Ready on the squatter's answers")
+	assert.False(t, snap.Ready)
+	assert.True(t, snap.Live, "its own engine runs meanwhile")
+	assert.Contains(t, snap.LastError, "outside pool-engine-squat.scope")
+	assert.Contains(t, snap.LastError, "uid 65534")
+
+	// Once the squatter is gone the pool's own engine serves.
+	squatter.Process.Kill()
+	squatter.Wait()
+	waitFor(t, s, "ready on its own engine", func(p Snapshot) bool { return p.Ready })
+}
+
+// Hashing a big model for its first start happens off the pool's loop:
+// the pool answers, another pool starts and serves, and a drain calls
+// the start off.
+func TestHashingABigModelBlocksNothing(t *testing.T) {
+	e := testpool.New(t, nil)
+	big := filepath.Join(e.Dir, "models", "big.gguf")
+	f, err := os.Create(big)
+	require.NoError(t, err)
+	_, err = f.WriteString("GGUF\x03\x00\x00\x00")
+	require.NoError(t, err)
+	// Sparse: nothing on disk, but every byte is hashed.
+	require.NoError(t, f.Truncate(4<<30))
+	require.NoError(t, f.Close())
+	require.NoError(t, os.Chmod(big, 0o644))
+
+	slow := e.Start(testpool.Spec{ID: "big", Devices: "0", Model: big, NoStart: true})
+	started := make(chan error, 1)
+	go func() { started <- slow.Start() }()
+	waitFor(t, slow, "starting", func(p Snapshot) bool { return p.State == Starting })
+
+	ping, cancel := context.WithTimeout(e.Ctx, time.Second)
+	defer cancel()
+	require.NoError(t, slow.Ping(ping), "the pool's loop answers while its model is hashed")
+	other := e.Pool("small", "1", "", "")
+	waitFor(t, other, "the other pool ready", ready(1))
+	snap := slow.Snapshot()
+	require.Equal(t, Starting, snap.State, "still hashing: the figures below mean something")
+	require.False(t, snap.Live)
+
+	res, err := slow.Drain(e.Ctx, time.Second)
+	require.NoError(t, err)
+	assert.Equal(t, Drained, res.Outcome)
+	select {
+	case err := <-started:
+		assert.ErrorIs(t, err, ErrBusy, "the start was called off")
+	case <-time.After(10 * time.Second):
+		t.Fatal("Start did not return after the drain")
+	}
+	assert.Zero(t, slow.Snapshot().Starts, "no engine started after the drain")
+	assert.Equal(t, Stopped, slow.Snapshot().State)
 }
