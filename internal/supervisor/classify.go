@@ -44,8 +44,8 @@ func describe(reason crash.Reason, r *run, x *engine.Exit) string {
 	ws := x.Status
 	how := ""
 	switch {
-	case x.Lost && (x.LostWhy == "" || x.LostWhy == engine.LostVanished):
-		how = "engine scope killed before its exit was seen"
+	case x.Lost && x.LostWhy == "":
+		how = "engine's shim lost: its scope is stopped"
 	case x.Lost:
 		how = "engine's shim lost (" + x.LostWhy + "): its scope is stopped"
 	case ws.Exited():

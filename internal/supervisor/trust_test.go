@@ -8,6 +8,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -185,4 +187,28 @@ func TestHashingABigModelBlocksNothing(t *testing.T) {
 	}
 	assert.Zero(t, slow.Snapshot().Starts, "no engine started after the drain")
 	assert.Equal(t, Stopped, slow.Snapshot().State)
+}
+
+// A shim that stops reporting (killed, or cut off for a report it could
+// not send whole) leaves an engine nobody watches: its scope is stopped at
+// once and one crash counted, long before the restart is due.
+func TestLostShimStopsTheScopeAndCountsOneCrash(t *testing.T) {
+	e := testpool.New(t, nil)
+	s := e.Pool("lost", "0", "", "BackoffInitialSec=5\nBackoffMinSec=5\nBackoffMaxSec=5\n")
+	first := waitFor(t, s, "ready", ready(1))
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", first.MainPID))
+	require.NoError(t, err)
+	fields := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:]))
+	shim, err := strconv.Atoi(fields[1])
+	require.NoError(t, err)
+	require.NoError(t, syscall.Kill(shim, syscall.SIGKILL))
+
+	crashed := waitFor(t, s, "the crash", func(p Snapshot) bool { return p.CrashCount == 1 })
+	assert.Equal(t, Backoff, crashed.State)
+	assert.Contains(t, crashed.LastError, "shim")
+	require.Eventually(t, func() bool {
+		return syscall.Kill(first.MainPID, 0) == syscall.ESRCH
+	}, 3*time.Second, 20*time.Millisecond, "the orphaned engine is stopped with its scope")
+	assert.Equal(t, uint64(1), s.Snapshot().CrashCount, "one crash, counted once")
+	assert.Equal(t, 1, s.Snapshot().Starts, "well before the restart")
 }
