@@ -31,15 +31,20 @@ func sh(t *testing.T, name string, args ...string) string {
 	return strings.TrimSpace(string(out))
 }
 
-// The daemon started by systemd supervises its pools; stopping the daemon
-// leaves the engines running in their own scopes.
-func TestDaemonRunsPoolsAndLeavesEnginesOnStop(t *testing.T) {
+// daemonDir writes a configuration directory with one simulator pool on
+// GPU 0 (its model: model, or a tiny one) and installs the bus policy; it
+// returns the directory and the engine's port.
+func daemonDir(t *testing.T, pool, model, more string) (string, int) {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "daemon-test-")
 	require.NoError(t, err)
-	defer os.RemoveAll(dir)
+	t.Cleanup(func() { os.RemoveAll(dir) })
 	require.NoError(t, os.Chmod(dir, 0o755))
 	require.NoError(t, os.MkdirAll(filepath.Join(dir, "pools.d"), 0o755))
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "model.gguf"), []byte("GGUF\x03\x00\x00\x00"), 0o644))
+	if model == "" {
+		model = dir + "/model.gguf"
+		require.NoError(t, os.WriteFile(model, []byte("GGUF\x03\x00\x00\x00"), 0o644))
+	}
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte(`[Manager]
 StateDir=`+dir+`/state
 RuntimeDir=`+dir+`/run
@@ -53,13 +58,20 @@ ControlDevice=/dev/nvidiactl
 	require.NoError(t, err)
 	port := l.Addr().(*net.TCPAddr).Port
 	l.Close()
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "demo.pool"), testpool.SimPoolFile(os.Getenv(sandbox.BinEnv("pool-engine-sim")),
-		"0", dir+"/model.gguf", port, "[Health]\nIntervalSec=0.5\nTimeoutSec=0.5\n"), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", pool+".pool"), testpool.SimPoolFile(os.Getenv(sandbox.BinEnv("pool-engine-sim")),
+		"0", model, port, more), 0o644))
 
 	policy, err := os.ReadFile("../../dbus/org.llorch.PoolManager1.conf")
 	require.NoError(t, err)
 	require.NoError(t, os.WriteFile("/etc/dbus-1/system.d/org.llorch.PoolManager1.conf", policy, 0o644))
 	sh(t, "systemctl", "reload", "dbus.service")
+	return dir, port
+}
+
+// The daemon started by systemd supervises its pools; stopping the daemon
+// leaves the engines running in their own scopes.
+func TestDaemonRunsPoolsAndLeavesEnginesOnStop(t *testing.T) {
+	dir, port := daemonDir(t, "demo", "", "[Health]\nIntervalSec=0.5\nTimeoutSec=0.5\n")
 	daemon := os.Getenv(sandbox.BinEnv("pool-managerd"))
 	sh(t, "systemd-run", "--unit=pool-managerd-test.service", "--property=KillMode=control-group", daemon, "--config-dir", dir)
 	defer exec.Command("systemctl", "stop", "pool-engine-demo.scope").Run()
@@ -104,4 +116,36 @@ ControlDevice=/dev/nvidiactl
 	require.NoError(t, err)
 	resp.Body.Close()
 	assert.Equal(t, http.StatusOK, resp.StatusCode)
+}
+
+// The first start of a big model hashes it for longer than systemd waits
+// for readiness: READY=1 must not wait for it, nor the bus.
+func TestBigModelDoesNotHoldUpReadiness(t *testing.T) {
+	dir, err := os.MkdirTemp("", "big-model-")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	require.NoError(t, os.Chmod(dir, 0o755))
+	big := filepath.Join(dir, "big.gguf")
+	f, err := os.Create(big)
+	require.NoError(t, err)
+	_, err = f.WriteString("GGUF\x03\x00\x00\x00")
+	require.NoError(t, err)
+	require.NoError(t, f.Truncate(16<<30)) // sparse: hashed, never stored
+	require.NoError(t, f.Close())
+	require.NoError(t, os.Chmod(big, 0o644))
+	cfg, _ := daemonDir(t, "big", big, "")
+
+	daemon := os.Getenv(sandbox.BinEnv("pool-managerd"))
+	defer exec.Command("systemctl", "stop", "pool-engine-big.scope").Run()
+	defer exec.Command("systemctl", "stop", "pool-managerd-big.service").Run()
+	start := time.Now()
+	// systemd-run waits for the start job: for READY=1.
+	out, err := exec.Command("systemd-run", "--unit=pool-managerd-big.service", "--service-type=notify",
+		"--property=TimeoutStartSec=4s", "--property=NotifyAccess=main", daemon, "--config-dir", cfg).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	assert.Less(t, time.Since(start), 4*time.Second)
+	assert.Equal(t, "active", sh(t, "systemctl", "is-active", "pool-managerd-big.service"))
+	state := sh(t, "busctl", "get-property", "org.llorch.PoolManager1", "/org/llorch/PoolManager1/pool/big",
+		"org.llorch.PoolManager1.Pool", "State")
+	assert.Equal(t, `s "starting"`, state, "still hashing, and the bus answers")
 }

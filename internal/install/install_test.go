@@ -88,7 +88,7 @@ ControlDevice=/dev/nvidiactl
 			out, err := exec.Command("busctl", "get-property", "org.llorch.PoolManager1", "/org/llorch/PoolManager1/pool/"+id,
 				"org.llorch.PoolManager1.Pool", "Ready").CombinedOutput()
 			return err == nil && strings.TrimSpace(string(out)) == "b true"
-		}, 30*time.Second, 100*time.Millisecond, "pool %s ready", id)
+		}, 30*time.Second, 100*time.Millisecond, "pool %s ready; journal:\n%s", id, journal())
 	}
 	pid := strings.TrimPrefix(sh(t, "busctl", "get-property", "org.llorch.PoolManager1", "/org/llorch/PoolManager1/pool/alpha",
 		"org.llorch.PoolManager1.Pool", "MainPID"), "u ")
@@ -114,11 +114,20 @@ ControlDevice=/dev/nvidiactl
 	assert.NoError(t, err, "dpkg -r keeps the configuration")
 	_, err = os.Stat("/var/lib/pool-managerd/models/tiny.gguf")
 	assert.NoError(t, err, "dpkg -r keeps the state")
+	staged, err := filepath.Glob("/var/lib/pool-managerd/staged/*/tiny.gguf")
+	require.NoError(t, err)
+	require.NotEmpty(t, staged, "the model was staged")
 	sh(t, "dpkg", "-P", "pool-managerd")
 	_, err = os.Stat("/etc/pool-managerd")
 	assert.True(t, os.IsNotExist(err), "a purge removes the configuration")
-	_, err = os.Stat("/var/lib/pool-managerd")
-	assert.True(t, os.IsNotExist(err), "a purge removes the state")
+	for _, p := range []string{"/var/lib/pool-managerd/staged", "/var/lib/pool-managerd/pools", "/var/lib/prometheus/node-exporter/pool-managerd.prom"} {
+		_, err = os.Stat(p)
+		assert.True(t, os.IsNotExist(err), "a purge removes %s", p)
+	}
+	model, err := os.ReadFile("/var/lib/pool-managerd/models/tiny.gguf")
+	assert.NoError(t, err, "a purge keeps the operator's models")
+	assert.Equal(t, "GGUF\x03\x00\x00\x00 tiny", string(model))
+	require.NoError(t, os.RemoveAll("/var/lib/pool-managerd"))
 }
 
 // The .rpm holds the same files as the .deb.

@@ -488,7 +488,7 @@ func (s *Stager) pin(src Source) (int, error) {
 	}
 	if cur.key() != src.key() {
 		unix.Close(fd)
-		return -1, refErr(src.Ref, src.Path, nil,
+		return -1, refErr(src.Ref, src.Path, errChanged,
 			"changed since it was resolved (size %d, mtime %s, ctime %s; now size %d, mtime %s, ctime %s)",
 			src.Size, src.ModTime, src.ChangeTime, cur.Size, cur.ModTime, cur.ChangeTime)
 	}

@@ -66,6 +66,22 @@ func (s *Stager) lockDir(name string) (unlock func()) {
 // staged under its new digest. Every problem with ref or want is a
 // *RefError, found before anything is created.
 func (s *Stager) Stage(ref, want, engineUser string) (Staged, error) {
+	// Staging one source for two pools at once changes its ctime under
+	// the other (a hard link does): that is no change of content, and
+	// the other tries again on the new version.
+	for tries := 1; ; tries++ {
+		st, err := s.stage(ref, want, engineUser)
+		if err == nil || !errors.Is(err, errChanged) || tries == 3 {
+			return st, err
+		}
+	}
+}
+
+// errChanged is the cause of a RefError for a source that changed while
+// it was staged.
+var errChanged = errors.New("the source changed")
+
+func (s *Stager) stage(ref, want, engineUser string) (Staged, error) {
 	if want != "" && !ValidDigest(want) {
 		return Staged{}, refErr(ref, "", nil,
 			"malformed digest %q: want \"sha256:\" followed by 64 lower-case hex digits", want)
@@ -155,7 +171,7 @@ func (s *Stager) create(src Source, digest, final string) error {
 		return fmt.Errorf("stage model %q: %w", src.Ref, err)
 	}
 	if !sameContent(statKey(&st), made) {
-		return refErr(src.Ref, src.Path, nil, "changed while it was being staged; try again")
+		return refErr(src.Ref, src.Path, errChanged, "changed while it was being staged; try again")
 	}
 	s.mu.Lock()
 	s.storeLocked(statKey(&st), final, digest)
@@ -188,7 +204,7 @@ func (s *Stager) linkStaged(src Source, tmp string) (bool, error) {
 	}
 	if !sameContent(statKey(&st), src.key()) {
 		os.Remove(tmp)
-		return false, refErr(src.Ref, src.Path, nil, "changed while it was being staged; try again")
+		return false, refErr(src.Ref, src.Path, errChanged, "changed while it was being staged; try again")
 	}
 	return true, nil
 }

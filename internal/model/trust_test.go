@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -576,4 +577,30 @@ func TestStageRefusesASymlinkedStagingDirectory(t *testing.T) {
 	entries, err := os.ReadDir(e.outside)
 	require.NoError(t, err)
 	assert.Empty(t, entries)
+}
+
+// Two pools on one model stage it at once: one's hard link changes the
+// source's ctime under the other, which is no change of content.
+func TestOneSourceStagedForManyPoolsAtOnce(t *testing.T) {
+	for round := range 5 {
+		e := newTrustEnv(t)
+		path := filepath.Join(e.models, "shared.gguf")
+		writeFile(t, path, "one model, many pools")
+		var wg sync.WaitGroup
+		errs := make([]error, 8)
+		paths := make([]string, 8)
+		for i := range errs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				st, err := e.s.Stage("shared.gguf", "", engine)
+				errs[i], paths[i] = err, st.Path
+			}()
+		}
+		wg.Wait()
+		for i, err := range errs {
+			require.NoError(t, err, "round %d, pool %d", round, i)
+			assert.Equal(t, paths[0], paths[i])
+		}
+	}
 }

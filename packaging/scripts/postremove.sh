@@ -1,12 +1,36 @@
 #!/bin/sh
-# After removal: systemd and the bus forget the units and policy; a purge
-# also removes configuration and state.
+# After removal: systemd and the bus forget the units and policy. A purge
+# also removes the configuration and what the daemon made (its state files,
+# staged models, digest cache, runtime records, metrics textfile), never the
+# operator's models: ModelsDir= and ModelDirs= are left as they are, and so
+# is the state directory itself while anything else is in it.
 set -e
 if [ -d /run/systemd/system ]; then
 	systemctl daemon-reload || true
 	busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ReloadConfig >/dev/null 2>&1 || true
 fi
-if [ "$1" = purge ]; then
-	rm -rf /etc/pool-managerd /var/lib/pool-managerd /run/pool-managerd
-	rm -f /var/lib/prometheus/node-exporter/pool-managerd.prom
+[ "$1" = purge ] || exit 0
+
+# setting KEY DEFAULT: the last absolute KEY= of the manager file and its
+# drop-ins, as the daemon reads them.
+setting() {
+	v=$2
+	for f in /etc/pool-managerd/pool-managerd.conf /etc/pool-managerd/pool-managerd.conf.d/*.conf; do
+		[ -f "$f" ] || continue
+		w=$(sed -n "s|^[[:space:]]*$1[[:space:]]*=[[:space:]]*\(/[^[:space:]]*\)[[:space:]]*\$|\1|p" "$f" | tail -n 1)
+		[ -z "$w" ] || v=$w
+	done
+	echo "$v"
+}
+state=$(setting StateDir /var/lib/pool-managerd)
+textfile=$(setting MetricsTextfile /var/lib/prometheus/node-exporter/pool-managerd.prom)
+
+rm -rf "$state/staged" "$state/pools" "$state/digests.json"
+rm -f "$textfile"
+rm -rf /run/pool-managerd /etc/pool-managerd
+# Empty directories only, and only those the package made: an operator's
+# models keep theirs.
+rmdir /var/lib/pool-managerd/models /var/lib/pool-managerd 2>/dev/null || true
+if [ -d /var/lib/pool-managerd ]; then
+	echo "pool-managerd: left /var/lib/pool-managerd: it holds files pool-managerd did not make (models?)" >&2
 fi
