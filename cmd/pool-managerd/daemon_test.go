@@ -149,3 +149,49 @@ func TestBigModelDoesNotHoldUpReadiness(t *testing.T) {
 		"org.llorch.PoolManager1.Pool", "State")
 	assert.Equal(t, `s "starting"`, state, "still hashing, and the bus answers")
 }
+
+// A reload leaves the old model staged (a rollback may want it); the next
+// prune, here after a configuration reload, removes what no pool runs on.
+func TestStagedModelsNoPoolUsesArePruned(t *testing.T) {
+	cfg, port := daemonDir(t, "prune", "", "[Health]\nIntervalSec=0.5\nTimeoutSec=0.5\n")
+	require.NoError(t, os.MkdirAll(filepath.Join(cfg, "models"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(cfg, "models", "two.gguf"), []byte("GGUF\x03\x00\x00\x00 two"), 0o644))
+	daemon := os.Getenv(sandbox.BinEnv("pool-managerd"))
+	defer exec.Command("systemctl", "stop", "pool-engine-prune.scope").Run()
+	defer exec.Command("systemctl", "stop", "pool-managerd-prune.service").Run()
+	sh(t, "systemd-run", "--unit=pool-managerd-prune.service", "--service-type=notify", "--property=NotifyAccess=main",
+		"--property=ExecReload=/bin/kill -HUP $MAINPID", daemon, "--config-dir", cfg)
+	health := fmt.Sprintf("http://127.0.0.1:%d/health", port)
+	ready := func() bool {
+		resp, err := http.Get(health)
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}
+	poolReady := func() bool {
+		out, _ := exec.Command("busctl", "get-property", "org.llorch.PoolManager1", "/org/llorch/PoolManager1/pool/prune",
+			"org.llorch.PoolManager1.Pool", "Ready").CombinedOutput()
+		return strings.TrimSpace(string(out)) == "b true"
+	}
+	require.Eventually(t, poolReady, 30*time.Second, 100*time.Millisecond)
+	staged := func() []string {
+		m, _ := filepath.Glob(filepath.Join(cfg, "state", "staged", "sha256-*", "*.gguf"))
+		for i := range m {
+			m[i] = filepath.Base(m[i])
+		}
+		return m
+	}
+	require.Equal(t, []string{"model.gguf"}, staged())
+
+	sh(t, "busctl", "--timeout=60", "call", "org.llorch.PoolManager1", "/org/llorch/PoolManager1",
+		"org.llorch.PoolManager1.Manager", "Reload", "sst", "prune", "two.gguf", "10000")
+	assert.ElementsMatch(t, []string{"model.gguf", "two.gguf"}, staged(), "the old model stays staged for a rollback")
+
+	sh(t, "systemctl", "reload", "pool-managerd-prune.service")
+	require.Eventually(t, func() bool { return len(staged()) == 1 }, 10*time.Second, 50*time.Millisecond)
+	assert.Equal(t, []string{"two.gguf"}, staged(), "what no pool uses is pruned")
+	assert.FileExists(t, filepath.Join(cfg, "model.gguf"), "the operator's model is never touched")
+	assert.True(t, ready(), "the pool serves on")
+}
