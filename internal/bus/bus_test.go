@@ -23,6 +23,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/bus"
 	"github.com/llorch/pool-managerd/internal/sandbox"
+	"github.com/llorch/pool-managerd/internal/shim"
 	"github.com/llorch/pool-managerd/internal/testpool"
 )
 
@@ -31,6 +32,12 @@ import (
 // tests drive it with busctl and a bus client, as an operator and a router
 // would.
 func TestMain(m *testing.M) {
+	if len(os.Args) > 1 && os.Args[1] == healthEngineArg {
+		os.Exit(healthEngine(os.Args[2:]))
+	}
+	if shim.Is() {
+		os.Exit(shim.Main())
+	}
 	opts := testpool.Options
 	opts.Prepare = append(opts.Prepare, []string{"groupadd", "--system", "pool-admin"})
 	os.Exit(sandbox.Main(m, opts, sandbox.Build("github.com/llorch/pool-managerd/cmd/pool-managerd", "github.com/llorch/pool-managerd/cmd/pool-managerd-shim", testpool.Sim)))
@@ -61,6 +68,14 @@ func getProp(t *testing.T, pool, name string) string {
 // daemon installs the shipped unit and bus policy and starts the daemon on
 // a configuration with one simulator pool; it returns the pool's port.
 func daemon(t *testing.T, dropIn ...string) (dir string, port int) {
+	t.Helper()
+	dir, port = configure(t)
+	start(t, dir, dropIn...)
+	return dir, port
+}
+
+// configure writes the configuration daemon starts on.
+func configure(t *testing.T) (dir string, port int) {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "bus-test-")
 	require.NoError(t, err)
@@ -102,7 +117,13 @@ TimeoutSec=0.2
 [Restart]
 BackoffInitialSec=0.2
 `, os.Getenv(sandbox.BinEnv("pool-engine-sim")), port)), 0o644))
+	return dir, port
+}
 
+// start installs the shipped unit and bus policy and starts the daemon on
+// the configuration in dir.
+func start(t *testing.T, dir string, dropIn ...string) {
+	t.Helper()
 	src, err := os.ReadFile("../../systemd/pool-managerd.service")
 	require.NoError(t, err)
 	unit := strings.Replace(string(src), "ExecStart=/usr/bin/pool-managerd",
@@ -129,7 +150,6 @@ BackoffInitialSec=0.2
 		exec.Command("systemctl", "stop", "pool-managerd.service").Run()
 		exec.Command("systemctl", "stop", "pool-engine-llama\\x2d8b.scope").Run()
 	})
-	return dir, port
 }
 
 func TestOperatorAndRouterOverTheBus(t *testing.T) {

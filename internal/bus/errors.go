@@ -6,6 +6,7 @@ import (
 	"github.com/godbus/dbus/v5"
 
 	"github.com/llorch/pool-managerd/internal/manager"
+	"github.com/llorch/pool-managerd/internal/safetext"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 )
 
@@ -34,10 +35,12 @@ func toDBus(err error) *dbus.Error {
 	if err == nil {
 		return nil
 	}
+	// The message may quote an engine or a file name.
+	msg := safetext.Bound(err.Error())
 	for _, e := range errorNames {
 		if errors.Is(err, e.err) {
-			return dbus.NewError(ErrorPrefix+e.name, []any{err.Error()})
+			return dbus.NewError(ErrorPrefix+e.name, []any{msg})
 		}
 	}
-	return dbus.MakeFailedError(err)
+	return dbus.NewError("org.freedesktop.DBus.Error.Failed", []any{msg})
 }

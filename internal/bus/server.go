@@ -7,6 +7,7 @@ package bus
 import (
 	"context"
 	"encoding/xml"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os/user"
@@ -23,6 +24,7 @@ import (
 	shipped "github.com/llorch/pool-managerd/dbus"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/manager"
+	"github.com/llorch/pool-managerd/internal/safetext"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 )
 
@@ -39,13 +41,28 @@ type Server struct {
 	// callers caches each connection's verdict: unique names are never
 	// reused while the bus runs, and an entry goes when its name leaves.
 	callers map[string]caller
+	left    departures
+	hooks   hooks
+}
+
+// hooks let a test hold a call at a point of its choosing; all are nil
+// outside tests.
+type hooks struct {
+	acquiring func(sender string) // AcquireLease checked its caller and is about to add the lease
+	acquired  func(sender string) // AcquireLease has answered
+	left      func(name string)   // a connection's departure has been handled
 }
 
 // Serve exports the manager and its pools on conn, watches for callers
 // leaving the bus, and then takes the bus name: a caller never finds the
 // name without the objects. It runs until ctx ends.
 func Serve(ctx context.Context, conn *dbus.Conn, mgr *manager.Manager, log *slog.Logger, adminGroup string) (*Server, error) {
-	s := &Server{conn: conn, mgr: mgr, log: log, ctx: ctx, adminGID: -1, pools: map[string]context.CancelFunc{}, callers: map[string]caller{}}
+	return serve(ctx, conn, mgr, log, adminGroup, hooks{})
+}
+
+func serve(ctx context.Context, conn *dbus.Conn, mgr *manager.Manager, log *slog.Logger, adminGroup string, h hooks) (*Server, error) {
+	s := &Server{conn: conn, mgr: mgr, log: log, ctx: ctx, adminGID: -1, pools: map[string]context.CancelFunc{},
+		callers: map[string]caller{}, left: newDepartures(), hooks: h}
 	if g, err := user.LookupGroup(adminGroup); err == nil {
 		if gid, err := strconv.Atoi(g.Gid); err == nil {
 			s.adminGID = gid
@@ -110,17 +127,20 @@ var peerData = introspect.Interface{
 }
 
 // properties projects a snapshot onto the Pool interface's properties.
+// Every string is made safe: one the bus refuses fails the whole
+// PropertiesChanged and leaves GetAll unanswered.
 func properties(s supervisor.Snapshot) map[string]any {
 	var next uint64
 	if !s.NextRestart.IsZero() {
 		next = uint64(s.NextRestart.UnixMicro())
 	}
+	b := safetext.Bound
 	return map[string]any{
-		"Id": s.ID, "State": s.State, "Live": s.Live, "Ready": s.Ready, "Draining": s.Draining,
-		"ActiveLeases": s.ActiveLeases, "Slots": s.Slots, "Model": s.Model, "ModelDigest": s.ModelDigest,
-		"EngineVersion": s.EngineVersion, "DeviceMask": s.DeviceMask, "LastError": s.LastError,
-		"CrashCount": uint32(s.CrashCount), "RestartCount": uint32(s.RestartCount), "BreakerState": s.BreakerState,
-		"NextRestartUSec": next, "Unit": s.Unit, "MainPID": uint32(s.MainPID),
+		"Id": b(s.ID), "State": b(s.State), "Live": s.Live, "Ready": s.Ready, "Draining": s.Draining,
+		"ActiveLeases": s.ActiveLeases, "Slots": s.Slots, "Model": b(s.Model), "ModelDigest": b(s.ModelDigest),
+		"EngineVersion": b(s.EngineVersion), "DeviceMask": b(s.DeviceMask), "LastError": b(s.LastError),
+		"CrashCount": uint32(s.CrashCount), "RestartCount": uint32(s.RestartCount), "BreakerState": b(s.BreakerState),
+		"NextRestartUSec": next, "Unit": b(s.Unit), "MainPID": uint32(s.MainPID),
 	}
 }
 
@@ -153,9 +173,14 @@ func (s *Server) RemovePool(id string) {
 	}
 	cancel()
 	path := PoolPath(id)
-	s.conn.Export(nil, path, "org.freedesktop.DBus.Properties")
-	s.conn.Export(nil, path, "org.freedesktop.DBus.Introspectable")
-	s.exportPoolList()
+	for _, iface := range []string{"org.freedesktop.DBus.Properties", "org.freedesktop.DBus.Introspectable"} {
+		if err := s.conn.Export(nil, path, iface); err != nil {
+			s.log.Error("cannot take a pool's object off the bus", journal.PoolID, id, journal.Error, err.Error())
+		}
+	}
+	if err := s.exportPoolList(); err != nil {
+		s.log.Error("cannot publish the pool list", journal.Error, err.Error())
+	}
 }
 
 func (s *Server) exportPool(p *supervisor.Supervisor) error {
@@ -194,19 +219,47 @@ func (s *Server) publish(ctx context.Context, p *supervisor.Supervisor, path dbu
 		changed := map[string]dbus.Variant{}
 		for k, v := range cur {
 			if !reflect.DeepEqual(v, last[k]) {
-				props.SetMust(PoolIface, k, v)
+				if err := setProp(props, k, v); err != nil {
+					s.log.Error("cannot set a pool property", journal.PoolID, snap.ID, "PROPERTY", k, journal.Error, err.Error())
+					continue
+				}
 				changed[k] = dbus.MakeVariant(v)
 			}
 		}
-		s.conn.Emit(path, "org.freedesktop.DBus.Properties.PropertiesChanged", PoolIface, changed, []string{})
+		if len(changed) == 0 {
+			last = cur
+			continue
+		}
+		if err := s.conn.Emit(path, "org.freedesktop.DBus.Properties.PropertiesChanged", PoolIface, changed, []string{}); err != nil {
+			s.log.Error("cannot publish a pool's property changes", journal.PoolID, snap.ID, journal.Error, err.Error())
+		}
 		last = cur
 	}
 }
 
-// watchCallers releases a connection's leases when it leaves the bus.
+// setProp sets a read-only property, which godbus offers only as SetMust:
+// a value it cannot store is an error here, not a crash of the daemon.
+func setProp(props *prop.Properties, name string, v any) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("%v", r)
+		}
+	}()
+	props.SetMust(PoolIface, name, v)
+	return nil
+}
+
+// busDriver is the bus itself: the sender of its signals, a name nobody
+// else can own.
+const busDriver = "org.freedesktop.DBus"
+
+// watchCallers releases a connection's leases when it leaves the bus. Only
+// the bus may say so: anyone can send a NameOwnerChanged, to everyone or
+// to the daemon alone, and godbus hands every signal to every channel.
 func (s *Server) watchCallers() error {
 	if err := s.conn.AddMatchSignal(
-		dbus.WithMatchInterface("org.freedesktop.DBus"),
+		dbus.WithMatchSender(busDriver),
+		dbus.WithMatchInterface(busDriver),
 		dbus.WithMatchMember("NameOwnerChanged"),
 		dbus.WithMatchObjectPath("/org/freedesktop/DBus"),
 	); err != nil {
@@ -219,24 +272,111 @@ func (s *Server) watchCallers() error {
 			select {
 			case <-s.ctx.Done():
 				return
-			case sig := <-ch:
-				if sig == nil || sig.Name != "org.freedesktop.DBus.NameOwnerChanged" || len(sig.Body) != 3 {
+			case sig, ok := <-ch:
+				if !ok {
+					return // the connection is closed
+				}
+				if sig.Name != busDriver+".NameOwnerChanged" {
 					continue
 				}
-				name, _ := sig.Body[0].(string)
-				newOwner, _ := sig.Body[2].(string)
-				if newOwner == "" && len(name) > 0 && name[0] == ':' {
-					s.mu.Lock()
-					delete(s.callers, name)
-					s.mu.Unlock()
-					if n := s.mgr.ReleaseOwner(name); n > 0 {
-						s.log.Info(fmt.Sprintf("released %d lease(s) of %s: it left the bus", n, name), journal.ActiveLeases, n)
-					}
+				if sig.Sender != busDriver || sig.Path != "/org/freedesktop/DBus" {
+					s.log.Warn("ignored a NameOwnerChanged that the bus did not send", "SENDER", safetext.Bound(sig.Sender))
+					continue
+				}
+				if name, ok := departed(sig); ok {
+					s.callerLeft(name)
 				}
 			}
 		}
 	}()
 	return nil
+}
+
+// departed returns the unique name a NameOwnerChanged says has left.
+func departed(sig *dbus.Signal) (string, bool) {
+	if len(sig.Body) != 3 {
+		return "", false
+	}
+	name, _ := sig.Body[0].(string)
+	newOwner, _ := sig.Body[2].(string)
+	return name, newOwner == "" && len(name) > 0 && name[0] == ':'
+}
+
+// callerLeft forgets a connection and releases its leases. It is noted as
+// gone first: an AcquireLease of it still under way then undoes its lease.
+func (s *Server) callerLeft(name string) {
+	s.mu.Lock()
+	delete(s.callers, name)
+	s.left.add(name, time.Now())
+	s.mu.Unlock()
+	if n := s.mgr.ReleaseOwner(name); n > 0 {
+		s.log.Info(fmt.Sprintf("released %d lease(s) of %s: it left the bus", n, name), journal.ActiveLeases, n)
+	}
+	if s.hooks.left != nil {
+		s.hooks.left(name)
+	}
+}
+
+// Bounds of the memory of departed connections. A departure matters to
+// an AcquireLease the bus delivered before it, which runs within
+// moments; one still running is never forgotten.
+const (
+	departedKeep = 5 * time.Minute
+	departedMax  = 16384
+)
+
+// departures remembers connections that have left the bus. Method calls
+// run beside the signal loop, so the departure of a caller can be handled
+// before its AcquireLease adds the lease; the lease is then undone.
+type departures struct {
+	at       map[string]time.Time
+	order    []string       // oldest first
+	acquires map[string]int // AcquireLease calls under way, by caller
+}
+
+func newDepartures() departures {
+	return departures{at: map[string]time.Time{}, acquires: map[string]int{}}
+}
+
+func (d *departures) add(name string, now time.Time) {
+	if _, ok := d.at[name]; ok {
+		return
+	}
+	d.at[name] = now
+	d.order = append(d.order, name)
+	var kept []string
+	for len(d.order) > 0 {
+		old := d.order[0]
+		if len(d.at) <= departedMax && now.Sub(d.at[old]) < departedKeep {
+			break
+		}
+		d.order = d.order[1:]
+		if d.acquires[old] > 0 {
+			kept = append(kept, old)
+			continue
+		}
+		delete(d.at, old)
+	}
+	d.order = append(d.order, kept...)
+}
+
+// begin notes an AcquireLease of name under way; false if name has left.
+func (d *departures) begin(name string) bool {
+	if _, gone := d.at[name]; gone {
+		return false
+	}
+	d.acquires[name]++
+	return true
+}
+
+// end notes that an AcquireLease of name is done; true if name left
+// meanwhile.
+func (d *departures) end(name string) bool {
+	if d.acquires[name]--; d.acquires[name] <= 0 {
+		delete(d.acquires, name)
+	}
+	_, gone := d.at[name]
+	return gone
 }
 
 // caller is what the bus said of one connection.
@@ -255,7 +395,9 @@ func (s *Server) authorize(sender dbus.Sender, method string) *dbus.Error {
 	if !ok {
 		c = s.credentials(sender)
 		s.mu.Lock()
-		s.callers[string(sender)] = c
+		if _, gone := s.left.at[string(sender)]; !gone {
+			s.callers[string(sender)] = c
+		}
 		s.mu.Unlock()
 	}
 	switch {
@@ -274,7 +416,7 @@ func (s *Server) credentials(sender dbus.Sender) caller {
 	var creds map[string]dbus.Variant
 	err := s.conn.BusObject().Call("org.freedesktop.DBus.GetConnectionCredentials", 0, string(sender)).Store(&creds)
 	if err != nil {
-		return caller{err: "cannot tell who is calling: " + err.Error()}
+		return caller{err: safetext.Bound("cannot tell who is calling: " + err.Error())}
 	}
 	uid, ok := creds["UnixUserID"].Value().(uint32)
 	if !ok {
@@ -299,7 +441,7 @@ type PoolRef struct {
 func (m *managerObject) ListPools() ([]PoolRef, *dbus.Error) {
 	var out []PoolRef
 	for _, id := range m.s.mgr.IDs() {
-		out = append(out, PoolRef{id, PoolPath(id)})
+		out = append(out, PoolRef{safetext.Bound(id), PoolPath(id)})
 	}
 	return out, nil
 }
@@ -326,7 +468,7 @@ func (m *managerObject) Reload(sender dbus.Sender, pool, ref string, deadlineMS 
 		return "", err
 	}
 	model, err := m.s.mgr.Reload(m.s.ctx, pool, ref, time.Duration(deadlineMS)*time.Millisecond)
-	return model, toDBus(err)
+	return safetext.Bound(model), toDBus(err)
 }
 
 func (m *managerObject) Start(sender dbus.Sender, pool string) *dbus.Error {
@@ -347,8 +489,37 @@ func (m *managerObject) AcquireLease(sender dbus.Sender, pool string) (string, *
 	if err := m.check(sender, "AcquireLease", pool); err != nil {
 		return "", err
 	}
-	id, err := m.s.mgr.AcquireLease(pool, string(sender))
+	s, owner := m.s, string(sender)
+	if s.hooks.acquired != nil {
+		defer s.hooks.acquired(owner)
+	}
+	s.mu.Lock()
+	here := s.left.begin(owner)
+	s.mu.Unlock()
+	if !here {
+		return "", errCallerGone(owner)
+	}
+	if s.hooks.acquiring != nil {
+		s.hooks.acquiring(owner)
+	}
+	id, err := s.mgr.AcquireLease(pool, owner)
+	// Checked after the add: a departure noted before this point may have
+	// released the caller's leases before this one was there; one noted
+	// after it releases this one too.
+	s.mu.Lock()
+	gone := s.left.end(owner)
+	s.mu.Unlock()
+	if gone && err == nil {
+		if err := s.mgr.ReleaseLeaseAs(id, owner); err != nil && !errors.Is(err, supervisor.ErrNoSuchLease) {
+			s.log.Error("cannot undo the lease of a caller that left the bus", "LEASE", id, "SENDER", owner, journal.Error, err.Error())
+		}
+		return "", errCallerGone(owner)
+	}
 	return id, toDBus(err)
+}
+
+func errCallerGone(owner string) *dbus.Error {
+	return dbus.MakeFailedError(fmt.Errorf("%s left the bus: a lease is not kept for a connection that is gone", owner))
 }
 
 func (m *managerObject) ReleaseLease(sender dbus.Sender, id string) *dbus.Error {
