@@ -220,7 +220,7 @@ func (s *Server) publish(ctx context.Context, p *supervisor.Supervisor, path dbu
 		for k, v := range cur {
 			if !reflect.DeepEqual(v, last[k]) {
 				if err := setProp(props, k, v); err != nil {
-					s.log.Error("cannot set a pool property", journal.PoolID, snap.ID, "PROPERTY", k, journal.Error, err.Error())
+					s.log.Error("cannot set a pool property", journal.PoolID, snap.ID, journal.Property, k, journal.Error, err.Error())
 					continue
 				}
 				changed[k] = dbus.MakeVariant(v)
@@ -280,7 +280,7 @@ func (s *Server) watchCallers() error {
 					continue
 				}
 				if sig.Sender != busDriver || sig.Path != "/org/freedesktop/DBus" {
-					s.log.Warn("ignored a NameOwnerChanged that the bus did not send", "SENDER", safetext.Bound(sig.Sender))
+					s.log.Warn("ignored a NameOwnerChanged that the bus did not send", journal.Sender, safetext.Bound(sig.Sender))
 					continue
 				}
 				if name, ok := departed(sig); ok {
@@ -406,7 +406,7 @@ func (s *Server) authorize(sender dbus.Sender, method string) *dbus.Error {
 	case c.allowed:
 		return nil
 	}
-	s.log.Warn(fmt.Sprintf("access denied: %s by uid %d", method, c.uid), "CALLER_UID", c.uid, "METHOD", method, "SENDER", string(sender))
+	s.log.Warn(fmt.Sprintf("access denied: %s by uid %d", method, c.uid), journal.CallerUID, c.uid, journal.Method, method, journal.Sender, string(sender))
 	return dbus.NewError("org.freedesktop.DBus.Error.AccessDenied",
 		[]any{fmt.Sprintf("%s is for root and the admin group; uid %d is neither", method, c.uid)})
 }
@@ -511,7 +511,7 @@ func (m *managerObject) AcquireLease(sender dbus.Sender, pool string) (string, *
 	s.mu.Unlock()
 	if gone && err == nil {
 		if err := s.mgr.ReleaseLeaseAs(id, owner); err != nil && !errors.Is(err, supervisor.ErrNoSuchLease) {
-			s.log.Error("cannot undo the lease of a caller that left the bus", "LEASE", id, "SENDER", owner, journal.Error, err.Error())
+			s.log.Error("cannot undo the lease of a caller that left the bus", journal.Lease, id, journal.Sender, owner, journal.Error, err.Error())
 		}
 		return "", errCallerGone(owner)
 	}

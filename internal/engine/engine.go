@@ -231,6 +231,17 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 			return abort(err)
 		}
 		_, err = r.conn.StartTransientUnitContext(ctx, name, "fail", props, done)
+		// A stopped scope stays loaded until systemd's next garbage
+		// collection (a failed one until its failure is reset).
+		for wait := 5 * time.Millisecond; isDBusError(err, "org.freedesktop.systemd1.UnitExists") && wait < 2*time.Second; wait *= 2 {
+			r.conn.ResetFailedUnitContext(ctx, name)
+			select {
+			case <-time.After(wait):
+			case <-ctx.Done():
+				return abort(ctx.Err())
+			}
+			_, err = r.conn.StartTransientUnitContext(ctx, name, "fail", props, done)
+		}
 	}
 	if err != nil {
 		return abort(fmt.Errorf("creating %s: %w", name, err))

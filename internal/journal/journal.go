@@ -37,6 +37,12 @@ const (
 	// Error carries an error's text beside a fixed message.
 	Error          = "ERROR"
 	MessageIDField = "MESSAGE_ID"
+	// Bus callers and objects.
+	Sender    = "SENDER"
+	CallerUID = "CALLER_UID"
+	Method    = "METHOD"
+	Lease     = "LEASE"
+	Property  = "PROPERTY"
 )
 
 // Levels beyond slog's own, mapped to syslog priorities by slog-journal.

@@ -622,10 +622,11 @@ func (s *Supervisor) launch(candidate bool) error {
 // it came is written again.
 func (s *Supervisor) versionKnown(v string, err error) {
 	if err != nil {
-		s.log.Warn("VersionCommand: "+err.Error(), journal.PoolID, s.cfg.Pool)
+		s.log.Warn("VersionCommand failed", journal.PoolID, s.cfg.Pool, journal.Error, safetext.Bound(err.Error()))
 		return
 	}
-	if v == s.snap.EngineVersion {
+	// A version command's output is the engine's text.
+	if v = safetext.Bound(v); v == s.snap.EngineVersion {
 		return
 	}
 	s.update(func(p *Snapshot) { p.EngineVersion = v })
