@@ -259,3 +259,46 @@ BackoffInitialSec=0.2
 	out, err := call("ListPools")
 	require.NoError(t, err, "the daemon is still on the bus: %s", out)
 }
+
+// An admin's Reload reaches only the model directories: not a file
+// elsewhere, not through a symlink, and the file refused is untouched;
+// ModelDirs= opens another directory.
+func TestReloadRefsStayWithinTheModelDirectories(t *testing.T) {
+	dir, _ := daemon(t)
+	waitProp(t, "llama-8b", "Ready", "b true")
+	outside := filepath.Join(dir, "outside")
+	require.NoError(t, os.MkdirAll(outside, 0o755))
+	secret := filepath.Join(outside, "secret.gguf")
+	require.NoError(t, os.WriteFile(secret, []byte("GGUF\x03\x00\x00\x00 not for the bus"), 0o640))
+	require.NoError(t, os.Symlink(secret, filepath.Join(dir, "models", "link.gguf")))
+
+	admin, err := dbus.ConnectSystemBus()
+	require.NoError(t, err)
+	defer admin.Close()
+	obj := admin.Object("org.llorch.PoolManager1", mgr)
+	for _, ref := range []string{secret, "file://" + secret, "link.gguf", "../outside/secret.gguf"} {
+		err := obj.Call(bus.ManagerIface+".Reload", 0, "llama-8b", ref, uint64(1000)).Err
+		var de dbus.Error
+		require.ErrorAs(t, err, &de, ref)
+		assert.Equal(t, bus.ErrorPrefix+"InvalidArgument", de.Name, ref)
+	}
+	out, _ := call("Reload", "sst", "llama-8b", secret, "1000")
+	assert.Contains(t, out, "not beneath an allowed model directory")
+	assert.Equal(t, `s "a.gguf"`, getProp(t, "llama-8b", "Model"), "a refused ref changes nothing")
+	st, err := os.Stat(secret)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o640), st.Mode().Perm(), "the refused file's mode is untouched")
+	staged, _ := filepath.Glob(filepath.Join(dir, "state", "staged", "*", "secret.gguf"))
+	assert.Empty(t, staged, "nothing of it was staged")
+
+	// The operator names the directory: now it is a model directory.
+	require.NoError(t, os.Chmod(secret, 0o644))
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "pool-managerd.conf.d"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf.d", "models.conf"),
+		[]byte("[Manager]\nModelDirs="+outside+"\n"), 0o644))
+	sh(t, "systemctl", "restart", "pool-managerd.service")
+	waitProp(t, "llama-8b", "Ready", "b true")
+	out, err = call("Reload", "sst", "llama-8b", secret, "1000")
+	require.NoError(t, err, out)
+	assert.Equal(t, `s "`+secret+`"`, getProp(t, "llama-8b", "Model"))
+}
