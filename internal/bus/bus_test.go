@@ -1,6 +1,7 @@
 package bus_test
 
 import (
+	"context"
 	"encoding/json"
 	"encoding/xml"
 	"fmt"
@@ -45,8 +46,13 @@ func TestMain(m *testing.M) {
 
 func sh(t *testing.T, name string, args ...string) string {
 	t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
-	require.NoError(t, err, "%s %v: %s", name, args, out)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+	if err != nil {
+		journal, _ := exec.Command("journalctl", "-u", "pool-managerd.service", "-n", "60", "--no-pager").CombinedOutput()
+		require.NoError(t, err, "%s %v: %s\nthe daemon's journal:\n%s", name, args, out, journal)
+	}
 	return strings.TrimSpace(string(out))
 }
 

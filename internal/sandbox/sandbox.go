@@ -74,6 +74,11 @@ mount --rbind /sys $R/root/sys
 mount -t proc proc $R/root/proc
 mount -t tmpfs tmpfs $R/root/run; mount -t tmpfs tmpfs $R/root/tmp
 %[3]s
+# A cgroup of its own: systemd takes the one it starts in as its root, and
+# sandboxes side by side must not share /system.slice and its units.
+for h in /sys/fs/cgroup/systemd /sys/fs/cgroup/unified /sys/fs/cgroup; do
+  if [ -e $h/cgroup.procs ]; then mkdir -p $h/%[4]s && echo 0 > $h/%[4]s/cgroup.procs; fi
+done
 cd $R/root && exec chroot . env container=%[4]s /lib/systemd/systemd --system --unit=basic.target --log-target=journal
 `
 
@@ -203,12 +208,32 @@ func (s *Sandbox) Close() error {
 		<-s.done
 	}
 	os.Remove(s.dir + ".pid")
+	removeCgroups(s.Tag)
 	// The tmpfs and overlay lived in the namespace's mount table only:
 	// what is left is an empty directory.
 	if err := os.Remove(s.dir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("sandbox: %w", err)
 	}
 	return nil
+}
+
+// removeCgroups removes what is left of the sandbox's cgroups in every
+// hierarchy, deepest first (a cgroup directory goes only by rmdir).
+func removeCgroups(tag string) {
+	tops, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", tag))
+	tops = append(tops, filepath.Join("/sys/fs/cgroup", tag))
+	for _, top := range tops {
+		var dirs []string
+		filepath.WalkDir(top, func(p string, d os.DirEntry, err error) error {
+			if err == nil && d.IsDir() {
+				dirs = append(dirs, p)
+			}
+			return nil
+		})
+		for i := len(dirs) - 1; i >= 0; i-- {
+			syscall.Rmdir(dirs[i])
+		}
+	}
 }
 
 func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }

@@ -2,7 +2,9 @@ package sandbox
 
 import (
 	"context"
+	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -56,6 +58,19 @@ func TestBootRunTeardown(t *testing.T) {
 	passwd, _ := os.ReadFile("/etc/passwd")
 	assert.NotContains(t, string(passwd), "sbprobe")
 
+	// Its units live under a cgroup of its own, not the host's
+	// /system.slice that a sandbox beside it would share.
+	cg, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", s.PID))
+	require.NoError(t, err)
+	assert.Contains(t, string(cg), "/"+s.Tag+"/init.scope")
+	_, err = s.Run(ctx, "systemd-run", "--unit=sbprobe.service", "sleep", "60")
+	require.NoError(t, err)
+	out, err = s.Run(ctx, "systemctl", "show", "-p", "ControlGroup", "--value", "sbprobe.service")
+	require.NoError(t, err)
+	assert.Equal(t, "/"+s.Tag+"/system.slice/sbprobe.service", strings.TrimSpace(out))
+	probes, _ := filepath.Glob("/sys/fs/cgroup/*/" + s.Tag + "/system.slice/sbprobe.service")
+	assert.NotEmpty(t, probes, "on the host it is below the sandbox's cgroup")
+
 	pid := s.PID
 	require.NoError(t, s.Close())
 	closed = true
@@ -64,4 +79,6 @@ func TestBootRunTeardown(t *testing.T) {
 	assert.True(t, os.IsNotExist(err), "the sandbox directory is gone")
 	mounts, _ := os.ReadFile("/proc/self/mountinfo")
 	assert.NotContains(t, string(mounts), s.Tag)
+	left, _ := filepath.Glob("/sys/fs/cgroup/*/" + s.Tag)
+	assert.Empty(t, left, "no cgroup of it is left")
 }
