@@ -76,8 +76,12 @@ mount -t tmpfs tmpfs $R/root/run; mount -t tmpfs tmpfs $R/root/tmp
 %[3]s
 # A cgroup of its own: systemd takes the one it starts in as its root, and
 # sandboxes side by side must not share /system.slice and its units.
-for h in /sys/fs/cgroup/systemd /sys/fs/cgroup/unified /sys/fs/cgroup; do
-  if [ -e $h/cgroup.procs ]; then mkdir -p $h/%[4]s && echo 0 > $h/%[4]s/cgroup.procs; fi
+# Every hierarchy: systemd uses a v1 controller only where its root exists.
+for h in /sys/fs/cgroup /sys/fs/cgroup/*; do
+  [ -e $h/cgroup.procs ] && [ ! -L $h ] || continue
+  mkdir -p $h/%[4]s || continue
+  for f in cpuset.cpus cpuset.mems; do [ ! -e $h/$f ] || cat $h/$f > $h/%[4]s/$f || true; done
+  echo 0 > $h/%[4]s/cgroup.procs || true
 done
 cd $R/root && exec chroot . env container=%[4]s /lib/systemd/systemd --system --unit=basic.target --log-target=journal
 `
