@@ -2,9 +2,9 @@ package bus
 
 import (
 	"fmt"
-	"strings"
 	"unicode/utf8"
 
+	sddbus "github.com/coreos/go-systemd/v22/dbus"
 	"github.com/godbus/dbus/v5"
 )
 
@@ -18,49 +18,12 @@ const (
 	ErrorPrefix  = "org.llorch.PoolManager1.Error."
 )
 
-// PathEncode escapes s into one object path element the way systemd's
-// sd_bus_path_encode does: [A-Za-z0-9] stay, every other byte is _xx
-// (lower-case hex), and the empty string is "_".
-func PathEncode(s string) string {
-	if s == "" {
-		return "_"
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' {
-			b.WriteByte(c)
-		} else {
-			fmt.Fprintf(&b, "_%02x", c)
-		}
-	}
-	return b.String()
-}
-
-// PathDecode reverses PathEncode.
-func PathDecode(e string) (string, error) {
-	if e == "_" {
-		return "", nil
-	}
-	var b strings.Builder
-	for i := 0; i < len(e); i++ {
-		c := e[i]
-		if c != '_' {
-			b.WriteByte(c)
-			continue
-		}
-		if i+2 >= len(e) {
-			return "", fmt.Errorf("bad escape in %q", e)
-		}
-		var v byte
-		if _, err := fmt.Sscanf(e[i+1:i+3], "%02x", &v); err != nil {
-			return "", fmt.Errorf("bad escape in %q", e)
-		}
-		b.WriteByte(v)
-		i += 2
-	}
-	return b.String(), nil
-}
+// PathEncode escapes s into one object path element as systemd's
+// sd_bus_path_encode does: [A-Za-z0-9] stay except a leading digit, every
+// other byte is _xx, and the empty string is "_". go-systemd agrees with
+// systemd on every byte a pool id or unit name may hold (it writes bytes
+// below 0x10 with one hex digit, which neither may contain).
+func PathEncode(s string) string { return sddbus.PathBusEscape(s) }
 
 // PoolPath is the object path of a pool.
 func PoolPath(id string) dbus.ObjectPath {

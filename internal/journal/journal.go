@@ -34,6 +34,9 @@ const (
 	BreakerClass     = "BREAKER_CLASS"
 	RestartsInWindow = "RESTARTS_IN_WINDOW"
 	Hint             = "HINT"
+	// FailureStreak is the run of crashes the backoff counts; it starts
+	// over after a stable run, unlike CRASH_COUNT.
+	FailureStreak = "FAILURE_STREAK"
 	// Error carries an error's text beside a fixed message.
 	Error          = "ERROR"
 	MessageIDField = "MESSAGE_ID"

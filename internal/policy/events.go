@@ -39,6 +39,7 @@ func (e Crashed) Attrs() []slog.Attr {
 	return []slog.Attr{
 		slog.String(journal.CrashReason, string(e.Reason)),
 		slog.Uint64(journal.CrashCount, e.CrashCount),
+		slog.Int(journal.FailureStreak, e.Streak),
 	}
 }
 
@@ -49,6 +50,8 @@ type RestartScheduled struct {
 	At           time.Time
 	CrashCount   uint64
 	RestartCount uint64
+	// Streak is the run of crashes the backoff counts.
+	Streak int
 }
 
 func (RestartScheduled) MessageID() journal.MessageID { return journal.MsgRestartScheduled }
@@ -63,6 +66,7 @@ func (e RestartScheduled) Attrs() []slog.Attr {
 		slog.String(journal.NextRestartAt, at(e.At)),
 		slog.Uint64(journal.CrashCount, e.CrashCount),
 		slog.Uint64(journal.RestartCount, e.RestartCount),
+		slog.Int(journal.FailureStreak, e.Streak),
 	}
 }
 
@@ -103,8 +107,17 @@ func (e BreakerChanged) Level() slog.Level {
 	return slog.LevelInfo
 }
 func (e BreakerChanged) Message() string {
-	return fmt.Sprintf("%s circuit breaker %s -> %s after %d consecutive failures", e.Class, e.From, e.To, e.Failures)
+	m := fmt.Sprintf("%s circuit breaker %s -> %s after %d consecutive failures", e.Class, e.From, e.To, e.Failures)
+	if e.To == breaker.Open {
+		k := storm.KindOf(e.Class)
+		m += fmt.Sprintf(" (%s): %s", k, k.Hint())
+	}
+	return m
 }
+
+// Attrs name, when a breaker opens, the kind of storm its class of
+// failures makes and what to do: with the default settings a class's
+// breaker opens before the storm limit is reached.
 func (e BreakerChanged) Attrs() []slog.Attr {
 	a := []slog.Attr{
 		slog.String(journal.BreakerClass, string(e.Class)),
@@ -115,11 +128,17 @@ func (e BreakerChanged) Attrs() []slog.Attr {
 	if !e.Until.IsZero() {
 		a = append(a, slog.String(journal.NextRestartAt, at(e.Until)))
 	}
+	if e.To == breaker.Open {
+		k := storm.KindOf(e.Class)
+		a = append(a, slog.String(journal.StormKind, string(k)), slog.String(journal.Hint, k.Hint()))
+	}
 	return a
 }
 
 // StormWarning: the restart window is filling past half.
 type StormWarning struct {
+	// Kind is what the storm would be if it reached the limit now.
+	Kind         storm.Kind
 	InWindow     int
 	Max          int
 	Window       time.Duration
@@ -129,13 +148,15 @@ type StormWarning struct {
 func (StormWarning) MessageID() journal.MessageID { return journal.MsgStormWarning }
 func (StormWarning) Level() slog.Level            { return slog.LevelWarn }
 func (e StormWarning) Message() string {
-	return fmt.Sprintf("restart rate high: %d restarts in %s (limit %d)", e.InWindow, e.Window, e.Max)
+	return fmt.Sprintf("restart rate high (%s): %d restarts in %s (limit %d): %s", e.Kind, e.InWindow, e.Window, e.Max, e.Kind.Hint())
 }
 func (e StormWarning) Attrs() []slog.Attr {
 	return []slog.Attr{
+		slog.String(journal.StormKind, string(e.Kind)),
 		slog.Uint64(journal.RestartCount, e.RestartCount),
 		slog.Int(journal.RestartsInWindow, e.InWindow),
 		slog.Int64(journal.TimeWindowSec, int64(e.Window/time.Second)),
+		slog.String(journal.Hint, e.Kind.Hint()),
 	}
 }
 

@@ -71,7 +71,8 @@ func (t *Tracker) Crash(now time.Time, reason crash.Reason) Decision {
 		ev = append(ev, StormDetected{Kind: kind, InWindow: n, Window: t.p.Storm.Window, RestartCount: t.restarts})
 		ev = t.transitions(ev, t.breakers.Trip(now, class))
 	} else if n+1 > t.p.Storm.WarnAt() {
-		ev = append(ev, StormWarning{InWindow: n + 1, Max: t.p.Storm.Max, Window: t.p.Storm.Window, RestartCount: t.restarts})
+		kind, _ := storm.Classify(append(t.window.Reasons(due), reason))
+		ev = append(ev, StormWarning{Kind: kind, InWindow: n + 1, Max: t.p.Storm.Max, Window: t.p.Storm.Window, RestartCount: t.restarts})
 	}
 
 	if t.breakers.State() == breaker.Open {
@@ -82,7 +83,7 @@ func (t *Tracker) Crash(now time.Time, reason crash.Reason) Decision {
 		ev = append(ev, RestartHeld{Reason: reason, RetryAt: retry})
 		return Decision{Held: true, At: retry, Events: ev}
 	}
-	ev = append(ev, RestartScheduled{Reason: reason, Delay: delay, At: due, CrashCount: t.crashes, RestartCount: t.restarts})
+	ev = append(ev, RestartScheduled{Reason: reason, Delay: delay, At: due, CrashCount: t.crashes, RestartCount: t.restarts, Streak: t.streak})
 	return Decision{At: due, Delay: delay, Events: ev}
 }
 
@@ -198,11 +199,16 @@ func (t *Tracker) Stopped(now time.Time) []Event {
 func (t *Tracker) Tick(now time.Time) []Event { return t.settle(now) }
 
 // ResetBreaker closes every breaker, zeroes their failure counts and starts
-// the backoff over. Crash and restart counts are history and stay.
+// the backoff over. Crash and restart counts are history and stay, and so
+// does the storm window: a restart held by the storm limit is let through
+// once, and a storm that goes on is caught again.
 func (t *Tracker) ResetBreaker(now time.Time) []Event {
 	ev := t.settle(now)
 	ev = t.transitions(ev, t.breakers.Reset(now))
 	t.streak = 0
+	if t.waiting && t.window.Count(now) >= t.p.Storm.Max {
+		t.override = true
+	}
 	return append(ev, OperatorOverride{Action: "ResetBreaker", CrashCount: t.crashes, RestartCount: t.restarts})
 }
 
@@ -228,6 +234,7 @@ func (t *Tracker) transitions(ev []Event, tr []breaker.Transition) []Event {
 }
 
 func (t *Tracker) settle(now time.Time) []Event {
+	t.window.Prune(now)
 	ev := t.transitions(nil, t.breakers.Settle(now, t.healthySince))
 	if t.healthySince.IsZero() {
 		return ev
@@ -245,13 +252,17 @@ func (t *Tracker) settle(now time.Time) []Event {
 }
 
 // NextTick is the earliest time after which Tick would change something,
-// or zero if only a new event can.
+// or zero if only a new event can. A restart leaving the storm window is
+// such a change: the restart rate falls.
 func (t *Tracker) NextTick() time.Time {
 	next := t.breakers.NextChange(t.healthySince)
 	earlier := func(u time.Time) {
 		if next.IsZero() || u.Before(next) {
 			next = u
 		}
+	}
+	if u := t.window.NextExit(); !u.IsZero() {
+		earlier(u)
 	}
 	if !t.healthySince.IsZero() {
 		if t.streak > 0 {

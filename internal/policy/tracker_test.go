@@ -12,6 +12,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/breaker"
 	"github.com/llorch/pool-managerd/internal/crash"
+	"github.com/llorch/pool-managerd/internal/storm"
 )
 
 var t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
@@ -81,8 +82,11 @@ func TestNextTick(t *testing.T) {
 	require.NoError(t, err)
 	up := d.At.Add(5 * time.Second)
 	tr.Healthy(up)
-	// The breaker's count clears after 60 s, the backoff after 300 s, the
+	// The restart leaves the storm window after 60 s, the breaker's count
+	// clears 60 s after the engine is up, the backoff after 300 s, the
 	// restart count after 600 s: each is a tick.
+	assert.Equal(t, d.At.Add(60*time.Second), tr.NextTick())
+	tr.Tick(d.At.Add(60 * time.Second))
 	assert.Equal(t, up.Add(60*time.Second), tr.NextTick())
 	tr.Tick(up.Add(60 * time.Second))
 	assert.Equal(t, up.Add(300*time.Second), tr.NextTick())
@@ -163,7 +167,19 @@ func TestSaveRestoreKeepsBreakerAndCounters(t *testing.T) {
 	_, err = fresh.Restart(now)
 	var r *Refusal
 	require.ErrorAs(t, err, &r, "a daemon restart is no way around the breaker")
-	fresh.Tick(tr.NextTick())
+	// Both see time pass alike; the breaker turns half-open at the same
+	// moment in each.
+	for range 20 {
+		next := tr.NextTick()
+		require.False(t, next.IsZero())
+		require.Equal(t, next, fresh.NextTick())
+		tr.Tick(next)
+		fresh.Tick(next)
+		if tr.Status(next).Breaker != breaker.Open {
+			break
+		}
+	}
+	assert.Equal(t, breaker.HalfOpen, tr.Status(tr.NextTick()).Breaker)
 	assert.Equal(t, breaker.HalfOpen, fresh.Status(tr.NextTick()).Breaker, "the open time runs on across the restart")
 }
 
@@ -256,4 +272,44 @@ func TestStateCheckRefusesImpossibleValues(t *testing.T) {
 			assert.Error(t, st.Check())
 		})
 	}
+}
+
+// The restart rate falls as each restart leaves the storm window, with no
+// other event: NextTick wakes the owner for it, and Tick brings the rate
+// down.
+func TestNextTickIncludesRestartLeavingStormWindow(t *testing.T) {
+	p := Defaults()
+	p.Storm.Window = 10 * time.Second
+	tr := New(p, half)
+	d := tr.Crash(t0, crash.ExitCode)
+	first := d.At
+	_, err := tr.Restart(first)
+	require.NoError(t, err)
+	d = tr.Crash(first.Add(2*time.Second), crash.ExitCode)
+	second := d.At
+	_, err = tr.Restart(second)
+	require.NoError(t, err)
+	up := second.Add(time.Second)
+	tr.Healthy(up)
+	require.Equal(t, 2, tr.Status(up).RestartRate)
+
+	assert.Equal(t, first.Add(10*time.Second), tr.NextTick(), "the first restart leaves the window")
+	tr.Tick(tr.NextTick())
+	assert.Equal(t, 1, tr.Status(first.Add(10*time.Second)).RestartRate)
+	assert.Equal(t, second.Add(10*time.Second), tr.NextTick(), "then the second")
+	tr.Tick(tr.NextTick())
+	assert.Equal(t, 0, tr.Status(second.Add(10*time.Second)).RestartRate)
+	assert.Equal(t, up.Add(60*time.Second), tr.NextTick(), "then the breaker's stable period")
+
+	// Restarts restored from disk long after they left the window do not
+	// make the owner tick over and over: one tick forgets them.
+	restored := New(p, half)
+	saved := tr.Save()
+	saved.Restarts = []storm.Restart{{At: first, Reason: crash.ExitCode}, {At: second, Reason: crash.ExitCode}}
+	restored.Restore(saved)
+	later := second.Add(time.Hour)
+	restored.Tick(later)
+	next := restored.NextTick()
+	assert.True(t, next.IsZero() || next.After(later), "next tick %s is after %s", next, later)
+	assert.Equal(t, 0, restored.Status(later).RestartRate)
 }

@@ -77,6 +77,19 @@ func (w *Window) Count(now time.Time) int {
 	return n
 }
 
+// Prune forgets the restarts that have left the window at now.
+func (w *Window) Prune(now time.Time) { w.prune(now) }
+
+// NextExit is when the oldest restart kept leaves the window (zero if none
+// is kept): the restart count falls then with nothing else happening.
+// Call it after Prune or Add at the current time.
+func (w *Window) NextExit() time.Time {
+	if len(w.restarts) == 0 {
+		return time.Time{}
+	}
+	return w.restarts[0].at.Add(w.p.Window)
+}
+
 // AllowedAt is the earliest time not before t at which one more restart
 // fits in the window.
 func (w *Window) AllowedAt(t time.Time) time.Time {
@@ -110,6 +123,15 @@ var kindOf = map[crash.Class]Kind{
 	crash.ClassHealth:  HealthStorm,
 	crash.ClassCUDA:    CUDAStorm,
 	crash.ClassStart:   StartStorm,
+}
+
+// KindOf is the kind of storm that failures of one class make
+// (MixedStorm for the general class).
+func KindOf(c crash.Class) Kind {
+	if k, ok := kindOf[c]; ok {
+		return k
+	}
+	return MixedStorm
 }
 
 // Classify names a storm by the class that caused more than half of its

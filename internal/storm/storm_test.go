@@ -52,3 +52,30 @@ func TestWarnAt(t *testing.T) {
 	assert.Equal(t, 5, Defaults().WarnAt())
 	assert.Equal(t, 0, Params{Max: 1}.WarnAt())
 }
+
+// The count falls when the oldest restart leaves the window: NextExit says
+// when, and after Prune at that moment the next one.
+func TestNextExitIsWhenTheOldestRestartLeaves(t *testing.T) {
+	w := NewWindow(Params{Max: 3, Window: 10 * time.Second})
+	assert.True(t, w.NextExit().IsZero(), "nothing to leave")
+	w.Add(sec(0), crash.ExitCode)
+	w.Add(sec(4), crash.ExitCode)
+	assert.Equal(t, sec(10), w.NextExit())
+	w.Prune(sec(10))
+	assert.Equal(t, 1, w.Count(sec(10)))
+	assert.Equal(t, sec(14), w.NextExit())
+	w.Prune(sec(14))
+	assert.True(t, w.NextExit().IsZero())
+}
+
+func TestKindOfEveryClass(t *testing.T) {
+	for c, k := range map[crash.Class]Kind{
+		crash.ClassProcess: ProcessStorm, crash.ClassOOM: OOMStorm, crash.ClassHealth: HealthStorm,
+		crash.ClassCUDA: CUDAStorm, crash.ClassStart: StartStorm, crash.ClassGeneral: MixedStorm,
+	} {
+		assert.Equal(t, k, KindOf(c), c)
+	}
+	for _, c := range crash.Classes {
+		assert.NotEqual(t, MixedStorm, KindOf(c), "every class has its own kind: %s", c)
+	}
+}

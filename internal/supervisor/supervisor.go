@@ -93,7 +93,10 @@ type Snapshot struct {
 	LastReason   crash.Reason
 	CrashCount   uint64
 	RestartCount uint64
-	BreakerState string
+	// FailureStreak is the run of crashes the backoff counts; unlike
+	// CrashCount it starts over after a stable run or ResetBreaker.
+	FailureStreak int
+	BreakerState  string
 	// NextRestart is when a pending restart is due (zero if none).
 	NextRestart time.Time
 	Unit        string
@@ -222,6 +225,8 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 // Run is the pool's owner loop; it returns when ctx ends, leaving the
 // engine running (engines outlive the daemon).
 func (s *Supervisor) Run(ctx context.Context) {
+	// A restored policy state has its gauges and next tick too.
+	s.emit(nil)
 	for {
 		select {
 		case <-ctx.Done():
@@ -304,7 +309,7 @@ func (s *Supervisor) Wait(ctx context.Context, cond func(Snapshot) bool) (Snapsh
 
 func (s *Supervisor) refresh(p *Snapshot) {
 	st := s.tracker.Status(time.Now())
-	p.CrashCount, p.RestartCount = st.CrashCount, st.RestartCount
+	p.CrashCount, p.RestartCount, p.FailureStreak = st.CrashCount, st.RestartCount, st.Streak
 	p.BreakerState = st.Breaker.String()
 	p.ActiveLeases = uint32(len(s.leases))
 	p.Draining = s.drain != nil
@@ -918,6 +923,7 @@ func (s *Supervisor) crashed(reason crash.Reason, msg string, x *engine.Exit, up
 	attrs := []any{
 		journal.MessageIDField, string(journal.MsgCrash), journal.PoolID, s.cfg.Pool,
 		journal.CrashReason, string(reason), journal.CrashCount, st.CrashCount, journal.RestartCount, st.RestartCount,
+		journal.FailureStreak, st.Streak,
 		journal.EngineVersion, s.snap.EngineVersion, journal.Model, s.snap.Model, journal.DeviceMask, s.cfg.DeviceMask,
 	}
 	if x != nil && !x.Lost {
