@@ -31,6 +31,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/metrics"
 	"github.com/llorch/pool-managerd/internal/model"
 	"github.com/llorch/pool-managerd/internal/supervisor"
+	"github.com/llorch/pool-managerd/internal/witness"
 )
 
 // logger writes to the journal natively when stderr is a journal stream
@@ -101,6 +102,20 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 		return 1
 	}
 	defer rt.Close()
+	// systemd is the second witness of every exit; without it the shim's
+	// word stands alone.
+	if w, err := witness.New(ctx); err != nil {
+		log.Error("systemd is no witness of engine exits", journal.Error, err.Error())
+	} else {
+		rt.Witness = w
+		defer w.Close()
+		go func() {
+			<-w.Done()
+			if ctx.Err() == nil {
+				log.Error("systemd is no witness of engine exits any more", journal.Error, fmt.Sprint(w.Err()))
+			}
+		}()
+	}
 	reg := prometheus.NewRegistry()
 	// go_goroutines, process_open_fds, process_resident_memory_bytes: what
 	// a leak shows in first.

@@ -25,6 +25,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/shim"
+	"github.com/llorch/pool-managerd/internal/witness"
 )
 
 // Slice holds every engine scope.
@@ -74,7 +75,10 @@ type Exit struct {
 	Lost bool
 	// LostWhy says which: LostVanished, or why a report was refused.
 	LostWhy string
-	At      time.Time
+	// ShimSignal is the signal that killed a vanished shim, where the
+	// daemon reaped it (0: not known).
+	ShimSignal syscall.Signal
+	At         time.Time
 }
 
 // LostVanished is Exit.LostWhy when the shim's stream ended with no exit.
@@ -89,6 +93,9 @@ type Engine struct {
 	// Note is Spec.Note of the start.
 	Note   []byte
 	events chan Event
+	// shimEnded waits a moment for the shim the daemon started to be
+	// reaped and says how it ended (nil for an adopted engine).
+	shimEnded func(wait time.Duration) (syscall.WaitStatus, bool)
 }
 
 // Events delivers the engine's faults and, last, its exit; then it closes.
@@ -96,7 +103,10 @@ func (e *Engine) Events() <-chan Event { return e.events }
 
 // Runtime starts and stops engines through systemd.
 type Runtime struct {
-	conn *sddbus.Conn
+	// Witness, when set, is told of every stop the daemon makes, so that
+	// systemd's report of it is not taken for an operator's.
+	Witness *witness.Witness
+	conn    *sddbus.Conn
 	// shim is the command re-executed as the shim (the daemon binary).
 	shim []string
 }
@@ -207,7 +217,14 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 		return nil, fmt.Errorf("starting the shim: %w", err)
 	}
 	reaped := make(chan struct{})
-	go func() { cmd.Wait(); close(reaped) }()
+	var shimStatus syscall.WaitStatus
+	go func() {
+		cmd.Wait()
+		if cmd.ProcessState != nil {
+			shimStatus, _ = cmd.ProcessState.Sys().(syscall.WaitStatus)
+		}
+		close(reaped)
+	}()
 	abort := func(err error) (*Engine, error) {
 		cmd.Process.Kill()
 		goW.Close()
@@ -278,6 +295,14 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 		return nil, fmt.Errorf("starting engine of pool %s: %w", s.Pool, err)
 	}
 	e := &Engine{Unit: name, PID: first.PID, ShimPID: cmd.Process.Pid, Started: time.Now(), Note: first.Note, events: make(chan Event, 4)}
+	e.shimEnded = func(wait time.Duration) (syscall.WaitStatus, bool) {
+		select {
+		case <-reaped:
+			return shimStatus, true
+		case <-time.After(wait):
+			return 0, false
+		}
+	}
 	go e.forward(rd, stR)
 	return e, nil
 }
@@ -296,7 +321,15 @@ func (e *Engine) forward(rd *shim.Reader, c io.Closer) {
 		var bad *shim.ReportError
 		switch {
 		case err == io.EOF:
-			lost(LostVanished)
+			x := &Exit{Lost: true, LostWhy: LostVanished, At: time.Now()}
+			// The shim died without a word: killed with its scope
+			// (systemctl kill) or alone. Its own end names the signal.
+			if e.shimEnded != nil {
+				if ws, ok := e.shimEnded(100 * time.Millisecond); ok && ws.Signaled() {
+					x.ShimSignal = ws.Signal()
+				}
+			}
+			e.events <- Event{Exit: x}
 			return
 		case errors.As(err, &bad):
 			lost(bad.Why)
@@ -359,7 +392,12 @@ func (r *Runtime) Stop(ctx context.Context, pool string) error {
 
 func (r *Runtime) stopUnit(ctx context.Context, name string) error {
 	done := make(chan string, 1)
-	if _, err := r.conn.StopUnitContext(ctx, name, "replace", done); err != nil {
+	mark := r.Witness.ExpectStop(name)
+	id, err := r.conn.StopUnitContext(ctx, name, "replace", done)
+	if err == nil {
+		mark.Job(uint32(id))
+	} else {
+		mark.Cancel()
 		if isDBusError(err, "org.freedesktop.systemd1.NoSuchUnit") {
 			return nil
 		}

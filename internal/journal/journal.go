@@ -46,6 +46,8 @@ const (
 	Method    = "METHOD"
 	Lease     = "LEASE"
 	Property  = "PROPERTY"
+	// Unit is a systemd unit (an engine's scope).
+	Unit = "UNIT"
 )
 
 // Levels beyond slog's own, mapped to syslog priorities by slog-journal.

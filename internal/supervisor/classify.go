@@ -44,6 +44,8 @@ func describe(reason crash.Reason, r *run, x *engine.Exit) string {
 	ws := x.Status
 	how := ""
 	switch {
+	case x.Lost && x.ShimSignal != 0:
+		how = "the engine's whole scope was killed (its shim too, by " + signalName(x.ShimSignal) + ")"
 	case x.Lost && x.LostWhy == "":
 		how = "engine's shim lost: its scope is stopped"
 	case x.Lost:

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/witness"
 )
 
 // Drain outcomes.
@@ -67,6 +68,9 @@ func (s *Supervisor) beginDrain(deadline time.Duration, ch chan DrainResult) err
 	}
 	if s.reload != nil {
 		return fmt.Errorf("pool %s is being reloaded: %w", s.cfg.Pool, ErrBusy)
+	}
+	if s.pending != nil {
+		s.settleExit(witness.NoCause)
 	}
 	now := time.Now()
 	// No restart sneaks in during or after a drain.

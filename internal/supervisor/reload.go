@@ -69,7 +69,7 @@ func (s *Supervisor) Reload(ctx context.Context, ref string, drainDeadline time.
 			return fmt.Errorf("pool %s is already being reloaded: %w", s.cfg.Pool, ErrBusy)
 		case s.drain != nil:
 			return fmt.Errorf("pool %s is draining: %w", s.cfg.Pool, ErrBusy)
-		case s.snap.State == Backoff || s.snap.State == Starting:
+		case s.snap.State == Backoff || s.snap.State == Starting || s.pending != nil:
 			return fmt.Errorf("pool %s is restarting (%s): %w", s.cfg.Pool, s.snap.State, ErrBusy)
 		case s.run != nil && s.run.healthy && s.current.Digest == digest:
 			same = true

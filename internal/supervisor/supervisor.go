@@ -31,6 +31,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/safetext"
 	"github.com/llorch/pool-managerd/internal/sockdiag"
 	"github.com/llorch/pool-managerd/internal/state"
+	"github.com/llorch/pool-managerd/internal/witness"
 )
 
 // Pool states.
@@ -146,6 +147,7 @@ type Supervisor struct {
 	drain       *drainOp
 	reload      *reloadOp
 	staging     *startOp // a start waiting for its model to be staged
+	pending     *pendingExit
 	// held says why the pool may not start until ResetBreaker (its
 	// persisted state could not be read); "" when it may.
 	held string
@@ -227,6 +229,9 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 func (s *Supervisor) Run(ctx context.Context) {
 	// A restored policy state has its gauges and next tick too.
 	s.emit(nil)
+	if s.rt != nil && s.rt.Witness != nil {
+		defer s.watchUnit(ctx)()
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -238,6 +243,34 @@ func (s *Supervisor) Run(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// watchUnit hands systemd's events on the engine's scope to the loop; the
+// witness must not wait for the loop.
+func (s *Supervisor) watchUnit(ctx context.Context) (stop func()) {
+	ch := make(chan witness.Event, 32)
+	cancel := s.rt.Witness.Watch(engine.UnitName(s.cfg.Pool), func(ev witness.Event) {
+		select {
+		case ch <- ev:
+		default:
+			s.log.Warn("systemd's events on the engine's scope come faster than the pool takes them: one dropped", journal.PoolID, s.cfg.Pool)
+		}
+	})
+	go func() {
+		for {
+			select {
+			case ev := <-ch:
+				select {
+				case s.events <- func() { s.unitEvent(ev) }:
+				case <-ctx.Done():
+					return
+				}
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return cancel
 }
 
 // post runs f on the loop.
@@ -375,7 +408,7 @@ var ErrBreakerOpen = errors.New("the circuit breaker is open")
 // way around the breaker; ResetBreaker and AllowRestart are.
 func (s *Supervisor) Start() error {
 	return s.callThen(func() error {
-		if s.run != nil || s.drain != nil || s.reload != nil || s.staging != nil {
+		if s.run != nil || s.drain != nil || s.reload != nil || s.staging != nil || s.pending != nil {
 			return fmt.Errorf("pool %s is %s: %w", s.cfg.Pool, s.Snapshot().State, ErrBusy)
 		}
 		if err := s.mayStart(); err != nil {
@@ -488,7 +521,7 @@ func (s *Supervisor) armTick() {
 
 func (s *Supervisor) restartDue() {
 	s.restartAt = nil
-	if s.run != nil || s.drain != nil || s.reload != nil || s.staging != nil {
+	if s.run != nil || s.drain != nil || s.reload != nil || s.staging != nil || s.pending != nil {
 		return
 	}
 	now := time.Now()
@@ -601,7 +634,7 @@ func (s *Supervisor) launch(candidate bool) error {
 	if err == nil {
 		// How long from the decision to start to an engine running in its
 		// scope: the restart overhead make bench reports.
-		s.log.Info("engine process started", journal.PoolID, s.cfg.Pool, "START_USEC", time.Since(t0).Microseconds(), "UNIT", e.Unit)
+		s.log.Info("engine process started", journal.PoolID, s.cfg.Pool, "START_USEC", time.Since(t0).Microseconds(), journal.Unit, e.Unit)
 	}
 	if err != nil {
 		cancel()
@@ -896,6 +929,100 @@ func (s *Supervisor) engineEvent(r *run, ev engine.Event) {
 		s.engineStopped(r)
 		return
 	}
+	if r.stopping == stopOperator {
+		s.operatorStopped(r)
+		return
+	}
+	if s.rt != nil && s.rt.Witness != nil && r.stopping == "" && mayBeStopped(x) {
+		// An exit like this may be an operator's systemctl stop, which
+		// systemd tells a few milliseconds after the scope empties: its
+		// word decides, or holdExit without it.
+		p := &pendingExit{r: r, x: x, uptime: uptime}
+		p.timer = time.AfterFunc(holdExit, func() {
+			s.post(func() {
+				if s.pending == p {
+					s.settleExit(witness.NoCause)
+				}
+			})
+		})
+		s.pending = p
+		return
+	}
+	s.exited(r, x, uptime)
+}
+
+// stopOperator is run.stopping for a stop systemd reports and the daemon
+// did not ask for.
+const stopOperator = "operator"
+
+// holdExit bounds how long an exit that may be an operator's stop waits
+// for systemd's word.
+const holdExit = 500 * time.Millisecond
+
+// pendingExit is an exit waiting for systemd's word on it.
+type pendingExit struct {
+	r      *run
+	x      *engine.Exit
+	uptime time.Duration
+	timer  *time.Timer
+}
+
+// mayBeStopped says whether an exit looks like what a stop of the scope
+// does to an engine: SIGTERM, SIGKILL, a graceful exit (status 0), or the
+// shim gone with it.
+func mayBeStopped(x *engine.Exit) bool {
+	if x.Lost || (x.Status.Exited() && x.Status.ExitStatus() == 0) {
+		return true
+	}
+	return x.Status.Signaled() && (x.Status.Signal() == syscall.SIGTERM || x.Status.Signal() == syscall.SIGKILL)
+}
+
+// unitEvent is systemd's word on the engine's scope.
+func (s *Supervisor) unitEvent(ev witness.Event) {
+	switch {
+	case ev.Cause == witness.OperatorStop && (ev.Kind == witness.Stopping || ev.Kind == witness.Dead):
+		if r := s.run; r != nil && r.stopping == "" && !r.candidate {
+			r.stopping = stopOperator
+			r.cancel()
+			s.update(func(p *Snapshot) { p.Ready = false })
+		} else if s.pending != nil {
+			s.settleExit(witness.OperatorStop)
+		}
+	case ev.Kind == witness.Dead && s.pending != nil:
+		s.settleExit(ev.Cause)
+	}
+}
+
+// settleExit classifies a held exit with what systemd said of it.
+func (s *Supervisor) settleExit(cause witness.Cause) {
+	p := s.pending
+	s.pending = nil
+	p.timer.Stop()
+	switch cause {
+	case witness.OperatorStop:
+		s.operatorStopped(p.r)
+	case witness.OOMKilled:
+		s.crashed(crash.OutOfMemory, "out of memory: systemd reports the scope's Result=oom-kill; "+describe("", p.r, p.x), p.x, p.uptime)
+		s.engineStopped(p.r)
+	default:
+		s.exited(p.r, p.x, p.uptime)
+	}
+}
+
+// operatorStopped honours a stop of the scope that the daemon did not ask
+// for, as systemd honours one: stopped, not restarted, no crash.
+func (s *Supervisor) operatorStopped(r *run) {
+	s.log.Warn("engine's scope stopped by an operator (systemctl stop): not restarted until Start", journal.PoolID, s.cfg.Pool,
+		journal.Unit, r.e.Unit)
+	s.emit(s.tracker.Stopped(time.Now()))
+	s.revokeLeases("the engine's scope was stopped")
+	s.update(func(p *Snapshot) { p.State, p.LastError = Stopped, "stopped by an operator: systemctl stop "+r.e.Unit })
+	s.engineStopped(r)
+}
+
+// exited handles an exit nobody asked for: status 0 is a graceful end,
+// anything else a crash.
+func (s *Supervisor) exited(r *run, x *engine.Exit, uptime time.Duration) {
 	reason, ok := classify(r, x)
 	if !ok {
 		s.log.Info("engine exited on its own with status 0: not restarted", journal.PoolID, s.cfg.Pool,
@@ -925,6 +1052,9 @@ func (s *Supervisor) crashed(reason crash.Reason, msg string, x *engine.Exit, up
 		journal.CrashReason, string(reason), journal.CrashCount, st.CrashCount, journal.RestartCount, st.RestartCount,
 		journal.FailureStreak, st.Streak,
 		journal.EngineVersion, s.snap.EngineVersion, journal.Model, s.snap.Model, journal.DeviceMask, s.cfg.DeviceMask,
+	}
+	if x != nil && x.Lost && x.ShimSignal != 0 {
+		attrs = append(attrs, journal.ExitSignal, signalName(x.ShimSignal))
 	}
 	if x != nil && !x.Lost {
 		if x.Status.Exited() {

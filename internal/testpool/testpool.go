@@ -25,6 +25,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/model"
 	"github.com/llorch/pool-managerd/internal/sandbox"
 	"github.com/llorch/pool-managerd/internal/supervisor"
+	"github.com/llorch/pool-managerd/internal/witness"
 )
 
 // Sim is the simulator's main package, for sandbox.Build.
@@ -80,6 +81,10 @@ func New(t T, handler slog.Handler) *Env {
 	rt, err := engine.New(ctx, []string{exe})
 	require.NoError(t, err)
 	t.Cleanup(rt.Close)
+	// systemd as the second witness of every exit, as in the daemon.
+	rt.Witness, err = witness.New(ctx)
+	require.NoError(t, err)
+	t.Cleanup(func() { rt.Witness.Close() })
 	dir, err := os.MkdirTemp("", "pool-test-")
 	require.NoError(t, err)
 	require.NoError(t, os.Chmod(dir, 0o755))
