@@ -33,8 +33,12 @@ const (
 	limit  = 8 * time.Minute
 )
 
+// kinds are the faults injected: the simulator's own, and what an operator
+// does to a scope with systemctl (a kill is a crash; a stop is not, and is
+// counted apart).
 var kinds = []struct{ fault, reason string }{
 	{"segv", "signal"}, {"exit:3", "exit_code"}, {"cuda", "cuda_error"}, {"hang-health", "health_check"}, {"oom", "out_of_memory"},
+	{"systemctl-kill", "signal"}, {"systemctl-stop", ""},
 }
 
 func must(err error) {
@@ -48,6 +52,9 @@ func sh(cmd string) (string, error) {
 	c := exec.Command("sh", "-c", cmd)
 	c.Dir = "/"
 	out, err := c.CombinedOutput()
+	if err != nil {
+		err = fmt.Errorf("%s: %w: %s", cmd, err, out)
+	}
 	return strings.TrimSpace(string(out)), err
 }
 
@@ -147,6 +154,16 @@ MemoryMax=64M
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
+	waitState := func(i int, state string) error {
+		deadline := time.Now().Add(60 * time.Second)
+		for prop(i, "State") != state {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("pool s%d not %s: %v %v", i, state, prop(i, "State"), prop(i, "LastError"))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		return nil
+	}
 	for i := range pools {
 		must(waitReady(i, 0))
 	}
@@ -170,7 +187,7 @@ MemoryMax=64M
 		atomic.AddInt64(v.(*int64), 1)
 	}
 	var total atomic.Int64
-	var drains, reloads atomic.Int64
+	var drains, reloads, stops atomic.Int64
 	start := time.Now()
 	var wg sync.WaitGroup
 	errs := make(chan error, pools)
@@ -226,14 +243,54 @@ MemoryMax=64M
 						return
 					}
 				}
+				// Each fault hits a ready engine: one still restarting
+				// from the last would take it for something else.
+				if err := waitReady(i, 0); err != nil {
+					errs <- err
+					return
+				}
 				pid, _ := prop(i, "MainPID").(uint32)
 				k := kinds[(n+i)%len(kinds)]
-				resp, err := http.Post(fmt.Sprintf("http://127.0.0.1:%d/sim/fault?kind=%s", 19500+i, k.fault), "", nil)
-				if err != nil {
-					continue
+				scope := fmt.Sprintf("pool-engine-s%d.scope", i)
+				switch k.fault {
+				case "systemctl-kill":
+					// Like a fault the engine did not take (it was
+					// restarting), a scope not there is tried again.
+					if _, err := sh("systemctl kill --signal=SIGKILL " + scope); err != nil {
+						continue
+					}
+				case "systemctl-stop":
+					crashes, _ := prop(i, "CrashCount").(uint32)
+					if out, err := sh("systemctl stop " + scope); err != nil {
+						if strings.Contains(out, "not loaded") {
+							continue
+						}
+						errs <- err
+						return
+					}
+					if err := waitState(i, "stopped"); err != nil {
+						errs <- err
+						return
+					}
+					if c, _ := prop(i, "CrashCount").(uint32); c != crashes {
+						errs <- fmt.Errorf("pool s%d: an operator's stop was counted as a crash", i)
+						return
+					}
+					if err := retry(func() error { return mgr.Call(bus.ManagerIface+".Start", 0, fmt.Sprintf("s%d", i)).Err }); err != nil {
+						errs <- err
+						return
+					}
+					stops.Add(1)
+				default:
+					resp, err := http.Post(fmt.Sprintf("http://127.0.0.1:%d/sim/fault?kind=%s", 19500+i, k.fault), "", nil)
+					if err != nil {
+						continue
+					}
+					resp.Body.Close()
 				}
-				resp.Body.Close()
-				count(k.reason)
+				if k.reason != "" {
+					count(k.reason)
+				}
 				if total.Add(1) == 100 {
 					warmUp()
 				}
@@ -254,6 +311,7 @@ MemoryMax=64M
 	fd1, g1, rss1, crashes := daemonStats(textfile)
 
 	fmt.Printf("faults injected: %d in %s (%d drains, %d reloads interleaved), 4 pools\n", total.Load(), took.Round(time.Second), drains.Load(), reloads.Load())
+	fmt.Printf("  systemctl stop of a scope: %d, none counted as a crash, each started again\n", stops.Load())
 	ok := true
 	injected.Range(func(k, v any) bool {
 		n := float64(atomic.LoadInt64(v.(*int64)))

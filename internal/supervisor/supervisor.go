@@ -148,6 +148,7 @@ type Supervisor struct {
 	reload      *reloadOp
 	staging     *startOp // a start waiting for its model to be staged
 	pending     *pendingExit
+	stopping    chan struct{} // closed when the last stop of the scope is done
 	// held says why the pool may not start until ResetBreaker (its
 	// persisted state could not be read); "" when it may.
 	held string
@@ -574,7 +575,11 @@ func (s *Supervisor) startEngine(candidate bool, done func(error)) {
 	op := &startOp{candidate: candidate, done: done}
 	s.staging = op
 	ref, want := s.stageRef()
+	stopped := s.stopping
 	go func() {
+		if stopped != nil {
+			<-stopped
+		}
 		st, err := s.cfg.Stager.Stage(ref, want)
 		s.post(func() { s.staged(op, st, err) })
 	}()
@@ -880,10 +885,14 @@ func (s *Supervisor) stopRun(why string) {
 	s.stopScope(r)
 }
 
-// stopScope stops the engine's scope in the background.
+// stopScope stops the engine's scope in the background. The next start
+// waits for it: a stop by name must not reach the next engine's scope.
 func (s *Supervisor) stopScope(r *run) {
 	stopTimeout := s.cfg.Build(r.staged.Path).StopTimeout
+	done := make(chan struct{})
+	s.stopping = done
 	go func() {
+		defer close(done)
 		ctx, cancel := context.WithTimeout(context.Background(), stopTimeout+30*time.Second)
 		defer cancel()
 		if err := s.rt.Stop(ctx, s.cfg.Pool); err != nil {
