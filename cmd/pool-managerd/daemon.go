@@ -129,7 +129,6 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 		changed:   make(chan struct{}, 1),
 		xidReload: make(chan struct{}, 1),
 	}
-	d.stager.SetPoolModels(poolModels(cfg))
 	for _, p := range cfg.Pools {
 		np, err := d.newPool(p)
 		if err != nil {
@@ -238,8 +237,8 @@ func (d *daemonState) reload() {
 		d.log.Error("configuration reload refused, the running configuration stays:\n" + err.Error())
 		return
 	}
-	// A refused reload puts the running configuration's models back.
-	d.stager.SetPoolModels(append(poolModels(d.cfg), poolModels(cfg)...))
+	// Building the new pools adds their models; what is allowed in the
+	// end is the running configuration's (the new one, unless refused).
 	defer func() { d.stager.SetPoolModels(poolModels(d.cfg)) }()
 	next := map[string]*config.Pool{}
 	for _, p := range cfg.Pools {
