@@ -27,6 +27,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/gpu"
 	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/manager"
 	"github.com/llorch/pool-managerd/internal/metrics"
 	"github.com/llorch/pool-managerd/internal/model"
@@ -355,12 +356,12 @@ func (d *daemonState) prune() {
 // status is the one-line state systemctl status shows.
 func (d *daemonState) status() string {
 	sups := d.mgr.Pools()
-	count := map[string]int{}
+	count := map[lifecycle.State]int{}
 	for _, s := range sups {
 		count[s.Snapshot().State]++
 	}
 	out := fmt.Sprintf("%d/%d pools ready", count[supervisor.Ready], len(sups))
-	for _, st := range []string{supervisor.Starting, supervisor.Backoff, supervisor.Failed, supervisor.Draining, supervisor.Stopped} {
+	for _, st := range []lifecycle.State{supervisor.Starting, supervisor.Warming, supervisor.Backoff, supervisor.Failed, supervisor.Draining, supervisor.Stopped} {
 		if n := count[st]; n > 0 {
 			out += fmt.Sprintf(", %d %s", n, st)
 		}

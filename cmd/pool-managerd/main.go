@@ -66,7 +66,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	if *schedule > 0 {
 		for _, p := range cfg.Pools {
-			printSchedule(stdout, p, r, *schedule, *crashAfter, time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+			if err := printSchedule(stdout, p, r, *schedule, *crashAfter, time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)); err != nil {
+				fmt.Fprintf(stderr, "pool %s: %v\n", p.ID, err)
+				return exitUsage
+			}
 		}
 	}
 	if *check || *schedule > 0 {

@@ -12,6 +12,8 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/crash"
+	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/policy"
 )
 
@@ -84,45 +86,53 @@ func printPool(w io.Writer, p *config.Pool, modelsDir string) {
 	tw.Flush()
 }
 
-// printSchedule runs the pool's policy through a crash loop on a simulated
-// clock and prints every decision.
-func printSchedule(w io.Writer, p *config.Pool, reason crash.Reason, crashes int, runFor time.Duration, t0 time.Time) {
+// printSchedule runs the pool's own lifecycle machine through a crash
+// loop on a simulated clock and prints every decision and the state it
+// leaves the pool in.
+func printSchedule(w io.Writer, p *config.Pool, reason crash.Reason, crashes int, runFor time.Duration, t0 time.Time) error {
 	rng := rand.New(rand.NewPCG(1, uint64(len(p.ID))))
-	tr := policy.New(p.Restart, rng.Float64)
-	fmt.Fprintf(w, "\nrestart schedule of pool %s: %d crashes (%s), each restarted engine crashing %s after it starts\n", p.ID, crashes, reason, runFor)
+	sim := lifecycle.NewSim(lifecycle.Config{Pool: p.ID, Model: p.Model, FailureThreshold: p.Health.FailureThreshold},
+		policy.New(p.Restart, rng.Float64), t0)
+	if err := sim.Start(); err != nil {
+		return err
+	}
+	sim.Take()
+	fmt.Fprintf(w, "\nrestart schedule of pool %s: %d crashes (%s), each restarted engine crashing %s after it is ready\n", p.ID, crashes, reason, runFor)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "crash\tat\tdecision\tbreaker\trestarts in window\tnotes")
-	now := t0
+	fmt.Fprintln(tw, "crash\tat\tstate\tdecision\tbreaker\trestarts in window\tnotes")
 	off := func(t time.Time) string { return "+" + t.Sub(t0).Round(time.Millisecond).String() }
+	window := fmt.Sprintf("/%d in %s", p.Restart.Storm.Max, p.Restart.Storm.Window)
 	for n := 1; n <= crashes; n++ {
-		d := tr.Crash(now, reason)
-		var notes []string
-		notes = append(notes, describe(d.Events)...)
-		st := tr.Status(now)
-		decision := fmt.Sprintf("restart in %s", d.Delay.Round(time.Millisecond))
-		next := d.At
-		if d.Held {
-			decision = "held until " + off(d.At)
+		at := sim.Now
+		if err := sim.Crash(reason); err != nil {
+			return err
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d/%d in %s\t%s\n", n, off(now), decision, st.Breaker, st.RestartRate, p.Restart.Storm.Max, p.Restart.Storm.Window, strings.Join(notes, "; "))
-		now = next
-		ev := tr.Tick(now)
-		pm, err := tr.Restart(now)
-		ev = append(ev, pm.Events...)
+		v := sim.M.View(sim.Now)
+		decision := "restart in " + v.NextRestart.Sub(sim.Now).Round(time.Millisecond).String()
+		if v.State == lifecycle.Failed {
+			decision = "held until " + off(v.NextRestart)
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%d%s\t%s\n", n, off(at), v.State, decision, v.Policy.Breaker, v.Policy.RestartRate, window, strings.Join(describe(sim.Take()), "; "))
+		started, err := sim.Restart()
 		if err != nil {
-			fmt.Fprintf(tw, "\t%s\t%s\t\t\t%s\n", off(now), err, strings.Join(describe(ev), "; "))
+			return err
+		}
+		v = sim.M.View(sim.Now)
+		notes := strings.Join(describe(sim.Take()), "; ")
+		if !started {
+			fmt.Fprintf(tw, "\t%s\t%s\trestart refused, next try %s\t%s\t%d%s\t%s\n", off(sim.Now), v.State, off(v.NextRestart), v.Policy.Breaker, v.Policy.RestartRate, window, notes)
 			break
 		}
-		if notes := describe(ev); len(notes) > 0 {
-			fmt.Fprintf(tw, "\t%s\trestarted\t%s\t%d/%d in %s\t%s\n", off(now), tr.Status(now).Breaker, tr.Status(now).RestartRate, p.Restart.Storm.Max, p.Restart.Storm.Window, strings.Join(notes, "; "))
+		if notes != "" {
+			fmt.Fprintf(tw, "\t%s\t%s\trestarted\t%s\t%d%s\t%s\n", off(sim.Now), v.State, v.Policy.Breaker, v.Policy.RestartRate, window, notes)
 		}
-		now = now.Add(runFor)
+		sim.Advance(runFor)
 	}
-	tw.Flush()
+	return tw.Flush()
 }
 
 // describe keeps the events worth a line in the schedule.
-func describe(events []policy.Event) []string {
+func describe(events []journal.Event) []string {
 	var out []string
 	for _, e := range events {
 		switch e := e.(type) {

@@ -20,6 +20,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/bdd/suite"
 	"github.com/llorch/pool-managerd/internal/crash"
 	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/metrics"
 	"github.com/llorch/pool-managerd/internal/policy"
 )
@@ -241,15 +242,17 @@ func secs(s string) (time.Duration, error) {
 	return time.Duration(f * float64(time.Second)), err
 }
 
+// state is the pool's lifecycle state as the policy leaves it: a crash
+// the policy holds fails the pool, one it schedules backs it off.
 func (w *world) state(p *simPool) string {
 	st := w.tracker(p).Status(w.now)
 	switch {
 	case st.Pending && p.last != nil && p.last.Held:
-		return "failed"
+		return lifecycle.Failed.String()
 	case st.Pending:
-		return "backoff"
+		return lifecycle.Backoff.String()
 	}
-	return "running"
+	return lifecycle.Ready.String()
 }
 
 var entryKinds = map[string]journal.MessageID{

@@ -136,7 +136,7 @@ func properties(s supervisor.Snapshot) map[string]any {
 	}
 	b := safetext.Bound
 	return map[string]any{
-		"Id": b(s.ID), "State": b(s.State), "Live": s.Live, "Ready": s.Ready, "Draining": s.Draining,
+		"Id": b(s.ID), "State": b(s.State.String()), "Live": s.Live, "Ready": s.Ready, "Draining": s.Draining,
 		"ActiveLeases": s.ActiveLeases, "Slots": s.Slots, "Model": b(s.Model), "ModelDigest": b(s.ModelDigest),
 		"EngineVersion": b(s.EngineVersion), "DeviceMask": b(s.DeviceMask), "LastError": b(s.LastError),
 		"CrashCount": uint32(s.CrashCount), "RestartCount": uint32(s.RestartCount), "FailureStreak": uint32(s.FailureStreak),

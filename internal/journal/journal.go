@@ -48,6 +48,19 @@ const (
 	Property  = "PROPERTY"
 	// Unit is a systemd unit (an engine's scope).
 	Unit = "UNIT"
+	// Drains, reloads and starts.
+	Outcome        = "OUTCOME"
+	RevokedLeases  = "REVOKED_LEASES"
+	DurationSec    = "DURATION_SEC"
+	EngineStopUsec = "ENGINE_STOP_USEC"
+	StartupSec     = "STARTUP_SEC"
+	StartUsec      = "START_USEC"
+	ModelDigest    = "MODEL_DIGEST"
+	Reason         = "REASON"
+	// GPU faults: the engine's output line, an NVML XID and its GPU.
+	Line = "LINE"
+	XID  = "XID"
+	GPU  = "GPU"
 )
 
 // Levels beyond slog's own, mapped to syslog priorities by slog-journal.

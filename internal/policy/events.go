@@ -17,12 +17,25 @@ type Event = journal.Event
 
 func at(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
 
-// Crashed: an engine crash was counted.
+// Crashed: an engine crash was counted. It is the one crash entry: the
+// policy fills in its counts, the pool's lifecycle what it knows of the
+// exit and the engine.
 type Crashed struct {
 	Reason     crash.Reason
 	CrashCount uint64
 	// Streak is the crash's place in the current run of crashes.
-	Streak int
+	Streak       int
+	RestartCount uint64
+	// Detail says what happened ("exited with status 3", "GPU fault:
+	// ..."); it may quote the engine and must be bounded text.
+	Detail string
+	// ExitCode is set when the engine exited, ExitSignal when a signal
+	// ended it or its scope.
+	ExitCode   *int
+	ExitSignal string
+	// Uptime is how long the engine ran (negative: not known).
+	Uptime                           time.Duration
+	EngineVersion, Model, DeviceMask string
 }
 
 func (e Crashed) MessageID() journal.MessageID {
@@ -31,16 +44,40 @@ func (e Crashed) MessageID() journal.MessageID {
 	}
 	return journal.MsgCrash
 }
-func (Crashed) Level() slog.Level { return slog.LevelError }
+func (e Crashed) Level() slog.Level {
+	if e.Reason == crash.OutOfMemory {
+		return journal.LevelCritical
+	}
+	return slog.LevelError
+}
 func (e Crashed) Message() string {
+	if e.Detail != "" {
+		return "engine crashed: " + e.Detail
+	}
 	return fmt.Sprintf("engine crashed (%s), crash %d", e.Reason, e.CrashCount)
 }
 func (e Crashed) Attrs() []slog.Attr {
-	return []slog.Attr{
+	a := []slog.Attr{
 		slog.String(journal.CrashReason, string(e.Reason)),
 		slog.Uint64(journal.CrashCount, e.CrashCount),
+		slog.Uint64(journal.RestartCount, e.RestartCount),
 		slog.Int(journal.FailureStreak, e.Streak),
 	}
+	for _, f := range [][2]string{{journal.EngineVersion, e.EngineVersion}, {journal.Model, e.Model}, {journal.DeviceMask, e.DeviceMask}} {
+		if f[1] != "" {
+			a = append(a, slog.String(f[0], f[1]))
+		}
+	}
+	if e.ExitCode != nil {
+		a = append(a, slog.Int(journal.ExitCode, *e.ExitCode))
+	}
+	if e.ExitSignal != "" {
+		a = append(a, slog.String(journal.ExitSignal, e.ExitSignal))
+	}
+	if e.Uptime >= 0 {
+		a = append(a, slog.Int64(journal.UptimeSec, int64(e.Uptime.Seconds())))
+	}
+	return a
 }
 
 // RestartScheduled: the engine restarts after a backoff delay.

@@ -61,7 +61,7 @@ func (t *Tracker) Crash(now time.Time, reason crash.Reason) Decision {
 	t.streak++
 	t.last = reason
 	t.waiting = true
-	ev = append(ev, Crashed{Reason: reason, CrashCount: t.crashes, Streak: t.streak})
+	ev = append(ev, Crashed{Reason: reason, CrashCount: t.crashes, Streak: t.streak, RestartCount: t.restarts, Uptime: -1})
 	ev = t.transitions(ev, t.breakers.Failure(now, reason.Class()))
 
 	delay := t.p.Backoff.Delay(t.streak, reason, t.rand())

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/model"
 )
 
@@ -28,17 +29,14 @@ type Record struct {
 	Leases map[string]string `json:"leases,omitempty"`
 }
 
-func (s *Supervisor) writeRecord(r *run) {
+func (s *Supervisor) writeRecord(r *run, modelRef string) {
 	if s.cfg.Records.Path == "" {
 		return
 	}
 	rec := Record{
-		Pool: s.cfg.Pool, Unit: r.e.Unit, PID: r.e.PID, Model: s.snap.Model, StagedPath: r.staged.Path,
-		Digest: r.staged.Digest, EngineVersion: s.snap.EngineVersion, DeviceMask: s.cfg.DeviceMask,
-		URL: s.cfg.HealthURL, StartedAt: r.started, Leases: s.leases,
-	}
-	if r.candidate || s.reload != nil {
-		rec.Model = s.reload.ref
+		Pool: s.cfg.Pool, Unit: r.e.Unit, PID: r.e.PID, Model: modelRef, StagedPath: r.staged.Path,
+		Digest: r.staged.Digest, EngineVersion: s.Snapshot().EngineVersion, DeviceMask: s.cfg.DeviceMask,
+		URL: s.cfg.HealthURL, StartedAt: r.started, Leases: s.m.Leases(),
 	}
 	if err := s.cfg.Records.Save(s.cfg.Pool, rec); err != nil {
 		s.log.Error("writing runtime record: "+err.Error(), journal.PoolID, s.cfg.Pool)
@@ -99,49 +97,40 @@ func (s *Supervisor) Adopt(ctx context.Context, keep func(owner string) bool) (b
 		}
 		rec = Record{Model: n.Model, Digest: n.Digest, StagedPath: n.StagedPath, StartedAt: n.StartedAt, EngineVersion: s.Snapshot().EngineVersion}
 	}
-	err = s.call(func() error {
-		if s.run != nil {
-			return fmt.Errorf("pool %s already runs an engine", s.cfg.Pool)
+	staged := model.Staged{Digest: rec.Digest, Path: rec.StagedPath}
+	staged.Ref = rec.Model
+	var startBy time.Time
+	switch {
+	case corrupt:
+		// Maybe long healthy, maybe still loading: it has a full
+		// StartTimeoutSec from now to answer.
+		startBy = time.Now().Add(s.cfg.Health.StartTimeout)
+	case !found:
+		startBy = rec.StartedAt.Add(s.cfg.Health.StartTimeout)
+	}
+	kept := map[string]string{}
+	for id, owner := range rec.Leases {
+		if keep(owner) {
+			kept[id] = owner
 		}
-		s.current = model.Staged{Digest: rec.Digest, Path: rec.StagedPath}
-		s.current.Ref = rec.Model
+	}
+	var r *run
+	rep := <-s.request(func(id lifecycle.ReqID) lifecycle.Event {
 		ctx, cancel := context.WithCancel(context.Background())
-		r := &run{e: e, ctx: ctx, cancel: cancel, started: rec.StartedAt, staged: s.current, exited: make(chan struct{})}
-		switch {
-		case corrupt:
-			// Maybe long healthy, maybe still loading: it has a full
-			// StartTimeoutSec from now to answer.
-			r.startBy = time.Now().Add(s.cfg.Health.StartTimeout)
-		case !found:
-			r.startBy = rec.StartedAt.Add(s.cfg.Health.StartTimeout)
-		}
-		s.run = r
-		kept := 0
-		for id, owner := range rec.Leases {
-			if keep(owner) {
-				s.leases[id] = owner
-				kept++
-			}
-		}
-		s.update(func(p *Snapshot) {
-			p.State, p.Live, p.MainPID = Starting, true, e.PID
-			p.Model, p.ModelDigest, p.StagedPath, p.EngineVersion = rec.Model, rec.Digest, rec.StagedPath, rec.EngineVersion
-		})
-		if found {
-			s.log.Info(fmt.Sprintf("adopted the running engine (pid %d), %d of %d lease(s) kept", e.PID, kept, len(rec.Leases)),
-				journal.PoolID, s.cfg.Pool)
-		} else {
-			s.log.Info(fmt.Sprintf("adopted the engine (pid %d) that was starting, %s into its start", e.PID, time.Since(rec.StartedAt).Round(time.Millisecond)),
-				journal.PoolID, s.cfg.Pool)
-		}
-		go func() {
-			for ev := range e.Events() {
-				s.post(func() { s.engineEvent(r, ev) })
-			}
-		}()
-		go s.probe(r)
-		return nil
+		r = &run{id: s.m.NewRun(), e: e, ctx: ctx, cancel: cancel, started: rec.StartedAt, staged: staged, exited: make(chan struct{})}
+		s.adoptHandle(r)
+		return lifecycle.Adopted{Req: id, Run: r.id, PID: e.PID, Started: rec.StartedAt, Staged: staged,
+			EngineVersion: rec.EngineVersion, Leases: kept, RecordHeld: len(rec.Leases), Starting: !found, StartBy: startBy}
 	})
+	err = rep.Err
+	if err != nil {
+		s.post(func() {
+			if s.runs[r.id] == r {
+				delete(s.runs, r.id)
+				r.cancel()
+			}
+		})
+	}
 	return err == nil, err
 }
 

@@ -1,7 +1,9 @@
-// Package supervisor owns one pool: it is the only place the pool's state
-// changes. The engine's shim, the health prober, timers, lease holders and
-// operators report to its loop; it asks the restart policy what to do about
-// a crash and does it, and it drains and reloads the pool.
+// Package supervisor runs one pool: it carries out what the pool's
+// lifecycle machine (internal/lifecycle) decides. The engine's shim, the
+// health prober, systemd, timers, lease holders and operators report to
+// its loop, which feeds each report to the machine and does the actions
+// it returns: stage a model, start an engine, stop a scope, write a
+// record, arm a timer, answer a caller, publish the state, log.
 package supervisor
 
 import (
@@ -25,6 +27,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/health"
 	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/metrics"
 	"github.com/llorch/pool-managerd/internal/model"
 	"github.com/llorch/pool-managerd/internal/policy"
@@ -34,14 +37,38 @@ import (
 	"github.com/llorch/pool-managerd/internal/witness"
 )
 
-// Pool states.
+// Pool states (the lifecycle's).
 const (
-	Stopped  = "stopped"
-	Starting = "starting"
-	Ready    = "ready"
-	Backoff  = "backoff"
-	Failed   = "failed"
-	Draining = "draining"
+	Stopped  = lifecycle.Stopped
+	Starting = lifecycle.Starting
+	Warming  = lifecycle.Warming
+	Ready    = lifecycle.Ready
+	Backoff  = lifecycle.Backoff
+	Failed   = lifecycle.Failed
+	Draining = lifecycle.Draining
+)
+
+// Drain outcomes.
+const (
+	Drained = lifecycle.Drained
+	Forced  = lifecycle.Forced
+)
+
+// DrainResult is how a drain ended.
+type DrainResult = lifecycle.DrainResult
+
+// Refusals a caller can match with errors.Is.
+var (
+	ErrNotReady        = lifecycle.ErrNotReady
+	ErrDraining        = lifecycle.ErrDraining
+	ErrNoCapacity      = lifecycle.ErrNoCapacity
+	ErrNoSuchLease     = lifecycle.ErrNoSuchLease
+	ErrBusy            = lifecycle.ErrBusy
+	ErrNotOwner        = lifecycle.ErrNotOwner
+	ErrBreakerOpen     = lifecycle.ErrBreakerOpen
+	ErrInvalidArgument = lifecycle.ErrInvalidArgument
+	ErrDrainTimeout    = lifecycle.ErrDrainTimeout
+	ErrReloadFailed    = lifecycle.ErrReloadFailed
 )
 
 // Config is what a supervisor needs to know about its pool.
@@ -85,7 +112,7 @@ type Stager interface {
 // Snapshot is the pool's state at one moment.
 type Snapshot struct {
 	ID           string
-	State        string
+	State        lifecycle.State
 	Live, Ready  bool
 	Draining     bool
 	ActiveLeases uint32
@@ -116,6 +143,8 @@ type Snapshot struct {
 	Starts int
 	// ReadyAt is when the current engine became ready.
 	ReadyAt time.Time
+	// Operation is the long operation under way ("" if none).
+	Operation string
 }
 
 // Supervisor runs one pool.
@@ -124,7 +153,6 @@ type Supervisor struct {
 	rt      *engine.Runtime
 	log     *slog.Logger
 	metrics *metrics.Set
-	tracker *policy.Tracker
 	prober  *health.Prober
 	events  chan func()
 
@@ -133,47 +161,31 @@ type Supervisor struct {
 	changed chan struct{}
 
 	// Owned by the loop.
+	m    *lifecycle.Machine
 	info [4]string // the pool_info labels set last
 	// recordDirty: the leases changed since the runtime record was last
 	// written (at recordLast); recordAt is the pending write.
 	recordDirty bool
 	recordLast  time.Time
 	recordAt    *time.Timer
-	run         *run
-	current     model.Staged // what the running (or next) engine loads
-	restartAt   *time.Timer
-	tickAt      *time.Timer
-	leases      map[string]string // lease id -> owner
-	drain       *drainOp
-	reload      *reloadOp
-	staging     *startOp // a start waiting for its model to be staged
-	pending     *pendingExit
+	runs        map[lifecycle.RunID]*run
+	timers      map[lifecycle.Timer]*time.Timer
+	reqs        map[lifecycle.ReqID]chan lifecycle.Reply
+	lastReq     lifecycle.ReqID
 	stopping    chan struct{} // closed when the last stop of the scope is done
-	// held says why the pool may not start until ResetBreaker (its
-	// persisted state could not be read); "" when it may.
-	held string
+	queue       []lifecycle.Event
+	stepping    bool
 }
 
-// run is one engine process's life.
+// run is one engine process: what the machine's RunID stands for.
 type run struct {
+	id      lifecycle.RunID
 	e       *engine.Engine
 	ctx     context.Context
 	cancel  context.CancelFunc
 	started time.Time
-	healthy bool
 	staged  model.Staged
-	// stopping says why the manager stops it: "" (it is not), "drain",
-	// "reload", "health", "start", "fault".
-	stopping string
-	// candidate is set for the new engine of a reload: its end is the
-	// reload's business, not a crash to restart.
-	candidate bool
-	fault     string
-	// xid is set when the fault came from NVML, not the engine's output.
-	xid       bool
-	failures  []time.Time
-	lastProbe error
-	exited    chan struct{}
+	exited  chan struct{}
 	// startBy, when set, is when the engine must be healthy (an adopted
 	// engine that was starting); else StartTimeoutSec from the probes'
 	// start.
@@ -182,25 +194,30 @@ type run struct {
 	scopeOnce sync.Once
 	scope     sockdiag.Scope
 	scopeErr  error
-	// failing is set by the loop after a failed probe; squatted once a
-	// foreign listener was reported.
+	// failing is set after a failed probe; squatted once a foreign
+	// listener was reported.
 	failing, squatted atomic.Bool
 }
+
+// holdExit bounds how long an exit that may be an operator's stop waits
+// for systemd's word (and a scope systemd saw end waits for its shim's).
+const holdExit = 500 * time.Millisecond
 
 // New creates the supervisor; Run starts it. It restores the pool's
 // persisted policy state, reporting a corrupt state file.
 func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supervisor {
 	s := &Supervisor{
 		cfg: cfg, rt: rt, log: log, metrics: m,
-		tracker: policy.New(cfg.Restart, rand.Float64),
 		prober:  health.New(cfg.HealthURL, cfg.Health.Timeout),
 		events:  make(chan func(), 64),
 		changed: make(chan struct{}),
-		leases:  map[string]string{},
+		runs:    map[lifecycle.RunID]*run{},
+		timers:  map[lifecycle.Timer]*time.Timer{},
+		reqs:    map[lifecycle.ReqID]chan lifecycle.Reply{},
 	}
 	m.InitPool(cfg.Pool)
-	s.snap = Snapshot{ID: cfg.Pool, State: Stopped, BreakerState: breaker.Closed.String(), Unit: engine.UnitName(cfg.Pool),
-		Model: cfg.Model, EngineVersion: cfg.EngineVersion, DeviceMask: cfg.DeviceMask, Slots: cfg.Slots}
+	tr := policy.New(cfg.Restart, rand.Float64)
+	held := ""
 	if cfg.State.Path != "" {
 		var st policy.State
 		found, err := cfg.State.Load(cfg.Pool, &st)
@@ -214,14 +231,19 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 		case err != nil:
 			// Fail closed: fresh counters would be a way around an open
 			// breaker.
-			s.held = fmt.Sprintf("persisted state unreadable (%v): held until ResetBreaker", err)
-			s.snap.State, s.snap.LastError = Failed, s.held
+			held = fmt.Sprintf("persisted state unreadable (%v): held until ResetBreaker", err)
 			log.Error("persisted pool state unreadable: pool held until ResetBreaker", journal.PoolID, cfg.Pool, journal.Error, err.Error())
 		case found:
-			s.tracker.Restore(st)
+			tr.Restore(st)
 		}
 	}
-	s.refresh(&s.snap)
+	s.m = lifecycle.New(lifecycle.Config{
+		Pool: cfg.Pool, Unit: engine.UnitName(cfg.Pool), Model: cfg.Model, ModelDigest: cfg.ModelDigest,
+		EngineVersion: cfg.EngineVersion, DeviceMask: cfg.DeviceMask, Slots: cfg.Slots,
+		FailureThreshold: cfg.Health.FailureThreshold, Witness: rt != nil && rt.Witness != nil, HoldExit: holdExit,
+	}, tr, held)
+	s.snap = Snapshot{ID: cfg.Pool, Unit: engine.UnitName(cfg.Pool), DeviceMask: cfg.DeviceMask, Slots: cfg.Slots}
+	s.setView(&s.snap, s.m.View(time.Now()))
 	return s
 }
 
@@ -229,7 +251,7 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 // engine running (engines outlive the daemon).
 func (s *Supervisor) Run(ctx context.Context) {
 	// A restored policy state has its gauges and next tick too.
-	s.emit(nil)
+	s.exec(s.m.Init(time.Now()))
 	if s.rt != nil && s.rt.Witness != nil {
 		defer s.watchUnit(ctx)()
 	}
@@ -244,6 +266,116 @@ func (s *Supervisor) Run(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// step feeds one event to the machine and carries out its actions. An
+// action that reports at once (a launch) queues its event until every
+// action of the step is done: the machine's actions are carried out in
+// the order it gave them, never interleaved with a later step's.
+func (s *Supervisor) step(ev lifecycle.Event) {
+	s.queue = append(s.queue, ev)
+	if s.stepping {
+		return
+	}
+	s.stepping = true
+	for len(s.queue) > 0 {
+		ev := s.queue[0]
+		s.queue = s.queue[1:]
+		s.exec(s.m.Step(time.Now(), ev))
+	}
+	s.stepping = false
+}
+
+func (s *Supervisor) exec(actions []lifecycle.Action) {
+	for _, a := range actions {
+		switch a := a.(type) {
+		case lifecycle.Stage:
+			s.stage(a)
+		case lifecycle.Launch:
+			s.launch(a)
+		case lifecycle.Watch:
+			if r := s.runs[a.Run]; r != nil {
+				r.startBy = a.StartBy
+				go s.probe(r)
+			}
+		case lifecycle.Warmup:
+			// No pool configures a warm-up request: warm at once.
+			s.step(lifecycle.WarmedUp{Run: a.Run})
+		case lifecycle.StopProbes:
+			if r := s.runs[a.Run]; r != nil {
+				r.cancel()
+			}
+		case lifecycle.StopScope:
+			s.stopScope(s.runs[a.Run])
+		case lifecycle.WriteRecord:
+			if r := s.runs[a.Run]; r != nil {
+				s.writeRecord(r, a.Model)
+			}
+		case lifecycle.RemoveRecord:
+			s.removeRecord()
+		case lifecycle.LeasesChanged:
+			s.recordDirty = true
+		case lifecycle.ArmTimer:
+			s.arm(a)
+		case lifecycle.CancelTimer:
+			if t := s.timers[a.Timer]; t != nil {
+				t.Stop()
+				delete(s.timers, a.Timer)
+			}
+		case lifecycle.Reply:
+			if ch := s.reqs[a.Req]; ch != nil {
+				delete(s.reqs, a.Req)
+				ch <- a
+			}
+		case lifecycle.Publish:
+			s.publish(a.View)
+		case lifecycle.Heartbeat:
+			// A heartbeat alone wakes nobody: it is read, not watched.
+			s.mu.Lock()
+			s.snap.LastHeartbeat = a.At
+			s.mu.Unlock()
+		case lifecycle.Journal:
+			s.journal(a)
+		case lifecycle.Log:
+			attrs := append([]any{journal.PoolID, s.cfg.Pool}, a.Attrs...)
+			if a.Engine {
+				snap := s.Snapshot()
+				attrs = append(attrs, journal.EngineVersion, snap.EngineVersion, journal.Model, snap.Model, journal.DeviceMask, s.cfg.DeviceMask)
+			}
+			s.log.Log(context.Background(), a.Level, a.Msg, attrs...)
+		case lifecycle.CountHealthFailure:
+			s.metrics.HealthCheckFailures.WithLabelValues(s.cfg.Pool).Inc()
+		case lifecycle.CountForcedDrain:
+			s.metrics.DrainForceStops.WithLabelValues(s.cfg.Pool).Inc()
+		case lifecycle.CountDrain:
+			s.metrics.Drains.WithLabelValues(s.cfg.Pool, a.Result.Outcome).Inc()
+			s.metrics.DrainDuration.WithLabelValues(s.cfg.Pool, a.Result.Outcome).Observe(a.Result.Done.Sub(a.Start).Seconds())
+		default:
+			s.log.Error(fmt.Sprintf("lifecycle action %T not understood", a), journal.PoolID, s.cfg.Pool)
+		}
+	}
+}
+
+// journal writes policy decisions and crashes, updates their metrics and
+// persists the policy state.
+func (s *Supervisor) journal(a lifecycle.Journal) {
+	journal.Emit(context.Background(), s.log, s.cfg.Pool, a.Events...)
+	tr := s.m.Policy()
+	s.metrics.Policy(s.cfg.Pool, a.Events, tr.Status(time.Now()))
+	if a.Persist && s.cfg.State.Path != "" {
+		if err := s.cfg.State.Save(s.cfg.Pool, tr.Save()); err != nil {
+			s.log.Error("persisting pool state: "+err.Error(), journal.PoolID, s.cfg.Pool)
+		}
+	}
+}
+
+func (s *Supervisor) arm(a lifecycle.ArmTimer) {
+	if t := s.timers[a.Timer]; t != nil {
+		t.Stop()
+	}
+	s.timers[a.Timer] = time.AfterFunc(time.Until(a.At), func() {
+		s.post(func() { s.step(lifecycle.TimerFired{Timer: a.Timer, Gen: a.Gen}) })
+	})
 }
 
 // watchUnit hands systemd's events on the engine's scope to the loop; the
@@ -262,7 +394,7 @@ func (s *Supervisor) watchUnit(ctx context.Context) (stop func()) {
 			select {
 			case ev := <-ch:
 				select {
-				case s.events <- func() { s.unitEvent(ev) }:
+				case s.events <- func() { s.step(lifecycle.UnitChanged{Event: ev}) }:
 				case <-ctx.Done():
 					return
 				}
@@ -284,18 +416,17 @@ func (s *Supervisor) call(f func() error) error {
 	return <-errc
 }
 
-// callThen runs check on the loop and, if it passes, then, and returns
-// what then's done reports (later, on the loop).
-func (s *Supervisor) callThen(check func() error, then func(done func(error))) error {
-	errc := make(chan error, 1)
+// request feeds the machine the event mk makes for a new request id; the
+// channel gets the machine's reply (at once or much later).
+func (s *Supervisor) request(mk func(lifecycle.ReqID) lifecycle.Event) chan lifecycle.Reply {
+	ch := make(chan lifecycle.Reply, 1)
 	s.post(func() {
-		if err := check(); err != nil {
-			errc <- err
-			return
-		}
-		then(func(err error) { errc <- err })
+		s.lastReq++
+		id := s.lastReq
+		s.reqs[id] = ch
+		s.step(mk(id))
 	})
-	return <-errc
+	return ch
 }
 
 // Ping returns once the pool's loop has run a no-op: a watchdog that pings
@@ -341,19 +472,23 @@ func (s *Supervisor) Wait(ctx context.Context, cond func(Snapshot) bool) (Snapsh
 	}
 }
 
-func (s *Supervisor) refresh(p *Snapshot) {
-	st := s.tracker.Status(time.Now())
-	p.CrashCount, p.RestartCount, p.FailureStreak = st.CrashCount, st.RestartCount, st.Streak
-	p.BreakerState = st.Breaker.String()
-	p.ActiveLeases = uint32(len(s.leases))
-	p.Draining = s.drain != nil
+func (s *Supervisor) setView(p *Snapshot, v lifecycle.View) {
+	p.State, p.Live, p.Ready, p.Draining, p.ActiveLeases = v.State, v.Live, v.Ready, v.Draining, v.ActiveLeases
+	p.LastError, p.LastReason, p.NextRestart, p.MainPID = v.LastError, v.LastReason, v.NextRestart, v.MainPID
+	p.Model, p.ModelDigest, p.StagedPath, p.EngineVersion = v.Model, v.ModelDigest, v.StagedPath, v.EngineVersion
+	p.HealthFailures, p.LastHeartbeat, p.ReadyAt, p.Starts = v.HealthFailures, v.LastHeartbeat, v.ReadyAt, v.Starts
+	p.CrashCount, p.RestartCount, p.FailureStreak = v.Policy.CrashCount, v.Policy.RestartCount, v.Policy.Streak
+	p.BreakerState = v.Policy.Breaker.String()
+	if v.Policy.Breakers == nil {
+		p.BreakerState = breaker.Closed.String()
+	}
+	p.Operation = v.Operation
 }
 
-// update changes the published state; only the loop calls it.
-func (s *Supervisor) update(f func(*Snapshot)) {
+// publish makes v the published state and its metrics.
+func (s *Supervisor) publish(v lifecycle.View) {
 	s.mu.Lock()
-	f(&s.snap)
-	s.refresh(&s.snap)
+	s.setView(&s.snap, v)
 	snap := s.snap
 	close(s.changed)
 	s.changed = make(chan struct{})
@@ -380,67 +515,13 @@ func (s *Supervisor) update(f func(*Snapshot)) {
 	s.metrics.Touch()
 }
 
-// emit logs and counts policy events and persists the policy state.
-func (s *Supervisor) emit(events []policy.Event) {
-	var logged []policy.Event
-	for _, e := range events {
-		// The supervisor writes the crash entry itself, with the context
-		// only it has.
-		if _, ok := e.(policy.Crashed); !ok {
-			logged = append(logged, e)
-		}
-	}
-	journal.Emit(context.Background(), s.log, s.cfg.Pool, logged...)
-	s.metrics.Policy(s.cfg.Pool, events, s.tracker.Status(time.Now()))
-	if len(events) > 0 && s.cfg.State.Path != "" {
-		if err := s.cfg.State.Save(s.cfg.Pool, s.tracker.Save()); err != nil {
-			s.log.Error("persisting pool state: "+err.Error(), journal.PoolID, s.cfg.Pool)
-		}
-	}
-	s.armTick()
-}
-
-// ErrBreakerOpen refuses a start while the circuit breaker holds the pool.
-var ErrBreakerOpen = errors.New("the circuit breaker is open")
-
 // Start starts the engine of a stopped or failed pool and returns once it
 // runs (its model staged, which the first time may take a while). A pool whose
 // breaker holds it stays held: neither a start nor a Stop then Start is a
 // way around the breaker; ResetBreaker and AllowRestart are.
 func (s *Supervisor) Start() error {
-	return s.callThen(func() error {
-		if s.run != nil || s.drain != nil || s.reload != nil || s.staging != nil || s.pending != nil {
-			return fmt.Errorf("pool %s is %s: %w", s.cfg.Pool, s.Snapshot().State, ErrBusy)
-		}
-		if err := s.mayStart(); err != nil {
-			return err
-		}
-		s.cancelRestart()
-		return nil
-	}, func(done func(error)) { s.startEngine(false, done) })
-}
-
-// mayStart asks the policy whether an engine may start on request now; a
-// refusal keeps a pending restart scheduled for when it may.
-func (s *Supervisor) mayStart() error {
-	if s.held != "" {
-		return fmt.Errorf("pool %s: %w: %s", s.cfg.Pool, ErrBreakerOpen, s.held)
-	}
-	now := time.Now()
-	pending := s.tracker.Status(now).Pending
-	pm, err := s.tracker.Start(now)
-	s.emit(pm.Events)
-	var r *policy.Refusal
-	if errors.As(err, &r) {
-		if pending {
-			s.update(func(p *Snapshot) { p.State, p.NextRestart = Failed, r.RetryAt })
-			if !r.RetryAt.IsZero() {
-				s.scheduleRestart(r.RetryAt)
-			}
-		}
-		return fmt.Errorf("pool %s: %w: %v", s.cfg.Pool, ErrBreakerOpen, err)
-	}
-	return err
+	rep := <-s.request(func(id lifecycle.ReqID) lifecycle.Event { return lifecycle.StartRequested{Req: id} })
+	return rep.Err
 }
 
 // Stop is a drain with deadline 0: leases are revoked and the engine
@@ -450,168 +531,60 @@ func (s *Supervisor) Stop(ctx context.Context) error {
 	return err
 }
 
+// Drain stops new leases at once (Draining, not Ready), waits until the
+// last lease is released or the deadline passes (then revokes them), stops
+// the engine and returns the outcome. A drain of a stopped pool is drained
+// at once; concurrent drains share one outcome. ctx only bounds the wait.
+func (s *Supervisor) Drain(ctx context.Context, deadline time.Duration) (DrainResult, error) {
+	ch := s.request(func(id lifecycle.ReqID) lifecycle.Event {
+		return lifecycle.DrainRequested{Req: id, Deadline: deadline}
+	})
+	select {
+	case rep := <-ch:
+		return rep.Drain, rep.Err
+	case <-ctx.Done():
+		return DrainResult{}, ctx.Err()
+	}
+}
+
 // ResetBreaker closes the pool's breakers (and lifts the hold of an
 // unreadable state file); a held restart happens now.
 func (s *Supervisor) ResetBreaker() {
-	s.post(func() {
-		if s.held != "" {
-			s.log.Warn("hold lifted by ResetBreaker: the pool starts with fresh counters", journal.PoolID, s.cfg.Pool)
-			s.held = ""
-			if s.snap.State == Failed && s.run == nil {
-				s.update(func(p *Snapshot) { p.State = Stopped })
-			}
-		}
-		now := time.Now()
-		s.emit(s.tracker.ResetBreaker(now))
-		if s.tracker.Status(now).Pending && s.drain == nil {
-			s.scheduleRestart(now)
-		}
-		s.update(func(*Snapshot) {})
-	})
+	s.post(func() { s.step(lifecycle.ResetBreakerRequested{}) })
 }
 
 // AllowRestart lets a held restart happen once, now.
 func (s *Supervisor) AllowRestart() error {
-	return s.call(func() error {
-		ev, err := s.tracker.AllowRestart(time.Now())
-		s.emit(ev)
-		if err == nil && s.drain == nil {
-			s.scheduleRestart(time.Now())
-		}
-		return err
+	rep := <-s.request(func(id lifecycle.ReqID) lifecycle.Event { return lifecycle.AllowRestartRequested{Req: id} })
+	return rep.Err
+}
+
+// XID reports an NVML critical XID event on one of the pool's GPUs: the
+// engine cannot be trusted any more and is restarted.
+func (s *Supervisor) XID(uuid string, xid uint64) {
+	s.post(func() {
+		s.step(lifecycle.Faulted{What: fmt.Sprintf("NVML: Xid %d on %s", xid, uuid), XID: true, Code: xid, GPU: uuid})
 	})
 }
 
-func (s *Supervisor) cancelRestart() {
-	if s.restartAt != nil {
-		s.restartAt.Stop()
-		s.restartAt = nil
-	}
-}
-
-func (s *Supervisor) scheduleRestart(at time.Time) {
-	s.cancelRestart()
-	var t *time.Timer
-	t = time.AfterFunc(time.Until(at), func() {
-		s.post(func() {
-			// A restart cancelled (or rescheduled) after the timer fired
-			// must not happen.
-			if s.restartAt == t {
-				s.restartDue()
-			}
-		})
-	})
-	s.restartAt = t
-}
-
-// armTick keeps one timer at the policy's next time-driven change.
-func (s *Supervisor) armTick() {
-	if s.tickAt != nil {
-		s.tickAt.Stop()
-		s.tickAt = nil
-	}
-	if next := s.tracker.NextTick(); !next.IsZero() {
-		s.tickAt = time.AfterFunc(time.Until(next), func() {
-			s.post(func() {
-				s.emit(s.tracker.Tick(time.Now()))
-				s.update(func(*Snapshot) {})
-			})
-		})
-	}
-}
-
-func (s *Supervisor) restartDue() {
-	s.restartAt = nil
-	if s.run != nil || s.drain != nil || s.reload != nil || s.staging != nil || s.pending != nil {
-		return
-	}
-	now := time.Now()
-	pm, err := s.tracker.Restart(now)
-	s.emit(pm.Events)
-	var r *policy.Refusal
-	switch {
-	case errors.As(err, &r):
-		s.update(func(p *Snapshot) { p.State, p.NextRestart = Failed, r.RetryAt })
-		if !r.RetryAt.IsZero() {
-			s.scheduleRestart(r.RetryAt)
-		}
-		return
-	case err != nil:
-		return
-	}
-	s.startEngine(false, s.startFailed)
-}
-
-// startFailed counts a restart that could not start an engine as a crash.
-func (s *Supervisor) startFailed(err error) {
-	if err != nil && !errors.Is(err, ErrBusy) {
-		s.crashed(crash.StartFailure, safetext.Bound(err.Error()), nil, 0)
-	}
-}
-
-// stageRef is the model the next engine loads (a reload's, an adopted
-// engine's, else the configured one) and the digest it must have: the
-// configured ModelDigest pins the configured model only.
-func (s *Supervisor) stageRef() (ref, want string) {
-	if s.current.Ref != "" && s.current.Ref != s.cfg.Model {
-		return s.current.Ref, ""
-	}
-	return s.cfg.Model, s.cfg.ModelDigest
-}
-
-// startOp is an engine start whose model is being staged.
-type startOp struct {
-	candidate bool
-	done      func(error)
-}
-
-// startEngine starts an engine: its model is staged before every start
-// (cheap when the source is unchanged; a source changed since it was
-// staged is hashed and staged again), off the loop, for hashing a big
-// model takes minutes and the pool must keep answering. done hears, on
-// the loop, whether the engine process runs.
-func (s *Supervisor) startEngine(candidate bool, done func(error)) {
-	s.update(func(p *Snapshot) { p.State, p.NextRestart, p.HealthFailures = Starting, time.Time{}, nil })
-	op := &startOp{candidate: candidate, done: done}
-	s.staging = op
-	ref, want := s.stageRef()
+// stage stages a start's model off the loop, for hashing a big model takes
+// minutes and the pool must keep answering; the next start waits for a
+// stop of the scope under way, which must not reach the next engine.
+func (s *Supervisor) stage(a lifecycle.Stage) {
 	stopped := s.stopping
 	go func() {
 		if stopped != nil {
 			<-stopped
 		}
-		st, err := s.cfg.Stager.Stage(ref, want)
-		s.post(func() { s.staged(op, st, err) })
+		st, err := s.cfg.Stager.Stage(a.Ref, a.Want)
+		s.post(func() { s.step(lifecycle.ModelStaged{Run: a.Run, Staged: st, Err: err}) })
 	}()
 }
 
-// staged goes on with a start once its model is staged, unless a drain
-// called the start off meanwhile.
-func (s *Supervisor) staged(op *startOp, st model.Staged, err error) {
-	if s.staging != op {
-		return
-	}
-	s.staging = nil
-	if err != nil {
-		s.update(func(p *Snapshot) { p.State, p.LastError = Failed, safetext.Bound(err.Error()) })
-		op.done(err)
-		return
-	}
-	s.current = st
-	op.done(s.launch(op.candidate))
-}
-
-// cancelStart calls off a start whose model is still being staged.
-func (s *Supervisor) cancelStart(why string) {
-	if op := s.staging; op != nil {
-		s.staging = nil
-		op.done(fmt.Errorf("start of pool %s called off: %s: %w", s.cfg.Pool, why, ErrBusy))
-	}
-}
-
-// launch starts the engine on the staged s.current.
-func (s *Supervisor) launch(candidate bool) error {
-	st := s.current
+// launch starts the engine of a run on its staged model, on the loop, and
+// tells the machine at once.
+func (s *Supervisor) launch(a lifecycle.Launch) {
+	st := a.Staged
 	if len(s.cfg.VersionCommand) > 0 {
 		// Asked beside the start, not before it: a version command that
 		// initialises a GPU runtime takes seconds, and the pool's loop
@@ -623,12 +596,12 @@ func (s *Supervisor) launch(candidate bool) error {
 	}
 	spec := s.cfg.Build(st.Path)
 	started := time.Now()
-	spec.Note, _ = json.Marshal(startNote{Model: st.Ref, Digest: st.Digest, StagedPath: st.Path, Candidate: candidate, StartedAt: started})
+	spec.Note, _ = json.Marshal(startNote{Model: st.Ref, Digest: st.Digest, StagedPath: st.Path, Candidate: a.Candidate, StartedAt: started})
 	for _, n := range spec.DeviceNodes {
 		if _, err := os.Stat(n); err != nil {
 			err = fmt.Errorf("GPU device node %s is missing (is the NVIDIA driver loaded?): %w", n, err)
-			s.update(func(p *Snapshot) { p.State, p.LastError = Failed, safetext.Bound(err.Error()) })
-			return err
+			s.step(lifecycle.StartFailed{Run: a.Run, Err: err})
+			return
 		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -636,46 +609,58 @@ func (s *Supervisor) launch(candidate bool) error {
 	t0 := time.Now()
 	e, err := s.rt.Start(startCtx, spec)
 	stop()
-	if err == nil {
-		// How long from the decision to start to an engine running in its
-		// scope: the restart overhead make bench reports.
-		s.log.Info("engine process started", journal.PoolID, s.cfg.Pool, "START_USEC", time.Since(t0).Microseconds(), journal.Unit, e.Unit)
-	}
 	if err != nil {
 		cancel()
-		s.update(func(p *Snapshot) { p.State, p.LastError = Failed, safetext.Bound(err.Error()) })
-		return err
+		s.step(lifecycle.StartFailed{Run: a.Run, Err: err})
+		return
 	}
-	r := &run{e: e, ctx: ctx, cancel: cancel, started: time.Now(), staged: st, candidate: candidate, exited: make(chan struct{})}
-	s.run = r
-	s.update(func(p *Snapshot) {
-		p.Live, p.MainPID, p.Starts = true, e.PID, p.Starts+1
-		p.ModelDigest, p.StagedPath = st.Digest, st.Path
-	})
+	// How long from the decision to start to an engine running in its
+	// scope: the restart overhead make bench reports.
+	s.log.Info("engine process started", journal.PoolID, s.cfg.Pool, journal.StartUsec, time.Since(t0).Microseconds(), journal.Unit, e.Unit)
+	r := &run{id: a.Run, e: e, ctx: ctx, cancel: cancel, started: time.Now(), staged: st, exited: make(chan struct{})}
+	s.adoptHandle(r)
+	s.step(lifecycle.EngineStarted{Run: a.Run, PID: e.PID})
+}
+
+// adoptHandle makes r the process behind its run id and forwards its
+// shim's reports to the loop.
+func (s *Supervisor) adoptHandle(r *run) {
+	s.runs[r.id] = r
 	go func() {
-		for ev := range e.Events() {
+		for ev := range r.e.Events() {
 			s.post(func() { s.engineEvent(r, ev) })
 		}
 	}()
-	go s.probe(r)
-	return nil
 }
 
-// versionKnown records what VersionCommand said; a record written before
-// it came is written again.
+// engineEvent is the shim's report on a run.
+func (s *Supervisor) engineEvent(r *run, ev engine.Event) {
+	if ev.Fault != "" {
+		s.step(lifecycle.Faulted{Run: r.id, What: ev.Fault})
+		return
+	}
+	x := ev.Exit
+	if x == nil {
+		return
+	}
+	s.step(lifecycle.Exited{Run: r.id, Exit: lifecycle.Exit{
+		Status: x.Status, OOMKills: x.OOMKills, Lost: x.Lost, LostWhy: x.LostWhy, ShimSignal: x.ShimSignal, At: x.At,
+	}})
+	if s.runs[r.id] == r {
+		delete(s.runs, r.id)
+		r.cancel()
+		close(r.exited)
+	}
+}
+
+// versionKnown records what VersionCommand said.
 func (s *Supervisor) versionKnown(v string, err error) {
 	if err != nil {
 		s.log.Warn("VersionCommand failed", journal.PoolID, s.cfg.Pool, journal.Error, safetext.Bound(err.Error()))
 		return
 	}
 	// A version command's output is the engine's text.
-	if v = safetext.Bound(v); v == s.snap.EngineVersion {
-		return
-	}
-	s.update(func(p *Snapshot) { p.EngineVersion = v })
-	if r := s.run; r != nil && r.healthy && r.stopping == "" {
-		s.writeRecord(r)
-	}
+	s.step(lifecycle.VersionKnown{Version: safetext.Bound(v)})
 }
 
 // engineVersion runs the version command: "version: X" in its output (as
@@ -703,8 +688,6 @@ func engineVersion(argv []string) (string, error) {
 	return first, nil
 }
 
-// probe checks health: often until the engine first answers (bounded by
-// StartTimeout), then every Interval; it reports each result to the loop.
 // probeEpoch aligns the probes of healthy engines: they fall on multiples
 // of their interval from this one instant, so a daemon running many pools
 // wakes once per interval for all of them, not once per pool (as systemd
@@ -717,6 +700,8 @@ func untilProbe(now time.Time, every time.Duration) time.Duration {
 	return every - now.Sub(probeEpoch)%every
 }
 
+// probe checks health: often until the engine first answers (bounded by
+// StartTimeout), then every Interval; it reports each result to the loop.
 func (s *Supervisor) probe(r *run) {
 	h := s.cfg.Health
 	startEvery := min(h.Interval, 100*time.Millisecond)
@@ -749,20 +734,22 @@ func (s *Supervisor) probe(r *run) {
 		}
 		var foreign *sockdiag.ForeignError
 		if errors.As(err, &foreign) && !r.squatted.Swap(true) {
-			s.post(func() { s.squatterSeen(r, foreign) })
+			msg := foreign.Error()
+			s.post(func() { s.step(lifecycle.Squatted{Run: r.id, Msg: msg}) })
 		}
-		now := time.Now()
 		if !healthy {
 			if err == nil {
 				healthy = true
-				s.post(func() { s.becameHealthy(r, now) })
-			} else if now.After(deadline) {
-				s.post(func() { s.startTimedOut(r, err) })
+				s.post(func() { s.step(lifecycle.Healthy{Run: r.id}) })
+			} else if time.Now().After(deadline) {
+				err = fmt.Errorf("not healthy within StartTimeoutSec=%s: %w", s.cfg.Health.StartTimeout, err)
+				s.post(func() { s.step(lifecycle.StartTimedOut{Run: r.id, Err: err}) })
 				return
 			}
 			continue
 		}
-		s.post(func() { s.probed(r, now, err) })
+		r.failing.Store(err != nil)
+		s.post(func() { s.step(lifecycle.Probed{Run: r.id, Err: err}) })
 	}
 }
 
@@ -792,103 +779,16 @@ func (s *Supervisor) ownedByScope(r *run) health.Verify {
 	}
 }
 
-// squatterSeen says, once per run, that another process answers on the
-// engine's port: the pool is not Ready while it does.
-func (s *Supervisor) squatterSeen(r *run, err *sockdiag.ForeignError) {
-	if s.run != r {
-		return
-	}
-	msg := safetext.Bound("not ready: " + err.Error())
-	s.log.Warn("engine's port held by a process outside its scope", journal.PoolID, s.cfg.Pool, journal.Error, err.Error())
-	s.update(func(p *Snapshot) { p.LastError = msg })
-}
-
-func (s *Supervisor) becameHealthy(r *run, now time.Time) {
-	if s.run != r || r.stopping != "" {
-		return
-	}
-	r.healthy = true
-	if r.candidate {
-		s.reloadCandidateHealthy(r)
-		return
-	}
-	s.emit(s.tracker.Healthy(now))
-	s.update(func(p *Snapshot) {
-		// LastError stays: it is the last error, not the current one.
-		p.State, p.Ready, p.ReadyAt, p.LastHeartbeat = Ready, true, now, now
-	})
-	s.writeRecord(r)
-	s.log.Info("engine ready", journal.PoolID, s.cfg.Pool, journal.EngineVersion, s.snap.EngineVersion,
-		journal.Model, s.snap.Model, journal.DeviceMask, s.cfg.DeviceMask, "STARTUP_SEC", now.Sub(r.started).Seconds())
-}
-
-func (s *Supervisor) startTimedOut(r *run, err error) {
-	if s.run != r || r.stopping != "" {
-		return
-	}
-	r.lastProbe = fmt.Errorf("not healthy within StartTimeoutSec=%s: %w", s.cfg.Health.StartTimeout, err)
-	s.stopRun("start")
-}
-
-func (s *Supervisor) probed(r *run, now time.Time, err error) {
-	if s.run != r || r.stopping != "" {
-		return
-	}
-	r.failing.Store(err != nil)
-	if err == nil {
-		if len(r.failures) > 0 {
-			r.failures = nil
-			s.update(func(p *Snapshot) { p.HealthFailures, p.LastHeartbeat = nil, now })
-			return
-		}
-		// A heartbeat alone wakes nobody: it is read, not watched.
-		s.mu.Lock()
-		s.snap.LastHeartbeat = now
-		s.mu.Unlock()
-		return
-	}
-	r.failures = append(r.failures, now)
-	r.lastProbe = err
-	s.metrics.HealthCheckFailures.WithLabelValues(s.cfg.Pool).Inc()
-	fails := append([]time.Time(nil), r.failures...)
-	s.update(func(p *Snapshot) { p.HealthFailures = fails })
-	s.log.Warn("health probe failed", journal.PoolID, s.cfg.Pool, journal.FailureCount, len(fails), journal.Error, safetext.Bound(err.Error()))
-	if len(r.failures) >= s.cfg.Health.FailureThreshold {
-		s.stopRun("health")
-	}
-}
-
-// XID reports an NVML critical XID event on one of the pool's GPUs: the
-// engine cannot be trusted any more and is restarted.
-func (s *Supervisor) XID(uuid string, xid uint64) {
-	s.post(func() {
-		r := s.run
-		if r == nil || r.stopping != "" {
-			return
-		}
-		r.fault, r.xid = fmt.Sprintf("NVML: Xid %d on %s", xid, uuid), true
-		s.log.Error("GPU XID event", journal.PoolID, s.cfg.Pool, "XID", xid, "GPU", uuid)
-		s.stopRun("fault")
-	})
-}
-
-// stopRun stops the current engine in the background; its exit arrives as
-// an event like any other.
-func (s *Supervisor) stopRun(why string) {
-	r := s.run
-	if r == nil || r.stopping != "" {
-		return
-	}
-	r.stopping = why
-	r.cancel()
-	s.update(func(p *Snapshot) { p.Ready = false })
-	s.stopScope(r)
-}
-
-// stopScope stops the engine's scope in the background. The next start
-// waits for it: a stop by name must not reach the next engine's scope.
+// stopScope stops the engine's scope in the background (r nil: whatever
+// runs in it). The next start waits for it: a stop by name must not reach
+// the next engine's scope.
 func (s *Supervisor) stopScope(r *run) {
-	stopTimeout := s.cfg.Build(r.staged.Path).StopTimeout
+	staged := s.m.View(time.Now()).StagedPath
+	if r != nil {
+		r.cancel()
+		staged = r.staged.Path
+	}
+	stopTimeout := s.cfg.Build(staged).StopTimeout
 	done := make(chan struct{})
 	s.stopping = done
 	go func() {
@@ -901,206 +801,52 @@ func (s *Supervisor) stopScope(r *run) {
 	}()
 }
 
-func (s *Supervisor) engineEvent(r *run, ev engine.Event) {
-	if s.run != r {
-		return
+// Reload swaps the pool's model atomically: the ref is validated first
+// (a bad one changes nothing), the pool drained, the model staged, the old
+// engine stopped and the new one started and awaited; if the new engine
+// does not become healthy it is killed and the old model restored and
+// awaited, and the error says it rolled back and why. The same model as
+// running is a success that restarts nothing.
+func (s *Supervisor) Reload(ctx context.Context, ref string, drainDeadline time.Duration) (string, error) {
+	start := time.Now()
+	fail := func(reason string, err error) (string, error) {
+		s.metrics.ReloadFailure.WithLabelValues(s.cfg.Pool, reason).Inc()
+		s.metrics.ReloadDuration.WithLabelValues(s.cfg.Pool, "failure").Observe(time.Since(start).Seconds())
+		return "", err
 	}
-	if ev.Fault != "" {
-		r.fault = ev.Fault
-		s.log.Error("GPU fault in engine output", journal.PoolID, s.cfg.Pool, "LINE", safetext.Bound(ev.Fault))
-		s.stopRun("fault")
-		return
-	}
-	x := ev.Exit
-	if x == nil {
-		return
-	}
-	// Not live, not ready: said first, before any file is touched.
-	s.update(func(p *Snapshot) { p.Live, p.Ready, p.MainPID = false, false, 0 })
-	s.run = nil
-	r.cancel()
-	close(r.exited)
-	if x.Lost {
-		// Without its shim nothing reports on the engine any more (and a
-		// garbled report may come from an engine that still runs): the
-		// scope goes before anything else happens on its GPUs.
-		s.log.Error("engine's shim lost: stopping its scope", journal.PoolID, s.cfg.Pool, journal.Error, x.LostWhy)
-		s.stopScope(r)
-	}
-	uptime := x.At.Sub(r.started)
-	s.removeRecord()
-
-	switch {
-	case r.candidate:
-		s.reloadCandidateExited(r, x)
-		return
-	case r.stopping == "drain" || r.stopping == "reload":
-		s.engineStopped(r)
-		return
-	}
-	if r.stopping == stopOperator {
-		s.operatorStopped(r)
-		return
-	}
-	if s.rt != nil && s.rt.Witness != nil && r.stopping == "" && mayBeStopped(x) {
-		// An exit like this may be an operator's systemctl stop, which
-		// systemd tells a few milliseconds after the scope empties: its
-		// word decides, or holdExit without it.
-		p := &pendingExit{r: r, x: x, uptime: uptime}
-		p.timer = time.AfterFunc(holdExit, func() {
-			s.post(func() {
-				if s.pending == p {
-					s.settleExit(witness.NoCause)
-				}
-			})
-		})
-		s.pending = p
-		return
-	}
-	s.exited(r, x, uptime)
-}
-
-// stopOperator is run.stopping for a stop systemd reports and the daemon
-// did not ask for.
-const stopOperator = "operator"
-
-// holdExit bounds how long an exit that may be an operator's stop waits
-// for systemd's word.
-const holdExit = 500 * time.Millisecond
-
-// pendingExit is an exit waiting for systemd's word on it.
-type pendingExit struct {
-	r      *run
-	x      *engine.Exit
-	uptime time.Duration
-	timer  *time.Timer
-}
-
-// mayBeStopped says whether an exit looks like what a stop of the scope
-// does to an engine: SIGTERM, SIGKILL, a graceful exit (status 0), or the
-// shim gone with it.
-func mayBeStopped(x *engine.Exit) bool {
-	if x.Lost || (x.Status.Exited() && x.Status.ExitStatus() == 0) {
-		return true
-	}
-	return x.Status.Signaled() && (x.Status.Signal() == syscall.SIGTERM || x.Status.Signal() == syscall.SIGKILL)
-}
-
-// unitEvent is systemd's word on the engine's scope.
-func (s *Supervisor) unitEvent(ev witness.Event) {
-	switch {
-	case ev.Cause == witness.OperatorStop && (ev.Kind == witness.Stopping || ev.Kind == witness.Dead):
-		if r := s.run; r != nil && r.stopping == "" && !r.candidate {
-			r.stopping = stopOperator
-			r.cancel()
-			s.update(func(p *Snapshot) { p.Ready = false })
-		} else if s.pending != nil {
-			s.settleExit(witness.OperatorStop)
+	// A bad ref (*model.RefError) is the caller's; anything else (the
+	// engine's user unknown, a read error) is the host's.
+	refFail := func(err error) (string, error) {
+		var re *model.RefError
+		if errors.As(err, &re) {
+			return fail("invalid_model", fmt.Errorf("%w: %v", ErrInvalidArgument, err))
 		}
-	case ev.Kind == witness.Dead && s.pending != nil:
-		s.settleExit(ev.Cause)
+		return fail("stage", fmt.Errorf("%w: %v (nothing changed)", ErrReloadFailed, err))
 	}
-}
-
-// settleExit classifies a held exit with what systemd said of it.
-func (s *Supervisor) settleExit(cause witness.Cause) {
-	p := s.pending
-	s.pending = nil
-	p.timer.Stop()
-	switch cause {
-	case witness.OperatorStop:
-		s.operatorStopped(p.r)
-	case witness.OOMKilled:
-		s.crashed(crash.OutOfMemory, "out of memory: systemd reports the scope's Result=oom-kill; "+describe("", p.r, p.x), p.x, p.uptime)
-		s.engineStopped(p.r)
-	default:
-		s.exited(p.r, p.x, p.uptime)
+	src, err := s.cfg.Stager.Resolve(ref)
+	if err != nil {
+		return refFail(err)
 	}
-}
-
-// operatorStopped honours a stop of the scope that the daemon did not ask
-// for, as systemd honours one: stopped, not restarted, no crash.
-func (s *Supervisor) operatorStopped(r *run) {
-	s.log.Warn("engine's scope stopped by an operator (systemctl stop): not restarted until Start", journal.PoolID, s.cfg.Pool,
-		journal.Unit, r.e.Unit)
-	s.emit(s.tracker.Stopped(time.Now()))
-	s.revokeLeases("the engine's scope was stopped")
-	s.update(func(p *Snapshot) { p.State, p.LastError = Stopped, "stopped by an operator: systemctl stop "+r.e.Unit })
-	s.engineStopped(r)
-}
-
-// exited handles an exit nobody asked for: status 0 is a graceful end,
-// anything else a crash.
-func (s *Supervisor) exited(r *run, x *engine.Exit, uptime time.Duration) {
-	reason, ok := classify(r, x)
-	if !ok {
-		s.log.Info("engine exited on its own with status 0: not restarted", journal.PoolID, s.cfg.Pool,
-			journal.ExitCode, 0, journal.UptimeSec, int64(uptime.Seconds()))
-		s.emit(s.tracker.Stopped(time.Now()))
-		s.revokeLeases("the engine exited")
-		s.update(func(p *Snapshot) { p.State, p.LastError = Stopped, "exited with status 0" })
-		s.engineStopped(r)
-		return
+	digest, err := s.cfg.Stager.Digest(src)
+	if err != nil {
+		return refFail(err)
 	}
-	s.crashed(reason, describe(reason, r, x), x, uptime)
-	s.engineStopped(r)
-}
-
-// crashed handles a crash: the pool is not live or ready, its leases are
-// gone with its engine, and the policy decides when it restarts (unless a
-// drain is under way: then it does not).
-func (s *Supervisor) crashed(reason crash.Reason, msg string, x *engine.Exit, uptime time.Duration) {
-	// It may quote the engine's output: valid UTF-8 and bounded before
-	// it reaches the journal and the bus.
-	msg = safetext.Bound(msg)
-	now := time.Now()
-	d := s.tracker.Crash(now, reason)
-	st := s.tracker.Status(now)
-	attrs := []any{
-		journal.MessageIDField, string(journal.MsgCrash), journal.PoolID, s.cfg.Pool,
-		journal.CrashReason, string(reason), journal.CrashCount, st.CrashCount, journal.RestartCount, st.RestartCount,
-		journal.FailureStreak, st.Streak,
-		journal.EngineVersion, s.snap.EngineVersion, journal.Model, s.snap.Model, journal.DeviceMask, s.cfg.DeviceMask,
-	}
-	if x != nil && x.Lost && x.ShimSignal != 0 {
-		attrs = append(attrs, journal.ExitSignal, signalName(x.ShimSignal))
-	}
-	if x != nil && !x.Lost {
-		if x.Status.Exited() {
-			attrs = append(attrs, journal.ExitCode, x.Status.ExitStatus())
-		} else if x.Status.Signaled() {
-			attrs = append(attrs, journal.ExitSignal, signalName(x.Status.Signal()))
-		}
-	}
-	if x != nil {
-		attrs = append(attrs, journal.UptimeSec, int64(uptime.Seconds()))
-	}
-	level := slog.LevelError
-	if reason == crash.OutOfMemory {
-		attrs[1] = string(journal.MsgOOM)
-		level = journal.LevelCritical
-	}
-	s.log.Log(context.Background(), level, "engine crashed: "+msg, attrs...)
-	s.revokeLeases("the engine crashed")
-	if s.drain != nil {
-		// A draining pool is not restarted.
-		s.emit(append(d.Events, s.tracker.Stopped(now)...))
-		s.update(func(p *Snapshot) { p.LastError, p.LastReason = msg, reason })
-		return
-	}
-	s.emit(d.Events)
-	state := Backoff
-	if s.held != "" {
-		d.Held, d.At = true, time.Time{}
-	}
-	if d.Held {
-		state = Failed
-	}
-	s.update(func(p *Snapshot) {
-		p.State, p.LastError, p.LastReason, p.NextRestart = state, msg, reason, d.At
-		p.Live, p.Ready = false, false
+	ch := s.request(func(id lifecycle.ReqID) lifecycle.Event {
+		return lifecycle.ReloadRequested{Req: id, Ref: ref, Digest: digest, Deadline: drainDeadline}
 	})
-	if !d.At.IsZero() {
-		s.scheduleRestart(d.At)
+	var rep lifecycle.Reply
+	select {
+	case rep = <-ch:
+	case <-ctx.Done():
+		return "", ctx.Err()
 	}
+	switch {
+	case rep.Err != nil && rep.Reason != "":
+		return fail(rep.Reason, rep.Err)
+	case rep.Err != nil:
+		return "", rep.Err
+	}
+	s.metrics.ReloadSuccess.WithLabelValues(s.cfg.Pool).Inc()
+	s.metrics.ReloadDuration.WithLabelValues(s.cfg.Pool, "success").Observe(time.Since(start).Seconds())
+	return ref, nil
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/bdd/capture"
 	"github.com/llorch/pool-managerd/internal/bdd/suite"
 	"github.com/llorch/pool-managerd/internal/journal"
+	lc "github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/sandbox"
 	"github.com/llorch/pool-managerd/internal/shim"
 	"github.com/llorch/pool-managerd/internal/supervisor"
@@ -240,17 +241,24 @@ func initCrashDetection(sc *godog.ScenarioContext) {
 		}
 		return err
 	})
-	sc.Step(`^the pool state is "([^"]+)"$`, func(want string) error {
+	sc.Step(`^the pool state is "([^"]+)"$`, func(name string) error {
 		p, _ := w.pool("")
+		want, err := lc.ParseState(name)
+		if err != nil {
+			return err
+		}
 		if p.snap.State != want {
 			return fmt.Errorf("pool state is %q, want %q", p.snap.State, want)
 		}
 		return nil
 	})
-	sc.Step(`^the pool state becomes "([^"]+)"$`, func(want string) error {
+	sc.Step(`^the pool state becomes "([^"]+)"$`, func(name string) error {
 		p, _ := w.pool("")
-		var err error
-		p.snap, err = p.Wait("state "+want, func(s supervisor.Snapshot) bool { return s.State == want })
+		want, err := lc.ParseState(name)
+		if err != nil {
+			return err
+		}
+		p.snap, err = p.Wait("state "+name, func(s supervisor.Snapshot) bool { return s.State == want })
 		return err
 	})
 	sc.Step(`^the crash count is (\d+)$`, func(n int) error {

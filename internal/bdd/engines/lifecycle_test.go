@@ -22,6 +22,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/bdd/capture"
 	"github.com/llorch/pool-managerd/internal/bdd/suite"
 	"github.com/llorch/pool-managerd/internal/journal"
+	lc "github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/testpool"
 )
@@ -328,7 +329,11 @@ func initLifecycle(sc *godog.ScenarioContext) {
 		}
 		return nil
 	})
-	sc.Step(`^the pool state is "([^"]+)"$`, func(want string) error {
+	sc.Step(`^the pool state is "([^"]+)"$`, func(name string) error {
+		want, err := lc.ParseState(name)
+		if err != nil {
+			return err
+		}
 		if s := w.pool.Snapshot().State; s != want {
 			return fmt.Errorf("pool state %q, want %q", s, want)
 		}

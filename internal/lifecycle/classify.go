@@ -1,4 +1,4 @@
-package supervisor
+package lifecycle
 
 import (
 	"fmt"
@@ -7,24 +7,23 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/llorch/pool-managerd/internal/crash"
-	"github.com/llorch/pool-managerd/internal/engine"
 )
 
-// classify adds to crash.Classify what only the supervisor knows: that it
-// killed the engine for failing its probes or its start.
-func classify(r *run, x *engine.Exit) (crash.Reason, bool) {
+// classify adds to crash.Classify what only the pool knows: that it
+// stopped the engine for failing its probes, its start or a GPU fault.
+func classify(r *run, x Exit) (crash.Reason, bool) {
 	if x.Lost {
 		return crash.Signal, true
 	}
 	reason, ok := crash.Classify(crash.Exit{Status: x.Status, OOMKilled: x.OOMKills > 0, CUDAFault: r.fault != ""})
 	switch r.stopping {
-	case "health":
+	case StopHealth:
 		if reason != crash.OutOfMemory && reason != crash.CUDAError {
 			return crash.HealthCheck, true
 		}
-	case "start":
+	case StopStartTimeout:
 		return crash.StartFailure, true
-	case "fault":
+	case StopFault:
 		if r.xid {
 			return crash.DriverXID, true
 		}
@@ -33,27 +32,32 @@ func classify(r *run, x *engine.Exit) (crash.Reason, bool) {
 	return reason, ok
 }
 
-func signalName(sig syscall.Signal) string {
+// SignalName is a signal's name as kill -l spells it, with SIG.
+func SignalName(sig syscall.Signal) string {
 	if n := unix.SignalName(sig); n != "" {
 		return n
 	}
 	return fmt.Sprintf("signal %d", int(sig))
 }
 
-func describe(reason crash.Reason, r *run, x *engine.Exit) string {
+// describe says what became of the engine, for LastError and the crash
+// entry.
+func describe(reason crash.Reason, r *run, x Exit) string {
 	ws := x.Status
 	how := ""
 	switch {
 	case x.Lost && x.ShimSignal != 0:
-		how = "the engine's whole scope was killed (its shim too, by " + signalName(x.ShimSignal) + ")"
+		how = "the engine's whole scope was killed (its shim too, by " + SignalName(x.ShimSignal) + ")"
 	case x.Lost && x.LostWhy == "":
 		how = "engine's shim lost: its scope is stopped"
+	case x.Lost && x.LostWhy == Vanished:
+		how = Vanished
 	case x.Lost:
 		how = "engine's shim lost (" + x.LostWhy + "): its scope is stopped"
 	case ws.Exited():
 		how = fmt.Sprintf("exited with status %d", ws.ExitStatus())
 	case ws.Signaled():
-		how = "killed by " + signalName(ws.Signal())
+		how = "killed by " + SignalName(ws.Signal())
 		if ws.CoreDump() {
 			how += " (core dumped)"
 		}
@@ -64,9 +68,9 @@ func describe(reason crash.Reason, r *run, x *engine.Exit) string {
 	case crash.CUDAError, crash.DriverXID:
 		return fmt.Sprintf("GPU fault: %q; %s", r.fault, how)
 	case crash.HealthCheck:
-		return fmt.Sprintf("health check failed %d times (%v); %s", len(r.failures), r.lastProbe, how)
+		return fmt.Sprintf("health check failed %d times (%s); %s", len(r.failures), r.lastProbe, how)
 	case crash.StartFailure:
-		return fmt.Sprintf("%v; %s", r.lastProbe, how)
+		return fmt.Sprintf("%s; %s", r.lastProbe, how)
 	}
 	return how
 }

@@ -1,0 +1,122 @@
+package lifecycle
+
+import (
+	"log/slog"
+	"time"
+
+	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/model"
+)
+
+// Action is something the supervisor must do, in the order given.
+type Action interface{ action() }
+
+type (
+	// Stage stages Ref (which must have digest Want, "" for any) for
+	// start Run, off the pool's loop and after any stop of the scope
+	// under way; ModelStaged reports it.
+	Stage struct {
+		Run       RunID
+		Ref, Want string
+	}
+	// Launch starts the engine of Run on Staged; EngineStarted or
+	// StartFailed reports it.
+	Launch struct {
+		Run       RunID
+		Staged    model.Staged
+		Candidate bool
+	}
+	// Watch starts probing Run's health; StartBy, when set, is when it
+	// must be healthy (else StartTimeoutSec from now).
+	Watch struct {
+		Run     RunID
+		StartBy time.Time
+	}
+	// Warmup sends Run its warm-up request; WarmedUp reports it.
+	Warmup struct{ Run RunID }
+	// StopProbes ends Run's probes: it is stopping or gone.
+	StopProbes struct{ Run RunID }
+	// StopScope stops Run's scope (SIGTERM, SIGKILL after the stop
+	// timeout) in the background; its exit comes as Exited.
+	StopScope struct{ Run RunID }
+	// WriteRecord writes the runtime record of Run (healthy) with Model
+	// as its ref and the leases held now.
+	WriteRecord struct {
+		Run   RunID
+		Model string
+	}
+	// RemoveRecord removes the runtime record.
+	RemoveRecord struct{}
+	// LeasesChanged: the leases in the record are stale (written in a
+	// batch, see the supervisor).
+	LeasesChanged struct{}
+	// ArmTimer arms Timer for At; a TimerFired with another Gen is stale.
+	ArmTimer struct {
+		Timer Timer
+		At    time.Time
+		Gen   uint64
+	}
+	// CancelTimer disarms Timer.
+	CancelTimer struct{ Timer Timer }
+	// Reply answers request Req.
+	Reply struct {
+		Req ReqID
+		Err error
+		// Drain is a drain's outcome.
+		Drain DrainResult
+		// Lease is a new lease's id; N the leases an OwnerGone released.
+		Lease string
+		N     int
+		// Same: a reload found its model already running.
+		Same bool
+		// Reason is a failed reload's metric label.
+		Reason string
+		// Staged is what a reload now serves.
+		Staged model.Staged
+	}
+	// Publish makes View the pool's published state.
+	Publish struct{ View View }
+	// Heartbeat records a good probe without waking anyone.
+	Heartbeat struct{ At time.Time }
+	// Journal writes events (policy decisions, crashes) and persists the
+	// policy state when Persist is set.
+	Journal struct {
+		Events  []journal.Event
+		Persist bool
+	}
+	// Log writes one entry; Engine adds the engine's version, model and
+	// device mask.
+	Log struct {
+		Level  slog.Level
+		Msg    string
+		Attrs  []any
+		Engine bool
+	}
+	// CountHealthFailure, CountForcedDrain and CountDrain feed metrics.
+	CountHealthFailure struct{}
+	CountForcedDrain   struct{}
+	CountDrain         struct {
+		Start  time.Time
+		Result DrainResult
+	}
+)
+
+func (Stage) action()              {}
+func (Launch) action()             {}
+func (Watch) action()              {}
+func (Warmup) action()             {}
+func (StopProbes) action()         {}
+func (StopScope) action()          {}
+func (WriteRecord) action()        {}
+func (RemoveRecord) action()       {}
+func (LeasesChanged) action()      {}
+func (ArmTimer) action()           {}
+func (CancelTimer) action()        {}
+func (Reply) action()              {}
+func (Publish) action()            {}
+func (Heartbeat) action()          {}
+func (Journal) action()            {}
+func (Log) action()                {}
+func (CountHealthFailure) action() {}
+func (CountForcedDrain) action()   {}
+func (CountDrain) action()         {}

@@ -1,0 +1,211 @@
+package lifecycle
+
+import (
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/witness"
+)
+
+type drainOp struct {
+	start      time.Time
+	deadlineAt time.Time
+	waiters    []ReqID
+	res        DrainResult
+	// reload is set when the drain is a reload's first step: its deadline
+	// aborts the reload instead of forcing the stop.
+	reload *reloadOp
+}
+
+// drainRequested stops new leases at once (Draining, not Ready), waits
+// until the last lease is released or the deadline passes (then revokes
+// them), stops the engine and answers with the outcome. A drain of a
+// stopped pool is drained at once; concurrent drains share one outcome.
+func (m *Machine) drainRequested(e DrainRequested) {
+	if d := m.drain; d != nil && d.reload == nil {
+		// One drain, one outcome; a later, shorter deadline (Stop during
+		// a drain) tightens it.
+		d.waiters = append(d.waiters, e.Req)
+		if at := m.now.Add(e.Deadline); m.armed[TimerDrainDeadline] && at.Before(d.deadlineAt) && d.res.LeasesDrainedAt.IsZero() {
+			m.armDeadline(d, e.Deadline)
+		}
+		return
+	}
+	if m.reload != nil || m.rollback != nil {
+		m.reply(Reply{Req: e.Req, Err: fmt.Errorf("pool %s is being reloaded: %w", m.cfg.Pool, ErrBusy)})
+		return
+	}
+	if m.pending != nil {
+		m.settleExit(witness.NoCause)
+	}
+	// No restart sneaks in during or after a drain.
+	m.cancelRestart()
+	m.cancelStart("the pool is being drained")
+	m.policy(m.tr.Stopped(m.now))
+	m.next = time.Time{}
+	if m.run == nil {
+		m.state = Stopped
+		res := DrainResult{Outcome: Drained, LeasesDrainedAt: m.now, Done: m.now}
+		m.do(CountDrain{Start: m.now, Result: res})
+		m.reply(Reply{Req: e.Req, Drain: res})
+		m.drainLogged(m.now, res)
+		return
+	}
+	d := &drainOp{start: m.now, waiters: []ReqID{e.Req}}
+	m.drain = d
+	m.state = Draining
+	m.awaitLeases(d, e.Deadline)
+}
+
+// awaitLeases finishes the lease phase of a drain now if no lease is held,
+// else when the last one is released or at the deadline.
+func (m *Machine) awaitLeases(d *drainOp, deadline time.Duration) {
+	n := len(m.leases)
+	if n == 0 {
+		m.leasesDrained(d)
+		return
+	}
+	m.log(slog.LevelWarn, fmt.Sprintf("draining with %d active lease(s) in flight", n), journal.ActiveLeases, n)
+	m.armDeadline(d, deadline)
+}
+
+func (m *Machine) armDeadline(d *drainOp, deadline time.Duration) {
+	d.deadlineAt = m.now.Add(deadline)
+	m.arm(TimerDrainDeadline, d.deadlineAt)
+}
+
+func (m *Machine) leasesDrained(d *drainOp) {
+	d.res.LeasesDrainedAt = m.now
+	m.disarm(TimerDrainDeadline)
+	if d.reload != nil {
+		m.reloadDrained()
+		return
+	}
+	if m.run == nil {
+		m.finishDrain()
+		return
+	}
+	m.stopRun(StopDrain)
+}
+
+func (m *Machine) drainDeadline(d *drainOp) {
+	if d.reload != nil {
+		// A reload does not force anything: it gives up, and the pool
+		// goes on serving on its old engine.
+		m.reloadAborted("drain_timeout", fmt.Errorf("pool %s: leases still held at the drain deadline: %w", m.cfg.Pool, ErrDrainTimeout))
+		return
+	}
+	d.res.Outcome = Forced
+	m.do(CountForcedDrain{})
+	m.revokeLeases("drain deadline passed")
+	if m.run == nil {
+		m.finishDrain()
+		return
+	}
+	m.stopRun(StopDrain)
+}
+
+func (m *Machine) finishDrain() {
+	d := m.drain
+	m.drain = nil
+	if d.res.Outcome == "" {
+		d.res.Outcome = Drained
+	}
+	d.res.Done = m.now
+	m.state = Stopped
+	// Counted before the callers hear of it, journaled after.
+	m.do(CountDrain{Start: d.start, Result: d.res})
+	for _, w := range d.waiters {
+		m.reply(Reply{Req: w, Drain: d.res})
+	}
+	m.drainLogged(d.start, d.res)
+}
+
+func (m *Machine) drainLogged(start time.Time, res DrainResult) {
+	var stop int64
+	if !res.LeasesDrainedAt.IsZero() {
+		stop = res.Done.Sub(res.LeasesDrainedAt).Microseconds()
+	}
+	m.log(slog.LevelInfo, "drain "+res.Outcome, journal.MessageIDField, string(journal.MsgDrainDone),
+		journal.Outcome, res.Outcome, journal.RevokedLeases, res.Revoked, journal.DurationSec, res.Done.Sub(start).Seconds(),
+		journal.EngineStopUsec, stop)
+}
+
+// ---- leases
+
+func (m *Machine) leaseRequested(e LeaseRequested) {
+	var err error
+	switch {
+	case m.drain != nil:
+		err = fmt.Errorf("pool %s is draining: %w", m.cfg.Pool, ErrDraining)
+	case !m.View(m.now).Ready:
+		err = fmt.Errorf("pool %s is %s: %w", m.cfg.Pool, m.state, ErrNotReady)
+	case m.cfg.Slots > 0 && uint32(len(m.leases)) >= m.cfg.Slots:
+		err = fmt.Errorf("pool %s has all %d slots leased: %w", m.cfg.Pool, m.cfg.Slots, ErrNoCapacity)
+	}
+	if err != nil {
+		m.reply(Reply{Req: e.Req, Err: err})
+		return
+	}
+	m.leases[e.ID] = e.Owner
+	m.do(LeasesChanged{})
+	m.reply(Reply{Req: e.Req, Lease: e.ID})
+}
+
+func (m *Machine) leaseReleased(e LeaseReleased) {
+	o, ok := m.leases[e.ID]
+	switch {
+	case !ok:
+		m.reply(Reply{Req: e.Req, Err: fmt.Errorf("lease %q: %w", e.ID, ErrNoSuchLease)})
+		return
+	case e.CheckOwner && o != e.Owner:
+		m.reply(Reply{Req: e.Req, Err: fmt.Errorf("lease %q: %w", e.ID, ErrNotOwner)})
+		return
+	}
+	delete(m.leases, e.ID)
+	m.do(LeasesChanged{})
+	m.reply(Reply{Req: e.Req})
+	m.lastLeaseGone()
+}
+
+func (m *Machine) ownerGone(e OwnerGone) {
+	n := 0
+	for id, o := range m.leases {
+		if o == e.Owner {
+			delete(m.leases, id)
+			n++
+		}
+	}
+	if n > 0 {
+		m.do(LeasesChanged{})
+	}
+	m.reply(Reply{Req: e.Req, N: n})
+	if n > 0 {
+		m.lastLeaseGone()
+	}
+}
+
+// lastLeaseGone completes a drain's lease phase the instant the last
+// lease goes: no polling.
+func (m *Machine) lastLeaseGone() {
+	if d := m.drain; d != nil && len(m.leases) == 0 && d.res.LeasesDrainedAt.IsZero() && d.res.Outcome != Forced {
+		m.leasesDrained(d)
+	}
+}
+
+// revokeLeases drops every lease (the engine is gone or a drain's
+// deadline passed).
+func (m *Machine) revokeLeases(why string) {
+	n := len(m.leases)
+	if n == 0 {
+		return
+	}
+	clear(m.leases)
+	if m.drain != nil {
+		m.drain.res.Revoked += n
+		m.drain.res.Outcome = Forced
+	}
+	m.log(slog.LevelWarn, fmt.Sprintf("%d lease(s) revoked: %s", n, why), journal.ActiveLeases, n)
+}

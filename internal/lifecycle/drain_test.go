@@ -1,0 +1,175 @@
+package lifecycle
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestDrainOfAStoppedPoolIsDrainedAtOnce(t *testing.T) {
+	p := newPool(t, nil)
+	req := p.request(func(id ReqID) Event { return DrainRequested{Req: id, Deadline: time.Minute} })
+	rep := p.reply(req)
+	require.NoError(t, rep.Err)
+	assert.Equal(t, Drained, rep.Drain.Outcome)
+	assert.Equal(t, Stopped, p.m.State())
+	_, stopped := find[StopScope](p.last)
+	assert.False(t, stopped, "nothing to stop")
+}
+
+// The drain table: how leases and the deadline decide the outcome.
+func TestDrainOutcomes(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		leases int
+		// release: the leases are given back before the deadline.
+		release bool
+		outcome string
+		revoked int
+	}{
+		{name: "no leases: the engine stops at once", outcome: Drained},
+		{name: "leases released before the deadline", leases: 2, release: true, outcome: Drained},
+		{name: "leases held past the deadline are revoked", leases: 3, outcome: Forced, revoked: 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPool(t, nil)
+			run := p.ready()
+			var ids []string
+			for i := range tc.leases {
+				id, err := p.lease(string(rune('a' + i)))
+				require.NoError(t, err)
+				ids = append(ids, id)
+			}
+			req := p.request(func(id ReqID) Event { return DrainRequested{Req: id, Deadline: 30 * time.Second} })
+			_, stopping := find[StopScope](p.last)
+			assert.Equal(t, Draining, p.m.State())
+			v := p.m.View(p.now)
+			assert.True(t, v.Draining)
+			assert.False(t, v.Ready, "a draining pool takes no lease")
+			_, err := p.lease("late")
+			assert.ErrorIs(t, err, ErrDraining)
+
+			assert.Equal(t, tc.leases == 0, stopping, "the engine stops once no lease holds it")
+			if tc.leases > 0 {
+				require.Contains(t, p.timers, TimerDrainDeadline)
+				if tc.release {
+					for i, id := range ids {
+						p.advance(time.Second)
+						p.request(func(r ReqID) Event { return LeaseReleased{Req: r, ID: id} })
+						_, stopping = find[StopScope](p.last)
+						assert.Equal(t, i == len(ids)-1, stopping, "stopped the instant the last lease goes, not before")
+					}
+					assert.NotContains(t, p.timers, TimerDrainDeadline, "the deadline is disarmed")
+				} else {
+					acts := p.fire(TimerDrainDeadline)
+					_, counted := find[CountForcedDrain](acts)
+					assert.True(t, counted)
+					_, stopping = find[StopScope](acts)
+					assert.True(t, stopping)
+				}
+			}
+			p.noReply(req)
+			p.advance(time.Second)
+			p.exit(run, killedBy(15))
+			rep := p.reply(req)
+			require.NoError(t, rep.Err)
+			assert.Equal(t, tc.outcome, rep.Drain.Outcome)
+			assert.Equal(t, tc.revoked, rep.Drain.Revoked)
+			assert.Equal(t, tc.revoked > 0, rep.Drain.LeasesDrainedAt.IsZero())
+			assert.Equal(t, Stopped, p.m.State())
+			v = p.m.View(p.now)
+			assert.False(t, v.Live || v.Ready || v.Draining)
+			assert.Zero(t, v.ActiveLeases)
+			assert.Zero(t, v.CrashCount, "a drain's stop is no crash")
+			_, restart := p.timers[TimerRestart]
+			assert.False(t, restart, "a drained pool is not restarted")
+		})
+	}
+}
+
+func TestConcurrentDrainsShareOneOutcomeAndAShorterDeadlineTightens(t *testing.T) {
+	p := newPool(t, nil)
+	run := p.ready()
+	_, err := p.lease("router")
+	require.NoError(t, err)
+	first := p.request(func(id ReqID) Event { return DrainRequested{Req: id, Deadline: time.Minute} })
+	long := p.timers[TimerDrainDeadline].At
+	second := p.request(func(id ReqID) Event { return DrainRequested{Req: id, Deadline: 0} })
+	assert.True(t, p.timers[TimerDrainDeadline].At.Before(long), "Stop during a drain tightens its deadline")
+	p.fire(TimerDrainDeadline)
+	p.exit(run, killedBy(15))
+	a, b := p.reply(first), p.reply(second)
+	assert.Equal(t, Forced, a.Drain.Outcome)
+	assert.Equal(t, a.Drain, b.Drain)
+}
+
+func TestDrainCancelsAScheduledRestart(t *testing.T) {
+	p := newPool(t, nil)
+	run := p.ready()
+	p.exit(run, exitStatus(3))
+	require.Equal(t, Backoff, p.m.State())
+	restart := p.timers[TimerRestart]
+	req := p.request(func(id ReqID) Event { return DrainRequested{Req: id} })
+	assert.Equal(t, Drained, p.reply(req).Drain.Outcome)
+	assert.NotContains(t, p.timers, TimerRestart)
+	// The old timer fires anyway (it was already on its way): stale.
+	p.now = restart.At
+	acts := p.step(TimerFired{Timer: TimerRestart, Gen: restart.Gen})
+	_, staged := find[Stage](acts)
+	assert.False(t, staged, "a drained pool does not restart")
+	assert.Equal(t, Stopped, p.m.State())
+	assert.Zero(t, p.m.View(p.now).NextRestart)
+}
+
+func TestCrashDuringADrainIsCountedNotRestarted(t *testing.T) {
+	p := newPool(t, nil)
+	run := p.ready()
+	_, err := p.lease("router")
+	require.NoError(t, err)
+	req := p.request(func(id ReqID) Event { return DrainRequested{Req: id, Deadline: time.Minute} })
+	p.exit(run, exitStatus(1))
+	rep := p.reply(req)
+	assert.Equal(t, Forced, rep.Drain.Outcome, "its lease went with the engine")
+	assert.Equal(t, 1, rep.Drain.Revoked)
+	v := p.m.View(p.now)
+	assert.Equal(t, uint64(1), v.CrashCount)
+	assert.Equal(t, Stopped, v.State)
+	assert.NotContains(t, p.timers, TimerRestart)
+}
+
+func TestLeaseRules(t *testing.T) {
+	p := newPool(t, func(c *Config) { c.Slots = 2 })
+	_, err := p.lease("early")
+	assert.ErrorIs(t, err, ErrNotReady, "no lease on a stopped pool")
+	run := p.ready()
+	a, err := p.lease("r1")
+	require.NoError(t, err)
+	_, err = p.lease("r1")
+	require.NoError(t, err)
+	_, err = p.lease("r2")
+	assert.ErrorIs(t, err, ErrNoCapacity)
+
+	rel := func(id, owner string, check bool) error {
+		req := p.request(func(r ReqID) Event { return LeaseReleased{Req: r, ID: id, Owner: owner, CheckOwner: check} })
+		return p.reply(req).Err
+	}
+	assert.ErrorIs(t, rel("p/none", "", false), ErrNoSuchLease)
+	assert.ErrorIs(t, rel(a, "r2", true), ErrNotOwner)
+	assert.Equal(t, uint32(2), p.m.View(p.now).ActiveLeases, "refusals change nothing")
+	require.NoError(t, rel(a, "r1", true))
+	assert.ErrorIs(t, rel(a, "r1", true), ErrNoSuchLease, "released once")
+
+	req := p.request(func(r ReqID) Event { return OwnerGone{Req: r, Owner: "r1"} })
+	assert.Equal(t, 1, p.reply(req).N)
+	assert.Zero(t, p.m.View(p.now).ActiveLeases)
+
+	_, err = p.lease("r3")
+	require.NoError(t, err)
+	p.exit(run, exitStatus(2))
+	assert.Zero(t, p.m.View(p.now).ActiveLeases, "a crash revokes the leases")
+	_, err = p.lease("r3")
+	assert.True(t, errors.Is(err, ErrNotReady))
+}

@@ -1,0 +1,158 @@
+package lifecycle
+
+import (
+	"time"
+
+	"github.com/llorch/pool-managerd/internal/model"
+	"github.com/llorch/pool-managerd/internal/witness"
+)
+
+// Event is something that happened to the pool; Machine.Step takes one.
+type Event interface{ event() }
+
+// Requests from callers. Each is answered by one Reply with its Req.
+type (
+	// StartRequested: Start a stopped or failed pool.
+	StartRequested struct{ Req ReqID }
+	// DrainRequested: drain the pool, revoking leases at Deadline
+	// (Stop is a drain with deadline 0).
+	DrainRequested struct {
+		Req      ReqID
+		Deadline time.Duration
+	}
+	// ReloadRequested: swap the model for Ref (already resolved, with
+	// Digest) after a drain bounded by Deadline.
+	ReloadRequested struct {
+		Req      ReqID
+		Ref      string
+		Digest   string
+		Deadline time.Duration
+	}
+	// ResetBreakerRequested closes the breakers and lifts a hold.
+	ResetBreakerRequested struct{}
+	// AllowRestartRequested lets one held restart happen now.
+	AllowRestartRequested struct{ Req ReqID }
+	// LeaseRequested takes lease ID (chosen by the caller) for Owner.
+	LeaseRequested struct {
+		Req       ReqID
+		ID, Owner string
+	}
+	// LeaseReleased gives lease ID back; with CheckOwner only Owner may.
+	LeaseReleased struct {
+		Req        ReqID
+		ID, Owner  string
+		CheckOwner bool
+	}
+	// OwnerGone releases every lease of Owner; the reply's N counts them.
+	OwnerGone struct {
+		Req   ReqID
+		Owner string
+	}
+	// Adopted: an engine a previous daemon left running is taken over.
+	Adopted struct {
+		Req     ReqID
+		Run     RunID
+		PID     int
+		Started time.Time
+		Staged  model.Staged
+		// EngineVersion as the record kept it ("" to keep the one known).
+		EngineVersion string
+		// Leases kept of those the record held (their owners are still
+		// there), and how many it held.
+		Leases     map[string]string
+		RecordHeld int
+		// Starting: it had no record, so it was still starting.
+		Starting bool
+		// StartBy, when set, is when it must be healthy.
+		StartBy time.Time
+	}
+)
+
+// Reports of the engine, its prober and its start.
+type (
+	// ModelStaged: the model of start Run is staged (or could not be).
+	ModelStaged struct {
+		Run    RunID
+		Staged model.Staged
+		Err    error
+	}
+	// EngineStarted: the engine process of Run runs in its scope.
+	EngineStarted struct {
+		Run RunID
+		PID int
+	}
+	// StartFailed: the engine of Run could not be started.
+	StartFailed struct {
+		Run RunID
+		Err error
+	}
+	// Healthy: Run answered its first health probe.
+	Healthy struct{ Run RunID }
+	// WarmedUp: Run answered its warm-up request (Err if it did not).
+	WarmedUp struct {
+		Run RunID
+		Err error
+	}
+	// Probed: a health probe of a healthy Run (Err if it failed).
+	Probed struct {
+		Run RunID
+		Err error
+	}
+	// StartTimedOut: Run was not healthy within its start timeout.
+	StartTimedOut struct {
+		Run RunID
+		Err error
+	}
+	// Faulted: a GPU fault in Run's output, or an XID on its GPU.
+	Faulted struct {
+		// Run is 0 for an XID: it concerns whatever runs.
+		Run  RunID
+		What string
+		XID  bool
+		// Code and GPU name an XID and the GPU it came from.
+		Code uint64
+		GPU  string
+	}
+	// Squatted: another process answers on Run's port.
+	Squatted struct {
+		Run RunID
+		Msg string
+	}
+	// Exited: Run's engine process ended.
+	Exited struct {
+		Run  RunID
+		Exit Exit
+	}
+	// VersionKnown: the engine's version command answered.
+	VersionKnown struct{ Version string }
+	// UnitChanged is systemd's word on the engine's scope.
+	UnitChanged struct{ Event witness.Event }
+	// TimerFired: an armed timer is due; Gen is the ArmTimer's.
+	TimerFired struct {
+		Timer Timer
+		Gen   uint64
+	}
+)
+
+func (StartRequested) event()        {}
+func (DrainRequested) event()        {}
+func (ReloadRequested) event()       {}
+func (ResetBreakerRequested) event() {}
+func (AllowRestartRequested) event() {}
+func (LeaseRequested) event()        {}
+func (LeaseReleased) event()         {}
+func (OwnerGone) event()             {}
+func (Adopted) event()               {}
+func (ModelStaged) event()           {}
+func (EngineStarted) event()         {}
+func (StartFailed) event()           {}
+func (Healthy) event()               {}
+func (WarmedUp) event()              {}
+func (Probed) event()                {}
+func (StartTimedOut) event()         {}
+func (Faulted) event()               {}
+func (Squatted) event()              {}
+func (Exited) event()                {}
+func (VersionKnown) event()          {}
+func (UnitChanged) event()           {}
+func (TimerFired) event()            {}

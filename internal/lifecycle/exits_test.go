@@ -1,0 +1,253 @@
+package lifecycle
+
+import (
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/pool-managerd/internal/crash"
+	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/policy"
+	"github.com/llorch/pool-managerd/internal/witness"
+)
+
+// crashEntries returns the crash entries journaled by acts.
+func crashEntries(acts []Action) []policy.Crashed {
+	var out []policy.Crashed
+	for _, j := range all[Journal](acts) {
+		for _, e := range j.Events {
+			if c, ok := e.(policy.Crashed); ok {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
+
+func unit(kind witness.Kind, cause witness.Cause) Event {
+	return UnitChanged{Event: witness.Event{Kind: kind, Cause: cause, Invocation: "inv-now"}}
+}
+
+// Each exit is counted once, whichever witness speaks first, and
+// classified by what both say.
+func TestEveryExitIsClassifiedOnceWhicheverWitnessSpeaksFirst(t *testing.T) {
+	type step func(p *pool, run RunID)
+	shim := func(x Exit) step { return func(p *pool, run RunID) { p.exit(run, x) } }
+	systemd := func(k witness.Kind, c witness.Cause) step { return func(p *pool, run RunID) { p.step(unit(k, c)) } }
+	hold := func(p *pool, _ RunID) { p.fire(TimerHoldExit) }
+	for _, tc := range []struct {
+		name   string
+		steps  []step
+		state  State
+		reason crash.Reason
+		// crashed: counted as a crash; signal: the journal names it.
+		crashed bool
+		signal  string
+		lastErr string
+	}{
+		{name: "a crash the shim reports alone", steps: []step{shim(exitStatus(3))},
+			state: Backoff, reason: crash.ExitCode, crashed: true, lastErr: "exited with status 3"},
+		{name: "SIGKILL of the engine, systemd silent: the shim's word after the hold",
+			steps: []step{shim(killedBy(syscall.SIGKILL)), hold}, state: Backoff, reason: crash.Signal, crashed: true, signal: "SIGKILL"},
+		{name: "systemctl stop: the shim first, then systemd names the operator",
+			steps: []step{shim(killedBy(syscall.SIGTERM)), systemd(witness.Dead, witness.OperatorStop)}, state: Stopped,
+			lastErr: "stopped by an operator: systemctl stop pool-engine-p.scope"},
+		{name: "systemctl stop: systemd first",
+			steps: []step{systemd(witness.Stopping, witness.OperatorStop), shim(killedBy(syscall.SIGTERM)), systemd(witness.Dead, witness.OperatorStop)},
+			state: Stopped, lastErr: "stopped by an operator"},
+		{name: "systemctl kill of the whole scope: the shim lost, reaped by SIGKILL",
+			steps: []step{shim(Exit{Lost: true, LostWhy: "the shim ended without reporting the engine's exit", ShimSignal: syscall.SIGKILL}), systemd(witness.Dead, witness.Emptied)},
+			state: Backoff, reason: crash.Signal, crashed: true, signal: "SIGKILL", lastErr: "whole scope was killed"},
+		{name: "Result=oom-kill after the shim's SIGKILL",
+			steps: []step{shim(killedBy(syscall.SIGKILL)), systemd(witness.Dead, witness.OOMKilled)},
+			state: Backoff, reason: crash.OutOfMemory, crashed: true, signal: "SIGKILL", lastErr: "Result=oom-kill"},
+		{name: "Result=oom-kill before the shim's report",
+			steps: []step{systemd(witness.Dead, witness.OOMKilled), shim(killedBy(syscall.SIGKILL))},
+			state: Backoff, reason: crash.OutOfMemory, crashed: true, signal: "SIGKILL", lastErr: "Result=oom-kill"},
+		{name: "the scope vanished and the shim never reported",
+			steps: []step{systemd(witness.Removed, witness.Vanished), hold},
+			state: Backoff, reason: crash.Signal, crashed: true, lastErr: "scope vanished"},
+		{name: "the shim reports after systemd, before the hold ends",
+			steps: []step{systemd(witness.Dead, witness.Emptied), shim(exitStatus(9))},
+			state: Backoff, reason: crash.ExitCode, crashed: true, lastErr: "exited with status 9"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPool(t, nil)
+			run := p.ready()
+			p.step(unit(witness.Started, witness.NoCause))
+			var acts []Action
+			for _, s := range tc.steps {
+				s(p, run)
+				acts = append(acts, p.last...)
+			}
+			// Anything either witness says later changes nothing.
+			p.step(unit(witness.Removed, witness.Vanished))
+			acts = append(acts, p.last...)
+			if _, armed := p.timers[TimerHoldExit]; armed {
+				acts = append(acts, p.fire(TimerHoldExit)...)
+			}
+			p.exit(run, killedBy(syscall.SIGKILL))
+			acts = append(acts, p.last...)
+
+			v := p.m.View(p.now)
+			assert.Equal(t, tc.state, v.State)
+			assert.Contains(t, v.LastError, tc.lastErr)
+			entries := crashEntries(acts)
+			if !tc.crashed {
+				assert.Zero(t, v.CrashCount, "no crash counted")
+				assert.Empty(t, entries)
+				assert.NotContains(t, p.timers, TimerRestart, "not restarted")
+				return
+			}
+			assert.Equal(t, uint64(1), v.CrashCount, "counted exactly once")
+			require.Len(t, entries, 1, "one crash entry")
+			e := entries[0]
+			assert.Equal(t, tc.reason, e.Reason)
+			assert.Equal(t, tc.reason, v.LastReason)
+			assert.Equal(t, tc.signal, e.ExitSignal)
+			assert.Equal(t, v.LastError, e.Detail)
+			assert.Contains(t, p.timers, TimerRestart, "restarted after its backoff")
+		})
+	}
+}
+
+// A scope keeps its name across starts: a late word on the scope of an
+// engine that is gone does not end the one running now.
+func TestALateWordOnAnEarlierScopeIsNotAboutTheEngineRunningNow(t *testing.T) {
+	p := newPool(t, nil)
+	run := p.ready()
+	p.step(unit(witness.Started, witness.NoCause))
+	for _, c := range []witness.Cause{witness.OurStop, witness.Emptied, witness.Vanished, witness.OperatorStop} {
+		p.step(UnitChanged{Event: witness.Event{Kind: witness.Dead, Cause: c, Invocation: "inv-before"}})
+		p.step(UnitChanged{Event: witness.Event{Kind: witness.Removed, Cause: c, Invocation: "inv-before"}})
+	}
+	p.step(unit(witness.Dead, witness.OurStop))
+	assert.NotContains(t, p.timers, TimerHoldExit)
+	v := p.m.View(p.now)
+	assert.Equal(t, Ready, v.State)
+	assert.True(t, v.Ready)
+	p.step(Probed{Run: run})
+	_, beat := find[Heartbeat](p.last)
+	assert.True(t, beat, "still watched")
+}
+
+// The crash entry is written once, by the policy's Crashed, with what the
+// pool knows; no other entry repeats it.
+func TestTheCrashEntryHasOneRenderer(t *testing.T) {
+	p := newPool(t, func(c *Config) { c.DeviceMask = "0"; c.EngineVersion = "b4000" })
+	run := p.ready()
+	p.advance(90 * time.Second)
+	acts := p.exit(run, Exit{Status: syscall.WaitStatus(syscall.SIGKILL), OOMKills: 1})
+	entries := crashEntries(acts)
+	require.Len(t, entries, 1)
+	e := entries[0]
+	assert.Equal(t, journal.MsgOOM, e.MessageID(), "an OOM kill has its own MESSAGE_ID")
+	assert.Equal(t, journal.LevelCritical, e.Level())
+	assert.Equal(t, "engine crashed: "+e.Detail, e.Message())
+	assert.Equal(t, 90*time.Second, e.Uptime)
+	attrs := map[string]string{}
+	for _, a := range e.Attrs() {
+		attrs[a.Key] = a.Value.String()
+	}
+	assert.Equal(t, map[string]string{
+		journal.CrashReason: "out_of_memory", journal.CrashCount: "1", journal.RestartCount: "0", journal.FailureStreak: "1",
+		journal.EngineVersion: "b4000", journal.Model: "m.gguf", journal.DeviceMask: "0", journal.ExitSignal: "SIGKILL",
+		journal.UptimeSec: "90",
+	}, attrs)
+	for _, l := range all[Log](acts) {
+		assert.NotContains(t, l.Msg, "crashed", "the crash is journaled once")
+	}
+}
+
+func TestHealthFailuresStopTheEngineAtTheThreshold(t *testing.T) {
+	p := newPool(t, nil)
+	run := p.ready()
+	for i := 1; i <= 3; i++ {
+		p.advance(time.Second)
+		p.step(Probed{Run: run, Err: assert.AnError})
+		_, stopping := find[StopScope](p.last)
+		assert.Equal(t, i == 3, stopping, "probe %d", i)
+		assert.Len(t, p.m.View(p.now).HealthFailures, i)
+	}
+	assert.False(t, p.m.View(p.now).Ready, "not ready while it is stopped")
+	// Probes of a stopping engine are not counted again.
+	p.step(Probed{Run: run, Err: assert.AnError})
+	assert.Len(t, p.m.View(p.now).HealthFailures, 3)
+	p.exit(run, killedBy(syscall.SIGTERM))
+	v := p.m.View(p.now)
+	assert.Equal(t, crash.HealthCheck, v.LastReason)
+	assert.Equal(t, Backoff, v.State)
+}
+
+func TestAGoodProbeIsAQuietHeartbeat(t *testing.T) {
+	p := newPool(t, nil)
+	run := p.ready()
+	p.advance(time.Second)
+	acts := p.step(Probed{Run: run})
+	_, published := find[Publish](acts)
+	assert.False(t, published, "a heartbeat wakes nobody")
+	hb, ok := find[Heartbeat](acts)
+	require.True(t, ok)
+	assert.Equal(t, p.now, hb.At)
+}
+
+func TestWarmingComesBetweenHealthyAndReady(t *testing.T) {
+	p := newPool(t, func(c *Config) { c.Warmup = true })
+	req := p.request(func(id ReqID) Event { return StartRequested{Req: id} })
+	run := p.launchStaged(staged("m.gguf", "sha256:a"), 100)
+	require.NoError(t, p.reply(req).Err)
+	p.step(Healthy{Run: run})
+	_, warming := find[Warmup](p.last)
+	assert.True(t, warming)
+	assert.Equal(t, Warming, p.m.State())
+	assert.False(t, p.m.View(p.now).Ready)
+	_, err := p.lease("early")
+	assert.ErrorIs(t, err, ErrNotReady)
+	p.step(WarmedUp{Run: run})
+	assert.Equal(t, Ready, p.m.State())
+	assert.True(t, p.m.View(p.now).Ready)
+}
+
+func TestAHeldPoolStartsOnlyAfterResetBreaker(t *testing.T) {
+	m := New(Config{Pool: "p", Model: "m.gguf", FailureThreshold: 3}, policy.New(policy.Defaults(), func() float64 { return 0.5 }), "persisted state unreadable")
+	p := &pool{t: t, m: m, now: t0, timers: map[Timer]ArmTimer{}}
+	assert.Equal(t, Failed, m.State())
+	assert.ErrorIs(t, p.reply(p.request(func(id ReqID) Event { return StartRequested{Req: id} })).Err, ErrBreakerOpen)
+	p.step(ResetBreakerRequested{})
+	assert.Equal(t, Stopped, m.State())
+	p.request(func(id ReqID) Event { return StartRequested{Req: id} })
+	_, staging := find[Stage](p.last)
+	assert.True(t, staging)
+}
+
+func TestAStartCalledOffWhileStagingAnswersBusy(t *testing.T) {
+	p := newPool(t, nil)
+	start := p.request(func(id ReqID) Event { return StartRequested{Req: id} })
+	stage, _ := find[Stage](p.last)
+	drain := p.request(func(id ReqID) Event { return DrainRequested{Req: id} })
+	assert.ErrorIs(t, p.reply(start).Err, ErrBusy)
+	assert.Equal(t, Drained, p.reply(drain).Drain.Outcome)
+	p.step(ModelStaged{Run: stage.Run, Staged: staged("m.gguf", "sha256:a")})
+	_, launched := find[Launch](p.last)
+	assert.False(t, launched, "a called-off start does not launch")
+	assert.Equal(t, Stopped, p.m.State())
+}
+
+func TestARestartThatCannotStartIsACrash(t *testing.T) {
+	p := newPool(t, nil)
+	run := p.ready()
+	p.exit(run, exitStatus(1))
+	p.fire(TimerRestart)
+	stage, ok := find[Stage](p.last)
+	require.True(t, ok)
+	p.step(ModelStaged{Run: stage.Run, Staged: staged("m.gguf", "sha256:a")})
+	launch, _ := find[Launch](p.last)
+	p.step(StartFailed{Run: launch.Run, Err: assert.AnError})
+	v := p.m.View(p.now)
+	assert.Equal(t, uint64(2), v.CrashCount)
+	assert.Equal(t, crash.StartFailure, v.LastReason)
+	assert.Equal(t, Backoff, v.State)
+}

@@ -1,0 +1,653 @@
+package lifecycle
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"reflect"
+	"slices"
+	"time"
+
+	"github.com/llorch/pool-managerd/internal/crash"
+	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/model"
+	"github.com/llorch/pool-managerd/internal/policy"
+	"github.com/llorch/pool-managerd/internal/safetext"
+	"github.com/llorch/pool-managerd/internal/witness"
+)
+
+// Config is what the machine knows of its pool.
+type Config struct {
+	Pool string
+	// Unit is the engine's scope.
+	Unit string
+	// Model is the configured ref, ModelDigest its pinned digest ("": any).
+	Model, ModelDigest string
+	EngineVersion      string
+	DeviceMask         string
+	// Slots caps the leases (0: no cap).
+	Slots            uint32
+	FailureThreshold int
+	// Witness: systemd's word on the scope is heard, so an exit that may
+	// be a stop of the scope waits HoldExit for it.
+	Witness  bool
+	HoldExit time.Duration
+	// Warmup: a healthy engine is warmed up before it is Ready.
+	Warmup bool
+}
+
+// View is the part of the pool's published state the machine owns.
+type View struct {
+	State                State
+	Live, Ready          bool
+	Draining             bool
+	ActiveLeases         uint32
+	LastError            string
+	LastReason           crash.Reason
+	NextRestart          time.Time
+	MainPID              int
+	Model, ModelDigest   string
+	StagedPath           string
+	EngineVersion        string
+	HealthFailures       []time.Time
+	LastHeartbeat        time.Time
+	ReadyAt              time.Time
+	Starts               int
+	Policy               policy.Status
+	Held                 string
+	Operation            string
+	CrashCount, Restarts uint64
+}
+
+// run is one engine process's life as the machine sees it.
+type run struct {
+	id        RunID
+	pid       int
+	started   time.Time
+	staged    model.Staged
+	healthy   bool
+	warm      bool
+	stopping  StopReason
+	candidate bool
+	fault     string
+	xid       bool
+	failures  []time.Time
+	lastProbe string
+	// invocation is its scope's InvocationID, once systemd told it.
+	invocation string
+}
+
+// startOp is an engine start between its decision and its process.
+type startOp struct {
+	run       RunID
+	candidate bool
+	// req is the Start request it answers (0: a restart).
+	req RequestOrigin
+	// launched: its model is staged and Launch is out.
+	launched bool
+	staged   model.Staged
+}
+
+// RequestOrigin says who asked for a start.
+type RequestOrigin struct {
+	Req ReqID
+	// Restart: the policy's restart; Rollback: a reload's rollback.
+	Restart, Rollback bool
+}
+
+// pendingExit is an exit waiting for systemd's word on it.
+type pendingExit struct {
+	r      *run
+	x      Exit
+	uptime time.Duration
+}
+
+// Machine is one pool's lifecycle. It is not safe for concurrent use: the
+// supervisor's loop owns it.
+type Machine struct {
+	cfg     Config
+	tr      *policy.Tracker
+	state   State
+	held    string
+	lastErr string
+	reason  crash.Reason
+	next    time.Time
+
+	run     *run
+	runs    RunID
+	start   *startOp
+	pending *pendingExit
+	// unitEnded: systemd said the scope ended (unitCause why) before the
+	// shim reported the exit.
+	unitEnded bool
+	unitCause witness.Cause
+	drain     *drainOp
+	reload    *reloadOp
+	rollback  *rollbackWait
+	leases    map[string]string
+	gen       [numTimers]uint64
+	armed     [numTimers]bool
+	// current is the model the running (or next) engine loads.
+	current model.Staged
+
+	model, digest, path, version string
+	live                         bool
+	pid, starts                  int
+	healthFailures               []time.Time
+	heartbeat, readyAt           time.Time
+
+	out       []Action
+	published View
+	now       time.Time
+}
+
+// New returns the machine of a stopped pool with policy tr (restored by
+// the caller). held, when set, keeps it from starting until ResetBreaker
+// (its persisted state could not be read).
+func New(cfg Config, tr *policy.Tracker, held string) *Machine {
+	m := &Machine{cfg: cfg, tr: tr, held: held, leases: map[string]string{},
+		model: cfg.Model, version: cfg.EngineVersion}
+	if held != "" {
+		m.state, m.lastErr = Failed, held
+	}
+	m.published = m.View(time.Time{})
+	return m
+}
+
+// State is the pool's state now.
+func (m *Machine) State() State { return m.state }
+
+// Leases returns the leases held, id -> owner (the caller must not keep
+// it past the loop's turn).
+func (m *Machine) Leases() map[string]string { return m.leases }
+
+// Policy is the pool's restart policy, for its status and persistence.
+func (m *Machine) Policy() *policy.Tracker { return m.tr }
+
+// RecordWritable says whether the runtime record may be written now: an
+// engine runs healthy, serving, and no drain or reload is under way.
+func (m *Machine) RecordWritable() (RunID, string, bool) {
+	r := m.run
+	if r == nil || !r.healthy || r.candidate || r.stopping != NotStopping || m.drain != nil {
+		return 0, "", false
+	}
+	return r.id, m.model, true
+}
+
+// View returns the published state at now.
+func (m *Machine) View(now time.Time) View {
+	st := m.tr.Status(now)
+	v := View{
+		State: m.state, Live: m.live, Ready: m.state == Ready && m.run != nil && m.run.healthy && m.run.stopping == NotStopping,
+		Draining: m.drain != nil, ActiveLeases: uint32(len(m.leases)), LastError: m.lastErr, LastReason: m.reason,
+		NextRestart: m.next, MainPID: m.pid, Model: m.model, ModelDigest: m.digest, StagedPath: m.path,
+		EngineVersion: m.version, HealthFailures: slices.Clone(m.healthFailures), LastHeartbeat: m.heartbeat,
+		ReadyAt: m.readyAt, Starts: m.starts, Policy: st, Held: m.held, Operation: m.operation(),
+		CrashCount: st.CrashCount, Restarts: st.RestartCount,
+	}
+	return v
+}
+
+// operation names the long operation under way (DESIGN's Operation).
+func (m *Machine) operation() string {
+	switch {
+	case m.rollback != nil || (m.reload != nil && m.reload.rollingBack):
+		return "rolling-back"
+	case m.drain != nil:
+		return "draining"
+	case m.start != nil && !m.start.launched:
+		return "staging"
+	case m.reload != nil && m.reload.staging:
+		return "staging"
+	case m.state == Starting:
+		return "starting"
+	case m.state == Warming:
+		return "warming"
+	}
+	return ""
+}
+
+// Step feeds one event at now and returns what to do, in order.
+func (m *Machine) Step(now time.Time, ev Event) []Action {
+	m.now = now
+	m.out = nil
+	switch e := ev.(type) {
+	case StartRequested:
+		m.startRequested(e)
+	case DrainRequested:
+		m.drainRequested(e)
+	case ReloadRequested:
+		m.reloadRequested(e)
+	case ResetBreakerRequested:
+		m.resetBreaker()
+	case AllowRestartRequested:
+		m.allowRestart(e)
+	case LeaseRequested:
+		m.leaseRequested(e)
+	case LeaseReleased:
+		m.leaseReleased(e)
+	case OwnerGone:
+		m.ownerGone(e)
+	case Adopted:
+		m.adopted(e)
+	case ModelStaged:
+		m.modelStaged(e)
+	case EngineStarted:
+		m.engineStarted(e)
+	case StartFailed:
+		m.startFailed(e)
+	case Healthy:
+		m.healthy(e)
+	case WarmedUp:
+		m.warmedUp(e)
+	case Probed:
+		m.probed(e)
+	case StartTimedOut:
+		if r := m.live_(e.Run); r != nil {
+			r.lastProbe = e.Err.Error()
+			m.stopRun(StopStartTimeout)
+		}
+	case Faulted:
+		m.faulted(e)
+	case Squatted:
+		if m.live_(e.Run) != nil {
+			m.lastErr = safetext.Bound("not ready: " + e.Msg)
+			m.log(slog.LevelWarn, "engine's port held by a process outside its scope", journal.Error, e.Msg)
+		}
+	case Exited:
+		m.exited(e)
+	case VersionKnown:
+		m.versionKnown(e)
+	case UnitChanged:
+		m.unitChanged(e.Event)
+	case TimerFired:
+		m.timerFired(e)
+	default:
+		panic(fmt.Sprintf("lifecycle: unknown event %T", ev))
+	}
+	m.publish()
+	out := m.out
+	m.out = nil
+	return out
+}
+
+func (m *Machine) do(a ...Action) { m.out = append(m.out, a...) }
+
+// publish says the new state if it changed.
+func (m *Machine) publish() {
+	v := m.View(m.now)
+	if viewEqual(v, m.published) {
+		return
+	}
+	m.published = v
+	m.do(Publish{View: v})
+}
+
+func viewEqual(a, b View) bool {
+	if !slices.Equal(a.HealthFailures, b.HealthFailures) || a.Policy.Breaker != b.Policy.Breaker ||
+		a.Policy.Streak != b.Policy.Streak || a.Policy.RestartRate != b.Policy.RestartRate {
+		return false
+	}
+	// The rest of the policy's status is compared through the counts
+	// copied out of it.
+	a.HealthFailures, b.HealthFailures = nil, nil
+	a.Policy, b.Policy = policy.Status{}, policy.Status{}
+	return reflect.DeepEqual(a, b)
+}
+
+func (m *Machine) log(level slog.Level, msg string, attrs ...any) {
+	m.do(Log{Level: level, Msg: msg, Attrs: attrs})
+}
+
+// policy journals the tracker's events, persists it and keeps its tick.
+func (m *Machine) policy(events []policy.Event) {
+	// Even no event moves the gauges (the restart rate falls as time
+	// passes).
+	m.do(Journal{Events: events, Persist: len(events) > 0})
+	m.armTick()
+}
+
+func (m *Machine) armTick() {
+	if next := m.tr.NextTick(); !next.IsZero() {
+		m.arm(TimerTick, next)
+	} else {
+		m.disarm(TimerTick)
+	}
+}
+
+func (m *Machine) arm(t Timer, at time.Time) {
+	m.gen[t]++
+	m.armed[t] = true
+	m.do(ArmTimer{Timer: t, At: at, Gen: m.gen[t]})
+}
+
+func (m *Machine) disarm(t Timer) {
+	if m.armed[t] {
+		m.gen[t]++
+		m.armed[t] = false
+		m.do(CancelTimer{Timer: t})
+	}
+}
+
+// Init is the first step: the restored policy's gauges and next tick.
+func (m *Machine) Init(now time.Time) []Action {
+	m.now = now
+	m.out = nil
+	m.policy(nil)
+	m.publish()
+	out := m.out
+	m.out = nil
+	return out
+}
+
+// live_ returns the current run if it is id and not being stopped.
+func (m *Machine) live_(id RunID) *run {
+	if r := m.run; r != nil && r.id == id && r.stopping == NotStopping {
+		return r
+	}
+	return nil
+}
+
+// busy says why a start or a reload must wait, or "".
+func (m *Machine) busy() bool {
+	return m.run != nil || m.drain != nil || m.reload != nil || m.start != nil || m.pending != nil
+}
+
+// reply answers a request; the state it leaves is published first, so a
+// caller that reads it after the answer sees it.
+func (m *Machine) reply(r Reply) {
+	if r.Req != 0 {
+		m.publish()
+		m.do(r)
+	}
+}
+
+// ---- starting
+
+func (m *Machine) startRequested(e StartRequested) {
+	if m.busy() {
+		m.reply(Reply{Req: e.Req, Err: fmt.Errorf("pool %s is %s: %w", m.cfg.Pool, m.state, ErrBusy)})
+		return
+	}
+	if err := m.mayStart(); err != nil {
+		m.reply(Reply{Req: e.Req, Err: err})
+		return
+	}
+	m.cancelRestart()
+	m.startEngine(false, RequestOrigin{Req: e.Req})
+}
+
+// mayStart asks the policy whether an engine may start on request now; a
+// refusal keeps a pending restart scheduled for when it may.
+func (m *Machine) mayStart() error {
+	if m.held != "" {
+		return fmt.Errorf("pool %s: %w: %s", m.cfg.Pool, ErrBreakerOpen, m.held)
+	}
+	pending := m.tr.Status(m.now).Pending
+	pm, err := m.tr.Start(m.now)
+	m.policy(pm.Events)
+	var r *policy.Refusal
+	if errors.As(err, &r) {
+		if pending {
+			m.state, m.next = Failed, r.RetryAt
+			if !r.RetryAt.IsZero() {
+				m.scheduleRestart(r.RetryAt)
+			}
+		}
+		return fmt.Errorf("pool %s: %w: %v", m.cfg.Pool, ErrBreakerOpen, err)
+	}
+	return err
+}
+
+func (m *Machine) cancelRestart() { m.disarm(TimerRestart) }
+
+func (m *Machine) scheduleRestart(at time.Time) { m.arm(TimerRestart, at) }
+
+// stageRef is the model the next engine loads (a reload's, an adopted
+// engine's, else the configured one) and the digest it must have: the
+// configured digest pins the configured model only.
+func (m *Machine) stageRef() (ref, want string) {
+	if m.current.Ref != "" && m.current.Ref != m.cfg.Model {
+		return m.current.Ref, ""
+	}
+	return m.cfg.Model, m.cfg.ModelDigest
+}
+
+// startEngine starts an engine: its model is staged before every start
+// (cheap when unchanged), then it is launched.
+func (m *Machine) startEngine(candidate bool, origin RequestOrigin) {
+	m.state, m.next, m.healthFailures = Starting, time.Time{}, nil
+	m.runs++
+	m.start = &startOp{run: m.runs, candidate: candidate, req: origin}
+	ref, want := m.stageRef()
+	m.do(Stage{Run: m.runs, Ref: ref, Want: want})
+}
+
+func (m *Machine) modelStaged(e ModelStaged) {
+	if op := m.reload; op != nil && op.staging && op.stageRun == e.Run {
+		m.reloadStaged(e)
+		return
+	}
+	op := m.start
+	if op == nil || op.run != e.Run || op.launched {
+		return
+	}
+	if e.Err != nil {
+		m.start = nil
+		m.state, m.lastErr = Failed, safetext.Bound(e.Err.Error())
+		m.startDone(op, e.Err)
+		return
+	}
+	op.launched, op.staged = true, e.Staged
+	m.current = e.Staged
+	m.do(Launch{Run: op.run, Staged: e.Staged, Candidate: op.candidate})
+}
+
+func (m *Machine) startFailed(e StartFailed) {
+	op := m.start
+	if op == nil || op.run != e.Run {
+		return
+	}
+	m.start = nil
+	m.state, m.lastErr = Failed, safetext.Bound(e.Err.Error())
+	m.startDone(op, e.Err)
+}
+
+func (m *Machine) engineStarted(e EngineStarted) {
+	op := m.start
+	if op == nil || op.run != e.Run || !op.launched {
+		// A start called off while it launched: its engine must not
+		// run unwatched.
+		m.do(StopScope{Run: e.Run})
+		return
+	}
+	m.start = nil
+	m.run = &run{id: e.Run, pid: e.PID, started: m.now, staged: op.staged, candidate: op.candidate}
+	m.live, m.pid, m.starts = true, e.PID, m.starts+1
+	m.digest, m.path = op.staged.Digest, op.staged.Path
+	m.do(Watch{Run: e.Run})
+	m.startDone(op, nil)
+}
+
+// startDone tells whoever started an engine whether its process runs.
+func (m *Machine) startDone(op *startOp, err error) {
+	switch {
+	case op.candidate:
+		if err != nil {
+			m.candidateFailed("start", "the new engine did not start: "+err.Error())
+		}
+	case op.req.Req != 0:
+		m.reply(Reply{Req: op.req.Req, Err: err})
+	case err != nil && !errors.Is(err, ErrBusy):
+		// A restart (or rollback) that could not start an engine is a
+		// crash like any other.
+		m.crashed(crash.StartFailure, err.Error(), nil, -1)
+	}
+}
+
+// cancelStart calls off a start that has not launched.
+func (m *Machine) cancelStart(why string) {
+	op := m.start
+	if op == nil {
+		return
+	}
+	m.start = nil
+	if op.launched {
+		// Launch is out: its EngineStarted stops the scope.
+		return
+	}
+	m.startDone(op, fmt.Errorf("start of pool %s called off: %s: %w", m.cfg.Pool, why, ErrBusy))
+}
+
+func (m *Machine) restartDue() {
+	if m.busy() {
+		return
+	}
+	pm, err := m.tr.Restart(m.now)
+	m.policy(pm.Events)
+	var r *policy.Refusal
+	switch {
+	case errors.As(err, &r):
+		m.state, m.next = Failed, r.RetryAt
+		if !r.RetryAt.IsZero() {
+			m.scheduleRestart(r.RetryAt)
+		}
+		return
+	case err != nil:
+		return
+	}
+	m.startEngine(false, RequestOrigin{Restart: true})
+}
+
+func (m *Machine) resetBreaker() {
+	if m.held != "" {
+		m.log(slog.LevelWarn, "hold lifted by ResetBreaker: the pool starts with fresh counters")
+		m.held = ""
+		if m.state == Failed && m.run == nil {
+			m.state = Stopped
+		}
+	}
+	m.policy(m.tr.ResetBreaker(m.now))
+	if m.tr.Status(m.now).Pending && m.drain == nil {
+		m.scheduleRestart(m.now)
+	}
+}
+
+func (m *Machine) allowRestart(e AllowRestartRequested) {
+	ev, err := m.tr.AllowRestart(m.now)
+	m.policy(ev)
+	if err == nil && m.drain == nil {
+		m.scheduleRestart(m.now)
+	}
+	m.reply(Reply{Req: e.Req, Err: err})
+}
+
+// ---- a running engine
+
+func (m *Machine) healthy(e Healthy) {
+	r := m.live_(e.Run)
+	if r == nil {
+		return
+	}
+	r.healthy = true
+	if m.cfg.Warmup && !r.candidate {
+		m.state = Warming
+		m.do(Warmup{Run: r.id})
+		return
+	}
+	m.serving(r)
+}
+
+func (m *Machine) warmedUp(e WarmedUp) {
+	r := m.live_(e.Run)
+	if r == nil || !r.healthy || r.warm || m.state != Warming {
+		return
+	}
+	if e.Err != nil {
+		r.lastProbe = "warm-up request failed: " + e.Err.Error()
+		m.stopRun(StopStartTimeout)
+		return
+	}
+	m.serving(r)
+}
+
+// serving: a healthy engine is Ready (a reload's candidate is the
+// reload's business).
+func (m *Machine) serving(r *run) {
+	r.warm = true
+	if r.candidate {
+		m.candidateHealthy(r)
+		return
+	}
+	m.policy(m.tr.Healthy(m.now))
+	// LastError stays: it is the last error, not the current one.
+	m.state, m.readyAt, m.heartbeat = Ready, m.now, m.now
+	m.do(WriteRecord{Run: r.id, Model: m.model})
+	m.do(Log{Level: slog.LevelInfo, Msg: "engine ready", Engine: true, Attrs: []any{journal.StartupSec, m.now.Sub(r.started).Seconds()}})
+	m.rollbackSettled()
+}
+
+func (m *Machine) probed(e Probed) {
+	r := m.live_(e.Run)
+	if r == nil {
+		return
+	}
+	if e.Err == nil {
+		if len(r.failures) > 0 {
+			r.failures, m.healthFailures, m.heartbeat = nil, nil, m.now
+			return
+		}
+		// A heartbeat alone wakes nobody: it is read, not watched.
+		m.heartbeat = m.now
+		m.published.LastHeartbeat = m.now
+		m.do(Heartbeat{At: m.now})
+		return
+	}
+	msg := safetext.Bound(e.Err.Error())
+	r.failures = append(r.failures, m.now)
+	r.lastProbe = msg
+	m.healthFailures = slices.Clone(r.failures)
+	m.do(CountHealthFailure{})
+	m.log(slog.LevelWarn, "health probe failed", journal.FailureCount, len(r.failures), journal.Error, msg)
+	if len(r.failures) >= m.cfg.FailureThreshold {
+		m.stopRun(StopHealth)
+	}
+}
+
+func (m *Machine) faulted(e Faulted) {
+	r := m.run
+	if r == nil || (e.Run != 0 && r.id != e.Run) {
+		return
+	}
+	if e.XID {
+		if r.stopping != NotStopping {
+			return
+		}
+		r.fault, r.xid = e.What, true
+		m.log(slog.LevelError, "GPU XID event", journal.XID, e.Code, journal.GPU, e.GPU)
+	} else {
+		r.fault = safetext.Bound(e.What)
+		m.log(slog.LevelError, "GPU fault in engine output", journal.Line, r.fault)
+	}
+	m.stopRun(StopFault)
+}
+
+func (m *Machine) versionKnown(e VersionKnown) {
+	if e.Version == m.version {
+		return
+	}
+	m.version = e.Version
+	if id, model, ok := m.RecordWritable(); ok {
+		m.do(WriteRecord{Run: id, Model: model})
+	}
+}
+
+// stopRun stops the current engine; its exit comes as an event.
+func (m *Machine) stopRun(why StopReason) {
+	r := m.run
+	if r == nil || r.stopping != NotStopping {
+		return
+	}
+	r.stopping = why
+	m.do(StopProbes{Run: r.id}, StopScope{Run: r.id})
+}

@@ -1,0 +1,258 @@
+package lifecycle
+
+import (
+	"fmt"
+	"log/slog"
+
+	"github.com/llorch/pool-managerd/internal/crash"
+	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/model"
+)
+
+// reloadOp is a reload from its request until its new engine is healthy
+// or it rolls back.
+type reloadOp struct {
+	req         ReqID
+	ref, digest string
+	prev        model.Staged
+	// old is the engine running when the reload began (nil if none).
+	old     *run
+	oldGone bool
+	// drained: the lease phase is over; staging: the model is being
+	// staged (as start stageRun); staged: it is.
+	drained  bool
+	staging  bool
+	stageRun RunID
+	staged   *model.Staged
+	// rollingBack: the new engine failed (why, metric label reason).
+	rollingBack bool
+	why, reason string
+}
+
+// rollbackWait is a rolled-back reload waiting to hear whether the old
+// model serves again before it answers.
+type rollbackWait struct {
+	req                  ReqID
+	why, reason, prevRef string
+	hadOld               bool
+}
+
+// reloadRequested swaps the pool's model: drain, stage, stop the old
+// engine, start the new one and await its health; if it fails, it goes
+// and the old model comes back. The same model as running is a success
+// that restarts nothing.
+func (m *Machine) reloadRequested(e ReloadRequested) {
+	busy := func(format string, a ...any) {
+		m.reply(Reply{Req: e.Req, Err: fmt.Errorf("pool %s "+format+": %w", append(append([]any{m.cfg.Pool}, a...), ErrBusy)...)})
+	}
+	switch {
+	case m.reload != nil || m.rollback != nil:
+		busy("is already being reloaded")
+		return
+	case m.drain != nil:
+		busy("is draining")
+		return
+	case m.state == Backoff || m.state == Starting || m.state == Warming || m.pending != nil || m.start != nil:
+		busy("is restarting (%s)", m.state)
+		return
+	case m.run != nil && m.run.healthy && m.current.Digest == e.Digest:
+		m.log(slog.LevelInfo, "reload: the model is already running, nothing restarted", journal.Model, e.Ref)
+		m.reply(Reply{Req: e.Req, Same: true, Staged: m.current})
+		return
+	case m.run == nil:
+		// The new engine is a start like any other: no way around the
+		// breaker.
+		if err := m.mayStart(); err != nil {
+			m.reply(Reply{Req: e.Req, Err: err})
+			return
+		}
+	}
+	op := &reloadOp{req: e.Req, ref: e.Ref, digest: e.Digest, prev: m.current, old: m.run}
+	m.reload = op
+	if m.run == nil {
+		op.oldGone = true
+		m.reloadDrained()
+		return
+	}
+	d := &drainOp{start: m.now, reload: op}
+	m.drain = d
+	m.state = Draining
+	m.awaitLeases(d, e.Deadline)
+}
+
+// reloadDrained: no lease holds the old engine any more; the new model is
+// staged while the old one still serves nobody.
+func (m *Machine) reloadDrained() {
+	op := m.reload
+	op.drained = true
+	op.staging = true
+	m.runs++
+	op.stageRun = m.runs
+	m.do(Stage{Run: op.stageRun, Ref: op.ref, Want: op.digest})
+}
+
+// reloadStaged goes on once the new model is staged: a staging failure
+// changes nothing.
+func (m *Machine) reloadStaged(e ModelStaged) {
+	op := m.reload
+	op.staging = false
+	if e.Err != nil {
+		m.reloadAborted("stage", fmt.Errorf("%w: staging %s: %v (nothing changed)", ErrReloadFailed, op.ref, e.Err))
+		return
+	}
+	op.staged = &e.Staged
+	if op.old != nil && !op.oldGone {
+		m.stopRun(StopReload)
+		return
+	}
+	m.startCandidate()
+}
+
+// reloadOldGone: the old engine is gone (stopped for the reload, or it
+// died on its own meanwhile).
+func (m *Machine) reloadOldGone() {
+	op := m.reload
+	op.oldGone = true
+	switch {
+	case !op.drained:
+		// Its leases went with it.
+		if d := m.drain; d != nil {
+			d.res.LeasesDrainedAt = m.now
+			m.disarm(TimerDrainDeadline)
+		}
+		m.reloadDrained()
+	case op.staged != nil:
+		m.startCandidate()
+	}
+}
+
+func (m *Machine) startCandidate() {
+	m.current = *m.reload.staged
+	m.startEngine(true, RequestOrigin{})
+}
+
+// reloadAborted ends a reload that changed nothing: the pool goes on as it
+// was.
+func (m *Machine) reloadAborted(reason string, err error) {
+	op := m.reload
+	m.reload, m.drain = nil, nil
+	m.disarm(TimerDrainDeadline)
+	switch r := m.run; {
+	case r != nil && r.healthy:
+		m.state = Ready
+	case r == nil && op.old != nil:
+		m.state = Stopped
+	}
+	m.reply(Reply{Req: op.req, Err: err, Reason: reason})
+}
+
+func (m *Machine) candidateHealthy(r *run) {
+	op := m.reload
+	m.reload, m.drain = nil, nil
+	r.candidate = false
+	m.policy(m.tr.Healthy(m.now))
+	// LastError stays: it is the last error, not the current one.
+	m.state, m.readyAt, m.heartbeat = Ready, m.now, m.now
+	m.model, m.digest, m.path = op.ref, r.staged.Digest, r.staged.Path
+	m.do(WriteRecord{Run: r.id, Model: op.ref})
+	m.do(Log{Level: slog.LevelInfo, Msg: "reload done: now serving " + op.ref, Engine: true,
+		Attrs: []any{journal.MessageIDField, string(journal.MsgReloadDone), journal.ModelDigest, r.staged.Digest}})
+	m.reply(Reply{Req: op.req, Staged: r.staged})
+}
+
+func (m *Machine) candidateExited(r *run, x Exit) {
+	op := m.reload
+	if op == nil {
+		return
+	}
+	if r.stopping == StopRollback {
+		m.rollbackStart()
+		return
+	}
+	reason, how := "crash", describe("", r, x)
+	switch r.stopping {
+	case StopHealth:
+		reason, how = "health", describe(crash.HealthCheck, r, x)
+	case StopStartTimeout:
+		reason, how = "start_timeout", describe(crash.StartFailure, r, x)
+	}
+	m.candidateFailed(reason, "the new engine "+how)
+}
+
+// candidateFailed rolls back: the new engine goes (if it still runs),
+// then the old model starts.
+func (m *Machine) candidateFailed(reason, why string) {
+	op := m.reload
+	if op == nil || op.rollingBack {
+		return
+	}
+	op.rollingBack, op.why, op.reason = true, why, reason
+	if r := m.run; r != nil && r.candidate {
+		m.stopRun(StopRollback)
+		return
+	}
+	m.rollbackStart()
+}
+
+func (m *Machine) rollbackStart() {
+	op := m.reload
+	m.reload, m.drain = nil, nil
+	m.current = op.prev
+	m.rollback = &rollbackWait{req: op.req, why: op.why, reason: op.reason, prevRef: m.model, hadOld: op.old != nil}
+	if op.old == nil {
+		m.state = Stopped
+		m.rollbackSettled()
+		return
+	}
+	m.startEngine(false, RequestOrigin{Rollback: true})
+}
+
+// rollbackSettled answers a rolled-back reload once the old model serves
+// again, or has failed to.
+func (m *Machine) rollbackSettled() {
+	rb := m.rollback
+	if rb == nil {
+		return
+	}
+	m.rollback = nil
+	msg := fmt.Sprintf("rolled back to %s: %s", rb.prevRef, rb.why)
+	if rb.hadOld && m.state != Ready {
+		msg += fmt.Sprintf("; the old model is not serving again yet (%s)", m.lastErr)
+	}
+	m.log(slog.LevelError, "reload "+msg, journal.MessageIDField, string(journal.MsgReloadRolledBack),
+		journal.Model, rb.prevRef, journal.Reason, rb.reason)
+	m.reply(Reply{Req: rb.req, Err: fmt.Errorf("%w: %s", ErrReloadFailed, msg), Reason: rb.reason})
+}
+
+// adopted takes over an engine a previous daemon left running.
+func (m *Machine) adopted(e Adopted) {
+	if m.run != nil || m.start != nil {
+		m.reply(Reply{Req: e.Req, Err: fmt.Errorf("pool %s already runs an engine", m.cfg.Pool)})
+		return
+	}
+	m.current = e.Staged
+	m.run = &run{id: e.Run, pid: e.PID, started: e.Started, staged: e.Staged}
+	kept := 0
+	for id, owner := range e.Leases {
+		m.leases[id] = owner
+		kept++
+	}
+	m.state, m.live, m.pid = Starting, true, e.PID
+	m.model, m.digest, m.path = e.Staged.Ref, e.Staged.Digest, e.Staged.Path
+	if e.EngineVersion != "" {
+		m.version = e.EngineVersion
+	}
+	if e.Starting {
+		m.log(slog.LevelInfo, fmt.Sprintf("adopted the engine (pid %d) that was starting, %s into its start", e.PID, m.now.Sub(e.Started).Round(1e6)))
+	} else {
+		m.log(slog.LevelInfo, fmt.Sprintf("adopted the running engine (pid %d), %d of %d lease(s) kept", e.PID, kept, e.RecordHeld))
+	}
+	m.do(Watch{Run: e.Run, StartBy: e.StartBy})
+	m.reply(Reply{Req: e.Req})
+}
+
+// NewRun names the next engine run (an adopted one's).
+func (m *Machine) NewRun() RunID {
+	m.runs++
+	return m.runs
+}

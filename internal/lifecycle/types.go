@@ -1,0 +1,149 @@
+// Package lifecycle is a pool's life as one explicit state machine: typed
+// states, events and stop reasons in, actions out. It is pure: time comes
+// in with each event and nothing here touches a process, a file or a
+// clock, so every path runs in table tests without root and without
+// sleeps. The supervisor owns one Machine per pool, feeds it what its
+// shim, prober, systemd, timers and callers report, and carries out the
+// actions it returns.
+package lifecycle
+
+import (
+	"errors"
+	"fmt"
+	"syscall"
+	"time"
+)
+
+// State is a pool's state (DESIGN's list).
+type State uint8
+
+const (
+	Stopped State = iota
+	Starting
+	// Warming: healthy, its warm-up request not yet answered (only where
+	// the pool sets one).
+	Warming
+	Ready
+	Draining
+	Backoff
+	Failed
+)
+
+var stateNames = [...]string{"stopped", "starting", "warming", "ready", "draining", "backoff", "failed"}
+
+func (s State) String() string {
+	if int(s) < len(stateNames) {
+		return stateNames[s]
+	}
+	return fmt.Sprintf("state(%d)", s)
+}
+
+// ParseState is String's inverse.
+func ParseState(s string) (State, error) {
+	for i, n := range stateNames {
+		if n == s {
+			return State(i), nil
+		}
+	}
+	return 0, fmt.Errorf("unknown pool state %q", s)
+}
+
+// StopReason says why the manager stops an engine.
+type StopReason uint8
+
+const (
+	NotStopping StopReason = iota
+	// StopDrain: a drain (Stop is a drain with deadline 0).
+	StopDrain
+	// StopReload: a reload replaces the engine.
+	StopReload
+	// StopRollback: a reload's new engine failed and goes.
+	StopRollback
+	// StopHealth: it failed FailureThreshold probes in a row.
+	StopHealth
+	// StopStartTimeout: it was not healthy within StartTimeoutSec.
+	StopStartTimeout
+	// StopFault: a GPU fault in its output or an XID on its GPU.
+	StopFault
+	// StopOperator: systemd stops its scope on someone else's request.
+	StopOperator
+)
+
+var stopNames = [...]string{"", "drain", "reload", "rollback", "health", "start-timeout", "fault", "operator"}
+
+func (r StopReason) String() string {
+	if int(r) < len(stopNames) {
+		return stopNames[r]
+	}
+	return fmt.Sprintf("stop(%d)", r)
+}
+
+// RunID names one engine process's life; events of a run that is over are
+// ignored.
+type RunID uint64
+
+// ReqID names a caller's request; its Reply carries the same id.
+type ReqID uint64
+
+// Timer is one of a pool's timers; the machine keeps at most one of each
+// armed.
+type Timer uint8
+
+const (
+	// TimerRestart: a scheduled restart (or retry of a held one) is due.
+	TimerRestart Timer = iota
+	// TimerTick: the policy's next time-driven change (a breaker
+	// half-opening, a restart leaving the storm window).
+	TimerTick
+	// TimerDrainDeadline: a drain's leases are revoked.
+	TimerDrainDeadline
+	// TimerHoldExit: an exit held for systemd's word is settled without
+	// it.
+	TimerHoldExit
+	numTimers
+)
+
+// Exit is how an engine process ended, as its shim reported it.
+type Exit struct {
+	Status   syscall.WaitStatus
+	OOMKills uint64
+	// Lost: the shim is no witness any more (it died before reporting, or
+	// sent something that is not a report); Status is unknown.
+	Lost    bool
+	LostWhy string
+	// ShimSignal is what killed a vanished shim, where it is known.
+	ShimSignal syscall.Signal
+	At         time.Time
+}
+
+// Errors callers can match with errors.Is.
+var (
+	ErrNotReady        = errors.New("not ready")
+	ErrDraining        = errors.New("draining")
+	ErrNoCapacity      = errors.New("no capacity")
+	ErrNoSuchLease     = errors.New("no such lease")
+	ErrBusy            = errors.New("busy")
+	ErrNotOwner        = errors.New("lease held by another owner")
+	ErrBreakerOpen     = errors.New("the circuit breaker is open")
+	ErrInvalidArgument = errors.New("invalid argument")
+	ErrDrainTimeout    = errors.New("drain timeout")
+	ErrReloadFailed    = errors.New("reload failed")
+)
+
+// Drain outcomes.
+const (
+	Drained = "drained"
+	Forced  = "forced"
+)
+
+// DrainResult is how a drain ended.
+type DrainResult struct {
+	Outcome string
+	// Revoked counts leases revoked at the deadline (or with a crash).
+	Revoked int
+	// LeasesDrainedAt is when the last lease was released (or the drain
+	// began with none); zero when leases were revoked.
+	LeasesDrainedAt time.Time
+	// Done is when the engine was gone.
+	Done time.Time
+}
