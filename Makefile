@@ -9,7 +9,7 @@ VERSION ?= 0.1.0
 GOARCH  ?= $(shell $(GO) env GOARCH)
 export VERSION GOARCH
 
-.PHONY: all build man packages deb rpm test fmt-check vet unit demo bench soak fuzz fuzz-short clean
+.PHONY: all build man packages deb rpm test fmt-check vet unit demo bench soak fuzz fuzz-short gpu-check clean
 
 all: build
 
@@ -71,6 +71,13 @@ fuzz:
 
 fuzz-short:
 	$(MAKE) fuzz FUZZTIME=20000x FUZZMINTIME=500x
+
+# On a host with a real NVIDIA GPU (root): the NVML inventory, nvidia-smi,
+# an XID watch, and one simulator pool on GPU 0 with Backend=nvml in a
+# private systemd; exits 2 at once without a GPU. Uses build/ binaries
+# when present, else builds into its own temp directory.
+gpu-check:
+	scripts/gpu-check.sh
 
 clean:
 	rm -rf build

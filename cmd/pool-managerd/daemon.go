@@ -73,6 +73,9 @@ type daemonState struct {
 	changed, xidReload chan struct{}
 }
 
+// newNVML is the host's NVML; tests put go-nvml's mocks in its place.
+var newNVML = gpu.NewNVML
+
 // daemon supervises every configured pool until SIGTERM or SIGINT. Engines
 // keep running after it exits: they live in their own scopes.
 func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
@@ -80,7 +83,7 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	inv, err := gpu.Load(cfg.Manager.Inventory, nil, "")
+	inv, err := gpu.Load(cfg.Manager.Inventory, newNVML(), "")
 	if err != nil {
 		log.Error("GPU inventory: " + err.Error())
 		return exitConfig
@@ -455,7 +458,7 @@ func (d *daemonState) watchXID() {
 		return
 	}
 	lastErr := ""
-	gpu.KeepWatchingXID(d.ctx, nil, d.poolGPUs, d.xidReload, 30*time.Second, d.routeXID, func(err error) {
+	gpu.KeepWatchingXID(d.ctx, newNVML(), d.poolGPUs, d.xidReload, 30*time.Second, d.routeXID, func(err error) {
 		if err.Error() != lastErr {
 			d.log.Warn("not watching for GPU XID events (trying again every 30 s): " + err.Error())
 			lastErr = err.Error()
@@ -491,7 +494,7 @@ func (d *daemonState) routeXID(uuid string, xid uint64) {
 	}
 	d.mu.Unlock()
 	if owner == nil {
-		d.log.Warn("GPU XID event on a GPU no pool uses", "XID", xid, "GPU", uuid)
+		d.log.Warn("GPU XID event on a GPU no pool uses", journal.XID, xid, journal.GPU, uuid)
 		return
 	}
 	owner.sup.XID(uuid, xid)

@@ -11,11 +11,15 @@ import (
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 )
 
-// NewNVML returns the real NVML. go-nvml binds its C symbols lazily: any
-// call other than Init before Init has loaded libnvidia-ml kills the process
-// ("symbol lookup error"), which no recover can catch. So every entry point
-// checks that Init succeeded and fails with an error otherwise.
-func NewNVML() NVML { return &realNVML{lib: nvml.New()} }
+// NewNVML returns the host's NVML: libnvidia-ml through go-nvml.
+func NewNVML() NVML { return NewNVMLWith(nvml.New()) }
+
+// NewNVMLWith returns NVML on lib: the real library, or one of go-nvml's
+// mocks in tests. go-nvml binds its C symbols lazily: any call other than
+// Init before Init has loaded libnvidia-ml kills the process ("symbol
+// lookup error"), which no recover can catch. So every entry point checks
+// that Init succeeded and fails with an error otherwise.
+func NewNVMLWith(lib nvml.Interface) NVML { return &realNVML{lib: lib} }
 
 type realNVML struct {
 	lib nvml.Interface

@@ -161,7 +161,12 @@ func initCrashDetection(sc *godog.ScenarioContext) {
 		if d := time.Until(p.snap.ReadyAt.Add(time.Duration(secs) * time.Second)); d > 0 {
 			time.Sleep(d)
 		}
-		return fault("exit:" + strconv.Itoa(code))("")
+		err := fault("exit:" + strconv.Itoa(code))("")
+		if err != nil {
+			now := p.Snapshot()
+			return fmt.Errorf("%w (pool %s, %d starts, last error %q)", err, now.State, now.Starts, now.LastError)
+		}
+		return nil
 	})
 
 	crashed := func(name, reason string) error {

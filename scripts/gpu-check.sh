@@ -1,0 +1,81 @@
+#!/bin/sh
+# make gpu-check: pool-managerd on this host's real NVIDIA GPU, in under a
+# minute: the NVML inventory, nvidia-smi's view, an XID watch, and the
+# daemon with Backend=nvml running one simulator pool on GPU 0 in a private
+# systemd (the project's sandbox), with its scope's DeviceAllow.
+# Safe as root on a machine that is not ours: it writes only in its own
+# temporary directory, and removes it and the sandbox on exit, failure and
+# signals. Binaries come from build/ when there (make build), else go build.
+# Exit status: 0 passed, 1 a check failed, 2 no GPU or not root.
+set -eu
+cd "$(dirname "$0")/.."
+
+no_gpu() {
+	echo "gpu-check: no NVIDIA GPU: $1" >&2
+	exit 2
+}
+
+has_nvml() {
+	for d in /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lib /usr/local/nvidia/lib64; do
+		[ -e "$d/libnvidia-ml.so.1" ] && return 0
+	done
+	for l in ldconfig /sbin/ldconfig /usr/sbin/ldconfig; do
+		if command -v "$l" >/dev/null 2>&1; then
+			"$l" -p 2>/dev/null | grep -q 'libnvidia-ml\.so\.1' && return 0
+			return 1
+		fi
+	done
+	return 1
+}
+
+command -v nvidia-smi >/dev/null 2>&1 && has_nvml || no_gpu "nvidia-smi/libnvidia-ml not found"
+# nvidia-smi answers within seconds or the driver is wedged.
+if ! out=$(timeout 15 nvidia-smi -L 2>&1) || ! printf '%s\n' "$out" | grep -q '^GPU 0:'; then
+	no_gpu "nvidia-smi lists none: $(printf '%s\n' "$out" | head -n 1)"
+fi
+if [ "$(id -u)" -ne 0 ]; then
+	echo "gpu-check: needs root: it boots a private systemd in a namespace" >&2
+	exit 2
+fi
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
+cleanup() {
+	# Only what a killed run leaves: the sandbox's empty cgroups.
+	if [ -f "$tmp/sandbox-tag" ]; then
+		tag=$(cat "$tmp/sandbox-tag")
+		case $tag in
+		pool-managerd-test-*)
+			for d in /sys/fs/cgroup/"$tag" /sys/fs/cgroup/*/"$tag"; do
+				[ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} + 2>/dev/null
+			done
+			;;
+		esac
+	fi
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+chmod 755 "$tmp"
+mkdir -m 755 "$tmp/bin"
+
+for b in pool-managerd pool-managerd-shim pool-engine-sim; do
+	if [ -x "build/$b" ]; then
+		cp "build/$b" "$tmp/bin/"
+	else
+		go build -o "$tmp/bin/$b" "./cmd/$b"
+	fi
+done
+if [ -x build/gpu-check ]; then
+	cp build/gpu-check "$tmp/bin/"
+else
+	go build -o "$tmp/bin/gpu-check" ./internal/gpucheck
+fi
+
+# The sandbox's own scratch directory goes in $tmp too.
+rc=0
+TMPDIR=$tmp timeout -k 5 60 "$tmp/bin/gpu-check" -work "$tmp" -bin "$tmp/bin" || rc=$?
+if [ "$rc" -eq 124 ]; then
+	echo "gpu-check: did not finish within 60 s" >&2
+fi
+exit "$rc"
