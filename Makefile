@@ -9,7 +9,7 @@ VERSION ?= 0.1.0
 GOARCH  ?= $(shell $(GO) env GOARCH)
 export VERSION GOARCH
 
-.PHONY: all build man packages deb rpm test fmt-check vet unit demo bench soak fuzz fuzz-short gpu-check clean
+.PHONY: all build man packages deb rpm test fmt-check vet unit demo bench soak fuzz fuzz-short vm-test gpu-check clean
 
 all: build
 
@@ -43,6 +43,12 @@ unit:
 # (root needed), two simulator pools on fake GPUs, busctl, journalctl.
 demo: packages
 	$(GO) run ./internal/demo
+
+# The operator's walkthrough on a real Debian 12 host: the .deb, then the
+# .rpm, in a qemu guest (systemd as PID 1, cgroup v2), with a reboot and a
+# removal (root needed; test/vm/run.sh says what it needs installed).
+vm-test: packages
+	GO=$(GO) test/vm/run.sh
 
 # Figures against systemd and the bus, measured in one run in the sandbox
 # (root needed); writes build/bench.json. BENCH_ARGS=scale runs only the

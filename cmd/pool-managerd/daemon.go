@@ -397,6 +397,9 @@ func (d *daemonState) keepStatus() {
 		for _, s := range d.mgr.Pools() {
 			go watch(ctx, s)
 		}
+		// A pool that changed before its watcher took its first look is
+		// seen here.
+		poke()
 		last := ""
 	loop:
 		for {

@@ -167,6 +167,17 @@ func (r *Runtime) properties(s Spec, shimPID int) ([]sddbus.Property, error) {
 		// the next start under the same name.
 		{Name: "CollectMode", Value: dbus.MakeVariant("inactive-or-failed")},
 	}
+	// An OOM kill ends the whole engine (a multi-process engine must not
+	// go on half killed) and systemd reports Result=oom-kill, whatever
+	// DefaultOOMPolicy= the host sets; a pool's [Scope] may choose
+	// otherwise.
+	oom := true
+	for _, p := range s.Scope {
+		oom = oom && p.Name != "OOMPolicy"
+	}
+	if oom {
+		props = append(props, sddbus.Property{Name: "OOMPolicy", Value: dbus.MakeVariant("stop")})
+	}
 	for _, p := range s.Scope {
 		props = append(props, sddbus.Property{Name: p.Name, Value: dbus.MakeVariant(p.Value)})
 	}

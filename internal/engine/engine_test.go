@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
+	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/sandbox"
 	"github.com/llorch/pool-managerd/internal/shim"
@@ -28,7 +29,10 @@ func TestMain(m *testing.M) {
 	}
 	os.Exit(sandbox.Main(m, sandbox.Options{
 		Nodes:   sandbox.FakeGPUs,
-		Prepare: [][]string{{"useradd", "--system", "--no-create-home", "pool-engine"}},
+		Prepare: [][]string{{"useradd", "--system", "--no-create-home", "pool-engine"},
+			// A host whose default would leave an OOM-killed engine
+			// half running: the scope's own OOMPolicy must win.
+			{"sh", "-c", `mkdir -p /etc/systemd/system.conf.d && printf '[Manager]\nDefaultOOMPolicy=continue\n' > /etc/systemd/system.conf.d/oom.conf && systemctl daemon-reexec`}},
 	}, nil))
 }
 
@@ -171,4 +175,27 @@ func TestAttachRefusesAnEndlessReport(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), fmt.Sprintf("over %d bytes", shim.MaxMessage))
 	assert.Less(t, time.Since(start), 3*time.Second, "refused at once, not at the read deadline")
+}
+
+// An engine's scope stops as a whole on an OOM kill (systemd reports
+// Result=oom-kill) unless the pool's [Scope] says otherwise, whatever
+// DefaultOOMPolicy= the host sets.
+func TestScopeOOMPolicyIsStopUnlessThePoolSetsIt(t *testing.T) {
+	rt, ctx := runtime(t)
+	for _, tc := range []struct {
+		pool  string
+		scope []config.ScopeProperty
+		want  string
+	}{
+		{pool: "oom-default", want: "stop"},
+		{pool: "oom-continue", scope: []config.ScopeProperty{{Key: "OOMPolicy", Raw: "continue", Name: "OOMPolicy", Value: "continue"}}, want: "continue"},
+	} {
+		e, err := rt.Start(ctx, engine.Spec{Pool: tc.pool, Argv: []string{"/bin/sleep", "30"}, User: "pool-engine",
+			StopTimeout: 2 * time.Second, Scope: tc.scope})
+		require.NoError(t, err)
+		out, err := exec.Command("systemctl", "show", "-P", "OOMPolicy", e.Unit).Output()
+		require.NoError(t, err)
+		assert.Equal(t, tc.want, strings.TrimSpace(string(out)), tc.pool)
+		require.NoError(t, rt.Stop(ctx, tc.pool))
+	}
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -141,13 +142,18 @@ func TestRpmHoldsTheSameFiles(t *testing.T) {
 	}
 	rpm, err := rpmFiles(glob(t, "pool-managerd-*.rpm"))
 	require.NoError(t, err)
-	// The .rpm also names the two empty directories it creates; the
-	// .deb's directory entries were left out above.
+	// The .rpm also owns the package's own directories, or rpm -e would
+	// leave them behind; the .deb's directory entries were left out above.
+	owned := []string{"/etc/pool-managerd/pools.d", "/etc/pool-managerd/pool-managerd.conf.d",
+		"/usr/libexec/pool-managerd", "/usr/share/doc/pool-managerd", "/usr/share/doc/pool-managerd/examples"}
 	var files []string
 	for _, f := range rpm {
-		if !strings.HasSuffix(f, "/pools.d") && !strings.HasSuffix(f, "/pool-managerd.conf.d") {
+		if !slices.Contains(owned, f) {
 			files = append(files, f)
 		}
+	}
+	for _, d := range owned {
+		assert.Contains(t, rpm, d, "the .rpm owns %s", d)
 	}
 	sort.Strings(deb)
 	sort.Strings(files)

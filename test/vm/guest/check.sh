@@ -1,0 +1,535 @@
+#!/bin/bash
+# The operator's walkthrough on a real host (make vm-test), run as root by
+# the guest's vm-check.service from the payload disk. Boot 1: install the
+# package, two simulator pools on fake GPUs, the checks, then a reboot
+# (exit 100). Boot 2: the pools come back with their breaker state, then the
+# package is removed (and purged). Results go to the second serial port,
+# one line each:
+#   RESULT <TAB> PASS|FAIL <TAB> seconds <TAB> name
+#   DETAIL <TAB> text      (why a check failed)
+#   INFO <TAB> text        (what the host reported, for the record)
+# Every wait is bounded; boot.sh bounds the whole script.
+set -u
+export LC_ALL=C
+P=/run/vm-payload
+KIND=$(cat "$P/kind")
+STATE=/var/lib/vm-check
+export B=org.llorch.PoolManager1
+export OBJ=/org/llorch/PoolManager1
+MODELS=/var/lib/pool-managerd/models
+TEXTFILE=/var/lib/prometheus/node-exporter/pool-managerd.prom
+exec 3>/dev/ttyS1
+mkdir -p "$STATE"
+
+emit() { printf '%s\n' "$*" >&3; }
+info() { emit "INFO	$*"; }
+
+# prop POOL NAME: a pool property as busctl prints it ("b true", "u 1").
+prop() { busctl --timeout=10 get-property "$B" "$OBJ/pool/$1" "$B.Pool" "$2" 2>&1; }
+# pv POOL NAME: the bare value.
+pv() { prop "$1" "$2" | sed -E 's/^[a-z]+ //; s/^"(.*)"$/\1/'; }
+mcall() { busctl --timeout=120 call "$B" "$OBJ" "$B.Manager" "$@"; }
+# dcall METHOD ARGS...: dbus-send, which names the D-Bus error of a refusal.
+dcall() { dbus-send --system --print-reply --reply-timeout=120000 --dest="$B" "$OBJ" "$B.Manager.$1" "${@:2}" 2>&1; }
+export -f prop pv mcall dcall
+
+fails=0
+# want WHAT GOT WANTED
+want() {
+	if [ "$2" = "$3" ]; then
+		echo "ok: $1 = $2"
+	else
+		echo "MISMATCH: $1: got '$2', want '$3'"
+		fails=$((fails + 1))
+	fi
+}
+# want_match WHAT GOT REGEX
+want_match() {
+	if printf '%s' "$2" | grep -Eq -- "$3"; then
+		echo "ok: $1 ~ $3"
+	else
+		echo "MISMATCH: $1: got '$2', want a match of /$3/"
+		fails=$((fails + 1))
+	fi
+}
+# want_ok WHAT COMMAND...: the command succeeds (its status is returned).
+want_ok() {
+	local what=$1 out
+	shift
+	if out=$("$@" 2>&1); then
+		echo "ok: $what"
+	else
+		echo "MISMATCH: $what: $* failed: $out"
+		fails=$((fails + 1))
+		return 1
+	fi
+}
+# wait_for SECONDS WHAT SHELL-CONDITION
+wait_for() {
+	if timeout "$1" bash -c "until $3; do sleep 0.25; done"; then
+		echo "ok: $2"
+		return 0
+	fi
+	echo "MISMATCH: timed out after $1 s waiting for $2"
+	fails=$((fails + 1))
+	return 1
+}
+
+now() { date +%s.%N; }
+# check NAME FUNCTION: runs it, reports PASS or FAIL with its duration.
+check() {
+	local name=$1 t0 t1 rc
+	shift
+	fails=0
+	t0=$(now)
+	"$@" >/tmp/check.out 2>&1
+	rc=$?
+	t1=$(now)
+	[ "$fails" -eq 0 ] || rc=1
+	local dt
+	dt=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
+	if [ "$rc" -eq 0 ]; then
+		emit "RESULT	PASS	$dt	$name"
+	else
+		emit "RESULT	FAIL	$dt	$name"
+		sed 's/^/DETAIL	/' /tmp/check.out >&3
+		emit "DETAIL	--- journal of pool-managerd (last 15 lines)"
+		journalctl -u pool-managerd -n 15 --no-pager -o short-monotonic 2>&1 | sed 's/^/DETAIL	/' >&3
+	fi
+	return "$rc"
+}
+
+ready() { wait_for "${2:-60}" "$1 Ready" "[ \"\$(pv $1 Ready)\" = true ]"; }
+crashes() { pv "$1" CrashCount; }
+
+# ---------------------------------------------------------------- boot 1
+
+c_host() {
+	want "PID 1" "$(cat /proc/1/comm)" systemd
+	want "cgroup filesystem" "$(stat -fc %T /sys/fs/cgroup)" cgroup2fs
+	info "kernel $(uname -r); $(systemctl --version | head -n 1); cgroup $(stat -fc %T /sys/fs/cgroup); $(nproc) CPUs under qemu -accel tcg"
+}
+
+c_install() {
+	case $KIND in
+	deb) want_ok "dpkg -i" timeout 120 dpkg -i "$P/pool-managerd.deb" ;;
+	rpm) want_ok "rpm -i --nodeps" timeout 120 rpm -i --nodeps "$P/pool-managerd.rpm" ;;
+	esac
+	want "pool-managerd.service" "$(systemctl is-active pool-managerd)" active
+	want "enabled" "$(systemctl is-enabled pool-managerd)" enabled
+	want_ok "user pool-engine" id pool-engine
+	want_ok "group pool-admin" getent group pool-admin
+	want_ok "bus name owned" busctl --timeout=10 status "$B"
+}
+
+c_configure() {
+	# The fake GPUs: character nodes of the NVIDIA major that no driver
+	# backs (open gives ENXIO where the device program allows it). tmpfiles
+	# makes them again on the next boot, as the driver would.
+	cat >/etc/tmpfiles.d/vm-fake-gpus.conf <<-'EOF'
+		c /dev/nvidia0 0666 root root - 195:0
+		c /dev/nvidia1 0666 root root - 195:1
+		c /dev/nvidiactl 0666 root root - 195:255
+	EOF
+	want_ok "fake GPU nodes" systemd-tmpfiles --create /etc/tmpfiles.d/vm-fake-gpus.conf
+	install -m 0755 "$P/pool-engine-sim" /usr/local/bin/pool-engine-sim
+	printf 'GGUF\003\000\000\000 llama 3 8b q4' >"$MODELS/llama-3-8b-q4.gguf"
+	printf 'GGUF\003\000\000\000 llama 3 8b q5' >"$MODELS/llama-3-8b-q5.gguf"
+	printf 'GGUF\003\000\000\000 nomic embed' >"$MODELS/nomic-embed.gguf"
+	printf 'PK\003\004 not a model' >"$MODELS/broken.gguf"
+	cat >/etc/pool-managerd/pool-managerd.conf.d/gpus.conf <<-'EOF'
+		[Inventory]
+		Device=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0
+		Device=1 GPU-8f2c1a70-0000-4000-8000-000000000001 /dev/nvidia1
+		ControlDevice=/dev/nvidiactl
+	EOF
+	cat >/etc/pool-managerd/pools.d/llama8b.pool <<-'EOF'
+		[Pool]
+		Description=Llama 3 8B on GPU 0
+		Devices=0
+		Model=llama-3-8b-q4.gguf
+		Slots=4
+		[Engine]
+		ExecStart=/usr/local/bin/pool-engine-sim --model %m --port %p --probe-devices /dev/nvidia0,/dev/nvidia1 -ngl 99
+		Port=8081
+		StopTimeoutSec=5
+		[Health]
+		IntervalSec=2
+		[Scope]
+		MemoryMax=256M
+	EOF
+	cat >/etc/pool-managerd/pools.d/embed.pool <<-'EOF'
+		[Pool]
+		Description=Embeddings on GPU 1
+		Devices=GPU-8f2c1a70-0000-4000-8000-000000000001
+		Model=nomic-embed.gguf
+		[Engine]
+		ExecStart=/usr/local/bin/pool-engine-sim --model %m --port %p --probe-devices /dev/nvidia0,/dev/nvidia1
+		Port=8082
+		StopTimeoutSec=5
+		[Health]
+		IntervalSec=2
+		[Restart]
+		BreakerThreshold=3
+		BreakerOpenSec=3600
+		[Scope]
+		MemoryMax=256M
+		OOMPolicy=continue
+	EOF
+	want_ok "pool-managerd --check-config" pool-managerd --check-config || return 1
+	# The inventory is a manager setting: it takes a restart.
+	want_ok "systemctl restart pool-managerd" timeout 60 systemctl restart pool-managerd
+	wait_for 120 "2/2 pools ready" '[ "$(systemctl show -p StatusText --value pool-managerd)" = "2/2 pools ready" ]'
+}
+
+c_ready() {
+	local pools
+	pools=$(mcall ListPools)
+	want_match "ListPools" "$pools" '"embed" "/org/llorch/PoolManager1/pool/embed"'
+	want_match "ListPools" "$pools" '"llama8b" "/org/llorch/PoolManager1/pool/llama8b"'
+	for p in llama8b embed; do
+		want "$p Ready" "$(prop $p Ready)" "b true"
+		want "$p State" "$(prop $p State)" 's "ready"'
+		want "$p Live" "$(prop $p Live)" "b true"
+		want "$p Unit" "$(pv $p Unit)" "pool-engine-$p.scope"
+	done
+	want "llama8b DeviceMask" "$(pv llama8b DeviceMask)" 0
+	want "embed DeviceMask (as configured)" "$(pv embed DeviceMask)" GPU-8f2c1a70-0000-4000-8000-000000000001
+}
+
+c_scope() {
+	local s=pool-engine-llama8b.scope pid cg
+	want "Slice" "$(systemctl show -p Slice --value $s)" pool-managerd-engines.slice
+	want "DevicePolicy" "$(systemctl show -p DevicePolicy --value $s)" closed
+	want "DeviceAllow" "$(systemctl show -p DeviceAllow --value $s | sort | paste -sd,)" "/dev/nvidia0 rw,/dev/nvidiactl rw"
+	want "MemoryMax" "$(systemctl show -p MemoryMax --value $s)" 268435456
+	cg=$(systemctl show -p ControlGroup --value $s)
+	want "scope's memory.max" "$(cat /sys/fs/cgroup$cg/memory.max 2>&1)" 268435456
+	pid=$(pv llama8b MainPID)
+	want "engine's cgroup" "$(cat /proc/$pid/cgroup)" "0::$cg"
+	want "engine's user" "$(ps -o user= -p "$pid")" pool-engine
+	want "engine's NoNewPrivs" "$(awk '/^NoNewPrivs/ { print $2 }' /proc/$pid/status)" 1
+	want "CUDA_VISIBLE_DEVICES" "$(tr '\0' '\n' </proc/$pid/environ | grep ^CUDA_VISIBLE_DEVICES=)" CUDA_VISIBLE_DEVICES=GPU-8f2c1a70-0000-4000-8000-000000000000
+	want "OOMPolicy (the engine scope's own, set by pool-managerd)" "$(systemctl show -p OOMPolicy --value $s)" stop
+	info "$(systemctl show -p Slice,DevicePolicy,DeviceAllow,MemoryMax,OOMPolicy $s | tr '\n' ' ')"
+	info "$(systemd-cgls --no-pager -u $s | tr -s ' \n' ' ')"
+}
+
+c_devices() {
+	want "llama8b's /sim/devices" "$(curl -s --max-time 5 localhost:8081/sim/devices)" '{"/dev/nvidia0":"ENXIO","/dev/nvidia1":"EPERM"}'
+	want "embed's /sim/devices" "$(curl -s --max-time 5 localhost:8082/sim/devices)" '{"/dev/nvidia0":"EPERM","/dev/nvidia1":"ENXIO"}'
+	# On cgroup v2 the only device control is systemd's BPF program.
+	want "no devices.list (v2)" "$(ls "/sys/fs/cgroup$(systemctl show -p ControlGroup --value pool-engine-llama8b.scope)/devices.list" 2>/dev/null)" ""
+}
+
+c_journal() {
+	local lines
+	lines=$(journalctl -u pool-engine-llama8b.scope -o cat --no-pager)
+	want_match "engine output in the scope's journal" "$lines" 'server is listening on http://127.0.0.1:8081'
+	want_match "attributed to the scope" "$(journalctl _SYSTEMD_UNIT=pool-engine-llama8b.scope -o cat --no-pager | tail -n 50)" 'GET /health'
+}
+
+c_lease() {
+	local line id out
+	out=$(mcall AcquireLease s llama8b 2>&1)
+	want_match "AcquireLease" "$out" '^s "llama8b/'
+	id=$(printf '%s' "$out" | sed -E 's/^s "(.*)"$/\1/')
+	# busctl's connection has ended, and the lease with it.
+	want "ActiveLeases after the caller left" "$(prop llama8b ActiveLeases)" "u 0"
+	want_match "ReleaseLease of a gone lease" "$(dcall ReleaseLease "string:$id")" 'Error org\.llorch\.PoolManager1\.Error\.NoSuchLease'
+}
+
+c_drain() {
+	local line dpid
+	coproc ROUTER { exec timeout 120 "$P/router" llama8b 2>&1; }
+	read -t 30 -r line <&"${ROUTER[0]}"
+	want_match "router's lease" "$line" '^lease llama8b/'
+	want "ActiveLeases" "$(prop llama8b ActiveLeases)" "u 1"
+	mcall Drain st llama8b 30000 >/tmp/drain.out 2>&1 &
+	dpid=$!
+	wait_for 10 "Draining" '[ "$(pv llama8b Draining)" = true ]'
+	want "Ready while draining" "$(prop llama8b Ready)" "b false"
+	want_match "AcquireLease while draining" "$(dcall AcquireLease string:llama8b)" 'Error org\.llorch\.PoolManager1\.Error\.(Draining|NotReady)'
+	sleep 1
+	want "drain waits for the lease" "$(kill -0 $dpid 2>/dev/null && echo waiting)" waiting
+	echo release >&"${ROUTER[1]}"
+	read -t 30 -r line <&"${ROUTER[0]}"
+	want "router's release" "$line" released
+	wait_for 20 "the drain to finish" "! kill -0 $dpid 2>/dev/null"
+	want "Drain outcome" "$(cat /tmp/drain.out)" 's "drained"'
+	want "State" "$(prop llama8b State)" 's "stopped"'
+	want "Live" "$(prop llama8b Live)" "b false"
+	want "scope" "$(systemctl is-active pool-engine-llama8b.scope)" inactive
+	eval "exec ${ROUTER[1]}>&-"
+	wait "$ROUTER_PID" 2>/dev/null
+	want_ok "Start" mcall Start s llama8b
+	ready llama8b
+}
+
+c_reload() {
+	local out
+	want "Reload" "$(mcall Reload sst llama8b llama-3-8b-q5.gguf 30000 2>&1)" 's "llama-3-8b-q5.gguf"'
+	want "Model" "$(pv llama8b Model)" llama-3-8b-q5.gguf
+	want "ModelDigest" "$(pv llama8b ModelDigest)" "sha256:$(sha256sum "$MODELS/llama-3-8b-q5.gguf" | cut -d' ' -f1)"
+	want "State" "$(pv llama8b State)" ready
+	want_match "engine serves the new model" "$(curl -s --max-time 5 localhost:8081/v1/models)" '"id":"llama-3-8b-q5.gguf"'
+	out=$(mcall Reload sst llama8b broken.gguf 30000 2>&1)
+	want_match "Reload of a model the engine refuses" "$out" 'rolled back to llama-3-8b-q5\.gguf'
+	ready llama8b
+	want "Model after the rollback" "$(pv llama8b Model)" llama-3-8b-q5.gguf
+}
+
+c_oom() {
+	local c0 pid0
+	c0=$(crashes llama8b)
+	pid0=$(pv llama8b MainPID)
+	curl -s --max-time 5 -X POST 'localhost:8081/sim/fault?kind=oom' >/dev/null
+	wait_for 60 "the crash" "[ \"\$(pv llama8b CrashCount)\" -gt $c0 ]"
+	want "CrashCount" "$(crashes llama8b)" $((c0 + 1))
+	want_match "LastError" "$(pv llama8b LastError)" '^out of memory'
+	want_match "journal CRASH_REASON" "$(journalctl POOL_ID=llama8b CRASH_REASON=out_of_memory -o cat --no-pager)" .
+	wait_for 20 "the metric" "grep -q 'pool_managerd_engine_crashes_total{pool_id=\"llama8b\",reason=\"out_of_memory\"} 1' $TEXTFILE"
+	# What systemd itself says of the scope: pool-managerd sets
+	# OOMPolicy=stop, so the whole scope goes, Result=oom-kill.
+	want_match "systemd's Result for the scope" "$(journalctl _PID=1 UNIT=pool-engine-llama8b.scope -o cat --no-pager)" "Failed with result 'oom-kill'"
+	info "LastError after the OOM kill: $(pv llama8b LastError)"
+	info "systemd on the scope after the OOM kill: $(journalctl _PID=1 UNIT=pool-engine-llama8b.scope -o cat --no-pager | tail -n 4 | tr '\n' '|')"
+	info "the kernel: $(journalctl -k -o cat --no-pager | grep -E 'Memory cgroup out of memory|oom-kill:' | tail -n 2 | cut -c1-200 | tr '\n' '|')"
+	ready llama8b
+	want_match "new engine" "$(pv llama8b MainPID)" "^[0-9]+$"
+	[ "$(pv llama8b MainPID)" != "$pid0" ] || { echo "MISMATCH: MainPID unchanged"; fails=$((fails + 1)); }
+}
+
+# The other way systemd may be set up: OOMPolicy=continue leaves the scope
+# (and the shim) running after the kernel's kill, so the shim's count of
+# the scope's OOM kills (memory.events) is the witness.
+c_oom_continue() {
+	local c0
+	c0=$(crashes embed)
+	want "embed scope's OOMPolicy" "$(systemctl show -p OOMPolicy --value pool-engine-embed.scope)" continue
+	curl -s --max-time 5 -X POST 'localhost:8082/sim/fault?kind=oom' >/dev/null
+	wait_for 60 "the crash" "[ \"\$(pv embed CrashCount)\" -gt $c0 ]"
+	want "CrashCount" "$(crashes embed)" $((c0 + 1))
+	want_match "LastError" "$(pv embed LastError)" '^out of memory'
+	want_match "journal CRASH_REASON" "$(journalctl POOL_ID=embed CRASH_REASON=out_of_memory -o cat --no-pager)" .
+	info "LastError after the OOM kill (OOMPolicy=continue): $(pv embed LastError)"
+	info "systemd on the scope (OOMPolicy=continue): $(journalctl _PID=1 UNIT=pool-engine-embed.scope -o cat --no-pager | tail -n 4 | tr '\n' '|')"
+	ready embed
+}
+
+c_kill() {
+	local c0 pid0
+	c0=$(crashes llama8b)
+	pid0=$(pv llama8b MainPID)
+	want_ok "systemctl kill" timeout 30 systemctl kill --signal=SIGKILL pool-engine-llama8b.scope
+	wait_for 30 "the crash" "[ \"\$(pv llama8b CrashCount)\" -gt $c0 ]"
+	want_match "LastError" "$(pv llama8b LastError)" SIGKILL
+	want_match "journal EXIT_SIGNAL" "$(journalctl POOL_ID=llama8b EXIT_SIGNAL=SIGKILL -o cat --no-pager)" .
+	ready llama8b
+	[ "$(pv llama8b MainPID)" != "$pid0" ] || { echo "MISMATCH: MainPID unchanged"; fails=$((fails + 1)); }
+	want "CrashCount (counted once)" "$(crashes llama8b)" $((c0 + 1))
+	info "LastError after systemctl kill: $(pv llama8b LastError)"
+}
+
+c_stop() {
+	local c0
+	c0=$(crashes llama8b)
+	want_ok "systemctl stop" timeout 30 systemctl stop pool-engine-llama8b.scope
+	wait_for 20 "State stopped" '[ "$(pv llama8b State)" = stopped ]'
+	sleep 3 # longer than the backoff: no restart may come
+	want "State" "$(pv llama8b State)" stopped
+	want "CrashCount" "$(crashes llama8b)" "$c0"
+	want "scope" "$(systemctl is-active pool-engine-llama8b.scope)" inactive
+	want_match "LastError" "$(pv llama8b LastError)" 'systemctl stop'
+	want_ok "Start" mcall Start s llama8b
+	ready llama8b
+}
+
+c_adopt() {
+	local p1 p2 d0 d1
+	p1=$(pv llama8b MainPID)
+	p2=$(pv embed MainPID)
+	d0=$(systemctl show -p MainPID --value pool-managerd)
+	local c1 c2
+	c1=$(crashes llama8b)
+	c2=$(crashes embed)
+	want_ok "systemctl restart pool-managerd" timeout 60 systemctl restart pool-managerd
+	if ! wait_for 60 "2/2 pools ready" '[ "$(systemctl show -p StatusText --value pool-managerd)" = "2/2 pools ready" ]'; then
+		echo "StatusText: $(systemctl show -p StatusText --value pool-managerd); llama8b $(pv llama8b State), embed $(pv embed State)"
+	fi
+	d1=$(systemctl show -p MainPID --value pool-managerd)
+	[ "$d0" != "$d1" ] || { echo "MISMATCH: the daemon was not restarted"; fails=$((fails + 1)); }
+	want "llama8b MainPID" "$(pv llama8b MainPID)" "$p1"
+	want "embed MainPID" "$(pv embed MainPID)" "$p2"
+	want_ok "llama8b engine alive" kill -0 "$p1"
+	want_ok "embed engine alive" kill -0 "$p2"
+	want "llama8b CrashCount" "$(crashes llama8b)" "$c1"
+	want "embed CrashCount" "$(crashes embed)" "$c2"
+}
+
+c_breaker() {
+	local c0
+	c0=$(crashes embed)
+	curl -s --max-time 5 -X POST 'localhost:8082/sim/fault?kind=segv' >/dev/null
+	wait_for 30 "crash 2 of 3" "[ \"\$(pv embed CrashCount)\" -gt $c0 ]"
+	ready embed
+	want "BreakerState after 2 of 3" "$(pv embed BreakerState)" closed
+	curl -s --max-time 5 -X POST 'localhost:8082/sim/fault?kind=segv' >/dev/null
+	wait_for 30 "crash 3 of 3" "[ \"\$(pv embed CrashCount)\" -gt $((c0 + 1)) ]"
+	wait_for 20 "embed failed" '[ "$(pv embed State)" = failed ]'
+	want "BreakerState" "$(pv embed BreakerState)" open
+	sleep 2
+	want "State (no restart)" "$(pv embed State)" failed
+	want "Live" "$(pv embed Live)" false
+	want "llama8b unaffected" "$(pv llama8b Ready)" true
+}
+
+phase1() {
+	info "boot 1 of the .$KIND: $(cat /proc/uptime | cut -d' ' -f1) s since the kernel started"
+	wait_for 60 "the system up" "timeout 5 systemctl is-system-running --wait >/dev/null 2>&1 || systemctl is-system-running | grep -Eq 'running|degraded'" >/dev/null
+	check "PID 1 is systemd on cgroup v2" c_host
+	check "install (.$KIND)" c_install || return 1
+	check "two simulator pools on fake GPUs" c_configure || return 1
+	check "both pools Ready over the bus" c_ready
+	check "engine scope: slice, DevicePolicy=closed, DeviceAllow, MemoryMax, user" c_scope
+	check "DevicePolicy=closed enforced: own GPU ENXIO, other pool's EPERM" c_devices
+	check "engine output in the scope's journal" c_journal
+	check "a lease ends with its caller's connection" c_lease
+	check "drain waits for a held lease, then Start" c_drain
+	check "reload to a new model; a bad one rolled back" c_reload
+	check "MemoryMax= OOM kill (systemd's OOMPolicy=stop) classified out_of_memory, restarted" c_oom
+	check "OOM kill under OOMPolicy=continue classified out_of_memory (shim's witness)" c_oom_continue
+	check "systemctl kill --signal=SIGKILL of the scope: a crash naming SIGKILL, restarted" c_kill
+	check "systemctl stop of the scope: stopped, no crash, no restart" c_stop
+	check "systemctl restart pool-managerd keeps the engines" c_adopt
+	check "breaker opens after BreakerThreshold crashes" c_breaker
+	{
+		echo "llama_crashes=$(crashes llama8b)"
+		echo "embed_crashes=$(crashes embed)"
+		echo "embed_breaker=$(pv embed BreakerState)"
+	} >"$STATE/phase1"
+	sync
+	emit "PHASE	1	DONE"
+	return 100
+}
+
+# ---------------------------------------------------------------- boot 2
+
+c_back() {
+	. "$STATE/phase1"
+	want "PID 1" "$(cat /proc/1/comm)" systemd
+	want_ok "fake GPU nodes made at boot" test -c /dev/nvidia0 -a -c /dev/nvidia1
+	wait_for 60 "pool-managerd active" '[ "$(systemctl is-active pool-managerd)" = active ]'
+	ready llama8b 120
+	want "llama8b CrashCount kept" "$(crashes llama8b)" "$llama_crashes"
+	want_ok "llama8b's own GPU only" test "$(curl -s --max-time 5 localhost:8081/sim/devices)" = '{"/dev/nvidia0":"ENXIO","/dev/nvidia1":"EPERM"}'
+}
+
+c_breaker_kept() {
+	. "$STATE/phase1"
+	want "embed State" "$(pv embed State)" failed
+	want "embed BreakerState" "$(pv embed BreakerState)" "$embed_breaker"
+	want "embed CrashCount" "$(crashes embed)" "$embed_crashes"
+	want "embed Live" "$(pv embed Live)" false
+	want "no scope for embed" "$(systemctl is-active pool-engine-embed.scope)" inactive
+	want_match "Start refused" "$(dcall Start string:embed)" 'Error org\.llorch\.PoolManager1\.Error\.BreakerOpen'
+	want_ok "ResetBreaker" mcall ResetBreaker s embed
+	ready embed
+	want "BreakerState after ResetBreaker" "$(pv embed BreakerState)" closed
+}
+
+# gone WHAT PATH...: none of the paths exists.
+gone() {
+	local what=$1 p left=
+	shift
+	for p in "$@"; do [ -e "$p" ] && left="$left $p"; done
+	want "$what gone" "${left# }" ""
+}
+# kept WHAT PATH...: every path exists.
+kept() {
+	local what=$1 p missing=
+	shift
+	for p in "$@"; do [ -e "$p" ] || missing="$missing $p"; done
+	want "$what kept" "${missing# }" ""
+}
+
+no_engines_left() {
+	want "pool-engine scopes" "$(systemctl list-units --all --plain --no-legend 'pool-engine-*' | awk '{ print $1 }' | tr '\n' ' ')" ""
+	want "engine and shim processes" "$(pgrep -a -f 'pool-engine-sim|pool-managerd-shim' | tr '\n' ' ')" ""
+	want "daemon process" "$(pgrep -a -x pool-managerd | tr '\n' ' ')" ""
+	want "pool-managerd.service" "$(systemctl is-active pool-managerd)" inactive
+	want "runtime records" "$(ls /run/pool-managerd/pools/ 2>/dev/null | tr '\n' ' ')" ""
+	if busctl --timeout=5 status "$B" >/dev/null 2>&1; then
+		echo "MISMATCH: $B still on the bus"
+		fails=$((fails + 1))
+	fi
+}
+
+c_remove() {
+	# What the package put on the host: its files and the directories of
+	# its own name that hold them (outside /etc: the operator's files are
+	# there, and a removal keeps them).
+	local owned
+	case $KIND in
+	deb) owned=$(dpkg -L pool-managerd) ;;
+	rpm) owned=$(rpm -ql pool-managerd) ;;
+	esac
+	owned=$(printf '%s\n' "$owned" | while read -r f; do
+		echo "$f"
+		d=$(dirname "$f")
+		case $d in *pool-managerd*) echo "$d" ;; esac
+	done | grep -E 'pool-managerd|PoolManager1' | grep -v '^/etc/' | sort -u)
+	case $KIND in
+	deb) want_ok "dpkg -r" timeout 180 dpkg -r pool-managerd ;;
+	rpm) want_ok "rpm -e" timeout 180 rpm -e pool-managerd ;;
+	esac
+	no_engines_left
+	# shellcheck disable=SC2086
+	gone "package files and directories" $owned
+	# A removal (not a purge) keeps the operator's configuration and the
+	# persisted state; rpm removes a config file nobody changed.
+	kept "operator's files" /etc/pool-managerd/pools.d/llama8b.pool /etc/pool-managerd/pools.d/embed.pool \
+		/etc/pool-managerd/pool-managerd.conf.d/gpus.conf "$MODELS/llama-3-8b-q4.gguf"
+	kept "persisted state" /var/lib/pool-managerd/pools
+	case $KIND in
+	deb) kept "conffile" /etc/pool-managerd/pool-managerd.conf ;;
+	rpm) gone "unchanged %config" /etc/pool-managerd/pool-managerd.conf ;;
+	esac
+}
+
+c_purge() {
+	local out
+	out=$(timeout 120 dpkg --purge pool-managerd 2>&1)
+	want "dpkg --purge" "$?" 0
+	info "dpkg --purge said: $(printf '%s' "$out" | tr '\n' '|')"
+	want "dpkg -s" "$(dpkg -s pool-managerd >/dev/null 2>&1 && echo known)" ""
+	no_engines_left
+	gone "configuration, runtime and daemon's state" /etc/pool-managerd /run/pool-managerd \
+		/var/lib/pool-managerd/pools /var/lib/pool-managerd/staged /var/lib/pool-managerd/digests.json "$TEXTFILE"
+	# Never the operator's models: they and their directory stay.
+	kept "operator's models" "$MODELS/llama-3-8b-q4.gguf" "$MODELS/llama-3-8b-q5.gguf" "$MODELS/nomic-embed.gguf" "$MODELS/broken.gguf"
+	want "what else is left in /var/lib/pool-managerd" "$(find /var/lib/pool-managerd -mindepth 1 -not -path "$MODELS" -not -path "$MODELS/*" | tr '\n' ' ')" ""
+}
+
+phase2() {
+	info "boot 2 of the .$KIND: $(cat /proc/uptime | cut -d' ' -f1) s since the kernel started"
+	check "after a reboot: the pools come back, counters kept" c_back
+	check "after a reboot: breaker state kept, ResetBreaker" c_breaker_kept
+	case $KIND in
+	deb)
+		check "dpkg -r: no scope, no engine, operator's files kept" c_remove
+		check "dpkg --purge: nothing of the package left, models kept" c_purge
+		;;
+	rpm)
+		check "rpm -e: no scope, no engine, package files gone" c_remove
+		;;
+	esac
+	emit "PHASE	2	DONE"
+	return 0
+}
+
+if [ -f "$STATE/phase1" ]; then
+	phase2
+else
+	phase1
+fi
