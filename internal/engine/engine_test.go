@@ -28,7 +28,7 @@ func TestMain(m *testing.M) {
 		os.Exit(shim.Main())
 	}
 	os.Exit(sandbox.Main(m, sandbox.Options{
-		Nodes:   sandbox.FakeGPUs,
+		Nodes: sandbox.FakeGPUs,
 		Prepare: [][]string{{"useradd", "--system", "--no-create-home", "pool-engine"},
 			// A host whose default would leave an OOM-killed engine
 			// half running: the scope's own OOMPolicy must win.
