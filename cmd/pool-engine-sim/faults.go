@@ -26,7 +26,17 @@ const (
 	faultForkChild
 	faultLongLine
 	faultLog
+	faultStall
+	faultBusy
+	faultFailCompletion
+	faultNoMetrics
+	faultBadMetrics
+	faultHangMetrics
 )
+
+// faultKindsHelp lists the kinds for --fault's help and parse errors.
+const faultKindsHelp = "segv, abort, cuda, oom, exit:N, hang-health, ignore-term, fork-child, long-line:N, log:TEXT, " +
+	"stall, busy, fail-completion, no-metrics, bad-metrics or hang-metrics"
 
 var faultNames = map[string]faultKind{
 	"segv":        faultSegv,
@@ -36,6 +46,24 @@ var faultNames = map[string]faultKind{
 	"hang-health": faultHangHealth,
 	"ignore-term": faultIgnoreTerm,
 	"fork-child":  faultForkChild,
+	"stall":       faultStall,
+	"busy":        faultBusy,
+
+	"fail-completion": faultFailCompletion,
+	"no-metrics":      faultNoMetrics,
+	"bad-metrics":     faultBadMetrics,
+	"hang-metrics":    faultHangMetrics,
+}
+
+// beforeAnswer says whether /sim/fault puts the fault in effect before it
+// answers, so that the caller's next request already sees it. The others
+// end the process (or may: oom), so they fire once the answer is out.
+func (k faultKind) beforeAnswer() bool {
+	switch k {
+	case faultSegv, faultAbort, faultCuda, faultExit, faultOOM:
+		return false
+	}
+	return true
 }
 
 type fault struct {
@@ -86,7 +114,7 @@ func parseFault(s string) (fault, error) {
 	if k, ok := faultNames[s]; ok {
 		return fault{kind: k}, nil
 	}
-	return fault{}, fmt.Errorf("unknown fault kind %q (want segv, abort, cuda, oom, exit:N, hang-health, ignore-term, fork-child, long-line:N or log:TEXT)", s)
+	return fault{}, fmt.Errorf("unknown fault kind %q (want %s)", s, faultKindsHelp)
 }
 
 func (s *server) fire(f fault) {
@@ -122,6 +150,24 @@ func (s *server) fire(f fault) {
 		// llama-server --verbose logs each request's body as it came
 		// (SRV_DBG in log_server_request); here it stays one line.
 		logf("srv  log_server_r: request:  %s", strings.NewReplacer("\n", `\n`, "\r", `\r`).Replace(f.text))
+	case faultStall:
+		s.engine.stall()
+		logf("sim: stall: a request stays in flight and no token is produced from now on")
+	case faultBusy:
+		s.engine.setBusy()
+		logf("sim: busy: a request stays in flight, producing a token every %v", busyTokenTime)
+	case faultFailCompletion:
+		s.failCompletion.Store(true)
+		logf("sim: fail-completion: /completion answers 500 from now on")
+	case faultNoMetrics:
+		s.metrics.Store(int32(metricsMissing))
+		logf("sim: no-metrics: /metrics answers 404 from now on")
+	case faultBadMetrics:
+		s.metrics.Store(int32(metricsGarbled))
+		logf("sim: bad-metrics: /metrics answers what no parser reads from now on")
+	case faultHangMetrics:
+		s.metrics.Store(int32(metricsHung))
+		logf("sim: hang-metrics: /metrics will not answer any more")
 	}
 }
 

@@ -1,7 +1,8 @@
 // Command pool-engine-sim stands in for llama.cpp's llama-server in tests,
 // demos and benchmarks: it checks and hashes a GGUF model file, serves
-// /health, /v1/models and a few /sim/ endpoints, logs like llama-server and
-// can be told to fail the ways real engines fail (see faults.go).
+// /health, /v1/models, /metrics, POST /completion and a few /sim/
+// endpoints, logs like llama-server and can be told to fail the ways real
+// engines fail (see faults.go).
 package main
 
 import (
@@ -37,6 +38,7 @@ type options struct {
 	probeDevices []string
 	fault        string
 	faultAfter   time.Duration
+	tokenTime    time.Duration
 }
 
 var logMu sync.Mutex
@@ -69,17 +71,27 @@ func run(args []string) int {
 	fs.DurationVar(&o.loadTime, "load-time", 0, "how long /health reports that the model is loading")
 	fs.DurationVar(&o.listenAfter, "listen-after", 0, "load this long before listening at all, as vLLM's API server does")
 	fs.StringVar(&probe, "probe-devices", "", "comma-separated device `paths` that /sim/devices opens O_RDWR")
-	fs.StringVar(&o.fault, "fault", "", "fault `kind` to inject on its own (segv, abort, cuda, oom, exit:N, hang-health, ignore-term, fork-child, long-line:N, log:TEXT)")
+	fs.StringVar(&o.fault, "fault", "", "fault `kind` to inject on its own: "+faultKindsHelp)
 	fs.DurationVar(&o.faultAfter, "fault-after", 0, "delay between listening and --fault firing")
+	fs.DurationVar(&o.tokenTime, "token-time", time.Millisecond, "time POST /completion takes to generate one token")
+	fs.Bool("metrics", false, "accepted as llama-server's flag; /metrics is always served")
 	version := fs.Bool("version", false, "print the version and exit")
 	simChild := fs.Bool("sim-child", false, "internal: the leaked child of the fork-child fault")
 
 	known := map[string]bool{}
 	fs.VisitAll(func(f *flag.Flag) { known[f.Name] = true })
+	known["h"], known["help"] = true, true // the flag package's usage
 	args, ignored := dropUnknownFlags(args, known, func(name string) bool {
-		return name == "version" || name == "sim-child"
+		switch name {
+		case "version", "sim-child", "metrics", "h", "help":
+			return true
+		}
+		return false
 	})
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
 		return 1
 	}
 	if *simChild {
@@ -115,6 +127,10 @@ func run(args []string) int {
 		return 1
 	}
 	o.port = p
+	if o.tokenTime < 0 {
+		logf("error: invalid --token-time %v (want 0 or more)", o.tokenTime)
+		return 1
+	}
 	for _, d := range strings.Split(probe, ",") {
 		if d = strings.TrimSpace(d); d != "" {
 			o.probeDevices = append(o.probeDevices, d)

@@ -24,11 +24,17 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	prommodel "github.com/prometheus/common/model"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
-var simBin string
+var (
+	simBin     string
+	buildFlags = []string{"build"}
+)
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "pool-engine-sim-test-")
@@ -38,7 +44,7 @@ func TestMain(m *testing.M) {
 	}
 	simBin = filepath.Join(dir, "pool-engine-sim")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	build := exec.CommandContext(ctx, "go", "build", "-o", simBin, ".")
+	build := exec.CommandContext(ctx, "go", append(buildFlags, "-o", simBin, ".")...)
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	err = build.Run()
 	cancel()
@@ -156,6 +162,9 @@ func startSim(t *testing.T, model string, extra ...string) *sim {
 			case <-time.After(10 * time.Second):
 				t.Errorf("pid %d did not die after SIGKILL", s.cmd.Process.Pid)
 			}
+		}
+		if strings.Contains(s.stderr.String(), "WARNING: DATA RACE") {
+			t.Error("the race detector found a race in the simulator")
 		}
 		if t.Failed() {
 			t.Logf("simulator stderr:\n%s", s.stderr.String())
@@ -327,6 +336,9 @@ func TestRequiredFlags(t *testing.T) {
 	code, _, stderr = runSim(t, "--model", model, "--port", "1", "--fault", "bogus")
 	assert.Equal(t, 1, code)
 	assert.Contains(t, stderr, "unknown fault kind")
+	code, _, stderr = runSim(t, "--model", model, "--port", "1", "--token-time", "-1ms")
+	assert.Equal(t, 1, code)
+	assert.Contains(t, stderr, "invalid --token-time -1ms")
 }
 
 func TestHealthLoading(t *testing.T) {
@@ -725,4 +737,427 @@ func TestKillSEGVFromOutsideKillsBySignal(t *testing.T) {
 	ws := ee.Sys().(syscall.WaitStatus)
 	assert.True(t, ws.Signaled())
 	assert.Equal(t, syscall.SIGSEGV, ws.Signal())
+}
+
+// scrape reads /metrics the way the daemon does, with Prometheus's text
+// parser, and returns each sample's value by metric name.
+func (s *sim) scrape() map[string]float64 {
+	s.t.Helper()
+	resp, err := client(2 * time.Second).Get(s.url("/metrics"))
+	require.NoError(s.t, err)
+	defer resp.Body.Close()
+	require.Equal(s.t, http.StatusOK, resp.StatusCode)
+	p := expfmt.NewTextParser(prommodel.LegacyValidation)
+	families, err := p.TextToMetricFamilies(resp.Body)
+	require.NoError(s.t, err)
+	out := map[string]float64{}
+	for name, mf := range families {
+		require.Len(s.t, mf.GetMetric(), 1, name)
+		m := mf.GetMetric()[0]
+		switch mf.GetType() {
+		case dto.MetricType_COUNTER:
+			out[name] = m.GetCounter().GetValue()
+		case dto.MetricType_GAUGE:
+			out[name] = m.GetGauge().GetValue()
+		}
+	}
+	return out
+}
+
+type completion struct {
+	code int
+	body []byte
+	err  error
+}
+
+func (s *sim) complete(ctx context.Context, body string) completion {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.url("/completion"), strings.NewReader(body))
+	if err != nil {
+		return completion{err: err}
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := client(0).Do(req)
+	if err != nil {
+		return completion{err: err}
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return completion{code: resp.StatusCode, body: b, err: err}
+}
+
+// completeAsync starts a /completion and returns where its outcome lands.
+func (s *sim) completeAsync(ctx context.Context, body string) <-chan completion {
+	done := make(chan completion, 1)
+	go func() { done <- s.complete(ctx, body) }()
+	return done
+}
+
+// waitMetrics polls /metrics until ok holds, and returns that sample.
+func (s *sim) waitMetrics(what string, ok func(map[string]float64) bool) map[string]float64 {
+	s.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		m := s.scrape()
+		if ok(m) {
+			return m
+		}
+		if time.Now().After(deadline) {
+			s.t.Fatalf("metrics never showed %s; last %v", what, m)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+const (
+	inFlight  = "llamacpp:requests_processing"
+	predicted = "llamacpp:tokens_predicted_total"
+	decodes   = "llamacpp:n_decode_total"
+)
+
+func TestCompletionMovesMetrics(t *testing.T) {
+	t.Parallel()
+	model, _ := ggufModel(t)
+	s := startSim(t, model, "--token-time", "20ms", "--metrics")
+	s.waitHealthy()
+
+	resp, err := client(2 * time.Second).Get(s.url("/metrics"))
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	_ = resp.Body.Close()
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	assert.True(t, strings.HasPrefix(resp.Header.Get("Content-Type"), "text/plain; version=0.0.4"), resp.Header.Get("Content-Type"))
+	for _, line := range []string{
+		"# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 0\n",
+		"# TYPE llamacpp:tokens_predicted_total counter\nllamacpp:tokens_predicted_total 0\n",
+		"# TYPE llamacpp:n_decode_total counter\nllamacpp:n_decode_total 0\n",
+	} {
+		assert.Contains(t, string(body), line)
+	}
+	assert.NotContains(t, string(body), "go_goroutines", "llama-server has no Go collectors")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	done := s.completeAsync(ctx, `{"prompt":"Hi","n_predict":25}`)
+	mid := s.waitMetrics("a request in flight that has produced tokens", func(m map[string]float64) bool {
+		return m[inFlight] == 1 && m[predicted] > 0
+	})
+	assert.Less(t, mid[predicted], 25.0, "tokens come one at a time, not all at the end")
+
+	var c completion
+	select {
+	case c = <-done:
+	case <-ctx.Done():
+		t.Fatal("/completion did not answer")
+	}
+	require.NoError(t, c.err)
+	require.Equal(t, http.StatusOK, c.code, string(c.body))
+	var got struct {
+		Content         string `json:"content"`
+		TokensPredicted int    `json:"tokens_predicted"`
+		Stop            bool   `json:"stop"`
+	}
+	require.NoError(t, json.Unmarshal(c.body, &got))
+	assert.Equal(t, 25, got.TokensPredicted)
+	assert.True(t, got.Stop)
+	assert.NotEmpty(t, got.Content)
+	after := s.scrape()
+	assert.Equal(t, map[string]float64{inFlight: 0, predicted: 25, decodes: 25}, after)
+	s.waitLog(`srv  log_server_r: request: POST /completion 127\.0\.0\.1 200\n`)
+}
+
+func TestCompletionNPredict(t *testing.T) {
+	t.Parallel()
+	model, _ := ggufModel(t)
+	s := startSim(t, model, "--token-time", "0")
+	s.waitHealthy()
+	for _, tc := range []struct {
+		name string
+		body string
+		want int
+	}{
+		{"default", `{"prompt":"Hi"}`, 16},
+		{"zero", `{"prompt":"Hi","n_predict":0}`, 0},
+		{"until the context is full, capped", `{"prompt":"Hi","n_predict":-1}`, 4096},
+		{"over the cap", `{"prompt":"Hi","n_predict":100000}`, 4096},
+		{"token prompt", `{"prompt":[1,2,3],"n_predict":2}`, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			c := s.complete(ctx, tc.body)
+			require.NoError(t, c.err)
+			require.Equal(t, http.StatusOK, c.code, string(c.body))
+			var got struct {
+				TokensPredicted int `json:"tokens_predicted"`
+			}
+			require.NoError(t, json.Unmarshal(c.body, &got))
+			assert.Equal(t, tc.want, got.TokensPredicted)
+		})
+	}
+	assert.Equal(t, float64(16+0+4096+4096+2), s.scrape()[predicted])
+}
+
+// Bad bodies get a clear 4xx and produce nothing; the prompt, engine
+// input, never reaches the log the daemon scans for CUDA errors.
+func TestCompletionRejectsBadBodies(t *testing.T) {
+	t.Parallel()
+	model, _ := ggufModel(t)
+	s := startSim(t, model)
+	s.waitHealthy()
+
+	nearLimit := `{"prompt":"` + strings.Repeat("a", 1<<20-100) + `","n_predict":1}`
+	overLimit := `{"prompt":"` + strings.Repeat("a", 1<<20) + `"}`
+	for _, tc := range []struct {
+		name string
+		body string
+		code int
+		msg  string
+	}{
+		{"bad JSON", `{"prompt":`, http.StatusBadRequest, "not valid JSON"},
+		{"trailing garbage", `{"prompt":"Hi"} x`, http.StatusBadRequest, "not valid JSON"},
+		{"not an object", `["Hi"]`, http.StatusBadRequest, "not valid JSON"},
+		{"no prompt", `{"n_predict":1}`, http.StatusBadRequest, `\"prompt\" must be provided`},
+		{"prompt of the wrong type", `{"prompt":7}`, http.StatusBadRequest, `\"prompt\" must be a string or an array`},
+		{"n_predict not a number", `{"prompt":"Hi","n_predict":"x"}`, http.StatusBadRequest, "n_predict"},
+		{"streaming", `{"prompt":"Hi","stream":true}`, http.StatusBadRequest, "stream"},
+		{"over 1 MiB", overLimit, http.StatusRequestEntityTooLarge, "larger than 1 MiB"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			c := s.complete(ctx, tc.body)
+			require.NoError(t, c.err)
+			assert.Equal(t, tc.code, c.code, string(c.body))
+			assert.Contains(t, string(c.body), tc.msg)
+			assert.Contains(t, string(c.body), fmt.Sprintf(`"code":%d`, tc.code))
+		})
+	}
+	assert.Equal(t, map[string]float64{inFlight: 0, predicted: 0, decodes: 0}, s.scrape())
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := s.complete(ctx, nearLimit)
+	require.NoError(t, c.err)
+	assert.Equal(t, http.StatusOK, c.code, "a body just under 1 MiB is fine")
+	c = s.complete(ctx, `{"prompt":"CUDA error: out of memory","n_predict":1}`)
+	require.NoError(t, c.err)
+	require.Equal(t, http.StatusOK, c.code, string(c.body))
+
+	code, _ := s.get("/completion", 2*time.Second)
+	assert.Equal(t, http.StatusMethodNotAllowed, code)
+	s.waitLog(`request: GET /completion 127\.0\.0\.1 405\n`)
+	assert.NotContains(t, s.stderr.String(), "CUDA error")
+	assert.NotContains(t, s.stderr.String(), "aaaaaaaa")
+	assert.True(t, s.alive())
+}
+
+func TestServingWhileLoading(t *testing.T) {
+	t.Parallel()
+	model, _ := ggufModel(t)
+	s := startSim(t, model, "--load-time", "1m")
+	s.waitListening()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := s.complete(ctx, `{"prompt":"Hi","n_predict":1}`)
+	require.NoError(t, c.err)
+	assert.Equal(t, http.StatusServiceUnavailable, c.code)
+	assert.JSONEq(t, `{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}`, string(c.body))
+	code, body := s.get("/metrics", 2*time.Second)
+	assert.Equal(t, http.StatusServiceUnavailable, code)
+	assert.Contains(t, string(body), "Loading model")
+}
+
+// stall: a request stays in flight, the token counter freezes, any new
+// /completion hangs, and /health still says ok.
+func TestFaultStall(t *testing.T) {
+	t.Parallel()
+	model, _ := ggufModel(t)
+	s := startSim(t, model, "--token-time", "2ms")
+	s.waitHealthy()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := s.complete(ctx, `{"prompt":"Hi","n_predict":5}`)
+	require.Equal(t, http.StatusOK, c.code, string(c.body))
+
+	// A long request running when the stall comes stays in flight too.
+	running := s.completeAsync(ctx, `{"prompt":"Hi","n_predict":4096}`)
+	s.waitMetrics("the long request producing", func(m map[string]float64) bool { return m[predicted] > 5 })
+	s.postFault("stall")
+	frozen := s.scrape()
+	assert.GreaterOrEqual(t, frozen[inFlight], 2.0)
+
+	hung, stop := context.WithCancel(ctx)
+	defer stop()
+	blocked := s.completeAsync(hung, `{"prompt":"Hi","n_predict":1}`)
+	m := s.waitMetrics("the new request in flight", func(m map[string]float64) bool { return m[inFlight] >= 3 })
+	assert.Equal(t, frozen[predicted], m[predicted])
+
+	// Across many token times: nothing moves, nothing answers.
+	for end := time.Now().Add(300 * time.Millisecond); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		m := s.scrape()
+		assert.Equal(t, frozen[predicted], m[predicted])
+		assert.Equal(t, frozen[decodes], m[decodes])
+		assert.GreaterOrEqual(t, m[inFlight], 3.0)
+	}
+	start := time.Now()
+	code, body := s.get("/health", 2*time.Second)
+	assert.Equal(t, http.StatusOK, code)
+	assert.JSONEq(t, `{"status":"ok"}`, string(body))
+	assert.Less(t, time.Since(start), time.Second)
+	select {
+	case c := <-blocked:
+		t.Fatalf("a /completion answered on a stalled engine: %d %s", c.code, c.body)
+	case c := <-running:
+		t.Fatalf("the running /completion answered on a stalled engine: %d %s", c.code, c.body)
+	default:
+	}
+
+	// The client giving up ends its request; the stuck one stays.
+	stop()
+	<-blocked
+	s.waitMetrics("the cancelled request gone", func(m map[string]float64) bool { return m[inFlight] == 2 })
+	cancel()
+	<-running
+	s.waitMetrics("only the stuck request", func(m map[string]float64) bool { return m[inFlight] == 1 })
+	assert.Equal(t, frozen[predicted], s.scrape()[predicted])
+
+	// A stalled engine still stops on SIGTERM.
+	require.NoError(t, s.cmd.Process.Signal(syscall.SIGTERM))
+	ws := s.wait()
+	require.True(t, ws.Exited(), "got %v", ws)
+	assert.Equal(t, 0, ws.ExitStatus())
+}
+
+// busy: a request is always in flight and the counter keeps moving, slowly.
+func TestFaultBusy(t *testing.T) {
+	t.Parallel()
+	model, _ := ggufModel(t)
+	s := startSim(t, model)
+	s.waitHealthy()
+	s.postFault("busy")
+
+	first := s.scrape()
+	assert.GreaterOrEqual(t, first[inFlight], 1.0)
+	last := first[predicted]
+	for moves := 0; moves < 3; moves++ {
+		m := s.waitMetrics("the counter moving", func(m map[string]float64) bool {
+			assert.GreaterOrEqual(t, m[inFlight], 1.0, "a busy engine has a request in flight at every sample")
+			return m[predicted] > last
+		})
+		last = m[predicted]
+	}
+	code, _ := s.get("/health", time.Second)
+	assert.Equal(t, http.StatusOK, code)
+
+	// A request on a busy engine is slow but answers.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	c := s.complete(ctx, `{"prompt":"Hi","n_predict":2}`)
+	require.NoError(t, c.err)
+	assert.Equal(t, http.StatusOK, c.code, string(c.body))
+	assert.GreaterOrEqual(t, time.Since(start), 2*200*time.Millisecond)
+	assert.GreaterOrEqual(t, s.scrape()[inFlight], 1.0)
+}
+
+func TestFaultFailCompletion(t *testing.T) {
+	t.Parallel()
+	model, _ := ggufModel(t)
+	s := startSim(t, model)
+	s.waitHealthy()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := s.complete(ctx, `{"prompt":"Hi","n_predict":1}`)
+	require.Equal(t, http.StatusOK, c.code, string(c.body))
+
+	s.postFault("fail-completion")
+	for range 2 {
+		c = s.complete(ctx, `{"prompt":"Hi","n_predict":1}`)
+		require.NoError(t, c.err)
+		assert.Equal(t, http.StatusInternalServerError, c.code)
+		assert.JSONEq(t, `{"error":{"code":500,"message":"simulated failure","type":"server_error"}}`, string(c.body))
+	}
+	code, _ := s.get("/health", 2*time.Second)
+	assert.Equal(t, http.StatusOK, code)
+	assert.Equal(t, map[string]float64{inFlight: 0, predicted: 1, decodes: 1}, s.scrape())
+}
+
+func TestFaultMetrics(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		kind  string
+		check func(t *testing.T, s *sim)
+	}{
+		{"no-metrics", func(t *testing.T, s *sim) {
+			code, body := s.get("/metrics", 2*time.Second)
+			assert.Equal(t, http.StatusNotFound, code)
+			assert.Contains(t, string(body), "File Not Found")
+		}},
+		{"bad-metrics", func(t *testing.T, s *sim) {
+			resp, err := client(2 * time.Second).Get(s.url("/metrics"))
+			require.NoError(t, err)
+			defer resp.Body.Close()
+			assert.Equal(t, http.StatusOK, resp.StatusCode)
+			p := expfmt.NewTextParser(prommodel.LegacyValidation)
+			_, err = p.TextToMetricFamilies(resp.Body)
+			assert.Error(t, err, "bad-metrics must not parse")
+		}},
+		{"hang-metrics", func(t *testing.T, s *sim) {
+			_, err := client(300 * time.Millisecond).Get(s.url("/metrics"))
+			var ne net.Error
+			require.ErrorAs(t, err, &ne)
+			assert.True(t, ne.Timeout(), "%v", err)
+		}},
+	} {
+		t.Run(tc.kind, func(t *testing.T) {
+			t.Parallel()
+			model, _ := ggufModel(t)
+			s := startSim(t, model)
+			s.waitHealthy()
+			s.scrape()
+			s.postFault(tc.kind)
+			tc.check(t, s)
+			code, _ := s.get("/health", 2*time.Second)
+			assert.Equal(t, http.StatusOK, code)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			c := s.complete(ctx, `{"prompt":"Hi","n_predict":1}`)
+			assert.Equal(t, http.StatusOK, c.code, "only /metrics is broken")
+		})
+	}
+}
+
+// The serving faults also come from --fault and from the model file, so a
+// pool's ExecStart= or model can carry them.
+func TestServingFaultsFromFlagAndModel(t *testing.T) {
+	t.Parallel()
+	t.Run("--fault stall", func(t *testing.T) {
+		t.Parallel()
+		model, _ := ggufModel(t)
+		s := startSim(t, model, "--fault", "stall", "--fault-after", "50ms")
+		s.waitHealthy()
+		s.waitMetrics("the stuck request", func(m map[string]float64) bool { return m[inFlight] == 1 })
+	})
+	t.Run("sim-fault=fail-completion", func(t *testing.T) {
+		t.Parallel()
+		model := writeModel(t, []byte("GGUF\x03\x00\x00\x00\nsim-fault=fail-completion\n"))
+		s := startSim(t, model)
+		s.waitHealthy()
+		s.waitLog(`sim: fail-completion`)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c := s.complete(ctx, `{"prompt":"Hi","n_predict":1}`)
+		assert.Equal(t, http.StatusInternalServerError, c.code, string(c.body))
+	})
+}
+
+func TestParseServingFaults(t *testing.T) {
+	for _, kind := range []string{"stall", "busy", "fail-completion", "no-metrics", "bad-metrics", "hang-metrics"} {
+		f, err := parseFault(kind)
+		require.NoError(t, err, kind)
+		assert.Equal(t, kind, f.String())
+		assert.True(t, f.kind.beforeAnswer(), "%s leaves the engine running", kind)
+	}
+	_, err := parseFault("stalled")
+	assert.ErrorContains(t, err, "stall, busy, fail-completion, no-metrics, bad-metrics or hang-metrics")
 }

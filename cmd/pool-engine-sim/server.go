@@ -14,16 +14,20 @@ import (
 )
 
 type server struct {
-	opts       options
-	mu         sync.Mutex
-	loaded     bool
-	sha256     string
-	hangHealth atomic.Bool
-	shutdown   chan struct{} // closed on SIGTERM/SIGINT
+	opts           options
+	mu             sync.Mutex
+	loaded         bool
+	sha256         string
+	hangHealth     atomic.Bool
+	failCompletion atomic.Bool
+	metrics        atomic.Int32 // a metricsMode
+	engine         *engine
+	shutdown       chan struct{} // closed on SIGTERM/SIGINT
 }
 
 func newServer(o options) *server {
-	return &server{opts: o, shutdown: make(chan struct{})}
+	shutdown := make(chan struct{})
+	return &server{opts: o, engine: newEngine(o.tokenTime, shutdown), shutdown: shutdown}
 }
 
 func (s *server) setLoaded(sum string) {
@@ -44,6 +48,9 @@ func (s *server) httpServer() *http.Server {
 	mux.HandleFunc("/v1/health", s.handleHealth)
 	mux.HandleFunc("/v1/models", s.handleModels)
 	mux.HandleFunc("/models", s.handleModels)
+	mux.HandleFunc("/metrics", s.handleMetrics)
+	mux.HandleFunc("/completion", s.handleCompletion)
+	mux.HandleFunc("/completions", s.handleCompletion)
 	mux.HandleFunc("/sim/devices", s.handleDevices)
 	mux.HandleFunc("/sim/fault", s.handleFault)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
@@ -265,10 +272,7 @@ func (s *server) handleFault(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.Error(), "invalid_request_error")
 		return
 	}
-	switch f.kind {
-	case faultHangHealth, faultIgnoreTerm, faultForkChild, faultLongLine, faultLog:
-		// The process lives on: the fault is in effect before the
-		// answer, so whatever the caller does next already sees it.
+	if f.kind.beforeAnswer() {
 		s.fire(f)
 		writeJSON(w, http.StatusAccepted, map[string]string{"fault": f.String()})
 		return

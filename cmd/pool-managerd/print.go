@@ -71,6 +71,12 @@ func printPool(w io.Writer, p *config.Pool, modelsDir string) {
 	}
 	h := p.Health
 	row("health", "%s every %s, timeout %s, unhealthy after %d failures, start timeout %s", sp.Expand(p.Engine.HealthURL), h.Interval, h.Timeout, h.FailureThreshold, h.StartTimeout)
+	if h.Stall > 0 {
+		row("stall", "%s in flight with no token for %s", sp.Expand(h.ProgressURL), h.Stall)
+	}
+	if w := h.Warmup; w != nil {
+		row("warm-up", "%s %s%s within %s", w.Method, w.Path, prefix(" ", w.Body), h.WarmupTimeout)
+	}
 	r := p.Restart
 	var mult []string
 	for reason, f := range r.Backoff.Multiplier {
@@ -91,7 +97,8 @@ func printPool(w io.Writer, p *config.Pool, modelsDir string) {
 // leaves the pool in.
 func printSchedule(w io.Writer, p *config.Pool, reason crash.Reason, crashes int, runFor time.Duration, t0 time.Time) error {
 	rng := rand.New(rand.NewPCG(1, uint64(len(p.ID))))
-	sim := lifecycle.NewSim(lifecycle.Config{Pool: p.ID, Model: p.Model, FailureThreshold: p.Health.FailureThreshold},
+	sim := lifecycle.NewSim(lifecycle.Config{Pool: p.ID, Model: p.Model, FailureThreshold: p.Health.FailureThreshold,
+		Stall: p.Health.Stall, Warmup: p.Health.Warmup != nil},
 		policy.New(p.Restart, rng.Float64), t0)
 	if err := sim.Start(); err != nil {
 		return err

@@ -111,6 +111,20 @@ type Health struct {
 	Timeout          time.Duration
 	FailureThreshold int
 	StartTimeout     time.Duration
+	// ProgressURL is the engine's Prometheus endpoint (with specifiers);
+	// with Stall, requests in flight and no token for that long is a
+	// stall. Both unset: no stall detection.
+	ProgressURL string
+	Stall       time.Duration
+	// Warmup is the request that must succeed before the pool is Ready
+	// (nil: none), within WarmupTimeout.
+	Warmup        *WarmupRequest
+	WarmupTimeout time.Duration
+}
+
+// WarmupRequest is [Health] WarmupRequest=: METHOD /path [body].
+type WarmupRequest struct {
+	Method, Path, Body string
 }
 
 // Specifiers returns the specifier values for the pool with the given
@@ -147,6 +161,7 @@ func defaultPool(id, file string) *Pool {
 			Timeout:          2 * time.Second,
 			FailureThreshold: 3,
 			StartTimeout:     120 * time.Second,
+			WarmupTimeout:    60 * time.Second,
 		},
 		Restart: policy.Defaults(),
 	}

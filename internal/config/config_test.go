@@ -32,6 +32,24 @@ func writeDir(t *testing.T, files map[string]string) string {
 	return dir
 }
 
+// Serving health: stall detection and a warm-up request, as DESIGN's
+// example sets them.
+func TestServingHealthKeys(t *testing.T) {
+	dir := writeDir(t, map[string]string{"pools.d/a.pool": minimalPool + `[Health]
+ProgressURL=http://127.0.0.1:%p/metrics
+StallSec=60
+WarmupRequest=POST /completion {"prompt":"Hi","n_predict":1}
+WarmupTimeoutSec=30
+`})
+	c, err := Load(dir)
+	require.NoError(t, err)
+	h := c.Pools[0].Health
+	assert.Equal(t, "http://127.0.0.1:8081/metrics", c.Pools[0].Specifiers("").Expand(h.ProgressURL))
+	assert.Equal(t, 60*time.Second, h.Stall)
+	assert.Equal(t, &WarmupRequest{Method: "POST", Path: "/completion", Body: `{"prompt":"Hi","n_predict":1}`}, h.Warmup)
+	assert.Equal(t, 30*time.Second, h.WarmupTimeout)
+}
+
 func TestLoadExample(t *testing.T) {
 	c, err := Load("../../packaging/examples")
 	require.NoError(t, err)
@@ -46,7 +64,7 @@ func TestLoadExample(t *testing.T) {
 	assert.Equal(t, []string{"LLAMA_ARG_CTX_SIZE=8192"}, p.Engine.Environment)
 	assert.Equal(t, 30*time.Second, p.Engine.StopTimeout)
 	assert.Equal(t, "b4567", p.Engine.Version)
-	assert.Equal(t, Health{Interval: 5 * time.Second, Timeout: 2 * time.Second, FailureThreshold: 3, StartTimeout: 120 * time.Second}, p.Health)
+	assert.Equal(t, Health{Interval: 5 * time.Second, Timeout: 2 * time.Second, FailureThreshold: 3, StartTimeout: 120 * time.Second, WarmupTimeout: 60 * time.Second}, p.Health)
 	assert.Equal(t, 500*time.Millisecond, p.Restart.Backoff.Min)
 	assert.Equal(t, map[crash.Reason]float64{crash.CUDAError: 2}, p.Restart.Backoff.Multiplier)
 	require.Len(t, p.Scope, 2)
@@ -133,6 +151,20 @@ func TestErrors(t *testing.T) {
 			[]string{"a.pool:8: [Pool] Slots=: \"four\" is not an integer"}},
 		{"bad duration", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nIntervalSec=5 parsecs\n"},
 			[]string{"[Health] IntervalSec=: \"5 parsecs\" is not a time span: unknown unit \"parsecs\""}},
+		{"progress without a stall time", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nProgressURL=http://127.0.0.1:%p/metrics\n"},
+			[]string{"[Health] StallSec=: missing: ProgressURL= needs StallSec="}},
+		{"stall time without progress", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nStallSec=60\n"},
+			[]string{"[Health] ProgressURL=: missing: StallSec= needs ProgressURL="}},
+		{"progress not a URL", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nProgressURL=/metrics\nStallSec=60\n"},
+			[]string{"[Health] ProgressURL=: \"/metrics\" is not an http:// or https:// URL"}},
+		{"warm-up method", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nWarmupRequest=DELETE /completion\n"},
+			[]string{"[Health] WarmupRequest=: \"DELETE /completion\": the method must be GET or POST"}},
+		{"warm-up path", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nWarmupRequest=POST completion\n"},
+			[]string{"[Health] WarmupRequest=: \"POST completion\": the path must start with /"}},
+		{"warm-up body", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nWarmupRequest=POST /completion {prompt\n"},
+			[]string{"[Health] WarmupRequest=: \"POST /completion {prompt\": the body is not JSON"}},
+		{"warm-up GET with a body", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nWarmupRequest=GET /v1/models {}\n"},
+			[]string{"[Health] WarmupRequest=: \"GET /v1/models {}\": a GET has no body"}},
 		{"bad bool", map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nAutoStart=maybe\n"},
 			[]string{"[Pool] AutoStart=: \"maybe\" is not a boolean"}},
 		{"missing ExecStart", map[string]string{"pools.d/a.pool": "[Pool]\nDevices=0\nModel=m\n"},
@@ -153,7 +185,7 @@ func TestErrors(t *testing.T) {
 		{"unknown specifier", map[string]string{"pools.d/a.pool": strings.Replace(minimalPool, "%m", "%x", 1)},
 			[]string{"[Engine] ExecStart=: unknown specifier %x"}},
 		{"port needed", map[string]string{"pools.d/a.pool": strings.Replace(minimalPool, "Port=8081\n", "", 1)},
-			[]string{"[Engine] Port=: missing: ExecStart= or HealthURL= uses %p"}},
+			[]string{"[Engine] Port=: missing: ExecStart=, HealthURL= or ProgressURL= uses %p"}},
 		{"owned scope key", map[string]string{"pools.d/a.pool": minimalPool + "[Scope]\nDeviceAllow=/dev/nvidia1 rw\n"},
 			[]string{"[Scope] DeviceAllow=: set by pool-managerd"}},
 		{"bad scope value", map[string]string{"pools.d/a.pool": minimalPool + "[Scope]\nMemoryMax=lots\n"},

@@ -3,6 +3,7 @@ package config
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/url"
@@ -213,6 +214,25 @@ func setAbsPath(p *string, allowEmpty bool) keyFunc {
 	}
 }
 
+// parseWarmup reads "METHOD /path [body]": GET or POST, an absolute path,
+// the rest (JSON, if anything) is the body.
+func parseWarmup(v string) (*WarmupRequest, error) {
+	method, rest, _ := strings.Cut(strings.TrimSpace(v), " ")
+	path, body, _ := strings.Cut(strings.TrimSpace(rest), " ")
+	body = strings.TrimSpace(body)
+	switch {
+	case method != "GET" && method != "POST":
+		return nil, fmt.Errorf("%q: the method must be GET or POST", v)
+	case !strings.HasPrefix(path, "/") || strings.ContainsAny(path, " \t#"):
+		return nil, fmt.Errorf("%q: the path must start with /", v)
+	case method == "GET" && body != "":
+		return nil, fmt.Errorf("%q: a GET has no body", v)
+	case body != "" && !json.Valid([]byte(body)):
+		return nil, fmt.Errorf("%q: the body is not JSON", v)
+	}
+	return &WarmupRequest{Method: method, Path: path, Body: body}, nil
+}
+
 func withSpecifiers(p *string) keyFunc {
 	return func(v string) error {
 		if err := checkSpecifiers(v); err != nil {
@@ -347,6 +367,16 @@ func ParsePool(file string, data []byte) (*Pool, Errors) {
 			"TimeoutSec":       setSeconds(&p.Health.Timeout, true),
 			"FailureThreshold": setInt(&p.Health.FailureThreshold, 1, 1000),
 			"StartTimeoutSec":  setSeconds(&p.Health.StartTimeout, true),
+			"ProgressURL":      withSpecifiers(&p.Health.ProgressURL),
+			"StallSec":         setSeconds(&p.Health.Stall, true),
+			"WarmupRequest": func(v string) error {
+				w, err := parseWarmup(v)
+				if err == nil {
+					p.Health.Warmup = w
+				}
+				return err
+			},
+			"WarmupTimeoutSec": setSeconds(&p.Health.WarmupTimeout, true),
 		},
 		"Restart": {
 			"BackoffInitialSec": setSeconds(&r.Backoff.Initial, true),
@@ -425,9 +455,19 @@ func ParsePool(file string, data []byte) (*Pool, Errors) {
 	if len(p.Devices) == 0 && !d.failed("Pool", "Devices") {
 		need("Pool", "Devices", "missing: a pool needs at least one GPU (an index, GPU- or MIG- UUID)")
 	}
-	usesPort := strings.Contains(strings.Join(p.Engine.ExecStart, " ")+p.Engine.HealthURL, "%p")
+	usesPort := strings.Contains(strings.Join(p.Engine.ExecStart, " ")+p.Engine.HealthURL+p.Health.ProgressURL, "%p")
 	if usesPort && !seen["Engine/Port"] {
-		need("Engine", "Port", "missing: ExecStart= or HealthURL= uses %p")
+		need("Engine", "Port", "missing: ExecStart=, HealthURL= or ProgressURL= uses %p")
+	}
+	switch {
+	case p.Health.ProgressURL != "" && p.Health.Stall == 0 && !d.failed("Health", "StallSec"):
+		need("Health", "StallSec", "missing: ProgressURL= needs StallSec=, how long requests in flight may produce no token")
+	case p.Health.ProgressURL == "" && p.Health.Stall > 0 && !d.failed("Health", "ProgressURL"):
+		need("Health", "ProgressURL", "missing: StallSec= needs ProgressURL=, the engine's metrics endpoint")
+	case p.Health.ProgressURL != "":
+		if u, err := url.Parse(p.Specifiers("").Expand(p.Health.ProgressURL)); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			need("Health", "ProgressURL", fmt.Sprintf("%q is not an http:// or https:// URL", p.Health.ProgressURL))
+		}
 	}
 	if p.Engine.HealthURL == "" && !d.failed("Engine", "HealthURL") {
 		if !seen["Engine/Port"] {

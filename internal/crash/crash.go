@@ -15,18 +15,21 @@ import (
 type Reason string
 
 const (
-	ExitCode     Reason = "exit_code"
-	Signal       Reason = "signal"
-	CoreDump     Reason = "core_dump"
-	OutOfMemory  Reason = "out_of_memory"
-	HealthCheck  Reason = "health_check"
+	ExitCode    Reason = "exit_code"
+	Signal      Reason = "signal"
+	CoreDump    Reason = "core_dump"
+	OutOfMemory Reason = "out_of_memory"
+	HealthCheck Reason = "health_check"
+	// Stalled: alive and healthy by its probe, but requests in flight and
+	// no token produced for StallSec=.
+	Stalled      Reason = "stalled"
 	CUDAError    Reason = "cuda_error"
 	DriverXID    Reason = "driver_xid"
 	StartFailure Reason = "start_failure"
 )
 
 // Reasons lists every reason in a stable order.
-var Reasons = []Reason{ExitCode, Signal, CoreDump, OutOfMemory, HealthCheck, CUDAError, DriverXID, StartFailure}
+var Reasons = []Reason{ExitCode, Signal, CoreDump, OutOfMemory, HealthCheck, Stalled, CUDAError, DriverXID, StartFailure}
 
 // ParseReason accepts exactly the names above.
 func ParseReason(s string) (Reason, error) {
@@ -35,7 +38,7 @@ func ParseReason(s string) (Reason, error) {
 			return r, nil
 		}
 	}
-	return "", fmt.Errorf("unknown crash reason %q (one of exit_code, signal, core_dump, out_of_memory, health_check, cuda_error, driver_xid, start_failure)", s)
+	return "", fmt.Errorf("unknown crash reason %q (one of exit_code, signal, core_dump, out_of_memory, health_check, stalled, cuda_error, driver_xid, start_failure)", s)
 }
 
 // Class groups reasons that share a circuit breaker: a GPU that keeps
@@ -62,7 +65,7 @@ func (r Reason) Class() Class {
 	switch r {
 	case OutOfMemory:
 		return ClassOOM
-	case HealthCheck:
+	case HealthCheck, Stalled:
 		return ClassHealth
 	case CUDAError, DriverXID:
 		return ClassCUDA

@@ -23,6 +23,10 @@ func classify(r *run, x Exit) (crash.Reason, bool) {
 		}
 	case StopStartTimeout:
 		return crash.StartFailure, true
+	case StopStall:
+		if reason != crash.OutOfMemory && reason != crash.CUDAError {
+			return crash.Stalled, true
+		}
 	case StopFault:
 		if r.xid {
 			return crash.DriverXID, true
@@ -71,6 +75,8 @@ func describe(reason crash.Reason, r *run, x Exit) string {
 		return fmt.Sprintf("health check failed %d times (%s); %s", len(r.failures), r.lastProbe, how)
 	case crash.StartFailure:
 		return fmt.Sprintf("%s; %s", r.lastProbe, how)
+	case crash.Stalled:
+		return fmt.Sprintf("stalled: %s; %s", r.lastProbe, how)
 	}
 	return how
 }

@@ -98,6 +98,16 @@ type (
 		Run RunID
 		Err error
 	}
+	// Progress is what Run's metrics endpoint said: requests in flight
+	// and tokens produced so far (Err if it could not be read).
+	Progress struct {
+		Run              RunID
+		InFlight, Tokens float64
+		Err              error
+		// NoAnswer: the endpoint did not answer in time (a stuck decode
+		// loop may still answer /health).
+		NoAnswer bool
+	}
 	// StartTimedOut: Run was not healthy within its start timeout.
 	StartTimedOut struct {
 		Run RunID
@@ -150,6 +160,7 @@ func (Healthy) event()               {}
 func (WarmedUp) event()              {}
 func (Probed) event()                {}
 func (StartTimedOut) event()         {}
+func (Progress) event()              {}
 func (Faulted) event()               {}
 func (Squatted) event()              {}
 func (Exited) event()                {}

@@ -34,6 +34,9 @@ type Config struct {
 	HoldExit time.Duration
 	// Warmup: a healthy engine is warmed up before it is Ready.
 	Warmup bool
+	// Stall: requests in flight with no token for this long is a stall
+	// (0: not watched).
+	Stall time.Duration
 }
 
 // View is the part of the pool's published state the machine owns.
@@ -75,6 +78,13 @@ type run struct {
 	lastProbe string
 	// invocation is its scope's InvocationID, once systemd told it.
 	invocation string
+	// Progress: the token count last seen, since when the engine has
+	// been idle or producing none; progressBad once an unreadable metrics
+	// endpoint was reported.
+	tokens      float64
+	movedAt     time.Time
+	inFlight    float64
+	progressBad bool
 }
 
 // startOp is an engine start between its decision and its process.
@@ -242,6 +252,8 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 		m.warmedUp(e)
 	case Probed:
 		m.probed(e)
+	case Progress:
+		m.progress(e)
 	case StartTimedOut:
 		if r := m.live_(e.Run); r != nil {
 			r.lastProbe = e.Err.Error()
@@ -550,7 +562,9 @@ func (m *Machine) healthy(e Healthy) {
 		return
 	}
 	r.healthy = true
-	if m.cfg.Warmup && !r.candidate {
+	if m.cfg.Warmup {
+		// A reload's new engine warms up too: nothing is Ready before it
+		// has answered a real request.
 		m.state = Warming
 		m.do(Warmup{Run: r.id})
 		return
@@ -611,6 +625,47 @@ func (m *Machine) probed(e Probed) {
 	m.log(slog.LevelWarn, "health probe failed", journal.FailureCount, len(r.failures), journal.Error, msg)
 	if len(r.failures) >= m.cfg.FailureThreshold {
 		m.stopRun(StopHealth)
+	}
+}
+
+// progress watches a serving engine's counters: requests in flight and
+// the token count unchanged for Stall is a stall; an idle engine, or a
+// busy one whose count moves, never is. A metrics endpoint that stops
+// answering while requests were in flight counts as no token; one that
+// answers nonsense is reported once and changes nothing.
+func (m *Machine) progress(e Progress) {
+	r := m.live_(e.Run)
+	if r == nil || !r.healthy || m.cfg.Stall <= 0 {
+		return
+	}
+	if e.Err != nil && !(e.NoAnswer && r.inFlight > 0 && !r.movedAt.IsZero()) {
+		if !r.progressBad {
+			r.progressBad = true
+			m.log(slog.LevelWarn, "engine's metrics endpoint unusable: no stall detection until it answers", journal.Error, safetext.Bound(e.Err.Error()))
+		}
+		return
+	}
+	if e.Err != nil {
+		// Silent with work in flight: as if no token came.
+		e.InFlight, e.Tokens = r.inFlight, r.tokens
+	} else if r.progressBad {
+		r.progressBad = false
+		m.log(slog.LevelInfo, "engine's metrics endpoint answers again: stall detection on")
+	}
+	// The clock starts when the count moves, or when work is first seen
+	// in flight after an idle sample.
+	if r.movedAt.IsZero() || e.InFlight <= 0 || r.inFlight <= 0 || e.Tokens != r.tokens {
+		r.tokens, r.movedAt, r.inFlight = e.Tokens, m.now, e.InFlight
+		return
+	}
+	if m.now.Sub(r.movedAt) >= m.cfg.Stall {
+		what := fmt.Sprintf("%g request(s) in flight and no token for %s (tokens stayed at %g)",
+			e.InFlight, m.now.Sub(r.movedAt).Round(time.Millisecond), e.Tokens)
+		if e.Err != nil {
+			what += "; its metrics endpoint stopped answering"
+		}
+		r.lastProbe = what
+		m.stopRun(StopStall)
 	}
 }
 

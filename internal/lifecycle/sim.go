@@ -138,6 +138,13 @@ func (s *Sim) Crash(reason crash.Reason) error {
 		for range max(s.M.cfg.FailureThreshold, 1) {
 			s.step(Probed{Run: r.id, Err: errors.New("connection refused")})
 		}
+	case crash.Stalled:
+		if s.M.cfg.Stall <= 0 {
+			return errors.New("the pool does not watch for stalls (StallSec=)")
+		}
+		s.step(Progress{Run: r.id, InFlight: 1, Tokens: 7})
+		s.Now = s.Now.Add(s.M.cfg.Stall)
+		s.step(Progress{Run: r.id, InFlight: 1, Tokens: 7})
 	case crash.CUDAError:
 		s.step(Faulted{Run: r.id, What: "CUDA error: an illegal memory access was encountered"})
 	case crash.DriverXID:

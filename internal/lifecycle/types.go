@@ -67,9 +67,11 @@ const (
 	StopFault
 	// StopOperator: systemd stops its scope on someone else's request.
 	StopOperator
+	// StopStall: requests in flight and no token for StallSec.
+	StopStall
 )
 
-var stopNames = [...]string{"", "drain", "reload", "rollback", "health", "start-timeout", "fault", "operator"}
+var stopNames = [...]string{"", "drain", "reload", "rollback", "health", "start-timeout", "fault", "operator", "stall"}
 
 func (r StopReason) String() string {
 	if int(r) < len(stopNames) {

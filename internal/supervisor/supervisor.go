@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/llorch/pool-managerd/internal/breaker"
+	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/crash"
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/health"
@@ -100,6 +101,13 @@ type Config struct {
 type HealthConfig struct {
 	Interval, Timeout, StartTimeout time.Duration
 	FailureThreshold                int
+	// ProgressURL and Stall: stall detection (off when Stall is 0).
+	ProgressURL string
+	Stall       time.Duration
+	// Warmup, when set, must succeed within WarmupTimeout before the
+	// pool is Ready.
+	Warmup        *config.WarmupRequest
+	WarmupTimeout time.Duration
 }
 
 // Stager validates and stages model files.
@@ -241,6 +249,7 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 		Pool: cfg.Pool, Unit: engine.UnitName(cfg.Pool), Model: cfg.Model, ModelDigest: cfg.ModelDigest,
 		EngineVersion: cfg.EngineVersion, DeviceMask: cfg.DeviceMask, Slots: cfg.Slots,
 		FailureThreshold: cfg.Health.FailureThreshold, Witness: rt != nil && rt.Witness != nil, HoldExit: holdExit,
+		Warmup: cfg.Health.Warmup != nil, Stall: cfg.Health.Stall,
 	}, tr, held)
 	s.snap = Snapshot{ID: cfg.Pool, Unit: engine.UnitName(cfg.Pool), DeviceMask: cfg.DeviceMask, Slots: cfg.Slots}
 	s.setView(&s.snap, s.m.View(time.Now()))
@@ -299,8 +308,9 @@ func (s *Supervisor) exec(actions []lifecycle.Action) {
 				go s.probe(r)
 			}
 		case lifecycle.Warmup:
-			// No pool configures a warm-up request: warm at once.
-			s.step(lifecycle.WarmedUp{Run: a.Run})
+			if r := s.runs[a.Run]; r != nil {
+				go s.warmup(r)
+			}
 		case lifecycle.StopProbes:
 			if r := s.runs[a.Run]; r != nil {
 				r.cancel()
@@ -750,7 +760,29 @@ func (s *Supervisor) probe(r *run) {
 		}
 		r.failing.Store(err != nil)
 		s.post(func() { s.step(lifecycle.Probed{Run: r.id, Err: err}) })
+		if h.Stall > 0 && err == nil {
+			// Read from the engine's own scope, like the probe it
+			// follows: another user's listener must not vouch for it.
+			in, tok, perr := health.Progress(health.WithVerify(r.ctx, s.ownedByScope(r)), h.ProgressURL, h.Timeout)
+			if r.ctx.Err() != nil {
+				return
+			}
+			noAnswer := errors.Is(perr, health.ErrNoAnswer)
+			s.post(func() {
+				s.step(lifecycle.Progress{Run: r.id, InFlight: in, Tokens: tok, Err: perr, NoAnswer: noAnswer})
+			})
+		}
 	}
+}
+
+// warmup sends the engine its warm-up request, to its own scope only.
+func (s *Supervisor) warmup(r *run) {
+	w := s.cfg.Health.Warmup
+	err := health.Request(health.WithVerify(r.ctx, s.ownedByScope(r)), s.cfg.HealthURL, w.Method, w.Path, w.Body, s.cfg.Health.WarmupTimeout)
+	if r.ctx.Err() != nil {
+		return
+	}
+	s.post(func() { s.step(lifecycle.WarmedUp{Run: r.id, Err: err}) })
 }
 
 // ownedByScope verifies that a probe's peer is a socket of the engine's

@@ -96,7 +96,10 @@ func (w *world) crashEntry(pool string) (capture.Entry, error) {
 	return capture.Entry{}, fmt.Errorf("no crash entry for pool %s", pool)
 }
 
-func initCrashDetection(sc *godog.ScenarioContext) {
+func initCrashDetection(sc *godog.ScenarioContext) { crashSteps(sc) }
+
+// crashSteps registers the crash detection steps and returns their world.
+func crashSteps(sc *godog.ScenarioContext) *world {
 	w := &world{pools: map[string]*poolState{}}
 	sc.After(func(ctx context.Context, _ *godog.Scenario, err error) (context.Context, error) {
 		if w.t != nil {
@@ -358,6 +361,7 @@ func initCrashDetection(sc *godog.ScenarioContext) {
 		}
 		return nil
 	})
+	return w
 }
 
 func execOut(name string, args ...string) (string, error) {

@@ -1,0 +1,140 @@
+package health
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+)
+
+// The engines' own names for requests in flight and tokens produced:
+// llama.cpp's server, then vLLM's.
+// llama.cpp adds to tokens_predicted_total only when a request ends, so
+// its per-step n_decode_total comes first: a long generation moves it.
+var (
+	InFlightMetrics = []string{"llamacpp:requests_processing", "vllm:num_requests_running"}
+	TokenMetrics    = []string{"llamacpp:n_decode_total", "llamacpp:tokens_predicted_total", "vllm:generation_tokens_total"}
+)
+
+// ErrNoAnswer is an endpoint that did not answer in time: an engine whose
+// decode loop is stuck may keep /health but not /metrics.
+var ErrNoAnswer = errors.New("no answer")
+
+// maxMetrics bounds what is read of an engine's metrics: its answer is the
+// engine's text, and a daemon reading it every interval must not be made
+// to hold more.
+const maxMetrics = 4 << 20
+
+var client = &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: dial}}
+
+// Progress reads an engine's Prometheus endpoint: the requests it has in
+// flight and the tokens it has produced so far (each summed over its
+// series). An answer without either is an error.
+func Progress(ctx context.Context, rawURL string, timeout time.Duration) (inFlight, tokens float64, err error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
+	if err != nil {
+		return 0, 0, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			return 0, 0, fmt.Errorf("%s: %w within %s", rawURL, ErrNoAnswer, timeout)
+		}
+		return 0, 0, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return 0, 0, fmt.Errorf("%s answered %d", rawURL, resp.StatusCode)
+	}
+	text, err := io.ReadAll(io.LimitReader(resp.Body, maxMetrics+1))
+	if err != nil {
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			return 0, 0, fmt.Errorf("%s: %w within %s", rawURL, ErrNoAnswer, timeout)
+		}
+		return 0, 0, fmt.Errorf("%s: %w", rawURL, err)
+	}
+	if len(text) > maxMetrics {
+		return 0, 0, fmt.Errorf("%s: answer over %d bytes", rawURL, maxMetrics)
+	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := parser.TextToMetricFamilies(bytes.NewReader(text))
+	if err != nil {
+		return 0, 0, fmt.Errorf("%s: not Prometheus text: %w", rawURL, err)
+	}
+	inFlight, okIn := sum(fams, InFlightMetrics)
+	tokens, okTok := sum(fams, TokenMetrics)
+	if !okIn || !okTok {
+		return 0, 0, fmt.Errorf("%s has no %s and %s", rawURL, strings.Join(InFlightMetrics, " or "), strings.Join(TokenMetrics, " or "))
+	}
+	return inFlight, tokens, nil
+}
+
+func sum(fams map[string]*dto.MetricFamily, names []string) (float64, bool) {
+	for _, n := range names {
+		f, ok := fams[n]
+		if !ok {
+			continue
+		}
+		total := 0.0
+		for _, m := range f.GetMetric() {
+			switch {
+			case m.GetCounter() != nil:
+				total += m.GetCounter().GetValue()
+			case m.GetGauge() != nil:
+				total += m.GetGauge().GetValue()
+			case m.GetUntyped() != nil:
+				total += m.GetUntyped().GetValue()
+			}
+		}
+		return total, true
+	}
+	return 0, false
+}
+
+// Request sends one request (a warm-up) to the engine at base's scheme and
+// host; anything but a 2xx answer within timeout is an error.
+func Request(ctx context.Context, base, method, path, body string, timeout time.Duration) error {
+	u, err := url.Parse(base)
+	if err != nil {
+		return err
+	}
+	target := u.Scheme + "://" + u.Host + path
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, target, rd)
+	if err != nil {
+		return err
+	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			return fmt.Errorf("%s %s: no answer within %s", method, path, timeout)
+		}
+		return fmt.Errorf("%s %s: %w", method, path, err)
+	}
+	defer resp.Body.Close()
+	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 256))
+	io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("%s %s answered %d %s", method, path, resp.StatusCode, strings.TrimSpace(string(msg)))
+	}
+	return nil
+}
