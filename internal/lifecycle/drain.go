@@ -42,6 +42,7 @@ func (m *Machine) drainRequested(e DrainRequested) {
 	}
 	// No restart sneaks in during or after a drain.
 	m.cancelRestart()
+	m.disarm(TimerRetry)
 	m.cancelStart("the pool is being drained")
 	m.policy(m.tr.Stopped(m.now))
 	m.next = time.Time{}

@@ -133,6 +133,14 @@ type (
 		Run  RunID
 		Exit Exit
 	}
+	// GPUUnhealthy: one of the pool's GPUs needs a reset or is lost (Why
+	// names the GPU, the XID, its meaning and the remedy): the engine is
+	// stopped and the pool held until GPUUsable or AllowRestart.
+	GPUUnhealthy struct {
+		GPU, Why string
+	}
+	// GPUUsable: NVML says the GPU is usable again.
+	GPUUsable struct{ GPU string }
 	// VersionKnown: the engine's version command answered.
 	VersionKnown struct{ Version string }
 	// UnitChanged is systemd's word on the engine's scope.
@@ -165,5 +173,7 @@ func (Faulted) event()               {}
 func (Squatted) event()              {}
 func (Exited) event()                {}
 func (VersionKnown) event()          {}
+func (GPUUnhealthy) event()          {}
+func (GPUUsable) event()             {}
 func (UnitChanged) event()           {}
 func (TimerFired) event()            {}

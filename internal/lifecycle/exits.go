@@ -198,8 +198,11 @@ func (m *Machine) crashed(reason crash.Reason, msg string, x *Exit, uptime time.
 		return
 	}
 	m.policy(d.Events)
-	if m.held != "" {
+	if m.held != "" || len(m.gpuHeld) > 0 {
 		d.Held, d.At = true, time.Time{}
+	}
+	if why := m.gpuWhy(); why != "" {
+		m.lastErr = safetext.Bound(why + " (" + msg + ")")
 	}
 	m.state, m.next = Backoff, d.At
 	if d.Held {
@@ -252,6 +255,10 @@ func (m *Machine) timerFired(e TimerFired) {
 		}
 	case TimerHoldExit:
 		m.holdExpired()
+	case TimerRetry:
+		if !m.busy() && m.gpuWhy() == "" && m.drain == nil {
+			m.startEngine(false, m.retry)
+		}
 	default:
 		panic(fmt.Sprintf("lifecycle: unknown timer %d", e.Timer))
 	}

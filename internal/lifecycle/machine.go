@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"reflect"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/llorch/pool-managerd/internal/crash"
@@ -134,9 +135,13 @@ type Machine struct {
 	drain     *drainOp
 	reload    *reloadOp
 	rollback  *rollbackWait
-	leases    map[string]string
-	gen       [numTimers]uint64
-	armed     [numTimers]bool
+	// gpuHeld: GPUs that need a reset, with why.
+	gpuHeld map[string]string
+	// retry is a start waiting for its GPUs to be free (TimerRetry).
+	retry  RequestOrigin
+	leases map[string]string
+	gen    [numTimers]uint64
+	armed  [numTimers]bool
 	// current is the model the running (or next) engine loads.
 	current model.Staged
 
@@ -155,7 +160,7 @@ type Machine struct {
 // the caller). held, when set, keeps it from starting until ResetBreaker
 // (its persisted state could not be read).
 func New(cfg Config, tr *policy.Tracker, held string) *Machine {
-	m := &Machine{cfg: cfg, tr: tr, held: held, leases: map[string]string{},
+	m := &Machine{cfg: cfg, tr: tr, held: held, leases: map[string]string{}, gpuHeld: map[string]string{},
 		model: cfg.Model, version: cfg.EngineVersion}
 	if held != "" {
 		m.state, m.lastErr = Failed, held
@@ -270,6 +275,10 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 		m.exited(e)
 	case VersionKnown:
 		m.versionKnown(e)
+	case GPUUnhealthy:
+		m.gpuUnhealthy(e)
+	case GPUUsable:
+		m.gpuUsable(e)
 	case UnitChanged:
 		m.unitChanged(e.Event)
 	case TimerFired:
@@ -386,6 +395,7 @@ func (m *Machine) startRequested(e StartRequested) {
 		return
 	}
 	m.cancelRestart()
+	m.disarm(TimerRetry)
 	m.startEngine(false, RequestOrigin{Req: e.Req})
 }
 
@@ -394,6 +404,9 @@ func (m *Machine) startRequested(e StartRequested) {
 func (m *Machine) mayStart() error {
 	if m.held != "" {
 		return fmt.Errorf("pool %s: %w: %s", m.cfg.Pool, ErrBreakerOpen, m.held)
+	}
+	if why := m.gpuWhy(); why != "" {
+		return fmt.Errorf("pool %s: %w: %s", m.cfg.Pool, ErrGPUUnhealthy, why)
 	}
 	pending := m.tr.Status(m.now).Pending
 	pm, err := m.tr.Start(m.now)
@@ -462,6 +475,16 @@ func (m *Machine) startFailed(e StartFailed) {
 	}
 	m.start = nil
 	m.state, m.lastErr = Failed, safetext.Bound(e.Err.Error())
+	if errors.Is(e.Err, ErrGPUBusy) && !op.candidate {
+		// Another process holds the GPUs: no crash of ours; the start
+		// looks again later, and the operator (told now, if they asked)
+		// sees who holds them.
+		m.next = m.now.Add(GPURetry)
+		m.arm(TimerRetry, m.next)
+		m.retry = RequestOrigin{Restart: op.req.Restart, Rollback: op.req.Rollback}
+		m.reply(Reply{Req: op.req.Req, Err: e.Err})
+		return
+	}
 	m.startDone(op, e.Err)
 }
 
@@ -515,6 +538,11 @@ func (m *Machine) restartDue() {
 	if m.busy() {
 		return
 	}
+	if why := m.gpuWhy(); why != "" {
+		// No restart loop against a GPU that needs a reset.
+		m.state, m.next, m.lastErr = Failed, time.Time{}, why
+		return
+	}
 	pm, err := m.tr.Restart(m.now)
 	m.policy(pm.Events)
 	var r *policy.Refusal
@@ -529,6 +557,52 @@ func (m *Machine) restartDue() {
 		return
 	}
 	m.startEngine(false, RequestOrigin{Restart: true})
+}
+
+// gpuWhy says why the pool's GPUs hold it ("" if they do not).
+func (m *Machine) gpuWhy() string {
+	var whys []string
+	for _, w := range m.gpuHeld {
+		whys = append(whys, w)
+	}
+	slices.Sort(whys)
+	return strings.Join(whys, "; ")
+}
+
+// gpuUnhealthy holds the pool on a GPU that needs a reset: its engine is
+// stopped (a driver_xid crash) and it does not restart until the GPU is
+// usable again or an operator says AllowRestart.
+func (m *Machine) gpuUnhealthy(e GPUUnhealthy) {
+	why := safetext.Bound(e.Why)
+	m.gpuHeld[e.GPU] = why
+	m.cancelRestart()
+	m.disarm(TimerRetry)
+	m.cancelStart("its GPU needs a reset")
+	if r := m.run; r != nil && r.stopping == NotStopping && !r.candidate {
+		r.fault, r.xid = why, true
+		m.stopRun(StopFault)
+		return
+	}
+	if m.run == nil && m.drain == nil && m.reload == nil {
+		m.state, m.next, m.lastErr = Failed, time.Time{}, why
+	}
+}
+
+// gpuUsable lifts a GPU's hold; a restart held by it happens now.
+func (m *Machine) gpuUsable(e GPUUsable) {
+	if _, ok := m.gpuHeld[e.GPU]; !ok {
+		return
+	}
+	delete(m.gpuHeld, e.GPU)
+	if len(m.gpuHeld) > 0 {
+		return
+	}
+	m.log(slog.LevelInfo, "the pool's GPU is usable again: hold lifted", journal.GPU, e.GPU)
+	if m.tr.Status(m.now).Pending && m.drain == nil && m.run == nil {
+		m.scheduleRestart(m.now)
+	} else if m.state == Failed && m.run == nil && m.held == "" {
+		m.state = Stopped
+	}
 }
 
 func (m *Machine) resetBreaker() {
@@ -546,6 +620,16 @@ func (m *Machine) resetBreaker() {
 }
 
 func (m *Machine) allowRestart(e AllowRestartRequested) {
+	if len(m.gpuHeld) > 0 {
+		// The operator vouches for the GPU.
+		m.log(slog.LevelWarn, "AllowRestart: the pool's GPU hold is lifted by an operator", journal.Error, m.gpuWhy())
+		clear(m.gpuHeld)
+		if m.tr.Status(m.now).Pending && m.drain == nil {
+			m.scheduleRestart(m.now)
+		}
+		m.reply(Reply{Req: e.Req})
+		return
+	}
 	ev, err := m.tr.AllowRestart(m.now)
 	m.policy(ev)
 	if err == nil && m.drain == nil {

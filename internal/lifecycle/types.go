@@ -102,6 +102,9 @@ const (
 	// TimerHoldExit: an exit held for systemd's word is settled without
 	// it.
 	TimerHoldExit
+	// TimerRetry: a start that found its GPUs held by another process
+	// tries again.
+	TimerRetry
 	numTimers
 )
 
@@ -130,7 +133,16 @@ var (
 	ErrInvalidArgument = errors.New("invalid argument")
 	ErrDrainTimeout    = errors.New("drain timeout")
 	ErrReloadFailed    = errors.New("reload failed")
+	// ErrGPUUnhealthy refuses a start on a GPU that needs a reset.
+	ErrGPUUnhealthy = errors.New("GPU unhealthy")
+	// ErrGPUBusy is a start that found another process on the pool's
+	// GPUs (the supervisor's Launch reports it).
+	ErrGPUBusy = errors.New("GPU in use by another process")
 )
+
+// GPURetry is how long a start that found its GPUs held waits before it
+// looks again.
+const GPURetry = 10 * time.Second
 
 // Drain outcomes.
 const (

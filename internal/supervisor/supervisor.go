@@ -95,6 +95,18 @@ type Config struct {
 	// Records holds the runtime record of a running engine; State the
 	// persisted policy state.
 	Records, State state.Dir
+	// Holders lists the processes on the pool's GPUs (nil: not checked).
+	Holders func() ([]GPUHolder, error)
+}
+
+// GPUHolder is a process with work (or an open device node) on one of the
+// pool's GPUs.
+type GPUHolder struct {
+	GPU     string
+	PID     int
+	Command string
+	// Unit is the systemd unit of its cgroup ("" if unknown).
+	Unit string
 }
 
 // HealthConfig is the pool's [Health] section.
@@ -614,6 +626,10 @@ func (s *Supervisor) launch(a lifecycle.Launch) {
 			return
 		}
 	}
+	if err := s.gpusFree(); err != nil {
+		s.step(lifecycle.StartFailed{Run: a.Run, Err: err})
+		return
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	startCtx, stop := context.WithTimeout(ctx, 30*time.Second)
 	t0 := time.Now()
@@ -630,6 +646,65 @@ func (s *Supervisor) launch(a lifecycle.Launch) {
 	r := &run{id: a.Run, e: e, ctx: ctx, cancel: cancel, started: time.Now(), staged: st, exited: make(chan struct{})}
 	s.adoptHandle(r)
 	s.step(lifecycle.EngineStarted{Run: a.Run, PID: e.PID})
+}
+
+// leftoverWait bounds how long a leftover of the pool's own scope may take
+// to die.
+const leftoverWait = 5 * time.Second
+
+// gpusFree makes sure no process holds the pool's GPUs before an engine
+// starts on them: a leftover of the pool's own scope is killed and waited
+// for; another process is an ErrGPUBusy naming it. A failure to look is
+// logged, not fatal: the engine's own start will tell.
+func (s *Supervisor) gpusFree() error {
+	if s.cfg.Holders == nil {
+		return nil
+	}
+	holders, err := s.cfg.Holders()
+	if err != nil {
+		s.log.Warn("cannot list the processes on the pool's GPUs", journal.PoolID, s.cfg.Pool, journal.Error, safetext.Bound(err.Error()))
+		return nil
+	}
+	own := engine.UnitName(s.cfg.Pool)
+	var mine []int
+	for _, h := range holders {
+		if h.Unit != own {
+			return fmt.Errorf("GPU %s in use by pid %d (%s, %s): %w", h.GPU, h.PID, safetext.Bound(h.Command), or(h.Unit, "unit unknown"), lifecycle.ErrGPUBusy)
+		}
+		mine = append(mine, h.PID)
+	}
+	for _, pid := range mine {
+		s.log.Warn(fmt.Sprintf("a leftover of the pool's own engine (pid %d) holds its GPU: killed", pid), journal.PoolID, s.cfg.Pool, journal.Unit, own)
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	deadline := time.Now().Add(leftoverWait)
+	for _, pid := range mine {
+		for syscall.Kill(pid, 0) == nil {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("a leftover of the pool's own engine (pid %d) holds its GPU and did not die within %s: %w", pid, leftoverWait, lifecycle.ErrGPUBusy)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	return nil
+}
+
+func or(s, alt string) string {
+	if s == "" {
+		return alt
+	}
+	return s
+}
+
+// GPUUnhealthy holds the pool: one of its GPUs needs a reset (why says
+// which, the XID and the remedy).
+func (s *Supervisor) GPUUnhealthy(gpu, why string) {
+	s.post(func() { s.step(lifecycle.GPUUnhealthy{GPU: gpu, Why: why}) })
+}
+
+// GPUUsable lifts the hold of a GPU that is usable again.
+func (s *Supervisor) GPUUsable(gpu string) {
+	s.post(func() { s.step(lifecycle.GPUUsable{GPU: gpu}) })
 }
 
 // adoptHandle makes r the process behind its run id and forwards its

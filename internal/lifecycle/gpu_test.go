@@ -1,0 +1,84 @@
+package lifecycle
+
+import (
+	"fmt"
+	"syscall"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/pool-managerd/internal/crash"
+)
+
+const lost = "GPU GPU-1 needs a reset: Xid 79 (the GPU has fallen off the bus); remedy: reset the GPU or reboot"
+
+// A GPU that needs a reset holds its pool failed: the engine goes (one
+// driver_xid crash), no restart loop, until the GPU is usable again.
+func TestAGPUThatNeedsAResetHoldsThePool(t *testing.T) {
+	for _, lift := range []string{"usable", "AllowRestart"} {
+		t.Run(lift, func(t *testing.T) {
+			p := newPool(t, nil)
+			run := p.ready()
+			p.step(GPUUnhealthy{GPU: "GPU-1", Why: lost})
+			_, stopping := find[StopScope](p.last)
+			require.True(t, stopping, "the engine on a bad GPU goes")
+			p.exit(run, killedBy(syscall.SIGTERM))
+			v := p.m.View(p.now)
+			assert.Equal(t, Failed, v.State)
+			assert.Equal(t, crash.DriverXID, v.LastReason)
+			assert.Contains(t, v.LastError, lost)
+			assert.Equal(t, uint64(1), v.CrashCount)
+			assert.NotContains(t, p.timers, TimerRestart, "no restart loop against a dead GPU")
+			rep := p.reply(p.request(func(id ReqID) Event { return StartRequested{Req: id} }))
+			assert.ErrorIs(t, rep.Err, ErrGPUUnhealthy)
+
+			if lift == "usable" {
+				p.step(GPUUsable{GPU: "GPU-0"})
+				assert.NotContains(t, p.timers, TimerRestart, "another GPU's word changes nothing")
+				p.step(GPUUsable{GPU: "GPU-1"})
+			} else {
+				require.NoError(t, p.reply(p.request(func(id ReqID) Event { return AllowRestartRequested{Req: id} })).Err)
+			}
+			require.Contains(t, p.timers, TimerRestart)
+			p.fire(TimerRestart)
+			_, staging := find[Stage](p.last)
+			assert.True(t, staging, "restarted once the hold is lifted")
+		})
+	}
+}
+
+func TestAStoppedPoolOnAnUnhealthyGPUDoesNotStart(t *testing.T) {
+	p := newPool(t, nil)
+	p.step(GPUUnhealthy{GPU: "GPU-1", Why: lost})
+	assert.Equal(t, Failed, p.m.State())
+	assert.ErrorIs(t, p.reply(p.request(func(id ReqID) Event { return StartRequested{Req: id} })).Err, ErrGPUUnhealthy)
+	p.step(GPUUsable{GPU: "GPU-1"})
+	assert.Equal(t, Stopped, p.m.State())
+	p.request(func(id ReqID) Event { return StartRequested{Req: id} })
+	_, staging := find[Stage](p.last)
+	assert.True(t, staging, "it starts once the GPU is usable")
+}
+
+// A restart that finds another process on its GPUs is no crash: it says
+// who holds them and looks again later.
+func TestARestartOnBusyGPUsWaitsWithoutCountingACrash(t *testing.T) {
+	p := newPool(t, nil)
+	run := p.ready()
+	p.exit(run, exitStatus(1))
+	p.fire(TimerRestart)
+	stage, _ := find[Stage](p.last)
+	p.step(ModelStaged{Run: stage.Run, Staged: staged("m.gguf", "sha256:a")})
+	launch, _ := find[Launch](p.last)
+	busy := fmt.Errorf("GPU GPU-0 in use by pid 4242 (python3, user.slice): %w", ErrGPUBusy)
+	p.step(StartFailed{Run: launch.Run, Err: busy})
+	v := p.m.View(p.now)
+	assert.Equal(t, uint64(1), v.CrashCount, "not a crash of ours")
+	assert.Equal(t, Failed, v.State)
+	assert.Contains(t, v.LastError, "pid 4242 (python3")
+	require.Contains(t, p.timers, TimerRetry)
+	p.fire(TimerRetry)
+	_, staging := find[Stage](p.last)
+	assert.True(t, staging, "it looks again")
+	assert.Equal(t, uint64(1), p.m.View(p.now).Restarts, "the retry is the same restart")
+}
