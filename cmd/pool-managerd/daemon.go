@@ -68,6 +68,8 @@ type daemonState struct {
 
 	mu    sync.Mutex
 	pools map[string]*pool
+	// unhealthy are the GPUs held for a reset, each watched until usable.
+	unhealthy map[string]bool
 	// changed wakes the status watcher after a reload, xidReload the XID
 	// watcher.
 	changed, xidReload chan struct{}
@@ -130,6 +132,7 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 		stager:    model.New(cfg.Manager.ModelsDir, filepath.Join(cfg.Manager.StateDir, "staged"), model.WithModelDirs(cfg.Manager.ModelDirs...)),
 		mgr:       manager.New(),
 		pools:     map[string]*pool{},
+		unhealthy: map[string]bool{},
 		changed:   make(chan struct{}, 1),
 		xidReload: make(chan struct{}, 1),
 	}
@@ -210,6 +213,10 @@ func (d *daemonState) newPool(p *config.Pool) (*pool, error) {
 	c, err := supervisor.FromPool(p, &d.cfg.Manager, d.inv, d.stager)
 	if err != nil {
 		return nil, err
+	}
+	if d.inv.Source == gpu.SourceNVML {
+		gpus, _ := d.inv.Resolve(p.Devices)
+		c.Holders = supervisor.GPUHolders(d.inv, gpus, newNVML())
 	}
 	s := supervisor.New(c, d.rt, d.log, d.metrics)
 	// Not d.ctx: the loop must outlive SIGTERM long enough to flush.
@@ -485,20 +492,97 @@ func (d *daemonState) poolGPUs() []string {
 
 // routeXID gives an XID event to the pool that owns the GPU now.
 func (d *daemonState) routeXID(uuid string, xid uint64) {
+	var owners []*pool
 	d.mu.Lock()
-	var owner *pool
 	for _, p := range d.pools {
 		gpus, _ := d.inv.Resolve(p.cfg.Devices)
 		for _, g := range gpus {
 			if strings.EqualFold(g.UUID, uuid) {
-				owner = p
+				owners = append(owners, p)
+				break
 			}
 		}
 	}
 	d.mu.Unlock()
-	if owner == nil {
-		d.log.Warn("GPU XID event on a GPU no pool uses", journal.XID, xid, journal.GPU, uuid)
+	info := gpu.ClassifyXID(xid)
+	switch {
+	case len(owners) == 0:
+		d.log.Warn("GPU XID event on a GPU no pool uses", journal.XID, xid, journal.GPU, uuid, journal.Error, info.Meaning)
+	case info.Action == gpu.XIDIgnore:
+		d.log.Info(fmt.Sprintf("GPU XID %d on %s: %s; nothing to do", xid, uuid, info.Meaning), journal.XID, xid, journal.GPU, uuid)
+	case info.Action == gpu.XIDRestart:
+		for _, p := range owners {
+			p.sup.XID(uuid, xid)
+		}
+	default:
+		d.gpuUnhealthy(uuid, info, owners)
+	}
+}
+
+// How soon, then how often, a GPU held for a reset is asked whether it is
+// usable again: the driver may set its recovery action a moment after the
+// XID.
+var (
+	gpuFirstCheck = 5 * time.Second
+	gpuCheckEvery = 30 * time.Second
+)
+
+// gpuUnhealthy holds every pool on a GPU that needs a reset or is lost,
+// says so once, critically, and watches NVML until the GPU is usable
+// again.
+func (d *daemonState) gpuUnhealthy(uuid string, info gpu.XIDInfo, owners []*pool) {
+	why := fmt.Sprintf("GPU %s needs a reset: Xid %d (%s); remedy: %s", uuid, info.XID, info.Meaning, info.RemedyFor(uuid))
+	if info.Action == gpu.XIDLost {
+		why = fmt.Sprintf("GPU %s is lost: Xid %d (%s); remedy: %s", uuid, info.XID, info.Meaning, info.RemedyFor(uuid))
+	}
+	for _, p := range owners {
+		p.sup.GPUUnhealthy(uuid, why)
+	}
+	d.mu.Lock()
+	watching := d.unhealthy[uuid]
+	if !watching {
+		d.unhealthy[uuid] = true
+	}
+	d.mu.Unlock()
+	d.metrics.GPUUnhealthy.WithLabelValues(uuid, info.Action.String()).Set(1)
+	d.metrics.Touch()
+	d.log.Log(d.ctx, journal.LevelCritical, why+": its pools are held, not restarted, until the GPU is usable again or AllowRestart",
+		journal.GPU, uuid, journal.XID, info.XID, journal.Hint, info.RemedyFor(uuid))
+	if watching {
 		return
 	}
-	owner.sup.XID(uuid, xid)
+	go func() {
+		wait := gpuFirstCheck
+		for {
+			select {
+			case <-d.ctx.Done():
+				return
+			case <-time.After(wait):
+			}
+			wait = gpuCheckEvery
+			if ok, _, err := gpu.Usable(newNVML(), uuid); err != nil || !ok {
+				continue
+			}
+			d.mu.Lock()
+			delete(d.unhealthy, uuid)
+			var pools []*pool
+			for _, p := range d.pools {
+				gpus, _ := d.inv.Resolve(p.cfg.Devices)
+				for _, g := range gpus {
+					if strings.EqualFold(g.UUID, uuid) {
+						pools = append(pools, p)
+						break
+					}
+				}
+			}
+			d.mu.Unlock()
+			d.metrics.GPUUnhealthy.DeletePartialMatch(prometheus.Labels{"gpu_uuid": uuid})
+			d.metrics.Touch()
+			d.log.Info("GPU "+uuid+" is usable again: its pools may start", journal.GPU, uuid)
+			for _, p := range pools {
+				p.sup.GPUUsable(uuid)
+			}
+			return
+		}
+	}()
 }

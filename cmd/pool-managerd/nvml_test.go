@@ -22,6 +22,7 @@ import (
 	"github.com/NVIDIA/go-nvml/pkg/nvml/mock/dgxh100"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/engine"
@@ -76,8 +77,12 @@ Backend=nvml
 	require.NoError(t, err)
 	port := l.Addr().(*net.TCPAddr).Port
 	l.Close()
+	// xidb is a two-GPU pool: GPU 1 (minor 0) and GPU 2 (minor 9, a node
+	// made here in the sandbox's copy-on-write /dev).
+	require.NoError(t, unix.Mknod("/dev/nvidia9", unix.S_IFCHR|0o666, int(unix.Mkdev(195, 9))))
+	t.Cleanup(func() { os.Remove("/dev/nvidia9") })
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "xidb.pool"), testpool.SimPoolFile(os.Getenv(sandbox.BinEnv("pool-engine-sim")),
-		host.GPU(1).UUID, dir+"/model.gguf", port, "[Health]\nIntervalSec=0.5\nTimeoutSec=0.5\n"), 0o644))
+		host.GPU(1).UUID+" "+host.GPU(2).UUID, dir+"/model.gguf", port, "[Health]\nIntervalSec=0.5\nTimeoutSec=0.5\n"), 0o644))
 	cfg, err := config.Load(dir)
 	require.NoError(t, err)
 
@@ -126,7 +131,7 @@ Backend=nvml
 		return strings.Split(sh(t, "systemctl", "show", "-p", "DeviceAllow", "--value", "pool-engine-"+pool+".scope"), "\n")
 	}
 	assert.ElementsMatch(t, []string{"/dev/nvidia1 rw", "/dev/nvidiactl rw"}, allow("xida"), "GPU 0 is minor 1")
-	assert.ElementsMatch(t, []string{"/dev/nvidia0 rw", "/dev/nvidiactl rw"}, allow("xidb"), "GPU 1 is minor 0")
+	assert.ElementsMatch(t, []string{"/dev/nvidia0 rw", "/dev/nvidia9 rw", "/dev/nvidiactl rw"}, allow("xidb"), "GPU 1 is minor 0, GPU 2 minor 9")
 	var pid int
 	_, err = fmt.Sscanf(prop("xida", "MainPID"), "u %d", &pid)
 	require.NoError(t, err)
@@ -134,16 +139,46 @@ Backend=nvml
 	require.NoError(t, err)
 	assert.Contains(t, strings.Split(string(environ), "\x00"), "CUDA_VISIBLE_DEVICES="+host.GPU(0).UUID, "the engine sees GPU 0 by NVML's UUID")
 
-	require.Eventually(t, func() bool { return len(host.Stats().Registered) == 2 }, 10*time.Second, 20*time.Millisecond,
+	require.Eventually(t, func() bool { return len(host.Stats().Registered) == 3 }, 10*time.Second, 20*time.Millisecond,
 		"the daemon watches its pools' GPUs")
-	assert.Equal(t, []string{host.GPU(0).UUID, host.GPU(1).UUID}, host.Stats().Registered)
-	require.NoError(t, host.XID(0, 43, ^uint32(0), ^uint32(0)))
+	assert.ElementsMatch(t, []string{host.GPU(0).UUID, host.GPU(1).UUID, host.GPU(2).UUID}, host.Stats().Registered)
+	// An XID an application restart clears (31, an MMU fault) restarts
+	// the pool on that GPU, and only it.
+	require.NoError(t, host.XID(0, 31, ^uint32(0), ^uint32(0)))
 	require.Eventually(t, func() bool { return prop("xida", "CrashCount") == "u 1" }, 10*time.Second, 50*time.Millisecond,
 		"the XID crashes pool xida's engine")
-	assert.Contains(t, prop("xida", "LastError"), "Xid 43")
+	assert.Contains(t, prop("xida", "LastError"), "Xid 31")
 	assert.Equal(t, "u 0", prop("xidb", "CrashCount"), "the other GPU's pool is untouched")
 	assert.Equal(t, "b true", prop("xidb", "Ready"))
 	assert.NotContains(t, logs.String(), "GPU XID event on a GPU no pool uses")
+	require.Eventually(t, func() bool { return prop("xida", "Ready") == "b true" }, 20*time.Second, 50*time.Millisecond, "xida restarted")
+
+	// An XID NVIDIA's catalog says to ignore (43: the application
+	// stopped) is journaled, nothing more.
+	require.NoError(t, host.XID(0, 43, ^uint32(0), ^uint32(0)))
+	require.Eventually(t, func() bool { return strings.Contains(logs.String(), "GPU XID 43 on "+host.GPU(0).UUID) }, 10*time.Second, 50*time.Millisecond)
+	assert.Equal(t, "u 1", prop("xida", "CrashCount"), "an ignored XID restarts nothing")
+
+	// A GPU that fell off the bus (79), one of a two-GPU pool's, holds
+	// that pool failed, with no restart loop, until NVML says the GPU is
+	// usable again; the pool on another GPU runs on.
+	gpuFirstCheck, gpuCheckEvery = 100*time.Millisecond, 100*time.Millisecond
+	t.Cleanup(func() { gpuFirstCheck, gpuCheckEvery = 5*time.Second, 30*time.Second })
+	host.SetHealth(2, nvmlmock.Health{Lost: true})
+	require.NoError(t, host.XID(2, 79, ^uint32(0), ^uint32(0)))
+	require.Eventually(t, func() bool { return prop("xidb", "State") == `s "failed"` }, 10*time.Second, 50*time.Millisecond,
+		"the pool on the lost GPU is held")
+	assert.Contains(t, prop("xidb", "LastError"), "GPU "+host.GPU(2).UUID+" is lost: Xid 79")
+	assert.Equal(t, "u 1", prop("xidb", "CrashCount"), "its engine went once")
+	assert.Equal(t, "b true", prop("xida", "Ready"), "the other GPU's pool is untouched")
+	assert.Contains(t, logs.String(), "its pools are held, not restarted")
+	time.Sleep(time.Second) // an absence: no restart while the GPU is lost
+	assert.Equal(t, `s "failed"`, prop("xidb", "State"))
+	assert.Equal(t, "u 0", prop("xidb", "RestartCount"), "no restart loop against a lost GPU")
+	host.SetHealth(2, nvmlmock.Health{})
+	require.Eventually(t, func() bool { return prop("xidb", "Ready") == "b true" }, 20*time.Second, 50*time.Millisecond,
+		"the pool comes back once NVML says the GPU is usable")
+	assert.Contains(t, logs.String(), "is usable again")
 
 	host.FailWait(nvml.ERROR_GPU_IS_LOST)
 	require.Eventually(t, func() bool {

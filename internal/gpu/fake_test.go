@@ -28,6 +28,8 @@ type fakeDev struct {
 	migs       []*fakeDev
 	parent     *fakeDev
 	gi, ci     int
+	procs      []GPUProcess
+	resetWhy   string
 }
 
 func (f *fakeNVML) Init() error {
@@ -125,6 +127,9 @@ func (d *fakeDev) MIGInstance() (int, int, error) {
 	}
 	return d.gi, d.ci, nil
 }
+
+func (d *fakeDev) ComputeProcesses() ([]GPUProcess, error) { return d.procs, nil }
+func (d *fakeDev) ResetPending() (string, error)           { return d.resetWhy, nil }
 
 type fakeEventSet struct{ f *fakeNVML }
 

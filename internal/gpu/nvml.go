@@ -1,6 +1,17 @@
 package gpu
 
-import "time"
+import (
+	"errors"
+	"time"
+)
+
+// NVML's answers that say something about the GPU rather than about the
+// call: errors.Is finds them in what the adapter returns.
+var (
+	ErrGPULost       = errors.New("the GPU is lost (it fell off the bus or stopped answering)")
+	ErrResetRequired = errors.New("the GPU needs a reset before it can be used")
+	ErrNoSuchGPU     = errors.New("NVML does not find this GPU")
+)
 
 // NVML is the part of NVIDIA's management library this package uses, so
 // tests can stand in for the driver. NewNVML is the real one. Init and
@@ -30,6 +41,21 @@ type Device interface {
 	Parent() (Device, error)
 	// MIGInstance is a MIG device's GPU and compute instance ids.
 	MIGInstance() (gi, ci int, err error)
+	// ComputeProcesses are the processes running compute work on the
+	// device; on a GPU in MIG mode, those of all its MIG devices.
+	ComputeProcesses() ([]GPUProcess, error)
+	// ResetPending says why the GPU must be reset (or the host rebooted)
+	// before it is used again, "" when nothing says so. Checks NVML does
+	// not support on this GPU or driver are skipped.
+	ResetPending() (why string, err error)
+}
+
+// GPUProcess is a process NVML reports on a device.
+type GPUProcess struct {
+	PID int
+	// GPUInstance and ComputeInstance place it on a MIG device;
+	// NoInstance outside MIG mode.
+	GPUInstance, ComputeInstance uint32
 }
 
 // EventSet receives XID events of the GPUs registered with it.

@@ -42,6 +42,10 @@ var nvmlCalls = map[string]string{
 	"RegisterEvents":                     "TestNVMLXIDReachesOnlyTheWatchedDevice",
 	"Wait":                               "TestNVMLWaitErrorsAreReportedAndRetried",
 	"Free":                               "TestNVMLXIDReachesOnlyTheWatchedDevice",
+	"GetComputeRunningProcesses":         "TestComputeProcessesOfAGPUOrMIGDevice",
+	"GetFieldValues":                     "TestUsableAfterAFault",
+	"GetRemappedRows":                    "TestUsableAfterAFault",
+	"GetRetiredPagesPendingStatus":       "TestUsableAfterAFault",
 }
 
 // A go-nvml call added to the adapter fails this test until it is listed

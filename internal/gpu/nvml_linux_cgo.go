@@ -3,6 +3,7 @@
 package gpu
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"sync"
@@ -34,7 +35,35 @@ func nvmlErr(op string, r nvml.Return) error {
 	case nvml.ERROR_LIBRARY_NOT_FOUND:
 		return ErrNoLibrary
 	}
-	return fmt.Errorf("NVML: %s: %w", op, r)
+	return &nvmlError{op: op, ret: r}
+}
+
+// nvmlError is what NVML answered to op; errors.Is finds both the
+// nvml.Return and, for answers about the GPU, ErrGPULost,
+// ErrResetRequired or ErrNoSuchGPU.
+type nvmlError struct {
+	op  string
+	ret nvml.Return
+}
+
+func (e *nvmlError) Error() string { return fmt.Sprintf("NVML: %s: %v", e.op, e.ret) }
+
+func (e *nvmlError) Unwrap() []error {
+	errs := []error{e.ret}
+	switch e.ret {
+	case nvml.ERROR_GPU_IS_LOST:
+		errs = append(errs, ErrGPULost)
+	case nvml.ERROR_RESET_REQUIRED:
+		errs = append(errs, ErrResetRequired)
+	case nvml.ERROR_NOT_FOUND:
+		errs = append(errs, ErrNoSuchGPU)
+	}
+	return errs
+}
+
+// unsupported are NVML's answers for a query this GPU or driver lacks.
+func unsupported(r nvml.Return) bool {
+	return r == nvml.ERROR_NOT_SUPPORTED || r == nvml.ERROR_FUNCTION_NOT_FOUND || r == nvml.ERROR_INVALID_ARGUMENT
 }
 
 var errNotInit = errors.New("NVML: not initialised (Init failed or was not called)")
@@ -112,7 +141,7 @@ func (r *realNVML) NewEventSet() (EventSet, error) {
 	if err := nvmlErr("event set", ret); err != nil {
 		return nil, err
 	}
-	return realEventSet{s}, nil
+	return &realEventSet{s: s}, nil
 }
 
 type realDevice struct{ d nvml.Device }
@@ -184,17 +213,130 @@ func (d realDevice) MIGInstance() (int, int, error) {
 	return gi, ci, nvmlErr("compute instance id", ret)
 }
 
-type realEventSet struct{ s nvml.EventSet }
+func (d realDevice) ComputeProcesses() ([]GPUProcess, error) {
+	ps, ret := d.d.GetComputeRunningProcesses()
+	if err := nvmlErr("running compute processes", ret); err != nil {
+		return nil, err
+	}
+	out := make([]GPUProcess, 0, len(ps))
+	for _, p := range ps {
+		out = append(out, GPUProcess{PID: int(p.Pid), GPUInstance: p.GpuInstanceId, ComputeInstance: p.ComputeInstanceId})
+	}
+	return out, nil
+}
 
-func (s realEventSet) RegisterXID(d Device) error {
+// recoveryActions name NVML's nvmlDeviceGpuRecoveryAction_t values.
+var recoveryActions = map[uint64]string{
+	uint64(nvml.GPU_RECOVERY_ACTION_GPU_RESET):           "a GPU reset",
+	uint64(nvml.GPU_RECOVERY_ACTION_NODE_REBOOT):         "a reboot of the host",
+	uint64(nvml.GPU_RECOVERY_ACTION_DRAIN_P2P):           "draining peer-to-peer (NVLink) traffic",
+	uint64(nvml.GPU_RECOVERY_ACTION_DRAIN_AND_RESET):     "draining peer-to-peer traffic and a GPU reset",
+	uint64(nvml.GPU_RECOVERY_ACTION_RECOVER_IMEX_DOMAIN): "recovering its IMEX domain",
+	uint64(nvml.GPU_RECOVERY_ACTION_BUS_RESET):           "a reset of its PCIe bus",
+	uint64(nvml.GPU_RECOVERY_ACTION_SYSTEM_REBOOT):       "a reboot of the system",
+}
+
+// ResetPending asks, in this order: the driver's own recovery action
+// (R550 and newer), pending or failed row remapping (Ampere and newer),
+// and pending retired pages (older GPUs).
+func (d realDevice) ResetPending() (string, error) {
+	fv := []nvml.FieldValue{{FieldId: nvml.FI_DEV_GET_GPU_RECOVERY_ACTION}}
+	ret := d.d.GetFieldValues(fv)
+	if !unsupported(ret) {
+		if err := nvmlErr("GPU recovery action", ret); err != nil {
+			return "", err
+		}
+		switch r := fv[0].NvmlReturn; {
+		case r == uint32(nvml.SUCCESS):
+			if a := fieldUint(fv[0]); a != uint64(nvml.GPU_RECOVERY_ACTION_NONE) {
+				name := recoveryActions[a]
+				if name == "" {
+					name = fmt.Sprintf("recovery action %d", a)
+				}
+				return "the driver asks for " + name, nil
+			}
+		case r == uint32(nvml.ERROR_GPU_IS_LOST):
+			return "", nvmlErr("GPU recovery action", nvml.ERROR_GPU_IS_LOST)
+		case r == uint32(nvml.ERROR_RESET_REQUIRED):
+			return "", nvmlErr("GPU recovery action", nvml.ERROR_RESET_REQUIRED)
+		}
+	}
+
+	_, _, pending, failed, ret := d.d.GetRemappedRows()
+	if !unsupported(ret) {
+		if err := nvmlErr("remapped rows", ret); err != nil {
+			return "", err
+		}
+		if failed {
+			return "row remapping failed: the GPU's memory needs service", nil
+		}
+		if pending {
+			return "row remapping is pending (it takes effect at the next GPU reset)", nil
+		}
+	}
+
+	st, ret := d.d.GetRetiredPagesPendingStatus()
+	if !unsupported(ret) {
+		if err := nvmlErr("retired pages", ret); err != nil {
+			return "", err
+		}
+		if st == nvml.FEATURE_ENABLED {
+			return "retired pages are pending (they take effect at the next GPU reset or reboot)", nil
+		}
+	}
+	return "", nil
+}
+
+// fieldUint reads an unsigned NVML field value of any width.
+func fieldUint(v nvml.FieldValue) uint64 {
+	switch v.ValueType {
+	case uint32(nvml.VALUE_TYPE_UNSIGNED_INT):
+		return uint64(binary.NativeEndian.Uint32(v.Value[:4]))
+	case uint32(nvml.VALUE_TYPE_UNSIGNED_SHORT):
+		return uint64(binary.NativeEndian.Uint16(v.Value[:2]))
+	}
+	return binary.NativeEndian.Uint64(v.Value[:])
+}
+
+// realEventSet remembers the UUID of each device it registered: the GPU
+// of an XID 79 (fallen off the bus) no longer answers GetUUID, and that
+// XID must still reach its pools.
+type realEventSet struct {
+	s          nvml.EventSet
+	registered []registered
+}
+
+type registered struct {
+	d    nvml.Device
+	uuid string
+}
+
+func (s *realEventSet) RegisterXID(d Device) error {
 	rd, ok := d.(realDevice)
 	if !ok {
 		return fmt.Errorf("NVML: register XID events: %T is not an NVML device", d)
 	}
-	return nvmlErr("register XID events", rd.d.RegisterEvents(nvml.EventTypeXidCriticalError, s.s))
+	if err := nvmlErr("register XID events", rd.d.RegisterEvents(nvml.EventTypeXidCriticalError, s.s)); err != nil {
+		return err
+	}
+	if uuid, ret := rd.d.GetUUID(); ret == nvml.SUCCESS {
+		s.registered = append(s.registered, registered{rd.d, uuid})
+	}
+	return nil
 }
 
-func (s realEventSet) Wait(timeout time.Duration) (*Event, error) {
+// same compares device handles; a handle type that cannot be compared is
+// never the same.
+func same(a, b nvml.Device) (eq bool) {
+	defer func() {
+		if recover() != nil {
+			eq = false
+		}
+	}()
+	return a == b
+}
+
+func (s *realEventSet) Wait(timeout time.Duration) (*Event, error) {
 	data, ret := s.s.Wait(uint32(timeout.Milliseconds()))
 	if ret == nvml.ERROR_TIMEOUT {
 		return nil, nil
@@ -205,11 +347,19 @@ func (s realEventSet) Wait(timeout time.Duration) (*Event, error) {
 	if data.EventType != nvml.EventTypeXidCriticalError || data.Device == nil {
 		return nil, nil
 	}
+	ev := &Event{XID: data.EventData, GPUInstance: data.GpuInstanceId, ComputeInstance: data.ComputeInstanceId}
 	uuid, ret := data.Device.GetUUID()
-	if err := nvmlErr("event device UUID", ret); err != nil {
-		return nil, err
+	if ret == nvml.SUCCESS {
+		ev.UUID = uuid
+		return ev, nil
 	}
-	return &Event{UUID: uuid, XID: data.EventData, GPUInstance: data.GpuInstanceId, ComputeInstance: data.ComputeInstanceId}, nil
+	for _, r := range s.registered {
+		if same(r.d, data.Device) {
+			ev.UUID = r.uuid
+			return ev, nil
+		}
+	}
+	return nil, nvmlErr("event device UUID", ret)
 }
 
-func (s realEventSet) Free() error { return nvmlErr("free event set", s.s.Free()) }
+func (s *realEventSet) Free() error { return nvmlErr("free event set", s.s.Free()) }

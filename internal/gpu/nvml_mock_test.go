@@ -450,3 +450,29 @@ func TestNVMLWaitErrorsAreReportedAndRetried(t *testing.T) {
 		})
 	}
 }
+
+// An XID 79 comes from a GPU that has fallen off the bus and no longer
+// answers GetUUID: it still reaches its pools, by the UUID the GPU had
+// when it was registered.
+func TestAnXIDFromALostGPUKeepsItsUUID(t *testing.T) {
+	h := nvmlmock.New(dgxh100.New())
+	n := NewNVMLWith(h.Server)
+	require.NoError(t, n.Init())
+	defer n.Shutdown()
+	uuid := h.GPU(1).UUID
+	d, err := n.DeviceByUUID(uuid)
+	require.NoError(t, err)
+	es, err := n.NewEventSet()
+	require.NoError(t, err)
+	defer es.Free()
+	require.NoError(t, es.RegisterXID(d))
+	h.SetHealth(1, nvmlmock.Health{Lost: true})
+	sent := make(chan error, 1)
+	go func() { sent <- h.XID(1, 79, NoInstance, NoInstance) }()
+	ev, err := es.Wait(5 * time.Second)
+	require.NoError(t, <-sent)
+	require.NoError(t, err)
+	require.NotNil(t, ev)
+	assert.Equal(t, uuid, ev.UUID)
+	assert.Equal(t, uint64(79), ev.XID)
+}

@@ -142,7 +142,7 @@ var (
 
 // GPURetry is how long a start that found its GPUs held waits before it
 // looks again.
-const GPURetry = 10 * time.Second
+var GPURetry = 10 * time.Second
 
 // Drain outcomes.
 const (

@@ -39,6 +39,8 @@ type Set struct {
 	PoolInfo            *prometheus.GaugeVec
 	HealthCheckFailures *prometheus.CounterVec
 	BuildInfo           *prometheus.GaugeVec
+	// GPUUnhealthy is 1 while a GPU needs a reset or is lost.
+	GPUUnhealthy *prometheus.GaugeVec
 
 	touched chan struct{}
 }
@@ -78,12 +80,13 @@ func New(reg prometheus.Registerer) *Set {
 		PoolInfo:            gauge("pool_info", "Constant 1, labelled with what the pool runs.", "pool_id", "model", "engine_version", "device_mask"),
 		HealthCheckFailures: counter("health_check_failures_total", "Failed engine health probes.", "pool_id"),
 		BuildInfo:           gauge("build_info", "Constant 1, labelled with the daemon's build.", "version", "goversion"),
+		GPUUnhealthy:        gauge("gpu_unhealthy", "1 while a GPU needs a reset (reason reset) or is lost (reason lost); its pools are held.", "gpu_uuid", "reason"),
 		touched:             make(chan struct{}, 1),
 	}
 	reg.MustRegister(m.DrainDuration, m.Drains, m.DrainForceStops, m.ReloadDuration, m.ReloadSuccess,
 		m.ReloadFailure, m.EngineCrashes, m.BackoffDelay, m.RestartsScheduled, m.BreakerOpens,
 		m.BreakerState, m.RestartStorms, m.RestartRate, m.PoolReady, m.PoolLive, m.PoolDraining,
-		m.ActiveLeases, m.PoolInfo, m.HealthCheckFailures, m.BuildInfo)
+		m.ActiveLeases, m.PoolInfo, m.HealthCheckFailures, m.BuildInfo, m.GPUUnhealthy)
 	m.BuildInfo.WithLabelValues(Version, runtime.Version()).Set(1)
 	return m
 }

@@ -35,6 +35,8 @@ func TestAlertRules(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	m := New(reg)
 	m.InitPool("p")
+	// A family with series only while something is wrong.
+	m.GPUUnhealthy.WithLabelValues("GPU-x", "reset").Set(1)
 	fams, err := reg.Gather()
 	require.NoError(t, err)
 	known := map[string]bool{}

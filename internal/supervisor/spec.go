@@ -103,7 +103,34 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Mode
 		DeviceMask:     strings.Join(p.Devices, ","),
 		Slots:          p.Slots,
 		Stager:         engineStager{stager, p.Engine.User},
+		Holders:        GPUHolders(inv, gpus, nil),
 		Records:        state.Dir{Path: filepath.Join(m.RuntimeDir, "pools"), Mode: 0o644, NoSync: true},
 		State:          state.Dir{Path: filepath.Join(m.StateDir, "pools"), Mode: 0o600},
 	}, nil
+}
+
+// GPUHolders lists the processes on gpus: NVML's running compute processes
+// (lib nil: the host's NVML), or with the static inventory the processes
+// holding a GPU's own device node open (not the control nodes every CUDA
+// process opens).
+func GPUHolders(inv *gpu.Inventory, gpus []gpu.GPU, lib gpu.NVML) func() ([]GPUHolder, error) {
+	return func() ([]GPUHolder, error) {
+		var out []GPUHolder
+		for _, g := range gpus {
+			var hs []gpu.Holder
+			var err error
+			if inv.Source == gpu.SourceNVML {
+				hs, err = gpu.ComputeProcesses(lib, g.UUID, "/proc")
+			} else {
+				hs, err = gpu.NodeHolders("/proc", []string{g.Node})
+			}
+			if err != nil {
+				return nil, err
+			}
+			for _, h := range hs {
+				out = append(out, GPUHolder{GPU: g.UUID, PID: h.PID, Command: h.Command, Unit: h.Unit})
+			}
+		}
+		return out, nil
+	}
 }

@@ -3,15 +3,18 @@
 // Package nvmlmock is a GPU host for tests of the NVML path: go-nvml's own
 // mock servers (pkg/nvml/mock/dgxa100, dgxh100) with what they leave out
 // filled in the way the driver behaves: MIG device handles, XID events on
-// event sets, load failures and failing waits. Any NVML call it does not
+// event sets, load failures and failing waits, lost GPUs and pending
+// resets (SetHealth), running compute processes (RunCompute). Any NVML call it does not
 // model panics in go-nvml's mock, so a new call in the adapter cannot go
 // untested by accident.
 package nvmlmock
 
 import (
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -39,6 +42,27 @@ type Host struct {
 	events  chan delivery
 	dropped int
 	freed   int
+	health  map[*server.Device]Health
+	procs   map[*server.Device][]nvml.ProcessInfo
+}
+
+// Health is what NVML reports about a GPU's state. The zero Health is a
+// good GPU on which every query is supported.
+type Health struct {
+	// Lost makes the GPU, its MIG devices and the handle lookups for
+	// them answer ERROR_GPU_IS_LOST, as after XID 79.
+	Lost bool
+	// RecoveryAction is the driver's FI_DEV_GET_GPU_RECOVERY_ACTION.
+	RecoveryAction nvml.DeviceGpuRecoveryAction
+	// RemapPending and RemapFailed are GetRemappedRows' pending and
+	// failure flags.
+	RemapPending, RemapFailed bool
+	// RetiredPagesPending is GetRetiredPagesPendingStatus.
+	RetiredPagesPending bool
+	// The No... fields make a query answer ERROR_NOT_SUPPORTED, as on
+	// drivers before R550 (recovery action), GPUs before Ampere (row
+	// remapping) and Ampere and newer (page retirement).
+	NoRecoveryAction, NoRowRemapping, NoPageRetirement bool
 }
 
 // MIG is one MIG device: a compute instance of a GPU instance.
@@ -53,7 +77,8 @@ type MIG struct {
 // GPUs' minor numbers, which the driver does not tie to the NVML index
 // (GPUs beyond the list keep the mock's, equal to the index).
 func New(s *server.Server, minors ...int) *Host {
-	h := &Host{Server: s, migs: map[*server.Device][]*MIG{}, events: make(chan delivery)}
+	h := &Host{Server: s, migs: map[*server.Device][]*MIG{}, events: make(chan delivery),
+		health: map[*server.Device]Health{}, procs: map[*server.Device][]nvml.ProcessInfo{}}
 	for i, m := range minors {
 		h.GPU(i).Minor = m
 	}
@@ -79,21 +104,35 @@ func New(s *server.Server, minors ...int) *Host {
 	// NVML finds MIG devices by their UUID too; an unknown UUID is
 	// ERROR_NOT_FOUND.
 	s.DeviceGetHandleByUUIDFunc = func(u string) (nvml.Device, nvml.Return) {
+		h.mu.Lock()
+		defer h.mu.Unlock()
 		for _, d := range s.Devices {
-			if d.(*server.Device).UUID == u {
+			if sd := d.(*server.Device); sd.UUID == u {
+				if h.health[sd].Lost {
+					return nil, nvml.ERROR_GPU_IS_LOST
+				}
 				return d, nvml.SUCCESS
 			}
 		}
-		h.mu.Lock()
-		defer h.mu.Unlock()
 		for _, slots := range h.migs {
 			for _, m := range slots {
 				if m != nil && m.UUID == u {
+					if h.health[m.Parent].Lost {
+						return nil, nvml.ERROR_GPU_IS_LOST
+					}
 					return m, nvml.SUCCESS
 				}
 			}
 		}
 		return nil, nvml.ERROR_NOT_FOUND
+	}
+	byIndex := s.DeviceGetHandleByIndexFunc
+	s.DeviceGetHandleByIndexFunc = func(i int) (nvml.Device, nvml.Return) {
+		d, ret := byIndex(i)
+		if ret == nvml.SUCCESS && h.lost(d.(*server.Device)) {
+			return nil, nvml.ERROR_GPU_IS_LOST
+		}
+		return d, ret
 	}
 	s.EventSetCreateFunc = func() (nvml.EventSet, nvml.Return) {
 		es := &eventSet{h: h, registered: map[nvml.Device]bool{}}
@@ -113,7 +152,130 @@ func New(s *server.Server, minors ...int) *Host {
 // GPU is the GPU at an NVML index.
 func (h *Host) GPU(i int) *server.Device { return h.Server.Devices[i].(*server.Device) }
 
+func (h *Host) lost(d *server.Device) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.health[d].Lost
+}
+
+// SetHealth sets what GPU i reports from now on.
+func (h *Host) SetHealth(i int, s Health) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.health[h.GPU(i)] = s
+}
+
+// RunCompute makes NVML report pid running compute work on GPU i, or on
+// its MIG device m when m is not nil, until StopCompute.
+func (h *Host) RunCompute(i int, m *MIG, pid int) {
+	p := nvml.ProcessInfo{Pid: uint32(pid), UsedGpuMemory: 1 << 30, GpuInstanceId: ^uint32(0), ComputeInstanceId: ^uint32(0)}
+	if m != nil {
+		p.GpuInstanceId, p.ComputeInstanceId = uint32(m.GPUInstance), uint32(m.ComputeInstance)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	d := h.GPU(i)
+	h.procs[d] = append(h.procs[d], p)
+}
+
+// StopCompute ends every process pid on GPU i.
+func (h *Host) StopCompute(i, pid int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	d := h.GPU(i)
+	h.procs[d] = slices.DeleteFunc(h.procs[d], func(p nvml.ProcessInfo) bool { return p.Pid == uint32(pid) })
+}
+
+// computeProcs are GPU d's processes, those of one MIG device when mig.
+func (h *Host) computeProcs(d *server.Device, mig bool, gi, ci int) ([]nvml.ProcessInfo, nvml.Return) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.health[d].Lost {
+		return nil, nvml.ERROR_GPU_IS_LOST
+	}
+	var out []nvml.ProcessInfo
+	for _, p := range h.procs[d] {
+		if !mig || p.GpuInstanceId == uint32(gi) && p.ComputeInstanceId == uint32(ci) {
+			out = append(out, p)
+		}
+	}
+	return out, nvml.SUCCESS
+}
+
 func (h *Host) gpuFuncs(d *server.Device) {
+	// What a lost GPU still answers from the mock's own data is lost.
+	uuid, mem, name, minor := d.GetUUIDFunc, d.GetMemoryInfoFunc, d.GetNameFunc, d.GetMinorNumberFunc
+	d.GetUUIDFunc = func() (string, nvml.Return) {
+		if h.lost(d) {
+			return "", nvml.ERROR_GPU_IS_LOST
+		}
+		return uuid()
+	}
+	d.GetMemoryInfoFunc = func() (nvml.Memory, nvml.Return) {
+		if h.lost(d) {
+			return nvml.Memory{}, nvml.ERROR_GPU_IS_LOST
+		}
+		return mem()
+	}
+	d.GetNameFunc = func() (string, nvml.Return) {
+		if h.lost(d) {
+			return "", nvml.ERROR_GPU_IS_LOST
+		}
+		return name()
+	}
+	d.GetMinorNumberFunc = func() (int, nvml.Return) {
+		if h.lost(d) {
+			return 0, nvml.ERROR_GPU_IS_LOST
+		}
+		return minor()
+	}
+	d.GetComputeRunningProcessesFunc = func() ([]nvml.ProcessInfo, nvml.Return) { return h.computeProcs(d, false, 0, 0) }
+	d.GetFieldValuesFunc = func(values []nvml.FieldValue) nvml.Return {
+		h.mu.Lock()
+		st := h.health[d]
+		h.mu.Unlock()
+		if st.Lost {
+			return nvml.ERROR_GPU_IS_LOST
+		}
+		for i := range values {
+			v := &values[i]
+			if v.FieldId != nvml.FI_DEV_GET_GPU_RECOVERY_ACTION || st.NoRecoveryAction {
+				v.NvmlReturn = uint32(nvml.ERROR_NOT_SUPPORTED)
+				continue
+			}
+			v.ValueType = uint32(nvml.VALUE_TYPE_UNSIGNED_INT)
+			v.Value = [8]byte{}
+			binary.NativeEndian.PutUint32(v.Value[:4], uint32(st.RecoveryAction))
+			v.NvmlReturn = uint32(nvml.SUCCESS)
+		}
+		return nvml.SUCCESS
+	}
+	d.GetRemappedRowsFunc = func() (int, int, bool, bool, nvml.Return) {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		switch st := h.health[d]; {
+		case st.Lost:
+			return 0, 0, false, false, nvml.ERROR_GPU_IS_LOST
+		case st.NoRowRemapping:
+			return 0, 0, false, false, nvml.ERROR_NOT_SUPPORTED
+		default:
+			return 0, 0, st.RemapPending, st.RemapFailed, nvml.SUCCESS
+		}
+	}
+	d.GetRetiredPagesPendingStatusFunc = func() (nvml.EnableState, nvml.Return) {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		switch st := h.health[d]; {
+		case st.Lost:
+			return nvml.FEATURE_DISABLED, nvml.ERROR_GPU_IS_LOST
+		case st.NoPageRetirement:
+			return nvml.FEATURE_DISABLED, nvml.ERROR_NOT_SUPPORTED
+		case st.RetiredPagesPending:
+			return nvml.FEATURE_ENABLED, nvml.SUCCESS
+		default:
+			return nvml.FEATURE_DISABLED, nvml.SUCCESS
+		}
+	}
 	d.IsMigDeviceHandleFunc = func() (bool, nvml.Return) { return false, nvml.SUCCESS }
 	d.GetMaxMigDeviceCountFunc = func() (int, nvml.Return) { return maxMIG, nvml.SUCCESS }
 	d.GetMigDeviceHandleByIndexFunc = func(i int) (nvml.Device, nvml.Return) {
@@ -170,9 +332,22 @@ func (h *Host) AddMIG(i, profile int) (*MIG, error) {
 	m := &MIG{Device: &mock.Device{}, UUID: "MIG-" + newUUID(), Parent: d, GPUInstance: int(giInfo.Id), ComputeInstance: int(ciInfo.Id)}
 	name := fmt.Sprintf("%s MIG %dg.%dgb", d.Config.Name, gip.SliceCount, (gip.MemorySizeMB+1023)/1024)
 	mem := nvml.Memory{Total: gip.MemorySizeMB << 20}
-	m.GetUUIDFunc = func() (string, nvml.Return) { return m.UUID, nvml.SUCCESS }
+	m.GetUUIDFunc = func() (string, nvml.Return) {
+		if h.lost(d) {
+			return "", nvml.ERROR_GPU_IS_LOST
+		}
+		return m.UUID, nvml.SUCCESS
+	}
 	m.GetNameFunc = func() (string, nvml.Return) { return name, nvml.SUCCESS }
-	m.GetMemoryInfoFunc = func() (nvml.Memory, nvml.Return) { return mem, nvml.SUCCESS }
+	m.GetMemoryInfoFunc = func() (nvml.Memory, nvml.Return) {
+		if h.lost(d) {
+			return nvml.Memory{}, nvml.ERROR_GPU_IS_LOST
+		}
+		return mem, nvml.SUCCESS
+	}
+	m.GetComputeRunningProcessesFunc = func() ([]nvml.ProcessInfo, nvml.Return) {
+		return h.computeProcs(d, true, m.GPUInstance, m.ComputeInstance)
+	}
 	m.IsMigDeviceHandleFunc = func() (bool, nvml.Return) { return true, nvml.SUCCESS }
 	m.GetDeviceHandleFromMigDeviceHandleFunc = func() (nvml.Device, nvml.Return) { return d, nvml.SUCCESS }
 	m.GetGpuInstanceIdFunc = func() (int, nvml.Return) { return m.GPUInstance, nvml.SUCCESS }
@@ -180,7 +355,8 @@ func (h *Host) AddMIG(i, profile int) (*MIG, error) {
 	// Events are registered on the GPU, never on a MIG handle.
 	m.RegisterEventsFunc = func(uint64, nvml.EventSet) nvml.Return { return nvml.ERROR_NOT_SUPPORTED }
 	// GetMinorNumber is left out: NVML has none for a MIG handle, and
-	// the mock panics if it is asked.
+	// the mock panics if it is asked. So are the memory health queries,
+	// which concern the whole GPU.
 
 	h.mu.Lock()
 	defer h.mu.Unlock()

@@ -1,0 +1,222 @@
+package gpu
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"unicode"
+)
+
+// Holder is a process that holds a GPU: runs compute work on it or has
+// its device node open.
+type Holder struct {
+	PID     int
+	Command string // /proc/PID/comm, or the first argument; bounded and printable
+	Unit    string // the systemd unit of its cgroup (e.g. "pool-engine-x.scope"), "" if unknown
+}
+
+func (h Holder) String() string {
+	s := fmt.Sprintf("PID %d", h.PID)
+	if h.Command != "" {
+		s += " (" + h.Command + ")"
+	}
+	if h.Unit != "" {
+		s += " in " + h.Unit
+	}
+	return s
+}
+
+// maxCommand bounds Holder.Command: it goes into LastError and the journal.
+const maxCommand = 64
+
+// ComputeProcesses lists the processes NVML reports running compute work
+// on the GPU or MIG device uuid (for a MIG device only that instance's),
+// by PID, with Command and Unit read from procRoot ("/proc"). Init and
+// Shutdown are its own; a nil n is the host's NVML.
+func ComputeProcesses(n NVML, uuid, procRoot string) ([]Holder, error) {
+	if n == nil {
+		n = NewNVML()
+	}
+	if err := n.Init(); err != nil {
+		return nil, err
+	}
+	defer n.Shutdown()
+	d, err := n.DeviceByUUID(uuid)
+	if err != nil {
+		return nil, fmt.Errorf("compute processes on %s: %w", uuid, err)
+	}
+	ps, err := d.ComputeProcesses()
+	if err != nil {
+		return nil, fmt.Errorf("compute processes on %s: %w", uuid, err)
+	}
+	// NVML answers a MIG handle with its own processes; the instance ids
+	// guard against a driver that answers with the whole GPU's.
+	mig, gi, ci := false, 0, 0
+	if p, err := d.Parent(); err != nil {
+		return nil, fmt.Errorf("compute processes on %s: %w", uuid, err)
+	} else if p != nil {
+		mig = true
+		if gi, ci, err = d.MIGInstance(); err != nil {
+			return nil, fmt.Errorf("compute processes on %s: %w", uuid, err)
+		}
+	}
+	var pids []int
+	for _, p := range ps {
+		if mig && p.GPUInstance != NoInstance && (int(p.GPUInstance) != gi || p.ComputeInstance != NoInstance && int(p.ComputeInstance) != ci) {
+			continue
+		}
+		if p.PID > 0 && !slices.Contains(pids, p.PID) {
+			pids = append(pids, p.PID)
+		}
+	}
+	slices.Sort(pids)
+	out := make([]Holder, 0, len(pids))
+	for _, pid := range pids {
+		out = append(out, holder(procRoot, pid))
+	}
+	return out, nil
+}
+
+// NodeHolders lists, by PID, the processes that have any of nodes open,
+// found by reading the links in procRoot/*/fd; the calling process is
+// never one. Entries that cannot be read (a process exiting, or one this
+// process may not look into) are skipped; an unreadable procRoot is an
+// error. Pass a GPU's own nodes (/dev/nvidiaN), not the control nodes
+// every CUDA process holds.
+func NodeHolders(procRoot string, nodes []string) ([]Holder, error) {
+	want := map[string]bool{}
+	for _, n := range nodes {
+		if n == "" {
+			continue
+		}
+		want[filepath.Clean(n)] = true
+		if r, err := filepath.EvalSymlinks(n); err == nil {
+			want[r] = true
+		}
+	}
+	if len(want) == 0 {
+		return nil, nil
+	}
+	entries, err := os.ReadDir(procRoot)
+	if err != nil {
+		return nil, fmt.Errorf("processes holding %s: %w", strings.Join(nodes, ", "), err)
+	}
+	self := os.Getpid()
+	var out []Holder
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid <= 0 || pid == self {
+			continue
+		}
+		if holds(filepath.Join(procRoot, e.Name(), "fd"), want) {
+			out = append(out, holder(procRoot, pid))
+		}
+	}
+	slices.SortFunc(out, func(a, b Holder) int { return a.PID - b.PID })
+	return out, nil
+}
+
+func holds(fdDir string, want map[string]bool) bool {
+	fds, err := os.ReadDir(fdDir)
+	if err != nil {
+		return false
+	}
+	for _, fd := range fds {
+		if target, err := os.Readlink(filepath.Join(fdDir, fd.Name())); err == nil && want[target] {
+			return true
+		}
+	}
+	return false
+}
+
+// holder reads what procRoot says of pid; a process that is gone keeps
+// its PID and nothing else.
+func holder(procRoot string, pid int) Holder {
+	dir := filepath.Join(procRoot, strconv.Itoa(pid))
+	h := Holder{PID: pid, Command: command(dir)}
+	if b, err := readSmall(filepath.Join(dir, "cgroup")); err == nil {
+		h.Unit = cgroupUnit(b)
+	}
+	return h
+}
+
+func command(dir string) string {
+	if b, err := readSmall(filepath.Join(dir, "comm")); err == nil {
+		if c := printable(string(bytes.TrimRight(b, "\n"))); c != "" {
+			return c
+		}
+	}
+	if b, err := readSmall(filepath.Join(dir, "cmdline")); err == nil {
+		arg0, _, _ := bytes.Cut(b, []byte{0})
+		return printable(filepath.Base(string(arg0)))
+	}
+	return ""
+}
+
+// readSmall reads at most 64 KiB: /proc files are small, a fake one need not be.
+func readSmall(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return io.ReadAll(io.LimitReader(f, 64<<10))
+}
+
+// printable makes s safe for a journal field and a D-Bus string: control
+// and invalid characters become '?', and it is cut to maxCommand runes.
+func printable(s string) string {
+	var b strings.Builder
+	n := 0
+	for _, r := range s {
+		if n == maxCommand {
+			break
+		}
+		if r == unicode.ReplacementChar || !unicode.IsPrint(r) {
+			r = '?'
+		}
+		b.WriteRune(r)
+		n++
+	}
+	return strings.TrimSpace(b.String())
+}
+
+// cgroupUnit is the systemd unit in a /proc/PID/cgroup: the last element
+// ending in .scope or .service of the unified (cgroup v2, "0::") path,
+// or, where that names none (hybrid hosts), of the name=systemd one.
+func cgroupUnit(b []byte) string {
+	var unified, named string
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		parts := strings.SplitN(sc.Text(), ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		switch {
+		case parts[0] == "0" && parts[1] == "":
+			unified = unitIn(parts[2])
+		case parts[1] == "name=systemd":
+			named = unitIn(parts[2])
+		}
+	}
+	if unified != "" {
+		return unified
+	}
+	return named
+}
+
+func unitIn(path string) string {
+	elems := strings.Split(path, "/")
+	for i := len(elems) - 1; i >= 0; i-- {
+		if e := elems[i]; strings.HasSuffix(e, ".scope") || strings.HasSuffix(e, ".service") {
+			return printable(e)
+		}
+	}
+	return ""
+}

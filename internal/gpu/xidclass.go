@@ -1,0 +1,214 @@
+package gpu
+
+import (
+	"fmt"
+	"strings"
+)
+
+// XIDAction is what an XID asks of pool-managerd.
+type XIDAction int
+
+const (
+	// XIDIgnore: the GPU is fine and no application needs restarting
+	// (informational, or a consequence of another XID that carries the
+	// action).
+	XIDIgnore XIDAction = iota
+	// XIDRestart: an application restart clears it; the pool restarts
+	// (crash reason driver_xid).
+	XIDRestart
+	// XIDReset: the GPU needs a reset (or the host a reboot) before it
+	// is used again.
+	XIDReset
+	// XIDLost: the GPU fell off the bus or stopped answering.
+	XIDLost
+)
+
+func (a XIDAction) String() string {
+	switch a {
+	case XIDIgnore:
+		return "ignore"
+	case XIDRestart:
+		return "restart"
+	case XIDReset:
+		return "reset"
+	case XIDLost:
+		return "lost"
+	}
+	return fmt.Sprintf("XIDAction(%d)", int(a))
+}
+
+// XIDInfo is one XID as pool-managerd reads it.
+type XIDInfo struct {
+	XID     uint64
+	Action  XIDAction
+	Meaning string // short, after NVIDIA's catalog
+	// Remedy is what the operator should do; "<uuid>" stands for the
+	// GPU's UUID (RemedyFor fills it in).
+	Remedy string
+}
+
+// RemedyFor is Remedy for the GPU uuid.
+func (i XIDInfo) RemedyFor(uuid string) string { return strings.ReplaceAll(i.Remedy, "<uuid>", uuid) }
+
+var xidRemedies = map[XIDAction]string{
+	XIDIgnore:  "none: NVIDIA's catalog asks for no action on this XID",
+	XIDRestart: "none: the pool restarts; if it recurs, check the engine and its CUDA libraries",
+	XIDReset: "drain the GPU's pools, then reset it (nvidia-smi -r -i <uuid>) or reboot the host; " +
+		"its pools stay failed until NVML reports it usable or AllowRestart",
+	XIDLost: "reboot the host (power-cycle it if the GPU stays lost); if it recurs, check the GPU's seating, riser and power",
+}
+
+type xidEntry struct {
+	action  XIDAction
+	meaning string
+	remedy  string // "" for the action's usual one
+}
+
+// xidTable follows the "Resolution Bucket (Immediate Action)" column of
+// NVIDIA's XID catalog for Ampere and newer GPUs ("Analyzing Xid Errors
+// with the Xid Catalog", NVIDIA GPU Deployment and Management
+// Documentation, https://docs.nvidia.com/deploy/xid-errors/analyzing-xid-catalog.html;
+// for older GPUs the "XID Errors" document,
+// https://docs.nvidia.com/deploy/xid-errors/index.html): RESTART_APP is
+// XIDRestart, IGNORE XIDIgnore, RESET_GPU XIDReset, RESTART_BM (restart
+// the bare-metal host) XIDLost. Where the catalog names a workflow
+// instead, the choice is noted beside the entry.
+//
+// XID 13, 31, 43, 45, 68 (and 109) are what NVIDIA's k8s-device-plugin
+// skips as application errors, because it asks whether the device is
+// still good for the next pod. pool-managerd asks what to do about the
+// engine: every compute process on a pool's GPU is that pool's engine, so
+// an XID the catalog answers with RESTART_APP (13, 31, 68) is the engine's
+// fault and restarts the pool; 43 and 45 are IGNORE in the catalog as
+// well (45 also follows the kill of any process with work on the GPU, our
+// own stop of an engine included); 109 is RESET_GPU in the catalog.
+var xidTable = map[uint64]xidEntry{
+	8:  {action: XIDRestart, meaning: "GPU stopped processing"},
+	11: {action: XIDRestart, meaning: "invalid or corrupted push buffer stream"},
+	13: {action: XIDRestart, meaning: "graphics engine exception (often an illegal memory access by the application)"},
+	25: {action: XIDRestart, meaning: "invalid or illegal push buffer stream"},
+	31: {action: XIDRestart, meaning: "GPU memory page fault (often an illegal address in the application)"},
+	32: {action: XIDRestart, meaning: "invalid or corrupted push buffer stream"},
+	37: {action: XIDIgnore, meaning: "driver firmware error"},
+	38: {action: XIDIgnore, meaning: "driver firmware error"},
+	39: {action: XIDRestart, meaning: "copy engine exception"},
+	40: {action: XIDRestart, meaning: "copy engine exception"},
+	41: {action: XIDRestart, meaning: "copy engine exception"},
+	43: {action: XIDIgnore, meaning: "GPU stopped processing for the faulting application (its channel was reset; the GPU is fine)"},
+	44: {action: XIDIgnore, meaning: "graphics engine fault during context switch"},
+	// Catalog: WORKFLOW_XID_45; it follows another XID, which carries the action.
+	45: {action: XIDIgnore, meaning: "preemptive cleanup after an earlier error or a killed process"},
+	46: {action: XIDReset, meaning: "GPU stopped processing"},
+	// Catalog: WORKFLOW_XID_48. An uncorrectable DRAM error: the row is
+	// remapped (or the page retired) only at the next reset.
+	48: {action: XIDReset, meaning: "double bit ECC error"},
+	// Catalog: CHECK_MECHANICALS.
+	54: {action: XIDReset, meaning: "auxiliary power is not connected to the GPU board",
+		remedy: "drain the GPU's pools, power the host off and connect the board's auxiliary power"},
+	60: {action: XIDRestart, meaning: "video processor exception"},
+	// Unused on Ampere and newer (CONTACT_SUPPORT); on older GPUs the
+	// companion of 62.
+	61: {action: XIDReset, meaning: "internal micro-controller breakpoint/warning"},
+	62: {action: XIDReset, meaning: "internal micro-controller halt"},
+	63: {action: XIDIgnore, meaning: "GPU memory remapping event (applied at the next reset)"},
+	64: {action: XIDReset, meaning: "GPU memory remapping failure"},
+	66: {action: XIDIgnore, meaning: "illegal access by driver"},
+	67: {action: XIDIgnore, meaning: "illegal access by driver"},
+	68: {action: XIDRestart, meaning: "NVDEC0 exception"},
+	69: {action: XIDRestart, meaning: "graphics engine class error"},
+	70: {action: XIDRestart, meaning: "copy engine 3 error"},
+	71: {action: XIDRestart, meaning: "copy engine 4 error"},
+	72: {action: XIDRestart, meaning: "copy engine 5 error"},
+	// Catalog: WORKFLOW_NVLINK_ERR, decided from register bits an NVML
+	// event does not carry; held until NVML (the driver's recovery
+	// action) reports the GPU usable.
+	74:  {action: XIDReset, meaning: "NVLink error"},
+	75:  {action: XIDRestart, meaning: "copy engine 6 error"},
+	76:  {action: XIDRestart, meaning: "copy engine 7 error"},
+	77:  {action: XIDRestart, meaning: "copy engine 8 error"},
+	79:  {action: XIDLost, meaning: "GPU has fallen off the bus"},
+	80:  {action: XIDRestart, meaning: "corrupted data sent to GPU"},
+	82:  {action: XIDRestart, meaning: "NVJPG0 error"},
+	83:  {action: XIDRestart, meaning: "NVDEC1 error"},
+	84:  {action: XIDRestart, meaning: "NVDEC2 error"},
+	85:  {action: XIDRestart, meaning: "copy engine 9 error"},
+	86:  {action: XIDRestart, meaning: "OFA exception"},
+	88:  {action: XIDRestart, meaning: "NVDEC3 error"},
+	89:  {action: XIDRestart, meaning: "NVDEC4 error"},
+	92:  {action: XIDIgnore, meaning: "high single-bit ECC error rate"},
+	93:  {action: XIDIgnore, meaning: "non-fatal violation of provisioned InfoROM wear limit"},
+	94:  {action: XIDRestart, meaning: "contained memory error (uncorrectable ECC error contained to the application)"},
+	95:  {action: XIDReset, meaning: "uncontained memory error"},
+	96:  {action: XIDRestart, meaning: "NVDEC5 error"},
+	97:  {action: XIDRestart, meaning: "NVDEC6 error"},
+	98:  {action: XIDRestart, meaning: "NVDEC7 error"},
+	99:  {action: XIDRestart, meaning: "NVJPG1 error"},
+	100: {action: XIDRestart, meaning: "NVJPG2 error"},
+	101: {action: XIDRestart, meaning: "NVJPG3 error"},
+	102: {action: XIDRestart, meaning: "NVJPG4 error"},
+	103: {action: XIDRestart, meaning: "NVJPG5 error"},
+	104: {action: XIDRestart, meaning: "NVJPG6 error"},
+	105: {action: XIDRestart, meaning: "NVJPG7 error"},
+	106: {action: XIDIgnore, meaning: "SMBPBI test message"},
+	107: {action: XIDIgnore, meaning: "SMBPBI test message (silent)"},
+	109: {action: XIDReset, meaning: "context switch timeout"},
+	110: {action: XIDReset, meaning: "security fault"},
+	119: {action: XIDReset, meaning: "GSP RPC timeout"},
+	120: {action: XIDReset, meaning: "GSP error"},
+	121: {action: XIDIgnore, meaning: "C2C (chip-to-chip) link error"},
+	126: {action: XIDRestart, meaning: "copy engine 10 error"},
+	127: {action: XIDRestart, meaning: "copy engine 11 error"},
+	128: {action: XIDRestart, meaning: "copy engine 12 error"},
+	129: {action: XIDRestart, meaning: "copy engine 13 error"},
+	130: {action: XIDRestart, meaning: "copy engine 14 error"},
+	131: {action: XIDRestart, meaning: "copy engine 15 error"},
+	132: {action: XIDRestart, meaning: "copy engine 16 error"},
+	133: {action: XIDRestart, meaning: "copy engine 17 error"},
+	134: {action: XIDRestart, meaning: "copy engine 18 error"},
+	135: {action: XIDRestart, meaning: "copy engine 19 error"},
+	136: {action: XIDReset, meaning: "NVLink link training failed"},
+	137: {action: XIDIgnore, meaning: "NVLink privilege error"},
+	139: {action: XIDRestart, meaning: "OFA1 error"},
+	140: {action: XIDReset, meaning: "unrecovered ECC error"},
+	141: {action: XIDIgnore, meaning: "CUDA fast path error"},
+	143: {action: XIDReset, meaning: "GPU initialization error"},
+	// 144-150, catalog: WORKFLOW_NVLINK5_ERR, RESET_GPU or IGNORE by a
+	// sub-code an NVML event does not carry; as 74.
+	144: {action: XIDReset, meaning: "NVLink SAW error"},
+	145: {action: XIDReset, meaning: "NVLink RLW error"},
+	146: {action: XIDReset, meaning: "NVLink TLW error"},
+	147: {action: XIDReset, meaning: "NVLink TREX error"},
+	148: {action: XIDReset, meaning: "NVLink NVLPW_CTRL error"},
+	149: {action: XIDReset, meaning: "NVLink NETIR error"},
+	150: {action: XIDReset, meaning: "NVLink MSE error"},
+	// Catalog: RESTART_VM (confidential computing).
+	151: {action: XIDReset, meaning: "key rotation error",
+		remedy: "drain the GPU's pools, then restart the VM (or reset the GPU: nvidia-smi -r -i <uuid>)"},
+	152: {action: XIDIgnore, meaning: "DLA SMMU error"},
+	153: {action: XIDIgnore, meaning: "DLA timeout"},
+	// Catalog: XID_154; the driver's new recovery action (reset, reboot,
+	// drain) is what Usable reads back, so the hold ends when it is none.
+	154: {action: XIDReset, meaning: "GPU recovery action changed (see nvidia-smi -q, GPU Recovery Action)"},
+	155: {action: XIDReset, meaning: "NVLink software-defined error"},
+	156: {action: XIDReset, meaning: "resource retirement event (applied at the next reset)"},
+	157: {action: XIDIgnore, meaning: "resource retirement failure"},
+	158: {action: XIDReset, meaning: "GPU fatal timeout"},
+	160: {action: XIDIgnore, meaning: "channel retirement event"},
+	161: {action: XIDIgnore, meaning: "channel retirement failure"},
+}
+
+// ClassifyXID reads xid by NVIDIA's catalog. An XID not in the table
+// restarts the pool, as every XID did before the table: a restart is
+// cheap and the breaker stops a loop.
+func ClassifyXID(xid uint64) XIDInfo {
+	e, ok := xidTable[xid]
+	if !ok {
+		return XIDInfo{XID: xid, Action: XIDRestart, Meaning: fmt.Sprintf("XID %d (not in pool-managerd's table)", xid),
+			Remedy: xidRemedies[XIDRestart]}
+	}
+	r := e.remedy
+	if r == "" {
+		r = xidRemedies[e.action]
+	}
+	return XIDInfo{XID: xid, Action: e.action, Meaning: e.meaning, Remedy: r}
+}
