@@ -504,18 +504,20 @@ func (d *daemonState) routeXID(uuid string, xid uint64) {
 		}
 	}
 	d.mu.Unlock()
-	info := gpu.ClassifyXID(xid)
-	switch {
-	case len(owners) == 0:
-		d.log.Warn("GPU XID event on a GPU no pool uses", journal.XID, xid, journal.GPU, uuid, journal.Error, info.Meaning)
-	case info.Action == gpu.XIDIgnore:
+	if len(owners) == 0 {
+		d.log.Warn("GPU XID event on a GPU no pool uses", journal.XID, xid, journal.GPU, uuid, journal.Error, gpu.ClassifyXID(xid).Meaning)
+		return
+	}
+	sups := make([]*supervisor.Supervisor, len(owners))
+	for i, p := range owners {
+		sups[i] = p.sup
+	}
+	info, why := supervisor.RouteXID(uuid, xid, sups)
+	switch info.Action {
+	case gpu.XIDIgnore:
 		d.log.Info(fmt.Sprintf("GPU XID %d on %s: %s; nothing to do", xid, uuid, info.Meaning), journal.XID, xid, journal.GPU, uuid)
-	case info.Action == gpu.XIDRestart:
-		for _, p := range owners {
-			p.sup.XID(uuid, xid)
-		}
-	default:
-		d.gpuUnhealthy(uuid, info, owners)
+	case gpu.XIDReset, gpu.XIDLost:
+		d.gpuUnhealthy(uuid, info, why)
 	}
 }
 
@@ -530,14 +532,7 @@ var (
 // gpuUnhealthy holds every pool on a GPU that needs a reset or is lost,
 // says so once, critically, and watches NVML until the GPU is usable
 // again.
-func (d *daemonState) gpuUnhealthy(uuid string, info gpu.XIDInfo, owners []*pool) {
-	why := fmt.Sprintf("GPU %s needs a reset: Xid %d (%s); remedy: %s", uuid, info.XID, info.Meaning, info.RemedyFor(uuid))
-	if info.Action == gpu.XIDLost {
-		why = fmt.Sprintf("GPU %s is lost: Xid %d (%s); remedy: %s", uuid, info.XID, info.Meaning, info.RemedyFor(uuid))
-	}
-	for _, p := range owners {
-		p.sup.GPUUnhealthy(uuid, why)
-	}
+func (d *daemonState) gpuUnhealthy(uuid string, info gpu.XIDInfo, why string) {
 	d.mu.Lock()
 	watching := d.unhealthy[uuid]
 	if !watching {

@@ -11,6 +11,9 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // InsideEnv is set in the environment of a test binary re-executed inside
@@ -28,6 +31,9 @@ func Inside() bool { return os.Getenv(InsideEnv) == "1" }
 // cleanup run after the teardown.
 // Without root the tests are skipped loudly, and with CI set a skip fails.
 func Main(m *testing.M, o Options, setup func() (env, binds []string, cleanup func(), err error)) int {
+	if node := os.Getenv(holdNodeEnv); node != "" {
+		return holdNode(node)
+	}
 	if Inside() {
 		return m.Run()
 	}
@@ -150,4 +156,49 @@ func RunSelf(ctx context.Context, o Options, stdout io.Writer, pkgs ...string) e
 	cmd := s.CommandIn(ctx, wd, "env", append(append(append([]string{InsideEnv + "=1"}, env...), exe), os.Args[1:]...)...)
 	cmd.Stdout, cmd.Stderr = stdout, os.Stderr
 	return cmd.Run()
+}
+
+// holdNodeEnv makes a test binary a process that holds a device node open
+// (O_PATH: a fake node has no driver behind it) until it is killed.
+const holdNodeEnv = "POOL_SANDBOX_HOLD_NODE"
+
+func holdNode(node string) int {
+	if _, err := unix.Open(node, unix.O_PATH, 0); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	fmt.Println("holding")
+	time.Sleep(10 * time.Minute)
+	return 0
+}
+
+// HoldNode starts a process (this test binary) that holds node open, in
+// the caller's cgroup, as another user's GPU job would; it returns once
+// the node is held. The process is killed when the test ends.
+func HoldNode(t interface {
+	Helper()
+	Cleanup(func())
+	Fatalf(format string, args ...any)
+}, node string) *exec.Cmd {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	cmd := exec.Command(exe)
+	cmd.Env = append(os.Environ(), holdNodeEnv+"="+node)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("%v", err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	buf := make([]byte, 16)
+	n, _ := out.Read(buf)
+	if string(buf[:n]) != "holding\n" {
+		t.Fatalf("the node holder did not hold %s: %q", node, buf[:n])
+	}
+	return cmd
 }

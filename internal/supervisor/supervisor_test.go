@@ -29,9 +29,6 @@ func TestMain(m *testing.M) {
 	if shim.Is() {
 		os.Exit(shim.Main())
 	}
-	if node := os.Getenv(holdNodeEnv); node != "" {
-		holdNode(node)
-	}
 	os.Exit(sandbox.Main(m, testpool.Options, sandbox.Build(testpool.Sim)))
 }
 
