@@ -131,7 +131,7 @@ func unchanged(f *os.File, src Source, n int64) error {
 		return refErr(src.Ref, src.Path, err, "cannot be examined: %v", err)
 	}
 	if n != src.Size || statKey(&st) != src.key() {
-		return refErr(src.Ref, src.Path, nil, "changed while it was being read; try again once it is complete")
+		return refErr(src.Ref, src.Path, errChanged, "changed while it was being read; try again once it is complete")
 	}
 	return nil
 }

@@ -66,9 +66,12 @@ func (s *Stager) lockDir(name string) (unlock func()) {
 // staged under its new digest. Every problem with ref or want is a
 // *RefError, found before anything is created.
 func (s *Stager) Stage(ref, want, engineUser string) (Staged, error) {
-	// Staging one source for two pools at once changes its ctime under
-	// the other (a hard link does): that is no change of content, and
-	// the other tries again on the new version.
+	// Pools staging one ref take turns: a hard link changes the source's
+	// ctime under a concurrent read. Two refs of one file (a symlink) may
+	// still meet: that is no change of content, and the other tries
+	// again on the new version.
+	unlock := s.lockDir("ref:" + ref)
+	defer unlock()
 	for tries := 1; ; tries++ {
 		st, err := s.stage(ref, want, engineUser)
 		if err == nil || !errors.Is(err, errChanged) || tries == 3 {
