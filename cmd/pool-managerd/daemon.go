@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"reflect"
@@ -31,6 +32,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/manager"
 	"github.com/llorch/pool-managerd/internal/metrics"
 	"github.com/llorch/pool-managerd/internal/model"
+	"github.com/llorch/pool-managerd/internal/safetext"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/witness"
 )
@@ -521,6 +523,64 @@ func (d *daemonState) routeXID(uuid string, xid uint64) {
 	}
 }
 
+// gpuResetWait bounds how long GPUResetCommand waits for the GPU's pools
+// to stop; gpuResetTimeout how long the command may run.
+var (
+	gpuResetWait    = 2 * time.Minute
+	gpuResetTimeout = 5 * time.Minute
+)
+
+// resetGPU runs GPUResetCommand for a GPU that needs a reset, once no pool
+// on it runs an engine, and journals what came of it.
+func (d *daemonState) resetGPU(uuid string, command []string) {
+	deadline := time.Now().Add(gpuResetWait)
+	for {
+		running := ""
+		d.mu.Lock()
+		for id, p := range d.pools {
+			gpus, _ := d.inv.Resolve(p.cfg.Devices)
+			for _, g := range gpus {
+				if strings.EqualFold(g.UUID, uuid) && p.sup.Snapshot().Live {
+					running = id
+				}
+			}
+		}
+		d.mu.Unlock()
+		if running == "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			d.log.Error("GPUResetCommand not run: pool "+running+" still runs an engine on the GPU", journal.GPU, uuid)
+			return
+		}
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	argv := make([]string, 0, len(command)+1)
+	sub := false
+	for _, a := range command {
+		if strings.Contains(a, "%g") {
+			a, sub = strings.ReplaceAll(a, "%g", uuid), true
+		}
+		argv = append(argv, a)
+	}
+	if !sub {
+		argv = append(argv, uuid)
+	}
+	ctx, cancel := context.WithTimeout(d.ctx, gpuResetTimeout)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, argv[0], argv[1:]...).CombinedOutput()
+	tail := safetext.Bound(strings.TrimSpace(string(out)))
+	if err != nil {
+		d.log.Error("GPUResetCommand failed: "+strings.Join(argv, " ")+": "+err.Error(), journal.GPU, uuid, journal.Error, tail)
+		return
+	}
+	d.log.Warn("GPUResetCommand ran: "+strings.Join(argv, " "), journal.GPU, uuid, journal.Error, tail)
+}
+
 // How soon, then how often, a GPU held for a reset is asked whether it is
 // usable again: the driver may set its recovery action a moment after the
 // XID.
@@ -545,6 +605,9 @@ func (d *daemonState) gpuUnhealthy(uuid string, info gpu.XIDInfo, why string) {
 		journal.GPU, uuid, journal.XID, info.XID, journal.Hint, info.RemedyFor(uuid))
 	if watching {
 		return
+	}
+	if cmd := d.cfg.Manager.Inventory.GPUResetCommand; len(cmd) > 0 && info.Action == gpu.XIDReset {
+		go d.resetGPU(uuid, cmd)
 	}
 	go func() {
 		wait := gpuFirstCheck

@@ -72,7 +72,11 @@ ModelsDir=`+dir+`/models
 MetricsTextfile=
 [Inventory]
 Backend=nvml
+GPUResetCommand=`+dir+`/reset-gpu --gpu %g
 `), 0o644))
+	// The reset command records its argument and whether the held pool's
+	// scope was still there when it ran.
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "reset-gpu"), []byte("#!/bin/sh\necho \"$2 $(systemctl is-active pool-engine-xidb.scope)\" >> "+dir+"/resets\n"), 0o755))
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	port := l.Addr().(*net.TCPAddr).Port
@@ -179,6 +183,27 @@ Backend=nvml
 	require.Eventually(t, func() bool { return prop("xidb", "Ready") == "b true" }, 20*time.Second, 50*time.Millisecond,
 		"the pool comes back once NVML says the GPU is usable")
 	assert.Contains(t, logs.String(), "is usable again")
+	assert.NoFileExists(t, filepath.Join(dir, "resets"), "a lost GPU is not reset by the command")
+
+	// An XID that needs a reset (48, double-bit ECC) with GPUResetCommand=
+	// set: the command runs once the pool on the GPU has stopped.
+	host.SetHealth(2, nvmlmock.Health{RemapPending: true})
+	require.NoError(t, host.XID(2, 48, ^uint32(0), ^uint32(0)))
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(filepath.Join(dir, "resets"))
+		return len(b) > 0
+	}, 10*time.Second, 50*time.Millisecond, "the reset command runs")
+	b, err := os.ReadFile(filepath.Join(dir, "resets"))
+	require.NoError(t, err)
+	assert.Equal(t, host.GPU(2).UUID+" inactive\n", string(b), "run with the GPU's UUID, after the pool's engine is gone")
+	require.Eventually(t, func() bool {
+		return strings.Contains(logs.String(), "GPUResetCommand ran: "+dir+"/reset-gpu --gpu "+host.GPU(2).UUID)
+	},
+		10*time.Second, 50*time.Millisecond, "its outcome is journaled")
+	assert.Equal(t, `s "failed"`, prop("xidb", "State"), "held while NVML says a reset is pending")
+	host.SetHealth(2, nvmlmock.Health{})
+	require.Eventually(t, func() bool { return prop("xidb", "Ready") == "b true" }, 20*time.Second, 50*time.Millisecond,
+		"back once the GPU is usable")
 
 	host.FailWait(nvml.ERROR_GPU_IS_LOST)
 	require.Eventually(t, func() bool {

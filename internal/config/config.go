@@ -63,6 +63,10 @@ type Inventory struct {
 	Backend        Backend
 	Devices        []StaticDevice
 	ControlDevices []string
+	// GPUResetCommand, when set, is run as root for a GPU that needs a
+	// reset, once every pool on it has stopped; %g is the GPU's UUID
+	// (appended when absent).
+	GPUResetCommand []string
 }
 
 // StaticDevice is one Device= line: a GPU known without NVML.

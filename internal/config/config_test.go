@@ -32,6 +32,16 @@ func writeDir(t *testing.T, files map[string]string) string {
 	return dir
 }
 
+func TestGPUResetCommand(t *testing.T) {
+	dir := writeDir(t, map[string]string{"pool-managerd.conf": "[Inventory]\nGPUResetCommand=/usr/bin/nvidia-smi -r -i %g\n"})
+	c, err := Load(dir)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"/usr/bin/nvidia-smi", "-r", "-i", "%g"}, c.Manager.Inventory.GPUResetCommand)
+	dir = writeDir(t, map[string]string{"pool-managerd.conf": "[Inventory]\nGPUResetCommand=nvidia-smi -r\n"})
+	_, err = Load(dir)
+	assert.ErrorContains(t, err, "[Inventory] GPUResetCommand=: \"nvidia-smi\": the command must be an absolute path")
+}
+
 // Serving health: stall detection and a warm-up request, as DESIGN's
 // example sets them.
 func TestServingHealthKeys(t *testing.T) {

@@ -549,6 +549,17 @@ func parseManager(file string, data []byte, m *Manager) Errors {
 			},
 		},
 		"Inventory": {
+			"GPUResetCommand": func(v string) error {
+				w, err := splitWords(v)
+				if err != nil {
+					return fmt.Errorf("cannot split command line: %w", err)
+				}
+				if len(w) > 0 && !filepath.IsAbs(w[0]) {
+					return fmt.Errorf("%q: the command must be an absolute path", w[0])
+				}
+				inv.GPUResetCommand = w
+				return nil
+			},
 			"Backend": func(v string) error {
 				switch b := Backend(v); b {
 				case BackendAuto, BackendNVML, BackendStatic:
