@@ -1,6 +1,7 @@
 package supervisor_test
 
 import (
+	"os/exec"
 	"strconv"
 	"testing"
 	"time"
@@ -37,4 +38,33 @@ func TestAForeignProcessOnThePoolsGPUHoldsTheStart(t *testing.T) {
 	holder.Wait()
 	got := waitFor(t, p, "ready once the GPU is free", ready(1))
 	assert.Zero(t, got.CrashCount)
+}
+
+// A leftover of the pool's own scope on its GPU is killed and waited for
+// before the engine starts.
+func TestALeftoverOfThePoolsOwnScopeIsKilledBeforeTheStart(t *testing.T) {
+	leftover := exec.Command("sleep", "60")
+	require.NoError(t, leftover.Start())
+	gone := make(chan struct{})
+	go func() { leftover.Wait(); close(gone) }()
+	t.Cleanup(func() { leftover.Process.Kill(); <-gone })
+	calls := 0
+	e := testpool.New(t, nil)
+	p := e.Start(testpool.Spec{ID: "own", Devices: "0", NoStart: true, Holders: func() ([]GPUHolder, error) {
+		calls++
+		select {
+		case <-gone:
+			return nil, nil
+		default:
+		}
+		return []GPUHolder{{GPU: "GPU-8f2c1a70-0000-4000-8000-000000000000", PID: leftover.Process.Pid, Command: "sleep", Unit: "pool-engine-own.scope"}}, nil
+	}})
+	require.NoError(t, p.Start())
+	select {
+	case <-gone:
+	case <-time.After(time.Second):
+		t.Fatal("the leftover still runs after the start")
+	}
+	assert.Equal(t, 1, calls)
+	waitFor(t, p, "ready", ready(1))
 }

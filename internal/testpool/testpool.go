@@ -126,6 +126,8 @@ type Spec struct {
 	Extra string
 	// NoStart leaves the pool stopped.
 	NoStart bool
+	// Holders, when set, stands in for the processes on the pool's GPUs.
+	Holders func() ([]supervisor.GPUHolder, error)
 	// Port is the engine's port (0: a free one).
 	Port int
 }
@@ -195,6 +197,9 @@ JitterPercent=0
 	}
 	cfg, err := supervisor.FromPool(p, &c.Manager, e.inv, model.New(c.Manager.ModelsDir, filepath.Join(c.Manager.StateDir, "staged")))
 	require.NoError(t, err)
+	if ps.Holders != nil {
+		cfg.Holders = ps.Holders
+	}
 	s := supervisor.New(cfg, e.RT, e.Log, e.Metrics)
 	ctx, cancel := context.WithCancel(e.Ctx)
 	go s.Run(ctx)
