@@ -141,8 +141,12 @@ func properties(s supervisor.Snapshot) map[string]any {
 		"EngineVersion": b(s.EngineVersion), "DeviceMask": b(s.DeviceMask), "LastError": b(s.LastError),
 		"CrashCount": uint32(s.CrashCount), "RestartCount": uint32(s.RestartCount), "FailureStreak": uint32(s.FailureStreak),
 		"BreakerState": b(s.BreakerState), "NextRestartUSec": next, "Unit": b(s.Unit), "MainPID": uint32(s.MainPID),
+		"Operation": b(s.Operation), "Progress": s.Progress,
 	}
 }
+
+// progressEvery bounds how often a change of Progress alone is sent.
+const progressEvery = 250 * time.Millisecond
 
 func (s *Server) exportPoolList() error {
 	var ids []string
@@ -210,12 +214,27 @@ func (s *Server) exportPool(p *supervisor.Supervisor) error {
 // publish keeps a pool's properties current and sends one
 // PropertiesChanged per change with every property that changed.
 func (s *Server) publish(ctx context.Context, p *supervisor.Supervisor, path dbus.ObjectPath, props *prop.Properties, last map[string]any) {
+	var progressAt time.Time
 	for {
 		snap, err := p.Wait(ctx, func(snap supervisor.Snapshot) bool { return !reflect.DeepEqual(properties(snap), last) })
 		if err != nil {
 			return
 		}
 		cur := properties(snap)
+		if onlyProgress(cur, last) {
+			// Progress moves often: at most 4 signals a second say so,
+			// the last with the latest value.
+			if wait := time.Until(progressAt.Add(progressEvery)); wait > 0 {
+				select {
+				case <-time.After(wait):
+				case <-ctx.Done():
+					return
+				}
+				snap = p.Snapshot()
+				cur = properties(snap)
+			}
+			progressAt = time.Now()
+		}
 		changed := map[string]dbus.Variant{}
 		for k, v := range cur {
 			if !reflect.DeepEqual(v, last[k]) {
@@ -235,6 +254,16 @@ func (s *Server) publish(ctx context.Context, p *supervisor.Supervisor, path dbu
 		}
 		last = cur
 	}
+}
+
+// onlyProgress says whether Progress is all that changed.
+func onlyProgress(cur, last map[string]any) bool {
+	for k, v := range cur {
+		if k != "Progress" && !reflect.DeepEqual(v, last[k]) {
+			return false
+		}
+	}
+	return true
 }
 
 // setProp sets a read-only property, which godbus offers only as SetMust:

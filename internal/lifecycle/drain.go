@@ -10,7 +10,9 @@ import (
 )
 
 type drainOp struct {
-	start      time.Time
+	start time.Time
+	// held is how many leases were held when it began.
+	held       int
 	deadlineAt time.Time
 	waiters    []ReqID
 	res        DrainResult
@@ -54,7 +56,7 @@ func (m *Machine) drainRequested(e DrainRequested) {
 		m.drainLogged(m.now, res)
 		return
 	}
-	d := &drainOp{start: m.now, waiters: []ReqID{e.Req}}
+	d := &drainOp{start: m.now, waiters: []ReqID{e.Req}, held: len(m.leases)}
 	m.drain = d
 	m.state = Draining
 	m.awaitLeases(d, e.Deadline)

@@ -173,3 +173,43 @@ func TestLeaseRules(t *testing.T) {
 	_, err = p.lease("r3")
 	assert.True(t, errors.Is(err, ErrNotReady))
 }
+
+// Long operations say where they are: a drain counts the leases released
+// of those held when it began; staging, the bytes hashed.
+func TestOperationAndProgress(t *testing.T) {
+	p := newPool(t, nil)
+	req := p.request(func(id ReqID) Event { return StartRequested{Req: id} })
+	v := p.m.View(p.now)
+	assert.Equal(t, "staging", v.Operation)
+	assert.Equal(t, -1.0, v.Progress, "not known before the first report")
+	stage, _ := find[Stage](p.last)
+	p.step(StageProgress{Run: stage.Run, Fraction: 0.25})
+	assert.Equal(t, 0.25, p.m.View(p.now).Progress)
+	p.step(StageProgress{Run: stage.Run + 99, Fraction: 0.9})
+	assert.Equal(t, 0.25, p.m.View(p.now).Progress, "another start's word changes nothing")
+	p.step(ModelStaged{Run: stage.Run, Staged: staged("m.gguf", "sha256:a")})
+	launch, _ := find[Launch](p.last)
+	p.step(EngineStarted{Run: launch.Run, PID: 100})
+	run := launch.Run
+	require.NoError(t, p.reply(req).Err)
+	assert.Equal(t, "starting", p.m.View(p.now).Operation)
+	assert.Equal(t, -1.0, p.m.View(p.now).Progress)
+	p.step(Healthy{Run: run})
+	v = p.m.View(p.now)
+	assert.Equal(t, "", v.Operation)
+	assert.Equal(t, 0.0, v.Progress)
+
+	var ids []string
+	for i := range 4 {
+		id, err := p.lease(string(rune('a' + i)))
+		require.NoError(t, err)
+		ids = append(ids, id)
+	}
+	p.request(func(id ReqID) Event { return DrainRequested{Req: id, Deadline: time.Minute} })
+	assert.Equal(t, "draining", p.m.View(p.now).Operation)
+	for i, id := range ids {
+		assert.Equal(t, float64(i)/4, p.m.View(p.now).Progress)
+		p.request(func(r ReqID) Event { return LeaseReleased{Req: r, ID: id} })
+	}
+	assert.Equal(t, 1.0, p.m.View(p.now).Progress, "every lease released: the engine stops")
+}

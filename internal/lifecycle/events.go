@@ -70,6 +70,17 @@ type (
 
 // Reports of the engine, its prober and its start.
 type (
+	// Hashing: a reload's new model is hashed this far (0..1) before the
+	// reload begins; Done when the hash is over.
+	Hashing struct {
+		Fraction float64
+		Done     bool
+	}
+	// StageProgress: the model of start Run is hashed this far (0..1).
+	StageProgress struct {
+		Run      RunID
+		Fraction float64
+	}
 	// ModelStaged: the model of start Run is staged (or could not be).
 	ModelStaged struct {
 		Run    RunID
@@ -162,6 +173,8 @@ func (LeaseReleased) event()         {}
 func (OwnerGone) event()             {}
 func (Adopted) event()               {}
 func (ModelStaged) event()           {}
+func (StageProgress) event()         {}
+func (Hashing) event()               {}
 func (EngineStarted) event()         {}
 func (StartFailed) event()           {}
 func (Healthy) event()               {}

@@ -42,24 +42,26 @@ type Config struct {
 
 // View is the part of the pool's published state the machine owns.
 type View struct {
-	State                State
-	Live, Ready          bool
-	Draining             bool
-	ActiveLeases         uint32
-	LastError            string
-	LastReason           crash.Reason
-	NextRestart          time.Time
-	MainPID              int
-	Model, ModelDigest   string
-	StagedPath           string
-	EngineVersion        string
-	HealthFailures       []time.Time
-	LastHeartbeat        time.Time
-	ReadyAt              time.Time
-	Starts               int
-	Policy               policy.Status
-	Held                 string
-	Operation            string
+	State              State
+	Live, Ready        bool
+	Draining           bool
+	ActiveLeases       uint32
+	LastError          string
+	LastReason         crash.Reason
+	NextRestart        time.Time
+	MainPID            int
+	Model, ModelDigest string
+	StagedPath         string
+	EngineVersion      string
+	HealthFailures     []time.Time
+	LastHeartbeat      time.Time
+	ReadyAt            time.Time
+	Starts             int
+	Policy             policy.Status
+	Held               string
+	Operation          string
+	// Progress is how far Operation has come: 0..1, -1 when unknown.
+	Progress             float64
 	CrashCount, Restarts uint64
 }
 
@@ -138,10 +140,17 @@ type Machine struct {
 	// gpuHeld: GPUs that need a reset, with why.
 	gpuHeld map[string]string
 	// retry is a start waiting for its GPUs to be free (TimerRetry).
-	retry  RequestOrigin
-	leases map[string]string
-	gen    [numTimers]uint64
-	armed  [numTimers]bool
+	retry RequestOrigin
+	// stageFrac is how far the model being staged is hashed (-1: not
+	// known).
+	stageFrac float64
+	// hashing: a reload's model is hashed (hashFrac of it) before the
+	// reload is asked of the machine.
+	hashing  bool
+	hashFrac float64
+	leases   map[string]string
+	gen      [numTimers]uint64
+	armed    [numTimers]bool
 	// current is the model the running (or next) engine loads.
 	current model.Staged
 
@@ -160,7 +169,7 @@ type Machine struct {
 // the caller). held, when set, keeps it from starting until ResetBreaker
 // (its persisted state could not be read).
 func New(cfg Config, tr *policy.Tracker, held string) *Machine {
-	m := &Machine{cfg: cfg, tr: tr, held: held, leases: map[string]string{}, gpuHeld: map[string]string{},
+	m := &Machine{cfg: cfg, tr: tr, held: held, leases: map[string]string{}, gpuHeld: map[string]string{}, stageFrac: -1,
 		model: cfg.Model, version: cfg.EngineVersion}
 	if held != "" {
 		m.state, m.lastErr = Failed, held
@@ -197,7 +206,7 @@ func (m *Machine) View(now time.Time) View {
 		Draining: m.drain != nil, ActiveLeases: uint32(len(m.leases)), LastError: m.lastErr, LastReason: m.reason,
 		NextRestart: m.next, MainPID: m.pid, Model: m.model, ModelDigest: m.digest, StagedPath: m.path,
 		EngineVersion: m.version, HealthFailures: slices.Clone(m.healthFailures), LastHeartbeat: m.heartbeat,
-		ReadyAt: m.readyAt, Starts: m.starts, Policy: st, Held: m.held, Operation: m.operation(),
+		ReadyAt: m.readyAt, Starts: m.starts, Policy: st, Held: m.held, Operation: m.operation(), Progress: m.progressOf(),
 		CrashCount: st.CrashCount, Restarts: st.RestartCount,
 	}
 	return v
@@ -208,18 +217,44 @@ func (m *Machine) operation() string {
 	switch {
 	case m.rollback != nil || (m.reload != nil && m.reload.rollingBack):
 		return "rolling-back"
-	case m.drain != nil:
+	case m.reload != nil && !m.reload.drained:
+		return "draining"
+	case m.reload != nil && m.reload.staging:
+		return "staging"
+	case m.drain != nil && m.drain.reload == nil:
 		return "draining"
 	case m.start != nil && !m.start.launched:
 		return "staging"
-	case m.reload != nil && m.reload.staging:
-		return "staging"
-	case m.state == Starting:
-		return "starting"
 	case m.state == Warming:
 		return "warming"
+	case m.state == Starting || m.reload != nil:
+		return "starting"
+	case m.hashing:
+		return "staging"
 	}
 	return ""
+}
+
+// progressOf is how far the operation under way has come: leases
+// released of those held when a drain began, bytes hashed while staging;
+// -1 when unknown, 0 with nothing under way.
+func (m *Machine) progressOf() float64 {
+	switch m.operation() {
+	case "":
+		return 0
+	case "draining":
+		d := m.drain
+		if d.held == 0 || !d.res.LeasesDrainedAt.IsZero() || d.res.Outcome == Forced {
+			return 1
+		}
+		return float64(d.held-len(m.leases)) / float64(d.held)
+	case "staging":
+		if m.start == nil && m.reload == nil && m.hashing {
+			return m.hashFrac
+		}
+		return m.stageFrac
+	}
+	return -1
 }
 
 // Step feeds one event at now and returns what to do, in order.
@@ -246,7 +281,14 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 	case Adopted:
 		m.adopted(e)
 	case ModelStaged:
+		m.stageFrac = -1
 		m.modelStaged(e)
+	case Hashing:
+		m.hashing, m.hashFrac = !e.Done, e.Fraction
+	case StageProgress:
+		if (m.start != nil && m.start.run == e.Run && !m.start.launched) || (m.reload != nil && m.reload.staging && m.reload.stageRun == e.Run) {
+			m.stageFrac = e.Fraction
+		}
 	case EngineStarted:
 		m.engineStarted(e)
 	case StartFailed:
@@ -442,6 +484,7 @@ func (m *Machine) stageRef() (ref, want string) {
 // (cheap when unchanged), then it is launched.
 func (m *Machine) startEngine(candidate bool, origin RequestOrigin) {
 	m.state, m.next, m.healthFailures = Starting, time.Time{}, nil
+	m.stageFrac = -1
 	m.runs++
 	m.start = &startOp{run: m.runs, candidate: candidate, req: origin}
 	ref, want := m.stageRef()

@@ -74,7 +74,7 @@ func (m *Machine) reloadRequested(e ReloadRequested) {
 		m.reloadDrained()
 		return
 	}
-	d := &drainOp{start: m.now, reload: op}
+	d := &drainOp{start: m.now, reload: op, held: len(m.leases)}
 	m.drain = d
 	m.state = Draining
 	m.awaitLeases(d, e.Deadline)
@@ -86,6 +86,7 @@ func (m *Machine) reloadDrained() {
 	op := m.reload
 	op.drained = true
 	op.staging = true
+	m.stageFrac = -1
 	m.runs++
 	op.stageRun = m.runs
 	m.do(Stage{Run: op.stageRun, Ref: op.ref, Want: op.digest})

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -67,6 +68,35 @@ type flight struct {
 	done   chan struct{}
 	digest string
 	err    error
+	// ref and size name what is hashed; read counts the bytes hashed so
+	// far (Hashing reports them).
+	ref  string
+	size int64
+	read atomic.Int64
+}
+
+// Hashing reports how far the hash of ref has come, while one runs.
+func (s *Stager) Hashing(ref string) (read, size int64, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, f := range s.flights {
+		if f.ref == ref {
+			return f.read.Load(), f.size, true
+		}
+	}
+	return 0, 0, false
+}
+
+// counting counts what passes through it into n.
+type counting struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c counting) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
 }
 
 // Digest returns "sha256:<hex>" of the source's content. A file version
@@ -87,11 +117,11 @@ func (s *Stager) Digest(src Source) (string, error) {
 		<-f.done
 		return f.digest, f.err
 	}
-	f := &flight{done: make(chan struct{})}
+	f := &flight{done: make(chan struct{}), ref: src.Ref, size: src.Size}
 	s.flights[k] = f
 	s.mu.Unlock()
 
-	f.digest, f.err = s.hash(src)
+	f.digest, f.err = s.hash(src, &f.read)
 
 	s.mu.Lock()
 	delete(s.flights, k)
@@ -106,14 +136,14 @@ func (s *Stager) Digest(src Source) (string, error) {
 	return f.digest, f.err
 }
 
-func (s *Stager) hash(src Source) (string, error) {
+func (s *Stager) hash(src Source, read *atomic.Int64) (string, error) {
 	f, err := s.reopen(src)
 	if err != nil {
 		return "", err
 	}
 	defer f.Close()
 	h := s.newHash()
-	n, err := io.CopyBuffer(h, readerOnly{f}, make([]byte, bufSize))
+	n, err := io.CopyBuffer(h, counting{readerOnly{f}, read}, make([]byte, bufSize))
 	if err != nil {
 		return "", refErr(src.Ref, src.Path, err, "cannot be read: %v", err)
 	}

@@ -22,6 +22,8 @@ type ModelStager interface {
 	// AddPoolModels records refs that a pool file names as Model=: they
 	// may lie outside the model directories.
 	AddPoolModels(refs ...string)
+	// Hashing says how far the hash of ref has come, while one runs.
+	Hashing(ref string) (read, size int64, ok bool)
 }
 
 // engineStager is a ModelStager as one pool's engine user sees it.
@@ -37,6 +39,8 @@ func (e engineStager) Digest(src model.Source) (string, error) { return e.s.Dige
 func (e engineStager) Stage(ref, want string) (model.Staged, error) {
 	return e.s.Stage(ref, want, e.user)
 }
+
+func (e engineStager) Hashing(ref string) (int64, int64, bool) { return e.s.Hashing(ref) }
 
 // FromPool builds a supervisor's configuration from a pool file, the
 // manager settings, the GPU inventory and the model stager, which learns

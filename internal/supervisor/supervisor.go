@@ -127,6 +127,8 @@ type Stager interface {
 	Resolve(ref string) (model.Source, error)
 	Digest(src model.Source) (string, error)
 	Stage(ref, want string) (model.Staged, error)
+	// Hashing says how far the hash of ref has come, while one runs.
+	Hashing(ref string) (read, size int64, ok bool)
 }
 
 // Snapshot is the pool's state at one moment.
@@ -163,8 +165,10 @@ type Snapshot struct {
 	Starts int
 	// ReadyAt is when the current engine became ready.
 	ReadyAt time.Time
-	// Operation is the long operation under way ("" if none).
+	// Operation is the long operation under way ("" if none); Progress
+	// how far it has come (0..1, -1 when unknown).
 	Operation string
+	Progress  float64
 }
 
 // Supervisor runs one pool.
@@ -504,7 +508,7 @@ func (s *Supervisor) setView(p *Snapshot, v lifecycle.View) {
 	if v.Policy.Breakers == nil {
 		p.BreakerState = breaker.Closed.String()
 	}
-	p.Operation = v.Operation
+	p.Operation, p.Progress = v.Operation, v.Progress
 }
 
 // publish makes v the published state and its metrics.
@@ -598,9 +602,66 @@ func (s *Supervisor) stage(a lifecycle.Stage) {
 		if stopped != nil {
 			<-stopped
 		}
+		done := make(chan struct{})
+		go s.stageProgress(a, done)
 		st, err := s.cfg.Stager.Stage(a.Ref, a.Want)
+		close(done)
 		s.post(func() { s.step(lifecycle.ModelStaged{Run: a.Run, Staged: st, Err: err}) })
 	}()
+}
+
+// hashShowingProgress digests a reload's model (minutes for a big one)
+// while the pool shows the hash's progress.
+func (s *Supervisor) hashShowingProgress(src model.Source, ref string) (string, error) {
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(progressEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+			if read, size, ok := s.cfg.Stager.Hashing(ref); ok && size > 0 {
+				frac := float64(read) / float64(size)
+				select {
+				case s.events <- func() { s.step(lifecycle.Hashing{Fraction: frac}) }:
+				case <-done:
+					return
+				}
+			}
+		}
+	}()
+	digest, err := s.cfg.Stager.Digest(src)
+	close(done)
+	s.post(func() { s.step(lifecycle.Hashing{Done: true}) })
+	return digest, err
+}
+
+// progressEvery bounds how often progress is told: DESIGN's "at most 4
+// times a second".
+const progressEvery = 250 * time.Millisecond
+
+// stageProgress tells the machine how far a long hash has come.
+func (s *Supervisor) stageProgress(a lifecycle.Stage, done chan struct{}) {
+	t := time.NewTicker(progressEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-t.C:
+		}
+		if read, size, ok := s.cfg.Stager.Hashing(a.Ref); ok && size > 0 {
+			frac := float64(read) / float64(size)
+			select {
+			case s.events <- func() { s.step(lifecycle.StageProgress{Run: a.Run, Fraction: frac}) }:
+			case <-done:
+				return
+			}
+		}
+	}
 }
 
 // launch starts the engine of a run on its staged model, on the loop, and
@@ -934,7 +995,7 @@ func (s *Supervisor) Reload(ctx context.Context, ref string, drainDeadline time.
 	if err != nil {
 		return refFail(err)
 	}
-	digest, err := s.cfg.Stager.Digest(src)
+	digest, err := s.hashShowingProgress(src, ref)
 	if err != nil {
 		return refFail(err)
 	}
