@@ -46,9 +46,9 @@ demo: packages
 
 # The operator's walkthrough on a real Debian 12 host: the .deb, then the
 # .rpm, in a qemu guest (systemd as PID 1, cgroup v2), with a reboot and a
-# removal (root needed; test/vm/run.sh says what it needs installed).
+# removal (root needed; internal/vmtest/run.sh says what it needs installed).
 vm-test: packages
-	GO=$(GO) test/vm/run.sh
+	GO=$(GO) internal/vmtest/run.sh
 
 # Figures against systemd and the bus, measured in one run in the sandbox
 # (root needed); writes build/bench.json. BENCH_ARGS=scale runs only the
@@ -83,7 +83,7 @@ fuzz-short:
 # private systemd; exits 2 at once without a GPU. Uses build/ binaries
 # when present, else builds into its own temp directory.
 gpu-check:
-	scripts/gpu-check.sh
+	internal/gpucheck/gpu-check.sh
 
 clean:
 	rm -rf build

@@ -53,7 +53,7 @@ func TestGPUCheckScriptWithoutAGPUExits2AtOnce(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			tmp := t.TempDir()
 			var stdout, stderr bytes.Buffer
-			cmd := exec.Command("sh", "../../scripts/gpu-check.sh")
+			cmd := exec.Command("sh", "gpu-check.sh")
 			cmd.Env = []string{"PATH=" + tc.path, "TMPDIR=" + tmp, "HOME=" + tmp}
 			cmd.Stdout, cmd.Stderr = &stdout, &stderr
 			start := time.Now()

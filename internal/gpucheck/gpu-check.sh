@@ -8,7 +8,7 @@
 # signals. Binaries come from build/ when there (make build), else go build.
 # Exit status: 0 passed, 1 a check failed, 2 no GPU or not root.
 set -eu
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 no_gpu() {
 	echo "gpu-check: no NVIDIA GPU: $1" >&2

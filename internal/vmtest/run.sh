@@ -7,7 +7,7 @@
 # is printed as it finishes, and a summary at the end. Exits non-zero when
 # any check fails or a boot does not finish.
 #
-#   test/vm/run.sh [deb] [rpm]     (both by default; root needed)
+#   internal/vmtest/run.sh [deb] [rpm]     (both by default; root needed)
 #   VM_BOOT_TIMEOUT=420  seconds one qemu run may take
 #   VM_MIRROR=URL        Debian mirror for a new image (default: apt's)
 set -euo pipefail
@@ -64,7 +64,7 @@ fi
 img=$("$here/build-image.sh")
 image_s=$(elapsed "$start_all")
 mkdir -p build/vm
-CGO_ENABLED=0 "$GO" build -o build/vm/router ./test/vm/router
+CGO_ENABLED=0 "$GO" build -o build/vm/router ./internal/vmtest/router
 
 # One line of the guest's report, for the terminal.
 show() {
