@@ -16,7 +16,7 @@ all: build
 build:
 	$(GO) build -ldflags "-X github.com/llorch/pool-managerd/internal/metrics.Version=$(VERSION)" -o build/ ./cmd/...
 
-MANPAGES := build/man/pool-managerd.8.gz build/man/pool-managerd.conf.5.gz build/man/pool-managerd.pool.5.gz
+MANPAGES := build/man/poolctl.1.gz build/man/pool-managerd.8.gz build/man/pool-managerd.conf.5.gz build/man/pool-managerd.pool.5.gz
 man: $(MANPAGES)
 build/man/%.gz: packaging/man/%.md
 	@mkdir -p build/man

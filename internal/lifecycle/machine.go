@@ -223,7 +223,9 @@ func (m *Machine) operation() string {
 		return "staging"
 	case m.drain != nil && m.drain.reload == nil:
 		return "draining"
-	case m.start != nil && !m.start.launched:
+	case m.start != nil && !m.start.launched && !m.start.candidate:
+		// A reload's new engine was staged by the reload: its start's
+		// own staging is a few stats.
 		return "staging"
 	case m.state == Warming:
 		return "warming"

@@ -42,6 +42,8 @@ type rollbackWait struct {
 // and the old model comes back. The same model as running is a success
 // that restarts nothing.
 func (m *Machine) reloadRequested(e ReloadRequested) {
+	// Its model's hash is over (it came with the request).
+	m.hashing = false
 	busy := func(format string, a ...any) {
 		m.reply(Reply{Req: e.Req, Err: fmt.Errorf("pool %s "+format+": %w", append(append([]any{m.cfg.Pool}, a...), ErrBusy)...)})
 	}

@@ -613,8 +613,9 @@ func (s *Supervisor) stage(a lifecycle.Stage) {
 // hashShowingProgress digests a reload's model (minutes for a big one)
 // while the pool shows the hash's progress.
 func (s *Supervisor) hashShowingProgress(src model.Source, ref string) (string, error) {
-	done := make(chan struct{})
+	done, finished := make(chan struct{}), make(chan struct{})
 	go func() {
+		defer close(finished)
 		t := time.NewTicker(progressEvery)
 		defer t.Stop()
 		for {
@@ -635,7 +636,13 @@ func (s *Supervisor) hashShowingProgress(src model.Source, ref string) (string, 
 	}()
 	digest, err := s.cfg.Stager.Digest(src)
 	close(done)
-	s.post(func() { s.step(lifecycle.Hashing{Done: true}) })
+	// No progress of this hash may come after the reload's request.
+	<-finished
+	if err != nil {
+		// Else the reload's request says the hash is over: no gap
+		// between the two.
+		s.post(func() { s.step(lifecycle.Hashing{Done: true}) })
+	}
 	return digest, err
 }
 

@@ -1,0 +1,191 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/godbus/dbus/v5"
+	"golang.org/x/sys/unix"
+)
+
+// method is a command that calls a Manager method on one pool and prints
+// nothing on success, as systemctl start does.
+func method(name string) func(*cli, []string) error {
+	return func(c *cli, args []string) error {
+		return c.callManager(changeTimeout, name, args[0]).Err
+	}
+}
+
+func (c *cli) drain(args []string) error {
+	id := args[0]
+	return c.follow("drain", id, func(ctx context.Context, obj dbus.BusObject) (string, error) {
+		var outcome string
+		err := obj.CallWithContext(ctx, managerIface+".Drain", 0, id, uint64(c.deadline.Milliseconds())).Store(&outcome)
+		return outcome, err
+	})
+}
+
+func (c *cli) reload(args []string) error {
+	id, ref := args[0], args[1]
+	return c.follow("reload", id, func(ctx context.Context, obj dbus.BusObject) (string, error) {
+		var model string
+		err := obj.CallWithContext(ctx, managerIface+".Reload", 0, id, ref, uint64(c.deadline.Milliseconds())).Store(&model)
+		if err != nil {
+			return "", err
+		}
+		return "reloaded " + model, nil
+	})
+}
+
+// follow runs a long call (drain, reload) while showing the pool's
+// Operation and Progress: one line rewritten in place on a terminal, a
+// line per step otherwise; then a line with the outcome and how long it
+// took.
+func (c *cli) follow(verb, id string, call func(context.Context, dbus.BusObject) (string, error)) error {
+	conn, err := c.bus()
+	if err != nil {
+		return err
+	}
+	sigs, own, err := c.watch(poolPath(id))
+	if err != nil {
+		return err
+	}
+	// The daemon answers when it is done: past the deadline it still
+	// stops one engine and starts another.
+	ctx, cancel := context.WithTimeout(context.Background(), c.deadline+changeTimeout)
+	defer cancel()
+	type result struct {
+		outcome string
+		err     error
+	}
+	done := make(chan result, 1)
+	begin := time.Now()
+	obj := conn.Object(busName, managerPath)
+	go func() {
+		o, err := call(ctx, obj)
+		done <- result{o, err}
+	}()
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(stop)
+	var tick <-chan time.Time
+	if c.tty {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		tick = t.C
+	}
+
+	p := progressLine{verb: verb, pool: id, progress: -1}
+	draw := func() {
+		if c.tty {
+			fmt.Fprint(c.stdout, "\r\x1b[K"+fit(p.String(time.Since(begin)), c.width()))
+		}
+	}
+	clear := func() {
+		if c.tty {
+			fmt.Fprint(c.stdout, "\r\x1b[K")
+		}
+	}
+	draw()
+	for {
+		select {
+		case r := <-done:
+			clear()
+			took := time.Since(begin).Round(100 * time.Millisecond)
+			if r.err != nil {
+				fmt.Fprintf(c.stdout, "%s %s: failed after %s\n", verb, id, took)
+				return r.err
+			}
+			fmt.Fprintf(c.stdout, "%s %s: %s in %s\n", verb, id, r.outcome, took)
+			return nil
+		case s := <-sigs:
+			ch, ok := classify(s, own).(change)
+			if !ok || ch.Pool != id {
+				continue
+			}
+			stepped := p.apply(ch.Changed)
+			if c.tty {
+				draw()
+			} else if stepped && p.op != "" {
+				fmt.Fprintf(c.stdout, "%s %s: %s\n", verb, id, p.op)
+			}
+		case <-tick:
+			draw()
+		case <-stop:
+			clear()
+			fmt.Fprintf(c.stderr, "poolctl: interrupted: the %s of %s goes on in pool-managerd (poolctl status %s)\n", verb, id, id)
+			return errInterrupted
+		}
+	}
+}
+
+// progressLine is what a long call shows.
+type progressLine struct {
+	verb, pool, op string
+	progress       float64
+}
+
+// apply takes a change in; it reports whether the step changed.
+func (p *progressLine) apply(changed map[string]dbus.Variant) bool {
+	stepped := false
+	if v, ok := changed["Operation"]; ok {
+		op, _ := v.Value().(string)
+		stepped = op != p.op
+		p.op = op
+		if stepped {
+			p.progress = -1
+		}
+	}
+	if v, ok := changed["Progress"]; ok {
+		if f, ok := v.Value().(float64); ok {
+			p.progress = f
+		}
+	}
+	return stepped
+}
+
+func (p progressLine) String(elapsed time.Duration) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s %s: ", p.verb, p.pool)
+	if p.op == "" {
+		b.WriteString("waiting")
+	} else {
+		b.WriteString(p.op)
+	}
+	if p.op != "" && p.progress >= 0 && p.progress <= 1 {
+		b.WriteString(" " + percent(p.progress))
+	}
+	fmt.Fprintf(&b, " (%s)", span(elapsed.Truncate(time.Second)))
+	return b.String()
+}
+
+// width is the terminal's width, 0 when not known.
+func (c *cli) width() int {
+	f, ok := c.stdout.(*os.File)
+	if !ok {
+		return 0
+	}
+	ws, err := unix.IoctlGetWinsize(int(f.Fd()), unix.TIOCGWINSZ)
+	if err != nil {
+		return 0
+	}
+	return int(ws.Col)
+}
+
+// fit cuts s to the terminal's width, so that a carriage return still
+// goes back to its start.
+func fit(s string, width int) string {
+	if width <= 1 {
+		return s
+	}
+	r := []rune(s)
+	if len(r) < width {
+		return s
+	}
+	return string(r[:width-1])
+}

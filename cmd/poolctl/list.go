@@ -1,0 +1,169 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/unit"
+	"github.com/godbus/dbus/v5"
+
+	"github.com/llorch/pool-managerd/internal/journal"
+)
+
+// all reads every pool's properties, in ListPools' order.
+func (c *cli) all() ([]poolRef, []map[string]dbus.Variant, error) {
+	refs, err := c.listPools()
+	if err != nil {
+		return nil, nil, err
+	}
+	conn, _ := c.bus()
+	var out []map[string]dbus.Variant
+	var kept []poolRef
+	for _, r := range refs {
+		var m map[string]dbus.Variant
+		err := conn.Object(busName, r.Path).Call("org.freedesktop.DBus.Properties.GetAll", 0, poolIface).Store(&m)
+		if err != nil {
+			// A pool removed since ListPools answered is no longer listed.
+			var de dbus.Error
+			if errors.As(err, &de) && strings.HasPrefix(de.Name, "org.freedesktop.DBus.Error.Unknown") {
+				continue
+			}
+			return nil, nil, fmt.Errorf("pool %s: %w", r.ID, err)
+		}
+		kept = append(kept, r)
+		out = append(out, m)
+	}
+	return kept, out, nil
+}
+
+func (c *cli) list(_ []string) error {
+	refs, pools, err := c.all()
+	if err != nil {
+		return err
+	}
+	if c.json {
+		objs := make([]json.RawMessage, 0, len(pools))
+		for _, m := range pools {
+			objs = append(objs, jsonObject(m))
+		}
+		b, err := json.MarshalIndent(objs, "", "  ")
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(c.stdout, "%s\n", b)
+		return err
+	}
+	now := time.Now()
+	rows := [][]string{{"POOL", "STATE", "READY", "LEASES", "MODEL", "GPUS", "CRASHES", "RESTARTS", "BREAKER", "UPTIME"}}
+	for i, m := range pools {
+		slots := "-"
+		if n := value[uint32](m, "Slots"); n > 0 {
+			slots = strconv.FormatUint(uint64(n), 10)
+		}
+		id := value[string](m, "Id")
+		if id == "" {
+			id = refs[i].ID
+		}
+		rows = append(rows, []string{
+			id, value[string](m, "State"), yesNo(value[bool](m, "Ready")),
+			fmt.Sprintf("%d/%s", value[uint32](m, "ActiveLeases"), slots),
+			dash(value[string](m, "Model")), dash(value[string](m, "DeviceMask")),
+			strconv.FormatUint(uint64(value[uint32](m, "CrashCount")), 10),
+			strconv.FormatUint(uint64(value[uint32](m, "RestartCount")), 10),
+			dash(value[string](m, "BreakerState")), uptime(m, now),
+		})
+	}
+	var paint func(int, int, string) string
+	if c.colour() {
+		paint = func(row, col int, cell string) string {
+			if row > 0 && col == 1 {
+				if code := stateColour(cell); code != "" {
+					return code + cell + reset
+				}
+			}
+			return cell
+		}
+	}
+	table(c.stdout, rows, paint)
+	plural := "s"
+	if len(pools) == 1 {
+		plural = ""
+	}
+	_, err = fmt.Fprintf(c.stdout, "\n%d pool%s listed.\n", len(pools), plural)
+	return err
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func (c *cli) status(args []string) error {
+	id := args[0]
+	m, err := c.props(id)
+	if err != nil {
+		return err
+	}
+	if c.json {
+		_, err := fmt.Fprintf(c.stdout, "%s\n", jsonObject(m))
+		return err
+	}
+	state := value[string](m, "State")
+	dot := "●"
+	if c.colour() {
+		if code := stateColour(state); code != "" {
+			dot = code + dot + reset
+		}
+	}
+	fmt.Fprintf(c.stdout, "%s %s - %s\n", dot, id, state)
+	now := time.Now()
+	names := ordered(m)
+	width := len("Uptime")
+	for _, n := range names {
+		width = max(width, len(n))
+	}
+	for _, n := range names {
+		v := human(n, m[n], now)
+		if n == "Progress" && value[string](m, "Operation") == "" {
+			v = "-" // of no operation
+		}
+		fmt.Fprintf(c.stdout, "%*s: %s\n", width, n, v)
+	}
+	fmt.Fprintf(c.stdout, "%*s: %s\n", width, "Uptime", uptime(m, now))
+
+	scope := value[string](m, "Unit")
+	if scope == "" {
+		scope = "pool-engine-" + unit.UnitNameEscape(id) + ".scope"
+	}
+	c.journal("pool-managerd about "+id, "-o", "cat", journal.PoolID+"="+id)
+	c.journal(scope, "-u", scope)
+	return nil
+}
+
+// journal prints the last lines journalctl has for the match; a journal
+// it cannot read is said, not a failure of status.
+func (c *cli) journal(title string, match ...string) {
+	fmt.Fprintf(c.stdout, "\nJournal of %s:\n", title)
+	cmd := exec.Command("journalctl", append(match, "-n", "10", "--no-pager")...)
+	cmd.Env = append(os.Environ(), "SYSTEMD_COLORS=0", "SYSTEMD_PAGER=")
+	out, err := cmd.CombinedOutput()
+	text := strings.TrimRight(string(out), "\n")
+	switch {
+	case err != nil && text == "":
+		fmt.Fprintf(c.stdout, "  (journalctl: %v)\n", err)
+	case text == "":
+		fmt.Fprintln(c.stdout, "  (no entries)")
+	default:
+		for _, line := range strings.Split(text, "\n") {
+			fmt.Fprintln(c.stdout, "  "+line)
+		}
+	}
+}
