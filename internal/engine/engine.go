@@ -6,6 +6,7 @@ package engine
 
 import (
 	"context"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -91,8 +92,13 @@ type Engine struct {
 	ShimPID int
 	Started time.Time
 	// Note is Spec.Note of the start.
-	Note   []byte
-	events chan Event
+	Note []byte
+	// Invocation is the scope's InvocationID (hex) as systemd gave it
+	// when the engine started or was adopted ("" if it could not be
+	// read): systemd's word on a scope of the same name from another
+	// start is not about this engine.
+	Invocation string
+	events     chan Event
 	// shimEnded waits a moment for the shim the daemon started to be
 	// reaped and says how it ended (nil for an adopted engine).
 	shimEnded func(wait time.Duration) (syscall.WaitStatus, bool)
@@ -305,7 +311,8 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 		r.stopUnit(context.WithoutCancel(ctx), name)
 		return nil, fmt.Errorf("starting engine of pool %s: %w", s.Pool, err)
 	}
-	e := &Engine{Unit: name, PID: first.PID, ShimPID: cmd.Process.Pid, Started: time.Now(), Note: first.Note, events: make(chan Event, 4)}
+	e := &Engine{Unit: name, PID: first.PID, ShimPID: cmd.Process.Pid, Started: time.Now(), Note: first.Note, events: make(chan Event, 4),
+		Invocation: r.invocation(ctx, name)}
 	e.shimEnded = func(wait time.Duration) (syscall.WaitStatus, bool) {
 		select {
 		case <-reaped:
@@ -386,7 +393,8 @@ func (r *Runtime) Attach(ctx context.Context, pool, socket string) (*Engine, err
 		return nil, fmt.Errorf("engine of pool %s: shim did not say it runs: %w", pool, err)
 	}
 	c.SetReadDeadline(time.Time{})
-	e := &Engine{Unit: UnitName(pool), PID: first.PID, Note: first.Note, events: make(chan Event, 4)}
+	e := &Engine{Unit: UnitName(pool), PID: first.PID, Note: first.Note, events: make(chan Event, 4),
+		Invocation: r.invocation(ctx, UnitName(pool))}
 	if p, err := os.Stat(fmt.Sprintf("/proc/%d", first.PID)); err == nil {
 		e.Started = p.ModTime()
 	}
@@ -490,4 +498,14 @@ func (r *Runtime) ScopeProperty(ctx context.Context, pool, name string) (any, er
 		return nil, err
 	}
 	return p.Value.Value(), nil
+}
+
+// invocation reads a unit's InvocationID ("" if it cannot).
+func (r *Runtime) invocation(ctx context.Context, unit string) string {
+	p, err := r.conn.GetUnitPropertyContext(ctx, unit, "InvocationID")
+	if err != nil {
+		return ""
+	}
+	id, _ := p.Value.Value().([]byte)
+	return hex.EncodeToString(id)
 }

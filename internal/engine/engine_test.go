@@ -196,6 +196,12 @@ func TestScopeOOMPolicyIsStopUnlessThePoolSetsIt(t *testing.T) {
 		out, err := exec.Command("systemctl", "show", "-P", "OOMPolicy", e.Unit).Output()
 		require.NoError(t, err)
 		assert.Equal(t, tc.want, strings.TrimSpace(string(out)), tc.pool)
+		// The engine knows its scope's invocation: systemd's word on an
+		// earlier scope of the same name is told apart by it.
+		inv, err := exec.Command("systemctl", "show", "-P", "InvocationID", e.Unit).Output()
+		require.NoError(t, err)
+		assert.NotEmpty(t, e.Invocation)
+		assert.Equal(t, strings.TrimSpace(string(inv)), e.Invocation)
 		require.NoError(t, rt.Stop(ctx, tc.pool))
 	}
 }

@@ -65,6 +65,8 @@ type (
 		Starting bool
 		// StartBy, when set, is when it must be healthy.
 		StartBy time.Time
+		// Invocation is its scope's InvocationID ("" if not known).
+		Invocation string
 	}
 )
 
@@ -91,6 +93,8 @@ type (
 	EngineStarted struct {
 		Run RunID
 		PID int
+		// Invocation is its scope's InvocationID ("" if not known).
+		Invocation string
 	}
 	// StartFailed: the engine of Run could not be started.
 	StartFailed struct {

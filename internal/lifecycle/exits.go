@@ -87,9 +87,8 @@ func mayBeStopped(x Exit) bool {
 func (m *Machine) unitChanged(ev witness.Event) {
 	r := m.run
 	if ev.Kind == witness.Started {
-		if r != nil && r.invocation == "" {
-			r.invocation = ev.Invocation
-		}
+		// The engine's invocation comes with its start, from systemd
+		// itself: a Started seen here may be an earlier scope's.
 		return
 	}
 	about := func(r *run) bool { return r.invocation == "" || ev.Invocation == "" || r.invocation == ev.Invocation }

@@ -115,11 +115,12 @@ func TestEveryExitIsClassifiedOnceWhicheverWitnessSpeaksFirst(t *testing.T) {
 }
 
 // A scope keeps its name across starts: a late word on the scope of an
-// engine that is gone does not end the one running now.
+// engine that is gone does not end the one running now, even when that
+// scope's Started comes after the new engine's start.
 func TestALateWordOnAnEarlierScopeIsNotAboutTheEngineRunningNow(t *testing.T) {
 	p := newPool(t, nil)
 	run := p.ready()
-	p.step(unit(witness.Started, witness.NoCause))
+	p.step(UnitChanged{Event: witness.Event{Kind: witness.Started, Invocation: "inv-before"}})
 	for _, c := range []witness.Cause{witness.OurStop, witness.Emptied, witness.Vanished, witness.OperatorStop} {
 		p.step(UnitChanged{Event: witness.Event{Kind: witness.Dead, Cause: c, Invocation: "inv-before"}})
 		p.step(UnitChanged{Event: witness.Event{Kind: witness.Removed, Cause: c, Invocation: "inv-before"}})

@@ -131,7 +131,7 @@ func (p *pool) launchStaged(st model.Staged, pid int) RunID {
 	p.step(ModelStaged{Run: stage.Run, Staged: st})
 	launch, ok := find[Launch](p.last)
 	require.True(p.t, ok, "a Launch follows the staging: %v", p.last)
-	p.step(EngineStarted{Run: launch.Run, PID: pid})
+	p.step(EngineStarted{Run: launch.Run, PID: pid, Invocation: "inv-now"})
 	_, ok = find[Watch](p.last)
 	require.True(p.t, ok, "the new engine is watched")
 	return launch.Run

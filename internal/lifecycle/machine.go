@@ -542,7 +542,7 @@ func (m *Machine) engineStarted(e EngineStarted) {
 		return
 	}
 	m.start = nil
-	m.run = &run{id: e.Run, pid: e.PID, started: m.now, staged: op.staged, candidate: op.candidate}
+	m.run = &run{id: e.Run, pid: e.PID, started: m.now, staged: op.staged, candidate: op.candidate, invocation: e.Invocation}
 	m.live, m.pid, m.starts = true, e.PID, m.starts+1
 	m.digest, m.path = op.staged.Digest, op.staged.Path
 	m.do(Watch{Run: e.Run})

@@ -234,7 +234,7 @@ func (m *Machine) adopted(e Adopted) {
 		return
 	}
 	m.current = e.Staged
-	m.run = &run{id: e.Run, pid: e.PID, started: e.Started, staged: e.Staged}
+	m.run = &run{id: e.Run, pid: e.PID, started: e.Started, staged: e.Staged, invocation: e.Invocation}
 	kept := 0
 	for id, owner := range e.Leases {
 		m.leases[id] = owner

@@ -120,7 +120,8 @@ func (s *Supervisor) Adopt(ctx context.Context, keep func(owner string) bool) (b
 		r = &run{id: s.m.NewRun(), e: e, ctx: ctx, cancel: cancel, started: rec.StartedAt, staged: staged, exited: make(chan struct{})}
 		s.adoptHandle(r)
 		return lifecycle.Adopted{Req: id, Run: r.id, PID: e.PID, Started: rec.StartedAt, Staged: staged,
-			EngineVersion: rec.EngineVersion, Leases: kept, RecordHeld: len(rec.Leases), Starting: !found, StartBy: startBy}
+			EngineVersion: rec.EngineVersion, Leases: kept, RecordHeld: len(rec.Leases), Starting: !found, StartBy: startBy,
+			Invocation: e.Invocation}
 	})
 	err = rep.Err
 	if err != nil {

@@ -713,7 +713,7 @@ func (s *Supervisor) launch(a lifecycle.Launch) {
 	s.log.Info("engine process started", journal.PoolID, s.cfg.Pool, journal.StartUsec, time.Since(t0).Microseconds(), journal.Unit, e.Unit)
 	r := &run{id: a.Run, e: e, ctx: ctx, cancel: cancel, started: time.Now(), staged: st, exited: make(chan struct{})}
 	s.adoptHandle(r)
-	s.step(lifecycle.EngineStarted{Run: a.Run, PID: e.PID})
+	s.step(lifecycle.EngineStarted{Run: a.Run, PID: e.PID, Invocation: e.Invocation})
 }
 
 // leftoverWait bounds how long a leftover of the pool's own scope may take
