@@ -492,19 +492,25 @@ func (d *daemonState) poolGPUs() []string {
 	return uuids
 }
 
-// routeXID gives an XID event to the pool that owns the GPU now.
-func (d *daemonState) routeXID(uuid string, xid uint64) {
-	var owners []*pool
-	d.mu.Lock()
+// poolsOn returns the pools on GPU uuid; d.mu is held.
+func (d *daemonState) poolsOn(uuid string) []*pool {
+	var out []*pool
 	for _, p := range d.pools {
 		gpus, _ := d.inv.Resolve(p.cfg.Devices)
 		for _, g := range gpus {
 			if strings.EqualFold(g.UUID, uuid) {
-				owners = append(owners, p)
+				out = append(out, p)
 				break
 			}
 		}
 	}
+	return out
+}
+
+// routeXID gives an XID event to the pool that owns the GPU now.
+func (d *daemonState) routeXID(uuid string, xid uint64) {
+	d.mu.Lock()
+	owners := d.poolsOn(uuid)
 	d.mu.Unlock()
 	if len(owners) == 0 {
 		d.log.Warn("GPU XID event on a GPU no pool uses", journal.XID, xid, journal.GPU, uuid, journal.Error, gpu.ClassifyXID(xid).Meaning)
@@ -537,12 +543,9 @@ func (d *daemonState) resetGPU(uuid string, command []string) {
 	for {
 		running := ""
 		d.mu.Lock()
-		for id, p := range d.pools {
-			gpus, _ := d.inv.Resolve(p.cfg.Devices)
-			for _, g := range gpus {
-				if strings.EqualFold(g.UUID, uuid) && p.sup.Snapshot().Live {
-					running = id
-				}
+		for _, p := range d.poolsOn(uuid) {
+			if p.sup.Snapshot().Live {
+				running = p.cfg.ID
 			}
 		}
 		d.mu.Unlock()
@@ -623,16 +626,7 @@ func (d *daemonState) gpuUnhealthy(uuid string, info gpu.XIDInfo, why string) {
 			}
 			d.mu.Lock()
 			delete(d.unhealthy, uuid)
-			var pools []*pool
-			for _, p := range d.pools {
-				gpus, _ := d.inv.Resolve(p.cfg.Devices)
-				for _, g := range gpus {
-					if strings.EqualFold(g.UUID, uuid) {
-						pools = append(pools, p)
-						break
-					}
-				}
-			}
+			pools := d.poolsOn(uuid)
 			d.mu.Unlock()
 			d.metrics.GPUUnhealthy.DeletePartialMatch(prometheus.Labels{"gpu_uuid": uuid})
 			d.metrics.Touch()

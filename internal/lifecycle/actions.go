@@ -71,8 +71,6 @@ type (
 		Same bool
 		// Reason is a failed reload's metric label.
 		Reason string
-		// Staged is what a reload now serves.
-		Staged model.Staged
 	}
 	// Publish makes View the pool's published state.
 	Publish struct{ View View }

@@ -143,7 +143,7 @@ func (m *Machine) leaseRequested(e LeaseRequested) {
 	switch {
 	case m.drain != nil:
 		err = fmt.Errorf("pool %s is draining: %w", m.cfg.Pool, ErrDraining)
-	case !m.View(m.now).Ready:
+	case !m.ready():
 		err = fmt.Errorf("pool %s is %s: %w", m.cfg.Pool, m.state, ErrNotReady)
 	case m.cfg.Slots > 0 && uint32(len(m.leases)) >= m.cfg.Slots:
 		err = fmt.Errorf("pool %s has all %d slots leased: %w", m.cfg.Pool, m.cfg.Slots, ErrNoCapacity)

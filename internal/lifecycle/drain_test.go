@@ -83,7 +83,7 @@ func TestDrainOutcomes(t *testing.T) {
 			v = p.m.View(p.now)
 			assert.False(t, v.Live || v.Ready || v.Draining)
 			assert.Zero(t, v.ActiveLeases)
-			assert.Zero(t, v.CrashCount, "a drain's stop is no crash")
+			assert.Zero(t, v.Policy.CrashCount, "a drain's stop is no crash")
 			_, restart := p.timers[TimerRestart]
 			assert.False(t, restart, "a drained pool is not restarted")
 		})
@@ -135,7 +135,7 @@ func TestCrashDuringADrainIsCountedNotRestarted(t *testing.T) {
 	assert.Equal(t, Forced, rep.Drain.Outcome, "its lease went with the engine")
 	assert.Equal(t, 1, rep.Drain.Revoked)
 	v := p.m.View(p.now)
-	assert.Equal(t, uint64(1), v.CrashCount)
+	assert.Equal(t, uint64(1), v.Policy.CrashCount)
 	assert.Equal(t, Stopped, v.State)
 	assert.NotContains(t, p.timers, TimerRestart)
 }

@@ -256,7 +256,7 @@ func (m *Machine) timerFired(e TimerFired) {
 		m.holdExpired()
 	case TimerRetry:
 		if !m.busy() && m.gpuWhy() == "" && m.drain == nil {
-			m.startEngine(false, m.retry)
+			m.startEngine(false, 0)
 		}
 	default:
 		panic(fmt.Sprintf("lifecycle: unknown timer %d", e.Timer))

@@ -97,12 +97,12 @@ func TestEveryExitIsClassifiedOnceWhicheverWitnessSpeaksFirst(t *testing.T) {
 			assert.Contains(t, v.LastError, tc.lastErr)
 			entries := crashEntries(acts)
 			if !tc.crashed {
-				assert.Zero(t, v.CrashCount, "no crash counted")
+				assert.Zero(t, v.Policy.CrashCount, "no crash counted")
 				assert.Empty(t, entries)
 				assert.NotContains(t, p.timers, TimerRestart, "not restarted")
 				return
 			}
-			assert.Equal(t, uint64(1), v.CrashCount, "counted exactly once")
+			assert.Equal(t, uint64(1), v.Policy.CrashCount, "counted exactly once")
 			require.Len(t, entries, 1, "one crash entry")
 			e := entries[0]
 			assert.Equal(t, tc.reason, e.Reason)
@@ -248,7 +248,7 @@ func TestARestartThatCannotStartIsACrash(t *testing.T) {
 	launch, _ := find[Launch](p.last)
 	p.step(StartFailed{Run: launch.Run, Err: assert.AnError})
 	v := p.m.View(p.now)
-	assert.Equal(t, uint64(2), v.CrashCount)
+	assert.Equal(t, uint64(2), v.Policy.CrashCount)
 	assert.Equal(t, crash.StartFailure, v.LastReason)
 	assert.Equal(t, Backoff, v.State)
 }

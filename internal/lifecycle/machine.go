@@ -38,6 +38,8 @@ type Config struct {
 	// Stall: requests in flight with no token for this long is a stall
 	// (0: not watched).
 	Stall time.Duration
+	// GPURetry overrides the package's GPURetry (0: keep it).
+	GPURetry time.Duration
 }
 
 // View is the part of the pool's published state the machine owns.
@@ -61,8 +63,7 @@ type View struct {
 	Held               string
 	Operation          string
 	// Progress is how far Operation has come: 0..1, -1 when unknown.
-	Progress             float64
-	CrashCount, Restarts uint64
+	Progress float64
 }
 
 // run is one engine process's life as the machine sees it.
@@ -94,18 +95,11 @@ type run struct {
 type startOp struct {
 	run       RunID
 	candidate bool
-	// req is the Start request it answers (0: a restart).
-	req RequestOrigin
+	// req is the Start request it answers (0: none, a restart).
+	req ReqID
 	// launched: its model is staged and Launch is out.
 	launched bool
 	staged   model.Staged
-}
-
-// RequestOrigin says who asked for a start.
-type RequestOrigin struct {
-	Req ReqID
-	// Restart: the policy's restart; Rollback: a reload's rollback.
-	Restart, Rollback bool
 }
 
 // pendingExit is an exit waiting for systemd's word on it.
@@ -139,8 +133,6 @@ type Machine struct {
 	rollback  *rollbackWait
 	// gpuHeld: GPUs that need a reset, with why.
 	gpuHeld map[string]string
-	// retry is a start waiting for its GPUs to be free (TimerRetry).
-	retry RequestOrigin
 	// stageFrac is how far the model being staged is hashed (-1: not
 	// known).
 	stageFrac float64
@@ -202,14 +194,19 @@ func (m *Machine) RecordWritable() (RunID, string, bool) {
 func (m *Machine) View(now time.Time) View {
 	st := m.tr.Status(now)
 	v := View{
-		State: m.state, Live: m.live, Ready: m.state == Ready && m.run != nil && m.run.healthy && m.run.stopping == NotStopping,
+		State: m.state, Live: m.live, Ready: m.ready(),
 		Draining: m.drain != nil, ActiveLeases: uint32(len(m.leases)), LastError: m.lastErr, LastReason: m.reason,
 		NextRestart: m.next, MainPID: m.pid, Model: m.model, ModelDigest: m.digest, StagedPath: m.path,
 		EngineVersion: m.version, HealthFailures: slices.Clone(m.healthFailures), LastHeartbeat: m.heartbeat,
 		ReadyAt: m.readyAt, Starts: m.starts, Policy: st, Held: m.held, Operation: m.operation(), Progress: m.progressOf(),
-		CrashCount: st.CrashCount, Restarts: st.RestartCount,
 	}
 	return v
+}
+
+// ready says whether the pool takes leases: Ready, on a healthy engine
+// nobody is stopping.
+func (m *Machine) ready() bool {
+	return m.state == Ready && m.run != nil && m.run.healthy && m.run.stopping == NotStopping
 }
 
 // operation names the long operation under way (DESIGN's Operation).
@@ -350,11 +347,12 @@ func (m *Machine) publish() {
 
 func viewEqual(a, b View) bool {
 	if !slices.Equal(a.HealthFailures, b.HealthFailures) || a.Policy.Breaker != b.Policy.Breaker ||
-		a.Policy.Streak != b.Policy.Streak || a.Policy.RestartRate != b.Policy.RestartRate {
+		a.Policy.Streak != b.Policy.Streak || a.Policy.RestartRate != b.Policy.RestartRate ||
+		a.Policy.CrashCount != b.Policy.CrashCount || a.Policy.RestartCount != b.Policy.RestartCount {
 		return false
 	}
-	// The rest of the policy's status is compared through the counts
-	// copied out of it.
+	// Each class's breaker is not published; its gauge follows the
+	// Journal action.
 	a.HealthFailures, b.HealthFailures = nil, nil
 	a.Policy, b.Policy = policy.Status{}, policy.Status{}
 	return reflect.DeepEqual(a, b)
@@ -440,7 +438,7 @@ func (m *Machine) startRequested(e StartRequested) {
 	}
 	m.cancelRestart()
 	m.disarm(TimerRetry)
-	m.startEngine(false, RequestOrigin{Req: e.Req})
+	m.startEngine(false, e.Req)
 }
 
 // mayStart asks the policy whether an engine may start on request now; a
@@ -484,11 +482,11 @@ func (m *Machine) stageRef() (ref, want string) {
 
 // startEngine starts an engine: its model is staged before every start
 // (cheap when unchanged), then it is launched.
-func (m *Machine) startEngine(candidate bool, origin RequestOrigin) {
+func (m *Machine) startEngine(candidate bool, req ReqID) {
 	m.state, m.next, m.healthFailures = Starting, time.Time{}, nil
 	m.stageFrac = -1
 	m.runs++
-	m.start = &startOp{run: m.runs, candidate: candidate, req: origin}
+	m.start = &startOp{run: m.runs, candidate: candidate, req: req}
 	ref, want := m.stageRef()
 	m.do(Stage{Run: m.runs, Ref: ref, Want: want})
 }
@@ -524,10 +522,13 @@ func (m *Machine) startFailed(e StartFailed) {
 		// Another process holds the GPUs: no crash of ours; the start
 		// looks again later, and the operator (told now, if they asked)
 		// sees who holds them.
-		m.next = m.now.Add(GPURetry)
+		retry := GPURetry
+		if m.cfg.GPURetry > 0 {
+			retry = m.cfg.GPURetry
+		}
+		m.next = m.now.Add(retry)
 		m.arm(TimerRetry, m.next)
-		m.retry = RequestOrigin{Restart: op.req.Restart, Rollback: op.req.Rollback}
-		m.reply(Reply{Req: op.req.Req, Err: e.Err})
+		m.reply(Reply{Req: op.req, Err: e.Err})
 		return
 	}
 	m.startDone(op, e.Err)
@@ -556,8 +557,8 @@ func (m *Machine) startDone(op *startOp, err error) {
 		if err != nil {
 			m.candidateFailed("start", "the new engine did not start: "+err.Error())
 		}
-	case op.req.Req != 0:
-		m.reply(Reply{Req: op.req.Req, Err: err})
+	case op.req != 0:
+		m.reply(Reply{Req: op.req, Err: err})
 	case err != nil && !errors.Is(err, ErrBusy):
 		// A restart (or rollback) that could not start an engine is a
 		// crash like any other.
@@ -601,7 +602,7 @@ func (m *Machine) restartDue() {
 	case err != nil:
 		return
 	}
-	m.startEngine(false, RequestOrigin{Restart: true})
+	m.startEngine(false, 0)
 }
 
 // gpuWhy says why the pool's GPUs hold it ("" if they do not).

@@ -59,7 +59,7 @@ func (m *Machine) reloadRequested(e ReloadRequested) {
 		return
 	case m.run != nil && m.run.healthy && m.current.Digest == e.Digest:
 		m.log(slog.LevelInfo, "reload: the model is already running, nothing restarted", journal.Model, e.Ref)
-		m.reply(Reply{Req: e.Req, Same: true, Staged: m.current})
+		m.reply(Reply{Req: e.Req, Same: true})
 		return
 	case m.run == nil:
 		// The new engine is a start like any other: no way around the
@@ -131,7 +131,7 @@ func (m *Machine) reloadOldGone() {
 
 func (m *Machine) startCandidate() {
 	m.current = *m.reload.staged
-	m.startEngine(true, RequestOrigin{})
+	m.startEngine(true, 0)
 }
 
 // reloadAborted ends a reload that changed nothing: the pool goes on as it
@@ -160,7 +160,7 @@ func (m *Machine) candidateHealthy(r *run) {
 	m.do(WriteRecord{Run: r.id, Model: op.ref})
 	m.do(Log{Level: slog.LevelInfo, Msg: "reload done: now serving " + op.ref, Engine: true,
 		Attrs: []any{journal.MessageIDField, string(journal.MsgReloadDone), journal.ModelDigest, r.staged.Digest}})
-	m.reply(Reply{Req: op.req, Staged: r.staged})
+	m.reply(Reply{Req: op.req})
 }
 
 func (m *Machine) candidateExited(r *run, x Exit) {
@@ -207,7 +207,7 @@ func (m *Machine) rollbackStart() {
 		m.rollbackSettled()
 		return
 	}
-	m.startEngine(false, RequestOrigin{Rollback: true})
+	m.startEngine(false, 0)
 }
 
 // rollbackSettled answers a rolled-back reload once the old model serves

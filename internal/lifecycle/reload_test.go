@@ -56,7 +56,7 @@ func TestReloadSwapsTheEngine(t *testing.T) {
 	require.True(t, ok)
 	assert.Equal(t, old, stop.Run)
 	p.exit(old, killedBy(15))
-	assert.Zero(t, p.m.View(p.now).CrashCount, "the old engine's stop is no crash")
+	assert.Zero(t, p.m.View(p.now).Policy.CrashCount, "the old engine's stop is no crash")
 
 	cand := p.launchStaged(staged("new.gguf", "sha256:b"), 200)
 	launch, _ := find[Launch](p.last)
@@ -161,7 +161,7 @@ func TestReloadRollsBack(t *testing.T) {
 			v := p.m.View(p.now)
 			assert.Equal(t, Ready, v.State)
 			assert.Equal(t, "m.gguf", v.Model)
-			assert.Zero(t, v.CrashCount, "a failed candidate is the reload's failure, not a crash")
+			assert.Zero(t, v.Policy.CrashCount, "a failed candidate is the reload's failure, not a crash")
 		})
 	}
 }

@@ -25,6 +25,8 @@ type Sim struct {
 	pid      int
 	queue    []Event
 	stepping bool
+	// replied is the error of the last reply.
+	replied error
 }
 
 // NewSim returns a stopped pool at now.
@@ -71,6 +73,8 @@ func (s *Sim) do(acts []Action) {
 			delete(s.timers, a.Timer)
 		case Journal:
 			s.Journal = append(s.Journal, a.Events...)
+		case Reply:
+			s.replied = a.Err
 		case Warmup:
 			s.step(WarmedUp{Run: a.Run})
 		}
@@ -86,23 +90,10 @@ func (s *Sim) Take() []journal.Event {
 
 // Start starts the engine and makes it healthy.
 func (s *Sim) Start() error {
-	var err error
-	acts := s.M.Step(s.Now, StartRequested{Req: 1})
-	for _, a := range acts {
-		if r, ok := a.(Reply); ok {
-			err = r.Err
-		}
-	}
-	s.stepping = true
-	s.do(acts)
-	s.stepping = false
-	for len(s.queue) > 0 {
-		ev := s.queue[0]
-		s.queue = s.queue[1:]
-		s.step(ev)
-	}
-	if err != nil {
-		return err
+	s.replied = nil
+	s.step(StartRequested{Req: 1})
+	if s.replied != nil {
+		return s.replied
 	}
 	return s.healthy()
 }

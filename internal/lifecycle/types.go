@@ -141,8 +141,8 @@ var (
 )
 
 // GPURetry is how long a start that found its GPUs held waits before it
-// looks again.
-var GPURetry = 10 * time.Second
+// looks again, unless Config says otherwise.
+const GPURetry = 10 * time.Second
 
 // Drain outcomes.
 const (

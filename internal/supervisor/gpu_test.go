@@ -18,12 +18,10 @@ import (
 // Another process on the pool's GPU: the start says who holds it and is
 // no crash; once the GPU is free, the pool starts by itself.
 func TestAForeignProcessOnThePoolsGPUHoldsTheStart(t *testing.T) {
-	lifecycle.GPURetry = 500 * time.Millisecond
-	t.Cleanup(func() { lifecycle.GPURetry = 10 * time.Second })
 	holder := sandbox.HoldNode(t, "/dev/nvidia0")
 
 	e := testpool.New(t, nil)
-	p := e.Start(testpool.Spec{ID: "held", Devices: "0", NoStart: true})
+	p := e.Start(testpool.Spec{ID: "held", Devices: "0", NoStart: true, GPURetry: 500 * time.Millisecond})
 	err := p.Start()
 	require.ErrorIs(t, err, lifecycle.ErrGPUBusy)
 	pid := strconv.Itoa(holder.Process.Pid)

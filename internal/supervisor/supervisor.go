@@ -95,8 +95,11 @@ type Config struct {
 	// Records holds the runtime record of a running engine; State the
 	// persisted policy state.
 	Records, State state.Dir
-	// Holders lists the processes on the pool's GPUs (nil: not checked).
-	Holders func() ([]GPUHolder, error)
+	// Holders lists the processes on the pool's GPUs (nil: not checked);
+	// GPURetry is how often a start they hold looks again (0: the
+	// lifecycle's default).
+	Holders  func() ([]GPUHolder, error)
+	GPURetry time.Duration
 }
 
 // GPUHolder is a process with work (or an open device node) on one of the
@@ -265,7 +268,7 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 		Pool: cfg.Pool, Unit: engine.UnitName(cfg.Pool), Model: cfg.Model, ModelDigest: cfg.ModelDigest,
 		EngineVersion: cfg.EngineVersion, DeviceMask: cfg.DeviceMask, Slots: cfg.Slots,
 		FailureThreshold: cfg.Health.FailureThreshold, Witness: rt != nil && rt.Witness != nil, HoldExit: holdExit,
-		Warmup: cfg.Health.Warmup != nil, Stall: cfg.Health.Stall,
+		Warmup: cfg.Health.Warmup != nil, Stall: cfg.Health.Stall, GPURetry: cfg.GPURetry,
 	}, tr, held)
 	s.snap = Snapshot{ID: cfg.Pool, Unit: engine.UnitName(cfg.Pool), DeviceMask: cfg.DeviceMask, Slots: cfg.Slots}
 	s.setView(&s.snap, s.m.View(time.Now()))
@@ -602,10 +605,11 @@ func (s *Supervisor) stage(a lifecycle.Stage) {
 		if stopped != nil {
 			<-stopped
 		}
-		done := make(chan struct{})
-		go s.stageProgress(a, done)
+		stop := s.watchHash(a.Ref, func(frac float64) lifecycle.Event {
+			return lifecycle.StageProgress{Run: a.Run, Fraction: frac}
+		})
 		st, err := s.cfg.Stager.Stage(a.Ref, a.Want)
-		close(done)
+		stop()
 		s.post(func() { s.step(lifecycle.ModelStaged{Run: a.Run, Staged: st, Err: err}) })
 	}()
 }
@@ -613,31 +617,10 @@ func (s *Supervisor) stage(a lifecycle.Stage) {
 // hashShowingProgress digests a reload's model (minutes for a big one)
 // while the pool shows the hash's progress.
 func (s *Supervisor) hashShowingProgress(src model.Source, ref string) (string, error) {
-	done, finished := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(finished)
-		t := time.NewTicker(progressEvery)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-			}
-			if read, size, ok := s.cfg.Stager.Hashing(ref); ok && size > 0 {
-				frac := float64(read) / float64(size)
-				select {
-				case s.events <- func() { s.step(lifecycle.Hashing{Fraction: frac}) }:
-				case <-done:
-					return
-				}
-			}
-		}
-	}()
+	stop := s.watchHash(ref, func(frac float64) lifecycle.Event { return lifecycle.Hashing{Fraction: frac} })
 	digest, err := s.cfg.Stager.Digest(src)
-	close(done)
 	// No progress of this hash may come after the reload's request.
-	<-finished
+	stop()
 	if err != nil {
 		// Else the reload's request says the hash is over: no gap
 		// between the two.
@@ -650,24 +633,33 @@ func (s *Supervisor) hashShowingProgress(src model.Source, ref string) (string, 
 // times a second".
 const progressEvery = 250 * time.Millisecond
 
-// stageProgress tells the machine how far a long hash has come.
-func (s *Supervisor) stageProgress(a lifecycle.Stage, done chan struct{}) {
-	t := time.NewTicker(progressEvery)
-	defer t.Stop()
-	for {
-		select {
-		case <-done:
-			return
-		case <-t.C:
-		}
-		if read, size, ok := s.cfg.Stager.Hashing(a.Ref); ok && size > 0 {
-			frac := float64(read) / float64(size)
+// watchHash tells the machine, as event says, how far the hash of ref has
+// come, until stop returns; nothing is told after.
+func (s *Supervisor) watchHash(ref string, event func(frac float64) lifecycle.Event) (stop func()) {
+	done, finished := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(finished)
+		t := time.NewTicker(progressEvery)
+		defer t.Stop()
+		for {
 			select {
-			case s.events <- func() { s.step(lifecycle.StageProgress{Run: a.Run, Fraction: frac}) }:
 			case <-done:
 				return
+			case <-t.C:
+			}
+			if read, size, ok := s.cfg.Stager.Hashing(ref); ok && size > 0 {
+				ev := event(float64(read) / float64(size))
+				select {
+				case s.events <- func() { s.step(ev) }:
+				case <-done:
+					return
+				}
 			}
 		}
+	}()
+	return func() {
+		close(done)
+		<-finished
 	}
 }
 

@@ -126,8 +126,10 @@ type Spec struct {
 	Extra string
 	// NoStart leaves the pool stopped.
 	NoStart bool
-	// Holders, when set, stands in for the processes on the pool's GPUs.
-	Holders func() ([]supervisor.GPUHolder, error)
+	// Holders, when set, stands in for the processes on the pool's GPUs;
+	// GPURetry, when set, is how often a start they hold looks again.
+	Holders  func() ([]supervisor.GPUHolder, error)
+	GPURetry time.Duration
 	// Port is the engine's port (0: a free one).
 	Port int
 }
@@ -200,6 +202,7 @@ JitterPercent=0
 	if ps.Holders != nil {
 		cfg.Holders = ps.Holders
 	}
+	cfg.GPURetry = ps.GPURetry
 	s := supervisor.New(cfg, e.RT, e.Log, e.Metrics)
 	ctx, cancel := context.WithCancel(e.Ctx)
 	go s.Run(ctx)

@@ -45,12 +45,14 @@ func initGPUFaults(sc *godog.ScenarioContext) {
 		return ctx, nil
 	})
 	add := func(ctx context.Context, id string, gpus []int, start bool) error {
+		// A start held by another process looks again every 300 ms here.
 		env(ctx)
 		var ds []string
 		for _, g := range gpus {
 			ds = append(ds, strconv.Itoa(g))
 		}
-		p := w.env.Start(testpool.Spec{ID: id, Devices: strings.Join(ds, " "), Extra: "BackoffInitialSec=1\n", NoStart: !start})
+		p := w.env.Start(testpool.Spec{ID: id, Devices: strings.Join(ds, " "), Extra: "BackoffInitialSec=1\n", NoStart: !start,
+			GPURetry: 300 * time.Millisecond})
 		w.pools[id] = &poolState{Pool: p}
 		if w.first == "" {
 			w.first = id
@@ -136,8 +138,6 @@ func initGPUFaults(sc *godog.ScenarioContext) {
 		holder = sandbox.HoldNode(w.t, fmt.Sprintf("/dev/nvidia%d", g))
 	})
 	sc.Step(`^a pool "([^"]+)" is started on GPU (\d)$`, func(ctx context.Context, id string, g int) error {
-		lc.GPURetry = 300 * time.Millisecond
-		w.t.Cleanup(func() { lc.GPURetry = 10 * time.Second })
 		if err := add(ctx, id, []int{g}, false); err != nil {
 			return err
 		}
