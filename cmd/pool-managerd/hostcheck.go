@@ -13,6 +13,7 @@ import (
 	"strings"
 	"syscall"
 
+	ifaces "github.com/llorch/pool-managerd/dbus"
 	"github.com/llorch/pool-managerd/internal/config"
 )
 
@@ -21,8 +22,8 @@ import (
 var BusPolicyDirs = []string{"/usr/share/dbus-1/system.d", "/etc/dbus-1/system.d"}
 
 const (
-	busName          = "org.llorch.PoolManager1"
-	managerInterface = "org.llorch.PoolManager1.Manager"
+	busName          = ifaces.BusName
+	managerInterface = ifaces.ManagerInterface
 )
 
 // hostWarnings lists what the host lacks for the configuration to work

@@ -21,12 +21,11 @@ import (
 
 // Names of the daemon's API (dbus/*.xml).
 const (
-	busName      = "org.llorch.PoolManager1"
-	managerPath  = dbus.ObjectPath("/org/llorch/PoolManager1")
-	poolPrefix   = "/org/llorch/PoolManager1/pool"
-	managerIface = "org.llorch.PoolManager1.Manager"
-	poolIface    = "org.llorch.PoolManager1.Pool"
-	errorPrefix  = "org.llorch.PoolManager1.Error."
+	busName      = ifaces.BusName
+	managerPath  = dbus.ObjectPath(ifaces.ManagerPath)
+	poolPrefix   = ifaces.PoolPathPrefix
+	managerIface = ifaces.ManagerInterface
+	poolIface    = ifaces.PoolInterface
 	accessDenied = "org.freedesktop.DBus.Error.AccessDenied"
 	propsChanged = "org.freedesktop.DBus.Properties.PropertiesChanged"
 	busDriver    = "org.freedesktop.DBus"
@@ -131,7 +130,7 @@ func (c *cli) props(id string) (map[string]dbus.Variant, error) {
 	err = conn.Object(busName, poolPath(id)).CallWithContext(ctx, "org.freedesktop.DBus.Properties.GetAll", 0, poolIface).Store(&all)
 	var de dbus.Error
 	if errors.As(err, &de) && (de.Name == "org.freedesktop.DBus.Error.UnknownObject" || de.Name == "org.freedesktop.DBus.Error.UnknownInterface" || de.Name == "org.freedesktop.DBus.Error.UnknownMethod") {
-		return nil, dbus.Error{Name: errorPrefix + "NoSuchPool", Body: []any{fmt.Sprintf("no pool %q", id)}}
+		return nil, dbus.Error{Name: ifaces.ErrNoSuchPool, Body: []any{fmt.Sprintf("no pool %q", id)}}
 	}
 	return all, err
 }

@@ -67,6 +67,16 @@ func TestListColoursTheStateOnATerminal(t *testing.T) {
 // daemon about the pool and of the pool's scope.
 func TestStatusShowsPropertiesAndJournals(t *testing.T) {
 	daemon(t)
+	// Any user may log a POOL_ID=; status shows only the daemon's own.
+	const forged = "forged by a user: the pool was hacked"
+	logger := exec.Command("setpriv", "--reuid="+viewer, "--regid="+viewer, "--init-groups", "logger", "--journald")
+	logger.Stdin = strings.NewReader("MESSAGE=" + forged + "\nPOOL_ID=llama-8b\n")
+	out, err := logger.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	require.Eventually(t, func() bool {
+		out, _ := exec.Command("journalctl", "-o", "cat", "POOL_ID=llama-8b").Output()
+		return strings.Contains(string(out), forged)
+	}, 10*time.Second, 100*time.Millisecond, "the forged entry is in the journal")
 	var r result
 	require.Eventually(t, func() bool {
 		r = poolctl(t, "", "status", "llama-8b")
@@ -81,6 +91,7 @@ func TestStatusShowsPropertiesAndJournals(t *testing.T) {
 	}
 	assert.Contains(t, r.stdout, "\nJournal of pool-managerd about llama-8b:\n")
 	assert.Contains(t, r.stdout, "\nJournal of pool-engine-llama\\x2d8b.scope:\n")
+	assert.NotContains(t, r.stdout, forged)
 	assert.Regexp(t, `(?m)^ +Uptime: [0-9]+`, r.stdout)
 	t.Logf("poolctl status llama-8b:\n%s", r.stdout)
 	assert.Regexp(t, `(?m)^ +ModelDigest: sha256:[0-9a-f]{64}$`, r.stdout)

@@ -143,10 +143,15 @@ func (c *cli) status(args []string) error {
 	if scope == "" {
 		scope = "pool-engine-" + unit.UnitNameEscape(id) + ".scope"
 	}
-	c.journal("pool-managerd about "+id, "-o", "cat", journal.PoolID+"="+id)
-	c.journal(scope, "-u", scope)
+	// Only the daemon's own entries: any local user may log a POOL_ID=,
+	// none can log as pool-managerd.service (journald sets _SYSTEMD_UNIT).
+	c.journal("pool-managerd about "+id, "-b", "-o", "cat", "_SYSTEMD_UNIT="+daemonUnit, journal.PoolID+"="+id)
+	c.journal(scope, "-b", "-u", scope)
 	return nil
 }
+
+// daemonUnit is the unit the packages install the daemon as.
+const daemonUnit = "pool-managerd.service"
 
 // journal prints the last lines journalctl has for the match; a journal
 // it cannot read is said, not a failure of status.

@@ -8,6 +8,8 @@ import (
 	"github.com/godbus/dbus/v5"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	ifaces "github.com/llorch/pool-managerd/dbus"
 )
 
 // Pool ids come back from their object paths as sd_bus_path_decode gives
@@ -71,8 +73,8 @@ func TestProgressLineSaysStepAndShare(t *testing.T) {
 // Errors read as the D-Bus error name, then the daemon's message.
 func TestErrorsReadAsTheirDBusName(t *testing.T) {
 	assert.Equal(t, "org.llorch.PoolManager1.Error.NoSuchPool: no pool \"x\"",
-		describe(dbus.Error{Name: errorPrefix + "NoSuchPool", Body: []any{`no pool "x"`}}))
-	assert.Equal(t, "org.llorch.PoolManager1.Error.Busy", describe(&dbus.Error{Name: errorPrefix + "Busy"}))
+		describe(dbus.Error{Name: ifaces.ErrNoSuchPool, Body: []any{`no pool "x"`}}))
+	assert.Equal(t, "org.llorch.PoolManager1.Error.Busy", describe(&dbus.Error{Name: ifaces.ErrBusy}))
 	assert.Contains(t, describe(dbus.Error{Name: accessDenied, Body: []any{"Stop is for root and the admin group; uid 1000 is neither"}}),
 		"org.freedesktop.DBus.Error.AccessDenied: Stop is for root and the admin group; uid 1000 is neither; changing pools is for root")
 	assert.Regexp(t, `^org\.freedesktop\.DBus\.Error\.AccessDenied: the bus refused uid [0-9]+: changing pools is for root and the pool-managerd admin group \(pool-admin unless AdminGroup= says otherwise\)$`,

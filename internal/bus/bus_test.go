@@ -262,6 +262,7 @@ func TestOperatorAndRouterOverTheBus(t *testing.T) {
 		{"Reload", []any{"llama-8b", "/nonexistent.gguf", uint64(1000)}, "InvalidArgument"},
 		{"ReleaseLease", []any{"llama-8b/0000"}, "NoSuchLease"},
 		{"AcquireLease", []any{"nope"}, "NoSuchPool"},
+		{"AllowRestart", []any{"llama-8b"}, "NoRestartPending"},
 	} {
 		err := cobj.Call(bus.ManagerIface+"."+c.method, 0, c.args...).Err
 		var de dbus.Error

@@ -5,6 +5,7 @@ import (
 
 	"github.com/godbus/dbus/v5"
 
+	api "github.com/llorch/pool-managerd/dbus"
 	"github.com/llorch/pool-managerd/internal/manager"
 	"github.com/llorch/pool-managerd/internal/safetext"
 	"github.com/llorch/pool-managerd/internal/supervisor"
@@ -16,17 +17,19 @@ var errorNames = []struct {
 	err  error
 	name string
 }{
-	{manager.ErrNoSuchPool, "NoSuchPool"},
-	{supervisor.ErrInvalidArgument, "InvalidArgument"},
-	{supervisor.ErrNotReady, "NotReady"},
-	{supervisor.ErrDraining, "Draining"},
-	{supervisor.ErrBusy, "Busy"},
-	{supervisor.ErrNoCapacity, "NoCapacity"},
-	{supervisor.ErrNoSuchLease, "NoSuchLease"},
-	{supervisor.ErrNotOwner, "NoSuchLease"},
-	{supervisor.ErrDrainTimeout, "DrainTimeout"},
-	{supervisor.ErrReloadFailed, "ReloadFailed"},
-	{supervisor.ErrBreakerOpen, "BreakerOpen"},
+	{manager.ErrNoSuchPool, api.ErrNoSuchPool},
+	{supervisor.ErrInvalidArgument, api.ErrInvalidArgument},
+	{supervisor.ErrNotReady, api.ErrNotReady},
+	{supervisor.ErrDraining, api.ErrDraining},
+	{supervisor.ErrBusy, api.ErrBusy},
+	{supervisor.ErrNoCapacity, api.ErrNoCapacity},
+	{supervisor.ErrNoSuchLease, api.ErrNoSuchLease},
+	{supervisor.ErrNotOwner, api.ErrNoSuchLease},
+	{supervisor.ErrDrainTimeout, api.ErrDrainTimeout},
+	{supervisor.ErrReloadFailed, api.ErrReloadFailed},
+	{supervisor.ErrBreakerOpen, api.ErrBreakerOpen},
+	{supervisor.ErrGPUUnhealthy, api.ErrGPUUnhealthy},
+	{supervisor.ErrNoRestartPending, api.ErrNoRestartPending},
 }
 
 // toDBus turns an error of the core into a D-Bus error with the message a
@@ -39,7 +42,7 @@ func toDBus(err error) *dbus.Error {
 	msg := safetext.Bound(err.Error())
 	for _, e := range errorNames {
 		if errors.Is(err, e.err) {
-			return dbus.NewError(ErrorPrefix+e.name, []any{msg})
+			return dbus.NewError(e.name, []any{msg})
 		}
 	}
 	return dbus.NewError("org.freedesktop.DBus.Error.Failed", []any{msg})

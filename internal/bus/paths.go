@@ -6,16 +6,18 @@ import (
 
 	sddbus "github.com/coreos/go-systemd/v22/dbus"
 	"github.com/godbus/dbus/v5"
+
+	api "github.com/llorch/pool-managerd/dbus"
 )
 
 // Names on the bus.
 const (
-	Name         = "org.llorch.PoolManager1"
-	ManagerPath  = dbus.ObjectPath("/org/llorch/PoolManager1")
-	PoolPrefix   = "/org/llorch/PoolManager1/pool"
-	ManagerIface = "org.llorch.PoolManager1.Manager"
-	PoolIface    = "org.llorch.PoolManager1.Pool"
-	ErrorPrefix  = "org.llorch.PoolManager1.Error."
+	Name         = api.BusName
+	ManagerPath  = dbus.ObjectPath(api.ManagerPath)
+	PoolPrefix   = api.PoolPathPrefix
+	ManagerIface = api.ManagerInterface
+	PoolIface    = api.PoolInterface
+	ErrorPrefix  = api.ErrorPrefix
 )
 
 // PathEncode escapes s into one object path element as systemd's
@@ -54,5 +56,5 @@ func checkDeadline(ms uint64) *dbus.Error {
 }
 
 func invalid(msg string) *dbus.Error {
-	return dbus.NewError(ErrorPrefix+"InvalidArgument", []any{msg})
+	return dbus.NewError(api.ErrInvalidArgument, []any{msg})
 }

@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"syscall"
 	"time"
+
+	"github.com/llorch/pool-managerd/internal/policy"
 )
 
 // State is a pool's state (DESIGN's list).
@@ -138,6 +140,8 @@ var (
 	// ErrGPUBusy is a start that found another process on the pool's
 	// GPUs (the supervisor's Launch reports it).
 	ErrGPUBusy = errors.New("GPU in use by another process")
+	// ErrNoRestartPending refuses an AllowRestart with nothing to allow.
+	ErrNoRestartPending = policy.ErrNoRestartPending
 )
 
 // GPURetry is how long a start that found its GPUs held waits before it

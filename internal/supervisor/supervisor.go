@@ -60,16 +60,18 @@ type DrainResult = lifecycle.DrainResult
 
 // Refusals a caller can match with errors.Is.
 var (
-	ErrNotReady        = lifecycle.ErrNotReady
-	ErrDraining        = lifecycle.ErrDraining
-	ErrNoCapacity      = lifecycle.ErrNoCapacity
-	ErrNoSuchLease     = lifecycle.ErrNoSuchLease
-	ErrBusy            = lifecycle.ErrBusy
-	ErrNotOwner        = lifecycle.ErrNotOwner
-	ErrBreakerOpen     = lifecycle.ErrBreakerOpen
-	ErrInvalidArgument = lifecycle.ErrInvalidArgument
-	ErrDrainTimeout    = lifecycle.ErrDrainTimeout
-	ErrReloadFailed    = lifecycle.ErrReloadFailed
+	ErrNotReady         = lifecycle.ErrNotReady
+	ErrDraining         = lifecycle.ErrDraining
+	ErrNoCapacity       = lifecycle.ErrNoCapacity
+	ErrNoSuchLease      = lifecycle.ErrNoSuchLease
+	ErrBusy             = lifecycle.ErrBusy
+	ErrNotOwner         = lifecycle.ErrNotOwner
+	ErrBreakerOpen      = lifecycle.ErrBreakerOpen
+	ErrInvalidArgument  = lifecycle.ErrInvalidArgument
+	ErrDrainTimeout     = lifecycle.ErrDrainTimeout
+	ErrReloadFailed     = lifecycle.ErrReloadFailed
+	ErrGPUUnhealthy     = lifecycle.ErrGPUUnhealthy
+	ErrNoRestartPending = lifecycle.ErrNoRestartPending
 )
 
 // Config is what a supervisor needs to know about its pool.
