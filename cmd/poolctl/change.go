@@ -21,6 +21,35 @@ func method(name string) func(*cli, []string) error {
 	}
 }
 
+// start asks for a pool's start and, as systemctl start waits for its
+// job, waits until the engine serves: Ready, or a failure that names why.
+func (c *cli) start(args []string) error {
+	id := args[0]
+	if c.noBlock {
+		return c.callManager(changeTimeout, "Start", id).Err
+	}
+	call := func(ctx context.Context, obj dbus.BusObject) (string, error) {
+		return "ready", obj.CallWithContext(ctx, managerIface+".Start", 0, id).Err
+	}
+	return c.followUntil("start", id, call, startSettled)
+}
+
+// startSettled says when a start is over: ready, or a state the engine
+// only reaches by failing (or by being stopped meanwhile).
+func startSettled(p progressLine) (bool, error) {
+	switch p.state {
+	case "ready":
+		return true, nil
+	case "backoff", "failed", "stopped":
+		why := p.lastErr
+		if why == "" {
+			why = "no error recorded"
+		}
+		return true, fmt.Errorf("the engine did not come up: pool %s is %s: %s", p.pool, p.state, why)
+	}
+	return false, nil
+}
+
 func (c *cli) drain(args []string) error {
 	id := args[0]
 	return c.follow("drain", id, func(ctx context.Context, obj dbus.BusObject) (string, error) {
@@ -47,6 +76,12 @@ func (c *cli) reload(args []string) error {
 // line per step otherwise; then a line with the outcome and how long it
 // took.
 func (c *cli) follow(verb, id string, call func(context.Context, dbus.BusObject) (string, error)) error {
+	return c.followUntil(verb, id, call, nil)
+}
+
+// followUntil is follow that, once the call has succeeded, goes on
+// following the pool until settled says the command is done.
+func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusObject) (string, error), settled func(progressLine) (bool, error)) error {
 	conn, err := c.bus()
 	if err != nil {
 		return err
@@ -91,18 +126,39 @@ func (c *cli) follow(verb, id string, call func(context.Context, dbus.BusObject)
 			fmt.Fprint(c.stdout, "\r\x1b[K")
 		}
 	}
+	outcome := ""
+	// finish ends the command once the call and, if any, the wait are over.
+	finish := func(err error) error {
+		clear()
+		took := time.Since(begin).Round(100 * time.Millisecond)
+		if err != nil {
+			fmt.Fprintf(c.stdout, "%s %s: failed after %s\n", verb, id, took)
+			return err
+		}
+		fmt.Fprintf(c.stdout, "%s %s: %s in %s\n", verb, id, outcome, took)
+		return nil
+	}
+	waiting := false
 	draw()
 	for {
 		select {
 		case r := <-done:
-			clear()
-			took := time.Since(begin).Round(100 * time.Millisecond)
-			if r.err != nil {
-				fmt.Fprintf(c.stdout, "%s %s: failed after %s\n", verb, id, took)
-				return r.err
+			if r.err != nil || settled == nil {
+				outcome = r.outcome
+				return finish(r.err)
 			}
-			fmt.Fprintf(c.stdout, "%s %s: %s in %s\n", verb, id, r.outcome, took)
-			return nil
+			outcome, waiting = r.outcome, true
+			// What changed before the answer is in the signals queued
+			// since the watch began; this read covers a pool that was
+			// already where the wait ends (a start of a ready pool).
+			m, err := c.props(id)
+			if err != nil {
+				return finish(err)
+			}
+			p.apply(m)
+			if ok, err := settled(p); ok {
+				return finish(err)
+			}
 		case s := <-sigs:
 			ch, ok := classify(s, own).(change)
 			if !ok || ch.Pool != id {
@@ -113,6 +169,11 @@ func (c *cli) follow(verb, id string, call func(context.Context, dbus.BusObject)
 				draw()
 			} else if stepped && p.op != "" {
 				fmt.Fprintf(c.stdout, "%s %s: %s\n", verb, id, p.op)
+			}
+			if waiting {
+				if ok, err := settled(p); ok {
+					return finish(err)
+				}
 			}
 		case <-tick:
 			draw()
@@ -128,6 +189,8 @@ func (c *cli) follow(verb, id string, call func(context.Context, dbus.BusObject)
 type progressLine struct {
 	verb, pool, op string
 	progress       float64
+	// the pool's State and LastError, for a wait on the state
+	state, lastErr string
 }
 
 // apply takes a change in; it reports whether the step changed.
@@ -145,6 +208,12 @@ func (p *progressLine) apply(changed map[string]dbus.Variant) bool {
 		if f, ok := v.Value().(float64); ok {
 			p.progress = f
 		}
+	}
+	if v, ok := changed["State"]; ok {
+		p.state, _ = v.Value().(string)
+	}
+	if v, ok := changed["LastError"]; ok {
+		p.lastErr, _ = v.Value().(string)
 	}
 	return stepped
 }

@@ -115,10 +115,11 @@ func TestDrainAndReloadPrintTheirOutcome(t *testing.T) {
 	require.Equal(t, 0, r.code, r.stderr)
 	assert.Regexp(t, `(?m)^drain qwen: drained in [0-9.]+m?s$`, r.stdout)
 	assert.Equal(t, `s "stopped"`, prop("qwen", "State"))
+	// start waits for the engine to serve, as systemctl start waits.
 	r = poolctl(t, "", "start", "qwen")
 	require.Equal(t, 0, r.code, r.stderr)
-	assert.Empty(t, r.stdout)
-	waitProp(t, "qwen", "Ready", "b true")
+	assert.Regexp(t, `(?m)^start qwen: ready in [0-9.]+m?s\n\z`, r.stdout)
+	assert.Equal(t, "b true", prop("qwen", "Ready"), "Ready when start returns")
 
 	router, err := dbus.ConnectSystemBus()
 	require.NoError(t, err)
@@ -139,6 +140,28 @@ func TestDrainAndReloadPrintTheirOutcome(t *testing.T) {
 	assert.NotContains(t, r.stdout, "\r", "no progress line off a terminal")
 	assert.Equal(t, `s "big.gguf"`, prop("llama-8b", "Model"))
 	t.Logf("poolctl reload llama-8b big.gguf | cat:\n%s", r.stdout)
+}
+
+// A start whose engine cannot come up fails with the pool's LastError;
+// --no-block returns before the engine is up.
+func TestStartWaitsAndSaysWhyItFailed(t *testing.T) {
+	dir := daemon(t)
+	r := poolctl(t, "", "stop", "qwen")
+	require.Equal(t, 0, r.code, r.stderr)
+	// The simulator refuses a file that is no GGUF model and exits.
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "models", "b.gguf"), []byte("PK\x03\x04 not a model"), 0o644))
+	r = poolctl(t, "", "start", "qwen")
+	assert.Equal(t, 1, r.code, r.stdout)
+	assert.Regexp(t, `(?m)^start qwen: failed after [0-9.]+m?s$`, r.stdout)
+	assert.Regexp(t, `^poolctl: the engine did not come up: pool qwen is (backoff|failed): .+`, r.stderr)
+	t.Logf("poolctl start qwen on a file that is no model: %s%s", r.stdout, r.stderr)
+
+	r = poolctl(t, "", "stop", "llama-8b")
+	require.Equal(t, 0, r.code, r.stderr)
+	r = poolctl(t, "", "start", "llama-8b", "--no-block")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Empty(t, r.stdout)
+	waitProp(t, "llama-8b", "Ready", "b true")
 }
 
 // On a terminal a reload rewrites one line with its step and progress,

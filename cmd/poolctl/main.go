@@ -43,6 +43,7 @@ type command struct {
 	json  bool // takes --json
 	// deadline: takes --deadline
 	deadline bool
+	noBlock  bool // takes --no-block
 	run      func(c *cli, args []string) error
 }
 
@@ -51,7 +52,8 @@ var commands = []command{
 		help: "Columns: pool, state, ready, leases (active/slots, - for no limit), model, GPUs,\ncrashes, restarts, breaker, uptime of the engine's main process."},
 	{name: "status", args: "POOL", nargs: 1, summary: "show a pool's properties and its latest journal lines", json: true, run: (*cli).status,
 		help: "Prints every property of the pool, then the last lines the daemon logged about it\n(journalctl POOL_ID=POOL) and those of its engine's scope. --json prints the properties only."},
-	{name: "start", args: "POOL", nargs: 1, summary: "start a stopped pool", run: method("Start")},
+	{name: "start", args: "POOL", nargs: 1, noBlock: true, summary: "start a stopped pool and wait until it is ready", run: (*cli).start,
+		help: "Waits, as systemctl start does, until the engine is Ready, and fails with the pool's\nLastError if it crashes or is held instead. On a terminal a line shows the step."},
 	{name: "stop", args: "POOL", nargs: 1, summary: "stop a pool (a drain with deadline 0)", run: method("Stop")},
 	{name: "drain", args: "POOL", nargs: 1, deadline: true, summary: "stop new leases, wait for those in flight, stop the engine", run: (*cli).drain,
 		help: "Waits until the drain is done and says whether it drained or was forced at the deadline.\nOn a terminal a line shows the leases released so far."},
@@ -80,6 +82,7 @@ type cli struct {
 	busAddr  string
 	json     bool
 	deadline time.Duration
+	noBlock  bool
 	conn     *dbus.Conn
 }
 
@@ -161,6 +164,9 @@ func (c *cli) flags(cmd *command) *flag.FlagSet {
 	if cmd.json {
 		fs.BoolVar(&c.json, "json", false, "print JSON")
 	}
+	if cmd.noBlock {
+		fs.BoolVar(&c.noBlock, "no-block", false, "ask and return at once, without waiting")
+	}
 	if cmd.deadline {
 		fs.DurationVar(&c.deadline, "deadline", 30*time.Second, "wait up to `DURATION` for leases in flight, then revoke them")
 	}
@@ -188,7 +194,7 @@ func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 }
 
 func (c *cli) usage(w io.Writer) {
-	fmt.Fprint(w, "Usage: poolctl [--bus ADDRESS] COMMAND [ARGS] [--json] [--deadline DURATION]\n\n"+
+	fmt.Fprint(w, "Usage: poolctl [--bus ADDRESS] COMMAND [ARGS] [--json] [--deadline DURATION] [--no-block]\n\n"+
 		"Drive pool-managerd over D-Bus (org.llorch.PoolManager1 on the system bus).\n\nCommands:\n")
 	for _, cmd := range commands {
 		fmt.Fprintf(w, "  %-26s %s\n", strings.TrimSpace(cmd.name+" "+cmd.args), cmd.summary)

@@ -67,6 +67,7 @@ _poolctl()
         case $cmd in
         list | status | events) opts+=" --json" ;;
         drain | reload) opts+=" --deadline" ;;
+        start) opts+=" --no-block" ;;
         esac
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))
         return
