@@ -138,6 +138,14 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 		fmt.Fprintf(c.stdout, "%s %s: %s in %s\n", verb, id, outcome, took)
 		return nil
 	}
+	// show redraws the line on a terminal, or prints a new step.
+	show := func(stepped bool) {
+		if c.tty {
+			draw()
+		} else if stepped && p.op != "" {
+			fmt.Fprintf(c.stdout, "%s %s: %s\n", verb, id, p.op)
+		}
+	}
 	waiting := false
 	draw()
 	for {
@@ -155,7 +163,7 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 			if err != nil {
 				return finish(err)
 			}
-			p.apply(m)
+			show(p.apply(m))
 			if ok, err := settled(p); ok {
 				return finish(err)
 			}
@@ -164,12 +172,7 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 			if !ok || ch.Pool != id {
 				continue
 			}
-			stepped := p.apply(ch.Changed)
-			if c.tty {
-				draw()
-			} else if stepped && p.op != "" {
-				fmt.Fprintf(c.stdout, "%s %s: %s\n", verb, id, p.op)
-			}
+			show(p.apply(ch.Changed))
 			if waiting {
 				if ok, err := settled(p); ok {
 					return finish(err)

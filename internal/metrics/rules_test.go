@@ -10,55 +10,90 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.yaml.in/yaml/v3"
+
+	"github.com/llorch/pool-managerd/internal/gpu"
 )
 
-// The shipped alerting rules parse as Prometheus rule groups and speak of
-// metrics this daemon exports.
-func TestAlertRules(t *testing.T) {
-	b, err := os.ReadFile("../../packaging/pool-managerd.rules.yml")
+const rulesFile = "../../packaging/pool-managerd.rules.yml"
+
+type alertRule struct {
+	Alert       string            `yaml:"alert"`
+	Expr        string            `yaml:"expr"`
+	For         string            `yaml:"for"`
+	Labels      map[string]string `yaml:"labels"`
+	Annotations map[string]string `yaml:"annotations"`
+}
+
+// shippedAlerts reads the rules file strictly: an unknown key is an error.
+func shippedAlerts(t *testing.T) []alertRule {
+	t.Helper()
+	b, err := os.ReadFile(rulesFile)
 	require.NoError(t, err)
 	var file struct {
 		Groups []struct {
-			Name  string `yaml:"name"`
-			Rules []struct {
-				Alert       string            `yaml:"alert"`
-				Expr        string            `yaml:"expr"`
-				For         string            `yaml:"for"`
-				Labels      map[string]string `yaml:"labels"`
-				Annotations map[string]string `yaml:"annotations"`
-			} `yaml:"rules"`
+			Name  string      `yaml:"name"`
+			Rules []alertRule `yaml:"rules"`
 		} `yaml:"groups"`
 	}
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
 	require.NoError(t, dec.Decode(&file))
+	var rules []alertRule
+	for _, g := range file.Groups {
+		rules = append(rules, g.Rules...)
+	}
+	require.NotEmpty(t, rules, rulesFile)
+	return rules
+}
+
+// exportedSeries is every series the daemon writes for a pool, and for an
+// unhealthy GPU of each kind, gathered from the metrics' own registry.
+func exportedSeries(t *testing.T, pool, gpuUUID string) []prometheus.Labels {
+	t.Helper()
 	reg := prometheus.NewRegistry()
 	m := New(reg)
-	m.InitPool("p")
+	m.InitPool(pool)
+	m.PoolInfo.WithLabelValues(pool, "a.gguf", "b1", "0").Set(1)
 	// A family with series only while something is wrong.
-	m.GPUUnhealthy.WithLabelValues("GPU-x", "reset").Set(1)
+	for _, a := range []gpu.XIDAction{gpu.XIDReset, gpu.XIDLost} {
+		m.GPUUnhealthy.WithLabelValues(gpuUUID, a.String()).Set(1)
+	}
 	fams, err := reg.Gather()
 	require.NoError(t, err)
-	known := map[string]bool{}
+	var series []prometheus.Labels
 	for _, f := range fams {
-		known[f.GetName()] = true
+		for _, s := range f.GetMetric() {
+			l := prometheus.Labels{"__name__": f.GetName()}
+			for _, p := range s.GetLabel() {
+				l[p.GetName()] = p.GetValue()
+			}
+			series = append(series, l)
+		}
+	}
+	return series
+}
+
+// The shipped alerting rules speak of metrics this daemon exports, each
+// with a severity and a summary.
+func TestAlertRulesUseExportedMetrics(t *testing.T) {
+	known := map[string]bool{}
+	for _, s := range exportedSeries(t, "p", "GPU-x") {
+		known[s["__name__"]] = true
 	}
 	alerts := map[string]bool{}
 	name := regexp.MustCompile(`pool_managerd_[a-z_]+`)
-	for _, g := range file.Groups {
-		for _, r := range g.Rules {
-			alerts[r.Alert] = true
-			assert.NotEmpty(t, r.Expr, r.Alert)
-			assert.Contains(t, []string{"warning", "critical"}, r.Labels["severity"], r.Alert)
-			assert.NotEmpty(t, r.Annotations["summary"], r.Alert)
-			names := name.FindAllString(r.Expr, -1)
-			require.NotEmpty(t, names, r.Alert)
-			for _, n := range names {
-				assert.True(t, known[n], "%s uses %s, which is not exported", r.Alert, n)
-			}
+	for _, r := range shippedAlerts(t) {
+		alerts[r.Alert] = true
+		assert.NotEmpty(t, r.Expr, r.Alert)
+		assert.Contains(t, []string{"warning", "critical"}, r.Labels["severity"], r.Alert)
+		assert.NotEmpty(t, r.Annotations["summary"], r.Alert)
+		names := name.FindAllString(r.Expr, -1)
+		require.NotEmpty(t, names, r.Alert)
+		for _, n := range names {
+			assert.True(t, known[n], "%s uses %s, which is not exported", r.Alert, n)
 		}
 	}
-	for _, a := range []string{"PoolCircuitBreakerOpen", "PoolRestartStorm", "PoolNotReady", "PoolEngineOOM"} {
+	for _, a := range []string{"PoolCircuitBreakerOpen", "PoolRestartStorm", "PoolNotReady", "PoolEngineOOM", "PoolEngineStalled", "GPUUnhealthy"} {
 		assert.True(t, alerts[a], "alert %s", a)
 	}
 }
