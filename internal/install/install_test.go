@@ -145,7 +145,8 @@ func TestRpmHoldsTheSameFiles(t *testing.T) {
 	// The .rpm also owns the package's own directories, or rpm -e would
 	// leave them behind; the .deb's directory entries were left out above.
 	owned := []string{"/etc/pool-managerd/pools.d", "/etc/pool-managerd/pool-managerd.conf.d",
-		"/usr/libexec/pool-managerd", "/usr/share/doc/pool-managerd", "/usr/share/doc/pool-managerd/examples"}
+		"/usr/libexec/pool-managerd", "/usr/share/doc/pool-managerd", "/usr/share/doc/pool-managerd/examples",
+		"/usr/share/pool-managerd"}
 	var files []string
 	for _, f := range rpm {
 		if !slices.Contains(owned, f) {

@@ -1,11 +1,15 @@
 package install
 
 import (
+	"archive/tar"
+	"bytes"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -86,13 +90,15 @@ func ownerOf(t *testing.T, path string) owner {
 // made when missing, and keep their owner and mode through an install, an
 // upgrade, a tmpfiles run and a purge.
 func TestTmpfilesLeaveTheTextfileDirectoryAndModelsToTheirOwners(t *testing.T) {
-	sh(t, "useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "prometheus")
-	sh(t, "useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "mlops")
-	t.Cleanup(func() {
-		os.RemoveAll("/var/lib/prometheus")
-		exec.Command("userdel", "prometheus").Run()
-		exec.Command("userdel", "mlops").Run()
-	})
+	// Debian's prometheus package (promtool) may have made its user.
+	for _, u := range []string{"prometheus", "mlops"} {
+		if exec.Command("getent", "passwd", u).Run() == nil {
+			continue
+		}
+		sh(t, "useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", u)
+		t.Cleanup(func() { exec.Command("userdel", u).Run() })
+	}
+	t.Cleanup(func() { os.RemoveAll("/var/lib/prometheus") })
 	const textfiles = "/var/lib/prometheus/node-exporter"
 	const models = "/var/lib/pool-managerd/models"
 	require.NoError(t, os.RemoveAll("/var/lib/prometheus"))
@@ -202,4 +208,45 @@ func TestAnotherAdminGroupWorksOnTheBusWithThePolicyCheckConfigGives(t *testing.
 	out2, err := exec.Command("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "busctl", "call",
 		"org.llorch.PoolManager1", "/org/llorch/PoolManager1", "org.llorch.PoolManager1.Manager", "Start", "s", "alpha").CombinedOutput()
 	assert.Error(t, err, fmt.Sprintf("%s", out2))
+}
+
+// Both packages install the Grafana dashboard, as the checkout has it,
+// under /usr/share/pool-managerd, and the .rpm owns that directory so
+// that rpm -e removes it.
+func TestPackagesInstallTheGrafanaDashboard(t *testing.T) {
+	const dir = "/usr/share/pool-managerd"
+	const dashboard = dir + "/pool-managerd.dashboard.json"
+	want, err := os.ReadFile("../../packaging/pool-managerd.dashboard.json")
+	require.NoError(t, err)
+
+	fsys, err := exec.Command("dpkg-deb", "--fsys-tarfile", glob(t, "pool-managerd_*.deb")).Output()
+	require.NoError(t, err)
+	entries := map[string]*tar.Header{}
+	var got []byte
+	tr := tar.NewReader(bytes.NewReader(fsys))
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		require.NoError(t, err)
+		name := "/" + strings.Trim(strings.TrimPrefix(h.Name, "."), "/")
+		entries[name] = h
+		if name == dashboard {
+			got, err = io.ReadAll(tr)
+			require.NoError(t, err)
+		}
+	}
+	if h, ok := entries[dashboard]; assert.True(t, ok, "the .deb holds %s", dashboard) {
+		assert.Equal(t, []any{int64(0o644), 0, 0}, []any{h.Mode & 0o7777, h.Uid, h.Gid}, "mode, owner and group")
+		assert.True(t, bytes.Equal(want, got), "the .deb's dashboard is the checkout's")
+	}
+	if h, ok := entries[dir]; assert.True(t, ok, "the .deb holds %s", dir) {
+		assert.Equal(t, byte(tar.TypeDir), h.Typeflag)
+	}
+
+	rpm, err := rpmFiles(glob(t, "pool-managerd-*.rpm"))
+	require.NoError(t, err)
+	assert.True(t, slices.Contains(rpm, dashboard), "the .rpm holds %s", dashboard)
+	assert.True(t, slices.Contains(rpm, dir), "the .rpm owns %s", dir)
 }

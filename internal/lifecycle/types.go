@@ -40,6 +40,15 @@ func (s State) String() string {
 	return fmt.Sprintf("state(%d)", s)
 }
 
+// States lists every state, in order.
+func States() []State {
+	all := make([]State, len(stateNames))
+	for i := range all {
+		all[i] = State(i)
+	}
+	return all
+}
+
 // ParseState is String's inverse.
 func ParseState(s string) (State, error) {
 	for i, n := range stateNames {

@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/llorch/pool-managerd/internal/crash"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/storm"
 )
 
@@ -44,6 +45,7 @@ func (m *Set) InitPool(pool string) {
 		m.RestartStorms.WithLabelValues(pool, string(k))
 	}
 	m.RestartRate.WithLabelValues(pool)
+	m.SetPoolState(pool, lifecycle.Stopped)
 	m.PoolReady.WithLabelValues(pool)
 	m.PoolLive.WithLabelValues(pool)
 	m.PoolDraining.WithLabelValues(pool)

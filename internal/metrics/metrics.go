@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/llorch/pool-managerd/internal/breaker"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/policy"
 )
 
@@ -19,22 +20,24 @@ const ns = "pool_managerd"
 
 // Set holds the families, registered on one registry.
 type Set struct {
-	DrainDuration       *prometheus.HistogramVec
-	Drains              *prometheus.CounterVec
-	DrainForceStops     *prometheus.CounterVec
-	ReloadDuration      *prometheus.HistogramVec
-	ReloadSuccess       *prometheus.CounterVec
-	ReloadFailure       *prometheus.CounterVec
-	EngineCrashes       *prometheus.CounterVec
-	BackoffDelay        *prometheus.HistogramVec
-	RestartsScheduled   *prometheus.CounterVec
-	BreakerOpens        *prometheus.CounterVec
-	BreakerState        *prometheus.GaugeVec
-	RestartStorms       *prometheus.CounterVec
-	RestartRate         *prometheus.GaugeVec
-	PoolReady           *prometheus.GaugeVec
-	PoolLive            *prometheus.GaugeVec
-	PoolDraining        *prometheus.GaugeVec
+	DrainDuration     *prometheus.HistogramVec
+	Drains            *prometheus.CounterVec
+	DrainForceStops   *prometheus.CounterVec
+	ReloadDuration    *prometheus.HistogramVec
+	ReloadSuccess     *prometheus.CounterVec
+	ReloadFailure     *prometheus.CounterVec
+	EngineCrashes     *prometheus.CounterVec
+	BackoffDelay      *prometheus.HistogramVec
+	RestartsScheduled *prometheus.CounterVec
+	BreakerOpens      *prometheus.CounterVec
+	BreakerState      *prometheus.GaugeVec
+	RestartStorms     *prometheus.CounterVec
+	RestartRate       *prometheus.GaugeVec
+	PoolReady         *prometheus.GaugeVec
+	PoolLive          *prometheus.GaugeVec
+	PoolDraining      *prometheus.GaugeVec
+	// PoolState is 1 for the pool's state and 0 for every other.
+	PoolState           *prometheus.GaugeVec
 	ActiveLeases        *prometheus.GaugeVec
 	PoolInfo            *prometheus.GaugeVec
 	HealthCheckFailures *prometheus.CounterVec
@@ -76,6 +79,7 @@ func New(reg prometheus.Registerer) *Set {
 		PoolReady:           gauge("pool_ready", "1 when the pool is ready to take leases.", "pool_id"),
 		PoolLive:            gauge("pool_live", "1 when the pool's engine process is up.", "pool_id"),
 		PoolDraining:        gauge("pool_draining", "1 while the pool drains.", "pool_id"),
+		PoolState:           gauge("pool_state", "1 for the pool's state (stopped, starting, warming, ready, draining, backoff, failed), 0 for the others.", "pool_id", "state"),
 		ActiveLeases:        gauge("active_leases", "Leases held on the pool.", "pool_id"),
 		PoolInfo:            gauge("pool_info", "Constant 1, labelled with what the pool runs.", "pool_id", "model", "engine_version", "device_mask"),
 		HealthCheckFailures: counter("health_check_failures_total", "Failed engine health probes.", "pool_id"),
@@ -86,7 +90,7 @@ func New(reg prometheus.Registerer) *Set {
 	reg.MustRegister(m.DrainDuration, m.Drains, m.DrainForceStops, m.ReloadDuration, m.ReloadSuccess,
 		m.ReloadFailure, m.EngineCrashes, m.BackoffDelay, m.RestartsScheduled, m.BreakerOpens,
 		m.BreakerState, m.RestartStorms, m.RestartRate, m.PoolReady, m.PoolLive, m.PoolDraining,
-		m.ActiveLeases, m.PoolInfo, m.HealthCheckFailures, m.BuildInfo, m.GPUUnhealthy)
+		m.PoolState, m.ActiveLeases, m.PoolInfo, m.HealthCheckFailures, m.BuildInfo, m.GPUUnhealthy)
 	m.BuildInfo.WithLabelValues(Version, runtime.Version()).Set(1)
 	return m
 }
@@ -115,13 +119,24 @@ func (m *Set) Policy(pool string, events []policy.Event, st policy.Status) {
 	m.Touch()
 }
 
+// SetPoolState marks state as the pool's one state.
+func (m *Set) SetPoolState(pool string, state lifecycle.State) {
+	for _, s := range lifecycle.States() {
+		v := 0.0
+		if s == state {
+			v = 1
+		}
+		m.PoolState.WithLabelValues(pool, s.String()).Set(v)
+	}
+}
+
 // Forget drops every series of a pool that is gone from the configuration.
 func (m *Set) Forget(pool string) {
 	l := prometheus.Labels{"pool_id": pool}
 	for _, v := range []interface{ DeletePartialMatch(prometheus.Labels) int }{
 		m.DrainDuration, m.Drains, m.DrainForceStops, m.ReloadDuration, m.ReloadSuccess, m.ReloadFailure,
 		m.EngineCrashes, m.BackoffDelay, m.RestartsScheduled, m.BreakerOpens, m.BreakerState,
-		m.RestartStorms, m.RestartRate, m.PoolReady, m.PoolLive, m.PoolDraining, m.ActiveLeases,
+		m.RestartStorms, m.RestartRate, m.PoolReady, m.PoolLive, m.PoolDraining, m.PoolState, m.ActiveLeases,
 		m.PoolInfo, m.HealthCheckFailures,
 	} {
 		v.DeletePartialMatch(l)

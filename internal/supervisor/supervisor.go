@@ -534,6 +534,7 @@ func (s *Supervisor) publish(v lifecycle.View) {
 	s.metrics.PoolReady.WithLabelValues(id).Set(b(snap.Ready))
 	s.metrics.PoolLive.WithLabelValues(id).Set(b(snap.Live))
 	s.metrics.PoolDraining.WithLabelValues(id).Set(b(snap.Draining))
+	s.metrics.SetPoolState(id, snap.State)
 	s.metrics.ActiveLeases.WithLabelValues(id).Set(float64(snap.ActiveLeases))
 	info := [4]string{id, snap.Model, snap.EngineVersion, snap.DeviceMask}
 	if info != s.info {
