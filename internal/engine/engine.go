@@ -85,6 +85,20 @@ type Exit struct {
 // LostVanished is Exit.LostWhy when the shim's stream ended with no exit.
 const LostVanished = "the shim ended without reporting the engine's exit"
 
+// StartPhases splits a start, for the journal and make bench.
+type StartPhases struct {
+	// Shim: the engine's account and the shim's fork and exec.
+	Shim time.Duration
+	// Scope: StartTransientUnit until systemd's job is done, with any
+	// leftover scope of the same name stopped first.
+	Scope time.Duration
+	// Exec: the go-ahead until the shim reports the engine started.
+	Exec time.Duration
+	// Invocation: reading the scope's InvocationID, beyond Exec (it runs
+	// alongside it).
+	Invocation time.Duration
+}
+
 // Engine is one running engine.
 type Engine struct {
 	Unit    string
@@ -98,7 +112,9 @@ type Engine struct {
 	// read): systemd's word on a scope of the same name from another
 	// start is not about this engine.
 	Invocation string
-	events     chan Event
+	// Phases is where the start's time went (zero for an adopted engine).
+	Phases StartPhases
+	events chan Event
 	// shimEnded waits a moment for the shim the daemon started to be
 	// reaped and says how it ended (nil for an adopted engine).
 	shimEnded func(wait time.Duration) (syscall.WaitStatus, bool)
@@ -194,6 +210,8 @@ func (r *Runtime) properties(s Spec, shimPID int) ([]sddbus.Property, error) {
 // only then allowed to start the engine. It returns once the engine
 // process exists.
 func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
+	t0 := time.Now()
+	var ph StartPhases
 	name := UnitName(s.Pool)
 	u, err := lookupUser(s.User)
 	if err != nil {
@@ -254,6 +272,8 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 	if err != nil {
 		return abort(err)
 	}
+	t1 := time.Now()
+	ph.Shim = t1.Sub(t0)
 	done := make(chan string, 1)
 	_, err = r.conn.StartTransientUnitContext(ctx, name, "fail", props, done)
 	if isDBusError(err, "org.freedesktop.systemd1.UnitExists") {
@@ -288,10 +308,23 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 	case <-ctx.Done():
 		return abort(ctx.Err())
 	}
+	t2 := time.Now()
+	ph.Scope = t2.Sub(t1)
 	if _, err := goW.Write([]byte{1}); err != nil {
 		return abort(fmt.Errorf("shim of %s: %w", name, err))
 	}
 	goW.Close()
+	// systemd's InvocationID is read while the shim starts the engine:
+	// one round trip less on every start.
+	type invocation struct {
+		id   string
+		done time.Time
+	}
+	inv := make(chan invocation, 1)
+	go func() {
+		id := r.invocation(ctx, name)
+		inv <- invocation{id, time.Now()}
+	}()
 
 	rd := shim.NewReader(stR)
 	first, err := rd.Next()
@@ -308,11 +341,16 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 		cmd.Process.Kill()
 		<-reaped
 		stR.Close()
+		<-inv
 		r.stopUnit(context.WithoutCancel(ctx), name)
 		return nil, fmt.Errorf("starting engine of pool %s: %w", s.Pool, err)
 	}
-	e := &Engine{Unit: name, PID: first.PID, ShimPID: cmd.Process.Pid, Started: time.Now(), Note: first.Note, events: make(chan Event, 4),
-		Invocation: r.invocation(ctx, name)}
+	t3 := time.Now()
+	ph.Exec = t3.Sub(t2)
+	id := <-inv
+	ph.Invocation = max(0, id.done.Sub(t3))
+	e := &Engine{Unit: name, PID: first.PID, ShimPID: cmd.Process.Pid, Started: t3, Note: first.Note, events: make(chan Event, 4),
+		Invocation: id.id, Phases: ph}
 	e.shimEnded = func(wait time.Duration) (syscall.WaitStatus, bool) {
 		select {
 		case <-reaped:

@@ -66,6 +66,7 @@ func journal(t *testing.T, unit string, want string) string {
 // as its user, without new privileges: there is no window outside.
 func TestEngineStartsInsideItsScope(t *testing.T) {
 	rt, ctx := runtime(t)
+	t0 := time.Now()
 	e, err := rt.Start(ctx, engine.Spec{
 		Pool:        "first-light",
 		Argv:        []string{"/bin/sh", "-c", `echo "cgroup $(cat /proc/self/cgroup | tail -n 1)"; echo "uid $(id -u) $(grep NoNewPrivs /proc/self/status)"; echo "env $GREETING $CUDA_VISIBLE_DEVICES"; exit 7`},
@@ -76,6 +77,13 @@ func TestEngineStartsInsideItsScope(t *testing.T) {
 	})
 	require.NoError(t, err)
 	assert.Equal(t, "pool-engine-first\\x2dlight.scope", e.Unit, "unit names are escaped the systemd way")
+	// The start's phases, for the journal and make bench, add up.
+	ph := e.Phases
+	assert.Positive(t, ph.Shim)
+	assert.Positive(t, ph.Scope)
+	assert.Positive(t, ph.Exec)
+	assert.LessOrEqual(t, ph.Shim+ph.Scope+ph.Exec, e.Started.Sub(t0))
+	assert.NotEmpty(t, e.Invocation, "read alongside the engine's exec")
 	var exit *engine.Exit
 	for ev := range e.Events() {
 		if ev.Exit != nil {

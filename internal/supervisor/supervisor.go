@@ -202,8 +202,11 @@ type Supervisor struct {
 	reqs        map[lifecycle.ReqID]chan lifecycle.Reply
 	lastReq     lifecycle.ReqID
 	stopping    chan struct{} // closed when the last stop of the scope is done
-	queue       []lifecycle.Event
-	stepping    bool
+	// staged is when the last start's staging began: the decision to
+	// start, for the start's journal entry.
+	staged   time.Time
+	queue    []lifecycle.Event
+	stepping bool
 }
 
 // run is one engine process: what the machine's RunID stands for.
@@ -603,6 +606,7 @@ func (s *Supervisor) XID(uuid string, xid uint64) {
 // minutes and the pool must keep answering; the next start waits for a
 // stop of the scope under way, which must not reach the next engine.
 func (s *Supervisor) stage(a lifecycle.Stage) {
+	s.staged = time.Now()
 	stopped := s.stopping
 	go func() {
 		if stopped != nil {
@@ -681,6 +685,10 @@ func (s *Supervisor) launch(a lifecycle.Launch) {
 	}
 	spec := s.cfg.Build(st.Path)
 	started := time.Now()
+	decided := s.staged
+	if decided.IsZero() {
+		decided = started
+	}
 	spec.Note, _ = json.Marshal(startNote{Model: st.Ref, Digest: st.Digest, StagedPath: st.Path, Candidate: a.Candidate, StartedAt: started})
 	for _, n := range spec.DeviceNodes {
 		if _, err := os.Stat(n); err != nil {
@@ -695,7 +703,7 @@ func (s *Supervisor) launch(a lifecycle.Launch) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	startCtx, stop := context.WithTimeout(ctx, 30*time.Second)
-	t0 := time.Now()
+	checked := time.Now()
 	e, err := s.rt.Start(startCtx, spec)
 	stop()
 	if err != nil {
@@ -703,9 +711,14 @@ func (s *Supervisor) launch(a lifecycle.Launch) {
 		s.step(lifecycle.StartFailed{Run: a.Run, Err: err})
 		return
 	}
-	// How long from the decision to start to an engine running in its
-	// scope: the restart overhead make bench reports.
-	s.log.Info("engine process started", journal.PoolID, s.cfg.Pool, journal.StartUsec, time.Since(t0).Microseconds(), journal.Unit, e.Unit)
+	// How long from the decision to start (staging the model) to an
+	// engine running in its scope, and where it went: the restart
+	// overhead make bench reports.
+	s.log.Info("engine process started", journal.PoolID, s.cfg.Pool, journal.Unit, e.Unit,
+		journal.StartUsec, e.Started.Sub(decided).Microseconds(),
+		journal.StageUsec, started.Sub(decided).Microseconds(), journal.CheckUsec, checked.Sub(started).Microseconds(),
+		journal.ShimUsec, e.Phases.Shim.Microseconds(), journal.ScopeUsec, e.Phases.Scope.Microseconds(),
+		journal.ExecUsec, (e.Phases.Exec + e.Phases.Invocation).Microseconds())
 	r := &run{id: a.Run, e: e, ctx: ctx, cancel: cancel, started: time.Now(), staged: st, exited: make(chan struct{})}
 	s.adoptHandle(r)
 	s.step(lifecycle.EngineStarted{Run: a.Run, PID: e.PID, Invocation: e.Invocation})
