@@ -50,9 +50,11 @@ demo: packages
 vm-test: packages
 	GO=$(GO) internal/vmtest/run.sh
 
-# Figures against systemd and the bus, measured in one run in the sandbox
-# (root needed); writes build/bench.json. BENCH_ARGS=scale runs only the
-# 64-pool figures (build/bench-scale.json).
+# Figures against systemd and the bus, each in interleaved rounds (ours,
+# reference, ours, ...) in the sandbox (root needed); writes
+# build/bench.json with every round. BENCH_ARGS picks figures and settings:
+# crash restart lease drain reload staging ready scale storm, rounds=N
+# (default 5), stage-mb=N (default 2048), idle-sec=N (default 10).
 bench:
 	$(GO) run ./internal/bench $(BENCH_ARGS)
 

@@ -197,6 +197,29 @@ c_ready() {
 	want "embed DeviceMask (as configured)" "$(pv embed DeviceMask)" GPU-8f2c1a70-0000-4000-8000-000000000001
 }
 
+c_poolctl() {
+	local out code
+	out=$(poolctl list 2>&1)
+	want_match "poolctl list: llama8b" "$out" '^llama8b +ready +yes '
+	want_match "poolctl list: embed" "$out" '^embed +ready +yes '
+	out=$(setpriv --reuid=nobody --regid=nogroup --clear-groups poolctl status llama8b --json 2>&1)
+	want_match "poolctl status as nobody" "$out" '"State":"ready"'
+	out=$(setpriv --reuid=nobody --regid=nogroup --clear-groups poolctl stop embed 2>&1)
+	code=$?
+	want "poolctl stop as nobody: exit status" "$code" 1
+	want_match "poolctl stop as nobody: refused" "$out" 'org.freedesktop.DBus.Error.AccessDenied'
+	want "embed still ready" "$(pv embed Ready)" true
+	want_ok "poolctl stop embed" poolctl stop embed
+	want "embed State" "$(pv embed State)" stopped
+	out=$(poolctl start embed 2>&1)
+	want_match "poolctl start waits for Ready" "$out" '^start embed: ready in [0-9.]+m?s$'
+	want "embed Ready" "$(pv embed Ready)" true
+	for f in /usr/share/man/man1/poolctl.1.gz /usr/share/bash-completion/completions/poolctl \
+		/usr/share/pool-managerd/pool-managerd.dashboard.json /usr/share/doc/pool-managerd/pool-managerd.rules.yml; do
+		want_ok "$f installed" test -s "$f"
+	done
+}
+
 c_scope() {
 	local s=pool-engine-llama8b.scope pid cg
 	want "Slice" "$(systemctl show -p Slice --value $s)" pool-managerd-engines.slice
@@ -391,6 +414,7 @@ phase1() {
 	check "install (.$KIND)" c_install || return 1
 	check "two simulator pools on fake GPUs" c_configure || return 1
 	check "both pools Ready over the bus" c_ready
+	check "poolctl: list, status as nobody, a refused stop, stop and start (waits for Ready); its man page, completion, dashboard, rules" c_poolctl
 	check "engine scope: slice, DevicePolicy=closed, DeviceAllow, MemoryMax, user" c_scope
 	check "DevicePolicy=closed enforced: own GPU ENXIO, other pool's EPERM" c_devices
 	check "engine output in the scope's journal" c_journal
