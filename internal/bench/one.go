@@ -244,6 +244,41 @@ var (
 		Goal:      Goal{Text: "median ratio <= 1.0, worst < 1.3", Of: "ratio", AtMost: 1.0, WorstBelow: 1.3}}
 )
 
+// scopeRefs times systemd-run --scope /bin/true as a restart meets
+// systemd: each run begins as systemd reports the previous scope ended
+// (the daemon restarts an engine killed by SIGKILL once systemd has said
+// the kill was no stop), when systemd is taking that scope down. The runs
+// back to back, each beginning as the previous exits, are given too: they
+// meet a systemd with nothing to take down yet, and vary from 0.5 to 2
+// times the other on this machine.
+func (b *bench) scopeRefs(r int) (after, hot []time.Duration) {
+	systemd := b.conn.Object("org.freedesktop.systemd1", "/org/freedesktop/systemd1")
+	must(systemd.Call("org.freedesktop.systemd1.Manager.Subscribe", 0).Err)
+	defer systemd.Call("org.freedesktop.systemd1.Manager.Unsubscribe", 0)
+	w := watch(b.conn, dbus.WithMatchPathNamespace("/org/freedesktop/systemd1/unit"))
+	defer w.close()
+	run := func(name string) time.Duration {
+		t0 := time.Now()
+		if out, err := exec.Command("systemd-run", "--scope", "--quiet", "--unit="+name, "/bin/true").CombinedOutput(); err != nil {
+			must(fmt.Errorf("systemd-run --scope: %v: %s", err, out))
+		}
+		return time.Since(t0)
+	}
+	for i := range crashSamples {
+		name := fmt.Sprintf("bench-scope-%d-%d.scope", r, i)
+		w.drain()
+		d := run(name)
+		if i > 0 {
+			after = append(after, d)
+		}
+		w.prop(dbus.ObjectPath("/org/freedesktop/systemd1/unit/"+bus.PathEncode(name)), "ActiveState", "inactive", 30*time.Second)
+	}
+	for i := range crashSamples {
+		hot = append(hot, run(fmt.Sprintf("bench-hot-%d-%d.scope", r, i)))
+	}
+	return after, hot
+}
+
 // crashRound: SIGKILL of the engine -> Ready=false seen by a client,
 // against SIGKILL of a transient service's main process -> its
 // ActiveState change seen the same way. The restarts that follow give the
@@ -268,7 +303,7 @@ func (b *bench) crashRound(r int, figs *Figures) {
 	var restarts []time.Duration
 	// Where a start's time went, as the daemon logs it beside START_USEC.
 	phases := map[string]string{journal.StageUsec: "1 stage", journal.CheckUsec: "2 check GPUs", journal.ShimUsec: "3 shim fork+exec",
-		journal.ScopeUsec: "4 scope created", journal.ExecUsec: "5 engine exec"}
+		journal.ScopeUsec: "4 scope created", journal.LeftoverUsec: "4a of which an earlier scope", journal.ExecUsec: "5 engine exec"}
 	split := map[string][]float64{}
 	for _, e := range journalEntries(since, crashSamples, "MESSAGE=engine process started", journal.PoolID+"="+benchPool) {
 		restarts = append(restarts, time.Duration(field(e, journal.StartUsec))*time.Microsecond)
@@ -311,21 +346,13 @@ func (b *bench) crashRound(r int, figs *Figures) {
 	}
 
 	if b.opts.has("restart") {
-		var scopes []time.Duration
-		for range crashSamples {
-			t0 := time.Now()
-			if out, err := exec.Command("systemd-run", "--scope", "--quiet", "/bin/true").CombinedOutput(); err != nil {
-				must(fmt.Errorf("systemd-run --scope: %v: %s", err, out))
-			}
-			scopes = append(scopes, time.Since(t0))
-		}
+		scopes, hot := b.scopeRefs(r)
 		rd := newRound(r, restartFig.Basis, msAll(restarts), msAll(scopes))
-		if len(split) > 0 {
-			rd.Parts = map[string]float64{}
-			for name, v := range split {
-				rd.Parts[name] = median(v)
-			}
+		rd.Parts = map[string]float64{}
+		for name, v := range split {
+			rd.Parts[name] = median(v)
 		}
+		rd.Parts["reference back to back"] = median(msAll(hot))
 		figs.add(restartFig, rd)
 	}
 }

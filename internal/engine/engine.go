@@ -17,6 +17,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
@@ -97,6 +98,9 @@ type StartPhases struct {
 	// Invocation: reading the scope's InvocationID, beyond Exec (it runs
 	// alongside it).
 	Invocation time.Duration
+	// Leftover: the part of Scope spent on an earlier scope of the same
+	// name that was still there.
+	Leftover time.Duration
 }
 
 // Engine is one running engine.
@@ -128,19 +132,47 @@ type Runtime struct {
 	// Witness, when set, is told of every stop the daemon makes, so that
 	// systemd's report of it is not taken for an operator's.
 	Witness *witness.Witness
-	conn    *sddbus.Conn
 	// shim is the command re-executed as the shim (the daemon binary).
 	shim []string
+
+	mu   sync.Mutex
+	conn *sddbus.Conn
 }
 
-// New connects to systemd on the system bus. shim is the command line of
+// New connects to systemd (see systemd). shim is the command line of
 // the shim (see ShimCommand).
 func New(ctx context.Context, shim []string) (*Runtime, error) {
-	c, err := sddbus.NewSystemConnectionContext(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("connecting to systemd on the system bus: %w", err)
+	r := &Runtime{shim: shim}
+	if _, err := r.systemd(ctx); err != nil {
+		return nil, err
 	}
-	return &Runtime{conn: c, shim: shim}, nil
+	return r, nil
+}
+
+// systemd is the connection to systemd: its private socket, as systemctl
+// and systemd-run use as root (a unit's start and its job's end then take
+// no trip through the bus daemon: half the time of a start on this
+// project's machines), else the system bus. A connection lost with a
+// re-executing systemd is made again.
+func (r *Runtime) systemd(ctx context.Context) (*sddbus.Conn, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.conn != nil && r.conn.Connected() {
+		return r.conn, nil
+	}
+	if r.conn != nil {
+		r.conn.Close()
+		r.conn = nil
+	}
+	c, err := sddbus.NewSystemdConnectionContext(ctx)
+	if err != nil {
+		c, err = sddbus.NewSystemConnectionContext(ctx)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("connecting to systemd: %w", err)
+	}
+	r.conn = c
+	return c, nil
 }
 
 // ShimPath is where the packages install pool-managerd-shim.
@@ -161,7 +193,13 @@ func ShimCommand(exe string) (argv []string, dedicated bool) {
 }
 
 // Close drops the connection to systemd; engines keep running.
-func (r *Runtime) Close() { r.conn.Close() }
+func (r *Runtime) Close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.conn != nil {
+		r.conn.Close()
+	}
+}
 
 type deviceAllow struct {
 	Path string
@@ -272,11 +310,24 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 	if err != nil {
 		return abort(err)
 	}
+	sd, err := r.systemd(ctx)
+	if err != nil {
+		return abort(err)
+	}
 	t1 := time.Now()
 	ph.Shim = t1.Sub(t0)
 	done := make(chan string, 1)
-	_, err = r.conn.StartTransientUnitContext(ctx, name, "fail", props, done)
+	var leftoverFrom time.Time
+	_, err = sd.StartTransientUnitContext(ctx, name, "fail", props, done)
+	if errors.Is(err, dbus.ErrClosed) || errors.Is(err, io.EOF) {
+		// systemd re-executed since the connection was checked.
+		if sd, err = r.systemd(ctx); err != nil {
+			return abort(err)
+		}
+		_, err = sd.StartTransientUnitContext(ctx, name, "fail", props, done)
+	}
 	if isDBusError(err, "org.freedesktop.systemd1.UnitExists") {
+		leftoverFrom = time.Now()
 		// A scope of an earlier engine is still there (something it
 		// forked, or systemd not done collecting it): stop it, then
 		// create ours. Asking only when it exists keeps a round trip off
@@ -284,18 +335,21 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 		if err := r.stopUnit(ctx, name); err != nil {
 			return abort(err)
 		}
-		_, err = r.conn.StartTransientUnitContext(ctx, name, "fail", props, done)
+		_, err = sd.StartTransientUnitContext(ctx, name, "fail", props, done)
 		// A stopped scope stays loaded until systemd's next garbage
 		// collection (a failed one until its failure is reset).
 		for wait := 5 * time.Millisecond; isDBusError(err, "org.freedesktop.systemd1.UnitExists") && wait < 2*time.Second; wait *= 2 {
-			r.conn.ResetFailedUnitContext(ctx, name)
+			sd.ResetFailedUnitContext(ctx, name)
 			select {
 			case <-time.After(wait):
 			case <-ctx.Done():
 				return abort(ctx.Err())
 			}
-			_, err = r.conn.StartTransientUnitContext(ctx, name, "fail", props, done)
+			_, err = sd.StartTransientUnitContext(ctx, name, "fail", props, done)
 		}
+	}
+	if !leftoverFrom.IsZero() {
+		ph.Leftover = time.Since(leftoverFrom)
 	}
 	if err != nil {
 		return abort(fmt.Errorf("creating %s: %w", name, err))
@@ -448,9 +502,13 @@ func (r *Runtime) Stop(ctx context.Context, pool string) error {
 }
 
 func (r *Runtime) stopUnit(ctx context.Context, name string) error {
+	sd, err := r.systemd(ctx)
+	if err != nil {
+		return err
+	}
 	done := make(chan string, 1)
 	mark := r.Witness.ExpectStop(name)
-	id, err := r.conn.StopUnitContext(ctx, name, "replace", done)
+	id, err := sd.StopUnitContext(ctx, name, "replace", done)
 	if err == nil {
 		mark.Job(uint32(id))
 	} else {
@@ -479,7 +537,11 @@ func isDBusError(err error, name string) bool {
 // StopOrphans stops engine scopes of pools not in keep (pools removed from
 // the configuration while no daemon ran) and returns their unit names.
 func (r *Runtime) StopOrphans(ctx context.Context, keep []string) ([]string, error) {
-	units, err := r.conn.ListUnitsByPatternsContext(ctx, nil, []string{"pool-engine-*.scope"})
+	sd, err := r.systemd(ctx)
+	if err != nil {
+		return nil, err
+	}
+	units, err := sd.ListUnitsByPatternsContext(ctx, nil, []string{"pool-engine-*.scope"})
 	if err != nil {
 		return nil, err
 	}
@@ -531,7 +593,11 @@ func lookupUser(name string) (account, error) {
 
 // ScopeProperty reads one property of a pool's scope, for status and tests.
 func (r *Runtime) ScopeProperty(ctx context.Context, pool, name string) (any, error) {
-	p, err := r.conn.GetUnitTypePropertyContext(ctx, UnitName(pool), "Scope", name)
+	sd, err := r.systemd(ctx)
+	if err != nil {
+		return nil, err
+	}
+	p, err := sd.GetUnitTypePropertyContext(ctx, UnitName(pool), "Scope", name)
 	if err != nil {
 		return nil, err
 	}
@@ -540,7 +606,11 @@ func (r *Runtime) ScopeProperty(ctx context.Context, pool, name string) (any, er
 
 // invocation reads a unit's InvocationID ("" if it cannot).
 func (r *Runtime) invocation(ctx context.Context, unit string) string {
-	p, err := r.conn.GetUnitPropertyContext(ctx, unit, "InvocationID")
+	sd, err := r.systemd(ctx)
+	if err != nil {
+		return ""
+	}
+	p, err := sd.GetUnitPropertyContext(ctx, unit, "InvocationID")
 	if err != nil {
 		return ""
 	}

@@ -213,3 +213,21 @@ func TestScopeOOMPolicyIsStopUnlessThePoolSetsIt(t *testing.T) {
 		require.NoError(t, rt.Stop(ctx, tc.pool))
 	}
 }
+
+// The runtime talks to systemd on its private socket, which a re-executing
+// systemd closes: the next start connects again.
+func TestStartAfterSystemdReexecutes(t *testing.T) {
+	rt, ctx := runtime(t)
+	spec := engine.Spec{Pool: "reexec", Argv: []string{"/bin/sleep", "1000"}, User: "pool-engine", StopTimeout: time.Second}
+	e, err := rt.Start(ctx, spec)
+	require.NoError(t, err)
+	require.NoError(t, rt.Stop(ctx, "reexec"))
+	for range e.Events() {
+	}
+	out, err := exec.Command("systemctl", "daemon-reexec").CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	e, err = rt.Start(ctx, spec)
+	require.NoError(t, err, "a start right after systemd re-executed")
+	assert.NotEmpty(t, e.Invocation)
+	require.NoError(t, rt.Stop(ctx, "reexec"))
+}

@@ -58,13 +58,15 @@ const (
 	// A start's phases (engine.StartPhases), beside START_USEC: staging
 	// the model and checking the GPUs, the shim's fork and exec, the
 	// scope's creation, the engine's exec.
-	StageUsec   = "STAGE_USEC"
-	CheckUsec   = "CHECK_USEC"
-	ShimUsec    = "SHIM_USEC"
-	ScopeUsec   = "SCOPE_USEC"
-	ExecUsec    = "EXEC_USEC"
-	ModelDigest = "MODEL_DIGEST"
-	Reason      = "REASON"
+	StageUsec = "STAGE_USEC"
+	CheckUsec = "CHECK_USEC"
+	ShimUsec  = "SHIM_USEC"
+	ScopeUsec = "SCOPE_USEC"
+	ExecUsec  = "EXEC_USEC"
+	// the part of SCOPE_USEC spent on an earlier scope of the same name
+	LeftoverUsec = "LEFTOVER_USEC"
+	ModelDigest  = "MODEL_DIGEST"
+	Reason       = "REASON"
 	// GPU faults: the engine's output line, an NVML XID and its GPU.
 	Line = "LINE"
 	XID  = "XID"

@@ -718,7 +718,7 @@ func (s *Supervisor) launch(a lifecycle.Launch) {
 		journal.StartUsec, e.Started.Sub(decided).Microseconds(),
 		journal.StageUsec, started.Sub(decided).Microseconds(), journal.CheckUsec, checked.Sub(started).Microseconds(),
 		journal.ShimUsec, e.Phases.Shim.Microseconds(), journal.ScopeUsec, e.Phases.Scope.Microseconds(),
-		journal.ExecUsec, (e.Phases.Exec + e.Phases.Invocation).Microseconds())
+		journal.ExecUsec, (e.Phases.Exec + e.Phases.Invocation).Microseconds(), journal.LeftoverUsec, e.Phases.Leftover.Microseconds())
 	r := &run{id: a.Run, e: e, ctx: ctx, cancel: cancel, started: time.Now(), staged: st, exited: make(chan struct{})}
 	s.adoptHandle(r)
 	s.step(lifecycle.EngineStarted{Run: a.Run, PID: e.PID, Invocation: e.Invocation})
@@ -861,18 +861,27 @@ func untilProbe(now time.Time, every time.Duration) time.Duration {
 	return every - now.Sub(probeEpoch)%every
 }
 
+// startFirst is the wait before a new engine's first probe; the waits
+// double up to the start's probe interval.
+const startFirst = 5 * time.Millisecond
+
 // probe checks health: often until the engine first answers (bounded by
 // StartTimeout), then every Interval; it reports each result to the loop.
 func (s *Supervisor) probe(r *run) {
 	h := s.cfg.Health
+	// Until healthy the probes come quickly, then less so: an engine up
+	// in milliseconds is Ready in milliseconds, one loading a model for
+	// minutes is asked every startEvery.
 	startEvery := min(h.Interval, 100*time.Millisecond)
+	next := min(startFirst, startEvery)
 	deadline := time.Now().Add(h.StartTimeout)
 	if !r.startBy.IsZero() {
 		deadline = r.startBy
 	}
 	healthy := false
 	for {
-		wait := startEvery
+		wait := next
+		next = min(2*next, startEvery)
 		if healthy {
 			wait = untilProbe(time.Now(), h.Interval)
 		}
