@@ -94,7 +94,11 @@ StormMaxRestarts=10000
 				progress("64 pools: the daemon's CPU time read from %s", src)
 			}
 			figs.add(cpuFig, newRound(r, cpuFig.Basis, []float64{pct}, nil))
-			figs.add(rssFig, newRound(r, rssFig.Basis, []float64{rssMiB(pid)}, nil))
+			rd := newRound(r, rssFig.Basis, []float64{rssMiB(pid, "VmRSS:")}, nil)
+			// The binary's pages, shared with every other copy of it,
+			// against the daemon's own memory.
+			rd.Parts = map[string]float64{"anonymous": rssMiB(pid, "RssAnon:"), "file": rssMiB(pid, "RssFile:")}
+			figs.add(rssFig, rd)
 		}
 		if b.opts.has("storm") {
 			b.storm(r, figs)
@@ -139,11 +143,12 @@ func cpuTime(pid int) (time.Duration, string) {
 	return time.Duration(ut+st) * 10 * time.Millisecond, "clock ticks" // USER_HZ is 100
 }
 
-func rssMiB(pid int) float64 {
+// rssMiB reads one of the RSS lines of /proc/PID/status.
+func rssMiB(pid int, line string) float64 {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	must(err)
 	for _, l := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmRSS:" {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == line {
 			kb, _ := strconv.Atoi(f[1])
 			return float64(kb) / 1024
 		}
