@@ -147,6 +147,16 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 		}
 	}
 	waiting := false
+	// reread takes the pool's properties as they are now and says whether
+	// the wait is over.
+	reread := func() (bool, error) {
+		m, err := c.props(id)
+		if err != nil {
+			return true, err
+		}
+		show(p.apply(m))
+		return settled(p)
+	}
 	draw()
 	for {
 		select {
@@ -156,28 +166,46 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 				return finish(r.err)
 			}
 			outcome, waiting = r.outcome, true
-			// What changed before the answer is in the signals queued
-			// since the watch began; this read covers a pool that was
-			// already where the wait ends (a start of a ready pool).
-			m, err := c.props(id)
-			if err != nil {
-				return finish(err)
-			}
-			show(p.apply(m))
-			if ok, err := settled(p); ok {
+			// The pool may have got where the wait ends before the
+			// answer was read.
+			if ok, err := reread(); ok {
 				return finish(err)
 			}
 		case s := <-sigs:
-			ch, ok := classify(s, own).(change)
-			if !ok || ch.Pool != id {
-				continue
-			}
-			show(p.apply(ch.Changed))
-			if waiting {
-				if ok, err := settled(p); ok {
+			switch ch := classify(s, own).(type) {
+			case ownerChange:
+				if !waiting {
+					continue // the call's own answer will say
+				}
+				if ch.new == "" {
+					return finish(fmt.Errorf("pool-managerd left the bus while %s started (poolctl status %s)", id, id))
+				}
+				// A daemon back on the bus adopts the engine as it is.
+				if ok, err := reread(); ok {
 					return finish(err)
 				}
+			case change:
+				if ch.Pool != id {
+					continue
+				}
+				show(p.apply(ch.Changed))
+				if !waiting {
+					continue
+				}
+				if ok, err := settled(p); ok {
+					if err == nil {
+						return finish(nil)
+					}
+					// A signal may be older than the answer (a crash
+					// just before the start): the pool's state now
+					// decides.
+					if ok, err := reread(); ok {
+						return finish(err)
+					}
+				}
 			}
+		case <-ctx.Done():
+			return finish(fmt.Errorf("%s of %s: no end after %s (poolctl status %s)", verb, id, c.deadline+changeTimeout, id))
 		case <-tick:
 			draw()
 		case <-stop:

@@ -164,6 +164,28 @@ func TestStartWaitsAndSaysWhyItFailed(t *testing.T) {
 	waitProp(t, "llama-8b", "Ready", "b true")
 }
 
+// A start waiting for its engine ends, with the reason, when the daemon
+// leaves the bus: it does not wait forever for a change nobody will send.
+func TestStartEndsWhenTheDaemonLeaves(t *testing.T) {
+	dir := daemon(t)
+	r := poolctl(t, "", "stop", "qwen")
+	require.Equal(t, 0, r.code, r.stderr)
+	// The simulator loads this model for a minute.
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "models", "b.gguf"), []byte("GGUF\x03\x00\x00\x00\nsim-load-time=60s\n"), 0o644))
+	got := make(chan result, 1)
+	go func() { got <- poolctl(t, "", "start", "qwen") }()
+	waitProp(t, "qwen", "State", `s "starting"`)
+	out, err := exec.Command("systemctl", "stop", "pool-managerd.service").CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	select {
+	case r = <-got:
+	case <-time.After(30 * time.Second):
+		t.Fatal("poolctl start still waits after the daemon left")
+	}
+	assert.Equal(t, 1, r.code, r.stdout)
+	assert.Contains(t, r.stderr, "poolctl: pool-managerd left the bus while qwen started (poolctl status qwen)")
+}
+
 // On a terminal a reload rewrites one line with its step and progress,
 // then leaves the outcome on a clean line.
 func TestReloadShowsALiveProgressLineOnATerminal(t *testing.T) {

@@ -143,8 +143,9 @@ func (c *cli) status(args []string) error {
 	if scope == "" {
 		scope = "pool-engine-" + unit.UnitNameEscape(id) + ".scope"
 	}
-	// Only the daemon's own entries: any local user may log a POOL_ID=,
-	// none can log as pool-managerd.service (journald sets _SYSTEMD_UNIT).
+	// Only the daemon's own entries: any local user may log a POOL_ID=;
+	// _SYSTEMD_UNIT is journald's word on the sender's cgroup, and only
+	// root's processes run in pool-managerd.service.
 	c.journal("pool-managerd about "+id, "-b", "-o", "cat", "_SYSTEMD_UNIT="+daemonUnit, journal.PoolID+"="+id)
 	c.journal(scope, "-b", "-u", scope)
 	return nil

@@ -51,7 +51,7 @@ var commands = []command{
 	{name: "list", summary: "list the pools, one line each", json: true, run: (*cli).list,
 		help: "Columns: pool, state, ready, leases (active/slots, - for no limit), model, GPUs,\ncrashes, restarts, breaker, uptime of the engine's main process."},
 	{name: "status", args: "POOL", nargs: 1, summary: "show a pool's properties and its latest journal lines", json: true, run: (*cli).status,
-		help: "Prints every property of the pool, then the last lines the daemon logged about it\n(journalctl POOL_ID=POOL) and those of its engine's scope. --json prints the properties only."},
+		help: "Prints every property of the pool, then the last lines the daemon logged about it in this\nboot (its own entries with POOL_ID=POOL) and those of its engine's scope. --json prints the\nproperties only."},
 	{name: "start", args: "POOL", nargs: 1, noBlock: true, summary: "start a stopped pool and wait until it is ready", run: (*cli).start,
 		help: "Waits, as systemctl start does, until the engine is Ready, and fails with the pool's\nLastError if it crashes or is held instead. On a terminal a line shows the step."},
 	{name: "stop", args: "POOL", nargs: 1, summary: "stop a pool (a drain with deadline 0)", run: method("Stop")},

@@ -125,7 +125,7 @@ func TestArguments(t *testing.T) {
 
 	o, err = parseArgs([]string{"scale"})
 	require.NoError(t, err)
-	assert.Equal(t, []string{"scale", "storm"}, o.Figures, "scale is every 64-pool figure, as before")
+	assert.Equal(t, []string{"scale", "storm"}, o.Figures, "scale names every 64-pool figure")
 
 	for _, bad := range [][]string{{"crsh"}, {"rounds=0"}, {"rounds=x"}, {"speed=3"}} {
 		_, err := parseArgs(bad)

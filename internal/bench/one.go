@@ -247,10 +247,9 @@ var (
 // scopeRefs times systemd-run --scope /bin/true as a restart meets
 // systemd: each run begins gap after the previous one, the time the
 // restarts left between one scope and the next. How long systemd takes to
-// make a scope depends on how long ago it made the last one (on this
-// machine 8 ms back to back, 16 to 23 ms after 10 to 160 ms): a restart
-// always finds its engine's scope made long ago, so the reference waits as
-// long. The runs back to back are given too.
+// make a scope depends on how long ago it made the last one (README,
+// Figures): a restart always finds its engine's scope made long ago, so
+// the reference waits as long. The runs back to back are given too.
 func (b *bench) scopeRefs(r int, gap time.Duration) (after, hot []time.Duration) {
 	run := func(name string) time.Duration {
 		t0 := time.Now()

@@ -221,6 +221,9 @@ func TestNodeExporterServesEveryFamilyAfterCrashesADrainAndAReload(t *testing.T)
 		{"pool_managerd_pool_ready", p, 1},
 		{"pool_managerd_pool_live", p, 1},
 		{"pool_managerd_pool_draining", p, 0},
+		{"pool_managerd_pool_state", with("state", "ready"), 1},
+		{"pool_managerd_pool_state", with("state", "stopped"), 0},
+		{"pool_managerd_pool_state", with("state", "backoff"), 0},
 		{"pool_managerd_active_leases", p, 0},
 		{"pool_managerd_pool_info", map[string]string{"pool_id": pool, "model": "b.gguf", "engine_version": "sim-1", "device_mask": "0"}, 1},
 	} {

@@ -7,6 +7,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -190,9 +191,16 @@ Port=8082
 	section("Metrics through node_exporter")
 	d.waitFor("the metrics file", "grep -c 'engine_crashes_total{pool_id=\"llama8b\",reason=\"signal\"} 1' /var/lib/prometheus/node-exporter/pool-managerd.prom", "1")
 	if _, err := d.quiet("command -v prometheus-node-exporter"); err == nil {
-		d.run("systemd-run --unit=node-exporter prometheus-node-exporter --collector.disable-defaults --collector.textfile --collector.textfile.directory=/var/lib/prometheus/node-exporter --web.listen-address=127.0.0.1:9100")
-		d.waitFor("node_exporter", "curl -s -o /dev/null -w '%{http_code}' localhost:9100/metrics", "200")
-		d.run("curl -s localhost:9100/metrics | grep -E '^(pool_managerd_(pool_ready|engine_crashes_total|drains_total|reload_success_total|reload_failure_total)|node_textfile_scrape_error)' | grep -v 'pool_managerd.* 0$'")
+		// The sandbox shares the host's network: a free port, not 9100.
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			fail(err)
+		}
+		addr := l.Addr().String()
+		l.Close()
+		d.run("systemd-run --unit=node-exporter prometheus-node-exporter --collector.disable-defaults --collector.textfile --collector.textfile.directory=/var/lib/prometheus/node-exporter --web.listen-address=" + addr)
+		d.waitFor("node_exporter", "curl -s -o /dev/null -w '%{http_code}' "+addr+"/metrics", "200")
+		d.run("curl -s " + addr + "/metrics | grep -E '^(pool_managerd_(pool_ready|engine_crashes_total|drains_total|reload_success_total|reload_failure_total)|node_textfile_scrape_error)' | grep -v 'pool_managerd.* 0$'")
 	} else {
 		d.run("grep -E '^pool_managerd_(pool_ready|engine_crashes_total|drains_total|reload_success_total|reload_failure_total)' /var/lib/prometheus/node-exporter/pool-managerd.prom | grep -v ' 0$'")
 	}

@@ -137,6 +137,8 @@ type Runtime struct {
 
 	mu   sync.Mutex
 	conn *sddbus.Conn
+	// private: conn is systemd's private socket, not the system bus.
+	private bool
 }
 
 // New connects to systemd (see systemd). shim is the command line of
@@ -151,9 +153,9 @@ func New(ctx context.Context, shim []string) (*Runtime, error) {
 
 // systemd is the connection to systemd: its private socket, as systemctl
 // and systemd-run use as root (a unit's start and its job's end then take
-// no trip through the bus daemon: half the time of a start on this
-// project's machines), else the system bus. A connection lost with a
-// re-executing systemd is made again.
+// no trip through the bus daemon), else the system bus. A re-executing
+// systemd closes the private socket: a connection found closed, or
+// dropped after an error, is made again.
 func (r *Runtime) systemd(ctx context.Context) (*sddbus.Conn, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -165,6 +167,7 @@ func (r *Runtime) systemd(ctx context.Context) (*sddbus.Conn, error) {
 		r.conn = nil
 	}
 	c, err := sddbus.NewSystemdConnectionContext(ctx)
+	r.private = err == nil
 	if err != nil {
 		c, err = sddbus.NewSystemConnectionContext(ctx)
 	}
@@ -173,6 +176,68 @@ func (r *Runtime) systemd(ctx context.Context) (*sddbus.Conn, error) {
 	}
 	r.conn = c
 	return c, nil
+}
+
+// drop forgets c after a failure of its transport, so that the next use
+// connects again.
+func (r *Runtime) drop(c *sddbus.Conn) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.conn == c {
+		r.conn.Close()
+		r.conn = nil
+	}
+}
+
+// transportFailed tells a lost connection from systemd's own refusal.
+func transportFailed(err error) bool {
+	var de dbus.Error
+	return err != nil && !errors.As(err, &de) && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded)
+}
+
+// jobDone waits for the start job of unit to end. On the private socket a
+// re-executing systemd takes the job's end with the connection: then the
+// unit's state, asked on a new connection, says how it ended.
+func (r *Runtime) jobDone(ctx context.Context, sd *sddbus.Conn, unit string, done <-chan string) error {
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case res := <-done:
+			if res != "done" {
+				return fmt.Errorf("creating %s: job %s", unit, res)
+			}
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+			if sd.Connected() {
+				continue
+			}
+			for {
+				c, err := r.systemd(ctx)
+				if err != nil {
+					return err
+				}
+				p, err := c.GetUnitPropertyContext(ctx, unit, "ActiveState")
+				if err != nil {
+					return fmt.Errorf("creating %s: %w", unit, err)
+				}
+				switch state, _ := p.Value.Value().(string); state {
+				case "active":
+					return nil
+				case "activating":
+					select {
+					case <-ctx.Done():
+						return ctx.Err()
+					case <-time.After(25 * time.Millisecond):
+					}
+				default:
+					return fmt.Errorf("creating %s: the unit is %s after systemd re-executed", unit, state)
+				}
+			}
+		}
+	}
 }
 
 // ShimPath is where the packages install pool-managerd-shim.
@@ -319,8 +384,9 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 	done := make(chan string, 1)
 	var leftoverFrom time.Time
 	_, err = sd.StartTransientUnitContext(ctx, name, "fail", props, done)
-	if errors.Is(err, dbus.ErrClosed) || errors.Is(err, io.EOF) {
+	if transportFailed(err) {
 		// systemd re-executed since the connection was checked.
+		r.drop(sd)
 		if sd, err = r.systemd(ctx); err != nil {
 			return abort(err)
 		}
@@ -354,13 +420,8 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 	if err != nil {
 		return abort(fmt.Errorf("creating %s: %w", name, err))
 	}
-	select {
-	case res := <-done:
-		if res != "done" {
-			return abort(fmt.Errorf("creating %s: job %s", name, res))
-		}
-	case <-ctx.Done():
-		return abort(ctx.Err())
+	if err := r.jobDone(ctx, sd, name, done); err != nil {
+		return abort(err)
 	}
 	t2 := time.Now()
 	ph.Scope = t2.Sub(t1)

@@ -250,3 +250,13 @@ func TestPackagesInstallTheGrafanaDashboard(t *testing.T) {
 	assert.True(t, slices.Contains(rpm, dashboard), "the .rpm holds %s", dashboard)
 	assert.True(t, slices.Contains(rpm, dir), "the .rpm owns %s", dir)
 }
+
+// The daemon the packages ship is the plain build: the soak's profiling
+// hook is only in the soak's own build of it.
+func TestShippedDaemonHasNoSoakHook(t *testing.T) {
+	b, err := os.ReadFile("../../build/pool-managerd")
+	require.NoError(t, err)
+	const mod = "github.com/llorch/pool-managerd/internal/"
+	require.True(t, bytes.Contains(b, []byte(mod+"supervisor")), "the binary names its packages")
+	assert.False(t, bytes.Contains(b, []byte(mod+"soak")), "build/pool-managerd holds internal/soak")
+}

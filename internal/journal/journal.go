@@ -56,8 +56,9 @@ const (
 	StartupSec     = "STARTUP_SEC"
 	StartUsec      = "START_USEC"
 	// A start's phases (engine.StartPhases), beside START_USEC: staging
-	// the model and checking the GPUs, the shim's fork and exec, the
-	// scope's creation, the engine's exec.
+	// the model (after any stop of the scope under way), checking the
+	// GPUs, the shim's fork and exec, the scope's creation, the engine's
+	// exec (and the scope's InvocationID read alongside).
 	StageUsec = "STAGE_USEC"
 	CheckUsec = "CHECK_USEC"
 	ShimUsec  = "SHIM_USEC"

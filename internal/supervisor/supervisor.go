@@ -202,8 +202,9 @@ type Supervisor struct {
 	reqs        map[lifecycle.ReqID]chan lifecycle.Reply
 	lastReq     lifecycle.ReqID
 	stopping    chan struct{} // closed when the last stop of the scope is done
-	// staged is when the last start's staging began: the decision to
-	// start, for the start's journal entry.
+	// staged is when the last start was decided (its staging asked for,
+	// which first waits for a stop of the scope under way), for the
+	// start's journal entry.
 	staged   time.Time
 	queue    []lifecycle.Event
 	stepping bool
@@ -715,7 +716,7 @@ func (s *Supervisor) launch(a lifecycle.Launch) {
 	// engine running in its scope, and where it went: the restart
 	// overhead make bench reports.
 	s.log.Info("engine process started", journal.PoolID, s.cfg.Pool, journal.Unit, e.Unit,
-		journal.StartUsec, e.Started.Sub(decided).Microseconds(),
+		journal.StartUsec, time.Since(decided).Microseconds(),
 		journal.StageUsec, started.Sub(decided).Microseconds(), journal.CheckUsec, checked.Sub(started).Microseconds(),
 		journal.ShimUsec, e.Phases.Shim.Microseconds(), journal.ScopeUsec, e.Phases.Scope.Microseconds(),
 		journal.ExecUsec, (e.Phases.Exec + e.Phases.Invocation).Microseconds(), journal.LeftoverUsec, e.Phases.Leftover.Microseconds())

@@ -9,8 +9,9 @@
 // goroutine profile at debug=2, "heap" with the bytes of live heap after a
 // GC, "heapprofile" with the heap profile after a GC (for go tool pprof
 // -base); "leak" leaks a goroutine and an fd on purpose, for the soak to show
-// that it finds a leak (POOL_SOAK_PLANT_LEAK=1 make soak). Requests are served one at a time by the goroutine that accepts
-// them, so the hook is one goroutine in every dump, however it is asked.
+// that it finds a leak (POOL_SOAK_PLANT_LEAK=1 make soak). Requests are
+// served one at a time by the goroutine that accepts them, so the hook is
+// one goroutine in every dump, however it is asked.
 package pprofhook
 
 import (
