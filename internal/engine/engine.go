@@ -54,6 +54,9 @@ type Spec struct {
 	// Note is JSON the shim keeps for a restarted daemon: Attach gives
 	// it back in Engine.Note.
 	Note []byte
+	// Precheck, if set, runs while systemd makes the scope; an error
+	// calls the start off before the engine is run.
+	Precheck func() error
 }
 
 // Event is something an engine's shim reported after the start.
@@ -101,6 +104,8 @@ type StartPhases struct {
 	// Leftover: the part of Scope spent on an earlier scope of the same
 	// name that was still there.
 	Leftover time.Duration
+	// Precheck: Spec.Precheck's own time, alongside Scope.
+	Precheck time.Duration
 }
 
 // Engine is one running engine.
@@ -354,6 +359,18 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 		stR.Close()
 		return nil, fmt.Errorf("starting the shim: %w", err)
 	}
+	// The check runs alongside the scope's creation, off the start's path.
+	checked := make(chan error, 1)
+	go func() {
+		if s.Precheck == nil {
+			checked <- nil
+			return
+		}
+		c0 := time.Now()
+		err := s.Precheck()
+		ph.Precheck = time.Since(c0)
+		checked <- err
+	}()
 	reaped := make(chan struct{})
 	var shimStatus syscall.WaitStatus
 	go func() {
@@ -423,8 +440,11 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 	if err := r.jobDone(ctx, sd, name, done); err != nil {
 		return abort(err)
 	}
+	ph.Scope = time.Since(t1)
+	if err := <-checked; err != nil {
+		return abort(err)
+	}
 	t2 := time.Now()
-	ph.Scope = t2.Sub(t1)
 	if _, err := goW.Write([]byte{1}); err != nil {
 		return abort(fmt.Errorf("shim of %s: %w", name, err))
 	}

@@ -3,6 +3,7 @@ package engine_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -259,4 +260,21 @@ func TestALeftoverScopeOfThePoolsNameIsStoppedFirst(t *testing.T) {
 		t.Fatal("the leftover scope's process still runs")
 	}
 	require.NoError(t, rt.Stop(ctx, "leftover"))
+}
+
+// A precheck that fails calls the start off: no engine runs, and the
+// scope made meanwhile goes with its shim.
+func TestAFailedPrecheckRunsNoEngine(t *testing.T) {
+	rt, ctx := runtime(t)
+	mark := filepath.Join(t.TempDir(), "ran")
+	busy := errors.New("GPU in use by pid 4242")
+	_, err := rt.Start(ctx, engine.Spec{Pool: "prechecked", Argv: []string{"/bin/touch", mark}, User: "pool-engine", StopTimeout: time.Second,
+		Precheck: func() error { return busy }})
+	require.ErrorIs(t, err, busy)
+	_, statErr := os.Stat(mark)
+	assert.True(t, os.IsNotExist(statErr), "the engine never ran")
+	require.Eventually(t, func() bool {
+		out, _ := exec.Command("systemctl", "is-active", engine.UnitName("prechecked")).Output()
+		return strings.TrimSpace(string(out)) != "active"
+	}, 10*time.Second, 20*time.Millisecond, "the scope goes with its shim")
 }

@@ -57,8 +57,9 @@ const (
 	StartUsec      = "START_USEC"
 	// A start's phases (engine.StartPhases), beside START_USEC: staging
 	// the model (after any stop of the scope under way), checking the
-	// GPUs, the shim's fork and exec, the scope's creation, the engine's
-	// exec (and the scope's InvocationID read alongside).
+	// GPUs (alongside the scope's creation), the shim's fork and exec, the
+	// scope's creation, the engine's exec (and the scope's InvocationID
+	// read alongside).
 	StageUsec = "STAGE_USEC"
 	CheckUsec = "CHECK_USEC"
 	ShimUsec  = "SHIM_USEC"

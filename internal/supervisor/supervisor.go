@@ -698,10 +698,7 @@ func (s *Supervisor) launch(a lifecycle.Launch) {
 			return
 		}
 	}
-	if err := s.gpusFree(); err != nil {
-		s.step(lifecycle.StartFailed{Run: a.Run, Err: err})
-		return
-	}
+	spec.Precheck = s.gpusFree
 	ctx, cancel := context.WithCancel(context.Background())
 	startCtx, stop := context.WithTimeout(ctx, 30*time.Second)
 	checked := time.Now()
@@ -717,7 +714,7 @@ func (s *Supervisor) launch(a lifecycle.Launch) {
 	// overhead make bench reports.
 	s.log.Info("engine process started", journal.PoolID, s.cfg.Pool, journal.Unit, e.Unit,
 		journal.StartUsec, time.Since(decided).Microseconds(),
-		journal.StageUsec, started.Sub(decided).Microseconds(), journal.CheckUsec, checked.Sub(started).Microseconds(),
+		journal.StageUsec, started.Sub(decided).Microseconds(), journal.CheckUsec, (checked.Sub(started) + e.Phases.Precheck).Microseconds(),
 		journal.ShimUsec, e.Phases.Shim.Microseconds(), journal.ScopeUsec, e.Phases.Scope.Microseconds(),
 		journal.ExecUsec, (e.Phases.Exec + e.Phases.Invocation).Microseconds(), journal.LeftoverUsec, e.Phases.Leftover.Microseconds())
 	r := &run{id: a.Run, e: e, ctx: ctx, cancel: cancel, started: time.Now(), staged: st, exited: make(chan struct{})}
@@ -862,19 +859,22 @@ func untilProbe(now time.Time, every time.Duration) time.Duration {
 	return every - now.Sub(probeEpoch)%every
 }
 
-// startFirst is the wait before a new engine's first probe; the waits
-// double up to the start's probe interval.
-const startFirst = 5 * time.Millisecond
+// A new engine is probed every startStep for its first startQuick, then
+// at doubling waits up to the start's probe interval: an engine that
+// serves at once is Ready within a step, and one that loads a model for
+// minutes is asked at the start's interval.
+const (
+	startStep  = 2 * time.Millisecond
+	startQuick = 20 * time.Millisecond
+)
 
 // probe checks health: often until the engine first answers (bounded by
 // StartTimeout), then every Interval; it reports each result to the loop.
 func (s *Supervisor) probe(r *run) {
 	h := s.cfg.Health
-	// Until healthy the probes come quickly, then less so: an engine up
-	// in milliseconds is Ready in milliseconds, one loading a model for
-	// minutes is asked every startEvery.
 	startEvery := min(h.Interval, 100*time.Millisecond)
-	next := min(startFirst, startEvery)
+	next := min(startStep, startEvery)
+	quickUntil := time.Now().Add(startQuick)
 	deadline := time.Now().Add(h.StartTimeout)
 	if !r.startBy.IsZero() {
 		deadline = r.startBy
@@ -882,7 +882,9 @@ func (s *Supervisor) probe(r *run) {
 	healthy := false
 	for {
 		wait := next
-		next = min(2*next, startEvery)
+		if time.Now().After(quickUntil) {
+			next = min(2*next, startEvery)
+		}
 		if healthy {
 			wait = untilProbe(time.Now(), h.Interval)
 		}
