@@ -179,13 +179,24 @@ func (m *Machine) crashed(reason crash.Reason, msg string, x *Exit, uptime time.
 	// it reaches the journal and the bus.
 	msg = safetext.Bound(msg)
 	d := m.tr.Crash(m.now, reason)
+	// The backoff runs from the engine's exit, not from when its exit
+	// was settled (systemd's word on a SIGKILL comes milliseconds later).
+	var lag time.Duration
+	if x != nil && !x.At.IsZero() && x.At.Before(m.now) && !d.Held {
+		lag = min(m.now.Sub(x.At), d.Delay)
+		d.At = d.At.Add(-lag)
+	}
 	for i, ev := range d.Events {
-		if c, ok := ev.(policy.Crashed); ok {
+		switch c := ev.(type) {
+		case policy.Crashed:
 			c.Detail, c.Uptime = msg, uptime
 			c.EngineVersion, c.Model, c.DeviceMask = m.version, m.model, m.cfg.DeviceMask
 			if x != nil {
 				c.ExitCode, c.ExitSignal = exitFields(*x)
 			}
+			d.Events[i] = c
+		case policy.RestartScheduled:
+			c.At = c.At.Add(-lag)
 			d.Events[i] = c
 		}
 	}

@@ -252,3 +252,30 @@ func TestARestartThatCannotStartIsACrash(t *testing.T) {
 	assert.Equal(t, crash.StartFailure, v.LastReason)
 	assert.Equal(t, Backoff, v.State)
 }
+
+// The backoff runs from the engine's exit: an exit held for systemd's word
+// restarts as long after the exit as the backoff says, not after the word.
+func TestTheBackoffRunsFromTheExitNotFromSystemdsWord(t *testing.T) {
+	p := newPool(t, nil)
+	run := p.ready()
+	exitAt := p.now
+	p.exit(run, killedBy(syscall.SIGKILL))
+	require.Contains(t, p.timers, TimerHoldExit, "a SIGKILL waits for systemd's word")
+	p.advance(40 * time.Millisecond)
+	p.step(unit(witness.Dead, witness.NoCause))
+	require.Equal(t, Backoff, p.m.State())
+	restart, ok := p.timers[TimerRestart]
+	require.True(t, ok, "a restart is scheduled")
+	var sched policy.RestartScheduled
+	for _, j := range all[Journal](p.last) {
+		for _, ev := range j.Events {
+			if e, ok := ev.(policy.RestartScheduled); ok {
+				sched = e
+			}
+		}
+	}
+	require.NotZero(t, sched.Delay, "the restart is journaled")
+	assert.Equal(t, exitAt.Add(sched.Delay), restart.At, "delay after the exit")
+	assert.Equal(t, restart.At, sched.At, "the journal says when")
+	assert.Equal(t, restart.At, p.m.View(p.now).NextRestart, "and so does the bus")
+}
