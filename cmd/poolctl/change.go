@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -149,8 +150,27 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 	waiting := false
 	// reread takes the pool's properties as they are now and says whether
 	// the wait is over.
+	leftBus := fmt.Errorf("pool-managerd left the bus during the %s of %s (poolctl status %s)", verb, id, id)
+	// gone says whether err is the daemon's leaving the bus.
+	gone := func(err error) bool {
+		var de dbus.Error
+		if !errors.As(err, &de) {
+			return false
+		}
+		switch de.Name {
+		case "org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner":
+			return true
+		case "org.freedesktop.DBus.Error.NoReply":
+			var owner string
+			return conn.BusObject().Call(busDriver+".GetNameOwner", 0, busName).Store(&owner) != nil
+		}
+		return false
+	}
 	reread := func() (bool, error) {
 		m, err := c.props(id)
+		if gone(err) {
+			return true, leftBus
+		}
 		if err != nil {
 			return true, err
 		}
@@ -161,6 +181,9 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 	for {
 		select {
 		case r := <-done:
+			if gone(r.err) {
+				return finish(leftBus)
+			}
 			if r.err != nil || settled == nil {
 				outcome = r.outcome
 				return finish(r.err)
@@ -178,7 +201,7 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 					continue // the call's own answer will say
 				}
 				if ch.new == "" {
-					return finish(fmt.Errorf("pool-managerd left the bus while %s started (poolctl status %s)", id, id))
+					return finish(leftBus)
 				}
 				// A daemon back on the bus adopts the engine as it is.
 				if ok, err := reread(); ok {

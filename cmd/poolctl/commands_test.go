@@ -183,7 +183,7 @@ func TestStartEndsWhenTheDaemonLeaves(t *testing.T) {
 		t.Fatal("poolctl start still waits after the daemon left")
 	}
 	assert.Equal(t, 1, r.code, r.stdout)
-	assert.Contains(t, r.stderr, "poolctl: pool-managerd left the bus while qwen started (poolctl status qwen)")
+	assert.Contains(t, r.stderr, "poolctl: pool-managerd left the bus during the start of qwen (poolctl status qwen)")
 }
 
 // On a terminal a reload rewrites one line with its step and progress,
