@@ -213,37 +213,18 @@ func sandboxCheck(ctx context.Context, p plan, nodes []sandbox.Node, watch time.
 	return nil
 }
 
-// watchXID arms an XID watch through the package's NVML, as the daemon
-// does, and waits for events until d has passed.
+// watchXID watches for XID events as the daemon does (gpu.WatchXID) until
+// d has passed.
 func watchXID(ctx context.Context, uuid string, d time.Duration, w io.Writer) error {
-	lib := gpu.NewNVML()
-	if err := lib.Init(); err != nil {
-		return err
-	}
-	defer lib.Shutdown()
-	set, err := lib.NewEventSet()
-	if err != nil {
-		return err
-	}
-	defer set.Free()
-	dev, err := lib.DeviceByUUID(uuid)
-	if err != nil {
-		return err
-	}
-	if err := set.RegisterXID(dev); err != nil {
-		return fmt.Errorf("arming the XID watch on %s: %w", uuid, err)
-	}
-	fmt.Fprintf(w, "  armed on %s\n", uuid)
+	wctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
 	seen := 0
-	for end := time.Now().Add(d); time.Now().Before(end) && ctx.Err() == nil; {
-		ev, err := set.Wait(min(time.Until(end), time.Second))
-		if err != nil {
-			return fmt.Errorf("waiting for XID events: %w", err)
-		}
-		if ev != nil {
-			seen++
-			fmt.Fprintf(w, "  XID %d on %s (GPU instance %d, compute instance %d)\n", ev.XID, ev.UUID, int32(ev.GPUInstance), int32(ev.ComputeInstance))
-		}
+	err := gpu.WatchXID(wctx, nil, []string{uuid}, func(u string, xid uint64) {
+		seen++
+		fmt.Fprintf(w, "  XID %d on %s\n", xid, u)
+	})
+	if err != nil {
+		return err
 	}
 	if seen == 0 {
 		fmt.Fprintf(w, "  no XID event in %s\n", d)

@@ -19,12 +19,11 @@ type Sim struct {
 	M   *Machine
 	Now time.Time
 	// Journal collects the events journaled since the last Take.
-	Journal  []journal.Event
-	timers   map[Timer]ArmTimer
-	run      RunID
-	pid      int
-	queue    []Event
-	stepping bool
+	Journal []journal.Event
+	timers  map[Timer]ArmTimer
+	run     RunID
+	pid     int
+	steps   Queue
 	// replied is the error of the last reply.
 	replied error
 }
@@ -39,17 +38,7 @@ func NewSim(cfg Config, tr *policy.Tracker, now time.Time) *Sim {
 // step feeds ev; what the engines report meanwhile waits until the step's
 // actions are done, as in the supervisor.
 func (s *Sim) step(ev Event) {
-	s.queue = append(s.queue, ev)
-	if s.stepping {
-		return
-	}
-	s.stepping = true
-	for len(s.queue) > 0 {
-		ev := s.queue[0]
-		s.queue = s.queue[1:]
-		s.do(s.M.Step(s.Now, ev))
-	}
-	s.stepping = false
+	s.steps.Feed(ev, func(ev Event) { s.do(s.M.Step(s.Now, ev)) })
 }
 
 func (s *Sim) do(acts []Action) {

@@ -2,20 +2,17 @@ package metrics
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"reflect"
 	"regexp"
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -585,9 +582,6 @@ func dashCheck(q dashQuery, series map[string]map[string]bool) []string {
 // promtool parses each with Prometheus' own PromQL parser.
 func dashPromtool(t *testing.T, qs []dashQuery) (string, error) {
 	t.Helper()
-	path, err := exec.LookPath("promtool")
-	require.NoError(t, err, "promtool is missing: install Debian's prometheus package "+
-		"(apt-get install --no-install-recommends prometheus), which ships /usr/bin/promtool")
 	type rule struct {
 		Record string `yaml:"record"`
 		Expr   string `yaml:"expr"`
@@ -602,10 +596,7 @@ func dashPromtool(t *testing.T, qs []dashQuery) (string, error) {
 	require.NoError(t, err)
 	file := filepath.Join(t.TempDir(), "dashboard.rules.yml")
 	require.NoError(t, os.WriteFile(file, b, 0o644))
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, path, "check", "rules", "--lint=none", file).CombinedOutput()
-	return string(out), err
+	return runPromtool(t, "check", "rules", "--lint=none", file)
 }
 
 // Every query of the dashboard names series the daemon exports, with

@@ -205,9 +205,8 @@ type Supervisor struct {
 	// staged is when the last start was decided (its staging asked for,
 	// which first waits for a stop of the scope under way), for the
 	// start's journal entry.
-	staged   time.Time
-	queue    []lifecycle.Event
-	stepping bool
+	staged time.Time
+	steps  lifecycle.Queue
 }
 
 // run is one engine process: what the machine's RunID stands for.
@@ -307,17 +306,7 @@ func (s *Supervisor) Run(ctx context.Context) {
 // action of the step is done: the machine's actions are carried out in
 // the order it gave them, never interleaved with a later step's.
 func (s *Supervisor) step(ev lifecycle.Event) {
-	s.queue = append(s.queue, ev)
-	if s.stepping {
-		return
-	}
-	s.stepping = true
-	for len(s.queue) > 0 {
-		ev := s.queue[0]
-		s.queue = s.queue[1:]
-		s.exec(s.m.Step(time.Now(), ev))
-	}
-	s.stepping = false
+	s.steps.Feed(ev, func(ev lifecycle.Event) { s.exec(s.m.Step(time.Now(), ev)) })
 }
 
 func (s *Supervisor) exec(actions []lifecycle.Action) {
