@@ -85,7 +85,7 @@ fuzz-short:
 # private systemd; exits 2 at once without a GPU. Uses build/ binaries
 # when present, else builds into its own temp directory.
 gpu-check:
-	internal/gpucheck/gpu-check.sh
+	internal/gpucheck/gpu-check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build

@@ -6,6 +6,8 @@
 # Safe as root on a machine that is not ours: it writes only in its own
 # temporary directory, and removes it and the sandbox on exit, failure and
 # signals. Binaries come from build/ when there (make build), else go build.
+# Arguments go to the program: -holder 'CMD' runs CMD (compute work on GPU
+# 0) and checks that NVML and /proc see it hold the GPU and let it go.
 # Exit status: 0 passed, 1 a check failed, 2 no GPU or not root.
 set -eu
 cd "$(dirname "$0")/../.."
@@ -72,10 +74,33 @@ else
 	go build -o "$tmp/bin/gpu-check" ./internal/gpucheck
 fi
 
+# A host without systemd (a GPU machine's container image) gets it from a
+# layer made by internal/gpucheck/layer.sh: the libraries it lacks go in
+# too, and the users dbus runs as are added to copies of its user files.
+if [ ! -x /lib/systemd/systemd ] && [ -n "${GPU_CHECK_LAYER:-}" ]; then
+	L=$tmp/layer
+	mkdir -m 755 "$L"
+	tar -C "$L" -xzf "$GPU_CHECK_LAYER"
+	libdir=/usr/lib/$(gcc -dumpmachine 2>/dev/null || echo "$(uname -m)-linux-gnu")
+	mkdir -p "$L$libdir"
+	for l in "$L"/libs/*; do
+		n=$(basename "$l")
+		ldconfig -p | grep -q "^[[:space:]]$n " || mv "$l" "$L$libdir/"
+	done
+	rm -rf "$L/libs"
+	mkdir -p "$L/etc"
+	for f in passwd group shadow gshadow; do [ ! -e "/etc/$f" ] || cp -p "/etc/$f" "$L/etc/"; done
+	getent group messagebus >/dev/null || groupadd -P "$L" --system messagebus
+	getent passwd messagebus >/dev/null || useradd -P "$L" --system -g messagebus --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin messagebus
+	getent group systemd-journal >/dev/null || groupadd -P "$L" --system systemd-journal
+	export POOL_SANDBOX_LAYER=$L
+	echo "gpu-check: systemd from the layer $GPU_CHECK_LAYER; libraries added: $(ls "$L$libdir" | tr '\n' ' ')"
+fi
+
 # The sandbox's own scratch directory goes in $tmp too.
 rc=0
-TMPDIR=$tmp timeout -k 5 60 "$tmp/bin/gpu-check" -work "$tmp" -bin "$tmp/bin" || rc=$?
+TMPDIR=$tmp timeout -k 5 150 "$tmp/bin/gpu-check" -work "$tmp" -bin "$tmp/bin" "$@" || rc=$?
 if [ "$rc" -eq 124 ]; then
-	echo "gpu-check: did not finish within 60 s" >&2
+	echo "gpu-check: did not finish within 150 s" >&2
 fi
 exit "$rc"

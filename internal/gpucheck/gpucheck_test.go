@@ -161,3 +161,12 @@ func TestGPUCheckSandboxPartOnFakeGPUs(t *testing.T) {
 		})
 	}
 }
+
+// The holder check follows a holder's children: a shell may fork the
+// program that holds the GPU.
+func TestDescends(t *testing.T) {
+	assert.True(t, descends(os.Getpid(), os.Getpid()))
+	assert.True(t, descends(os.Getpid(), os.Getppid()))
+	assert.False(t, descends(os.Getppid(), os.Getpid()))
+	assert.False(t, descends(1<<22+1, os.Getpid()), "no such process")
+}

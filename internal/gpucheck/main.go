@@ -12,6 +12,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -76,6 +77,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	work := fs.String("work", "", "the check's own directory (required): configuration, state and the sandbox live there")
 	bin := fs.String("bin", "", "directory with pool-managerd, pool-managerd-shim and pool-engine-sim (default: -work/bin)")
 	watch := fs.Duration("xid-watch", 3*time.Second, "how long each XID watch runs")
+	holderCmd := fs.String("holder", "", "a shell command that runs compute work on GPU 0 for a while: NVML and /proc must see it hold the GPU, and see it go once killed")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -83,7 +85,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if sandbox.Inside() {
 		err = inside(*work, *watch, stdout)
 	} else {
-		err = outside(*work, *bin, *watch, stdout, stderr)
+		err = outside(*work, *bin, *holderCmd, *watch, stdout, stderr)
 	}
 	if err == nil {
 		return 0
@@ -98,7 +100,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 
 func section(w io.Writer, title string) { fmt.Fprintf(w, "\n== %s\n", title) }
 
-func outside(work, bin string, watch time.Duration, stdout, stderr io.Writer) error {
+func outside(work, bin, holderCmd string, watch time.Duration, stdout, stderr io.Writer) error {
 	start := time.Now()
 	inv, err := gpu.Load(config.Inventory{Backend: config.BackendNVML}, nil, "")
 	if errors.Is(err, gpu.ErrNoLibrary) {
@@ -155,6 +157,11 @@ func outside(work, bin string, watch time.Duration, stdout, stderr io.Writer) er
 		return err
 	}
 
+	section(stdout, "GPU 0: usable, and who holds it (host)")
+	if err := health(ctx, p, holderCmd, stdout); err != nil {
+		return err
+	}
+
 	nodes, err := deviceNodes()
 	if err != nil {
 		return err
@@ -188,6 +195,11 @@ func sandboxCheck(ctx context.Context, p plan, nodes []sandbox.Node, watch time.
 		return err
 	}
 	binds := []string{p.Work}
+	// The driver's libraries may be a mount of their own, which the
+	// sandbox's view of the root does not show.
+	if st, err := os.Stat("/usr/local/nvidia"); err == nil && st.IsDir() {
+		binds = append(binds, "/usr/local/nvidia")
+	}
 	for _, d := range []string{p.Bin, filepath.Dir(self)} {
 		if !strings.HasPrefix(d+"/", p.Work+"/") {
 			binds = append(binds, d)
@@ -462,4 +474,133 @@ func probe(ctx context.Context, port int) (map[string]string, error) {
 	defer resp.Body.Close()
 	out := map[string]string{}
 	return out, json.NewDecoder(io.LimitReader(resp.Body, 1<<16)).Decode(&out)
+}
+
+// health asks what the daemon asks before it restarts a held pool
+// (gpu.Usable) and before every launch (who runs compute work on the GPU,
+// who has its node open). With a holder command, it must see the holder
+// come and go as NVML and /proc report it.
+func health(ctx context.Context, p plan, holderCmd string, w io.Writer) error {
+	ok, why, err := gpu.Usable(nil, p.UUID)
+	if err != nil {
+		return fmt.Errorf("gpu.Usable: %w", err)
+	}
+	if !ok {
+		return fmt.Errorf("GPU 0 is not usable: %s", why)
+	}
+	fmt.Fprintf(w, "  usable: answers by UUID, no reset pending (recovery action, row remaps, retired pages)\n")
+	holders := func() ([]gpu.Holder, []gpu.Holder, error) {
+		cp, err := gpu.ComputeProcesses(nil, p.UUID, "/proc")
+		if err != nil {
+			return nil, nil, err
+		}
+		nh, err := gpu.NodeHolders("/proc", []string{p.Node})
+		return cp, nh, err
+	}
+	cp, nh, err := holders()
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "  compute processes (NVML): %s\n  %s open (/proc): %s\n", holderList(cp), p.Node, holderList(nh))
+	if holderCmd == "" {
+		return nil
+	}
+	cmd := exec.CommandContext(ctx, "sh", "-c", holderCmd)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("holder: %w", err)
+	}
+	pid := cmd.Process.Pid
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	defer func() {
+		syscall.Kill(-pid, syscall.SIGKILL)
+		<-exited
+	}()
+	fmt.Fprintf(w, "  holder started: PID %d: %s\n", pid, holderCmd)
+	start := time.Now()
+	in := func(hs []gpu.Holder) bool {
+		for _, h := range hs {
+			if descends(h.PID, pid) {
+				return true
+			}
+		}
+		return false
+	}
+	for {
+		cp, nh, err = holders()
+		if err != nil {
+			return err
+		}
+		if in(cp) && in(nh) {
+			break
+		}
+		select {
+		case err := <-exited:
+			exited <- err
+			return fmt.Errorf("the holder ended (%v) before NVML and /proc both saw it: compute %s, node %s", err, holderList(cp), holderList(nh))
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+		if time.Since(start) > 60*time.Second {
+			return fmt.Errorf("the holder did not show on GPU 0 in 60 s: compute %s, node %s", holderList(cp), holderList(nh))
+		}
+	}
+	fmt.Fprintf(w, "  after %.1f s: compute processes %s; %s open by %s\n", time.Since(start).Seconds(), holderList(cp), p.Node, holderList(nh))
+	syscall.Kill(-pid, syscall.SIGKILL)
+	killed := time.Now()
+	<-exited
+	exited <- nil
+	for {
+		cp, nh, err = holders()
+		if err != nil {
+			return err
+		}
+		if !in(cp) && !in(nh) {
+			break
+		}
+		if time.Since(killed) > 10*time.Second {
+			return fmt.Errorf("GPU 0 still held 10 s after the holder was killed: compute %s, node %s", holderList(cp), holderList(nh))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	fmt.Fprintf(w, "  killed: gone from NVML and /proc %.0f ms later\n", float64(time.Since(killed).Microseconds())/1000)
+	return nil
+}
+
+// descends says whether pid is root or one of its descendants.
+func descends(pid, root int) bool {
+	for i := 0; i < 64 && pid > 1; i++ {
+		if pid == root {
+			return true
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return false
+		}
+		// The command may hold spaces and parentheses: the fields follow
+		// the last ')'.
+		end := bytes.LastIndexByte(b, ')')
+		if end < 0 {
+			return false
+		}
+		var state string
+		if _, err := fmt.Sscan(string(b[end+1:]), &state, &pid); err != nil {
+			return false
+		}
+	}
+	return pid == root
+}
+
+func holderList(hs []gpu.Holder) string {
+	if len(hs) == 0 {
+		return "none"
+	}
+	var s []string
+	for _, h := range hs {
+		s = append(s, h.String())
+	}
+	return strings.Join(s, ", ")
 }

@@ -45,7 +45,14 @@ type Options struct {
 	Units []string
 	// Prepare are commands run inside once it is up, e.g. a useradd.
 	Prepare [][]string
+	// Layer is a directory laid over the host's root, for a host without
+	// systemd (a GPU machine's container image): its files win. Empty
+	// means $POOL_SANDBOX_LAYER, and none when that is unset.
+	Layer string
 }
+
+// LayerEnv names the default Options.Layer.
+const LayerEnv = "POOL_SANDBOX_LAYER"
 
 // Sandbox is one booted systemd.
 type Sandbox struct {
@@ -62,7 +69,8 @@ const script = `set -e
 R=%[1]s
 read -r hostpid _ < /proc/self/stat; echo $hostpid > $R.pid
 mkdir -p $R && mount -t tmpfs -o size=4g tmpfs $R && mkdir -p $R/upper $R/work $R/root
-mount -t overlay overlay -o lowerdir=/,upperdir=$R/upper,workdir=$R/work $R/root
+%[5]s
+mount -t overlay overlay -o lowerdir=$lower/,upperdir=$R/upper,workdir=$R/work $R/root
 mount -t tmpfs -o mode=755,nosuid tmpfs $R/root/dev
 for n in null zero full random urandom tty console kmsg ptmx; do cp -a /dev/$n $R/root/dev/; done
 mkdir -p $R/root/dev/pts $R/root/dev/shm $R/root/dev/mqueue
@@ -77,7 +85,10 @@ mount -t tmpfs tmpfs $R/root/run; mount -t tmpfs tmpfs $R/root/tmp
 # A cgroup of its own: systemd takes the one it starts in as its root, and
 # sandboxes side by side must not share /system.slice and its units.
 # Every hierarchy: systemd uses a v1 controller only where its root exists.
-for h in /sys/fs/cgroup /sys/fs/cgroup/*; do
+# With cgroup v2 alone there is one, at the top.
+hs="/sys/fs/cgroup /sys/fs/cgroup/*"
+[ "$(stat -fc %%T /sys/fs/cgroup)" != cgroup2fs ] || hs=/sys/fs/cgroup
+for h in $hs; do
   [ -e $h/cgroup.procs ] && [ ! -L $h ] || continue
   mkdir -p $h/%[4]s || continue
   for f in cpuset.cpus cpuset.mems; do [ ! -e $h/$f ] || cat $h/$f > $h/%[4]s/$f || true; done
@@ -98,11 +109,24 @@ func Boot(ctx context.Context, o Options) (*Sandbox, error) {
 	for _, n := range o.Nodes {
 		fmt.Fprintf(&nodes, "mknod -m 666 $R/root%s c %d %d\n", n.Path, n.Major, n.Minor)
 	}
+	lower := "lower="
+	if o.Layer == "" {
+		o.Layer = os.Getenv(LayerEnv)
+	}
+	if o.Layer != "" {
+		// overlayfs takes ':' and ',' as separators in lowerdir.
+		if strings.ContainsAny(o.Layer, ":,") || !filepath.IsAbs(o.Layer) {
+			return nil, fmt.Errorf("sandbox: layer %q: not an absolute path without ':' or ','", o.Layer)
+		}
+		// A layer on the root's own file system overlaps it: a copy on
+		// the sandbox's tmpfs does not.
+		lower = fmt.Sprintf("cp -a %s/. $R/layer\nlower=$R/layer:", shellQuote(o.Layer))
+	}
 	for _, b := range o.Binds {
 		fmt.Fprintf(&binds, "mkdir -p $R/root%[1]s && mount --bind %[1]s $R/root%[1]s\n", shellQuote(b))
 	}
 	cmd := exec.Command("unshare", "--pid", "--fork", "--mount", "--propagation", "private", "--kill-child",
-		"bash", "-c", fmt.Sprintf(script, dir, nodes.String(), binds.String(), tag))
+		"bash", "-c", fmt.Sprintf(script, dir, nodes.String(), binds.String(), tag, lower))
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	// The namespace dies with us: unshare gets SIGKILL when the test

@@ -82,3 +82,35 @@ func TestBootRunTeardown(t *testing.T) {
 	left, _ := filepath.Glob("/sys/fs/cgroup/*/" + s.Tag)
 	assert.Empty(t, left, "no cgroup of it is left")
 }
+
+// A layer's files lie over the host's root inside, and only inside: this
+// is how a host without systemd gets one (make gpu-check on a GPU machine).
+func TestALayerLiesOverTheRoot(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("*** SKIPPED: the sandbox needs root ***")
+	}
+	_, err := Boot(context.Background(), Options{Layer: "/tmp/a:b"})
+	require.ErrorContains(t, err, `layer "/tmp/a:b": not an absolute path without ':' or ','`)
+	_, err = Boot(context.Background(), Options{Layer: "rel"})
+	require.ErrorContains(t, err, "not an absolute path")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	layer := t.TempDir()
+	require.NoError(t, os.MkdirAll(layer+"/etc", 0o755))
+	require.NoError(t, os.WriteFile(layer+"/etc/os-release", []byte("ID=layer\n"), 0o644))
+	t.Setenv(LayerEnv, layer)
+	s, err := Boot(ctx, Options{})
+	require.NoError(t, err)
+	defer s.Close()
+	out, err := s.Run(ctx, "cat", "/etc/os-release")
+	require.NoError(t, err)
+	assert.Equal(t, "ID=layer\n", out)
+	host, err := os.ReadFile("/etc/os-release")
+	require.NoError(t, err)
+	assert.NotEqual(t, "ID=layer\n", string(host))
+	// The rest of the root is the host's, systemd and dbus among it.
+	out, err = s.Run(ctx, "systemctl", "is-active", "dbus.service")
+	require.NoError(t, err)
+	assert.Equal(t, "active\n", out)
+}
