@@ -104,8 +104,12 @@ type StartPhases struct {
 	// Leftover: the part of Scope spent on an earlier scope of the same
 	// name that was still there.
 	Leftover time.Duration
-	// Precheck: Spec.Precheck's own time, alongside Scope.
+	// Precheck: Spec.Precheck's own time, alongside Scope (before the
+	// go-ahead, for a prepared scope).
 	Precheck time.Duration
+	// Ahead: how long a prepared scope waited for its go-ahead (0: made
+	// on the start's path); Shim and Scope were then off the path.
+	Ahead time.Duration
 }
 
 // Engine is one running engine.
@@ -316,11 +320,105 @@ func (r *Runtime) properties(s Spec, shimPID int) ([]sddbus.Property, error) {
 
 // Start runs the engine: the shim is started, moved into a new scope, and
 // only then allowed to start the engine. It returns once the engine
-// process exists.
+// process exists. Spec.Precheck runs while systemd makes the scope.
 func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
+	p, err := r.prepare(ctx, s, true)
+	if err != nil {
+		return nil, err
+	}
+	return p.goAhead(ctx)
+}
+
+// Prepared is an engine's scope made ahead of its start: the shim waits
+// in it for the go-ahead, and no engine runs. A restart prepares its
+// scope during its backoff, so that systemd's part is off its path.
+type Prepared struct {
+	r      *Runtime
+	pool   string
+	name   string
+	cmd    *exec.Cmd
+	goW    *os.File
+	stR    *os.File
+	reaped chan struct{}
+	// shimStatus is set before reaped is closed.
+	shimStatus syscall.WaitStatus
+	ph         StartPhases
+	// checked is the outcome of the precheck run alongside the scope's
+	// creation (Start); nil when the go-ahead runs it (Go).
+	checked chan error
+	// ready is when the scope was made.
+	ready time.Time
+	// Invocation is the scope's InvocationID ("" if it could not be
+	// read); ahead says it was read while preparing.
+	Invocation string
+	ahead      bool
+	once       sync.Once
+}
+
+// ErrPreparedLost: a prepared scope's shim is gone (the scope was stopped
+// or killed while it waited); a fresh start is needed.
+var ErrPreparedLost = errors.New("the prepared scope's shim is gone")
+
+// Prepare makes the engine's scope with its shim waiting in it, as Start
+// does up to the go-ahead, and reads the scope's InvocationID. Go starts
+// the engine; Abort gives the scope up. Spec.Precheck is not run: Go
+// takes the check to run right before the engine.
+func (r *Runtime) Prepare(ctx context.Context, s Spec) (*Prepared, error) {
+	p, err := r.prepare(ctx, s, false)
+	if err != nil {
+		return nil, err
+	}
+	p.Invocation, p.ahead = r.invocation(ctx, p.name), true
+	return p, nil
+}
+
+// Go runs precheck (nil: none), then lets the shim start the engine. A
+// shim that is gone gives ErrPreparedLost, and the scope is given up.
+func (p *Prepared) Go(ctx context.Context, precheck func() error) (*Engine, error) {
+	select {
+	case <-p.reaped:
+		p.Abort()
+		return nil, ErrPreparedLost
+	default:
+	}
+	if precheck != nil {
+		c0 := time.Now()
+		err := precheck()
+		p.ph.Precheck = time.Since(c0)
+		if err != nil {
+			p.Abort()
+			return nil, err
+		}
+	}
+	p.ph.Ahead = time.Since(p.ready)
+	return p.goAhead(ctx)
+}
+
+// Abort gives a prepared scope up: its shim is killed (it never started
+// an engine) and the scope stopped. Safe to call more than once.
+func (p *Prepared) Abort() {
+	p.once.Do(func() {
+		p.kill()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		p.r.stopUnit(ctx, p.name)
+	})
+}
+
+// kill ends the shim and its pipes.
+func (p *Prepared) kill() {
+	p.cmd.Process.Kill()
+	p.goW.Close()
+	p.stR.Close()
+	<-p.reaped
+}
+
+// prepare starts the shim and makes its scope; with check set,
+// Spec.Precheck runs alongside.
+func (r *Runtime) prepare(ctx context.Context, s Spec, check bool) (*Prepared, error) {
 	t0 := time.Now()
-	var ph StartPhases
-	name := UnitName(s.Pool)
+	p := &Prepared{r: r, pool: s.Pool, name: UnitName(s.Pool), reaped: make(chan struct{})}
+	name := p.name
 	u, err := lookupUser(s.User)
 	if err != nil {
 		return nil, err
@@ -359,32 +457,34 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 		stR.Close()
 		return nil, fmt.Errorf("starting the shim: %w", err)
 	}
-	// The check runs alongside the scope's creation, off the start's path.
-	checked := make(chan error, 1)
-	go func() {
-		if s.Precheck == nil {
-			checked <- nil
-			return
-		}
-		c0 := time.Now()
-		err := s.Precheck()
-		ph.Precheck = time.Since(c0)
-		checked <- err
-	}()
-	reaped := make(chan struct{})
-	var shimStatus syscall.WaitStatus
+	p.cmd, p.goW, p.stR = cmd, goW, stR
+	if check {
+		// The check runs alongside the scope's creation, off the start's
+		// path.
+		p.checked = make(chan error, 1)
+		go func() {
+			if s.Precheck == nil {
+				p.checked <- nil
+				return
+			}
+			c0 := time.Now()
+			err := s.Precheck()
+			p.ph.Precheck = time.Since(c0)
+			p.checked <- err
+		}()
+	}
 	go func() {
 		cmd.Wait()
 		if cmd.ProcessState != nil {
-			shimStatus, _ = cmd.ProcessState.Sys().(syscall.WaitStatus)
+			p.shimStatus, _ = cmd.ProcessState.Sys().(syscall.WaitStatus)
 		}
-		close(reaped)
+		close(p.reaped)
 	}()
-	abort := func(err error) (*Engine, error) {
-		cmd.Process.Kill()
-		goW.Close()
-		stR.Close()
-		<-reaped
+	abort := func(err error) (*Prepared, error) {
+		p.kill()
+		if p.checked != nil {
+			<-p.checked
+		}
 		return nil, err
 	}
 
@@ -397,7 +497,7 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 		return abort(err)
 	}
 	t1 := time.Now()
-	ph.Shim = t1.Sub(t0)
+	p.ph.Shim = t1.Sub(t0)
 	done := make(chan string, 1)
 	var leftoverFrom time.Time
 	_, err = sd.StartTransientUnitContext(ctx, name, "fail", props, done)
@@ -432,7 +532,7 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 		}
 	}
 	if !leftoverFrom.IsZero() {
-		ph.Leftover = time.Since(leftoverFrom)
+		p.ph.Leftover = time.Since(leftoverFrom)
 	}
 	if err != nil {
 		return abort(fmt.Errorf("creating %s: %w", name, err))
@@ -440,30 +540,55 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 	if err := r.jobDone(ctx, sd, name, done); err != nil {
 		return abort(err)
 	}
-	ph.Scope = time.Since(t1)
-	if err := <-checked; err != nil {
-		return abort(err)
+	p.ready = time.Now()
+	p.ph.Scope = p.ready.Sub(t1)
+	return p, nil
+}
+
+// goAhead lets the shim start the engine and waits for its word that the
+// engine runs.
+func (p *Prepared) goAhead(ctx context.Context) (*Engine, error) {
+	r, name, cmd := p.r, p.name, p.cmd
+	ph := &p.ph
+	if p.checked != nil {
+		if err := <-p.checked; err != nil {
+			p.kill()
+			return nil, err
+		}
+	}
+	lost := func(err error) error {
+		if p.ahead {
+			return fmt.Errorf("%w: %v", ErrPreparedLost, err)
+		}
+		return err
 	}
 	t2 := time.Now()
-	if _, err := goW.Write([]byte{1}); err != nil {
-		return abort(fmt.Errorf("shim of %s: %w", name, err))
+	if _, err := p.goW.Write([]byte{1}); err != nil {
+		p.Abort()
+		return nil, lost(fmt.Errorf("shim of %s: %w", name, err))
 	}
-	goW.Close()
+	p.goW.Close()
 	// systemd's InvocationID is read while the shim starts the engine:
-	// one round trip less on every start.
+	// one round trip less on every start (a prepared scope's was read
+	// ahead).
 	type invocation struct {
 		id   string
 		done time.Time
 	}
 	inv := make(chan invocation, 1)
-	go func() {
-		id := r.invocation(ctx, name)
-		inv <- invocation{id, time.Now()}
-	}()
+	if p.ahead {
+		inv <- invocation{p.Invocation, time.Time{}}
+	} else {
+		go func() {
+			id := r.invocation(ctx, name)
+			inv <- invocation{id, time.Now()}
+		}()
+	}
 
-	rd := shim.NewReader(stR)
+	rd := shim.NewReader(p.stR)
 	first, err := rd.Next()
 	if err != nil || first.Event != shim.EventStarted {
+		vanished := err == io.EOF
 		switch {
 		case err == nil && first.Event == shim.EventError:
 			err = errors.New(first.Error)
@@ -474,27 +599,33 @@ func (r *Runtime) Start(ctx context.Context, s Spec) (*Engine, error) {
 		}
 		// A shim that said anything else is not waited for.
 		cmd.Process.Kill()
-		<-reaped
-		stR.Close()
+		<-p.reaped
+		p.stR.Close()
 		<-inv
 		r.stopUnit(context.WithoutCancel(ctx), name)
-		return nil, fmt.Errorf("starting engine of pool %s: %w", s.Pool, err)
+		err = fmt.Errorf("starting engine of pool %s: %w", p.pool, err)
+		if vanished {
+			err = lost(err)
+		}
+		return nil, err
 	}
 	t3 := time.Now()
 	ph.Exec = t3.Sub(t2)
 	id := <-inv
-	ph.Invocation = max(0, id.done.Sub(t3))
+	if !id.done.IsZero() {
+		ph.Invocation = max(0, id.done.Sub(t3))
+	}
 	e := &Engine{Unit: name, PID: first.PID, ShimPID: cmd.Process.Pid, Started: t3, Note: first.Note, events: make(chan Event, 4),
-		Invocation: id.id, Phases: ph}
+		Invocation: id.id, Phases: *ph}
 	e.shimEnded = func(wait time.Duration) (syscall.WaitStatus, bool) {
 		select {
-		case <-reaped:
-			return shimStatus, true
+		case <-p.reaped:
+			return p.shimStatus, true
 		case <-time.After(wait):
 			return 0, false
 		}
 	}
-	go e.forward(rd, stR)
+	go e.forward(rd, p.stR)
 	return e, nil
 }
 

@@ -266,7 +266,7 @@ func TestALeftoverScopeOfThePoolsNameIsStoppedFirst(t *testing.T) {
 // scope made meanwhile goes with its shim.
 func TestAFailedPrecheckRunsNoEngine(t *testing.T) {
 	rt, ctx := runtime(t)
-	mark := filepath.Join(t.TempDir(), "ran")
+	mark := markFile(t)
 	busy := errors.New("GPU in use by pid 4242")
 	_, err := rt.Start(ctx, engine.Spec{Pool: "prechecked", Argv: []string{"/bin/touch", mark}, User: "pool-engine", StopTimeout: time.Second,
 		Precheck: func() error { return busy }})
@@ -277,4 +277,99 @@ func TestAFailedPrecheckRunsNoEngine(t *testing.T) {
 		out, _ := exec.Command("systemctl", "is-active", engine.UnitName("prechecked")).Output()
 		return strings.TrimSpace(string(out)) != "active"
 	}, 10*time.Second, 20*time.Millisecond, "the scope goes with its shim")
+}
+
+// markFile is a path the engine's user may create: an engine that ran
+// leaves it (a test's own temporary directory is root's alone).
+func markFile(t *testing.T) string {
+	d, err := os.MkdirTemp("/var/tmp", "engine-mark")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(d) })
+	require.NoError(t, os.Chmod(d, 0o777))
+	return filepath.Join(d, "ran")
+}
+
+func scopeActive(unit string) bool {
+	out, _ := exec.Command("systemctl", "is-active", unit).Output()
+	return strings.TrimSpace(string(out)) == "active"
+}
+
+// A prepared scope holds a shim and no engine until Go: the engine then
+// runs in that very scope, with the InvocationID read ahead, and its
+// check runs right before it.
+func TestAPreparedScopeRunsItsEngineOnlyAtGo(t *testing.T) {
+	rt, ctx := runtime(t)
+	mark := markFile(t)
+	p, err := rt.Prepare(ctx, engine.Spec{Pool: "ahead", Argv: []string{"/bin/sh", "-c", "touch " + mark + "; exec sleep 1000"}, User: "pool-engine", StopTimeout: time.Second})
+	require.NoError(t, err)
+	unit := engine.UnitName("ahead")
+	assert.True(t, scopeActive(unit), "the scope is made")
+	assert.Regexp(t, "^[0-9a-f]{32}$", p.Invocation)
+	time.Sleep(50 * time.Millisecond)
+	_, statErr := os.Stat(mark)
+	assert.True(t, os.IsNotExist(statErr), "no engine before Go")
+
+	checked := false
+	e, err := p.Go(ctx, func() error { checked = true; return nil })
+	require.NoError(t, err)
+	assert.True(t, checked)
+	assert.Equal(t, p.Invocation, e.Invocation)
+	assert.GreaterOrEqual(t, e.Phases.Ahead, 50*time.Millisecond)
+	require.Eventually(t, func() bool { _, err := os.Stat(mark); return err == nil }, 10*time.Second, 10*time.Millisecond)
+	cg, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", e.PID))
+	require.NoError(t, err)
+	assert.Contains(t, string(cg), unit)
+	require.NoError(t, rt.Stop(ctx, "ahead"))
+}
+
+// Abort gives a prepared scope up: its shim goes, the scope with it, and
+// no engine ever ran.
+func TestAnAbortedPreparedScopeRunsNoEngine(t *testing.T) {
+	rt, ctx := runtime(t)
+	mark := markFile(t)
+	p, err := rt.Prepare(ctx, engine.Spec{Pool: "given-up", Argv: []string{"/bin/touch", mark}, User: "pool-engine", StopTimeout: time.Second})
+	require.NoError(t, err)
+	p.Abort()
+	p.Abort()
+	assert.False(t, scopeActive(engine.UnitName("given-up")))
+	_, err = p.Go(ctx, nil)
+	require.ErrorIs(t, err, engine.ErrPreparedLost)
+	_, statErr := os.Stat(mark)
+	assert.True(t, os.IsNotExist(statErr), "the engine never ran")
+}
+
+// A prepared scope stopped or killed by someone else while it waits is
+// lost: Go says so (the caller starts afresh) and runs nothing; a failed
+// check at Go gives the scope up too.
+func TestAPreparedScopeLostOrRefusedAtGoRunsNoEngine(t *testing.T) {
+	rt, ctx := runtime(t)
+	for _, how := range [][]string{{"stop"}, {"kill", "--signal=SIGKILL"}} {
+		t.Run(how[0], func(t *testing.T) {
+			mark := markFile(t)
+			p, err := rt.Prepare(ctx, engine.Spec{Pool: "lost-" + how[0], Argv: []string{"/bin/touch", mark}, User: "pool-engine", StopTimeout: time.Second})
+			require.NoError(t, err)
+			unit := engine.UnitName("lost-" + how[0])
+			out, err := exec.Command("systemctl", append(how, unit)...).CombinedOutput()
+			require.NoError(t, err, "%s", out)
+			require.Eventually(t, func() bool { return !scopeActive(unit) }, 10*time.Second, 10*time.Millisecond)
+			// The shim may be reaped a moment after its scope ends.
+			var goErr error
+			require.Eventually(t, func() bool {
+				_, goErr = p.Go(ctx, nil)
+				return goErr != nil
+			}, 10*time.Second, 10*time.Millisecond)
+			require.ErrorIs(t, goErr, engine.ErrPreparedLost)
+			_, statErr := os.Stat(mark)
+			assert.True(t, os.IsNotExist(statErr), "the engine never ran")
+		})
+	}
+	mark := markFile(t)
+	p, err := rt.Prepare(ctx, engine.Spec{Pool: "refused", Argv: []string{"/bin/touch", mark}, User: "pool-engine", StopTimeout: time.Second})
+	require.NoError(t, err)
+	busy := errors.New("GPU in use by pid 4242")
+	_, err = p.Go(ctx, func() error { return busy })
+	require.ErrorIs(t, err, busy)
+	require.Eventually(t, func() bool { return !scopeActive(engine.UnitName("refused")) }, 10*time.Second, 10*time.Millisecond)
+	_, statErr := os.Stat(mark)
+	assert.True(t, os.IsNotExist(statErr), "the engine never ran")
 }
