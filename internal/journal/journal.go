@@ -67,8 +67,11 @@ const (
 	ExecUsec  = "EXEC_USEC"
 	// the part of SCOPE_USEC spent on an earlier scope of the same name
 	LeftoverUsec = "LEFTOVER_USEC"
-	ModelDigest  = "MODEL_DIGEST"
-	Reason       = "REASON"
+	// how long a scope prepared during the backoff waited for its
+	// go-ahead (0: made on the start's path)
+	AheadUsec   = "AHEAD_USEC"
+	ModelDigest = "MODEL_DIGEST"
+	Reason      = "REASON"
 	// GPU faults: the engine's output line, an NVML XID and its GPU.
 	Line = "LINE"
 	XID  = "XID"

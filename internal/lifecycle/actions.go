@@ -25,7 +25,17 @@ type (
 		Run       RunID
 		Staged    model.Staged
 		Candidate bool
+		// Prepared: the scope Prepare made is for this start (if it
+		// is for Staged's file; else it is given up).
+		Prepared bool
 	}
+	// Prepare makes, ahead of a scheduled restart, the scope of its
+	// engine with Ref (digest Want) staged, and the shim waiting in it;
+	// ScopePrepared reports the scope. Launch{Prepared} uses it.
+	Prepare struct{ Ref, Want string }
+	// Unprepare gives the prepared scope up (its shim killed, the scope
+	// stopped); a Prepare still under way is given up when done.
+	Unprepare struct{}
 	// Watch starts probing Run's health; StartBy, when set, is when it
 	// must be healthy (else StartTimeoutSec from now).
 	Watch struct {
@@ -101,6 +111,8 @@ type (
 
 func (Stage) action()              {}
 func (Launch) action()             {}
+func (Prepare) action()            {}
+func (Unprepare) action()          {}
 func (Watch) action()              {}
 func (Warmup) action()             {}
 func (StopProbes) action()         {}

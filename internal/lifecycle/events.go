@@ -160,6 +160,9 @@ type (
 	VersionKnown struct{ Version string }
 	// UnitChanged is systemd's word on the engine's scope.
 	UnitChanged struct{ Event witness.Event }
+	// ScopePrepared: a Prepare's scope is made (Invocation is its
+	// InvocationID).
+	ScopePrepared struct{ Invocation string }
 	// TimerFired: an armed timer is due; Gen is the ArmTimer's.
 	TimerFired struct {
 		Timer Timer
@@ -194,3 +197,4 @@ func (GPUUnhealthy) event()          {}
 func (GPUUsable) event()             {}
 func (UnitChanged) event()           {}
 func (TimerFired) event()            {}
+func (ScopePrepared) event()         {}

@@ -93,6 +93,10 @@ func (m *Machine) unitChanged(ev witness.Event) {
 	}
 	about := func(r *run) bool { return r.invocation == "" || ev.Invocation == "" || r.invocation == ev.Invocation }
 	ended := ev.Kind == witness.Dead || ev.Kind == witness.Removed
+	if m.prepared && m.preparedInv != "" && ev.Invocation == m.preparedInv {
+		m.preparedChanged(ev, ended)
+		return
+	}
 	switch {
 	case ev.Cause == witness.OperatorStop && (ev.Kind == witness.Stopping || ended):
 		if r != nil && r.stopping == NotStopping && !r.candidate && about(r) {
@@ -269,6 +273,8 @@ func (m *Machine) timerFired(e TimerFired) {
 		if !m.busy() && m.gpuWhy() == "" && m.drain == nil {
 			m.startEngine(false, 0)
 		}
+	case TimerPrepare:
+		m.prepareDue()
 	default:
 		panic(fmt.Sprintf("lifecycle: unknown timer %d", e.Timer))
 	}

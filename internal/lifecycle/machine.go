@@ -40,6 +40,10 @@ type Config struct {
 	Stall time.Duration
 	// GPURetry overrides the package's GPURetry (0: keep it).
 	GPURetry time.Duration
+	// Ahead is how long before a scheduled restart its engine's scope is
+	// prepared (0: not): systemd's part of the restart is then done
+	// during the backoff.
+	Ahead time.Duration
 }
 
 // View is the part of the pool's published state the machine owns.
@@ -145,6 +149,10 @@ type Machine struct {
 	armed    [numTimers]bool
 	// current is the model the running (or next) engine loads.
 	current model.Staged
+	// prepared: a Prepare is out for the scheduled restart (preparedInv
+	// is its scope's InvocationID, once known).
+	prepared    bool
+	preparedInv string
 
 	model, digest, path, version string
 	live                         bool
@@ -324,9 +332,14 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 		m.unitChanged(e.Event)
 	case TimerFired:
 		m.timerFired(e)
+	case ScopePrepared:
+		if m.prepared {
+			m.preparedInv = e.Invocation
+		}
 	default:
 		panic(fmt.Sprintf("lifecycle: unknown event %T", ev))
 	}
+	m.keepPrepared()
 	m.publish()
 	out := m.out
 	m.out = nil
@@ -466,9 +479,17 @@ func (m *Machine) mayStart() error {
 	return err
 }
 
-func (m *Machine) cancelRestart() { m.disarm(TimerRestart) }
+func (m *Machine) cancelRestart() {
+	m.disarm(TimerRestart)
+	m.unprepare()
+}
 
-func (m *Machine) scheduleRestart(at time.Time) { m.arm(TimerRestart, at) }
+func (m *Machine) scheduleRestart(at time.Time) {
+	m.arm(TimerRestart, at)
+	if !m.prepared {
+		m.prepareAhead(at)
+	}
+}
 
 // stageRef is the model the next engine loads (a reload's, an adopted
 // engine's, else the configured one) and the digest it must have: the
@@ -508,7 +529,8 @@ func (m *Machine) modelStaged(e ModelStaged) {
 	}
 	op.launched, op.staged = true, e.Staged
 	m.current = e.Staged
-	m.do(Launch{Run: op.run, Staged: e.Staged, Candidate: op.candidate})
+	m.do(Launch{Run: op.run, Staged: e.Staged, Candidate: op.candidate, Prepared: m.prepared})
+	m.prepared, m.preparedInv = false, ""
 }
 
 func (m *Machine) startFailed(e StartFailed) {
@@ -594,6 +616,8 @@ func (m *Machine) restartDue() {
 	var r *policy.Refusal
 	switch {
 	case errors.As(err, &r):
+		// No scope waits through a breaker's or a storm's hold.
+		m.unprepare()
 		m.state, m.next = Failed, r.RetryAt
 		if !r.RetryAt.IsZero() {
 			m.scheduleRestart(r.RetryAt)

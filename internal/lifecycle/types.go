@@ -116,6 +116,8 @@ const (
 	// TimerRetry: a start that found its GPUs held by another process
 	// tries again.
 	TimerRetry
+	// TimerPrepare: a scheduled restart's scope is made, ahead of it.
+	TimerPrepare
 	numTimers
 )
 
