@@ -143,6 +143,19 @@ func (s *scope) waitActive(t *testing.T) {
 	}
 }
 
+func (s *scope) waitGone(t *testing.T) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		out, _ := exec.Command("systemctl", "show", "-p", "LoadState", "--value", s.unit).Output()
+		if strings.TrimSpace(string(out)) == "not-found" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still loaded after 10s: %s", s.unit, out)
+		}
+	}
+}
+
 func (s *scope) wait(t *testing.T) {
 	t.Helper()
 	select {
@@ -253,6 +266,10 @@ func TestAScopeOfAnotherNameGivesNoEvent(t *testing.T) {
 	o.waitActive(t)
 	systemctl(t, "kill", "--signal=SIGKILL", o.unit)
 	o.wait(t)
+	// The name is free only once systemd has collected the first scope:
+	// else the second's systemd-run fails while the first still shows
+	// active.
+	o.waitGone(t)
 	o2 := startScope(t, other, nil, "sleep", "1000")
 	o2.waitActive(t)
 	systemctl(t, "stop", o2.unit)
