@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"reflect"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"syscall"
@@ -381,8 +382,35 @@ func (d *daemonState) status() string {
 	return out
 }
 
-// keepStatus sends STATUS= whenever it changes.
+// settleQuiet is how long every pool must have stayed settled (ready,
+// stopped or failed) after a change of state before the daemon gives the
+// memory of the burst back.
+var settleQuiet = 2 * time.Second
+
+// settled reports whether no pool is on its way somewhere: none starting,
+// warming, in backoff or draining.
+func (d *daemonState) settled() bool {
+	for _, s := range d.mgr.Pools() {
+		switch s.Snapshot().State {
+		case supervisor.Ready, supervisor.Stopped, supervisor.Failed:
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// keepStatus sends STATUS= whenever it changes. It also gives memory back
+// to the system once the pools have settled after a burst of changes (the
+// start, a restart storm, a reload): the burst grew the goroutines' stacks
+// and the heap, the daemon then idles for hours on a fraction of that,
+// and the runtime on its own shrinks stacks only at a GC, by half each,
+// and returns free heap slowly, while idle GCs are a minute or more apart.
+// One forced GC and scavenge costs milliseconds, once per burst.
 func (d *daemonState) keepStatus() {
+	release := time.NewTimer(settleQuiet)
+	release.Stop()
+	defer release.Stop()
 	wake := make(chan struct{}, 1)
 	poke := func() {
 		select {
@@ -424,6 +452,13 @@ func (d *daemonState) keepStatus() {
 					sddaemon.SdNotify(false, "STATUS="+st)
 					last = st
 				}
+				if d.settled() {
+					release.Reset(settleQuiet)
+				} else {
+					release.Stop()
+				}
+			case <-release.C:
+				debug.FreeOSMemory()
 			}
 		}
 		cancel()

@@ -24,6 +24,7 @@ import (
 	sddbus "github.com/coreos/go-systemd/v22/dbus"
 	"github.com/coreos/go-systemd/v22/unit"
 	"github.com/godbus/dbus/v5"
+	"golang.org/x/sys/unix"
 
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/shim"
@@ -474,6 +475,7 @@ func (r *Runtime) prepare(ctx context.Context, s Spec, check bool) (*Prepared, e
 		}()
 	}
 	go func() {
+		awaitExit(cmd.Process.Pid)
 		cmd.Wait()
 		if cmd.ProcessState != nil {
 			p.shimStatus, _ = cmd.ProcessState.Sys().(syscall.WaitStatus)
@@ -627,6 +629,42 @@ func (p *Prepared) goAhead(ctx context.Context) (*Engine, error) {
 	}
 	go e.forward(rd, p.stR)
 	return e, nil
+}
+
+// awaitExit returns once the child pid (not yet waited for) has exited,
+// waiting on its pidfd in the runtime's poller: the shim lives as long as
+// its engine, and exec.Cmd.Wait would block in waitid, holding an OS
+// thread (its stack, signal stack and runtime structures, never given
+// back) per running engine. Without pidfds it returns at once and the
+// wait that follows blocks as before.
+func awaitExit(pid int) {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return
+	}
+	// Non-blocking, so that os.NewFile puts it in the poller.
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return
+	}
+	f := os.NewFile(uintptr(fd), "pidfd")
+	defer f.Close()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
+	// A pidfd is readable once its process has exited; WNOWAIT leaves
+	// the child for cmd.Wait to reap.
+	rc.Read(func(fd uintptr) bool {
+		for {
+			var info unix.Siginfo
+			err := unix.Waitid(unix.P_PIDFD, int(fd), &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil)
+			if err != unix.EINTR {
+				// Signo is SIGCHLD once it has exited, 0 before.
+				return err != nil || info.Signo != 0
+			}
+		}
+	})
 }
 
 // forward turns the shim's messages into events until the exit. Anything

@@ -123,14 +123,32 @@ func exitStatus(ws syscall.WaitStatus) bool {
 // than MaxMessage, whatever it is sent.
 type Reader struct{ rd *bufio.Reader }
 
+// readChunk is the Reader's standing buffer. A daemon keeps a Reader per
+// running engine, blocked in a read for the engine's whole life, and
+// most messages are short: a longer one (a started with its note, a
+// fault line) is put together in a buffer of its own, dropped once read.
+const readChunk = 512
+
 // NewReader reads messages from r.
-func NewReader(r io.Reader) *Reader { return &Reader{bufio.NewReaderSize(r, MaxMessage)} }
+func NewReader(r io.Reader) *Reader { return &Reader{bufio.NewReaderSize(r, readChunk)} }
 
 // Next returns the next valid message. Its error is io.EOF where the
 // stream ended between messages, a *ReportError where it carried
 // something else, or the read error.
 func (r *Reader) Next() (Message, error) {
 	line, err := r.rd.ReadSlice('\n')
+	if errors.Is(err, bufio.ErrBufferFull) {
+		long := append(make([]byte, 0, 2*len(line)), line...)
+		for errors.Is(err, bufio.ErrBufferFull) && len(long) < MaxMessage {
+			line, err = r.rd.ReadSlice('\n')
+			long = append(long, line...)
+		}
+		// As a MaxMessage buffer would: no newline in its first
+		// MaxMessage bytes is too long.
+		if line = long; len(line) > MaxMessage {
+			err = bufio.ErrBufferFull
+		}
+	}
 	switch {
 	case errors.Is(err, bufio.ErrBufferFull):
 		return Message{}, ErrTooLong

@@ -136,3 +136,40 @@ func FuzzReadMessage(f *testing.F) {
 		}
 	})
 }
+
+// A message longer than the Reader's standing buffer is read whole, and
+// the bound is MaxMessage exactly, the newline included, as it was with a
+// buffer of MaxMessage: no newline within the first MaxMessage bytes is
+// too long.
+func TestReaderBoundIsMaxMessage(t *testing.T) {
+	msg := `{"event":"exit","status":0}`
+	// JSON allows blanks around the message.
+	fit := msg + strings.Repeat(" ", MaxMessage-len(msg)-1) + "\n"
+	require.Len(t, fit, MaxMessage)
+	rd := NewReader(strings.NewReader(fit + msg + "\n" + " " + fit))
+	for i, want := range []error{nil, nil, ErrTooLong} {
+		m, err := rd.Next()
+		if want != nil {
+			assert.ErrorIs(t, err, want, "message %d", i)
+			continue
+		}
+		require.NoError(t, err, "message %d", i)
+		assert.Equal(t, EventExit, m.Event)
+	}
+	for _, n := range []int{readChunk - 1, readChunk, readChunk + 1, 3 * readChunk} {
+		line := msg + strings.Repeat(" ", n) + "\n"
+		rd := NewReader(strings.NewReader(line + line))
+		for i := range 2 {
+			m, err := rd.Next()
+			require.NoError(t, err, "%d blanks, message %d", n, i)
+			assert.Equal(t, EventExit, m.Event)
+		}
+		_, err := rd.Next()
+		assert.Equal(t, io.EOF, err)
+		_, err = NewReader(strings.NewReader(strings.TrimSuffix(line, "\n"))).Next()
+		var bad *ReportError
+		if assert.ErrorAs(t, err, &bad) {
+			assert.Contains(t, bad.Why, "cut off")
+		}
+	}
+}

@@ -291,8 +291,11 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 func (s *Supervisor) Run(ctx context.Context) {
 	// A restored policy state has its gauges and next tick too.
 	s.exec(s.m.Init(time.Now()))
+	var unit <-chan *witness.Event
 	if s.rt != nil && s.rt.Witness != nil {
-		defer s.watchUnit(ctx)()
+		ch, stop := s.watchUnit()
+		defer stop()
+		unit = ch
 	}
 	// A prepared scope is no engine: it does not outlive the daemon.
 	defer s.unprepare()
@@ -302,9 +305,11 @@ func (s *Supervisor) Run(ctx context.Context) {
 			return
 		case f := <-s.events:
 			f()
-			if s.recordDirty && len(s.events) == 0 {
-				s.leasesIdle()
-			}
+		case ev := <-unit:
+			s.step(lifecycle.UnitChanged{Event: *ev})
+		}
+		if s.recordDirty && len(s.events) == 0 && len(unit) == 0 {
+			s.leasesIdle()
 		}
 	}
 }
@@ -414,33 +419,24 @@ func (s *Supervisor) arm(a lifecycle.ArmTimer) {
 	})
 }
 
-// watchUnit hands systemd's events on the engine's scope to the loop; the
-// witness must not wait for the loop.
-func (s *Supervisor) watchUnit(ctx context.Context) (stop func()) {
-	ch := make(chan witness.Event, 32)
+// watchUnit queues systemd's events on the engine's scope for the loop;
+// the witness must not wait for the loop. Pointers: the queue stands for
+// the pool's whole life, and its events by value would be 8 KiB a pool.
+func (s *Supervisor) watchUnit() (<-chan *witness.Event, func()) {
+	ch := make(chan *witness.Event, unitQueue)
 	cancel := s.rt.Witness.Watch(engine.UnitName(s.cfg.Pool), func(ev witness.Event) {
 		select {
-		case ch <- ev:
+		case ch <- &ev:
 		default:
 			s.log.Warn("systemd's events on the engine's scope come faster than the pool takes them: one dropped", journal.PoolID, s.cfg.Pool)
 		}
 	})
-	go func() {
-		for {
-			select {
-			case ev := <-ch:
-				select {
-				case s.events <- func() { s.step(lifecycle.UnitChanged{Event: ev}) }:
-				case <-ctx.Done():
-					return
-				}
-			case <-ctx.Done():
-				return
-			}
-		}
-	}()
-	return cancel
+	return ch, cancel
 }
+
+// unitQueue is how many of systemd's events on the scope wait for the
+// loop before one is dropped.
+const unitQueue = 64
 
 // post runs f on the loop.
 func (s *Supervisor) post(f func()) { s.events <- f }
