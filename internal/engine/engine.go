@@ -14,7 +14,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
 	"strconv"
 	"sync"
@@ -27,6 +26,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/llorch/pool-managerd/internal/config"
+	"github.com/llorch/pool-managerd/internal/model"
 	"github.com/llorch/pool-managerd/internal/shim"
 	"github.com/llorch/pool-managerd/internal/witness"
 )
@@ -176,7 +176,7 @@ func (r *Runtime) systemd(ctx context.Context) (*sddbus.Conn, error) {
 		r.conn.Close()
 		r.conn = nil
 	}
-	c, err := sddbus.NewSystemdConnectionContext(ctx)
+	c, err := privateConn()
 	r.private = err == nil
 	if err != nil {
 		c, err = sddbus.NewSystemConnectionContext(ctx)
@@ -186,6 +186,33 @@ func (r *Runtime) systemd(ctx context.Context) (*sddbus.Conn, error) {
 	}
 	r.conn = c
 	return c, nil
+}
+
+// privateConn connects to systemd's private socket with one connection
+// for calls and signals both. systemd sends every unit's and job's signals
+// to each private connection, unasked: go-systemd's own private
+// connection is two, and each would read all of them (64 scopes starting
+// are hundreds of signals).
+func privateConn() (*sddbus.Conn, error) {
+	var one *dbus.Conn
+	return sddbus.NewConnection(func() (*dbus.Conn, error) {
+		if one != nil {
+			return one, nil
+		}
+		// No context: the connection outlives the call that makes it.
+		c, err := dbus.Dial("unix:path=/run/systemd/private")
+		if err != nil {
+			return nil, err
+		}
+		// systemd's own socket: no Hello, and the uid, not a name
+		// looked up.
+		if err := c.Auth([]dbus.Auth{dbus.AuthExternal(strconv.Itoa(os.Getuid()))}); err != nil {
+			c.Close()
+			return nil, err
+		}
+		one = c
+		return c, nil
+	})
 }
 
 // drop forgets c after a failure of its transport, so that the next use
@@ -821,20 +848,11 @@ type account struct {
 // lookupUser resolves the engine's user (through NSS, in the daemon: the
 // shim stays free of it).
 func lookupUser(name string) (account, error) {
-	u, err := user.Lookup(name)
+	u, err := model.LookupUser(name)
 	if err != nil {
-		return account{}, fmt.Errorf("user %q: %w", name, err)
+		return account{}, err
 	}
-	uid, _ := strconv.ParseUint(u.Uid, 10, 32)
-	gid, _ := strconv.ParseUint(u.Gid, 10, 32)
-	a := account{uid: uint32(uid), gid: uint32(gid), home: u.HomeDir}
-	if ids, err := u.GroupIds(); err == nil {
-		for _, g := range ids {
-			if n, err := strconv.ParseUint(g, 10, 32); err == nil && n != gid {
-				a.groups = append(a.groups, uint32(n))
-			}
-		}
-	}
+	a := account{uid: u.UID, gid: u.GID, groups: u.Groups, home: u.Home}
 	if a.home == "" {
 		a.home = "/"
 	}

@@ -10,6 +10,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 	"unicode"
 )
 
@@ -90,6 +92,127 @@ func ComputeProcesses(n NVML, uuid, procRoot string) ([]Holder, error) {
 // error. Pass a GPU's own nodes (/dev/nvidiaN), not the control nodes
 // every CUDA process holds.
 func NodeHolders(procRoot string, nodes []string) ([]Holder, error) {
+	if len(wanted(nodes)) == 0 {
+		return nil, nil
+	}
+	o, err := (&NodeScanner{ProcRoot: procRoot}).Scan()
+	if err != nil {
+		return nil, fmt.Errorf("processes holding %s: %w", strings.Join(nodes, ", "), err)
+	}
+	return o.Holders(nodes), nil
+}
+
+// NodeScanner shares scans of ProcRoot among callers that ask at about
+// the same time (64 pools restarting at once would scan it 64 times): a
+// caller gets a scan that began after it asked, or at most Fresh before
+// (a node opened in between is missed as one opened just after a scan
+// is); callers that ask while a scan runs share the next one.
+type NodeScanner struct {
+	ProcRoot string
+	Fresh    time.Duration
+	mu       sync.Mutex
+	next     *nodeScan // not begun yet: who asks now gets it
+	last     *nodeScan // the last one begun
+	running  sync.Mutex
+	// scanned, in tests, runs after each scan, before its callers hear.
+	scanned func()
+}
+
+type nodeScan struct {
+	begun time.Time
+	done  chan struct{}
+	opens *NodeOpens
+	err   error
+}
+
+// ProcScanner is the scanner of this host's /proc.
+var ProcScanner = &NodeScanner{ProcRoot: "/proc", Fresh: 20 * time.Millisecond}
+
+// NodeOpens is what one scan found: the device nodes each process had
+// open.
+type NodeOpens struct {
+	procRoot string
+	// nodes: PID -> the /dev paths its fds point at.
+	nodes map[int][]string
+}
+
+// Scan returns the device nodes open in every process (but this one), as
+// a scan that began after the call found them.
+func (s *NodeScanner) Scan() (*NodeOpens, error) {
+	s.mu.Lock()
+	if l := s.last; l != nil && s.Fresh > 0 && time.Since(l.begun) <= s.Fresh {
+		s.mu.Unlock()
+		<-l.done
+		return l.opens, l.err
+	}
+	sc := s.next
+	if sc == nil {
+		sc = &nodeScan{done: make(chan struct{})}
+		s.next = sc
+		go s.run(sc)
+	}
+	s.mu.Unlock()
+	<-sc.done
+	return sc.opens, sc.err
+}
+
+func (s *NodeScanner) run(sc *nodeScan) {
+	s.running.Lock()
+	defer s.running.Unlock()
+	// From now on a caller needs a scan that begins after this one.
+	s.mu.Lock()
+	if s.next == sc {
+		s.next = nil
+	}
+	sc.begun, s.last = time.Now(), sc
+	s.mu.Unlock()
+	sc.opens, sc.err = scanNodes(s.ProcRoot)
+	if s.scanned != nil {
+		s.scanned()
+	}
+	close(sc.done)
+}
+
+func scanNodes(procRoot string) (*NodeOpens, error) {
+	entries, err := os.ReadDir(procRoot)
+	if err != nil {
+		return nil, err
+	}
+	self := os.Getpid()
+	o := &NodeOpens{procRoot: procRoot, nodes: map[int][]string{}}
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid <= 0 || pid == self {
+			continue
+		}
+		if devs := openNodes(filepath.Join(procRoot, e.Name(), "fd")); len(devs) > 0 {
+			o.nodes[pid] = devs
+		}
+	}
+	return o, nil
+}
+
+// openNodes lists the paths that fdDir's links point at, each once
+// (sockets, pipes, terminals and /dev/null aside: no GPU is one).
+func openNodes(fdDir string) []string {
+	fds, err := os.ReadDir(fdDir)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, fd := range fds {
+		target, err := os.Readlink(filepath.Join(fdDir, fd.Name()))
+		if err != nil || !strings.HasPrefix(target, "/") || strings.HasPrefix(target, "/dev/pts/") ||
+			target == "/dev/null" || slices.Contains(out, target) {
+			continue
+		}
+		out = append(out, target)
+	}
+	return out
+}
+
+// wanted is nodes as their links may read: as given and resolved.
+func wanted(nodes []string) map[string]bool {
 	want := map[string]bool{}
 	for _, n := range nodes {
 		if n == "" {
@@ -100,39 +223,21 @@ func NodeHolders(procRoot string, nodes []string) ([]Holder, error) {
 			want[r] = true
 		}
 	}
-	if len(want) == 0 {
-		return nil, nil
-	}
-	entries, err := os.ReadDir(procRoot)
-	if err != nil {
-		return nil, fmt.Errorf("processes holding %s: %w", strings.Join(nodes, ", "), err)
-	}
-	self := os.Getpid()
+	return want
+}
+
+// Holders lists, by PID, the processes the scan found with any of nodes
+// open.
+func (o *NodeOpens) Holders(nodes []string) []Holder {
+	want := wanted(nodes)
 	var out []Holder
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid <= 0 || pid == self {
-			continue
-		}
-		if holds(filepath.Join(procRoot, e.Name(), "fd"), want) {
-			out = append(out, holder(procRoot, pid))
+	for pid, devs := range o.nodes {
+		if slices.ContainsFunc(devs, func(d string) bool { return want[d] }) {
+			out = append(out, holder(o.procRoot, pid))
 		}
 	}
 	slices.SortFunc(out, func(a, b Holder) int { return a.PID - b.PID })
-	return out, nil
-}
-
-func holds(fdDir string, want map[string]bool) bool {
-	fds, err := os.ReadDir(fdDir)
-	if err != nil {
-		return false
-	}
-	for _, fd := range fds {
-		if target, err := os.Readlink(filepath.Join(fdDir, fd.Name())); err == nil && want[target] {
-			return true
-		}
-	}
-	return false
+	return out
 }
 
 // holder reads what procRoot says of pid; a process that is gone keeps

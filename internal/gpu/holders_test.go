@@ -6,7 +6,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -164,4 +167,73 @@ func TestComputeProcessesOfAMIGDeviceKeepOnlyItsInstance(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, []Holder{{PID: 7}, {PID: 10}}, got)
 	assert.Zero(t, f.open)
+}
+
+// Pools that start together share scans of /proc, and each gets a scan
+// that began after it asked: a process that opened the node after one
+// scan began is seen by whoever asked after that.
+func TestNodeScannerSharesScansButNeverAnOlderOne(t *testing.T) {
+	root := fakeProc(t, map[int]map[string]string{
+		100: {"comm": "engine\n", "fd/7": "->/dev/nvidia3"},
+	})
+	var scans atomic.Int32
+	release := make(chan struct{})
+	s := &NodeScanner{ProcRoot: root}
+	s.scanned = func() {
+		if scans.Add(1) == 1 {
+			<-release
+		}
+	}
+	first := make(chan *NodeOpens)
+	go func() {
+		o, err := s.Scan()
+		assert.NoError(t, err)
+		first <- o
+	}()
+	require.Eventually(t, func() bool { return scans.Load() == 1 }, 10*time.Second, time.Millisecond, "the first scan is done and held")
+
+	// Opened after the first scan read /proc.
+	require.NoError(t, os.MkdirAll(filepath.Join(root, "101", "fd"), 0o755))
+	require.NoError(t, os.Symlink("/dev/nvidia3", filepath.Join(root, "101", "fd", "4")))
+	const n = 64
+	var wg sync.WaitGroup
+	later := make([][]Holder, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			o, err := s.Scan()
+			assert.NoError(t, err)
+			later[i] = o.Holders([]string{"/dev/nvidia3"})
+		}()
+	}
+	// Every caller is waiting before the first scan is let go.
+	time.Sleep(50 * time.Millisecond)
+	close(release)
+	o := <-first
+	wg.Wait()
+	assert.Len(t, o.Holders([]string{"/dev/nvidia3"}), 1, "the first scan read /proc before 101 opened the node")
+	for i := range n {
+		require.Len(t, later[i], 2, "caller %d got a scan that began after it asked", i)
+		assert.Equal(t, 101, later[i][1].PID)
+	}
+	assert.Equal(t, int32(2), scans.Load(), "%d callers, one scan after the first", n)
+}
+
+// With Fresh, a scan begun that recently serves a caller too.
+func TestNodeScannerTakesAFreshEnoughScan(t *testing.T) {
+	root := fakeProc(t, map[int]map[string]string{100: {"comm": "engine\n", "fd/7": "->/dev/nvidia3"}})
+	var scans atomic.Int32
+	s := &NodeScanner{ProcRoot: root, Fresh: time.Hour}
+	s.scanned = func() { scans.Add(1) }
+	for range 3 {
+		o, err := s.Scan()
+		require.NoError(t, err)
+		assert.Len(t, o.Holders([]string{"/dev/nvidia3"}), 1)
+	}
+	assert.Equal(t, int32(1), scans.Load())
+	s.Fresh = 0
+	_, err := s.Scan()
+	require.NoError(t, err)
+	assert.Equal(t, int32(2), scans.Load(), "without Fresh every call has its own")
 }

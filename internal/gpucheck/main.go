@@ -298,7 +298,7 @@ func prepare(p plan) error {
 			return err
 		}
 	}
-	for _, f := range []string{"systemd/pool-managerd.service", "dbus/org.llorch.PoolManager1.conf"} {
+	for _, f := range []string{"systemd/pool-managerd.service", "systemd/pool-managerd-engines.slice", "dbus/org.llorch.PoolManager1.conf"} {
 		b, err := os.ReadFile(f)
 		if err != nil {
 			return fmt.Errorf("run from the repository root: %w", err)

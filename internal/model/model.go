@@ -141,13 +141,50 @@ type User struct {
 	Name     string
 	UID, GID uint32
 	Groups   []uint32 // supplementary groups
+	Home     string
 }
 
-// LookupUser resolves an engine's user through NSS.
+// LookupUser resolves an engine's user through NSS. An answer is kept
+// for userTTL: NSS may ask systemd itself (nss-systemd), and 64 pools
+// restarting at once would ask it 64 times while it makes their scopes.
 func LookupUser(name string) (User, error) {
 	if name == "" {
 		return User{}, errors.New("no engine user given")
 	}
+	users.mu.Lock()
+	c, ok := users.m[name]
+	users.mu.Unlock()
+	if ok && time.Since(c.at) < userTTL {
+		return c.u, nil
+	}
+	u, err := lookupUserNSS(name)
+	if err != nil {
+		return User{}, err
+	}
+	users.mu.Lock()
+	if users.m == nil {
+		users.m = map[string]cachedUser{}
+	}
+	users.m[name] = cachedUser{u: u, at: time.Now()}
+	users.mu.Unlock()
+	return u, nil
+}
+
+// userTTL bounds how long a changed account (its groups, its home) may go
+// unseen by the next start.
+const userTTL = 2 * time.Second
+
+type cachedUser struct {
+	u  User
+	at time.Time
+}
+
+var users struct {
+	mu sync.Mutex
+	m  map[string]cachedUser
+}
+
+func lookupUserNSS(name string) (User, error) {
 	u, err := user.Lookup(name)
 	if err != nil {
 		return User{}, fmt.Errorf("the engine's user %q: %w", name, err)
@@ -157,7 +194,7 @@ func LookupUser(name string) (User, error) {
 	if err1 != nil || err2 != nil {
 		return User{}, fmt.Errorf("the engine's user %q has a non-numeric uid %q or gid %q", name, u.Uid, u.Gid)
 	}
-	out := User{Name: name, UID: uint32(uid), GID: uint32(gid)}
+	out := User{Name: name, UID: uint32(uid), GID: uint32(gid), Home: u.HomeDir}
 	ids, err := u.GroupIds()
 	if err != nil {
 		return User{}, fmt.Errorf("the groups of the engine's user %q: %w", name, err)

@@ -604,3 +604,34 @@ func TestOneSourceStagedForManyPoolsAtOnce(t *testing.T) {
 		}
 	}
 }
+
+// An account is asked of NSS once per userTTL (nss-systemd asks systemd,
+// which a restart storm keeps busy); an older answer is asked again, and
+// a failed lookup is not kept.
+func TestAnEngineUserIsAskedOncePerTTL(t *testing.T) {
+	users.mu.Lock()
+	users.m = map[string]cachedUser{"root": {u: User{Name: "root", UID: 4242}, at: time.Now()}}
+	users.mu.Unlock()
+	t.Cleanup(func() {
+		users.mu.Lock()
+		users.m = nil
+		users.mu.Unlock()
+	})
+	u, err := LookupUser("root")
+	require.NoError(t, err)
+	assert.Equal(t, uint32(4242), u.UID, "served from the cache")
+
+	users.mu.Lock()
+	users.m["root"] = cachedUser{u: User{Name: "root", UID: 4242}, at: time.Now().Add(-userTTL)}
+	users.mu.Unlock()
+	u, err = LookupUser("root")
+	require.NoError(t, err)
+	assert.Equal(t, uint32(0), u.UID, "asked again")
+
+	_, err = LookupUser("no-such-user-pmd")
+	require.Error(t, err)
+	users.mu.Lock()
+	_, kept := users.m["no-such-user-pmd"]
+	users.mu.Unlock()
+	assert.False(t, kept)
+}

@@ -120,13 +120,21 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Mode
 func GPUHolders(inv *gpu.Inventory, gpus []gpu.GPU, lib gpu.NVML) func() ([]GPUHolder, error) {
 	return func() ([]GPUHolder, error) {
 		var out []GPUHolder
+		var opens *gpu.NodeOpens
 		for _, g := range gpus {
 			var hs []gpu.Holder
 			var err error
 			if inv.Source == gpu.SourceNVML {
 				hs, err = gpu.ComputeProcesses(lib, g.UUID, "/proc")
 			} else {
-				hs, err = gpu.NodeHolders("/proc", []string{g.Node})
+				// One scan of /proc for all the pool's GPUs, shared
+				// with the pools that start at the same time.
+				if opens == nil {
+					if opens, err = gpu.ProcScanner.Scan(); err != nil {
+						return nil, fmt.Errorf("processes holding %s: %w", g.Node, err)
+					}
+				}
+				hs = opens.Holders([]string{g.Node})
 			}
 			if err != nil {
 				return nil, err

@@ -277,6 +277,15 @@ func InstallDaemon(root, binary, configDir string) error {
 	if err := os.WriteFile("/etc/systemd/system/pool-managerd.service", unit, 0o644); err != nil {
 		return err
 	}
+	// The engines' slice, as the packages install it: its weights decide
+	// who gets the CPU when engines take it all.
+	slice, err := os.ReadFile(filepath.Join(root, "systemd", "pool-managerd-engines.slice"))
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile("/etc/systemd/system/pool-managerd-engines.slice", slice, 0o644); err != nil {
+		return err
+	}
 	policy, err := os.ReadFile(filepath.Join(root, "dbus", "org.llorch.PoolManager1.conf"))
 	if err != nil {
 		return err
