@@ -24,7 +24,11 @@ func (m *Machine) prepareAhead(at time.Time) {
 	if m.cfg.Ahead <= 0 {
 		return
 	}
-	lead := min(m.cfg.Ahead, at.Sub(m.now))
+	lead := m.cfg.Ahead
+	if m.cfg.Spread != nil {
+		lead += time.Duration(3 * m.cfg.Spread() * float64(m.cfg.Ahead))
+	}
+	lead = min(lead, at.Sub(m.now))
 	if lead < m.minAhead() {
 		return
 	}

@@ -183,3 +183,22 @@ func TestNoPreparationWithoutTime(t *testing.T) {
 		assert.Equal(t, p.now.Add(tc.want), arms[0].At, "%s", tc.in)
 	}
 }
+
+// Spread stretches the lead up to 4 Ahead, within the time left.
+func TestPreparationsAreSpread(t *testing.T) {
+	for _, tc := range []struct {
+		u     float64
+		until time.Duration
+		lead  time.Duration
+	}{
+		{0, 10 * time.Second, ahead}, {0.5, 10 * time.Second, 5 * ahead / 2}, {0.999999, 10 * time.Second, 4 * ahead},
+		{0.5, 2 * ahead, 2 * ahead},
+	} {
+		p := newPool(t, func(c *Config) { c.Ahead, c.Spread = ahead, func() float64 { return tc.u } })
+		p.m.now, p.m.out = p.now, nil
+		p.m.prepareAhead(p.now.Add(tc.until))
+		arms := all[ArmTimer](p.m.out)
+		require.Len(t, arms, 1)
+		assert.InDelta(t, float64(tc.lead), float64(p.now.Add(tc.until).Sub(arms[0].At)), float64(time.Millisecond), "u=%v until=%s", tc.u, tc.until)
+	}
+}

@@ -41,9 +41,12 @@ type Config struct {
 	// GPURetry overrides the package's GPURetry (0: keep it).
 	GPURetry time.Duration
 	// Ahead is how long before a scheduled restart its engine's scope is
-	// prepared (0: not): systemd's part of the restart is then done
-	// during the backoff.
-	Ahead time.Duration
+	// prepared at least (0: not): systemd's part of the restart is then
+	// done during the backoff. Spread, when set, draws a number in [0, 1)
+	// that stretches the lead up to 4 Ahead, so that pools crashed
+	// together prepare apart.
+	Ahead  time.Duration
+	Spread func() float64
 }
 
 // View is the part of the pool's published state the machine owns.

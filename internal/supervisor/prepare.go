@@ -12,9 +12,11 @@ import (
 	"github.com/llorch/pool-managerd/internal/safetext"
 )
 
-// Ahead is how long before a scheduled restart its scope is prepared
-// (lifecycle.Config.Ahead): enough for systemd to make a scope on a busy
-// host, short enough that a shim waits only briefly.
+// Ahead is how long before a scheduled restart its scope is prepared at
+// least (lifecycle.Config.Ahead; spread up to 4 times that, so that a
+// storm's preparations do not all fall together): enough for systemd to
+// make a scope on a busy host, short enough that a shim waits only
+// briefly.
 const Ahead = 250 * time.Millisecond
 
 // prepared is a restart's scope made during its backoff.

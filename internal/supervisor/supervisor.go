@@ -279,7 +279,7 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 		Pool: cfg.Pool, Unit: engine.UnitName(cfg.Pool), Model: cfg.Model, ModelDigest: cfg.ModelDigest,
 		EngineVersion: cfg.EngineVersion, DeviceMask: cfg.DeviceMask, Slots: cfg.Slots,
 		FailureThreshold: cfg.Health.FailureThreshold, Witness: rt != nil && rt.Witness != nil, HoldExit: holdExit,
-		Warmup: cfg.Health.Warmup != nil, Stall: cfg.Health.Stall, GPURetry: cfg.GPURetry, Ahead: ahead,
+		Warmup: cfg.Health.Warmup != nil, Stall: cfg.Health.Stall, GPURetry: cfg.GPURetry, Ahead: ahead, Spread: rand.Float64,
 	}, tr, held)
 	s.snap = Snapshot{ID: cfg.Pool, Unit: engine.UnitName(cfg.Pool), DeviceMask: cfg.DeviceMask, Slots: cfg.Slots}
 	s.setView(&s.snap, s.m.View(time.Now()))
