@@ -132,6 +132,74 @@ type Engine struct {
 	// shimEnded waits a moment for the shim the daemon started to be
 	// reaped and says how it ended (nil for an adopted engine).
 	shimEnded func(wait time.Duration) (syscall.WaitStatus, bool)
+	died      chan time.Time
+	diedMu    sync.Mutex
+	onDied    func()
+}
+
+// Died tells when the engine process ended, as the kernel says it, before
+// its shim reports how: the shim first reads what the engine wrote and
+// its scope's OOM count. Nothing comes if the kernel cannot be asked
+// (no pidfd), and it may come after the shim's report. OnDied is the same
+// as a call.
+func (e *Engine) Died() <-chan time.Time { return e.died }
+
+// OnDied has f called, from the goroutine that hears the kernel, when the
+// engine ends (at once if it has): one hop less than Died. Then Died
+// tells nothing.
+func (e *Engine) OnDied(f func()) {
+	e.diedMu.Lock()
+	defer e.diedMu.Unlock()
+	select {
+	case <-e.died:
+		go f()
+	default:
+		e.onDied = f
+	}
+}
+
+// watchDeath waits, in the runtime's poller, for the engine's pidfd to
+// say it ended. A PID reused before the pidfd was opened (the engine ended
+// and was reaped at once) would be another live process: its end would
+// come after the shim's report, when no one listens any more.
+func (e *Engine) watchDeath() {
+	fd, err := unix.PidfdOpen(e.PID, 0)
+	if err != nil {
+		return
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return
+	}
+	f := os.NewFile(uintptr(fd), "pidfd")
+	defer f.Close()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
+	// Readable once the process has ended.
+	ended := false
+	rc.Read(func(fd uintptr) bool {
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err := unix.Poll(pfd, 0)
+		if err == unix.EINTR {
+			return false
+		}
+		ended = err == nil && n > 0
+		return err != nil || ended
+	})
+	if !ended {
+		return
+	}
+	e.diedMu.Lock()
+	tell := e.onDied
+	if tell == nil {
+		e.died <- time.Now()
+	}
+	e.diedMu.Unlock()
+	if tell != nil {
+		tell()
+	}
 }
 
 // Events delivers the engine's faults and, last, its exit; then it closes.
@@ -645,7 +713,8 @@ func (p *Prepared) goAhead(ctx context.Context) (*Engine, error) {
 		ph.Invocation = max(0, id.done.Sub(t3))
 	}
 	e := &Engine{Unit: name, PID: first.PID, ShimPID: cmd.Process.Pid, Started: t3, Note: first.Note, events: make(chan Event, 4),
-		Invocation: id.id, Phases: *ph}
+		Invocation: id.id, Phases: *ph, died: make(chan time.Time, 1)}
+	go e.watchDeath()
 	e.shimEnded = func(wait time.Duration) (syscall.WaitStatus, bool) {
 		select {
 		case <-p.reaped:
@@ -763,7 +832,8 @@ func (r *Runtime) Attach(ctx context.Context, pool, socket string) (*Engine, err
 	}
 	c.SetReadDeadline(time.Time{})
 	e := &Engine{Unit: UnitName(pool), PID: first.PID, Note: first.Note, events: make(chan Event, 4),
-		Invocation: r.invocation(ctx, UnitName(pool))}
+		Invocation: r.invocation(ctx, UnitName(pool)), died: make(chan time.Time, 1)}
+	go e.watchDeath()
 	if p, err := os.Stat(fmt.Sprintf("/proc/%d", first.PID)); err == nil {
 		e.Started = p.ModTime()
 	}

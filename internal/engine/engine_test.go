@@ -373,3 +373,69 @@ func TestAPreparedScopeLostOrRefusedAtGoRunsNoEngine(t *testing.T) {
 	_, statErr := os.Stat(mark)
 	assert.True(t, os.IsNotExist(statErr), "the engine never ran")
 }
+
+// The kernel says an engine ended (its pidfd) without waiting for the
+// shim, which reports after it: both come.
+func TestTheKernelSaysAnEngineDied(t *testing.T) {
+	rt, ctx := runtime(t)
+	e, err := rt.Start(ctx, engine.Spec{Pool: "pidfd", Argv: []string{"/bin/sleep", "1000"}, User: "pool-engine", StopTimeout: time.Second})
+	require.NoError(t, err)
+	t.Cleanup(func() { rt.Stop(context.Background(), "pidfd") })
+	select {
+	case <-e.Died():
+		t.Fatal("died while it runs")
+	case <-time.After(50 * time.Millisecond):
+	}
+	kill := time.Now()
+	require.NoError(t, syscall.Kill(e.PID, syscall.SIGKILL))
+	select {
+	case at := <-e.Died():
+		assert.False(t, at.Before(kill))
+	case <-time.After(10 * time.Second):
+		t.Fatal("no word from the kernel")
+	}
+	select {
+	case ev := <-e.Events():
+		require.NotNil(t, ev.Exit)
+		assert.Equal(t, syscall.SIGKILL, ev.Exit.Status.Signal())
+	case <-time.After(10 * time.Second):
+		t.Fatal("no report from the shim")
+	}
+}
+
+// OnDied is called when the engine ends, or at once if it has.
+func TestOnDiedIsCalledOnce(t *testing.T) {
+	rt, ctx := runtime(t)
+	for _, late := range []bool{false, true} {
+		pool := fmt.Sprintf("ondied-%v", late)
+		e, err := rt.Start(ctx, engine.Spec{Pool: pool, Argv: []string{"/bin/sleep", "1000"}, User: "pool-engine", StopTimeout: time.Second})
+		require.NoError(t, err)
+		t.Cleanup(func() { rt.Stop(context.Background(), pool) })
+		called := make(chan struct{}, 2)
+		if !late {
+			e.OnDied(func() { called <- struct{}{} })
+		}
+		require.NoError(t, syscall.Kill(e.PID, syscall.SIGKILL))
+		if late {
+			select {
+			case <-e.Died():
+			case <-time.After(10 * time.Second):
+				t.Fatal("no word from the kernel")
+			}
+			// Its word was taken: the late caller is not told again
+			// through it, but by OnDied only if it is still there.
+			e.OnDied(func() { called <- struct{}{} })
+			select {
+			case <-called:
+				t.Fatal("told twice")
+			case <-time.After(50 * time.Millisecond):
+			}
+			continue
+		}
+		select {
+		case <-called:
+		case <-time.After(10 * time.Second):
+			t.Fatal("OnDied not called")
+		}
+	}
+}

@@ -143,6 +143,9 @@ type (
 		Run RunID
 		Msg string
 	}
+	// Died: the kernel says Run's engine process ended; how, its shim
+	// tells in Exited.
+	Died struct{ Run RunID }
 	// Exited: Run's engine process ended.
 	Exited struct {
 		Run  RunID
@@ -198,3 +201,4 @@ func (GPUUsable) event()             {}
 func (UnitChanged) event()           {}
 func (TimerFired) event()            {}
 func (ScopePrepared) event()         {}
+func (Died) event()                  {}

@@ -279,3 +279,25 @@ func TestTheBackoffRunsFromTheExitNotFromSystemdsWord(t *testing.T) {
 	assert.Equal(t, restart.At, sched.At, "the journal says when")
 	assert.Equal(t, restart.At, p.m.View(p.now).NextRestart, "and so does the bus")
 }
+
+// The kernel's word that the engine ended takes Ready away at once; how it
+// ended waits for the shim's report, and a word on an earlier run changes
+// nothing.
+func TestDiedTakesReadyAwayBeforeTheExitIsKnown(t *testing.T) {
+	p := newPool(t, nil)
+	run := p.ready()
+	p.step(Died{Run: run + 7})
+	require.True(t, p.m.View(p.now).Ready, "another run's")
+	p.step(Died{Run: run})
+	v := p.m.View(p.now)
+	assert.False(t, v.Ready)
+	assert.True(t, v.Live, "the exit is not known yet")
+	pub, ok := find[Publish](p.last)
+	require.True(t, ok, "published at once")
+	assert.False(t, pub.View.Ready)
+	_, err := p.lease("router")
+	assert.ErrorIs(t, err, ErrNotReady)
+	p.exit(run, killedBy(syscall.SIGSEGV))
+	assert.Equal(t, Backoff, p.m.State())
+	assert.Len(t, crashEntries(p.last), 1, "counted once, from the shim's report")
+}

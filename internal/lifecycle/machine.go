@@ -89,6 +89,9 @@ type run struct {
 	lastProbe string
 	// invocation is its scope's InvocationID, once systemd told it.
 	invocation string
+	// dead: the kernel said the process ended (Died); its exit is not
+	// known yet.
+	dead bool
 	// Progress: the token count last seen, since when the engine has
 	// been idle or producing none; progressBad once an unreadable metrics
 	// endpoint was reported.
@@ -217,7 +220,7 @@ func (m *Machine) View(now time.Time) View {
 // ready says whether the pool takes leases: Ready, on a healthy engine
 // nobody is stopping.
 func (m *Machine) ready() bool {
-	return m.state == Ready && m.run != nil && m.run.healthy && m.run.stopping == NotStopping
+	return m.state == Ready && m.run != nil && m.run.healthy && !m.run.dead && m.run.stopping == NotStopping
 }
 
 // operation names the long operation under way (DESIGN's Operation).
@@ -335,6 +338,12 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 		m.unitChanged(e.Event)
 	case TimerFired:
 		m.timerFired(e)
+	case Died:
+		// Not ready from now: the exit itself waits for the shim's
+		// word (what the engine wrote, its scope's OOM count).
+		if r := m.live_(e.Run); r != nil {
+			r.dead = true
+		}
 	case ScopePrepared:
 		if m.prepared {
 			m.preparedInv = e.Invocation

@@ -802,6 +802,7 @@ func (s *Supervisor) GPUUsable(gpu string) {
 // shim's reports to the loop.
 func (s *Supervisor) adoptHandle(r *run) {
 	s.runs[r.id] = r
+	r.e.OnDied(func() { s.post(func() { s.step(lifecycle.Died{Run: r.id}) }) })
 	go func() {
 		for ev := range r.e.Events() {
 			s.post(func() { s.engineEvent(r, ev) })
