@@ -163,32 +163,7 @@ func (e *Engine) OnDied(f func()) {
 // and was reaped at once) would be another live process: its end would
 // come after the shim's report, when no one listens any more.
 func (e *Engine) watchDeath() {
-	fd, err := unix.PidfdOpen(e.PID, 0)
-	if err != nil {
-		return
-	}
-	if err := unix.SetNonblock(fd, true); err != nil {
-		unix.Close(fd)
-		return
-	}
-	f := os.NewFile(uintptr(fd), "pidfd")
-	defer f.Close()
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return
-	}
-	// Readable once the process has ended.
-	ended := false
-	rc.Read(func(fd uintptr) bool {
-		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		n, err := unix.Poll(pfd, 0)
-		if err == unix.EINTR {
-			return false
-		}
-		ended = err == nil && n > 0
-		return err != nil || ended
-	})
-	if !ended {
+	if !awaitPidfd(e.PID) {
 		return
 	}
 	e.diedMu.Lock()
@@ -733,34 +708,38 @@ func (p *Prepared) goAhead(ctx context.Context) (*Engine, error) {
 // thread (its stack, signal stack and runtime structures, never given
 // back) per running engine. Without pidfds it returns at once and the
 // wait that follows blocks as before.
-func awaitExit(pid int) {
+func awaitExit(pid int) { awaitPidfd(pid) }
+
+// awaitPidfd waits in the runtime's poller until process pid has ended (a
+// pidfd turns readable then, reaped or not, child or not). false: it could
+// not be watched (no pidfd).
+func awaitPidfd(pid int) bool {
 	fd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
-		return
+		return false
 	}
 	// Non-blocking, so that os.NewFile puts it in the poller.
 	if err := unix.SetNonblock(fd, true); err != nil {
 		unix.Close(fd)
-		return
+		return false
 	}
 	f := os.NewFile(uintptr(fd), "pidfd")
 	defer f.Close()
 	rc, err := f.SyscallConn()
 	if err != nil {
-		return
+		return false
 	}
-	// A pidfd is readable once its process has exited; WNOWAIT leaves
-	// the child for cmd.Wait to reap.
+	ended := false
 	rc.Read(func(fd uintptr) bool {
-		for {
-			var info unix.Siginfo
-			err := unix.Waitid(unix.P_PIDFD, int(fd), &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil)
-			if err != unix.EINTR {
-				// Signo is SIGCHLD once it has exited, 0 before.
-				return err != nil || info.Signo != 0
-			}
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err := unix.Poll(pfd, 0)
+		if err == unix.EINTR {
+			return false
 		}
+		ended = err == nil && n > 0
+		return err != nil || ended
 	})
+	return ended
 }
 
 // forward turns the shim's messages into events until the exit. Anything
