@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -91,6 +92,9 @@ func Main() int {
 		return fail(errors.New("no go-ahead from the daemon"))
 	}
 	goAhead.Close()
+	// no_new_privs is a thread's, and a child inherits the forking
+	// thread's: the engine is forked from this thread, kept for it.
+	runtime.LockOSThread()
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 		return fail(fmt.Errorf("no_new_privs: %w", err))
 	}
@@ -109,8 +113,17 @@ func Main() int {
 	errR, errPipe, _ := os.Pipe()
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, outPipe, errPipe
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: spec.UID, Gid: spec.GID, Groups: spec.Groups}}
-	if err := cmd.Start(); err != nil {
+	err := cmd.Start()
+	runtime.UnlockOSThread()
+	if err != nil {
 		return fail(fmt.Errorf("start %s: %w", spec.Argv[0], err))
+	}
+	// The child has it from the fork on: an engine without it is killed
+	// before it has run.
+	if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid)); err != nil || !bytes.Contains(st, []byte("\nNoNewPrivs:\t1\n")) {
+		cmd.Process.Kill()
+		cmd.Wait()
+		return fail(errors.New("the engine would run without no_new_privs"))
 	}
 	outPipe.Close()
 	errPipe.Close()
