@@ -90,14 +90,11 @@ func (s *Supervisor) unprepare() {
 
 // startPrepared starts a's engine in the prepared scope, if one was made
 // for it and for st. It returns nil, nil when the start must make its
-// own scope.
+// own scope; a prepared scope it does not use is gone by then, since its
+// stop by name must not reach the new one.
 func (s *Supervisor) startPrepared(ctx context.Context, a lifecycle.Launch, st model.Staged) (*engine.Engine, error) {
 	pr := s.prep
 	if pr == nil {
-		return nil, nil
-	}
-	if !a.Prepared {
-		s.unprepare()
 		return nil, nil
 	}
 	s.prep = nil
@@ -107,9 +104,8 @@ func (s *Supervisor) startPrepared(ctx context.Context, a lifecycle.Launch, st m
 	if pr.err != nil {
 		return nil, nil
 	}
-	if pr.st.Path != st.Path || pr.st.Digest != st.Digest {
-		s.prep = pr
-		s.unprepare()
+	if !a.Prepared || pr.st.Path != st.Path || pr.st.Digest != st.Digest {
+		pr.p.Abort()
 		return nil, nil
 	}
 	e, err := pr.p.Go(ctx, s.gpusFree)
