@@ -132,30 +132,24 @@ type Engine struct {
 	// shimEnded waits a moment for the shim the daemon started to be
 	// reaped and says how it ended (nil for an adopted engine).
 	shimEnded func(wait time.Duration) (syscall.WaitStatus, bool)
-	died      chan time.Time
 	diedMu    sync.Mutex
+	dead      bool
 	onDied    func()
 }
 
-// Died tells when the engine process ended, as the kernel says it, before
-// its shim reports how: the shim first reads what the engine wrote and
-// its scope's OOM count. Nothing comes if the kernel cannot be asked
-// (no pidfd), and it may come after the shim's report. OnDied is the same
-// as a call.
-func (e *Engine) Died() <-chan time.Time { return e.died }
-
-// OnDied has f called, from the goroutine that hears the kernel, when the
-// engine ends (at once if it has): one hop less than Died. Then Died
-// tells nothing.
+// OnDied has f called once when the kernel says the engine process ended
+// (at once if it has), before its shim reports how: the shim first reads
+// what the engine wrote and its scope's OOM count. f is called from the
+// goroutine that hears the kernel. It is not called if the kernel cannot
+// be asked (no pidfd), and it may come after the shim's report.
 func (e *Engine) OnDied(f func()) {
 	e.diedMu.Lock()
 	defer e.diedMu.Unlock()
-	select {
-	case <-e.died:
+	if e.dead {
 		go f()
-	default:
-		e.onDied = f
+		return
 	}
+	e.onDied = f
 }
 
 // watchDeath waits, in the runtime's poller, for the engine's pidfd to
@@ -167,10 +161,8 @@ func (e *Engine) watchDeath() {
 		return
 	}
 	e.diedMu.Lock()
+	e.dead = true
 	tell := e.onDied
-	if tell == nil {
-		e.died <- time.Now()
-	}
 	e.diedMu.Unlock()
 	if tell != nil {
 		tell()
@@ -688,7 +680,7 @@ func (p *Prepared) goAhead(ctx context.Context) (*Engine, error) {
 		ph.Invocation = max(0, id.done.Sub(t3))
 	}
 	e := &Engine{Unit: name, PID: first.PID, ShimPID: cmd.Process.Pid, Started: t3, Note: first.Note, events: make(chan Event, 4),
-		Invocation: id.id, Phases: *ph, died: make(chan time.Time, 1)}
+		Invocation: id.id, Phases: *ph}
 	go e.watchDeath()
 	e.shimEnded = func(wait time.Duration) (syscall.WaitStatus, bool) {
 		select {
@@ -811,7 +803,7 @@ func (r *Runtime) Attach(ctx context.Context, pool, socket string) (*Engine, err
 	}
 	c.SetReadDeadline(time.Time{})
 	e := &Engine{Unit: UnitName(pool), PID: first.PID, Note: first.Note, events: make(chan Event, 4),
-		Invocation: r.invocation(ctx, UnitName(pool)), died: make(chan time.Time, 1)}
+		Invocation: r.invocation(ctx, UnitName(pool))}
 	go e.watchDeath()
 	if p, err := os.Stat(fmt.Sprintf("/proc/%d", first.PID)); err == nil {
 		e.Started = p.ModTime()

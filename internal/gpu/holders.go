@@ -132,7 +132,7 @@ var ProcScanner = &NodeScanner{ProcRoot: "/proc", Fresh: 20 * time.Millisecond}
 // open.
 type NodeOpens struct {
 	procRoot string
-	// nodes: PID -> the /dev paths its fds point at.
+	// nodes: PID -> the paths its fds point at.
 	nodes map[int][]string
 }
 

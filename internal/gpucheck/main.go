@@ -512,8 +512,12 @@ func health(ctx context.Context, p plan, holderCmd string, w io.Writer) error {
 		return fmt.Errorf("holder: %w", err)
 	}
 	pid := cmd.Process.Pid
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
+	exited := make(chan struct{})
+	var waitErr error
+	go func() {
+		waitErr = cmd.Wait()
+		close(exited)
+	}()
 	defer func() {
 		syscall.Kill(-pid, syscall.SIGKILL)
 		<-exited
@@ -537,9 +541,8 @@ func health(ctx context.Context, p plan, holderCmd string, w io.Writer) error {
 			break
 		}
 		select {
-		case err := <-exited:
-			exited <- err
-			return fmt.Errorf("the holder ended (%v) before NVML and /proc both saw it: compute %s, node %s", err, holderList(cp), holderList(nh))
+		case <-exited:
+			return fmt.Errorf("the holder ended (%v) before NVML and /proc both saw it: compute %s, node %s", waitErr, holderList(cp), holderList(nh))
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-time.After(100 * time.Millisecond):
@@ -552,7 +555,6 @@ func health(ctx context.Context, p plan, holderCmd string, w io.Writer) error {
 	syscall.Kill(-pid, syscall.SIGKILL)
 	killed := time.Now()
 	<-exited
-	exited <- nil
 	for {
 		cp, nh, err = holders()
 		if err != nil {

@@ -192,6 +192,9 @@ type Supervisor struct {
 	// Owned by the loop.
 	m    *lifecycle.Machine
 	info [4]string // the pool_info labels set last
+	// stateWas is the pool_state set last (stateSet: one was).
+	stateWas lifecycle.State
+	stateSet bool
 	// recordDirty: the leases changed since the runtime record was last
 	// written (at recordLast); recordAt is the pending write.
 	recordDirty bool
@@ -535,7 +538,12 @@ func (s *Supervisor) publish(v lifecycle.View) {
 	s.metrics.PoolReady.WithLabelValues(id).Set(b(snap.Ready))
 	s.metrics.PoolLive.WithLabelValues(id).Set(b(snap.Live))
 	s.metrics.PoolDraining.WithLabelValues(id).Set(b(snap.Draining))
-	s.metrics.SetPoolState(id, snap.State)
+	if !s.stateSet || snap.State != s.stateWas {
+		// Seven series: set when the state changes, not on every
+		// publish (a lease call publishes).
+		s.metrics.SetPoolState(id, snap.State)
+		s.stateSet, s.stateWas = true, snap.State
+	}
 	s.metrics.ActiveLeases.WithLabelValues(id).Set(float64(snap.ActiveLeases))
 	info := [4]string{id, snap.Model, snap.EngineVersion, snap.DeviceMask}
 	if info != s.info {

@@ -1,6 +1,7 @@
 package pprofhook
 
 import (
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -55,6 +56,8 @@ func TestTheHookLeaksAGoroutineAndAnFDWhenAsked(t *testing.T) {
 	sock := serve(t)
 	before, err := Ask(sock, "goroutine")
 	require.NoError(t, err)
+	fdsBefore, err := os.ReadDir("/proc/self/fd")
+	require.NoError(t, err)
 	for range 2 {
 		_, err := Ask(sock, "leak")
 		require.NoError(t, err)
@@ -63,6 +66,9 @@ func TestTheHookLeaksAGoroutineAndAnFDWhenAsked(t *testing.T) {
 	require.NoError(t, err)
 	const planted = "created by github.com/llorch/pool-managerd/internal/soak/pprofhook.answer"
 	assert.Equal(t, strings.Count(string(before), planted)+2, strings.Count(string(after), planted))
+	fdsAfter, err := os.ReadDir("/proc/self/fd")
+	require.NoError(t, err)
+	assert.Len(t, fdsAfter, len(fdsBefore)+2, "one fd leaked per ask")
 }
 
 func TestServeRefusesAPathItCannotListenOn(t *testing.T) {
