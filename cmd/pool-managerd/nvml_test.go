@@ -28,8 +28,8 @@ import (
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/gpu"
 	"github.com/llorch/pool-managerd/internal/gpu/nvmlmock"
-	"github.com/llorch/pool-managerd/internal/sandbox"
-	"github.com/llorch/pool-managerd/internal/testpool"
+	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
+	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
 
 // syncBuffer is the daemon's stderr: its goroutines log concurrently.

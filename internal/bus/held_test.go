@@ -16,7 +16,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/bus"
 	"github.com/llorch/pool-managerd/internal/journal"
-	"github.com/llorch/pool-managerd/internal/sandbox"
+	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 )
 
 // failingPool configures the daemon with one pool, id, whose engine exits

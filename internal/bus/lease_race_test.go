@@ -15,7 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/pool-managerd/internal/manager"
-	"github.com/llorch/pool-managerd/internal/testpool"
+	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
 
 // A router's AcquireLease and its departure from the bus race: method

@@ -21,8 +21,8 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/engine"
-	"github.com/llorch/pool-managerd/internal/sandbox"
 	"github.com/llorch/pool-managerd/internal/shim"
+	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 )
 
 func TestMain(m *testing.M) {

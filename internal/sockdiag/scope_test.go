@@ -22,7 +22,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/llorch/pool-managerd/internal/sandbox"
+	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 )
 
 // listenEnv makes the test binary a listener: "NETWORK ADDRESS", e.g.

@@ -14,7 +14,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/crash"
 	. "github.com/llorch/pool-managerd/internal/supervisor"
-	"github.com/llorch/pool-managerd/internal/testpool"
+	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
 
 // fault posts a simulator fault with a deadline: a fault that blocks the

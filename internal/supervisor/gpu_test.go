@@ -10,9 +10,9 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/pool-managerd/internal/lifecycle"
-	"github.com/llorch/pool-managerd/internal/sandbox"
 	. "github.com/llorch/pool-managerd/internal/supervisor"
-	"github.com/llorch/pool-managerd/internal/testpool"
+	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
+	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
 
 // Another process on the pool's GPU: the start says who holds it and is

@@ -10,7 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	. "github.com/llorch/pool-managerd/internal/supervisor"
-	"github.com/llorch/pool-managerd/internal/testpool"
+	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
 
 // poolGauge reads one pool's gauge from the registry.

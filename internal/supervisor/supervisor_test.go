@@ -19,10 +19,10 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/pool-managerd/internal/crash"
-	"github.com/llorch/pool-managerd/internal/sandbox"
 	"github.com/llorch/pool-managerd/internal/shim"
 	. "github.com/llorch/pool-managerd/internal/supervisor"
-	"github.com/llorch/pool-managerd/internal/testpool"
+	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
+	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
 
 func TestMain(m *testing.M) {

@@ -12,7 +12,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/crash"
 	. "github.com/llorch/pool-managerd/internal/supervisor"
-	"github.com/llorch/pool-managerd/internal/testpool"
+	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
 
 // An operator's systemctl stop of an engine's scope is honoured the way

@@ -4,7 +4,7 @@ import (
 	"os"
 	"testing"
 
-	"github.com/llorch/pool-managerd/internal/sandbox"
+	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 )
 
 const forger = "wt-forger"

@@ -1,0 +1,161 @@
+#!/bin/bash
+# make vm-test: the operator's walkthrough on a real Debian 12 host. For the
+# .deb and then the .rpm, boots a copy of the cached image under qemu
+# (software emulation: systemd as PID 1, cgroup v2) twice: boot 1 installs
+# and runs the checks, boot 2 is the reboot (pools back, breaker state kept)
+# and the removal. The guest reports on its second serial port; each check
+# is printed as it finishes, and a summary at the end. Exits non-zero when
+# any check fails or a boot does not finish.
+#
+#   test/vmtest/run.sh [deb] [rpm]     (both by default; root needed)
+#   VM_BOOT_TIMEOUT=420  seconds one qemu run may take
+#   VM_MIRROR=URL        Debian mirror for a new image (default: apt's)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(cd "$here/../.." && pwd)
+cd "$top"
+GO=${GO:-go}
+boot_timeout=${VM_BOOT_TIMEOUT:-420}
+guest_limit=300
+kinds=("$@")
+[ ${#kinds[@]} -gt 0 ] || kinds=(deb rpm)
+
+start_all=$(date +%s.%N)
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+
+qpid= tpid= qemu_pidfile=
+stop_qemu() {
+	[ -n "$tpid" ] && kill "$tpid" 2>/dev/null || true
+	if [ -n "$qpid" ]; then
+		kill "$qpid" 2>/dev/null || true
+		for _ in 1 2 3 4 5 6 7 8 9 10; do
+			kill -0 "$qpid" 2>/dev/null || break
+			sleep 0.5
+		done
+		if [ -n "$qemu_pidfile" ] && [ -s "$qemu_pidfile" ]; then
+			kill -KILL "$(cat "$qemu_pidfile")" 2>/dev/null || true
+		fi
+		kill -KILL "$qpid" 2>/dev/null || true
+		wait "$qpid" 2>/dev/null || true
+	fi
+	qpid= tpid=
+}
+trap stop_qemu EXIT
+trap 'echo "vm-test: interrupted"; exit 130' INT TERM HUP
+
+if [ "$(id -u)" != 0 ]; then
+	echo "vm-test: needs root (debootstrap, mkfs.ext4 -d of a root file system)" >&2
+	exit 1
+fi
+for tool in qemu-system-x86_64 debootstrap mkfs.ext4 timeout; do
+	if ! command -v "$tool" >/dev/null; then
+		echo "vm-test: $tool missing: apt-get install -y --no-install-recommends qemu-system-x86 debootstrap e2fsprogs" >&2
+		exit 1
+	fi
+done
+# The newest packages: what make packages has just built.
+deb=$(ls -t build/pool-managerd_*.deb 2>/dev/null | head -n 1)
+rpm=$(ls -t build/pool-managerd-*.rpm 2>/dev/null | head -n 1)
+if [ -z "$deb" ] || [ -z "$rpm" ] || [ ! -x build/pool-engine-sim ]; then
+	echo "vm-test: build/ lacks the packages or pool-engine-sim: run make packages" >&2
+	exit 1
+fi
+
+img=$("$here/build-image.sh")
+image_s=$(elapsed "$start_all")
+mkdir -p build/vm
+CGO_ENABLED=0 "$GO" build -o build/vm/router ./test/vmtest/router
+
+# One line of the guest's report, for the terminal.
+show() {
+	tr -d '\r' | awk -F'\t' '
+		$1 == "RESULT" { printf "  %-4s %6ss  %s\n", $2, $3, $4; fflush(); next }
+		$1 == "DETAIL" { printf "               | %s\n", $2; fflush(); next }
+		$1 == "INFO" { printf "        info: %s\n", $2; fflush(); next }
+		$1 == "PHASE" { printf "  -- boot %s done\n", $2; fflush(); next }'
+}
+
+summary=()
+failed=0
+# boot KIND N: one qemu run on the disk of KIND; its report in results-N.log.
+boot() {
+	local kind=$1 n=$2 work=build/vm/run-$1 t0 rc=0
+	local results=$work/results-$n.log console=$work/console-$n.log
+	qemu_pidfile=$work/qemu-$n.pid
+	rm -f "$results" "$qemu_pidfile"
+	: >"$results"
+	echo "== .$kind, boot $n (qemu -accel tcg; console in $console)"
+	t0=$(date +%s.%N)
+	timeout --kill-after=10 "$boot_timeout" qemu-system-x86_64 \
+		-accel tcg -m 2048 -smp 2 -nographic -no-reboot -nic none \
+		-kernel "$img/vmlinuz" -initrd "$img/initrd.img" \
+		-append "root=/dev/vda rw console=ttyS0 panic=-1" \
+		-drive "file=$work/disk.img,format=raw,if=virtio" \
+		-drive "file=$work/payload.img,format=raw,if=virtio,readonly=on" \
+		-serial mon:stdio -serial "file:$results" -pidfile "$qemu_pidfile" \
+		</dev/null >"$console" 2>&1 &
+	qpid=$!
+	tail -n +1 -F --pid="$qpid" "$results" 2>/dev/null | show &
+	tpid=$!
+	wait "$qpid" || rc=$?
+	qpid=
+	wait "$tpid" 2>/dev/null || true
+	tpid=
+	local took
+	took=$(elapsed "$t0")
+	summary+=("$(printf '%-4s %6ss  .%s boot %s (qemu, boot to poweroff)' "" "$took" "$kind" "$n")")
+	if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+		echo "vm-test: qemu ran past ${boot_timeout}s and was stopped; console tail:"
+		tail -n 40 "$console" | tr -d '\r'
+		return 1
+	fi
+	if ! tr -d '\r' <"$results" | grep -q "^PHASE	$n	DONE"; then
+		echo "vm-test: boot $n of the .$kind did not finish its checks (qemu exit $rc); console tail:"
+		tail -n 40 "$console" | tr -d '\r'
+		return 1
+	fi
+}
+
+for kind in "${kinds[@]}"; do
+	work=build/vm/run-$kind
+	rm -rf "$work"
+	mkdir -p "$work/payload"
+	cp --sparse=always "$img/disk.img" "$work/disk.img"
+	case $kind in
+	deb) cp "$deb" "$work/payload/pool-managerd.deb" ;;
+	rpm) cp "$rpm" "$work/payload/pool-managerd.rpm" ;;
+	*)
+		echo "vm-test: unknown package kind $kind (deb or rpm)" >&2
+		exit 2
+		;;
+	esac
+	cp build/pool-engine-sim build/vm/router "$here/guest/check.sh" "$work/payload/"
+	echo "$kind" >"$work/payload/kind"
+	echo "$guest_limit" >"$work/payload/limit"
+	truncate -s 64M "$work/payload.img"
+	mkfs.ext4 -q -F -L payload -d "$work/payload" "$work/payload.img"
+	ok=1
+	boot "$kind" 1 || ok=0
+	[ "$ok" = 0 ] || boot "$kind" 2 || ok=0
+	[ "$ok" = 1 ] || failed=1
+	for n in 1 2; do
+		[ -f "$work/results-$n.log" ] || continue
+		while IFS=$'\t' read -r tag verdict secs name; do
+			[ "$tag" = RESULT ] || continue
+			summary+=("$(printf '%-4s %6ss  .%s: %s' "$verdict" "$secs" "$kind" "$name")")
+			[ "$verdict" = PASS ] || failed=1
+		done < <(tr -d '\r' <"$work/results-$n.log")
+	done
+	# The disk copy is 3 GiB of mostly holes; the logs stay for a look.
+	rm -f "$work/disk.img" "$work/payload.img"
+done
+
+echo
+echo "== make vm-test summary"
+printf '%s\n' "${summary[@]}"
+echo "image: $(basename "$img") ready in ${image_s}s; total $(elapsed "$start_all")s"
+if [ "$failed" != 0 ]; then
+	echo "vm-test: FAILED"
+	exit 1
+fi
+echo "vm-test: all checks passed"
