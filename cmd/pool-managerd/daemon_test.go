@@ -36,6 +36,7 @@ func sh(t *testing.T, name string, args ...string) string {
 // returns the directory and the engine's port.
 func daemonDir(t *testing.T, pool, model, more string) (string, int) {
 	t.Helper()
+	sandbox.Need(t)
 	dir, err := os.MkdirTemp("", "daemon-test-")
 	require.NoError(t, err)
 	t.Cleanup(func() { os.RemoveAll(dir) })

@@ -84,9 +84,7 @@ func runDaemon(t *testing.T, dir string, cfg *config.Config, scopes ...string) (
 // that pool's engine and no other, and NVML failing while watching is
 // logged, not a crash.
 func TestDaemonOnAnNVMLHostRoutesXIDsToTheOwningPool(t *testing.T) {
-	if !sandbox.Inside() {
-		t.Skip("needs the package's sandbox")
-	}
+	sandbox.Need(t)
 	host := nvmlmock.New(dgxh100.New(), 1, 0, 9, 10, 11, 12, 13, 14)
 	newNVML = func() gpu.NVML { return gpu.NewNVMLWith(host.Server) }
 	t.Cleanup(func() { newNVML = gpu.NewNVML })
@@ -249,9 +247,7 @@ func installShim(t *testing.T) {
 // Backend=auto on a host whose NVML does not load: the daemon says so and
 // runs its pools on the static inventory, and watches no XID.
 func TestDaemonWithoutNVMLRunsOnTheStaticInventory(t *testing.T) {
-	if !sandbox.Inside() {
-		t.Skip("needs the package's sandbox")
-	}
+	sandbox.Need(t)
 	host := nvmlmock.New(dgxh100.New())
 	host.FailInit(nvml.ERROR_LIBRARY_NOT_FOUND)
 	newNVML = func() gpu.NVML { return gpu.NewNVMLWith(host.Server) }

@@ -57,6 +57,7 @@ ControlDevice=/dev/nvidiactl
 // configuration directory (models in models/).
 func daemon(t *testing.T) string {
 	t.Helper()
+	sandbox.Need(t)
 	dir, err := os.MkdirTemp("", "poolctl-test-")
 	require.NoError(t, err)
 	t.Cleanup(func() { os.RemoveAll(dir) })
@@ -114,6 +115,7 @@ type result struct {
 // user with their own groups only.
 func poolctl(t *testing.T, user string, args ...string) result {
 	t.Helper()
+	sandbox.Need(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	bin := os.Getenv(sandbox.BinEnv("poolctl"))

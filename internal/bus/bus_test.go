@@ -83,6 +83,7 @@ func daemon(t *testing.T, dropIn ...string) (dir string, port int) {
 // configure writes the configuration daemon starts on.
 func configure(t *testing.T) (dir string, port int) {
 	t.Helper()
+	sandbox.Need(t)
 	dir, err := os.MkdirTemp("", "bus-test-")
 	require.NoError(t, err)
 	t.Cleanup(func() { os.RemoveAll(dir) })

@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/pool-managerd/internal/manager"
+	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
 
@@ -22,6 +23,7 @@ import (
 // calls run beside the loop that handles departures. A lease added after
 // its caller's departure was handled is undone, not kept forever.
 func TestLeaseOfDepartedCallerIsNotKept(t *testing.T) {
+	sandbox.Need(t)
 	// The server runs here, on the sandbox's system bus, under the shipped
 	// policy; the installed daemon must not hold the name.
 	exec.Command("systemctl", "stop", "pool-managerd.service").Run()

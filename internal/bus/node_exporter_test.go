@@ -22,6 +22,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/crash"
 	"github.com/llorch/pool-managerd/internal/metrics"
+	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 )
 
 // nodeExporter is Debian's name for node_exporter.
@@ -143,6 +144,7 @@ func scrape(url string) (map[string]*dto.MetricFamily, error) {
 // /metrics with the counts of what happened, and the textfile collector
 // reports no error.
 func TestNodeExporterServesEveryFamilyAfterCrashesADrainAndAReload(t *testing.T) {
+	sandbox.Need(t)
 	bin, err := exec.LookPath(nodeExporter)
 	require.NoError(t, err, "node_exporter is missing: install Debian's prometheus-node-exporter package "+
 		"(apt-get install --no-install-recommends prometheus-node-exporter; .ci/run does)")

@@ -15,6 +15,7 @@ import (
 	shipped "github.com/llorch/pool-managerd/dbus"
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/supervisor"
+	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 )
 
 // sdBusLabelEscape is systemd's bus_label_escape, which sd_bus_path_encode
@@ -63,6 +64,7 @@ func TestPathEncodeLikeSystemd(t *testing.T) {
 // systemd itself is the reference: a unit's object path is its name put
 // through sd_bus_path_encode.
 func TestPathEncodeMatchesSystemdUnitPaths(t *testing.T) {
+	sandbox.Need(t)
 	conn, err := dbus.ConnectSystemBus()
 	require.NoError(t, err)
 	defer conn.Close()

@@ -39,6 +39,8 @@ func TestMain(m *testing.M) {
 }
 
 func runtime(t *testing.T) (*engine.Runtime, context.Context) {
+	t.Helper()
+	sandbox.Need(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	t.Cleanup(cancel)
 	exe, err := os.Executable()

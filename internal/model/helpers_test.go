@@ -42,6 +42,15 @@ func newStager(models, stage string, opts ...Option) *Stager {
 	return s
 }
 
+// needChown skips a test that gives its files to other users, as the
+// operator's model files are: chown needs root.
+func needChown(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: gives its files to other users (chown)")
+	}
+}
+
 func writeFile(t *testing.T, path, content string) {
 	t.Helper()
 	require.NoError(t, os.MkdirAll(filepath.Dir(path), 0o755))

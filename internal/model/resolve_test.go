@@ -183,7 +183,7 @@ func TestResolveAccepts(t *testing.T) {
 			assert.Equal(t, Source{
 				Ref: tt.ref, Path: filepath.Clean(tt.path), Size: int64(len(tt.content)),
 				Dev: sys.Dev, Ino: sys.Ino, ModTime: st.ModTime(),
-				ChangeTime: time.Unix(sys.Ctim.Sec, sys.Ctim.Nsec), Mode: 0o644, UID: 0, GID: 0,
+				ChangeTime: time.Unix(sys.Ctim.Sec, sys.Ctim.Nsec), Mode: 0o644, UID: sys.Uid, GID: sys.Gid,
 			}, src)
 		})
 	}

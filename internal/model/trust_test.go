@@ -117,6 +117,7 @@ func TestSymlinkEscapeIsRefused(t *testing.T) {
 
 // Staging leaves the operator's file exactly as it was, by link or copy.
 func TestOperatorFileModeIsUnchanged(t *testing.T) {
+	needChown(t)
 	for _, copied := range []bool{false, true} {
 		t.Run(map[bool]string{false: "hard link", true: "copy"}[copied], func(t *testing.T) {
 			e := newTrustEnv(t)
@@ -149,6 +150,7 @@ func TestOperatorFileModeIsUnchanged(t *testing.T) {
 // A copy (the staging directory on another filesystem, a real tmpfs) has
 // the source's owner and group and only its read bits.
 func TestCopyIsNoMoreReadableThanSource(t *testing.T) {
+	needChown(t)
 	tests := []struct {
 		name     string
 		mode     uint32
@@ -250,6 +252,7 @@ func TestDeviceNodeIsNeverOpenedForReading(t *testing.T) {
 // The engine's user must be able to read the file by its mode bits: the
 // daemon (root) does not read or link for it what it could not read itself.
 func TestRefUnreadableByEngineUserIsRefused(t *testing.T) {
+	needChown(t)
 	withGroup := User{Name: "engine-g", UID: 4343, GID: 4343, Groups: []uint32{5000}}
 	tests := []struct {
 		name     string
@@ -487,6 +490,7 @@ func TestPruningALinkCostsNoRehash(t *testing.T) {
 // CAP_DAC_OVERRIDE: without them another user's file cannot be hard-linked
 // (fs.protected_hardlinks) and is copied instead; root's own file still is.
 func TestStagingNeedsNeitherFownerNorDacOverride(t *testing.T) {
+	needChown(t)
 	if data, err := os.ReadFile("/proc/sys/fs/protected_hardlinks"); err != nil || strings.TrimSpace(string(data)) != "1" {
 		t.Skip("fs.protected_hardlinks is not 1 here")
 	}

@@ -18,6 +18,7 @@ import (
 // Another process on the pool's GPU: the start says who holds it and is
 // no crash; once the GPU is free, the pool starts by itself.
 func TestAForeignProcessOnThePoolsGPUHoldsTheStart(t *testing.T) {
+	sandbox.Need(t)
 	holder := sandbox.HoldNode(t, "/dev/nvidia0")
 
 	e := testpool.New(t, nil)
@@ -41,6 +42,7 @@ func TestAForeignProcessOnThePoolsGPUHoldsTheStart(t *testing.T) {
 // A leftover of the pool's own scope on its GPU is killed and waited for
 // before the engine starts.
 func TestALeftoverOfThePoolsOwnScopeIsKilledBeforeTheStart(t *testing.T) {
+	sandbox.Need(t)
 	leftover := exec.Command("sleep", "60")
 	require.NoError(t, leftover.Start())
 	gone := make(chan struct{})

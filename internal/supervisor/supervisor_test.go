@@ -91,6 +91,7 @@ func TestScopeIsolationUserAndJournal(t *testing.T) {
 }
 
 func TestFaultsAreClassifiedAndRestarted(t *testing.T) {
+	sandbox.Need(t)
 	cases := []struct {
 		kind   string
 		reason crash.Reason

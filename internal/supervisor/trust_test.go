@@ -64,6 +64,7 @@ func TestReloadDoesNotBypassTheBreaker(t *testing.T) {
 }
 
 func TestCorruptStateFileHoldsThePoolUntilResetBreaker(t *testing.T) {
+	sandbox.Need(t)
 	for id, text := range map[string]string{
 		"truncated":  `{"crash_count": `,
 		"impossible": `{"crash_count": 9, "breakers": {"classes": {"general": {"state": 7}}}}`,

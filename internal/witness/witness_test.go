@@ -34,16 +34,6 @@ func hogMain() {
 	}
 }
 
-func needSandbox(t *testing.T) {
-	if sandbox.Inside() {
-		return
-	}
-	if os.Getenv("CI") != "" {
-		t.Fatal("this test boots a real systemd and needs root, and CI is set")
-	}
-	t.Skip("*** SKIPPED: this test boots a real systemd in a namespace and needs root ***")
-}
-
 func newWitness(t *testing.T) *Witness {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -187,7 +177,7 @@ func systemctl(t *testing.T, args ...string) {
 // systemctl kill of the whole scope: systemd reports the scope dead with
 // Result=success and no stop job; it cannot tell which signal.
 func TestSystemctlKillOfTheScopeIsADeathWithNoStopJob(t *testing.T) {
-	needSandbox(t)
+	sandbox.Need(t)
 	s, ch, _ := sleeper(t, "")
 	systemctl(t, "kill", "--signal=SIGKILL", s.unit)
 	e := next(t, ch)
@@ -203,7 +193,7 @@ func TestSystemctlKillOfTheScopeIsADeathWithNoStopJob(t *testing.T) {
 }
 
 func TestOperatorsSystemctlStopIsAnOperatorStop(t *testing.T) {
-	needSandbox(t)
+	sandbox.Need(t)
 	s, ch, _ := sleeper(t, "")
 	systemctl(t, "stop", s.unit)
 	e := next(t, ch)
@@ -223,7 +213,7 @@ func TestOperatorsSystemctlStopIsAnOperatorStop(t *testing.T) {
 // would; the announcement is used up, so the next scope of the same name
 // stopped by the operator is the operator's.
 func TestAStopAnnouncedByTheDaemonIsOursAndOnlyThatOne(t *testing.T) {
-	needSandbox(t)
+	sandbox.Need(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	name := fmt.Sprintf("pool-engine-ours%d.scope", os.Getpid())
@@ -258,7 +248,7 @@ func TestAStopAnnouncedByTheDaemonIsOursAndOnlyThatOne(t *testing.T) {
 // A scope not named pool-engine-*.scope, in the same slice, gives no event
 // and leaves nothing in the witness, even to a watcher of its name.
 func TestAScopeOfAnotherNameGivesNoEvent(t *testing.T) {
-	needSandbox(t)
+	sandbox.Need(t)
 	w := newWitness(t)
 	other := fmt.Sprintf("other-t%d.scope", os.Getpid())
 	otherCh := watch(t, w, other)
@@ -293,7 +283,7 @@ func TestAScopeOfAnotherNameGivesNoEvent(t *testing.T) {
 // sees only the processes gone: Result=success. Under cgroup v2 it reports
 // Result=oom-kill.
 func TestAnOOMKillUnderMemoryMaxIsWhatSystemdReports(t *testing.T) {
-	needSandbox(t)
+	sandbox.Need(t)
 	w := newWitness(t)
 	name := fmt.Sprintf("pool-engine-oom%d.scope", os.Getpid())
 	ch := watch(t, w, name)
@@ -321,7 +311,7 @@ func TestAnOOMKillUnderMemoryMaxIsWhatSystemdReports(t *testing.T) {
 // Signals forged by an unprivileged user with systemd's paths and members
 // (the system bus lets anyone send signals) are ignored.
 func TestForgedSignalsFromAnotherUserAreIgnored(t *testing.T) {
-	needSandbox(t)
+	sandbox.Need(t)
 	s, ch, w := sleeper(t, "")
 	path := unitPathPrefix + sddbus.PathBusEscape(s.unit)
 
@@ -364,7 +354,7 @@ func TestForgedSignalsFromAnotherUserAreIgnored(t *testing.T) {
 // How long from a SIGKILL of the scope's only process to the witness's
 // event, and how much of it is systemd's own (its StateChangeTimestamp).
 func TestLatencyFromSIGKILLToTheWitness(t *testing.T) {
-	needSandbox(t)
+	sandbox.Need(t)
 	w := newWitness(t)
 	const rounds = 20
 	var total, own []time.Duration
@@ -389,7 +379,7 @@ func TestLatencyFromSIGKILLToTheWitness(t *testing.T) {
 
 // Close ends delivery and the connection; Err stays nil.
 func TestCloseEndsTheWitness(t *testing.T) {
-	needSandbox(t)
+	sandbox.Need(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	w, err := New(ctx)

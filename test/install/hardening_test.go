@@ -63,6 +63,7 @@ func capMask(t *testing.T, names string) string {
 // new privileges, the bounding set, the system call filter, no namespaces),
 // the engine's pool gets Ready, and a crash is still classified.
 func TestInstalledUnitIsHardenedAndEnginesRunUnderIt(t *testing.T) {
+	sandbox.Need(t)
 	sim := os.Getenv(sandbox.BinEnv("pool-engine-sim"))
 	// The engine first makes a call of the deny list (chroot, of @mount:
 	// without the filter a missing directory fails first, with ENOENT),

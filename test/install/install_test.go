@@ -60,6 +60,7 @@ func glob(t *testing.T, pattern string) string {
 }
 
 func TestDebInstallsRunsAndRemoves(t *testing.T) {
+	sandbox.Need(t)
 	// The operator's configuration, there before the package.
 	require.NoError(t, os.MkdirAll("/etc/pool-managerd/pool-managerd.conf.d", 0o755))
 	require.NoError(t, os.MkdirAll("/etc/pool-managerd/pools.d", 0o755))
@@ -133,6 +134,7 @@ ControlDevice=/dev/nvidiactl
 
 // The .rpm holds the same files as the .deb.
 func TestRpmHoldsTheSameFiles(t *testing.T) {
+	sandbox.Need(t)
 	var deb []string
 	for _, l := range strings.Split(sh(t, "dpkg-deb", "-c", glob(t, "pool-managerd_*.deb")), "\n") {
 		f := strings.Fields(l)

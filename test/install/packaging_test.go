@@ -90,6 +90,7 @@ func ownerOf(t *testing.T, path string) owner {
 // made when missing, and keep their owner and mode through an install, an
 // upgrade, a tmpfiles run and a purge.
 func TestTmpfilesLeaveTheTextfileDirectoryAndModelsToTheirOwners(t *testing.T) {
+	sandbox.Need(t)
 	// Debian's prometheus package (promtool) may have made its user.
 	for _, u := range []string{"prometheus", "mlops"} {
 		if exec.Command("getent", "passwd", u).Run() == nil {
@@ -134,6 +135,7 @@ func TestTmpfilesLeaveTheTextfileDirectoryAndModelsToTheirOwners(t *testing.T) {
 // models, state files), wherever the manager file puts it, and never a
 // model of the operator's, also one beside the state.
 func TestPurgeKeepsOperatorModels(t *testing.T) {
+	sandbox.Need(t)
 	sim := os.Getenv(sandbox.BinEnv("pool-engine-sim"))
 	t.Cleanup(func() { os.RemoveAll("/srv/pmd") })
 	installDeb(t, "[Manager]\nStateDir=/srv/pmd\n", map[string][]byte{"alpha": testpool.SimPoolFile(sim, "0", "tiny.gguf", 18441, "")})
@@ -163,6 +165,7 @@ var policyText = regexp.MustCompile(`(?s)<!DOCTYPE busconfig.*?</busconfig>\n`)
 // it lacks and gives its text; with that text in /etc/dbus-1/system.d a
 // member of the group drains and takes leases, without it the bus refuses.
 func TestAnotherAdminGroupWorksOnTheBusWithThePolicyCheckConfigGives(t *testing.T) {
+	sandbox.Need(t)
 	sh(t, "groupadd", "--system", "ops")
 	sh(t, "useradd", "--no-create-home", "--shell", "/bin/sh", "-G", "ops", "alice")
 	t.Cleanup(func() {
@@ -214,6 +217,7 @@ func TestAnotherAdminGroupWorksOnTheBusWithThePolicyCheckConfigGives(t *testing.
 // under /usr/share/pool-managerd, and the .rpm owns that directory so
 // that rpm -e removes it.
 func TestPackagesInstallTheGrafanaDashboard(t *testing.T) {
+	sandbox.Need(t)
 	const dir = "/usr/share/pool-managerd"
 	const dashboard = dir + "/pool-managerd.dashboard.json"
 	want, err := os.ReadFile("../../packaging/pool-managerd.dashboard.json")
@@ -254,6 +258,7 @@ func TestPackagesInstallTheGrafanaDashboard(t *testing.T) {
 // The daemon the packages ship is the plain build: the soak's profiling
 // hook is only in the soak's own build of it.
 func TestShippedDaemonHasNoSoakHook(t *testing.T) {
+	sandbox.Need(t)
 	b, err := os.ReadFile("../../build/pool-managerd")
 	require.NoError(t, err)
 	const mod = "github.com/llorch/pool-managerd/internal/"

@@ -14,15 +14,23 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
+// needRoot skips a test that boots a sandbox from here (not from inside
+// one, as Need checks) without root; with CI set the skip is a failure.
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatal("the sandbox needs root, and CI is set")
+	}
+	t.Skip("*** SKIPPED: the sandbox needs root ***")
+}
+
 // This test drives the harness from outside (it is the one test that does
 // not run inside a sandbox).
 func TestBootRunTeardown(t *testing.T) {
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("the sandbox needs root, and CI is set")
-		}
-		t.Skip("*** SKIPPED: the sandbox needs root ***")
-	}
+	needRoot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	bind := t.TempDir()
@@ -86,9 +94,7 @@ func TestBootRunTeardown(t *testing.T) {
 // A layer's files lie over the host's root inside, and only inside: this
 // is how a host without systemd gets one (make gpu-check on a GPU machine).
 func TestALayerLiesOverTheRoot(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("*** SKIPPED: the sandbox needs root ***")
-	}
+	needRoot(t)
 	_, err := Boot(context.Background(), Options{Layer: "/tmp/a:b"})
 	require.ErrorContains(t, err, `layer "/tmp/a:b": not an absolute path without ':' or ','`)
 	_, err = Boot(context.Background(), Options{Layer: "rel"})

@@ -54,7 +54,7 @@ ControlDevice=/dev/nvidia-uvm
 // behaviour scenario's adapter.
 type T interface {
 	require.TestingT
-	Helper()
+	sandbox.TB
 	Cleanup(func())
 }
 
@@ -71,9 +71,11 @@ type Env struct {
 }
 
 // New prepares an environment; handler receives the supervisors' logs
-// (nil: stderr with go test -v, else nowhere).
+// (nil: stderr with go test -v, else nowhere). Outside a sandbox the test
+// skips (sandbox.Need).
 func New(t T, handler slog.Handler) *Env {
 	t.Helper()
+	sandbox.Need(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	t.Cleanup(cancel)
 	exe, err := os.Executable()

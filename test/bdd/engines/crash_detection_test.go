@@ -39,6 +39,7 @@ func TestMain(m *testing.M) {
 }
 
 func TestCrashDetectionFeature(t *testing.T) {
+	sandbox.Need(t)
 	suite.Run(t, "crash detection", crashScenarios, initCrashDetection, "../features/supervision/crash_detection.feature")
 }
 

@@ -24,6 +24,7 @@ import (
 const gpuScenarios = 4
 
 func TestGPUFaultsFeature(t *testing.T) {
+	sandbox.Need(t)
 	suite.Run(t, "GPU faults", gpuScenarios, initGPUFaults, "../features/serving/gpu_faults.feature")
 }
 

@@ -22,6 +22,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/journal"
 	lc "github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/supervisor"
+	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 	"github.com/llorch/pool-managerd/test/bdd/capture"
 	"github.com/llorch/pool-managerd/test/bdd/suite"
@@ -31,6 +32,7 @@ import (
 const lifecycleScenarios = 24
 
 func TestLifecycleFeatures(t *testing.T) {
+	sandbox.Need(t)
 	suite.Run(t, "lifecycle", lifecycleScenarios, initLifecycle, "../features/lifecycle")
 }
 

@@ -13,6 +13,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/health"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/supervisor"
+	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 	"github.com/llorch/pool-managerd/test/bdd/capture"
 	"github.com/llorch/pool-managerd/test/bdd/suite"
@@ -22,6 +23,7 @@ import (
 const servingScenarios = 6
 
 func TestServingHealthFeature(t *testing.T) {
+	sandbox.Need(t)
 	suite.Run(t, "serving health", servingScenarios, initServing, "../features/serving/serving_health.feature")
 }
 
