@@ -44,6 +44,8 @@ func TestCrashDetectionFeature(t *testing.T) {
 }
 
 // scenarioT lets testpool register cleanups that run after the scenario.
+// Its Skip does not end a step, so each feature's test calls sandbox.Need
+// before any scenario runs.
 type scenarioT struct {
 	godog.TestingT
 	cleanups []func()
