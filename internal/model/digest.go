@@ -79,6 +79,11 @@ type flight struct {
 func (s *Stager) Hashing(ref string) (read, size int64, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	for f := range s.trees {
+		if f.ref == ref {
+			return f.read.Load(), f.size, true
+		}
+	}
 	for _, f := range s.flights {
 		if f.ref == ref {
 			return f.read.Load(), f.size, true
@@ -87,15 +92,17 @@ func (s *Stager) Hashing(ref string) (read, size int64, ok bool) {
 	return 0, 0, false
 }
 
-// counting counts what passes through it into n.
+// counting counts what passes through it into each of ns.
 type counting struct {
-	r io.Reader
-	n *atomic.Int64
+	r  io.Reader
+	ns []*atomic.Int64
 }
 
 func (c counting) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
-	c.n.Add(int64(n))
+	for _, cn := range c.ns {
+		cn.Add(int64(n))
+	}
 	return n, err
 }
 
@@ -105,6 +112,10 @@ func (c counting) Read(p []byte) (int, error) {
 // validation as Resolve, checked to be the same version, and hashed
 // streaming. Concurrent calls for one file version share one hash.
 func (s *Stager) Digest(src Source) (string, error) {
+	if src.dir {
+		d, _, _, err := s.treeDigest(src)
+		return d, err
+	}
 	k := src.key()
 	s.mu.Lock()
 	s.loadLocked()
@@ -142,8 +153,14 @@ func (s *Stager) hash(src Source, read *atomic.Int64) (string, error) {
 		return "", err
 	}
 	defer f.Close()
+	return s.hashOpen(src, f, make([]byte, bufSize), read)
+}
+
+// hashOpen hashes f, opened for reading from src, counting what it reads
+// into each of reads.
+func (s *Stager) hashOpen(src Source, f *os.File, buf []byte, reads ...*atomic.Int64) (string, error) {
 	h := s.newHash()
-	n, err := io.CopyBuffer(h, counting{readerOnly{f}, read}, make([]byte, bufSize))
+	n, err := io.CopyBuffer(h, counting{readerOnly{f}, reads}, buf)
 	if err != nil {
 		return "", refErr(src.Ref, src.Path, err, "cannot be read: %v", err)
 	}

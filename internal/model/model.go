@@ -14,6 +14,26 @@
 // stageDir/sha256-<hex>/<name>: a hard link of the source when possible,
 // else a copy that is no more readable than the source. The operator's file
 // is never modified.
+//
+// A ref may also name a directory, a model in Hugging Face layout
+// (config.json, *.safetensors, tokenizer files, maybe subdirectories). It
+// is walked through descriptors (each entry opened O_PATH|O_NOFOLLOW
+// relative to its directory's descriptor, its type checked before
+// anything else): it may hold only regular files and directories, at most
+// 1024 of them, at most 16 levels deep; a symlink inside it is refused
+// wherever it points, and so is a FIFO, socket or device node. The engine's
+// user must be able to read every file and list every directory. Its
+// digest is the sha256 of its manifest, one line per file sorted by path
+// in byte order:
+//
+//	<sha256 hex of the file> <size> <path beneath the directory>\n
+//
+// Each file's digest is cached as a file model's is, so a changed file is
+// the only one hashed again; files are hashed in parallel. The directory
+// is staged as stageDir/sha256-<hex>/<name>/, a tree of links (or copies)
+// of its files built under a temporary name and renamed into place, with
+// the manifest beside it as stageDir/sha256-<hex>.manifest: `sha256sum`
+// of that file prints <hex>.
 package model
 
 import (
@@ -57,6 +77,7 @@ type Stager struct {
 	cache      map[fileID]cacheEntry // digests by file identity
 	used       uint64                // LRU clock for cache entries
 	flights    map[fileKey]*flight   // hashes in progress
+	trees      map[*flight]bool      // directory digests in progress, for Hashing
 	dirLocks   map[string]*dirLock   // staging directories in use
 
 	persistMu sync.Mutex // serializes writes of digests.json
@@ -91,6 +112,7 @@ func New(modelsDir, stageDir string, opts ...Option) *Stager {
 		poolModels: map[string]bool{},
 		cache:      map[fileID]cacheEntry{},
 		flights:    map[fileKey]*flight{},
+		trees:      map[*flight]bool{},
 		dirLocks:   map[string]*dirLock{},
 	}
 	WithModelDirs(s.modelsDir)(s)
@@ -222,18 +244,40 @@ func (u User) canRead(mode, uid, gid uint32) bool {
 	return mode&0o004 != 0
 }
 
-// Source is a resolved, validated model file.
+// canList reports whether u may list and traverse a directory of this
+// mode, owner and group (read and search bits), as the kernel decides.
+func (u User) canList(mode, uid, gid uint32) bool {
+	switch {
+	case u.UID == 0:
+		return true
+	case uid == u.UID:
+		return mode&0o500 == 0o500
+	case gid == u.GID || slices.Contains(u.Groups, gid):
+		return mode&0o050 == 0o050
+	}
+	return mode&0o005 == 0o005
+}
+
+// Source is a resolved, validated model: a file, or a directory of files.
 type Source struct {
 	Ref        string // as given
-	Path       string // absolute path of the file that was opened
-	Size       int64
+	Path       string // absolute path of the file (or directory) that was opened
+	Size       int64  // a directory's: the total size of its files
 	Dev        uint64
 	Ino        uint64
 	ModTime    time.Time
 	ChangeTime time.Time // ctime: no write, chmod or chown goes without it
 	Mode       uint32    // permission bits
 	UID, GID   uint32    // owner
+
+	// Files are a directory model's regular files, sorted by Rel (byte
+	// order); nil for a file model.
+	Files []TreeFile
+	dir   bool
 }
+
+// IsDir reports whether the model is a directory.
+func (src Source) IsDir() bool { return src.dir }
 
 func (src Source) key() fileKey {
 	return fileKey{fileID{src.Dev, src.Ino}, src.Size, src.ModTime.UnixNano(), src.ChangeTime.UnixNano()}
@@ -275,17 +319,22 @@ func fdPath(fd int) string { return "/proc/self/fd/" + strconv.Itoa(fd) }
 
 // Resolve validates a ref without reading the file's content: where it
 // resolves to, that it is a non-empty regular file, and that the engine's
-// user (by name) can read it. Problems with the ref are *RefError; an
-// unknown user is a plain error.
+// user (by name) can read it; or, for a directory, that it holds only
+// regular files and directories, within bounds, that user can read and
+// list (the package doc says more). Problems with the ref are *RefError;
+// an unknown user is a plain error.
 func (s *Stager) Resolve(ref, engineUser string) (Source, error) {
 	fd, src, err := s.openPath(ref)
 	if err != nil {
 		return Source{}, err
 	}
-	unix.Close(fd)
+	defer unix.Close(fd)
 	u, err := s.lookupUser(engineUser)
 	if err != nil {
 		return Source{}, fmt.Errorf("model %q: %w", ref, err)
+	}
+	if src.dir {
+		return s.resolveTree(src, fd, u)
 	}
 	if !u.canRead(src.Mode, src.UID, src.GID) {
 		return Source{}, refErr(ref, src.Path, unix.EACCES,
@@ -336,6 +385,9 @@ func (s *Stager) locate(ref string) (int, string, error) {
 	default:
 		if hasDotDot(ref) {
 			return -1, "", refErr(ref, "", nil, `name contains a ".." element; names must stay under the models directory`)
+		}
+		if filepath.Clean(ref) == "." {
+			return -1, "", refErr(ref, s.modelsDir, nil, "names the models directory itself, not a model in it")
 		}
 		if !filepath.IsAbs(s.modelsDir) {
 			return -1, "", refErr(ref, "", nil,
@@ -491,13 +543,15 @@ func validate(ref, path string, fd int) (Source, error) {
 	if err := unix.Fstat(fd, &st); err != nil {
 		return Source{}, refErr(ref, path, err, "cannot be examined: %v", err)
 	}
-	if st.Mode&unix.S_IFMT != unix.S_IFREG {
-		return Source{}, refErr(ref, path, nil, "is not a regular file (it is %s)", kind(st.Mode))
+	isDir := st.Mode&unix.S_IFMT == unix.S_IFDIR
+	if !isDir && st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return Source{}, refErr(ref, path, nil, "is not a regular file or a directory (it is %s)", kind(st.Mode))
 	}
-	if st.Size == 0 {
+	if !isDir && st.Size == 0 {
 		return Source{}, refErr(ref, path, nil, "is empty")
 	}
 	return Source{
+		dir:        isDir,
 		Ref:        ref,
 		Path:       path,
 		Size:       st.Size,

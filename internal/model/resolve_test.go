@@ -71,21 +71,21 @@ func TestResolveRejects(t *testing.T) {
 			want:  "does not exist (a component of the path is not a directory)",
 		},
 		{
-			name: "directory",
+			name: "empty directory",
 			ref:  lit("sub"),
 			setup: func(t *testing.T, models, _ string) {
 				require.NoError(t, os.Mkdir(filepath.Join(models, "sub"), 0o755))
 			},
-			want: "is not a regular file (it is a directory)",
+			want: "holds no files",
 		},
-		{name: "models dir itself", ref: lit("."), want: "is not a regular file (it is a directory)"},
+		{name: "models dir itself", ref: lit("."), want: "names the models directory itself"},
 		{
 			name: "fifo",
 			ref:  lit("fifo"),
 			setup: func(t *testing.T, models, _ string) {
 				require.NoError(t, unix.Mkfifo(filepath.Join(models, "fifo"), 0o644))
 			},
-			want: "is not a regular file (it is a named pipe)",
+			want: "is not a regular file or a directory (it is a named pipe)",
 		},
 		{
 			name: "socket",
@@ -95,7 +95,7 @@ func TestResolveRejects(t *testing.T) {
 				require.NoError(t, err)
 				t.Cleanup(func() { l.Close() })
 			},
-			want: "is not a regular file (it is a socket)",
+			want: "is not a regular file or a directory (it is a socket)",
 		},
 		{name: "device outside", ref: lit("/dev/null"), want: `model "/dev/null": not beneath an allowed model directory`},
 		{

@@ -61,6 +61,9 @@ func (s *Stager) lockDir(name string) (unlock func()) {
 // are), else a copy verified against the digest, with the source's owner,
 // group and read bits only. The operator's file is never modified.
 //
+// A directory is staged as stageDir/sha256-<hex>/<its base name>/, the
+// same for each of its files (stageTree).
+//
 // Call it before every engine start: an unchanged source costs a few stats;
 // a changed one (any of inode, size, mtime, ctime) is hashed again and
 // staged under its new digest. Every problem with ref or want is a
@@ -92,6 +95,13 @@ func (s *Stager) stage(ref, want, engineUser string) (Staged, error) {
 	src, err := s.Resolve(ref, engineUser)
 	if err != nil {
 		return Staged{}, err
+	}
+	if src.dir {
+		u, err := s.lookupUser(engineUser)
+		if err != nil {
+			return Staged{}, fmt.Errorf("model %q: %w", ref, err)
+		}
+		return s.stageTree(src, want, u)
 	}
 	digest, err := s.Digest(src)
 	if err != nil {
@@ -193,6 +203,11 @@ func (s *Stager) linkStaged(src Source, tmp string) (bool, error) {
 		return false, err
 	}
 	defer unix.Close(fd)
+	return s.linkFrom(src, fd, tmp)
+}
+
+// linkFrom is linkStaged for the source the O_PATH descriptor fd names.
+func (s *Stager) linkFrom(src Source, fd int, tmp string) (bool, error) {
 	if err := s.link(fdPath(fd), tmp); err != nil {
 		if errors.Is(err, unix.EXDEV) || errors.Is(err, unix.EPERM) || errors.Is(err, unix.EMLINK) ||
 			errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOTSUP) {
@@ -215,12 +230,17 @@ func (s *Stager) linkStaged(src Source, tmp string) (bool, error) {
 // copyStaged copies the source to tmp, hashing what it copies, and keeps
 // the copy only if that matches digest. The copy gets the source's owner
 // and group and only its read bits: never more readable than the source.
-func (s *Stager) copyStaged(src Source, digest, tmp string) (_ fileKey, err error) {
+func (s *Stager) copyStaged(src Source, digest, tmp string) (fileKey, error) {
 	in, err := s.reopen(src)
 	if err != nil {
 		return fileKey{}, err
 	}
 	defer in.Close()
+	return s.copyFrom(src, in, digest, tmp)
+}
+
+// copyFrom is copyStaged from in, the source opened for reading.
+func (s *Stager) copyFrom(src Source, in *os.File, digest, tmp string) (_ fileKey, err error) {
 	out, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return fileKey{}, fmt.Errorf("stage model %q: %w", src.Ref, err)
@@ -315,14 +335,15 @@ func mkdir0755(dir string) error {
 	return nil
 }
 
-// Prune deletes staged files that are not in keep (the staged paths engines
-// still use), leftovers of interrupted stagings, and staging directories
-// left empty. keep must include paths returned by Stage calls that are
-// still in flight. It works only through descriptors opened without
-// following symlinks, so it never deletes anything outside the staging
-// directory: a symlink there is removed, never followed, and files Prune
-// does not know (other names, directories inside a staging directory) are
-// left alone.
+// Prune deletes staged files and staged trees that are not in keep (the
+// staged paths engines still use), leftovers of interrupted stagings,
+// staging directories left empty and the manifests of trees no longer
+// staged. keep must include paths returned by Stage calls that are still
+// in flight. It works only through descriptors opened without following
+// symlinks, so it never deletes anything outside the staging directory: a
+// symlink there is removed, never followed, and files Prune does not know
+// (other names, directories inside the staging directory of a file model)
+// are left alone.
 func (s *Stager) Prune(keep []string) error {
 	keepSet := make(map[string]bool, len(keep))
 	for _, k := range keep {
@@ -342,11 +363,14 @@ func (s *Stager) Prune(keep []string) error {
 		return fmt.Errorf("prune staged models: %w", err)
 	}
 	var errs []error
+	var manifests []string
 	for _, e := range entries {
 		name := e.Name()
 		switch {
 		case e.IsDir() && isStageDirName(name):
 			errs = append(errs, s.pruneDir(root, name, keepSet)...)
+		case e.Type().IsRegular() && isStageDirName(strings.TrimSuffix(name, manifestSuffix)):
+			manifests = append(manifests, name)
 		case e.Type().IsRegular() && strings.HasPrefix(name, tmpPrefix+cacheFileName):
 			s.persistMu.Lock() // not a digests.json being written now
 			if err := unix.Unlinkat(root, name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
@@ -354,6 +378,10 @@ func (s *Stager) Prune(keep []string) error {
 			}
 			s.persistMu.Unlock()
 		}
+	}
+	// A manifest goes with the last of its staged trees.
+	for _, name := range manifests {
+		errs = append(errs, s.pruneManifest(root, name)...)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("prune staged models: %w", err)
@@ -381,12 +409,16 @@ func (s *Stager) pruneDir(root int, name string, keep map[string]bool) []error {
 	var errs []error
 	left := 0
 	changed := false
+	// A directory is a staged tree where the digest is a directory
+	// model's (its manifest is there), or a tree being made.
+	var st unix.Stat_t
+	trees := unix.Fstatat(root, name+manifestSuffix, &st, unix.AT_SYMLINK_NOFOLLOW) == nil
 	for _, e := range entries {
-		if keep[filepath.Join(dirPath, e.Name())] || e.IsDir() {
+		if keep[filepath.Join(dirPath, e.Name())] || e.IsDir() && !trees && !strings.HasPrefix(e.Name(), tmpPrefix) {
 			left++
 			continue
 		}
-		c, err := s.unlinkStaged(fd, e.Name())
+		c, err := s.removeEntry(fd, e.Name(), 0)
 		changed = changed || c
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", filepath.Join(dirPath, e.Name()), err))
@@ -402,6 +434,20 @@ func (s *Stager) pruneDir(root int, name string, keep map[string]bool) []error {
 		s.persist()
 	}
 	return errs
+}
+
+func (s *Stager) pruneManifest(root int, name string) []error {
+	dirName := strings.TrimSuffix(name, manifestSuffix)
+	unlock := s.lockDir(dirName)
+	defer unlock()
+	var st unix.Stat_t
+	if err := unix.Fstatat(root, dirName, &st, unix.AT_SYMLINK_NOFOLLOW); !errors.Is(err, unix.ENOENT) {
+		return nil
+	}
+	if err := unix.Unlinkat(root, name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+		return []error{fmt.Errorf("%s: %w", filepath.Join(s.stageDir, name), err)}
+	}
+	return nil
 }
 
 // unlinkStaged removes one entry of a staging directory (a symlink itself,

@@ -229,11 +229,11 @@ func TestDeviceNodeIsNeverOpenedForReading(t *testing.T) {
 	}
 
 	for ref, want := range map[string]string{
-		"watchdog":       "is not a regular file (it is a character device)",
-		"model.gguf":     "is not a regular file (it is a character device)",
-		dev:              "is not a regular file (it is a character device)",
-		fifo:             "is not a regular file (it is a named pipe)",
-		"file://" + fifo: "is not a regular file (it is a named pipe)",
+		"watchdog":       "is not a regular file or a directory (it is a character device)",
+		"model.gguf":     "is not a regular file or a directory (it is a character device)",
+		dev:              "is not a regular file or a directory (it is a character device)",
+		fifo:             "is not a regular file or a directory (it is a named pipe)",
+		"file://" + fifo: "is not a regular file or a directory (it is a named pipe)",
 	} {
 		_, err := e.s.Resolve(ref, engine)
 		assert.ErrorContains(t, err, want, ref)
