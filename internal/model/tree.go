@@ -246,8 +246,9 @@ func (s *Stager) openTop(src Source) (int, error) {
 
 // walkSource walks a resolved directory model again, giving visit the
 // index in src.Files of each file, checked to be the version resolved;
-// a file added or gone since is a change.
-func (s *Stager) walkSource(src Source, u *User, visit func(i int, fd int) error) error {
+// a file added or gone since is a change. The ctime of an inode in linked
+// may have moved on: this staging linked it already, under another name.
+func (s *Stager) walkSource(src Source, u *User, linked map[fileID]bool, visit func(i int, fd int) error) error {
 	top, err := s.openTop(src)
 	if err != nil {
 		return err
@@ -263,7 +264,7 @@ func (s *Stager) walkSource(src Source, u *User, visit func(i int, fd int) error
 		if !ok {
 			return refErr(src.Ref, src.Path, errChanged, "changed since it was resolved: %q is new", rel)
 		}
-		if statKey(st) != src.file(src.Files[i]).key() {
+		if k, want := statKey(st), src.file(src.Files[i]).key(); k != want && !(linked[k.fileID] && sameContent(k, want)) {
 			return refErr(src.Ref, src.Path, errChanged, "changed since it was resolved: %q is another version", rel)
 		}
 		seen++
@@ -414,7 +415,7 @@ func (s *Stager) hashTreeFiles(src Source, mine map[int]*flight, read *atomic.In
 			}
 		}()
 	}
-	err := s.walkSource(src, nil, func(i, fd int) error {
+	err := s.walkSource(src, nil, nil, func(i, fd int) error {
 		if failed.Load() {
 			return errStop
 		}
@@ -545,7 +546,8 @@ func (s *Stager) createTree(src Source, digests []string, man []byte, manPath, f
 		}
 	}()
 	made := make([]fileKey, len(src.Files))
-	err = s.walkSource(src, &u, func(i, pfd int) error {
+	linkedIDs := map[fileID]bool{}
+	err = s.walkSource(src, &u, linkedIDs, func(i, pfd int) error {
 		fs := src.file(src.Files[i])
 		dst := filepath.Join(tmp, src.Files[i].Rel)
 		if err := mkdirs0755(tmp, filepath.Dir(dst)); err != nil {
@@ -557,6 +559,7 @@ func (s *Stager) createTree(src Source, digests []string, man []byte, manPath, f
 		}
 		if linked {
 			made[i] = fs.key()
+			linkedIDs[made[i].fileID] = true
 			return nil
 		}
 		in, err := s.openRead(fs, pfd)

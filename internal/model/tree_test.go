@@ -597,3 +597,69 @@ func TestStageDirectoryUmask(t *testing.T) {
 	}
 	assert.Equal(t, uint32(0o644), lstat(t, filepath.Dir(st.Path)+manifestSuffix).Mode&0o7777)
 }
+
+// Two names of one inode in a model directory (deduplicated files) stage
+// as two links: linking the first changes the ctime the second is checked
+// by, which is no change of content.
+func TestStageDirectoryWithHardLinkedFiles(t *testing.T) {
+	for _, copied := range []bool{false, true} {
+		t.Run(map[bool]string{false: "hard links", true: "copies"}[copied], func(t *testing.T) {
+			s, models, _ := newTestStager(t)
+			dir := filepath.Join(models, "m")
+			writeFile(t, filepath.Join(dir, "tokenizer.json"), "same tokenizer")
+			require.NoError(t, os.MkdirAll(filepath.Join(dir, "original"), 0o755))
+			require.NoError(t, os.Link(filepath.Join(dir, "tokenizer.json"), filepath.Join(dir, "original", "tokenizer.json")))
+			if copied {
+				s.link = func(string, string) error { return syscall.EXDEV }
+			}
+			hashes := countHashes(s)
+			st, err := s.Stage("m", "", engine)
+			require.NoError(t, err)
+			for _, rel := range []string{"tokenizer.json", "original/tokenizer.json"} {
+				data, err := os.ReadFile(filepath.Join(st.Path, rel))
+				require.NoError(t, err)
+				assert.Equal(t, "same tokenizer", string(data))
+			}
+			n := hashes.Load()
+			again, err := s.Stage("m", st.Digest, engine)
+			require.NoError(t, err)
+			assert.Equal(t, st.Path, again.Path)
+			assert.Equal(t, n, hashes.Load(), "staged once, then answered from the cache")
+		})
+	}
+}
+
+// Pools staging one directory at once, by different refs, all get the one
+// staged tree, and share their hashes (a link made by one pool may change
+// a ctime under another's read: that one hashes again).
+func TestStageDirectoryConcurrent(t *testing.T) {
+	s, models, _ := newTestStager(t)
+	dir := filepath.Join(models, "m")
+	files := hfTree(t, dir)
+	hashes := countHashes(s)
+	refs := []string{"m", dir, "file://" + dir, "m", dir, "m"}
+	staged := make([]Staged, len(refs))
+	errs := make([]error, len(refs))
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for i, ref := range refs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			staged[i], errs[i] = s.Stage(ref, "", engine)
+		}()
+	}
+	close(start)
+	wg.Wait()
+	for i := range refs {
+		require.NoError(t, errs[i], refs[i])
+		assert.Equal(t, staged[0].Path, staged[i].Path)
+	}
+	assert.LessOrEqual(t, int(hashes.Load()), 2*(len(files)-1), "no file hashed by every pool")
+	for rel, content := range files {
+		data, err := os.ReadFile(filepath.Join(staged[0].Path, rel))
+		require.NoError(t, err)
+		assert.Equal(t, content, string(data))
+	}
+}
