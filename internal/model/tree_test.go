@@ -412,10 +412,12 @@ func TestDirectoryChangedFileIsHashedAgain(t *testing.T) {
 	// A new Stager reads the cache from disk: nothing to hash.
 	s2 := newStager(e.models, e.stage, WithModelDirs(e.extra))
 	hashes2 := countHashes(s2)
+	reads2 := countReads(s2)
 	v3again, err := s2.Stage("m", v3.Digest, engine)
 	require.NoError(t, err)
 	assert.Equal(t, v3.Path, v3again.Path)
 	assert.Zero(t, hashes2.Load())
+	assert.Zero(t, reads2.Load(), "an unchanged directory costs no read")
 
 	// A file to hash that changed between Resolve and Digest is refused
 	// as changed; so is a file added meanwhile.
@@ -662,4 +664,28 @@ func TestStageDirectoryConcurrent(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, content, string(data))
 	}
+}
+
+// A directory must be listable (read and search bits) by the class of
+// the engine's user the kernel picks: owner, then group, then other.
+func TestCanList(t *testing.T) {
+	u := User{Name: "e", UID: 10, GID: 20, Groups: []uint32{30}}
+	tests := []struct {
+		mode, uid, gid uint32
+		want           bool
+	}{
+		{0o755, 0, 0, true},
+		{0o751, 0, 0, false}, // search without read: no listing
+		{0o754, 0, 0, false}, // read without search
+		{0o750, 0, 20, true},
+		{0o750, 0, 30, true},
+		{0o705, 0, 30, false}, // the group's bits, not other's
+		{0o500, 10, 0, true},
+		{0o055, 10, 0, false}, // the owner's bits, not the group's
+		{0o700, 0, 0, false},
+	}
+	for _, tt := range tests {
+		assert.Equal(t, tt.want, u.canList(tt.mode, tt.uid, tt.gid), "mode %#o owner %d group %d", tt.mode, tt.uid, tt.gid)
+	}
+	assert.True(t, User{}.canList(0, 1, 1), "root")
 }
