@@ -369,7 +369,7 @@ func (s *Stager) Prune(keep []string) error {
 		switch {
 		case e.IsDir() && isStageDirName(name):
 			errs = append(errs, s.pruneDir(root, name, keepSet)...)
-		case e.Type().IsRegular() && isStageDirName(strings.TrimSuffix(name, manifestSuffix)):
+		case e.Type().IsRegular() && strings.HasSuffix(name, manifestSuffix) && isStageDirName(strings.TrimSuffix(name, manifestSuffix)):
 			manifests = append(manifests, name)
 		case e.Type().IsRegular() && strings.HasPrefix(name, tmpPrefix+cacheFileName):
 			s.persistMu.Lock() // not a digests.json being written now
