@@ -1,30 +1,48 @@
 #!/bin/sh
-# Builds (or finds in the cache) the Debian 12 image that make vm-test boots:
-# debootstrap of bookworm into a directory, the guest's boot hook, then
-# mkfs.ext4 -d into a raw disk. Cached under build/vm/image-KEY, KEY being a
-# hash of this script and of the guest files baked into the image; rebuilt
-# only when one of them changes. Prints the cache directory on stdout.
-# The Debian mirror is the one this machine's apt uses (VM_MIRROR overrides).
+# Builds (or finds in the cache) an image that make vm-test boots:
+# debootstrap of SUITE into a directory, the guest's boot hook, then
+# mkfs.ext4 -d into a raw disk. Cached under build/vm/image-SUITE-KEY, KEY
+# being a hash of this script and of the guest files baked into the image;
+# rebuilt only when one of them changes. Prints the cache directory on
+# stdout. The Debian mirror is the one this machine's apt uses for bookworm
+# (the same archive serves sid; VM_MIRROR overrides).
+#
+#   build-image.sh [bookworm|sid]
+#
+# bookworm: Debian 12, the host the packages are for (.deb and .rpm).
+# sid: a newer systemd and kernel, and Debian's own llama-server.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 cache=${VM_CACHE:-$top/build/vm}
-suite=bookworm
+suite=${1:-bookworm}
 
-# What the guest needs: systemd as PID 1, the bus, the kernel and its
-# initramfs, the .deb's dependencies (nfpm.yaml: systemd, dbus), curl for
-# the engines' HTTP endpoints, procps for ps/pgrep, rpm for the .rpm boot.
-packages=systemd-sysv,dbus,udev,linux-image-cloud-amd64,initramfs-tools,curl,procps,rpm
+# What every guest needs: systemd as PID 1, the bus, the kernel (and its
+# initramfs), the .deb's dependencies (nfpm.yaml: systemd, dbus), curl for
+# the engines' HTTP endpoints, procps for ps/pgrep.
+packages=systemd-sysv,dbus,udev,linux-image-cloud-amd64,curl,procps
+case $suite in
+# initramfs-tools: bookworm's kernel asks for an initramfs generator; rpm
+# for the .rpm boot.
+bookworm) packages=$packages,initramfs-tools,rpm ;;
+# sid's kernel pulls dracut. llama.cpp-tools is the real engine,
+# python3-gguf and numpy write its tiny models in the guest.
+sid) packages=$packages,llama.cpp-tools,python3-gguf,python3-numpy ;;
+*)
+	echo "vm image: unknown suite $suite (bookworm or sid)" >&2
+	exit 2
+	;;
+esac
 
 key=$(cat "$here/build-image.sh" "$here/guest/vm-check.service" "$here/guest/boot.sh" | sha256sum | cut -c1-16)
-out=$cache/image-$key
+out=$cache/image-$suite-$key
 if [ -f "$out/disk.img" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ]; then
 	echo "vm image: cached $out" >&2
 	echo "$out"
 	exit 0
 fi
 
-# mirror: the first deb source of $suite itself (not -updates, -security) in
+# mirror: the first deb source of bookworm itself (not -updates, -security) in
 # apt's configuration, deb822 .sources or one-line .list.
 mirror() {
 	if [ -n "${VM_MIRROR:-}" ]; then
@@ -33,7 +51,7 @@ mirror() {
 	fi
 	for f in /etc/apt/sources.list.d/*.sources; do
 		[ -f "$f" ] || continue
-		awk -v suite="$suite" '
+		awk -v suite=bookworm '
 			function flush() {
 				if (!done && enabled != "no" && types ~ "(^| )deb( |$)" && suites ~ ("(^| )" suite "( |$)") && uri != "") {
 					print uri; done = 1
@@ -52,12 +70,12 @@ mirror() {
 	for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
 		[ -f "$f" ] || continue
 		# deb [options] URI SUITE COMPONENTS...
-		sed -e 's/\[[^]]*\]//' "$f" | awk -v suite="$suite" '$1 == "deb" && $3 == suite { print $2 }'
+		sed -e 's/\[[^]]*\]//' "$f" | awk -v suite=bookworm '$1 == "deb" && $3 == suite { print $2 }'
 	done
 }
 url=$(mirror | head -n 1)
 if [ -z "$url" ]; then
-	echo "vm image: no deb source for $suite in /etc/apt/sources.list{,.d} (set VM_MIRROR)" >&2
+	echo "vm image: no deb source for bookworm in /etc/apt/sources.list{,.d} (set VM_MIRROR)" >&2
 	exit 1
 fi
 
@@ -66,7 +84,7 @@ for tool in debootstrap mkfs.ext4; do
 done
 
 mkdir -p "$cache"
-tmp=$cache/image-$key.tmp
+tmp=$cache/image-$suite-$key.tmp
 root=$tmp/root
 rm -rf "$tmp"
 mkdir -p "$tmp"
@@ -104,8 +122,8 @@ truncate -s 3G "$tmp/disk.img"
 mkfs.ext4 -q -F -L vmroot -d "$root" "$tmp/disk.img"
 rm -rf "$root"
 
-# One image at a time: older keys go.
-for old in "$cache"/image-*; do
+# One image a suite: older keys go.
+for old in "$cache"/image-"$suite"-*; do
 	[ "$old" = "$tmp" ] || rm -rf "$old"
 done
 mv "$tmp" "$out"

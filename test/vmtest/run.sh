@@ -1,13 +1,15 @@
 #!/bin/bash
-# make vm-test: the operator's walkthrough on a real Debian 12 host. For the
-# .deb and then the .rpm, boots a copy of the cached image under qemu
+# make vm-test: the operator's walkthrough on real hosts. For the .deb and
+# then the .rpm, boots a copy of the cached Debian 12 image under qemu
 # (software emulation: systemd as PID 1, cgroup v2) twice: boot 1 installs
 # and runs the checks, boot 2 is the reboot (pools back, breaker state kept)
-# and the removal. The guest reports on its second serial port; each check
-# is printed as it finishes, and a summary at the end. Exits non-zero when
-# any check fails or a boot does not finish.
+# and the removal. Then the .deb once on Debian sid, supervising Debian's
+# own llama-server (guest/check-sid.sh). The sid image is built while the
+# bookworm guests run. The guest reports on its second serial port; each
+# check is printed as it finishes, and a summary at the end. Exits non-zero
+# when any check fails or a boot does not finish.
 #
-#   test/vmtest/run.sh [deb] [rpm]     (both by default; root needed)
+#   test/vmtest/run.sh [deb] [rpm] [sid]     (all by default; root needed)
 #   VM_BOOT_TIMEOUT=420  seconds one qemu run may take
 #   VM_MIRROR=URL        Debian mirror for a new image (default: apt's)
 set -euo pipefail
@@ -15,16 +17,19 @@ here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 cd "$top"
 GO=${GO:-go}
-boot_timeout=${VM_BOOT_TIMEOUT:-420}
+boot_timeout=${VM_BOOT_TIMEOUT:-840}
 guest_limit=300
+# The real engine under software emulation is slower than the simulator.
+sid_limit=${VM_SID_LIMIT:-720}
 kinds=("$@")
-[ ${#kinds[@]} -gt 0 ] || kinds=(deb rpm)
+[ ${#kinds[@]} -gt 0 ] || kinds=(deb rpm sid)
 
 start_all=$(date +%s.%N)
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 
 qpid= tpid= qemu_pidfile=
 stop_qemu() {
+	[ -n "${sid_pid:-}" ] && kill "$sid_pid" 2>/dev/null || true
 	[ -n "$tpid" ] && kill "$tpid" 2>/dev/null || true
 	if [ -n "$qpid" ]; then
 		kill "$qpid" 2>/dev/null || true
@@ -61,9 +66,18 @@ if [ -z "$deb" ] || [ -z "$rpm" ] || [ ! -x build/pool-engine-sim ]; then
 	exit 1
 fi
 
+mkdir -p build/vm
+# sid's image is network-bound (debootstrap): it is made beside the
+# bookworm boots.
+sid_pid=
+case " ${kinds[*]} " in
+*" sid "*)
+	"$here/build-image.sh" sid >build/vm/sid-image.path 2>build/vm/sid-image.log &
+	sid_pid=$!
+	;;
+esac
 img=$("$here/build-image.sh")
 image_s=$(elapsed "$start_all")
-mkdir -p build/vm
 CGO_ENABLED=0 "$GO" build -o build/vm/router ./test/vmtest/router
 
 # One line of the guest's report, for the terminal.
@@ -77,9 +91,10 @@ show() {
 
 summary=()
 failed=0
-# boot KIND N: one qemu run on the disk of KIND; its report in results-N.log.
+# boot KIND N IMAGE: one qemu run on the disk of KIND; its report in
+# results-N.log.
 boot() {
-	local kind=$1 n=$2 work=build/vm/run-$1 t0 rc=0
+	local kind=$1 n=$2 img=$3 work=build/vm/run-$1 t0 rc=0
 	local results=$work/results-$n.log console=$work/console-$n.log
 	qemu_pidfile=$work/qemu-$n.pid
 	rm -f "$results" "$qemu_pidfile"
@@ -120,23 +135,44 @@ for kind in "${kinds[@]}"; do
 	work=build/vm/run-$kind
 	rm -rf "$work"
 	mkdir -p "$work/payload"
-	cp --sparse=always "$img/disk.img" "$work/disk.img"
+	kimg=$img boots=2 limit=$guest_limit
 	case $kind in
 	deb) cp "$deb" "$work/payload/pool-managerd.deb" ;;
 	rpm) cp "$rpm" "$work/payload/pool-managerd.rpm" ;;
+	sid)
+		if ! wait "$sid_pid"; then
+			echo "vm-test: the sid image could not be made:"
+			tail -n 30 build/vm/sid-image.log
+			summary+=("FAIL         sid image ($(tail -n 1 build/vm/sid-image.log))")
+			failed=1
+			continue
+		fi
+		kimg=$(cat build/vm/sid-image.path)
+		echo "$(tail -n 1 build/vm/sid-image.log)"
+		cp "$deb" "$work/payload/pool-managerd.deb"
+		boots=1 limit=$sid_limit
+		;;
 	*)
-		echo "vm-test: unknown package kind $kind (deb or rpm)" >&2
+		echo "vm-test: unknown kind $kind (deb, rpm or sid)" >&2
 		exit 2
 		;;
 	esac
-	cp build/pool-engine-sim build/vm/router "$here/guest/check.sh" "$work/payload/"
+	cp --sparse=always "$kimg/disk.img" "$work/disk.img"
+	cp build/vm/router "$here/guest/lib.sh" "$work/payload/"
+	if [ "$kind" = sid ]; then
+		# No simulator in this guest: Debian's llama-server is the engine.
+		cp "$here/guest/check-sid.sh" "$work/payload/check.sh"
+		cp "$here/guest/tiny-gguf.py" "$work/payload/"
+	else
+		cp build/pool-engine-sim "$here/guest/check.sh" "$work/payload/"
+	fi
 	echo "$kind" >"$work/payload/kind"
-	echo "$guest_limit" >"$work/payload/limit"
+	echo "$limit" >"$work/payload/limit"
 	truncate -s 64M "$work/payload.img"
 	mkfs.ext4 -q -F -L payload -d "$work/payload" "$work/payload.img"
 	ok=1
-	boot "$kind" 1 || ok=0
-	[ "$ok" = 0 ] || boot "$kind" 2 || ok=0
+	boot "$kind" 1 "$kimg" || ok=0
+	[ "$ok" = 0 ] || [ "$boots" = 1 ] || boot "$kind" 2 "$kimg" || ok=0
 	[ "$ok" = 1 ] || failed=1
 	for n in 1 2; do
 		[ -f "$work/results-$n.log" ] || continue

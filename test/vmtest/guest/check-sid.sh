@@ -1,0 +1,361 @@
+#!/bin/bash
+# The walkthrough on a real engine (make vm-test, the Debian sid guest): the
+# .deb supervises Debian's own llama-server (llama.cpp-tools) serving tiny
+# GGUF models made here with python3-gguf. No simulator runs in this guest.
+# One boot; results go to the second serial port (lib.sh).
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
+
+LS=/usr/bin/llama-server
+# The engines' own ports.
+PORT=8081 SLEEPY=8082 BIG=8083
+
+# complete PORT N_PREDICT [PROMPT]: one real generation; prints the HTTP code.
+complete() {
+	curl -s -o /tmp/complete.$1 -w '%{http_code}' --max-time 300 -H 'Content-Type: application/json' \
+		-d "{\"prompt\":\"${3:-hello world}\",\"n_predict\":$2,\"ignore_eos\":true}" "localhost:$1/completion"
+}
+# metric PORT NAME: one series of the engine's own /metrics.
+metric() { curl -s --max-time 5 "localhost:$1/metrics" | awk -v n="$2" '$1 == n { print $2 }'; }
+enginepid() { pv "$1" MainPID; }
+export -f complete metric
+
+c_host() {
+	want "PID 1" "$(cat /proc/1/comm)" systemd
+	want "cgroup filesystem" "$(stat -fc %T /sys/fs/cgroup)" cgroup2fs
+	want_match "llama-server --version" "$($LS --version 2>&1)" 'version: [0-9]'
+	info "kernel $(uname -r); $(systemctl --version | head -n 1); $(grep PRETTY_NAME /etc/os-release); $($LS --version 2>&1 | grep version:)"
+}
+
+c_install() {
+	want_ok "dpkg -i" timeout 120 dpkg -i "$P/pool-managerd.deb"
+	want "pool-managerd.service" "$(systemctl is-active pool-managerd)" active
+}
+
+c_configure() {
+	cat >/etc/tmpfiles.d/vm-fake-gpus.conf <<-'EOF'
+		c /dev/nvidia0 0666 root root - 195:0
+		c /dev/nvidia1 0666 root root - 195:1
+		c /dev/nvidia2 0666 root root - 195:2
+		c /dev/nvidiactl 0666 root root - 195:255
+	EOF
+	want_ok "fake GPU nodes" systemd-tmpfiles --create /etc/tmpfiles.d/vm-fake-gpus.conf
+	# Two tiny models (another seed, another digest), one that llama.cpp
+	# refuses (the GGUF magic, then garbage), and a bigger one for memory.
+	want_ok "tiny-a.gguf" python3 "$P/tiny-gguf.py" "$MODELS/tiny-a.gguf" --seed 1 --name tiny-a
+	want_ok "tiny-b.gguf" python3 "$P/tiny-gguf.py" "$MODELS/tiny-b.gguf" --seed 2 --name tiny-b
+	want_ok "big.gguf" python3 "$P/tiny-gguf.py" "$MODELS/big.gguf" --embd 512 --blocks 8 --seed 3 --name big
+	{
+		printf 'GGUF\003\000\000\000'
+		head -c 4096 /dev/urandom
+	} >"$MODELS/corrupt.gguf"
+	chmod 0644 "$MODELS"/*.gguf
+	info "models: $(ls -l "$MODELS" | awk 'NR > 1 { printf "%s %s; ", $9, $5 }')"
+	cat >/etc/pool-managerd/pool-managerd.conf.d/gpus.conf <<-'EOF'
+		[Inventory]
+		Device=0 GPU-5d1e0c3a-0000-4000-8000-000000000000 /dev/nvidia0
+		Device=1 GPU-5d1e0c3a-0000-4000-8000-000000000001 /dev/nvidia1
+		Device=2 GPU-5d1e0c3a-0000-4000-8000-000000000002 /dev/nvidia2
+		ControlDevice=/dev/nvidiactl
+	EOF
+	cat >/etc/pool-managerd/pools.d/llama.pool <<-EOF
+		[Pool]
+		Description=Debian's llama-server on a tiny model
+		Devices=0
+		Model=tiny-a.gguf
+		Slots=2
+		[Engine]
+		ExecStart=$LS -m %m --port %p --host 127.0.0.1 --metrics -c 8192 -np 1 -t 1
+		Port=$PORT
+		VersionCommand=$LS --version
+		StopTimeoutSec=20
+		[Health]
+		IntervalSec=2
+		TimeoutSec=2
+		FailureThreshold=3
+		StartTimeoutSec=120
+		ProgressURL=http://127.0.0.1:%p/metrics
+		StallSec=8
+		WarmupRequest=POST /completion {"prompt":"hello world","n_predict":4}
+		WarmupTimeoutSec=60
+		[Restart]
+		BackoffInitialSec=0.5
+		BackoffMinSec=0.5
+		BreakerThreshold=20
+		StormMaxRestarts=40
+	EOF
+	cat >/etc/pool-managerd/pools.d/sleepy.pool <<-EOF
+		[Pool]
+		Description=llama-server that unloads its model when idle
+		Devices=1
+		Model=tiny-b.gguf
+		[Engine]
+		ExecStart=$LS -m %m --port %p --host 127.0.0.1 --metrics -c 256 -t 1 --sleep-idle-seconds 2 -v
+		Port=$SLEEPY
+		VersionCommand=$LS --version
+		StopTimeoutSec=10
+		[Health]
+		IntervalSec=2
+		TimeoutSec=2
+		ProgressURL=http://127.0.0.1:%p/metrics
+		StallSec=10
+	EOF
+	cat >/etc/pool-managerd/pools.d/big.pool <<-EOF
+		[Pool]
+		Description=llama-server with its model in anonymous memory
+		Devices=2
+		Model=big.gguf
+		[Engine]
+		ExecStart=$LS -m %m --port %p --host 127.0.0.1 -c 256 -t 1 --load-mode none
+		Port=$BIG
+		StopTimeoutSec=10
+		[Health]
+		IntervalSec=2
+		TimeoutSec=2
+		StartTimeoutSec=180
+		[Scope]
+		MemoryMax=1G
+	EOF
+	want_ok "pool-managerd --check-config" pool-managerd --check-config || return 1
+	want_ok "systemctl restart pool-managerd" timeout 60 systemctl restart pool-managerd
+	wait_for 240 "3/3 pools ready" '[ "$(systemctl show -p StatusText --value pool-managerd)" = "3/3 pools ready" ]'
+}
+
+c_ready() {
+	want "llama Ready (its real /health)" "$(pv llama Ready)" true
+	want "llama State" "$(pv llama State)" ready
+	want_match "the engine's /health" "$(curl -s --max-time 5 localhost:$PORT/health)" '"status":"ok"'
+	want_match "EngineVersion from llama-server --version" "$(pv llama EngineVersion)" '0\.[0-9]+\.[0-9]+|version'
+	# The warm-up went through the real POST /completion before Ready:
+	# llama.cpp counts its tokens, and no other request was sent yet.
+	local toks
+	toks=$(metric $PORT llamacpp:tokens_predicted_total)
+	want_match "tokens predicted by the warm-up" "${toks:-none}" '^[1-9]'
+	want_match "the scope's journal: llama-server's own lines" "$(journalctl -u pool-engine-llama.scope -o cat --no-pager)" 'srv +[a-z_]+: '
+	info "EngineVersion: $(pv llama EngineVersion) $(journalctl -u pool-managerd -o export --no-pager | grep -a -m 1 '^ERROR=.*version')"
+	info "llama-server's first lines: $(journalctl -u pool-engine-llama.scope -o cat --no-pager | grep -m 3 -E ' [IWE] ' | tr '\n' '|' | cut -c1-300)"
+}
+
+# A generation longer than StallSec: n_decode_total moves while
+# tokens_predicted_total waits for the request's end.
+c_long() {
+	local c0 pid0 code t0 took
+	c0=$(crashes llama) pid0=$(enginepid llama)
+	t0=$(date +%s)
+	code=$(complete $PORT 1500)
+	took=$(($(date +%s) - t0))
+	want "long generation: HTTP status" "$code" 200
+	info "a 1500-token generation took $took s (StallSec=8)"
+	want "the generation outlasted StallSec" "$([ "$took" -gt 8 ] && echo yes)" yes
+	want "CrashCount after the long generation" "$(crashes llama)" "$c0"
+	want "same engine" "$(enginepid llama)" "$pid0"
+	want "no stall journaled" "$(journalctl POOL_ID=llama CRASH_REASON=stalled -o cat --no-pager | wc -l)" 0
+}
+
+# An engine frozen mid-request: its probes fail, the daemon stops it; the
+# stop ends in SIGKILL (a frozen process cannot exit), and the crash keeps
+# the daemon's reason, with no shim said lost.
+c_frozen() {
+	local c0 pid cpid reason t0
+	t0=$(date +%s)
+	c0=$(crashes llama) pid=$(enginepid llama)
+	complete $PORT 100000 >/dev/null &
+	cpid=$!
+	wait_for 20 "a request in flight" "[ \"\$(metric $PORT llamacpp:requests_processing)\" = 1 ]"
+	kill -STOP "$pid"
+	wait_for 90 "the crash" "[ \"\$(pv llama CrashCount)\" -gt $c0 ]"
+	kill "$cpid" 2>/dev/null
+	wait "$cpid" 2>/dev/null
+	reason=$(journalctl POOL_ID=llama -o export --no-pager -n 200 | awk -F= '$1 == "CRASH_REASON" { r = $2 } END { print r }')
+	want_match "crash reason of the frozen engine" "$reason" '^(health_check|stalled)$'
+	want_match "LastError" "$(pv llama LastError)" 'health|stall|progress'
+	want "no shim said lost" "$(journalctl -u pool-managerd --since="@$t0" -o cat --no-pager | grep -ci 'shim lost')" 0
+	want "counted once" "$(crashes llama)" $((c0 + 1))
+	ready llama 120
+	info "frozen engine: LastError: $(pv llama LastError)"
+}
+
+c_segv() {
+	local c0 pid
+	c0=$(crashes llama) pid=$(enginepid llama)
+	kill -SEGV "$pid"
+	wait_for 60 "the crash" "[ \"\$(pv llama CrashCount)\" -gt $c0 ]"
+	want_match "LastError names SIGSEGV" "$(pv llama LastError)" 'SIGSEGV'
+	want_match "journal CRASH_REASON" "$(journalctl POOL_ID=llama -o export --no-pager -n 200 | awk -F= '$1 == "CRASH_REASON" { r = $2 } END { print r }')" '^(signal|core_dump)$'
+	ready llama 120
+}
+
+c_reload() {
+	local out
+	want "Reload to tiny-b" "$(mcall Reload sst llama tiny-b.gguf 60000 2>&1)" 's "tiny-b.gguf"'
+	want "Model" "$(pv llama Model)" tiny-b.gguf
+	want "ModelDigest" "$(pv llama ModelDigest)" "sha256:$(sha256sum "$MODELS/tiny-b.gguf" | cut -d' ' -f1)"
+	want_match "the engine serves tiny-b" "$(curl -s --max-time 5 localhost:$PORT/v1/models)" 'tiny-b'
+	out=$(mcall Reload sst llama corrupt.gguf 60000 2>&1)
+	want_match "Reload of a corrupt GGUF rolled back" "$out" 'rolled back to tiny-b\.gguf'
+	ready llama 120
+	want "Model after the rollback" "$(pv llama Model)" tiny-b.gguf
+	want_match "llama.cpp's own words on the corrupt file" "$(journalctl -u pool-engine-llama.scope -o cat --no-pager | grep -i -m 1 -E 'gguf|failed to load')" .
+	want "Reload back to tiny-a" "$(mcall Reload sst llama tiny-a.gguf 60000 2>&1)" 's "tiny-a.gguf"'
+}
+
+# A drain waits for the lease, then for the engine's own request in flight
+# that holds no lease; the request completes, and the engine exits on its
+# SIGTERM (no SIGKILL).
+c_drain() {
+	local line dpid cpid code t0
+	t0=$(date +%s)
+	coproc ROUTER { exec timeout 120 "$P/router" llama 2>&1; }
+	read -t 30 -r line <&"${ROUTER[0]}"
+	want_match "router's lease" "$line" '^lease llama/'
+	(complete $PORT 1500 >/tmp/drain-request.code) &
+	cpid=$!
+	wait_for 20 "a request in flight (no lease)" "[ \"\$(metric $PORT llamacpp:requests_processing)\" = 1 ]"
+	mcall Drain st llama 120000 >/tmp/drain.out 2>&1 &
+	dpid=$!
+	wait_for 10 "Draining" '[ "$(pv llama Draining)" = true ]'
+	sleep 1
+	want "drain waits for the lease" "$(kill -0 $dpid 2>/dev/null && echo waiting)" waiting
+	echo release >&"${ROUTER[1]}"
+	read -t 30 -r line <&"${ROUTER[0]}"
+	want "router's release" "$line" released
+	wait_for 150 "the drain to finish" "! kill -0 $dpid 2>/dev/null"
+	wait "$cpid"
+	want "the request in flight completed" "$(cat /tmp/drain-request.code)" 200
+	want "Drain outcome" "$(cat /tmp/drain.out)" 's "drained"'
+	want "State" "$(pv llama State)" stopped
+	want "no SIGKILL" "$(journalctl _PID=1 UNIT=pool-engine-llama.scope --since="@$t0" -o cat --no-pager | grep -c 'SIGKILL')" 0
+	eval "exec ${ROUTER[1]}>&-"
+	wait "$ROUTER_PID" 2>/dev/null
+	want_ok "Start" mcall Start s llama
+	ready llama 120
+}
+
+c_oom() {
+	local c0 s=pool-engine-big.scope
+	c0=$(crashes big)
+	info "big's engine: $(ps -o rss=,vsz= -p "$(enginepid big)") (RSS, VSZ in KiB)"
+	# The model lives in anonymous memory (--load-mode none): a limit below
+	# what it holds leaves the kernel nothing to reclaim.
+	want_ok "MemoryMax=48M on the scope" systemctl set-property --runtime $s MemoryMax=48M
+	wait_for 60 "the crash" "[ \"\$(pv big CrashCount)\" -gt $c0 ]"
+	want_match "LastError" "$(pv big LastError)" '^out of memory'
+	want_match "journal CRASH_REASON" "$(journalctl POOL_ID=big CRASH_REASON=out_of_memory -o cat --no-pager)" .
+	ready big 180
+}
+
+c_adopt() {
+	local pid0
+	pid0=$(enginepid llama)
+	want_ok "systemctl restart pool-managerd" timeout 60 systemctl restart pool-managerd
+	wait_for 60 "llama Ready again" '[ "$(pv llama Ready)" = true ]'
+	want "the same engine, adopted" "$(enginepid llama)" "$pid0"
+	want "its scope" "$(systemctl is-active pool-engine-llama.scope)" active
+}
+
+# --sleep-idle-seconds unloads the model while /health stays 200; the next
+# request wakes it. Never a restart.
+c_sleepy() {
+	local pid0 c0
+	pid0=$(enginepid sleepy) c0=$(crashes sleepy)
+	wait_for 60 "llama-server entering its sleep" "journalctl -u pool-engine-sleepy.scope -o cat --no-pager | grep -q 'entering sleeping state'"
+	sleep 5
+	want "Ready while the engine sleeps" "$(pv sleepy Ready)" true
+	want "a request wakes it" "$(complete $SLEEPY 4)" 200
+	sleep 4
+	want "same engine" "$(enginepid sleepy)" "$pid0"
+	want "CrashCount" "$(crashes sleepy)" "$c0"
+}
+
+# The output scanner on the real server's lines. Whoever can send a request
+# can write lines into the engine's log: llama-server echoes a grammar it
+# cannot parse line by line, unprefixed. One that quotes ggml's CUDA error
+# (its three lines and the abort line) must not stop a healthy engine.
+c_scanner() {
+	local pid0 c0 code
+	pid0=$(enginepid sleepy) c0=$(crashes sleepy)
+	code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 30 -H 'Content-Type: application/json' \
+		-d '{"prompt":"hi","n_predict":2,"grammar":"root ::= x\nCUDA error: an illegal memory access was encountered\n  current device: 0, in function ggml_backend_cuda_synchronize at ggml-cuda.cu:2503\n  cudaStreamSynchronize(cuda_ctx->stream())\nggml-cuda.cu:75: CUDA error\n"}' \
+		"localhost:$SLEEPY/completion")
+	want "the engine refuses the grammar" "$code" 400
+	sleep 4
+	want_match "the engine's log quotes the CUDA error" "$(journalctl -u pool-engine-sleepy.scope -o cat --no-pager | grep -c '^CUDA error: an illegal memory access')" '^[1-9]'
+	want "same engine" "$(enginepid sleepy)" "$pid0"
+	want "CrashCount" "$(crashes sleepy)" "$c0"
+	want "Ready" "$(pv sleepy Ready)" true
+	want "no cuda_error journaled" "$(journalctl POOL_ID=sleepy CRASH_REASON=cuda_error -o cat --no-pager | wc -l)" 0
+	info "the verbose engine's lines: $(journalctl -u pool-engine-sleepy.scope -o cat --no-pager | grep -a -m 3 -E ' D (srv|slot|que) ' | tr '\n' '|' | cut -c1-300)"
+}
+
+# Time from a SIGKILL of llama-server until it answers /completion again,
+# under pool-managerd and under Debian's own llama-server.service with
+# Restart=always and RestartSec=100ms, in turns.
+c_figure() {
+	local i t ours=() debs=() unit=/etc/systemd/system/llama-server-baseline.service
+	cat >"$unit" <<-EOF
+		[Unit]
+		Description=Debian's llama-server as a plain unit (the baseline)
+		[Service]
+		ExecStart=$LS -m $MODELS/tiny-a.gguf --port 8090 --host 127.0.0.1 -c 8192 -np 1 -t 1
+		User=nobody
+		Restart=always
+		RestartSec=100ms
+	EOF
+	systemctl daemon-reload
+	want_ok "baseline unit" systemctl start llama-server-baseline.service
+	wait_for 60 "baseline answers" "[ \"\$(complete 8090 1)\" = 200 ]"
+	for i in 1 2 3; do
+		t=$(back_after_kill 8090 "$(systemctl show -p MainPID --value llama-server-baseline.service)")
+		debs+=("$t")
+		t=$(back_after_kill $PORT "$(enginepid llama)")
+		ours+=("$t")
+	done
+	systemctl stop llama-server-baseline.service
+	info "SIGKILL to /completion again, pool-managerd: ${ours[*]} s; Debian's unit (Restart=always, RestartSec=100ms): ${debs[*]} s"
+	info "medians: pool-managerd $(median "${ours[@]}") s, Debian's unit $(median "${debs[@]}") s"
+	info "pool-managerd's parts of its last restart: $(journalctl POOL_ID=llama -o cat --no-pager -n 8 | tr '\n' '|' | cut -c1-600)"
+	want_match "every pool-managerd round came back" "${ours[*]}" '^[0-9. ]+$'
+}
+# back_after_kill PORT PID: seconds from SIGKILL until /completion answers.
+back_after_kill() {
+	local t0
+	t0=$(date +%s.%N)
+	kill -KILL "$2"
+	sleep 0.05
+	timeout 120 bash -c "until [ \"\$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 -H 'Content-Type: application/json' -d '{\"prompt\":\"hi\",\"n_predict\":1}' localhost:$1/completion)\" = 200 ]; do sleep 0.02; done" || { echo timeout; return; }
+	awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }'
+	sleep 2
+}
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+c_purge() {
+	local out
+	out=$(timeout 120 dpkg --purge pool-managerd 2>&1)
+	want "dpkg --purge" "$?" 0
+	no_engines_left 'llama-server|pool-managerd-shim'
+	gone "configuration, runtime and daemon's state" /etc/pool-managerd /run/pool-managerd \
+		/var/lib/pool-managerd/pools /var/lib/pool-managerd/staged "$TEXTFILE"
+	kept "operator's models" "$MODELS/tiny-a.gguf" "$MODELS/tiny-b.gguf"
+}
+
+info "sid guest: $(cut -d' ' -f1 /proc/uptime) s since the kernel started"
+check "sid host: systemd PID 1, cgroup v2, Debian's llama-server" c_host || true
+check "dpkg -i on sid" c_install || true
+if ! check "three llama-server pools on tiny GGUF models" c_configure; then
+	emit "PHASE	1	DONE"
+	exit 1
+fi
+check "Ready on the real /health, warm-up through POST /completion, EngineVersion" c_ready
+check "a long generation is never called stalled" c_long
+check "an engine frozen mid-request: health_check, no shim lost" c_frozen
+check "SIGSEGV named and restarted" c_segv
+check "reload between two real models; a corrupt GGUF rolled back" c_reload
+check "drain waits for a lease and for a request in flight without one" c_drain
+check "MemoryMax= OOM kill with --load-mode none: out_of_memory" c_oom
+check "systemctl restart pool-managerd adopts the real engine" c_adopt
+check "--sleep-idle-seconds: the engine sleeps and wakes, never restarted" c_sleepy
+check "a request that makes the engine quote a CUDA error is not a fault" c_scanner
+check "figure: SIGKILL to /completion, pool-managerd against Debian's unit" c_figure
+check "dpkg --purge: nothing of the package left, models kept" c_purge
+emit "PHASE	1	DONE"
+exit 0
