@@ -38,19 +38,19 @@ func (m *Machine) prepareAhead(at time.Time) {
 // prepareDue prepares the scheduled restart's scope, if the restart is
 // still on.
 func (m *Machine) prepareDue() {
-	if !m.armed[TimerRestart] || m.prepared || m.busy() || m.held != "" || m.gpuWhy() != "" {
+	if !m.timers.armed[TimerRestart] || m.prepared != nil || m.busy() || m.held != "" || m.gpuWhy() != "" {
 		return
 	}
 	ref, want := m.stageRef()
-	m.prepared, m.preparedInv = true, ""
+	m.prepared = &preparedScope{}
 	m.do(Prepare{Ref: ref, Want: want})
 }
 
 // unprepare gives up a prepared scope and its pending preparation.
 func (m *Machine) unprepare() {
 	m.disarm(TimerPrepare)
-	if m.prepared {
-		m.prepared, m.preparedInv = false, ""
+	if m.prepared != nil {
+		m.prepared = nil
 		m.do(Unprepare{})
 	}
 }
@@ -58,11 +58,11 @@ func (m *Machine) unprepare() {
 // keepPrepared runs after every step: a prepared scope lives only while
 // its restart is scheduled or starting.
 func (m *Machine) keepPrepared() {
-	if !m.prepared && !m.armed[TimerPrepare] {
+	if m.prepared == nil && !m.timers.armed[TimerPrepare] {
 		return
 	}
-	starting := m.start != nil && !m.start.launched
-	if !m.armed[TimerRestart] && !starting {
+	starting := m.start != nil && m.start.phase == startStaging
+	if !m.timers.armed[TimerRestart] && !starting {
 		m.unprepare()
 	}
 }
@@ -75,8 +75,10 @@ func (m *Machine) preparedChanged(ev witness.Event, ended bool) {
 	case ev.Cause == witness.OperatorStop && (ev.Kind == witness.Stopping || ended):
 		m.log(slog.LevelWarn, "engine's scope stopped by an operator (systemctl stop) during the backoff: not restarted until Start", journal.Unit, m.cfg.Unit)
 		m.cancelRestart()
+		m.cancelStart("its scope was stopped by an operator")
 		m.policy(m.tr.Stopped(m.now))
-		m.state, m.next, m.lastErr = Stopped, time.Time{}, "stopped by an operator: systemctl stop "+m.cfg.Unit
+		m.transition(Stopped, "operator stop of the prepared scope")
+		m.next, m.lastErr = time.Time{}, "stopped by an operator: systemctl stop "+m.cfg.Unit
 	case ended:
 		m.unprepare()
 	}

@@ -109,7 +109,7 @@ func TestARestartCalledOffWhilePreparingGivesItUp(t *testing.T) {
 	p.request(func(id ReqID) Event { return DrainRequested{Req: id, Deadline: time.Second} })
 	_, ok := find[Unprepare](p.last)
 	require.True(t, ok)
-	assert.False(t, p.m.prepared)
+	assert.Nil(t, p.m.prepared)
 }
 
 // systemctl stop of the prepared scope is an operator's stop of the pool,
@@ -150,7 +150,7 @@ func TestTheWitnessOnAPreparedScope(t *testing.T) {
 		p.step(ScopePrepared{Invocation: "inv-ahead"})
 		p.step(unit(witness.Removed, witness.OperatorStop))
 		assert.Equal(t, Backoff, p.m.State())
-		assert.True(t, p.m.prepared)
+		assert.NotNil(t, p.m.prepared)
 	})
 }
 
@@ -201,4 +201,24 @@ func TestPreparationsAreSpread(t *testing.T) {
 		require.Len(t, arms, 1)
 		assert.InDelta(t, float64(tc.lead), float64(p.now.Add(tc.until).Sub(arms[0].At)), float64(time.Millisecond), "u=%v until=%s", tc.u, tc.until)
 	}
+}
+
+// systemctl stop of the prepared scope while the restart that uses it
+// stages its model: the restart is called off with it.
+func TestAnOperatorStopOfThePreparedScopeCallsOffItsRestart(t *testing.T) {
+	p := crashedAhead(t)
+	p.fire(TimerPrepare)
+	p.step(ScopePrepared{Invocation: "inv-ahead"})
+	p.fire(TimerRestart)
+	stage, ok := find[Stage](p.last)
+	require.True(t, ok, "the restart stages its model")
+	require.Equal(t, Starting, p.m.State())
+
+	p.step(preparedUnit(witness.Stopping, witness.OperatorStop))
+	assert.Equal(t, Stopped, p.m.State())
+	p.step(ModelStaged{Run: stage.Run, Staged: staged("m.gguf", "sha256:a")})
+	_, launched := find[Launch](p.last)
+	assert.False(t, launched, "no engine starts")
+	assert.Equal(t, Stopped, p.m.State())
+	assert.Equal(t, "", p.m.View(p.now).Operation)
 }

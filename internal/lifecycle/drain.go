@@ -9,7 +9,10 @@ import (
 	"github.com/llorch/pool-managerd/internal/witness"
 )
 
+// drainOp is a drain from its request until its engine is gone, or a
+// reload's first step (then it lasts as long as the reload).
 type drainOp struct {
+	phase drainPhase
 	start time.Time
 	// held is how many leases were held when it began.
 	held       int
@@ -30,7 +33,7 @@ func (m *Machine) drainRequested(e DrainRequested) {
 		// One drain, one outcome; a later, shorter deadline (Stop during
 		// a drain) tightens it.
 		d.waiters = append(d.waiters, e.Req)
-		if at := m.now.Add(e.Deadline); m.armed[TimerDrainDeadline] && at.Before(d.deadlineAt) && d.res.LeasesDrainedAt.IsZero() {
+		if at := m.now.Add(e.Deadline); m.timers.armed[TimerDrainDeadline] && at.Before(d.deadlineAt) && d.phase == drainLeases {
 			m.armDeadline(d, e.Deadline)
 		}
 		return
@@ -49,7 +52,7 @@ func (m *Machine) drainRequested(e DrainRequested) {
 	m.policy(m.tr.Stopped(m.now))
 	m.next = time.Time{}
 	if m.run == nil {
-		m.state = Stopped
+		m.transition(Stopped, "drained")
 		res := DrainResult{Outcome: Drained, LeasesDrainedAt: m.now, Done: m.now}
 		m.do(CountDrain{Start: m.now, Result: res})
 		m.reply(Reply{Req: e.Req, Drain: res})
@@ -58,7 +61,7 @@ func (m *Machine) drainRequested(e DrainRequested) {
 	}
 	d := &drainOp{start: m.now, waiters: []ReqID{e.Req}, held: len(m.leases)}
 	m.drain = d
-	m.state = Draining
+	m.transition(Draining, "drain")
 	m.awaitLeases(d, e.Deadline)
 }
 
@@ -83,14 +86,26 @@ func (m *Machine) leasesDrained(d *drainOp) {
 	d.res.LeasesDrainedAt = m.now
 	m.disarm(TimerDrainDeadline)
 	if d.reload != nil {
+		m.drainTo(d, drainReloading)
 		m.reloadDrained()
 		return
 	}
-	if m.run == nil {
+	m.stopDrained(d)
+}
+
+// stopDrained stops the engine of a drain whose leases are gone; the
+// engine's exit ends the drain.
+func (m *Machine) stopDrained(d *drainOp) {
+	m.drainTo(d, drainStopping)
+	switch {
+	case m.run != nil:
+		m.stopRun(StopDrain)
+	case m.pending != nil:
+		// It exited on its own, its exit held for systemd's word: that
+		// exit, once settled, ends the drain (and no restart follows).
+	default:
 		m.finishDrain()
-		return
 	}
-	m.stopRun(StopDrain)
 }
 
 func (m *Machine) drainDeadline(d *drainOp) {
@@ -103,11 +118,7 @@ func (m *Machine) drainDeadline(d *drainOp) {
 	d.res.Outcome = Forced
 	m.do(CountForcedDrain{})
 	m.revokeLeases("drain deadline passed")
-	if m.run == nil {
-		m.finishDrain()
-		return
-	}
-	m.stopRun(StopDrain)
+	m.stopDrained(d)
 }
 
 func (m *Machine) finishDrain() {
@@ -117,7 +128,7 @@ func (m *Machine) finishDrain() {
 		d.res.Outcome = Drained
 	}
 	d.res.Done = m.now
-	m.state = Stopped
+	m.transition(Stopped, "drained")
 	// Counted before the callers hear of it, journaled after.
 	m.do(CountDrain{Start: d.start, Result: d.res})
 	for _, w := range d.waiters {
@@ -193,7 +204,7 @@ func (m *Machine) ownerGone(e OwnerGone) {
 // lastLeaseGone completes a drain's lease phase the instant the last
 // lease goes: no polling.
 func (m *Machine) lastLeaseGone() {
-	if d := m.drain; d != nil && len(m.leases) == 0 && d.res.LeasesDrainedAt.IsZero() && d.res.Outcome != Forced {
+	if d := m.drain; d != nil && len(m.leases) == 0 && d.phase == drainLeases && d.res.Outcome != Forced {
 		m.leasesDrained(d)
 	}
 }

@@ -213,3 +213,56 @@ func TestOperationAndProgress(t *testing.T) {
 	}
 	assert.Equal(t, 1.0, p.m.View(p.now).Progress, "every lease released: the engine stops")
 }
+
+// An adopted engine still starting, drained before it is healthy: its
+// first healthy word does not make the pool Ready (nor warm it up) while
+// the drain goes on.
+func TestAnEngineHealthyDuringItsDrainServesNobody(t *testing.T) {
+	p := newPool(t, func(c *Config) { c.Warmup = true })
+	run := p.m.NewRun()
+	req := p.request(func(id ReqID) Event {
+		return Adopted{Req: id, Run: run, PID: 100, Started: p.now, Staged: staged("m.gguf", "sha256:a"),
+			Leases: map[string]string{"l1": "o1"}, RecordHeld: 1, Starting: true, Invocation: "inv-now"}
+	})
+	require.NoError(t, p.reply(req).Err)
+	require.Equal(t, Starting, p.m.State())
+	drain := p.request(func(id ReqID) Event { return DrainRequested{Req: id, Deadline: time.Minute} })
+	require.Equal(t, Draining, p.m.State())
+
+	p.step(Healthy{Run: run})
+	assert.Equal(t, Draining, p.m.State())
+	_, warm := find[Warmup](p.last)
+	assert.False(t, warm, "no warm-up")
+	_, rec := find[WriteRecord](p.last)
+	assert.False(t, rec, "no runtime record")
+
+	p.request(func(id ReqID) Event { return LeaseReleased{Req: id, ID: "l1"} })
+	_, stopping := find[StopScope](p.last)
+	require.True(t, stopping)
+	p.exit(run, killedBy(15))
+	assert.Equal(t, Drained, p.reply(drain).Drain.Outcome)
+	assert.Equal(t, Stopped, p.m.State())
+}
+
+// An engine that exits on its own during a drain, its exit held for
+// systemd's word: the drain ends when that exit is settled, and no
+// restart follows it.
+func TestAnExitHeldDuringADrainEndsItWithoutARestart(t *testing.T) {
+	p := newPool(t, nil)
+	run := p.ready()
+	id, err := p.lease("a")
+	require.NoError(t, err)
+	drain := p.request(func(r ReqID) Event { return DrainRequested{Req: r, Deadline: time.Minute} })
+	p.exit(run, killedBy(15))
+	require.Contains(t, p.timers, TimerHoldExit, "the exit is held for systemd")
+
+	p.request(func(r ReqID) Event { return LeaseReleased{Req: r, ID: id} })
+	p.noReply(drain)
+	assert.Equal(t, Draining, p.m.State())
+
+	p.fire(TimerHoldExit)
+	assert.Equal(t, Drained, p.reply(drain).Drain.Outcome)
+	assert.Equal(t, Stopped, p.m.State())
+	assert.NotContains(t, p.timers, TimerRestart, "no restart after a drain")
+	assert.False(t, p.m.tr.Status(p.now).Pending)
+}

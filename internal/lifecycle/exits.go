@@ -93,7 +93,7 @@ func (m *Machine) unitChanged(ev witness.Event) {
 	}
 	about := func(r *run) bool { return r.invocation == "" || ev.Invocation == "" || r.invocation == ev.Invocation }
 	ended := ev.Kind == witness.Dead || ev.Kind == witness.Removed
-	if m.prepared && m.preparedInv != "" && ev.Invocation == m.preparedInv {
+	if m.prepared != nil && m.prepared.inv != "" && ev.Invocation == m.prepared.inv {
 		m.preparedChanged(ev, ended)
 		return
 	}
@@ -155,7 +155,8 @@ func (m *Machine) operatorStopped(r *run) {
 	m.log(slog.LevelWarn, "engine's scope stopped by an operator (systemctl stop): not restarted until Start", journal.Unit, m.cfg.Unit)
 	m.policy(m.tr.Stopped(m.now))
 	m.revokeLeases("the engine's scope was stopped")
-	m.state, m.lastErr = Stopped, "stopped by an operator: systemctl stop "+m.cfg.Unit
+	m.transition(Stopped, "operator stop")
+	m.lastErr = "stopped by an operator: systemctl stop " + m.cfg.Unit
 	m.engineStopped(r)
 }
 
@@ -167,7 +168,8 @@ func (m *Machine) exitedOnOwn(r *run, x Exit, uptime time.Duration) {
 		m.log(slog.LevelInfo, "engine exited on its own with status 0: not restarted", journal.ExitCode, 0, journal.UptimeSec, int64(uptime.Seconds()))
 		m.policy(m.tr.Stopped(m.now))
 		m.revokeLeases("the engine exited")
-		m.state, m.lastErr = Stopped, "exited with status 0"
+		m.transition(Stopped, "exited with status 0")
+		m.lastErr = "exited with status 0"
 		m.engineStopped(r)
 		return
 	}
@@ -218,9 +220,11 @@ func (m *Machine) crashed(reason crash.Reason, msg string, x *Exit, uptime time.
 	if why := m.gpuWhy(); why != "" {
 		m.lastErr = safetext.Bound(why + " (" + msg + ")")
 	}
-	m.state, m.next = Backoff, d.At
+	m.next = d.At
 	if d.Held {
-		m.state = Failed
+		m.transition(Failed, "crashed, held")
+	} else {
+		m.transition(Backoff, "crashed")
 	}
 	if !d.At.IsZero() {
 		m.scheduleRestart(d.At)
@@ -254,17 +258,17 @@ func (m *Machine) engineStopped(r *run) {
 }
 
 func (m *Machine) timerFired(e TimerFired) {
-	if e.Gen != m.gen[e.Timer] || !m.armed[e.Timer] {
+	if e.Gen != m.timers.gen[e.Timer] || !m.timers.armed[e.Timer] {
 		return
 	}
-	m.armed[e.Timer] = false
+	m.timers.armed[e.Timer] = false
 	switch e.Timer {
 	case TimerRestart:
 		m.restartDue()
 	case TimerTick:
 		m.policy(m.tr.Tick(m.now))
 	case TimerDrainDeadline:
-		if d := m.drain; d != nil && d.res.LeasesDrainedAt.IsZero() {
+		if d := m.drain; d != nil && d.phase == drainLeases {
 			m.drainDeadline(d)
 		}
 	case TimerHoldExit:

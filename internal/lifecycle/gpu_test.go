@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -81,4 +82,28 @@ func TestARestartOnBusyGPUsWaitsWithoutCountingACrash(t *testing.T) {
 	_, staging := find[Stage](p.last)
 	assert.True(t, staging, "it looks again")
 	assert.Equal(t, uint64(1), p.m.View(p.now).Policy.RestartCount, "the retry is the same restart")
+}
+
+// A GPU hold that calls off a reload's new engine before it launches
+// rolls the reload back: the pool is Starting its old model, not Failed.
+func TestAGPUHoldDuringAReloadsStartLeavesItsRollbackStarting(t *testing.T) {
+	p := newPool(t, nil)
+	old := p.ready()
+	req := p.request(func(id ReqID) Event {
+		return ReloadRequested{Req: id, Ref: "n.gguf", Digest: "sha256:b", Deadline: time.Minute}
+	})
+	stage, ok := find[Stage](p.last)
+	require.True(t, ok)
+	p.step(ModelStaged{Run: stage.Run, Staged: staged("n.gguf", "sha256:b")})
+	p.exit(old, killedBy(15))
+	cand, ok := find[Stage](p.last)
+	require.True(t, ok, "the new engine's start stages: %v", p.last)
+
+	p.step(GPUUnhealthy{GPU: "GPU-0", Why: "XID 79 on GPU-0"})
+	back, ok := find[Stage](p.last)
+	require.True(t, ok, "the old model starts again: %v", p.last)
+	assert.NotEqual(t, cand.Run, back.Run)
+	assert.Equal(t, Starting, p.m.State())
+	assert.Equal(t, "rolling-back", p.m.View(p.now).Operation)
+	p.noReply(req)
 }

@@ -103,13 +103,13 @@ type run struct {
 
 // startOp is an engine start between its decision and its process.
 type startOp struct {
+	phase     startPhase
 	run       RunID
 	candidate bool
 	// req is the Start request it answers (0: none, a restart).
 	req ReqID
-	// launched: its model is staged and Launch is out.
-	launched bool
-	staged   model.Staged
+	// staged is its model, once staged (startLaunching).
+	staged model.Staged
 }
 
 // pendingExit is an exit waiting for systemd's word on it.
@@ -119,53 +119,67 @@ type pendingExit struct {
 	uptime time.Duration
 }
 
+// stagingFrac is how far staging has come, for View.Progress.
+type stagingFrac struct {
+	// stage: the model being staged is hashed this far (-1: not known).
+	stage float64
+	// hashing: a reload's model is hashed (hash of it) before the
+	// reload is asked of the machine.
+	hashing bool
+	hash    float64
+}
+
+// timers are the machine's timers: each one's generation (a firing of
+// an earlier one is ignored) and whether it is armed.
+type timers struct {
+	gen   [numTimers]uint64
+	armed [numTimers]bool
+}
+
+// preparedScope is a scheduled restart's scope, made ahead of it: a
+// Prepare is out (inv is its InvocationID, once known).
+type preparedScope struct{ inv string }
+
 // Machine is one pool's lifecycle. It is not safe for concurrent use: the
 // supervisor's loop owns it.
 type Machine struct {
-	cfg     Config
-	tr      *policy.Tracker
-	state   State
-	held    string
-	lastErr string
-	reason  crash.Reason
-	next    time.Time
+	cfg Config
+	tr  *policy.Tracker
+	// state changes only through transition.
+	state State
 
-	run     *run
-	runs    RunID
-	start   *startOp
-	pending *pendingExit
-	// unitEnded: systemd said the scope ended (unitCause why) before the
-	// shim reported the exit.
-	unitEnded bool
-	unitCause witness.Cause
-	drain     *drainOp
-	reload    *reloadOp
-	rollback  *rollbackWait
-	// gpuHeld: GPUs that need a reset, with why.
-	gpuHeld map[string]string
-	// stageFrac is how far the model being staged is hashed (-1: not
-	// known).
-	stageFrac float64
-	// hashing: a reload's model is hashed (hashFrac of it) before the
-	// reload is asked of the machine.
-	hashing  bool
-	hashFrac float64
-	leases   map[string]string
-	gen      [numTimers]uint64
-	armed    [numTimers]bool
-	// current is the model the running (or next) engine loads.
-	current model.Staged
-	// prepared: a Prepare is out for the scheduled restart (preparedInv
-	// is its scope's InvocationID, once known).
-	prepared    bool
-	preparedInv string
-
+	// What the View shows besides the state.
+	held, lastErr                string
+	reason                       crash.Reason
+	next                         time.Time
 	model, digest, path, version string
 	live                         bool
 	pid, starts                  int
 	healthFailures               []time.Time
 	heartbeat, readyAt           time.Time
 
+	// The engine, and the operations under way on the pool (nil: none).
+	run      *run
+	runs     RunID
+	start    *startOp
+	drain    *drainOp
+	reload   *reloadOp
+	rollback *rollbackWait
+	pending  *pendingExit
+	// unitEnded: systemd said the scope ended (unitCause why) before the
+	// shim reported the exit.
+	unitEnded bool
+	unitCause witness.Cause
+	prepared  *preparedScope
+	frac      stagingFrac
+	// current is the model the running (or next) engine loads.
+	current model.Staged
+	leases  map[string]string
+	// gpuHeld: GPUs that need a reset, with why.
+	gpuHeld map[string]string
+	timers  timers
+
+	// The step under way.
 	out       []Action
 	published View
 	now       time.Time
@@ -175,10 +189,11 @@ type Machine struct {
 // the caller). held, when set, keeps it from starting until ResetBreaker
 // (its persisted state could not be read).
 func New(cfg Config, tr *policy.Tracker, held string) *Machine {
-	m := &Machine{cfg: cfg, tr: tr, held: held, leases: map[string]string{}, gpuHeld: map[string]string{}, stageFrac: -1,
+	m := &Machine{cfg: cfg, tr: tr, held: held, leases: map[string]string{}, gpuHeld: map[string]string{}, frac: stagingFrac{stage: -1},
 		model: cfg.Model, version: cfg.EngineVersion}
 	if held != "" {
-		m.state, m.lastErr = Failed, held
+		m.transition(Failed, "held from the start")
+		m.lastErr = held
 	}
 	m.published = m.View(time.Time{})
 	return m
@@ -223,26 +238,35 @@ func (m *Machine) ready() bool {
 	return m.state == Ready && m.run != nil && m.run.healthy && !m.run.dead && m.run.stopping == NotStopping
 }
 
-// operation names the long operation under way (DESIGN's Operation).
+// operation names the long operation under way (DESIGN's Operation):
+// the phase of a reload, a drain or a start, else the engine's state.
 func (m *Machine) operation() string {
-	switch {
-	case m.rollback != nil || (m.reload != nil && m.reload.rollingBack):
+	if m.rollback != nil {
 		return "rolling-back"
-	case m.reload != nil && !m.reload.drained:
+	}
+	if op := m.reload; op != nil {
+		switch op.phase {
+		case reloadDraining, reloadStaging, reloadRollingBack:
+			return op.phase.String()
+		}
+		// Stopping the old engine is part of starting the new one.
+		if m.state == Warming {
+			return "warming"
+		}
+		return "starting"
+	}
+	switch {
+	case m.drain != nil:
 		return "draining"
-	case m.reload != nil && m.reload.staging:
-		return "staging"
-	case m.drain != nil && m.drain.reload == nil:
-		return "draining"
-	case m.start != nil && !m.start.launched && !m.start.candidate:
+	case m.start != nil && m.start.phase == startStaging && !m.start.candidate:
 		// A reload's new engine was staged by the reload: its start's
 		// own staging is a few stats.
 		return "staging"
 	case m.state == Warming:
 		return "warming"
-	case m.state == Starting || m.reload != nil:
+	case m.state == Starting:
 		return "starting"
-	case m.hashing:
+	case m.frac.hashing:
 		return "staging"
 	}
 	return ""
@@ -262,10 +286,10 @@ func (m *Machine) progressOf() float64 {
 		}
 		return float64(d.held-len(m.leases)) / float64(d.held)
 	case "staging":
-		if m.start == nil && m.reload == nil && m.hashing {
-			return m.hashFrac
+		if m.start == nil && m.reload == nil && m.frac.hashing {
+			return m.frac.hash
 		}
-		return m.stageFrac
+		return m.frac.stage
 	}
 	return -1
 }
@@ -294,13 +318,14 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 	case Adopted:
 		m.adopted(e)
 	case ModelStaged:
-		m.stageFrac = -1
+		m.frac.stage = -1
 		m.modelStaged(e)
 	case Hashing:
-		m.hashing, m.hashFrac = !e.Done, e.Fraction
+		m.frac.hashing, m.frac.hash = !e.Done, e.Fraction
 	case StageProgress:
-		if (m.start != nil && m.start.run == e.Run && !m.start.launched) || (m.reload != nil && m.reload.staging && m.reload.stageRun == e.Run) {
-			m.stageFrac = e.Fraction
+		if (m.start != nil && m.start.run == e.Run && m.start.phase == startStaging) ||
+			(m.reload != nil && m.reload.phase == reloadStaging && m.reload.stageRun == e.Run) {
+			m.frac.stage = e.Fraction
 		}
 	case EngineStarted:
 		m.engineStarted(e)
@@ -315,14 +340,14 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 	case Progress:
 		m.progress(e)
 	case StartTimedOut:
-		if r := m.live_(e.Run); r != nil {
+		if r := m.unstopped(e.Run); r != nil {
 			r.lastProbe = e.Err.Error()
 			m.stopRun(StopStartTimeout)
 		}
 	case Faulted:
 		m.faulted(e)
 	case Squatted:
-		if m.live_(e.Run) != nil {
+		if m.unstopped(e.Run) != nil {
 			m.lastErr = safetext.Bound("not ready: " + e.Msg)
 			m.log(slog.LevelWarn, "engine's port held by a process outside its scope", journal.Error, e.Msg)
 		}
@@ -341,12 +366,12 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 	case Died:
 		// Not ready from now: the exit itself waits for the shim's
 		// word (what the engine wrote, its scope's OOM count).
-		if r := m.live_(e.Run); r != nil {
+		if r := m.unstopped(e.Run); r != nil {
 			r.dead = true
 		}
 	case ScopePrepared:
-		if m.prepared {
-			m.preparedInv = e.Invocation
+		if m.prepared != nil {
+			m.prepared.inv = e.Invocation
 		}
 	default:
 		panic(fmt.Sprintf("lifecycle: unknown event %T", ev))
@@ -404,15 +429,15 @@ func (m *Machine) armTick() {
 }
 
 func (m *Machine) arm(t Timer, at time.Time) {
-	m.gen[t]++
-	m.armed[t] = true
-	m.do(ArmTimer{Timer: t, At: at, Gen: m.gen[t]})
+	m.timers.gen[t]++
+	m.timers.armed[t] = true
+	m.do(ArmTimer{Timer: t, At: at, Gen: m.timers.gen[t]})
 }
 
 func (m *Machine) disarm(t Timer) {
-	if m.armed[t] {
-		m.gen[t]++
-		m.armed[t] = false
+	if m.timers.armed[t] {
+		m.timers.gen[t]++
+		m.timers.armed[t] = false
 		m.do(CancelTimer{Timer: t})
 	}
 }
@@ -428,8 +453,11 @@ func (m *Machine) Init(now time.Time) []Action {
 	return out
 }
 
-// live_ returns the current run if it is id and not being stopped.
-func (m *Machine) live_(id RunID) *run {
+// unstopped returns the current run if it is id and nobody is stopping
+// it: the run whose probes, faults and warm-up still count. A run the
+// kernel said died (dead) is returned too: its exit, still to come,
+// settles it.
+func (m *Machine) unstopped(id RunID) *run {
 	if r := m.run; r != nil && r.id == id && r.stopping == NotStopping {
 		return r
 	}
@@ -481,7 +509,8 @@ func (m *Machine) mayStart() error {
 	var r *policy.Refusal
 	if errors.As(err, &r) {
 		if pending {
-			m.state, m.next = Failed, r.RetryAt
+			m.transition(Failed, "restart refused")
+			m.next = r.RetryAt
 			if !r.RetryAt.IsZero() {
 				m.scheduleRestart(r.RetryAt)
 			}
@@ -498,7 +527,7 @@ func (m *Machine) cancelRestart() {
 
 func (m *Machine) scheduleRestart(at time.Time) {
 	m.arm(TimerRestart, at)
-	if !m.prepared {
+	if m.prepared == nil {
 		m.prepareAhead(at)
 	}
 }
@@ -516,8 +545,9 @@ func (m *Machine) stageRef() (ref, want string) {
 // startEngine starts an engine: its model is staged before every start
 // (cheap when unchanged), then it is launched.
 func (m *Machine) startEngine(candidate bool, req ReqID) {
-	m.state, m.next, m.healthFailures = Starting, time.Time{}, nil
-	m.stageFrac = -1
+	m.transition(Starting, "start")
+	m.next, m.healthFailures = time.Time{}, nil
+	m.frac.stage = -1
 	m.runs++
 	m.start = &startOp{run: m.runs, candidate: candidate, req: req}
 	ref, want := m.stageRef()
@@ -525,24 +555,26 @@ func (m *Machine) startEngine(candidate bool, req ReqID) {
 }
 
 func (m *Machine) modelStaged(e ModelStaged) {
-	if op := m.reload; op != nil && op.staging && op.stageRun == e.Run {
+	if op := m.reload; op != nil && op.phase == reloadStaging && op.stageRun == e.Run {
 		m.reloadStaged(e)
 		return
 	}
 	op := m.start
-	if op == nil || op.run != e.Run || op.launched {
+	if op == nil || op.run != e.Run || op.phase != startStaging {
 		return
 	}
 	if e.Err != nil {
 		m.start = nil
-		m.state, m.lastErr = Failed, safetext.Bound(e.Err.Error())
+		m.transition(Failed, "staging failed")
+		m.lastErr = safetext.Bound(e.Err.Error())
 		m.startDone(op, e.Err)
 		return
 	}
-	op.launched, op.staged = true, e.Staged
+	m.startTo(op, startLaunching)
+	op.staged = e.Staged
 	m.current = e.Staged
-	m.do(Launch{Run: op.run, Staged: e.Staged, Candidate: op.candidate, Prepared: m.prepared})
-	m.prepared, m.preparedInv = false, ""
+	m.do(Launch{Run: op.run, Staged: e.Staged, Candidate: op.candidate, Prepared: m.prepared != nil})
+	m.prepared = nil
 }
 
 func (m *Machine) startFailed(e StartFailed) {
@@ -551,7 +583,8 @@ func (m *Machine) startFailed(e StartFailed) {
 		return
 	}
 	m.start = nil
-	m.state, m.lastErr = Failed, safetext.Bound(e.Err.Error())
+	m.transition(Failed, "launch failed")
+	m.lastErr = safetext.Bound(e.Err.Error())
 	if errors.Is(e.Err, ErrGPUBusy) && !op.candidate {
 		// Another process holds the GPUs: no crash of ours; the start
 		// looks again later, and the operator (told now, if they asked)
@@ -570,7 +603,7 @@ func (m *Machine) startFailed(e StartFailed) {
 
 func (m *Machine) engineStarted(e EngineStarted) {
 	op := m.start
-	if op == nil || op.run != e.Run || !op.launched {
+	if op == nil || op.run != e.Run || op.phase != startLaunching {
 		// A start called off while it launched: its engine must not
 		// run unwatched.
 		m.do(StopScope{Run: e.Run})
@@ -607,7 +640,7 @@ func (m *Machine) cancelStart(why string) {
 		return
 	}
 	m.start = nil
-	if op.launched {
+	if op.phase == startLaunching {
 		// Launch is out: its EngineStarted stops the scope.
 		return
 	}
@@ -620,7 +653,8 @@ func (m *Machine) restartDue() {
 	}
 	if why := m.gpuWhy(); why != "" {
 		// No restart loop against a GPU that needs a reset.
-		m.state, m.next, m.lastErr = Failed, time.Time{}, why
+		m.transition(Failed, "restart held by a GPU")
+		m.next, m.lastErr = time.Time{}, why
 		return
 	}
 	pm, err := m.tr.Restart(m.now)
@@ -630,7 +664,8 @@ func (m *Machine) restartDue() {
 	case errors.As(err, &r):
 		// No scope waits through a breaker's or a storm's hold.
 		m.unprepare()
-		m.state, m.next = Failed, r.RetryAt
+		m.transition(Failed, "restart refused")
+		m.next = r.RetryAt
 		if !r.RetryAt.IsZero() {
 			m.scheduleRestart(r.RetryAt)
 		}
@@ -665,8 +700,11 @@ func (m *Machine) gpuUnhealthy(e GPUUnhealthy) {
 		m.stopRun(StopFault)
 		return
 	}
-	if m.run == nil && m.drain == nil && m.reload == nil {
-		m.state, m.next, m.lastErr = Failed, time.Time{}, why
+	// A start left under way is a rollback's, begun as the reload's new
+	// engine was called off: the pool is Starting it.
+	if m.run == nil && m.drain == nil && m.reload == nil && m.start == nil {
+		m.transition(Failed, "GPU hold")
+		m.next, m.lastErr = time.Time{}, why
 	}
 }
 
@@ -683,7 +721,7 @@ func (m *Machine) gpuUsable(e GPUUsable) {
 	if m.tr.Status(m.now).Pending && m.drain == nil && m.run == nil {
 		m.scheduleRestart(m.now)
 	} else if m.state == Failed && m.run == nil && m.held == "" {
-		m.state = Stopped
+		m.transition(Stopped, "GPU hold lifted")
 	}
 }
 
@@ -692,7 +730,7 @@ func (m *Machine) resetBreaker() {
 		m.log(slog.LevelWarn, "hold lifted by ResetBreaker: the pool starts with fresh counters")
 		m.held = ""
 		if m.state == Failed && m.run == nil {
-			m.state = Stopped
+			m.transition(Stopped, "hold lifted")
 		}
 	}
 	m.policy(m.tr.ResetBreaker(m.now))
@@ -723,15 +761,20 @@ func (m *Machine) allowRestart(e AllowRestartRequested) {
 // ---- a running engine
 
 func (m *Machine) healthy(e Healthy) {
-	r := m.live_(e.Run)
+	r := m.unstopped(e.Run)
 	if r == nil {
 		return
 	}
 	r.healthy = true
+	if d := m.drain; d != nil && d.reload == nil {
+		// The drain goes on: the pool stays Draining, and the engine it
+		// stops serves nobody.
+		return
+	}
 	if m.cfg.Warmup {
 		// A reload's new engine warms up too: nothing is Ready before it
 		// has answered a real request.
-		m.state = Warming
+		m.transition(Warming, "healthy")
 		m.do(Warmup{Run: r.id})
 		return
 	}
@@ -739,7 +782,7 @@ func (m *Machine) healthy(e Healthy) {
 }
 
 func (m *Machine) warmedUp(e WarmedUp) {
-	r := m.live_(e.Run)
+	r := m.unstopped(e.Run)
 	if r == nil || !r.healthy || r.warm || m.state != Warming {
 		return
 	}
@@ -761,14 +804,15 @@ func (m *Machine) serving(r *run) {
 	}
 	m.policy(m.tr.Healthy(m.now))
 	// LastError stays: it is the last error, not the current one.
-	m.state, m.readyAt, m.heartbeat = Ready, m.now, m.now
+	m.transition(Ready, "serving")
+	m.readyAt, m.heartbeat = m.now, m.now
 	m.do(WriteRecord{Run: r.id, Model: m.model})
 	m.do(Log{Level: slog.LevelInfo, Msg: "engine ready", Engine: true, Attrs: []any{journal.StartupSec, m.now.Sub(r.started).Seconds()}})
 	m.rollbackSettled()
 }
 
 func (m *Machine) probed(e Probed) {
-	r := m.live_(e.Run)
+	r := m.unstopped(e.Run)
 	if r == nil {
 		return
 	}
@@ -800,7 +844,7 @@ func (m *Machine) probed(e Probed) {
 // answering while requests were in flight counts as no token; one that
 // answers nonsense is reported once and changes nothing.
 func (m *Machine) progress(e Progress) {
-	r := m.live_(e.Run)
+	r := m.unstopped(e.Run)
 	if r == nil || !r.healthy || m.cfg.Stall <= 0 {
 		return
 	}

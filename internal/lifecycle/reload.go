@@ -12,20 +12,20 @@ import (
 // reloadOp is a reload from its request until its new engine is healthy
 // or it rolls back.
 type reloadOp struct {
+	phase       reloadPhase
 	req         ReqID
 	ref, digest string
 	prev        model.Staged
-	// old is the engine running when the reload began (nil if none).
+	// old is the engine running when the reload began (nil if none);
+	// oldGone once it is (it may go on its own in any phase before
+	// reloadStarting).
 	old     *run
 	oldGone bool
-	// drained: the lease phase is over; staging: the model is being
-	// staged (as start stageRun); staged: it is.
-	drained  bool
-	staging  bool
+	// stageRun names the staging of the new model (reloadStaging);
+	// staged is it, once staged.
 	stageRun RunID
 	staged   *model.Staged
-	// rollingBack: the new engine failed (why, metric label reason).
-	rollingBack bool
+	// why the new engine failed, and its metric label (reloadRollingBack).
 	why, reason string
 }
 
@@ -43,7 +43,7 @@ type rollbackWait struct {
 // that restarts nothing.
 func (m *Machine) reloadRequested(e ReloadRequested) {
 	// Its model's hash is over (it came with the request).
-	m.hashing = false
+	m.frac.hashing = false
 	busy := func(format string, a ...any) {
 		m.reply(Reply{Req: e.Req, Err: fmt.Errorf("pool %s "+format+": %w", append(append([]any{m.cfg.Pool}, a...), ErrBusy)...)})
 	}
@@ -78,7 +78,7 @@ func (m *Machine) reloadRequested(e ReloadRequested) {
 	}
 	d := &drainOp{start: m.now, reload: op, held: len(m.leases)}
 	m.drain = d
-	m.state = Draining
+	m.transition(Draining, "reload")
 	m.awaitLeases(d, e.Deadline)
 }
 
@@ -86,9 +86,8 @@ func (m *Machine) reloadRequested(e ReloadRequested) {
 // staged while the old one still serves nobody.
 func (m *Machine) reloadDrained() {
 	op := m.reload
-	op.drained = true
-	op.staging = true
-	m.stageFrac = -1
+	m.reloadTo(op, reloadStaging)
+	m.frac.stage = -1
 	m.runs++
 	op.stageRun = m.runs
 	m.do(Stage{Run: op.stageRun, Ref: op.ref, Want: op.digest})
@@ -98,13 +97,13 @@ func (m *Machine) reloadDrained() {
 // changes nothing.
 func (m *Machine) reloadStaged(e ModelStaged) {
 	op := m.reload
-	op.staging = false
 	if e.Err != nil {
 		m.reloadAborted("stage", fmt.Errorf("%w: staging %s: %v (nothing changed)", ErrReloadFailed, op.ref, e.Err))
 		return
 	}
 	op.staged = &e.Staged
 	if op.old != nil && !op.oldGone {
+		m.reloadTo(op, reloadStopping)
 		m.stopRun(StopReload)
 		return
 	}
@@ -116,20 +115,22 @@ func (m *Machine) reloadStaged(e ModelStaged) {
 func (m *Machine) reloadOldGone() {
 	op := m.reload
 	op.oldGone = true
-	switch {
-	case !op.drained:
+	switch op.phase {
+	case reloadDraining:
 		// Its leases went with it.
 		if d := m.drain; d != nil {
 			d.res.LeasesDrainedAt = m.now
 			m.disarm(TimerDrainDeadline)
+			m.drainTo(d, drainReloading)
 		}
 		m.reloadDrained()
-	case op.staged != nil:
+	case reloadStopping:
 		m.startCandidate()
 	}
 }
 
 func (m *Machine) startCandidate() {
+	m.reloadTo(m.reload, reloadStarting)
 	m.current = *m.reload.staged
 	m.startEngine(true, 0)
 }
@@ -142,9 +143,9 @@ func (m *Machine) reloadAborted(reason string, err error) {
 	m.disarm(TimerDrainDeadline)
 	switch r := m.run; {
 	case r != nil && r.healthy:
-		m.state = Ready
+		m.transition(Ready, "reload given up")
 	case r == nil && op.old != nil:
-		m.state = Stopped
+		m.transition(Stopped, "reload given up")
 	}
 	m.reply(Reply{Req: op.req, Err: err, Reason: reason})
 }
@@ -155,7 +156,8 @@ func (m *Machine) candidateHealthy(r *run) {
 	r.candidate = false
 	m.policy(m.tr.Healthy(m.now))
 	// LastError stays: it is the last error, not the current one.
-	m.state, m.readyAt, m.heartbeat = Ready, m.now, m.now
+	m.transition(Ready, "reloaded")
+	m.readyAt, m.heartbeat = m.now, m.now
 	m.model, m.digest, m.path = op.ref, r.staged.Digest, r.staged.Path
 	m.do(WriteRecord{Run: r.id, Model: op.ref})
 	m.do(Log{Level: slog.LevelInfo, Msg: "reload done: now serving " + op.ref, Engine: true,
@@ -186,10 +188,11 @@ func (m *Machine) candidateExited(r *run, x Exit) {
 // then the old model starts.
 func (m *Machine) candidateFailed(reason, why string) {
 	op := m.reload
-	if op == nil || op.rollingBack {
+	if op == nil || op.phase == reloadRollingBack {
 		return
 	}
-	op.rollingBack, op.why, op.reason = true, why, reason
+	m.reloadTo(op, reloadRollingBack)
+	op.why, op.reason = why, reason
 	if r := m.run; r != nil && r.candidate {
 		m.stopRun(StopRollback)
 		return
@@ -203,7 +206,7 @@ func (m *Machine) rollbackStart() {
 	m.current = op.prev
 	m.rollback = &rollbackWait{req: op.req, why: op.why, reason: op.reason, prevRef: m.model, hadOld: op.old != nil}
 	if op.old == nil {
-		m.state = Stopped
+		m.transition(Stopped, "rolled back")
 		m.rollbackSettled()
 		return
 	}
@@ -240,7 +243,8 @@ func (m *Machine) adopted(e Adopted) {
 		m.leases[id] = owner
 		kept++
 	}
-	m.state, m.live, m.pid = Starting, true, e.PID
+	m.transition(Starting, "adopted")
+	m.live, m.pid = true, e.PID
 	m.model, m.digest, m.path = e.Staged.Ref, e.Staged.Digest, e.Staged.Path
 	if e.EngineVersion != "" {
 		m.version = e.EngineVersion
