@@ -158,14 +158,16 @@ type Machine struct {
 	healthFailures               []time.Time
 	heartbeat, readyAt           time.Time
 
-	// The engine, and the operations under way on the pool (nil: none).
+	// The engine (runs: the last RunID given), and the operations under
+	// way on the pool (nil: none).
 	run      *run
 	runs     RunID
 	start    *startOp
 	drain    *drainOp
 	reload   *reloadOp
 	rollback *rollbackWait
-	pending  *pendingExit
+	// pending is an exit held for systemd's word.
+	pending *pendingExit
 	// unitEnded: systemd said the scope ended (unitCause why) before the
 	// shim reported the exit.
 	unitEnded bool
