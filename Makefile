@@ -76,6 +76,7 @@ fuzz:
 	$(GO) test ./internal/shim -run '^$$' -fuzz FuzzReadMessage -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 	$(GO) test ./internal/safetext -run '^$$' -fuzz FuzzBound -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 	$(GO) test ./internal/sockdiag -run '^$$' -fuzz FuzzParseMessages -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
+	$(GO) test ./internal/lifecycle -run '^$$' -fuzz FuzzStepMovesOnlyAlongTheTables -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 
 fuzz-short:
 	$(MAKE) fuzz FUZZTIME=20000x FUZZMINTIME=500x
