@@ -73,6 +73,7 @@ fuzz:
 	$(GO) test ./internal/config -run '^$$' -fuzz FuzzParsePool -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 	$(GO) test ./internal/config -run '^$$' -fuzz FuzzParseManager -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 	$(GO) test ./internal/bus -run '^$$' -fuzz FuzzPathAndArguments -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
+	$(GO) test ./dbus -run '^$$' -fuzz FuzzPathCodec -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 	$(GO) test ./internal/shim -run '^$$' -fuzz FuzzReadMessage -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 	$(GO) test ./internal/safetext -run '^$$' -fuzz FuzzBound -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 	$(GO) test ./internal/sockdiag -run '^$$' -fuzz FuzzParseMessages -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)

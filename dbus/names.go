@@ -1,5 +1,11 @@
 package dbus
 
+import (
+	"strings"
+
+	godbus "github.com/godbus/dbus/v5"
+)
+
 // Names of the API on the bus, shared by the daemon and its clients.
 const (
 	BusName          = "org.llorch.PoolManager1"
@@ -25,3 +31,78 @@ const (
 	ErrGPUUnhealthy     = ErrorPrefix + "GPUUnhealthy"
 	ErrNoRestartPending = ErrorPrefix + "NoRestartPending"
 )
+
+// PathEncode escapes s into one object path element as systemd's
+// sd_bus_path_encode does (bus_label_escape): ASCII letters stay, and
+// digits except a leading one; every other byte is _xx in lower-case hex;
+// the empty string is "_". systemd names its units' objects so, and the
+// daemon its pools'.
+func PathEncode(s string) string {
+	if s == "" {
+		return "_"
+	}
+	const hex = "0123456789abcdef"
+	b := make([]byte, 0, len(s))
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		alpha := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z'
+		if alpha || i > 0 && c >= '0' && c <= '9' {
+			b = append(b, c)
+			continue
+		}
+		b = append(b, '_', hex[c>>4], hex[c&15])
+	}
+	return string(b)
+}
+
+// PathDecode is sd_bus_path_decode: the element of path just below
+// prefix, unescaped. Unlike systemd, which takes a broken escape as it
+// is, it refuses one, and a path that is not exactly one element below
+// prefix.
+func PathDecode(path, prefix string) (string, bool) {
+	elem, ok := strings.CutPrefix(path, prefix+"/")
+	if !ok || elem == "" || strings.Contains(elem, "/") {
+		return "", false
+	}
+	if elem == "_" {
+		return "", true
+	}
+	b := make([]byte, 0, len(elem))
+	for i := 0; i < len(elem); i++ {
+		if elem[i] != '_' {
+			b = append(b, elem[i])
+			continue
+		}
+		if i+2 >= len(elem) {
+			return "", false
+		}
+		hi, ok1 := unhex(elem[i+1])
+		lo, ok2 := unhex(elem[i+2])
+		if !ok1 || !ok2 {
+			return "", false
+		}
+		b = append(b, hi<<4|lo)
+		i += 2
+	}
+	return string(b), true
+}
+
+func unhex(c byte) (byte, bool) {
+	switch {
+	case c >= '0' && c <= '9':
+		return c - '0', true
+	case c >= 'a' && c <= 'f':
+		return c - 'a' + 10, true
+	case c >= 'A' && c <= 'F':
+		return c - 'A' + 10, true
+	}
+	return 0, false
+}
+
+// PoolPath is the object path of a pool.
+func PoolPath(id string) godbus.ObjectPath {
+	return godbus.ObjectPath(PoolPathPrefix + "/" + PathEncode(id))
+}
+
+// PoolID is the id of the pool whose object path is path.
+func PoolID(path godbus.ObjectPath) (string, bool) { return PathDecode(string(path), PoolPathPrefix) }

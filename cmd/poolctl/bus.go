@@ -7,12 +7,10 @@ import (
 	"fmt"
 	"os"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
 
-	sddbus "github.com/coreos/go-systemd/v22/dbus"
 	"github.com/godbus/dbus/v5"
 	"github.com/godbus/dbus/v5/introspect"
 
@@ -84,39 +82,6 @@ func (c *cli) listPools() ([]poolRef, error) {
 	return refs, nil
 }
 
-// poolPath is the object path of a pool, escaped like sd_bus_path_encode.
-func poolPath(id string) dbus.ObjectPath {
-	return dbus.ObjectPath(poolPrefix + "/" + sddbus.PathBusEscape(id))
-}
-
-// poolID is the id in a pool's object path (sd_bus_path_decode).
-func poolID(path dbus.ObjectPath) (string, bool) {
-	elem, ok := strings.CutPrefix(string(path), poolPrefix+"/")
-	if !ok || elem == "" || strings.Contains(elem, "/") {
-		return "", false
-	}
-	if elem == "_" {
-		return "", true
-	}
-	var b strings.Builder
-	for i := 0; i < len(elem); i++ {
-		if elem[i] != '_' {
-			b.WriteByte(elem[i])
-			continue
-		}
-		if i+2 >= len(elem) {
-			return "", false
-		}
-		v, err := strconv.ParseUint(elem[i+1:i+3], 16, 8)
-		if err != nil {
-			return "", false
-		}
-		b.WriteByte(byte(v))
-		i += 2
-	}
-	return b.String(), true
-}
-
 // props reads every property of a pool; a pool the daemon does not have is
 // its NoSuchPool error, as the methods answer.
 func (c *cli) props(id string) (map[string]dbus.Variant, error) {
@@ -127,7 +92,7 @@ func (c *cli) props(id string) (map[string]dbus.Variant, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), readTimeout)
 	defer cancel()
 	var all map[string]dbus.Variant
-	err = conn.Object(busName, poolPath(id)).CallWithContext(ctx, "org.freedesktop.DBus.Properties.GetAll", 0, poolIface).Store(&all)
+	err = conn.Object(busName, ifaces.PoolPath(id)).CallWithContext(ctx, "org.freedesktop.DBus.Properties.GetAll", 0, poolIface).Store(&all)
 	var de dbus.Error
 	if errors.As(err, &de) && (de.Name == "org.freedesktop.DBus.Error.UnknownObject" || de.Name == "org.freedesktop.DBus.Error.UnknownInterface" || de.Name == "org.freedesktop.DBus.Error.UnknownMethod") {
 		return nil, dbus.Error{Name: ifaces.ErrNoSuchPool, Body: []any{fmt.Sprintf("no pool %q", id)}}
@@ -278,7 +243,7 @@ func classify(s *dbus.Signal, o *owner) any {
 			return nil
 		}
 		changed, ok := s.Body[1].(map[string]dbus.Variant)
-		id, okID := poolID(s.Path)
+		id, okID := ifaces.PoolID(s.Path)
 		if ok && okID {
 			return change{Pool: id, Changed: changed}
 		}

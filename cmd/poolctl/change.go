@@ -12,6 +12,8 @@ import (
 
 	"github.com/godbus/dbus/v5"
 	"golang.org/x/sys/unix"
+
+	ifaces "github.com/llorch/pool-managerd/dbus"
 )
 
 // method is a command that calls a Manager method on one pool and prints
@@ -87,7 +89,7 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 	if err != nil {
 		return err
 	}
-	sigs, own, err := c.watch(poolPath(id))
+	sigs, own, err := c.watch(ifaces.PoolPath(id))
 	if err != nil {
 		return err
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	ifaces "github.com/llorch/pool-managerd/dbus"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 )
 
@@ -246,7 +247,7 @@ func TestEventsFollowEveryPool(t *testing.T) {
 
 			// Anyone may send a PropertiesChanged, also to poolctl alone;
 			// only the daemon's are shown.
-			forge(t, router, cmd.Process.Pid, poolPath("qwen"))
+			forge(t, router, cmd.Process.Pid, ifaces.PoolPath("qwen"))
 			r := poolctl(t, "", "stop", "qwen")
 			require.Equal(t, 0, r.code, r.stderr)
 			skipped := waitLine(t, lines, qwen)

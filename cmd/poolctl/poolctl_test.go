@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
+	ifaces "github.com/llorch/pool-managerd/dbus"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
@@ -95,7 +96,7 @@ func freePort(t *testing.T) int {
 
 // prop reads a pool's property with busctl, as an operator would.
 func prop(id, name string) string {
-	out, _ := exec.Command("busctl", "get-property", busName, string(poolPath(id)), poolIface, name).CombinedOutput()
+	out, _ := exec.Command("busctl", "get-property", busName, string(ifaces.PoolPath(id)), poolIface, name).CombinedOutput()
 	return strings.TrimSpace(string(out))
 }
 

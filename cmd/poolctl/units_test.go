@@ -12,20 +12,6 @@ import (
 	ifaces "github.com/llorch/pool-managerd/dbus"
 )
 
-// Pool ids come back from their object paths as sd_bus_path_decode gives
-// them, and a path that is no pool's is refused.
-func TestPoolIDIsDecodedFromItsPath(t *testing.T) {
-	for _, id := range []string{"llama-8b", "7b", "qwen", "a_b.c", "", "ünï"} {
-		got, ok := poolID(poolPath(id))
-		assert.True(t, ok, id)
-		assert.Equal(t, id, got)
-	}
-	for _, p := range []dbus.ObjectPath{"/org/llorch/PoolManager1", "/org/llorch/PoolManager1/pool/a/b", "/org/llorch/PoolManager1/pool/a_2", "/org/llorch/PoolManager1/pool/a_zz", "/other/pool/x"} {
-		_, ok := poolID(p)
-		assert.False(t, ok, p)
-	}
-}
-
 func TestSpansAreWrittenAsSystemdWritesThem(t *testing.T) {
 	for d, want := range map[time.Duration]string{
 		0: "0s", 300 * time.Millisecond: "300ms", 5 * time.Second: "5s", 65 * time.Second: "1min 5s",

@@ -22,6 +22,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	api "github.com/llorch/pool-managerd/dbus"
 	"github.com/llorch/pool-managerd/internal/bus"
 	"github.com/llorch/pool-managerd/internal/shim"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
@@ -68,7 +69,7 @@ func call(args ...string) (string, error) {
 }
 
 func getProp(t *testing.T, pool, name string) string {
-	return sh(t, "busctl", "get-property", "org.llorch.PoolManager1", string(bus.PoolPath(pool)), "org.llorch.PoolManager1.Pool", name)
+	return sh(t, "busctl", "get-property", "org.llorch.PoolManager1", string(api.PoolPath(pool)), "org.llorch.PoolManager1.Pool", name)
 }
 
 // daemon installs the shipped unit and bus policy and starts the daemon on
@@ -216,7 +217,7 @@ func TestOperatorAndRouterOverTheBus(t *testing.T) {
 	watcher, err := dbus.ConnectSystemBus()
 	require.NoError(t, err)
 	defer watcher.Close()
-	require.NoError(t, watcher.AddMatchSignal(dbus.WithMatchObjectPath(bus.PoolPath("llama-8b")),
+	require.NoError(t, watcher.AddMatchSignal(dbus.WithMatchObjectPath(api.PoolPath("llama-8b")),
 		dbus.WithMatchInterface("org.freedesktop.DBus.Properties"), dbus.WithMatchMember("PropertiesChanged")))
 	sigs := make(chan *dbus.Signal, 64)
 	watcher.Signal(sigs)
@@ -333,7 +334,7 @@ func TestUnprivilegedCallersMayOnlyRead(t *testing.T) {
 	out, err := nobody("ListPools")
 	require.NoError(t, err, out)
 	out, err = try("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "busctl", "get-property",
-		"org.llorch.PoolManager1", string(bus.PoolPath("llama-8b")), "org.llorch.PoolManager1.Pool", "Ready")
+		"org.llorch.PoolManager1", string(api.PoolPath("llama-8b")), "org.llorch.PoolManager1.Pool", "Ready")
 	require.NoError(t, err, out)
 	assert.Equal(t, "b true", out)
 	assert.Equal(t, `s "ready"`, getProp(t, "llama-8b", "State"), "nothing changed")
@@ -380,7 +381,7 @@ func TestDaemonRestartAdoptsEngines(t *testing.T) {
 	readyAgain := func(what string) {
 		t.Helper()
 		require.Eventually(t, func() bool {
-			out, err := try("busctl", "get-property", "org.llorch.PoolManager1", string(bus.PoolPath("llama-8b")), "org.llorch.PoolManager1.Pool", "Ready")
+			out, err := try("busctl", "get-property", "org.llorch.PoolManager1", string(api.PoolPath("llama-8b")), "org.llorch.PoolManager1.Pool", "Ready")
 			return err == nil && out == "b true"
 		}, 30*time.Second, 50*time.Millisecond, what)
 		assert.Equal(t, pid, getProp(t, "llama-8b", "MainPID"), "%s: the engine was adopted, not restarted", what)
@@ -473,7 +474,7 @@ func TestConfigurationReload(t *testing.T) {
 		return err == nil && out == `a(so) 1 "second" "/org/llorch/PoolManager1/pool/second"`
 	}, 30*time.Second, 50*time.Millisecond, out)
 	require.Eventually(t, func() bool {
-		out, err := try("busctl", "get-property", "org.llorch.PoolManager1", string(bus.PoolPath("second")), "org.llorch.PoolManager1.Pool", "Ready")
+		out, err := try("busctl", "get-property", "org.llorch.PoolManager1", string(api.PoolPath("second")), "org.llorch.PoolManager1.Pool", "Ready")
 		return err == nil && out == "b true"
 	}, 30*time.Second, 50*time.Millisecond)
 	n := strings.TrimPrefix(pid, "u ")
@@ -486,7 +487,7 @@ func TestConfigurationReload(t *testing.T) {
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "second.pool"), []byte(second), 0o644))
 	sh(t, "systemctl", "reload", "pool-managerd.service")
 	require.Eventually(t, func() bool {
-		out, err := try("busctl", "get-property", "org.llorch.PoolManager1", string(bus.PoolPath("second")), "org.llorch.PoolManager1.Pool", "Slots")
+		out, err := try("busctl", "get-property", "org.llorch.PoolManager1", string(api.PoolPath("second")), "org.llorch.PoolManager1.Pool", "Slots")
 		return err == nil && out == "u 3" && getProp(t, "second", "Ready") == "b true"
 	}, 30*time.Second, 50*time.Millisecond)
 	assert.NotEqual(t, pid2, getProp(t, "second", "MainPID"))
@@ -524,7 +525,7 @@ func TestEngineOfPoolRemovedWhileDownIsStopped(t *testing.T) {
 
 func TestServedIntrospectionIsTheShippedOne(t *testing.T) {
 	daemon(t)
-	for path, file := range map[string]string{mgr: "org.llorch.PoolManager1.Manager.xml", string(bus.PoolPath("llama-8b")): "org.llorch.PoolManager1.Pool.xml"} {
+	for path, file := range map[string]string{mgr: "org.llorch.PoolManager1.Manager.xml", string(api.PoolPath("llama-8b")): "org.llorch.PoolManager1.Pool.xml"} {
 		served := sh(t, "busctl", "introspect", "--xml-interface", "org.llorch.PoolManager1", path)
 		shippedXML, err := os.ReadFile(filepath.Join("../../dbus", file))
 		require.NoError(t, err)
@@ -546,7 +547,7 @@ func TestServedIntrospectionIsTheShippedOne(t *testing.T) {
 func waitProp(t *testing.T, pool, name, want string) {
 	t.Helper()
 	require.Eventually(t, func() bool {
-		out, err := try("busctl", "get-property", "org.llorch.PoolManager1", string(bus.PoolPath(pool)), "org.llorch.PoolManager1.Pool", name)
+		out, err := try("busctl", "get-property", "org.llorch.PoolManager1", string(api.PoolPath(pool)), "org.llorch.PoolManager1.Pool", name)
 		return err == nil && out == want
 	}, 30*time.Second, 20*time.Millisecond, "%s %s = %s", pool, name, want)
 }

@@ -14,7 +14,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/llorch/pool-managerd/internal/bus"
+	api "github.com/llorch/pool-managerd/dbus"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 )
@@ -64,7 +64,7 @@ func watchPool(t *testing.T, pool string) *propLog {
 	conn, err := dbus.ConnectSystemBus()
 	require.NoError(t, err)
 	t.Cleanup(func() { conn.Close() })
-	require.NoError(t, conn.AddMatchSignal(dbus.WithMatchObjectPath(bus.PoolPath(pool)),
+	require.NoError(t, conn.AddMatchSignal(dbus.WithMatchObjectPath(api.PoolPath(pool)),
 		dbus.WithMatchInterface("org.freedesktop.DBus.Properties"), dbus.WithMatchMember("PropertiesChanged")))
 	sigs := make(chan *dbus.Signal, 256)
 	conn.Signal(sigs)

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"unicode/utf8"
 
-	sddbus "github.com/coreos/go-systemd/v22/dbus"
 	"github.com/godbus/dbus/v5"
 
 	api "github.com/llorch/pool-managerd/dbus"
@@ -19,18 +18,6 @@ const (
 	PoolIface    = api.PoolInterface
 	ErrorPrefix  = api.ErrorPrefix
 )
-
-// PathEncode escapes s into one object path element as systemd's
-// sd_bus_path_encode does: [A-Za-z0-9] stay except a leading digit, every
-// other byte is _xx, and the empty string is "_". go-systemd agrees with
-// systemd on every byte a pool id or unit name may hold (it writes bytes
-// below 0x10 with one hex digit, which neither may contain).
-func PathEncode(s string) string { return sddbus.PathBusEscape(s) }
-
-// PoolPath is the object path of a pool.
-func PoolPath(id string) dbus.ObjectPath {
-	return dbus.ObjectPath(PoolPrefix + "/" + PathEncode(id))
-}
 
 // MaxDeadline bounds Drain and Reload deadlines: past a day is a mistake.
 const MaxDeadline = 24 * 60 * 60 * 1000 // ms

@@ -12,7 +12,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/llorch/pool-managerd/internal/bus"
+	api "github.com/llorch/pool-managerd/dbus"
 )
 
 // A reload of a big model says where it is: Operation "staging" with the
@@ -31,7 +31,7 @@ func TestReloadShowsItsProgress(t *testing.T) {
 	conn, err := dbus.ConnectSystemBus()
 	require.NoError(t, err)
 	defer conn.Close()
-	path := bus.PoolPath("llama-8b")
+	path := api.PoolPath("llama-8b")
 	require.NoError(t, conn.AddMatchSignal(dbus.WithMatchObjectPath(path), dbus.WithMatchInterface("org.freedesktop.DBus.Properties"), dbus.WithMatchMember("PropertiesChanged")))
 	sigs := make(chan *dbus.Signal, 1024)
 	conn.Signal(sigs)

@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	shipped "github.com/llorch/pool-managerd/dbus"
 	"github.com/llorch/pool-managerd/internal/safetext"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 )
@@ -48,7 +49,7 @@ func TestEveryStringPropertyIsSafe(t *testing.T) {
 	}
 	body := []any{PoolIface, changed, []string{}}
 	msg := &dbus.Message{Type: dbus.TypeSignal, Body: body, Headers: map[dbus.HeaderField]dbus.Variant{
-		dbus.FieldPath:      dbus.MakeVariant(PoolPath("p")),
+		dbus.FieldPath:      dbus.MakeVariant(shipped.PoolPath("p")),
 		dbus.FieldInterface: dbus.MakeVariant("org.freedesktop.DBus.Properties"),
 		dbus.FieldMember:    dbus.MakeVariant("PropertiesChanged"),
 		dbus.FieldSignature: dbus.MakeVariant(dbus.SignatureOf(body...)),

@@ -151,7 +151,7 @@ const progressEvery = 250 * time.Millisecond
 func (s *Server) exportPoolList() error {
 	var ids []string
 	for _, id := range s.mgr.IDs() {
-		ids = append(ids, PathEncode(id))
+		ids = append(ids, shipped.PathEncode(id))
 	}
 	return exportIntrospection(s.conn, PoolPrefix, "", ids, false)
 }
@@ -176,7 +176,7 @@ func (s *Server) RemovePool(id string) {
 		return
 	}
 	cancel()
-	path := PoolPath(id)
+	path := shipped.PoolPath(id)
 	for _, iface := range []string{"org.freedesktop.DBus.Properties", "org.freedesktop.DBus.Introspectable"} {
 		if err := s.conn.Export(nil, path, iface); err != nil {
 			s.log.Error("cannot take a pool's object off the bus", journal.PoolID, id, journal.Error, err.Error())
@@ -189,7 +189,7 @@ func (s *Server) RemovePool(id string) {
 
 func (s *Server) exportPool(p *supervisor.Supervisor) error {
 	snap := p.Snapshot()
-	path := PoolPath(snap.ID)
+	path := shipped.PoolPath(snap.ID)
 	cur := properties(snap)
 	m := map[string]*prop.Prop{}
 	for k, v := range cur {
@@ -470,7 +470,7 @@ type PoolRef struct {
 func (m *managerObject) ListPools() ([]PoolRef, *dbus.Error) {
 	var out []PoolRef
 	for _, id := range m.s.mgr.IDs() {
-		out = append(out, PoolRef{safetext.Bound(id), PoolPath(id)})
+		out = append(out, PoolRef{safetext.Bound(id), shipped.PoolPath(id)})
 	}
 	return out, nil
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	api "github.com/llorch/pool-managerd/dbus"
 	"github.com/llorch/pool-managerd/internal/bus"
 	"github.com/llorch/pool-managerd/internal/safetext"
 )
@@ -208,7 +209,7 @@ BackoffInitialSec=0.2
 			watcher, err := dbus.ConnectSystemBus()
 			require.NoError(t, err)
 			defer watcher.Close()
-			require.NoError(t, watcher.AddMatchSignal(dbus.WithMatchObjectPath(bus.PoolPath(p.id)),
+			require.NoError(t, watcher.AddMatchSignal(dbus.WithMatchObjectPath(api.PoolPath(p.id)),
 				dbus.WithMatchInterface("org.freedesktop.DBus.Properties"), dbus.WithMatchMember("PropertiesChanged")))
 			sigs := make(chan *dbus.Signal, 256)
 			watcher.Signal(sigs)
@@ -249,7 +250,7 @@ BackoffInitialSec=0.2
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
 			var all map[string]dbus.Variant
-			require.NoError(t, watcher.Object(bus.Name, bus.PoolPath(p.id)).CallWithContext(ctx,
+			require.NoError(t, watcher.Object(bus.Name, api.PoolPath(p.id)).CallWithContext(ctx,
 				"org.freedesktop.DBus.Properties.GetAll", 0, bus.PoolIface).Store(&all))
 			got, _ := all["LastError"].Value().(string)
 			assert.True(t, utf8.ValidString(got), "%q", got)

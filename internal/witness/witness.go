@@ -14,8 +14,9 @@ import (
 	"sync"
 	"time"
 
-	sddbus "github.com/coreos/go-systemd/v22/dbus"
 	"github.com/godbus/dbus/v5"
+
+	api "github.com/llorch/pool-managerd/dbus"
 )
 
 // The scopes watched are named UnitPrefix + ... + UnitSuffix (as
@@ -38,7 +39,7 @@ const (
 )
 
 // ourPaths is the start of our scopes' object paths.
-var ourPaths = unitPathPrefix + sddbus.PathBusEscape(UnitPrefix)
+var ourPaths = unitPathPrefix + api.PathEncode(UnitPrefix)
 
 // Ours says whether unit is one of the engines' scopes.
 func Ours(unit string) bool {
@@ -346,7 +347,7 @@ func parse(sig *dbus.Signal, systemd string) (unit string, o observation, ok boo
 		if !strings.HasPrefix(p, ourPaths) || len(sig.Body) < 2 {
 			return "", o, false
 		}
-		unit, ok = pathUnit(p)
+		unit, ok = api.PathDecode(p, string(unitNamespace))
 		iface, ok1 := sig.Body[0].(string)
 		props, ok2 := sig.Body[1].(map[string]dbus.Variant)
 		if !ok || !ok1 || !ok2 || !Ours(unit) {
@@ -397,30 +398,4 @@ func parse(sig *dbus.Signal, systemd string) (unit string, o observation, ok boo
 		return unit, observation{kind: obsUnitRemoved}, true
 	}
 	return "", o, false
-}
-
-// pathUnit is the unit of an object path below unitPathPrefix: the
-// inverse of sd_bus_path_encode (go-systemd's PathBusEscape).
-func pathUnit(p string) (string, bool) {
-	s, ok := strings.CutPrefix(p, unitPathPrefix)
-	if !ok || s == "" || strings.Contains(s, "/") {
-		return "", false
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] != '_' {
-			b.WriteByte(s[i])
-			continue
-		}
-		if i+2 >= len(s) {
-			return "", false
-		}
-		v, err := hex.DecodeString(s[i+1 : i+3])
-		if err != nil {
-			return "", false
-		}
-		b.WriteByte(v[0])
-		i += 2
-	}
-	return b.String(), true
 }

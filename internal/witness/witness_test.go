@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	api "github.com/llorch/pool-managerd/dbus"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 )
 
@@ -313,7 +314,7 @@ func TestAnOOMKillUnderMemoryMaxIsWhatSystemdReports(t *testing.T) {
 func TestForgedSignalsFromAnotherUserAreIgnored(t *testing.T) {
 	sandbox.Need(t)
 	s, ch, w := sleeper(t, "")
-	path := unitPathPrefix + sddbus.PathBusEscape(s.unit)
+	path := unitPathPrefix + api.PathEncode(s.unit)
 
 	// A listener of its own proves the forgeries were on the bus.
 	spy, err := dbus.ConnectSystemBus()

@@ -14,6 +14,7 @@ import (
 
 	"github.com/godbus/dbus/v5"
 
+	api "github.com/llorch/pool-managerd/dbus"
 	"github.com/llorch/pool-managerd/internal/bus"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
@@ -185,7 +186,7 @@ func (b *bench) writeBig(name string, size int64) {
 	}
 }
 
-func (b *bench) pool(id string) dbus.BusObject { return b.conn.Object(bus.Name, bus.PoolPath(id)) }
+func (b *bench) pool(id string) dbus.BusObject { return b.conn.Object(bus.Name, api.PoolPath(id)) }
 
 func (b *bench) get(id, name string) any {
 	v, err := b.pool(id).GetProperty(bus.PoolIface + "." + name)
@@ -280,7 +281,7 @@ func (b *bench) crashRound(r int, figs *Figures) {
 	w := watch(b.conn, dbus.WithMatchPathNamespace(bus.ManagerPath))
 	since := time.Now()
 	var ours []time.Duration
-	path := bus.PoolPath(benchPool)
+	path := api.PoolPath(benchPool)
 	for range crashSamples {
 		b.waitReady(benchPool)
 		pid := int(b.get(benchPool, "MainPID").(uint32))
@@ -328,7 +329,7 @@ func (b *bench) crashRound(r int, figs *Figures) {
 			if err != nil {
 				must(fmt.Errorf("systemd-run: %v: %s", err, out))
 			}
-			upath := dbus.ObjectPath("/org/freedesktop/systemd1/unit/" + bus.PathEncode(name))
+			upath := dbus.ObjectPath("/org/freedesktop/systemd1/unit/" + api.PathEncode(name))
 			var v dbus.Variant
 			must(b.conn.Object("org.freedesktop.systemd1", upath).Call("org.freedesktop.DBus.Properties.Get", 0,
 				"org.freedesktop.systemd1.Service", "MainPID").Store(&v))

@@ -12,6 +12,7 @@ import (
 
 	"github.com/godbus/dbus/v5"
 
+	api "github.com/llorch/pool-managerd/dbus"
 	"github.com/llorch/pool-managerd/internal/bus"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/storm"
@@ -56,7 +57,7 @@ type reloadTrace struct {
 }
 
 func (b *bench) reload(w *watcher, pool, ref string) reloadTrace {
-	path := bus.PoolPath(pool)
+	path := api.PoolPath(pool)
 	b.waitReady(pool)
 	w.drain()
 	var t reloadTrace
@@ -212,7 +213,7 @@ func (b *bench) readyRound(r int, figs *Figures) {
 	}
 	w := watch(b.conn, dbus.WithMatchPathNamespace(bus.ManagerPath))
 	defer w.close()
-	path := bus.PoolPath(dfltPool)
+	path := api.PoolPath(dfltPool)
 	var c2r, ref []time.Duration
 	var over, detect, launch, healthy, backoffs, alones []float64
 	for range n {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/godbus/dbus/v5"
 
+	api "github.com/llorch/pool-managerd/dbus"
 	"github.com/llorch/pool-managerd/internal/bus"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
@@ -167,7 +168,7 @@ func (b *bench) storm(r int, figs *Figures) {
 		v, err := b.pool(scalePool(i)).GetProperty(bus.PoolIface + ".MainPID")
 		must(err)
 		pids[i] = int(v.Value().(uint32))
-		index[bus.PoolPath(scalePool(i))] = i
+		index[api.PoolPath(scalePool(i))] = i
 	}
 	w := watch(b.conn, dbus.WithMatchPathNamespace(bus.ManagerPath))
 	defer w.close()
@@ -191,7 +192,7 @@ func (b *bench) storm(r int, figs *Figures) {
 			t := time.Now()
 			var err error
 			if i%2 == 0 {
-				_, err = reader.Object(bus.Name, bus.PoolPath(scalePool(i/2%scalePools))).GetProperty(bus.PoolIface + ".State")
+				_, err = reader.Object(bus.Name, api.PoolPath(scalePool(i/2%scalePools))).GetProperty(bus.PoolIface + ".State")
 			} else {
 				_, err = systemd.GetProperty("org.freedesktop.systemd1.Manager.NNames")
 			}

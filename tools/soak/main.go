@@ -30,6 +30,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
+	api "github.com/llorch/pool-managerd/dbus"
 	"github.com/llorch/pool-managerd/internal/bus"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
@@ -242,7 +243,7 @@ MemoryMax=64M
 	conn, err := dbus.ConnectSystemBus()
 	must(err)
 	mgr := conn.Object(bus.Name, bus.ManagerPath)
-	obj := func(i int) dbus.BusObject { return conn.Object(bus.Name, bus.PoolPath(fmt.Sprintf("s%d", i))) }
+	obj := func(i int) dbus.BusObject { return conn.Object(bus.Name, api.PoolPath(fmt.Sprintf("s%d", i))) }
 	prop := func(i int, name string) any {
 		v, err := obj(i).GetProperty(bus.PoolIface + "." + name)
 		if err != nil {
