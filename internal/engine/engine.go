@@ -26,6 +26,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/llorch/pool-managerd/internal/config"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/model"
 	"github.com/llorch/pool-managerd/internal/shim"
 	"github.com/llorch/pool-managerd/internal/witness"
@@ -66,25 +67,7 @@ type Event struct {
 	// still be running.
 	Fault string
 	// Exit is set when the engine is gone.
-	Exit *Exit
-}
-
-// Exit is how an engine ended.
-type Exit struct {
-	Status syscall.WaitStatus
-	// OOMKills counts OOM kills in the scope during the run.
-	OOMKills uint64
-	// Lost is set when the shim is no witness any more: it died before
-	// reporting (the scope was killed as a whole), or it sent something
-	// that is not a report (the engine may still be running). The status
-	// is unknown.
-	Lost bool
-	// LostWhy says which: LostVanished, or why a report was refused.
-	LostWhy string
-	// ShimSignal is the signal that killed a vanished shim, where the
-	// daemon reaped it (0: not known).
-	ShimSignal syscall.Signal
-	At         time.Time
+	Exit *lifecycle.Exit
 }
 
 // LostVanished is Exit.LostWhy when the shim's stream ended with no exit.
@@ -741,14 +724,14 @@ func (e *Engine) forward(rd *shim.Reader, c io.Closer) {
 	defer close(e.events)
 	defer c.Close()
 	lost := func(why string) {
-		e.events <- Event{Exit: &Exit{Lost: true, LostWhy: why, At: time.Now()}}
+		e.events <- Event{Exit: &lifecycle.Exit{Lost: true, LostWhy: why, At: time.Now()}}
 	}
 	for {
 		m, err := rd.Next()
 		var bad *shim.ReportError
 		switch {
 		case err == io.EOF:
-			x := &Exit{Lost: true, LostWhy: LostVanished, At: time.Now()}
+			x := &lifecycle.Exit{Lost: true, LostWhy: LostVanished, At: time.Now()}
 			// The shim died without a word: killed with its scope
 			// (systemctl kill) or alone. Its own end names the signal.
 			if e.shimEnded != nil {
@@ -771,7 +754,7 @@ func (e *Engine) forward(rd *shim.Reader, c io.Closer) {
 		case shim.EventExit:
 			// Not waiting for the shim to be reaped: its own exit may
 			// take a while (a race-detector build sleeps a second).
-			e.events <- Event{Exit: &Exit{Status: syscall.WaitStatus(m.Status), OOMKills: m.OOMKills, At: time.Now()}}
+			e.events <- Event{Exit: &lifecycle.Exit{Status: syscall.WaitStatus(m.Status), OOMKills: m.OOMKills, At: time.Now()}}
 			return
 		case shim.EventError:
 			lost("the shim failed: " + m.Error)

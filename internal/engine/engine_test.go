@@ -21,6 +21,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/engine"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/shim"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 )
@@ -89,7 +90,7 @@ func TestEngineStartsInsideItsScope(t *testing.T) {
 	assert.Zero(t, ph.Leftover, "no earlier scope of the name")
 	assert.WithinRange(t, e.Started, t0, time.Now())
 	assert.NotEmpty(t, e.Invocation, "read alongside the engine's exec")
-	var exit *engine.Exit
+	var exit *lifecycle.Exit
 	for ev := range e.Events() {
 		if ev.Exit != nil {
 			exit = ev.Exit

@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/shim"
 )
 
@@ -29,7 +30,7 @@ func TestBadReportsMakeTheShimLost(t *testing.T) {
 	for _, c := range cases {
 		e := &Engine{events: make(chan Event, 4)}
 		go e.forward(shim.NewReader(strings.NewReader(c.stream)), io.NopCloser(nil))
-		var exit *Exit
+		var exit *lifecycle.Exit
 		deadline := time.After(5 * time.Second)
 	read:
 		for {

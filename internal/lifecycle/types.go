@@ -121,15 +121,22 @@ const (
 	numTimers
 )
 
-// Exit is how an engine process ended, as its shim reported it.
+// Exit is how an engine process ended, as its shim reported it (the
+// engine package reads it off the shim).
 type Exit struct {
-	Status   syscall.WaitStatus
+	Status syscall.WaitStatus
+	// OOMKills counts OOM kills in the scope during the run.
 	OOMKills uint64
-	// Lost: the shim is no witness any more (it died before reporting, or
-	// sent something that is not a report); Status is unknown.
-	Lost    bool
+	// Lost is set when the shim is no witness any more: it died before
+	// reporting (the scope was killed as a whole), or it sent something
+	// that is not a report (the engine may still be running). The status
+	// is unknown.
+	Lost bool
+	// LostWhy says which (engine.LostVanished, Vanished, or why a report
+	// was refused).
 	LostWhy string
-	// ShimSignal is what killed a vanished shim, where it is known.
+	// ShimSignal is the signal that killed a vanished shim, where the
+	// daemon reaped it (0: not known).
 	ShimSignal syscall.Signal
 	At         time.Time
 }

@@ -828,9 +828,7 @@ func (s *Supervisor) engineEvent(r *run, ev engine.Event) {
 	if x == nil {
 		return
 	}
-	s.step(lifecycle.Exited{Run: r.id, Exit: lifecycle.Exit{
-		Status: x.Status, OOMKills: x.OOMKills, Lost: x.Lost, LostWhy: x.LostWhy, ShimSignal: x.ShimSignal, At: x.At,
-	}})
+	s.step(lifecycle.Exited{Run: r.id, Exit: *x})
 	if s.runs[r.id] == r {
 		delete(s.runs, r.id)
 		r.cancel()
