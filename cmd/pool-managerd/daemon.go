@@ -373,8 +373,8 @@ func (d *daemonState) status() string {
 	for _, s := range sups {
 		count[s.Snapshot().State]++
 	}
-	out := fmt.Sprintf("%d/%d pools ready", count[supervisor.Ready], len(sups))
-	for _, st := range []lifecycle.State{supervisor.Starting, supervisor.Warming, supervisor.Backoff, supervisor.Failed, supervisor.Draining, supervisor.Stopped} {
+	out := fmt.Sprintf("%d/%d pools ready", count[lifecycle.Ready], len(sups))
+	for _, st := range []lifecycle.State{lifecycle.Starting, lifecycle.Warming, lifecycle.Backoff, lifecycle.Failed, lifecycle.Draining, lifecycle.Stopped} {
 		if n := count[st]; n > 0 {
 			out += fmt.Sprintf(", %d %s", n, st)
 		}
@@ -392,7 +392,7 @@ var settleQuiet = 2 * time.Second
 func (d *daemonState) settled() bool {
 	for _, s := range d.mgr.Pools() {
 		switch s.Snapshot().State {
-		case supervisor.Ready, supervisor.Stopped, supervisor.Failed:
+		case lifecycle.Ready, lifecycle.Stopped, lifecycle.Failed:
 		default:
 			return false
 		}

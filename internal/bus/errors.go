@@ -6,9 +6,9 @@ import (
 	"github.com/godbus/dbus/v5"
 
 	api "github.com/llorch/pool-managerd/dbus"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/manager"
 	"github.com/llorch/pool-managerd/internal/safetext"
-	"github.com/llorch/pool-managerd/internal/supervisor"
 )
 
 // errorNames maps the core's refusals to the D-Bus error names scripts
@@ -18,18 +18,18 @@ var errorNames = []struct {
 	name string
 }{
 	{manager.ErrNoSuchPool, api.ErrNoSuchPool},
-	{supervisor.ErrInvalidArgument, api.ErrInvalidArgument},
-	{supervisor.ErrNotReady, api.ErrNotReady},
-	{supervisor.ErrDraining, api.ErrDraining},
-	{supervisor.ErrBusy, api.ErrBusy},
-	{supervisor.ErrNoCapacity, api.ErrNoCapacity},
-	{supervisor.ErrNoSuchLease, api.ErrNoSuchLease},
-	{supervisor.ErrNotOwner, api.ErrNoSuchLease},
-	{supervisor.ErrDrainTimeout, api.ErrDrainTimeout},
-	{supervisor.ErrReloadFailed, api.ErrReloadFailed},
-	{supervisor.ErrBreakerOpen, api.ErrBreakerOpen},
-	{supervisor.ErrGPUUnhealthy, api.ErrGPUUnhealthy},
-	{supervisor.ErrNoRestartPending, api.ErrNoRestartPending},
+	{lifecycle.ErrInvalidArgument, api.ErrInvalidArgument},
+	{lifecycle.ErrNotReady, api.ErrNotReady},
+	{lifecycle.ErrDraining, api.ErrDraining},
+	{lifecycle.ErrBusy, api.ErrBusy},
+	{lifecycle.ErrNoCapacity, api.ErrNoCapacity},
+	{lifecycle.ErrNoSuchLease, api.ErrNoSuchLease},
+	{lifecycle.ErrNotOwner, api.ErrNoSuchLease},
+	{lifecycle.ErrDrainTimeout, api.ErrDrainTimeout},
+	{lifecycle.ErrReloadFailed, api.ErrReloadFailed},
+	{lifecycle.ErrBreakerOpen, api.ErrBreakerOpen},
+	{lifecycle.ErrGPUUnhealthy, api.ErrGPUUnhealthy},
+	{lifecycle.ErrNoRestartPending, api.ErrNoRestartPending},
 }
 
 // toDBus turns an error of the core into a D-Bus error with the message a

@@ -23,6 +23,7 @@ import (
 
 	shipped "github.com/llorch/pool-managerd/dbus"
 	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/manager"
 	"github.com/llorch/pool-managerd/internal/safetext"
 	"github.com/llorch/pool-managerd/internal/supervisor"
@@ -539,7 +540,7 @@ func (m *managerObject) AcquireLease(sender dbus.Sender, pool string) (string, *
 	gone := s.left.end(owner)
 	s.mu.Unlock()
 	if gone && err == nil {
-		if err := s.mgr.ReleaseLeaseAs(id, owner); err != nil && !errors.Is(err, supervisor.ErrNoSuchLease) {
+		if err := s.mgr.ReleaseLeaseAs(id, owner); err != nil && !errors.Is(err, lifecycle.ErrNoSuchLease) {
 			s.log.Error("cannot undo the lease of a caller that left the bus", journal.Lease, id, journal.Sender, owner, journal.Error, err.Error())
 		}
 		return "", errCallerGone(owner)

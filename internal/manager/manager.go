@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 )
 
@@ -95,12 +96,12 @@ func (m *Manager) AcquireLease(pool, owner string) (string, error) {
 }
 
 // ReleaseLease gives a lease back; a lease id naming no pool is
-// supervisor.ErrNoSuchLease like any unknown lease.
+// lifecycle.ErrNoSuchLease like any unknown lease.
 func (m *Manager) ReleaseLease(id string) error {
 	pool, ok := supervisor.LeasePool(id)
 	p, err := m.Pool(pool)
 	if !ok || err != nil {
-		return fmt.Errorf("lease %q: %w", id, supervisor.ErrNoSuchLease)
+		return fmt.Errorf("lease %q: %w", id, lifecycle.ErrNoSuchLease)
 	}
 	return p.ReleaseLease(id)
 }
@@ -110,7 +111,7 @@ func (m *Manager) ReleaseLeaseAs(id, owner string) error {
 	pool, ok := supervisor.LeasePool(id)
 	p, err := m.Pool(pool)
 	if !ok || err != nil {
-		return fmt.Errorf("lease %q: %w", id, supervisor.ErrNoSuchLease)
+		return fmt.Errorf("lease %q: %w", id, lifecycle.ErrNoSuchLease)
 	}
 	return p.ReleaseLeaseAs(id, owner)
 }
@@ -125,10 +126,10 @@ func (m *Manager) ReleaseOwner(owner string) int {
 }
 
 // Drain drains a pool (see supervisor.Drain).
-func (m *Manager) Drain(ctx context.Context, pool string, deadline time.Duration) (supervisor.DrainResult, error) {
+func (m *Manager) Drain(ctx context.Context, pool string, deadline time.Duration) (lifecycle.DrainResult, error) {
 	p, err := m.Pool(pool)
 	if err != nil {
-		return supervisor.DrainResult{}, err
+		return lifecycle.DrainResult{}, err
 	}
 	return p.Drain(ctx, deadline)
 }

@@ -9,9 +9,9 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/manager"
 	"github.com/llorch/pool-managerd/internal/shim"
-	"github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
@@ -39,8 +39,8 @@ func TestRoutesByPoolAndLease(t *testing.T) {
 	assert.ErrorIs(t, m.Start("nope"), manager.ErrNoSuchPool)
 	_, err = m.Reload(context.Background(), "nope", "/m.gguf", time.Second)
 	assert.ErrorIs(t, err, manager.ErrNoSuchPool)
-	assert.ErrorIs(t, m.ReleaseLease("not-a-lease"), supervisor.ErrNoSuchLease)
-	assert.ErrorIs(t, m.ReleaseLease("nope/0123"), supervisor.ErrNoSuchLease)
+	assert.ErrorIs(t, m.ReleaseLease("not-a-lease"), lifecycle.ErrNoSuchLease)
+	assert.ErrorIs(t, m.ReleaseLease("nope/0123"), lifecycle.ErrNoSuchLease)
 
 	la, err := m.AcquireLease("a", "conn-1")
 	require.NoError(t, err)
@@ -49,11 +49,11 @@ func TestRoutesByPoolAndLease(t *testing.T) {
 	_, err = m.AcquireLease("b", "conn-2")
 	require.NoError(t, err)
 	require.NoError(t, m.ReleaseLease(la))
-	assert.ErrorIs(t, m.ReleaseLease(la), supervisor.ErrNoSuchLease)
+	assert.ErrorIs(t, m.ReleaseLease(la), lifecycle.ErrNoSuchLease)
 	assert.Equal(t, 1, m.ReleaseOwner("conn-1"), "one lease of conn-1 was left, on b")
 	assert.Equal(t, uint32(1), b.Snapshot().ActiveLeases)
 
 	res, err := m.Drain(context.Background(), "a", time.Second)
 	require.NoError(t, err)
-	assert.Equal(t, supervisor.Drained, res.Outcome)
+	assert.Equal(t, lifecycle.Drained, res.Outcome)
 }

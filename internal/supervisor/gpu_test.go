@@ -28,7 +28,7 @@ func TestAForeignProcessOnThePoolsGPUHoldsTheStart(t *testing.T) {
 	pid := strconv.Itoa(holder.Process.Pid)
 	assert.Contains(t, err.Error(), "pid "+pid)
 	s := p.Snapshot()
-	assert.Equal(t, Failed, s.State)
+	assert.Equal(t, lifecycle.Failed, s.State)
 	assert.Contains(t, s.LastError, "pid "+pid+" (supervisor.test")
 	assert.Zero(t, s.CrashCount, "another process on the GPU is no crash of ours")
 	assert.False(t, s.Live)

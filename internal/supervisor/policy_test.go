@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	. "github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
@@ -67,6 +68,6 @@ func TestRestartRateFallsAfterTheStormWindow(t *testing.T) {
 	after := s.Snapshot()
 	assert.Equal(t, before.Starts, after.Starts, "no restart happened meanwhile")
 	assert.Equal(t, before.CrashCount, after.CrashCount, "no crash happened meanwhile")
-	assert.Equal(t, Ready, after.State)
+	assert.Equal(t, lifecycle.Ready, after.State)
 	assert.Equal(t, uint64(2), after.RestartCount, "the restart count is history: it stays")
 }

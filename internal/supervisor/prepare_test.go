@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	. "github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
@@ -27,11 +28,11 @@ func preparedDuringBackoff(t *testing.T, s *testpool.Pool) (string, Snapshot) {
 	first := waitFor(t, s, "ready", ready(1))
 	oldInv := scopeProp(first.Unit, "InvocationID")
 	require.NoError(t, s.Fault("exit:1"))
-	waitFor(t, s, "backoff", func(p Snapshot) bool { return p.State == Backoff })
+	waitFor(t, s, "backoff", func(p Snapshot) bool { return p.State == lifecycle.Backoff })
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		snap := s.Snapshot()
-		require.Equal(t, Backoff, snap.State, "the scope is made during the backoff")
+		require.Equal(t, lifecycle.Backoff, snap.State, "the scope is made during the backoff")
 		inv := scopeProp(first.Unit, "InvocationID")
 		if scopeProp(first.Unit, "ActiveState") == "active" && inv != "" && inv != oldInv {
 			assert.Zero(t, snap.MainPID, "no engine runs in it yet")
@@ -64,7 +65,7 @@ func TestSystemctlStopOfAPreparedScopeStopsThePool(t *testing.T) {
 	_, during := preparedDuringBackoff(t, s)
 	out, err := exec.Command("systemctl", "stop", during.Unit).CombinedOutput()
 	require.NoError(t, err, "%s", out)
-	stopped := waitFor(t, s, "stopped", func(p Snapshot) bool { return p.State == Stopped })
+	stopped := waitFor(t, s, "stopped", func(p Snapshot) bool { return p.State == lifecycle.Stopped })
 	assert.Contains(t, stopped.LastError, "stopped by an operator")
 	assert.Equal(t, uint64(1), stopped.CrashCount, "the crash before it, and nothing more")
 	ctx, cancel := context.WithDeadline(e.Ctx, during.NextRestart.Add(500*time.Millisecond))
@@ -91,7 +92,7 @@ func TestAPreparedScopeKilledOrDrained(t *testing.T) {
 	_, during = preparedDuringBackoff(t, drained)
 	res, err := drained.Drain(e.Ctx, time.Minute)
 	require.NoError(t, err)
-	assert.Equal(t, Drained, res.Outcome)
+	assert.Equal(t, lifecycle.Drained, res.Outcome)
 	require.Eventually(t, func() bool { return scopeProp(during.Unit, "ActiveState") != "active" }, 10*time.Second, 20*time.Millisecond,
 		"the prepared scope is given up")
 	ctx, cancel := context.WithDeadline(e.Ctx, during.NextRestart.Add(500*time.Millisecond))

@@ -9,7 +9,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	. "github.com/llorch/pool-managerd/internal/supervisor"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
 
@@ -66,7 +66,7 @@ func TestSourceRewrittenUnderAPinnedDigestFailsTheStart(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "digest mismatch: want "+digest+", the file has "+sha(v2))
 	snap := s.Snapshot()
-	assert.Equal(t, Failed, snap.State)
+	assert.Equal(t, lifecycle.Failed, snap.State)
 	assert.Contains(t, snap.LastError, "digest mismatch")
 	assert.Equal(t, 1, snap.Starts, "no engine started on other content")
 }

@@ -38,42 +38,6 @@ import (
 	"github.com/llorch/pool-managerd/internal/witness"
 )
 
-// Pool states (the lifecycle's).
-const (
-	Stopped  = lifecycle.Stopped
-	Starting = lifecycle.Starting
-	Warming  = lifecycle.Warming
-	Ready    = lifecycle.Ready
-	Backoff  = lifecycle.Backoff
-	Failed   = lifecycle.Failed
-	Draining = lifecycle.Draining
-)
-
-// Drain outcomes.
-const (
-	Drained = lifecycle.Drained
-	Forced  = lifecycle.Forced
-)
-
-// DrainResult is how a drain ended.
-type DrainResult = lifecycle.DrainResult
-
-// Refusals a caller can match with errors.Is.
-var (
-	ErrNotReady         = lifecycle.ErrNotReady
-	ErrDraining         = lifecycle.ErrDraining
-	ErrNoCapacity       = lifecycle.ErrNoCapacity
-	ErrNoSuchLease      = lifecycle.ErrNoSuchLease
-	ErrBusy             = lifecycle.ErrBusy
-	ErrNotOwner         = lifecycle.ErrNotOwner
-	ErrBreakerOpen      = lifecycle.ErrBreakerOpen
-	ErrInvalidArgument  = lifecycle.ErrInvalidArgument
-	ErrDrainTimeout     = lifecycle.ErrDrainTimeout
-	ErrReloadFailed     = lifecycle.ErrReloadFailed
-	ErrGPUUnhealthy     = lifecycle.ErrGPUUnhealthy
-	ErrNoRestartPending = lifecycle.ErrNoRestartPending
-)
-
 // Config is what a supervisor needs to know about its pool.
 type Config struct {
 	Pool string
@@ -576,7 +540,7 @@ func (s *Supervisor) Stop(ctx context.Context) error {
 // last lease is released or the deadline passes (then revokes them), stops
 // the engine and returns the outcome. A drain of a stopped pool is drained
 // at once; concurrent drains share one outcome. ctx only bounds the wait.
-func (s *Supervisor) Drain(ctx context.Context, deadline time.Duration) (DrainResult, error) {
+func (s *Supervisor) Drain(ctx context.Context, deadline time.Duration) (lifecycle.DrainResult, error) {
 	ch := s.request(func(id lifecycle.ReqID) lifecycle.Event {
 		return lifecycle.DrainRequested{Req: id, Deadline: deadline}
 	})
@@ -584,7 +548,7 @@ func (s *Supervisor) Drain(ctx context.Context, deadline time.Duration) (DrainRe
 	case rep := <-ch:
 		return rep.Drain, rep.Err
 	case <-ctx.Done():
-		return DrainResult{}, ctx.Err()
+		return lifecycle.DrainResult{}, ctx.Err()
 	}
 }
 
@@ -1038,9 +1002,9 @@ func (s *Supervisor) Reload(ctx context.Context, ref string, drainDeadline time.
 	refFail := func(err error) (string, error) {
 		var re *model.RefError
 		if errors.As(err, &re) {
-			return fail("invalid_model", fmt.Errorf("%w: %v", ErrInvalidArgument, err))
+			return fail("invalid_model", fmt.Errorf("%w: %v", lifecycle.ErrInvalidArgument, err))
 		}
-		return fail("stage", fmt.Errorf("%w: %v (nothing changed)", ErrReloadFailed, err))
+		return fail("stage", fmt.Errorf("%w: %v (nothing changed)", lifecycle.ErrReloadFailed, err))
 	}
 	src, err := s.cfg.Stager.Resolve(ref)
 	if err != nil {

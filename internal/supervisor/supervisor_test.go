@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/pool-managerd/internal/crash"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/shim"
 	. "github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
@@ -137,7 +138,7 @@ func TestExitZeroIsNotRestarted(t *testing.T) {
 	s := e.Pool("clean", "0", "", "")
 	waitFor(t, s, "ready", ready(1))
 	require.NoError(t, s.Fault("exit:0"))
-	snap := waitFor(t, s, "stopped", func(s Snapshot) bool { return s.State == Stopped })
+	snap := waitFor(t, s, "stopped", func(s Snapshot) bool { return s.State == lifecycle.Stopped })
 	assert.Zero(t, snap.CrashCount)
 	assert.False(t, snap.Live)
 	assert.Equal(t, 1, snap.Starts)
@@ -154,7 +155,7 @@ func TestStopEscalatesAndLeavesNothing(t *testing.T) {
 	start := time.Now()
 	require.NoError(t, s.Stop(e.Ctx))
 	assert.GreaterOrEqual(t, time.Since(start), 2*time.Second, "SIGTERM was ignored: SIGKILL came after StopTimeoutSec")
-	assert.Equal(t, Stopped, s.Snapshot().State)
+	assert.Equal(t, lifecycle.Stopped, s.Snapshot().State)
 	assert.Zero(t, s.Snapshot().CrashCount, "a requested stop is not a crash")
 	out, _ := exec.Command("systemctl", "is-active", snap.Unit).CombinedOutput()
 	assert.NotEqual(t, "active", strings.TrimSpace(string(out)))
@@ -165,7 +166,7 @@ func TestStopEscalatesAndLeavesNothing(t *testing.T) {
 func TestBreakerOpensAndPoolFails(t *testing.T) {
 	e := testpool.New(t, nil)
 	s := e.Pool("loop", "0", "--fault exit:1 --fault-after 300ms", "BreakerThreshold=3\n")
-	snap := waitFor(t, s, "failed", func(s Snapshot) bool { return s.State == Failed })
+	snap := waitFor(t, s, "failed", func(s Snapshot) bool { return s.State == lifecycle.Failed })
 	assert.Equal(t, uint64(3), snap.CrashCount)
 	assert.Equal(t, "open", snap.BreakerState)
 	assert.Equal(t, 3, snap.Starts)
@@ -216,14 +217,14 @@ func TestLeasesUnderConcurrency(t *testing.T) {
 			for range 50 {
 				id, err := s.AcquireLease(owner)
 				if err != nil {
-					require.ErrorIs(t, err, ErrNoCapacity)
+					require.ErrorIs(t, err, lifecycle.ErrNoCapacity)
 					refused.Add(1)
 					continue
 				}
 				granted.Add(1)
 				assert.LessOrEqual(t, s.Snapshot().ActiveLeases, uint32(8), "never more than Slots=")
 				require.NoError(t, s.ReleaseLease(id))
-				assert.ErrorIs(t, s.ReleaseLease(id), ErrNoSuchLease, "a second release changes nothing")
+				assert.ErrorIs(t, s.ReleaseLease(id), lifecycle.ErrNoSuchLease, "a second release changes nothing")
 			}
 		}()
 	}
@@ -250,14 +251,14 @@ func TestLeaseRefusals(t *testing.T) {
 	e := testpool.New(t, nil)
 	s := e.Pool("refusals", "0", "--load-time 2s", "")
 	_, err := s.AcquireLease("r")
-	assert.ErrorIs(t, err, ErrNotReady, "not ready while the model loads")
+	assert.ErrorIs(t, err, lifecycle.ErrNotReady, "not ready while the model loads")
 	waitFor(t, s, "ready", ready(1))
 	_, err = s.AcquireLease("r")
 	require.NoError(t, err)
 	go s.Drain(e.Ctx, time.Minute)
 	waitFor(t, s, "draining", func(p Snapshot) bool { return p.Draining })
 	_, err = s.AcquireLease("r")
-	assert.ErrorIs(t, err, ErrDraining)
+	assert.ErrorIs(t, err, lifecycle.ErrDraining)
 }
 
 func TestCountersSurviveARestartOfTheDaemon(t *testing.T) {
@@ -267,7 +268,7 @@ func TestCountersSurviveARestartOfTheDaemon(t *testing.T) {
 	require.NoError(t, s.Fault("exit:1"))
 	waitFor(t, s, "ready again", ready(2))
 	require.NoError(t, s.Fault("exit:1"))
-	failed := waitFor(t, s, "failed", func(p Snapshot) bool { return p.State == Failed })
+	failed := waitFor(t, s, "failed", func(p Snapshot) bool { return p.State == lifecycle.Failed })
 	assert.Equal(t, "open", failed.BreakerState)
 
 	// A new supervisor of the same pool, as after a daemon restart.
@@ -276,8 +277,8 @@ func TestCountersSurviveARestartOfTheDaemon(t *testing.T) {
 	assert.Equal(t, uint64(2), snap.CrashCount)
 	assert.Equal(t, uint64(1), snap.RestartCount)
 	assert.Equal(t, "open", snap.BreakerState)
-	assert.ErrorIs(t, again.Start(), ErrBreakerOpen, "a daemon restart is no way around the breaker")
-	assert.Equal(t, Failed, again.Snapshot().State)
+	assert.ErrorIs(t, again.Start(), lifecycle.ErrBreakerOpen, "a daemon restart is no way around the breaker")
+	assert.Equal(t, lifecycle.Failed, again.Snapshot().State)
 }
 
 func TestDrainCancelsScheduledRestart(t *testing.T) {
@@ -285,16 +286,16 @@ func TestDrainCancelsScheduledRestart(t *testing.T) {
 	s := e.Pool("cancel", "0", "", "BackoffInitialSec=1\nBackoffMinSec=1\n")
 	waitFor(t, s, "ready", ready(1))
 	require.NoError(t, s.Fault("exit:1"))
-	crashed := waitFor(t, s, "backoff", func(p Snapshot) bool { return p.State == Backoff })
+	crashed := waitFor(t, s, "backoff", func(p Snapshot) bool { return p.State == lifecycle.Backoff })
 	res, err := s.Drain(e.Ctx, time.Minute)
 	require.NoError(t, err)
-	assert.Equal(t, Drained, res.Outcome)
+	assert.Equal(t, lifecycle.Drained, res.Outcome)
 	// Past the moment the restart was due, nothing was started.
 	ctx, cancel := context.WithDeadline(e.Ctx, crashed.NextRestart.Add(500*time.Millisecond))
 	defer cancel()
 	_, err = s.Supervisor.Wait(ctx, func(p Snapshot) bool { return p.Starts > 1 })
 	assert.ErrorIs(t, err, context.DeadlineExceeded, "no restart sneaks in after a drain")
-	assert.Equal(t, Stopped, s.Snapshot().State)
+	assert.Equal(t, lifecycle.Stopped, s.Snapshot().State)
 }
 
 func TestReloadIsBusyWhileReloading(t *testing.T) {
@@ -311,12 +312,12 @@ func TestReloadIsBusyWhileReloading(t *testing.T) {
 	}()
 	waitFor(t, s, "draining", func(p Snapshot) bool { return p.Draining })
 	_, err = s.Reload(e.Ctx, other, time.Minute)
-	assert.ErrorIs(t, err, ErrBusy)
+	assert.ErrorIs(t, err, lifecycle.ErrBusy)
 	_, err = s.Drain(e.Ctx, time.Minute)
-	assert.ErrorIs(t, err, ErrBusy)
+	assert.ErrorIs(t, err, lifecycle.ErrBusy)
 	require.NoError(t, s.ReleaseLease(lease))
 	require.NoError(t, <-done)
 	_, err = s.Reload(e.Ctx, "../escape.gguf", time.Minute)
-	assert.ErrorIs(t, err, ErrInvalidArgument)
+	assert.ErrorIs(t, err, lifecycle.ErrInvalidArgument)
 	assert.Equal(t, "other.gguf", filepath.Base(s.Snapshot().Model), "a bad ref changes nothing")
 }

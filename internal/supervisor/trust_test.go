@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	. "github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
@@ -27,7 +28,7 @@ func failedByBreaker(t *testing.T, e *testpool.Env, id string) *testpool.Pool {
 	s := e.Pool(id, "0", "", "BreakerThreshold=1\n")
 	waitFor(t, s, "ready", ready(1))
 	require.NoError(t, s.Fault("exit:1"))
-	failed := waitFor(t, s, "failed", func(p Snapshot) bool { return p.State == Failed })
+	failed := waitFor(t, s, "failed", func(p Snapshot) bool { return p.State == lifecycle.Failed })
 	require.Equal(t, "open", failed.BreakerState)
 	return s
 }
@@ -36,8 +37,8 @@ func TestStopThenStartDoesNotBypassTheBreaker(t *testing.T) {
 	e := testpool.New(t, nil)
 	s := failedByBreaker(t, e, "bypass")
 	require.NoError(t, s.Stop(e.Ctx))
-	require.Equal(t, Stopped, s.Snapshot().State)
-	assert.ErrorIs(t, s.Start(), ErrBreakerOpen)
+	require.Equal(t, lifecycle.Stopped, s.Snapshot().State)
+	assert.ErrorIs(t, s.Start(), lifecycle.ErrBreakerOpen)
 	snap := s.Snapshot()
 	assert.Equal(t, 1, snap.Starts, "no engine was started")
 	assert.Equal(t, "open", snap.BreakerState)
@@ -54,10 +55,10 @@ func TestReloadDoesNotBypassTheBreaker(t *testing.T) {
 	s := failedByBreaker(t, e, "rbypass")
 	other := e.WriteModel("other.gguf", "GGUF\x03\x00\x00\x00 other")
 	_, err := s.Reload(e.Ctx, other, time.Second)
-	assert.ErrorIs(t, err, ErrBreakerOpen)
+	assert.ErrorIs(t, err, lifecycle.ErrBreakerOpen)
 	require.NoError(t, s.Stop(e.Ctx))
 	_, err = s.Reload(e.Ctx, other, time.Second)
-	assert.ErrorIs(t, err, ErrBreakerOpen)
+	assert.ErrorIs(t, err, lifecycle.ErrBreakerOpen)
 	snap := s.Snapshot()
 	assert.Equal(t, 1, snap.Starts)
 	assert.NotEqual(t, other, snap.Model, "a refused reload changes nothing")
@@ -76,14 +77,14 @@ func TestCorruptStateFileHoldsThePoolUntilResetBreaker(t *testing.T) {
 			require.NoError(t, os.WriteFile(filepath.Join(dir, id+".json"), []byte(text), 0o600))
 			s := e.Start(testpool.Spec{ID: id, Devices: "0", NoStart: true})
 			snap := s.Snapshot()
-			assert.Equal(t, Failed, snap.State, "an unreadable state fails closed")
+			assert.Equal(t, lifecycle.Failed, snap.State, "an unreadable state fails closed")
 			aside, _ := filepath.Glob(filepath.Join(dir, id+".json.corrupt-*"))
 			if id == "truncated" {
 				require.Len(t, aside, 1)
 				assert.Contains(t, snap.LastError, aside[0], "it says where the bad file went")
 			}
 			assert.Contains(t, snap.LastError, "ResetBreaker")
-			assert.ErrorIs(t, s.Start(), ErrBreakerOpen)
+			assert.ErrorIs(t, s.Start(), lifecycle.ErrBreakerOpen)
 			assert.Zero(t, s.Snapshot().Starts)
 
 			s.ResetBreaker()
@@ -166,7 +167,7 @@ func TestHashingABigModelBlocksNothing(t *testing.T) {
 	slow := e.Start(testpool.Spec{ID: "big", Devices: "0", Model: big, NoStart: true})
 	started := make(chan error, 1)
 	go func() { started <- slow.Start() }()
-	waitFor(t, slow, "starting", func(p Snapshot) bool { return p.State == Starting })
+	waitFor(t, slow, "starting", func(p Snapshot) bool { return p.State == lifecycle.Starting })
 
 	ping, cancel := context.WithTimeout(e.Ctx, time.Second)
 	defer cancel()
@@ -174,20 +175,20 @@ func TestHashingABigModelBlocksNothing(t *testing.T) {
 	other := e.Pool("small", "1", "", "")
 	waitFor(t, other, "the other pool ready", ready(1))
 	snap := slow.Snapshot()
-	require.Equal(t, Starting, snap.State, "still hashing: the figures below mean something")
+	require.Equal(t, lifecycle.Starting, snap.State, "still hashing: the figures below mean something")
 	require.False(t, snap.Live)
 
 	res, err := slow.Drain(e.Ctx, time.Second)
 	require.NoError(t, err)
-	assert.Equal(t, Drained, res.Outcome)
+	assert.Equal(t, lifecycle.Drained, res.Outcome)
 	select {
 	case err := <-started:
-		assert.ErrorIs(t, err, ErrBusy, "the start was called off")
+		assert.ErrorIs(t, err, lifecycle.ErrBusy, "the start was called off")
 	case <-time.After(10 * time.Second):
 		t.Fatal("Start did not return after the drain")
 	}
 	assert.Zero(t, slow.Snapshot().Starts, "no engine started after the drain")
-	assert.Equal(t, Stopped, slow.Snapshot().State)
+	assert.Equal(t, lifecycle.Stopped, slow.Snapshot().State)
 }
 
 // A shim that stops reporting (killed, or cut off for a report it could
@@ -205,7 +206,7 @@ func TestLostShimStopsTheScopeAndCountsOneCrash(t *testing.T) {
 	require.NoError(t, syscall.Kill(shim, syscall.SIGKILL))
 
 	crashed := waitFor(t, s, "the crash", func(p Snapshot) bool { return p.CrashCount == 1 })
-	assert.Equal(t, Backoff, crashed.State)
+	assert.Equal(t, lifecycle.Backoff, crashed.State)
 	assert.Contains(t, crashed.LastError, "shim")
 	require.Eventually(t, func() bool {
 		return syscall.Kill(first.MainPID, 0) == syscall.ESRCH

@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/pool-managerd/internal/crash"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	. "github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
@@ -25,7 +26,7 @@ func TestOperatorStopOfTheScopeIsHonoured(t *testing.T) {
 	out, err := exec.Command("systemctl", "stop", first.Unit).CombinedOutput()
 	require.NoError(t, err, "%s", out)
 
-	stopped := waitFor(t, s, "stopped", func(p Snapshot) bool { return p.State == Stopped && !p.Live })
+	stopped := waitFor(t, s, "stopped", func(p Snapshot) bool { return p.State == lifecycle.Stopped && !p.Live })
 	assert.Zero(t, stopped.CrashCount, "an operator's stop is no crash")
 	assert.Contains(t, stopped.LastError, "stopped by an operator")
 	ctx, cancel := context.WithTimeout(e.Ctx, 2*time.Second)

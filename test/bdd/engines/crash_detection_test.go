@@ -282,7 +282,7 @@ func crashSteps(sc *godog.ScenarioContext) *world {
 	sc.Step(`^no restart is scheduled$`, func() error {
 		p, _ := w.pool("")
 		s := p.Snapshot()
-		if !s.NextRestart.IsZero() || s.Live || s.State != supervisor.Stopped {
+		if !s.NextRestart.IsZero() || s.Live || s.State != lc.Stopped {
 			return fmt.Errorf("pool %+v", s)
 		}
 		return nil

@@ -39,7 +39,7 @@ func TestLifecycleFeatures(t *testing.T) {
 type drainCall struct {
 	start time.Time
 	done  chan struct{}
-	res   supervisor.DrainResult
+	res   lc.DrainResult
 	err   error
 }
 
@@ -202,7 +202,7 @@ func initLifecycle(sc *godog.ScenarioContext) {
 	})
 	sc.Step(`^a new lease is refused because the pool is draining$`, func() error {
 		_, err := w.pool.AcquireLease("router-2")
-		if !errors.Is(err, supervisor.ErrDraining) {
+		if !errors.Is(err, lc.ErrDraining) {
 			return fmt.Errorf("lease not refused as draining: %v", err)
 		}
 		return nil
@@ -218,7 +218,7 @@ func initLifecycle(sc *godog.ScenarioContext) {
 			return errors.New("the router holds no lease")
 		}
 		err := w.pool.ReleaseLease(w.leases[0])
-		if !errors.Is(err, supervisor.ErrNoSuchLease) {
+		if !errors.Is(err, lc.ErrNoSuchLease) {
 			return fmt.Errorf("release of a revoked lease: %v", err)
 		}
 		if got := w.pool.Snapshot().ActiveLeases; got != 0 {
@@ -236,7 +236,7 @@ func initLifecycle(sc *godog.ScenarioContext) {
 			d.res, d.err = w.pool.Drain(context.Background(), time.Duration(ms)*time.Millisecond)
 		}()
 		// The drain's first effects are immediate; wait for them.
-		_, err := w.pool.Wait("the drain to begin", func(s supervisor.Snapshot) bool { return s.Draining || s.State == supervisor.Stopped })
+		_, err := w.pool.Wait("the drain to begin", func(s supervisor.Snapshot) bool { return s.Draining || s.State == lc.Stopped })
 		return err
 	})
 	sc.Step(`^the pool is draining$`, func() error {
@@ -400,7 +400,7 @@ func initLifecycle(sc *godog.ScenarioContext) {
 			return err
 		}
 		err := w.reload.err
-		if !errors.Is(err, supervisor.ErrReloadFailed) || !strings.Contains(fmt.Sprint(err), "rolled back to model-a.gguf") {
+		if !errors.Is(err, lc.ErrReloadFailed) || !strings.Contains(fmt.Sprint(err), "rolled back to model-a.gguf") {
 			return fmt.Errorf("reload error %v does not say it rolled back", err)
 		}
 		return nil
@@ -409,7 +409,7 @@ func initLifecycle(sc *godog.ScenarioContext) {
 		if err := w.waitReload(); err != nil {
 			return err
 		}
-		if !errors.Is(w.reload.err, supervisor.ErrDrainTimeout) {
+		if !errors.Is(w.reload.err, lc.ErrDrainTimeout) {
 			return fmt.Errorf("reload error %v is not a drain timeout", w.reload.err)
 		}
 		return nil
@@ -502,7 +502,7 @@ func initLifecycle(sc *godog.ScenarioContext) {
 		return err
 	})
 	sc.Step(`^the pool is ready$`, func() error {
-		if s := w.pool.Snapshot(); !s.Ready || s.State != supervisor.Ready {
+		if s := w.pool.Snapshot(); !s.Ready || s.State != lc.Ready {
 			return fmt.Errorf("pool %s, ready=%t", s.State, s.Ready)
 		}
 		return nil

@@ -12,6 +12,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/health"
 	"github.com/llorch/pool-managerd/internal/journal"
+	lc "github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
@@ -109,11 +110,11 @@ func initServing(sc *godog.ScenarioContext) {
 	})
 	sc.Step(`^the pool is "warming" before it is ready$`, func() error {
 		p, _ := w.pool("")
-		s, err := p.Wait("warming", func(s supervisor.Snapshot) bool { return s.State == supervisor.Warming || s.Ready })
+		s, err := p.Wait("warming", func(s supervisor.Snapshot) bool { return s.State == lc.Warming || s.Ready })
 		if err != nil {
 			return err
 		}
-		if s.State != supervisor.Warming {
+		if s.State != lc.Warming {
 			return fmt.Errorf("the pool was %s before it warmed up", s.State)
 		}
 		if s.Ready {
