@@ -75,7 +75,10 @@ func TestShippedInterfaceMatchesHandlers(t *testing.T) {
 	require.NoError(t, xml.Unmarshal([]byte(shipped.Pool), &pn))
 	props := properties(supervisor.Snapshot{})
 	assert.Len(t, props, len(pn.Interfaces[0].Properties))
-	for _, p := range pn.Interfaces[0].Properties {
+	for i, p := range pn.Interfaces[0].Properties {
+		if assert.Less(t, i, len(poolProperties)) {
+			assert.Equal(t, p.Name, poolProperties[i].name, "served in the interface's order")
+		}
 		v, ok := props[p.Name]
 		require.True(t, ok, "property %s not served", p.Name)
 		assert.Equal(t, p.Type, dbus.SignatureOf(v).String(), p.Name)

@@ -23,12 +23,8 @@ import (
 func TestEveryStringPropertyIsSafe(t *testing.T) {
 	bad := "\xff\x00\x1b[2J" + strings.Repeat("é", 2000)
 	var snap supervisor.Snapshot
-	v := reflect.ValueOf(&snap).Elem()
-	for i := range v.NumField() {
-		if f := v.Field(i); f.Kind() == reflect.String && f.CanSet() {
-			f.SetString(bad)
-		}
-	}
+	setStrings(reflect.ValueOf(&snap).Elem(), bad)
+	require.Equal(t, bad, snap.LastError, "the View's strings too")
 	props := properties(snap)
 	strs := 0
 	for name, p := range props {
@@ -55,4 +51,18 @@ func TestEveryStringPropertyIsSafe(t *testing.T) {
 		dbus.FieldSignature: dbus.MakeVariant(dbus.SignatureOf(body...)),
 	}}
 	assert.NoError(t, msg.EncodeTo(io.Discard, binary.LittleEndian))
+}
+
+// setStrings sets every string field of v, and of the structs it holds,
+// to s.
+func setStrings(v reflect.Value, s string) {
+	for i := range v.NumField() {
+		switch f := v.Field(i); {
+		case !f.CanSet():
+		case f.Kind() == reflect.String:
+			f.SetString(s)
+		case f.Kind() == reflect.Struct:
+			setStrings(f, s)
+		}
+	}
 }

@@ -127,23 +127,64 @@ var peerData = introspect.Interface{
 	},
 }
 
+// snapshot is what a pool's properties are read from.
+type snapshot = supervisor.Snapshot
+
+// poolProperties are the Pool interface's properties
+// (dbus/org.llorch.PoolManager1.Pool.xml), in its order, each read off a
+// snapshot; its Go type is its D-Bus type.
+var poolProperties = []property{
+	text("Id", func(s snapshot) string { return s.ID }),
+	text("State", func(s snapshot) string { return s.State.String() }),
+	value("Live", func(s snapshot) bool { return s.Live }),
+	value("Ready", func(s snapshot) bool { return s.Ready }),
+	value("Draining", func(s snapshot) bool { return s.Draining }),
+	value("ActiveLeases", func(s snapshot) uint32 { return s.ActiveLeases }),
+	value("Slots", func(s snapshot) uint32 { return s.Slots }),
+	text("Model", func(s snapshot) string { return s.Model }),
+	text("ModelDigest", func(s snapshot) string { return s.ModelDigest }),
+	text("EngineVersion", func(s snapshot) string { return s.EngineVersion }),
+	text("DeviceMask", func(s snapshot) string { return s.DeviceMask }),
+	text("LastError", func(s snapshot) string { return s.LastError }),
+	value("CrashCount", func(s snapshot) uint32 { return uint32(s.Policy.CrashCount) }),
+	value("RestartCount", func(s snapshot) uint32 { return uint32(s.Policy.RestartCount) }),
+	value("FailureStreak", func(s snapshot) uint32 { return uint32(s.Policy.Streak) }),
+	text("BreakerState", func(s snapshot) string { return s.Policy.Breaker.String() }),
+	value("NextRestartUSec", func(s snapshot) uint64 {
+		if s.NextRestart.IsZero() {
+			return 0
+		}
+		return uint64(s.NextRestart.UnixMicro())
+	}),
+	text("Unit", func(s snapshot) string { return s.Unit }),
+	value("MainPID", func(s snapshot) uint32 { return uint32(s.MainPID) }),
+	text("Operation", func(s snapshot) string { return s.Operation }),
+	value("Progress", func(s snapshot) float64 { return s.Progress }),
+}
+
+// property is one property of the Pool interface.
+type property struct {
+	name string
+	get  func(snapshot) any
+}
+
+func value[T bool | uint32 | uint64 | float64](name string, get func(snapshot) T) property {
+	return property{name, func(s snapshot) any { return get(s) }}
+}
+
+// text is a string property, made safe: one string the bus refuses fails
+// the whole PropertiesChanged and leaves GetAll unanswered.
+func text(name string, get func(snapshot) string) property {
+	return property{name, func(s snapshot) any { return safetext.Bound(get(s)) }}
+}
+
 // properties projects a snapshot onto the Pool interface's properties.
-// Every string is made safe: one the bus refuses fails the whole
-// PropertiesChanged and leaves GetAll unanswered.
-func properties(s supervisor.Snapshot) map[string]any {
-	var next uint64
-	if !s.NextRestart.IsZero() {
-		next = uint64(s.NextRestart.UnixMicro())
+func properties(s snapshot) map[string]any {
+	m := make(map[string]any, len(poolProperties))
+	for _, p := range poolProperties {
+		m[p.name] = p.get(s)
 	}
-	b := safetext.Bound
-	return map[string]any{
-		"Id": b(s.ID), "State": b(s.State.String()), "Live": s.Live, "Ready": s.Ready, "Draining": s.Draining,
-		"ActiveLeases": s.ActiveLeases, "Slots": s.Slots, "Model": b(s.Model), "ModelDigest": b(s.ModelDigest),
-		"EngineVersion": b(s.EngineVersion), "DeviceMask": b(s.DeviceMask), "LastError": b(s.LastError),
-		"CrashCount": uint32(s.CrashCount), "RestartCount": uint32(s.RestartCount), "FailureStreak": uint32(s.FailureStreak),
-		"BreakerState": b(s.BreakerState), "NextRestartUSec": next, "Unit": b(s.Unit), "MainPID": uint32(s.MainPID),
-		"Operation": b(s.Operation), "Progress": s.Progress,
-	}
+	return m
 }
 
 // progressEvery bounds how often a change of Progress alone is sent.

@@ -49,26 +49,39 @@ type Config struct {
 	Spread func() float64
 }
 
-// View is the part of the pool's published state the machine owns.
+// View is the part of the pool's published state the machine owns (the
+// supervisor's Snapshot adds what only it knows).
 type View struct {
-	State              State
-	Live, Ready        bool
-	Draining           bool
-	ActiveLeases       uint32
-	LastError          string
-	LastReason         crash.Reason
-	NextRestart        time.Time
-	MainPID            int
+	State        State
+	Live, Ready  bool
+	Draining     bool
+	ActiveLeases uint32
+	LastError    string
+	LastReason   crash.Reason
+	// NextRestart is when a pending restart is due (zero if none).
+	NextRestart time.Time
+	MainPID     int
+	// Model is the ref the pool runs (as configured or last reloaded),
+	// ModelDigest the digest of what the engine loaded, StagedPath the
+	// file it loaded.
 	Model, ModelDigest string
 	StagedPath         string
 	EngineVersion      string
-	HealthFailures     []time.Time
-	LastHeartbeat      time.Time
-	ReadyAt            time.Time
-	Starts             int
-	Policy             policy.Status
-	Held               string
-	Operation          string
+	// HealthFailures are the times of the current run of failed probes.
+	HealthFailures []time.Time
+	// LastHeartbeat is the last successful health probe.
+	LastHeartbeat time.Time
+	// ReadyAt is when the current engine became ready.
+	ReadyAt time.Time
+	// Starts counts engine starts, restarts included.
+	Starts int
+	// Policy holds the crash and restart counts and the breakers. Its
+	// Streak is the run of crashes the backoff counts: unlike CrashCount
+	// it starts over after a stable run or ResetBreaker.
+	Policy policy.Status
+	Held   string
+	// Operation is the long operation under way ("" if none).
+	Operation string
 	// Progress is how far Operation has come: 0..1, -1 when unknown.
 	Progress float64
 }

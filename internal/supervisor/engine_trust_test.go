@@ -67,12 +67,12 @@ func TestPromptSayingCUDAErrorDoesNotRestartThePool(t *testing.T) {
 	// one ends the engine: had a prompt counted, the crash below would
 	// quote it, not the engine's own error.
 	require.NoError(t, s.Fault("cuda"))
-	crashed := waitFor(t, s, "the CUDA crash", func(p Snapshot) bool { return p.CrashCount == 1 })
+	crashed := waitFor(t, s, "the CUDA crash", func(p Snapshot) bool { return p.Policy.CrashCount == 1 })
 	assert.Equal(t, crash.CUDAError, crashed.LastReason)
 	assert.Contains(t, crashed.LastError, `GPU fault: "CUDA error: an illegal memory access was encountered"`,
 		"the engine's own error, not a prompt, ended the first engine")
 	again := waitFor(t, s, "ready again", ready(2))
-	assert.Equal(t, uint64(1), again.CrashCount, "no crash for the prompts")
+	assert.Equal(t, uint64(1), again.Policy.CrashCount, "no crash for the prompts")
 	assert.NotEqual(t, first.MainPID, again.MainPID)
 }
 
@@ -99,10 +99,10 @@ func TestLongOutputLineNeitherBlocksTheEngineNorBlindsTheScan(t *testing.T) {
 	assert.LessOrEqual(t, longest, 48<<10, "in pieces of journald's LineMax")
 	healthy(t, s)
 	snap := s.Snapshot()
-	assert.Zero(t, snap.CrashCount)
+	assert.Zero(t, snap.Policy.CrashCount)
 	assert.True(t, snap.Ready)
 
 	require.NoError(t, s.Fault("cuda"))
-	crashed := waitFor(t, s, "the CUDA crash", func(p Snapshot) bool { return p.CrashCount == 1 })
+	crashed := waitFor(t, s, "the CUDA crash", func(p Snapshot) bool { return p.Policy.CrashCount == 1 })
 	assert.Equal(t, crash.CUDAError, crashed.LastReason)
 }

@@ -30,13 +30,13 @@ func TestAForeignProcessOnThePoolsGPUHoldsTheStart(t *testing.T) {
 	s := p.Snapshot()
 	assert.Equal(t, lifecycle.Failed, s.State)
 	assert.Contains(t, s.LastError, "pid "+pid+" (supervisor.test")
-	assert.Zero(t, s.CrashCount, "another process on the GPU is no crash of ours")
+	assert.Zero(t, s.Policy.CrashCount, "another process on the GPU is no crash of ours")
 	assert.False(t, s.Live)
 
 	require.NoError(t, holder.Process.Kill())
 	holder.Wait()
 	got := waitFor(t, p, "ready once the GPU is free", ready(1))
-	assert.Zero(t, got.CrashCount)
+	assert.Zero(t, got.Policy.CrashCount)
 }
 
 // A leftover of the pool's own scope on its GPU is killed and waited for

@@ -58,8 +58,8 @@ func TestRestartRateFallsAfterTheStormWindow(t *testing.T) {
 		waitFor(t, s, "ready again", ready(n))
 	}
 	before := s.Snapshot()
-	require.Equal(t, uint64(2), before.RestartCount)
-	assert.Equal(t, 2, before.FailureStreak, "two crashes in a row, not yet stable")
+	require.Equal(t, uint64(2), before.Policy.RestartCount)
+	assert.Equal(t, 2, before.Policy.Streak, "two crashes in a row, not yet stable")
 	assert.Positive(t, rate(), "restarts are in the window")
 
 	require.Eventually(t, func() bool { return rate() == 0 }, window+5*time.Second, 20*time.Millisecond,
@@ -67,7 +67,7 @@ func TestRestartRateFallsAfterTheStormWindow(t *testing.T) {
 	assert.GreaterOrEqual(t, time.Since(lastRestart), window-500*time.Millisecond, "not before the last restart left the window")
 	after := s.Snapshot()
 	assert.Equal(t, before.Starts, after.Starts, "no restart happened meanwhile")
-	assert.Equal(t, before.CrashCount, after.CrashCount, "no crash happened meanwhile")
+	assert.Equal(t, before.Policy.CrashCount, after.Policy.CrashCount, "no crash happened meanwhile")
 	assert.Equal(t, lifecycle.Ready, after.State)
-	assert.Equal(t, uint64(2), after.RestartCount, "the restart count is history: it stays")
+	assert.Equal(t, uint64(2), after.Policy.RestartCount, "the restart count is history: it stays")
 }

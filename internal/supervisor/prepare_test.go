@@ -67,7 +67,7 @@ func TestSystemctlStopOfAPreparedScopeStopsThePool(t *testing.T) {
 	require.NoError(t, err, "%s", out)
 	stopped := waitFor(t, s, "stopped", func(p Snapshot) bool { return p.State == lifecycle.Stopped })
 	assert.Contains(t, stopped.LastError, "stopped by an operator")
-	assert.Equal(t, uint64(1), stopped.CrashCount, "the crash before it, and nothing more")
+	assert.Equal(t, uint64(1), stopped.Policy.CrashCount, "the crash before it, and nothing more")
 	ctx, cancel := context.WithDeadline(e.Ctx, during.NextRestart.Add(500*time.Millisecond))
 	defer cancel()
 	_, err = s.Supervisor.Wait(ctx, func(p Snapshot) bool { return p.Starts > 1 })
@@ -86,7 +86,7 @@ func TestAPreparedScopeKilledOrDrained(t *testing.T) {
 	require.NoError(t, err, "%s", out)
 	again := waitFor(t, killed, "ready again", ready(2))
 	assert.NotEqual(t, inv, scopeProp(again.Unit, "InvocationID"), "a scope of its own")
-	assert.Equal(t, uint64(1), again.CrashCount, "the scope's kill is no crash of an engine")
+	assert.Equal(t, uint64(1), again.Policy.CrashCount, "the scope's kill is no crash of an engine")
 
 	drained := e.Pool("ahead-drain", "1", "", "BackoffInitialSec=1\nBackoffMinSec=1\n")
 	_, during = preparedDuringBackoff(t, drained)

@@ -12,19 +12,19 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
-	"github.com/llorch/pool-managerd/internal/breaker"
 	"github.com/llorch/pool-managerd/internal/config"
-	"github.com/llorch/pool-managerd/internal/crash"
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/health"
 	"github.com/llorch/pool-managerd/internal/journal"
@@ -100,44 +100,14 @@ type Stager interface {
 	Hashing(ref string) (read, size int64, ok bool)
 }
 
-// Snapshot is the pool's state at one moment.
+// Snapshot is the pool's state at one moment: its lifecycle's View and
+// what only the supervisor knows.
 type Snapshot struct {
-	ID           string
-	State        lifecycle.State
-	Live, Ready  bool
-	Draining     bool
-	ActiveLeases uint32
-	Slots        uint32
-	LastError    string
-	LastReason   crash.Reason
-	CrashCount   uint64
-	RestartCount uint64
-	// FailureStreak is the run of crashes the backoff counts; unlike
-	// CrashCount it starts over after a stable run or ResetBreaker.
-	FailureStreak int
-	BreakerState  string
-	// NextRestart is when a pending restart is due (zero if none).
-	NextRestart time.Time
-	Unit        string
-	MainPID     int
-	// Model is the ref the pool runs (as configured or last reloaded),
-	// ModelDigest the digest of what the engine loaded, StagedPath the
-	// file it loaded.
-	Model, ModelDigest, StagedPath string
-	EngineVersion                  string
-	DeviceMask                     string
-	// HealthFailures are the times of the current run of failed probes.
-	HealthFailures []time.Time
-	// LastHeartbeat is the last successful health probe.
-	LastHeartbeat time.Time
-	// Starts counts engine starts, restarts included.
-	Starts int
-	// ReadyAt is when the current engine became ready.
-	ReadyAt time.Time
-	// Operation is the long operation under way ("" if none); Progress
-	// how far it has come (0..1, -1 when unknown).
-	Operation string
-	Progress  float64
+	lifecycle.View
+	ID         string
+	Slots      uint32
+	Unit       string
+	DeviceMask string
 }
 
 // Supervisor runs one pool.
@@ -249,7 +219,7 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 		Warmup: cfg.Health.Warmup != nil, Stall: cfg.Health.Stall, GPURetry: cfg.GPURetry, Ahead: ahead, Spread: rand.Float64,
 	}, tr, held)
 	s.snap = Snapshot{ID: cfg.Pool, Unit: engine.UnitName(cfg.Pool), DeviceMask: cfg.DeviceMask, Slots: cfg.Slots}
-	s.setView(&s.snap, s.m.View(time.Now()))
+	s.snap.View = s.m.View(time.Now())
 	return s
 }
 
@@ -450,7 +420,8 @@ func (s *Supervisor) Snapshot() Snapshot {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c := s.snap
-	c.HealthFailures = append([]time.Time(nil), s.snap.HealthFailures...)
+	c.HealthFailures = slices.Clone(c.HealthFailures)
+	c.Policy.Breakers = maps.Clone(c.Policy.Breakers)
 	return c
 }
 
@@ -471,23 +442,10 @@ func (s *Supervisor) Wait(ctx context.Context, cond func(Snapshot) bool) (Snapsh
 	}
 }
 
-func (s *Supervisor) setView(p *Snapshot, v lifecycle.View) {
-	p.State, p.Live, p.Ready, p.Draining, p.ActiveLeases = v.State, v.Live, v.Ready, v.Draining, v.ActiveLeases
-	p.LastError, p.LastReason, p.NextRestart, p.MainPID = v.LastError, v.LastReason, v.NextRestart, v.MainPID
-	p.Model, p.ModelDigest, p.StagedPath, p.EngineVersion = v.Model, v.ModelDigest, v.StagedPath, v.EngineVersion
-	p.HealthFailures, p.LastHeartbeat, p.ReadyAt, p.Starts = v.HealthFailures, v.LastHeartbeat, v.ReadyAt, v.Starts
-	p.CrashCount, p.RestartCount, p.FailureStreak = v.Policy.CrashCount, v.Policy.RestartCount, v.Policy.Streak
-	p.BreakerState = v.Policy.Breaker.String()
-	if v.Policy.Breakers == nil {
-		p.BreakerState = breaker.Closed.String()
-	}
-	p.Operation, p.Progress = v.Operation, v.Progress
-}
-
 // publish makes v the published state and its metrics.
 func (s *Supervisor) publish(v lifecycle.View) {
 	s.mu.Lock()
-	s.setView(&s.snap, v)
+	s.snap.View = v
 	snap := s.snap
 	close(s.changed)
 	s.changed = make(chan struct{})

@@ -112,7 +112,7 @@ func TestFaultsAreClassifiedAndRestarted(t *testing.T) {
 			s := e.Pool(id, "0", "", c.extra)
 			first := waitFor(t, s, "ready", ready(1))
 			require.NoError(t, s.Fault(c.kind))
-			crashed := waitFor(t, s, "the crash", func(s Snapshot) bool { return s.CrashCount == 1 })
+			crashed := waitFor(t, s, "the crash", func(s Snapshot) bool { return s.Policy.CrashCount == 1 })
 			assert.False(t, crashed.Ready)
 			assert.Equal(t, c.reason, crashed.LastReason)
 			assert.Contains(t, crashed.LastError, c.errHas)
@@ -121,7 +121,7 @@ func TestFaultsAreClassifiedAndRestarted(t *testing.T) {
 			}
 			again := waitFor(t, s, "ready again", ready(2))
 			assert.NotEqual(t, first.MainPID, again.MainPID)
-			assert.Equal(t, uint64(1), again.RestartCount)
+			assert.Equal(t, uint64(1), again.Policy.RestartCount)
 			want := 200 * time.Millisecond
 			if c.reason == crash.CUDAError {
 				want *= 2
@@ -139,7 +139,7 @@ func TestExitZeroIsNotRestarted(t *testing.T) {
 	waitFor(t, s, "ready", ready(1))
 	require.NoError(t, s.Fault("exit:0"))
 	snap := waitFor(t, s, "stopped", func(s Snapshot) bool { return s.State == lifecycle.Stopped })
-	assert.Zero(t, snap.CrashCount)
+	assert.Zero(t, snap.Policy.CrashCount)
 	assert.False(t, snap.Live)
 	assert.Equal(t, 1, snap.Starts)
 }
@@ -156,7 +156,7 @@ func TestStopEscalatesAndLeavesNothing(t *testing.T) {
 	require.NoError(t, s.Stop(e.Ctx))
 	assert.GreaterOrEqual(t, time.Since(start), 2*time.Second, "SIGTERM was ignored: SIGKILL came after StopTimeoutSec")
 	assert.Equal(t, lifecycle.Stopped, s.Snapshot().State)
-	assert.Zero(t, s.Snapshot().CrashCount, "a requested stop is not a crash")
+	assert.Zero(t, s.Snapshot().Policy.CrashCount, "a requested stop is not a crash")
 	out, _ := exec.Command("systemctl", "is-active", snap.Unit).CombinedOutput()
 	assert.NotEqual(t, "active", strings.TrimSpace(string(out)))
 	out, _ = exec.Command("pgrep", "-f", "pool-engine-sim").CombinedOutput()
@@ -167,8 +167,8 @@ func TestBreakerOpensAndPoolFails(t *testing.T) {
 	e := testpool.New(t, nil)
 	s := e.Pool("loop", "0", "--fault exit:1 --fault-after 300ms", "BreakerThreshold=3\n")
 	snap := waitFor(t, s, "failed", func(s Snapshot) bool { return s.State == lifecycle.Failed })
-	assert.Equal(t, uint64(3), snap.CrashCount)
-	assert.Equal(t, "open", snap.BreakerState)
+	assert.Equal(t, uint64(3), snap.Policy.CrashCount)
+	assert.Equal(t, "open", snap.Policy.Breaker.String())
 	assert.Equal(t, 3, snap.Starts)
 	assert.False(t, snap.NextRestart.IsZero(), "it says when the breaker lets a test through")
 	assert.Greater(t, time.Until(snap.NextRestart), 200*time.Second)
@@ -196,7 +196,7 @@ func TestXIDEventRestartsTheEngine(t *testing.T) {
 	s := e.Pool("xid", "0", "", "")
 	first := waitFor(t, s, "ready", ready(1))
 	s.XID("GPU-8f2c1a70-0000-4000-8000-000000000000", 79)
-	crashed := waitFor(t, s, "the crash", func(s Snapshot) bool { return s.CrashCount == 1 })
+	crashed := waitFor(t, s, "the crash", func(s Snapshot) bool { return s.Policy.CrashCount == 1 })
 	assert.Equal(t, crash.DriverXID, crashed.LastReason)
 	assert.Contains(t, crashed.LastError, "Xid 79")
 	again := waitFor(t, s, "ready again", ready(2))
@@ -269,14 +269,14 @@ func TestCountersSurviveARestartOfTheDaemon(t *testing.T) {
 	waitFor(t, s, "ready again", ready(2))
 	require.NoError(t, s.Fault("exit:1"))
 	failed := waitFor(t, s, "failed", func(p Snapshot) bool { return p.State == lifecycle.Failed })
-	assert.Equal(t, "open", failed.BreakerState)
+	assert.Equal(t, "open", failed.Policy.Breaker.String())
 
 	// A new supervisor of the same pool, as after a daemon restart.
 	again := e.Start(testpool.Spec{ID: "persist", Devices: "0", Extra: "BreakerThreshold=2\n", NoStart: true})
 	snap := again.Snapshot()
-	assert.Equal(t, uint64(2), snap.CrashCount)
-	assert.Equal(t, uint64(1), snap.RestartCount)
-	assert.Equal(t, "open", snap.BreakerState)
+	assert.Equal(t, uint64(2), snap.Policy.CrashCount)
+	assert.Equal(t, uint64(1), snap.Policy.RestartCount)
+	assert.Equal(t, "open", snap.Policy.Breaker.String())
 	assert.ErrorIs(t, again.Start(), lifecycle.ErrBreakerOpen, "a daemon restart is no way around the breaker")
 	assert.Equal(t, lifecycle.Failed, again.Snapshot().State)
 }

@@ -29,7 +29,7 @@ func failedByBreaker(t *testing.T, e *testpool.Env, id string) *testpool.Pool {
 	waitFor(t, s, "ready", ready(1))
 	require.NoError(t, s.Fault("exit:1"))
 	failed := waitFor(t, s, "failed", func(p Snapshot) bool { return p.State == lifecycle.Failed })
-	require.Equal(t, "open", failed.BreakerState)
+	require.Equal(t, "open", failed.Policy.Breaker.String())
 	return s
 }
 
@@ -41,13 +41,13 @@ func TestStopThenStartDoesNotBypassTheBreaker(t *testing.T) {
 	assert.ErrorIs(t, s.Start(), lifecycle.ErrBreakerOpen)
 	snap := s.Snapshot()
 	assert.Equal(t, 1, snap.Starts, "no engine was started")
-	assert.Equal(t, "open", snap.BreakerState)
+	assert.Equal(t, "open", snap.Policy.Breaker.String())
 
 	// AllowRestart is the override: one start, no counter reset.
 	require.NoError(t, s.AllowRestart())
 	require.NoError(t, s.Start())
 	again := waitFor(t, s, "ready", ready(2))
-	assert.Equal(t, uint64(1), again.CrashCount)
+	assert.Equal(t, uint64(1), again.Policy.CrashCount)
 }
 
 func TestReloadDoesNotBypassTheBreaker(t *testing.T) {
@@ -112,7 +112,7 @@ func TestCorruptRuntimeRecordStillAdoptsTheEngine(t *testing.T) {
 	snap := waitFor(t, again, "ready", func(p Snapshot) bool { return p.Ready })
 	assert.Equal(t, first.MainPID, snap.MainPID, "the same engine, not a new one")
 	assert.Zero(t, snap.Starts)
-	assert.Zero(t, s.Snapshot().CrashCount, "the engine was never killed")
+	assert.Zero(t, s.Snapshot().Policy.CrashCount, "the engine was never killed")
 }
 
 // The engine loads its model before it listens (as vLLM does); meanwhile
@@ -205,12 +205,12 @@ func TestLostShimStopsTheScopeAndCountsOneCrash(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, syscall.Kill(shim, syscall.SIGKILL))
 
-	crashed := waitFor(t, s, "the crash", func(p Snapshot) bool { return p.CrashCount == 1 })
+	crashed := waitFor(t, s, "the crash", func(p Snapshot) bool { return p.Policy.CrashCount == 1 })
 	assert.Equal(t, lifecycle.Backoff, crashed.State)
 	assert.Contains(t, crashed.LastError, "shim")
 	require.Eventually(t, func() bool {
 		return syscall.Kill(first.MainPID, 0) == syscall.ESRCH
 	}, 3*time.Second, 20*time.Millisecond, "the orphaned engine is stopped with its scope")
-	assert.Equal(t, uint64(1), s.Snapshot().CrashCount, "one crash, counted once")
+	assert.Equal(t, uint64(1), s.Snapshot().Policy.CrashCount, "one crash, counted once")
 	assert.Equal(t, 1, s.Snapshot().Starts, "well before the restart")
 }

@@ -27,7 +27,7 @@ func TestOperatorStopOfTheScopeIsHonoured(t *testing.T) {
 	require.NoError(t, err, "%s", out)
 
 	stopped := waitFor(t, s, "stopped", func(p Snapshot) bool { return p.State == lifecycle.Stopped && !p.Live })
-	assert.Zero(t, stopped.CrashCount, "an operator's stop is no crash")
+	assert.Zero(t, stopped.Policy.CrashCount, "an operator's stop is no crash")
 	assert.Contains(t, stopped.LastError, "stopped by an operator")
 	ctx, cancel := context.WithTimeout(e.Ctx, 2*time.Second)
 	defer cancel()
@@ -37,7 +37,7 @@ func TestOperatorStopOfTheScopeIsHonoured(t *testing.T) {
 
 	require.NoError(t, s.Start())
 	again := waitFor(t, s, "ready again", ready(2))
-	assert.Zero(t, again.CrashCount)
+	assert.Zero(t, again.Policy.CrashCount)
 }
 
 // systemctl kill of the whole scope takes the shim too: systemd's word and
@@ -50,10 +50,10 @@ func TestSystemctlKillOfTheScopeIsACrashNamingTheSignal(t *testing.T) {
 	out, err := exec.Command("systemctl", "kill", "--signal=SIGKILL", first.Unit).CombinedOutput()
 	require.NoError(t, err, "%s", out)
 
-	crashed := waitFor(t, s, "the crash", func(p Snapshot) bool { return p.CrashCount == 1 })
+	crashed := waitFor(t, s, "the crash", func(p Snapshot) bool { return p.Policy.CrashCount == 1 })
 	assert.Equal(t, crash.Signal, crashed.LastReason)
 	assert.Contains(t, crashed.LastError, "SIGKILL")
 	again := waitFor(t, s, "ready again", ready(2))
-	assert.Equal(t, uint64(1), again.CrashCount, "counted once")
+	assert.Equal(t, uint64(1), again.Policy.CrashCount, "counted once")
 	assert.NotEqual(t, first.MainPID, again.MainPID)
 }

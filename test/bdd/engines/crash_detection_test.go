@@ -86,7 +86,7 @@ func (w *world) pool(name string) (*poolState, error) {
 // mark remembers where the pool stands before a fault.
 func (p *poolState) mark() {
 	s := p.Snapshot()
-	p.crashes, p.starts, p.pid = s.CrashCount, s.Starts, s.MainPID
+	p.crashes, p.starts, p.pid = s.Policy.CrashCount, s.Starts, s.MainPID
 }
 
 func (w *world) crashEntry(pool string) (capture.Entry, error) {
@@ -180,7 +180,7 @@ func crashSteps(sc *godog.ScenarioContext) *world {
 		if err != nil {
 			return err
 		}
-		p.snap, err = p.Wait("a crash", func(s supervisor.Snapshot) bool { return s.CrashCount > p.crashes })
+		p.snap, err = p.Wait("a crash", func(s supervisor.Snapshot) bool { return s.Policy.CrashCount > p.crashes })
 		if err != nil {
 			return err
 		}
@@ -246,7 +246,7 @@ func crashSteps(sc *godog.ScenarioContext) *world {
 	sc.Step(`^the pool is neither live nor ready$`, func() error {
 		p, _ := w.pool("")
 		var err error
-		p.snap, err = p.Wait("the crash", func(s supervisor.Snapshot) bool { return s.CrashCount > p.crashes })
+		p.snap, err = p.Wait("the crash", func(s supervisor.Snapshot) bool { return s.Policy.CrashCount > p.crashes })
 		if err == nil && (p.snap.Live || p.snap.Ready) {
 			err = fmt.Errorf("pool is live=%t ready=%t after the crash", p.snap.Live, p.snap.Ready)
 		}
@@ -274,7 +274,7 @@ func crashSteps(sc *godog.ScenarioContext) *world {
 	})
 	sc.Step(`^the crash count is (\d+)$`, func(n int) error {
 		p, _ := w.pool("")
-		if got := p.Snapshot().CrashCount; got != uint64(n) {
+		if got := p.Snapshot().Policy.CrashCount; got != uint64(n) {
 			return fmt.Errorf("crash count is %d, want %d", got, n)
 		}
 		return nil

@@ -124,7 +124,7 @@ func initGPUFaults(sc *godog.ScenarioContext) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs)*time.Second)
 		defer cancel()
 		s, err := p.Supervisor.Wait(ctx, func(s supervisor.Snapshot) bool {
-			return s.CrashCount != p.crashes || s.MainPID != p.pid || !s.Ready
+			return s.Policy.CrashCount != p.crashes || s.MainPID != p.pid || !s.Ready
 		})
 		if err == nil {
 			return fmt.Errorf("pool %s changed: ready=%t, pid %d (was %d), last error %q", id, s.Ready, s.MainPID, p.pid, s.LastError)
@@ -159,7 +159,7 @@ func initGPUFaults(sc *godog.ScenarioContext) {
 	})
 	sc.Step(`^the crash count of "([^"]+)" is (\d+)$`, func(id string, n int) error {
 		p, _ := w.pool(id)
-		if got := p.Snapshot().CrashCount; got != uint64(n) {
+		if got := p.Snapshot().Policy.CrashCount; got != uint64(n) {
 			return fmt.Errorf("crash count %d, want %d", got, n)
 		}
 		return nil

@@ -78,7 +78,7 @@ func initServing(sc *godog.ScenarioContext) {
 
 	sc.Step(`^the supervisor detects a crash with reason "([^"]+)" within (\d+) seconds of the stall$`, func(reason string, secs int) error {
 		p, _ := w.pool("")
-		s, err := p.Wait("a crash", func(s supervisor.Snapshot) bool { return s.CrashCount > p.crashes })
+		s, err := p.Wait("a crash", func(s supervisor.Snapshot) bool { return s.Policy.CrashCount > p.crashes })
 		took := time.Since(faultAt)
 		p.snap = s
 		switch {
@@ -97,11 +97,11 @@ func initServing(sc *godog.ScenarioContext) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs)*time.Second)
 		defer cancel()
 		s, err := p.Supervisor.Wait(ctx, func(s supervisor.Snapshot) bool {
-			return s.CrashCount != p.crashes || s.MainPID != p.pid || !s.Ready
+			return s.Policy.CrashCount != p.crashes || s.MainPID != p.pid || !s.Ready
 		})
 		if err == nil {
 			return fmt.Errorf("the pool changed: ready=%t pid %d (was %d), crashes %d (was %d), last error %q",
-				s.Ready, s.MainPID, p.pid, s.CrashCount, p.crashes, s.LastError)
+				s.Ready, s.MainPID, p.pid, s.Policy.CrashCount, p.crashes, s.LastError)
 		}
 		if !errors.Is(err, context.DeadlineExceeded) {
 			return err
