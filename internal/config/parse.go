@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/url"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -288,7 +289,7 @@ func ParsePool(file string, data []byte) (*Pool, Errors) {
 						bad = append(bad, err.Error())
 						continue
 					}
-					if !contains(p.Devices, dev) {
+					if !slices.Contains(p.Devices, dev) {
 						p.Devices = append(p.Devices, dev)
 					}
 				}
@@ -469,15 +470,17 @@ func ParsePool(file string, data []byte) (*Pool, Errors) {
 			need("Health", "ProgressURL", fmt.Sprintf("%q is not an http:// or https:// URL", p.Health.ProgressURL))
 		}
 	}
-	if p.Engine.HealthURL == "" && !d.failed("Engine", "HealthURL") {
-		if !seen["Engine/Port"] {
-			need("Engine", "HealthURL", "missing: set HealthURL= or Port= (the default probe is http://127.0.0.1:%p/health)")
-		} else {
-			p.Engine.HealthURL = "http://127.0.0.1:%p/health"
+	switch {
+	case p.Engine.HealthURL != "":
+		if u, err := url.Parse(p.Specifiers("").Expand(p.Engine.HealthURL)); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			need("Engine", "HealthURL", fmt.Sprintf("%q is not an http:// or https:// URL", p.Engine.HealthURL))
 		}
-	} else if p.Engine.HealthURL == "" {
-	} else if u, err := url.Parse(p.Specifiers("").Expand(p.Engine.HealthURL)); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		need("Engine", "HealthURL", fmt.Sprintf("%q is not an http:// or https:// URL", p.Engine.HealthURL))
+	case d.failed("Engine", "HealthURL"):
+		// A HealthURL= that was refused is reported already, not missing.
+	case !seen["Engine/Port"]:
+		need("Engine", "HealthURL", "missing: set HealthURL= or Port= (the default probe is http://127.0.0.1:%p/health)")
+	default:
+		p.Engine.HealthURL = "http://127.0.0.1:%p/health"
 	}
 	if p.Engine.Version != "" && len(p.Engine.VersionCommand) > 0 {
 		need("Engine", "VersionCommand", "set Version= or VersionCommand=, not both")
@@ -521,7 +524,7 @@ func parseManager(file string, data []byte, m *Manager) Errors {
 					}
 				}
 				for _, d := range dirs {
-					if d = filepath.Clean(d); !contains(m.ModelDirs, d) {
+					if d = filepath.Clean(d); !slices.Contains(m.ModelDirs, d) {
 						m.ModelDirs = append(m.ModelDirs, d)
 					}
 				}
@@ -603,7 +606,7 @@ func parseManager(file string, data []byte, m *Manager) Errors {
 				if !strings.HasPrefix(v, "/dev/") || filepath.Clean(v) != v {
 					return fmt.Errorf("%q is not a path under /dev", v)
 				}
-				if !contains(inv.ControlDevices, v) {
+				if !slices.Contains(inv.ControlDevices, v) {
 					inv.ControlDevices = append(inv.ControlDevices, v)
 				}
 				return nil
@@ -615,13 +618,4 @@ func parseManager(file string, data []byte, m *Manager) Errors {
 		d.errs = append(d.errs, &Error{File: file, Section: "Inventory", Key: "Device", Msg: "Backend=static needs at least one Device= line"})
 	}
 	return d.errs
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }

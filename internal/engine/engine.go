@@ -326,7 +326,7 @@ type deviceAllow struct {
 	Perm string
 }
 
-func (r *Runtime) properties(s Spec, shimPID int) ([]sddbus.Property, error) {
+func (r *Runtime) properties(s Spec, shimPID int) []sddbus.Property {
 	allow := make([]deviceAllow, 0, len(s.DeviceNodes))
 	for _, n := range s.DeviceNodes {
 		allow = append(allow, deviceAllow{n, "rw"})
@@ -361,7 +361,7 @@ func (r *Runtime) properties(s Spec, shimPID int) ([]sddbus.Property, error) {
 	for _, p := range s.Scope {
 		props = append(props, sddbus.Property{Name: p.Name, Value: dbus.MakeVariant(p.Value)})
 	}
-	return props, nil
+	return props
 }
 
 // Start runs the engine: the shim is started, moved into a new scope, and
@@ -535,10 +535,7 @@ func (r *Runtime) prepare(ctx context.Context, s Spec, check bool) (*Prepared, e
 		return nil, err
 	}
 
-	props, err := r.properties(s, cmd.Process.Pid)
-	if err != nil {
-		return abort(err)
-	}
+	props := r.properties(s, cmd.Process.Pid)
 	sd, err := r.systemd(ctx)
 	if err != nil {
 		return abort(err)

@@ -172,14 +172,31 @@ func (e BreakerChanged) Attrs() []slog.Attr {
 	return a
 }
 
-// StormWarning: the restart window is filling past half.
-type StormWarning struct {
-	// Kind is what the storm would be if it reached the limit now.
+// Storm is what both storm events say of the restart window, and their
+// journal fields.
+type Storm struct {
+	// Kind is what the storm is, or for a warning would be if it reached
+	// the limit now.
 	Kind         storm.Kind
 	InWindow     int
-	Max          int
 	Window       time.Duration
 	RestartCount uint64
+}
+
+func (e Storm) Attrs() []slog.Attr {
+	return []slog.Attr{
+		slog.String(journal.StormKind, string(e.Kind)),
+		slog.Uint64(journal.RestartCount, e.RestartCount),
+		slog.Int(journal.RestartsInWindow, e.InWindow),
+		slog.Int64(journal.TimeWindowSec, int64(e.Window/time.Second)),
+		slog.String(journal.Hint, e.Kind.Hint()),
+	}
+}
+
+// StormWarning: the restart window is filling past half.
+type StormWarning struct {
+	Storm
+	Max int
 }
 
 func (StormWarning) MessageID() journal.MessageID { return journal.MsgStormWarning }
@@ -187,38 +204,15 @@ func (StormWarning) Level() slog.Level            { return slog.LevelWarn }
 func (e StormWarning) Message() string {
 	return fmt.Sprintf("restart rate high (%s): %d restarts in %s (limit %d): %s", e.Kind, e.InWindow, e.Window, e.Max, e.Kind.Hint())
 }
-func (e StormWarning) Attrs() []slog.Attr {
-	return []slog.Attr{
-		slog.String(journal.StormKind, string(e.Kind)),
-		slog.Uint64(journal.RestartCount, e.RestartCount),
-		slog.Int(journal.RestartsInWindow, e.InWindow),
-		slog.Int64(journal.TimeWindowSec, int64(e.Window/time.Second)),
-		slog.String(journal.Hint, e.Kind.Hint()),
-	}
-}
 
 // StormDetected: the restart limit is reached; the restart is held and the
 // breaker of the storm's class opens.
-type StormDetected struct {
-	Kind         storm.Kind
-	InWindow     int
-	Window       time.Duration
-	RestartCount uint64
-}
+type StormDetected struct{ Storm }
 
 func (StormDetected) MessageID() journal.MessageID { return journal.MsgStorm }
 func (StormDetected) Level() slog.Level            { return journal.LevelCritical }
 func (e StormDetected) Message() string {
 	return fmt.Sprintf("restart storm (%s): %d restarts in %s, restarts held: %s", e.Kind, e.InWindow, e.Window, e.Kind.Hint())
-}
-func (e StormDetected) Attrs() []slog.Attr {
-	return []slog.Attr{
-		slog.String(journal.StormKind, string(e.Kind)),
-		slog.Uint64(journal.RestartCount, e.RestartCount),
-		slog.Int(journal.RestartsInWindow, e.InWindow),
-		slog.Int64(journal.TimeWindowSec, int64(e.Window/time.Second)),
-		slog.String(journal.Hint, e.Kind.Hint()),
-	}
 }
 
 // Restarting: a restart was let through.

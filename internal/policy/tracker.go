@@ -68,11 +68,11 @@ func (t *Tracker) Crash(now time.Time, reason crash.Reason) Decision {
 	due := now.Add(delay)
 	if n := t.window.Count(due); n >= t.p.Storm.Max {
 		kind, class := storm.Classify(append(t.window.Reasons(due), reason))
-		ev = append(ev, StormDetected{Kind: kind, InWindow: n, Window: t.p.Storm.Window, RestartCount: t.restarts})
+		ev = append(ev, StormDetected{Storm{Kind: kind, InWindow: n, Window: t.p.Storm.Window, RestartCount: t.restarts}})
 		ev = t.transitions(ev, t.breakers.Trip(now, class))
 	} else if n+1 > t.p.Storm.WarnAt() {
 		kind, _ := storm.Classify(append(t.window.Reasons(due), reason))
-		ev = append(ev, StormWarning{Kind: kind, InWindow: n + 1, Max: t.p.Storm.Max, Window: t.p.Storm.Window, RestartCount: t.restarts})
+		ev = append(ev, StormWarning{Storm{Kind: kind, InWindow: n + 1, Window: t.p.Storm.Window, RestartCount: t.restarts}, t.p.Storm.Max})
 	}
 
 	if t.breakers.State() == breaker.Open {

@@ -39,7 +39,7 @@ func (s *Supervisor) writeRecord(r *run, modelRef string) {
 		URL: s.cfg.HealthURL, StartedAt: r.started, Leases: s.m.Leases(),
 	}
 	if err := s.cfg.Records.Save(s.cfg.Pool, rec); err != nil {
-		s.log.Error("writing runtime record: "+err.Error(), journal.PoolID, s.cfg.Pool)
+		s.log.Error("cannot write the runtime record", journal.PoolID, s.cfg.Pool, journal.Error, err.Error())
 	}
 }
 
@@ -140,6 +140,6 @@ func (s *Supervisor) removeRecord() {
 		return
 	}
 	if err := s.cfg.Records.Remove(s.cfg.Pool); err != nil {
-		s.log.Error("removing runtime record: "+err.Error(), journal.PoolID, s.cfg.Pool)
+		s.log.Error("cannot remove the runtime record", journal.PoolID, s.cfg.Pool, journal.Error, err.Error())
 	}
 }

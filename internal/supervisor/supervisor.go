@@ -7,6 +7,7 @@
 package supervisor
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -342,7 +343,7 @@ func (s *Supervisor) journal(a lifecycle.Journal) {
 	s.metrics.Policy(s.cfg.Pool, a.Events, tr.Status(time.Now()))
 	if a.Persist && s.cfg.State.Path != "" {
 		if err := s.cfg.State.Save(s.cfg.Pool, tr.Save()); err != nil {
-			s.log.Error("persisting pool state: "+err.Error(), journal.PoolID, s.cfg.Pool)
+			s.log.Error("cannot persist the pool state", journal.PoolID, s.cfg.Pool, journal.Error, err.Error())
 		}
 	}
 }
@@ -690,7 +691,7 @@ func (s *Supervisor) gpusFree() error {
 	var mine []int
 	for _, h := range holders {
 		if h.Unit != own {
-			return fmt.Errorf("GPU %s in use by pid %d (%s, %s): %w", h.GPU, h.PID, safetext.Bound(h.Command), or(h.Unit, "unit unknown"), lifecycle.ErrGPUBusy)
+			return fmt.Errorf("GPU %s in use by pid %d (%s, %s): %w", h.GPU, h.PID, safetext.Bound(h.Command), cmp.Or(h.Unit, "unit unknown"), lifecycle.ErrGPUBusy)
 		}
 		mine = append(mine, h.PID)
 	}
@@ -708,13 +709,6 @@ func (s *Supervisor) gpusFree() error {
 		}
 	}
 	return nil
-}
-
-func or(s, alt string) string {
-	if s == "" {
-		return alt
-	}
-	return s
 }
 
 // GPUUnhealthy holds the pool: one of its GPUs needs a reset (why says
