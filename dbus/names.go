@@ -1,6 +1,7 @@
 package dbus
 
 import (
+	"encoding/hex"
 	"strings"
 
 	godbus "github.com/godbus/dbus/v5"
@@ -41,7 +42,7 @@ func PathEncode(s string) string {
 	if s == "" {
 		return "_"
 	}
-	const hex = "0123456789abcdef"
+	const digits = "0123456789abcdef"
 	b := make([]byte, 0, len(s))
 	for i := 0; i < len(s); i++ {
 		c := s[i]
@@ -50,7 +51,7 @@ func PathEncode(s string) string {
 			b = append(b, c)
 			continue
 		}
-		b = append(b, '_', hex[c>>4], hex[c&15])
+		b = append(b, '_', digits[c>>4], digits[c&15])
 	}
 	return string(b)
 }
@@ -76,27 +77,14 @@ func PathDecode(path, prefix string) (string, bool) {
 		if i+2 >= len(elem) {
 			return "", false
 		}
-		hi, ok1 := unhex(elem[i+1])
-		lo, ok2 := unhex(elem[i+2])
-		if !ok1 || !ok2 {
+		v, err := hex.DecodeString(elem[i+1 : i+3])
+		if err != nil {
 			return "", false
 		}
-		b = append(b, hi<<4|lo)
+		b = append(b, v[0])
 		i += 2
 	}
 	return string(b), true
-}
-
-func unhex(c byte) (byte, bool) {
-	switch {
-	case c >= '0' && c <= '9':
-		return c - '0', true
-	case c >= 'a' && c <= 'f':
-		return c - 'a' + 10, true
-	case c >= 'A' && c <= 'F':
-		return c - 'A' + 10, true
-	}
-	return 0, false
 }
 
 // PoolPath is the object path of a pool.
