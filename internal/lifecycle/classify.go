@@ -12,7 +12,7 @@ import (
 // classify adds to crash.Classify what only the pool knows: that it
 // stopped the engine for failing its probes, its start or a GPU fault.
 func classify(r *run, x Exit) (crash.Reason, bool) {
-	if x.Lost {
+	if x.Lost && !escalated(r, x) {
 		return crash.Signal, true
 	}
 	reason, ok := crash.Classify(crash.Exit{Status: x.Status, OOMKilled: x.OOMKills > 0, CUDAFault: r.fault != ""})
@@ -50,6 +50,8 @@ func describe(reason crash.Reason, r *run, x Exit) string {
 	ws := x.Status
 	how := ""
 	switch {
+	case escalated(r, x):
+		how = "it did not exit on SIGTERM within its stop timeout, and its scope was killed with SIGKILL"
 	case x.Lost && x.ShimSignal != 0:
 		how = "the engine's whole scope was killed (its shim too, by " + SignalName(x.ShimSignal) + ")"
 	case x.Lost && x.LostWhy == "":

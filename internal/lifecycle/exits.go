@@ -28,7 +28,14 @@ func (m *Machine) exited(e Exited) {
 	// Not live, not ready: said first, before any file is touched.
 	m.publish()
 	m.do(StopProbes{Run: r.id})
-	if x.Lost {
+	switch {
+	case escalated(r, x):
+		// The daemon's own stop ran out of StopTimeoutSec= and systemd
+		// killed the whole scope, shim and all: that is the stop, not a
+		// lost shim, and the stop keeps its reason.
+		m.log(slog.LevelWarn, "engine did not exit on SIGTERM within its stop timeout: its scope was killed with SIGKILL",
+			journal.Reason, r.stopping.String())
+	case x.Lost:
 		// Without its shim nothing reports on the engine any more (and a
 		// garbled report may come from an engine that still runs): the
 		// scope goes before anything else happens on its GPUs.
@@ -66,6 +73,14 @@ func (m *Machine) exited(e Exited) {
 		return
 	}
 	m.exitedOnOwn(r, x, uptime)
+}
+
+// escalated says whether the daemon was stopping r and its stop ended in
+// systemd's SIGKILL of the whole scope (the engine ignored SIGTERM, or
+// could not act on it: llama-server with a request in flight, a frozen
+// process).
+func escalated(r *run, x Exit) bool {
+	return x.Lost && r.stopping != NotStopping && x.ShimSignal == syscall.SIGKILL
 }
 
 // mayBeStopped says whether an exit looks like what a stop of the scope

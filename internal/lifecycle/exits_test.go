@@ -301,3 +301,78 @@ func TestDiedTakesReadyAwayBeforeTheExitIsKnown(t *testing.T) {
 	assert.Equal(t, Backoff, p.m.State())
 	assert.Len(t, crashEntries(p.last), 1, "counted once, from the shim's report")
 }
+
+// A stop the daemon began (failed probes, a stall, a drain) that ends in
+// systemd's SIGKILL of the whole scope is the stop, not a lost shim: the
+// crash keeps the stop's reason and the journal says the stop escalated.
+// llama-server with a request in flight ignores SIGTERM; a frozen engine
+// cannot act on it.
+func TestAStopThatEscalatesToSIGKILLKeepsItsReason(t *testing.T) {
+	scopeKilled := Exit{Lost: true, LostWhy: "the shim ended without reporting the engine's exit", ShimSignal: syscall.SIGKILL}
+	for _, tc := range []struct {
+		name   string
+		stop   func(p *pool, run RunID)
+		reason crash.Reason
+		state  State
+	}{
+		{name: "failed probes", reason: crash.HealthCheck, state: Backoff, stop: func(p *pool, run RunID) {
+			for range 3 {
+				p.advance(time.Second)
+				p.step(Probed{Run: run, Err: assert.AnError})
+			}
+		}},
+		{name: "a stall", reason: crash.Stalled, state: Backoff, stop: func(p *pool, run RunID) {
+			p.step(Progress{Run: run, InFlight: 1, Tokens: 5})
+			p.advance(2 * time.Minute)
+			p.step(Progress{Run: run, InFlight: 1, Tokens: 5})
+		}},
+		{name: "a drain", state: Stopped, stop: func(p *pool, run RunID) {
+			p.request(func(id ReqID) Event { return DrainRequested{Req: id} })
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPool(t, func(c *Config) { c.Stall = time.Minute })
+			run := p.ready()
+			tc.stop(p, run)
+			p.must(p.last, "the stop")
+			_, stopping := find[StopScope](p.last)
+			require.True(t, stopping, "the daemon stops the engine")
+			acts := p.exit(run, scopeKilled)
+			for _, l := range all[Log](acts) {
+				assert.NotContains(t, l.Msg, "shim lost")
+			}
+			_, again := find[StopScope](acts)
+			assert.False(t, again, "the scope is already going")
+			var said bool
+			for _, l := range all[Log](acts) {
+				if l.Msg == "engine did not exit on SIGTERM within its stop timeout: its scope was killed with SIGKILL" {
+					said = true
+				}
+			}
+			assert.True(t, said, "the escalation is journaled")
+			v := p.m.View(p.now)
+			assert.Equal(t, tc.state, v.State)
+			crashes := crashEntries(acts)
+			if tc.reason == "" {
+				assert.Empty(t, crashes, "a drain's stop is no crash")
+				return
+			}
+			require.Len(t, crashes, 1)
+			assert.Equal(t, tc.reason, crashes[0].Reason)
+			assert.Equal(t, tc.reason, v.LastReason)
+			assert.Contains(t, v.LastError, "did not exit on SIGTERM within its stop timeout")
+		})
+	}
+}
+
+// The same SIGKILL of the whole scope without a stop of the daemon's is
+// someone else's kill: a crash naming the signal, and the scope goes.
+func TestAScopeKilledWhileNotStoppingIsStillASignal(t *testing.T) {
+	p := newPool(t, nil)
+	run := p.ready()
+	acts := p.exit(run, Exit{Lost: true, LostWhy: "the shim ended without reporting the engine's exit", ShimSignal: syscall.SIGKILL})
+	p.fire(TimerHoldExit)
+	_, stops := find[StopScope](acts)
+	assert.True(t, stops)
+	assert.Equal(t, crash.Signal, p.m.View(p.now).LastReason)
+}
