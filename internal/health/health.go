@@ -18,26 +18,19 @@ import (
 )
 
 // Verify checks the engine end of a probe's connection before anything is
-// sent on it; an error fails the probe.
+// sent on it; an error fails the probe. A probe answered by whoever squats
+// the engine's port must not count; nil verifies nothing.
 type Verify func(remote netip.AddrPort) error
 
-type verifyKey struct{}
-
-// WithVerify makes the probes under ctx check their connection's peer with
-// v: a probe answered by whoever squats the engine's port must not count.
-func WithVerify(ctx context.Context, v Verify) context.Context {
-	return context.WithValue(ctx, verifyKey{}, v)
-}
-
-// dial connects and, where the context asks, verifies the peer.
-func dial(ctx context.Context, network, addr string) (net.Conn, error) {
+// dial connects and, with v set, verifies the peer.
+func dial(ctx context.Context, network, addr string, v Verify) (net.Conn, error) {
 	// No TCP keep-alive: the connection lives for one answer.
 	d := net.Dialer{KeepAlive: -1}
 	c, err := d.DialContext(ctx, network, addr)
 	if err != nil {
 		return nil, err
 	}
-	if v, _ := ctx.Value(verifyKey{}).(Verify); v != nil {
+	if v != nil {
 		if tcp, ok := c.RemoteAddr().(*net.TCPAddr); ok {
 			err = v(tcp.AddrPort())
 		} else {
@@ -49,6 +42,28 @@ func dial(ctx context.Context, network, addr string) (net.Conn, error) {
 		}
 	}
 	return c, nil
+}
+
+// newTransport is a transport whose connections live for one answer.
+func newTransport() *http.Transport {
+	return &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		return dial(ctx, network, addr, nil)
+	}}
+}
+
+// clientFor is a client on base's settings whose connections verify their
+// peer with v: one for each verified request, so that the peer check is
+// the caller's argument (no transport pool to keep: each connection is
+// closed after its answer).
+func clientFor(base *http.Transport, v Verify) *http.Client {
+	if v == nil {
+		return &http.Client{Transport: base}
+	}
+	t := base.Clone()
+	t.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		return dial(ctx, network, addr, v)
+	}
+	return &http.Client{Transport: t}
 }
 
 // Prober probes one URL. Each probe is a new connection, closed after the
@@ -81,21 +96,22 @@ func New(rawURL string, timeout time.Duration) *Prober {
 			"\r\nUser-Agent: pool-managerd\r\nAccept: */*\r\nConnection: close\r\n\r\n")
 		return p
 	}
-	p.client = &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: dial}}
+	p.client = &http.Client{Transport: newTransport()}
 	return p
 }
 
-// Probe returns nil when the engine answers 200 within the timeout.
-func (p *Prober) Probe(ctx context.Context) error {
+// Probe returns nil when the engine answers 200 within the timeout; v,
+// when set, must accept the answering socket first.
+func (p *Prober) Probe(ctx context.Context, v Verify) error {
 	ctx, cancel := context.WithTimeout(ctx, p.Timeout)
 	defer cancel()
 	var resp *http.Response
 	var err error
 	if p.client != nil {
-		resp, err = p.viaClient(ctx)
+		resp, err = p.viaClient(ctx, v)
 	} else {
 		var c net.Conn
-		c, resp, err = p.plain(ctx)
+		c, resp, err = p.plain(ctx, v)
 		if c != nil {
 			defer c.Close()
 		}
@@ -114,18 +130,18 @@ func (p *Prober) Probe(ctx context.Context) error {
 	return nil
 }
 
-func (p *Prober) viaClient(ctx context.Context) (*http.Response, error) {
+func (p *Prober) viaClient(ctx context.Context, v Verify) (*http.Response, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, p.URL, nil)
 	if err != nil {
 		return nil, err
 	}
-	return p.client.Do(req)
+	return clientFor(p.client.Transport.(*http.Transport), v).Do(req)
 }
 
 // plain sends the request on a new connection and reads the answer's
 // head; the caller closes the connection.
-func (p *Prober) plain(ctx context.Context) (net.Conn, *http.Response, error) {
-	c, err := dial(ctx, "tcp", p.addr)
+func (p *Prober) plain(ctx context.Context, v Verify) (net.Conn, *http.Response, error) {
+	c, err := dial(ctx, "tcp", p.addr, v)
 	if err != nil {
 		return nil, nil, fmt.Errorf("GET %s: %w", p.URL, err)
 	}

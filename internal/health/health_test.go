@@ -32,13 +32,13 @@ func TestProbe(t *testing.T) {
 	}))
 	defer srv.Close()
 	ctx := context.Background()
-	err := New(srv.URL+"/health", time.Second).Probe(ctx)
+	err := New(srv.URL+"/health", time.Second).Probe(ctx, nil)
 	assert.ErrorContains(t, err, "answered 503")
 	status = http.StatusOK
-	assert.NoError(t, New(srv.URL+"/health", time.Second).Probe(ctx))
-	err = New(srv.URL+"/hang", 50*time.Millisecond).Probe(ctx)
+	assert.NoError(t, New(srv.URL+"/health", time.Second).Probe(ctx, nil))
+	err = New(srv.URL+"/hang", 50*time.Millisecond).Probe(ctx, nil)
 	assert.ErrorContains(t, err, "no answer")
-	assert.Error(t, New("http://127.0.0.1:1/health", time.Second).Probe(ctx))
+	assert.Error(t, New("http://127.0.0.1:1/health", time.Second).Probe(ctx, nil))
 }
 
 // Every probe is its own connection, closed once answered; a cancelled
@@ -74,7 +74,7 @@ func TestProbeConnectionsAndCancel(t *testing.T) {
 	defer srv.Close()
 	p := New(srv.URL+"/health?verbose=1", time.Second)
 	for range 5 {
-		require.NoError(t, p.Probe(context.Background()))
+		require.NoError(t, p.Probe(context.Background(), nil))
 	}
 	assert.Eventually(t, func() bool {
 		mu.Lock()
@@ -85,7 +85,7 @@ func TestProbeConnectionsAndCancel(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	time.AfterFunc(50*time.Millisecond, cancel)
 	start := time.Now()
-	assert.Error(t, New(srv.URL+"/hang", 30*time.Second).Probe(ctx))
+	assert.Error(t, New(srv.URL+"/hang", 30*time.Second).Probe(ctx, nil))
 	assert.Less(t, time.Since(start), 10*time.Second, "the cancel ended the probe")
 }
 
@@ -109,7 +109,7 @@ func TestProbeBadAnswers(t *testing.T) {
 	}()
 	url := "http://" + l.Addr().String() + "/health"
 	for range 2 {
-		err := New(url, time.Second).Probe(context.Background())
+		err := New(url, time.Second).Probe(context.Background(), nil)
 		require.Error(t, err)
 		assert.Contains(t, err.Error(), url)
 	}
@@ -137,15 +137,15 @@ func TestProbeSendsNothingToAnUnverifiedPeer(t *testing.T) {
 			p.client.Transport.(*http.Transport).TLSClientConfig = srv.Client().Transport.(*http.Transport).TLSClientConfig
 		}
 		var seen netip.AddrPort
-		refuse := WithVerify(context.Background(), func(peer netip.AddrPort) error {
+		refuse := func(peer netip.AddrPort) error {
 			seen = peer
 			return errors.New("held by a socket outside the scope")
-		})
-		err := p.Probe(refuse)
+		}
+		err := p.Probe(context.Background(), refuse)
 		assert.ErrorContains(t, err, "outside the scope", "tls=%v", tls)
 		assert.Equal(t, srv.Listener.Addr().String(), seen.String())
-		accept := WithVerify(context.Background(), func(netip.AddrPort) error { return nil })
-		require.NoError(t, p.Probe(accept))
+		accept := func(netip.AddrPort) error { return nil }
+		require.NoError(t, p.Probe(context.Background(), accept))
 		srv.Close()
 		mu.Lock()
 		assert.Equal(t, 1, got, "only the verified probe reached the server (tls=%v)", tls)

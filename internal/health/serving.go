@@ -34,19 +34,21 @@ var ErrNoAnswer = errors.New("no answer")
 // to hold more.
 const maxMetrics = 4 << 20
 
-var client = &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: dial}}
+// transport serves the reads and requests below.
+var transport = newTransport()
 
 // Progress reads an engine's Prometheus endpoint: the requests it has in
 // flight and the tokens it has produced so far (each summed over its
-// series). An answer without either is an error.
-func Progress(ctx context.Context, rawURL string, timeout time.Duration) (inFlight, tokens float64, err error) {
+// series). An answer without either is an error. v, when set, must accept
+// the answering socket first.
+func Progress(ctx context.Context, rawURL string, timeout time.Duration, v Verify) (inFlight, tokens float64, err error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
 	if err != nil {
 		return 0, 0, err
 	}
-	resp, err := client.Do(req)
+	resp, err := clientFor(transport, v).Do(req)
 	if err != nil {
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			return 0, 0, fmt.Errorf("%s: %w within %s", rawURL, ErrNoAnswer, timeout)
@@ -103,8 +105,9 @@ func sum(fams map[string]*dto.MetricFamily, names []string) (float64, bool) {
 }
 
 // Request sends one request (a warm-up) to the engine at base's scheme and
-// host; anything but a 2xx answer within timeout is an error.
-func Request(ctx context.Context, base, method, path, body string, timeout time.Duration) error {
+// host; anything but a 2xx answer within timeout is an error. v, when set,
+// must accept the answering socket first.
+func Request(ctx context.Context, base, method, path, body string, timeout time.Duration, v Verify) error {
 	u, err := url.Parse(base)
 	if err != nil {
 		return err
@@ -123,7 +126,7 @@ func Request(ctx context.Context, base, method, path, body string, timeout time.
 	if body != "" {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	resp, err := client.Do(req)
+	resp, err := clientFor(transport, v).Do(req)
 	if err != nil {
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			return fmt.Errorf("%s %s: no answer within %s", method, path, timeout)

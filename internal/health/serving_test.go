@@ -2,9 +2,11 @@ package health
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -38,7 +40,7 @@ func TestProgressReadsTheEnginesOwnMetrics(t *testing.T) {
 				w.Write([]byte(tc.body))
 			}))
 			defer srv.Close()
-			in, tok, err := Progress(context.Background(), srv.URL+"/metrics", 5*time.Second)
+			in, tok, err := Progress(context.Background(), srv.URL+"/metrics", 5*time.Second, nil)
 			if tc.err != "" {
 				require.Error(t, err)
 				assert.Contains(t, err.Error(), tc.err)
@@ -56,7 +58,7 @@ func TestProgressThatHangsIsNoAnswer(t *testing.T) {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-release }))
 	defer srv.Close()
 	defer close(release)
-	_, _, err := Progress(context.Background(), srv.URL+"/metrics", 50*time.Millisecond)
+	_, _, err := Progress(context.Background(), srv.URL+"/metrics", 50*time.Millisecond, nil)
 	assert.ErrorIs(t, err, ErrNoAnswer)
 }
 
@@ -76,12 +78,43 @@ func TestWarmupRequest(t *testing.T) {
 	}))
 	defer srv.Close()
 	base := srv.URL + "/health"
-	require.NoError(t, Request(context.Background(), base, "POST", "/completion", `{"prompt":"Hi","n_predict":1}`, 5*time.Second))
+	require.NoError(t, Request(context.Background(), base, "POST", "/completion", `{"prompt":"Hi","n_predict":1}`, 5*time.Second, nil))
 	assert.Equal(t, []string{`POST /completion application/json {"prompt":"Hi","n_predict":1}`}, got)
-	err := Request(context.Background(), base, "POST", "/fail", "", 5*time.Second)
+	err := Request(context.Background(), base, "POST", "/fail", "", 5*time.Second, nil)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "POST /fail answered 500")
-	err = Request(context.Background(), base, "GET", "/slow", "", 50*time.Millisecond)
+	err = Request(context.Background(), base, "GET", "/slow", "", 50*time.Millisecond, nil)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "no answer within 50ms")
+}
+
+// The metrics read and the warm-up request verify their peer like the
+// probe: a refused peer gets nothing, an accepted one the request.
+func TestProgressAndRequestSendNothingToAnUnverifiedPeer(t *testing.T) {
+	got := 0
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got++
+		w.Write([]byte("llamacpp:requests_processing 1\nllamacpp:n_decode_total 5\n"))
+	}))
+	defer srv.Close()
+	var seen []netip.AddrPort
+	refuse := func(peer netip.AddrPort) error {
+		seen = append(seen, peer)
+		return errors.New("held by a socket outside the scope")
+	}
+	accept := func(netip.AddrPort) error { return nil }
+
+	_, _, err := Progress(context.Background(), srv.URL+"/metrics", 5*time.Second, refuse)
+	assert.ErrorContains(t, err, "outside the scope")
+	err = Request(context.Background(), srv.URL+"/health", "POST", "/completion", `{}`, 5*time.Second, refuse)
+	assert.ErrorContains(t, err, "outside the scope")
+	assert.Zero(t, got, "nothing reached the refused peer")
+	require.Len(t, seen, 2)
+	assert.Equal(t, srv.Listener.Addr().String(), seen[0].String())
+
+	in, tok, err := Progress(context.Background(), srv.URL+"/metrics", 5*time.Second, accept)
+	require.NoError(t, err)
+	assert.Equal(t, []float64{1, 5}, []float64{in, tok})
+	require.NoError(t, Request(context.Background(), srv.URL+"/health", "POST", "/completion", `{}`, 5*time.Second, accept))
+	assert.Equal(t, 2, got)
 }

@@ -91,14 +91,13 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Mode
 			Socket:      filepath.Join(m.RuntimeDir, "pools", p.ID+".sock"),
 		}
 	}
+	health := p.Health
+	health.ProgressURL = p.Specifiers("").Expand(health.ProgressURL)
 	return Config{
-		Pool:      p.ID,
-		Build:     build,
-		HealthURL: p.Specifiers("").Expand(p.Engine.HealthURL),
-		Health: HealthConfig{Interval: p.Health.Interval, Timeout: p.Health.Timeout,
-			StartTimeout: p.Health.StartTimeout, FailureThreshold: p.Health.FailureThreshold,
-			ProgressURL: p.Specifiers("").Expand(p.Health.ProgressURL), Stall: p.Health.Stall,
-			Warmup: p.Health.Warmup, WarmupTimeout: p.Health.WarmupTimeout},
+		Pool:           p.ID,
+		Build:          build,
+		HealthURL:      p.Specifiers("").Expand(p.Engine.HealthURL),
+		Health:         health,
 		Restart:        p.Restart,
 		Model:          p.Model,
 		ModelDigest:    p.ModelDigest,

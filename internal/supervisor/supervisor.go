@@ -15,19 +15,18 @@ import (
 	"log/slog"
 	"maps"
 	"math/rand/v2"
-	"net/netip"
 	"os"
 	"os/exec"
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/llorch/pool-managerd/internal/check"
+	"github.com/llorch/pool-managerd/internal/check/warmup"
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/engine"
-	"github.com/llorch/pool-managerd/internal/health"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/metrics"
@@ -45,7 +44,7 @@ type Config struct {
 	// Build is the engine to run for a staged model path.
 	Build     func(model string) engine.Spec
 	HealthURL string
-	Health    HealthConfig
+	Health    config.Health // specifiers expanded
 	Restart   policy.Params
 	// Model is the ref as configured; ModelDigest the digest it must have
 	// ("" to accept any).
@@ -79,19 +78,6 @@ type GPUHolder struct {
 	Unit string
 }
 
-// HealthConfig is the pool's [Health] section.
-type HealthConfig struct {
-	Interval, Timeout, StartTimeout time.Duration
-	FailureThreshold                int
-	// ProgressURL and Stall: stall detection (off when Stall is 0).
-	ProgressURL string
-	Stall       time.Duration
-	// Warmup, when set, must succeed within WarmupTimeout before the
-	// pool is Ready.
-	Warmup        *config.WarmupRequest
-	WarmupTimeout time.Duration
-}
-
 // Stager validates and stages model files.
 type Stager interface {
 	Resolve(ref string) (model.Source, error)
@@ -117,7 +103,6 @@ type Supervisor struct {
 	rt      *engine.Runtime
 	log     *slog.Logger
 	metrics *metrics.Set
-	prober  *health.Prober
 	events  chan func()
 
 	mu      sync.Mutex
@@ -158,17 +143,12 @@ type run struct {
 	started time.Time
 	staged  model.Staged
 	exited  chan struct{}
-	// startBy, when set, is when the engine must be healthy (an adopted
-	// engine that was starting); else StartTimeoutSec from the probes'
-	// start.
-	startBy time.Time
-	// Owned by the prober: the scope a probe's peer must belong to.
+	// checks are the run's health checks (nil until it is watched).
+	checks *check.Run
+	// Owned by the checks: the scope a check's peer must belong to.
 	scopeOnce sync.Once
 	scope     sockdiag.Scope
 	scopeErr  error
-	// failing is set after a failed probe; squatted once a foreign
-	// listener was reported.
-	failing, squatted atomic.Bool
 }
 
 // holdExit bounds how long an exit that may be an operator's stop waits
@@ -180,7 +160,6 @@ const holdExit = 500 * time.Millisecond
 func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supervisor {
 	s := &Supervisor{
 		cfg: cfg, rt: rt, log: log, metrics: m,
-		prober:  health.New(cfg.HealthURL, cfg.Health.Timeout),
 		events:  make(chan func(), 64),
 		changed: make(chan struct{}),
 		runs:    map[lifecycle.RunID]*run{},
@@ -273,12 +252,11 @@ func (s *Supervisor) exec(actions []lifecycle.Action) {
 			s.unprepare()
 		case lifecycle.Watch:
 			if r := s.runs[a.Run]; r != nil {
-				r.startBy = a.StartBy
-				go s.probe(r)
+				s.watch(r, a.StartBy)
 			}
 		case lifecycle.Warmup:
-			if r := s.runs[a.Run]; r != nil {
-				go s.warmup(r)
+			if r := s.runs[a.Run]; r != nil && r.checks != nil {
+				r.checks.Trigger(warmup.Name)
 			}
 		case lifecycle.StopProbes:
 			if r := s.runs[a.Run]; r != nil {
@@ -785,133 +763,6 @@ func engineVersion(argv []string) (string, error) {
 		return "", fmt.Errorf("%s printed nothing", strings.Join(argv, " "))
 	}
 	return first, nil
-}
-
-// probeEpoch aligns the probes of healthy engines: they fall on multiples
-// of their interval from this one instant, so a daemon running many pools
-// wakes once per interval for all of them, not once per pool (as systemd
-// coalesces timers). On a VM the wake-ups cost more than the probes: for
-// 64 pools this is several times less idle CPU.
-var probeEpoch = time.Now()
-
-// untilProbe is how long from now to the next aligned probe, in (0, every].
-func untilProbe(now time.Time, every time.Duration) time.Duration {
-	return every - now.Sub(probeEpoch)%every
-}
-
-// A new engine is probed every startStep for its first startQuick, then
-// at doubling waits up to the start's probe interval: an engine that
-// serves at once is Ready within a step, and one that loads a model for
-// minutes is asked at the start's interval.
-const (
-	startStep  = 2 * time.Millisecond
-	startQuick = 20 * time.Millisecond
-)
-
-// probe checks health: often until the engine first answers (bounded by
-// StartTimeout), then every Interval; it reports each result to the loop.
-func (s *Supervisor) probe(r *run) {
-	h := s.cfg.Health
-	startEvery := min(h.Interval, 100*time.Millisecond)
-	next := min(startStep, startEvery)
-	quickUntil := time.Now().Add(startQuick)
-	deadline := time.Now().Add(h.StartTimeout)
-	if !r.startBy.IsZero() {
-		deadline = r.startBy
-	}
-	healthy := false
-	for {
-		wait := next
-		if time.Now().After(quickUntil) {
-			next = min(2*next, startEvery)
-		}
-		if healthy {
-			wait = untilProbe(time.Now(), h.Interval)
-		}
-		select {
-		case <-r.ctx.Done():
-			return
-		case <-time.After(wait):
-		}
-		// Until it is healthy (and again after a failed probe) an
-		// answer counts only from a socket of the engine's own scope:
-		// while the engine is down or loading, another user may listen
-		// on its port.
-		pctx := r.ctx
-		if !healthy || r.failing.Load() {
-			pctx = health.WithVerify(r.ctx, s.ownedByScope(r))
-		}
-		err := s.prober.Probe(pctx)
-		if r.ctx.Err() != nil {
-			return
-		}
-		var foreign *sockdiag.ForeignError
-		if errors.As(err, &foreign) && !r.squatted.Swap(true) {
-			msg := foreign.Error()
-			s.post(func() { s.step(lifecycle.Squatted{Run: r.id, Msg: msg}) })
-		}
-		if !healthy {
-			if err == nil {
-				healthy = true
-				s.post(func() { s.step(lifecycle.Healthy{Run: r.id}) })
-			} else if time.Now().After(deadline) {
-				err = fmt.Errorf("not healthy within StartTimeoutSec=%s: %w", s.cfg.Health.StartTimeout, err)
-				s.post(func() { s.step(lifecycle.StartTimedOut{Run: r.id, Err: err}) })
-				return
-			}
-			continue
-		}
-		r.failing.Store(err != nil)
-		s.post(func() { s.step(lifecycle.Probed{Run: r.id, Err: err}) })
-		if h.Stall > 0 && err == nil {
-			// Read from the engine's own scope, like the probe it
-			// follows: another user's listener must not vouch for it.
-			in, tok, perr := health.Progress(health.WithVerify(r.ctx, s.ownedByScope(r)), h.ProgressURL, h.Timeout)
-			if r.ctx.Err() != nil {
-				return
-			}
-			noAnswer := errors.Is(perr, health.ErrNoAnswer)
-			s.post(func() {
-				s.step(lifecycle.Progress{Run: r.id, InFlight: in, Tokens: tok, Err: perr, NoAnswer: noAnswer})
-			})
-		}
-	}
-}
-
-// warmup sends the engine its warm-up request, to its own scope only.
-func (s *Supervisor) warmup(r *run) {
-	w := s.cfg.Health.Warmup
-	err := health.Request(health.WithVerify(r.ctx, s.ownedByScope(r)), s.cfg.HealthURL, w.Method, w.Path, w.Body, s.cfg.Health.WarmupTimeout)
-	if r.ctx.Err() != nil {
-		return
-	}
-	s.post(func() { s.step(lifecycle.WarmedUp{Run: r.id, Err: err}) })
-}
-
-// ownedByScope verifies that a probe's peer is a socket of the engine's
-// scope. The scope's cgroup is found from the engine's process once per
-// run.
-func (s *Supervisor) ownedByScope(r *run) health.Verify {
-	return func(peer netip.AddrPort) error {
-		r.scopeOnce.Do(func() {
-			id, err := sockdiag.CgroupID(r.e.PID)
-			if err != nil && !errors.Is(err, sockdiag.ErrNoCgroup2) {
-				r.scopeErr = fmt.Errorf("finding the engine's cgroup: %w", err)
-				return
-			}
-			var st syscall.Stat_t
-			if err := syscall.Stat(fmt.Sprintf("/proc/%d", r.e.PID), &st); err != nil {
-				r.scopeErr = fmt.Errorf("finding the engine's user: %w", err)
-				return
-			}
-			r.scope = sockdiag.Scope{Unit: r.e.Unit, CgroupID: id, UID: st.Uid}
-		})
-		if r.scopeErr != nil {
-			return r.scopeErr
-		}
-		_, err := sockdiag.CheckOwner(peer.Addr(), peer.Port(), r.scope)
-		return err
-	}
 }
 
 // stopScope stops the engine's scope in the background (r nil: whatever

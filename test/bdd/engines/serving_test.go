@@ -125,7 +125,7 @@ func initServing(sc *godog.ScenarioContext) {
 	})
 	sc.Step(`^the engine answered the warm-up request before the pool was ready$`, func() error {
 		p, _ := w.pool("")
-		_, tokens, err := health.Progress(context.Background(), fmt.Sprintf("http://127.0.0.1:%d/metrics", p.Port), 5*time.Second)
+		_, tokens, err := health.Progress(context.Background(), fmt.Sprintf("http://127.0.0.1:%d/metrics", p.Port), 5*time.Second, nil)
 		if err != nil {
 			return err
 		}

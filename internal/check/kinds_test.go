@@ -1,0 +1,126 @@
+package check_test
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/pool-managerd/internal/check"
+	"github.com/llorch/pool-managerd/internal/check/probe"
+	"github.com/llorch/pool-managerd/internal/check/progress"
+	"github.com/llorch/pool-managerd/internal/check/warmup"
+	"github.com/llorch/pool-managerd/internal/config"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
+)
+
+// The kinds together on one engine: the probe's first good look is
+// Healthy, the warm-up answers when asked, and every later good probe is
+// followed by a metrics read; a pool without a stall check or a warm-up
+// has only the probe's goroutine, and none is left once the run ends.
+func TestTheKindsOnOneEngine(t *testing.T) {
+	var loading atomic.Int32
+	loading.Store(3)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/health":
+			if loading.Add(-1) >= 0 {
+				w.WriteHeader(http.StatusServiceUnavailable)
+			}
+		case "/metrics":
+			w.Write([]byte("llamacpp:requests_processing 0\nllamacpp:n_decode_total 3\n"))
+		case "/completion":
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer srv.Close()
+	kinds := []check.Kind{probe.Kind, progress.Kind, warmup.Kind}
+	h := config.Health{Interval: 30 * time.Millisecond, Timeout: 30 * time.Millisecond, StartTimeout: 10 * time.Second,
+		ProgressURL: srv.URL + "/metrics", Stall: time.Second,
+		Warmup: &config.WarmupRequest{Method: "POST", Path: "/completion"}, WarmupTimeout: time.Second}
+	var verified atomic.Int32
+	tgt := check.Target{Run: 8, Owned: func(netip.AddrPort) error { verified.Add(1); return nil }}
+	var mu sync.Mutex
+	var evs []lifecycle.Event
+	tell := func(ev lifecycle.Event) { mu.Lock(); evs = append(evs, ev); mu.Unlock() }
+	told := func() []lifecycle.Event { mu.Lock(); defer mu.Unlock(); return append([]lifecycle.Event(nil), evs...) }
+
+	ctx, cancel := context.WithCancel(context.Background())
+	r := check.Start(ctx, kinds, check.Config{HealthURL: srv.URL + "/health", Health: h}, tgt, time.Time{}, tell)
+	assert.Equal(t, 2, workers(), "the probe and the stall check")
+	require.Eventually(t, func() bool { return len(told()) > 0 }, 5*time.Second, time.Millisecond)
+	assert.Equal(t, lifecycle.Healthy{Run: 8}, told()[0])
+	r.Trigger(warmup.Name)
+	require.Eventually(t, func() bool { return len(told()) >= 8 }, 5*time.Second, time.Millisecond)
+	cancel()
+	require.Eventually(t, func() bool { return workers() == 0 }, 5*time.Second, time.Millisecond)
+
+	var seq []string
+	for _, ev := range told()[1:] {
+		switch ev := ev.(type) {
+		case lifecycle.WarmedUp:
+			assert.NoError(t, ev.Err)
+			seq = append(seq, "warmed")
+		case lifecycle.Probed:
+			assert.NoError(t, ev.Err)
+			seq = append(seq, "probed")
+		case lifecycle.Progress:
+			assert.Equal(t, lifecycle.Progress{Run: 8, Tokens: 3}, ev)
+			seq = append(seq, "progress")
+		default:
+			t.Errorf("unexpected %#v", ev)
+		}
+	}
+	warmed := 0
+	var rest []string
+	for _, k := range seq {
+		if k == "warmed" {
+			warmed++
+		} else {
+			rest = append(rest, k)
+		}
+	}
+	assert.Equal(t, 1, warmed)
+	for i := 0; i+1 < len(rest); i += 2 {
+		assert.Equal(t, []string{"probed", "progress"}, rest[i:i+2], "each good probe is followed by a read: %v", rest)
+	}
+	// 4 start looks, the warm-up and each metrics read were verified;
+	// the probes of the healthy engine were not.
+	reads := 0
+	for _, k := range rest {
+		if k == "progress" {
+			reads++
+		}
+	}
+	assert.Equal(t, int32(4+1+reads), verified.Load())
+
+	plain := check.Config{HealthURL: srv.URL + "/health", Health: config.Health{Interval: time.Second, Timeout: time.Second, StartTimeout: time.Second}}
+	ctx, cancel = context.WithCancel(context.Background())
+	check.Start(ctx, kinds, plain, tgt, time.Time{}, func(lifecycle.Event) {})
+	assert.Equal(t, 1, workers(), "the probe alone")
+	cancel()
+	require.Eventually(t, func() bool { return workers() == 0 }, 5*time.Second, time.Millisecond)
+}
+
+// workers counts the goroutines of runs' checks: those the check package
+// started.
+func workers() int {
+	buf := make([]byte, 1<<20)
+	n := 0
+	for g := range strings.SplitSeq(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+		if strings.Contains(g, "\ncreated by github.com/llorch/pool-managerd/internal/check.") {
+			n++
+		}
+	}
+	return n
+}

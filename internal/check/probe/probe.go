@@ -1,0 +1,66 @@
+// Package probe is the engine's health probe as a check: GET HealthURL=,
+// 200 is healthy. Its first good look says the engine is up (Healthy);
+// after that each look is told as Probed. It looks every [Health]
+// IntervalSec=, often at the start, until StartTimeoutSec=.
+package probe
+
+import (
+	"context"
+	"errors"
+
+	"github.com/llorch/pool-managerd/internal/check"
+	"github.com/llorch/pool-managerd/internal/config"
+	"github.com/llorch/pool-managerd/internal/health"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
+	"github.com/llorch/pool-managerd/internal/sockdiag"
+)
+
+// Name is the kind's name.
+const Name = "health"
+
+// Kind is the health probe: every pool has one.
+var Kind = check.Kind{Name: Name, New: New}
+
+// New is the probe of one engine run.
+func New(cfg check.Config) check.Check {
+	return &probe{cfg: cfg.Health, prober: health.New(cfg.HealthURL, cfg.Health.Timeout)}
+}
+
+type probe struct {
+	cfg    config.Health
+	prober *health.Prober
+	// up: a look has answered (the engine is up); failing: the last look
+	// failed; squatted: a foreign listener was told.
+	up, failing, squatted bool
+}
+
+func (p *probe) Schedule() check.Schedule {
+	return check.Schedule{Every: p.cfg.Interval, StartTimeout: p.cfg.StartTimeout}
+}
+
+func (p *probe) Check(ctx context.Context, t check.Target) check.Result {
+	// Until the engine is up (and again after a failed look) an answer
+	// counts only from a socket of its own scope; between, the probe
+	// skips the cost of asking the kernel who answered.
+	var v health.Verify
+	if !p.up || p.failing {
+		v = t.Owned
+	}
+	err := p.prober.Probe(ctx, v)
+	res := check.Result{Err: err}
+	var foreign *sockdiag.ForeignError
+	if errors.As(err, &foreign) && !p.squatted {
+		p.squatted = true
+		res.Events = append(res.Events, lifecycle.Squatted{Run: t.Run, Msg: foreign.Error()})
+	}
+	if !p.up {
+		if err == nil {
+			p.up = true
+			res.Events = append(res.Events, lifecycle.Healthy{Run: t.Run})
+		}
+		return res
+	}
+	p.failing = err != nil
+	res.Events = append(res.Events, lifecycle.Probed{Run: t.Run, Err: err})
+	return res
+}
