@@ -35,8 +35,9 @@ type Kind struct {
 	New func(Config) Check
 }
 
-// Check looks at one engine run. Its Check is called from the check's own
-// goroutine only, one look at a time.
+// Check looks at one engine run. A periodic or following check looks from
+// its own goroutine, one look at a time; an on-demand one from a goroutine
+// of each asking.
 type Check interface {
 	// Schedule says when the check looks.
 	Schedule() Schedule
@@ -71,14 +72,15 @@ type Schedule struct {
 	// shared by every pool.
 	Every time.Duration
 	// StartTimeout, for the periodic check that says the engine is up:
-	// from the run's start it looks often (see Start), and once a look
-	// has no error it looks every Every. A run whose looks all failed
+	// from the run's start it looks every 2 ms, then at doubling waits
+	// up to 100 ms (or Every if shorter), and once a look has no error
+	// it looks every Every. A run whose looks all failed
 	// within StartTimeout (or by the run's own start deadline) is told
 	// as StartTimedOut.
 	StartTimeout time.Duration
 	// After names the periodic check that this one follows: it looks
-	// after each look of that check without error, once the engine is up
-	// (at most one look waits while one is under way).
+	// after each look of that check without error, once the engine is
+	// up, and that check's next look waits for it (as one loop would).
 	After string
 	// OnDemand: the check looks when the lifecycle machine asks (Run's
 	// Trigger), once for each asking.

@@ -31,7 +31,7 @@ func Start(ctx context.Context, kinds []Kind, cfg Config, t Target, startBy time
 			names = append(names, k.Name)
 		}
 	}
-	followers := map[string][]chan struct{}{}
+	followers := map[string][]chan chan struct{}{}
 	for _, name := range names {
 		c := checks[name]
 		s := c.Schedule()
@@ -39,8 +39,7 @@ func Start(ctx context.Context, kinds []Kind, cfg Config, t Target, startBy time
 		case s.OnDemand:
 			r.onDemand[name] = c
 		case s.After != "":
-			// At most one look waits: a slow look is not queued behind.
-			next := make(chan struct{}, 1)
+			next := make(chan chan struct{})
 			followers[s.After] = append(followers[s.After], next)
 			go r.follow(c, next)
 		}
@@ -76,8 +75,9 @@ func (r *Run) look(c Check) Result {
 
 // periodic looks often until a look has no error (bounded by the start's
 // deadline), then every s.Every on the shared grid; each look without
-// error after the start wakes the followers.
-func (r *Run) periodic(c Check, s Schedule, startBy time.Time, followers []chan struct{}) {
+// error after the start has the followers look, and the next look waits
+// for theirs.
+func (r *Run) periodic(c Check, s Schedule, startBy time.Time, followers []chan chan struct{}) {
 	startEvery := min(s.Every, startEvery)
 	next := min(startStep, startEvery)
 	quickUntil := time.Now().Add(startQuick)
@@ -117,22 +117,31 @@ func (r *Run) periodic(c Check, s Schedule, startBy time.Time, followers []chan 
 			continue
 		}
 		for _, f := range followers {
+			done := make(chan struct{})
 			select {
-			case f <- struct{}{}:
-			default:
+			case f <- done:
+			case <-r.ctx.Done():
+				return
+			}
+			select {
+			case <-done:
+			case <-r.ctx.Done():
+				return
 			}
 		}
 	}
 }
 
-// follow looks each time the check it follows wakes it.
-func (r *Run) follow(c Check, next <-chan struct{}) {
+// follow looks each time the check it follows asks, and says when done.
+func (r *Run) follow(c Check, next <-chan chan struct{}) {
 	for {
+		var done chan struct{}
 		select {
 		case <-r.ctx.Done():
 			return
-		case <-next:
+		case done = <-next:
 		}
 		r.look(c)
+		close(done)
 	}
 }

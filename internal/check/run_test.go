@@ -6,6 +6,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -229,4 +230,38 @@ func TestOnDemandLooksWhenAsked(t *testing.T) {
 	require.Eventually(t, func() bool { return len(demand.times()) == 2 }, 5*time.Second, time.Millisecond)
 	settled(t)
 	assert.Len(t, got.events(), 1, "a look after the run's end tells nothing")
+}
+
+// slow is a follower whose looks take a while.
+type slow struct {
+	took time.Duration
+	n    atomic.Int32
+}
+
+func (s *slow) Schedule() Schedule { return Schedule{After: "gate"} }
+
+func (s *slow) Check(context.Context, Target) Result {
+	time.Sleep(s.took)
+	s.n.Add(1)
+	return Result{}
+}
+
+// The followed check's next look waits for its followers' looks, as when
+// one loop made both: a slow metrics read delays the next probe to the
+// grid point after it, and no read is queued or skipped.
+func TestNextLookWaitsForTheFollowers(t *testing.T) {
+	every := 20 * time.Millisecond
+	gate := &fake{sched: Schedule{Every: every, StartTimeout: time.Minute}}
+	follower := &slow{took: 5 * every}
+	ctx, cancel := context.WithCancel(context.Background())
+	Start(ctx, kinds(map[string]Check{"gate": gate, "follower": follower}), Config{}, Target{}, time.Time{}, func(lifecycle.Event) {})
+	require.Eventually(t, func() bool { return len(gate.times()) >= 5 }, 10*time.Second, time.Millisecond)
+	cancel()
+	settled(t)
+	looks := gate.times()
+	// Look 1 ends the start; looks 2, 3, ... are each followed by a read.
+	for i := 2; i < len(looks); i++ {
+		assert.GreaterOrEqual(t, looks[i].Sub(looks[i-1]), follower.took, "look %d waited for the read after look %d", i+1, i)
+	}
+	assert.Contains(t, []int32{int32(len(looks) - 1), int32(len(looks) - 2)}, follower.n.Load(), "one read per good look after the start")
 }
