@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/llorch/pool-managerd/internal/crash"
+	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/storm"
 )
@@ -71,7 +72,7 @@ func (m *Set) Export(ctx context.Context, g prometheus.Gatherer, path string, ev
 		srv := &http.Server{Addr: listen, Handler: promhttp.HandlerFor(g, promhttp.HandlerOpts{}), ReadHeaderTimeout: 5 * time.Second}
 		go func() {
 			if err := srv.ListenAndServe(); err != nil && err != http.ErrServerClosed {
-				log.Error("metrics listener: " + err.Error())
+				log.Error("metrics listener failed", journal.Error, err.Error())
 			}
 		}()
 		go func() {
@@ -90,7 +91,7 @@ func (m *Set) Export(ctx context.Context, g prometheus.Gatherer, path string, ev
 			// Once per distinct error: a full disk must not flood the
 			// journal.
 			if err.Error() != lastErr {
-				log.Error("writing the metrics textfile (will retry): " + err.Error())
+				log.Error("writing the metrics textfile failed (will retry)", journal.Error, err.Error())
 				lastErr = err.Error()
 			}
 		} else if lastErr != "" {
