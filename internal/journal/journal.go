@@ -76,6 +76,8 @@ const (
 	Line = "LINE"
 	XID  = "XID"
 	GPU  = "GPU"
+	// The engine's own requests in flight, as its metrics tell them.
+	InFlight = "IN_FLIGHT"
 )
 
 // Levels beyond slog's own, mapped to syslog priorities by slog-journal.

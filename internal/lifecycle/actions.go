@@ -44,6 +44,9 @@ type (
 	}
 	// Warmup sends Run its warm-up request; WarmedUp reports it.
 	Warmup struct{ Run RunID }
+	// ReadProgress reads Run's metrics endpoint once, now; Progress
+	// reports it.
+	ReadProgress struct{ Run RunID }
 	// StopProbes ends Run's probes: it is stopping or gone.
 	StopProbes struct{ Run RunID }
 	// StopScope stops Run's scope (SIGTERM, SIGKILL after the stop
@@ -115,6 +118,7 @@ func (Prepare) action()            {}
 func (Unprepare) action()          {}
 func (Watch) action()              {}
 func (Warmup) action()             {}
+func (ReadProgress) action()       {}
 func (StopProbes) action()         {}
 func (StopScope) action()          {}
 func (WriteRecord) action()        {}

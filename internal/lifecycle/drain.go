@@ -15,13 +15,18 @@ type drainOp struct {
 	phase drainPhase
 	start time.Time
 	// held is how many leases were held when it began.
-	held       int
+	held int
+	// deadline is the drain's own, from its start; deadlineAt is when
+	// its timer is armed for.
+	deadline   time.Duration
 	deadlineAt time.Time
 	waiters    []ReqID
 	res        DrainResult
 	// reload is set when the drain is a reload's first step: its deadline
 	// aborts the reload instead of forcing the stop.
 	reload *reloadOp
+	// waitedRequests: the engine's requests in flight were journaled.
+	waitedRequests bool
 }
 
 // drainRequested stops new leases at once (Draining, not Ready), waits
@@ -33,7 +38,7 @@ func (m *Machine) drainRequested(e DrainRequested) {
 		// One drain, one outcome; a later, shorter deadline (Stop during
 		// a drain) tightens it.
 		d.waiters = append(d.waiters, e.Req)
-		if at := m.now.Add(e.Deadline); m.timers.armed[TimerDrainDeadline] && at.Before(d.deadlineAt) && d.phase == drainLeases {
+		if at := m.now.Add(e.Deadline); m.timers.armed[TimerDrainDeadline] && at.Before(d.deadlineAt) && (d.phase == drainLeases || d.phase == drainRequests) {
 			m.armDeadline(d, e.Deadline)
 		}
 		return
@@ -59,7 +64,7 @@ func (m *Machine) drainRequested(e DrainRequested) {
 		m.drainLogged(m.now, res)
 		return
 	}
-	d := &drainOp{start: m.now, waiters: []ReqID{e.Req}, held: len(m.leases)}
+	d := &drainOp{start: m.now, waiters: []ReqID{e.Req}, held: len(m.leases), deadline: e.Deadline}
 	m.drain = d
 	m.transition(Draining, "drain")
 	m.awaitLeases(d, e.Deadline)
@@ -84,6 +89,49 @@ func (m *Machine) armDeadline(d *drainOp, deadline time.Duration) {
 
 func (m *Machine) leasesDrained(d *drainOp) {
 	d.res.LeasesDrainedAt = m.now
+	if m.awaitRequests(d) {
+		return
+	}
+	m.requestsDrained(d)
+}
+
+// awaitRequests begins the requests phase of a drain whose leases are
+// gone, where the engine tells its own requests in flight: the drain
+// goes on when a fresh read of its metrics says none is left (or cannot
+// say), or at the deadline.
+func (m *Machine) awaitRequests(d *drainOp) bool {
+	r := m.run
+	at := d.start.Add(d.deadline)
+	if !m.cfg.DrainRequests || r == nil || r.stopping != NotStopping || !r.healthy || !at.After(m.now) {
+		return false
+	}
+	m.drainTo(d, drainRequests)
+	if !m.timers.armed[TimerDrainDeadline] {
+		d.deadlineAt = at
+		m.arm(TimerDrainDeadline, at)
+	}
+	m.do(ReadProgress{Run: r.id})
+	return true
+}
+
+// drainProgress: what the engine's metrics say during the requests
+// phase. An answer that is not a number of requests ends the wait: the
+// drain cannot know more.
+func (m *Machine) drainProgress(d *drainOp, e Progress) {
+	if e.Err == nil && e.InFlight > 0 {
+		if !d.waitedRequests {
+			d.waitedRequests = true
+			m.log(slog.LevelInfo, fmt.Sprintf("drain: %g request(s) in flight in the engine, holding no lease: waiting for them", e.InFlight),
+				journal.InFlight, e.InFlight)
+		}
+		return
+	}
+	m.requestsDrained(d)
+}
+
+// requestsDrained goes on with a drain whose leases, and the engine's own
+// requests where it tells them, are gone.
+func (m *Machine) requestsDrained(d *drainOp) {
 	m.disarm(TimerDrainDeadline)
 	if d.reload != nil {
 		m.drainTo(d, drainReloading)
@@ -109,6 +157,17 @@ func (m *Machine) stopDrained(d *drainOp) {
 }
 
 func (m *Machine) drainDeadline(d *drainOp) {
+	if d.phase == drainRequests {
+		m.log(slog.LevelWarn, "drain deadline passed with requests still in flight in the engine")
+		if d.reload != nil {
+			m.reloadAborted("drain_timeout", fmt.Errorf("pool %s: requests still in flight in the engine at the drain deadline: %w", m.cfg.Pool, ErrDrainTimeout))
+			return
+		}
+		d.res.Outcome = Forced
+		m.do(CountForcedDrain{})
+		m.stopDrained(d)
+		return
+	}
 	if d.reload != nil {
 		// A reload does not force anything: it gives up, and the pool
 		// goes on serving on its old engine.

@@ -2,6 +2,7 @@ package lifecycle
 
 import (
 	"errors"
+	"syscall"
 	"testing"
 	"time"
 
@@ -265,4 +266,88 @@ func TestAnExitHeldDuringADrainEndsItWithoutARestart(t *testing.T) {
 	assert.Equal(t, Stopped, p.m.State())
 	assert.NotContains(t, p.timers, TimerRestart, "no restart after a drain")
 	assert.False(t, p.m.tr.Status(p.now).Pending)
+}
+
+// Where the engine tells its own requests in flight (ProgressURL=), a
+// drain whose leases are gone reads them at once, and stops the engine
+// only when none is left or at its deadline: a request that holds no lease
+// is not cut.
+func TestADrainWaitsForTheEnginesOwnRequestsInFlight(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// samples: the engine's requests in flight, read after read.
+		samples []float64
+		err     error
+		// deadline: the drain's deadline passes before the last sample.
+		deadline bool
+		outcome  string
+	}{
+		{name: "none in flight: stopped at the first read", samples: []float64{0}, outcome: Drained},
+		{name: "two in flight, then one, then none", samples: []float64{2, 1, 0}, outcome: Drained},
+		{name: "an unreadable endpoint cannot hold the drain", samples: []float64{0}, err: errors.New("404"), outcome: Drained},
+		{name: "still in flight at the deadline: forced", samples: []float64{1, 1}, deadline: true, outcome: Forced},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPool(t, func(c *Config) { c.DrainRequests = true })
+			run := p.ready()
+			id, err := p.lease("router")
+			require.NoError(t, err)
+			req := p.request(func(id ReqID) Event { return DrainRequested{Req: id, Deadline: 30 * time.Second} })
+			p.advance(time.Second)
+			p.request(func(r ReqID) Event { return LeaseReleased{Req: r, ID: id} })
+			read, ok := find[ReadProgress](p.last)
+			require.True(t, ok, "the leases gone, the engine's metrics are read at once")
+			assert.Equal(t, run, read.Run)
+			_, stopping := find[StopScope](p.last)
+			assert.False(t, stopping, "not before the engine says")
+			for i, n := range tc.samples {
+				last := i == len(tc.samples)-1
+				if tc.deadline && last {
+					p.fire(TimerDrainDeadline)
+				} else {
+					p.advance(time.Second)
+					p.step(Progress{Run: run, InFlight: n, Err: tc.err})
+				}
+				_, stopping := find[StopScope](p.last)
+				assert.Equal(t, last, stopping, "read %d (%g in flight)", i, n)
+				assert.Equal(t, Draining, p.m.State())
+			}
+			p.exit(run, killedBy(syscall.SIGTERM))
+			rep := p.reply(req)
+			require.NoError(t, rep.Err)
+			assert.Equal(t, tc.outcome, rep.Drain.Outcome)
+			assert.Equal(t, Stopped, p.m.State())
+		})
+	}
+}
+
+// Stop is a drain with no deadline: it does not wait for requests.
+func TestStopDoesNotWaitForRequestsInFlight(t *testing.T) {
+	p := newPool(t, func(c *Config) { c.DrainRequests = true })
+	p.ready()
+	p.request(func(id ReqID) Event { return DrainRequested{Req: id} })
+	_, read := find[ReadProgress](p.last)
+	assert.False(t, read)
+	_, stopping := find[StopScope](p.last)
+	assert.True(t, stopping)
+}
+
+// A reload's drain waits the same way before it stages and stops the old
+// engine; requests still in flight at its deadline give the reload up.
+func TestAReloadWaitsForRequestsInFlightAndGivesUpAtItsDeadline(t *testing.T) {
+	p := newPool(t, func(c *Config) { c.DrainRequests = true })
+	run := p.ready()
+	req := p.request(func(id ReqID) Event {
+		return ReloadRequested{Req: id, Ref: "n.gguf", Deadline: 10 * time.Second}
+	})
+	_, ok := find[ReadProgress](p.last)
+	require.True(t, ok)
+	_, staging := find[Stage](p.last)
+	assert.False(t, staging, "not while the old engine serves")
+	p.step(Progress{Run: run, InFlight: 1})
+	p.fire(TimerDrainDeadline)
+	rep := p.reply(req)
+	require.ErrorIs(t, rep.Err, ErrDrainTimeout)
+	assert.Contains(t, rep.Err.Error(), "requests still in flight")
+	assert.Equal(t, Ready, p.m.State(), "the old engine goes on serving")
 }

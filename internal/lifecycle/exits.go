@@ -283,7 +283,7 @@ func (m *Machine) timerFired(e TimerFired) {
 	case TimerTick:
 		m.policy(m.tr.Tick(m.now))
 	case TimerDrainDeadline:
-		if d := m.drain; d != nil && d.phase == drainLeases {
+		if d := m.drain; d != nil && (d.phase == drainLeases || d.phase == drainRequests) {
 			m.drainDeadline(d)
 		}
 	case TimerHoldExit:

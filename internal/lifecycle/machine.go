@@ -38,6 +38,12 @@ type Config struct {
 	// Stall: requests in flight with no token for this long is a stall
 	// (0: not watched).
 	Stall time.Duration
+	// DrainRequests: the engine's metrics tell its own requests in
+	// flight (ProgressURL=), and a drain waits for them, within its
+	// deadline, before it stops the engine: requests that hold no lease
+	// are not cut (and llama-server, which ignores SIGTERM while it
+	// serves one, is not killed).
+	DrainRequests bool
 	// GPURetry overrides the package's GPURetry (0: keep it).
 	GPURetry time.Duration
 	// Ahead is how long before a scheduled restart its engine's scope is
@@ -859,6 +865,9 @@ func (m *Machine) probed(e Probed) {
 // answering while requests were in flight counts as no token; one that
 // answers nonsense is reported once and changes nothing.
 func (m *Machine) progress(e Progress) {
+	if d := m.drain; d != nil && d.phase == drainRequests && m.run != nil && m.run.id == e.Run {
+		m.drainProgress(d, e)
+	}
 	r := m.unstopped(e.Run)
 	if r == nil || !r.healthy || m.cfg.Stall <= 0 {
 		return

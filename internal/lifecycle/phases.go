@@ -43,14 +43,19 @@ const (
 	// drainReloading: a reload's drain whose leases are gone: the
 	// reload goes on, and no lease is granted until it ends.
 	drainReloading
+	// drainRequests: the leases are gone; the engine's own requests in
+	// flight (its metrics) are awaited until none is left or the
+	// deadline passes.
+	drainRequests
 )
 
 var drainMoves = map[drainPhase][]drainPhase{
-	drainLeases: {drainStopping, drainReloading},
+	drainLeases:   {drainStopping, drainReloading, drainRequests},
+	drainRequests: {drainStopping, drainReloading},
 }
 
 func (p drainPhase) String() string {
-	return phaseName(p, "leases", "stopping", "reloading")
+	return phaseName(p, "leases", "stopping", "reloading", "requests")
 }
 
 // reloadPhase is how far a reload has come. A reload that cannot

@@ -50,6 +50,7 @@ func drive(c *choices) {
 	if c.yes() {
 		cfg.Stall = 10 * time.Second
 	}
+	cfg.DrainRequests = c.yes()
 	if c.yes() {
 		cfg.Ahead = 2 * time.Second
 	}

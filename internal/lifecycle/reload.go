@@ -76,7 +76,7 @@ func (m *Machine) reloadRequested(e ReloadRequested) {
 		m.reloadDrained()
 		return
 	}
-	d := &drainOp{start: m.now, reload: op, held: len(m.leases)}
+	d := &drainOp{start: m.now, reload: op, held: len(m.leases), deadline: e.Deadline}
 	m.drain = d
 	m.transition(Draining, "reload")
 	m.awaitLeases(d, e.Deadline)
