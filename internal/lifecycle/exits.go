@@ -294,6 +294,8 @@ func (m *Machine) timerFired(e TimerFired) {
 		}
 	case TimerPrepare:
 		m.prepareDue()
+	case TimerFault:
+		m.faultUnconfirmed()
 	default:
 		panic(fmt.Sprintf("lifecycle: unknown timer %d", e.Timer))
 	}

@@ -376,3 +376,64 @@ func TestAScopeKilledWhileNotStoppingIsStillASignal(t *testing.T) {
 	assert.True(t, stops)
 	assert.Equal(t, crash.Signal, p.m.View(p.now).LastReason)
 }
+
+// Once an engine serves, a GPU fault line in its output may be a client's
+// text it echoed: the engine's death (classified by the line) or a failed
+// probe confirms it; an engine that goes on serving is left alone. Before
+// it serves, its output is its own, and the line stops it at once.
+func TestAFaultLineOfAServingEngineNeedsConfirming(t *testing.T) {
+	const line = "CUDA error: an illegal memory access was encountered"
+	t.Run("it dies: cuda_error", func(t *testing.T) {
+		p := newPool(t, nil)
+		run := p.ready()
+		p.step(Faulted{Run: run, What: line})
+		_, stopping := find[StopScope](p.last)
+		assert.False(t, stopping, "a line alone stops no serving engine")
+		p.exit(run, killedBy(syscall.SIGABRT))
+		v := p.m.View(p.now)
+		assert.Equal(t, crash.CUDAError, v.LastReason)
+		assert.Contains(t, v.LastError, line)
+	})
+	t.Run("a failed probe confirms it", func(t *testing.T) {
+		p := newPool(t, nil)
+		run := p.ready()
+		p.step(Faulted{Run: run, What: line})
+		p.advance(time.Second)
+		p.step(Probed{Run: run, Err: assert.AnError})
+		_, stopping := find[StopScope](p.last)
+		assert.True(t, stopping, "stopped at the first failed probe, not the threshold")
+		p.exit(run, killedBy(syscall.SIGTERM))
+		assert.Equal(t, crash.CUDAError, p.m.View(p.now).LastReason)
+	})
+	t.Run("it goes on serving: text, not a fault", func(t *testing.T) {
+		p := newPool(t, nil)
+		run := p.ready()
+		p.step(Faulted{Run: run, What: line})
+		p.advance(time.Second)
+		p.step(Probed{Run: run})
+		acts := p.fire(TimerFault)
+		_, stopping := find[StopScope](acts)
+		assert.False(t, stopping)
+		require.Len(t, all[Log](acts), 1)
+		assert.Contains(t, all[Log](acts)[0].Msg, "not acted on")
+		assert.True(t, p.m.View(p.now).Ready)
+		// A later crash is not blamed on the line.
+		p.exit(run, killedBy(syscall.SIGSEGV))
+		assert.Equal(t, crash.Signal, p.m.View(p.now).LastReason)
+	})
+	t.Run("before it serves: stopped at once", func(t *testing.T) {
+		p := newPool(t, nil)
+		p.request(func(id ReqID) Event { return StartRequested{Req: id} })
+		run := p.launchStaged(staged("m.gguf", "sha256:a"), 100)
+		p.step(Faulted{Run: run, What: "ggml_cuda_init: failed to initialize CUDA: no CUDA-capable device is detected"})
+		_, stopping := find[StopScope](p.last)
+		assert.True(t, stopping)
+	})
+	t.Run("an XID stops a serving engine at once", func(t *testing.T) {
+		p := newPool(t, nil)
+		p.ready()
+		p.step(Faulted{What: "NVML: Xid 79 on GPU-0", XID: true, Code: 79, GPU: "GPU-0"})
+		_, stopping := find[StopScope](p.last)
+		assert.True(t, stopping)
+	})
+}

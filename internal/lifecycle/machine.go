@@ -854,7 +854,12 @@ func (m *Machine) probed(e Probed) {
 	m.healthFailures = slices.Clone(r.failures)
 	m.do(CountHealthFailure{})
 	m.log(slog.LevelWarn, "health probe failed", journal.FailureCount, len(r.failures), journal.Error, msg)
-	if len(r.failures) >= m.cfg.FailureThreshold {
+	switch {
+	case r.fault != "" && m.timers.armed[TimerFault]:
+		// The fault line it printed is confirmed.
+		m.disarm(TimerFault)
+		m.stopRun(StopFault)
+	case len(r.failures) >= m.cfg.FailureThreshold:
 		m.stopRun(StopHealth)
 	}
 }
@@ -917,8 +922,27 @@ func (m *Machine) faulted(e Faulted) {
 	} else {
 		r.fault = safetext.Bound(e.What)
 		m.log(slog.LevelError, "GPU fault in engine output", journal.Line, r.fault)
+		if r.healthy {
+			// It serves: the line may be a client's text it echoed.
+			// Its death (classified by the line) or a failed probe
+			// confirms it.
+			m.arm(TimerFault, m.now.Add(FaultConfirm))
+			return
+		}
 	}
 	m.stopRun(StopFault)
+}
+
+// faultUnconfirmed: a serving engine printed a GPU fault line and went on
+// serving: the line was text, not the engine's fault.
+func (m *Machine) faultUnconfirmed() {
+	r := m.run
+	if r == nil || r.stopping != NotStopping || r.fault == "" || r.xid {
+		return
+	}
+	m.log(slog.LevelWarn, "GPU fault text in the engine's output was followed by neither its death nor a failed probe: not acted on",
+		journal.Line, r.fault)
+	r.fault = ""
 }
 
 func (m *Machine) versionKnown(e VersionKnown) {

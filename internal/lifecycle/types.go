@@ -118,6 +118,9 @@ const (
 	TimerRetry
 	// TimerPrepare: a scheduled restart's scope is made, ahead of it.
 	TimerPrepare
+	// TimerFault: a GPU fault line of a serving engine that neither its
+	// death nor a failed probe confirmed is taken as text.
+	TimerFault
 	numTimers
 )
 
@@ -165,6 +168,14 @@ var (
 // GPURetry is how long a start that found its GPUs held waits before it
 // looks again, unless Config says otherwise.
 const GPURetry = 10 * time.Second
+
+// FaultConfirm is how long a GPU fault line from an engine that already
+// serves waits for the engine's death or a failed probe to confirm it.
+// Once an engine serves, its output may quote its clients: llama-server
+// prints a grammar it cannot parse line by line, so anyone who can send a
+// request can write ggml's CUDA error lines into its log. A real fault
+// aborts the engine (ggml) or breaks it within a probe or two.
+const FaultConfirm = 10 * time.Second
 
 // Drain outcomes.
 const (
