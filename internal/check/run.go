@@ -10,10 +10,11 @@ import (
 
 // Run is the checks of one engine run.
 type Run struct {
-	ctx      context.Context
-	target   Target
-	tell     func(lifecycle.Event)
-	onDemand map[string]Check
+	ctx    context.Context
+	target Target
+	tell   func(lifecycle.Event)
+	// byName: every check of the run, for Trigger.
+	byName map[string]Check
 }
 
 // Start makes the run's checks of every kind its pool asks for and starts
@@ -22,8 +23,8 @@ type Run struct {
 // from now). tell gets the events of every look, in the order each check
 // made them; nothing is told once ctx has ended.
 func Start(ctx context.Context, kinds []Kind, cfg Config, t Target, startBy time.Time, tell func(lifecycle.Event)) *Run {
-	r := &Run{ctx: ctx, target: t, tell: tell, onDemand: map[string]Check{}}
 	checks := map[string]Check{}
+	r := &Run{ctx: ctx, target: t, tell: tell, byName: checks}
 	var names []string
 	for _, k := range kinds {
 		if c := k.New(cfg); c != nil {
@@ -37,7 +38,7 @@ func Start(ctx context.Context, kinds []Kind, cfg Config, t Target, startBy time
 		s := c.Schedule()
 		switch {
 		case s.OnDemand:
-			r.onDemand[name] = c
+			// Only Trigger runs it.
 		case s.After != "":
 			next := make(chan chan struct{})
 			followers[s.After] = append(followers[s.After], next)
@@ -53,10 +54,12 @@ func Start(ctx context.Context, kinds []Kind, cfg Config, t Target, startBy time
 	return r
 }
 
-// Trigger has the on-demand check of kind name look once, in its own
-// goroutine (a kind the pool does not have: nothing).
+// Trigger has the check of kind name look once, now, in its own
+// goroutine: an on-demand check's only looks, or one more look of a
+// scheduled one (a drain reads the engine's requests in flight at once).
+// A kind the pool does not have: nothing.
 func (r *Run) Trigger(name string) {
-	if c := r.onDemand[name]; c != nil {
+	if c := r.byName[name]; c != nil {
 		go r.look(c)
 	}
 }

@@ -265,3 +265,19 @@ func TestNextLookWaitsForTheFollowers(t *testing.T) {
 	}
 	assert.Contains(t, []int32{int32(len(looks) - 1), int32(len(looks) - 2)}, follower.n.Load(), "one read per good look after the start")
 }
+
+// A scheduled check looks once more when asked (a drain reads the
+// engine's requests in flight at once), besides its own looks.
+func TestAScheduledCheckLooksOnceMoreWhenAsked(t *testing.T) {
+	gate := &fake{sched: Schedule{Every: time.Hour}, fail: func(int) bool { return true }}
+	follower := &fake{sched: Schedule{After: "gate"}}
+	var got told
+	ctx, cancel := context.WithCancel(context.Background())
+	defer settled(t)
+	defer cancel()
+	r := Start(ctx, kinds(map[string]Check{"gate": gate, "follower": follower}), Config{}, Target{Run: 3}, time.Now().Add(time.Hour), got.tell)
+	time.Sleep(30 * time.Millisecond)
+	assert.Empty(t, follower.times(), "a follower of a failing check has not looked")
+	r.Trigger("follower")
+	require.Eventually(t, func() bool { return len(follower.times()) == 1 }, 5*time.Second, time.Millisecond)
+}

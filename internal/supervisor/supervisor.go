@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/llorch/pool-managerd/internal/check"
+	"github.com/llorch/pool-managerd/internal/check/progress"
 	"github.com/llorch/pool-managerd/internal/check/warmup"
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/engine"
@@ -196,7 +197,7 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 		Pool: cfg.Pool, Unit: engine.UnitName(cfg.Pool), Model: cfg.Model, ModelDigest: cfg.ModelDigest,
 		EngineVersion: cfg.EngineVersion, DeviceMask: cfg.DeviceMask, Slots: cfg.Slots,
 		FailureThreshold: cfg.Health.FailureThreshold, Witness: rt != nil && rt.Witness != nil, HoldExit: holdExit,
-		Warmup: cfg.Health.Warmup != nil, Stall: cfg.Health.Stall, GPURetry: cfg.GPURetry, Ahead: ahead, Spread: rand.Float64,
+		Warmup: cfg.Health.Warmup != nil, Stall: cfg.Health.Stall, DrainRequests: cfg.Health.ProgressURL != "", GPURetry: cfg.GPURetry, Ahead: ahead, Spread: rand.Float64,
 	}, tr, held)
 	s.snap = Snapshot{ID: cfg.Pool, Unit: engine.UnitName(cfg.Pool), DeviceMask: cfg.DeviceMask, Slots: cfg.Slots}
 	s.snap.View = s.m.View(time.Now())
@@ -257,6 +258,10 @@ func (s *Supervisor) exec(actions []lifecycle.Action) {
 		case lifecycle.Warmup:
 			if r := s.runs[a.Run]; r != nil && r.checks != nil {
 				r.checks.Trigger(warmup.Name)
+			}
+		case lifecycle.ReadProgress:
+			if r := s.runs[a.Run]; r != nil && r.checks != nil {
+				r.checks.Trigger(progress.Name)
 			}
 		case lifecycle.StopProbes:
 			if r := s.runs[a.Run]; r != nil {
