@@ -214,7 +214,7 @@ GPUResetCommand=`+dir+`/reset-gpu --gpu %g
 
 	host.FailWait(nvml.ERROR_GPU_IS_LOST)
 	require.Eventually(t, func() bool {
-		return strings.Contains(logs.String(), "not watching for GPU XID events (trying again every 30 s): XID events: NVML: wait for events: ERROR_GPU_IS_LOST")
+		return strings.Contains(logs.String(), `not watching for GPU XID events (trying again every 30 s)" ERROR="XID events: NVML: wait for events: ERROR_GPU_IS_LOST"`)
 	}, 10*time.Second, 50*time.Millisecond, "NVML failing while watching is logged")
 	assert.Equal(t, "b true", prop("xidb", "Ready"), "and the daemon runs on")
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -19,9 +20,9 @@ import (
 
 func printConfig(w io.Writer, c *config.Config) {
 	m := c.Manager
-	fmt.Fprintf(w, "manager: %s\n", or(m.File, "(defaults)"))
+	fmt.Fprintf(w, "manager: %s\n", cmp.Or(m.File, "(defaults)"))
 	fmt.Fprintf(w, "  state %s, runtime %s, models %s\n", m.StateDir, m.RuntimeDir, m.ModelsDir)
-	fmt.Fprintf(w, "  metrics %s every %s, listen %s, admin group %s\n", or(m.MetricsTextfile, "(off)"), m.MetricsInterval, or(m.MetricsListen, "(off)"), m.AdminGroup)
+	fmt.Fprintf(w, "  metrics %s every %s, listen %s, admin group %s\n", cmp.Or(m.MetricsTextfile, "(off)"), m.MetricsInterval, cmp.Or(m.MetricsListen, "(off)"), m.AdminGroup)
 	fmt.Fprintf(w, "  inventory %s", m.Inventory.Backend)
 	for _, d := range m.Inventory.Devices {
 		fmt.Fprintf(w, ", %d=%s (%s)", d.Index, d.UUID, d.Node)
@@ -157,13 +158,6 @@ func describe(events []journal.Event) []string {
 		}
 	}
 	return out
-}
-
-func or(s, alt string) string {
-	if s == "" {
-		return alt
-	}
-	return s
 }
 
 func prefix(p, s string) string {

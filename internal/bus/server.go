@@ -200,7 +200,7 @@ func (s *Server) exportPoolList() error {
 
 // PutPool publishes a pool added by a configuration reload, or the new
 // supervisor of a pool whose configuration changed.
-func (s *Server) PutPool(p *supervisor.Supervisor) error {
+func (s *Server) PutPool(p manager.Pool) error {
 	s.RemovePool(p.Snapshot().ID)
 	if err := s.exportPool(p); err != nil {
 		return err
@@ -229,7 +229,7 @@ func (s *Server) RemovePool(id string) {
 	}
 }
 
-func (s *Server) exportPool(p *supervisor.Supervisor) error {
+func (s *Server) exportPool(p manager.Pool) error {
 	snap := p.Snapshot()
 	path := shipped.PoolPath(snap.ID)
 	cur := properties(snap)
@@ -255,7 +255,7 @@ func (s *Server) exportPool(p *supervisor.Supervisor) error {
 
 // publish keeps a pool's properties current and sends one
 // PropertiesChanged per change with every property that changed.
-func (s *Server) publish(ctx context.Context, p *supervisor.Supervisor, path dbus.ObjectPath, props *prop.Properties, last map[string]any) {
+func (s *Server) publish(ctx context.Context, p manager.Pool, path dbus.ObjectPath, props *prop.Properties, last map[string]any) {
 	var progressAt time.Time
 	for {
 		snap, err := p.Wait(ctx, func(snap supervisor.Snapshot) bool { return !reflect.DeepEqual(properties(snap), last) })

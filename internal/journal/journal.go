@@ -38,7 +38,9 @@ const (
 	// over after a stable run, unlike CRASH_COUNT.
 	FailureStreak = "FAILURE_STREAK"
 	// Error carries an error's text beside a fixed message.
-	Error          = "ERROR"
+	Error = "ERROR"
+	// Output carries what a command printed (its bounded tail).
+	Output         = "OUTPUT"
 	MessageIDField = "MESSAGE_ID"
 	// Bus callers and objects.
 	Sender    = "SENDER"

@@ -1,6 +1,10 @@
-// Package manager is the daemon's core as its D-Bus surface sees it: the
-// pools by id, and every operation by pool id or lease id, with refusals a
-// caller can match. Each pool's own state lives in its supervisor.
+// Package manager is the daemon's core: the configured pools by id, each a
+// supervisor with its pool file, kept in line with the configuration on a
+// reload; the GPU events and holds that reach pools through their GPUs;
+// the daemon's status, watchdog and staged-model pruning. The D-Bus
+// surface reaches every operation here by pool id or lease id, with
+// refusals a caller can match. Each pool's own state lives in its
+// supervisor.
 package manager
 
 import (
@@ -11,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 )
@@ -18,56 +23,110 @@ import (
 // ErrNoSuchPool refuses an operation on a pool that is not configured.
 var ErrNoSuchPool = errors.New("no such pool")
 
-// Manager holds the supervised pools; a configuration reload adds and
-// removes them while calls go on.
-type Manager struct {
-	mu    sync.RWMutex
-	pools map[string]*supervisor.Supervisor
+// Pool is one pool's supervisor as the manager drives it: a
+// *supervisor.Supervisor, or what stands in for one where no systemd runs
+// engines.
+type Pool interface {
+	Snapshot() supervisor.Snapshot
+	Wait(ctx context.Context, cond func(supervisor.Snapshot) bool) (supervisor.Snapshot, error)
+	// Run runs the pool's loop until ctx ends.
+	Run(ctx context.Context)
+	Adopt(ctx context.Context, keep func(owner string) bool) (bool, error)
+	Ping(ctx context.Context) error
+	Flush()
+
+	Start() error
+	Stop(ctx context.Context) error
+	Drain(ctx context.Context, deadline time.Duration) (lifecycle.DrainResult, error)
+	Reload(ctx context.Context, ref string, drainDeadline time.Duration) (string, error)
+	ResetBreaker()
+	AllowRestart() error
+
+	AcquireLease(owner string) (string, error)
+	ReleaseLease(id string) error
+	ReleaseLeaseAs(id, owner string) error
+	ReleaseOwner(owner string) int
+
+	XID(uuid string, xid uint64)
+	GPUUnhealthy(uuid, why string)
+	GPUUsable(uuid string)
 }
 
-// New returns a manager of the given pools.
-func New(pools ...*supervisor.Supervisor) *Manager {
-	m := &Manager{pools: map[string]*supervisor.Supervisor{}}
+var _ Pool = (*supervisor.Supervisor)(nil)
+
+// Manager holds the supervised pools; a configuration reload adds,
+// replaces and removes them while calls go on.
+type Manager struct {
+	mu    sync.RWMutex
+	pools map[string]*entry
+	// retiring are removed pools still draining: their engines are still
+	// on their GPUs.
+	retiring map[string]*entry
+	// cfg is the running configuration (nil for a manager made by New).
+	cfg *config.Config
+	// unhealthy are the GPUs held for a reset, each watched until usable.
+	unhealthy map[string]bool
+
+	// ctx bounds the manager's own work: drains on a reload, GPU watches.
+	ctx context.Context
+	o   Options
+	pub Publisher
+	// applying serializes reloads.
+	applying sync.Mutex
+	// changed wakes the status watcher after a reload, xidChanged the XID
+	// watcher.
+	changed, xidChanged chan struct{}
+}
+
+// entry is one configured pool as the manager runs it.
+type entry struct {
+	cfg    *config.Pool // nil for a pool given to New
+	pool   Pool
+	cancel context.CancelFunc
+}
+
+// New returns a manager of the given pools, which run elsewhere: the
+// registry alone, without a configuration to keep them in line with.
+func New(pools ...Pool) *Manager {
+	m := newManager(context.Background(), Options{})
 	for _, p := range pools {
-		m.pools[p.Snapshot().ID] = p
+		m.pools[p.Snapshot().ID] = &entry{pool: p, cancel: func() {}}
 	}
 	return m
 }
 
+func newManager(ctx context.Context, o Options) *Manager {
+	return &Manager{
+		pools:      map[string]*entry{},
+		retiring:   map[string]*entry{},
+		unhealthy:  map[string]bool{},
+		ctx:        ctx,
+		o:          o.withDefaults(),
+		changed:    make(chan struct{}, 1),
+		xidChanged: make(chan struct{}, 1),
+	}
+}
+
 // Pools returns the supervisors, sorted by id.
-func (m *Manager) Pools() []*supervisor.Supervisor {
+func (m *Manager) Pools() []Pool {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	var out []*supervisor.Supervisor
+	var out []Pool
 	for _, id := range m.ids() {
-		out = append(out, m.pools[id])
+		out = append(out, m.pools[id].pool)
 	}
 	return out
 }
 
-// Put adds a pool or replaces the pool of the same id.
-func (m *Manager) Put(p *supervisor.Supervisor) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.pools[p.Snapshot().ID] = p
-}
-
-// Remove drops a pool.
-func (m *Manager) Remove(id string) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	delete(m.pools, id)
-}
-
 // Pool returns one pool's supervisor.
-func (m *Manager) Pool(id string) (*supervisor.Supervisor, error) {
+func (m *Manager) Pool(id string) (Pool, error) {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	p, ok := m.pools[id]
+	e, ok := m.pools[id]
 	if !ok {
 		return nil, fmt.Errorf("pool %q: %w", id, ErrNoSuchPool)
 	}
-	return p, nil
+	return e.pool, nil
 }
 
 // IDs lists the pool ids, sorted.

@@ -1,0 +1,295 @@
+package manager
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"reflect"
+	"time"
+
+	"github.com/llorch/pool-managerd/internal/config"
+	"github.com/llorch/pool-managerd/internal/engine"
+	"github.com/llorch/pool-managerd/internal/gpu"
+	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/metrics"
+	"github.com/llorch/pool-managerd/internal/model"
+	"github.com/llorch/pool-managerd/internal/supervisor"
+)
+
+// Options are what a manager runs its pools with. Open needs Metrics and
+// Stager.
+type Options struct {
+	Log     *slog.Logger
+	Metrics *metrics.Set
+	Stager  *model.Stager
+	// Inventory resolves the pools' Devices= to GPUs.
+	Inventory *gpu.Inventory
+	// Runtime starts the engines of the supervisors NewPool builds by
+	// default.
+	Runtime *engine.Runtime
+	// NVML opens the host's NVML, for the pools' GPU holders, the XID watch
+	// and a held GPU's health; nil is gpu.NewNVML.
+	NVML func() gpu.NVML
+	// NewPool builds a pool's supervisor, its loop not yet running; nil
+	// builds a *supervisor.Supervisor on Runtime.
+	NewPool func(*config.Pool) (Pool, error)
+
+	// GPUFirstCheck, then GPUCheckEvery, is how soon and how often a GPU
+	// held for a reset is asked whether it is usable again: the driver may
+	// set its recovery action a moment after the XID. GPUResetWait bounds
+	// how long GPUResetCommand waits for the GPU's pools to stop,
+	// GPUResetTimeout how long the command may run. Zero: the defaults.
+	GPUFirstCheck, GPUCheckEvery  time.Duration
+	GPUResetWait, GPUResetTimeout time.Duration
+}
+
+func (o Options) withDefaults() Options {
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	if o.NVML == nil {
+		o.NVML = gpu.NewNVML
+	}
+	for _, d := range []struct {
+		v   *time.Duration
+		def time.Duration
+	}{
+		{&o.GPUFirstCheck, 5 * time.Second},
+		{&o.GPUCheckEvery, 30 * time.Second},
+		{&o.GPUResetWait, 2 * time.Minute},
+		{&o.GPUResetTimeout, 5 * time.Minute},
+	} {
+		if *d.v == 0 {
+			*d.v = d.def
+		}
+	}
+	return o
+}
+
+// Publisher shows the pools to the world (the D-Bus server): a reload
+// tells it which pools came, changed or went.
+type Publisher interface {
+	PutPool(Pool) error
+	RemovePool(id string)
+}
+
+// Open builds and runs a supervisor for each of cfg's pools; a pool that
+// cannot be set up (an unknown GPU) fails it. ctx bounds the manager's own
+// work (drains on a reload, GPU watches); the pools' loops run until
+// Close.
+func Open(ctx context.Context, cfg *config.Config, o Options) (*Manager, error) {
+	m := newManager(ctx, o)
+	if m.o.NewPool == nil {
+		m.o.NewPool = m.supervisor
+	}
+	m.cfg = cfg
+	for _, p := range cfg.Pools {
+		e, err := m.newPool(p)
+		if err != nil {
+			for _, e := range m.pools {
+				e.cancel()
+			}
+			return nil, err
+		}
+		m.pools[p.ID] = e
+	}
+	return m, nil
+}
+
+// SetPublisher makes pub the one a reload tells of its changes.
+func (m *Manager) SetPublisher(pub Publisher) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.pub = pub
+}
+
+func (m *Manager) publisher() Publisher {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.pub
+}
+
+// Config is the running configuration.
+func (m *Manager) Config() *config.Config {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.cfg
+}
+
+// supervisor is the real pool: a supervisor whose engines run on the
+// runtime.
+func (m *Manager) supervisor(p *config.Pool) (Pool, error) {
+	inv := m.o.Inventory
+	c, err := supervisor.FromPool(p, &m.Config().Manager, inv, m.o.Stager)
+	if err != nil {
+		return nil, err
+	}
+	if inv.Source == gpu.SourceNVML {
+		gpus, _ := inv.Resolve(p.Devices)
+		c.Holders = supervisor.GPUHolders(inv, gpus, m.o.NVML())
+	}
+	return supervisor.New(c, m.o.Runtime, m.o.Log, m.o.Metrics), nil
+}
+
+// newPool builds a pool and runs its loop.
+func (m *Manager) newPool(p *config.Pool) (*entry, error) {
+	s, err := m.o.NewPool(p)
+	if err != nil {
+		return nil, err
+	}
+	// Not m.ctx: the loop must outlive SIGTERM long enough to flush.
+	ctx, cancel := context.WithCancel(context.Background())
+	go s.Run(ctx)
+	return &entry{cfg: p, pool: s, cancel: cancel}, nil
+}
+
+// Adopt takes over the engines a previous daemon left running, keeping
+// the leases of owners keep says are still there; a pool with none to
+// adopt starts in the background if it starts on its own (the first start
+// of a big model hashes it for minutes).
+func (m *Manager) Adopt(ctx context.Context, keep func(owner string) bool) {
+	for _, id := range m.IDs() {
+		m.mu.RLock()
+		e := m.pools[id]
+		m.mu.RUnlock()
+		adopted, err := e.pool.Adopt(ctx, keep)
+		if err != nil {
+			m.o.Log.Error("cannot adopt the pool's engine", journal.PoolID, id, journal.Error, err.Error())
+		}
+		if !adopted && e.cfg.AutoStart {
+			go m.start(e)
+		}
+	}
+}
+
+func (m *Manager) start(e *entry) {
+	if err := e.pool.Start(); err != nil {
+		m.o.Log.Error("pool did not start", journal.PoolID, e.cfg.ID, journal.Error, err.Error())
+	}
+}
+
+// Close flushes every pool's state to disk and ends its loop. The engines
+// run on in their scopes, for the next daemon to adopt.
+func (m *Manager) Close() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, e := range m.pools {
+		e.pool.Flush()
+		e.cancel()
+	}
+}
+
+// Apply makes cfg the running configuration (a reload): added pools
+// start, removed pools are drained and stopped, changed pools are drained
+// and started again on their new configuration, unchanged ones run on. A
+// configuration it cannot apply changes nothing: changed [Manager] or
+// [Inventory] settings (they take effect on a restart of the daemon), or
+// a pool that cannot be set up. It is for a manager made by Open.
+func (m *Manager) Apply(cfg *config.Config) error {
+	m.applying.Lock()
+	defer m.applying.Unlock()
+	if !reflect.DeepEqual(cfg.Manager, m.Config().Manager) {
+		return fmt.Errorf("%s changed: [Manager] and [Inventory] settings take effect on a restart of the daemon", config.ManagerFile)
+	}
+	// Building the new pools adds their models; what is allowed in the
+	// end is the running configuration's (the new one, unless refused).
+	defer func() { m.o.Stager.SetPoolModels(poolModels(m.Config())) }()
+	next := map[string]*config.Pool{}
+	for _, p := range cfg.Pools {
+		next[p.ID] = p
+	}
+	m.mu.RLock()
+	running := make(map[string]*entry, len(m.pools))
+	for id, e := range m.pools {
+		running[id] = e
+	}
+	m.mu.RUnlock()
+	// Build the new supervisors first: a pool that cannot be set up
+	// (an unknown GPU) refuses the whole reload.
+	fresh := map[string]*entry{}
+	for id, p := range next {
+		if old, ok := running[id]; ok && reflect.DeepEqual(old.cfg, p) {
+			continue
+		}
+		e, err := m.newPool(p)
+		if err != nil {
+			for _, f := range fresh {
+				f.cancel()
+			}
+			return err
+		}
+		fresh[id] = e
+	}
+	pub := m.publisher()
+	removed, added, changed := 0, 0, 0
+	for id, old := range running {
+		if _, ok := next[id]; ok {
+			continue
+		}
+		if pub != nil {
+			pub.RemovePool(id)
+		}
+		// Off the registry, but its engine is on its GPUs until drained.
+		m.mu.Lock()
+		delete(m.pools, id)
+		m.retiring[id] = old
+		m.mu.Unlock()
+		m.drain(id, old)
+		m.o.Metrics.Forget(id)
+		m.mu.Lock()
+		delete(m.retiring, id)
+		m.mu.Unlock()
+		removed++
+	}
+	for id, e := range fresh {
+		if old, ok := running[id]; ok {
+			m.drain(id, old)
+			changed++
+		} else {
+			added++
+		}
+		m.mu.Lock()
+		m.pools[id] = e
+		m.mu.Unlock()
+		if pub != nil {
+			if err := pub.PutPool(e.pool); err != nil {
+				m.o.Log.Error("cannot publish the pool", journal.PoolID, id, journal.Error, err.Error())
+			}
+		}
+		if e.cfg.AutoStart {
+			go m.start(e)
+		}
+	}
+	m.mu.Lock()
+	m.cfg = cfg
+	m.mu.Unlock()
+	for _, c := range []chan struct{}{m.changed, m.xidChanged} {
+		select {
+		case c <- struct{}{}:
+		default:
+		}
+	}
+	m.o.Log.Info(fmt.Sprintf("configuration reloaded: %d pool(s) added, %d removed, %d changed", added, removed, changed))
+	m.Prune()
+	return nil
+}
+
+// drain drains a removed or replaced pool and ends its loop.
+func (m *Manager) drain(id string, e *entry) {
+	ctx, cancel := context.WithTimeout(m.ctx, 10*time.Minute)
+	defer cancel()
+	if _, err := e.pool.Drain(ctx, 30*time.Second); err != nil {
+		m.o.Log.Error("cannot drain the pool", journal.PoolID, id, journal.Error, err.Error())
+	}
+	e.cancel()
+}
+
+// poolModels are the Model= refs of the configuration's pool files: a bus
+// ref equal to one of them may lie outside the model directories.
+func poolModels(cfg *config.Config) []string {
+	var refs []string
+	for _, p := range cfg.Pools {
+		refs = append(refs, p.Model)
+	}
+	return refs
+}
