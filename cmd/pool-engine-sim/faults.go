@@ -32,6 +32,10 @@ const (
 	faultNoMetrics
 	faultBadMetrics
 	faultHangMetrics
+	// vLLM's engine core (--engine vllm only, see vllm.go).
+	faultChildExit
+	faultChildExitServerExits
+	faultChildOOM
 )
 
 // faultKindsHelp lists the kinds for --fault's help and parse errors.
@@ -55,12 +59,20 @@ var faultNames = map[string]faultKind{
 	"hang-metrics":    faultHangMetrics,
 }
 
+// vllmFaultNames are the kinds only --engine vllm knows: faults of its
+// engine-core process.
+var vllmFaultNames = map[string]faultKind{
+	"child-exit":              faultChildExit,
+	"child-exit-server-exits": faultChildExitServerExits,
+	"child-oom":               faultChildOOM,
+}
+
 // beforeAnswer says whether /sim/fault puts the fault in effect before it
 // answers, so that the caller's next request already sees it. The others
 // end the process (or may: oom), so they fire once the answer is out.
 func (k faultKind) beforeAnswer() bool {
 	switch k {
-	case faultSegv, faultAbort, faultCuda, faultExit, faultOOM:
+	case faultSegv, faultAbort, faultCuda, faultExit, faultOOM, faultChildExitServerExits, faultChildOOM:
 		return false
 	}
 	return true
@@ -85,9 +97,11 @@ func (f fault) String() string {
 	case faultLog:
 		return "log:" + f.text
 	}
-	for n, k := range faultNames {
-		if k == f.kind {
-			return n
+	for _, names := range []map[string]faultKind{faultNames, vllmFaultNames} {
+		for n, k := range names {
+			if k == f.kind {
+				return n
+			}
 		}
 	}
 	return "unknown"

@@ -2,7 +2,9 @@
 // demos and benchmarks: it checks and hashes a GGUF model file, serves
 // /health, /v1/models, /metrics, POST /completion and a few /sim/
 // endpoints, logs like llama-server and can be told to fail the ways real
-// engines fail (see faults.go).
+// engines fail (see faults.go). With --engine vllm it stands in for vLLM
+// instead: a model directory, an API server with an engine-core child
+// process, vllm: metrics and sleep mode (see vllm.go).
 package main
 
 import (
@@ -60,6 +62,9 @@ func main() {
 }
 
 func run(args []string) int {
+	if engineArg(args) == "vllm" {
+		return runVLLM(args)
+	}
 	fs := flag.NewFlagSet("pool-engine-sim", flag.ContinueOnError)
 	fs.SetOutput(os.Stderr)
 	var o options
@@ -77,6 +82,7 @@ func run(args []string) int {
 	fs.Bool("metrics", false, "accepted as llama-server's flag; /metrics is always served")
 	version := fs.Bool("version", false, "print the version and exit")
 	simChild := fs.Bool("sim-child", false, "internal: the leaked child of the fork-child fault")
+	engineName := fs.String("engine", "llamacpp", "the engine to stand in for: llamacpp or vllm")
 
 	known := map[string]bool{}
 	fs.VisitAll(func(f *flag.Flag) { known[f.Name] = true })
@@ -105,6 +111,10 @@ func run(args []string) int {
 		logf("version: %d (pool-engine-sim)", buildNumber)
 		logf("built with go for %s", runtime.GOOS)
 		return 0
+	}
+	if *engineName != "llamacpp" {
+		logf("error: invalid --engine %q (want llamacpp or vllm)", *engineName)
+		return 1
 	}
 	for _, a := range ignored {
 		logf("sim: ignoring llama-server argument %s", a)
@@ -143,6 +153,27 @@ func run(args []string) int {
 		}
 	}
 	return serve(o)
+}
+
+// engineArg finds --engine's value before the flags are parsed, since
+// each engine has its own flags.
+func engineArg(args []string) string {
+	for i, a := range args {
+		if a == "--" {
+			break
+		}
+		name, v, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if !strings.HasPrefix(a, "-") || name != "engine" {
+			continue
+		}
+		if hasValue {
+			return v
+		}
+		if i+1 < len(args) {
+			return args[i+1]
+		}
+	}
+	return ""
 }
 
 func envOr(key, def string) string {

@@ -130,6 +130,12 @@ func startSim(t *testing.T, model string, extra ...string) *sim {
 	t.Helper()
 	port := freePort(t)
 	args := append([]string{"--model", model, "--host", "127.0.0.1", "--port", strconv.Itoa(port)}, extra...)
+	return startSimArgs(t, port, args...)
+}
+
+// startSimArgs starts the simulator with exactly args, serving on port.
+func startSimArgs(t *testing.T, port int, args ...string) *sim {
+	t.Helper()
 	s := &sim{t: t, port: port, done: make(chan struct{})}
 	s.cmd = exec.Command(simBin, args...)
 	s.cmd.Dir = t.TempDir() // any core dump lands here

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/common/expfmt"
 )
 
@@ -37,14 +38,27 @@ func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	if !allowMethods(w, r, http.MethodGet, http.MethodHead) {
 		return
 	}
+	if s.metricsFault(w, r) {
+		return
+	}
+	if loaded, _ := s.state(); !loaded {
+		writeError(w, http.StatusServiceUnavailable, "Loading model", "unavailable_error")
+		return
+	}
+	writeRegistry(w, s.engine.reg)
+}
+
+// metricsFault answers /metrics as a metrics fault says, if one is in
+// effect, and reports whether it did.
+func (s *server) metricsFault(w http.ResponseWriter, r *http.Request) bool {
 	switch metricsMode(s.metrics.Load()) {
 	case metricsMissing:
 		writeError(w, http.StatusNotFound, "File Not Found", "not_found_error")
-		return
+		return true
 	case metricsGarbled:
 		w.Header().Set("Content-Type", string(expfmt.FmtText))
 		_, _ = io.WriteString(w, garbledMetrics)
-		return
+		return true
 	case metricsHung:
 		select {
 		case <-r.Context().Done():
@@ -52,11 +66,12 @@ func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 		}
 		panic(http.ErrAbortHandler)
 	}
-	if loaded, _ := s.state(); !loaded {
-		writeError(w, http.StatusServiceUnavailable, "Loading model", "unavailable_error")
-		return
-	}
-	families, err := s.engine.reg.Gather()
+	return false
+}
+
+// writeRegistry serves a registry in the text exposition.
+func writeRegistry(w http.ResponseWriter, reg *prometheus.Registry) {
+	families, err := reg.Gather()
 	var buf bytes.Buffer
 	for _, mf := range families {
 		if err != nil {
