@@ -21,16 +21,15 @@ import (
 // where vLLM has the setting.
 type vllmOptions struct {
 	options
-	servedName    string
-	gpuMemMB      int
-	sleepMode     bool
-	maxNumSeqs    int
-	maxModelLen   int
-	keepAlive     bool // VLLM_KEEP_ALIVE_ON_ENGINE_DEATH
-	deadHealth    int  // /health's status once the engine core is gone and the server stays
-	engineCore    bool
-	modelFault    string
-	modelLoadTime time.Duration
+	servedName  string
+	gpuMemMB    int
+	sleepMode   bool
+	maxNumSeqs  int
+	maxModelLen int
+	keepAlive   bool // VLLM_KEEP_ALIVE_ON_ENGINE_DEATH
+	deadHealth  int  // /health's status once the engine core is gone and the server stays
+	engineCore  bool
+	modelFault  string // config.json's sim_fault
 }
 
 // defaultGPUMemMB is the simulated GPU memory the engine core holds while
@@ -174,7 +173,6 @@ func parseVLLMFault(s string) (fault, error) {
 // sim_load_time let one test model misbehave or load slowly.
 type hfConfig struct {
 	Architectures         []string `json:"architectures"`
-	ModelType             string   `json:"model_type"`
 	MaxPositionEmbeddings int      `json:"max_position_embeddings"`
 	SimFault              string   `json:"sim_fault"`
 	SimLoadTime           string   `json:"sim_load_time"`
@@ -309,6 +307,9 @@ func serveVLLM(o vllmOptions) int {
 	}()
 
 	<-sigs
+	// An engine core that died just before (an OOM kill, then the
+	// scope's stop) is still a failure, not a clean stop.
+	died := core.dead() && !v.keepAlive.Load()
 	uvlog("Shutting down")
 	close(v.shutdown)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
@@ -320,6 +321,9 @@ func serveVLLM(o vllmOptions) int {
 	core.stop()
 	uvlog("Application shutdown complete.")
 	uvlog("Finished server process [%d]", os.Getpid())
+	if died {
+		return 1
+	}
 	return 0
 }
 

@@ -611,6 +611,12 @@ func (v *vllmServer) fire(f fault) {
 			go func() { _, _ = v.core.generate(context.Background(), v.shutdown, math.MaxInt32) }()
 		}
 		logf("%ssim: busy: a request stays in flight, producing a token every %v", procPrefix, busyTokenTime)
+	case faultLog:
+		// vLLM's request log (--enable-log-requests), on one line as
+		// Python's repr writes it.
+		text := strings.NewReplacer(`\`, `\\`, "'", `\'`, "\n", `\n`, "\r", `\r`).Replace(f.text)
+		vlog("INFO", "logger.py:43", "Received request cmpl-%s-0: prompt: '%s', params: SamplingParams(n=1, temperature=1.0, max_tokens=16), "+
+			"prompt_token_ids: None, lora_request: None.", randomHex(16), text)
 	default:
 		v.server.fire(f)
 	}

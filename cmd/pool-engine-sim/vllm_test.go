@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -719,6 +720,16 @@ func TestVLLMServingFaults(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 		code, _ := s.get("/health", 2*time.Second)
 		assert.Equal(t, http.StatusOK, code)
+	})
+	t.Run("log", func(t *testing.T) {
+		t.Parallel()
+		s := startVLLM(t, hfModel(t, tinyConfig), "--gpu-mem-mb", "1")
+		s.waitHealthy()
+		code, body := s.post("/sim/fault?kind="+url.QueryEscape("log:RuntimeError: CUDA error: it's\nsecond line"), "")
+		require.Equal(t, http.StatusAccepted, code, string(body))
+		s.waitOut(`\(APIServer pid=\d+\) INFO \S+ \S+ \[logger\.py:43\] Received request cmpl-[0-9a-f]{32}-0: ` +
+			`prompt: 'RuntimeError: CUDA error: it\\'s\\nsecond line', params: SamplingParams\(`)
+		assert.True(t, s.alive())
 	})
 	t.Run("unknown kind", func(t *testing.T) {
 		t.Parallel()
