@@ -86,8 +86,8 @@ var coreFrames = []string{
 	`    outputs, model_executed = self.step_fn()`,
 }
 
-// fatal logs what EngineCore logs when its busy loop raises: logger.exception,
-// so the traceback is in the log lines, on stdout.
+// coreFatal logs what EngineCore logs when its busy loop raises (logger.exception,
+// so the traceback is in the log lines, on stdout).
 func coreFatal(exc string) {
 	lines := append([]string{"EngineCore encountered a fatal error.", "Traceback (most recent call last):"}, coreFrames...)
 	lines = append(lines, exc)

@@ -82,12 +82,12 @@ func (s *sim) waitOut(re string) []string {
 
 func (s *sim) post(path, body string) (int, []byte) {
 	s.t.Helper()
-	c := s.complete2(context.Background(), path, body)
+	c := s.postCtx(context.Background(), path, body)
 	require.NoError(s.t, c.err)
 	return c.code, c.body
 }
 
-func (s *sim) complete2(ctx context.Context, path, body string) completion {
+func (s *sim) postCtx(ctx context.Context, path, body string) completion {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.url(path), strings.NewReader(body))
 	if err != nil {
 		return completion{err: err}
@@ -104,7 +104,7 @@ func (s *sim) complete2(ctx context.Context, path, body string) completion {
 
 func (s *sim) completeV1Async(ctx context.Context, body string) <-chan completion {
 	done := make(chan completion, 1)
-	go func() { done <- s.complete2(ctx, "/v1/completions", body) }()
+	go func() { done <- s.postCtx(ctx, "/v1/completions", body) }()
 	return done
 }
 
