@@ -60,15 +60,15 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 
 	inv, err := gpu.Load(cfg.Manager.Inventory, newNVML(), "")
 	if err != nil {
-		log.Error("GPU inventory: " + err.Error())
+		log.Error("GPU inventory unusable", journal.Error, err.Error())
 		return exitConfig
 	}
 	if inv.Fallback != nil {
-		log.Warn("NVML unavailable, using the static inventory: " + inv.Fallback.Error())
+		log.Warn("NVML unavailable, using the static inventory", journal.Error, inv.Fallback.Error())
 	}
 	exe, err := os.Executable()
 	if err != nil {
-		log.Error(err.Error())
+		log.Error("finding the daemon's own binary", journal.Error, err.Error())
 		return 1
 	}
 	shimCmd, dedicated := engine.ShimCommand(exe)
@@ -77,7 +77,7 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 	}
 	rt, err := engine.New(ctx, shimCmd)
 	if err != nil {
-		log.Error(err.Error())
+		log.Error("connecting to systemd", journal.Error, err.Error())
 		return 1
 	}
 	defer rt.Close()
@@ -106,20 +106,20 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 		GPUFirstCheck: gpuFirstCheck, GPUCheckEvery: gpuCheckEvery,
 	})
 	if err != nil {
-		log.Error(err.Error())
+		log.Error("setting up the pools", journal.Error, err.Error())
 		return exitConfig
 	}
 
 	conn, err := dbus.ConnectSystemBus()
 	if err != nil {
-		log.Error("connecting to the system bus: " + err.Error())
+		log.Error("connecting to the system bus", journal.Error, err.Error())
 		return 1
 	}
 	defer conn.Close()
 	// Engines a previous daemon left running are adopted, not restarted;
 	// those of pools no longer configured are stopped.
 	if stopped, err := rt.StopOrphans(ctx, mgr.IDs()); err != nil {
-		log.Error("looking for engines of removed pools: " + err.Error())
+		log.Error("looking for engines of removed pools", journal.Error, err.Error())
 	} else if len(stopped) > 0 {
 		log.Info(fmt.Sprintf("stopped %d engine(s) of pools no longer configured: %v", len(stopped), stopped))
 	}
@@ -134,7 +134,7 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 	mgr.Adopt(ctx, onBus)
 	srv, err := bus.Serve(ctx, conn, mgr, log, cfg.Manager.AdminGroup)
 	if err != nil {
-		log.Error(err.Error())
+		log.Error("serving on the system bus", journal.Error, err.Error())
 		return 1
 	}
 	mgr.SetPublisher(srv)
@@ -175,8 +175,6 @@ func reload(dir string, mgr *manager.Manager, log *slog.Logger) {
 		err = mgr.Apply(cfg)
 	}
 	if err != nil {
-		// The reason is the message: journalctl shows it alone, and it is
-		// all the operator learns of why the reload did nothing.
-		log.Error("configuration reload refused, the running configuration stays:\n" + err.Error())
+		log.Error("configuration reload refused, the running configuration stays", journal.Error, err.Error())
 	}
 }

@@ -269,7 +269,7 @@ func TestDaemonWithoutNVMLRunsOnTheStaticInventory(t *testing.T) {
 			"org.llorch.PoolManager1.Pool", "Ready").CombinedOutput()
 		return strings.TrimSpace(string(out)) == "b true"
 	}, 30*time.Second, 100*time.Millisecond, "pool ready")
-	assert.Contains(t, logs.String(), "NVML unavailable, using the static inventory: [Inventory] Backend=auto could not use NVML: NVML: libnvidia-ml.so.1 not found")
+	assert.Contains(t, logs.String(), `msg="NVML unavailable, using the static inventory" ERROR="[Inventory] Backend=auto could not use NVML: NVML: libnvidia-ml.so.1 not found`)
 	assert.Equal(t, []string{"/dev/nvidia0 rw", "/dev/nvidiactl rw"},
 		sortedLines(sh(t, "systemctl", "show", "-p", "DeviceAllow", "--value", "pool-engine-auto.scope")), "the static Device= line's node")
 	time.Sleep(200 * time.Millisecond)

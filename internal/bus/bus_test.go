@@ -439,8 +439,16 @@ func TestConfigurationReload(t *testing.T) {
 	require.Eventually(t, func() bool { return getProp(t, "llama-8b", "Ready") == "b true" }, 30*time.Second, 50*time.Millisecond)
 	pid := getProp(t, "llama-8b", "MainPID")
 	journal := func() string {
-		out, _ := try("journalctl", "-u", "pool-managerd.service", "--no-pager", "-o", "cat")
-		return out
+		// Each entry's message, then its ERROR field: the reason.
+		out, _ := try("journalctl", "-u", "pool-managerd.service", "--no-pager", "-o", "json")
+		var text strings.Builder
+		for line := range strings.Lines(out) {
+			var e map[string]any
+			if json.Unmarshal([]byte(line), &e) == nil {
+				fmt.Fprintln(&text, e["MESSAGE"], e["ERROR"])
+			}
+		}
+		return text.String()
 	}
 
 	// A bad configuration changes nothing and says why.
