@@ -38,7 +38,11 @@ func ParseReason(s string) (Reason, error) {
 			return r, nil
 		}
 	}
-	return "", fmt.Errorf("unknown crash reason %q (one of exit_code, signal, core_dump, out_of_memory, health_check, stalled, cuda_error, driver_xid, start_failure)", s)
+	names := make([]string, len(Reasons))
+	for i, r := range Reasons {
+		names[i] = string(r)
+	}
+	return "", fmt.Errorf("unknown crash reason %q (one of %s)", s, strings.Join(names, ", "))
 }
 
 // Class groups reasons that share a circuit breaker: a GPU that keeps
