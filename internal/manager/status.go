@@ -114,6 +114,21 @@ func (m *Manager) KeepStatus(ctx context.Context, notify func(status string)) {
 // answered within it, until ctx ends: a hung loop stops the petting (and
 // systemd restarts the daemon).
 func (m *Manager) Watchdog(ctx context.Context, period time.Duration, pet func()) {
+	every(ctx, period, func() {
+		pctx, cancel := context.WithTimeout(ctx, period)
+		defer cancel()
+		for _, p := range m.Pools() {
+			if err := p.Ping(pctx); err != nil {
+				m.o.Log.Error("watchdog: a pool's loop does not answer", journal.Error, err.Error())
+				return
+			}
+		}
+		pet()
+	})
+}
+
+// every calls f every period until ctx ends.
+func every(ctx context.Context, period time.Duration, f func()) {
 	t := time.NewTicker(period)
 	defer t.Stop()
 	for {
@@ -121,19 +136,7 @@ func (m *Manager) Watchdog(ctx context.Context, period time.Duration, pet func()
 		case <-ctx.Done():
 			return
 		case <-t.C:
-		}
-		pctx, cancel := context.WithTimeout(ctx, period)
-		ok := true
-		for _, p := range m.Pools() {
-			if err := p.Ping(pctx); err != nil {
-				m.o.Log.Error("watchdog: a pool's loop does not answer", journal.Error, err.Error())
-				ok = false
-				break
-			}
-		}
-		cancel()
-		if ok {
-			pet()
+			f()
 		}
 	}
 }
@@ -144,18 +147,7 @@ const pruneEvery = 10 * time.Minute
 // KeepPruning removes staged models no pool uses, now and then, until ctx
 // ends: a reload leaves the old model staged (a rollback may want it
 // back) and disks of model stores fill.
-func (m *Manager) KeepPruning(ctx context.Context) {
-	t := time.NewTicker(pruneEvery)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			m.Prune()
-		}
-	}
-}
+func (m *Manager) KeepPruning(ctx context.Context) { every(ctx, pruneEvery, m.Prune) }
 
 // Prune removes staged models that no pool's engine runs on. A pool
 // between staging its model and starting its engine may lose the file in

@@ -594,16 +594,7 @@ func (s *Stager) reopen(src Source) (*os.File, error) {
 		return nil, err
 	}
 	defer unix.Close(pfd)
-	fd, err := s.openFile(unix.AT_FDCWD, fdPath(pfd), readFlags, 0)
-	if err != nil {
-		return nil, openErr(src.Ref, src.Path, err)
-	}
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil || uint64(st.Dev) != src.Dev || st.Ino != src.Ino {
-		unix.Close(fd)
-		return nil, refErr(src.Ref, src.Path, err, "the file opened for reading is not the one checked")
-	}
-	return os.NewFile(uintptr(fd), src.Path), nil
+	return s.openRead(src, pfd)
 }
 
 func kind(mode uint32) string {
