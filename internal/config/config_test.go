@@ -42,8 +42,8 @@ func TestGPUResetCommand(t *testing.T) {
 	assert.ErrorContains(t, err, "[Inventory] GPUResetCommand=: \"nvidia-smi\": the command must be an absolute path")
 }
 
-// Serving health: stall detection and a warm-up request, as DESIGN's
-// example sets them.
+// Serving health: stall detection and a warm-up request, as a
+// llama-server pool file sets them.
 func TestServingHealthKeys(t *testing.T) {
 	dir := writeDir(t, map[string]string{"pools.d/a.pool": minimalPool + `[Health]
 ProgressURL=http://127.0.0.1:%p/metrics

@@ -259,8 +259,9 @@ func (m *Machine) ready() bool {
 	return m.state == Ready && m.run != nil && m.run.healthy && !m.run.dead && m.run.stopping == NotStopping
 }
 
-// operation names the long operation under way (DESIGN's Operation):
-// the phase of a reload, a drain or a start, else the engine's state.
+// operation names the long operation under way (the pool's Operation
+// property): the phase of a reload, a drain or a start, else the engine's
+// state.
 func (m *Machine) operation() string {
 	if m.rollback != nil {
 		return "rolling-back"

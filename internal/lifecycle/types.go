@@ -16,7 +16,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/policy"
 )
 
-// State is a pool's state (DESIGN's list).
+// State is a pool's state, as the State property names it.
 type State uint8
 
 const (

@@ -553,8 +553,8 @@ func (s *Supervisor) hashShowingProgress(src model.Source, ref string) (string, 
 	return digest, err
 }
 
-// progressEvery bounds how often progress is told: DESIGN's "at most 4
-// times a second".
+// progressEvery bounds how often progress is told: the Progress property
+// changes at most 4 times a second.
 const progressEvery = 250 * time.Millisecond
 
 // watchHash tells the machine, as event says, how far the hash of ref has
