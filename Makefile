@@ -31,7 +31,7 @@ rpm: build man
 test: fmt-check vet unit fuzz-short
 
 fmt-check:
-	@out=$$(gofmt -l cmd internal tools test); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	@out=$$(gofmt -l cmd internal tools test docs); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 
 vet:
 	$(GO) vet ./...
