@@ -403,3 +403,24 @@ func TestQuotedNamesExist(t *testing.T) {
 		t.Errorf("only %d names checked: is the quoting of the pages still understood?", checked)
 	}
 }
+
+// docs/README.md is where a newcomer who ran ls internal/ looks next:
+// every product package and binary has its row.
+func TestIndexNamesEveryPackage(t *testing.T) {
+	r := root(t)
+	index, err := os.ReadFile(filepath.Join(r, "docs", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, dir := range []string{"internal", "cmd"} {
+		ents, err := os.ReadDir(filepath.Join(r, dir))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range ents {
+			if e.IsDir() && !bytes.Contains(index, []byte("(../"+dir+"/"+e.Name()+"/)")) {
+				t.Errorf("docs/README.md has no link to %s/%s/", dir, e.Name())
+			}
+		}
+	}
+}
