@@ -142,11 +142,6 @@ func anchors(text string) map[string]bool {
 	return out
 }
 
-// comingWith are pages linked before they land: the state diagram is
-// written together with its own test against the lifecycle. Once a page
-// is here it is checked like any other; then its entry can go.
-var comingWith = map[string]bool{"docs/states.md": true}
-
 // Every relative link of README.md and docs/ leads to a file or directory
 // of the repository (and, with a #fragment, to a heading of that page).
 func TestRelativeLinksResolve(t *testing.T) {
@@ -178,10 +173,6 @@ func TestRelativeLinksResolve(t *testing.T) {
 					continue
 				}
 				if _, err := os.Stat(page); err != nil {
-					if comingWith[filepath.ToSlash(rel)] {
-						t.Logf("%s: link %q: not here yet", f, target)
-						continue
-					}
 					t.Errorf("%s: link %q: no such file in the repository", f, target)
 					continue
 				}
