@@ -83,9 +83,10 @@ loop:
 	assert.Contains(t, staging, "staging")
 	assert.Contains(t, staging, "starting")
 	require.NotEmpty(t, progress, "the hash's progress is shown; operations seen: %v", staging)
-	for i := 1; i < len(times); i++ {
-		assert.GreaterOrEqual(t, times[i].Sub(times[i-1]), 200*time.Millisecond, "at most 4 progress signals a second: %v", progress)
-	}
+	// The rate is the sender's: judged over the whole series, since a
+	// busy bus delivers two signals sent 250 ms apart closer together.
+	span := times[len(times)-1].Sub(times[0])
+	assert.LessOrEqual(t, float64(len(times)-1), 4*span.Seconds()+1, "at most 4 progress signals a second: %v over %s", progress, span)
 	t.Logf("progress while hashing 3 GiB: %s", strings.Join(progress, " "))
 	assert.Equal(t, `s "big.gguf"`, getProp(t, "llama-8b", "Model"))
 	assert.Equal(t, `s ""`, getProp(t, "llama-8b", "Operation"))

@@ -26,8 +26,10 @@ case $suite in
 # for the .rpm boot.
 bookworm) packages=$packages,initramfs-tools,rpm ;;
 # sid's kernel pulls dracut. llama.cpp-tools is the real engine,
-# python3-gguf and numpy write its tiny models in the guest.
-sid) packages=$packages,llama.cpp-tools,python3-gguf,python3-numpy ;;
+# llama.cpp-services Debian's own unit for it (the baseline of the
+# restart figure), python3-gguf and numpy write its tiny models in the
+# guest.
+sid) packages=$packages,llama.cpp-tools,llama.cpp-services,python3-gguf,python3-numpy ;;
 *)
 	echo "vm image: unknown suite $suite (bookworm or sid)" >&2
 	exit 2

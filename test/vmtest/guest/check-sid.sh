@@ -8,7 +8,7 @@
 
 LS=/usr/bin/llama-server
 # The engines' own ports.
-PORT=8081 SLEEPY=8082 BIG=8083
+PORT=8081 SLEEPY=8082 BIG=8083 FIG=8084 DEBIAN=8090
 
 # complete PORT N_PREDICT [PROMPT]: one real generation; prints the HTTP code.
 complete() {
@@ -37,6 +37,7 @@ c_configure() {
 		c /dev/nvidia0 0666 root root - 195:0
 		c /dev/nvidia1 0666 root root - 195:1
 		c /dev/nvidia2 0666 root root - 195:2
+		c /dev/nvidia3 0666 root root - 195:3
 		c /dev/nvidiactl 0666 root root - 195:255
 	EOF
 	want_ok "fake GPU nodes" systemd-tmpfiles --create /etc/tmpfiles.d/vm-fake-gpus.conf
@@ -56,6 +57,7 @@ c_configure() {
 		Device=0 GPU-5d1e0c3a-0000-4000-8000-000000000000 /dev/nvidia0
 		Device=1 GPU-5d1e0c3a-0000-4000-8000-000000000001 /dev/nvidia1
 		Device=2 GPU-5d1e0c3a-0000-4000-8000-000000000002 /dev/nvidia2
+		Device=3 GPU-5d1e0c3a-0000-4000-8000-000000000003 /dev/nvidia3
 		ControlDevice=/dev/nvidiactl
 	EOF
 	cat >/etc/pool-managerd/pools.d/llama.pool <<-EOF
@@ -116,9 +118,31 @@ c_configure() {
 		[Scope]
 		MemoryMax=1G
 	EOF
+	# The restart figure's pool: the same engine as Debian's unit runs,
+	# a constant 100 ms backoff like its RestartSec=100ms.
+	cat >/etc/pool-managerd/pools.d/fig.pool <<-EOF
+		[Pool]
+		Description=llama-server restarted like Debian's unit with Restart=always
+		Devices=3
+		Model=tiny-a.gguf
+		[Engine]
+		ExecStart=$LS -m %m --port %p --host 127.0.0.1 -c 8192 -np 1 -t 1
+		Port=$FIG
+		StopTimeoutSec=10
+		[Health]
+		IntervalSec=2
+		TimeoutSec=2
+		[Restart]
+		BackoffInitialSec=0.1
+		BackoffMinSec=0.1
+		BackoffMaxSec=0.1
+		JitterPercent=0
+		BreakerThreshold=100
+		StormMaxRestarts=100
+	EOF
 	want_ok "pool-managerd --check-config" pool-managerd --check-config || return 1
 	want_ok "systemctl restart pool-managerd" timeout 60 systemctl restart pool-managerd
-	wait_for 240 "3/3 pools ready" '[ "$(systemctl show -p StatusText --value pool-managerd)" = "3/3 pools ready" ]'
+	wait_for 240 "4/4 pools ready" '[ "$(systemctl show -p StatusText --value pool-managerd)" = "4/4 pools ready" ]'
 }
 
 c_ready() {
@@ -288,33 +312,41 @@ c_scanner() {
 }
 
 # Time from a SIGKILL of llama-server until it answers /completion again,
-# under pool-managerd and under Debian's own llama-server.service with
-# Restart=always and RestartSec=100ms, in turns.
+# under pool-managerd and under Debian's own llama-server.service (from
+# llama.cpp-services) with Restart=always and RestartSec=100ms, the same
+# model and arguments, in turns.
 c_figure() {
-	local i t ours=() debs=() unit=/etc/systemd/system/llama-server-baseline.service
-	cat >"$unit" <<-EOF
-		[Unit]
-		Description=Debian's llama-server as a plain unit (the baseline)
-		[Service]
-		ExecStart=$LS -m $MODELS/tiny-a.gguf --port 8090 --host 127.0.0.1 -c 8192 -np 1 -t 1
-		User=nobody
-		Restart=always
-		RestartSec=100ms
+	local i t ours=() debs=() t0
+	cat >/etc/default/llama-server <<-EOF
+		LLAMA_ARG_MODEL=$MODELS/tiny-a.gguf
+		LLAMA_ARG_HOST=127.0.0.1
+		LLAMA_ARG_PORT=$DEBIAN
+		LLAMA_ARG_CTX_SIZE=8192
+		LLAMA_ARG_N_PARALLEL=1
+		LLAMA_ARG_THREADS=1
 	EOF
+	mkdir -p /etc/systemd/system/llama-server.service.d
+	printf '[Service]\nRestart=always\nRestartSec=100ms\n' >/etc/systemd/system/llama-server.service.d/restart.conf
 	systemctl daemon-reload
-	want_ok "baseline unit" systemctl start llama-server-baseline.service
-	wait_for 60 "baseline answers" "[ \"\$(complete 8090 1)\" = 200 ]"
-	for i in 1 2 3; do
-		t=$(back_after_kill 8090 "$(systemctl show -p MainPID --value llama-server-baseline.service)")
+	want_ok "Debian's llama-server.service" systemctl start llama-server.service
+	wait_for 60 "Debian's unit answers" "[ \"\$(complete $DEBIAN 1)\" = 200 ]"
+	wait_for 60 "fig answers" "[ \"\$(complete $FIG 1)\" = 200 ]"
+	for i in 1 2 3 4 5; do
+		t=$(back_after_kill $DEBIAN "$(systemctl show -p MainPID --value llama-server.service)")
 		debs+=("$t")
-		t=$(back_after_kill $PORT "$(enginepid llama)")
+		t0=$(date +%s.%N)
+		t=$(back_after_kill $FIG "$(enginepid fig)")
 		ours+=("$t")
 	done
-	systemctl stop llama-server-baseline.service
-	info "SIGKILL to /completion again, pool-managerd: ${ours[*]} s; Debian's unit (Restart=always, RestartSec=100ms): ${debs[*]} s"
-	info "medians: pool-managerd $(median "${ours[@]}") s, Debian's unit $(median "${debs[@]}") s"
-	info "pool-managerd's parts of its last restart: $(journalctl POOL_ID=llama -o cat --no-pager -n 8 | tr '\n' '|' | cut -c1-600)"
+	systemctl stop llama-server.service
+	info "SIGKILL to /completion again, pool-managerd: ${ours[*]} s; Debian's llama-server.service (Restart=always, RestartSec=100ms): ${debs[*]} s"
+	info "medians: pool-managerd $(median "${ours[@]}") s, Debian's unit $(median "${debs[@]}") s, ratio $(awk -v a="$(median "${ours[@]}")" -v b="$(median "${debs[@]}")" 'BEGIN { printf "%.2f", a / b }')"
+	# The parts of the last round of ours, from the kill: the daemon's
+	# journal (crash, restart, engine started, ready) with its times.
+	info "pool-managerd's last round, seconds after the kill: $(journalctl POOL_ID=fig --since="@${t0%.*}" -o short-unix --no-pager |
+		awk -v t0="$t0" '{ ts = $1; $1 = ""; $2 = ""; sub(/^ +/, ""); printf "%.3f %s|", ts - t0, $0 }' | cut -c1-700)"
 	want_match "every pool-managerd round came back" "${ours[*]}" '^[0-9. ]+$'
+	want_match "every Debian round came back" "${debs[*]}" '^[0-9. ]+$'
 }
 # back_after_kill PORT PID: seconds from SIGKILL until /completion answers.
 back_after_kill() {
@@ -341,7 +373,7 @@ c_purge() {
 info "sid guest: $(cut -d' ' -f1 /proc/uptime) s since the kernel started"
 check "sid host: systemd PID 1, cgroup v2, Debian's llama-server" c_host || true
 check "dpkg -i on sid" c_install || true
-if ! check "three llama-server pools on tiny GGUF models" c_configure; then
+if ! check "four llama-server pools on tiny GGUF models" c_configure; then
 	emit "PHASE	1	DONE"
 	exit 1
 fi
@@ -355,7 +387,7 @@ check "MemoryMax= OOM kill with --load-mode none: out_of_memory" c_oom
 check "systemctl restart pool-managerd adopts the real engine" c_adopt
 check "--sleep-idle-seconds: the engine sleeps and wakes, never restarted" c_sleepy
 check "a request that makes the engine quote a CUDA error is not a fault" c_scanner
-check "figure: SIGKILL to /completion, pool-managerd against Debian's unit" c_figure
+check "figure: SIGKILL to /completion, pool-managerd against Debian's llama-server.service" c_figure
 check "dpkg --purge: nothing of the package left, models kept" c_purge
 emit "PHASE	1	DONE"
 exit 0
