@@ -81,6 +81,43 @@ func cgroupIDOfDir(dir string) (uint64, error) {
 	return st.Ino, nil
 }
 
+// CgroupPathOfID returns the path in the cgroup v2 hierarchy (as
+// /proc/PID/cgroup names it) of the cgroup with the given id: the id is
+// the kernfs file handle, opened by handle on the hierarchy's mount, as
+// systemd's cg_path_from_cgroupid does. It needs CAP_DAC_READ_SEARCH.
+func CgroupPathOfID(id uint64) (string, error) {
+	mnt, err := cgroupDir("/")
+	if err != nil {
+		return "", err
+	}
+	root, err := unix.Open(mnt, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", fmt.Errorf("sockdiag: %s: %w", mnt, err)
+	}
+	defer unix.Close(root)
+	b := make([]byte, 8)
+	binary.NativeEndian.PutUint64(b, id)
+	// FILEID_KERNFS: the handle type of cgroup2 (kernfs) file handles.
+	const fileIDKernfs = 0xfe
+	fd, err := unix.OpenByHandleAt(root, unix.NewFileHandle(fileIDKernfs, b), unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC)
+	if err != nil {
+		return "", fmt.Errorf("sockdiag: cgroup id %d: %w", id, err)
+	}
+	defer unix.Close(fd)
+	dir, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(fd))
+	if err != nil {
+		return "", fmt.Errorf("sockdiag: cgroup id %d: %w", id, err)
+	}
+	rel, ok := strings.CutPrefix(dir, mnt)
+	if !ok {
+		return "", fmt.Errorf("sockdiag: cgroup id %d is at %s, outside %s", id, dir, mnt)
+	}
+	if rel == "" {
+		rel = "/"
+	}
+	return rel, nil
+}
+
 // cgroupDir maps a path in the cgroup v2 hierarchy to the directory where
 // this process sees it.
 func cgroupDir(p string) (string, error) {

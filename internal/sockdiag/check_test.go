@@ -129,3 +129,28 @@ func TestKernelBefore515(t *testing.T) {
 		assert.Equal(t, want, kernelBefore(release, 5, 15), release)
 	}
 }
+
+// A listener in a container engine's cgroup (a docker run engine's port is
+// published by docker-proxy in docker.service, or served from the
+// container's own scope) is named, with what to run instead.
+func TestAContainersListenerSaysWhatToRunInstead(t *testing.T) {
+	for cg, container := range map[string]bool{
+		"/system.slice/docker.service":                                       true,
+		"/system.slice/docker-0123456789abcdef.scope":                        true,
+		"/machine.slice/libpod-0123456789abcdef.scope":                       true,
+		"/kubepods.slice/kubepods-burstable.slice/cri-containerd-0123.scope": true,
+		"/system.slice/containerd.service":                                   true,
+		"/user.slice/user-1000.slice/session-2.scope":                        false,
+		"/system.slice/nginx.service":                                        false,
+	} {
+		e := &ForeignError{Addr: netip.MustParseAddr("127.0.0.1"), Port: 8081, Method: ByCgroup,
+			Scope: Scope{Unit: "pool-engine-x.scope"}, Owner: Owner{UID: 0, CgroupID: 42}, OwnerCgroup: cg}
+		msg := e.Error()
+		assert.Contains(t, msg, "in cgroup "+cg, cg)
+		if container {
+			assert.Contains(t, msg, "podman run --rm --cgroups=split", cg)
+		} else {
+			assert.NotContains(t, msg, "podman", cg)
+		}
+	}
+}

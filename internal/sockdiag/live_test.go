@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -165,4 +166,35 @@ func BenchmarkCgroupID(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// Where a foreign listener lives is named by its cgroup's path, found from
+// the socket's cgroup id (opening a cgroup by handle needs
+// CAP_DAC_READ_SEARCH: root).
+func TestAForeignListenersCgroupIsNamed(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("opening a cgroup by its id needs CAP_DAC_READ_SEARCH (root)")
+	}
+	ap, _ := listen(t, "tcp4", "127.0.0.1:0")
+	s := ownScope(t)
+	if s.CgroupID == 0 {
+		t.Skip("no cgroup v2 hierarchy on this host")
+	}
+	own, err := os.ReadFile("/proc/self/cgroup")
+	require.NoError(t, err)
+	var want string
+	for line := range strings.Lines(string(own)) {
+		if p, ok := strings.CutPrefix(strings.TrimSpace(line), "0::"); ok {
+			want = p
+		}
+	}
+	got, err := CgroupPathOfID(s.CgroupID)
+	require.NoError(t, err)
+	assert.Equal(t, want, got)
+	other := Scope{Unit: "pool-engine-other.scope", CgroupID: s.CgroupID + 1000, UID: s.UID}
+	_, err = CheckOwner(ap.Addr(), ap.Port(), other)
+	var fe *ForeignError
+	require.True(t, errors.As(err, &fe), "refused: %v", err)
+	assert.Equal(t, want, fe.OwnerCgroup)
+	assert.Contains(t, err.Error(), "in cgroup "+want)
 }

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"path"
 	"strconv"
 	"strings"
 	"sync"
@@ -81,6 +82,9 @@ type ForeignError struct {
 	Method Method
 	// Why the uid was compared instead of the cgroup (ByUID only).
 	Why string
+	// OwnerCgroup is the path of the listener's cgroup, where it could
+	// be found ("" otherwise).
+	OwnerCgroup string
 }
 
 func (e *ForeignError) Error() string {
@@ -93,7 +97,33 @@ func (e *ForeignError) Error() string {
 	if e.Method == ByUID {
 		return msg + fmt.Sprintf("; checked by uid, the engine's is %d, because %s)", e.Scope.UID, e.Why)
 	}
-	return msg + fmt.Sprintf(", cgroup id %d, the scope's is %d)", e.Owner.CgroupID, e.Scope.CgroupID)
+	if e.OwnerCgroup == "" {
+		return msg + fmt.Sprintf(", cgroup id %d, the scope's is %d)", e.Owner.CgroupID, e.Scope.CgroupID)
+	}
+	msg += fmt.Sprintf(", in cgroup %s)", e.OwnerCgroup)
+	if containerized(e.OwnerCgroup) {
+		msg += "; an engine started with docker run (or another container engine that keeps its containers in its own cgroups) " +
+			"serves from outside the pool's scope, so the pool can never vouch for it: run the engine inside the scope, " +
+			"with podman run --rm --cgroups=split or the engine's own binary in ExecStart="
+	}
+	return msg
+}
+
+// containerized says whether a cgroup path is a container engine's: a
+// container's own scope or the daemon that forwards its published ports
+// (docker-proxy runs in docker.service).
+func containerized(cgroup string) bool {
+	base := path.Base(cgroup)
+	for _, p := range []string{"docker-", "libpod-", "crio-", "cri-containerd-"} {
+		if strings.HasPrefix(base, p) && strings.HasSuffix(base, ".scope") {
+			return true
+		}
+	}
+	switch base {
+	case "docker.service", "containerd.service", "crio.service", "podman.service":
+		return true
+	}
+	return strings.HasPrefix(cgroup, "/docker/") || strings.Contains(cgroup, "/kubepods")
 }
 
 // ListenerOwners returns the listening TCP sockets that could receive a
@@ -119,7 +149,14 @@ func CheckOwner(addr netip.Addr, port uint16, s Scope) (Method, error) {
 	if err != nil {
 		return 0, err
 	}
-	return check(owners, addr, port, s, hostFacts())
+	m, err := check(owners, addr, port, s, hostFacts())
+	var foreign *ForeignError
+	if errors.As(err, &foreign) && foreign.Method == ByCgroup {
+		// Where the listener lives tells the operator what holds the
+		// port; best effort.
+		foreign.OwnerCgroup, _ = CgroupPathOfID(foreign.Owner.CgroupID)
+	}
+	return m, err
 }
 
 // facts are what the decision needs to know of the host.
