@@ -21,7 +21,7 @@ import (
 func printConfig(w io.Writer, c *config.Config) {
 	m := c.Manager
 	fmt.Fprintf(w, "manager: %s\n", cmp.Or(m.File, "(defaults)"))
-	fmt.Fprintf(w, "  state %s, runtime %s, models %s\n", m.StateDir, m.RuntimeDir, m.ModelsDir)
+	fmt.Fprintf(w, "  state %s, runtime %s, cache %s, models %s\n", m.StateDir, m.RuntimeDir, m.CacheDir, m.ModelsDir)
 	fmt.Fprintf(w, "  metrics %s every %s, listen %s, admin group %s\n", cmp.Or(m.MetricsTextfile, "(off)"), m.MetricsInterval, cmp.Or(m.MetricsListen, "(off)"), m.AdminGroup)
 	fmt.Fprintf(w, "  inventory %s", m.Inventory.Backend)
 	for _, d := range m.Inventory.Devices {
@@ -61,6 +61,9 @@ func printPool(w io.Writer, p *config.Pool, modelsDir string) {
 	row("autostart", "%t", p.AutoStart)
 	row("exec", "%s", strings.Join(exec, " "))
 	row("user", "%s", p.Engine.User)
+	if p.Engine.DeviceIDs == config.DeviceIDsIndex {
+		row("device ids", "NVML indices, CUDA_DEVICE_ORDER=PCI_BUS_ID")
+	}
 	for _, e := range p.Engine.Environment {
 		row("environment", "%s", sp.Expand(e))
 	}

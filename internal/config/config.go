@@ -38,7 +38,10 @@ type Manager struct {
 	File       string
 	StateDir   string
 	RuntimeDir string
-	ModelsDir  string
+	// CacheDir holds one writable directory per pool, CacheDir/ID, owned
+	// by the pool's User=: the engine's HOME and caches.
+	CacheDir  string
+	ModelsDir string
 	// ModelDirs are further directories that absolute model refs from the
 	// bus may resolve beneath (ModelsDir always may).
 	ModelDirs       []string
@@ -96,6 +99,18 @@ type Pool struct {
 	Scope   []ScopeProperty
 }
 
+// DeviceIDs is how the engine's CUDA_VISIBLE_DEVICES names its GPUs.
+type DeviceIDs string
+
+const (
+	// DeviceIDsUUID names them by GPU or MIG UUID.
+	DeviceIDsUUID DeviceIDs = "uuid"
+	// DeviceIDsIndex names them by NVML index, with
+	// CUDA_DEVICE_ORDER=PCI_BUS_ID so that CUDA numbers them as NVML
+	// does: for engines that refuse UUIDs (some vLLM versions).
+	DeviceIDsIndex DeviceIDs = "index"
+)
+
 // Engine is the [Engine] section. String fields keep their specifiers;
 // expand them with Pool.Specifiers once the model is staged.
 type Engine struct {
@@ -103,6 +118,7 @@ type Engine struct {
 	Port           int // 0: none
 	HealthURL      string
 	User           string
+	DeviceIDs      DeviceIDs
 	Environment    []string // NAME=value
 	StopTimeout    time.Duration
 	Version        string
@@ -138,6 +154,8 @@ func (p *Pool) Specifiers(model string) Specifiers {
 	if p.Engine.Port > 0 {
 		port = fmt.Sprint(p.Engine.Port)
 	}
+	// Without the inventory %d can only be Devices= as written; the
+	// supervisor sets it to the engine's CUDA_VISIBLE_DEVICES.
 	return Specifiers{ID: p.ID, Model: model, Port: port, Devices: strings.Join(p.Devices, ",")}
 }
 
@@ -146,6 +164,7 @@ func DefaultManager() Manager {
 	return Manager{
 		StateDir:        "/var/lib/pool-managerd",
 		RuntimeDir:      "/run/pool-managerd",
+		CacheDir:        "/var/cache/pool-managerd",
 		ModelsDir:       "/var/lib/pool-managerd/models",
 		MetricsTextfile: "/var/lib/prometheus/node-exporter/pool-managerd.prom",
 		MetricsInterval: 15 * time.Second,
@@ -159,7 +178,7 @@ func defaultPool(id, file string) *Pool {
 		ID:        id,
 		File:      file,
 		AutoStart: true,
-		Engine:    Engine{User: DefaultUser, StopTimeout: 30 * time.Second},
+		Engine:    Engine{User: DefaultUser, DeviceIDs: DeviceIDsUUID, StopTimeout: 30 * time.Second},
 		Health: Health{
 			Interval:         5 * time.Second,
 			Timeout:          2 * time.Second,
@@ -266,6 +285,10 @@ func (c *Config) checkDevices() Errors {
 				errs = append(errs, &Error{File: p.File, Section: "Pool", Key: "Devices",
 					Msg: fmt.Sprintf("GPU %q is not in the static inventory (Device= lines of [Inventory] in %s)", d, orDefault(c.Manager.File))})
 				continue
+			}
+			if p.Engine.DeviceIDs == DeviceIDsIndex && !isMIG(d) && isMIG(canon(d)) {
+				errs = append(errs, &Error{File: p.File, Section: "Engine", Key: "DeviceIDs",
+					Msg: fmt.Sprintf("index: GPU %q is MIG device %s in the static inventory, which has no index CUDA_VISIBLE_DEVICES can name (set DeviceIDs=uuid)", d, canon(d))})
 			}
 			k := strings.ToLower(canon(d))
 			if prev, ok := owner[k]; ok && prev != p.ID {

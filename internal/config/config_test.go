@@ -333,3 +333,51 @@ func TestManagerModelDirs(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), `pool-managerd.conf:2: [Manager] ModelDirs=: "relative" is not an absolute path`)
 }
+
+func TestDeviceIDs(t *testing.T) {
+	c, err := Load(writeDir(t, map[string]string{"pools.d/a.pool": minimalPool, "pools.d/b.pool": strings.Replace(minimalPool, "Devices=0", "Devices=1", 1) + "DeviceIDs=index\n"}))
+	require.NoError(t, err)
+	assert.Equal(t, DeviceIDsUUID, c.Pools[0].Engine.DeviceIDs, "the default")
+	assert.Equal(t, DeviceIDsIndex, c.Pools[1].Engine.DeviceIDs)
+
+	mig := "MIG-8f2c1a70-0000-4000-8000-0000000000a0"
+	cases := []struct {
+		name  string
+		files map[string]string
+		want  string
+	}{
+		{"unknown value", map[string]string{"pools.d/a.pool": minimalPool + "DeviceIDs=indices\n"},
+			`a.pool:7: [Engine] DeviceIDs=: "indices" is not uuid or index: did you mean index?`},
+		{"case", map[string]string{"pools.d/a.pool": minimalPool + "DeviceIDs=UUID\n"},
+			`[Engine] DeviceIDs=: "UUID" is not uuid or index: did you mean uuid?`},
+		{"nothing like it", map[string]string{"pools.d/a.pool": minimalPool + "DeviceIDs=bus\n"},
+			`[Engine] DeviceIDs=: "bus" is not uuid or index`},
+		{"a MIG device by UUID", map[string]string{"pools.d/a.pool": strings.Replace(minimalPool, "Devices=0", "Devices=0 "+mig, 1) + "DeviceIDs=index\n"},
+			"a.pool: [Engine] DeviceIDs=: index: MIG device " + mig + " has no index"},
+		{"a MIG device by index in the static inventory", map[string]string{
+			ManagerFile:      "[Inventory]\nBackend=static\nDevice=4 " + mig + " /dev/nvidia4\n",
+			"pools.d/a.pool": strings.Replace(minimalPool, "Devices=0", "Devices=4", 1) + "DeviceIDs=index\n"},
+			`a.pool: [Engine] DeviceIDs=: index: GPU "4" is MIG device ` + mig + " in the static inventory"},
+		{"CUDA_DEVICE_ORDER with indices", map[string]string{"pools.d/a.pool": minimalPool + "DeviceIDs=index\nEnvironment=CUDA_DEVICE_ORDER=FASTEST_FIRST\n"},
+			"a.pool: [Engine] Environment=: CUDA_DEVICE_ORDER is set by pool-managerd with DeviceIDs=index"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := Load(writeDir(t, c.files))
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), c.want)
+		})
+	}
+	// With UUIDs a MIG device and CUDA_DEVICE_ORDER are fine.
+	_, err = Load(writeDir(t, map[string]string{"pools.d/a.pool": strings.Replace(minimalPool, "Devices=0", "Devices="+mig, 1) + "Environment=CUDA_DEVICE_ORDER=PCI_BUS_ID\n"}))
+	require.NoError(t, err)
+}
+
+func TestManagerCacheDir(t *testing.T) {
+	c, err := Load(writeDir(t, map[string]string{ManagerFile: "[Manager]\nCacheDir=/srv/cache/pm/\n"}))
+	require.NoError(t, err)
+	assert.Equal(t, "/srv/cache/pm", c.Manager.CacheDir)
+	assert.Equal(t, "/var/cache/pool-managerd", DefaultManager().CacheDir)
+	_, err = Load(writeDir(t, map[string]string{ManagerFile: "[Manager]\nCacheDir=cache\n"}))
+	assert.ErrorContains(t, err, `[Manager] CacheDir=: "cache" is not an absolute path`)
+}

@@ -335,6 +335,15 @@ func ParsePool(file string, data []byte) (*Pool, Errors) {
 				p.Engine.User = v
 				return nil
 			},
+			"DeviceIDs": func(v string) error {
+				for _, k := range []DeviceIDs{DeviceIDsUUID, DeviceIDsIndex} {
+					if v == string(k) {
+						p.Engine.DeviceIDs = k
+						return nil
+					}
+				}
+				return fmt.Errorf("%q is not uuid or index%s", v, didYouMean(v, "uuid", "index"))
+			},
 			"Environment": func(v string) error {
 				if v == "" {
 					p.Engine.Environment = nil
@@ -482,6 +491,18 @@ func ParsePool(file string, data []byte) (*Pool, Errors) {
 	default:
 		p.Engine.HealthURL = "http://127.0.0.1:%p/health"
 	}
+	if p.Engine.DeviceIDs == DeviceIDsIndex {
+		for _, dev := range p.Devices {
+			if isMIG(dev) {
+				need("Engine", "DeviceIDs", fmt.Sprintf("index: MIG device %s has no index CUDA_VISIBLE_DEVICES can name (set DeviceIDs=uuid)", dev))
+			}
+		}
+		for _, e := range p.Engine.Environment {
+			if strings.HasPrefix(e, "CUDA_DEVICE_ORDER=") {
+				need("Engine", "Environment", "CUDA_DEVICE_ORDER is set by pool-managerd with DeviceIDs=index: CUDA must number the GPUs as NVML does")
+			}
+		}
+	}
 	if p.Engine.Version != "" && len(p.Engine.VersionCommand) > 0 {
 		need("Engine", "VersionCommand", "set Version= or VersionCommand=, not both")
 	}
@@ -511,6 +532,7 @@ func parseManager(file string, data []byte, m *Manager) Errors {
 		"Manager": {
 			"StateDir":   setAbsPath(&m.StateDir, false),
 			"RuntimeDir": setAbsPath(&m.RuntimeDir, false),
+			"CacheDir":   setAbsPath(&m.CacheDir, false),
 			"ModelsDir":  setAbsPath(&m.ModelsDir, false),
 			"ModelDirs": func(v string) error {
 				if v == "" {

@@ -229,3 +229,22 @@ func parseDevice(s string) error {
 	}
 	return fmt.Errorf("device %q is not a GPU index, a GPU-<uuid> or a MIG-<uuid>", s)
 }
+
+// isMIG says whether a device is a MIG device by its UUID (either format).
+func isMIG(dev string) bool { return len(dev) >= 4 && strings.EqualFold(dev[:4], "MIG-") }
+
+// didYouMean suggests the choice v was likely meant as (the same but for
+// case, or sharing its first three letters): ": did you mean X?", or "".
+func didYouMean(v string, choices ...string) string {
+	l := strings.ToLower(strings.TrimSpace(v))
+	for _, c := range choices {
+		n := 0
+		for n < len(l) && n < len(c) && l[n] == c[n] {
+			n++
+		}
+		if l != "" && (n == len(l) || n == len(c) || n >= 3) {
+			return fmt.Sprintf(": did you mean %s?", c)
+		}
+	}
+	return ""
+}
