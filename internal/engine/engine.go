@@ -53,6 +53,10 @@ type Spec struct {
 	StopTimeout time.Duration
 	// Socket is where the shim listens for a restarted daemon.
 	Socket string
+	// CacheDir, when set, is the engine's writable HOME and cache
+	// directory, made (owned by User=, mode 0700) before each start and
+	// kept across them. See CacheEnv.
+	CacheDir string
 	// Note is JSON the shim keeps for a restarted daemon: Attach gives
 	// it back in Engine.Note.
 	Note []byte
@@ -477,7 +481,15 @@ func (r *Runtime) prepare(ctx context.Context, s Spec, check bool) (*Prepared, e
 	if len(s.Note) > shim.MaxNote {
 		return nil, fmt.Errorf("engine of pool %s: note of %d bytes over the shim's %d", s.Pool, len(s.Note), shim.MaxNote)
 	}
-	spec, _ := json.Marshal(shim.Spec{Argv: s.Argv, Env: s.Env, User: s.User, UID: u.uid, GID: u.gid, Groups: u.groups, Home: u.home, Socket: s.Socket, Note: s.Note})
+	env, home := s.Env, u.home
+	if s.CacheDir != "" {
+		if err := EnsureCacheDir(s.CacheDir, u.uid, u.gid); err != nil {
+			return nil, fmt.Errorf("engine of pool %s: %w", s.Pool, err)
+		}
+		env = append(CacheEnv(s.CacheDir, s.Env), s.Env...)
+		home = s.CacheDir
+	}
+	spec, _ := json.Marshal(shim.Spec{Argv: s.Argv, Env: env, User: s.User, UID: u.uid, GID: u.gid, Groups: u.groups, Home: home, Socket: s.Socket, Note: s.Note})
 	goR, goW, err := os.Pipe()
 	if err != nil {
 		return nil, err
