@@ -49,6 +49,7 @@ func daemonDir(t *testing.T, pool, model, more string) (string, int) {
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte(`[Manager]
 StateDir=`+dir+`/state
 RuntimeDir=`+dir+`/run
+CacheDir=`+dir+`/cache
 ModelsDir=`+dir+`/models
 [Inventory]
 Backend=static

@@ -94,6 +94,7 @@ func TestDaemonOnAnNVMLHostRoutesXIDsToTheOwningPool(t *testing.T) {
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte(`[Manager]
 StateDir=`+dir+`/state
 RuntimeDir=`+dir+`/run
+CacheDir=`+dir+`/cache
 ModelsDir=`+dir+`/models
 MetricsTextfile=
 [Inventory]

@@ -44,6 +44,7 @@ const viewer = "viewer"
 const managerConf = `[Manager]
 StateDir=%[1]s/state
 RuntimeDir=%[1]s/run
+CacheDir=%[1]s/cache
 ModelsDir=%[1]s/models
 MetricsTextfile=%[1]s/pool-managerd.prom
 [Inventory]

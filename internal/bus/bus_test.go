@@ -97,6 +97,7 @@ func configure(t *testing.T) (dir string, port int) {
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte(fmt.Sprintf(`[Manager]
 StateDir=%[1]s/state
 RuntimeDir=%[1]s/run
+CacheDir=%[1]s/cache
 ModelsDir=%[1]s/models
 MetricsTextfile=%[1]s/metrics/pool-managerd.prom
 [Inventory]

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/llorch/pool-managerd/internal/config"
@@ -53,7 +54,16 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Mode
 	if err != nil {
 		return Config{}, fmt.Errorf("pool %s (%s): %w", p.ID, p.File, err)
 	}
-	mask := gpu.VisibleDevices(gpus)
+	mask, err := visibleDevices(p, gpus)
+	if err != nil {
+		return Config{}, err
+	}
+	// %d is the engine's CUDA_VISIBLE_DEVICES, in every field.
+	specifiers := func(model string) config.Specifiers {
+		sp := p.Specifiers(model)
+		sp.Devices = mask
+		return sp
+	}
 	stager.AddPoolModels(p.Model)
 	// A control node a host lacks is simply not needed there (and systemd
 	// refuses DeviceAllow= of a missing node); a GPU's own node must be
@@ -69,13 +79,15 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Mode
 		}
 	}
 	build := func(model string) engine.Spec {
-		sp := p.Specifiers(model)
-		sp.Devices = mask
+		sp := specifiers(model)
 		argv := make([]string, len(p.Engine.ExecStart))
 		for i, a := range p.Engine.ExecStart {
 			argv[i] = sp.Expand(a)
 		}
 		env := []string{"CUDA_VISIBLE_DEVICES=" + mask, "NVIDIA_VISIBLE_DEVICES=" + mask}
+		if p.Engine.DeviceIDs == config.DeviceIDsIndex {
+			env = append(env, "CUDA_DEVICE_ORDER=PCI_BUS_ID")
+		}
 		for _, e := range p.Engine.Environment {
 			env = append(env, sp.Expand(e))
 		}
@@ -89,14 +101,15 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Mode
 			Scope:       p.Scope,
 			StopTimeout: p.Engine.StopTimeout,
 			Socket:      filepath.Join(m.RuntimeDir, "pools", p.ID+".sock"),
+			CacheDir:    filepath.Join(m.CacheDir, p.ID),
 		}
 	}
 	health := p.Health
-	health.ProgressURL = p.Specifiers("").Expand(health.ProgressURL)
+	health.ProgressURL = specifiers("").Expand(health.ProgressURL)
 	return Config{
 		Pool:           p.ID,
 		Build:          build,
-		HealthURL:      p.Specifiers("").Expand(p.Engine.HealthURL),
+		HealthURL:      specifiers("").Expand(p.Engine.HealthURL),
 		Health:         health,
 		Restart:        p.Restart,
 		Model:          p.Model,
@@ -110,6 +123,22 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Mode
 		Records:        state.Dir{Path: filepath.Join(m.RuntimeDir, "pools"), Mode: 0o644, NoSync: true},
 		State:          state.Dir{Path: filepath.Join(m.StateDir, "pools"), Mode: 0o600},
 	}, nil
+}
+
+// visibleDevices is the engine's CUDA_VISIBLE_DEVICES for gpus, in the
+// pool's order and its DeviceIDs= form.
+func visibleDevices(p *config.Pool, gpus []gpu.GPU) (string, error) {
+	if p.Engine.DeviceIDs != config.DeviceIDsIndex {
+		return gpu.VisibleDevices(gpus), nil
+	}
+	ids := make([]string, len(gpus))
+	for i, g := range gpus {
+		if strings.HasPrefix(g.UUID, "MIG-") {
+			return "", fmt.Errorf("pool %s (%s): [Engine] DeviceIDs=index: MIG device %s has no index CUDA_VISIBLE_DEVICES can name (set DeviceIDs=uuid)", p.ID, p.File, g.UUID)
+		}
+		ids[i] = strconv.Itoa(g.Index)
+	}
+	return strings.Join(ids, ","), nil
 }
 
 // GPUHolders lists the processes on gpus: NVML's running compute processes

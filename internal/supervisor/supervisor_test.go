@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -82,6 +83,17 @@ func TestScopeIsolationUserAndJournal(t *testing.T) {
 	require.NoError(t, err)
 	assert.Contains(t, string(environ), "CUDA_VISIBLE_DEVICES=GPU-8f2c1a70-0000-4000-8000-000000000000\x00")
 	assert.Contains(t, string(environ), "NVIDIA_VISIBLE_DEVICES=GPU-8f2c1a70-0000-4000-8000-000000000000\x00")
+	// HOME and the caches in the pool's own cache directory, the
+	// engine's to write.
+	cache := filepath.Join(e.Dir, "cache", "iso")
+	for _, v := range []string{"HOME=" + cache, "XDG_CACHE_HOME=" + cache + "/.cache", "HF_HOME=" + cache + "/.cache/huggingface",
+		"VLLM_CACHE_ROOT=" + cache + "/.cache/vllm", "TRITON_CACHE_DIR=" + cache + "/.triton/cache"} {
+		assert.Contains(t, string(environ), "\x00"+v+"\x00")
+	}
+	fi, err := os.Stat(cache)
+	require.NoError(t, err)
+	assert.Equal(t, os.ModeDir|0o700, fi.Mode())
+	assert.Equal(t, strings.TrimSpace(uid), fmt.Sprint(fi.Sys().(*syscall.Stat_t).Uid))
 
 	// The engine's own lines, under its scope.
 	require.Eventually(t, func() bool {

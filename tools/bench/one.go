@@ -144,6 +144,7 @@ func (b *bench) writeManager(n int) {
 	must(os.WriteFile(filepath.Join(b.dir, "pool-managerd.conf"), []byte(fmt.Sprintf(`[Manager]
 StateDir=%[1]s/state
 RuntimeDir=%[1]s/run
+CacheDir=%[1]s/cache
 ModelsDir=%[1]s/models
 MetricsTextfile=
 [Inventory]

@@ -313,6 +313,7 @@ func prepare(p plan) error {
 		filepath.Join(etc, "pool-managerd.conf"): []byte(fmt.Sprintf(`[Manager]
 StateDir=%[1]s/state
 RuntimeDir=%[1]s/run
+CacheDir=%[1]s/cache
 ModelsDir=%[1]s/models
 MetricsTextfile=
 [Inventory]

@@ -210,6 +210,7 @@ func inside() {
 	must(os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte(fmt.Sprintf(`[Manager]
 StateDir=%[1]s/state
 RuntimeDir=%[1]s/run
+CacheDir=%[1]s/cache
 ModelsDir=%[1]s/models
 MetricsTextfile=%[2]s
 MetricsIntervalSec=1

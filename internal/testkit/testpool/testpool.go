@@ -41,6 +41,7 @@ var Options = sandbox.Options{
 const manager = `[Manager]
 StateDir=%[1]s/state
 RuntimeDir=%[1]s/run
+CacheDir=%[1]s/cache
 ModelsDir=%[1]s/models
 [Inventory]
 Backend=static
