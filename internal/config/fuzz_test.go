@@ -8,7 +8,9 @@ import (
 // FuzzParsePool: whatever bytes a pool file holds, parsing returns a pool or
 // errors, never panics, and never both.
 func FuzzParsePool(f *testing.F) {
-	for _, p := range []string{"../../packaging/examples/pools.d/llama8b.pool", "../../packaging/examples/pools.d/embed.pool"} {
+	for _, p := range []string{"../../packaging/examples/pools.d/llama8b.pool", "../../packaging/examples/pools.d/embed.pool",
+		"../../packaging/examples/pools.d/llama-server.pool.example", "../../packaging/examples/pools.d/vllm.pool.example",
+		"../../packaging/examples/pools.d/sglang.pool.example"} {
 		data, err := os.ReadFile(p)
 		if err != nil {
 			f.Fatal(err)

@@ -1,7 +1,8 @@
 #!/bin/sh
 # After removal: systemd and the bus forget the units and policy. A purge
 # also removes the configuration and what the daemon made (its state files,
-# staged models, digest cache, runtime records, metrics textfile), never the
+# staged models, digest cache, runtime records, metrics textfile, the
+# engines' cache directories), never the
 # operator's models: ModelsDir= and ModelDirs= are left as they are, and so
 # is the state directory itself while anything else is in it.
 set -e
@@ -24,6 +25,17 @@ setting() {
 }
 state=$(setting StateDir /var/lib/pool-managerd)
 textfile=$(setting MetricsTextfile /var/lib/prometheus/node-exporter/pool-managerd.prom)
+cache=$(setting CacheDir /var/cache/pool-managerd)
+
+# A CacheDir= of the operator's may hold more than the pools' directories:
+# only those go, then the directory if empty. rm does not follow the links
+# an engine user may have left in its own.
+for f in /etc/pool-managerd/pools.d/*.pool; do
+	[ -f "$f" ] || continue
+	rm -rf "$cache/$(basename "$f" .pool)"
+done
+rmdir "$cache" 2>/dev/null || true
+rm -rf /var/cache/pool-managerd
 
 rm -rf "$state/staged" "$state/pools" "$state/digests.json"
 rm -f "$textfile"

@@ -97,6 +97,15 @@ ControlDevice=/dev/nvidiactl
 	status, err := os.ReadFile("/proc/" + pid + "/status")
 	require.NoError(t, err)
 	assert.Contains(t, string(status), "Uid:\t"+sh(t, "id", "-u", "pool-engine")+"\t", "the engine runs as pool-engine")
+	uid, err := strconv.Atoi(sh(t, "id", "-u", "pool-engine"))
+	require.NoError(t, err)
+	gid, err := strconv.Atoi(sh(t, "id", "-g", "pool-engine"))
+	require.NoError(t, err)
+	assert.Equal(t, owner{0, 0, 0o755}, ownerOf(t, "/var/cache/pool-managerd"))
+	assert.Equal(t, owner{uint32(uid), uint32(gid), 0o700}, ownerOf(t, "/var/cache/pool-managerd/alpha"), "the engine's HOME and caches")
+	environ, err := os.ReadFile("/proc/" + pid + "/environ")
+	require.NoError(t, err)
+	assert.Contains(t, string(environ), "\x00HOME=/var/cache/pool-managerd/alpha\x00", "writable under the unit's ProtectHome= and ProtectSystem=")
 	require.Eventually(t, func() bool {
 		b, err := os.ReadFile("/var/lib/prometheus/node-exporter/pool-managerd.prom")
 		return err == nil && bytes.Contains(b, []byte(`pool_managerd_pool_ready{pool_id="beta"} 1`))
@@ -119,10 +128,12 @@ ControlDevice=/dev/nvidiactl
 	staged, err := filepath.Glob("/var/lib/pool-managerd/staged/*/tiny.gguf")
 	require.NoError(t, err)
 	require.NotEmpty(t, staged, "the model was staged")
+	_, err = os.Stat("/var/cache/pool-managerd/alpha")
+	assert.NoError(t, err, "dpkg -r keeps the engines' caches")
 	sh(t, "dpkg", "-P", "pool-managerd")
 	_, err = os.Stat("/etc/pool-managerd")
 	assert.True(t, os.IsNotExist(err), "a purge removes the configuration")
-	for _, p := range []string{"/var/lib/pool-managerd/staged", "/var/lib/pool-managerd/pools", "/var/lib/prometheus/node-exporter/pool-managerd.prom"} {
+	for _, p := range []string{"/var/lib/pool-managerd/staged", "/var/lib/pool-managerd/pools", "/var/lib/prometheus/node-exporter/pool-managerd.prom", "/var/cache/pool-managerd"} {
 		_, err = os.Stat(p)
 		assert.True(t, os.IsNotExist(err), "a purge removes %s", p)
 	}

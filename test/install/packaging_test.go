@@ -39,6 +39,7 @@ func installDeb(t *testing.T, manager string, pools map[string][]byte) {
 		exec.Command("systemctl", "stop", "pool-engine-*.scope").Run()
 		os.RemoveAll("/etc/pool-managerd")
 		os.RemoveAll("/var/lib/pool-managerd")
+		os.RemoveAll("/var/cache/pool-managerd")
 	})
 	require.NoError(t, os.MkdirAll("/etc/pool-managerd/pool-managerd.conf.d", 0o755))
 	require.NoError(t, os.MkdirAll("/etc/pool-managerd/pools.d", 0o755))
@@ -137,21 +138,26 @@ func TestTmpfilesLeaveTheTextfileDirectoryAndModelsToTheirOwners(t *testing.T) {
 func TestPurgeKeepsOperatorModels(t *testing.T) {
 	sandbox.Need(t)
 	sim := os.Getenv(sandbox.BinEnv("pool-engine-sim"))
-	t.Cleanup(func() { os.RemoveAll("/srv/pmd") })
-	installDeb(t, "[Manager]\nStateDir=/srv/pmd\n", map[string][]byte{"alpha": testpool.SimPoolFile(sim, "0", "tiny.gguf", 18441, "")})
+	t.Cleanup(func() { os.RemoveAll("/srv/pmd"); os.RemoveAll("/srv/pmd-cache") })
+	// A CacheDir= of the operator's, with a file of theirs in it.
+	require.NoError(t, os.MkdirAll("/srv/pmd-cache", 0o755))
+	require.NoError(t, os.WriteFile("/srv/pmd-cache/notes", []byte("mine"), 0o644))
+	installDeb(t, "[Manager]\nStateDir=/srv/pmd\nCacheDir=/srv/pmd-cache\n", map[string][]byte{"alpha": testpool.SimPoolFile(sim, "0", "tiny.gguf", 18441, "")})
 	require.NoError(t, os.MkdirAll("/var/lib/pool-managerd/llm", 0o755))
 	require.NoError(t, os.WriteFile("/var/lib/pool-managerd/llm/other.gguf", []byte("GGUF other"), 0o644))
 	waitReady(t, "alpha")
 	staged, err := filepath.Glob("/srv/pmd/staged/*/tiny.gguf")
 	require.NoError(t, err)
 	require.NotEmpty(t, staged, "the model was staged")
+	_, err = os.Stat("/srv/pmd-cache/alpha")
+	require.NoError(t, err, "the pool's cache directory")
 
 	sh(t, "dpkg", "-P", "pool-managerd")
-	for _, p := range []string{"/srv/pmd/staged", "/srv/pmd/pools", "/etc/pool-managerd"} {
+	for _, p := range []string{"/srv/pmd/staged", "/srv/pmd/pools", "/etc/pool-managerd", "/srv/pmd-cache/alpha", "/var/cache/pool-managerd"} {
 		_, err := os.Stat(p)
 		assert.True(t, os.IsNotExist(err), "a purge removes %s", p)
 	}
-	for p, data := range map[string]string{"/var/lib/pool-managerd/models/tiny.gguf": "GGUF\x03\x00\x00\x00 tiny", "/var/lib/pool-managerd/llm/other.gguf": "GGUF other"} {
+	for p, data := range map[string]string{"/var/lib/pool-managerd/models/tiny.gguf": "GGUF\x03\x00\x00\x00 tiny", "/var/lib/pool-managerd/llm/other.gguf": "GGUF other", "/srv/pmd-cache/notes": "mine"} {
 		b, err := os.ReadFile(p)
 		if assert.NoError(t, err, "a purge keeps %s", p) {
 			assert.Equal(t, data, string(b))
