@@ -140,7 +140,19 @@ type Health struct {
 	// (nil: none), within WarmupTimeout.
 	Warmup        *WarmupRequest
 	WarmupTimeout time.Duration
+	// Canary is a request (WarmupRequest='s syntax) sent to a Ready
+	// engine idle for CanaryIdle (nil: none): an engine whose generation
+	// broke while its /health still answers fails it. CanaryTimeout
+	// bounds it (0: DefaultCanaryTimeout).
+	Canary        *WarmupRequest
+	CanaryIdle    time.Duration
+	CanaryTimeout time.Duration
 }
+
+// DefaultCanaryTimeout bounds a canary request where CanaryTimeoutSec= is
+// not set: shorter than the warm-up's default, since a warm engine has
+// nothing left to load or compile.
+const DefaultCanaryTimeout = 30 * time.Second
 
 // WarmupRequest is [Health] WarmupRequest=: METHOD /path [body].
 type WarmupRequest struct {

@@ -60,6 +60,30 @@ WarmupTimeoutSec=30
 	assert.Equal(t, 30*time.Second, h.WarmupTimeout)
 }
 
+// The canary: WarmupRequest='s syntax, an idle time it needs, an optional
+// timeout (unset: the check's default).
+func TestCanaryKeys(t *testing.T) {
+	dir := writeDir(t, map[string]string{"pools.d/a.pool": minimalPool + `[Health]
+CanaryRequest=POST /v1/completions {"prompt":"Hi","max_tokens":1}
+CanaryIdleSec=45
+`, "pools.d/b.pool": strings.Replace(minimalPool, "Devices=0", "Devices=1", 1) + `[Health]
+CanaryRequest=GET /v1/models
+CanaryIdleSec=10
+CanaryTimeoutSec=5
+`})
+	c, err := Load(dir)
+	require.NoError(t, err)
+	require.Len(t, c.Pools, 2)
+	h := c.Pools[0].Health
+	assert.Equal(t, &WarmupRequest{Method: "POST", Path: "/v1/completions", Body: `{"prompt":"Hi","max_tokens":1}`}, h.Canary)
+	assert.Equal(t, 45*time.Second, h.CanaryIdle)
+	assert.Zero(t, h.CanaryTimeout)
+	h = c.Pools[1].Health
+	assert.Equal(t, &WarmupRequest{Method: "GET", Path: "/v1/models"}, h.Canary)
+	assert.Equal(t, 10*time.Second, h.CanaryIdle)
+	assert.Equal(t, 5*time.Second, h.CanaryTimeout)
+}
+
 func TestLoadExample(t *testing.T) {
 	c, err := Load("../../packaging/examples")
 	require.NoError(t, err)
@@ -175,6 +199,18 @@ func TestErrors(t *testing.T) {
 			[]string{"[Health] WarmupRequest=: \"POST /completion {prompt\": the body is not JSON"}},
 		{"warm-up GET with a body", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nWarmupRequest=GET /v1/models {}\n"},
 			[]string{"[Health] WarmupRequest=: \"GET /v1/models {}\": a GET has no body"}},
+		{"canary without an idle time", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nCanaryRequest=GET /v1/models\n"},
+			[]string{"[Health] CanaryIdleSec=: missing: CanaryRequest= needs CanaryIdleSec="}},
+		{"canary idle time alone", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nCanaryIdleSec=30\n"},
+			[]string{"[Health] CanaryRequest=: missing: CanaryIdleSec= needs CanaryRequest="}},
+		{"canary timeout alone", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nCanaryTimeoutSec=30\n"},
+			[]string{"[Health] CanaryRequest=: missing: CanaryTimeoutSec= needs CanaryRequest="}},
+		{"canary idle time zero", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nCanaryRequest=GET /v1/models\nCanaryIdleSec=0\n"},
+			[]string{"[Health] CanaryIdleSec=: must be more than 0"}},
+		{"canary method", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nCanaryRequest=PUT /x\nCanaryIdleSec=30\n"},
+			[]string{"[Health] CanaryRequest=: \"PUT /x\": the method must be GET or POST"}},
+		{"canary body", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nCanaryRequest=POST /x {\nCanaryIdleSec=30\n"},
+			[]string{"[Health] CanaryRequest=: \"POST /x {\": the body is not JSON"}},
 		{"bad bool", map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nAutoStart=maybe\n"},
 			[]string{"[Pool] AutoStart=: \"maybe\" is not a boolean"}},
 		{"missing ExecStart", map[string]string{"pools.d/a.pool": "[Pool]\nDevices=0\nModel=m\n"},

@@ -387,6 +387,15 @@ func ParsePool(file string, data []byte) (*Pool, Errors) {
 				return err
 			},
 			"WarmupTimeoutSec": setSeconds(&p.Health.WarmupTimeout, true),
+			"CanaryRequest": func(v string) error {
+				c, err := parseWarmup(v)
+				if err == nil {
+					p.Health.Canary = c
+				}
+				return err
+			},
+			"CanaryIdleSec":    setSeconds(&p.Health.CanaryIdle, true),
+			"CanaryTimeoutSec": setSeconds(&p.Health.CanaryTimeout, true),
 		},
 		"Restart": {
 			"BackoffInitialSec": setSeconds(&r.Backoff.Initial, true),
@@ -478,6 +487,16 @@ func ParsePool(file string, data []byte) (*Pool, Errors) {
 		if u, err := url.Parse(p.Specifiers("").Expand(p.Health.ProgressURL)); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 			need("Health", "ProgressURL", fmt.Sprintf("%q is not an http:// or https:// URL", p.Health.ProgressURL))
 		}
+	}
+	switch {
+	case p.Health.Canary != nil && p.Health.CanaryIdle == 0 && !d.failed("Health", "CanaryIdleSec"):
+		need("Health", "CanaryIdleSec", "missing: CanaryRequest= needs CanaryIdleSec=, how long the pool must be idle before it is sent")
+	case p.Health.Canary == nil && (p.Health.CanaryIdle > 0 || p.Health.CanaryTimeout > 0) && !d.failed("Health", "CanaryRequest"):
+		key := "CanaryIdleSec"
+		if p.Health.CanaryIdle == 0 {
+			key = "CanaryTimeoutSec"
+		}
+		need("Health", "CanaryRequest", "missing: "+key+"= needs CanaryRequest=, the request to send")
 	}
 	switch {
 	case p.Engine.HealthURL != "":
