@@ -74,7 +74,11 @@ func describe(reason crash.Reason, r *run, x Exit) string {
 	case crash.CUDAError, crash.DriverXID:
 		return fmt.Sprintf("GPU fault: %q; %s", r.fault, how)
 	case crash.HealthCheck:
-		return fmt.Sprintf("health check failed %d times (%s); %s", len(r.failures), r.lastProbe, how)
+		n := len(r.failures)
+		if r.byCanary {
+			n = len(r.canaryFailures)
+		}
+		return fmt.Sprintf("health check failed %d times (%s); %s", n, r.lastProbe, how)
 	case crash.StartFailure:
 		return fmt.Sprintf("%s; %s", r.lastProbe, how)
 	case crash.Stalled:

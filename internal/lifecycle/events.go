@@ -108,10 +108,14 @@ type (
 		Run RunID
 		Err error
 	}
-	// Probed: a health probe of a healthy Run (Err if it failed).
+	// Probed: a health probe of a healthy Run (Err if it failed). A
+	// Canary probe (a request the engine must generate for) is counted
+	// apart: a good health probe does not reset its failures, since a
+	// broken engine's /health may keep answering.
 	Probed struct {
-		Run RunID
-		Err error
+		Run    RunID
+		Err    error
+		Canary bool
 	}
 	// Progress is what Run's metrics endpoint said: requests in flight
 	// and tokens produced so far (Err if it could not be read).

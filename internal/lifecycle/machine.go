@@ -106,6 +106,10 @@ type run struct {
 	xid       bool
 	failures  []time.Time
 	lastProbe string
+	// canaryFailures are the current run of failed canaries; byCanary:
+	// they stopped it.
+	canaryFailures []time.Time
+	byCanary       bool
 	// invocation is its scope's InvocationID, once systemd told it.
 	invocation string
 	// dead: the kernel said the process ended (Died); its exit is not
@@ -838,9 +842,14 @@ func (m *Machine) probed(e Probed) {
 	if r == nil {
 		return
 	}
+	if e.Canary {
+		m.canaryProbed(r, e.Err)
+		return
+	}
 	if e.Err == nil {
 		if len(r.failures) > 0 {
-			r.failures, m.healthFailures, m.heartbeat = nil, nil, m.now
+			r.failures, m.heartbeat = nil, m.now
+			m.healthFailures = r.allFailures()
 			return
 		}
 		// A heartbeat alone wakes nobody: it is read, not watched.
@@ -852,7 +861,7 @@ func (m *Machine) probed(e Probed) {
 	msg := safetext.Bound(e.Err.Error())
 	r.failures = append(r.failures, m.now)
 	r.lastProbe = msg
-	m.healthFailures = slices.Clone(r.failures)
+	m.healthFailures = r.allFailures()
 	m.do(CountHealthFailure{})
 	m.log(slog.LevelWarn, "health probe failed", journal.FailureCount, len(r.failures), journal.Error, msg)
 	switch {
@@ -861,6 +870,45 @@ func (m *Machine) probed(e Probed) {
 		m.disarm(TimerFault)
 		m.stopRun(StopFault)
 	case len(r.failures) >= m.cfg.FailureThreshold:
+		m.stopRun(StopHealth)
+	}
+}
+
+// allFailures are the run's current failed probes and canaries, in time
+// order (nil: none).
+func (r *run) allFailures() []time.Time {
+	all := append(slices.Clone(r.failures), r.canaryFailures...)
+	slices.SortFunc(all, time.Time.Compare)
+	return all
+}
+
+// canaryProbed counts a serving engine's canaries: only a good one resets
+// their failures, and FailureThreshold in a row stop it as unhealthy.
+func (m *Machine) canaryProbed(r *run, err error) {
+	if !r.warm {
+		// Not serving yet: the warm-up is its test.
+		return
+	}
+	if err == nil {
+		if len(r.canaryFailures) > 0 {
+			r.canaryFailures = nil
+			m.healthFailures = r.allFailures()
+			m.log(slog.LevelInfo, "canary request succeeded again")
+		}
+		return
+	}
+	msg := "canary request failed: " + safetext.Bound(err.Error())
+	r.canaryFailures = append(r.canaryFailures, m.now)
+	r.lastProbe = msg
+	m.healthFailures = r.allFailures()
+	m.do(CountHealthFailure{})
+	m.log(slog.LevelWarn, "canary request failed", journal.FailureCount, len(r.canaryFailures), journal.Error, safetext.Bound(err.Error()))
+	switch {
+	case r.fault != "" && m.timers.armed[TimerFault]:
+		m.disarm(TimerFault)
+		m.stopRun(StopFault)
+	case len(r.canaryFailures) >= m.cfg.FailureThreshold:
+		r.byCanary = true
 		m.stopRun(StopHealth)
 	}
 }
