@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/llorch/pool-managerd/internal/check"
+	"github.com/llorch/pool-managerd/internal/check/canary"
 	"github.com/llorch/pool-managerd/internal/check/probe"
 	"github.com/llorch/pool-managerd/internal/check/progress"
 	"github.com/llorch/pool-managerd/internal/check/warmup"
@@ -21,6 +22,7 @@ var checkKinds = []check.Kind{
 	probe.Kind,
 	progress.Kind,
 	warmup.Kind,
+	canary.Kind,
 }
 
 // watch starts the checks of r (startBy: see lifecycle.Watch); they end
