@@ -202,7 +202,7 @@ func drive(c *choices) {
 				err = errors.New("refused")
 			}
 			if k < 12 {
-				ev = Probed{Run: r, Err: err}
+				ev = Probed{Run: r, Err: err, Canary: k == 11}
 			} else {
 				ev = Progress{Run: r, InFlight: float64(c.n(2)), Tokens: float64(c.n(2)), Err: err, NoAnswer: c.yes()}
 			}
