@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -62,6 +63,20 @@ func TestCanaryFindsADeadEngineCoreBehindAGoodHealth(t *testing.T) {
 			assert.NotEqual(t, first.MainPID, again.MainPID)
 		})
 	}
+}
+
+// A decoder that hangs with /health still answering: without metrics no
+// stall check sees it; the canary gets no answer within its timeout.
+func TestCanaryFindsAHungDecoder(t *testing.T) {
+	e := testpool.New(t, nil)
+	s := e.Start(testpool.Spec{ID: "canaryhang", Devices: "0", SimArgs: "--engine vllm", Model: vllmModel(t, e, "tiny"),
+		Extra: strings.Replace(canaryHealth, "CanaryTimeoutSec=2", "CanaryTimeoutSec=0.5", 1)})
+	waitFor(t, s, "ready", ready(1))
+	require.NoError(t, s.Fault("stall"))
+	crashed := waitFor(t, s, "the crash", func(s Snapshot) bool { return s.Policy.CrashCount == 1 })
+	assert.Equal(t, crash.HealthCheck, crashed.LastReason)
+	assert.Contains(t, crashed.LastError, "health check failed 3 times (canary request failed: ")
+	waitFor(t, s, "ready again", ready(2))
 }
 
 // The vLLM engine-core faults that show otherwise: /health answering 503,
