@@ -377,10 +377,10 @@ func TestAScopeKilledWhileNotStoppingIsStillASignal(t *testing.T) {
 	assert.Equal(t, crash.Signal, p.m.View(p.now).LastReason)
 }
 
-// Once an engine serves, a GPU fault line in its output may be a client's
-// text it echoed: the engine's death (classified by the line) or a failed
-// probe confirms it; an engine that goes on serving is left alone. Before
-// it serves, its output is its own, and the line stops it at once.
+// A GPU fault line in an engine's output may be a client's text it echoed:
+// the engine's death (classified by the line) or a failed probe confirms
+// it; an engine that goes on serving is left alone. XIDs, the kernel's
+// word, stop it at once.
 func TestAFaultLineOfAServingEngineNeedsConfirming(t *testing.T) {
 	const line = "CUDA error: an illegal memory access was encountered"
 	t.Run("it dies: cuda_error", func(t *testing.T) {
@@ -421,13 +421,15 @@ func TestAFaultLineOfAServingEngineNeedsConfirming(t *testing.T) {
 		p.exit(run, killedBy(syscall.SIGSEGV))
 		assert.Equal(t, crash.Signal, p.m.View(p.now).LastReason)
 	})
-	t.Run("before it serves: stopped at once", func(t *testing.T) {
+	t.Run("before it serves, the same: its death classifies it", func(t *testing.T) {
 		p := newPool(t, nil)
 		p.request(func(id ReqID) Event { return StartRequested{Req: id} })
 		run := p.launchStaged(staged("m.gguf", "sha256:a"), 100)
-		p.step(Faulted{Run: run, What: "ggml_cuda_init: failed to initialize CUDA: no CUDA-capable device is detected"})
+		p.step(Faulted{Run: run, What: line})
 		_, stopping := find[StopScope](p.last)
-		assert.True(t, stopping)
+		assert.False(t, stopping, "a line alone stops no engine")
+		p.exit(run, killedBy(syscall.SIGABRT))
+		assert.Equal(t, crash.CUDAError, p.m.View(p.now).LastReason)
 	})
 	t.Run("an XID stops a serving engine at once", func(t *testing.T) {
 		p := newPool(t, nil)

@@ -971,19 +971,18 @@ func (m *Machine) faulted(e Faulted) {
 	} else {
 		r.fault = safetext.Bound(e.What)
 		m.log(slog.LevelError, "GPU fault in engine output", journal.Line, r.fault)
-		if r.healthy {
-			// It serves: the line may be a client's text it echoed.
-			// Its death (classified by the line) or a failed probe
-			// confirms it.
-			m.arm(TimerFault, m.now.Add(FaultConfirm))
-			return
-		}
+		// A line is text, and an engine's output may quote its clients:
+		// it only classifies the engine's death, or a failed probe,
+		// that comes within FaultConfirm. A broken engine is still
+		// caught by its exit, its probes, the stall rule or a canary.
+		m.arm(TimerFault, m.now.Add(FaultConfirm))
+		return
 	}
 	m.stopRun(StopFault)
 }
 
-// faultUnconfirmed: a serving engine printed a GPU fault line and went on
-// serving: the line was text, not the engine's fault.
+// faultUnconfirmed: an engine printed a GPU fault line and neither died
+// nor failed a probe: the line was text, not the engine's fault.
 func (m *Machine) faultUnconfirmed() {
 	r := m.run
 	if r == nil || r.stopping != NotStopping || r.fault == "" || r.xid {

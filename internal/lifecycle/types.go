@@ -169,12 +169,13 @@ var (
 // looks again, unless Config says otherwise.
 const GPURetry = 10 * time.Second
 
-// FaultConfirm is how long a GPU fault line from an engine that already
-// serves waits for the engine's death or a failed probe to confirm it.
-// Once an engine serves, its output may quote its clients: llama-server
-// prints a grammar it cannot parse line by line, so anyone who can send a
-// request can write ggml's CUDA error lines into its log. A real fault
-// aborts the engine (ggml) or breaks it within a probe or two.
+// FaultConfirm is how long a GPU fault line in an engine's output waits
+// for the engine's death or a failed probe, which it then classifies. A
+// line never stops an engine by itself: an engine's output may quote its
+// clients (llama-server prints a grammar it cannot parse line by line, and
+// with -v logs a formatted prompt raw), so anyone who can send a request
+// can write ggml's CUDA error lines into its log. A real fault aborts the
+// engine (ggml) or breaks it within a probe or two.
 const FaultConfirm = 10 * time.Second
 
 // Drain outcomes.
