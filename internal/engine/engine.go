@@ -63,6 +63,10 @@ type Spec struct {
 	// Precheck, if set, runs while systemd makes the scope; an error
 	// calls the start off before the engine is run.
 	Precheck func() error
+	// Version is the pool's VersionCommand (nil: none): the shim runs it
+	// beside the engine, as the engine's user in its scope, and reports
+	// what it printed as an Event.
+	Version []string
 }
 
 // Event is something an engine's shim reported after the start.
@@ -70,6 +74,9 @@ type Event struct {
 	// Fault is an output line that showed a GPU fault; the engine may
 	// still be running.
 	Fault string
+	// Version is what the VersionCommand printed (its head), VersionErr
+	// why it failed: the engine's text either way.
+	Version, VersionErr string
 	// Exit is set when the engine is gone.
 	Exit *lifecycle.Exit
 }
@@ -489,7 +496,7 @@ func (r *Runtime) prepare(ctx context.Context, s Spec, check bool) (*Prepared, e
 		env = append(CacheEnv(s.CacheDir, s.Env), s.Env...)
 		home = s.CacheDir
 	}
-	spec, _ := json.Marshal(shim.Spec{Argv: s.Argv, Env: env, User: s.User, UID: u.uid, GID: u.gid, Groups: u.groups, Home: home, Socket: s.Socket, Note: s.Note})
+	spec, _ := json.Marshal(shim.Spec{Argv: s.Argv, Env: env, User: s.User, UID: u.uid, GID: u.gid, Groups: u.groups, Home: home, Socket: s.Socket, Note: s.Note, Version: s.Version})
 	goR, goW, err := os.Pipe()
 	if err != nil {
 		return nil, err
@@ -760,6 +767,8 @@ func (e *Engine) forward(rd *shim.Reader, c io.Closer) {
 		switch m.Event {
 		case shim.EventFault:
 			e.events <- Event{Fault: m.Line}
+		case shim.EventVersion:
+			e.events <- Event{Version: m.Line, VersionErr: m.Error}
 		case shim.EventExit:
 			// Not waiting for the shim to be reaped: its own exit may
 			// take a while (a race-detector build sleeps a second).

@@ -19,6 +19,9 @@ const (
 	EventFault   Event = "fault"
 	EventExit    Event = "exit"
 	EventError   Event = "error"
+	// EventVersion: what the pool's VersionCommand printed (Line) or why
+	// it failed (Error), run beside the engine as its user in its scope.
+	EventVersion Event = "version"
 )
 
 // Bounds of the shim's messages. Whatever writes to the daemon's end of
@@ -103,6 +106,11 @@ func (m *Message) Validate() error {
 			return malformed("error without its text")
 		}
 		return only(false, false, false, false, true, false)
+	case EventVersion:
+		if (m.Line == "") == (m.Error == "") {
+			return malformed("version with neither or both of its output and error")
+		}
+		return only(false, true, false, false, true, false)
 	}
 	return malformed("unknown event")
 }

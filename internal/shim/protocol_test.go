@@ -173,3 +173,22 @@ func TestReaderBoundIsMaxMessage(t *testing.T) {
 		}
 	}
 }
+
+// A version report carries either what the command printed or why it
+// failed, never both nor neither, and nothing else.
+func TestVersionReports(t *testing.T) {
+	for _, m := range []Message{
+		{Event: EventVersion, Line: "version: 0.7.0 (build 11669, commit Debian)"},
+		{Event: EventVersion, Error: "VersionCommand /bin/false: exit status 1"},
+	} {
+		assert.NoError(t, m.Validate(), "%+v", m)
+	}
+	for _, m := range []Message{
+		{Event: EventVersion},
+		{Event: EventVersion, Line: "v", Error: "e"},
+		{Event: EventVersion, Line: "v", PID: 4711},
+		{Event: EventVersion, Line: strings.Repeat("v", MaxLine+1)},
+	} {
+		assert.Error(t, m.Validate(), "%+v", m)
+	}
+}

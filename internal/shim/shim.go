@@ -50,6 +50,10 @@ type Spec struct {
 	Note json.RawMessage `json:"note,omitempty"`
 	// Socket is where a restarted daemon reattaches to the shim.
 	Socket string `json:"socket,omitempty"`
+	// Version is the pool's VersionCommand: run beside the engine, as
+	// its user, in its scope, with no new privileges; never as the
+	// daemon (engines are installed where their own users can write).
+	Version []string `json:"version,omitempty"`
 }
 
 // Main is the small process that becomes the engine's parent inside the
@@ -114,6 +118,11 @@ func Main() int {
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, outPipe, errPipe
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: spec.UID, Gid: spec.GID, Groups: spec.Groups}}
 	err := cmd.Start()
+	var version *versionRun
+	if err == nil && len(spec.Version) > 0 {
+		// From the same thread: it has no_new_privs too.
+		version = startVersion(spec.Version, cmd.Env, cmd.SysProcAttr.Credential)
+	}
 	runtime.UnlockOSThread()
 	if err != nil {
 		return fail(fmt.Errorf("start %s: %w", spec.Argv[0], err))
@@ -130,6 +139,9 @@ func Main() int {
 	// The OOM killer must pick the engine, never its reporter.
 	os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0)
 	report(Message{Event: EventStarted, PID: cmd.Process.Pid, Note: spec.Note})
+	if version != nil {
+		go func() { report(version.wait()) }()
+	}
 	if spec.Socket != "" {
 		go out.serve(spec.Socket)
 	}
@@ -190,6 +202,7 @@ type reporter struct {
 	w         io.Writer // the starting daemon's pipe, nil once broken
 	clients   []*os.File
 	started   *Message
+	version   *Message
 	fault     *Message
 	exit      *Message
 	delivered chan struct{}
@@ -203,6 +216,8 @@ func (r *reporter) report(m Message) {
 	switch m.Event {
 	case EventStarted:
 		r.started = &m
+	case EventVersion:
+		r.version = &m
 	case EventFault:
 		r.fault = &m
 	case EventExit:
@@ -255,7 +270,7 @@ func (r *reporter) serve(path string) {
 		c := os.NewFile(uintptr(fd), "daemon")
 		r.mu.Lock()
 		ok := true
-		for _, m := range []*Message{r.started, r.fault, r.exit} {
+		for _, m := range []*Message{r.started, r.version, r.fault, r.exit} {
 			if m == nil {
 				continue
 			}

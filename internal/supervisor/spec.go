@@ -101,6 +101,7 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Mode
 			Scope:       p.Scope,
 			StopTimeout: p.Engine.StopTimeout,
 			Socket:      filepath.Join(m.RuntimeDir, "pools", p.ID+".sock"),
+			Version:     p.Engine.VersionCommand,
 			CacheDir:    filepath.Join(m.CacheDir, p.ID),
 		}
 	}

@@ -16,7 +16,6 @@ import (
 	"maps"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"slices"
 	"strings"
 	"sync"
@@ -51,7 +50,7 @@ type Config struct {
 	// ("" to accept any).
 	Model, ModelDigest string
 	EngineVersion      string
-	// VersionCommand, when set, is run before each start to learn the
+	// VersionCommand, when set, is run by the shim beside each engine to learn the
 	// engine's version (an upgraded binary shows after a reload).
 	VersionCommand []string
 	DeviceMask     string
@@ -592,15 +591,6 @@ func (s *Supervisor) watchHash(ref string, event func(frac float64) lifecycle.Ev
 // only the GPU check and the engine's exec are left then.
 func (s *Supervisor) launch(a lifecycle.Launch) {
 	st := a.Staged
-	if len(s.cfg.VersionCommand) > 0 {
-		// Asked beside the start, not before it: a version command that
-		// initialises a GPU runtime takes seconds, and the pool's loop
-		// must keep answering meanwhile.
-		go func() {
-			v, err := engineVersion(s.cfg.VersionCommand)
-			s.post(func() { s.versionKnown(v, err) })
-		}()
-	}
 	started := time.Now()
 	decided := s.staged
 	if decided.IsZero() {
@@ -723,6 +713,10 @@ func (s *Supervisor) engineEvent(r *run, ev engine.Event) {
 		s.step(lifecycle.Faulted{Run: r.id, What: ev.Fault})
 		return
 	}
+	if ev.Version != "" || ev.VersionErr != "" {
+		s.versionKnown(ev.Version, ev.VersionErr)
+		return
+	}
 	x := ev.Exit
 	if x == nil {
 		return
@@ -735,39 +729,27 @@ func (s *Supervisor) engineEvent(r *run, ev engine.Event) {
 	}
 }
 
-// versionKnown records what VersionCommand said.
-func (s *Supervisor) versionKnown(v string, err error) {
-	if err != nil {
-		s.log.Warn("VersionCommand failed", journal.PoolID, s.cfg.Pool, journal.Error, safetext.Bound(err.Error()))
+// versionKnown records what VersionCommand said: its shim ran it beside
+// the engine, as the engine's user in its scope. Its output is the
+// engine's text: "version: X" in it (as llama-server prints it), else its
+// first line, is the version.
+func (s *Supervisor) versionKnown(out, failed string) {
+	v := ""
+	for l := range strings.Lines(out) {
+		l = strings.TrimSpace(l)
+		if x, ok := strings.CutPrefix(l, "version: "); ok {
+			v = x
+			break
+		}
+		if v == "" {
+			v = l
+		}
+	}
+	if v == "" {
+		s.log.Warn("VersionCommand failed", journal.PoolID, s.cfg.Pool, journal.Error, safetext.Bound(cmp.Or(failed, "it printed nothing")))
 		return
 	}
-	// A version command's output is the engine's text.
 	s.step(lifecycle.VersionKnown{Version: safetext.Bound(v)})
-}
-
-// engineVersion runs the version command: "version: X" in its output (as
-// llama-server prints it) or else its first line is the version.
-func engineVersion(argv []string) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, argv[0], argv[1:]...).CombinedOutput()
-	if err != nil {
-		return "", fmt.Errorf("%s: %w", strings.Join(argv, " "), err)
-	}
-	first := ""
-	for _, l := range strings.Split(string(out), "\n") {
-		l = strings.TrimSpace(l)
-		if v, ok := strings.CutPrefix(l, "version: "); ok {
-			return v, nil
-		}
-		if first == "" {
-			first = l
-		}
-	}
-	if first == "" {
-		return "", fmt.Errorf("%s printed nothing", strings.Join(argv, " "))
-	}
-	return first, nil
 }
 
 // stopScope stops the engine's scope in the background (r nil: whatever
