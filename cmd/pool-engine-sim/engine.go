@@ -85,10 +85,40 @@ func (e *engine) token() bool {
 func (e *engine) step() time.Duration {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if e.busy {
-		return max(e.tokenTime, busyTokenTime)
+	return tokenPace(e.tokenTime, e.busy)
+}
+
+// tokenPace is the time a token takes: a busy engine is no faster than
+// busyTokenTime.
+func tokenPace(tokenTime time.Duration, busy bool) time.Duration {
+	if busy {
+		return max(tokenTime, busyTokenTime)
 	}
-	return e.tokenTime
+	return tokenTime
+}
+
+// paced calls token n times, each a step() after the last, and says how
+// many it made. It stops early, with the reason, when ctx ends, shutdown
+// closes or token fails; a nil shutdown never closes.
+func paced(ctx context.Context, shutdown <-chan struct{}, n int, step func() time.Duration, token func(made int) error) (int, error) {
+	timer := time.NewTimer(step())
+	defer timer.Stop()
+	for i := range n {
+		if i > 0 {
+			timer.Reset(step())
+		}
+		select {
+		case <-ctx.Done():
+			return i, ctx.Err()
+		case <-shutdown:
+			return i, errShutdown
+		case <-timer.C:
+		}
+		if err := token(i); err != nil {
+			return i, err
+		}
+	}
+	return n, nil
 }
 
 // generate produces n tokens at the engine's pace, holding a request in
@@ -97,28 +127,16 @@ func (e *engine) step() time.Duration {
 func (e *engine) generate(ctx context.Context, n int) (int, error) {
 	e.processing.Inc()
 	defer e.processing.Dec()
-	timer := time.NewTimer(e.step())
-	defer timer.Stop()
-	for i := range n {
-		if i > 0 {
-			timer.Reset(e.step())
+	return paced(ctx, e.shutdown, n, e.step, func(int) error {
+		if e.token() {
+			return nil
 		}
 		select {
 		case <-ctx.Done():
-			return i, ctx.Err()
 		case <-e.shutdown:
-			return i, errShutdown
-		case <-timer.C:
 		}
-		if !e.token() {
-			select {
-			case <-ctx.Done():
-			case <-e.shutdown:
-			}
-			return i, errStalled
-		}
-	}
-	return n, nil
+		return errStalled
+	})
 }
 
 // stall freezes the engine with a request in flight that never ends, as

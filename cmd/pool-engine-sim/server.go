@@ -146,18 +146,22 @@ func allowMethods(w http.ResponseWriter, r *http.Request, methods ...string) boo
 	return false
 }
 
+// hang never answers: it drops the connection without a response once
+// the client gives up or the process shuts down.
+func (s *server) hang(r *http.Request) {
+	select {
+	case <-r.Context().Done():
+	case <-s.shutdown:
+	}
+	panic(http.ErrAbortHandler)
+}
+
 func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	if !allowMethods(w, r, http.MethodGet, http.MethodHead) {
 		return
 	}
 	if s.hangHealth.Load() {
-		// Never answer; drop the connection without a response once the
-		// client gives up or the process shuts down.
-		select {
-		case <-r.Context().Done():
-		case <-s.shutdown:
-		}
-		panic(http.ErrAbortHandler)
+		s.hang(r)
 	}
 	if loaded, _ := s.state(); !loaded {
 		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "loading model"})
@@ -263,17 +267,23 @@ func errnoName(e syscall.Errno) string {
 }
 
 func (s *server) handleFault(w http.ResponseWriter, r *http.Request) {
+	serveFault(w, r, parseFault, s.fire)
+}
+
+// serveFault answers POST /sim/fault?kind=K with 202 and fires the fault:
+// before the answer if it acts on later requests, else once the answer
+// is out and logged, so that the client sees it whatever the fault does.
+func serveFault(w http.ResponseWriter, r *http.Request, parse func(string) (fault, error), fire func(fault)) {
 	if !allowMethods(w, r, http.MethodPost) {
 		return
 	}
-	kind := r.FormValue("kind")
-	f, err := parseFault(kind)
+	f, err := parse(r.FormValue("kind"))
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err.Error(), "invalid_request_error")
 		return
 	}
 	if f.kind.beforeAnswer() {
-		s.fire(f)
+		fire(f)
 		writeJSON(w, http.StatusAccepted, map[string]string{"fault": f.String()})
 		return
 	}
@@ -281,11 +291,11 @@ func (s *server) handleFault(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusAccepted, map[string]string{"fault": f.String()})
 	if rec, ok := w.(*recorder); ok {
 		rec.Flush()
-		rec.after = func() { s.fire(f) }
+		rec.after = func() { fire(f) }
 		return
 	}
 	if fl, ok := w.(http.Flusher); ok {
 		fl.Flush()
 	}
-	s.fire(f)
+	fire(f)
 }

@@ -60,11 +60,7 @@ func (s *server) metricsFault(w http.ResponseWriter, r *http.Request) bool {
 		_, _ = io.WriteString(w, garbledMetrics)
 		return true
 	case metricsHung:
-		select {
-		case <-r.Context().Done():
-		case <-s.shutdown:
-		}
-		panic(http.ErrAbortHandler)
+		s.hang(r)
 	}
 	return false
 }
@@ -118,14 +114,9 @@ func (s *server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusServiceUnavailable, "Loading model", "unavailable_error")
 		return
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxCompletionBody))
-	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			writeError(w, http.StatusRequestEntityTooLarge, "request body larger than 1 MiB", "invalid_request_error")
-			return
-		}
-		writeError(w, http.StatusBadRequest, "reading the request body: "+err.Error(), "invalid_request_error")
+	body, status, msg := readCompletionBody(w, r)
+	if status != 0 {
+		writeError(w, status, msg, "invalid_request_error")
 		return
 	}
 	req, promptTokens, msg := parseCompletion(body)
@@ -155,18 +146,42 @@ func (s *server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	logf("slot      release: id  0 | task %d | stop processing: n_tokens = %d, truncated = 0", task, promptTokens+made)
-	var content strings.Builder
-	for i := range made {
-		content.WriteString(words[i%len(words)])
-	}
 	writeJSON(w, http.StatusOK, completionResponse{
-		Content:         content.String(),
+		Content:         generatedText(made),
 		Model:           filepath.Base(s.opts.model),
 		TokensPredicted: made,
 		TokensEvaluated: promptTokens,
 		Stop:            true,
 		StopType:        "limit",
 	})
+}
+
+// readCompletionBody reads a completion request's body, bounded;
+// status and msg say what went wrong, if anything.
+func readCompletionBody(w http.ResponseWriter, r *http.Request) (body []byte, status int, msg string) {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxCompletionBody))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return nil, http.StatusRequestEntityTooLarge, "request body larger than 1 MiB"
+		}
+		return nil, http.StatusBadRequest, "reading the request body: " + err.Error()
+	}
+	return body, 0, ""
+}
+
+// generatedText is the text of n simulated tokens.
+func generatedText(n int) string {
+	var text strings.Builder
+	for i := range n {
+		text.WriteString(words[i%len(words)])
+	}
+	return text.String()
+}
+
+// textTokens counts a text prompt's tokens roughly: BOS and a token a word.
+func textTokens(text string) int {
+	return 1 + len(strings.Fields(text))
 }
 
 // parseCompletion checks a /completion body as llama-server would and
@@ -183,7 +198,7 @@ func parseCompletion(body []byte) (req completionRequest, promptTokens int, msg 
 		if err := json.Unmarshal(p, &text); err != nil {
 			return req, 0, `"prompt": ` + err.Error()
 		}
-		promptTokens = 1 + len(strings.Fields(text)) // BOS and a token a word
+		promptTokens = textTokens(text)
 	case p[0] == '[':
 		var parts []json.RawMessage
 		if err := json.Unmarshal(p, &parts); err != nil {

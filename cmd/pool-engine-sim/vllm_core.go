@@ -337,10 +337,7 @@ func (c *engineCore) fault(m coreMsg) {
 func (c *engineCore) step() time.Duration {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.busy {
-		return max(c.tokenTime, busyTokenTime)
-	}
-	return c.tokenTime
+	return tokenPace(c.tokenTime, c.busy)
 }
 
 // generate produces n tokens at the engine's pace, one message each. A
@@ -355,30 +352,23 @@ func (c *engineCore) generate(ctx context.Context, id int64, n int) {
 		}
 		c.mu.Unlock()
 	}()
-	timer := time.NewTimer(c.step())
-	defer timer.Stop()
-	for made := 0; made < n; made++ {
-		if made > 0 {
-			timer.Reset(c.step())
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-timer.C:
-		}
+	_, err := paced(ctx, nil, n, c.step, func(made int) error {
 		c.mu.Lock()
 		switch {
 		case c.stalled:
 			c.mu.Unlock()
 			<-ctx.Done()
-			return
+			return ctx.Err()
 		case c.sleeping:
 			c.sendLocked(coreMsg{Op: opErr, ID: id, N: made, Err: errSleepingText})
 			c.mu.Unlock()
-			return
+			return errSleeping
 		}
 		c.sendLocked(coreMsg{Op: opTok, ID: id})
 		c.mu.Unlock()
+		return nil
+	})
+	if err == nil {
+		c.send(coreMsg{Op: opDone, ID: id, N: n})
 	}
-	c.send(coreMsg{Op: opDone, ID: id, N: n})
 }

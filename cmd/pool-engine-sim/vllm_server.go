@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log"
 	"math"
 	"net/http"
@@ -207,11 +206,7 @@ func (v *vllmServer) handleHealth(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if v.hangHealth.Load() {
-		select {
-		case <-r.Context().Done():
-		case <-v.shutdown:
-		}
-		panic(http.ErrAbortHandler)
+		v.hang(r)
 	}
 	switch loaded, _ := v.state(); {
 	case !loaded:
@@ -316,7 +311,7 @@ func (v *vllmServer) parseVLLMCompletion(body []byte) (n, promptTokens, status i
 		if err := json.Unmarshal(p, &text); err != nil {
 			return 0, 0, http.StatusBadRequest, "prompt: " + err.Error()
 		}
-		promptTokens = 1 + len(strings.Fields(text)) // BOS and a token a word
+		promptTokens = textTokens(text)
 	case p[0] == '[':
 		var ids []int
 		var texts []string
@@ -324,7 +319,7 @@ func (v *vllmServer) parseVLLMCompletion(body []byte) (n, promptTokens, status i
 		case json.Unmarshal(p, &ids) == nil:
 			promptTokens = len(ids)
 		case json.Unmarshal(p, &texts) == nil && len(texts) == 1:
-			promptTokens = 1 + len(strings.Fields(texts[0]))
+			promptTokens = textTokens(texts[0])
 		case len(texts) > 1:
 			return 0, 0, http.StatusBadRequest, "prompt: a batch of prompts is not simulated; send one"
 		default:
@@ -359,14 +354,9 @@ func (v *vllmServer) handleCompletions(w http.ResponseWriter, r *http.Request) {
 		vllmError(w, http.StatusServiceUnavailable, "The engine is loading the model", "ServiceUnavailableError")
 		return
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxCompletionBody))
-	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			vllmError(w, http.StatusRequestEntityTooLarge, "request body larger than 1 MiB", "BadRequestError")
-			return
-		}
-		vllmError(w, http.StatusBadRequest, "reading the request body: "+err.Error(), "BadRequestError")
+	body, status, msg := readCompletionBody(w, r)
+	if status != 0 {
+		vllmError(w, status, msg, "BadRequestError")
 		return
 	}
 	n, promptTokens, status, msg := v.parseVLLMCompletion(body)
@@ -417,16 +407,12 @@ func (v *vllmServer) handleCompletions(w http.ResponseWriter, r *http.Request) {
 		vllmError(w, http.StatusServiceUnavailable, err.Error(), "ServiceUnavailableError")
 		return
 	}
-	var text strings.Builder
-	for i := range made {
-		text.WriteString(words[i%len(words)])
-	}
 	writeJSON(w, http.StatusOK, vllmCompletionResponse{
 		ID:      "cmpl-" + randomHex(16),
 		Object:  "text_completion",
 		Created: time.Now().Unix(),
 		Model:   v.vo.servedName,
-		Choices: []vllmChoice{{Text: text.String(), FinishReason: "length"}},
+		Choices: []vllmChoice{{Text: generatedText(made), FinishReason: "length"}},
 		Usage:   vllmUsage{PromptTokens: promptTokens, CompletionTokens: made, TotalTokens: promptTokens + made},
 	})
 }
@@ -544,28 +530,7 @@ func (v *vllmServer) handlePids(w http.ResponseWriter, r *http.Request) {
 }
 
 func (v *vllmServer) handleFault(w http.ResponseWriter, r *http.Request) {
-	if !allowMethods(w, r, http.MethodPost) {
-		return
-	}
-	f, err := parseVLLMFault(r.FormValue("kind"))
-	if err != nil {
-		writeError(w, http.StatusBadRequest, err.Error(), "invalid_request_error")
-		return
-	}
-	if f.kind.beforeAnswer() {
-		v.fire(f)
-		writeJSON(w, http.StatusAccepted, map[string]string{"fault": f.String()})
-		return
-	}
-	w.Header().Set("Connection", "close")
-	writeJSON(w, http.StatusAccepted, map[string]string{"fault": f.String()})
-	rec, ok := w.(*recorder)
-	if !ok {
-		v.fire(f)
-		return
-	}
-	rec.Flush()
-	rec.after = func() { v.fire(f) }
+	serveFault(w, r, parseVLLMFault, v.fire)
 }
 
 // fire puts a fault in effect. The engine core's own faults and the
