@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -43,23 +44,42 @@ func (s *server) state() (loaded bool, sum string) {
 }
 
 func (s *server) httpServer() *http.Server {
-	mux := http.NewServeMux()
-	mux.HandleFunc("/health", s.handleHealth)
-	mux.HandleFunc("/v1/health", s.handleHealth)
-	mux.HandleFunc("/v1/models", s.handleModels)
-	mux.HandleFunc("/models", s.handleModels)
-	mux.HandleFunc("/metrics", s.handleMetrics)
-	mux.HandleFunc("/completion", s.handleCompletion)
-	mux.HandleFunc("/completions", s.handleCompletion)
-	mux.HandleFunc("/sim/devices", s.handleDevices)
-	mux.HandleFunc("/sim/fault", s.handleFault)
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+	mux := serveMux([]route{
+		{"/health", s.handleHealth}, {"/v1/health", s.handleHealth},
+		{"/v1/models", s.handleModels}, {"/models", s.handleModels},
+		{"/metrics", s.handleMetrics},
+		{"/completion", s.handleCompletion}, {"/completions", s.handleCompletion},
+		{"/sim/devices", s.handleDevices},
+		{"/sim/fault", s.handleFault},
+	}, func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "File Not Found", "not_found_error")
 	})
+	return simHTTPServer(accessLog(mux), "srv  http: ")
+}
+
+type route struct {
+	path    string
+	handler http.HandlerFunc
+}
+
+// serveMux answers each route's path with its handler, and any other
+// with notFound.
+func serveMux(routes []route, notFound http.HandlerFunc) *http.ServeMux {
+	mux := http.NewServeMux()
+	for _, rt := range routes {
+		mux.HandleFunc(rt.path, rt.handler)
+	}
+	mux.HandleFunc("/", notFound)
+	return mux
+}
+
+// simHTTPServer serves h, logging the HTTP server's own errors to stderr
+// behind prefix as the engine would.
+func simHTTPServer(h http.Handler, prefix string) *http.Server {
 	return &http.Server{
-		Handler:           accessLog(mux),
+		Handler:           h,
 		ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog:          log.New(stderrWriter{}, "srv  http: ", 0),
+		ErrorLog:          log.New(stderrWriter{}, prefix, 0),
 	}
 }
 
@@ -98,21 +118,29 @@ func (r *recorder) Flush() {
 	}
 }
 
-func accessLog(h http.Handler) http.Handler {
+// logRequests calls line for each request once it is answered, with the
+// status, and then runs a fault the handler left for after the answer.
+func logRequests(h http.Handler, line func(r *http.Request, status int)) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rec := &recorder{ResponseWriter: w}
 		h.ServeHTTP(rec, r)
 		if rec.status == 0 {
 			rec.status = http.StatusOK
 		}
+		line(r, rec.status)
+		if rec.after != nil {
+			rec.after()
+		}
+	})
+}
+
+func accessLog(h http.Handler) http.Handler {
+	return logRequests(h, func(r *http.Request, status int) {
 		host, _, err := net.SplitHostPort(r.RemoteAddr)
 		if err != nil {
 			host = r.RemoteAddr
 		}
-		logf("srv  log_server_r: request: %s %s %s %d", r.Method, r.URL.Path, host, rec.status)
-		if rec.after != nil {
-			rec.after()
-		}
+		logf("srv  log_server_r: request: %s %s %s %d", r.Method, r.URL.Path, host, status)
 	})
 }
 
@@ -136,10 +164,8 @@ func writeError(w http.ResponseWriter, status int, msg, typ string) {
 }
 
 func allowMethods(w http.ResponseWriter, r *http.Request, methods ...string) bool {
-	for _, m := range methods {
-		if r.Method == m {
-			return true
-		}
+	if slices.Contains(methods, r.Method) {
+		return true
 	}
 	w.Header().Set("Allow", methods[0])
 	writeError(w, http.StatusMethodNotAllowed, "Method Not Allowed", "invalid_request_error")
@@ -154,6 +180,19 @@ func (s *server) hang(r *http.Request) {
 	case <-s.shutdown:
 	}
 	panic(http.ErrAbortHandler)
+}
+
+// loadedFor passes a request in one of methods once the model is
+// loaded, and answers any other as llama-server does.
+func (s *server) loadedFor(w http.ResponseWriter, r *http.Request, methods ...string) bool {
+	if !allowMethods(w, r, methods...) {
+		return false
+	}
+	if loaded, _ := s.state(); !loaded {
+		writeError(w, http.StatusServiceUnavailable, "Loading model", "unavailable_error")
+		return false
+	}
+	return true
 }
 
 func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
@@ -188,14 +227,10 @@ type modelList struct {
 }
 
 func (s *server) handleModels(w http.ResponseWriter, r *http.Request) {
-	if !allowMethods(w, r, http.MethodGet) {
+	if !s.loadedFor(w, r, http.MethodGet) {
 		return
 	}
-	loaded, sum := s.state()
-	if !loaded {
-		writeError(w, http.StatusServiceUnavailable, "Loading model", "unavailable_error")
-		return
-	}
+	_, sum := s.state()
 	writeJSON(w, http.StatusOK, modelList{
 		Object: "list",
 		Data: []modelEntry{{

@@ -107,11 +107,7 @@ var words = []string{" The", " quick", " brown", " fox", " jumps", " over", " th
 // streaming. The prompt is engine input and never logged: only the
 // log:TEXT fault puts request text into the log.
 func (s *server) handleCompletion(w http.ResponseWriter, r *http.Request) {
-	if !allowMethods(w, r, http.MethodPost) {
-		return
-	}
-	if loaded, _ := s.state(); !loaded {
-		writeError(w, http.StatusServiceUnavailable, "Loading model", "unavailable_error")
+	if !s.loadedFor(w, r, http.MethodPost) {
 		return
 	}
 	body, status, msg := readCompletionBody(w, r)

@@ -8,10 +8,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log"
 	"math"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -117,59 +117,52 @@ func (v *vllmServer) statsLoop() {
 	}
 }
 
-func (v *vllmServer) routes() []string {
-	r := []string{"/health", "/metrics", "/version", "/v1/models", "/v1/completions"}
+// apiRoutes are the routes of vLLM's API, in the order vLLM logs them.
+func (v *vllmServer) apiRoutes() []route {
+	r := []route{
+		{"/health", v.handleHealth},
+		{"/metrics", v.handleMetrics},
+		{"/version", v.handleVersion},
+		{"/v1/models", v.handleModels},
+		{"/v1/completions", v.handleCompletions},
+	}
 	if v.vo.sleepMode {
-		r = append(r, "/sleep", "/wake_up", "/is_sleeping")
+		r = append(r, route{"/sleep", v.handleSleep}, route{"/wake_up", v.handleWakeUp}, route{"/is_sleeping", v.handleIsSleeping})
 	}
 	return r
 }
 
-func (v *vllmServer) httpServer() *http.Server {
-	mux := http.NewServeMux()
-	mux.HandleFunc("/health", v.handleHealth)
-	mux.HandleFunc("/metrics", v.handleMetrics)
-	mux.HandleFunc("/version", v.handleVersion)
-	mux.HandleFunc("/v1/models", v.handleModels)
-	mux.HandleFunc("/v1/completions", v.handleCompletions)
-	if v.vo.sleepMode {
-		mux.HandleFunc("/sleep", v.handleSleep)
-		mux.HandleFunc("/wake_up", v.handleWakeUp)
-		mux.HandleFunc("/is_sleeping", v.handleIsSleeping)
+func (v *vllmServer) routes() []string {
+	var paths []string
+	for _, rt := range v.apiRoutes() {
+		paths = append(paths, rt.path)
 	}
-	mux.HandleFunc("/sim/memory", v.handleMemory)
-	mux.HandleFunc("/sim/pids", v.handlePids)
-	mux.HandleFunc("/sim/fault", v.handleFault)
-	mux.HandleFunc("/sim/devices", v.handleDevices)
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+	return paths
+}
+
+func (v *vllmServer) httpServer() *http.Server {
+	mux := serveMux(append(v.apiRoutes(),
+		route{"/sim/memory", v.handleMemory},
+		route{"/sim/pids", v.handlePids},
+		route{"/sim/fault", v.handleFault},
+		route{"/sim/devices", v.handleDevices},
+	), func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, map[string]string{"detail": "Not Found"})
 	})
-	return &http.Server{
-		Handler:           uvicornAccessLog(mux),
-		ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog:          log.New(stderrWriter{}, "sim: http: ", 0),
-	}
+	return simHTTPServer(uvicornAccessLog(mux), "sim: http: ")
 }
 
 // uvicornAccessLog logs each request as uvicorn does,
 // `INFO:     127.0.0.1:43210 - "GET /health HTTP/1.1" 200 OK`, and runs a
 // fault the handler left for after the answer.
 func uvicornAccessLog(h http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		rec := &recorder{ResponseWriter: w}
-		h.ServeHTTP(rec, r)
-		if rec.status == 0 {
-			rec.status = http.StatusOK
-		}
+	return logRequests(h, func(r *http.Request, status int) {
 		target := r.URL.Path
 		if r.URL.RawQuery != "" {
 			target += "?" + r.URL.RawQuery
 		}
 		uvlog("%s - \"%s %s HTTP/%d.%d\" %d %s", r.RemoteAddr, r.Method, target, r.ProtoMajor, r.ProtoMinor,
-			rec.status, http.StatusText(rec.status))
-		if rec.after != nil {
-			rec.after()
-		}
+			status, http.StatusText(status))
 	})
 }
 
@@ -182,14 +175,31 @@ func vllmError(w http.ResponseWriter, status int, msg, typ string) {
 
 // fastAPIMethods answers 405 as FastAPI does unless the method is allowed.
 func fastAPIMethods(w http.ResponseWriter, r *http.Request, methods ...string) bool {
-	for _, m := range methods {
-		if r.Method == m {
-			return true
-		}
+	if slices.Contains(methods, r.Method) {
+		return true
 	}
 	w.Header().Set("Allow", strings.Join(methods, ", "))
 	writeJSON(w, http.StatusMethodNotAllowed, map[string]string{"detail": "Method Not Allowed"})
 	return false
+}
+
+// loadedFor passes a request in one of methods once the model is
+// loaded, and answers any other as vLLM does.
+func (v *vllmServer) loadedFor(w http.ResponseWriter, r *http.Request, methods ...string) bool {
+	if !fastAPIMethods(w, r, methods...) {
+		return false
+	}
+	return v.loaded(w)
+}
+
+// loaded says whether the engine core has loaded the model, and answers
+// 503 as vLLM does if not.
+func (v *vllmServer) loaded(w http.ResponseWriter) bool {
+	if loaded, _ := v.state(); !loaded {
+		vllmError(w, http.StatusServiceUnavailable, "The engine is loading the model", "ServiceUnavailableError")
+		return false
+	}
+	return true
 }
 
 // emptyStatus answers as FastAPI's Response(status_code=N): no body.
@@ -246,11 +256,7 @@ type vllmModelEntry struct {
 }
 
 func (v *vllmServer) handleModels(w http.ResponseWriter, r *http.Request) {
-	if !fastAPIMethods(w, r, http.MethodGet) {
-		return
-	}
-	if loaded, _ := v.state(); !loaded {
-		vllmError(w, http.StatusServiceUnavailable, "The engine is loading the model", "ServiceUnavailableError")
+	if !v.loadedFor(w, r, http.MethodGet) {
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]any{
@@ -347,11 +353,7 @@ func (v *vllmServer) parseVLLMCompletion(body []byte) (n, promptTokens, status i
 }
 
 func (v *vllmServer) handleCompletions(w http.ResponseWriter, r *http.Request) {
-	if !fastAPIMethods(w, r, http.MethodPost) {
-		return
-	}
-	if loaded, _ := v.state(); !loaded {
-		vllmError(w, http.StatusServiceUnavailable, "The engine is loading the model", "ServiceUnavailableError")
+	if !v.loadedFor(w, r, http.MethodPost) {
 		return
 	}
 	body, status, msg := readCompletionBody(w, r)
@@ -438,8 +440,7 @@ func (v *vllmServer) coreCall(r *http.Request, m coreMsg) (coreMsg, error) {
 }
 
 func (v *vllmServer) engineReady(w http.ResponseWriter) bool {
-	if loaded, _ := v.state(); !loaded {
-		vllmError(w, http.StatusServiceUnavailable, "The engine is loading the model", "ServiceUnavailableError")
+	if !v.loaded(w) {
 		return false
 	}
 	if v.dead.Load() {
