@@ -474,8 +474,7 @@ func (v *vllmServer) handleSleep(w http.ResponseWriter, r *http.Request) {
 		emptyStatus(w, http.StatusInternalServerError)
 		return
 	}
-	v.sleeping.Store(true)
-	emptyStatus(w, http.StatusOK)
+	v.answerSleeping(w, true)
 }
 
 func (v *vllmServer) handleWakeUp(w http.ResponseWriter, r *http.Request) {
@@ -495,7 +494,13 @@ func (v *vllmServer) handleWakeUp(w http.ResponseWriter, r *http.Request) {
 		vllmError(w, http.StatusInternalServerError, "wake up failed: "+reply.Err, "InternalServerError")
 		return
 	}
-	v.sleeping.Store(false)
+	v.answerSleeping(w, false)
+}
+
+// answerSleeping records what the engine core now does and answers
+// vLLM's empty 200.
+func (v *vllmServer) answerSleeping(w http.ResponseWriter, sleeping bool) {
+	v.sleeping.Store(sleeping)
 	emptyStatus(w, http.StatusOK)
 }
 
