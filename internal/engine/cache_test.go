@@ -136,7 +136,10 @@ func TestEngineCacheDir(t *testing.T) {
 	require.NoError(t, os.Chmod(top, 0o755), "the engine user passes through")
 	dir := filepath.Join(top, "cache", "cached")
 	script := `echo "home=$HOME xdg=$XDG_CACHE_HOME hf=$HF_HOME vllm=$VLLM_CACHE_ROOT triton=$TRITON_CACHE_DIR"; ` +
-		`mkdir -p "$HF_HOME" "$TRITON_CACHE_DIR" && echo hi > "$HF_HOME/probe" && echo wrote; exit 0`
+		`mkdir -p "$HF_HOME" "$TRITON_CACHE_DIR" && echo hi > "$HF_HOME/probe" && echo wrote; ` +
+		// journald names a line's unit from its writer's cgroup, which an
+		// exited writer no longer has.
+		`sleep 1; exit 0`
 	start := func(env ...string) {
 		e, err := rt.Start(ctx, engine.Spec{Pool: "cached", Argv: []string{"/bin/sh", "-c", script}, Env: env,
 			User: "pool-engine", StopTimeout: 2 * time.Second, CacheDir: dir})
