@@ -29,7 +29,8 @@ const (
 // hostWarnings lists what the host lacks for the configuration to work
 // under the installed unit: a bus policy for AdminGroup=, an IP allow list
 // for a non-loopback MetricsListen= or HealthURL=, a textfile directory
-// root can write without CAP_DAC_OVERRIDE. Each says what to add.
+// root can write without CAP_DAC_OVERRIDE; and an engine run as root. Each
+// says what to add or change.
 func hostWarnings(c *config.Config, busDirs []string) []string {
 	var out []string
 	m := c.Manager
@@ -43,6 +44,9 @@ func hostWarnings(c *config.Config, busDirs []string) []string {
 		}
 	}
 	for _, p := range c.Pools {
+		if w := rootUserWarning(p); w != "" {
+			out = append(out, w)
+		}
 		u, err := url.Parse(p.Specifiers("").Expand(p.Engine.HealthURL))
 		if err != nil || u.Hostname() == "" || loopback(u.Hostname()) {
 			continue
@@ -56,6 +60,20 @@ func hostWarnings(c *config.Config, busDirs []string) []string {
 		}
 	}
 	return out
+}
+
+// rootUserWarning says when a pool's engine would run as root: allowed, but
+// then whatever the engine's requests can reach (its model loader, its
+// plugins) owns the host.
+func rootUserWarning(p *config.Pool) string {
+	name := p.Engine.User
+	if name != "root" {
+		if u, err := user.Lookup(name); err != nil || u.Uid != "0" {
+			return ""
+		}
+	}
+	return fmt.Sprintf("pool %s: User=%s runs the engine as root: a flaw in the engine or its model then owns the host; "+
+		"run it as an unprivileged user (the default is %s)", p.ID, name, config.DefaultUser)
 }
 
 func loopback(host string) bool {

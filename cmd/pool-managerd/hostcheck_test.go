@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -156,4 +157,24 @@ func mustRead(t *testing.T, path string) []byte {
 // pool-managerd(8) documents the same policy text --check-config gives.
 func TestManPageGivesTheBusPolicyOfCheckConfig(t *testing.T) {
 	assert.Contains(t, string(mustRead(t, "../../packaging/man/pool-managerd.8.md")), "```\n"+BusPolicy("ops")+"```\n")
+}
+
+// An engine run as root is allowed, but --check-config says so and what to
+// do instead.
+func TestCheckConfigWarnsOfAnEngineRunAsRoot(t *testing.T) {
+	dir := t.TempDir()
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "pools.d"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte("[Manager]\nMetricsTextfile=\n"), 0o644))
+	pool := "[Pool]\nDevices=0\nModel=/models/m.gguf\n[Engine]\nExecStart=/usr/bin/llama-server --model %m --port %p\nPort=8081\nUser=root\n"
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "r.pool"), []byte(pool), 0o644))
+	var out, errb bytes.Buffer
+	rc := run([]string{"--config-dir", dir, "--check-config"}, &out, &errb)
+	require.Equal(t, exitOK, rc, errb.String())
+	assert.Contains(t, out.String(), "pool r")
+	assert.Contains(t, errb.String(), "warning: pool r: User=root runs the engine as root")
+
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "r.pool"), []byte(strings.Replace(pool, "User=root\n", "", 1)), 0o644))
+	errb.Reset()
+	require.Equal(t, exitOK, run([]string{"--config-dir", dir, "--check-config"}, &out, &errb), errb.String())
+	assert.NotContains(t, errb.String(), "User=")
 }

@@ -219,17 +219,32 @@ func Load(dir string) (*Config, error) {
 	if _, err := os.Stat(filepath.Join(dir, PoolsDir)); err != nil && len(mgr) == 0 {
 		return nil, fmt.Errorf("%s: no %s and no %s/ directory: is this a pool-managerd configuration directory?", dir, ManagerFile, PoolsDir)
 	}
-	return LoadFiles(mgr, pools)
+	var errs Errors
+	for _, d := range []string{filepath.Join(dir, PoolsDir), filepath.Join(dir, ManagerFile+".d")} {
+		if e := checkDir(d); e != nil {
+			errs = append(errs, e)
+		}
+	}
+	c, err := LoadFiles(mgr, pools)
+	if len(errs) > 0 {
+		if fe, ok := err.(Errors); ok {
+			errs = append(errs, fe...)
+		} else if err != nil {
+			return nil, err
+		}
+		return nil, errs
+	}
+	return c, err
 }
 
 // LoadFiles reads the given manager files in order (none: defaults) and
-// pool files.
+// pool files. A file that others than root may write is refused.
 func LoadFiles(managerFiles []string, poolFiles []string) (*Config, error) {
 	var errs Errors
 	c := &Config{Manager: DefaultManager()}
 	for _, f := range managerFiles {
 		c.Manager.File = f
-		data, err := os.ReadFile(f)
+		data, err := readTrusted(f)
 		if err != nil {
 			errs = append(errs, &Error{File: f, Msg: err.Error()})
 		} else {
@@ -244,7 +259,7 @@ func LoadFiles(managerFiles []string, poolFiles []string) (*Config, error) {
 			continue
 		}
 		seen[id] = f
-		data, err := os.ReadFile(f)
+		data, err := readTrusted(f)
 		if err != nil {
 			errs = append(errs, &Error{File: f, Msg: err.Error()})
 			continue
