@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -43,7 +44,8 @@ func (d Dir) Save(name string, v any) error {
 }
 
 // Load reads name.json into v. found is false when there is no such file.
-// A file that is unreadable or not valid JSON is renamed to
+// A file that is unreadable, not valid JSON, or not a JSON object with at
+// least one field (Save never writes null or {}) is renamed to
 // name.json.corrupt-<unix time> and reported in err with found false, so
 // the caller starts fresh and the operator can look at it.
 func (d Dir) Load(name string, v any) (found bool, err error) {
@@ -53,15 +55,69 @@ func (d Dir) Load(name string, v any) (found bool, err error) {
 		return false, nil
 	}
 	if err == nil {
-		if err = json.Unmarshal(b, v); err == nil {
-			return true, nil
+		var fields map[string]json.RawMessage
+		if err = json.Unmarshal(b, &fields); err == nil && len(fields) == 0 {
+			err = errors.New("null or an empty object: nothing this daemon writes")
+		}
+		if err == nil {
+			if err = json.Unmarshal(b, v); err == nil {
+				return true, nil
+			}
 		}
 	}
+	return false, d.SetAside(name, err)
+}
+
+// SetAside renames name.json, found bad for why, to
+// name.json.corrupt-<unix time> and returns the error that says so.
+func (d Dir) SetAside(name string, why error) error {
+	f := d.file(name)
 	aside := fmt.Sprintf("%s.corrupt-%d", f, time.Now().Unix())
 	if rerr := os.Rename(f, aside); rerr != nil {
-		return false, fmt.Errorf("%s: %v; and it could not be set aside: %v", f, err, rerr)
+		return fmt.Errorf("%s: %v; and it could not be set aside: %v", f, why, rerr)
 	}
-	return false, fmt.Errorf("%s: %v; set aside as %s", f, err, aside)
+	return fmt.Errorf("%s: %v; set aside as %s", f, why, aside)
+}
+
+// maxHold bounds what Held reads back of a hold's reason.
+const maxHold = 4 << 10
+
+func (d Dir) holdFile(name string) string { return filepath.Join(d.Path, name+".held") }
+
+// Hold records, durably, that name is held for why: a hold must outlive
+// the daemon, or a restart would be a way around it. It lasts until
+// Release.
+func (d Dir) Hold(name, why string) error {
+	if len(why) > maxHold {
+		why = why[:maxHold]
+	}
+	return WriteFile(d.holdFile(name), []byte(why), d.Mode)
+}
+
+// Held returns why name is held, and whether it is. A hold file that cannot
+// be read still holds.
+func (d Dir) Held(name string) (why string, held bool) {
+	f, err := os.Open(d.holdFile(name))
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", false
+	}
+	if err != nil {
+		return fmt.Sprintf("hold file %s unreadable: %v", d.holdFile(name), err), true
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxHold))
+	if err != nil || len(b) == 0 {
+		return fmt.Sprintf("held (hold file %s)", d.holdFile(name)), true
+	}
+	return string(b), true
+}
+
+// Release lifts name's hold; none is not an error.
+func (d Dir) Release(name string) error {
+	if err := os.Remove(d.holdFile(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
 }
 
 // Remove deletes name.json; a missing file is not an error.

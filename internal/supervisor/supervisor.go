@@ -173,17 +173,24 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 		var st policy.State
 		found, err := cfg.State.Load(cfg.Pool, &st)
 		if err == nil && found {
-			err = st.Check()
-			if err != nil {
-				err = fmt.Errorf("%s: %w", cfg.State.File(cfg.Pool), err)
+			if cerr := st.Check(); cerr != nil {
+				// Set aside too, so that a lifted hold starts afresh.
+				err = cfg.State.SetAside(cfg.Pool, cerr)
 			}
 		}
+		why, wasHeld := cfg.State.Held(cfg.Pool)
 		switch {
 		case err != nil:
 			// Fail closed: fresh counters would be a way around an open
-			// breaker.
+			// breaker, and so would a restart: the hold is kept on disk.
 			held = fmt.Sprintf("persisted state unreadable (%v): held until ResetBreaker", err)
 			log.Error("persisted pool state unreadable: pool held until ResetBreaker", journal.PoolID, cfg.Pool, journal.Error, err.Error())
+			if herr := cfg.State.Hold(cfg.Pool, held); herr != nil {
+				log.Error("cannot persist the pool's hold", journal.PoolID, cfg.Pool, journal.Error, herr.Error())
+			}
+		case wasHeld:
+			held = why
+			log.Error("pool held until ResetBreaker since an earlier start", journal.PoolID, cfg.Pool, journal.Error, why)
 		case found:
 			tr.Restore(st)
 		}
@@ -496,7 +503,14 @@ func (s *Supervisor) Drain(ctx context.Context, deadline time.Duration) (lifecyc
 // ResetBreaker closes the pool's breakers (and lifts the hold of an
 // unreadable state file); a held restart happens now.
 func (s *Supervisor) ResetBreaker() {
-	s.post(func() { s.step(lifecycle.ResetBreakerRequested{}) })
+	s.post(func() {
+		s.step(lifecycle.ResetBreakerRequested{})
+		if s.cfg.State.Path != "" {
+			if err := s.cfg.State.Release(s.cfg.Pool); err != nil {
+				s.log.Error("cannot remove the pool's hold file", journal.PoolID, s.cfg.Pool, journal.Error, err.Error())
+			}
+		}
+	})
 }
 
 // AllowRestart lets a held restart happen once, now.

@@ -94,6 +94,49 @@ func TestCorruptStateFileHoldsThePoolUntilResetBreaker(t *testing.T) {
 	}
 }
 
+// The hold of a corrupt state file is kept on disk: a second supervisor on
+// the same state directory (a daemon restart) is held too, with the same
+// word, until ResetBreaker; null and {} are as corrupt as a torn file.
+func TestCorruptStateFileHoldSurvivesADaemonRestart(t *testing.T) {
+	sandbox.Need(t)
+	for id, text := range map[string]string{
+		"truncated":  `{"crash_count": `,
+		"null":       `null`,
+		"empty":      `{}`,
+		"impossible": `{"crash_count": 9, "breakers": {"classes": {"general": {"state": 7}}}}`,
+	} {
+		t.Run(id, func(t *testing.T) {
+			e := testpool.New(t, nil)
+			dir := filepath.Join(e.Dir, "state", "pools")
+			require.NoError(t, os.MkdirAll(dir, 0o755))
+			require.NoError(t, os.WriteFile(filepath.Join(dir, id+".json"), []byte(text), 0o600))
+			spec := testpool.Spec{ID: id, Devices: "0", NoStart: true}
+			first := e.Start(spec).Snapshot()
+			require.Equal(t, lifecycle.Failed, first.State, "a corrupt state fails closed")
+			aside, _ := filepath.Glob(filepath.Join(dir, id+".json.corrupt-*"))
+			require.Len(t, aside, 1, "the bad file is set aside")
+			assert.Contains(t, first.LastError, aside[0])
+
+			// The daemon restarts: the bad file is gone, the hold is not.
+			s := e.Start(spec)
+			snap := s.Snapshot()
+			assert.Equal(t, lifecycle.Failed, snap.State, "the restarted daemon still holds the pool")
+			assert.Equal(t, first.LastError, snap.LastError, "with the same word")
+			assert.ErrorIs(t, s.Start(), lifecycle.ErrBreakerOpen)
+			assert.Zero(t, s.Snapshot().Starts)
+
+			s.ResetBreaker()
+			require.NoError(t, s.Start())
+			waitFor(t, s, "ready", ready(1))
+
+			// Once lifted, a restart does not bring the hold back.
+			after := e.Start(spec).Snapshot()
+			assert.NotEqual(t, lifecycle.Failed, after.State, after.LastError)
+			assert.Empty(t, after.Held)
+		})
+	}
+}
+
 func TestCorruptRuntimeRecordStillAdoptsTheEngine(t *testing.T) {
 	e := testpool.New(t, nil)
 	s := e.Pool("record", "0", "", "")
