@@ -78,6 +78,8 @@ fuzz:
 	$(GO) test ./internal/safetext -run '^$$' -fuzz FuzzBound -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 	$(GO) test ./internal/sockdiag -run '^$$' -fuzz FuzzParseMessages -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 	$(GO) test ./internal/lifecycle -run '^$$' -fuzz FuzzStepMovesOnlyAlongTheTables -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
+	$(GO) test ./internal/health -run '^$$' -fuzz FuzzHealthAnswer -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
+	$(GO) test ./internal/health -run '^$$' -fuzz FuzzMetricsAnswer -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 
 fuzz-short:
 	$(MAKE) fuzz FUZZTIME=20000x FUZZMINTIME=500x

@@ -44,12 +44,51 @@ func dial(ctx context.Context, network, addr string, v Verify) (net.Conn, error)
 	return c, nil
 }
 
+// An engine's answer is its own text, read by a root daemon many times a
+// minute: each part of it is bounded before it is parsed.
+const (
+	// maxHead bounds an answer's status line and headers together.
+	maxHead = 16 << 10
+	// maxBody bounds what is read of a health answer's body.
+	maxBody = 64 << 10
+)
+
+// errHeadTooLarge and errBodyTooLarge end a read past its bound.
+var (
+	errHeadTooLarge = fmt.Errorf("answer's status line and headers over %d bytes", maxHead)
+	errBodyTooLarge = fmt.Errorf("answer's body over %d bytes", maxBody)
+)
+
+// bounded reads at most n more bytes of r, then fails with err.
+type bounded struct {
+	r   io.Reader
+	n   int64
+	err error
+}
+
+func (b *bounded) Read(p []byte) (int, error) {
+	if b.n <= 0 {
+		return 0, b.err
+	}
+	if int64(len(p)) > b.n {
+		p = p[:b.n]
+	}
+	n, err := b.r.Read(p)
+	b.n -= int64(n)
+	return n, err
+}
+
 // newTransport is a transport whose connections live for one answer.
 func newTransport() *http.Transport {
-	return &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-		return dial(ctx, network, addr, nil)
-	}}
+	return &http.Transport{DisableKeepAlives: true, MaxResponseHeaderBytes: maxHead,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return dial(ctx, network, addr, nil)
+		}}
 }
+
+// noRedirect keeps a client on the engine it asked: a redirect is the
+// answer, not a place to go.
+func noRedirect(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 
 // clientFor is a client on base's settings whose connections verify their
 // peer with v: one for each verified request, so that the peer check is
@@ -57,13 +96,13 @@ func newTransport() *http.Transport {
 // closed after its answer).
 func clientFor(base *http.Transport, v Verify) *http.Client {
 	if v == nil {
-		return &http.Client{Transport: base}
+		return &http.Client{Transport: base, CheckRedirect: noRedirect}
 	}
 	t := base.Clone()
 	t.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		return dial(ctx, network, addr, v)
 	}
-	return &http.Client{Transport: t}
+	return &http.Client{Transport: t, CheckRedirect: noRedirect}
 }
 
 // Prober probes one URL. Each probe is a new connection, closed after the
@@ -96,7 +135,7 @@ func New(rawURL string, timeout time.Duration) *Prober {
 			"\r\nUser-Agent: pool-managerd\r\nAccept: */*\r\nConnection: close\r\n\r\n")
 		return p
 	}
-	p.client = &http.Client{Transport: newTransport()}
+	p.client = &http.Client{Transport: newTransport(), CheckRedirect: noRedirect}
 	return p
 }
 
@@ -123,6 +162,12 @@ func (p *Prober) Probe(ctx context.Context, v Verify) error {
 		return err
 	}
 	defer resp.Body.Close()
+	return p.judge(resp)
+}
+
+// judge is the verdict on an answer's head: 200 is healthy; otherwise the
+// error quotes the start of the body.
+func (p *Prober) judge(resp *http.Response) error {
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 256))
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("%s answered %d %s", p.URL, resp.StatusCode, string(body))
@@ -153,9 +198,21 @@ func (p *Prober) plain(ctx context.Context, v Verify) (net.Conn, *http.Response,
 	if _, err := c.Write(p.request); err != nil {
 		return c, nil, fmt.Errorf("GET %s: %w", p.URL, err)
 	}
-	resp, err := http.ReadResponse(bufio.NewReaderSize(c, 1024), nil)
+	resp, err := readAnswer(c)
 	if err != nil {
 		return c, nil, fmt.Errorf("GET %s: %w", p.URL, err)
 	}
 	return c, resp, nil
+}
+
+// readAnswer reads an answer's head from r within maxHead bytes; its body
+// then reads within maxBody more.
+func readAnswer(r io.Reader) (*http.Response, error) {
+	b := &bounded{r: r, n: maxHead, err: errHeadTooLarge}
+	resp, err := http.ReadResponse(bufio.NewReaderSize(b, 1024), nil)
+	if err != nil {
+		return nil, err
+	}
+	b.n, b.err = maxBody, errBodyTooLarge
+	return resp, nil
 }
