@@ -35,7 +35,7 @@ func streaming(t *testing.T, head, fill string, size int) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	t.Cleanup(func() { l.Close() })
-	chunk := bytes.Repeat([]byte(fill), (64<<10)/len(fill))
+	chunk := bytes.Repeat([]byte(fill), max(1, (64<<10)/len(fill)))
 	go func() {
 		for {
 			c, err := l.Accept()
@@ -130,33 +130,36 @@ func TestAMetricsAnswerOf4MiBCostsTheDaemonAtMost16MiB(t *testing.T) {
 }
 
 // The most lines parsed, each as costly as a line can be made within the
-// byte cap, still cost a bounded amount.
+// byte cap, in each way a series may carry labels, still cost a bounded
+// amount.
 func TestTheLargestMetricsAnswerParsedCostsAtMost64MiB(t *testing.T) {
-	var b strings.Builder
-	line := 0
-	for b.Len() < maxMetrics-1024 && line < maxMetricsLines {
-		fmt.Fprintf(&b, "vllm:num_requests_running{")
-		for i := range 60 {
-			fmt.Fprintf(&b, "l%d=\"%d\",", i, line)
-		}
-		b.WriteString("} 1\n")
-		line++
+	for _, tc := range []struct{ name, open string }{
+		{"labels after the name", "vllm:num_requests_running{"},
+		{"labels after a blank", "  vllm:num_requests_running\t{"},
+		{"name among the labels", `{"vllm:num_requests_running",`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var b strings.Builder
+			line := 0
+			for b.Len() < maxMetrics-1024 && line < maxMetricsLines-1 {
+				b.WriteString(tc.open)
+				for i := range 60 {
+					fmt.Fprintf(&b, "l%d=\"%d\",", i, line)
+				}
+				b.WriteString("} 1\n")
+				line++
+			}
+			b.WriteString("llamacpp:tokens_predicted_total 1\n")
+			url := streaming(t, "HTTP/1.1 200 OK\r\n\r\n", b.String(), b.Len())
+			var err error
+			var in float64
+			n := allocated(func() { in, _, err = Progress(context.Background(), url+"/metrics", 30*time.Second, nil) })
+			t.Logf("%d lines, %d bytes: allocated %d MiB", line, b.Len(), n>>20)
+			require.NoError(t, err)
+			assert.Equal(t, float64(line), in)
+			assert.LessOrEqual(t, n, uint64(64<<20), "allocated %d MiB", n>>20)
+		})
 	}
-	b.WriteString("llamacpp:tokens_predicted_total 1\n")
-	body := b.String()
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		io.WriteString(w, body)
-	}))
-	defer srv.Close()
-	var err error
-	var in float64
-	n := allocated(func() { in, _, err = Progress(context.Background(), srv.URL+"/metrics", 30*time.Second, nil) })
-	t.Logf("%d lines, %d bytes: allocated %d MiB", line, len(body), n>>20)
-	if line < maxMetricsLines {
-		require.NoError(t, err)
-		assert.Equal(t, float64(line), in)
-	}
-	assert.LessOrEqual(t, n, uint64(64<<20), "allocated %d MiB", n>>20)
 }
 
 // A redirect is the engine's answer, not somewhere to go: a probe stays

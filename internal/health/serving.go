@@ -117,8 +117,8 @@ func readAtMost(r io.Reader, n int) ([]byte, error) {
 // withoutLabels is text with each series' labels cut out: only its
 // family's total is wanted, and the parser's cost grows with a line's
 // labels far faster than with its bytes (4 MiB of label pairs cost it
-// close to 1 GiB). A line whose labels do not close is kept whole, for the
-// parser to refuse.
+// close to 1 GiB). A series named inside its braces keeps only its name. A
+// line whose labels do not close is kept whole, for the parser to refuse.
 func withoutLabels(text []byte) []byte {
 	out := make([]byte, 0, len(text))
 	for len(text) > 0 {
@@ -128,18 +128,37 @@ func withoutLabels(text []byte) []byte {
 		} else {
 			text = nil
 		}
-		open := bytes.IndexByte(line, '{')
-		if line[0] == '#' || open <= 0 || bytes.IndexAny(line[:open], " \t") >= 0 {
+		body := bytes.TrimLeft(line, " \t")
+		name := bytes.IndexAny(body, " \t{")
+		if len(body) == 0 || body[0] == '#' || name < 0 {
 			out = append(out, line...)
 			continue
 		}
-		end := labelsEnd(line[open:])
+		open := name + len(body[name:]) - len(bytes.TrimLeft(body[name:], " \t"))
+		if open >= len(body) || body[open] != '{' {
+			out = append(out, line...)
+			continue
+		}
+		end := labelsEnd(body[open:])
 		if end < 0 {
 			out = append(out, line...)
 			continue
 		}
-		out = append(out, line[:open]...)
-		out = append(out, line[open+end+1:]...)
+		rest := body[open+end+1:]
+		if name > 0 {
+			out = append(out, body[:name]...)
+			out = append(out, rest...)
+			continue
+		}
+		// {"name", labels...}: the quoted name alone.
+		q := quotedEnd(body[1:])
+		if q < 0 {
+			out = append(out, line...)
+			continue
+		}
+		out = append(out, body[:q+2]...)
+		out = append(out, '}')
+		out = append(out, rest...)
 	}
 	return out
 }
@@ -157,6 +176,25 @@ func labelsEnd(s []byte) int {
 		case !quoted && c == '}':
 			return i
 		case c == '\n':
+			return -1
+		}
+	}
+	return -1
+}
+
+// quotedEnd is the index of the quote closing the string s starts with, or
+// -1 where s starts with none.
+func quotedEnd(s []byte) int {
+	if len(s) == 0 || s[0] != '"' {
+		return -1
+	}
+	for i := 1; i < len(s); i++ {
+		switch s[i] {
+		case '\\':
+			i++
+		case '"':
+			return i
+		case '\n':
 			return -1
 		}
 	}
