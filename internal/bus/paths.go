@@ -35,6 +35,17 @@ func checkPoolID(id string) *dbus.Error {
 	return nil
 }
 
+// MaxRef bounds a Reload's model ref: PATH_MAX, the longest path the
+// kernel takes, and longer than any ref a registry names.
+const MaxRef = 4096
+
+func checkRef(ref string) *dbus.Error {
+	if len(ref) > MaxRef {
+		return invalid(fmt.Sprintf("model ref of %d bytes: refs are at most %d (PATH_MAX)", len(ref), MaxRef))
+	}
+	return nil
+}
+
 func checkDeadline(ms uint64) *dbus.Error {
 	if ms > MaxDeadline {
 		return invalid(fmt.Sprintf("deadline of %d ms is more than a day (%d ms)", ms, MaxDeadline))

@@ -27,10 +27,23 @@ func FuzzPathAndArguments(f *testing.F) {
 		if e := checkPoolID(id); e == nil && (id == "" || len(id) > 64 || !utf8.ValidString(id)) {
 			t.Fatalf("pool id %q accepted", id)
 		}
+		if e := checkRef(id); (e == nil) != (len(id) <= MaxRef) {
+			t.Fatalf("ref of %d bytes: %v", len(id), e)
+		}
 		if e := checkDeadline(deadline); (e == nil) != (deadline <= MaxDeadline) {
 			t.Fatalf("deadline %d: %v", deadline, e)
 		}
 	})
+}
+
+// A Reload ref longer than PATH_MAX is refused as an invalid argument that
+// names the cap, before any pool is looked at.
+func TestAReloadRefLongerThanPathMaxIsRefused(t *testing.T) {
+	require.Nil(t, checkRef(strings.Repeat("m", MaxRef)))
+	e := checkRef(strings.Repeat("m", MaxRef+1))
+	require.NotNil(t, e)
+	assert.Equal(t, shipped.ErrInvalidArgument, e.Name)
+	assert.Contains(t, e.Body[0], "at most 4096 (PATH_MAX)")
 }
 
 // Every method of the shipped introspection data is served with the same

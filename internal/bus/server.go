@@ -535,6 +535,9 @@ func (m *managerObject) Reload(sender dbus.Sender, pool, ref string, deadlineMS 
 	if err := m.check(sender, "Reload", pool); err != nil {
 		return "", err
 	}
+	if err := checkRef(ref); err != nil {
+		return "", err
+	}
 	if err := checkDeadline(deadlineMS); err != nil {
 		return "", err
 	}

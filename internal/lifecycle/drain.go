@@ -217,12 +217,15 @@ func (m *Machine) leaseRequested(e LeaseRequested) {
 		err = fmt.Errorf("pool %s is %s: %w", m.cfg.Pool, m.state, ErrNotReady)
 	case m.cfg.Slots > 0 && uint32(len(m.leases)) >= m.cfg.Slots:
 		err = fmt.Errorf("pool %s has all %d slots leased: %w", m.cfg.Pool, m.cfg.Slots, ErrNoCapacity)
+	case m.owned[e.Owner] >= MaxLeasesPerOwner:
+		err = fmt.Errorf("pool %s: %s holds %d leases, the most one bus connection may hold on a pool (MaxLeasesPerOwner): %w",
+			m.cfg.Pool, e.Owner, MaxLeasesPerOwner, ErrNoCapacity)
 	}
 	if err != nil {
 		m.reply(Reply{Req: e.Req, Err: err})
 		return
 	}
-	m.leases[e.ID] = e.Owner
+	m.addLease(e.ID, e.Owner)
 	m.do(LeasesChanged{})
 	m.reply(Reply{Req: e.Req, Lease: e.ID})
 }
@@ -237,7 +240,7 @@ func (m *Machine) leaseReleased(e LeaseReleased) {
 		m.reply(Reply{Req: e.Req, Err: fmt.Errorf("lease %q: %w", e.ID, ErrNotOwner)})
 		return
 	}
-	delete(m.leases, e.ID)
+	m.dropLease(e.ID, o)
 	m.do(LeasesChanged{})
 	m.reply(Reply{Req: e.Req})
 	m.lastLeaseGone()
@@ -247,7 +250,7 @@ func (m *Machine) ownerGone(e OwnerGone) {
 	n := 0
 	for id, o := range m.leases {
 		if o == e.Owner {
-			delete(m.leases, id)
+			m.dropLease(id, o)
 			n++
 		}
 	}
@@ -257,6 +260,26 @@ func (m *Machine) ownerGone(e OwnerGone) {
 	m.reply(Reply{Req: e.Req, N: n})
 	if n > 0 {
 		m.lastLeaseGone()
+	}
+}
+
+// MaxLeasesPerOwner caps the leases one owner (a bus connection) holds on
+// a pool, whatever Slots says: with no slot cap, each lease costs memory
+// and a rewrite of the runtime record, and a caller must not make that
+// unbounded.
+const MaxLeasesPerOwner = 64
+
+func (m *Machine) addLease(id, owner string) {
+	if _, ok := m.leases[id]; !ok {
+		m.owned[owner]++
+	}
+	m.leases[id] = owner
+}
+
+func (m *Machine) dropLease(id, owner string) {
+	delete(m.leases, id)
+	if m.owned[owner]--; m.owned[owner] <= 0 {
+		delete(m.owned, owner)
 	}
 }
 
@@ -276,6 +299,7 @@ func (m *Machine) revokeLeases(why string) {
 		return
 	}
 	clear(m.leases)
+	clear(m.owned)
 	if m.drain != nil {
 		m.drain.res.Revoked += n
 		m.drain.res.Outcome = Forced

@@ -141,6 +141,45 @@ func TestCrashDuringADrainIsCountedNotRestarted(t *testing.T) {
 	assert.NotContains(t, p.timers, TimerRestart)
 }
 
+// With no slot cap (Slots=0, the default) one bus connection still holds
+// at most MaxLeasesPerOwner leases on a pool: each costs memory and a
+// rewrite of the runtime record.
+func TestAConnectionHoldsAtMost64LeasesOnAPoolWithoutSlots(t *testing.T) {
+	p := newPool(t, nil)
+	run := p.ready()
+	var first string
+	for i := range MaxLeasesPerOwner {
+		id, err := p.lease(":1.7")
+		require.NoError(t, err, "lease %d", i)
+		if first == "" {
+			first = id
+		}
+	}
+	_, err := p.lease(":1.7")
+	require.ErrorIs(t, err, ErrNoCapacity)
+	assert.Contains(t, err.Error(), "64 leases")
+	assert.Equal(t, uint32(MaxLeasesPerOwner), p.m.View(p.now).ActiveLeases, "the refusal changes nothing")
+	_, err = p.lease(":1.8")
+	require.NoError(t, err, "another connection has its own cap")
+
+	req := p.request(func(r ReqID) Event { return LeaseReleased{Req: r, ID: first, Owner: ":1.7", CheckOwner: true} })
+	require.NoError(t, p.reply(req).Err)
+	_, err = p.lease(":1.7")
+	require.NoError(t, err, "a released lease frees its place")
+
+	req = p.request(func(r ReqID) Event { return OwnerGone{Req: r, Owner: ":1.7"} })
+	require.Equal(t, MaxLeasesPerOwner, p.reply(req).N)
+	_, err = p.lease(":1.7")
+	require.NoError(t, err, "a connection's departure frees its places")
+
+	p.exit(run, exitStatus(2))
+	p.ready()
+	for i := range MaxLeasesPerOwner {
+		_, err := p.lease(":1.7")
+		require.NoError(t, err, "revoked leases free their places (lease %d)", i)
+	}
+}
+
 func TestLeaseRules(t *testing.T) {
 	p := newPool(t, func(c *Config) { c.Slots = 2 })
 	_, err := p.lease("early")

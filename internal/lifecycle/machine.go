@@ -200,6 +200,8 @@ type Machine struct {
 	// current is the model the running (or next) engine loads.
 	current model.Staged
 	leases  map[string]string
+	// owned counts the leases of each owner.
+	owned map[string]int
 	// gpuHeld: GPUs that need a reset, with why.
 	gpuHeld map[string]string
 	timers  timers
@@ -214,7 +216,7 @@ type Machine struct {
 // the caller). held, when set, keeps it from starting until ResetBreaker
 // (its persisted state could not be read).
 func New(cfg Config, tr *policy.Tracker, held string) *Machine {
-	m := &Machine{cfg: cfg, tr: tr, held: held, leases: map[string]string{}, gpuHeld: map[string]string{}, frac: stagingFrac{stage: -1},
+	m := &Machine{cfg: cfg, tr: tr, held: held, leases: map[string]string{}, owned: map[string]int{}, gpuHeld: map[string]string{}, frac: stagingFrac{stage: -1},
 		model: cfg.Model, version: cfg.EngineVersion}
 	if held != "" {
 		m.transition(Failed, "held from the start")

@@ -240,7 +240,7 @@ func (m *Machine) adopted(e Adopted) {
 	m.run = &run{id: e.Run, pid: e.PID, started: e.Started, staged: e.Staged, invocation: e.Invocation}
 	kept := 0
 	for id, owner := range e.Leases {
-		m.leases[id] = owner
+		m.addLease(id, owner)
 		kept++
 	}
 	m.transition(Starting, "adopted")
