@@ -15,6 +15,7 @@ import (
 	"github.com/godbus/dbus/v5/introspect"
 
 	ifaces "github.com/llorch/pool-managerd/dbus"
+	"github.com/llorch/pool-managerd/internal/safetext"
 )
 
 // Names of the daemon's API (dbus/*.xml).
@@ -135,6 +136,13 @@ func ordered(m map[string]dbus.Variant) []string {
 	}
 	slices.Sort(extra)
 	return append(out, extra...)
+}
+
+// failure is the line poolctl ends with on an error: the daemon's message
+// may quote an engine (a start's LastError), which must not start lines of
+// its own.
+func failure(err error) string {
+	return safetext.Line(describe(err))
 }
 
 // describe is an error as a person and a script read it: the D-Bus error

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	ifaces "github.com/llorch/pool-managerd/dbus"
+	"github.com/llorch/pool-managerd/internal/safetext"
 )
 
 // method is a command that calls a Manager method on one pool and prints
@@ -135,10 +136,10 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 		clear()
 		took := time.Since(begin).Round(100 * time.Millisecond)
 		if err != nil {
-			fmt.Fprintf(c.stdout, "%s %s: failed after %s\n", verb, id, took)
+			fmt.Fprintf(c.stdout, "%s %s: failed after %s\n", verb, safetext.Line(id), took)
 			return err
 		}
-		fmt.Fprintf(c.stdout, "%s %s: %s in %s\n", verb, id, outcome, took)
+		fmt.Fprintf(c.stdout, "%s %s: %s in %s\n", verb, safetext.Line(id), safetext.Line(outcome), took)
 		return nil
 	}
 	// show redraws the line on a terminal, or prints a new step.
@@ -146,7 +147,7 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 		if c.tty {
 			draw()
 		} else if stepped && p.op != "" {
-			fmt.Fprintf(c.stdout, "%s %s: %s\n", verb, id, p.op)
+			fmt.Fprintf(c.stdout, "%s %s: %s\n", verb, safetext.Line(id), safetext.Line(p.op))
 		}
 	}
 	waiting := false
@@ -235,7 +236,7 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 			draw()
 		case <-stop:
 			clear()
-			fmt.Fprintf(c.stderr, "poolctl: interrupted: the %s of %s goes on in pool-managerd (poolctl status %s)\n", verb, id, id)
+			fmt.Fprintf(c.stderr, "poolctl: interrupted: the %s of %s goes on in pool-managerd (poolctl status %s)\n", verb, safetext.Line(id), safetext.Line(id))
 			return errInterrupted
 		}
 	}
@@ -274,6 +275,8 @@ func (p *progressLine) apply(changed map[string]dbus.Variant) bool {
 	return stepped
 }
 
+// String is the line a terminal shows, escaped: the operation's name comes
+// from the daemon, and a newline in it would break the redrawing.
 func (p progressLine) String(elapsed time.Duration) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s %s: ", p.verb, p.pool)
@@ -286,7 +289,7 @@ func (p progressLine) String(elapsed time.Duration) string {
 		b.WriteString(" " + percent(p.progress))
 	}
 	fmt.Fprintf(&b, " (%s)", span(elapsed.Truncate(time.Second)))
-	return b.String()
+	return safetext.Line(b.String())
 }
 
 // width is the terminal's width, 0 when not known.

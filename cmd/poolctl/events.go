@@ -8,6 +8,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/llorch/pool-managerd/internal/safetext"
 )
 
 // events prints every pool's changes as they come, until interrupted.
@@ -51,9 +53,9 @@ func (c *cli) printChange(now time.Time, ev change) {
 		return
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s %s", now.Format(eventTime), ev.Pool)
+	fmt.Fprintf(&b, "%s %s", now.Format(eventTime), safetext.Line(ev.Pool))
 	for _, k := range ordered(ev.Changed) {
-		fmt.Fprintf(&b, " %s=%s", k, raw(ev.Changed[k]))
+		fmt.Fprintf(&b, " %s=%s", safetext.Line(k), raw(ev.Changed[k]))
 	}
 	fmt.Fprintln(c.stdout, b.String())
 }
@@ -73,5 +75,5 @@ func (c *cli) printOwner(now time.Time, ev ownerChange) {
 		fmt.Fprintf(c.stdout, "%s\n", line)
 		return
 	}
-	fmt.Fprintf(c.stdout, "%s - %s\n", now.Format(eventTime), what)
+	fmt.Fprintf(c.stdout, "%s - %s\n", now.Format(eventTime), safetext.Line(what))
 }

@@ -15,6 +15,8 @@ import (
 
 	"github.com/godbus/dbus/v5"
 	"golang.org/x/sys/unix"
+
+	"github.com/llorch/pool-managerd/internal/safetext"
 )
 
 // colourTerminal says whether w is a terminal: live progress lines and
@@ -228,18 +230,20 @@ func uptime(m map[string]dbus.Variant, now time.Time) string {
 	return span(now.Sub(at).Truncate(time.Second))
 }
 
-// table writes rows in columns two spaces apart; paint, when set, colours
-// a cell after its width is counted.
+// table writes rows in columns two spaces apart, each cell escaped (a
+// pool's model or state may quote an engine); paint, when set, colours a
+// cell after its width is counted.
 func table(w io.Writer, rows [][]string, paint func(row, col int, cell string) string) {
 	widths := map[int]int{}
 	for _, r := range rows {
 		for i, cell := range r {
-			widths[i] = max(widths[i], utf8.RuneCountInString(cell))
+			widths[i] = max(widths[i], utf8.RuneCountInString(safetext.Line(cell)))
 		}
 	}
 	for ri, r := range rows {
 		var line strings.Builder
 		for i, cell := range r {
+			cell = safetext.Line(cell)
 			pad := ""
 			if i < len(r)-1 {
 				pad = strings.Repeat(" ", widths[i]-utf8.RuneCountInString(cell)+2)

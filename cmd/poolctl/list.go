@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"strconv"
@@ -14,6 +15,7 @@ import (
 	"github.com/godbus/dbus/v5"
 
 	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/safetext"
 )
 
 // all reads every pool's properties, in ListPools' order.
@@ -116,28 +118,7 @@ func (c *cli) status(args []string) error {
 		_, err := fmt.Fprintf(c.stdout, "%s\n", jsonObject(m))
 		return err
 	}
-	state := value[string](m, "State")
-	dot := "●"
-	if c.colour() {
-		if code := stateColour(state); code != "" {
-			dot = code + dot + reset
-		}
-	}
-	fmt.Fprintf(c.stdout, "%s %s - %s\n", dot, id, state)
-	now := time.Now()
-	names := ordered(m)
-	width := len("Uptime")
-	for _, n := range names {
-		width = max(width, len(n))
-	}
-	for _, n := range names {
-		v := human(n, m[n], now)
-		if n == "Progress" && value[string](m, "Operation") == "" {
-			v = "-" // of no operation
-		}
-		fmt.Fprintf(c.stdout, "%*s: %s\n", width, n, v)
-	}
-	fmt.Fprintf(c.stdout, "%*s: %s\n", width, "Uptime", uptime(m, now))
+	c.printStatus(id, m, time.Now())
 
 	scope := value[string](m, "Unit")
 	if scope == "" {
@@ -151,25 +132,58 @@ func (c *cli) status(args []string) error {
 	return nil
 }
 
+// printStatus writes the pool's properties, one a line: every value may
+// quote an engine (LastError, Model), so none may break its line or
+// drive the terminal.
+func (c *cli) printStatus(id string, m map[string]dbus.Variant, now time.Time) {
+	state := value[string](m, "State")
+	dot := "●"
+	if c.colour() {
+		if code := stateColour(state); code != "" {
+			dot = code + dot + reset
+		}
+	}
+	fmt.Fprintf(c.stdout, "%s %s - %s\n", dot, safetext.Line(id), safetext.Line(state))
+	names := ordered(m)
+	width := len("Uptime")
+	for _, n := range names {
+		width = max(width, len(n))
+	}
+	for _, n := range names {
+		v := human(n, m[n], now)
+		if n == "Progress" && value[string](m, "Operation") == "" {
+			v = "-" // of no operation
+		}
+		fmt.Fprintf(c.stdout, "%*s: %s\n", width, safetext.Line(n), safetext.Line(v))
+	}
+	fmt.Fprintf(c.stdout, "%*s: %s\n", width, "Uptime", uptime(m, now))
+}
+
 // daemonUnit is the unit the packages install the daemon as.
 const daemonUnit = "pool-managerd.service"
 
 // journal prints the last lines journalctl has for the match; a journal
 // it cannot read is said, not a failure of status.
 func (c *cli) journal(title string, match ...string) {
-	fmt.Fprintf(c.stdout, "\nJournal of %s:\n", title)
+	fmt.Fprintf(c.stdout, "\nJournal of %s:\n", safetext.Line(title))
 	cmd := exec.Command("journalctl", append(match, "-n", "10", "--no-pager")...)
 	cmd.Env = append(os.Environ(), "SYSTEMD_COLORS=0", "SYSTEMD_PAGER=")
 	out, err := cmd.CombinedOutput()
+	printJournal(c.stdout, out, err)
+}
+
+// printJournal writes journalctl's answer indented: an engine writes what
+// it likes to its journal, so each line is escaped.
+func printJournal(w io.Writer, out []byte, err error) {
 	text := strings.TrimRight(string(out), "\n")
 	switch {
 	case err != nil && text == "":
-		fmt.Fprintf(c.stdout, "  (journalctl: %v)\n", err)
+		fmt.Fprintf(w, "  (journalctl: %s)\n", safetext.Line(err.Error()))
 	case text == "":
-		fmt.Fprintln(c.stdout, "  (no entries)")
+		fmt.Fprintln(w, "  (no entries)")
 	default:
 		for _, line := range strings.Split(text, "\n") {
-			fmt.Fprintln(c.stdout, "  "+line)
+			fmt.Fprintln(w, "  "+safetext.Line(line))
 		}
 	}
 }

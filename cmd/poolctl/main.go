@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/godbus/dbus/v5"
+
+	"github.com/llorch/pool-managerd/internal/safetext"
 )
 
 // Exit statuses.
@@ -101,10 +103,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case errors.Is(err, errInterrupted):
 		return exitStopped
 	case errors.As(err, &ue):
-		fmt.Fprintf(stderr, "poolctl: %s\nTry 'poolctl %s'.\n", ue.msg, strings.TrimSpace(ue.cmd+" --help"))
+		fmt.Fprintf(stderr, "poolctl: %s\nTry 'poolctl %s'.\n", safetext.Line(ue.msg), safetext.Line(strings.TrimSpace(ue.cmd+" --help")))
 		return exitUsage
 	}
-	fmt.Fprintf(stderr, "poolctl: %s\n", describe(err))
+	fmt.Fprintf(stderr, "poolctl: %s\n", failure(err))
 	return exitFailed
 }
 

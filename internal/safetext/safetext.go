@@ -80,3 +80,31 @@ func render(r rune) string {
 func escaped(r rune) bool {
 	return r != '\t' && r != '\n' && (unicode.IsControl(r) || unicode.Is(unicode.Bidi_Control, r))
 }
+
+// Line returns s as one line for a terminal: like Bound, but newline, tab
+// and carriage return are escaped too (\n, \t, \r), so that text from
+// outside cannot start a line of its own, and s is not cut. Clean text is
+// returned as it is.
+func Line(s string) string {
+	if lineClean(s) {
+		return s
+	}
+	var b strings.Builder
+	for _, r := range s {
+		switch r {
+		case '\n':
+			b.WriteString(`\n`)
+		case '\t':
+			b.WriteString(`\t`)
+		case '\r':
+			b.WriteString(`\r`)
+		default:
+			b.WriteString(render(r))
+		}
+	}
+	return b.String()
+}
+
+func lineClean(s string) bool {
+	return clean(s) && !strings.ContainsAny(s, "\n\t")
+}

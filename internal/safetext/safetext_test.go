@@ -69,3 +69,43 @@ func FuzzBound(f *testing.F) {
 		}
 	})
 }
+
+func TestLine(t *testing.T) {
+	for _, c := range []struct {
+		name, in, want string
+	}{
+		{"clean text is kept", "exited with status 1", "exited with status 1"},
+		{"a newline cannot start a forged line", "boom\n● qwen - ready", `boom\n● qwen - ready`},
+		{"tab and carriage return are escaped", "a\tb\rc", `a\tb\rc`},
+		{"terminal escapes are escaped", "\x1b[2J\x1b]0;x\x07", `\x1b[2J\x1b]0;x\x07`},
+		{"invalid bytes become U+FFFD", "a\xffb", "a\ufffdb"},
+		{"a bidirectional override is escaped", "abc\u202edef", `abc\u202edef`},
+		{"long text is not cut", strings.Repeat("x", 3*safetext.Max), strings.Repeat("x", 3*safetext.Max)},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			got := safetext.Line(c.in)
+			assert.Equal(t, c.want, got)
+			assert.Equal(t, got, safetext.Line(got), "idempotent")
+		})
+	}
+}
+
+func FuzzLine(f *testing.F) {
+	for _, s := range []string{"", "ok", "a\nb", "\x1b[2J", "\r\t", "\xff", "\u202e"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		got := safetext.Line(s)
+		if !utf8.ValidString(got) {
+			t.Fatalf("Line(%q) = %q: not valid UTF-8", s, got)
+		}
+		if strings.ContainsFunc(got, func(r rune) bool {
+			return r < 0x20 || r >= 0x7f && r <= 0x9f || r >= 0x202a && r <= 0x202e || r >= 0x2066 && r <= 0x2069
+		}) {
+			t.Fatalf("Line(%q) = %q keeps a control character", s, got)
+		}
+		if again := safetext.Line(got); again != got {
+			t.Fatalf("Line is not idempotent: %q, then %q", got, again)
+		}
+	})
+}
