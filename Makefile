@@ -76,6 +76,7 @@ fuzz:
 	$(GO) test ./dbus -run '^$$' -fuzz FuzzPathCodec -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 	$(GO) test ./internal/shim -run '^$$' -fuzz FuzzReadMessage -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 	$(GO) test ./internal/safetext -run '^$$' -fuzz FuzzBound -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
+	$(GO) test ./internal/safetext -run '^$$' -fuzz FuzzLine -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 	$(GO) test ./internal/sockdiag -run '^$$' -fuzz FuzzParseMessages -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 	$(GO) test ./internal/lifecycle -run '^$$' -fuzz FuzzStepMovesOnlyAlongTheTables -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
 	$(GO) test ./internal/health -run '^$$' -fuzz FuzzHealthAnswer -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME)
