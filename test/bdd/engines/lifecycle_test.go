@@ -510,7 +510,7 @@ func initLifecycle(sc *godog.ScenarioContext) {
 	// The version command runs beside the engine's start: what it says
 	// may come a moment after the engine is ready.
 	sc.Step(`^the pool's engine version is "([^"]+)"$`, func(v string) error {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
 		s, err := w.pool.Supervisor.Wait(ctx, func(s supervisor.Snapshot) bool { return s.EngineVersion == v })
 		if err != nil {
@@ -526,7 +526,7 @@ func initLifecycle(sc *godog.ScenarioContext) {
 	})
 	sc.Step(`^the runtime record says engine_version "([^"]+)" and model "([^"]+)"$`, func(v, m string) error {
 		var err error
-		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 			var rec supervisor.Record
 			b, rerr := os.ReadFile(filepath.Join(w.env.Dir, "run", "pools", "llama8b.json"))
 			if rerr == nil {
