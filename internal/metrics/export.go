@@ -87,7 +87,7 @@ func (m *Set) Export(ctx context.Context, g prometheus.Gatherer, path string, ev
 	defer t.Stop()
 	lastErr := ""
 	for {
-		if err := prometheus.WriteToTextfile(path, g); err != nil {
+		if err := writeTextfile(path, g); err != nil {
 			// Once per distinct error: a full disk must not flood the
 			// journal.
 			if err.Error() != lastErr {
