@@ -30,6 +30,7 @@ type fakeDev struct {
 	gi, ci     int
 	procs      []GPUProcess
 	resetWhy   string
+	recovery   RecoveryAction
 }
 
 func (f *fakeNVML) Init() error {
@@ -130,6 +131,7 @@ func (d *fakeDev) MIGInstance() (int, int, error) {
 
 func (d *fakeDev) ComputeProcesses() ([]GPUProcess, error) { return d.procs, nil }
 func (d *fakeDev) ResetPending() (string, error)           { return d.resetWhy, nil }
+func (d *fakeDev) RecoveryAction() (RecoveryAction, error) { return d.recovery, nil }
 
 type fakeEventSet struct{ f *fakeNVML }
 

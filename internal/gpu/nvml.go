@@ -48,7 +48,29 @@ type Device interface {
 	// before it is used again, "" when nothing says so. Checks NVML does
 	// not support on this GPU or driver are skipped.
 	ResetPending() (why string, err error)
+	// RecoveryAction is the driver's GPU recovery action (R550 and
+	// newer); RecoveryUnknown where NVML does not report one.
+	RecoveryAction() (RecoveryAction, error)
 }
+
+// RecoveryAction is what the driver says the GPU needs
+// (FI_DEV_GET_GPU_RECOVERY_ACTION), folded to what pool-managerd can do
+// about it.
+type RecoveryAction int
+
+const (
+	// RecoveryUnknown: NVML does not report it (an older driver).
+	RecoveryUnknown RecoveryAction = iota
+	// RecoveryNone: the driver asks for nothing.
+	RecoveryNone
+	// RecoveryReset: a GPU reset (after draining, or of its PCIe bus).
+	RecoveryReset
+	// RecoveryReboot: a reboot of the host.
+	RecoveryReboot
+	// RecoveryOther: something else (draining NVLink peer traffic,
+	// recovering an IMEX domain, a value newer than this code).
+	RecoveryOther
+)
 
 // GPUProcess is a process NVML reports on a device.
 type GPUProcess struct {

@@ -287,6 +287,37 @@ func (d realDevice) ResetPending() (string, error) {
 	return "", nil
 }
 
+// RecoveryAction reads the driver's recovery action.
+func (d realDevice) RecoveryAction() (RecoveryAction, error) {
+	fv := []nvml.FieldValue{{FieldId: nvml.FI_DEV_GET_GPU_RECOVERY_ACTION}}
+	ret := d.d.GetFieldValues(fv)
+	if unsupported(ret) {
+		return RecoveryUnknown, nil
+	}
+	if err := nvmlErr("GPU recovery action", ret); err != nil {
+		return RecoveryUnknown, err
+	}
+	switch r := fv[0].NvmlReturn; {
+	case r == uint32(nvml.SUCCESS):
+	case r == uint32(nvml.ERROR_GPU_IS_LOST):
+		return RecoveryUnknown, nvmlErr("GPU recovery action", nvml.ERROR_GPU_IS_LOST)
+	case r == uint32(nvml.ERROR_RESET_REQUIRED):
+		return RecoveryReset, nil
+	default:
+		return RecoveryUnknown, nil
+	}
+	switch fieldUint(fv[0]) {
+	case uint64(nvml.GPU_RECOVERY_ACTION_NONE):
+		return RecoveryNone, nil
+	case uint64(nvml.GPU_RECOVERY_ACTION_GPU_RESET), uint64(nvml.GPU_RECOVERY_ACTION_DRAIN_AND_RESET),
+		uint64(nvml.GPU_RECOVERY_ACTION_BUS_RESET):
+		return RecoveryReset, nil
+	case uint64(nvml.GPU_RECOVERY_ACTION_NODE_REBOOT), uint64(nvml.GPU_RECOVERY_ACTION_SYSTEM_REBOOT):
+		return RecoveryReboot, nil
+	}
+	return RecoveryOther, nil
+}
+
 // fieldUint reads an unsigned NVML field value of any width.
 func fieldUint(v nvml.FieldValue) uint64 {
 	switch v.ValueType {

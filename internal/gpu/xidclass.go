@@ -19,8 +19,13 @@ const (
 	// XIDReset: the GPU needs a reset (or the host a reboot) before it
 	// is used again.
 	XIDReset
-	// XIDLost: the GPU fell off the bus or stopped answering.
+	// XIDLost: the GPU fell off the bus or stopped answering (or the
+	// driver asks for a reboot of the host).
 	XIDLost
+	// XIDHold: nothing says what the XID asks (it is not in the table,
+	// or the driver does not say): the pools are held until NVML reports
+	// the GPU usable, and nothing is reset.
+	XIDHold
 )
 
 func (a XIDAction) String() string {
@@ -33,6 +38,8 @@ func (a XIDAction) String() string {
 		return "reset"
 	case XIDLost:
 		return "lost"
+	case XIDHold:
+		return "hold"
 	}
 	return fmt.Sprintf("XIDAction(%d)", int(a))
 }
@@ -45,6 +52,8 @@ type XIDInfo struct {
 	// Remedy is what the operator should do; "<uuid>" stands for the
 	// GPU's UUID (RemedyFor fills it in).
 	Remedy string
+	// Warn: an XIDIgnore worth a warning in the journal.
+	Warn bool
 }
 
 // RemedyFor is Remedy for the GPU uuid.
@@ -56,12 +65,19 @@ var xidRemedies = map[XIDAction]string{
 	XIDReset: "drain the GPU's pools, then reset it (nvidia-smi -r -i <uuid>) or reboot the host; " +
 		"its pools stay failed until NVML reports it usable or AllowRestart",
 	XIDLost: "reboot the host (power-cycle it if the GPU stays lost); if it recurs, check the GPU's seating, riser and power",
+	XIDHold: "none if NVML reports the GPU usable again (its pools may start then); if it does not, " +
+		"drain the GPU's pools, then reset it (nvidia-smi -r -i <uuid>) or reboot the host",
 }
 
 type xidEntry struct {
 	action  XIDAction
 	meaning string
 	remedy  string // "" for the action's usual one
+	warn    bool
+	// byDriver: the action is in a sub-code or message an NVML event
+	// does not carry; ReadXID follows the driver's recovery action
+	// instead.
+	byDriver bool
 }
 
 // xidTable follows the "Resolution Bucket (Immediate Action)" column of
@@ -107,8 +123,9 @@ var xidTable = map[uint64]xidEntry{
 		remedy: "drain the GPU's pools, power the host off and connect the board's auxiliary power"},
 	60: {action: XIDRestart, meaning: "video processor exception"},
 	// Unused on Ampere and newer (CONTACT_SUPPORT); on older GPUs the
-	// companion of 62.
-	61: {action: XIDReset, meaning: "internal micro-controller breakpoint/warning"},
+	// companion of 62, which carries the reset. DCGM only warns.
+	61: {action: XIDIgnore, warn: true, meaning: "internal micro-controller breakpoint/warning",
+		remedy: "none: NVIDIA lists it as unused (contact NVIDIA support if it recurs); an XID 62 that follows holds the GPU"},
 	62: {action: XIDReset, meaning: "internal micro-controller halt"},
 	63: {action: XIDIgnore, meaning: "GPU memory remapping event (applied at the next reset)"},
 	64: {action: XIDReset, meaning: "GPU memory remapping failure"},
@@ -173,42 +190,101 @@ var xidTable = map[uint64]xidEntry{
 	141: {action: XIDIgnore, meaning: "CUDA fast path error"},
 	143: {action: XIDReset, meaning: "GPU initialization error"},
 	// 144-150, catalog: WORKFLOW_NVLINK5_ERR, RESET_GPU or IGNORE by a
-	// sub-code an NVML event does not carry; as 74.
-	144: {action: XIDReset, meaning: "NVLink SAW error"},
-	145: {action: XIDReset, meaning: "NVLink RLW error"},
-	146: {action: XIDReset, meaning: "NVLink TLW error"},
-	147: {action: XIDReset, meaning: "NVLink TREX error"},
-	148: {action: XIDReset, meaning: "NVLink NVLPW_CTRL error"},
-	149: {action: XIDReset, meaning: "NVLink NETIR error"},
-	150: {action: XIDReset, meaning: "NVLink MSE error"},
+	// sub-code in the kernel's message, which an NVML event does not
+	// carry: the driver's recovery action says which (byDriver).
+	144: {action: XIDHold, byDriver: true, meaning: "NVLink SAW error"},
+	145: {action: XIDHold, byDriver: true, meaning: "NVLink RLW error"},
+	146: {action: XIDHold, byDriver: true, meaning: "NVLink TLW error"},
+	147: {action: XIDHold, byDriver: true, meaning: "NVLink TREX error"},
+	148: {action: XIDHold, byDriver: true, meaning: "NVLink NVLPW_CTRL error"},
+	149: {action: XIDHold, byDriver: true, meaning: "NVLink NETIR error"},
+	150: {action: XIDHold, byDriver: true, meaning: "NVLink MSE error"},
 	// Catalog: RESTART_VM (confidential computing).
 	151: {action: XIDReset, meaning: "key rotation error",
 		remedy: "drain the GPU's pools, then restart the VM (or reset the GPU: nvidia-smi -r -i <uuid>)"},
 	152: {action: XIDIgnore, meaning: "DLA SMMU error"},
 	153: {action: XIDIgnore, meaning: "DLA timeout"},
-	// Catalog: XID_154; the driver's new recovery action (reset, reboot,
-	// drain) is what Usable reads back, so the hold ends when it is none.
-	154: {action: XIDReset, meaning: "GPU recovery action changed (see nvidia-smi -q, GPU Recovery Action)"},
+	// Catalog: XID_154; its message names the driver's new recovery
+	// action (reset, reboot, drain), which ReadXID reads back from NVML:
+	// a reboot is not answered with a reset.
+	154: {action: XIDHold, byDriver: true, meaning: "GPU recovery action changed (see nvidia-smi -q, GPU Recovery Action)"},
 	155: {action: XIDReset, meaning: "NVLink software-defined error"},
 	156: {action: XIDReset, meaning: "resource retirement event (applied at the next reset)"},
 	157: {action: XIDIgnore, meaning: "resource retirement failure"},
 	158: {action: XIDReset, meaning: "GPU fatal timeout"},
+	159: {action: XIDReset, meaning: "uncorrectable GPU error (catalog: RESET_GPU)"},
 	160: {action: XIDIgnore, meaning: "channel retirement event"},
 	161: {action: XIDIgnore, meaning: "channel retirement failure"},
+	167: {action: XIDReset, meaning: "uncorrectable GPU error (catalog: RESET_GPU)"},
+	169: {action: XIDReset, meaning: "uncorrectable GPU error (catalog: RESET_GPU)"},
 }
 
-// ClassifyXID reads xid by NVIDIA's catalog. An XID not in the table
-// restarts the pool, as every XID did before the table: a restart is
-// cheap and the breaker stops a loop.
+// ClassifyXID reads xid by NVIDIA's catalog alone. An XID not in the
+// table fails closed: its GPU is held until NVML reports it usable, as
+// NVIDIA's device plugin marks a GPU unhealthy on an XID it does not
+// know. So is an XID whose action only the driver can name (ReadXID
+// asks it).
 func ClassifyXID(xid uint64) XIDInfo {
 	e, ok := xidTable[xid]
 	if !ok {
-		return XIDInfo{XID: xid, Action: XIDRestart, Meaning: fmt.Sprintf("XID %d (not in pool-managerd's table)", xid),
-			Remedy: xidRemedies[XIDRestart]}
+		return XIDInfo{XID: xid, Action: XIDHold, Meaning: fmt.Sprintf("XID %d (not in pool-managerd's table)", xid),
+			Remedy: xidRemedies[XIDHold]}
 	}
 	r := e.remedy
 	if r == "" {
 		r = xidRemedies[e.action]
 	}
-	return XIDInfo{XID: xid, Action: e.action, Meaning: e.meaning, Remedy: r}
+	return XIDInfo{XID: xid, Action: e.action, Meaning: e.meaning, Remedy: r, Warn: e.warn}
+}
+
+// ReadXID is ClassifyXID for an XID on GPU (or MIG device) uuid, asking
+// NVML for the driver's recovery action where the XID's own action is in
+// a sub-code or message an NVML event does not carry (144-150, 154): a
+// reset is XIDReset, a reboot XIDLost (so nothing resets the GPU), none
+// XIDIgnore; anything else, or no answer, holds the GPU (XIDHold). A nil
+// n is the host's NVML.
+func ReadXID(n NVML, uuid string, xid uint64) XIDInfo {
+	info := ClassifyXID(xid)
+	if e, ok := xidTable[xid]; !ok || !e.byDriver {
+		return info
+	}
+	switch recoveryAction(n, uuid) {
+	case RecoveryNone:
+		info.Action, info.Remedy = XIDIgnore, "none: the driver asks for no recovery action"
+		info.Meaning += "; the driver asks for nothing"
+	case RecoveryReset:
+		info.Action, info.Remedy = XIDReset, xidRemedies[XIDReset]
+		info.Meaning += "; the driver asks for a GPU reset"
+	case RecoveryReboot:
+		info.Action = XIDLost
+		info.Remedy = "drain the host's pools and reboot it, as the driver's recovery action asks; do not only reset the GPU"
+		info.Meaning += "; the driver asks for a reboot of the host"
+	}
+	return info
+}
+
+// recoveryAction asks NVML for the recovery action of uuid's GPU;
+// RecoveryUnknown when it cannot say.
+func recoveryAction(n NVML, uuid string) RecoveryAction {
+	if n == nil {
+		n = NewNVML()
+	}
+	if err := n.Init(); err != nil {
+		return RecoveryUnknown
+	}
+	defer n.Shutdown()
+	d, err := n.DeviceByUUID(uuid)
+	if err != nil {
+		return RecoveryUnknown
+	}
+	if p, err := d.Parent(); err != nil {
+		return RecoveryUnknown
+	} else if p != nil {
+		d = p
+	}
+	a, err := d.RecoveryAction()
+	if err != nil {
+		return RecoveryUnknown
+	}
+	return a
 }

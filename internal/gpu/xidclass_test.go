@@ -12,12 +12,14 @@ import (
 // The actions read off NVIDIA's catalog, written out again by hand so a
 // change to the table is a change to this list too.
 var wantXIDActions = map[XIDAction][]uint64{
-	XIDIgnore: {37, 38, 43, 44, 45, 63, 66, 67, 92, 93, 106, 107, 121, 137, 141, 152, 153, 157, 160, 161},
+	XIDIgnore: {37, 38, 43, 44, 45, 61, 63, 66, 67, 92, 93, 106, 107, 121, 137, 141, 152, 153, 157, 160, 161},
 	XIDRestart: {8, 11, 13, 25, 31, 32, 39, 40, 41, 60, 68, 69, 70, 71, 72, 75, 76, 77, 80, 82, 83, 84, 85, 86, 88, 89,
 		94, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 126, 127, 128, 129, 130, 131, 132, 133, 134, 135, 139},
-	XIDReset: {46, 48, 54, 61, 62, 64, 74, 95, 109, 110, 119, 120, 136, 140, 143,
-		144, 145, 146, 147, 148, 149, 150, 151, 154, 155, 156, 158},
+	XIDReset: {46, 48, 54, 62, 64, 74, 95, 109, 110, 119, 120, 136, 140, 143,
+		151, 155, 156, 158, 159, 167, 169},
 	XIDLost: {79},
+	// The driver's recovery action names theirs (ReadXID).
+	XIDHold: {144, 145, 146, 147, 148, 149, 150, 154},
 }
 
 func TestEveryCatalogedXIDHasItsAction(t *testing.T) {
@@ -63,15 +65,26 @@ func TestKnownXIDsAreClassifiedByNVIDIAsCatalog(t *testing.T) {
 	}
 }
 
-func TestAnXIDNotInTheTableRestartsThePool(t *testing.T) {
+func TestAnXIDNotInTheTableHoldsTheGPU(t *testing.T) {
 	for _, x := range []uint64{0, 1, 142, 999, ^uint64(0)} {
 		_, known := xidTable[x]
 		require.False(t, known, "XID %d", x)
 		info := ClassifyXID(x)
-		assert.Equal(t, XIDRestart, info.Action)
+		assert.Equal(t, XIDHold, info.Action, "fails closed: held until NVML reports the GPU usable")
 		assert.Equal(t, x, info.XID)
 		assert.Regexp(t, `^XID \d+ \(not in pool-managerd's table\)$`, info.Meaning)
+		assert.Contains(t, info.Remedy, "NVML reports the GPU usable")
 	}
+}
+
+// XID 61 is unused on current GPUs and only a warning in DCGM: no reset,
+// a warning in the journal.
+func TestXID61IsAWarningNotAReset(t *testing.T) {
+	info := ClassifyXID(61)
+	assert.Equal(t, XIDIgnore, info.Action)
+	assert.True(t, info.Warn)
+	assert.Contains(t, info.Remedy, "contact NVIDIA support")
+	assert.False(t, ClassifyXID(43).Warn)
 }
 
 func TestResetRemediesNameTheGPU(t *testing.T) {
@@ -88,5 +101,6 @@ func TestXIDActionNames(t *testing.T) {
 	assert.Equal(t, "restart", XIDRestart.String())
 	assert.Equal(t, "reset", XIDReset.String())
 	assert.Equal(t, "lost", XIDLost.String())
+	assert.Equal(t, "hold", XIDHold.String())
 	assert.Equal(t, "XIDAction(9)", XIDAction(9).String())
 }

@@ -3,6 +3,7 @@ package manager
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os/exec"
 	"strings"
 	"time"
@@ -82,8 +83,9 @@ func (m *Manager) poolsOn(uuid string) []owner {
 }
 
 // RouteXID gives an XID event to the pools that own the GPU now: a
-// restart of each, or a hold of each while the GPU needs a reset or is
-// lost, or nothing, as NVIDIA's catalog says of the XID.
+// restart of each, or a hold of each while the GPU needs a reset, is lost
+// or is not known to be usable, or nothing, as NVIDIA's catalog (and,
+// where the XID's action is in its message, the driver) says.
 func (m *Manager) RouteXID(uuid string, xid uint64) {
 	owners := m.poolsOn(uuid)
 	if len(owners) == 0 {
@@ -94,16 +96,22 @@ func (m *Manager) RouteXID(uuid string, xid uint64) {
 	for i, o := range owners {
 		pools[i] = o.pool
 	}
-	info, why := supervisor.RouteXID(uuid, xid, pools)
+	info, why := supervisor.RouteXIDInfo(uuid, gpu.ReadXID(m.o.NVML(), uuid, xid), pools)
 	switch info.Action {
 	case gpu.XIDIgnore:
-		m.o.Log.Info(fmt.Sprintf("GPU XID %d on %s: %s; nothing to do", xid, uuid, info.Meaning), journal.XID, xid, journal.GPU, uuid)
-	case gpu.XIDReset, gpu.XIDLost:
+		level := slog.LevelInfo
+		if info.Warn {
+			level = slog.LevelWarn
+		}
+		m.o.Log.Log(m.ctx, level, fmt.Sprintf("GPU XID %d on %s: %s; nothing to do", xid, uuid, info.Meaning),
+			journal.XID, xid, journal.GPU, uuid, journal.Hint, info.RemedyFor(uuid))
+	case gpu.XIDReset, gpu.XIDLost, gpu.XIDHold:
 		m.gpuUnhealthy(uuid, info, why)
 	}
 }
 
-// gpuUnhealthy holds every pool on a GPU that needs a reset or is lost,
+// gpuUnhealthy holds every pool on a GPU that needs a reset, is lost or
+// is not known to be usable,
 // says so once, critically, runs GPUResetCommand for a reset, and watches
 // NVML until the GPU is usable again.
 func (m *Manager) gpuUnhealthy(uuid string, info gpu.XIDInfo, why string) {

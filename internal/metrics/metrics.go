@@ -42,7 +42,7 @@ type Set struct {
 	PoolInfo            *prometheus.GaugeVec
 	HealthCheckFailures *prometheus.CounterVec
 	BuildInfo           *prometheus.GaugeVec
-	// GPUUnhealthy is 1 while a GPU needs a reset or is lost.
+	// GPUUnhealthy is 1 while a GPU needs a reset, is lost or is held.
 	GPUUnhealthy *prometheus.GaugeVec
 
 	touched chan struct{}
@@ -84,7 +84,7 @@ func New(reg prometheus.Registerer) *Set {
 		PoolInfo:            gauge("pool_info", "Constant 1, labelled with what the pool runs.", "pool_id", "model", "engine_version", "device_mask"),
 		HealthCheckFailures: counter("health_check_failures_total", "Failed engine health probes.", "pool_id"),
 		BuildInfo:           gauge("build_info", "Constant 1, labelled with the daemon's build.", "version", "goversion"),
-		GPUUnhealthy:        gauge("gpu_unhealthy", "1 while a GPU needs a reset (reason reset) or is lost (reason lost); its pools are held.", "gpu_uuid", "reason"),
+		GPUUnhealthy:        gauge("gpu_unhealthy", "1 while a GPU needs a reset (reason reset), is lost (reason lost) or is not known to be usable (reason hold); its pools are held.", "gpu_uuid", "reason"),
 		touched:             make(chan struct{}, 1),
 	}
 	reg.MustRegister(m.DrainDuration, m.Drains, m.DrainForceStops, m.ReloadDuration, m.ReloadSuccess,

@@ -16,21 +16,30 @@ type XIDTarget interface {
 // RouteXID does to the pools on GPU uuid what NVIDIA's XID catalog says of
 // xid: nothing (ignore), a restart of each (an application restart clears
 // it), or a hold of each until the GPU is usable again (it needs a reset,
-// or it is lost). It returns the XID's class and, for a hold, why.
+// it is lost, or nothing says what it needs). It returns the XID's class
+// and, for a hold, why.
 func RouteXID[P XIDTarget](uuid string, xid uint64, pools []P) (info gpu.XIDInfo, why string) {
-	info = gpu.ClassifyXID(xid)
+	return RouteXIDInfo(uuid, gpu.ClassifyXID(xid), pools)
+}
+
+// RouteXIDInfo is RouteXID for an XID already read (gpu.ReadXID).
+func RouteXIDInfo[P XIDTarget](uuid string, info gpu.XIDInfo, pools []P) (gpu.XIDInfo, string) {
+	why := ""
 	switch info.Action {
 	case gpu.XIDIgnore:
 	case gpu.XIDRestart:
 		for _, p := range pools {
-			p.XID(uuid, xid)
+			p.XID(uuid, info.XID)
 		}
 	default:
 		what := "needs a reset"
-		if info.Action == gpu.XIDLost {
+		switch info.Action {
+		case gpu.XIDLost:
 			what = "is lost"
+		case gpu.XIDHold:
+			what = "is held until NVML reports it usable"
 		}
-		why = fmt.Sprintf("GPU %s %s: Xid %d (%s); remedy: %s", uuid, what, xid, info.Meaning, info.RemedyFor(uuid))
+		why = fmt.Sprintf("GPU %s %s: Xid %d (%s); remedy: %s", uuid, what, info.XID, info.Meaning, info.RemedyFor(uuid))
 		for _, p := range pools {
 			p.GPUUnhealthy(uuid, why)
 		}
