@@ -31,7 +31,7 @@ rpm: build man
 test: fmt-check vet unit fuzz-short
 
 fmt-check:
-	@out=$$(gofmt -l cmd internal tools test docs); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	@out=$$(gofmt -l cmd internal docs); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 
 vet:
 	$(GO) vet ./...
@@ -42,13 +42,13 @@ unit:
 # The operator's walkthrough: the .deb installed into a private systemd
 # (root needed), two simulator pools on fake GPUs, busctl, journalctl.
 demo: packages
-	$(GO) run ./tools/demo
+	$(GO) run ./internal/tools/demo
 
 # The operator's walkthrough on a real Debian 12 host: the .deb, then the
 # .rpm, in a qemu guest (systemd as PID 1, cgroup v2), with a reboot and a
-# removal (root needed; test/vmtest/run.sh says what it needs installed).
+# removal (root needed; internal/tools/vmtest/run.sh says what it needs installed).
 vm-test: packages
-	GO=$(GO) test/vmtest/run.sh
+	GO=$(GO) internal/tools/vmtest/run.sh
 
 # Figures against systemd and the bus, each in interleaved rounds (ours,
 # reference, ours, ...) in the sandbox (root needed); writes
@@ -56,12 +56,12 @@ vm-test: packages
 # crash restart lease drain reload staging ready scale storm, rounds=N
 # (default 5), stage-mb=N (default 2048), idle-sec=N (default 10).
 bench:
-	$(GO) run ./tools/bench $(BENCH_ARGS)
+	$(GO) run ./internal/tools/bench $(BENCH_ARGS)
 
 # 1000 engine faults across four pools with drains and reloads, then the
 # leak checks (root needed; bounded by 8 minutes).
 soak:
-	$(GO) run ./tools/soak
+	$(GO) run ./internal/tools/soak
 
 # Fuzzes every target for FUZZTIME. make test runs each for a fixed number
 # of executions: a wall-clock -fuzztime can fail with "context deadline
@@ -90,7 +90,7 @@ fuzz-short:
 # private systemd; exits 2 at once without a GPU. Uses build/ binaries
 # when present, else builds into its own temp directory.
 gpu-check:
-	tools/gpucheck/gpu-check.sh $(GPU_CHECK_ARGS)
+	internal/tools/gpucheck/gpu-check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build

@@ -10,7 +10,7 @@
 # 0) and checks that NVML and /proc see it hold the GPU and let it go.
 # Exit status: 0 passed, 1 a check failed, 2 no GPU or not root.
 set -eu
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../../.."
 
 no_gpu() {
 	echo "gpu-check: no NVIDIA GPU: $1" >&2
@@ -71,11 +71,11 @@ done
 if [ -x build/gpu-check ]; then
 	cp build/gpu-check "$tmp/bin/"
 else
-	go build -o "$tmp/bin/gpu-check" ./tools/gpucheck
+	go build -o "$tmp/bin/gpu-check" ./internal/tools/gpucheck
 fi
 
 # A host without systemd (a GPU machine's container image) gets it from a
-# layer made by tools/gpucheck/layer.sh: the libraries it lacks go in
+# layer made by internal/tools/gpucheck/layer.sh: the libraries it lacks go in
 # too, and the users dbus runs as are added to copies of its user files.
 if [ ! -x /lib/systemd/systemd ] && [ -n "${GPU_CHECK_LAYER:-}" ]; then
 	L=$tmp/layer

@@ -34,7 +34,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/bus"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
-	"github.com/llorch/pool-managerd/tools/soak/pprofhook"
+	"github.com/llorch/pool-managerd/internal/tools/soak/pprofhook"
 )
 
 const (
@@ -682,7 +682,7 @@ func buildDaemon() (string, error) {
 		return dir, err
 	}
 	hook := filepath.Join(dir, "soak_pprofhook.go")
-	if err := os.WriteFile(hook, []byte("package main\n\nimport _ \"github.com/llorch/pool-managerd/tools/soak/pprofhook\"\n"), 0o644); err != nil {
+	if err := os.WriteFile(hook, []byte("package main\n\nimport _ \"github.com/llorch/pool-managerd/internal/tools/soak/pprofhook\"\n"), 0o644); err != nil {
 		return dir, err
 	}
 	overlay := filepath.Join(dir, "overlay.json")

@@ -22,10 +22,10 @@ import (
 	"github.com/llorch/pool-managerd/internal/journal"
 	lc "github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/supervisor"
+	"github.com/llorch/pool-managerd/internal/testkit/bdd/capture"
+	"github.com/llorch/pool-managerd/internal/testkit/bdd/suite"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
-	"github.com/llorch/pool-managerd/test/bdd/capture"
-	"github.com/llorch/pool-managerd/test/bdd/suite"
 )
 
 // The seed's lifecycle scenarios: drain (10) and reload (14).

@@ -13,7 +13,7 @@
 # sid: a newer systemd and kernel, and Debian's own llama-server.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
+top=$(cd "$here/../../.." && pwd)
 cache=${VM_CACHE:-$top/build/vm}
 suite=${1:-bookworm}
 

@@ -5,7 +5,7 @@
 // runs the daemon with Backend=nvml and one simulator pool on GPU 0 and
 // prints the scope's DeviceAllow, what the engine may open and what the
 // daemon's XID watch says. It writes only under -work and tears the
-// sandbox down on exit, failure or signal. tools/gpucheck/gpu-check.sh runs it.
+// sandbox down on exit, failure or signal. internal/tools/gpucheck/gpu-check.sh runs it.
 //
 // Exit status: 0 all checks passed, 1 a check failed, 2 no GPU or not
 // root.

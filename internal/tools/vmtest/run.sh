@@ -9,12 +9,12 @@
 # check is printed as it finishes, and a summary at the end. Exits non-zero
 # when any check fails or a boot does not finish.
 #
-#   test/vmtest/run.sh [deb] [rpm] [sid]     (all by default; root needed)
+#   internal/tools/vmtest/run.sh [deb] [rpm] [sid]     (all by default; root needed)
 #   VM_BOOT_TIMEOUT=420  seconds one qemu run may take
 #   VM_MIRROR=URL        Debian mirror for a new image (default: apt's)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
+top=$(cd "$here/../../.." && pwd)
 cd "$top"
 GO=${GO:-go}
 boot_timeout=${VM_BOOT_TIMEOUT:-840}
@@ -78,7 +78,7 @@ case " ${kinds[*]} " in
 esac
 img=$("$here/build-image.sh")
 image_s=$(elapsed "$start_all")
-CGO_ENABLED=0 "$GO" build -o build/vm/router ./test/vmtest/router
+CGO_ENABLED=0 "$GO" build -o build/vm/router ./internal/tools/vmtest/router
 
 # One line of the guest's report, for the terminal.
 show() {

@@ -29,7 +29,7 @@ func TestMain(m *testing.M) {
 }
 
 func setup() ([]string, []string, func(), error) {
-	root, err := filepath.Abs("../..")
+	root, err := filepath.Abs("../../..")
 	if err != nil {
 		return nil, nil, nil, err
 	}

@@ -109,7 +109,7 @@ func TestGoroutinesAreGroupedByFunctionAndCreatorFromARealDump(t *testing.T) {
 	c := make(chan struct{})
 	defer close(c)
 	startParked(c)
-	const id = "github.com/llorch/pool-managerd/tools/soak.parkedHere\ncreated by github.com/llorch/pool-managerd/tools/soak.startParked"
+	const id = "github.com/llorch/pool-managerd/internal/tools/soak.parkedHere\ncreated by github.com/llorch/pool-managerd/internal/tools/soak.startParked"
 	var counts map[string]float64
 	var where map[string]string
 	require.Eventually(t, func() bool {
@@ -121,7 +121,7 @@ func TestGoroutinesAreGroupedByFunctionAndCreatorFromARealDump(t *testing.T) {
 		return counts[id] == 7
 	}, 5*time.Second, 10*time.Millisecond, "groups: %v", counts)
 	assert.Equal(t, id, where[id])
-	assert.Equal(t, "github.com/llorch/pool-managerd/tools/soak.parkedHere (created by github.com/llorch/pool-managerd/tools/soak.startParked)", Short(id))
+	assert.Equal(t, "github.com/llorch/pool-managerd/internal/tools/soak.parkedHere (created by github.com/llorch/pool-managerd/internal/tools/soak.startParked)", Short(id))
 }
 
 func TestGoroutinesGroupAGoroutineWhereverItWaits(t *testing.T) {

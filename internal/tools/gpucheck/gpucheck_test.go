@@ -137,7 +137,7 @@ func TestGPUCheckSandboxPartOnFakeGPUs(t *testing.T) {
 			// Run from the repository root, as the script does.
 			wd, err := os.Getwd()
 			require.NoError(t, err)
-			require.NoError(t, os.Chdir("../.."))
+			require.NoError(t, os.Chdir("../../.."))
 			defer os.Chdir(wd)
 			err = sandboxCheck(ctx, p, sandbox.FakeGPUs, time.Second, &stdout, &stderr)
 			if tc.wantErr != "" {

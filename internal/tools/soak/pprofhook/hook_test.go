@@ -25,7 +25,7 @@ func TestTheHookAnswersAGoroutineDumpWithItselfAsOneGoroutine(t *testing.T) {
 		dump, err := Ask(sock, "goroutine")
 		require.NoError(t, err)
 		assert.Contains(t, string(dump), "TestTheHookAnswersAGoroutineDumpWithItselfAsOneGoroutine")
-		assert.Equal(t, 1, strings.Count(string(dump), "created by github.com/llorch/pool-managerd/tools/soak/pprofhook.Serve"), "the hook is one goroutine:\n%s", dump)
+		assert.Equal(t, 1, strings.Count(string(dump), "created by github.com/llorch/pool-managerd/internal/tools/soak/pprofhook.Serve"), "the hook is one goroutine:\n%s", dump)
 	}
 }
 
@@ -64,7 +64,7 @@ func TestTheHookLeaksAGoroutineAndAnFDWhenAsked(t *testing.T) {
 	}
 	after, err := Ask(sock, "goroutine")
 	require.NoError(t, err)
-	const planted = "created by github.com/llorch/pool-managerd/tools/soak/pprofhook.answer"
+	const planted = "created by github.com/llorch/pool-managerd/internal/tools/soak/pprofhook.answer"
 	assert.Equal(t, strings.Count(string(before), planted)+2, strings.Count(string(after), planted))
 	fdsAfter, err := os.ReadDir("/proc/self/fd")
 	require.NoError(t, err)

@@ -15,10 +15,10 @@ import (
 
 	lc "github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/supervisor"
+	"github.com/llorch/pool-managerd/internal/testkit/bdd/capture"
+	"github.com/llorch/pool-managerd/internal/testkit/bdd/suite"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
-	"github.com/llorch/pool-managerd/test/bdd/capture"
-	"github.com/llorch/pool-managerd/test/bdd/suite"
 )
 
 const gpuScenarios = 4

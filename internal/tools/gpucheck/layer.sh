@@ -1,5 +1,5 @@
 #!/bin/sh
-# tools/gpucheck/layer.sh OUT.tar.gz: this Debian host's systemd and
+# internal/tools/gpucheck/layer.sh OUT.tar.gz: this Debian host's systemd and
 # dbus as a layer for make gpu-check on a GPU machine whose image has
 # neither (GPU_CHECK_LAYER=OUT.tar.gz). Paths are put under /usr, as a
 # merged-/usr host has them; the libraries they link go in libs/, from

@@ -21,8 +21,8 @@ import (
 	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/metrics"
 	"github.com/llorch/pool-managerd/internal/policy"
-	"github.com/llorch/pool-managerd/test/bdd/capture"
-	"github.com/llorch/pool-managerd/test/bdd/suite"
+	"github.com/llorch/pool-managerd/internal/testkit/bdd/capture"
+	"github.com/llorch/pool-managerd/internal/testkit/bdd/suite"
 )
 
 // The seed's policy scenarios: backoff (9), circuit breaker (11), restart

@@ -226,7 +226,7 @@ func TestPackagesInstallTheGrafanaDashboard(t *testing.T) {
 	sandbox.Need(t)
 	const dir = "/usr/share/pool-managerd"
 	const dashboard = dir + "/pool-managerd.dashboard.json"
-	want, err := os.ReadFile("../../packaging/pool-managerd.dashboard.json")
+	want, err := os.ReadFile("../../../packaging/pool-managerd.dashboard.json")
 	require.NoError(t, err)
 
 	fsys, err := exec.Command("dpkg-deb", "--fsys-tarfile", glob(t, "pool-managerd_*.deb")).Output()
@@ -265,9 +265,9 @@ func TestPackagesInstallTheGrafanaDashboard(t *testing.T) {
 // hook is only in the soak's own build of it.
 func TestShippedDaemonHasNoSoakHook(t *testing.T) {
 	sandbox.Need(t)
-	b, err := os.ReadFile("../../build/pool-managerd")
+	b, err := os.ReadFile("../../../build/pool-managerd")
 	require.NoError(t, err)
 	const mod = "github.com/llorch/pool-managerd/internal/"
 	require.True(t, bytes.Contains(b, []byte(mod+"supervisor")), "the binary names its packages")
-	assert.False(t, bytes.Contains(b, []byte(mod+"soak")), "build/pool-managerd holds tools/soak")
+	assert.False(t, bytes.Contains(b, []byte(mod+"soak")), "build/pool-managerd holds internal/tools/soak")
 }
