@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"regexp"
+	"strings"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -11,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"go.yaml.in/yaml/v3"
 
+	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/gpu"
 )
 
@@ -80,8 +82,9 @@ func TestAlertRulesUseExportedMetrics(t *testing.T) {
 	for _, s := range exportedSeries(t, "p", "GPU-x") {
 		known[s["__name__"]] = true
 	}
+	known[textfileMtime] = true
 	alerts := map[string]bool{}
-	name := regexp.MustCompile(`pool_managerd_[a-z_]+`)
+	name := regexp.MustCompile(`pool_managerd_[a-z_]+|` + textfileMtime)
 	for _, r := range shippedAlerts(t) {
 		alerts[r.Alert] = true
 		assert.NotEmpty(t, r.Expr, r.Alert)
@@ -93,7 +96,34 @@ func TestAlertRulesUseExportedMetrics(t *testing.T) {
 			assert.True(t, known[n], "%s uses %s, which is not exported", r.Alert, n)
 		}
 	}
-	for _, a := range []string{"PoolCircuitBreakerOpen", "PoolRestartStorm", "PoolNotReady", "PoolEngineOOM", "PoolEngineStalled", "GPUUnhealthy"} {
+	for _, a := range []string{"PoolCircuitBreakerOpen", "PoolRestartStorm", "PoolNotReady", "PoolEngineOOM", "PoolEngineStalled", "GPUUnhealthy", "PoolManagerDown"} {
 		assert.True(t, alerts[a], "alert %s", a)
+	}
+}
+
+// textfileMtime is node_exporter's own word on our textfile: the one series
+// that still changes once the daemon is gone.
+const textfileMtime = "node_textfile_mtime_seconds"
+
+// The dead-daemon alert watches the file the daemon writes by default
+// (node_exporter labels it with its full path), and no other collector's.
+func TestDeadDaemonAlertMatchesTheDefaultTextfileOnly(t *testing.T) {
+	var expr string
+	for _, r := range shippedAlerts(t) {
+		if r.Alert == "PoolManagerDown" {
+			expr = r.Expr
+		}
+	}
+	require.NotEmpty(t, expr, "PoolManagerDown")
+	m := regexp.MustCompile(`file=~"((?:[^"\\]|\\.)*)"`).FindStringSubmatch(expr)
+	require.NotNil(t, m, "PoolManagerDown selects the file by a regular expression: %s", expr)
+	// PromQL's string unescapes \\ to \; its regexp is anchored.
+	re := regexp.MustCompile("^(?:" + strings.ReplaceAll(m[1], `\\`, `\`) + ")$")
+	def := config.DefaultManager().MetricsTextfile
+	require.NotEmpty(t, def)
+	assert.True(t, re.MatchString(def), "the default textfile %s", def)
+	assert.True(t, re.MatchString("/srv/textfiles/pool-managerd-gpu1.prom"))
+	for _, other := range []string{"/var/lib/prometheus/node-exporter/apt.prom", "/var/lib/prometheus/node-exporter/pool-managerd.prom.d/x.prom", "/var/lib/prometheus/node-exporter/pool-managerd.prom.tmp"} {
+		assert.False(t, re.MatchString(other), other)
 	}
 }
