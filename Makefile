@@ -9,7 +9,7 @@ VERSION ?= 0.1.0
 GOARCH  ?= $(shell $(GO) env GOARCH)
 export VERSION GOARCH
 
-.PHONY: all build man packages deb rpm test fmt-check vet unit demo bench soak fuzz fuzz-short vm-test gpu-check clean
+.PHONY: all build man packages deb rpm test fmt-check vet unit demo bench soak fuzz fuzz-short vm-test gpu-check clean deps-test deps-demo deps-vm
 
 all: build
 
@@ -28,7 +28,19 @@ deb: build man
 rpm: build man
 	$(GO) tool nfpm package -f nfpm.yaml -p rpm -t build/
 
-test: fmt-check vet unit fuzz-short
+test: deps-test fmt-check vet unit fuzz-short
+
+# What each target takes from Debian, installed first when missing (root;
+# otherwise it says what to install): the tests run their own systemd, bus,
+# promtool and node_exporter, never the packages' services.
+DEPS := internal/tools/deps/debian.sh
+SYSTEMD_DEPS := systemd:systemd dbus-daemon:dbus busctl:systemd
+deps-test:
+	@$(DEPS) $(SYSTEMD_DEPS) promtool:prometheus prometheus-node-exporter:prometheus-node-exporter
+deps-demo:
+	@$(DEPS) $(SYSTEMD_DEPS)
+deps-vm:
+	@$(DEPS) qemu-system-x86_64:qemu-system-x86 debootstrap:debootstrap mkfs.ext4:e2fsprogs
 
 fmt-check:
 	@out=$$(gofmt -l cmd internal docs); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
@@ -41,13 +53,13 @@ unit:
 
 # The operator's walkthrough: the .deb installed into a private systemd
 # (root needed), two simulator pools on fake GPUs, busctl, journalctl.
-demo: packages
+demo: deps-demo packages
 	$(GO) run ./internal/tools/demo
 
 # The operator's walkthrough on a real Debian 12 host: the .deb, then the
 # .rpm, in a qemu guest (systemd as PID 1, cgroup v2), with a reboot and a
 # removal (root needed; internal/tools/vmtest/run.sh says what it needs installed).
-vm-test: packages
+vm-test: deps-vm packages
 	GO=$(GO) internal/tools/vmtest/run.sh
 
 # Figures against systemd and the bus, each in interleaved rounds (ours,

@@ -147,7 +147,7 @@ func TestNodeExporterServesEveryFamilyAfterCrashesADrainAndAReload(t *testing.T)
 	sandbox.Need(t)
 	bin, err := exec.LookPath(nodeExporter)
 	require.NoError(t, err, "node_exporter is missing: install Debian's prometheus-node-exporter package "+
-		"(apt-get install --no-install-recommends prometheus-node-exporter; .ci/run does)")
+		"(apt-get install --no-install-recommends prometheus-node-exporter; make test does, as root)")
 	dir, port := daemon(t)
 	const pool = "llama-8b"
 	waitProp(t, pool, "Ready", "b true")

@@ -29,7 +29,7 @@ func runPromtool(t *testing.T, args ...string) (string, error) {
 	t.Helper()
 	path, err := exec.LookPath("promtool")
 	require.NoError(t, err, "promtool is missing: install Debian's prometheus package "+
-		"(apt-get install --no-install-recommends prometheus; .ci/run does)")
+		"(apt-get install --no-install-recommends prometheus; make test does, as root)")
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, path, args...).CombinedOutput()
