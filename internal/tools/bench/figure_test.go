@@ -127,11 +127,33 @@ func TestArguments(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, []string{"scale", "storm"}, o.Figures, "scale names every 64-pool figure")
 
-	for _, bad := range [][]string{{"crsh"}, {"rounds=0"}, {"rounds=x"}, {"speed=3"}} {
+	o, err = parseArgs([]string{"load=2", "crash"})
+	require.NoError(t, err)
+	assert.Equal(t, 2, o.Load)
+	o, err = parseArgs([]string{"load=0"})
+	require.NoError(t, err)
+	assert.Equal(t, 0, o.Load, "load=0 is the quiet run")
+
+	for _, bad := range [][]string{{"crsh"}, {"rounds=0"}, {"rounds=x"}, {"speed=3"}, {"load=-1"}, {"load=65"}} {
 		_, err := parseArgs(bad)
 		assert.Error(t, err, "%v", bad)
 	}
 	_, err = parseArgs([]string{"crsh"})
 	assert.ErrorContains(t, err, `unknown figure "crsh"`)
 	assert.ErrorContains(t, err, "figures: crash restart")
+}
+
+// The host's CPU readings: busy and steal shares over the run, from two
+// /proc/stat readings.
+func TestHostDuringTheRun(t *testing.T) {
+	a := cpuTimes{total: 1000, idle: 600, steal: 10}
+	b := cpuTimes{total: 2000, idle: 900, steal: 60}
+	h := hostDuring(2, a, b)
+	assert.Equal(t, 2, h.Load)
+	assert.InDelta(t, 70, h.BusyPct, 1e-9)
+	assert.InDelta(t, 5, h.StealPct, 1e-9)
+	assert.Positive(t, h.CPUs)
+	now, err := readCPUTimes()
+	require.NoError(t, err)
+	assert.Greater(t, now.total, now.idle)
 }

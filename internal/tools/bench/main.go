@@ -23,11 +23,12 @@ import (
 // figureNames are what BENCH_ARGS may select, in the order they run.
 var figureNames = []string{"crash", "restart", "lease", "drain", "reload", "staging", "ready", "scale", "storm"}
 
-const usage = `usage: bench [FIGURE...] [rounds=N] [stage-mb=N] [idle-sec=N]
+const usage = `usage: bench [FIGURE...] [rounds=N] [stage-mb=N] [idle-sec=N] [load=N]
 figures: crash restart lease drain reload staging ready scale storm (default: all)
   rounds=N    rounds per figure (default 5, at least 1)
   stage-mb=N  size of the staging figure's model file (default 2048)
-  idle-sec=N  length of each round's 64-pool idle CPU window (default 10)`
+  idle-sec=N  length of each round's 64-pool idle CPU window (default 10)
+  load=N      N CPU-bound processes in the engines' slice for every round (default 0)`
 
 // Options are the parsed arguments.
 type Options struct {
@@ -35,6 +36,7 @@ type Options struct {
 	Rounds  int      `json:"rounds"`
 	StageMB int      `json:"stage_mb"`
 	IdleSec int      `json:"idle_sec"`
+	Load    int      `json:"load"`
 	all     bool
 }
 
@@ -63,7 +65,7 @@ func parseArgs(args []string) (Options, error) {
 			continue
 		}
 		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 {
+		if err != nil || n < 1 && !(k == "load" && n == 0) {
 			return o, fmt.Errorf("%s: want a positive whole number, got %q\n%s", k, v, usage)
 		}
 		switch k {
@@ -73,6 +75,11 @@ func parseArgs(args []string) (Options, error) {
 			o.StageMB = n
 		case "idle-sec":
 			o.IdleSec = n
+		case "load":
+			if n > 64 {
+				return o, fmt.Errorf("load: at most 64 processes, got %d\n%s", n, usage)
+			}
+			o.Load = n
 		default:
 			return o, fmt.Errorf("unknown setting %q\n%s", k, usage)
 		}
@@ -90,6 +97,7 @@ type Report struct {
 	Options Options  `json:"options"`
 	Start   string   `json:"start"`
 	Seconds float64  `json:"seconds"`
+	Host    Host     `json:"host"`
 	Figures []Figure `json:"figures"`
 }
 
@@ -149,6 +157,9 @@ func main() {
 			}
 		}
 		name = "build/bench-" + strings.Join(words, "-") + ".json"
+	}
+	if opts.Load > 0 {
+		name = strings.TrimSuffix(name, ".json") + fmt.Sprintf("-load%d.json", opts.Load)
 	}
 	must(os.WriteFile(name, out, 0o644))
 	printTable(os.Stdout, rep)

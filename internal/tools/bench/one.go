@@ -95,6 +95,14 @@ StormMaxRestarts=10000
 	b.conn, err = dbus.ConnectSystemBus()
 	must(err)
 	b.mgr = b.conn.Object(bus.Name, bus.ManagerPath)
+	if opts.Load > 0 {
+		progress("load: %d CPU-bound processes in pool-managerd-engines.slice", opts.Load)
+		stopLoad, err := startLoad(opts.Load)
+		must(err)
+		defer stopLoad()
+	}
+	cpuStart, err := readCPUTimes()
+	must(err)
 	onePool := opts.has("crash", "restart", "lease", "drain", "reload", "staging", "ready")
 	if onePool {
 		b.waitReady(benchPool)
@@ -130,6 +138,9 @@ StormMaxRestarts=10000
 	}
 	rep.Figures = figs.list()
 	rep.Seconds = time.Since(began).Seconds()
+	cpuEnd, err := readCPUTimes()
+	must(err)
+	rep.Host = hostDuring(opts.Load, cpuStart, cpuEnd)
 	out, err := json.MarshalIndent(rep, "", "  ")
 	must(err)
 	fmt.Println(string(out))

@@ -12,6 +12,13 @@ import (
 // over rounds), the ratio's spread over rounds, the goal, what the goal
 // judged (median over rounds), whether it was met and the worst round.
 func printTable(w io.Writer, rep Report) {
+	h := rep.Host
+	load := "quiet (no added load)"
+	if h.Load > 0 {
+		load = fmt.Sprintf("load=%d: %d CPU-bound processes in the engines' slice, every round", h.Load, h.Load)
+	}
+	fmt.Fprintf(w, "%s; host during the run: %d CPUs, %.0f %% busy, %.1f %% steal, load average %.2f %.2f %.2f at the end\n",
+		load, h.CPUs, h.BusyPct, h.StealPct, h.LoadAvg[0], h.LoadAvg[1], h.LoadAvg[2])
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "figure\tours\treference\tref.\tratio min / med / max\tgoal\tjudged\tmet\tworst round")
 	for _, f := range rep.Figures {
