@@ -80,6 +80,12 @@ const (
 	GPU  = "GPU"
 	// The engine's own requests in flight, as its metrics tell them.
 	InFlight = "IN_FLIGHT"
+	// A process an XID names (the kernel's pid=).
+	PID = "PID"
+	// Warnings others cause, rate-limited (Limiter): their kind, and how
+	// many were left out of the journal.
+	WarningKind = "WARNING_KIND"
+	Suppressed  = "SUPPRESSED"
 )
 
 // Levels beyond slog's own, mapped to syslog priorities by slog-journal.
