@@ -37,6 +37,9 @@ func TestMain(m *testing.M) {
 	if len(os.Args) > 1 && os.Args[1] == healthEngineArg {
 		os.Exit(healthEngine(os.Args[2:]))
 	}
+	if len(os.Args) > 1 && os.Args[1] == forgeArg {
+		os.Exit(forge(os.Args[2:]))
+	}
 	if shim.Is() {
 		os.Exit(shim.Main())
 	}

@@ -44,6 +44,8 @@ type Server struct {
 	callers map[string]caller
 	left    departures
 	hooks   hooks
+	// warn writes the warnings other bus users cause, rate-limited.
+	warn *journal.Limiter
 }
 
 // hooks let a test hold a call at a point of its choosing; all are nil
@@ -63,7 +65,8 @@ func Serve(ctx context.Context, conn *dbus.Conn, mgr *manager.Manager, log *slog
 
 func serve(ctx context.Context, conn *dbus.Conn, mgr *manager.Manager, log *slog.Logger, adminGroup string, h hooks) (*Server, error) {
 	s := &Server{conn: conn, mgr: mgr, log: log, ctx: ctx, adminGID: -1, pools: map[string]context.CancelFunc{},
-		callers: map[string]caller{}, left: newDepartures(), hooks: h}
+		callers: map[string]caller{}, left: newDepartures(), hooks: h,
+		warn: journal.NewLimiter(log, journal.LimitBurst, journal.LimitWindow)}
 	if g, err := user.LookupGroup(adminGroup); err == nil {
 		if gid, err := strconv.Atoi(g.Gid); err == nil {
 			s.adminGID = gid
@@ -320,6 +323,24 @@ func setProp(props *prop.Properties, name string, v any) (err error) {
 	return nil
 }
 
+// Reasons of pool_managerd_bus_rejected_total, also the kinds of their
+// rate-limited warnings.
+const (
+	rejectDenied = "access_denied"
+	rejectForged = "forged_signal"
+)
+
+// rejected counts a message another bus user sent that the daemon
+// refused, and warns of it within the rate limit: anyone may send them at
+// will.
+func (s *Server) rejected(reason, msg string, args ...any) {
+	if m := s.mgr.Metrics(); m != nil {
+		m.BusRejected.WithLabelValues(reason).Inc()
+		m.Touch()
+	}
+	s.warn.Warn(reason, msg, args...)
+}
+
 // busDriver is the bus itself: the sender of its signals, a name nobody
 // else can own.
 const busDriver = "org.freedesktop.DBus"
@@ -351,7 +372,7 @@ func (s *Server) watchCallers() error {
 					continue
 				}
 				if sig.Sender != busDriver || sig.Path != "/org/freedesktop/DBus" {
-					s.log.Warn("ignored a NameOwnerChanged that the bus did not send", journal.Sender, safetext.Bound(sig.Sender))
+					s.rejected(rejectForged, "ignored a NameOwnerChanged that the bus did not send", journal.Sender, safetext.Bound(sig.Sender))
 					continue
 				}
 				if name, ok := departed(sig); ok {
@@ -477,7 +498,7 @@ func (s *Server) authorize(sender dbus.Sender, method string) *dbus.Error {
 	case c.allowed:
 		return nil
 	}
-	s.log.Warn(fmt.Sprintf("access denied: %s by uid %d", method, c.uid), journal.CallerUID, c.uid, journal.Method, method, journal.Sender, string(sender))
+	s.rejected(rejectDenied, "access denied: "+method, journal.CallerUID, c.uid, journal.Method, method, journal.Sender, string(sender))
 	return dbus.NewError("org.freedesktop.DBus.Error.AccessDenied",
 		[]any{fmt.Sprintf("%s is for root and the admin group; uid %d is neither", method, c.uid)})
 }

@@ -89,6 +89,10 @@ func (f *fakeNVML) DeviceByUUID(uuid string) (Device, error) {
 	return nil, errors.New("NVML: device " + uuid + ": ERROR_NOT_FOUND")
 }
 
+func (f *fakeNVML) DeviceByPCI(busID string) (Device, error) {
+	return nil, errors.New("NVML: device at PCI " + busID + ": ERROR_NOT_FOUND")
+}
+
 func (f *fakeNVML) NewEventSet() (EventSet, error) {
 	if err := f.check(); err != nil {
 		return nil, err

@@ -25,6 +25,9 @@ type NVML interface {
 	DeviceByIndex(i int) (Device, error)
 	// DeviceByUUID takes GPU and MIG UUIDs.
 	DeviceByUUID(uuid string) (Device, error)
+	// DeviceByPCI takes a GPU's PCI bus id, domain:bus:device.function
+	// ("0000:3b:00.0").
+	DeviceByPCI(busID string) (Device, error)
 	NewEventSet() (EventSet, error)
 }
 

@@ -43,6 +43,7 @@ var nvmlCalls = map[string]string{
 	"Wait":                               "TestNVMLWaitErrorsAreReportedAndRetried",
 	"Free":                               "TestNVMLXIDReachesOnlyTheWatchedDevice",
 	"GetComputeRunningProcesses":         "TestComputeProcessesOfAGPUOrMIGDevice",
+	"DeviceGetHandleByPciBusId":          "TestKernelXIDNamesItsGPUByPCI",
 	"GetFieldValues":                     "TestUsableAfterAFault",
 	"GetRemappedRows":                    "TestUsableAfterAFault",
 	"GetRetiredPagesPendingStatus":       "TestUsableAfterAFault",

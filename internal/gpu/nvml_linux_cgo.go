@@ -133,6 +133,17 @@ func (r *realNVML) DeviceByUUID(uuid string) (Device, error) {
 	return realDevice{d}, nil
 }
 
+func (r *realNVML) DeviceByPCI(busID string) (Device, error) {
+	if err := r.ready(); err != nil {
+		return nil, err
+	}
+	d, ret := r.lib.DeviceGetHandleByPciBusId(busID)
+	if err := nvmlErr("device at PCI "+busID, ret); err != nil {
+		return nil, err
+	}
+	return realDevice{d}, nil
+}
+
 func (r *realNVML) NewEventSet() (EventSet, error) {
 	if err := r.ready(); err != nil {
 		return nil, err

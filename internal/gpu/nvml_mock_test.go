@@ -476,3 +476,16 @@ func TestAnXIDFromALostGPUKeepsItsUUID(t *testing.T) {
 	assert.Equal(t, uuid, ev.UUID)
 	assert.Equal(t, uint64(79), ev.XID)
 }
+
+// A kernel XID line names its GPU by PCI address; NVML gives its UUID.
+func TestKernelXIDNamesItsGPUByPCI(t *testing.T) {
+	h := nvmlmock.New(dgxh100.New())
+	k, ok := ParseKernelXID("NVRM: Xid (PCI:0000:03:00): 31, pid=1, name=x, Ch 1")
+	require.True(t, ok)
+	uuid, err := UUIDByPCI(NewNVMLWith(h.Server), k.PCI)
+	require.NoError(t, err)
+	assert.Equal(t, h.GPU(3).UUID, uuid)
+	_, err = UUIDByPCI(NewNVMLWith(h.Server), "0000:99:00.0")
+	assert.ErrorContains(t, err, "device at PCI 0000:99:00.0")
+	assert.Zero(t, h.Stats().Open, "NVML shut down after each")
+}

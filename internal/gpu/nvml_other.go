@@ -17,4 +17,5 @@ func (noNVML) Shutdown() error                     { return errNoCgo }
 func (noNVML) DeviceCount() (int, error)           { return 0, errNoCgo }
 func (noNVML) DeviceByIndex(int) (Device, error)   { return nil, errNoCgo }
 func (noNVML) DeviceByUUID(string) (Device, error) { return nil, errNoCgo }
+func (noNVML) DeviceByPCI(string) (Device, error)  { return nil, errNoCgo }
 func (noNVML) NewEventSet() (EventSet, error)      { return nil, errNoCgo }

@@ -54,6 +54,11 @@ type XIDInfo struct {
 	Remedy string
 	// Warn: an XIDIgnore worth a warning in the journal.
 	Warn bool
+	// ProcessTied: the XID is raised by one process's channel (its own
+	// fault, e.g. an illegal address), so it acts only on the pool whose
+	// scope holds that process. Otherwise it concerns the device and acts
+	// on every pool of the GPU.
+	ProcessTied bool
 }
 
 // RemedyFor is Remedy for the GPU uuid.
@@ -78,6 +83,38 @@ type xidEntry struct {
 	// does not carry; ReadXID follows the driver's recovery action
 	// instead.
 	byDriver bool
+	// device: an XIDRestart that concerns the device rather than the
+	// process that met it (see processTied).
+	device bool
+}
+
+// processTied says whether an XID is the fault of the process whose
+// channel raised it, and so acts on a pool only when that process is in
+// the pool's scope. Any user with a CUDA context on a GPU can raise these
+// at will (a faulting kernel gives 13 or 31), so tying them is what keeps
+// another user from restarting a pool until its breaker opens.
+//
+// Process-tied: every XID the catalog answers with RESTART_APP (an
+// application restart clears it: the GPU is fine, the application was
+// not), but 94, and the application-error XIDs the catalog ignores (43:
+// the faulting application's channel was reset; 45: cleanup after a
+// process's error or kill).
+//
+// Device-level: everything that asks for a GPU reset, a reboot or that
+// only the driver can read (48 DBE, 74 NVLink, 79 fallen off the bus, 95
+// uncontained ECC, 119/120 GSP, 144-150 and 154 recovery action, unknown
+// XIDs): the GPU itself is in question, whoever's work met it, and it
+// holds every pool on it. 94 (a contained ECC error) is a fault of the
+// GPU's memory, which no user causes at will; the row is bad for whoever
+// maps it next, so every pool on the GPU restarts.
+func processTied(xid uint64, e xidEntry) bool {
+	switch {
+	case e.action == XIDRestart:
+		return !e.device
+	case xid == 43 || xid == 45:
+		return true
+	}
+	return false
 }
 
 // xidTable follows the "Resolution Bucket (Immediate Action)" column of
@@ -154,7 +191,7 @@ var xidTable = map[uint64]xidEntry{
 	89:  {action: XIDRestart, meaning: "NVDEC4 error"},
 	92:  {action: XIDIgnore, meaning: "high single-bit ECC error rate"},
 	93:  {action: XIDIgnore, meaning: "non-fatal violation of provisioned InfoROM wear limit"},
-	94:  {action: XIDRestart, meaning: "contained memory error (uncorrectable ECC error contained to the application)"},
+	94:  {action: XIDRestart, device: true, meaning: "contained memory error (uncorrectable ECC error contained to the application)"},
 	95:  {action: XIDReset, meaning: "uncontained memory error"},
 	96:  {action: XIDRestart, meaning: "NVDEC5 error"},
 	97:  {action: XIDRestart, meaning: "NVDEC6 error"},
@@ -234,7 +271,7 @@ func ClassifyXID(xid uint64) XIDInfo {
 	if r == "" {
 		r = xidRemedies[e.action]
 	}
-	return XIDInfo{XID: xid, Action: e.action, Meaning: e.meaning, Remedy: r, Warn: e.warn}
+	return XIDInfo{XID: xid, Action: e.action, Meaning: e.meaning, Remedy: r, Warn: e.warn, ProcessTied: processTied(xid, e)}
 }
 
 // ReadXID is ClassifyXID for an XID on GPU (or MIG device) uuid, asking

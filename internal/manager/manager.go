@@ -17,6 +17,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
+	"github.com/llorch/pool-managerd/internal/metrics"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 )
 
@@ -106,6 +107,10 @@ func newManager(ctx context.Context, o Options) *Manager {
 		xidChanged: make(chan struct{}, 1),
 	}
 }
+
+// Metrics is the set the manager's pools count in; nil for a manager
+// made by New.
+func (m *Manager) Metrics() *metrics.Set { return m.o.Metrics }
 
 // Pools returns the supervisors, sorted by id.
 func (m *Manager) Pools() []Pool {

@@ -44,6 +44,14 @@ type Set struct {
 	BuildInfo           *prometheus.GaugeVec
 	// GPUUnhealthy is 1 while a GPU needs a reset, is lost or is held.
 	GPUUnhealthy *prometheus.GaugeVec
+	// GPUXIDs counts XIDs by GPU and how they were tied: "pool" (to a
+	// process in a pool's scope), "none" (a process-tied XID of a process
+	// in no pool's scope: journaled only), "device" (the GPU itself: every
+	// pool on it acts).
+	GPUXIDs *prometheus.CounterVec
+	// BusRejected counts what other bus users sent that the daemon
+	// refused, by reason (access_denied, forged_signal).
+	BusRejected *prometheus.CounterVec
 
 	touched chan struct{}
 }
@@ -85,12 +93,15 @@ func New(reg prometheus.Registerer) *Set {
 		HealthCheckFailures: counter("health_check_failures_total", "Failed engine health probes.", "pool_id"),
 		BuildInfo:           gauge("build_info", "Constant 1, labelled with the daemon's build.", "version", "goversion"),
 		GPUUnhealthy:        gauge("gpu_unhealthy", "1 while a GPU needs a reset (reason reset), is lost (reason lost) or is not known to be usable (reason hold); its pools are held.", "gpu_uuid", "reason"),
+		GPUXIDs:             counter("gpu_xids_total", "XIDs by GPU and tie: pool (a process in a pool's scope), none (a process in no pool's scope: no pool acts), device (the GPU itself).", "gpu_uuid", "xid", "tied"),
+		BusRejected:         counter("bus_rejected_total", "Bus messages from others that the daemon refused, by reason (access_denied, forged_signal).", "reason"),
 		touched:             make(chan struct{}, 1),
 	}
 	reg.MustRegister(m.DrainDuration, m.Drains, m.DrainForceStops, m.ReloadDuration, m.ReloadSuccess,
 		m.ReloadFailure, m.EngineCrashes, m.BackoffDelay, m.RestartsScheduled, m.BreakerOpens,
 		m.BreakerState, m.RestartStorms, m.RestartRate, m.PoolReady, m.PoolLive, m.PoolDraining,
-		m.PoolState, m.ActiveLeases, m.PoolInfo, m.HealthCheckFailures, m.BuildInfo, m.GPUUnhealthy)
+		m.PoolState, m.ActiveLeases, m.PoolInfo, m.HealthCheckFailures, m.BuildInfo, m.GPUUnhealthy,
+		m.GPUXIDs, m.BusRejected)
 	m.BuildInfo.WithLabelValues(Version, runtime.Version()).Set(1)
 	return m
 }
