@@ -146,6 +146,7 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 		go mgr.Watchdog(ctx, every/2, func() { sddaemon.SdNotify(false, sddaemon.SdNotifyWatchdog) })
 	}
 	go mgr.WatchXID(ctx)
+	go mgr.WatchKernelXIDs(ctx)
 	go mgr.KeepPruning(ctx)
 
 	hup := make(chan os.Signal, 1)

@@ -498,7 +498,7 @@ func (s *Server) authorize(sender dbus.Sender, method string) *dbus.Error {
 	case c.allowed:
 		return nil
 	}
-	s.rejected(rejectDenied, "access denied: "+method, journal.CallerUID, c.uid, journal.Method, method, journal.Sender, string(sender))
+	s.rejected(rejectDenied, fmt.Sprintf("access denied: %s by uid %d", method, c.uid), journal.CallerUID, c.uid, journal.Method, method, journal.Sender, string(sender))
 	return dbus.NewError("org.freedesktop.DBus.Error.AccessDenied",
 		[]any{fmt.Sprintf("%s is for root and the admin group; uid %d is neither", method, c.uid)})
 }

@@ -16,6 +16,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -37,6 +38,20 @@ const Slice = "pool-managerd-engines.slice"
 
 // UnitName is the scope of a pool's engine.
 func UnitName(pool string) string { return "pool-engine-" + unit.UnitNameEscape(pool) + ".scope" }
+
+// ScopeCgroup is the cgroup v2 path of a pool's scope as the system
+// manager makes it (Slice within its parents: pool.slice/pool-managerd.slice/...).
+// It is matched from the root: a user's own scope of the same name lives
+// under user.slice.
+func ScopeCgroup(pool string) string {
+	var path, prefix string
+	for _, part := range strings.Split(strings.TrimSuffix(Slice, ".slice"), "-") {
+		prefix += part
+		path += "/" + prefix + ".slice"
+		prefix += "-"
+	}
+	return path + "/" + UnitName(pool)
+}
 
 // Spec is one engine to run.
 type Spec struct {

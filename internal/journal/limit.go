@@ -1,6 +1,7 @@
 package journal
 
 import (
+	"context"
 	"log/slog"
 	"sync"
 	"time"
@@ -43,6 +44,11 @@ func NewLimiter(log *slog.Logger, burst int, every time.Duration) *Limiter {
 // unless burst of them were written in this window; it reports whether
 // it was written.
 func (l *Limiter) Warn(kind, msg string, args ...any) bool {
+	return l.Log(context.Background(), slog.LevelWarn, kind, msg, args...)
+}
+
+// Log is Warn at another level.
+func (l *Limiter) Log(ctx context.Context, level slog.Level, kind, msg string, args ...any) bool {
 	now := time.Now()
 	l.mu.Lock()
 	w := l.kinds[kind]
@@ -59,7 +65,7 @@ func (l *Limiter) Warn(kind, msg string, args ...any) bool {
 	}
 	w.written++
 	l.mu.Unlock()
-	l.log.Warn(msg, append(args, WarningKind, kind)...)
+	l.log.Log(ctx, level, msg, append(args, WarningKind, kind)...)
 	return true
 }
 

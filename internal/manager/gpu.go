@@ -5,11 +5,13 @@ import (
 	"fmt"
 	"log/slog"
 	"os/exec"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/gpu"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/safetext"
@@ -82,21 +84,31 @@ func (m *Manager) poolsOn(uuid string) []owner {
 	return out
 }
 
-// RouteXID gives an XID event to the pools that own the GPU now: a
+// RouteXID gives an NVML XID event to the pools that own the GPU now: a
 // restart of each, or a hold of each while the GPU needs a reset, is lost
 // or is not known to be usable, or nothing, as NVIDIA's catalog (and,
-// where the XID's action is in its message, the driver) says.
+// where the XID's action is in its message, the driver) says. A
+// process-tied XID is not acted on here: NVML's event names no process,
+// and only the kernel's line for the same fault (RouteKernelXID) ties it
+// to a pool.
 func (m *Manager) RouteXID(uuid string, xid uint64) {
 	owners := m.poolsOn(uuid)
 	if len(owners) == 0 {
-		m.o.Log.Warn("GPU XID event on a GPU no pool uses", journal.XID, xid, journal.GPU, uuid, journal.Error, gpu.ClassifyXID(xid).Meaning)
+		m.warn.Warn(xidNoPool, "GPU XID event on a GPU no pool uses", journal.XID, xid, journal.GPU, uuid, journal.Error, gpu.ClassifyXID(xid).Meaning)
 		return
 	}
+	info := gpu.ReadXID(m.o.NVML(), uuid, xid)
+	if info.ProcessTied {
+		m.warn.Log(m.ctx, slog.LevelInfo, xidProcess, fmt.Sprintf("GPU XID %d on %s: %s; it acts only on the pool whose scope holds the process the kernel names", xid, uuid, info.Meaning),
+			journal.XID, xid, journal.GPU, uuid)
+		return
+	}
+	m.countXID(uuid, xid, tiedDevice)
 	pools := make([]Pool, len(owners))
 	for i, o := range owners {
 		pools[i] = o.pool
 	}
-	info, why := supervisor.RouteXIDInfo(uuid, gpu.ReadXID(m.o.NVML(), uuid, xid), pools)
+	info, why := supervisor.RouteXIDInfo(uuid, info, pools)
 	switch info.Action {
 	case gpu.XIDIgnore:
 		level := slog.LevelInfo
@@ -108,6 +120,103 @@ func (m *Manager) RouteXID(uuid string, xid uint64) {
 	case gpu.XIDReset, gpu.XIDLost, gpu.XIDHold:
 		m.gpuUnhealthy(uuid, info, why)
 	}
+}
+
+// Kinds of the rate-limited XID entries: anyone with a CUDA context can
+// raise process-tied XIDs at will.
+const (
+	xidNoPool  = "xid_no_pool"
+	xidProcess = "xid_process"
+	xidForeign = "xid_foreign"
+)
+
+// Values of pool_managerd_gpu_xids_total's tied label.
+const (
+	tiedPool   = "pool"
+	tiedNone   = "none"
+	tiedDevice = "device"
+)
+
+func (m *Manager) countXID(uuid string, xid uint64, tied string) {
+	if m.o.Metrics == nil {
+		return
+	}
+	m.o.Metrics.GPUXIDs.WithLabelValues(uuid, strconv.FormatUint(xid, 10), tied).Inc()
+	m.o.Metrics.Touch()
+}
+
+// WatchKernelXIDs reads the driver's XID lines from the kernel log (they
+// name the faulting process) and routes each until ctx ends; a log that
+// cannot be read is journaled once and read again after xidRetry.
+func (m *Manager) WatchKernelXIDs(ctx context.Context) {
+	if m.o.Inventory.Source != gpu.SourceNVML {
+		return
+	}
+	lastErr := ""
+	for {
+		err := gpu.WatchKernelXIDs(ctx, m.o.KernelLog, m.RouteKernelXID)
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil && err.Error() != lastErr {
+			m.o.Log.Warn("not reading XIDs from the kernel log: process-tied XIDs restart no pool (trying again every 30 s)", journal.Error, err.Error())
+			lastErr = err.Error()
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(xidRetry):
+		}
+	}
+}
+
+// RouteKernelXID acts on a process-tied XID the kernel names: only the
+// pool whose scope holds the process (and that uses the GPU) acts; one of
+// a process in no pool's scope (another user's, or gone) is journaled,
+// rate-limited, and counted for the GPU. Device-level XIDs are NVML's
+// (RouteXID): acting on both would act twice.
+func (m *Manager) RouteKernelXID(k gpu.KernelXID) {
+	info := gpu.ClassifyXID(k.XID)
+	if !info.ProcessTied {
+		return
+	}
+	uuid, err := gpu.UUIDByPCI(m.o.NVML(), k.PCI)
+	if err != nil {
+		uuid = "PCI:" + k.PCI
+	}
+	o, ok := m.poolOfProcess(uuid, k.PID)
+	if !ok {
+		m.countXID(uuid, k.XID, tiedNone)
+		m.warn.Warn(xidForeign, "GPU XID of a process in no pool's scope: no pool acts", journal.XID, k.XID, journal.GPU, uuid,
+			journal.PID, k.PID, journal.Error, info.Meaning)
+		return
+	}
+	m.countXID(uuid, k.XID, tiedPool)
+	if info.Action != gpu.XIDRestart {
+		m.o.Log.Info(fmt.Sprintf("GPU XID %d on %s: %s; nothing to do", k.XID, uuid, info.Meaning),
+			journal.XID, k.XID, journal.GPU, uuid, journal.PoolID, o.id, journal.PID, k.PID)
+		return
+	}
+	o.pool.XID(uuid, k.XID)
+}
+
+// poolOfProcess is the pool on GPU uuid whose scope holds process pid,
+// told by the process's cgroup path from the root (read once); a process
+// that is gone, or pid 0 (none named), is in none.
+func (m *Manager) poolOfProcess(uuid string, pid int) (owner, bool) {
+	if pid <= 0 {
+		return owner{}, false
+	}
+	cg, err := gpu.CgroupOf(m.o.ProcRoot, pid)
+	if err != nil {
+		return owner{}, false
+	}
+	for _, o := range m.poolsOn(uuid) {
+		if scope := engine.ScopeCgroup(o.id); cg == scope || strings.HasPrefix(cg, scope+"/") {
+			return o, true
+		}
+	}
+	return owner{}, false
 }
 
 // gpuUnhealthy holds every pool on a GPU that needs a reset, is lost or

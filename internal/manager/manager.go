@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/llorch/pool-managerd/internal/config"
+	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/metrics"
 	"github.com/llorch/pool-managerd/internal/supervisor"
@@ -77,6 +78,9 @@ type Manager struct {
 	// changed wakes the status watcher after a reload, xidChanged the XID
 	// watcher.
 	changed, xidChanged chan struct{}
+	// warn writes the entries others can cause at will (XIDs of their
+	// processes), rate-limited.
+	warn *journal.Limiter
 }
 
 // entry is one configured pool as the manager runs it.
@@ -97,12 +101,14 @@ func New(pools ...Pool) *Manager {
 }
 
 func newManager(ctx context.Context, o Options) *Manager {
+	o = o.withDefaults()
 	return &Manager{
+		warn:       journal.NewLimiter(o.Log, journal.LimitBurst, journal.LimitWindow),
 		pools:      map[string]*entry{},
 		retiring:   map[string]*entry{},
 		unhealthy:  map[string]bool{},
 		ctx:        ctx,
-		o:          o.withDefaults(),
+		o:          o,
 		changed:    make(chan struct{}, 1),
 		xidChanged: make(chan struct{}, 1),
 	}

@@ -41,6 +41,9 @@ type Options struct {
 	// GPUResetTimeout how long the command may run. Zero: the defaults.
 	GPUFirstCheck, GPUCheckEvery  time.Duration
 	GPUResetWait, GPUResetTimeout time.Duration
+	// KernelLog is where the driver's XID lines are read ("/dev/kmsg"),
+	// ProcRoot where a process's cgroup is ("/proc").
+	KernelLog, ProcRoot string
 }
 
 func (o Options) withDefaults() Options {
@@ -49,6 +52,12 @@ func (o Options) withDefaults() Options {
 	}
 	if o.NVML == nil {
 		o.NVML = gpu.NewNVML
+	}
+	if o.KernelLog == "" {
+		o.KernelLog = "/dev/kmsg"
+	}
+	if o.ProcRoot == "" {
+		o.ProcRoot = "/proc"
 	}
 	for _, d := range []struct {
 		v   *time.Duration
