@@ -157,12 +157,12 @@ GPUResetCommand=`+dir+`/reset-gpu --gpu %g
 	require.Eventually(t, func() bool { return len(host.Stats().Registered) == 3 }, 10*time.Second, 20*time.Millisecond,
 		"the daemon watches its pools' GPUs")
 	assert.ElementsMatch(t, []string{host.GPU(0).UUID, host.GPU(1).UUID, host.GPU(2).UUID}, host.Stats().Registered)
-	// An XID an application restart clears (31, an MMU fault) restarts
-	// the pool on that GPU, and only it.
-	require.NoError(t, host.XID(0, 31, ^uint32(0), ^uint32(0)))
+	// A device-level XID a restart clears (94, a contained ECC error)
+	// restarts the pool on that GPU, and only it.
+	require.NoError(t, host.XID(0, 94, ^uint32(0), ^uint32(0)))
 	require.Eventually(t, func() bool { return prop("xida", "CrashCount") == "u 1" }, 10*time.Second, 50*time.Millisecond,
 		"the XID crashes pool xida's engine")
-	assert.Contains(t, prop("xida", "LastError"), "Xid 31")
+	assert.Contains(t, prop("xida", "LastError"), "Xid 94")
 	assert.Equal(t, "u 0", prop("xidb", "CrashCount"), "the other GPU's pool is untouched")
 	assert.Equal(t, "b true", prop("xidb", "Ready"))
 	assert.NotContains(t, logs.String(), "GPU XID event on a GPU no pool uses")

@@ -40,11 +40,12 @@ const Slice = "pool-managerd-engines.slice"
 func UnitName(pool string) string { return "pool-engine-" + unit.UnitNameEscape(pool) + ".scope" }
 
 // ScopeCgroup is the cgroup v2 path of a pool's scope as the system
-// manager makes it (Slice within its parents: pool.slice/pool-managerd.slice/...).
-// It is matched from the root: a user's own scope of the same name lives
-// under user.slice.
+// manager makes it: Slice within its parents
+// (pool.slice/pool-managerd.slice/...) below the manager's root. It is
+// matched whole: a user's own scope of the same name lives elsewhere
+// (under user.slice).
 func ScopeCgroup(pool string) string {
-	var path, prefix string
+	path, prefix := managerRoot(), ""
 	for _, part := range strings.Split(strings.TrimSuffix(Slice, ".slice"), "-") {
 		prefix += part
 		path += "/" + prefix + ".slice"
@@ -52,6 +53,26 @@ func ScopeCgroup(pool string) string {
 	}
 	return path + "/" + UnitName(pool)
 }
+
+// managerRoot is the system manager's root cgroup: where its own
+// init.scope is, as systemd finds it (cg_get_root_path); "" on a host,
+// deeper in a container that shares the host's cgroup namespace.
+var managerRoot = sync.OnceValue(func() string {
+	b, err := os.ReadFile("/proc/1/cgroup")
+	if err != nil {
+		return ""
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if p, ok := strings.CutPrefix(line, "0::"); ok {
+			root, _ := strings.CutSuffix(p, "/init.scope")
+			if root == p {
+				return "" // PID 1 is no systemd
+			}
+			return root
+		}
+	}
+	return ""
+})
 
 // Spec is one engine to run.
 type Spec struct {

@@ -174,10 +174,10 @@ func TestWatchXIDFollowsTheConfiguration(t *testing.T) {
 	go h.m.WatchXID(ctx)
 	require.Eventually(t, func() bool { return len(nv.Stats().Registered) == 2 }, 5*time.Second, 10*time.Millisecond)
 	assert.Equal(t, []string{nv.GPU(0).UUID, nv.GPU(1).UUID}, nv.Stats().Registered)
-	require.NoError(t, nv.XID(0, 31, ^uint32(0), ^uint32(0)))
+	require.NoError(t, nv.XID(0, 94, ^uint32(0), ^uint32(0)))
 	a := h.pool("a")
 	require.Eventually(t, func() bool { return len(a.gpuCalls()) == 1 }, 5*time.Second, 10*time.Millisecond)
-	assert.Equal(t, "xid 31 "+nv.GPU(0).UUID, a.gpuCalls()[0])
+	assert.Equal(t, "xid 94 "+nv.GPU(0).UUID, a.gpuCalls()[0])
 	assert.Empty(t, h.pool("b").gpuCalls())
 
 	h.writePools(map[string]string{"a": "2", "b": "1"})
@@ -186,8 +186,8 @@ func TestWatchXIDFollowsTheConfiguration(t *testing.T) {
 		r := nv.Stats().Registered
 		return len(r) == 2 && r[0] == nv.GPU(1).UUID && r[1] == nv.GPU(2).UUID
 	}, 5*time.Second, 10*time.Millisecond, "the reload's GPUs are watched")
-	require.NoError(t, nv.XID(2, 31, ^uint32(0), ^uint32(0)))
+	require.NoError(t, nv.XID(2, 94, ^uint32(0), ^uint32(0)))
 	na := h.pool("a")
 	require.Eventually(t, func() bool { return len(na.gpuCalls()) == 1 }, 5*time.Second, 10*time.Millisecond)
-	assert.Equal(t, "xid 31 "+nv.GPU(2).UUID, na.gpuCalls()[0])
+	assert.Equal(t, "xid 94 "+nv.GPU(2).UUID, na.gpuCalls()[0])
 }

@@ -110,14 +110,15 @@ func TestRouteXIDReachesTheOwningPoolsOnly(t *testing.T) {
 	m := h.open(nil, nil)
 	a, b, c := h.pool("a"), h.pool("b"), h.pool("c")
 
-	// 31 (an MMU fault): an application restart clears it.
-	m.RouteXID(gpuUUID[2], 31)
-	assert.Equal(t, []string{"xid 31 " + gpuUUID[2]}, b.gpuCalls(), "either GPU of a two-GPU pool")
+	// 94 (a contained ECC error): a restart clears it, and it concerns
+	// the device, so every pool on it restarts.
+	m.RouteXID(gpuUUID[2], 94)
+	assert.Equal(t, []string{"xid 94 " + gpuUUID[2]}, b.gpuCalls(), "either GPU of a two-GPU pool")
 	assert.Empty(t, a.gpuCalls())
 	assert.Empty(t, c.gpuCalls())
 	lower := strings.ToLower(gpuUUID[0])
-	m.RouteXID(lower, 31)
-	assert.Equal(t, []string{"xid 31 " + lower}, a.gpuCalls(), "UUIDs match in any case")
+	m.RouteXID(lower, 94)
+	assert.Equal(t, []string{"xid 94 " + lower}, a.gpuCalls(), "UUIDs match in any case")
 	assert.Len(t, b.gpuCalls(), 1)
 	assert.Empty(t, c.gpuCalls())
 
@@ -142,8 +143,8 @@ func TestRouteXIDReachesTheOwningPoolsOnly(t *testing.T) {
 	h.writePools(map[string]string{"a": "0", "b": "1", "c": "2 3"})
 	require.NoError(t, m.Apply(h.load()))
 	nb, nc := h.pool("b"), h.pool("c")
-	m.RouteXID(gpuUUID[2], 31)
-	assert.Equal(t, []string{"xid 31 " + gpuUUID[2]}, nc.gpuCalls(), "GPU 2 is c's now")
+	m.RouteXID(gpuUUID[2], 94)
+	assert.Equal(t, []string{"xid 94 " + gpuUUID[2]}, nc.gpuCalls(), "GPU 2 is c's now")
 	assert.Empty(t, nb.gpuCalls())
 	assert.Len(t, b.gpuCalls(), 1, "the old supervisors get nothing more")
 	assert.Len(t, c.gpuCalls(), 1)

@@ -3,6 +3,9 @@
 package manager_test
 
 import (
+	"fmt"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -12,10 +15,14 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/llorch/pool-managerd/internal/engine"
+	"github.com/llorch/pool-managerd/internal/gpu"
 	"github.com/llorch/pool-managerd/internal/gpu/nvmlmock"
+	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/manager"
 	"github.com/llorch/pool-managerd/internal/supervisor"
+	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 )
 
 const resetScript = "GPUResetCommand=$DIR/reset-gpu %g\n"
@@ -90,4 +97,117 @@ func TestXID61WarnsAnd159167169Reset(t *testing.T) {
 		require.Len(t, p.gpuCalls(), 1, "XID %d", x)
 		assert.True(t, strings.HasPrefix(p.gpuCalls()[0], "unhealthy "+uuid+": GPU "+uuid+" needs a reset"), p.gpuCalls()[0])
 	}
+}
+
+// inScope runs sleep in a transient scope named unit in slice, as
+// systemd makes a pool's (in pool-managerd-engines.slice), and returns
+// its pid and a stop that waits until the scope is gone.
+func inScope(t *testing.T, unit, slice string) (int, func()) {
+	t.Helper()
+	cmd := exec.Command("systemd-run", "--scope", "--quiet", "--unit="+unit, "--slice="+slice, "sleep", "300")
+	require.NoError(t, cmd.Start())
+	stop := func() {
+		exec.Command("systemctl", "stop", unit).Run()
+		cmd.Process.Kill()
+		cmd.Wait()
+	}
+	t.Cleanup(stop)
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", cmd.Process.Pid))
+		return strings.Contains(string(b), "/"+unit+"\n")
+	}, 10*time.Second, 10*time.Millisecond, "the process is in its scope")
+	return cmd.Process.Pid, stop
+}
+
+func kernelLine(t *testing.T, pci string, xid uint64, pid int) gpu.KernelXID {
+	t.Helper()
+	k, ok := gpu.ParseKernelXID(fmt.Sprintf("NVRM: Xid (PCI:%s): %d, pid=%d, name=sleep, Ch 00000008, intr 10000000", pci, xid, pid))
+	require.True(t, ok)
+	return k
+}
+
+// Anyone with a CUDA context on a pool's GPU can raise XID 31 (a
+// faulting kernel). It acts only on the pool whose scope holds the
+// process the kernel names: another user's process, one in a cgroup that
+// only looks like a pool's scope, or one that is gone restarts nothing
+// and is journaled and counted for the GPU; NVML's event, which names no
+// process, restarts nothing either.
+func TestAProcessTiedXIDActsOnlyOnThePoolOfItsProcess(t *testing.T) {
+	sandbox.Need(t)
+	h, nv := nvmlHost(t, "", map[string]string{"a": "0", "b": "1"}, nil)
+	a, b := h.pool("a"), h.pool("b")
+	uuid := nv.GPU(0).UUID
+	count := func(tied string) float64 {
+		return testutil.ToFloat64(h.opts.Metrics.GPUXIDs.WithLabelValues(uuid, "31", tied))
+	}
+
+	// NVML's event alone.
+	h.m.RouteXID(uuid, 31)
+	assert.Empty(t, a.gpuCalls())
+	assert.Empty(t, b.gpuCalls())
+	assert.Contains(t, h.logs.String(), "GPU XID 31 on "+uuid)
+
+	foreign := exec.Command("sleep", "300")
+	require.NoError(t, foreign.Start())
+	t.Cleanup(func() { foreign.Process.Kill(); foreign.Wait() })
+	h.m.RouteKernelXID(kernelLine(t, "0000:00:00", 31, foreign.Process.Pid))
+	// A scope of the pool's unit name in another slice, as a user's own
+	// manager would make one under user.slice.
+	forged, stop := inScope(t, "pool-engine-a.scope", "evil")
+	h.m.RouteKernelXID(kernelLine(t, "0000:00:00", 31, forged))
+	stop()
+	gone := exec.Command("true")
+	require.NoError(t, gone.Run())
+	h.m.RouteKernelXID(kernelLine(t, "0000:00:00", 31, gone.Process.Pid))
+	assert.Empty(t, a.gpuCalls(), "no pool's process")
+	assert.Empty(t, b.gpuCalls())
+	assert.Equal(t, 3.0, count("none"))
+	assert.Contains(t, h.logs.String(), fmt.Sprintf(`msg="GPU XID of a process in no pool's scope: no pool acts" XID=31 GPU=%s PID=%d`, uuid, foreign.Process.Pid))
+
+	engineA, _ := inScope(t, "pool-engine-a.scope", "pool-managerd-engines")
+	b2, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", engineA))
+	assert.Contains(t, string(b2), "0::"+engine.ScopeCgroup("a")+"\n", "systemd makes the scope where pool-managerd looks for it")
+	h.m.RouteKernelXID(kernelLine(t, "0000:00:00", 31, engineA))
+	assert.Equal(t, []string{"xid 31 " + uuid}, a.gpuCalls(), "a's engine faulted")
+	assert.Empty(t, b.gpuCalls())
+	assert.Equal(t, 1.0, count("pool"))
+
+	// a's process on a GPU a does not use ties it to no pool there.
+	h.m.RouteKernelXID(kernelLine(t, "0000:01:00", 31, engineA))
+	assert.Empty(t, b.gpuCalls())
+	assert.Len(t, a.gpuCalls(), 1)
+	assert.Equal(t, 1.0, testutil.ToFloat64(h.opts.Metrics.GPUXIDs.WithLabelValues(nv.GPU(1).UUID, "31", "none")))
+}
+
+// A device-level XID acts on the pools of its GPU from NVML's event,
+// whoever's work met it; the kernel's line of it acts on nothing more.
+func TestADeviceLevelXIDActsOnEveryPoolOfItsGPU(t *testing.T) {
+	h, nv := nvmlHost(t, "", map[string]string{"a": "0 1", "c": "2"}, nil)
+	a, c := h.pool("a"), h.pool("c")
+	uuid := nv.GPU(1).UUID
+	h.m.RouteKernelXID(kernelLine(t, "0000:01:00", 94, 1))
+	assert.Empty(t, a.gpuCalls(), "NVML's event carries it")
+	h.m.RouteXID(uuid, 94)
+	assert.Equal(t, []string{"xid 94 " + uuid}, a.gpuCalls(), "whoever's work met it")
+	assert.Empty(t, c.gpuCalls())
+	nv.SetHealth(1, nvmlmock.Health{RemapPending: true})
+	h.m.RouteXID(uuid, 48)
+	require.Len(t, a.gpuCalls(), 2)
+	assert.Contains(t, a.gpuCalls()[1], "unhealthy "+uuid)
+	assert.Empty(t, c.gpuCalls())
+	assert.Equal(t, 1.0, testutil.ToFloat64(h.opts.Metrics.GPUXIDs.WithLabelValues(uuid, "94", "device")))
+	assert.Equal(t, 1.0, testutil.ToFloat64(h.opts.Metrics.GPUXIDs.WithLabelValues(uuid, "48", "device")))
+}
+
+// A flood of XIDs from another user's process is counted in full and
+// journaled within the rate limit.
+func TestForeignXIDsAreRateLimitedInTheJournal(t *testing.T) {
+	h, nv := nvmlHost(t, "", map[string]string{"a": "0"}, nil)
+	uuid := nv.GPU(0).UUID
+	for range 200 {
+		h.m.RouteKernelXID(kernelLine(t, "0000:00:00", 13, 0))
+	}
+	assert.Empty(t, h.pool("a").gpuCalls())
+	assert.Equal(t, 200.0, testutil.ToFloat64(h.opts.Metrics.GPUXIDs.WithLabelValues(uuid, "13", "none")))
+	assert.Equal(t, journal.LimitBurst, strings.Count(h.logs.String(), "GPU XID of a process in no pool's scope"))
 }
