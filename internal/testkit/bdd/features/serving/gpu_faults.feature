@@ -5,12 +5,12 @@ Feature: GPU faults and leftover processes
   a reset or is lost, when no restart loop may run against it. An engine
   starts only on GPUs no other process holds.
 
-  Scenario: An XID an application restart clears restarts only its pool
+  Scenario: A device-level XID a restart clears restarts only the pool on that GPU
     Given a pool "a" running the engine simulator on GPU 0
     And a pool "b" running the engine simulator on GPU 1
     And pool "a" is ready
     And pool "b" is ready
-    When NVML reports XID 31 on GPU 0
+    When NVML reports XID 94 on GPU 0
     Then the supervisor detects a crash of "a" with reason "driver_xid"
     And the pool "a" is ready again on a new engine process
     And pool "b" stays ready on the same engine process for 1 second
