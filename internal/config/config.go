@@ -5,6 +5,7 @@
 package config
 
 import (
+	"cmp"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -28,6 +29,9 @@ const (
 
 // Config is a whole, valid configuration.
 type Config struct {
+	// Dir is the configuration directory it was loaded from ("" when
+	// loaded from a list of files): where persistent drop-ins go.
+	Dir     string
 	Manager Manager
 	// Pools are sorted by id.
 	Pools []*Pool
@@ -83,6 +87,8 @@ type StaticDevice struct {
 type Pool struct {
 	ID   string
 	File string
+	// DropIns are the drop-ins applied after File, in the order applied.
+	DropIns []string
 
 	Description string
 	// Devices are the Devices= entries as written: NVML indices, GPU UUIDs
@@ -204,8 +210,16 @@ func defaultPool(id, file string) *Pool {
 
 // Load reads DIR/pool-managerd.conf (optional), then its drop-ins
 // DIR/pool-managerd.conf.d/*.conf in name order (later ones override, as
-// with systemd's), and DIR/pools.d/*.pool.
+// with systemd's), and DIR/pools.d/*.pool, each with its drop-ins (see
+// PoolDropIns) from DIR/pools.d and RuntimeDir/pools.d.
 func Load(dir string) (*Config, error) {
+	return LoadRuntime(dir, "")
+}
+
+// LoadRuntime is Load with the runtime drop-ins read from beneath
+// runtimeDir, the running daemon's RuntimeDir= ("": the one the manager
+// file names).
+func LoadRuntime(dir, runtimeDir string) (*Config, error) {
 	pools, err := filepath.Glob(filepath.Join(dir, PoolsDir, "*"+PoolSuffix))
 	if err != nil {
 		return nil, err
@@ -225,7 +239,9 @@ func Load(dir string) (*Config, error) {
 			errs = append(errs, e)
 		}
 	}
-	c, err := LoadFiles(mgr, pools)
+	c, err := loadFiles(mgr, pools, func(m *Manager) []string {
+		return []string{filepath.Join(dir, PoolsDir), filepath.Join(cmp.Or(runtimeDir, m.RuntimeDir), PoolsDir)}
+	})
 	if len(errs) > 0 {
 		if fe, ok := err.(Errors); ok {
 			errs = append(errs, fe...)
@@ -234,12 +250,22 @@ func Load(dir string) (*Config, error) {
 		}
 		return nil, errs
 	}
+	if c != nil {
+		c.Dir = dir
+	}
 	return c, err
 }
 
 // LoadFiles reads the given manager files in order (none: defaults) and
-// pool files. A file that others than root may write is refused.
+// pool files, without drop-ins. A file that others than root may write is
+// refused.
 func LoadFiles(managerFiles []string, poolFiles []string) (*Config, error) {
+	return loadFiles(managerFiles, poolFiles, nil)
+}
+
+// loadFiles is LoadFiles with each pool's drop-ins read from beneath the
+// directories dropInDirs returns for the manager settings read.
+func loadFiles(managerFiles []string, poolFiles []string, dropInDirs func(*Manager) []string) (*Config, error) {
 	var errs Errors
 	c := &Config{Manager: DefaultManager()}
 	for _, f := range managerFiles {
@@ -250,6 +276,10 @@ func LoadFiles(managerFiles []string, poolFiles []string) (*Config, error) {
 		} else {
 			errs = append(errs, parseManager(f, data, &c.Manager)...)
 		}
+	}
+	var bases []string
+	if dropInDirs != nil {
+		bases = dropInDirs(&c.Manager)
 	}
 	seen := map[string]string{}
 	for _, f := range poolFiles {
@@ -264,7 +294,9 @@ func LoadFiles(managerFiles []string, poolFiles []string) (*Config, error) {
 			errs = append(errs, &Error{File: f, Msg: err.Error()})
 			continue
 		}
-		p, perrs := ParsePool(f, data)
+		dis, derrs := readDropIns(id, bases)
+		errs = append(errs, derrs...)
+		p, perrs := parsePool(f, data, dis)
 		errs = append(errs, perrs...)
 		if p != nil {
 			c.Pools = append(c.Pools, p)

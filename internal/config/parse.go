@@ -18,9 +18,11 @@ import (
 	"github.com/llorch/pool-managerd/internal/crash"
 )
 
-// option is one Key=value with where it stands.
+// option is one Key=value with where it stands: its file (a pool file or
+// one of its drop-ins) and line.
 type option struct {
 	section, key, value string
+	file                string
 	line                int
 }
 
@@ -39,7 +41,7 @@ func readUnit(file string, data []byte) ([]option, Errors) {
 	}
 	out := make([]option, len(opts))
 	for i, o := range opts {
-		out[i] = option{section: o.Section, key: o.Name, value: cleanValue(o.Value)}
+		out[i] = option{section: o.Section, key: o.Name, value: cleanValue(o.Value), file: file}
 		if len(lines) == len(opts) {
 			out[i].line = lines[i]
 		}
@@ -106,7 +108,11 @@ type decoder struct {
 }
 
 func (d *decoder) fail(format string, a ...any) {
-	d.errs = append(d.errs, &Error{File: d.file, Line: d.opt.line, Section: d.opt.section, Key: d.opt.key, Msg: fmt.Sprintf(format, a...)})
+	file := d.opt.file
+	if file == "" {
+		file = d.file
+	}
+	d.errs = append(d.errs, &Error{File: file, Line: d.opt.line, Section: d.opt.section, Key: d.opt.key, Msg: fmt.Sprintf(format, a...)})
 }
 
 func (d *decoder) failed(section, key string) bool {
@@ -265,6 +271,20 @@ func setCommand(p *[]string) keyFunc {
 // ParsePool parses one pool file; the id is the file name's stem. It
 // returns every problem found; the pool is nil when there was any.
 func ParsePool(file string, data []byte) (*Pool, Errors) {
+	return parsePool(file, data, nil)
+}
+
+// DropIn is one drop-in of a pool file: its path and contents.
+type DropIn struct {
+	File string
+	Data []byte
+}
+
+// parsePool parses a pool file and then its drop-ins, in order, as if
+// each drop-in's lines followed the file's: a later value replaces an
+// earlier one, and list keys add to it (an empty value clears), as with
+// systemd's. Errors name the file that holds the line.
+func parsePool(file string, data []byte, dropIns []DropIn) (*Pool, Errors) {
 	id := strings.TrimSuffix(filepath.Base(file), PoolSuffix)
 	d := &decoder{file: file}
 	if !ValidPoolID(id) {
@@ -275,7 +295,15 @@ func ParsePool(file string, data []byte) (*Pool, Errors) {
 	if opts == nil && len(errs) > 0 {
 		return nil, d.errs
 	}
+	for _, di := range dropIns {
+		more, errs := readUnit(di.File, di.Data)
+		d.errs = append(d.errs, errs...)
+		opts = append(opts, more...)
+	}
 	p := defaultPool(id, file)
+	for _, di := range dropIns {
+		p.DropIns = append(p.DropIns, di.File)
+	}
 	r := &p.Restart
 	mult := &r.Backoff.Multiplier
 	multDefault := true

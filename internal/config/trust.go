@@ -26,16 +26,19 @@ func untrusted(fi os.FileInfo) string {
 	if !ok {
 		return ""
 	}
-	mode := fi.Mode().Perm()
-	if trustedOwner(st.Uid) && mode&0o022 == 0 {
+	return untrustedOwner(st.Uid, fi.Mode().Perm(), fi.IsDir())
+}
+
+func untrustedOwner(uid uint32, mode os.FileMode, dir bool) string {
+	if trustedOwner(uid) && mode&0o022 == 0 {
 		return ""
 	}
-	owner := fmt.Sprint(st.Uid)
+	owner := fmt.Sprint(uid)
 	if u, err := user.LookupId(owner); err == nil {
 		owner = u.Username
 	}
 	what := "file"
-	if fi.IsDir() {
+	if dir {
 		what = "directory"
 	}
 	return fmt.Sprintf("%s is writable by others than root (owner %s, mode %04o): refused, since whoever can write it chooses what root runs; "+
