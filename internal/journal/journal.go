@@ -50,6 +50,10 @@ const (
 	Property  = "PROPERTY"
 	// Unit is a systemd unit (an engine's scope).
 	Unit = "UNIT"
+	// DropIn is a drop-in file the daemon wrote or removed.
+	DropIn = "DROP_IN"
+	// Setting is a manager setting (Section/Key) a reload could not apply.
+	Setting = "SETTING"
 	// Drains, reloads and starts.
 	Outcome        = "OUTCOME"
 	RevokedLeases  = "REVOKED_LEASES"

@@ -3,7 +3,6 @@ package manager_test
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -149,8 +148,12 @@ func (f *fakePool) Drain(context.Context, time.Duration) (lifecycle.DrainResult,
 	return lifecycle.DrainResult{Outcome: lifecycle.Drained}, nil
 }
 
-func (f *fakePool) Reload(context.Context, string, time.Duration) (string, error) {
-	return "", errors.New("fake: no reload")
+func (f *fakePool) Reload(_ context.Context, ref string, _ time.Duration) (string, error) {
+	f.record("reload " + ref)
+	if ref == "fail.gguf" {
+		return "", fmt.Errorf("fake: reload of %s failed: %w", ref, lifecycle.ErrReloadFailed)
+	}
+	return ref, nil
 }
 
 func (f *fakePool) ResetBreaker()                       {}

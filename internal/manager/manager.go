@@ -73,8 +73,9 @@ type Manager struct {
 	ctx context.Context
 	o   Options
 	pub Publisher
-	// applying serializes reloads.
-	applying sync.Mutex
+	// applying serializes reloads; reloads serializes ReloadConfig's read
+	// and apply, files the drop-ins written.
+	applying, reloads, files sync.Mutex
 	// changed wakes the status watcher after a reload, xidChanged the XID
 	// watcher.
 	changed, xidChanged chan struct{}
@@ -195,40 +196,48 @@ func (m *Manager) ReleaseOwner(owner string) int {
 	return n
 }
 
-// Drain drains a pool (see supervisor.Drain).
+// Drain drains a pool (see supervisor.Drain), which then stays stopped
+// across a daemon restart, until Start.
 func (m *Manager) Drain(ctx context.Context, pool string, deadline time.Duration) (lifecycle.DrainResult, error) {
 	p, err := m.Pool(pool)
 	if err != nil {
 		return lifecycle.DrainResult{}, err
 	}
-	return p.Drain(ctx, deadline)
-}
-
-// Reload swaps a pool's model (see supervisor.Reload).
-func (m *Manager) Reload(ctx context.Context, pool, ref string, drainDeadline time.Duration) (string, error) {
-	p, err := m.Pool(pool)
-	if err != nil {
-		return "", err
+	res, err := p.Drain(ctx, deadline)
+	if err == nil {
+		m.markStopped(pool)
 	}
-	return p.Reload(ctx, ref, drainDeadline)
+	return res, err
 }
 
-// Start starts a stopped pool.
+// Reload swaps a pool's model and keeps it for the next start (see
+// ReloadModel).
+func (m *Manager) Reload(ctx context.Context, pool, ref string, drainDeadline time.Duration) (string, error) {
+	return m.ReloadModel(ctx, pool, ref, drainDeadline, false)
+}
+
+// Start starts a stopped pool, and forgets that the operator stopped it.
 func (m *Manager) Start(pool string) error {
 	p, err := m.Pool(pool)
 	if err != nil {
 		return err
 	}
+	m.clearStopped(pool)
 	return p.Start()
 }
 
-// Stop is a drain with deadline 0.
+// Stop is a drain with deadline 0; the pool stays stopped across a
+// daemon restart or upgrade (not a reboot), until Start.
 func (m *Manager) Stop(ctx context.Context, pool string) error {
 	p, err := m.Pool(pool)
 	if err != nil {
 		return err
 	}
-	return p.Stop(ctx)
+	err = p.Stop(ctx)
+	if err == nil {
+		m.markStopped(pool)
+	}
+	return err
 }
 
 // ResetBreaker closes a pool's circuit breakers.

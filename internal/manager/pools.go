@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"reflect"
 	"time"
 
 	"github.com/llorch/pool-managerd/internal/config"
@@ -165,7 +164,14 @@ func (m *Manager) Adopt(ctx context.Context, keep func(owner string) bool) {
 		if err != nil {
 			m.o.Log.Error("cannot adopt the pool's engine", journal.PoolID, id, journal.Error, err.Error())
 		}
-		if !adopted && e.cfg.AutoStart {
+		switch {
+		case adopted:
+			// It runs: whatever a mark says, the operator's last word
+			// was a start.
+			m.clearStopped(id)
+		case m.stoppedByOperator(id):
+			m.o.Log.Info("pool stopped by the operator stays stopped until started", journal.PoolID, id)
+		case e.cfg.AutoStart:
 			go m.start(e)
 		}
 	}
@@ -190,16 +196,28 @@ func (m *Manager) Close() {
 
 // Apply makes cfg the running configuration (a reload): added pools
 // start, removed pools are drained and stopped, changed pools are drained
-// and started again on their new configuration, unchanged ones run on. A
-// configuration it cannot apply changes nothing: changed [Manager] or
-// [Inventory] settings (they take effect on a restart of the daemon), or
-// a pool that cannot be set up. It is for a manager made by Open.
+// and started again on their new configuration (unless the operator
+// stopped them), unchanged ones run on. [Manager] and [Inventory]
+// settings take effect on a restart of the daemon: the running ones stay
+// (cfg's are replaced by them) and each one that changed is journaled. A
+// pool that cannot be set up refuses the whole configuration: nothing
+// changes. It is for a manager made by Open.
 func (m *Manager) Apply(cfg *config.Config) error {
+	_, err := m.apply(cfg)
+	return err
+}
+
+// apply is Apply; it returns the warnings for the settings that wait for
+// the next daemon restart.
+func (m *Manager) apply(cfg *config.Config) ([]string, error) {
 	m.applying.Lock()
 	defer m.applying.Unlock()
-	if !reflect.DeepEqual(cfg.Manager, m.Config().Manager) {
-		return fmt.Errorf("%s changed: [Manager] and [Inventory] settings take effect on a restart of the daemon", config.ManagerFile)
+	var warnings []string
+	for _, s := range restartOnly(m.Config().Manager, cfg.Manager) {
+		warnings = append(warnings, s+"= changed: takes effect at the next daemon restart")
+		m.o.Log.Warn("manager setting changed: takes effect at the next daemon restart", journal.Setting, s)
 	}
+	cfg.Manager = m.Config().Manager
 	// Building the new pools adds their models; what is allowed in the
 	// end is the running configuration's (the new one, unless refused).
 	defer func() { m.o.Stager.SetPoolModels(poolModels(m.Config())) }()
@@ -217,7 +235,7 @@ func (m *Manager) Apply(cfg *config.Config) error {
 	// (an unknown GPU) refuses the whole reload.
 	fresh := map[string]*entry{}
 	for id, p := range next {
-		if old, ok := running[id]; ok && reflect.DeepEqual(old.cfg, p) {
+		if old, ok := running[id]; ok && samePool(old.cfg, p) {
 			continue
 		}
 		e, err := m.newPool(p)
@@ -225,7 +243,7 @@ func (m *Manager) Apply(cfg *config.Config) error {
 			for _, f := range fresh {
 				f.cancel()
 			}
-			return err
+			return nil, err
 		}
 		fresh[id] = e
 	}
@@ -248,6 +266,7 @@ func (m *Manager) Apply(cfg *config.Config) error {
 		m.mu.Lock()
 		delete(m.retiring, id)
 		m.mu.Unlock()
+		m.clearStopped(id)
 		removed++
 	}
 	for id, e := range fresh {
@@ -265,11 +284,18 @@ func (m *Manager) Apply(cfg *config.Config) error {
 				m.o.Log.Error("cannot publish the pool", journal.PoolID, id, journal.Error, err.Error())
 			}
 		}
-		if e.cfg.AutoStart {
+		if e.cfg.AutoStart && !m.stoppedByOperator(id) {
 			go m.start(e)
 		}
 	}
 	m.mu.Lock()
+	// A pool that runs on keeps its supervisor with what else changed
+	// (AutoStart=, its drop-ins).
+	for id, p := range next {
+		if e, ok := m.pools[id]; ok && fresh[id] == nil && e.cfg != p {
+			m.pools[id] = &entry{cfg: p, pool: e.pool, cancel: e.cancel}
+		}
+	}
 	m.cfg = cfg
 	m.mu.Unlock()
 	for _, c := range []chan struct{}{m.changed, m.xidChanged} {
@@ -280,7 +306,7 @@ func (m *Manager) Apply(cfg *config.Config) error {
 	}
 	m.o.Log.Info(fmt.Sprintf("configuration reloaded: %d pool(s) added, %d removed, %d changed", added, removed, changed))
 	m.Prune()
-	return nil
+	return warnings, nil
 }
 
 // drain drains a removed or replaced pool and ends its loop.

@@ -73,25 +73,6 @@ func TestApplyReconcilesPools(t *testing.T) {
 	assert.Contains(t, h.logs.String(), "configuration reloaded: 0 pool(s) added, 0 removed, 0 changed")
 }
 
-// A configuration with changed [Manager] settings is refused whole: they
-// take effect on a restart only.
-func TestApplyRefusesChangedManagerSettings(t *testing.T) {
-	h := newHost(t, static, map[string]string{"a": "0", "b": "1"})
-	m := h.open(nil, nil)
-	before := m.Config()
-	a := h.pool("a")
-	h.writePools(map[string]string{"a": "0", "b": "1", "c": "2"})
-	require.NoError(t, os.WriteFile(filepath.Join(h.dir, "pool-managerd.conf"), []byte(staticConf(h.dir, "GPUResetCommand=/bin/true\n")), 0o644))
-	err := m.Apply(h.load())
-	require.Error(t, err)
-	assert.Contains(t, err.Error(), "pool-managerd.conf changed")
-	assert.Len(t, h.Built(), 2, "no pool built")
-	assert.Equal(t, []string{"a", "b"}, m.IDs())
-	assert.Same(t, before, m.Config())
-	assert.Empty(t, a.Calls())
-	assert.Empty(t, h.pub.Calls())
-}
-
 // Engines a previous daemon left are adopted; a pool with none starts if
 // it starts on its own.
 func TestAdoptStartsWhatIsNotAdopted(t *testing.T) {
