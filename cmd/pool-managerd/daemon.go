@@ -138,6 +138,7 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 		return 1
 	}
 	mgr.SetPublisher(srv)
+	srv.OnReload(reloading(mgr))
 	sddaemon.SdNotify(false, sddaemon.SdNotifyReady+"\nSTATUS="+mgr.Status())
 	go set.Export(ctx, reg, cfg.Manager.MetricsTextfile, cfg.Manager.MetricsInterval, cfg.Manager.MetricsListen, log)
 	go mgr.KeepStatus(ctx, func(st string) { sddaemon.SdNotify(false, "STATUS="+st) })
@@ -154,7 +155,7 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 	for {
 		select {
 		case <-hup:
-			reload(dir, mgr, log)
+			reload(mgr, log)
 		case <-ctx.Done():
 			sddaemon.SdNotify(false, sddaemon.SdNotifyStopping)
 			mgr.Close()
@@ -164,18 +165,23 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 	}
 }
 
-// reload re-reads the configuration (SIGHUP, systemctl reload) and applies
-// it; a bad configuration changes nothing.
-func reload(dir string, mgr *manager.Manager, log *slog.Logger) {
-	var ts unix.Timespec
-	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
-	sddaemon.SdNotify(false, fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d", ts.Nano()/1000))
-	defer func() { sddaemon.SdNotify(false, sddaemon.SdNotifyReady+"\nSTATUS="+mgr.Status()) }()
-	cfg, err := config.Load(dir)
-	if err == nil {
-		err = mgr.Apply(cfg)
+// reload re-reads the configuration on SIGHUP and applies it, as the
+// bus's ReloadConfig does (what systemctl reload runs): a bad
+// configuration changes nothing; the manager journals the outcome.
+func reload(mgr *manager.Manager, log *slog.Logger) {
+	defer reloading(mgr)()()
+	if warnings, err := mgr.ReloadConfig(); err == nil {
+		log.Info(fmt.Sprintf("configuration reloaded on SIGHUP with %d warning(s)", len(warnings)))
 	}
-	if err != nil {
-		log.Error("configuration reload refused, the running configuration stays", journal.Error, err.Error())
+}
+
+// reloading tells systemd that a configuration reload began; what it
+// returns tells it that it ended.
+func reloading(mgr *manager.Manager) func() func() {
+	return func() func() {
+		var ts unix.Timespec
+		unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+		sddaemon.SdNotify(false, fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d", ts.Nano()/1000))
+		return func() { sddaemon.SdNotify(false, sddaemon.SdNotifyReady+"\nSTATUS="+mgr.Status()) }
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -31,6 +32,27 @@ func TestCheckConfigBad(t *testing.T) {
 	assert.Empty(t, out.String())
 	assert.Contains(t, errb.String(), "1 configuration error(s)")
 	assert.Contains(t, errb.String(), filepath.Join(dir, "pools.d", "bad.pool")+":6: [Engine] Port=: 99999 is out of range [1, 65535]")
+}
+
+// --check-config shows the drop-ins it applied, in order, like systemctl
+// cat, and the values they set.
+func TestCheckConfigShowsDropIns(t *testing.T) {
+	dir, rdir := t.TempDir(), t.TempDir()
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "pools.d", "p.pool.d"), 0o755))
+	require.NoError(t, os.MkdirAll(filepath.Join(rdir, "pools.d", "p.pool.d"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte("[Manager]\nRuntimeDir="+rdir+"\n"), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "p.pool"),
+		[]byte("[Pool]\nDevices=0\nModel=/m/a.gguf\n[Engine]\nExecStart=/bin/engine\nPort=9000\n"), 0o644))
+	etc := filepath.Join(dir, "pools.d", "p.pool.d", "50-Model.conf")
+	rt := filepath.Join(rdir, "pools.d", "p.pool.d", "60-slots.conf")
+	require.NoError(t, os.WriteFile(etc, []byte("[Pool]\nModel=/m/b.gguf\n"), 0o644))
+	require.NoError(t, os.WriteFile(rt, []byte("[Pool]\nSlots=7\n"), 0o644))
+	var out, errb bytes.Buffer
+	rc := run([]string{"--config-dir", dir, "--check-config"}, &out, &errb)
+	require.Equal(t, exitOK, rc, errb.String())
+	assert.Regexp(t, `(?m)^  drop-in +`+regexp.QuoteMeta(etc)+`\n  drop-in +`+regexp.QuoteMeta(rt)+`$`, out.String())
+	assert.Contains(t, out.String(), "/m/b.gguf")
+	assert.Regexp(t, `slots +7`, out.String())
 }
 
 func TestPrintSchedule(t *testing.T) {

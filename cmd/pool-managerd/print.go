@@ -47,6 +47,10 @@ func printPool(w io.Writer, p *config.Pool, modelsDir string) {
 	tw := tabwriter.NewWriter(w, 0, 0, 1, ' ', 0)
 	fmt.Fprintf(tw, "\npool %s\t(%s)\n", p.ID, p.File)
 	row := func(k, format string, a ...any) { fmt.Fprintf(tw, "  %s\t"+format+"\n", append([]any{k}, a...)...) }
+	// Like systemctl cat: what was read after the pool file, in order.
+	for _, d := range p.DropIns {
+		row("drop-in", "%s", d)
+	}
 	if p.Description != "" {
 		row("description", "%s", p.Description)
 	}

@@ -330,6 +330,10 @@ func TestUnprivilegedCallersMayOnlyRead(t *testing.T) {
 		{"ReleaseLease", "s", "llama-8b/00"},
 		{"ResetBreaker", "s", "llama-8b"},
 		{"AllowRestart", "s", "llama-8b"},
+		{"ReloadEx", "ssta{sv}", "llama-8b", "b.gguf", "1000", "0"},
+		{"ReloadConfig"},
+		{"Enable", "sb", "llama-8b", "false"},
+		{"Disable", "sb", "llama-8b", "true"},
 	} {
 		out, err := nobody(args...)
 		assert.Error(t, err, "%v", args)

@@ -46,6 +46,17 @@ type Server struct {
 	hooks   hooks
 	// warn writes the warnings other bus users cause, rate-limited.
 	warn *journal.Limiter
+	// notify tells systemd a configuration reload began; what it returns
+	// tells it the reload is over.
+	notify func() func()
+}
+
+// OnReload sets what tells systemd that a ReloadConfig began and ended
+// (RELOADING=1, then READY=1).
+func (s *Server) OnReload(notify func() (done func())) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.notify = notify
 }
 
 // hooks let a test hold a call at a point of its choosing; all are nil
@@ -564,6 +575,73 @@ func (m *managerObject) Reload(sender dbus.Sender, pool, ref string, deadlineMS 
 	}
 	model, err := m.s.mgr.Reload(m.s.ctx, pool, ref, time.Duration(deadlineMS)*time.Millisecond)
 	return safetext.Bound(model), toDBus(err)
+}
+
+// ReloadEx is Reload with options: runtime (b) keeps the model for the
+// boot only.
+func (m *managerObject) ReloadEx(sender dbus.Sender, pool, ref string, deadlineMS uint64, options map[string]dbus.Variant) (string, *dbus.Error) {
+	if err := m.check(sender, "ReloadEx", pool); err != nil {
+		return "", err
+	}
+	if err := checkRef(ref); err != nil {
+		return "", err
+	}
+	if err := checkDeadline(deadlineMS); err != nil {
+		return "", err
+	}
+	runtime := false
+	for k, v := range options {
+		switch k {
+		case "runtime":
+			b, ok := v.Value().(bool)
+			if !ok {
+				return "", invalid(fmt.Sprintf("option runtime: must be b (a boolean), not %s", v.Signature()))
+			}
+			runtime = b
+		default:
+			return "", invalid(fmt.Sprintf("unknown option %q (known: runtime)", safetext.Bound(k)))
+		}
+	}
+	model, err := m.s.mgr.ReloadModel(m.s.ctx, pool, ref, time.Duration(deadlineMS)*time.Millisecond, runtime)
+	return safetext.Bound(model), toDBus(err)
+}
+
+// ReloadConfig re-reads the configuration and answers once it is applied,
+// with the settings that wait for a daemon restart; a refused one is
+// InvalidArgument with the reasons. systemctl reload runs it.
+func (m *managerObject) ReloadConfig(sender dbus.Sender) ([]string, *dbus.Error) {
+	if err := m.s.authorize(sender, "ReloadConfig"); err != nil {
+		return nil, err
+	}
+	m.s.mu.Lock()
+	notify := m.s.notify
+	m.s.mu.Unlock()
+	if notify != nil {
+		defer notify()()
+	}
+	warnings, err := m.s.mgr.ReloadConfig()
+	if err != nil {
+		return nil, toDBus(err)
+	}
+	out := []string{}
+	for _, w := range warnings {
+		out = append(out, safetext.Bound(w))
+	}
+	return out, nil
+}
+
+func (m *managerObject) Enable(sender dbus.Sender, pool string, runtime bool) *dbus.Error {
+	if err := m.check(sender, "Enable", pool); err != nil {
+		return err
+	}
+	return toDBus(m.s.mgr.SetAutoStart(pool, true, runtime))
+}
+
+func (m *managerObject) Disable(sender dbus.Sender, pool string, runtime bool) *dbus.Error {
+	if err := m.check(sender, "Disable", pool); err != nil {
+		return err
+	}
+	return toDBus(m.s.mgr.SetAutoStart(pool, false, runtime))
 }
 
 func (m *managerObject) Start(sender dbus.Sender, pool string) *dbus.Error {

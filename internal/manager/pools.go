@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/llorch/pool-managerd/internal/config"
@@ -100,6 +101,9 @@ func Open(ctx context.Context, cfg *config.Config, o Options) (*Manager, error) 
 			return nil, err
 		}
 		m.pools[p.ID] = e
+		if len(p.DropIns) > 0 {
+			m.o.Log.Info("pool configured with drop-ins", journal.PoolID, p.ID, journal.DropIn, strings.Join(p.DropIns, " "))
+		}
 	}
 	return m, nil
 }
