@@ -462,12 +462,29 @@ func TestConfigurationReload(t *testing.T) {
 	// A bad configuration changes nothing and says why.
 	bad := filepath.Join(dir, "pools.d", "bad.pool")
 	require.NoError(t, os.WriteFile(bad, []byte("[Pool]\nDevices=1\nModel=b.gguf\nColour=blue\n"), 0o644))
-	sh(t, "systemctl", "reload", "pool-managerd.service")
+	// systemctl reload fails, and the reason is in the journal.
+	out, err := try("systemctl", "reload", "pool-managerd.service")
+	require.Error(t, err, out)
 	require.Eventually(t, func() bool { return strings.Contains(journal(), "configuration reload refused") }, 10*time.Second, 50*time.Millisecond)
 	assert.Contains(t, journal(), "bad.pool:4: [Pool] Colour=: unknown key in [Pool]")
+	// The bus call says why, as an invalid argument.
+	out, err = call("ReloadConfig")
+	require.Error(t, err)
+	assert.Contains(t, out, "bad.pool:4: [Pool] Colour=: unknown key in [Pool]")
+	assert.Contains(t, out, "the running configuration stays")
+	client, err := dbus.ConnectSystemBus()
+	require.NoError(t, err)
+	defer client.Close()
+	var dbusErr dbus.Error
+	require.ErrorAs(t, client.Object(bus.Name, mgr).Call(bus.ManagerIface+".ReloadConfig", 0).Err, &dbusErr)
+	assert.Equal(t, api.ErrInvalidArgument, dbusErr.Name)
+	// SIGHUP still reloads, and journals the refusal.
+	sh(t, "systemctl", "kill", "--signal=HUP", "--kill-whom=main", "pool-managerd.service")
+	require.Eventually(t, func() bool { return strings.Count(journal(), "configuration reload refused") >= 3 }, 10*time.Second, 50*time.Millisecond)
+	assert.Equal(t, "b true", getProp(t, "llama-8b", "Ready"), "the old pools keep serving")
 	assert.Equal(t, "active", sh(t, "systemctl", "is-active", "pool-managerd.service"))
 	assert.Equal(t, pid, getProp(t, "llama-8b", "MainPID"))
-	out, err := call("ListPools")
+	out, err = call("ListPools")
 	require.NoError(t, err)
 	assert.NotContains(t, out, "bad")
 	require.NoError(t, os.Remove(bad))
@@ -482,13 +499,11 @@ func TestConfigurationReload(t *testing.T) {
 	second := strings.Replace(strings.Replace(string(src), "Devices=0", "Devices=1", 1), "Port=", fmt.Sprintf("Port=%d\n#", port2), 1)
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "second.pool"), []byte(second), 0o644))
 	require.NoError(t, os.Remove(filepath.Join(dir, "pools.d", "llama-8b.pool")))
-	// systemctl reload returns once the daemon has its SIGHUP (systemd 252
-	// does not wait for the READY=1 that ends a reload).
+	// systemctl reload answers once the configuration is applied.
 	sh(t, "systemctl", "reload", "pool-managerd.service")
-	require.Eventually(t, func() bool {
-		out, err = call("ListPools")
-		return err == nil && out == `a(so) 1 "second" "/org/llorch/PoolManager1/pool/second"`
-	}, 30*time.Second, 50*time.Millisecond, out)
+	out, err = call("ListPools")
+	require.NoError(t, err)
+	assert.Equal(t, `a(so) 1 "second" "/org/llorch/PoolManager1/pool/second"`, out)
 	require.Eventually(t, func() bool {
 		out, err := try("busctl", "get-property", "org.llorch.PoolManager1", string(api.PoolPath("second")), "org.llorch.PoolManager1.Pool", "Ready")
 		return err == nil && out == "b true"
