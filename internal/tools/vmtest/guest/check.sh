@@ -300,6 +300,47 @@ c_adopt() {
 	want "embed CrashCount" "$(crashes embed)" "$c2"
 }
 
+c_reload_refused() {
+	local p1 out
+	p1=$(pv llama8b MainPID)
+	printf '[Pool]\nDevices=1\nModel=nomic-embed.gguf\nColour=blue\n' >/etc/pool-managerd/pools.d/broken.pool
+	if out=$(timeout 120 systemctl reload pool-managerd 2>&1); then
+		echo "MISMATCH: systemctl reload succeeded on a broken pool file: $out"
+		fails=$((fails + 1))
+	else
+		echo "ok: systemctl reload failed: $out"
+	fi
+	want_match "ReloadConfig names file and line" "$(mcall ReloadConfig 2>&1)" 'broken\.pool:4: \[Pool\] Colour=: unknown key'
+	want_match "the journal says why" "$(journalctl -u pool-managerd --no-pager -o cat -n 100)" 'broken\.pool:4'
+	want "llama8b still Ready" "$(pv llama8b Ready)" true
+	want "llama8b's engine the same" "$(pv llama8b MainPID)" "$p1"
+	want_match "ListPools (no broken pool)" "$(mcall ListPools)" '^a\(so\) 2 '
+	rm -f /etc/pool-managerd/pools.d/broken.pool
+	want_ok "systemctl reload of the fixed configuration" timeout 120 systemctl reload pool-managerd
+}
+
+c_stop_kept() {
+	want_ok "Stop" mcall Stop s llama8b
+	want_ok "systemctl restart pool-managerd" timeout 60 systemctl restart pool-managerd
+	wait_for 60 "pool-managerd active" '[ "$(systemctl is-active pool-managerd)" = active ]'
+	ready embed
+	sleep 3 # a start would be under way by now
+	want "llama8b State after the restart" "$(pv llama8b State)" stopped
+	want "no scope for llama8b" "$(systemctl is-active pool-engine-llama8b.scope)" inactive
+	want_ok "Start" mcall Start s llama8b
+	ready llama8b
+}
+
+c_disable() {
+	local d=/etc/pool-managerd/pools.d/llama8b.pool.d
+	want_ok "Disable llama8b" mcall Disable sb llama8b false
+	want_match "the AutoStart= drop-in" "$(cat $d/50-AutoStart.conf 2>&1)" '^AutoStart=no$'
+	want "its mode" "$(stat -c '%a %U' $d/50-AutoStart.conf 2>&1)" "644 root"
+	want_match "the reloaded model's drop-in" "$(cat $d/50-Model.conf 2>&1)" '^Model=llama-3-8b-q5\.gguf$'
+	want_match "--check-config lists the drop-ins" "$(pool-managerd --check-config 2>/dev/null)" "drop-in +$d/50-AutoStart\.conf"
+	want "Disable does not stop it" "$(pv llama8b Ready)" true
+}
+
 c_breaker() {
 	local c0
 	c0=$(crashes embed)
@@ -336,7 +377,10 @@ phase1() {
 	check "systemctl kill --signal=SIGKILL of the scope: a crash naming SIGKILL, restarted" c_kill
 	check "systemctl stop of the scope: stopped, no crash, no restart" c_stop
 	check "systemctl restart pool-managerd keeps the engines" c_adopt
+	check "systemctl reload of a broken pool file fails; the old configuration serves" c_reload_refused
+	check "Stop, then systemctl restart pool-managerd: still stopped" c_stop_kept
 	check "breaker opens after BreakerThreshold crashes" c_breaker
+	check "Disable: a drop-in in /etc, the pool runs on" c_disable
 	{
 		echo "llama_crashes=$(crashes llama8b)"
 		echo "embed_crashes=$(crashes embed)"
@@ -357,6 +401,19 @@ c_back() {
 	ready llama8b 120
 	want "llama8b CrashCount kept" "$(crashes llama8b)" "$llama_crashes"
 	want_ok "llama8b's own GPU only" test "$(curl -s --max-time 5 localhost:8081/sim/devices)" = '{"/dev/nvidia0":"ENXIO","/dev/nvidia1":"EPERM"}'
+}
+
+c_disabled_kept() {
+	wait_for 60 "pool-managerd active" '[ "$(systemctl is-active pool-managerd)" = active ]'
+	wait_for 60 "STATUS= set" '[ -n "$(systemctl show -p StatusText --value pool-managerd)" ]'
+	sleep 3 # a start would be under way by now
+	want "llama8b State (disabled)" "$(pv llama8b State)" stopped
+	want "no scope for llama8b" "$(systemctl is-active pool-engine-llama8b.scope)" inactive
+	want "llama8b Model (the reloaded one)" "$(pv llama8b Model)" llama-3-8b-q5.gguf
+	want_ok "Enable" mcall Enable sb llama8b false
+	want_ok "Start" mcall Start s llama8b
+	ready llama8b 120
+	want_match "the engine serves the reloaded model" "$(curl -s --max-time 5 localhost:8081/v1/models)" '"id":"llama-3-8b-q5.gguf"'
 }
 
 c_breaker_kept() {
@@ -420,6 +477,7 @@ c_purge() {
 
 phase2() {
 	info "boot 2 of the .$KIND: $(cat /proc/uptime | cut -d' ' -f1) s since the kernel started"
+	check "after a reboot: the disabled pool stays stopped; its reloaded model loads on Start" c_disabled_kept
 	check "after a reboot: the pools come back, counters kept" c_back
 	check "after a reboot: breaker state kept, ResetBreaker" c_breaker_kept
 	case $KIND in
