@@ -136,4 +136,13 @@ exec `+sim+` "$@"
 		p := strings.TrimPrefix(poolProperty("hard", "MainPID"), "u ")
 		return poolProperty("hard", "Ready") == "b true" && p != strconv.Itoa(pid) && p != "0"
 	}, 60*time.Second, 100*time.Millisecond, "the pool restarted:\n%s", journal())
+
+	// ProtectSystem=full leaves /etc read-only but for pools.d, where
+	// Disable keeps its drop-in; systemctl reload answers through the bus.
+	sh(t, "busctl", "call", "org.llorch.PoolManager1", "/org/llorch/PoolManager1", "org.llorch.PoolManager1.Manager", "Disable", "sb", "hard", "false")
+	b, err := os.ReadFile("/etc/pool-managerd/pools.d/hard.pool.d/50-AutoStart.conf")
+	require.NoError(t, err, journal())
+	assert.Contains(t, string(b), "AutoStart=no")
+	sh(t, "systemctl", "reload", "pool-managerd.service")
+	assert.Equal(t, "b true", poolProperty("hard", "Ready"), "Disable and a reload leave a running pool alone")
 }
