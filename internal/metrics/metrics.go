@@ -103,6 +103,11 @@ func New(reg prometheus.Registerer) *Set {
 		m.PoolState, m.ActiveLeases, m.PoolInfo, m.HealthCheckFailures, m.BuildInfo, m.GPUUnhealthy,
 		m.GPUXIDs, m.BusRejected)
 	m.BuildInfo.WithLabelValues(Version, runtime.Version()).Set(1)
+	// Zero from the start, so that the first refusal is an increase an
+	// alert can see.
+	for _, reason := range []string{"access_denied", "forged_signal"} {
+		m.BusRejected.WithLabelValues(reason)
+	}
 	return m
 }
 
