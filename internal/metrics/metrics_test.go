@@ -48,6 +48,7 @@ func TestFamilyNames(t *testing.T) {
 		"pool_managerd_circuit_breaker_state", "pool_managerd_restart_rate",
 		"pool_managerd_pool_ready", "pool_managerd_pool_live", "pool_managerd_pool_draining", "pool_managerd_active_leases",
 		"pool_managerd_pool_info", "pool_managerd_health_check_failures_total", "pool_managerd_build_info",
+		"pool_managerd_bus_rejected_total",
 	}, names, "opens and storms appear once they happen")
 	assert.Equal(t, 1.0, testutil.ToFloat64(m.EngineCrashes.WithLabelValues("p", "out_of_memory")))
 	assert.Equal(t, 6, testutil.CollectAndCount(m.BreakerState), "one state series per breaker class")
