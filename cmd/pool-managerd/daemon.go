@@ -27,6 +27,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/manager"
 	"github.com/llorch/pool-managerd/internal/metrics"
 	"github.com/llorch/pool-managerd/internal/model"
+	"github.com/llorch/pool-managerd/internal/users"
 	"github.com/llorch/pool-managerd/internal/witness"
 )
 
@@ -102,6 +103,8 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 	set := metrics.New(reg)
 	mgr, err := manager.Open(ctx, cfg, manager.Options{
 		Log: log, Metrics: set, Inventory: inv, Runtime: rt, NVML: newNVML,
+		Users: users.Open(filepath.Join(cfg.Manager.StateDir, users.File), cfg.Manager.CacheDir,
+			cfg.Manager.EngineUIDs.First, cfg.Manager.EngineUIDs.Last, config.EngineGroup),
 		Stager:        model.New(cfg.Manager.ModelsDir, filepath.Join(cfg.Manager.StateDir, "staged"), model.WithModelDirs(cfg.Manager.ModelDirs...)),
 		GPUFirstCheck: gpuFirstCheck, GPUCheckEvery: gpuCheckEvery,
 	})

@@ -67,13 +67,16 @@ func hostWarnings(c *config.Config, busDirs []string) []string {
 // plugins) owns the host.
 func rootUserWarning(p *config.Pool) string {
 	name := p.Engine.User
+	if name == "" {
+		return ""
+	}
 	if name != "root" {
 		if u, err := user.Lookup(name); err != nil || u.Uid != "0" {
 			return ""
 		}
 	}
 	return fmt.Sprintf("pool %s: User=%s runs the engine as root: a flaw in the engine or its model then owns the host; "+
-		"run it as an unprivileged user (the default is %s)", p.ID, name, config.DefaultUser)
+		"run it as an unprivileged user (without User=, a user of the pool's own)", p.ID, name)
 }
 
 func loopback(host string) bool {

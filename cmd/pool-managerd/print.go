@@ -16,6 +16,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/policy"
+	"github.com/llorch/pool-managerd/internal/users"
 )
 
 func printConfig(w io.Writer, c *config.Config) {
@@ -23,6 +24,7 @@ func printConfig(w io.Writer, c *config.Config) {
 	fmt.Fprintf(w, "manager: %s\n", cmp.Or(m.File, "(defaults)"))
 	fmt.Fprintf(w, "  state %s, runtime %s, cache %s, models %s\n", m.StateDir, m.RuntimeDir, m.CacheDir, m.ModelsDir)
 	fmt.Fprintf(w, "  metrics %s every %s, listen %s, admin group %s\n", cmp.Or(m.MetricsTextfile, "(off)"), m.MetricsInterval, cmp.Or(m.MetricsListen, "(off)"), m.AdminGroup)
+	fmt.Fprintf(w, "  engines' own users: uids %d-%d\n", m.EngineUIDs.First, m.EngineUIDs.Last)
 	fmt.Fprintf(w, "  inventory %s", m.Inventory.Backend)
 	for _, d := range m.Inventory.Devices {
 		fmt.Fprintf(w, ", %d=%s (%s)", d.Index, d.UUID, d.Node)
@@ -64,7 +66,11 @@ func printPool(w io.Writer, p *config.Pool, modelsDir string) {
 	}
 	row("autostart", "%t", p.AutoStart)
 	row("exec", "%s", strings.Join(exec, " "))
-	row("user", "%s", p.Engine.User)
+	if p.Engine.User != "" {
+		row("user", "%s (shared on purpose with the pools that name it)", p.Engine.User)
+	} else {
+		row("user", "its own (%s%s, a uid of EngineUIDs=, group %s besides)", users.NamePrefix, p.ID, config.EngineGroup)
+	}
 	if p.Engine.DeviceIDs == config.DeviceIDsIndex {
 		row("device ids", "NVML indices, CUDA_DEVICE_ORDER=PCI_BUS_ID")
 	}

@@ -23,9 +23,20 @@ const (
 	ManagerFile  = "pool-managerd.conf"
 	PoolsDir     = "pools.d"
 	PoolSuffix   = ".pool"
-	DefaultUser  = "pool-engine"
 	DefaultGroup = "pool-admin"
+	// EngineGroup is the group every engine is also in (sysusers makes
+	// it): a model shared with it is readable by every pool.
+	EngineGroup = "pool-engine"
 )
+
+// UIDRange is a closed range of uids, EngineUIDs=.
+type UIDRange struct{ First, Last uint32 }
+
+// DefaultEngineUIDs is where each pool's own user comes from: above the
+// 16-bit uids (regular users, systemd-homed, DynamicUser=) and below the
+// subordinate uids useradd hands out (100000 on) and systemd's container
+// ranges (524288 on).
+var DefaultEngineUIDs = UIDRange{First: 65536, Last: 99999}
 
 // Config is a whole, valid configuration.
 type Config struct {
@@ -53,7 +64,10 @@ type Manager struct {
 	MetricsInterval time.Duration
 	MetricsListen   string // empty: no listener
 	AdminGroup      string
-	Inventory       Inventory
+	// EngineUIDs is where the engines of pools without User= get a user of
+	// their own (uid and gid), one per pool.
+	EngineUIDs UIDRange
+	Inventory  Inventory
 }
 
 // Backend selects where the GPU inventory comes from.
@@ -120,9 +134,11 @@ const (
 // Engine is the [Engine] section. String fields keep their specifiers;
 // expand them with Pool.Specifiers once the model is staged.
 type Engine struct {
-	ExecStart      []string
-	Port           int // 0: none
-	HealthURL      string
+	ExecStart []string
+	Port      int // 0: none
+	HealthURL string
+	// User is the engine's user by name; empty: a user of the pool's own,
+	// allocated from EngineUIDs=.
 	User           string
 	DeviceIDs      DeviceIDs
 	Environment    []string // NAME=value
@@ -187,6 +203,7 @@ func DefaultManager() Manager {
 		MetricsTextfile: "/var/lib/prometheus/node-exporter/pool-managerd.prom",
 		MetricsInterval: 15 * time.Second,
 		AdminGroup:      DefaultGroup,
+		EngineUIDs:      DefaultEngineUIDs,
 		Inventory:       Inventory{Backend: BackendAuto},
 	}
 }
@@ -196,7 +213,7 @@ func defaultPool(id, file string) *Pool {
 		ID:        id,
 		File:      file,
 		AutoStart: true,
-		Engine:    Engine{User: DefaultUser, DeviceIDs: DeviceIDsUUID, StopTimeout: 30 * time.Second},
+		Engine:    Engine{DeviceIDs: DeviceIDsUUID, StopTimeout: 30 * time.Second},
 		Health: Health{
 			Interval:         5 * time.Second,
 			Timeout:          2 * time.Second,

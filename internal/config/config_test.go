@@ -94,7 +94,7 @@ func TestLoadExample(t *testing.T) {
 	assert.Equal(t, "/var/lib/models/llama-3-8b-q4.gguf", p.Model)
 	assert.Equal(t, uint32(4), p.Slots)
 	assert.Equal(t, 8081, p.Engine.Port)
-	assert.Equal(t, "pool-engine", p.Engine.User)
+	assert.Empty(t, p.Engine.User, "a user of the pool's own")
 	assert.Equal(t, []string{"LLAMA_ARG_CTX_SIZE=8192"}, p.Engine.Environment)
 	assert.Equal(t, 30*time.Second, p.Engine.StopTimeout)
 	assert.Equal(t, "b4567", p.Engine.Version)
@@ -126,7 +126,8 @@ func TestDefaults(t *testing.T) {
 	assert.Equal(t, DefaultManager(), c.Manager)
 	p := c.Pools[0]
 	assert.True(t, p.AutoStart)
-	assert.Equal(t, "pool-engine", p.Engine.User)
+	assert.Empty(t, p.Engine.User, "without User=, a user of the pool's own")
+	assert.Equal(t, UIDRange{First: 65536, Last: 99999}, c.Manager.EngineUIDs)
 	assert.Equal(t, "http://127.0.0.1:%p/health", p.Engine.HealthURL)
 	assert.Equal(t, time.Second, p.Restart.Backoff.Initial)
 	assert.Equal(t, 60*time.Second, p.Restart.Backoff.Max)
@@ -416,4 +417,40 @@ func TestManagerCacheDir(t *testing.T) {
 	assert.Equal(t, "/var/cache/pool-managerd", DefaultManager().CacheDir)
 	_, err = Load(writeDir(t, map[string]string{ManagerFile: "[Manager]\nCacheDir=cache\n"}))
 	assert.ErrorContains(t, err, `[Manager] CacheDir=: "cache" is not an absolute path`)
+}
+
+func TestManagerEngineUIDs(t *testing.T) {
+	c, err := Load(writeDir(t, map[string]string{ManagerFile: "[Manager]\nEngineUIDs=70000-70999\n"}))
+	require.NoError(t, err)
+	assert.Equal(t, UIDRange{First: 70000, Last: 70999}, c.Manager.EngineUIDs)
+	c, err = Load(writeDir(t, map[string]string{ManagerFile: "[Manager]\nEngineUIDs=60100-60100\n"}))
+	require.NoError(t, err)
+	assert.Equal(t, UIDRange{First: 60100, Last: 60100}, c.Manager.EngineUIDs, "one uid is a range")
+
+	for _, tt := range []struct{ value, want string }{
+		{"70000", `EngineUIDs=: "70000" is not FIRST-LAST (e.g. 65536-99999)`},
+		{"a-b", `EngineUIDs=: "a-b" is not FIRST-LAST of two uids`},
+		{"-5-10", `EngineUIDs=: "-5-10" is not FIRST-LAST of two uids`},
+		{"70000-4294967296", `is not FIRST-LAST of two uids`},
+		{"80000-70000", `EngineUIDs=: "80000-70000": the first uid 80000 is above the last 70000`},
+		{"0-100", `overlaps 0-999, root and the system users`},
+		{"900-2000", `overlaps 0-999, root and the system users`},
+		{"60000-62000", `overlaps 61184-65519, systemd's DynamicUser= range`},
+		{"65534-65534", `overlaps 65534-65535, nobody`},
+		{"99999-600000", `overlaps 524288-1879048191, systemd's container range`},
+		{"2000000000-2200000000", `overlaps 2147483648-4294967295`},
+		{"4294967295-4294967295", `overlaps 2147483648-4294967295`},
+	} {
+		_, err := Load(writeDir(t, map[string]string{ManagerFile: "[Manager]\nEngineUIDs=" + tt.value + "\n"}))
+		require.Error(t, err, tt.value)
+		assert.Contains(t, err.Error(), tt.want, tt.value)
+		assert.Contains(t, err.Error(), ManagerFile, "the error names the file")
+	}
+}
+
+// An empty User= is the default: a user of the pool's own.
+func TestEmptyUserIsThePoolsOwn(t *testing.T) {
+	c, err := Load(writeDir(t, map[string]string{"pools.d/a.pool": minimalPool + "User=pool-engine\nUser=\n"}))
+	require.NoError(t, err)
+	assert.Empty(t, c.Pools[0].Engine.User)
 }

@@ -29,7 +29,9 @@ func TestDirectoryModel(t *testing.T) {
 		require.NoError(t, os.WriteFile(p, []byte(content), 0o644))
 	}
 	stager := model.New(filepath.Join(root, "models"), filepath.Join(root, "staged"))
-	src, err := stager.Resolve(dir, "nobody")
+	nobody, err := model.LookupUser("nobody")
+	require.NoError(t, err)
+	src, err := stager.Resolve(dir, nobody)
 	require.NoError(t, err)
 	digest, err := stager.Digest(src)
 	require.NoError(t, err)
@@ -46,7 +48,7 @@ User=nobody
 	require.NoError(t, err)
 	p := c.Pools[0]
 	stager.SetPoolModels([]string{p.Model})
-	st, err := stager.Stage(p.Model, p.ModelDigest, p.Engine.User)
+	st, err := stager.Stage(p.Model, p.ModelDigest, nobody)
 	require.NoError(t, err)
 	assert.True(t, st.IsDir())
 	sp := p.Specifiers(st.Path)

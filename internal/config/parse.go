@@ -357,6 +357,10 @@ func parsePool(file string, data []byte, dropIns []DropIn) (*Pool, Errors) {
 			"Port":      setInt(&p.Engine.Port, 1, 65535),
 			"HealthURL": withSpecifiers(&p.Engine.HealthURL),
 			"User": func(v string) error {
+				if v == "" {
+					p.Engine.User = ""
+					return nil
+				}
 				if !userRe.MatchString(v) {
 					return fmt.Errorf("%q is not a valid user name", v)
 				}
@@ -611,6 +615,13 @@ func parseManager(file string, data []byte, m *Manager) Errors {
 				}
 				m.MetricsListen = v
 				return nil
+			},
+			"EngineUIDs": func(v string) error {
+				r, err := parseUIDRange(v)
+				if err == nil {
+					m.EngineUIDs = r
+				}
+				return err
 			},
 			"AdminGroup": func(v string) error {
 				if !userRe.MatchString(v) {

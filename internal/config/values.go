@@ -248,3 +248,38 @@ func didYouMean(v string, choices ...string) string {
 	}
 	return ""
 }
+
+// Ranges an EngineUIDs= range must keep out of: uids others hand out or
+// that mean something special.
+var reservedUIDs = []struct {
+	first, last uint64
+	what        string
+}{
+	{0, 999, "root and the system users"},
+	{61184, 65519, "systemd's DynamicUser= range"},
+	{65534, 65535, "nobody and the 16-bit -1"},
+	{524288, 1879048191, "systemd's container range"},
+	{2147483648, 4294967295, "uids above 2^31-1, which tools read as negative"},
+}
+
+// parseUIDRange reads EngineUIDs=FIRST-LAST.
+func parseUIDRange(v string) (UIDRange, error) {
+	a, b, ok := strings.Cut(v, "-")
+	if !ok {
+		return UIDRange{}, fmt.Errorf("%q is not FIRST-LAST (e.g. %d-%d)", v, DefaultEngineUIDs.First, DefaultEngineUIDs.Last)
+	}
+	first, err1 := strconv.ParseUint(strings.TrimSpace(a), 10, 32)
+	last, err2 := strconv.ParseUint(strings.TrimSpace(b), 10, 32)
+	if err1 != nil || err2 != nil {
+		return UIDRange{}, fmt.Errorf("%q is not FIRST-LAST of two uids (0 to 4294967294)", v)
+	}
+	if first > last {
+		return UIDRange{}, fmt.Errorf("%q: the first uid %d is above the last %d", v, first, last)
+	}
+	for _, r := range reservedUIDs {
+		if first <= r.last && last >= r.first {
+			return UIDRange{}, fmt.Errorf("%q overlaps %d-%d, %s", v, r.first, r.last, r.what)
+		}
+	}
+	return UIDRange{First: uint32(first), Last: uint32(last)}, nil
+}

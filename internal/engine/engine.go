@@ -80,8 +80,12 @@ type Spec struct {
 	Description string
 	Argv        []string
 	// Env is added to the engine's minimal environment.
-	Env  []string
-	User string
+	Env []string
+	// User names the engine's user, looked up through NSS at each start;
+	// Account, when set, gives the credential instead (a user of the
+	// pool's own, which NSS does not know).
+	User    string
+	Account func() (model.User, error)
 	// DeviceNodes are the only device nodes (besides the standard pseudo
 	// devices) the engine may open.
 	DeviceNodes []string
@@ -512,9 +516,9 @@ func (r *Runtime) prepare(ctx context.Context, s Spec, check bool) (*Prepared, e
 	t0 := time.Now()
 	p := &Prepared{r: r, pool: s.Pool, name: UnitName(s.Pool), reaped: make(chan struct{})}
 	name := p.name
-	u, err := lookupUser(s.User)
+	u, err := s.account()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("engine of pool %s: %w", s.Pool, err)
 	}
 	if s.Socket != "" {
 		if err := os.MkdirAll(filepath.Dir(s.Socket), 0o755); err != nil {
@@ -532,7 +536,7 @@ func (r *Runtime) prepare(ctx context.Context, s Spec, check bool) (*Prepared, e
 		env = append(CacheEnv(s.CacheDir, s.Env), s.Env...)
 		home = s.CacheDir
 	}
-	spec, _ := json.Marshal(shim.Spec{Argv: s.Argv, Env: env, User: s.User, UID: u.uid, GID: u.gid, Groups: u.groups, Home: home, Socket: s.Socket, Note: s.Note, Version: s.Version})
+	spec, _ := json.Marshal(shim.Spec{Argv: s.Argv, Env: env, User: u.name, UID: u.uid, GID: u.gid, Groups: u.groups, Home: home, Socket: s.Socket, Note: s.Note, Version: s.Version})
 	goR, goW, err := os.Pipe()
 	if err != nil {
 		return nil, err
@@ -918,19 +922,26 @@ func (r *Runtime) StopOrphans(ctx context.Context, keep []string) ([]string, err
 }
 
 type account struct {
+	name     string
 	uid, gid uint32
 	groups   []uint32
 	home     string
 }
 
-// lookupUser resolves the engine's user (through NSS, in the daemon: the
+// account resolves the engine's user (through NSS, in the daemon: the
 // shim stays free of it).
-func lookupUser(name string) (account, error) {
-	u, err := model.LookupUser(name)
+func (s Spec) account() (account, error) {
+	var u model.User
+	var err error
+	if s.Account != nil {
+		u, err = s.Account()
+	} else {
+		u, err = model.LookupUser(s.User)
+	}
 	if err != nil {
 		return account{}, err
 	}
-	a := account{uid: u.UID, gid: u.GID, groups: u.Groups, home: u.Home}
+	a := account{name: u.Name, uid: u.UID, gid: u.GID, groups: u.Groups, home: u.Home}
 	if a.home == "" {
 		a.home = "/"
 	}

@@ -24,6 +24,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/model"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
+	"github.com/llorch/pool-managerd/internal/users"
 )
 
 // fakePool stands in for a pool's supervisor where no systemd runs
@@ -278,6 +279,7 @@ func (h *host) open(lib func() gpu.NVML, tune func(*manager.Options)) *manager.M
 	inv, err := gpu.Load(cfg.Manager.Inventory, nv, "")
 	require.NoError(h.t, err)
 	stager := model.New(cfg.Manager.ModelsDir, filepath.Join(cfg.Manager.StateDir, "staged"))
+	accounts := users.Open(filepath.Join(cfg.Manager.StateDir, users.File), "", cfg.Manager.EngineUIDs.First, cfg.Manager.EngineUIDs.Last, "")
 	h.opts = manager.Options{
 		Log:       slog.New(slog.NewTextHandler(h.logs, nil)),
 		Metrics:   metrics.New(h.reg),
@@ -286,7 +288,7 @@ func (h *host) open(lib func() gpu.NVML, tune func(*manager.Options)) *manager.M
 		NVML:      lib,
 		NewPool: func(p *config.Pool) (manager.Pool, error) {
 			// The real pool's setup says what it refuses (an unknown GPU).
-			if _, err := supervisor.FromPool(p, &cfg.Manager, inv, stager); err != nil {
+			if _, err := supervisor.FromPool(p, &cfg.Manager, inv, stager, accounts); err != nil {
 				return nil, err
 			}
 			f := newFakePool(p, h.m)

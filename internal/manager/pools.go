@@ -22,6 +22,9 @@ type Options struct {
 	Log     *slog.Logger
 	Metrics *metrics.Set
 	Stager  *model.Stager
+	// Users gives the engines of pools without User= users of their own
+	// (*users.Table); a removed pool's is retired, kept for it.
+	Users Users
 	// Inventory resolves the pools' Devices= to GPUs.
 	Inventory *gpu.Inventory
 	// Runtime starts the engines of the supervisors NewPool builds by
@@ -73,6 +76,12 @@ func (o Options) withDefaults() Options {
 		}
 	}
 	return o
+}
+
+// Users is the table of the engines' own users.
+type Users interface {
+	supervisor.Accounts
+	Retire(pool string) error
 }
 
 // Publisher shows the pools to the world (the D-Bus server): a reload
@@ -132,7 +141,11 @@ func (m *Manager) Config() *config.Config {
 // runtime.
 func (m *Manager) supervisor(p *config.Pool) (Pool, error) {
 	inv := m.o.Inventory
-	c, err := supervisor.FromPool(p, &m.Config().Manager, inv, m.o.Stager)
+	var accounts supervisor.Accounts
+	if m.o.Users != nil {
+		accounts = m.o.Users
+	}
+	c, err := supervisor.FromPool(p, &m.Config().Manager, inv, m.o.Stager, accounts)
 	if err != nil {
 		return nil, err
 	}
@@ -267,6 +280,11 @@ func (m *Manager) apply(cfg *config.Config) ([]string, error) {
 		m.mu.Unlock()
 		m.drain(id, old)
 		m.o.Metrics.Forget(id)
+		if m.o.Users != nil && old.cfg.Engine.User == "" {
+			if err := m.o.Users.Retire(id); err != nil {
+				m.o.Log.Error("cannot record the removed pool's user as retired", journal.PoolID, id, journal.Error, err.Error())
+			}
+		}
 		m.mu.Lock()
 		delete(m.retiring, id)
 		m.mu.Unlock()

@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/pool-managerd/internal/lifecycle"
+	"github.com/llorch/pool-managerd/internal/model"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 )
 
@@ -142,7 +143,9 @@ func TestPruneKeepsModelsInUse(t *testing.T) {
 	stage := func(id string) string {
 		src := filepath.Join(h.dir, "models", id+".gguf")
 		require.NoError(t, os.WriteFile(src, []byte("GGUF\x03\x00\x00\x00 "+id), 0o644))
-		st, err := h.opts.Stager.Stage(src, "", me.Username)
+		u, err := model.LookupUser(me.Username)
+		require.NoError(t, err)
+		st, err := h.opts.Stager.Stage(src, "", u)
 		require.NoError(t, err)
 		return st.Path
 	}

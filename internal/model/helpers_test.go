@@ -24,22 +24,15 @@ func newTestStager(t *testing.T) (s *Stager, models, stage string) {
 	return newStager(models, stage), models, stage
 }
 
-// engine names the made-up engine user of the tests: no owner, no group of
+// engine is the made-up engine user of the tests: no owner, no group of
 // any test file, so it reads what "other" may read.
-const engine = "engine"
+var engine = User{Name: "engine", UID: 4242, GID: 4242}
 
-var engineUser = User{Name: engine, UID: 4242, GID: 4242}
+var engineUser = engine
 
-// newStager is New with the test's engine user.
+// newStager is New.
 func newStager(models, stage string, opts ...Option) *Stager {
-	s := New(models, stage, opts...)
-	s.lookupUser = func(name string) (User, error) {
-		if name == engine {
-			return engineUser, nil
-		}
-		return LookupUser(name)
-	}
-	return s
+	return New(models, stage, opts...)
 }
 
 // needChown skips a test that gives its files to other users, as the

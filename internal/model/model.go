@@ -66,10 +66,9 @@ type Stager struct {
 	// openFile opens name relative to dirfd; resolve != 0 means openat2 with
 	// those RESOLVE_* flags. Tests make it fail with EACCES or ENOSYS (to run
 	// the fallback).
-	openFile   func(dirfd int, name string, flags int, resolve uint64) (int, error)
-	link       func(oldname, newname string) error // tests make it fail with EXDEV
-	newHash    func() hash.Hash                    // tests count it
-	lookupUser func(name string) (User, error)     // tests give made-up users
+	openFile func(dirfd int, name string, flags int, resolve uint64) (int, error)
+	link     func(oldname, newname string) error // tests make it fail with EXDEV
+	newHash  func() hash.Hash                    // tests count it
 
 	mu         sync.Mutex
 	poolModels map[string]bool       // absolute paths pool files name as Model=
@@ -108,7 +107,6 @@ func New(modelsDir, stageDir string, opts ...Option) *Stager {
 		openFile:   sysOpen,
 		link:       sysLink,
 		newHash:    sha256.New,
-		lookupUser: LookupUser,
 		poolModels: map[string]bool{},
 		cache:      map[fileID]cacheEntry{},
 		flights:    map[fileKey]*flight{},
@@ -319,20 +317,16 @@ func fdPath(fd int) string { return "/proc/self/fd/" + strconv.Itoa(fd) }
 
 // Resolve validates a ref without reading the file's content: where it
 // resolves to, that it is a non-empty regular file, and that the engine's
-// user (by name) can read it; or, for a directory, that it holds only
-// regular files and directories, within bounds, that user can read and
-// list (the package doc says more). Problems with the ref are *RefError;
-// an unknown user is a plain error.
-func (s *Stager) Resolve(ref, engineUser string) (Source, error) {
+// user u (its credential: uid, gid, groups) can read it; or, for a
+// directory, that it holds only regular files and directories, within
+// bounds, that user can read and list (the package doc says more).
+// Problems with the ref are *RefError.
+func (s *Stager) Resolve(ref string, u User) (Source, error) {
 	fd, src, err := s.openPath(ref)
 	if err != nil {
 		return Source{}, err
 	}
 	defer unix.Close(fd)
-	u, err := s.lookupUser(engineUser)
-	if err != nil {
-		return Source{}, fmt.Errorf("model %q: %w", ref, err)
-	}
 	if src.dir {
 		return s.resolveTree(src, fd, u)
 	}

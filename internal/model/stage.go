@@ -68,7 +68,7 @@ func (s *Stager) lockDir(name string) (unlock func()) {
 // a changed one (any of inode, size, mtime, ctime) is hashed again and
 // staged under its new digest. Every problem with ref or want is a
 // *RefError, found before anything is created.
-func (s *Stager) Stage(ref, want, engineUser string) (Staged, error) {
+func (s *Stager) Stage(ref, want string, u User) (Staged, error) {
 	// Pools staging one ref take turns: a hard link changes the source's
 	// ctime under a concurrent read. Two refs of one file (a symlink) may
 	// still meet: that is no change of content, and the other tries
@@ -76,7 +76,7 @@ func (s *Stager) Stage(ref, want, engineUser string) (Staged, error) {
 	unlock := s.lockDir("ref:" + ref)
 	defer unlock()
 	for tries := 1; ; tries++ {
-		st, err := s.stage(ref, want, engineUser)
+		st, err := s.stage(ref, want, u)
 		if err == nil || !errors.Is(err, errChanged) || tries == 3 {
 			return st, err
 		}
@@ -87,20 +87,16 @@ func (s *Stager) Stage(ref, want, engineUser string) (Staged, error) {
 // it was staged.
 var errChanged = errors.New("the source changed")
 
-func (s *Stager) stage(ref, want, engineUser string) (Staged, error) {
+func (s *Stager) stage(ref, want string, u User) (Staged, error) {
 	if want != "" && !ValidDigest(want) {
 		return Staged{}, refErr(ref, "", nil,
 			"malformed digest %q: want \"sha256:\" followed by 64 lower-case hex digits", want)
 	}
-	src, err := s.Resolve(ref, engineUser)
+	src, err := s.Resolve(ref, u)
 	if err != nil {
 		return Staged{}, err
 	}
 	if src.dir {
-		u, err := s.lookupUser(engineUser)
-		if err != nil {
-			return Staged{}, fmt.Errorf("model %q: %w", ref, err)
-		}
 		return s.stageTree(src, want, u)
 	}
 	digest, err := s.Digest(src)

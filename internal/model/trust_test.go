@@ -258,7 +258,7 @@ func TestRefUnreadableByEngineUserIsRefused(t *testing.T) {
 		name     string
 		mode     os.FileMode
 		uid, gid int
-		user     string
+		user     User
 		readable bool
 	}{
 		{"root's private file", 0o600, 0, 0, engine, false},
@@ -266,21 +266,14 @@ func TestRefUnreadableByEngineUserIsRefused(t *testing.T) {
 		{"world-readable", 0o644, 0, 0, engine, true},
 		{"other bits alone", 0o004, 0, 0, engine, true},
 		{"primary group", 0o640, 0, int(engineUser.GID), engine, true},
-		{"supplementary group", 0o640, 0, 5000, "engine-g", true},
-		{"supplementary group without read", 0o604, 0, 5000, "engine-g", false},
+		{"supplementary group", 0o640, 0, 5000, withGroup, true},
+		{"supplementary group without read", 0o604, 0, 5000, withGroup, false},
 		{"owner", 0o400, int(engineUser.UID), 0, engine, true},
 		{"owner bits win over other bits", 0o044, int(engineUser.UID), 0, engine, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			e := newTrustEnv(t)
-			lookup := e.s.lookupUser
-			e.s.lookupUser = func(name string) (User, error) {
-				if name == withGroup.Name {
-					return withGroup, nil
-				}
-				return lookup(name)
-			}
 			path := filepath.Join(e.models, "m.gguf")
 			writeFile(t, path, "model")
 			require.NoError(t, os.Chown(path, tt.uid, tt.gid))
@@ -296,7 +289,7 @@ func TestRefUnreadableByEngineUserIsRefused(t *testing.T) {
 				var re *RefError
 				require.ErrorAs(t, err, &re, ref)
 				assert.ErrorIs(t, err, os.ErrPermission)
-				assert.Contains(t, err.Error(), "is not readable by the engine's user "+tt.user)
+				assert.Contains(t, err.Error(), "is not readable by the engine's user "+tt.user.Name)
 				assert.NoDirExists(t, e.stage)
 			}
 		})
@@ -307,18 +300,23 @@ func TestRefUnreadableByEngineUserIsRefused(t *testing.T) {
 		path := filepath.Join(e.models, "m.gguf")
 		writeFile(t, path, "model")
 		require.NoError(t, os.Chmod(path, 0o600))
-		_, err := e.s.Stage("m.gguf", "", "nobody")
+		nobody, err := LookupUser("nobody")
+		require.NoError(t, err)
+		_, err = e.s.Stage("m.gguf", "", nobody)
 		assert.ErrorContains(t, err, "is not readable by the engine's user nobody (uid 65534)")
 	})
-	t.Run("an unknown user", func(t *testing.T) {
+	t.Run("a user of a pool's own, in no database", func(t *testing.T) {
 		e := newTrustEnv(t)
-		writeFile(t, filepath.Join(e.models, "m.gguf"), "model")
-		_, err := e.s.Stage("m.gguf", "", "no-such-user-pmd")
-		require.Error(t, err)
-		var re *RefError
-		assert.False(t, errors.As(err, &re), "the ref is not at fault")
-		assert.Contains(t, err.Error(), `model "m.gguf": the engine's user "no-such-user-pmd": user: unknown user no-such-user-pmd`)
-		assert.NoDirExists(t, e.stage)
+		path := filepath.Join(e.models, "m.gguf")
+		writeFile(t, path, "model")
+		require.NoError(t, os.Chown(path, 0, 5000))
+		require.NoError(t, os.Chmod(path, 0o640))
+		own := User{Name: "pool-engine-x", UID: 65536, GID: 65536}
+		_, err := e.s.Stage("m.gguf", "", own)
+		assert.ErrorContains(t, err, "is not readable by the engine's user pool-engine-x (uid 65536)")
+		own.Groups = []uint32{5000}
+		_, err = e.s.Stage("m.gguf", "", own)
+		assert.NoError(t, err, "a model shared with the engines' group")
 	})
 }
 

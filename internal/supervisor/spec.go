@@ -17,9 +17,9 @@ import (
 // ModelStager is the daemon's model stager (*model.Stager), which checks
 // every model against the reading rights of the engine's user.
 type ModelStager interface {
-	Resolve(ref, engineUser string) (model.Source, error)
+	Resolve(ref string, engine model.User) (model.Source, error)
 	Digest(src model.Source) (string, error)
-	Stage(ref, want, engineUser string) (model.Staged, error)
+	Stage(ref, want string, engine model.User) (model.Staged, error)
 	// AddPoolModels records refs that a pool file names as Model=: they
 	// may lie outside the model directories.
 	AddPoolModels(refs ...string)
@@ -30,15 +30,31 @@ type ModelStager interface {
 // engineStager is a ModelStager as one pool's engine user sees it.
 type engineStager struct {
 	s    ModelStager
-	user string
+	user func() (model.User, error)
 }
 
-func (e engineStager) Resolve(ref string) (model.Source, error) { return e.s.Resolve(ref, e.user) }
+func (e engineStager) Resolve(ref string) (model.Source, error) {
+	u, err := e.user()
+	if err != nil {
+		return model.Source{}, fmt.Errorf("model %q: %w", ref, err)
+	}
+	return e.s.Resolve(ref, u)
+}
 
 func (e engineStager) Digest(src model.Source) (string, error) { return e.s.Digest(src) }
 
 func (e engineStager) Stage(ref, want string) (model.Staged, error) {
-	return e.s.Stage(ref, want, e.user)
+	u, err := e.user()
+	if err != nil {
+		return model.Staged{}, fmt.Errorf("model %q: %w", ref, err)
+	}
+	return e.s.Stage(ref, want, u)
+}
+
+// Accounts gives each pool without User= a user of its own
+// (*users.Table).
+type Accounts interface {
+	For(pool string) (model.User, error)
 }
 
 func (e engineStager) Hashing(ref string) (int64, int64, bool) { return e.s.Hashing(ref) }
@@ -48,8 +64,8 @@ func (e engineStager) Hashing(ref string) (int64, int64, bool) { return e.s.Hash
 // the pool's Model= (the daemon still replaces that set on every
 // configuration load). The pool's models are staged for its [Engine]
 // User=, looked up at each start (the user may be created after the pool
-// file).
-func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager ModelStager) (Config, error) {
+// file), or without User= for the user of its own that accounts gives it.
+func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager ModelStager, accounts Accounts) (Config, error) {
 	gpus, err := inv.Resolve(p.Devices)
 	if err != nil {
 		return Config{}, fmt.Errorf("pool %s (%s): %w", p.ID, p.File, err)
@@ -65,6 +81,13 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Mode
 		return sp
 	}
 	stager.AddPoolModels(p.Model)
+	who := func() (model.User, error) { return model.LookupUser(p.Engine.User) }
+	if p.Engine.User == "" {
+		if accounts == nil {
+			return Config{}, fmt.Errorf("pool %s (%s): no User= and no table of the engines' own users", p.ID, p.File)
+		}
+		who = func() (model.User, error) { return accounts.For(p.ID) }
+	}
 	// A control node a host lacks is simply not needed there (and systemd
 	// refuses DeviceAllow= of a missing node); a GPU's own node must be
 	// there, which startEngine checks at each start.
@@ -97,6 +120,7 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Mode
 			Argv:        argv,
 			Env:         env,
 			User:        p.Engine.User,
+			Account:     who,
 			DeviceNodes: nodes,
 			Scope:       p.Scope,
 			StopTimeout: p.Engine.StopTimeout,
@@ -119,7 +143,7 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Mode
 		VersionCommand: p.Engine.VersionCommand,
 		DeviceMask:     strings.Join(p.Devices, ","),
 		Slots:          p.Slots,
-		Stager:         engineStager{stager, p.Engine.User},
+		Stager:         engineStager{stager, who},
 		Holders:        GPUHolders(inv, gpus, nil),
 		Records:        state.Dir{Path: filepath.Join(m.RuntimeDir, "pools"), Mode: 0o644, NoSync: true},
 		State:          state.Dir{Path: filepath.Join(m.StateDir, "pools"), Mode: 0o600},

@@ -13,6 +13,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/gpu"
 	"github.com/llorch/pool-managerd/internal/model"
 	. "github.com/llorch/pool-managerd/internal/supervisor"
+	"github.com/llorch/pool-managerd/internal/users"
 )
 
 const (
@@ -63,7 +64,7 @@ func TestSpecDeviceIDs(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			p, m, inv, st := specFor(t, fmtPool(c.devices, c.extra))
-			cfg, err := FromPool(p, m, inv, st)
+			cfg, err := FromPool(p, m, inv, st, testAccounts(t))
 			require.NoError(t, err)
 			s := cfg.Build("/staged/m.gguf")
 			assert.Equal(t, []string{"/usr/bin/engine", "--model", "/staged/m.gguf", "--port", "8081", "--gpus", c.mask}, s.Argv)
@@ -90,12 +91,17 @@ func TestSpecDeviceIDsIndexRefusesMIG(t *testing.T) {
 		{Index: 0, UUID: mig, Minor: 0, Node: "/dev/nvidia0", Parent: uuid0},
 	}}
 	p.Devices = []string{mig}
-	_, err := FromPool(p, m, inv, st)
+	_, err := FromPool(p, m, inv, st, testAccounts(t))
 	require.NoError(t, err, "UUIDs name MIG devices")
 	p.Engine.DeviceIDs = config.DeviceIDsIndex
-	_, err = FromPool(p, m, inv, st)
+	_, err = FromPool(p, m, inv, st, testAccounts(t))
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "pool p ("+p.File+"): [Engine] DeviceIDs=index: MIG device "+mig+" has no index")
 }
 
 func fmtPool(devices, extra string) string { return fmt.Sprintf(specPool, devices, extra) }
+
+// testAccounts is a table of the engines' own users in a test's directory.
+func testAccounts(t *testing.T) Accounts {
+	return users.Open(filepath.Join(t.TempDir(), users.File), "", 65536, 99999, "")
+}

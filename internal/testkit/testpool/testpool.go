@@ -25,6 +25,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/model"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
+	"github.com/llorch/pool-managerd/internal/users"
 	"github.com/llorch/pool-managerd/internal/witness"
 )
 
@@ -68,7 +69,9 @@ type Env struct {
 	Reg     *prometheus.Registry
 	Metrics *metrics.Set
 	Log     *slog.Logger
-	inv     *gpu.Inventory
+	// Users are the engines' own users (made at the first pool).
+	Users *users.Table
+	inv   *gpu.Inventory
 }
 
 // New prepares an environment; handler receives the supervisors' logs
@@ -200,7 +203,10 @@ JitterPercent=0
 		e.inv, err = gpu.Load(c.Manager.Inventory, gpu.NewNVML(), "/dev")
 		require.NoError(t, err)
 	}
-	cfg, err := supervisor.FromPool(p, &c.Manager, e.inv, model.New(c.Manager.ModelsDir, filepath.Join(c.Manager.StateDir, "staged")))
+	if e.Users == nil {
+		e.Users = users.Open(filepath.Join(c.Manager.StateDir, users.File), c.Manager.CacheDir, c.Manager.EngineUIDs.First, c.Manager.EngineUIDs.Last, config.EngineGroup)
+	}
+	cfg, err := supervisor.FromPool(p, &c.Manager, e.inv, model.New(c.Manager.ModelsDir, filepath.Join(c.Manager.StateDir, "staged")), e.Users)
 	require.NoError(t, err)
 	if ps.Holders != nil {
 		cfg.Holders = ps.Holders
