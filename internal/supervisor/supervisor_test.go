@@ -76,8 +76,8 @@ func TestScopeIsolationUserAndJournal(t *testing.T) {
 
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", snap.MainPID))
 	require.NoError(t, err)
-	uid := sh(t, "id", "-u", "pool-engine")
-	assert.Contains(t, string(status), "Uid:\t"+strings.TrimSpace(uid)+"\t")
+	uid := poolUID(t, e, "iso")
+	assert.Contains(t, string(status), "Uid:\t"+uid+"\t", "the pool's own user")
 	assert.Contains(t, string(status), "NoNewPrivs:\t1")
 	environ, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", snap.MainPID))
 	require.NoError(t, err)
@@ -93,7 +93,7 @@ func TestScopeIsolationUserAndJournal(t *testing.T) {
 	fi, err := os.Stat(cache)
 	require.NoError(t, err)
 	assert.Equal(t, os.ModeDir|0o700, fi.Mode())
-	assert.Equal(t, strings.TrimSpace(uid), fmt.Sprint(fi.Sys().(*syscall.Stat_t).Uid))
+	assert.Equal(t, uid, fmt.Sprint(fi.Sys().(*syscall.Stat_t).Uid))
 
 	// The engine's own lines, under its scope.
 	require.Eventually(t, func() bool {

@@ -17,7 +17,7 @@ func TestVersionCommandRunsAsTheEngineInItsScope(t *testing.T) {
 	e := testpool.New(t, nil)
 	s := e.Start(testpool.Spec{ID: "ver", Devices: "0", Engine: `VersionCommand=/bin/sh -c "echo version: uid=$(id -u) $(grep NoNewPrivs /proc/self/status | tr -d '[:space:]') cg=$(tail -n1 /proc/self/cgroup)"` + "\nStopTimeoutSec=2\n"})
 	snap := waitFor(t, s, "the version", func(s Snapshot) bool { return s.Ready && s.EngineVersion != "" })
-	uid := strings.TrimSpace(sh(t, "id", "-u", "pool-engine"))
+	uid := poolUID(t, e, "ver")
 	assert.Contains(t, snap.EngineVersion, "uid="+uid+" ")
 	assert.Contains(t, snap.EngineVersion, "NoNewPrivs:1")
 	assert.True(t, strings.HasSuffix(snap.EngineVersion, "/pool-engine-ver.scope"), "in the engine's scope: %q", snap.EngineVersion)
