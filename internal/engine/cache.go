@@ -12,10 +12,12 @@ import (
 
 // EnsureCacheDir makes dir, a pool's cache directory, owned by uid:gid with
 // mode 0700 if it is missing, and gives it to uid:gid when it is another's
-// (the pool's User= changed). Its parent is made root's, 0755, when
-// missing. The engine user owns dir and may have put anything there: dir
-// is opened relative to its parent without following a symbolic link and
-// changed through that descriptor only, and nothing inside it is touched.
+// (the pool's user changed: User=, or a user of its own on a host where it
+// ran as a shared one), with what the previous owner made in it. Its
+// parent is made root's, 0755, when missing. The engine user owns dir and
+// may have put anything there: dir is opened relative to its parent
+// without following a symbolic link and changed through that descriptor
+// only; inside, see giveTree.
 func EnsureCacheDir(dir string, uid, gid uint32) error {
 	parent, name := filepath.Dir(dir), filepath.Base(dir)
 	if err := os.MkdirAll(parent, 0o755); err != nil {
@@ -56,6 +58,81 @@ func EnsureCacheDir(dir string, uid, gid uint32) error {
 	}
 	if err := unix.Fchown(fd, int(uid), int(gid)); err != nil {
 		return fmt.Errorf("cache directory: chown %s: %w", dir, err)
+	}
+	// What root made is never given away.
+	if st.Uid == 0 {
+		return nil
+	}
+	n := 0
+	if err := giveTree(fd, dir, st.Uid, st.Gid, uid, gid, 0, &n); err != nil {
+		return fmt.Errorf("cache directory %s: giving the previous user's files to uid %d: %w (remove it to start afresh)", dir, uid, err)
+	}
+	return nil
+}
+
+// Bounds of giveTree: a cache is deep and wide, not endless.
+const (
+	maxCacheDepth   = 64
+	maxCacheEntries = 1 << 20
+)
+
+// giveTree gives what from inside dfd the previous owner (uid, gid from)
+// owns to uid:gid, through descriptors: each entry is opened O_PATH without
+// following a symbolic link, and checked and changed through that
+// descriptor, so a name swapped meanwhile changes nothing else. Nothing of
+// another owner is touched, nor a file with more than one link: a hard link
+// into the cache may name a file elsewhere, which the new user must not get.
+func giveTree(dfd int, path string, fromUID, fromGID, uid, gid uint32, depth int, n *int) error {
+	if depth >= maxCacheDepth {
+		return fmt.Errorf("%s: deeper than %d levels", path, maxCacheDepth)
+	}
+	d, err := unix.Openat(dfd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	f := os.NewFile(uintptr(d), path)
+	defer f.Close()
+	names, err := f.Readdirnames(-1)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	for _, name := range names {
+		if *n++; *n > maxCacheEntries {
+			return fmt.Errorf("more than %d entries", maxCacheEntries)
+		}
+		if err := giveEntry(dfd, name, filepath.Join(path, name), fromUID, fromGID, uid, gid, depth, n); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func giveEntry(dfd int, name, path string, fromUID, fromGID, uid, gid uint32, depth int, n *int) error {
+	fd, err := unix.Openat(dfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ENOENT) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	isDir := st.Mode&unix.S_IFMT == unix.S_IFDIR
+	if st.Uid != fromUID || !isDir && st.Mode&unix.S_IFMT == unix.S_IFREG && st.Nlink > 1 {
+		return nil
+	}
+	newGID := -1
+	if st.Gid == fromGID {
+		newGID = int(gid)
+	}
+	if err := unix.Fchownat(fd, "", int(uid), newGID, unix.AT_EMPTY_PATH); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	if isDir {
+		return giveTree(fd, path, fromUID, fromGID, uid, gid, depth+1, n)
 	}
 	return nil
 }

@@ -1,6 +1,7 @@
 package engine_test
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
+	"github.com/llorch/pool-managerd/internal/model"
 )
 
 func owner(t *testing.T, path string) (uid, gid uint32, mode os.FileMode) {
@@ -60,28 +62,80 @@ func TestEnsureCacheDirKeepsIt(t *testing.T) {
 	assert.Equal(t, os.ModeDir|0o750, mode, "the owner's own choice")
 }
 
-// A pool whose User= changed: the directory goes to the new user, mode
-// 0700; what the old user left inside is not touched.
+// A pool whose user changed (User=, or a user of its own where all pools
+// shared one): the directory goes to the new user, mode 0700, and with it
+// what the old user made inside, so the engine can write its caches; of
+// another owner's files, a file with a second link (it may be a file
+// elsewhere) and what a symbolic link points to, nothing changes.
 func TestEnsureCacheDirFixesTheOwner(t *testing.T) {
 	needRoot(t)
-	dir := filepath.Join(t.TempDir(), "p")
+	top := t.TempDir()
+	dir := filepath.Join(top, "p")
 	require.NoError(t, os.Mkdir(dir, 0o777))
 	require.NoError(t, os.Chmod(dir, 0o2777))
 	require.NoError(t, os.Chown(dir, 5151, 5151))
-	inside := filepath.Join(dir, "old")
-	require.NoError(t, os.WriteFile(inside, nil, 0o644))
-	require.NoError(t, os.Chown(inside, 5151, 5151))
+	mk := func(rel string, uid, gid int) string {
+		p := filepath.Join(dir, rel)
+		require.NoError(t, os.MkdirAll(filepath.Dir(p), 0o755))
+		require.NoError(t, os.WriteFile(p, nil, 0o644))
+		require.NoError(t, os.Chown(p, uid, gid))
+		return p
+	}
+	old := mk("old", 5151, 5151)
+	deep := mk(".cache/huggingface/hub/blob", 5151, 7777)
+	require.NoError(t, os.Chown(filepath.Join(dir, ".cache"), 5151, 5151))
+	require.NoError(t, os.Chown(filepath.Join(dir, ".cache/huggingface"), 5151, 5151))
+	require.NoError(t, os.Chown(filepath.Join(dir, ".cache/huggingface/hub"), 5151, 5151))
+	rootsDir := mk("roots/inside", 5151, 5151)
+	require.NoError(t, os.Chmod(filepath.Join(dir, ".cache/huggingface"), 0o700))
+	theirs := mk("theirs", 6161, 6161)
+	elsewhere := filepath.Join(top, "elsewhere")
+	require.NoError(t, os.WriteFile(elsewhere, nil, 0o644))
+	require.NoError(t, os.Chown(elsewhere, 5151, 5151))
+	require.NoError(t, os.Link(elsewhere, filepath.Join(dir, "linked")))
+	target := filepath.Join(top, "target")
+	require.NoError(t, os.WriteFile(target, nil, 0o644))
+	require.NoError(t, os.Symlink(target, filepath.Join(dir, "link")))
+	require.NoError(t, os.Lchown(filepath.Join(dir, "link"), 5151, 5151))
+
 	require.NoError(t, engine.EnsureCacheDir(dir, 4242, 4343))
 	uid, gid, mode := owner(t, dir)
 	assert.Equal(t, [2]uint32{4242, 4343}, [2]uint32{uid, gid})
 	assert.Equal(t, os.ModeDir|0o700, mode)
-	uid, gid, _ = owner(t, inside)
-	assert.Equal(t, [2]uint32{5151, 5151}, [2]uint32{uid, gid}, "never recursive")
+	for _, c := range []struct {
+		path     string
+		uid, gid uint32
+		why      string
+	}{
+		{old, 4242, 4343, "the old user's file"},
+		{filepath.Join(dir, ".cache/huggingface"), 4242, 4343, "a directory only its owner may enter"},
+		{deep, 4242, 7777, "deep inside; a group not the old user's stays"},
+		{theirs, 6161, 6161, "another owner's file"},
+		{rootsDir, 5151, 5151, "nor what lies in another owner's directory"},
+		{elsewhere, 5151, 5151, "a file with another link"},
+		{filepath.Join(dir, "link"), 4242, 4343, "the link itself"},
+		{target, 0, 0, "never what a link points to"},
+	} {
+		u, g, _ := owner(t, c.path)
+		assert.Equal(t, [2]uint32{c.uid, c.gid}, [2]uint32{u, g}, c.why)
+	}
 	// Only the group differs: fixed too.
 	require.NoError(t, os.Chown(dir, 4242, 0))
 	require.NoError(t, engine.EnsureCacheDir(dir, 4242, 4343))
 	uid, gid, _ = owner(t, dir)
 	assert.Equal(t, [2]uint32{4242, 4343}, [2]uint32{uid, gid})
+}
+
+// What root made in a directory that was root's is never given away.
+func TestEnsureCacheDirGivesNothingOfRoots(t *testing.T) {
+	needRoot(t)
+	dir := filepath.Join(t.TempDir(), "p")
+	require.NoError(t, os.Mkdir(dir, 0o755))
+	inside := filepath.Join(dir, "roots")
+	require.NoError(t, os.WriteFile(inside, nil, 0o600))
+	require.NoError(t, engine.EnsureCacheDir(dir, 4242, 4343))
+	uid, _, _ := owner(t, inside)
+	assert.Zero(t, uid)
 }
 
 // What the engine user may have planted where its directory was is
@@ -173,4 +227,42 @@ func TestEngineCacheDir(t *testing.T) {
 	assert.NoError(t, err)
 	_, err = os.Stat(filepath.Join(dir, "hf/probe"))
 	assert.NoError(t, err)
+}
+
+// An engine given a credential (a user of its pool's own, which no user
+// database names) runs as it, is told its name, and its cache directory
+// follows it when the uid changes.
+func TestCacheDirFollowsTheEnginesOwnUID(t *testing.T) {
+	rt, ctx := runtime(t)
+	top, err := os.MkdirTemp("", "cache-own-")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(top) })
+	require.NoError(t, os.Chmod(top, 0o755))
+	dir := filepath.Join(top, "own")
+	start := func(uid uint32) {
+		t.Helper()
+		account := func() (model.User, error) {
+			return model.User{Name: "pool-engine-own", UID: uid, GID: uid, Groups: []uint32{uid + 1}}, nil
+		}
+		e, err := rt.Start(ctx, engine.Spec{Pool: "own", Argv: []string{"/bin/sh", "-c",
+			`mkdir -p "$HOME/.cache/sub" && echo "who $(id -u):$(id -g):$(id -G) $USER $LOGNAME" > "$HOME/.cache/sub/who"`},
+			User: "ignored-when-an-account-is-given", Account: account, StopTimeout: 2 * time.Second, CacheDir: dir})
+		require.NoError(t, err)
+		var exit *lifecycle.Exit
+		for ev := range e.Events() {
+			if ev.Exit != nil {
+				exit = ev.Exit
+			}
+		}
+		require.NotNil(t, exit)
+		require.Equal(t, 0, exit.Status.ExitStatus(), "the engine writes its caches, those of the uid before it too")
+		who, err := os.ReadFile(filepath.Join(dir, ".cache/sub/who"))
+		require.NoError(t, err)
+		assert.Equal(t, fmt.Sprintf("who %d:%d:%d %d pool-engine-own pool-engine-own\n", uid, uid, uid, uid+1), string(who))
+		u, g, mode := owner(t, dir)
+		assert.Equal(t, [2]uint32{uid, uid}, [2]uint32{u, g})
+		assert.Equal(t, os.ModeDir|0o700, mode)
+	}
+	start(70001)
+	start(70003)
 }

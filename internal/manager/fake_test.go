@@ -198,13 +198,14 @@ func (s *syncBuffer) String() string {
 // fake supervisors; the configuration, inventory, stager and metrics are
 // the real ones.
 type host struct {
-	t    *testing.T
-	dir  string
-	logs *syncBuffer
-	reg  *prometheus.Registry
-	opts manager.Options
-	m    *manager.Manager
-	pub  *publisher
+	t     *testing.T
+	dir   string
+	logs  *syncBuffer
+	reg   *prometheus.Registry
+	opts  manager.Options
+	m     *manager.Manager
+	pub   *publisher
+	users *users.Table
 
 	mu    sync.Mutex
 	built []*fakePool
@@ -280,7 +281,9 @@ func (h *host) open(lib func() gpu.NVML, tune func(*manager.Options)) *manager.M
 	require.NoError(h.t, err)
 	stager := model.New(cfg.Manager.ModelsDir, filepath.Join(cfg.Manager.StateDir, "staged"))
 	accounts := users.Open(filepath.Join(cfg.Manager.StateDir, users.File), "", cfg.Manager.EngineUIDs.First, cfg.Manager.EngineUIDs.Last, "")
+	h.users = accounts
 	h.opts = manager.Options{
+		Users:     accounts,
 		Log:       slog.New(slog.NewTextHandler(h.logs, nil)),
 		Metrics:   metrics.New(h.reg),
 		Stager:    stager,

@@ -35,11 +35,22 @@ func TestApplyReconcilesPools(t *testing.T) {
 		assert.True(t, p.running(), "pool %s's loop runs", p.cfg.ID)
 	}
 
+	// The engines of a and b ran as users of their own.
+	ua, err := h.users.For("a")
+	require.NoError(t, err)
+	_, err = h.users.For("b")
+	require.NoError(t, err)
+
 	h.writePools(map[string]string{"b": "1;[Pool];Slots=3", "c": "0", "d": "2"})
 	next := h.load()
 	require.NoError(t, m.Apply(next))
 	assert.Equal(t, []string{"b", "c", "d"}, m.IDs())
 	assert.Same(t, next, m.Config())
+	recs, err := h.users.Records()
+	require.NoError(t, err)
+	assert.False(t, recs["a"].Removed.IsZero(), "the removed pool's user is retired")
+	assert.Equal(t, ua.UID, recs["a"].UID, "and its uid kept for it")
+	assert.True(t, recs["b"].Removed.IsZero(), "a changed pool's is not")
 
 	assert.True(t, a.did("drain"), "the removed pool is drained")
 	assert.False(t, a.drainedWhileServed, "and off the registry before")

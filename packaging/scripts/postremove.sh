@@ -1,8 +1,8 @@
 #!/bin/sh
 # After removal: systemd and the bus forget the units and policy. A purge
 # also removes the configuration and what the daemon made (its state files,
-# staged models, digest cache, runtime records, metrics textfile, the
-# engines' cache directories), never the
+# staged models, digest cache, the record of the engines' own uids, runtime
+# records, metrics textfile, the engines' cache directories), never the
 # operator's models: ModelsDir= and ModelDirs= are left as they are, and so
 # is the state directory itself while anything else is in it.
 set -e
@@ -37,7 +37,7 @@ done
 rmdir "$cache" 2>/dev/null || true
 rm -rf /var/cache/pool-managerd
 
-rm -rf "$state/staged" "$state/pools" "$state/digests.json"
+rm -rf "$state/staged" "$state/pools" "$state/digests.json" "$state/engine-users.json" "$state"/engine-users.json.*
 rm -f "$textfile"
 rm -rf /run/pool-managerd /etc/pool-managerd
 # Empty directories only, and only those the package made: an operator's

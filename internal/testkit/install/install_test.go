@@ -3,6 +3,7 @@ package install
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -96,11 +97,22 @@ ControlDevice=/dev/nvidiactl
 		"org.llorch.PoolManager1.Pool", "MainPID"), "u ")
 	status, err := os.ReadFile("/proc/" + pid + "/status")
 	require.NoError(t, err)
-	assert.Contains(t, string(status), "Uid:\t"+sh(t, "id", "-u", "pool-engine")+"\t", "the engine runs as pool-engine")
-	uid, err := strconv.Atoi(sh(t, "id", "-u", "pool-engine"))
+	// Each pool's engine runs as a user of its own, recorded in the state
+	// directory; pool-engine is only its supplementary group.
+	var recs struct {
+		Pools map[string]struct{ UID int } `json:"pools"`
+	}
+	b, err := os.ReadFile("/var/lib/pool-managerd/engine-users.json")
 	require.NoError(t, err)
-	gid, err := strconv.Atoi(sh(t, "id", "-g", "pool-engine"))
-	require.NoError(t, err)
+	require.NoError(t, json.Unmarshal(b, &recs))
+	uid, gid := recs.Pools["alpha"].UID, recs.Pools["alpha"].UID
+	assert.True(t, uid >= 65536 && uid <= 99999, "alpha's uid %d from the default EngineUIDs=", uid)
+	assert.NotEqual(t, uid, recs.Pools["beta"].UID, "two pools, two users")
+	assert.Contains(t, string(status), fmt.Sprintf("Uid:\t%d\t", uid), "the engine runs as its pool's own user")
+	assert.Contains(t, string(status), fmt.Sprintf("Gid:\t%d\t", gid))
+	grp := strings.Split(sh(t, "getent", "group", "pool-engine"), ":")
+	require.Len(t, grp, 4)
+	assert.Contains(t, string(status), "Groups:\t"+grp[2]+" \n", "and group pool-engine besides, for models shared with it")
 	assert.Equal(t, owner{0, 0, 0o755}, ownerOf(t, "/var/cache/pool-managerd"))
 	assert.Equal(t, owner{uint32(uid), uint32(gid), 0o700}, ownerOf(t, "/var/cache/pool-managerd/alpha"), "the engine's HOME and caches")
 	environ, err := os.ReadFile("/proc/" + pid + "/environ")
@@ -133,7 +145,7 @@ ControlDevice=/dev/nvidiactl
 	sh(t, "dpkg", "-P", "pool-managerd")
 	_, err = os.Stat("/etc/pool-managerd")
 	assert.True(t, os.IsNotExist(err), "a purge removes the configuration")
-	for _, p := range []string{"/var/lib/pool-managerd/staged", "/var/lib/pool-managerd/pools", "/var/lib/prometheus/node-exporter/pool-managerd.prom", "/var/cache/pool-managerd"} {
+	for _, p := range []string{"/var/lib/pool-managerd/staged", "/var/lib/pool-managerd/pools", "/var/lib/pool-managerd/engine-users.json", "/var/lib/prometheus/node-exporter/pool-managerd.prom", "/var/cache/pool-managerd"} {
 		_, err = os.Stat(p)
 		assert.True(t, os.IsNotExist(err), "a purge removes %s", p)
 	}

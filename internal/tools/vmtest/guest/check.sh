@@ -27,7 +27,7 @@ c_install() {
 	esac
 	want "pool-managerd.service" "$(systemctl is-active pool-managerd)" active
 	want "enabled" "$(systemctl is-enabled pool-managerd)" enabled
-	want_ok "user pool-engine" id pool-engine
+	want_ok "group pool-engine (the engines' supplementary group)" getent group pool-engine
 	want_ok "group pool-admin" getent group pool-admin
 	want_ok "bus name owned" busctl --timeout=10 status "$B"
 }
@@ -140,7 +140,15 @@ c_scope() {
 	want "scope's memory.max" "$(cat /sys/fs/cgroup$cg/memory.max 2>&1)" 268435456
 	pid=$(pv llama8b MainPID)
 	want "engine's cgroup" "$(cat /proc/$pid/cgroup)" "0::$cg"
-	want "engine's user" "$(ps -o user= -p "$pid")" pool-engine
+	local uid other
+	uid=$(uid_of "$(pv llama8b MainPID)")
+	other=$(uid_of "$(pv embed MainPID)")
+	want_ok "engine's uid $uid: llama8b's own, from EngineUIDs=65536-99999" test "$uid" -ge 65536 -a "$uid" -le 99999
+	want_ok "embed's uid $other: another" test "$uid" != "$other"
+	want_match "llama8b's uid recorded" "$(tr -d ' \n' </var/lib/pool-managerd/engine-users.json)" "\"llama8b\":\\{\"uid\":$uid[,}]"
+	want "engine's gid: its own too" "$(awk '/^Gid/ { print $2 }' /proc/$pid/status)" "$uid"
+	want "engine's groups: pool-engine" "$(awk '/^Groups/ { print $2 }' /proc/$pid/status)" "$(getent group pool-engine | cut -d: -f3)"
+	want_match "embed's engine cannot signal llama8b's" "$(setpriv --reuid="$other" --regid="$other" --clear-groups kill -0 "$pid" 2>&1)" 'Operation not permitted'
 	want "engine's NoNewPrivs" "$(awk '/^NoNewPrivs/ { print $2 }' /proc/$pid/status)" 1
 	want "CUDA_VISIBLE_DEVICES" "$(tr '\0' '\n' </proc/$pid/environ | grep ^CUDA_VISIBLE_DEVICES=)" CUDA_VISIBLE_DEVICES=GPU-8f2c1a70-0000-4000-8000-000000000000
 	want "OOMPolicy (the engine scope's own, set by pool-managerd)" "$(systemctl show -p OOMPolicy --value $s)" stop
@@ -385,6 +393,7 @@ phase1() {
 		echo "llama_crashes=$(crashes llama8b)"
 		echo "embed_crashes=$(crashes embed)"
 		echo "embed_breaker=$(pv embed BreakerState)"
+		echo "llama_uid=$(uid_of "$(pv llama8b MainPID)")"
 	} >"$STATE/phase1"
 	sync
 	emit "PHASE	1	DONE"
@@ -400,6 +409,7 @@ c_back() {
 	wait_for 60 "pool-managerd active" '[ "$(systemctl is-active pool-managerd)" = active ]'
 	ready llama8b 120
 	want "llama8b CrashCount kept" "$(crashes llama8b)" "$llama_crashes"
+	want "llama8b's engine runs as its uid of boot 1" "$(uid_of "$(pv llama8b MainPID)")" "$llama_uid"
 	want_ok "llama8b's own GPU only" test "$(curl -s --max-time 5 localhost:8081/sim/devices)" = '{"/dev/nvidia0":"ENXIO","/dev/nvidia1":"EPERM"}'
 }
 

@@ -126,3 +126,8 @@ no_engines_left() {
 		fails=$((fails + 1))
 	fi
 }
+
+# uid_of PID: the process's real uid.
+uid_of() {
+	awk '/^Uid/ { print $2 }' "/proc/$1/status"
+}
