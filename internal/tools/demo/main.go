@@ -112,7 +112,7 @@ func main() {
 
 	section("Install the package")
 	d.run("dpkg -i " + debs[0] + " 2>&1 | tail -n 3")
-	d.run("systemctl is-active pool-managerd; id pool-engine")
+	d.run("systemctl is-active pool-managerd; getent group pool-engine")
 
 	section("Configure two pools on the fake GPUs (llama-server stands in: pool-engine-sim)")
 	d.write("/etc/pool-managerd/pool-managerd.conf.d/gpus.conf", `[Inventory]
