@@ -64,6 +64,12 @@ type Table struct {
 	mu     sync.Mutex
 	loaded bool
 	pools  map[string]Record
+	// What the user and group databases said last, and when: NSS may ask
+	// systemd itself (nss-systemd), and pools starting together would ask
+	// it for each while it makes their scopes.
+	groupGID  uint32
+	groupAt   time.Time
+	checkedAt map[string]time.Time
 
 	// Probes of the host, replaced by tests.
 	inPasswd func(uid uint32) bool
@@ -104,20 +110,27 @@ func (t *Table) For(pool string) (model.User, error) {
 	}
 	var extra []uint32
 	if g := t.group; g != "" {
-		gr, err := user.LookupGroup(g)
-		if err != nil {
-			return model.User{}, fmt.Errorf("the engines' group %s: %w (the package's sysusers.d file makes it)", g, err)
+		if t.now().Sub(t.groupAt) >= lookupTTL {
+			gr, err := user.LookupGroup(g)
+			if err != nil {
+				return model.User{}, fmt.Errorf("the engines' group %s: %w (the package's sysusers.d file makes it)", g, err)
+			}
+			n, err := strconv.ParseUint(gr.Gid, 10, 32)
+			if err != nil {
+				return model.User{}, fmt.Errorf("the engines' group %s has a non-numeric gid %q", g, gr.Gid)
+			}
+			t.groupGID, t.groupAt = uint32(n), t.now()
 		}
-		n, err := strconv.ParseUint(gr.Gid, 10, 32)
-		if err != nil {
-			return model.User{}, fmt.Errorf("the engines' group %s has a non-numeric gid %q", g, gr.Gid)
-		}
-		extra = []uint32{uint32(n)}
+		extra = []uint32{t.groupGID}
 	}
 	account := func(uid uint32) model.User {
+		t.checkedAt[pool] = t.now()
 		return model.User{Name: NamePrefix + pool, UID: uid, GID: uid, Groups: extra}
 	}
 	rec, ok := t.pools[pool]
+	if ok && rec.Removed.IsZero() && t.now().Sub(t.checkedAt[pool]) < lookupTTL {
+		return account(rec.UID), nil
+	}
 	if ok && t.usable(rec.UID) {
 		if !rec.Removed.IsZero() {
 			rec.Removed = time.Time{}
@@ -136,6 +149,10 @@ func (t *Table) For(pool string) (model.User, error) {
 	}
 	return account(uid), nil
 }
+
+// lookupTTL bounds how long a change of the user or group database may go
+// unseen by the next start.
+const lookupTTL = 2 * time.Second
 
 // Retire marks pool as gone from the configuration; its uid stays
 // recorded for it.
@@ -319,6 +336,7 @@ func (t *Table) load() error {
 		return nil
 	}
 	t.pools = map[string]Record{}
+	t.checkedAt = map[string]time.Time{}
 	b, err := os.ReadFile(t.path)
 	if errors.Is(err, os.ErrNotExist) {
 		t.loaded = true

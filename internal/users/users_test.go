@@ -80,6 +80,7 @@ func TestAccountOfAPoolsOwnUser(t *testing.T) {
 	assert.Equal(t, u.UID, u.GID, "a group of its own too")
 	assert.Equal(t, []uint32{0}, u.Groups, "and the engines' group besides")
 
+	tb = reopen(t, tb)
 	tb.group = "no-such-group-pmd"
 	_, err = tb.For("llama")
 	assert.ErrorContains(t, err, "the engines' group no-such-group-pmd: group: unknown group no-such-group-pmd (the package's sysusers.d file makes it)")
