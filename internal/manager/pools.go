@@ -280,11 +280,7 @@ func (m *Manager) apply(cfg *config.Config) ([]string, error) {
 		m.mu.Unlock()
 		m.drain(id, old)
 		m.o.Metrics.Forget(id)
-		if m.o.Users != nil && old.cfg.Engine.User == "" {
-			if err := m.o.Users.Retire(id); err != nil {
-				m.o.Log.Error("cannot record the removed pool's user as retired", journal.PoolID, id, journal.Error, err.Error())
-			}
-		}
+		m.retireUser(id, old.cfg)
 		m.mu.Lock()
 		delete(m.retiring, id)
 		m.mu.Unlock()
@@ -294,6 +290,9 @@ func (m *Manager) apply(cfg *config.Config) ([]string, error) {
 	for id, e := range fresh {
 		if old, ok := running[id]; ok {
 			m.drain(id, old)
+			if e.cfg.Engine.User != "" {
+				m.retireUser(id, old.cfg)
+			}
 			changed++
 		} else {
 			added++
@@ -329,6 +328,17 @@ func (m *Manager) apply(cfg *config.Config) ([]string, error) {
 	m.o.Log.Info(fmt.Sprintf("configuration reloaded: %d pool(s) added, %d removed, %d changed", added, removed, changed))
 	m.Prune()
 	return warnings, nil
+}
+
+// retireUser marks the user of a pool's own retired once the pool is gone
+// or names a User=: the uid stays recorded for it.
+func (m *Manager) retireUser(id string, was *config.Pool) {
+	if m.o.Users == nil || was.Engine.User != "" {
+		return
+	}
+	if err := m.o.Users.Retire(id); err != nil {
+		m.o.Log.Error("cannot record the pool's own user as retired", journal.PoolID, id, journal.Error, err.Error())
+	}
 }
 
 // drain drains a removed or replaced pool and ends its loop.

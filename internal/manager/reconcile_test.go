@@ -85,6 +85,21 @@ func TestApplyReconcilesPools(t *testing.T) {
 	assert.Contains(t, h.logs.String(), "configuration reloaded: 0 pool(s) added, 0 removed, 0 changed")
 }
 
+// A pool that comes to name a User= leaves its own user retired (kept for
+// it, not held forever).
+func TestAPoolNamingAUserRetiresItsOwn(t *testing.T) {
+	h := newHost(t, static, map[string]string{"a": "0"})
+	m := h.open(nil, nil)
+	own, err := h.users.For("a")
+	require.NoError(t, err)
+	h.writePools(map[string]string{"a": "0;User=nobody"})
+	require.NoError(t, m.Apply(h.load()))
+	recs, err := h.users.Records()
+	require.NoError(t, err)
+	assert.False(t, recs["a"].Removed.IsZero())
+	assert.Equal(t, own.UID, recs["a"].UID)
+}
+
 // Engines a previous daemon left are adopted; a pool with none starts if
 // it starts on its own.
 func TestAdoptStartsWhatIsNotAdopted(t *testing.T) {
