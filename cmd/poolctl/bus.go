@@ -46,10 +46,14 @@ func (c *cli) bus() (*dbus.Conn, error) {
 	var conn *dbus.Conn
 	var err error
 	where := "the system bus"
-	if c.busAddr != "" {
+	switch {
+	case c.host != "":
+		where = "the system bus of " + c.host
+		conn, err = dialHost(c.host, c.stderr)
+	case c.busAddr != "":
 		where = c.busAddr
 		conn, err = dbus.Connect(c.busAddr)
-	} else {
+	default:
 		conn, err = dbus.ConnectSystemBus()
 	}
 	if err != nil {
@@ -57,6 +61,14 @@ func (c *cli) bus() (*dbus.Conn, error) {
 	}
 	c.conn = conn
 	return conn, nil
+}
+
+// disconnect closes the bus connection, if any (and the ssh under it).
+func (c *cli) disconnect() {
+	if c.conn != nil {
+		c.conn.Close()
+		c.conn = nil
+	}
 }
 
 func (c *cli) callManager(timeout time.Duration, method string, args ...any) *dbus.Call {
@@ -145,16 +157,33 @@ func failure(err error) string {
 	return safetext.Line(describe(err))
 }
 
-// describe is an error as a person and a script read it: the D-Bus error
-// name first.
-func describe(err error) string {
+// dbusError is err's D-Bus error, if it is one.
+func dbusError(err error) (dbus.Error, bool) {
 	var de dbus.Error
 	var dep *dbus.Error
 	switch {
 	case errors.As(err, &de):
-	case errors.As(err, &dep):
-		de = *dep
-	default:
+		return de, true
+	case errors.As(err, &dep) && dep != nil:
+		return *dep, true
+	}
+	return dbus.Error{}, false
+}
+
+// errorName is err's D-Bus error name, "" for another error.
+func errorName(err error) string {
+	de, _ := dbusError(err)
+	return de.Name
+}
+
+// unknownMethod: a daemon older than this poolctl.
+const unknownMethod = "org.freedesktop.DBus.Error.UnknownMethod"
+
+// describe is an error as a person and a script read it: the D-Bus error
+// name first.
+func describe(err error) string {
+	de, ok := dbusError(err)
+	if !ok {
 		return err.Error()
 	}
 	msg := ""
@@ -171,6 +200,9 @@ func describe(err error) string {
 		} else {
 			msg = strings.TrimSuffix(msg, ".") + "; " + who
 		}
+	}
+	if de.Name == unknownMethod {
+		msg = strings.TrimSuffix(msg, ".") + "; pool-managerd is older than this poolctl"
 	}
 	if msg == "" {
 		return de.Name

@@ -27,15 +27,19 @@ func method(name string) func(*cli, []string) error {
 
 // start asks for a pool's start and, as systemctl start waits for its
 // job, waits until the engine serves: Ready, or a failure that names why.
+// A pool that is starting or ready already is left as it is.
 func (c *cli) start(args []string) error {
-	id := args[0]
+	return c.startPool("start", args[0])
+}
+
+func (c *cli) startPool(verb, id string) error {
 	if c.noBlock {
 		return c.callManager(changeTimeout, "Start", id).Err
 	}
 	call := func(ctx context.Context, obj dbus.BusObject) (string, error) {
 		return "ready", obj.CallWithContext(ctx, managerIface+".Start", 0, id).Err
 	}
-	return c.followUntil("start", id, call, startSettled)
+	return c.followUntil(verb, id, call, startSettled)
 }
 
 // startSettled says when a start is over: ready, or a state the engine
@@ -54,6 +58,33 @@ func startSettled(p progressLine) (bool, error) {
 	return false, nil
 }
 
+// stop stops a pool gracefully: a drain within the deadline, then Stop,
+// which the daemon keeps as the operator's word across its own restart.
+// --now is Stop alone (a drain with deadline 0).
+func (c *cli) stop(args []string) error {
+	return c.stopPool("stop", args[0])
+}
+
+func (c *cli) stopPool(verb, id string) error {
+	return c.follow(verb, id, func(ctx context.Context, obj dbus.BusObject) (string, error) {
+		outcome := "stopped"
+		if c.deadline > 0 {
+			if err := obj.CallWithContext(ctx, managerIface+".Drain", 0, id, uint64(c.deadline.Milliseconds())).Store(&outcome); err != nil {
+				return "", err
+			}
+		}
+		return outcome, obj.CallWithContext(ctx, managerIface+".Stop", 0, id).Err
+	})
+}
+
+// restart is stop, then start.
+func (c *cli) restart(args []string) error {
+	if err := c.stopPool("restart", args[0]); err != nil {
+		return err
+	}
+	return c.startPool("restart", args[0])
+}
+
 func (c *cli) drain(args []string) error {
 	id := args[0]
 	return c.follow("drain", id, func(ctx context.Context, obj dbus.BusObject) (string, error) {
@@ -63,16 +94,60 @@ func (c *cli) drain(args []string) error {
 	})
 }
 
+// reloadCall is the method and arguments of a reload: ReloadEx only where
+// an option needs it, so a plain reload works with every daemon.
+func reloadCall(id, ref string, deadline time.Duration, runtime bool) (string, []any) {
+	ms := uint64(deadline.Milliseconds())
+	if !runtime {
+		return "Reload", []any{id, ref, ms}
+	}
+	return "ReloadEx", []any{id, ref, ms, map[string]dbus.Variant{"runtime": dbus.MakeVariant(true)}}
+}
+
 func (c *cli) reload(args []string) error {
 	id, ref := args[0], args[1]
+	name, in := reloadCall(id, ref, c.deadline, c.runtime)
 	return c.follow("reload", id, func(ctx context.Context, obj dbus.BusObject) (string, error) {
 		var model string
-		err := obj.CallWithContext(ctx, managerIface+".Reload", 0, id, ref, uint64(c.deadline.Milliseconds())).Store(&model)
+		err := obj.CallWithContext(ctx, managerIface+"."+name, 0, in...).Store(&model)
 		if err != nil {
 			return "", err
 		}
 		return "reloaded " + model, nil
 	})
+}
+
+// autoStartCall is the method and arguments of enable and disable.
+func autoStartCall(enable bool, id string, runtime bool) (string, []any) {
+	if enable {
+		return "Enable", []any{id, runtime}
+	}
+	return "Disable", []any{id, runtime}
+}
+
+// enable sets AutoStart=yes; --now starts the pool too, as systemctl
+// enable --now does.
+func (c *cli) enable(args []string) error {
+	name, in := autoStartCall(true, args[0], c.runtime)
+	if err := c.callManager(readTimeout, name, in...).Err; err != nil {
+		return err
+	}
+	if c.now {
+		return c.startPool("start", args[0])
+	}
+	return nil
+}
+
+// disable sets AutoStart=no; --now stops the pool too, gracefully.
+func (c *cli) disable(args []string) error {
+	name, in := autoStartCall(false, args[0], c.runtime)
+	if err := c.callManager(readTimeout, name, in...).Err; err != nil {
+		return err
+	}
+	if c.now {
+		return c.stopPool("stop", args[0])
+	}
+	return nil
 }
 
 // follow runs a long call (drain, reload) while showing the pool's
@@ -112,8 +187,10 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
 	defer signal.Stop(stop)
+	// live: one line redrawn in place; never under --json.
+	live := c.tty && !c.json
 	var tick <-chan time.Time
-	if c.tty {
+	if live {
 		t := time.NewTicker(time.Second)
 		defer t.Stop()
 		tick = t.C
@@ -121,12 +198,12 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 
 	p := progressLine{verb: verb, pool: id, progress: -1}
 	draw := func() {
-		if c.tty {
+		if live {
 			fmt.Fprint(c.stdout, "\r\x1b[K"+fit(p.String(time.Since(begin)), c.width()))
 		}
 	}
 	clear := func() {
-		if c.tty {
+		if live {
 			fmt.Fprint(c.stdout, "\r\x1b[K")
 		}
 	}
@@ -135,6 +212,12 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 	finish := func(err error) error {
 		clear()
 		took := time.Since(begin).Round(100 * time.Millisecond)
+		if c.json {
+			if err == nil {
+				printJSON(c.stdout, map[string]any{"pool": id, "command": verb, "outcome": outcome, "seconds": took.Seconds()})
+			}
+			return err
+		}
 		if err != nil {
 			fmt.Fprintf(c.stdout, "%s %s: failed after %s\n", verb, safetext.Line(id), took)
 			return err
@@ -144,9 +227,9 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 	}
 	// show redraws the line on a terminal, or prints a new step.
 	show := func(stepped bool) {
-		if c.tty {
+		if live {
 			draw()
-		} else if stepped && p.op != "" {
+		} else if stepped && p.op != "" && !c.json {
 			fmt.Fprintf(c.stdout, "%s %s: %s\n", verb, safetext.Line(id), safetext.Line(p.op))
 		}
 	}

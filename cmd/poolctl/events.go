@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/godbus/dbus/v5"
+
 	"github.com/llorch/pool-managerd/internal/safetext"
 )
 
@@ -17,6 +19,16 @@ func (c *cli) events(_ []string) error {
 	sigs, own, err := c.watch("")
 	if err != nil {
 		return err
+	}
+	// Subscribed first, then the state now: a change in between comes
+	// after it, none is lost.
+	refs, pools, err := c.all()
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	for i, m := range pools {
+		c.printState(now, refs[i].ID, m)
 	}
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
@@ -56,6 +68,31 @@ func (c *cli) printChange(now time.Time, ev change) {
 	fmt.Fprintf(&b, "%s %s", now.Format(eventTime), safetext.Line(ev.Pool))
 	for _, k := range ordered(ev.Changed) {
 		fmt.Fprintf(&b, " %s=%s", safetext.Line(k), raw(ev.Changed[k]))
+	}
+	fmt.Fprintln(c.stdout, b.String())
+}
+
+// stateProps are the properties an events line shows of a pool's state
+// at the start; --json has them all.
+var stateProps = []string{"State", "Ready", "ActiveLeases", "Model", "BreakerState", "Operation", "LastError"}
+
+// printState writes a pool as it is when events starts.
+func (c *cli) printState(now time.Time, id string, m map[string]dbus.Variant) {
+	if c.json {
+		line, _ := json.Marshal(struct {
+			Time  string          `json:"time"`
+			Pool  string          `json:"pool"`
+			State json.RawMessage `json:"state"`
+		}{now.Format(eventTime), id, jsonObject(m)})
+		fmt.Fprintf(c.stdout, "%s\n", line)
+		return
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s %s", now.Format(eventTime), safetext.Line(id))
+	for _, k := range stateProps {
+		if v, ok := m[k]; ok {
+			fmt.Fprintf(&b, " %s=%s", k, raw(v))
+		}
 	}
 	fmt.Fprintln(c.stdout, b.String())
 }

@@ -256,3 +256,13 @@ func table(w io.Writer, rows [][]string, paint func(row, col int, cell string) s
 		fmt.Fprintln(w, strings.TrimRight(line.String(), " "))
 	}
 }
+
+// printJSON writes v as indented JSON, the one format of every command's
+// --json (events aside: a line per event).
+func printJSON(w io.Writer, v any) {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		b = []byte("null")
+	}
+	fmt.Fprintf(w, "%s\n", b)
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"strconv"
@@ -44,47 +45,104 @@ func (c *cli) all() ([]poolRef, []map[string]dbus.Variant, error) {
 	return kept, out, nil
 }
 
+// hostPools is what one host answered for list.
+type hostPools struct {
+	host  string
+	refs  []poolRef
+	pools []map[string]dbus.Variant
+}
+
 func (c *cli) list(_ []string) error {
-	refs, pools, err := c.all()
-	if err != nil {
-		return err
-	}
-	if c.json {
-		objs := make([]json.RawMessage, 0, len(pools))
-		for _, m := range pools {
-			objs = append(objs, jsonObject(m))
+	var all []hostPools
+	failed := 0
+	if len(c.hosts) > 1 {
+		// The fleet view: each host in turn, one table; a host that
+		// cannot be read is said and the others are still shown.
+		for _, h := range c.hosts {
+			c.host = h
+			refs, pools, err := c.all()
+			c.disconnect()
+			if err != nil {
+				fmt.Fprintf(c.stderr, "poolctl: %s: %s\n", safetext.Line(h), failure(err))
+				failed++
+				continue
+			}
+			all = append(all, hostPools{h, refs, pools})
 		}
-		b, err := json.MarshalIndent(objs, "", "  ")
+	} else {
+		refs, pools, err := c.all()
 		if err != nil {
 			return err
 		}
-		_, err = fmt.Fprintf(c.stdout, "%s\n", b)
-		return err
+		all = append(all, hostPools{c.host, refs, pools})
 	}
+	fleet := len(c.hosts) > 1
+	if c.json {
+		objs := []json.RawMessage{}
+		for _, hp := range all {
+			for _, m := range hp.pools {
+				if fleet {
+					m = maps.Clone(m)
+					m["Host"] = dbus.MakeVariant(hp.host)
+				}
+				objs = append(objs, jsonObject(m))
+			}
+		}
+		printJSON(c.stdout, objs)
+	} else {
+		c.printList(all, fleet)
+	}
+	if failed > 0 {
+		return fmt.Errorf("%d of %d hosts could not be read", failed, len(c.hosts))
+	}
+	return nil
+}
+
+func (c *cli) printList(all []hostPools, fleet bool) {
 	now := time.Now()
-	rows := [][]string{{"POOL", "STATE", "READY", "LEASES", "MODEL", "GPUS", "CRASHES", "RESTARTS", "BREAKER", "UPTIME"}}
-	for i, m := range pools {
-		slots := "-"
-		if n := value[uint32](m, "Slots"); n > 0 {
-			slots = strconv.FormatUint(uint64(n), 10)
+	head := []string{"POOL", "STATE", "READY", "LEASES", "MODEL", "GPUS", "CRASHES", "RESTARTS", "BREAKER", "UPTIME"}
+	if fleet {
+		head = append([]string{"HOST"}, head...)
+	}
+	rows := [][]string{head}
+	n := 0
+	for _, hp := range all {
+		for i, m := range hp.pools {
+			slots := "-"
+			if n := value[uint32](m, "Slots"); n > 0 {
+				slots = strconv.FormatUint(uint64(n), 10)
+			}
+			id := value[string](m, "Id")
+			if id == "" {
+				id = hp.refs[i].ID
+			}
+			up := uptime(m, now)
+			if hp.host != "" {
+				up = "-" // the engine's process is on another host
+			}
+			row := []string{
+				id, value[string](m, "State"), yesNo(value[bool](m, "Ready")),
+				fmt.Sprintf("%d/%s", value[uint32](m, "ActiveLeases"), slots),
+				dash(value[string](m, "Model")), dash(value[string](m, "DeviceMask")),
+				strconv.FormatUint(uint64(value[uint32](m, "CrashCount")), 10),
+				strconv.FormatUint(uint64(value[uint32](m, "RestartCount")), 10),
+				dash(value[string](m, "BreakerState")), up,
+			}
+			if fleet {
+				row = append([]string{hp.host}, row...)
+			}
+			rows = append(rows, row)
+			n++
 		}
-		id := value[string](m, "Id")
-		if id == "" {
-			id = refs[i].ID
-		}
-		rows = append(rows, []string{
-			id, value[string](m, "State"), yesNo(value[bool](m, "Ready")),
-			fmt.Sprintf("%d/%s", value[uint32](m, "ActiveLeases"), slots),
-			dash(value[string](m, "Model")), dash(value[string](m, "DeviceMask")),
-			strconv.FormatUint(uint64(value[uint32](m, "CrashCount")), 10),
-			strconv.FormatUint(uint64(value[uint32](m, "RestartCount")), 10),
-			dash(value[string](m, "BreakerState")), uptime(m, now),
-		})
+	}
+	stateCol := 1
+	if fleet {
+		stateCol = 2
 	}
 	var paint func(int, int, string) string
 	if c.colour() {
 		paint = func(row, col int, cell string) string {
-			if row > 0 && col == 1 {
+			if row > 0 && col == stateCol {
 				if code := stateColour(cell); code != "" {
 					return code + cell + reset
 				}
@@ -94,11 +152,10 @@ func (c *cli) list(_ []string) error {
 	}
 	table(c.stdout, rows, paint)
 	plural := "s"
-	if len(pools) == 1 {
+	if n == 1 {
 		plural = ""
 	}
-	_, err = fmt.Fprintf(c.stdout, "\n%d pool%s listed.\n", len(pools), plural)
-	return err
+	fmt.Fprintf(c.stdout, "\n%d pool%s listed.\n", n, plural)
 }
 
 func dash(s string) string {
@@ -115,21 +172,26 @@ func (c *cli) status(args []string) error {
 		return err
 	}
 	if c.json {
-		_, err := fmt.Fprintf(c.stdout, "%s\n", jsonObject(m))
-		return err
+		printJSON(c.stdout, jsonObject(m))
+		return nil
 	}
 	c.printStatus(id, m, time.Now())
 
-	scope := value[string](m, "Unit")
-	if scope == "" {
-		scope = "pool-engine-" + unit.UnitNameEscape(id) + ".scope"
-	}
+	scope := scopeOf(id, m)
 	// Only the daemon's own entries: any local user may log a POOL_ID=;
 	// _SYSTEMD_UNIT is journald's word on the sender's cgroup, and only
 	// root's processes run in pool-managerd.service.
 	c.journal("pool-managerd about "+id, "-b", "-o", "cat", "_SYSTEMD_UNIT="+daemonUnit, journal.PoolID+"="+id)
 	c.journal(scope, "-b", "-u", scope)
 	return nil
+}
+
+// scopeOf is the unit of the pool's engine.
+func scopeOf(id string, m map[string]dbus.Variant) string {
+	if u := value[string](m, "Unit"); u != "" {
+		return u
+	}
+	return "pool-engine-" + unit.UnitNameEscape(id) + ".scope"
 }
 
 // printStatus writes the pool's properties, one a line: every value may
@@ -156,7 +218,11 @@ func (c *cli) printStatus(id string, m map[string]dbus.Variant, now time.Time) {
 		}
 		fmt.Fprintf(c.stdout, "%*s: %s\n", width, safetext.Line(n), safetext.Line(v))
 	}
-	fmt.Fprintf(c.stdout, "%*s: %s\n", width, "Uptime", uptime(m, now))
+	up := uptime(m, now)
+	if c.host != "" {
+		up = "-" // the engine's process is on another host
+	}
+	fmt.Fprintf(c.stdout, "%*s: %s\n", width, "Uptime", up)
 }
 
 // daemonUnit is the unit the packages install the daemon as.
@@ -166,10 +232,19 @@ const daemonUnit = "pool-managerd.service"
 // it cannot read is said, not a failure of status.
 func (c *cli) journal(title string, match ...string) {
 	fmt.Fprintf(c.stdout, "\nJournal of %s:\n", safetext.Line(title))
-	cmd := exec.Command("journalctl", append(match, "-n", "10", "--no-pager")...)
-	cmd.Env = append(os.Environ(), "SYSTEMD_COLORS=0", "SYSTEMD_PAGER=")
+	cmd := c.journalctl(append(match, "-n", "10", "--no-pager")...)
 	out, err := cmd.CombinedOutput()
 	printJournal(c.stdout, out, err)
+}
+
+// journalctl runs journalctl here, or on the host of -H through ssh.
+func (c *cli) journalctl(args ...string) *exec.Cmd {
+	if c.host != "" {
+		return remoteCommand(c.host, append([]string{"journalctl"}, args...))
+	}
+	cmd := exec.Command("journalctl", args...)
+	cmd.Env = append(os.Environ(), "SYSTEMD_COLORS=0", "SYSTEMD_PAGER=")
+	return cmd
 }
 
 // printJournal writes journalctl's answer indented: an engine writes what
