@@ -12,7 +12,8 @@ type Event interface{ event() }
 
 // Requests from callers. Each is answered by one Reply with its Req.
 type (
-	// StartRequested: Start a stopped or failed pool.
+	// StartRequested: Start a stopped or failed pool; one starting or
+	// ready already is left as it is.
 	StartRequested struct{ Req ReqID }
 	// DrainRequested: drain the pool, revoking leases at Deadline
 	// (Stop is a drain with deadline 0).

@@ -439,3 +439,46 @@ func TestAFaultLineOfAServingEngineNeedsConfirming(t *testing.T) {
 		assert.True(t, stopping)
 	})
 }
+
+// Start of a pool on its way up or up already succeeds and changes
+// nothing, as systemctl start of an active unit does.
+func TestAStartOfAStartingOrReadyPoolChangesNothing(t *testing.T) {
+	p := newPool(t, func(c *Config) { c.Warmup = true })
+	again := func(state State) {
+		t.Helper()
+		before := p.m.View(p.now)
+		req := p.request(func(id ReqID) Event { return StartRequested{Req: id} })
+		require.NoError(t, p.reply(req).Err, "a start of a %s pool", state)
+		for _, a := range p.last {
+			switch a.(type) {
+			case Reply, Publish:
+			default:
+				t.Errorf("a start of a %s pool did %T", state, a)
+			}
+		}
+		assert.Equal(t, state, p.m.State())
+		assert.Equal(t, before, p.m.View(p.now))
+	}
+	first := p.request(func(id ReqID) Event { return StartRequested{Req: id} })
+	stage, ok := find[Stage](p.last)
+	require.True(t, ok)
+	again(Starting)
+	p.step(ModelStaged{Run: stage.Run, Staged: staged("m.gguf", "sha256:a")})
+	launch, ok := find[Launch](p.last)
+	require.True(t, ok, "the first start goes on")
+	p.step(EngineStarted{Run: launch.Run, PID: 100, Invocation: "inv-now"})
+	require.NoError(t, p.reply(first).Err)
+	again(Starting)
+	p.step(Healthy{Run: launch.Run})
+	require.Equal(t, Warming, p.m.State())
+	again(Warming)
+	p.step(WarmedUp{Run: launch.Run})
+	require.Equal(t, Ready, p.m.State())
+	again(Ready)
+
+	// A drain under way is no start's to undo.
+	p.request(func(id ReqID) Event { return DrainRequested{Req: id, Deadline: time.Minute} })
+	_, err := p.lease("late")
+	require.Error(t, err)
+	assert.ErrorIs(t, p.reply(p.request(func(id ReqID) Event { return StartRequested{Req: id} })).Err, ErrBusy)
+}

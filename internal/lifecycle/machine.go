@@ -509,6 +509,12 @@ func (m *Machine) reply(r Reply) {
 // ---- starting
 
 func (m *Machine) startRequested(e StartRequested) {
+	// As systemctl start of an active unit: a pool on its way up or up
+	// already is left as it is. A drain or reload under way is not that.
+	if m.drain == nil && m.reload == nil && m.pending == nil && (m.state == Starting || m.state == Warming || m.state == Ready) {
+		m.reply(Reply{Req: e.Req})
+		return
+	}
 	if m.busy() {
 		m.reply(Reply{Req: e.Req, Err: fmt.Errorf("pool %s is %s: %w", m.cfg.Pool, m.state, ErrBusy)})
 		return
