@@ -132,6 +132,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 	c := &cli{stdout: stdout, stderr: stderr, tty: colourTerminal(stdout)}
 	err := c.dispatch(args)
 	c.disconnect()
+	return report(stderr, err)
+}
+
+// report says what went wrong, if anything, and gives the exit status.
+func report(stderr io.Writer, err error) int {
 	var ue usageError
 	switch {
 	case err == nil:
@@ -227,6 +232,16 @@ func (c *cli) addHosts(s string) error {
 }
 
 func (c *cli) dispatch(args []string) error {
+	cmd, pos, err := c.parse(args)
+	if err != nil || cmd == nil {
+		return err
+	}
+	return cmd.run(c, pos)
+}
+
+// parse reads the command line; a nil command with no error is help
+// already printed.
+func (c *cli) parse(args []string) (*command, []string, error) {
 	fs := c.flagSet()
 	pos, err := parseInterspersed(fs, args)
 	if err != nil && !errors.Is(err, flag.ErrHelp) {
@@ -234,7 +249,7 @@ func (c *cli) dispatch(args []string) error {
 		if len(pos) > 0 && findCommand(pos[0]) != nil {
 			cmd = pos[0]
 		}
-		return usageError{cmd, flagError(err)}
+		return nil, nil, usageError{cmd, flagError(err)}
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
@@ -245,22 +260,22 @@ func (c *cli) dispatch(args []string) error {
 	if len(pos) == 0 {
 		if help {
 			c.usage(c.stdout)
-			return nil
+			return nil, nil, nil
 		}
-		return usagef("no command given")
+		return nil, nil, usagef("no command given")
 	}
 	cmd := findCommand(pos[0])
 	if cmd == nil {
-		return usagef("unknown command %q", pos[0])
+		return nil, nil, usagef("unknown command %q", pos[0])
 	}
 	if help {
 		c.commandUsage(cmd, c.stdout)
-		return flag.ErrHelp
+		return nil, nil, nil
 	}
 	pos = pos[1:]
 	for name := range set {
 		if !slices.Contains(global, name) && !slices.Contains(cmd.opts, name) && !slices.Contains(cmd.opts, aliases[name]) {
-			return usageError{cmd.name, fmt.Sprintf("%s takes no option %s", cmd.name, dashes(name))}
+			return nil, nil, usageError{cmd.name, fmt.Sprintf("%s takes no option %s", cmd.name, dashes(name))}
 		}
 	}
 	if len(pos) != cmd.nargs {
@@ -268,11 +283,11 @@ func (c *cli) dispatch(args []string) error {
 		if cmd.nargs > 0 {
 			want = cmd.args
 		}
-		return usageError{cmd.name, fmt.Sprintf("%s takes %s, got %d argument(s)", cmd.name, want, len(pos))}
+		return nil, nil, usageError{cmd.name, fmt.Sprintf("%s takes %s, got %d argument(s)", cmd.name, want, len(pos))}
 	}
 	if c.now {
 		if set["deadline"] && c.deadline != 0 {
-			return usageError{cmd.name, fmt.Sprintf("%s: --now and --deadline %s contradict each other", cmd.name, span(c.deadline))}
+			return nil, nil, usageError{cmd.name, fmt.Sprintf("%s: --now and --deadline %s contradict each other", cmd.name, span(c.deadline))}
 		}
 		if cmd.name == "stop" || cmd.name == "restart" {
 			c.deadline = 0
@@ -280,22 +295,22 @@ func (c *cli) dispatch(args []string) error {
 	}
 	if set["lines"] || set["n"] {
 		if err := checkLines(c.lines); err != nil {
-			return usageError{cmd.name, fmt.Sprintf("%s: -n %s", cmd.name, err)}
+			return nil, nil, usageError{cmd.name, fmt.Sprintf("%s: -n %s", cmd.name, err)}
 		}
 	}
 	if cmd.name == "wait" && !slices.Contains(poolStates, c.waitFor) {
-		return usageError{cmd.name, fmt.Sprintf("wait: --for %q is no pool state (one of %s)", c.waitFor, strings.Join(poolStates, ", "))}
+		return nil, nil, usageError{cmd.name, fmt.Sprintf("wait: --for %q is no pool state (one of %s)", c.waitFor, strings.Join(poolStates, ", "))}
 	}
 	if c.busAddr != "" && len(c.hosts) > 0 {
-		return usageError{cmd.name, "--bus and -H exclude each other"}
+		return nil, nil, usageError{cmd.name, "--bus and -H exclude each other"}
 	}
 	if len(c.hosts) > 1 && !cmd.fleet {
-		return usageError{cmd.name, fmt.Sprintf("%s acts on one host; several hosts (-H %s) are for list", cmd.name, strings.Join(c.hosts, ","))}
+		return nil, nil, usageError{cmd.name, fmt.Sprintf("%s acts on one host; several hosts (-H %s) are for list", cmd.name, strings.Join(c.hosts, ","))}
 	}
 	if len(c.hosts) == 1 {
 		c.host = c.hosts[0]
 	}
-	return cmd.run(c, pos)
+	return cmd, pos, nil
 }
 
 // flagError words the flag package's errors as poolctl's own.

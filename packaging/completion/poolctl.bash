@@ -1,10 +1,10 @@
-# bash completion for poolctl(1): commands, options and pool ids (read
-# with "poolctl list --json", which any user may run).
+# bash completion for poolctl(1): commands, options, pool ids (read with
+# "poolctl list --json", which any user may run) and model refs (from the
+# daemon's allowed model directories, never the current directory).
 
 _poolctl_pools()
 {
-    local bus=("$@")
-    poolctl "${bus[@]}" list --json 2>/dev/null |
+    poolctl "$@" list --json 2>/dev/null |
         sed -n 's/^ *"Id": "\([^"]*\)",\{0,1\}$/\1/p'
 }
 
@@ -20,17 +20,17 @@ _poolctl()
         cword=$COMP_CWORD
     fi
 
-    local commands="list status start stop drain reload reset-breaker allow-restart events help"
-    local cmd="" bus=() npos=0 i w
+    local commands="list status show logs events start stop restart drain reload enable disable is-ready wait reset-breaker allow-restart daemon-reload help"
+    local cmd="" where=() npos=0 i w
     for ((i = 1; i < cword; i++)); do
         w=${words[i]}
         case $w in
-        --bus)
-            bus=(--bus "${words[i+1]}")
+        --bus | -H | --host)
+            where=("$w" "${words[i+1]}")
             ((i++))
             ;;
-        --bus=*) bus=("$w") ;;
-        --deadline) ((i++)) ;;
+        --bus=* | --host=*) where=("$w") ;;
+        --deadline | --timeout | --for | -p | --property | -n | --lines) ((i++)) ;;
         -*) ;;
         *)
             if [[ -z $cmd ]]; then
@@ -47,29 +47,48 @@ _poolctl()
         COMPREPLY=($(compgen -W "unix:path=/run/dbus/system_bus_socket" -- "$cur"))
         return
         ;;
-    --deadline)
-        COMPREPLY=($(compgen -W "0s 10s 30s 1m 5m" -- "$cur"))
+    -H | --host)
+        COMPREPLY=($(compgen -A hostname -- "$cur"))
+        return
+        ;;
+    --deadline | --timeout)
+        COMPREPLY=($(compgen -W "0 10s 30s 1min 5min" -- "$cur"))
+        return
+        ;;
+    --for)
+        COMPREPLY=($(compgen -W "stopped starting warming ready draining backoff failed idle sleeping waking" -- "$cur"))
+        return
+        ;;
+    -p | --property)
+        COMPREPLY=($(compgen -W "Id State Live Ready Draining ActiveLeases Slots Model ModelDigest EngineVersion DeviceMask LastError CrashCount RestartCount FailureStreak BreakerState NextRestartUSec Unit MainPID Operation Progress" -- "$cur"))
+        return
+        ;;
+    -n | --lines)
+        COMPREPLY=($(compgen -W "10 50 100 all" -- "$cur"))
         return
         ;;
     esac
 
-    if [[ -z $cmd ]]; then
-        if [[ $cur == -* ]]; then
-            COMPREPLY=($(compgen -W "--bus --help" -- "$cur"))
-        else
-            COMPREPLY=($(compgen -W "$commands" -- "$cur"))
-        fi
+    if [[ $cur == -* ]]; then
+        local opts="--bus --host --json --help"
+        case $cmd in
+        show) opts+=" --property --value" ;;
+        logs) opts+=" --follow --lines" ;;
+        start) opts+=" --no-block" ;;
+        stop) opts+=" --deadline --now" ;;
+        restart) opts+=" --deadline --now --no-block" ;;
+        drain) opts+=" --deadline" ;;
+        reload) opts+=" --deadline --runtime" ;;
+        enable) opts+=" --now --runtime --no-block" ;;
+        disable) opts+=" --now --runtime --deadline" ;;
+        wait) opts+=" --for --timeout" ;;
+        esac
+        COMPREPLY=($(compgen -W "$opts" -- "$cur"))
         return
     fi
 
-    if [[ $cur == -* ]]; then
-        local opts="--bus --help"
-        case $cmd in
-        list | status | events) opts+=" --json" ;;
-        drain | reload) opts+=" --deadline" ;;
-        start) opts+=" --no-block" ;;
-        esac
-        COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+    if [[ -z $cmd ]]; then
+        COMPREPLY=($(compgen -W "$commands" -- "$cur"))
         return
     fi
 
@@ -77,16 +96,20 @@ _poolctl()
     help)
         ((npos == 0)) && COMPREPLY=($(compgen -W "$commands" -- "$cur"))
         ;;
-    status | start | stop | drain | reset-breaker | allow-restart)
-        ((npos == 0)) && COMPREPLY=($(compgen -W "$(_poolctl_pools "${bus[@]}")" -- "$cur"))
+    status | show | logs | start | stop | restart | drain | enable | disable | is-ready | wait | reset-breaker | allow-restart)
+        ((npos == 0)) && COMPREPLY=($(compgen -W "$(_poolctl_pools "${where[@]}")" -- "$cur"))
         ;;
     reload)
         if ((npos == 0)); then
-            COMPREPLY=($(compgen -W "$(_poolctl_pools "${bus[@]}")" -- "$cur"))
-        elif ((npos == 1)); then
-            # a model: a path beneath the models directory
-            compopt -o filenames 2>/dev/null
-            COMPREPLY=($(compgen -f -- "$cur"))
+            COMPREPLY=($(compgen -W "$(_poolctl_pools "${where[@]}")" -- "$cur"))
+        elif ((npos == 1)) && ((${#where[@]} == 0)); then
+            # Only what the daemon may load: beneath its ModelsDir (as
+            # refs relative to it) and its ModelDirs= (absolute).
+            local IFS=$'\n'
+            COMPREPLY=($(poolctl __complete-models -- "$cur" 2>/dev/null))
+            if ((${#COMPREPLY[@]} == 1)) && [[ ${COMPREPLY[0]} == */ ]]; then
+                compopt -o nospace 2>/dev/null
+            fi
         fi
         ;;
     esac
