@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -337,21 +338,21 @@ func TestFailuresNameTheErrorAndUsageExits2(t *testing.T) {
 		err  string
 		out  string
 	}{
-		{[]string{"drain", "nope"}, 1, "poolctl: org.llorch.PoolManager1.Error.NoSuchPool: ", "drain nope: failed after 0s\n"},
-		{[]string{"stop", "nope"}, 1, "poolctl: org.llorch.PoolManager1.Error.NoSuchPool: ", ""},
-		{[]string{"status", "nope"}, 1, "poolctl: org.llorch.PoolManager1.Error.NoSuchPool: ", ""},
+		{[]string{"drain", "nope"}, 4, "poolctl: org.llorch.PoolManager1.Error.NoSuchPool: ", "drain nope: failed after 0s\n"},
+		{[]string{"stop", "nope"}, 4, "poolctl: org.llorch.PoolManager1.Error.NoSuchPool: ", "stop nope: failed after 0s\n"},
+		{[]string{"status", "nope"}, 4, "poolctl: org.llorch.PoolManager1.Error.NoSuchPool: ", ""},
 		{[]string{"reload", "llama-8b", "../../etc/passwd"}, 1, "poolctl: org.llorch.PoolManager1.Error.InvalidArgument: ", "reload llama-8b: failed after 0s\n"},
 		{[]string{"drain", "llama-8b", "--deadline", "48h"}, 1, "poolctl: org.llorch.PoolManager1.Error.InvalidArgument: ", "drain llama-8b: failed after 0s\n"},
-		{[]string{"reset-breaker", "nope"}, 1, "poolctl: org.llorch.PoolManager1.Error.NoSuchPool: ", ""},
+		{[]string{"reset-breaker", "nope"}, 4, "poolctl: org.llorch.PoolManager1.Error.NoSuchPool: ", ""},
 		{[]string{"--bus", "unix:path=/nonexistent", "list"}, 1, "poolctl: cannot connect to unix:path=/nonexistent", ""},
 		{nil, 2, "poolctl: no command given\nTry 'poolctl --help'.\n", ""},
 		{[]string{"frobnicate"}, 2, `poolctl: unknown command "frobnicate"`, ""},
 		{[]string{"drain"}, 2, "poolctl: drain takes POOL, got 0 argument(s)\nTry 'poolctl drain --help'.\n", ""},
 		{[]string{"stop", "llama-8b", "qwen"}, 2, "poolctl: stop takes POOL, got 2 argument(s)", ""},
-		{[]string{"drain", "llama-8b", "--deadline", "soon"}, 2, `poolctl: drain: invalid value "soon" for flag -deadline`, ""},
-		{[]string{"drain", "llama-8b", "--deadline", "-1s"}, 2, "poolctl: drain: --deadline -1s is negative", ""},
-		{[]string{"list", "--frob"}, 2, "poolctl: list: flag provided but not defined: -frob", ""},
-		{[]string{"start", "--json", "qwen"}, 2, "flag provided but not defined: -json", ""},
+		{[]string{"drain", "llama-8b", "--deadline", "soon"}, 2, "poolctl: --deadline: time span \"soon\": expected a number at \"soon\"\nTry 'poolctl drain --help'.\n", ""},
+		{[]string{"drain", "llama-8b", "--deadline", "-1s"}, 2, `poolctl: --deadline: time span "-1s" is negative`, ""},
+		{[]string{"list", "--frob"}, 2, "poolctl: unknown option --frob\nTry 'poolctl list --help'.\n", ""},
+		{[]string{"start", "--deadline", "5", "qwen"}, 2, "poolctl: start takes no option --deadline\n", ""},
 	} {
 		r := poolctl(t, "", c.args...)
 		assert.Equal(t, c.code, r.code, "%v: %s", c.args, r.stderr)
@@ -370,13 +371,17 @@ func TestHelpForPoolctlAndEachCommand(t *testing.T) {
 	r := poolctl(t, "", "--help")
 	require.Equal(t, 0, r.code, r.stderr)
 	for _, c := range commands {
+		if c.hidden {
+			assert.NotContains(t, r.stdout, c.name)
+			continue
+		}
 		assert.Regexp(t, `(?m)^  `+regexp.QuoteMeta(strings.TrimSpace(c.name+" "+c.args))+` +\S`, r.stdout)
 		h := poolctl(t, "", c.name, "--help")
 		assert.Equal(t, 0, h.code, c.name)
 		assert.Contains(t, h.stdout, "Usage: poolctl "+c.name, c.name)
 		assert.Empty(t, h.stderr, c.name)
 	}
-	assert.Contains(t, poolctl(t, "", "drain", "--help").stdout, "--deadline DURATION")
+	assert.Contains(t, poolctl(t, "", "drain", "--help").stdout, "--deadline SPAN")
 	assert.Contains(t, poolctl(t, "", "list", "-h").stdout, "--json")
 	assert.Equal(t, r.stdout, poolctl(t, "", "help").stdout)
 	assert.Equal(t, poolctl(t, "", "reload", "--help").stdout, poolctl(t, "", "help", "reload").stdout)
@@ -391,7 +396,7 @@ func TestAUserWhoIsNoAdminReadsButCannotChange(t *testing.T) {
 	assert.Regexp(t, `(?m)^llama-8b +ready +yes `, r.stdout)
 	r = poolctl(t, viewer, "status", "llama-8b", "--json")
 	require.Equal(t, 0, r.code, r.stderr)
-	assert.Contains(t, r.stdout, `"State":"ready"`)
+	assert.Contains(t, r.stdout, `"State": "ready"`)
 	r = poolctl(t, viewer, "status", "llama-8b")
 	require.Equal(t, 0, r.code, r.stderr)
 	assert.Contains(t, r.stdout, "Journal of pool-managerd about llama-8b:")
@@ -410,7 +415,17 @@ func TestAUserWhoIsNoAdminReadsButCannotChange(t *testing.T) {
 // The bash completion offers poolctl's commands, each command's options
 // and the daemon's pool ids.
 func TestBashCompletionOffersCommandsOptionsAndPools(t *testing.T) {
-	daemon(t)
+	dir := daemon(t)
+	// The completion reads the daemon's configuration where the packages
+	// put it.
+	extra := filepath.Join(dir, "extra")
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "models", "sub"), 0o755))
+	require.NoError(t, os.MkdirAll(extra, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "models", "sub", "c.gguf"), nil, 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(extra, "x.gguf"), nil, 0o644))
+	require.NoError(t, os.MkdirAll("/etc/pool-managerd", 0o755))
+	t.Cleanup(func() { os.RemoveAll("/etc/pool-managerd") })
+	require.NoError(t, os.WriteFile("/etc/pool-managerd/pool-managerd.conf", fmt.Appendf(nil, "[Manager]\nModelsDir=%s/models\nModelDirs=%s\n", dir, extra), 0o644))
 	completion, err := os.ReadFile("../../packaging/completion/poolctl.bash")
 	require.NoError(t, err)
 	complete := func(words ...string) string {
@@ -427,15 +442,30 @@ COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _poolctl; echo "${COMPREPLY[*]}"`
 		words []string
 		want  string
 	}{
-		{[]string{"poolctl", ""}, "list status start stop drain reload reset-breaker allow-restart events help"},
-		{[]string{"poolctl", "re"}, "reload reset-breaker"},
+		{[]string{"poolctl", ""}, "list status show logs events start stop restart drain reload enable disable is-ready wait reset-breaker allow-restart daemon-reload help"},
+		{[]string{"poolctl", "re"}, "restart reload reset-breaker"},
+		{[]string{"poolctl", "--json", "st"}, "status start stop"},
+		{[]string{"poolctl", "wait", "--for", "s"}, "stopped starting sleeping"},
+		{[]string{"poolctl", "show", "qwen", "-p", "Dr"}, "Draining"},
+		{[]string{"poolctl", "is-ready", "q"}, "qwen"},
 		{[]string{"poolctl", "drain", ""}, "llama-8b qwen"},
 		{[]string{"poolctl", "--bus", "unix:path=/run/dbus/system_bus_socket", "status", "q"}, "qwen"},
 		{[]string{"poolctl", "reload", "l"}, "llama-8b"},
 		{[]string{"poolctl", "drain", "qwen", ""}, ""},
-		{[]string{"poolctl", "drain", "qwen", "--"}, "--bus --help --deadline"},
+		{[]string{"poolctl", "drain", "qwen", "--"}, "--bus --host --json --help --deadline"},
+		{[]string{"poolctl", "stop", "--"}, "--bus --host --json --help --deadline --now"},
+		{[]string{"poolctl", "reload", "qwen", "--r"}, "--runtime"},
 		{[]string{"poolctl", "list", "--j"}, "--json"},
 		{[]string{"poolctl", "drain", "qwen", "--deadline", "3"}, "30s"},
+		// Models only from the daemon's model directories, relative to
+		// ModelsDir or absolute beneath ModelDirs=; never from the
+		// current directory (/ here).
+		{[]string{"poolctl", "reload", "qwen", ""}, "a.gguf b.gguf sub/"},
+		{[]string{"poolctl", "reload", "qwen", "sub/"}, "sub/c.gguf"},
+		{[]string{"poolctl", "reload", "qwen", "e"}, ""},
+		{[]string{"poolctl", "reload", "qwen", extra + "/"}, extra + "/x.gguf"},
+		{[]string{"poolctl", "reload", "qwen", "/e"}, ""},
+		{[]string{"poolctl", "reload", "qwen", "x.gguf", ""}, ""},
 	} {
 		assert.Equal(t, c.want, complete(c.words...), "%q", c.words)
 	}

@@ -16,6 +16,10 @@ import (
 
 // events prints every pool's changes as they come, until interrupted.
 func (c *cli) events(_ []string) error {
+	// Caught before the first line: a reader may stop us at once.
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(stop)
 	sigs, own, err := c.watch("")
 	if err != nil {
 		return err
@@ -30,9 +34,6 @@ func (c *cli) events(_ []string) error {
 	for i, m := range pools {
 		c.printState(now, refs[i].ID, m)
 	}
-	stop := make(chan os.Signal, 1)
-	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
-	defer signal.Stop(stop)
 	for {
 		select {
 		case <-stop:

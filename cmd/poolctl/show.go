@@ -73,6 +73,9 @@ func showValue(v dbus.Variant) string {
 // this boot, merged by journalctl in time order.
 func (c *cli) logs(args []string) error {
 	id := args[0]
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(stop)
 	m, err := c.props(id)
 	if err != nil {
 		return err
@@ -87,9 +90,6 @@ func (c *cli) logs(args []string) error {
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("cannot run journalctl: %w", err)
 	}
-	stop := make(chan os.Signal, 1)
-	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
-	defer signal.Stop(stop)
 	interrupted, ended := make(chan struct{}), make(chan struct{})
 	defer close(ended)
 	go func() {
@@ -159,6 +159,9 @@ func (c *cli) isReady(args []string) error {
 // wait returns once the pool is in the state asked for.
 func (c *cli) wait(args []string) error {
 	id, want := args[0], c.waitFor
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(stop)
 	sigs, own, err := c.watch(ifaces.PoolPath(id))
 	if err != nil {
 		return err
@@ -176,9 +179,6 @@ func (c *cli) wait(args []string) error {
 	if err := reread(); err != nil {
 		return err
 	}
-	stop := make(chan os.Signal, 1)
-	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
-	defer signal.Stop(stop)
 	var expired <-chan time.Time
 	if c.timeout > 0 {
 		t := time.NewTimer(c.timeout)
