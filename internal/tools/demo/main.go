@@ -179,7 +179,7 @@ Port=8082
 	d.quiet("systemd-run --unit=demo-events --property=RuntimeMaxSec=60 sh -c 'poolctl events > /run/demo-events.txt'")
 	d.waitFor("poolctl events", "systemctl is-active demo-events.service", "active")
 	time.Sleep(300 * time.Millisecond) // its subscription, before the crash
-	d.run("kill -SEGV $(poolctl status llama8b --json | grep -o '\"MainPID\":[0-9]*' | cut -d: -f2)")
+	d.run("kill -SEGV $(poolctl show llama8b -p MainPID --value)")
 	d.waitFor("the restart", prop("llama8b", "RestartCount"), "u 1")
 	d.waitFor("llama8b ready", prop("llama8b", "Ready"), "b true")
 	d.quiet("systemctl stop demo-events.service")

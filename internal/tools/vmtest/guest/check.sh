@@ -113,7 +113,7 @@ c_poolctl() {
 	want_match "poolctl list: llama8b" "$out" '^llama8b +ready +yes '
 	want_match "poolctl list: embed" "$out" '^embed +ready +yes '
 	out=$(setpriv --reuid=nobody --regid=nogroup --clear-groups poolctl status llama8b --json 2>&1)
-	want_match "poolctl status as nobody" "$out" '"State":"ready"'
+	want_match "poolctl status as nobody" "$out" '"State": "ready"'
 	out=$(setpriv --reuid=nobody --regid=nogroup --clear-groups poolctl stop embed 2>&1)
 	code=$?
 	want "poolctl stop as nobody: exit status" "$code" 1
