@@ -177,6 +177,10 @@ func TestStartEndsWhenTheDaemonLeaves(t *testing.T) {
 	got := make(chan result, 1)
 	go func() { got <- poolctl(t, "", "start", "qwen") }()
 	waitProp(t, "qwen", "State", `s "starting"`)
+	// A second start of a starting pool succeeds and leaves it starting.
+	r = poolctl(t, "", "start", "qwen", "--no-block")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Equal(t, `s "starting"`, prop("qwen", "State"))
 	out, err := exec.Command("systemctl", "stop", "pool-managerd.service").CombinedOutput()
 	require.NoError(t, err, "%s", out)
 	select {
