@@ -97,3 +97,16 @@ func TestJSONOutputKeepsForgedTextAsJSON(t *testing.T) {
 	require.NoError(t, json.Unmarshal(raw, &back))
 	assert.Equal(t, forged, back["LastError"])
 }
+
+// What ssh or journalctl say on stderr reaches the terminal a line at a
+// time, escaped, also a last line without a newline.
+func TestMessagesOfOtherProgramsAreEscaped(t *testing.T) {
+	var out bytes.Buffer
+	e := &lineEscaper{w: &out}
+	e.Write([]byte("ssh: connect to host gpu1 port 22: Connection refused\nWarning: " + forged[:9]))
+	e.Write([]byte(forged[9:] + "\nlast\x1b]0;owned\x07"))
+	assert.Equal(t, "ssh: connect to host gpu1 port 22: Connection refused\n", strings.SplitAfter(out.String(), "\n")[0])
+	e.flush()
+	assert.Equal(t, "ssh: connect to host gpu1 port 22: Connection refused\nWarning: health: 503\n● llama-8b - ready\\x1b[2J\nlast\\x1b]0;owned\\x07\n", out.String())
+	assertNoControl(t, out.String())
+}

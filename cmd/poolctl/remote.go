@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +12,8 @@ import (
 	"time"
 
 	"github.com/godbus/dbus/v5"
+
+	"github.com/llorch/pool-managerd/internal/safetext"
 )
 
 // checkHost refuses what ssh would take for an option or that would
@@ -61,8 +64,9 @@ const bridgeCommand = "systemd-stdio-bridge"
 type pipeConn struct {
 	io.Reader
 	io.WriteCloser
-	cmd  *exec.Cmd
-	once sync.Once
+	cmd    *exec.Cmd
+	stderr *lineEscaper
+	once   sync.Once
 }
 
 func (p *pipeConn) Close() error {
@@ -76,6 +80,7 @@ func (p *pipeConn) Close() error {
 			p.cmd.Process.Kill()
 			<-done
 		}
+		p.stderr.flush()
 	})
 	return nil
 }
@@ -84,7 +89,8 @@ func (p *pipeConn) Close() error {
 // bridge; ssh's own messages (a host key prompt, a refusal) go to stderr.
 func dialHost(host string, stderr io.Writer) (*dbus.Conn, error) {
 	cmd := exec.Command("ssh", append(sshArgs(host), bridgeCommand)...)
-	cmd.Stderr = stderr
+	esc := &lineEscaper{w: stderr}
+	cmd.Stderr = esc
 	in, err := cmd.StdinPipe()
 	if err != nil {
 		return nil, err
@@ -96,7 +102,7 @@ func dialHost(host string, stderr io.Writer) (*dbus.Conn, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("cannot run ssh: %w", err)
 	}
-	pc := &pipeConn{Reader: out, WriteCloser: in, cmd: cmd}
+	pc := &pipeConn{Reader: out, WriteCloser: in, cmd: cmd, stderr: esc}
 	conn, err := dbus.NewConn(pc)
 	if err != nil {
 		pc.Close()
@@ -123,4 +129,45 @@ func remoteCommand(host string, argv []string) *exec.Cmd {
 		quoted[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
 	}
 	return exec.Command("ssh", append(sshArgs(host), strings.Join(quoted, " "))...)
+}
+
+// lineEscaper passes another program's messages (ssh's, journalctl's) on
+// a line at a time, escaped: a remote host or a journal file may hold any
+// bytes, and none of them may drive the operator's terminal.
+type lineEscaper struct {
+	mu      sync.Mutex
+	w       io.Writer
+	partial []byte
+}
+
+func (e *lineEscaper) Write(p []byte) (int, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.partial = append(e.partial, p...)
+	for {
+		i := bytes.IndexByte(e.partial, '\n')
+		if i < 0 {
+			break
+		}
+		fmt.Fprintln(e.w, safetext.Line(string(e.partial[:i])))
+		e.partial = e.partial[i+1:]
+	}
+	if len(e.partial) > 64<<10 {
+		e.flushLocked()
+	}
+	return len(p), nil
+}
+
+// flush writes a last line that had no newline.
+func (e *lineEscaper) flush() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.flushLocked()
+}
+
+func (e *lineEscaper) flushLocked() {
+	if len(e.partial) > 0 {
+		fmt.Fprintln(e.w, safetext.Line(string(e.partial)))
+		e.partial = nil
+	}
 }

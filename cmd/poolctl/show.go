@@ -82,7 +82,9 @@ func (c *cli) logs(args []string) error {
 	}
 	argv := append([]string{"-b", "--no-pager"}, logArgs(id, scopeOf(id, m), c.lines, c.followLog)...)
 	cmd := c.journalctl(argv...)
-	cmd.Stderr = c.stderr
+	esc := &lineEscaper{w: c.stderr}
+	defer esc.flush()
+	cmd.Stderr = esc
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return err
