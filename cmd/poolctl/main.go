@@ -214,7 +214,7 @@ func (c *cli) flagSet() *flag.FlagSet {
 	return fs
 }
 
-// shortOf and aliases: options with two names, listed once in the help.
+// aliases are the short names of options, listed with the long ones in help.
 var aliases = map[string]string{"H": "host", "p": "property", "f": "follow", "n": "lines", "h": "help"}
 
 // global options apply to every command.
