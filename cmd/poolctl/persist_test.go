@@ -1,44 +1,15 @@
 package main
 
 import (
-	"encoding/xml"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
-	"github.com/godbus/dbus/v5"
-	"github.com/godbus/dbus/v5/introspect"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
-
-// needMethods skips where the daemon under test predates these methods
-// of the API: the test runs once the daemon has them.
-func needMethods(t *testing.T, names ...string) {
-	t.Helper()
-	conn, err := dbus.ConnectSystemBus()
-	require.NoError(t, err)
-	defer conn.Close()
-	var data string
-	require.NoError(t, conn.Object(busName, managerPath).Call("org.freedesktop.DBus.Introspectable.Introspect", 0).Store(&data))
-	var node introspect.Node
-	require.NoError(t, xml.Unmarshal([]byte(data), &node))
-	have := map[string]bool{}
-	for _, i := range node.Interfaces {
-		if i.Name == managerIface {
-			for _, m := range i.Methods {
-				have[m.Name] = true
-			}
-		}
-	}
-	for _, n := range names {
-		if !have[n] {
-			t.Skipf("pool-managerd has no %s yet", n)
-		}
-	}
-}
 
 // dropIns are the lines of the *.conf files beneath dir.
 func dropIns(t *testing.T, dir string) string {
@@ -60,7 +31,6 @@ func dropIns(t *testing.T, dir string) string {
 // reload --runtime writes nothing that outlives the boot.
 func TestDaemonReloadEnableDisableAndRuntimeReload(t *testing.T) {
 	dir := daemon(t)
-	needMethods(t, "ReloadConfig", "Enable", "Disable", "ReloadEx")
 
 	r := poolctl(t, "", "daemon-reload")
 	assert.Equal(t, result{"", "", 0}, r)
