@@ -1,17 +1,21 @@
 package gpu
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
-	"syscall"
+	"sync"
+	"time"
 )
 
 // KernelXID is an XID as the driver writes it to the kernel log:
@@ -28,10 +32,13 @@ type KernelXID struct {
 // maxPID is the kernel's largest pid_max (PID_MAX_LIMIT on 64-bit).
 const maxPID = 1 << 22
 
-var kernelXIDLine = regexp.MustCompile(`NVRM: Xid \(PCI:([0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2})(?:\.([0-7]))?\): ([0-9]{1,6})(?:, pid=([0-9]{1,8}|'?<unknown>'?))?[,.]`)
+// The driver's line begins the kernel's message: a line that only holds
+// one further on (an audit record quoting a user's text, a packet log's
+// prefix after another) is not the driver's.
+var kernelXIDLine = regexp.MustCompile(`^NVRM: Xid \(PCI:([0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2})(?:\.([0-7]))?\): ([0-9]{1,6})(?:, pid=([0-9]{1,8}|'?<unknown>'?))?[,.]`)
 
-// ParseKernelXID reads one kernel log message (without the /dev/kmsg
-// record's prefix); false if it is no XID line.
+// ParseKernelXID reads one kernel message (a journal entry's MESSAGE);
+// false if it is no XID line.
 func ParseKernelXID(msg string) (KernelXID, bool) {
 	m := kernelXIDLine.FindStringSubmatch(msg)
 	if m == nil {
@@ -52,76 +59,191 @@ func ParseKernelXID(msg string) (KernelXID, bool) {
 	return k, true
 }
 
-// kmsgRecord is one /dev/kmsg record's message, if the kernel wrote it:
-// "PRI,SEQ,USEC,FLAGS[,...];MESSAGE". A record written to /dev/kmsg by a
-// process has a facility other than the kernel's (0), and is not an XID.
-func kmsgRecord(rec []byte) (string, bool) {
-	head, msg, ok := bytes.Cut(rec, []byte{';'})
-	if !ok {
-		return "", false
-	}
-	pri, _, _ := bytes.Cut(head, []byte{','})
-	p, err := strconv.Atoi(string(pri))
-	if err != nil || p < 0 || p>>3 != 0 {
-		return "", false
-	}
-	msg, _, _ = bytes.Cut(msg, []byte{'\n'})
-	return string(msg), true
+// Bounds of what is read from journalctl: a line longer than maxJournalLine
+// (journalctl prints fields over 4 KiB as null) is skipped, a cursor
+// longer than maxCursor is not kept, and at most maxJournalErr bytes of
+// what it says on stderr are kept.
+const (
+	maxJournalLine = 64 << 10
+	maxCursor      = 512
+	maxJournalErr  = 4 << 10
+)
+
+// journalSettle is how long journalctl must run, having printed nothing,
+// to count as reading the journal: one that cannot read it exits at once.
+var journalSettle = time.Second
+
+// journalArgs follow the kernel's entries of this boot (--dmesg matches
+// _TRANSPORT=kernel) as JSON, with the fields the reader checks.
+var journalArgs = []string{"--dmesg", "--follow", "--no-pager", "--output=json",
+	"--output-fields=MESSAGE,_TRANSPORT,SYSLOG_FACILITY"}
+
+// KernelJournal follows the kernel's entries in the journal for the
+// driver's XID lines, with journalctl. journald sets _TRANSPORT=kernel
+// only on what it reads from /dev/kmsg, and no client can set a field
+// that begins with "_"; a record a process writes to /dev/kmsg (root
+// only) is marked kernel too, but never has the kernel's facility (0):
+// the kernel gives it the user facility.
+type KernelJournal struct {
+	// Command runs journalctl (its arguments are added); nil is
+	// "journalctl" from PATH.
+	Command []string
+
+	cursor string // after the last entry read: a new run goes on from there
 }
 
-// WatchKernelXIDs reads the kernel log at path (/dev/kmsg) from its end
-// and calls fn for each XID line the kernel writes, until ctx ends (then
-// it returns nil) or the log cannot be read.
-func WatchKernelXIDs(ctx context.Context, path string, fn func(KernelXID)) error {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
-	if err != nil {
-		return fmt.Errorf("kernel log: %w", err)
+// journalEntry holds the fields read of one entry. A field the entry
+// holds twice is a JSON array, one that is not UTF-8 an array of bytes:
+// neither is the kernel's.
+type journalEntry struct {
+	Message   json.RawMessage `json:"MESSAGE"`
+	Transport json.RawMessage `json:"_TRANSPORT"`
+	Facility  json.RawMessage `json:"SYSLOG_FACILITY"`
+	Cursor    json.RawMessage `json:"__CURSOR"`
+}
+
+func jsonString(raw json.RawMessage) (string, bool) {
+	var s string
+	if len(raw) == 0 || raw[0] != '"' || json.Unmarshal(raw, &s) != nil {
+		return "", false
 	}
-	// Only what comes from now on: older XIDs were acted on before, or
-	// concern engines long gone. A FIFO (in tests) cannot seek.
-	f.Seek(0, io.SeekEnd)
-	stop := context.AfterFunc(ctx, func() { f.Close() })
-	defer func() {
-		if stop() {
-			f.Close()
-		}
-	}()
-	buf := make([]byte, 16<<10)
-	var rest []byte
+	return s, true
+}
+
+// kernelMessage is the MESSAGE of one line of journalctl's JSON output if
+// the kernel wrote it, and the entry's cursor.
+func kernelMessage(line []byte) (msg, cursor string, ok bool) {
+	var e journalEntry
+	if json.Unmarshal(line, &e) != nil {
+		return "", "", false
+	}
+	cursor, _ = jsonString(e.Cursor)
+	if t, _ := jsonString(e.Transport); t != "kernel" {
+		return "", cursor, false
+	}
+	if f, _ := jsonString(e.Facility); f != "0" {
+		return "", cursor, false
+	}
+	msg, ok = jsonString(e.Message)
+	return msg, cursor, ok
+}
+
+// read reads journalctl's JSON lines from r until it ends,
+// calling seen for each line and fn for each XID line the kernel wrote.
+func (j *KernelJournal) read(r io.Reader, seen func(), fn func(KernelXID)) error {
+	br := bufio.NewReaderSize(r, maxJournalLine)
+	long := false
 	for {
-		n, err := f.Read(buf)
-		if ctx.Err() != nil {
-			return nil
-		}
+		line, err := br.ReadSlice('\n')
 		switch {
-		case errors.Is(err, syscall.EPIPE):
-			// Records were overwritten before they were read: go on
-			// with the oldest one left.
+		case errors.Is(err, bufio.ErrBufferFull):
+			long = true
 			continue
-		case err == io.EOF && n == 0:
-			return fmt.Errorf("kernel log %s: %w", filepath.Base(path), io.ErrUnexpectedEOF)
-		case err != nil && n == 0:
-			return fmt.Errorf("kernel log: %w", err)
+		case err != nil:
+			return err
+		case long:
+			long = false
+			continue
 		}
-		// /dev/kmsg returns one record a read; a FIFO any number of
-		// lines. A record's dictionary lines begin with a space.
-		rest = append(rest, buf[:n]...)
-		for {
-			line, more, ok := bytes.Cut(rest, []byte{'\n'})
-			if !ok {
-				break
-			}
-			rest = more
-			if msg, ok := kmsgRecord(line); ok {
-				if k, ok := ParseKernelXID(msg); ok {
-					fn(k)
-				}
-			}
+		seen()
+		msg, cursor, ok := kernelMessage(line)
+		if cursor != "" && len(cursor) <= maxCursor {
+			j.cursor = cursor
 		}
-		if len(rest) > len(buf) {
-			rest = nil // a line no record can be
+		if !ok {
+			continue
+		}
+		if k, ok := ParseKernelXID(msg); ok {
+			fn(k)
 		}
 	}
+}
+
+// Follow runs journalctl, from now on or after the last entry an earlier
+// run read, until ctx ends (then it returns nil) or journalctl exits (an
+// error with its status and what it said). readable is called once
+// journalctl reads the journal; fn is called for each XID line the kernel
+// wrote, in the journal's order.
+func (j *KernelJournal) Follow(ctx context.Context, readable func(), fn func(KernelXID)) error {
+	argv := j.Command
+	if len(argv) == 0 {
+		argv = []string{"journalctl"}
+	}
+	args := append(append(append([]string(nil), argv[1:]...), journalArgs...), "--lines=0")
+	if j.cursor != "" {
+		args = append(args[:len(args)-1], "--no-tail", "--after-cursor="+j.cursor)
+	}
+	cmd := exec.CommandContext(ctx, argv[0], args...)
+	cmd.Env = append(os.Environ(), "SYSTEMD_COLORS=0", "SYSTEMD_PAGER=")
+	stderr := &capped{max: maxJournalErr}
+	cmd.Stderr = stderr
+	cmd.WaitDelay = 5 * time.Second
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return fmt.Errorf("journalctl: %w", err)
+	}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("journalctl: %w", err)
+	}
+	// The settle timer and the lines read both say it is readable: the
+	// first that does, before Follow returns.
+	var mu sync.Mutex
+	said, ended := false, false
+	say := func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if !said && !ended {
+			said = true
+			readable()
+		}
+	}
+	settle := time.AfterFunc(journalSettle, say)
+	rerr := j.read(out, say, fn)
+	settle.Stop()
+	mu.Lock()
+	ended = true
+	mu.Unlock()
+	werr := cmd.Wait()
+	if ctx.Err() != nil {
+		return nil
+	}
+	said2 := strings.TrimSpace(stderr.String())
+	if i := strings.IndexByte(said2, '\n'); i >= 0 {
+		said2 = said2[:i]
+	}
+	switch {
+	case werr != nil && said2 != "":
+		return fmt.Errorf("journalctl: %w: %s", werr, said2)
+	case werr != nil:
+		return fmt.Errorf("journalctl: %w", werr)
+	case said2 != "":
+		return fmt.Errorf("journalctl ended: %s", said2)
+	case rerr != nil && !errors.Is(rerr, io.EOF):
+		return fmt.Errorf("journalctl: %w", rerr)
+	}
+	return errors.New("journalctl ended")
+}
+
+// capped keeps the first max bytes written to it.
+type capped struct {
+	mu  sync.Mutex
+	max int
+	b   []byte
+}
+
+func (c *capped) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if room := c.max - len(c.b); room > 0 {
+		c.b = append(c.b, p[:min(room, len(p))]...)
+	}
+	return len(p), nil
+}
+
+func (c *capped) String() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return string(c.b)
 }
 
 // CgroupOf is the cgroup v2 path of process pid, from procRoot/PID/cgroup

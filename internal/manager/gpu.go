@@ -128,6 +128,7 @@ const (
 	xidNoPool  = "xid_no_pool"
 	xidProcess = "xid_process"
 	xidForeign = "xid_foreign"
+	xidFlood   = "xid_flood"
 )
 
 // Values of pool_managerd_gpu_xids_total's tied label.
@@ -145,29 +146,98 @@ func (m *Manager) countXID(uuid string, xid uint64, tied string) {
 	m.o.Metrics.Touch()
 }
 
-// WatchKernelXIDs reads the driver's XID lines from the kernel log (they
-// name the faulting process) and routes each until ctx ends; a log that
-// cannot be read is journaled once and read again after xidRetry.
+// Bounds of the kernel's XID lines routed: kernelXIDBurst at once, then
+// kernelXIDRate a second. Anyone with a CUDA context can raise XIDs at
+// will, and each costs an NVML query; the rest are journaled, rate-limited.
+const (
+	kernelXIDBurst = 100
+	kernelXIDRate  = 20
+)
+
+// journalRetryFirst is how soon journalctl is run again after it ended;
+// each failure in a row doubles it, up to xidRetry.
+const journalRetryFirst = time.Second
+
+// WatchKernelXIDs follows the kernel's journal entries for the driver's
+// XID lines (they name the faulting process) and routes each until ctx
+// ends. journalctl is run again when it ends; while it cannot read the
+// journal, pool_managerd_kernel_log_readable is 0 and the reason is
+// journaled once.
 func (m *Manager) WatchKernelXIDs(ctx context.Context) {
 	if m.o.Inventory.Source != gpu.SourceNVML {
 		return
 	}
-	lastErr := ""
+	j := &gpu.KernelJournal{Command: m.o.Journalctl}
+	bucket := tokens{burst: kernelXIDBurst, rate: kernelXIDRate}
+	route := func(k gpu.KernelXID) {
+		if !bucket.take(time.Now()) {
+			m.warn.Warn(xidFlood, "kernel XID lines over the rate limit: not routed", journal.XID, k.XID, journal.PID, k.PID,
+				journal.Error, "more than "+strconv.Itoa(kernelXIDRate)+" a second")
+			return
+		}
+		m.RouteKernelXID(k)
+	}
+	lastErr, wait := "", journalRetryFirst
 	for {
-		err := gpu.WatchKernelXIDs(ctx, m.o.KernelLog, m.RouteKernelXID)
+		started := time.Now()
+		err := j.Follow(ctx, func() {
+			m.setKernelLogReadable(true)
+			if lastErr != "" {
+				m.o.Log.Info("reading XIDs from the kernel's journal entries again")
+				lastErr = ""
+			}
+		}, route)
 		if ctx.Err() != nil {
 			return
 		}
-		if err != nil && err.Error() != lastErr {
-			m.o.Log.Warn("not reading XIDs from the kernel log: process-tied XIDs restart no pool (trying again every 30 s)", journal.Error, err.Error())
+		m.setKernelLogReadable(false)
+		if err.Error() != lastErr {
+			m.o.Log.Warn("not reading XIDs from the kernel's journal entries: process-tied XIDs restart no pool (trying again)", journal.Error, err.Error())
 			lastErr = err.Error()
+		}
+		if time.Since(started) > xidRetry {
+			wait = journalRetryFirst
 		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(xidRetry):
+		case <-time.After(wait):
 		}
+		wait = min(2*wait, xidRetry)
 	}
+}
+
+func (m *Manager) setKernelLogReadable(ok bool) {
+	if m.o.Metrics == nil {
+		return
+	}
+	v := 0.0
+	if ok {
+		v = 1
+	}
+	m.o.Metrics.KernelLogReadable.WithLabelValues().Set(v)
+	m.o.Metrics.Touch()
+}
+
+// tokens is a token bucket: burst at once, rate a second.
+type tokens struct {
+	burst, rate float64
+	have        float64
+	last        time.Time
+}
+
+func (b *tokens) take(now time.Time) bool {
+	if b.last.IsZero() {
+		b.have = b.burst
+	} else {
+		b.have = min(b.burst, b.have+now.Sub(b.last).Seconds()*b.rate)
+	}
+	b.last = now
+	if b.have < 1 {
+		return false
+	}
+	b.have--
+	return true
 }
 
 // RouteKernelXID acts on a process-tied XID the kernel names: only the

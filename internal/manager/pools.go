@@ -44,9 +44,11 @@ type Options struct {
 	// GPUResetTimeout how long the command may run. Zero: the defaults.
 	GPUFirstCheck, GPUCheckEvery  time.Duration
 	GPUResetWait, GPUResetTimeout time.Duration
-	// KernelLog is where the driver's XID lines are read ("/dev/kmsg"),
-	// ProcRoot where a process's cgroup is ("/proc").
-	KernelLog, ProcRoot string
+	// Journalctl runs journalctl, which follows the kernel's journal
+	// entries for the driver's XID lines; nil is "journalctl" from PATH.
+	Journalctl []string
+	// ProcRoot is where a process's cgroup is ("/proc").
+	ProcRoot string
 }
 
 func (o Options) withDefaults() Options {
@@ -55,9 +57,6 @@ func (o Options) withDefaults() Options {
 	}
 	if o.NVML == nil {
 		o.NVML = gpu.NewNVML
-	}
-	if o.KernelLog == "" {
-		o.KernelLog = "/dev/kmsg"
 	}
 	if o.ProcRoot == "" {
 		o.ProcRoot = "/proc"

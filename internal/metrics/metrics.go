@@ -52,6 +52,10 @@ type Set struct {
 	// BusRejected counts what other bus users sent that the daemon
 	// refused, by reason (access_denied, forged_signal).
 	BusRejected *prometheus.CounterVec
+	// KernelLogReadable is 1 while the kernel's journal entries are read
+	// for the driver's XID lines, 0 while they cannot be: then a
+	// process-tied XID restarts no pool. Absent without NVML.
+	KernelLogReadable *prometheus.GaugeVec
 
 	touched chan struct{}
 }
@@ -95,13 +99,14 @@ func New(reg prometheus.Registerer) *Set {
 		GPUUnhealthy:        gauge("gpu_unhealthy", "1 while a GPU needs a reset (reason reset), is lost (reason lost) or is not known to be usable (reason hold); its pools are held.", "gpu_uuid", "reason"),
 		GPUXIDs:             counter("gpu_xids_total", "XIDs by GPU and tie: pool (a process in a pool's scope), none (a process in no pool's scope: no pool acts), device (the GPU itself).", "gpu_uuid", "xid", "tied"),
 		BusRejected:         counter("bus_rejected_total", "Bus messages from others that the daemon refused, by reason (access_denied, forged_signal).", "reason"),
+		KernelLogReadable:   gauge("kernel_log_readable", "1 while the kernel's journal entries are read for the driver's XID lines, 0 while they cannot be (process-tied XIDs restart no pool)."),
 		touched:             make(chan struct{}, 1),
 	}
 	reg.MustRegister(m.DrainDuration, m.Drains, m.DrainForceStops, m.ReloadDuration, m.ReloadSuccess,
 		m.ReloadFailure, m.EngineCrashes, m.BackoffDelay, m.RestartsScheduled, m.BreakerOpens,
 		m.BreakerState, m.RestartStorms, m.RestartRate, m.PoolReady, m.PoolLive, m.PoolDraining,
 		m.PoolState, m.ActiveLeases, m.PoolInfo, m.HealthCheckFailures, m.BuildInfo, m.GPUUnhealthy,
-		m.GPUXIDs, m.BusRejected)
+		m.GPUXIDs, m.BusRejected, m.KernelLogReadable)
 	m.BuildInfo.WithLabelValues(Version, runtime.Version()).Set(1)
 	// Zero from the start, so that the first refusal is an increase an
 	// alert can see.

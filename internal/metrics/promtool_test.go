@@ -113,11 +113,11 @@ var (
 )
 
 // seriesKey names a series by its name and labels, with the values that
-// differ per host (pool and GPU) left out.
+// differ per host (pool, GPU and the XIDs it raised) left out.
 func seriesKey(l prometheus.Labels) string {
 	var parts []string
 	for k, v := range l {
-		if k == "pool_id" || k == "gpu_uuid" {
+		if k == "pool_id" || k == "gpu_uuid" || k == "xid" {
 			v = "*"
 		}
 		parts = append(parts, k+"="+v)

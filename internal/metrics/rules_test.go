@@ -60,6 +60,14 @@ func exportedSeries(t *testing.T, pool, gpuUUID string) []prometheus.Labels {
 	for _, a := range []gpu.XIDAction{gpu.XIDReset, gpu.XIDLost} {
 		m.GPUUnhealthy.WithLabelValues(gpuUUID, a.String()).Set(1)
 	}
+	// Families with series once something happened.
+	for _, tied := range []string{"pool", "none", "device"} {
+		m.GPUXIDs.WithLabelValues(gpuUUID, "31", tied).Inc()
+	}
+	for _, reason := range []string{"access_denied", "forged_signal"} {
+		m.BusRejected.WithLabelValues(reason).Inc()
+	}
+	m.KernelLogReadable.WithLabelValues().Set(1)
 	fams, err := reg.Gather()
 	require.NoError(t, err)
 	var series []prometheus.Labels
@@ -96,7 +104,8 @@ func TestAlertRulesUseExportedMetrics(t *testing.T) {
 			assert.True(t, known[n], "%s uses %s, which is not exported", r.Alert, n)
 		}
 	}
-	for _, a := range []string{"PoolCircuitBreakerOpen", "PoolRestartStorm", "PoolNotReady", "PoolEngineOOM", "PoolEngineStalled", "GPUUnhealthy", "PoolManagerDown"} {
+	for _, a := range []string{"PoolCircuitBreakerOpen", "PoolRestartStorm", "PoolNotReady", "PoolEngineOOM", "PoolEngineStalled", "GPUUnhealthy",
+		"GPUForeignXID", "KernelLogUnreadable", "BusForgedSignals", "PoolManagerDown"} {
 		assert.True(t, alerts[a], "alert %s", a)
 	}
 }
