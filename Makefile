@@ -36,7 +36,7 @@ test: deps-test fmt-check vet unit fuzz-short
 DEPS := internal/tools/deps/debian.sh
 SYSTEMD_DEPS := systemd:systemd dbus-daemon:dbus busctl:systemd
 deps-test:
-	@$(DEPS) $(SYSTEMD_DEPS) promtool:prometheus prometheus-node-exporter:prometheus-node-exporter
+	@$(DEPS) $(SYSTEMD_DEPS) promtool:prometheus prometheus-node-exporter:prometheus-node-exporter nft:nftables
 deps-demo:
 	@$(DEPS) $(SYSTEMD_DEPS)
 deps-vm:

@@ -3,7 +3,9 @@
 package manager_test
 
 import (
+	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"strings"
@@ -210,4 +212,119 @@ func TestForeignXIDsAreRateLimitedInTheJournal(t *testing.T) {
 	assert.Empty(t, h.pool("a").gpuCalls())
 	assert.Equal(t, 200.0, testutil.ToFloat64(h.opts.Metrics.GPUXIDs.WithLabelValues(uuid, "13", "none")))
 	assert.Equal(t, journal.LimitBurst, strings.Count(h.logs.String(), "GPU XID of a process in no pool's scope"))
+}
+
+// kernelPrints has the kernel itself print msg (a packet log whose prefix
+// is msg, for a datagram sent here): the one way a test can make the
+// kernel write a message of its own facility that begins with the text it
+// chooses. The table is removed when the test ends.
+func kernelPrints(t *testing.T, msg string) {
+	t.Helper()
+	nft, err := exec.LookPath("nft")
+	require.NoError(t, err, "nft is missing: install Debian's nftables package (apt-get install --no-install-recommends nftables; make test does, as root)")
+	require.Less(t, len(msg), 128, "nft's log prefix")
+	l, err := net.ListenPacket("udp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	port := l.LocalAddr().(*net.UDPAddr).Port
+	table := fmt.Sprintf("pool_managerd_test_%d_%d", os.Getpid(), port)
+	rules := fmt.Sprintf("table inet %s {\n chain out {\n  type filter hook output priority 0; policy accept;\n"+
+		"  ip daddr 127.0.0.1 udp dport %d log prefix \"%s\" level warn\n }\n}\n", table, port, msg)
+	cmd := exec.Command(nft, "-f", "-")
+	cmd.Stdin = strings.NewReader(rules)
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "nft: %s", out)
+	t.Cleanup(func() { exec.Command(nft, "delete", "table", "inet", table).Run() })
+	c, err := net.Dial("udp", l.LocalAddr().String())
+	require.NoError(t, err)
+	defer c.Close()
+	_, err = c.Write([]byte("xid"))
+	require.NoError(t, err)
+}
+
+// inJournal waits until every marker is in a journal entry's message.
+func inJournal(t *testing.T, markers ...string) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		out, _ := exec.Command("journalctl", "--boot", "--no-pager", "--output=cat", "--lines=500").Output()
+		for _, m := range markers {
+			if !strings.Contains(string(out), m) {
+				return false
+			}
+		}
+		return true
+	}, 10*time.Second, 50*time.Millisecond, "%v in the journal", markers)
+}
+
+// The kernel's XID lines are read from its journal entries: an XID line
+// any process can log (logger, a service's output) or root can write to
+// /dev/kmsg (journald marks that kernel, with the user facility) acts on
+// nothing; the same line the kernel printed restarts the pool whose
+// process it names.
+func TestKernelXIDsAreReadFromTheKernelsJournalEntriesOnly(t *testing.T) {
+	sandbox.Need(t)
+	h, nv := nvmlHost(t, "", map[string]string{"a": "0"}, nil)
+	a := h.pool("a")
+	uuid := nv.GPU(0).UUID
+	engineA, _ := inScope(t, "pool-engine-a.scope", "pool-managerd-engines")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { h.m.WatchKernelXIDs(ctx); close(done) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Error("the watch did not end with its context")
+		}
+	})
+	readable := func() float64 { return testutil.ToFloat64(h.opts.Metrics.KernelLogReadable.WithLabelValues()) }
+	require.Eventually(t, func() bool { return readable() == 1 }, 10*time.Second, 20*time.Millisecond, "reading the journal")
+
+	line := func(name string) string {
+		return fmt.Sprintf("NVRM: Xid (PCI:0000:00:00): 31, pid=%d, name=%s, Ch 00000008", engineA, name)
+	}
+	out, err := exec.Command("logger", line("forged-syslog")).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	cat := exec.Command("systemd-cat", "--identifier=cuda")
+	cat.Stdin = strings.NewReader(line("forged-stdout") + "\n")
+	out, err = cat.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	kmsg, err := os.OpenFile("/dev/kmsg", os.O_WRONLY, 0)
+	require.NoError(t, err)
+	// journald takes "NVRM:" for the identifier of a record that is not
+	// the kernel's: the message it stores begins "NVRM: Xid".
+	_, err = kmsg.WriteString("<4>NVRM: " + line("forged-kmsg"))
+	require.NoError(t, err)
+	kmsg.Close()
+	inJournal(t, "name=forged-syslog", "name=forged-stdout", "name=forged-kmsg")
+
+	kernelPrints(t, fmt.Sprintf("NVRM: Xid (PCI:0000:00:00): 31, pid=%d, name=kernel, ", engineA))
+	require.Eventually(t, func() bool { return len(a.gpuCalls()) > 0 }, 10*time.Second, 20*time.Millisecond, "the kernel's line acts")
+	assert.Equal(t, []string{"xid 31 " + uuid}, a.gpuCalls())
+	assert.Equal(t, 1.0, testutil.ToFloat64(h.opts.Metrics.GPUXIDs.WithLabelValues(uuid, "31", "pool")), "the kernel's line only")
+	assert.Equal(t, 0.0, testutil.ToFloat64(h.opts.Metrics.GPUXIDs.WithLabelValues(uuid, "31", "none")), "no forged line was read")
+}
+
+// A journal journalctl cannot read (here: run as a user outside the
+// journal's groups) is said once, with journalctl's words, however often
+// it is tried again, and in pool_managerd_kernel_log_readable.
+func TestAnUnreadableKernelJournalIsSaidOnce(t *testing.T) {
+	sandbox.Need(t)
+	h, _ := nvmlHost(t, "", map[string]string{"a": "0"}, func(o *manager.Options) {
+		o.Journalctl = []string{"setpriv", "--reuid=pmtest", "--regid=pmtest", "--clear-groups", "journalctl"}
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { h.m.WatchKernelXIDs(ctx); close(done) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	const warning = `msg="not reading XIDs from the kernel's journal entries: process-tied XIDs restart no pool (trying again)" ERROR="journalctl: exit status 1: No journal files were opened due to insufficient permissions."`
+	require.Eventually(t, func() bool { return strings.Contains(h.logs.String(), warning) }, 10*time.Second, 20*time.Millisecond, h.logs.String())
+	assert.Equal(t, 0.0, testutil.ToFloat64(h.opts.Metrics.KernelLogReadable.WithLabelValues()))
+	// Tried again after 1 s and 2 s.
+	assert.Never(t, func() bool { return strings.Count(h.logs.String(), "not reading XIDs") > 1 }, 3500*time.Millisecond, 50*time.Millisecond)
+	assert.Equal(t, 0.0, testutil.ToFloat64(h.opts.Metrics.KernelLogReadable.WithLabelValues()))
 }
