@@ -14,6 +14,10 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/NVIDIA/go-nvml/pkg/nvml/mock/dgxh100"
+
+	"github.com/llorch/pool-managerd/internal/gpu"
+	"github.com/llorch/pool-managerd/internal/gpu/nvmlmock"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
@@ -21,6 +25,13 @@ import (
 // The tests of this package run inside a sandbox: the daemon runs there as
 // a unit of a real systemd.
 func TestMain(m *testing.M) {
+	// The test binary is the installed unit's daemon on an NVML host
+	// made of go-nvml's mocks (see TestTheInstalledUnitReadsTheKernelsXIDLines).
+	if os.Getenv(unitOnMockNVML) == "1" {
+		host := nvmlmock.New(dgxh100.New())
+		newNVML = func() gpu.NVML { return gpu.NewNVMLWith(host.Server) }
+		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	}
 	os.Exit(sandbox.Main(m, testpool.Options, sandbox.Build("github.com/llorch/pool-managerd/cmd/pool-managerd", "github.com/llorch/pool-managerd/cmd/pool-managerd-shim", testpool.Sim)))
 }
 
