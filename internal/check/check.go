@@ -52,7 +52,7 @@ type Target struct {
 	// Owned checks that a socket answering a check belongs to the
 	// engine's scope: while the engine is down or loading another user
 	// may listen on its port. Each kind says when it asks.
-	Owned func(peer netip.AddrPort) error
+	Owned func(local, peer netip.AddrPort) error
 }
 
 // Result is what one look found.

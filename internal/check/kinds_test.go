@@ -49,7 +49,7 @@ func TestTheKindsOnOneEngine(t *testing.T) {
 		ProgressURL: srv.URL + "/metrics", Stall: time.Second,
 		Warmup: &config.WarmupRequest{Method: "POST", Path: "/completion"}, WarmupTimeout: time.Second}
 	var verified atomic.Int32
-	tgt := check.Target{Run: 8, Owned: func(netip.AddrPort) error { verified.Add(1); return nil }}
+	tgt := check.Target{Run: 8, Owned: func(_, _ netip.AddrPort) error { verified.Add(1); return nil }}
 	var mu sync.Mutex
 	var evs []lifecycle.Event
 	tell := func(ev lifecycle.Event) { mu.Lock(); evs = append(evs, ev); mu.Unlock() }
@@ -94,15 +94,18 @@ func TestTheKindsOnOneEngine(t *testing.T) {
 	for i := 0; i+1 < len(rest); i += 2 {
 		assert.Equal(t, []string{"probed", "progress"}, rest[i:i+2], "each good probe is followed by a read: %v", rest)
 	}
-	// 4 start looks, the warm-up and each metrics read were verified;
-	// the probes of the healthy engine were not.
-	reads := 0
+	// 4 start looks, the warm-up, each probe of the healthy engine and
+	// each metrics read were verified.
+	reads, probes := 0, 0
 	for _, k := range rest {
-		if k == "progress" {
+		switch k {
+		case "progress":
 			reads++
+		case "probed":
+			probes++
 		}
 	}
-	assert.Equal(t, int32(4+1+reads), verified.Load())
+	assert.Equal(t, int32(4+1+probes+reads), verified.Load())
 
 	plain := check.Config{HealthURL: srv.URL + "/health", Health: config.Health{Interval: time.Second, Timeout: time.Second, StartTimeout: time.Second}}
 	ctx, cancel = context.WithCancel(context.Background())

@@ -30,6 +30,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/model"
 	"github.com/llorch/pool-managerd/internal/shim"
+	"github.com/llorch/pool-managerd/internal/sockdiag"
 	"github.com/llorch/pool-managerd/internal/witness"
 )
 
@@ -101,13 +102,19 @@ type Spec struct {
 	// it back in Engine.Note.
 	Note []byte
 	// Precheck, if set, runs while systemd makes the scope; an error
-	// calls the start off before the engine is run.
-	Precheck func() error
+	// calls the start off before the engine is run. See Precheck.
+	Precheck Precheck
 	// Version is the pool's VersionCommand (nil: none): the shim runs it
 	// beside the engine, as the engine's user in its scope, and reports
 	// what it printed as an Event.
 	Version []string
 }
+
+// Precheck is a check run before an engine starts. scope waits until the
+// engine's scope is made and gives the id of its cgroup (from the shim,
+// the daemon's own child, in it): what is in that cgroup is the pool's
+// own, whatever its unit is called elsewhere.
+type Precheck func(scope func() (uint64, error)) error
 
 // Event is something an engine's shim reported after the start.
 type Event struct {
@@ -155,6 +162,9 @@ type Engine struct {
 	Started time.Time
 	// Note is Spec.Note of the start.
 	Note []byte
+	// CgroupID is the id of the scope's cgroup (0: not known): a socket
+	// or process is the engine's when it is in that cgroup.
+	CgroupID uint64
 	// Invocation is the scope's InvocationID (hex) as systemd gave it
 	// when the engine started or was adopted ("" if it could not be
 	// read): systemd's word on a scope of the same name from another
@@ -450,6 +460,26 @@ type Prepared struct {
 	Invocation string
 	ahead      bool
 	once       sync.Once
+	// made is closed once the scope is made (cgroup is its cgroup's id)
+	// or could not be (cgroupErr says why).
+	made      chan struct{}
+	madeOnce  sync.Once
+	cgroup    uint64
+	cgroupErr error
+}
+
+// scopeMade records the scope's cgroup, or why there is none.
+func (p *Prepared) scopeMade(id uint64, err error) {
+	p.madeOnce.Do(func() {
+		p.cgroup, p.cgroupErr = id, err
+		close(p.made)
+	})
+}
+
+// scope waits for the scope and gives its cgroup's id.
+func (p *Prepared) scope() (uint64, error) {
+	<-p.made
+	return p.cgroup, p.cgroupErr
 }
 
 // ErrPreparedLost: a prepared scope's shim is gone (the scope was stopped
@@ -471,7 +501,7 @@ func (r *Runtime) Prepare(ctx context.Context, s Spec) (*Prepared, error) {
 
 // Go runs precheck (nil: none), then lets the shim start the engine. A
 // shim that is gone gives ErrPreparedLost, and the scope is given up.
-func (p *Prepared) Go(ctx context.Context, precheck func() error) (*Engine, error) {
+func (p *Prepared) Go(ctx context.Context, precheck Precheck) (*Engine, error) {
 	select {
 	case <-p.reaped:
 		p.Abort()
@@ -480,7 +510,7 @@ func (p *Prepared) Go(ctx context.Context, precheck func() error) (*Engine, erro
 	}
 	if precheck != nil {
 		c0 := time.Now()
-		err := precheck()
+		err := precheck(p.scope)
 		p.ph.Precheck = time.Since(c0)
 		if err != nil {
 			p.Abort()
@@ -514,7 +544,7 @@ func (p *Prepared) kill() {
 // Spec.Precheck runs alongside.
 func (r *Runtime) prepare(ctx context.Context, s Spec, check bool) (*Prepared, error) {
 	t0 := time.Now()
-	p := &Prepared{r: r, pool: s.Pool, name: UnitName(s.Pool), reaped: make(chan struct{})}
+	p := &Prepared{r: r, pool: s.Pool, name: UnitName(s.Pool), reaped: make(chan struct{}), made: make(chan struct{})}
 	name := p.name
 	u, err := s.account()
 	if err != nil {
@@ -573,7 +603,7 @@ func (r *Runtime) prepare(ctx context.Context, s Spec, check bool) (*Prepared, e
 				return
 			}
 			c0 := time.Now()
-			err := s.Precheck()
+			err := s.Precheck(p.scope)
 			p.ph.Precheck = time.Since(c0)
 			p.checked <- err
 		}()
@@ -587,6 +617,7 @@ func (r *Runtime) prepare(ctx context.Context, s Spec, check bool) (*Prepared, e
 		close(p.reaped)
 	}()
 	abort := func(err error) (*Prepared, error) {
+		p.scopeMade(0, fmt.Errorf("%s was not made: %w", name, err))
 		p.kill()
 		if p.checked != nil {
 			<-p.checked
@@ -643,6 +674,13 @@ func (r *Runtime) prepare(ctx context.Context, s Spec, check bool) (*Prepared, e
 	if err := r.jobDone(ctx, sd, name, done); err != nil {
 		return abort(err)
 	}
+	// The shim is the daemon's child, not yet reaped: its pid is its own,
+	// and it is in the scope now.
+	id, err := sockdiag.CgroupID(cmd.Process.Pid)
+	if err != nil {
+		err = fmt.Errorf("the cgroup of %s: %w", name, err)
+	}
+	p.scopeMade(id, err)
 	p.ready = time.Now()
 	p.ph.Scope = p.ready.Sub(t1)
 	return p, nil
@@ -719,7 +757,7 @@ func (p *Prepared) goAhead(ctx context.Context) (*Engine, error) {
 		ph.Invocation = max(0, id.done.Sub(t3))
 	}
 	e := &Engine{Unit: name, PID: first.PID, ShimPID: cmd.Process.Pid, Started: t3, Note: first.Note, events: make(chan Event, 4),
-		Invocation: id.id, Phases: *ph}
+		Invocation: id.id, Phases: *ph, CgroupID: p.cgroup}
 	go e.watchDeath()
 	e.shimEnded = func(wait time.Duration) (syscall.WaitStatus, bool) {
 		select {
@@ -845,6 +883,12 @@ func (r *Runtime) Attach(ctx context.Context, pool, socket string) (*Engine, err
 	c.SetReadDeadline(time.Time{})
 	e := &Engine{Unit: UnitName(pool), PID: first.PID, Note: first.Note, events: make(chan Event, 4),
 		Invocation: r.invocation(ctx, UnitName(pool))}
+	// The shim (root, in the scope) names the engine: its cgroup is the
+	// scope's.
+	if p, err := OpenProcess(first.PID); err == nil {
+		e.CgroupID = p.CgroupID
+		p.Close()
+	}
 	go e.watchDeath()
 	if p, err := os.Stat(fmt.Sprintf("/proc/%d", first.PID)); err == nil {
 		e.Started = p.ModTime()

@@ -23,6 +23,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/shim"
+	"github.com/llorch/pool-managerd/internal/sockdiag"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 )
 
@@ -281,7 +282,7 @@ func TestAFailedPrecheckRunsNoEngine(t *testing.T) {
 	mark := markFile(t)
 	busy := errors.New("GPU in use by pid 4242")
 	_, err := rt.Start(ctx, engine.Spec{Pool: "prechecked", Argv: []string{"/bin/touch", mark}, User: "pool-engine", StopTimeout: time.Second,
-		Precheck: func() error { return busy }})
+		Precheck: func(func() (uint64, error)) error { return busy }})
 	require.ErrorIs(t, err, busy)
 	_, statErr := os.Stat(mark)
 	assert.True(t, os.IsNotExist(statErr), "the engine never ran")
@@ -321,16 +322,24 @@ func TestAPreparedScopeRunsItsEngineOnlyAtGo(t *testing.T) {
 	_, statErr := os.Stat(mark)
 	assert.True(t, os.IsNotExist(statErr), "no engine before Go")
 
-	checked := false
-	e, err := p.Go(ctx, func() error { checked = true; return nil })
+	var scope uint64
+	e, err := p.Go(ctx, func(own func() (uint64, error)) error {
+		var err error
+		scope, err = own()
+		return err
+	})
 	require.NoError(t, err)
-	assert.True(t, checked)
+	require.NotZero(t, scope, "the check is given the scope's cgroup")
+	assert.Equal(t, scope, e.CgroupID)
 	assert.Equal(t, p.Invocation, e.Invocation)
 	assert.GreaterOrEqual(t, e.Phases.Ahead, 50*time.Millisecond)
 	require.Eventually(t, func() bool { _, err := os.Stat(mark); return err == nil }, 10*time.Second, 10*time.Millisecond)
 	cg, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", e.PID))
 	require.NoError(t, err)
 	assert.Contains(t, string(cg), unit)
+	engineCgroup, err := sockdiag.CgroupID(e.PID)
+	require.NoError(t, err)
+	assert.Equal(t, engineCgroup, scope, "the scope's cgroup is the engine's")
 	require.NoError(t, rt.Stop(ctx, "ahead"))
 }
 
@@ -379,7 +388,7 @@ func TestAPreparedScopeLostOrRefusedAtGoRunsNoEngine(t *testing.T) {
 	p, err := rt.Prepare(ctx, engine.Spec{Pool: "refused", Argv: []string{"/bin/touch", mark}, User: "pool-engine", StopTimeout: time.Second})
 	require.NoError(t, err)
 	busy := errors.New("GPU in use by pid 4242")
-	_, err = p.Go(ctx, func() error { return busy })
+	_, err = p.Go(ctx, func(func() (uint64, error)) error { return busy })
 	require.ErrorIs(t, err, busy)
 	require.Eventually(t, func() bool { return !scopeActive(engine.UnitName("refused")) }, 10*time.Second, 10*time.Millisecond)
 	_, statErr := os.Stat(mark)

@@ -3,8 +3,10 @@ package gpu
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -87,9 +89,10 @@ func ComputeProcesses(n NVML, uuid, procRoot string) ([]Holder, error) {
 
 // NodeHolders lists, by PID, the processes that have any of nodes open,
 // found by reading the links in procRoot/*/fd; the calling process is
-// never one. Entries that cannot be read (a process exiting, or one this
-// process may not look into) are skipped; an unreadable procRoot is an
-// error. Pass a GPU's own nodes (/dev/nvidiaN), not the control nodes
+// never one. A process exiting meanwhile is skipped; when no holder is
+// found but some process could not be looked into (another user's), the
+// error is an *UncheckedError counting them; an unreadable procRoot is
+// an error. Pass a GPU's own nodes (/dev/nvidiaN), not the control nodes
 // every CUDA process holds.
 func NodeHolders(procRoot string, nodes []string) ([]Holder, error) {
 	if len(wanted(nodes)) == 0 {
@@ -99,7 +102,11 @@ func NodeHolders(procRoot string, nodes []string) ([]Holder, error) {
 	if err != nil {
 		return nil, fmt.Errorf("processes holding %s: %w", strings.Join(nodes, ", "), err)
 	}
-	return o.Holders(nodes), nil
+	hs := o.Holders(nodes)
+	if len(hs) == 0 && o.unchecked > 0 {
+		return nil, &UncheckedError{N: o.unchecked}
+	}
+	return hs, nil
 }
 
 // NodeScanner shares scans of ProcRoot among callers that ask at about
@@ -134,6 +141,23 @@ type NodeOpens struct {
 	procRoot string
 	// nodes: PID -> the paths its fds point at.
 	nodes map[int][]string
+	// unchecked: processes whose fds could not be read (another user's,
+	// without CAP_SYS_PTRACE); they may hold any node.
+	unchecked int
+}
+
+// Unchecked counts the processes whose open files the scan could not
+// read: a scan that found no holder did not look at them.
+func (o *NodeOpens) Unchecked() int { return o.unchecked }
+
+// UncheckedError is a scan that found no holder but could not look at
+// every process.
+type UncheckedError struct {
+	N int
+}
+
+func (e *UncheckedError) Error() string {
+	return fmt.Sprintf("could not check %d processes of other users for the GPU's device nodes (their /proc/PID/fd is not readable without CAP_SYS_PTRACE)", e.N)
 }
 
 // Scan returns the device nodes open in every process (but this one), as
@@ -185,7 +209,11 @@ func scanNodes(procRoot string) (*NodeOpens, error) {
 		if err != nil || pid <= 0 || pid == self {
 			continue
 		}
-		if devs := openNodes(filepath.Join(procRoot, e.Name(), "fd")); len(devs) > 0 {
+		devs, err := openNodes(filepath.Join(procRoot, e.Name(), "fd"))
+		if errors.Is(err, fs.ErrPermission) {
+			o.unchecked++
+		}
+		if len(devs) > 0 {
 			o.nodes[pid] = devs
 		}
 	}
@@ -193,22 +221,30 @@ func scanNodes(procRoot string) (*NodeOpens, error) {
 }
 
 // openNodes lists the paths that fdDir's links point at, each once
-// (sockets, pipes, terminals and /dev/null aside: no GPU is one).
-func openNodes(fdDir string) []string {
+// (sockets, pipes, terminals and /dev/null aside: no GPU is one). An
+// fdDir or link this process may not read is an fs.ErrPermission (root
+// without CAP_SYS_PTRACE lists another user's fds but cannot read where
+// they point); a process gone meanwhile is fs.ErrNotExist or no fds.
+func openNodes(fdDir string) ([]string, error) {
 	fds, err := os.ReadDir(fdDir)
 	if err != nil {
-		return nil
+		return nil, err
 	}
 	var out []string
+	var denied error
 	for _, fd := range fds {
 		target, err := os.Readlink(filepath.Join(fdDir, fd.Name()))
+		if errors.Is(err, fs.ErrPermission) {
+			denied = err
+			continue
+		}
 		if err != nil || !strings.HasPrefix(target, "/") || strings.HasPrefix(target, "/dev/pts/") ||
 			target == "/dev/null" || slices.Contains(out, target) {
 			continue
 		}
 		out = append(out, target)
 	}
-	return out
+	return out, denied
 }
 
 // wanted is nodes as their links may read: as given and resolved.

@@ -17,10 +17,11 @@ import (
 	"time"
 )
 
-// Verify checks the engine end of a probe's connection before anything is
-// sent on it; an error fails the probe. A probe answered by whoever squats
-// the engine's port must not count; nil verifies nothing.
-type Verify func(remote netip.AddrPort) error
+// Verify checks the engine end of a probe's connection (from local to
+// remote) before anything is sent on it; an error fails the probe. A
+// probe answered by whoever squats the engine's port must not count; nil
+// verifies nothing.
+type Verify func(local, remote netip.AddrPort) error
 
 // dial connects and, with v set, verifies the peer.
 func dial(ctx context.Context, network, addr string, v Verify) (net.Conn, error) {
@@ -31,8 +32,9 @@ func dial(ctx context.Context, network, addr string, v Verify) (net.Conn, error)
 		return nil, err
 	}
 	if v != nil {
-		if tcp, ok := c.RemoteAddr().(*net.TCPAddr); ok {
-			err = v(tcp.AddrPort())
+		local, lok := c.LocalAddr().(*net.TCPAddr)
+		if remote, ok := c.RemoteAddr().(*net.TCPAddr); ok && lok {
+			err = v(local.AddrPort(), remote.AddrPort())
 		} else {
 			err = fmt.Errorf("peer %s is not a TCP address", c.RemoteAddr())
 		}

@@ -137,14 +137,14 @@ func TestProbeSendsNothingToAnUnverifiedPeer(t *testing.T) {
 			p.client.Transport.(*http.Transport).TLSClientConfig = srv.Client().Transport.(*http.Transport).TLSClientConfig
 		}
 		var seen netip.AddrPort
-		refuse := func(peer netip.AddrPort) error {
+		refuse := func(_, peer netip.AddrPort) error {
 			seen = peer
 			return errors.New("held by a socket outside the scope")
 		}
 		err := p.Probe(context.Background(), refuse)
 		assert.ErrorContains(t, err, "outside the scope", "tls=%v", tls)
 		assert.Equal(t, srv.Listener.Addr().String(), seen.String())
-		accept := func(netip.AddrPort) error { return nil }
+		accept := func(_, _ netip.AddrPort) error { return nil }
 		require.NoError(t, p.Probe(context.Background(), accept))
 		srv.Close()
 		mu.Lock()

@@ -98,11 +98,11 @@ func TestProgressAndRequestSendNothingToAnUnverifiedPeer(t *testing.T) {
 	}))
 	defer srv.Close()
 	var seen []netip.AddrPort
-	refuse := func(peer netip.AddrPort) error {
+	refuse := func(_, peer netip.AddrPort) error {
 		seen = append(seen, peer)
 		return errors.New("held by a socket outside the scope")
 	}
-	accept := func(netip.AddrPort) error { return nil }
+	accept := func(_, _ netip.AddrPort) error { return nil }
 
 	_, _, err := Progress(context.Background(), srv.URL+"/metrics", 5*time.Second, refuse)
 	assert.ErrorContains(t, err, "outside the scope")

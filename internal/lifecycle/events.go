@@ -96,6 +96,9 @@ type (
 		PID int
 		// Invocation is its scope's InvocationID ("" if not known).
 		Invocation string
+		// Caution is what a check before the start could not make sure
+		// of ("": none), for LastError.
+		Caution string
 	}
 	// StartFailed: the engine of Run could not be started.
 	StartFailed struct {

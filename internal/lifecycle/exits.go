@@ -188,7 +188,24 @@ func (m *Machine) exitedOnOwn(r *run, x Exit, uptime time.Duration) {
 		m.engineStopped(r)
 		return
 	}
+	if x.PortHeld != "" && !r.healthy && m.drain == nil {
+		m.portHeld(r, x)
+		return
+	}
 	m.crashed(reason, describe(reason, r, x), &x, uptime)
+	m.engineStopped(r)
+}
+
+// portHeld: an engine that never answered exited while a socket outside
+// its scope held its port (its bind failed): someone else's doing, so no
+// crash is counted and the breaker is not fed; the pool is held and
+// starts again once the port is free.
+func (m *Machine) portHeld(r *run, x Exit) {
+	m.log(slog.LevelWarn, "engine exited while another process held its port: not counted as a crash", journal.Error, safetext.Bound(x.PortHeld))
+	m.revokeLeases("the engine exited")
+	m.transition(Failed, "port held")
+	m.lastErr = safetext.Bound("the engine could not listen: " + x.PortHeld)
+	m.retryLater(ErrPortBusy)
 	m.engineStopped(r)
 }
 

@@ -1,6 +1,7 @@
 package lifecycle
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -44,8 +45,8 @@ type Config struct {
 	// are not cut (and llama-server, which ignores SIGTERM while it
 	// serves one, is not killed).
 	DrainRequests bool
-	// GPURetry overrides the package's GPURetry (0: keep it).
-	GPURetry time.Duration
+	// GPURetry and PortRetry override the package's (0: keep it).
+	GPURetry, PortRetry time.Duration
 	// Ahead is how long before a scheduled restart its engine's scope is
 	// prepared at least (0: not): systemd's part of the restart is then
 	// done during the backoff. Spread, when set, draws a number in [0, 1)
@@ -619,20 +620,27 @@ func (m *Machine) startFailed(e StartFailed) {
 	m.start = nil
 	m.transition(Failed, "launch failed")
 	m.lastErr = safetext.Bound(e.Err.Error())
-	if errors.Is(e.Err, ErrGPUBusy) && !op.candidate {
-		// Another process holds the GPUs: no crash of ours; the start
-		// looks again later, and the operator (told now, if they asked)
-		// sees who holds them.
-		retry := GPURetry
-		if m.cfg.GPURetry > 0 {
-			retry = m.cfg.GPURetry
-		}
-		m.next = m.now.Add(retry)
-		m.arm(TimerRetry, m.next)
+	if (errors.Is(e.Err, ErrGPUBusy) || errors.Is(e.Err, ErrPortBusy)) && !op.candidate {
+		// Another process holds the GPUs or the port: no crash of ours;
+		// the start looks again later, and the operator (told now, if
+		// they asked) sees who holds them.
+		m.retryLater(e.Err)
 		m.reply(Reply{Req: op.req, Err: e.Err})
 		return
 	}
 	m.startDone(op, e.Err)
+}
+
+// retryLater arms the retry of a start that another process held (err
+// says which): the GPUs are looked at again after GPURetry, a port after
+// PortRetry.
+func (m *Machine) retryLater(err error) {
+	retry := cmp.Or(m.cfg.GPURetry, GPURetry)
+	if errors.Is(err, ErrPortBusy) {
+		retry = cmp.Or(m.cfg.PortRetry, PortRetry)
+	}
+	m.next = m.now.Add(retry)
+	m.arm(TimerRetry, m.next)
 }
 
 func (m *Machine) engineStarted(e EngineStarted) {
@@ -644,6 +652,10 @@ func (m *Machine) engineStarted(e EngineStarted) {
 		return
 	}
 	m.start = nil
+	if e.Caution != "" {
+		m.lastErr = safetext.Bound(e.Caution)
+		m.log(slog.LevelWarn, "engine started on an incomplete check", journal.Error, m.lastErr)
+	}
 	m.run = &run{id: e.Run, pid: e.PID, started: m.now, staged: op.staged, candidate: op.candidate, invocation: e.Invocation}
 	m.live, m.pid, m.starts = true, e.PID, m.starts+1
 	m.digest, m.path = op.staged.Digest, op.staged.Path

@@ -142,6 +142,10 @@ type Exit struct {
 	// daemon reaped it (0: not known).
 	ShimSignal syscall.Signal
 	At         time.Time
+	// PortHeld, when set, names a socket outside the engine's scope that
+	// held its port when it exited: an engine that never answered then
+	// failed to bind, which is no crash of its own.
+	PortHeld string
 }
 
 // Errors callers can match with errors.Is.
@@ -161,6 +165,10 @@ var (
 	// ErrGPUBusy is a start that found another process on the pool's
 	// GPUs (the supervisor's Launch reports it).
 	ErrGPUBusy = errors.New("GPU in use by another process")
+	// ErrPortBusy is a start that found the engine's port listened on
+	// from outside the pool's scope (the supervisor's Launch reports
+	// it): another user squats it.
+	ErrPortBusy = errors.New("port held by another process")
 	// ErrNoRestartPending refuses an AllowRestart with nothing to allow.
 	ErrNoRestartPending = policy.ErrNoRestartPending
 )
@@ -168,6 +176,11 @@ var (
 // GPURetry is how long a start that found its GPUs held waits before it
 // looks again, unless Config says otherwise.
 const GPURetry = 10 * time.Second
+
+// PortRetry is how long a start that found the engine's port held waits
+// before it looks again, unless Config says otherwise: a port is given
+// up in a moment, so the pool looks often (one sock_diag lookup).
+const PortRetry = 2 * time.Second
 
 // FaultConfirm is how long a GPU fault line in an engine's output waits
 // for the engine's death or a failed probe, which it then classifies. A

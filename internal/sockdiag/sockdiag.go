@@ -85,6 +85,10 @@ type ForeignError struct {
 	// OwnerCgroup is the path of the listener's cgroup, where it could
 	// be found ("" otherwise).
 	OwnerCgroup string
+	// PIDs are processes in that cgroup, the first few (MorePIDs: there
+	// are more), where they could be read.
+	PIDs     []int
+	MorePIDs bool
 }
 
 func (e *ForeignError) Error() string {
@@ -100,7 +104,22 @@ func (e *ForeignError) Error() string {
 	if e.OwnerCgroup == "" {
 		return msg + fmt.Sprintf(", cgroup id %d, the scope's is %d)", e.Owner.CgroupID, e.Scope.CgroupID)
 	}
-	msg += fmt.Sprintf(", in cgroup %s)", e.OwnerCgroup)
+	msg += fmt.Sprintf(", in cgroup %s", e.OwnerCgroup)
+	if len(e.PIDs) > 0 {
+		pids := make([]string, len(e.PIDs))
+		for i, p := range e.PIDs {
+			pids[i] = strconv.Itoa(p)
+		}
+		word := "pid"
+		if len(pids) > 1 {
+			word = "pids"
+		}
+		msg += ", " + word + " " + strings.Join(pids, ", ")
+		if e.MorePIDs {
+			msg += " and more"
+		}
+	}
+	msg += ")"
 	if containerized(e.OwnerCgroup) {
 		msg += "; an engine started with docker run (or another container engine that keeps its containers in its own cgroups) " +
 			"serves from outside the pool's scope, so the pool can never vouch for it: run the engine inside the scope, " +
@@ -151,10 +170,10 @@ func CheckOwner(addr netip.Addr, port uint16, s Scope) (Method, error) {
 	}
 	m, err := check(owners, addr, port, s, hostFacts())
 	var foreign *ForeignError
-	if errors.As(err, &foreign) && foreign.Method == ByCgroup {
+	if errors.As(err, &foreign) {
 		// Where the listener lives tells the operator what holds the
 		// port; best effort.
-		foreign.OwnerCgroup, _ = CgroupPathOfID(foreign.Owner.CgroupID)
+		foreign.fill()
 	}
 	return m, err
 }

@@ -1,10 +1,9 @@
 package supervisor
 
 import (
-	"errors"
+	"context"
 	"fmt"
 	"net/netip"
-	"syscall"
 	"time"
 
 	"github.com/llorch/pool-managerd/internal/check"
@@ -12,6 +11,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/check/probe"
 	"github.com/llorch/pool-managerd/internal/check/progress"
 	"github.com/llorch/pool-managerd/internal/check/warmup"
+	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/sockdiag"
 )
@@ -36,27 +36,35 @@ func (s *Supervisor) watch(r *run, startBy time.Time) {
 }
 
 // ownedByScope verifies that a check's peer is a socket of the engine's
-// scope. The scope's cgroup is found from the engine's process once per
-// run.
-func (s *Supervisor) ownedByScope(r *run) func(netip.AddrPort) error {
-	return func(peer netip.AddrPort) error {
+// scope: the socket at the other end of the check's connection, looked up
+// by its addresses on a sock_diag socket kept for the run (one request
+// per connection). The scope's cgroup and user are found once per run.
+func (s *Supervisor) ownedByScope(r *run) func(local, peer netip.AddrPort) error {
+	return func(local, peer netip.AddrPort) error {
 		r.scopeOnce.Do(func() {
-			id, err := sockdiag.CgroupID(r.e.PID)
-			if err != nil && !errors.Is(err, sockdiag.ErrNoCgroup2) {
-				r.scopeErr = fmt.Errorf("finding the engine's cgroup: %w", err)
-				return
-			}
-			var st syscall.Stat_t
-			if err := syscall.Stat(fmt.Sprintf("/proc/%d", r.e.PID), &st); err != nil {
+			id := r.e.CgroupID
+			p, err := engine.OpenProcess(r.e.PID)
+			if err != nil {
 				r.scopeErr = fmt.Errorf("finding the engine's user: %w", err)
 				return
 			}
-			r.scope = sockdiag.Scope{Unit: r.e.Unit, CgroupID: id, UID: st.Uid}
+			defer p.Close()
+			if id == 0 {
+				id = p.CgroupID
+			}
+			r.scope = sockdiag.Scope{Unit: r.e.Unit, CgroupID: id, UID: p.UID}
+			c, err := sockdiag.Open()
+			if err != nil {
+				r.scopeErr = err
+				return
+			}
+			r.diag = c
+			context.AfterFunc(r.ctx, c.Close)
 		})
 		if r.scopeErr != nil {
 			return r.scopeErr
 		}
-		_, err := sockdiag.CheckOwner(peer.Addr(), peer.Port(), r.scope)
+		_, err := r.diag.CheckPeer(local, peer, r.scope)
 		return err
 	}
 }

@@ -92,7 +92,7 @@ func (s *Supervisor) unprepare() {
 // for it and for st. It returns nil, nil when the start must make its
 // own scope; a prepared scope it does not use is gone by then, since its
 // stop by name must not reach the new one.
-func (s *Supervisor) startPrepared(ctx context.Context, a lifecycle.Launch, st model.Staged) (*engine.Engine, error) {
+func (s *Supervisor) startPrepared(ctx context.Context, a lifecycle.Launch, st model.Staged, check engine.Precheck) (*engine.Engine, error) {
 	pr := s.prep
 	if pr == nil {
 		return nil, nil
@@ -108,7 +108,7 @@ func (s *Supervisor) startPrepared(ctx context.Context, a lifecycle.Launch, st m
 		pr.p.Abort()
 		return nil, nil
 	}
-	e, err := pr.p.Go(ctx, s.gpusFree)
+	e, err := pr.p.Go(ctx, check)
 	if errors.Is(err, engine.ErrPreparedLost) {
 		s.log.Info("the prepared scope is gone: the restart makes its own", journal.PoolID, s.cfg.Pool, journal.Error, safetext.Bound(err.Error()))
 		return nil, nil

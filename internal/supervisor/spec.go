@@ -145,6 +145,7 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Mode
 		Slots:          p.Slots,
 		Stager:         engineStager{stager, who},
 		Holders:        GPUHolders(inv, gpus, nil),
+		Port:           p.Engine.Port,
 		Records:        state.Dir{Path: filepath.Join(m.RuntimeDir, "pools"), Mode: 0o644, NoSync: true},
 		State:          state.Dir{Path: filepath.Join(m.StateDir, "pools"), Mode: 0o600},
 	}, nil
@@ -174,6 +175,7 @@ func GPUHolders(inv *gpu.Inventory, gpus []gpu.GPU, lib gpu.NVML) func() ([]GPUH
 	return func() ([]GPUHolder, error) {
 		var out []GPUHolder
 		var opens *gpu.NodeOpens
+		unchecked := 0
 		for _, g := range gpus {
 			var hs []gpu.Holder
 			var err error
@@ -188,6 +190,7 @@ func GPUHolders(inv *gpu.Inventory, gpus []gpu.GPU, lib gpu.NVML) func() ([]GPUH
 					}
 				}
 				hs = opens.Holders([]string{g.Node})
+				unchecked = opens.Unchecked()
 			}
 			if err != nil {
 				return nil, err
@@ -195,6 +198,10 @@ func GPUHolders(inv *gpu.Inventory, gpus []gpu.GPU, lib gpu.NVML) func() ([]GPUH
 			for _, h := range hs {
 				out = append(out, GPUHolder{GPU: g.UUID, PID: h.PID, Command: h.Command, Unit: h.Unit})
 			}
+		}
+		if len(out) == 0 && unchecked > 0 {
+			// Not a pass: the scan could not look at every process.
+			return nil, &gpu.UncheckedError{N: unchecked}
 		}
 		return out, nil
 	}

@@ -15,8 +15,10 @@ import (
 	"log/slog"
 	"maps"
 	"math/rand/v2"
+	"net/url"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -27,6 +29,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/check/warmup"
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/engine"
+	"github.com/llorch/pool-managerd/internal/gpu"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/metrics"
@@ -66,6 +69,11 @@ type Config struct {
 	// lifecycle's default).
 	Holders  func() ([]GPUHolder, error)
 	GPURetry time.Duration
+	// Port is the engine's port (0: the HealthURL's): a listener on it
+	// outside the pool's scope holds a start (PortRetry: how often it
+	// looks again; 0: the lifecycle's default).
+	Port      int
+	PortRetry time.Duration
 }
 
 // GPUHolder is a process with work (or an open device node) on one of the
@@ -149,6 +157,7 @@ type run struct {
 	scopeOnce sync.Once
 	scope     sockdiag.Scope
 	scopeErr  error
+	diag      *sockdiag.Conn
 }
 
 // holdExit bounds how long an exit that may be an operator's stop waits
@@ -203,7 +212,7 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 		Pool: cfg.Pool, Unit: engine.UnitName(cfg.Pool), Model: cfg.Model, ModelDigest: cfg.ModelDigest,
 		EngineVersion: cfg.EngineVersion, DeviceMask: cfg.DeviceMask, Slots: cfg.Slots,
 		FailureThreshold: cfg.Health.FailureThreshold, Witness: rt != nil && rt.Witness != nil, HoldExit: holdExit,
-		Warmup: cfg.Health.Warmup != nil, Stall: cfg.Health.Stall, DrainRequests: cfg.Health.ProgressURL != "", GPURetry: cfg.GPURetry, Ahead: ahead, Spread: rand.Float64,
+		Warmup: cfg.Health.Warmup != nil, Stall: cfg.Health.Stall, DrainRequests: cfg.Health.ProgressURL != "", GPURetry: cfg.GPURetry, PortRetry: cfg.PortRetry, Ahead: ahead, Spread: rand.Float64,
 	}, tr, held)
 	s.snap = Snapshot{ID: cfg.Pool, Unit: engine.UnitName(cfg.Pool), DeviceMask: cfg.DeviceMask, Slots: cfg.Slots}
 	s.snap.View = s.m.View(time.Now())
@@ -622,9 +631,12 @@ func (s *Supervisor) launch(a lifecycle.Launch) {
 	ctx, cancel := context.WithCancel(context.Background())
 	startCtx, stop := context.WithTimeout(ctx, 30*time.Second)
 	checked := time.Now()
-	e, err := s.startPrepared(startCtx, a, st)
+	// caution is set by the precheck, which is done before a start
+	// returns.
+	var caution string
+	e, err := s.startPrepared(startCtx, a, st, s.precheck(&caution))
 	if e == nil && err == nil {
-		spec.Precheck = s.gpusFree
+		spec.Precheck = s.precheck(&caution)
 		checked = time.Now()
 		e, err = s.rt.Start(startCtx, spec)
 	}
@@ -646,7 +658,7 @@ func (s *Supervisor) launch(a lifecycle.Launch) {
 		journal.AheadUsec, e.Phases.Ahead.Microseconds())
 	r := &run{id: a.Run, e: e, ctx: ctx, cancel: cancel, started: time.Now(), staged: st, exited: make(chan struct{})}
 	s.adoptHandle(r)
-	s.step(lifecycle.EngineStarted{Run: a.Run, PID: e.PID, Invocation: e.Invocation})
+	s.step(lifecycle.EngineStarted{Run: a.Run, PID: e.PID, Invocation: e.Invocation, Caution: caution})
 }
 
 // spec is the engine to start on st, with the note its shim keeps for a
@@ -661,39 +673,140 @@ func (s *Supervisor) spec(st model.Staged, candidate bool, started time.Time) en
 // to die.
 const leftoverWait = 5 * time.Second
 
+// precheck is the check before an engine starts: the pool's port and
+// GPUs must be free of other processes. The GPUs' holders are listed
+// while systemd makes the scope; what is in the scope's cgroup is the
+// pool's own. What it could not make sure of goes to caution.
+func (s *Supervisor) precheck(caution *string) engine.Precheck {
+	return func(scope func() (uint64, error)) error {
+		var holders []GPUHolder
+		var herr error
+		if s.cfg.Holders != nil {
+			holders, herr = s.cfg.Holders()
+		}
+		own, err := scope()
+		if err != nil {
+			// Nothing is the pool's own then: every holder is foreign.
+			s.log.Warn("cannot tell the engine's scope by its cgroup", journal.PoolID, s.cfg.Pool, journal.Error, safetext.Bound(err.Error()))
+			own = 0
+		}
+		if err := s.portFree(own); err != nil {
+			return err
+		}
+		if s.cfg.Holders == nil {
+			return nil
+		}
+		return s.gpusFree(holders, herr, own, caution)
+	}
+}
+
 // gpusFree makes sure no process holds the pool's GPUs before an engine
-// starts on them: a leftover of the pool's own scope is killed and waited
-// for; another process is an ErrGPUBusy naming it. A failure to look is
-// logged, not fatal: the engine's own start will tell.
-func (s *Supervisor) gpusFree() error {
-	if s.cfg.Holders == nil {
+// starts on them. A process is the pool's own leftover only when it is in
+// the scope's cgroup (own), whatever its unit is called: it is killed
+// through a pidfd and waited for. Any other process, and one of the
+// scope's that cannot be signalled (the daemon has no CAP_KILL), is an
+// ErrGPUBusy naming it. A failure to look is logged, not fatal: the
+// engine's own start will tell; a look that could not see every process
+// starts the engine and says so in caution.
+func (s *Supervisor) gpusFree(holders []GPUHolder, err error, own uint64, caution *string) error {
+	var unchecked *gpu.UncheckedError
+	if errors.As(err, &unchecked) {
+		*caution = "GPU check incomplete: " + err.Error()
 		return nil
 	}
-	holders, err := s.cfg.Holders()
 	if err != nil {
 		s.log.Warn("cannot list the processes on the pool's GPUs", journal.PoolID, s.cfg.Pool, journal.Error, safetext.Bound(err.Error()))
 		return nil
 	}
-	own := engine.UnitName(s.cfg.Pool)
-	var mine []int
-	for _, h := range holders {
-		if h.Unit != own {
-			return fmt.Errorf("GPU %s in use by pid %d (%s, %s): %w", h.GPU, h.PID, safetext.Bound(h.Command), cmp.Or(h.Unit, "unit unknown"), lifecycle.ErrGPUBusy)
+	unit := engine.UnitName(s.cfg.Pool)
+	var mine []*engine.Process
+	defer func() {
+		for _, p := range mine {
+			p.Close()
 		}
-		mine = append(mine, h.PID)
+	}()
+	for _, h := range holders {
+		p, err := engine.OpenProcess(h.PID)
+		if errors.Is(err, engine.ErrGone) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("GPU %s in use by pid %d (%s), which cannot be looked at (%v): %w", h.GPU, h.PID, safetext.Bound(h.Command), err, lifecycle.ErrGPUBusy)
+		}
+		if own == 0 || p.CgroupID != own {
+			what := p.String()
+			p.Close()
+			return fmt.Errorf("GPU %s in use by %s (%s), outside %s: %w", h.GPU, what, safetext.Bound(h.Command), unit, lifecycle.ErrGPUBusy)
+		}
+		mine = append(mine, p)
 	}
-	for _, pid := range mine {
-		s.log.Warn(fmt.Sprintf("a leftover of the pool's own engine (pid %d) holds its GPU: killed", pid), journal.PoolID, s.cfg.Pool, journal.Unit, own)
-		syscall.Kill(pid, syscall.SIGKILL)
+	for _, p := range mine {
+		err := p.Signal(syscall.SIGKILL)
+		if errors.Is(err, engine.ErrGone) {
+			continue
+		}
+		if err != nil {
+			// One that cannot be signalled is foreign, wherever it is.
+			return fmt.Errorf("GPU in use by %s in %s, which the daemon cannot signal (%v): %w", p, unit, err, lifecycle.ErrGPUBusy)
+		}
+		s.log.Warn(fmt.Sprintf("a leftover of the pool's own engine (pid %d) holds its GPU: killed", p.PID), journal.PoolID, s.cfg.Pool, journal.Unit, unit)
 	}
 	deadline := time.Now().Add(leftoverWait)
-	for _, pid := range mine {
-		for syscall.Kill(pid, 0) == nil {
-			if time.Now().After(deadline) {
-				return fmt.Errorf("a leftover of the pool's own engine (pid %d) holds its GPU and did not die within %s: %w", pid, leftoverWait, lifecycle.ErrGPUBusy)
-			}
-			time.Sleep(10 * time.Millisecond)
+	for _, p := range mine {
+		if !p.Wait(time.Until(deadline)) {
+			return fmt.Errorf("a leftover of the pool's own engine (%s) holds its GPU and did not die within %s: %w", p, leftoverWait, lifecycle.ErrGPUBusy)
 		}
+	}
+	return nil
+}
+
+// port is the engine's port: Port=, else the HealthURL's (0: none).
+func (s *Supervisor) port() uint16 {
+	if s.cfg.Port > 0 && s.cfg.Port < 1<<16 {
+		return uint16(s.cfg.Port)
+	}
+	if u, err := url.Parse(s.cfg.HealthURL); err == nil {
+		if p, err := strconv.ParseUint(u.Port(), 10, 16); err == nil {
+			return uint16(p)
+		}
+	}
+	return 0
+}
+
+// portScope is what a listener on the engine's port must belong to: the
+// scope's cgroup (own), or where that cannot be told the engine's user.
+func (s *Supervisor) portScope(own uint64) sockdiag.Scope {
+	sc := sockdiag.Scope{Unit: engine.UnitName(s.cfg.Pool), CgroupID: own, UID: ^uint32(0)}
+	if u, err := model.LookupUser(s.cfg.Build("").User); err == nil {
+		sc.UID = u.UID
+	}
+	return sc
+}
+
+// squatter names a listener on the engine's port outside the scope whose
+// cgroup is own ("": none, or it could not be told).
+func (s *Supervisor) squatter(own uint64) string {
+	port := s.port()
+	if port == 0 {
+		return ""
+	}
+	f, err := sockdiag.Squatter(port, s.portScope(own))
+	if err != nil {
+		s.log.Warn("cannot list the listeners on the engine's port", journal.PoolID, s.cfg.Pool, journal.Error, safetext.Bound(err.Error()))
+		return ""
+	}
+	if f == nil {
+		return ""
+	}
+	return f.Error()
+}
+
+// portFree refuses a start while a process outside the scope listens on
+// the engine's port: the engine could not bind it (its exit would count
+// as a crash), or would share it with the squatter.
+func (s *Supervisor) portFree(own uint64) error {
+	if who := s.squatter(own); who != "" {
+		return fmt.Errorf("%s: the engine is not started until the port is free: %w", who, lifecycle.ErrPortBusy)
 	}
 	return nil
 }
@@ -731,11 +844,16 @@ func (s *Supervisor) engineEvent(r *run, ev engine.Event) {
 		s.versionKnown(ev.Version, ev.VersionErr)
 		return
 	}
-	x := ev.Exit
-	if x == nil {
+	if ev.Exit == nil {
 		return
 	}
-	s.step(lifecycle.Exited{Run: r.id, Exit: *x})
+	x := *ev.Exit
+	if !x.Lost && x.Status.Exited() && x.Status.ExitStatus() != 0 {
+		// An engine whose bind failed exits so: who holds its port now
+		// decides whether the exit is its own.
+		x.PortHeld = s.squatter(r.e.CgroupID)
+	}
+	s.step(lifecycle.Exited{Run: r.id, Exit: x})
 	if s.runs[r.id] == r {
 		delete(s.runs, r.id)
 		r.cancel()

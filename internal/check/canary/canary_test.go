@@ -87,7 +87,7 @@ func newFixture(t *testing.T, progress bool) *fixture {
 	require.NotNil(t, c)
 	f.c = c.(*canary)
 	f.c.now = func() time.Time { return f.now }
-	f.tgt = check.Target{Run: 7, Owned: func(netip.AddrPort) error { f.owned++; return f.refuse }}
+	f.tgt = check.Target{Run: 7, Owned: func(_, _ netip.AddrPort) error { f.owned++; return f.refuse }}
 	return f
 }
 

@@ -51,7 +51,7 @@ func TestCanaryFollowsGoodProbes(t *testing.T) {
 		}
 		return n
 	}
-	tgt := check.Target{Run: 3, Owned: func(netip.AddrPort) error { return nil }}
+	tgt := check.Target{Run: 3, Owned: func(_, _ netip.AddrPort) error { return nil }}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	check.Start(ctx, []check.Kind{probe.Kind, canary.Kind}, check.Config{HealthURL: srv.URL + "/health", Health: h}, tgt, time.Time{}, tell)

@@ -29,9 +29,9 @@ func New(cfg check.Config) check.Check {
 type probe struct {
 	cfg    config.Health
 	prober *health.Prober
-	// up: a look has answered (the engine is up); failing: the last look
-	// failed; squatted: a foreign listener was told.
-	up, failing, squatted bool
+	// up: a look has answered (the engine is up); squatted: a foreign
+	// socket was told.
+	up, squatted bool
 }
 
 func (p *probe) Schedule() check.Schedule {
@@ -39,14 +39,10 @@ func (p *probe) Schedule() check.Schedule {
 }
 
 func (p *probe) Check(ctx context.Context, t check.Target) check.Result {
-	// Until the engine is up (and again after a failed look) an answer
-	// counts only from a socket of its own scope; between, the probe
-	// skips the cost of asking the kernel who answered.
-	var v health.Verify
-	if !p.up || p.failing {
-		v = t.Owned
-	}
-	err := p.prober.Probe(ctx, v)
+	// An answer counts only from a socket of the engine's own scope, on
+	// every look: after Ready the engine may close its listener (or share
+	// its port through SO_REUSEPORT) and another process take it.
+	err := p.prober.Probe(ctx, t.Owned)
 	res := check.Result{Err: err}
 	var foreign *sockdiag.ForeignError
 	if errors.As(err, &foreign) && !p.squatted {
@@ -60,7 +56,6 @@ func (p *probe) Check(ctx context.Context, t check.Target) check.Result {
 		}
 		return res
 	}
-	p.failing = err != nil
 	res.Events = append(res.Events, lifecycle.Probed{Run: t.Run, Err: err})
 	return res
 }

@@ -23,9 +23,8 @@ func cfg(url string) check.Config {
 }
 
 // The first good look is Healthy, later ones Probed; the engine's scope
-// is asked who answered until the engine is up and after a failed look,
-// not between.
-func TestProbeTellsHealthyThenProbedAndVerifiesUntilTrusted(t *testing.T) {
+// is asked who answered on every look, Ready or not.
+func TestProbeTellsHealthyThenProbedAndVerifiesEveryLook(t *testing.T) {
 	var status atomic.Int32
 	status.Store(http.StatusServiceUnavailable)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -35,7 +34,13 @@ func TestProbeTellsHealthyThenProbedAndVerifiesUntilTrusted(t *testing.T) {
 	c := New(cfg(srv.URL + "/health"))
 	assert.Equal(t, check.Schedule{Every: 5 * time.Second, StartTimeout: time.Minute}, c.Schedule())
 	verified := 0
-	tgt := check.Target{Run: 4, Owned: func(netip.AddrPort) error { verified++; return nil }}
+	var refuse error
+	tgt := check.Target{Run: 4, Owned: func(local, peer netip.AddrPort) error {
+		verified++
+		assert.Equal(t, srv.Listener.Addr().String(), peer.String(), "the peer is the engine's end")
+		assert.True(t, local.Addr().IsLoopback() && local.Port() != 0, "the local end is the probe's: %s", local)
+		return refuse
+	}}
 	look := func() check.Result { return c.Check(context.Background(), tgt) }
 
 	res := look()
@@ -48,17 +53,13 @@ func TestProbeTellsHealthyThenProbedAndVerifiesUntilTrusted(t *testing.T) {
 	assert.Equal(t, 2, verified, "verified while starting")
 
 	assert.Equal(t, []lifecycle.Event{lifecycle.Probed{Run: 4}}, look().Events)
-	assert.Equal(t, 2, verified, "a healthy engine's look is not verified")
-	status.Store(http.StatusInternalServerError)
+	assert.Equal(t, 3, verified, "a healthy engine's look is verified too")
+	refuse = &sockdiag.ForeignError{Port: 1, Scope: sockdiag.Scope{Unit: "pool-engine-x.scope"}}
 	res = look()
-	require.Len(t, res.Events, 1)
-	assert.ErrorContains(t, res.Events[0].(lifecycle.Probed).Err, "answered 500")
-	assert.Equal(t, 2, verified)
-	status.Store(http.StatusOK)
-	assert.Equal(t, []lifecycle.Event{lifecycle.Probed{Run: 4}}, look().Events)
-	assert.Equal(t, 3, verified, "the look after a failed one is verified")
-	look()
-	assert.Equal(t, 3, verified)
+	require.Len(t, res.Events, 2)
+	assert.IsType(t, lifecycle.Squatted{}, res.Events[0])
+	assert.ErrorIs(t, res.Events[1].(lifecycle.Probed).Err, refuse, "a foreign peer after Ready fails the look")
+	assert.Equal(t, 4, verified)
 }
 
 // A port held outside the engine's scope fails the look, sends nothing,
@@ -68,7 +69,7 @@ func TestProbeTellsASquatterOnce(t *testing.T) {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { got++ }))
 	defer srv.Close()
 	foreign := &sockdiag.ForeignError{Port: 1, Scope: sockdiag.Scope{Unit: "pool-engine-x.scope"}}
-	tgt := check.Target{Run: 9, Owned: func(netip.AddrPort) error { return foreign }}
+	tgt := check.Target{Run: 9, Owned: func(_, _ netip.AddrPort) error { return foreign }}
 	c := New(cfg(srv.URL + "/health"))
 	res := c.Check(context.Background(), tgt)
 	assert.ErrorIs(t, res.Err, foreign)

@@ -37,7 +37,7 @@ func TestProgressTellsTheReading(t *testing.T) {
 	}))
 	defer srv.Close()
 	verified := 0
-	tgt := check.Target{Run: 5, Owned: func(netip.AddrPort) error { verified++; return nil }}
+	tgt := check.Target{Run: 5, Owned: func(_, _ netip.AddrPort) error { verified++; return nil }}
 	mk := func(path string) check.Check {
 		return New(check.Config{Health: config.Health{ProgressURL: srv.URL + path, Stall: time.Second, Timeout: 100 * time.Millisecond}})
 	}
@@ -56,7 +56,7 @@ func TestProgressTellsTheReading(t *testing.T) {
 	assert.Equal(t, 2, verified)
 
 	refused := errors.New("outside the scope")
-	res = mk("/metrics").Check(context.Background(), check.Target{Run: 5, Owned: func(netip.AddrPort) error { return refused }})
+	res = mk("/metrics").Check(context.Background(), check.Target{Run: 5, Owned: func(_, _ netip.AddrPort) error { return refused }})
 	assert.ErrorIs(t, res.Err, refused)
 	assert.False(t, res.Events[0].(lifecycle.Progress).NoAnswer)
 }

@@ -36,7 +36,7 @@ func TestWarmupTellsWarmedUp(t *testing.T) {
 			Warmup: &config.WarmupRequest{Method: "POST", Path: path, Body: `{"n_predict":1}`}, WarmupTimeout: 5 * time.Second}})
 	}
 	verified := 0
-	tgt := check.Target{Run: 6, Owned: func(netip.AddrPort) error { verified++; return nil }}
+	tgt := check.Target{Run: 6, Owned: func(_, _ netip.AddrPort) error { verified++; return nil }}
 	c := mk("/completion")
 	assert.Equal(t, check.Schedule{OnDemand: true}, c.Schedule())
 	res := c.Check(context.Background(), tgt)
@@ -50,7 +50,7 @@ func TestWarmupTellsWarmedUp(t *testing.T) {
 	assert.Equal(t, []lifecycle.Event{lifecycle.WarmedUp{Run: 6, Err: res.Err}}, res.Events)
 
 	refused := errors.New("outside the scope")
-	res = c.Check(context.Background(), check.Target{Run: 6, Owned: func(netip.AddrPort) error { return refused }})
+	res = c.Check(context.Background(), check.Target{Run: 6, Owned: func(_, _ netip.AddrPort) error { return refused }})
 	assert.ErrorIs(t, res.Err, refused)
 	assert.Len(t, got, 2, "the refused peer got nothing")
 }

@@ -496,6 +496,12 @@ func health(ctx context.Context, p plan, holderCmd string, w io.Writer) error {
 			return nil, nil, err
 		}
 		nh, err := gpu.NodeHolders("/proc", []string{p.Node})
+		var unchecked *gpu.UncheckedError
+		if errors.As(err, &unchecked) {
+			// Shown, not fatal: the daemon says the same in LastError.
+			fmt.Fprintf(w, "  %s\n", err)
+			err = nil
+		}
 		return cp, nh, err
 	}
 	cp, nh, err := holders()
