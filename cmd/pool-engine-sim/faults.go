@@ -32,6 +32,7 @@ const (
 	faultNoMetrics
 	faultBadMetrics
 	faultHangMetrics
+	faultCloseListener
 	// vLLM's engine core (--engine vllm only, see vllm.go).
 	faultChildExit
 	faultChildExitServerExits
@@ -40,7 +41,7 @@ const (
 
 // faultKindsHelp lists the kinds for --fault's help and parse errors.
 const faultKindsHelp = "segv, abort, cuda, oom, exit:N, hang-health, ignore-term, fork-child, long-line:N, log:TEXT, " +
-	"stall, busy, fail-completion, no-metrics, bad-metrics or hang-metrics"
+	"stall, busy, fail-completion, no-metrics, bad-metrics, hang-metrics or close-listener"
 
 var faultNames = map[string]faultKind{
 	"segv":        faultSegv,
@@ -57,6 +58,7 @@ var faultNames = map[string]faultKind{
 	"no-metrics":      faultNoMetrics,
 	"bad-metrics":     faultBadMetrics,
 	"hang-metrics":    faultHangMetrics,
+	"close-listener":  faultCloseListener,
 }
 
 // vllmFaultNames are the kinds only --engine vllm knows: faults of its
@@ -182,6 +184,11 @@ func (s *server) fire(f fault) {
 	case faultHangMetrics:
 		s.metrics.Store(int32(metricsHung))
 		logf("sim: hang-metrics: /metrics will not answer any more")
+	case faultCloseListener:
+		// The process runs on, its port free for anyone to take.
+		if s.closeListener() {
+			logf("sim: close-listener: the HTTP listener is closed, the process runs on")
+		}
 	}
 }
 

@@ -331,9 +331,12 @@ func serve(o options) int {
 	logf("main: HTTP server is listening, hostname: %s, port: %d, http threads: %d", o.host, port, runtime.NumCPU())
 
 	s := newServer(o)
+	s.mu.Lock()
+	s.listener = ln
+	s.mu.Unlock()
 	srv := s.httpServer()
 	go func() {
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) && !s.closed.Load() {
 			logf("srv  start: http server error: %v", err)
 			os.Exit(1)
 		}

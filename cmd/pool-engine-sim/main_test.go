@@ -1158,12 +1158,28 @@ func TestServingFaultsFromFlagAndModel(t *testing.T) {
 }
 
 func TestParseServingFaults(t *testing.T) {
-	for _, kind := range []string{"stall", "busy", "fail-completion", "no-metrics", "bad-metrics", "hang-metrics"} {
+	for _, kind := range []string{"stall", "busy", "fail-completion", "no-metrics", "bad-metrics", "hang-metrics", "close-listener"} {
 		f, err := parseFault(kind)
 		require.NoError(t, err, kind)
 		assert.Equal(t, kind, f.String())
 		assert.True(t, f.kind.beforeAnswer(), "%s leaves the engine running", kind)
 	}
 	_, err := parseFault("stalled")
-	assert.ErrorContains(t, err, "stall, busy, fail-completion, no-metrics, bad-metrics or hang-metrics")
+	assert.ErrorContains(t, err, "stall, busy, fail-completion, no-metrics, bad-metrics, hang-metrics or close-listener")
+}
+
+// close-listener frees the engine's port while its process runs on:
+// another process may take the port, as a squatter would.
+func TestCloseListenerFreesThePortAndTheProcessRunsOn(t *testing.T) {
+	t.Parallel()
+	model, _ := ggufModel(t)
+	s := startSim(t, model)
+	s.waitHealthy()
+	s.postFault("close-listener")
+	s.waitLog(`sim: close-listener`)
+	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", s.port))
+	require.NoError(t, err, "the port is free")
+	ln.Close()
+	time.Sleep(100 * time.Millisecond)
+	assert.True(t, s.alive(), "the process runs on")
 }

@@ -24,6 +24,22 @@ type server struct {
 	metrics        atomic.Int32 // a metricsMode
 	engine         *engine
 	shutdown       chan struct{} // closed on SIGTERM/SIGINT
+	// listener is the HTTP listener (nil: none yet); closed: the
+	// close-listener fault closed it.
+	listener net.Listener
+	closed   atomic.Bool
+}
+
+// closeListener closes the HTTP listener, once; false when there is none.
+func (s *server) closeListener() bool {
+	s.mu.Lock()
+	ln := s.listener
+	s.mu.Unlock()
+	if ln == nil || s.closed.Swap(true) {
+		return false
+	}
+	ln.Close()
+	return true
 }
 
 func newServer(o options) *server {

@@ -188,10 +188,17 @@ func (p *Process) Close() {
 }
 
 // String names the process for LastError and the journal.
-func (p *Process) String() string {
+func (p *Process) String() string { return p.Named("") }
+
+// Named is String with the process's command (as the caller found it,
+// already bounded) first in the parentheses.
+func (p *Process) Named(command string) string {
 	cg := p.Cgroup
 	if cg == "" {
 		cg = "unknown"
 	}
-	return fmt.Sprintf("pid %d (uid %d, cgroup %s)", p.PID, p.UID, printable(cg))
+	if command != "" {
+		command += ", "
+	}
+	return fmt.Sprintf("pid %d (%suid %d, cgroup %s)", p.PID, command, p.UID, printable(cg))
 }

@@ -719,10 +719,14 @@ func (s *Supervisor) gpusFree(holders []GPUHolder, err error, own uint64, cautio
 		return nil
 	}
 	unit := engine.UnitName(s.cfg.Pool)
-	var mine []*engine.Process
+	type leftover struct {
+		p *engine.Process
+		h GPUHolder
+	}
+	var mine []leftover
 	defer func() {
-		for _, p := range mine {
-			p.Close()
+		for _, l := range mine {
+			l.p.Close()
 		}
 	}()
 	for _, h := range holders {
@@ -734,27 +738,28 @@ func (s *Supervisor) gpusFree(holders []GPUHolder, err error, own uint64, cautio
 			return fmt.Errorf("GPU %s in use by pid %d (%s), which cannot be looked at (%v): %w", h.GPU, h.PID, safetext.Bound(h.Command), err, lifecycle.ErrGPUBusy)
 		}
 		if own == 0 || p.CgroupID != own {
-			what := p.String()
+			what := p.Named(safetext.Bound(h.Command))
 			p.Close()
-			return fmt.Errorf("GPU %s in use by %s (%s), outside %s: %w", h.GPU, what, safetext.Bound(h.Command), unit, lifecycle.ErrGPUBusy)
+			return fmt.Errorf("GPU %s in use by %s, outside %s: %w", h.GPU, what, unit, lifecycle.ErrGPUBusy)
 		}
-		mine = append(mine, p)
+		mine = append(mine, leftover{p, h})
 	}
-	for _, p := range mine {
-		err := p.Signal(syscall.SIGKILL)
+	for _, l := range mine {
+		err := l.p.Signal(syscall.SIGKILL)
 		if errors.Is(err, engine.ErrGone) {
 			continue
 		}
 		if err != nil {
 			// One that cannot be signalled is foreign, wherever it is.
-			return fmt.Errorf("GPU in use by %s in %s, which the daemon cannot signal (%v): %w", p, unit, err, lifecycle.ErrGPUBusy)
+			return fmt.Errorf("GPU %s in use by %s in %s, which the daemon cannot signal (%v): %w",
+				l.h.GPU, l.p.Named(safetext.Bound(l.h.Command)), unit, err, lifecycle.ErrGPUBusy)
 		}
-		s.log.Warn(fmt.Sprintf("a leftover of the pool's own engine (pid %d) holds its GPU: killed", p.PID), journal.PoolID, s.cfg.Pool, journal.Unit, unit)
+		s.log.Warn(fmt.Sprintf("a leftover of the pool's own engine (pid %d) holds its GPU: killed", l.p.PID), journal.PoolID, s.cfg.Pool, journal.Unit, unit)
 	}
 	deadline := time.Now().Add(leftoverWait)
-	for _, p := range mine {
-		if !p.Wait(time.Until(deadline)) {
-			return fmt.Errorf("a leftover of the pool's own engine (%s) holds its GPU and did not die within %s: %w", p, leftoverWait, lifecycle.ErrGPUBusy)
+	for _, l := range mine {
+		if !l.p.Wait(time.Until(deadline)) {
+			return fmt.Errorf("a leftover of the pool's own engine (%s) holds GPU %s and did not die within %s: %w", l.p, l.h.GPU, leftoverWait, lifecycle.ErrGPUBusy)
 		}
 	}
 	return nil

@@ -3,9 +3,7 @@ package supervisor_test
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -156,40 +154,6 @@ func TestCorruptRuntimeRecordStillAdoptsTheEngine(t *testing.T) {
 	assert.Equal(t, first.MainPID, snap.MainPID, "the same engine, not a new one")
 	assert.Zero(t, snap.Starts)
 	assert.Zero(t, s.Snapshot().Policy.CrashCount, "the engine was never killed")
-}
-
-// The engine loads its model before it listens (as vLLM does); meanwhile
-// another local user listens on the pool's port and answers 200.
-func TestSquatterOnTheEnginesPortNeverMakesThePoolReady(t *testing.T) {
-	e := testpool.New(t, nil)
-	s := e.Start(testpool.Spec{ID: "squat", Devices: "0", NoStart: true, SimArgs: "--listen-after 6s"})
-	sim := os.Getenv(sandbox.BinEnv("pool-engine-sim"))
-	squatter := exec.Command("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-		sim, "--model", filepath.Join(e.Dir, "model.gguf"), "--port", strconv.Itoa(s.Port))
-	require.NoError(t, squatter.Start())
-	t.Cleanup(func() { squatter.Process.Kill(); squatter.Wait() })
-	require.Eventually(t, func() bool {
-		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/health", s.Port))
-		if err == nil {
-			resp.Body.Close()
-		}
-		return err == nil && resp.StatusCode == http.StatusOK
-	}, 10*time.Second, 20*time.Millisecond, "the squatter answers")
-
-	require.NoError(t, s.Start())
-	ctx, cancel := context.WithTimeout(e.Ctx, 3*time.Second)
-	defer cancel()
-	snap, err := s.Supervisor.Wait(ctx, func(p Snapshot) bool { return p.Ready })
-	require.ErrorIs(t, err, context.DeadlineExceeded, "never Ready on the squatter's answers")
-	assert.False(t, snap.Ready)
-	assert.True(t, snap.Live, "its own engine runs meanwhile")
-	assert.Contains(t, snap.LastError, "outside pool-engine-squat.scope")
-	assert.Contains(t, snap.LastError, "uid 65534")
-
-	// Once the squatter is gone the pool's own engine serves.
-	squatter.Process.Kill()
-	squatter.Wait()
-	waitFor(t, s, "ready on its own engine", func(p Snapshot) bool { return p.Ready })
 }
 
 // Hashing a big model for its first start happens off the pool's loop:
