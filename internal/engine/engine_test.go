@@ -31,6 +31,9 @@ func TestMain(m *testing.M) {
 	if shim.Is() {
 		os.Exit(shim.Main())
 	}
+	if pid := os.Getenv(signalEnv); pid != "" {
+		os.Exit(signalMain(pid))
+	}
 	os.Exit(sandbox.Main(m, sandbox.Options{
 		Nodes: sandbox.FakeGPUs,
 		Prepare: [][]string{{"useradd", "--system", "--no-create-home", "pool-engine"},
