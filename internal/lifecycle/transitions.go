@@ -24,7 +24,7 @@ var transitions = map[State][]State{
 		Ready,    // healthy (no warm-up)
 		Draining, // a drain
 		Backoff,  // it crashed: a restart is scheduled
-		Failed,   // staging or launch failed, a crash held, or a GPU hold
+		Failed,   // staging or launch failed, a crash held, a GPU hold, or a port held (launch or the engine's bind)
 		Stopped,  // a drain with no engine yet, exit 0, an operator's stop, a rollback with no old engine
 	},
 	Warming: {
