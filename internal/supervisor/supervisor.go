@@ -686,8 +686,9 @@ func (s *Supervisor) precheck(caution *string) engine.Precheck {
 		}
 		own, err := scope()
 		if err != nil {
-			// Nothing is the pool's own then: every holder is foreign.
-			s.log.Warn("cannot tell the engine's scope by its cgroup", journal.PoolID, s.cfg.Pool, journal.Error, safetext.Bound(err.Error()))
+			// Nothing is the pool's own then: every holder is foreign
+			// (a scope that was not made fails the start anyway).
+			s.log.Debug("cannot tell the engine's scope by its cgroup", journal.PoolID, s.cfg.Pool, journal.Error, safetext.Bound(err.Error()))
 			own = 0
 		}
 		if err := s.portFree(own); err != nil {
