@@ -602,9 +602,16 @@ func (r *Runtime) prepare(ctx context.Context, s Spec, check bool) (*Prepared, e
 				p.checked <- nil
 				return
 			}
+			// Its own time, not its wait for systemd's.
+			var waited time.Duration
+			scope := func() (uint64, error) {
+				w0 := time.Now()
+				defer func() { waited += time.Since(w0) }()
+				return p.scope()
+			}
 			c0 := time.Now()
-			err := s.Precheck(p.scope)
-			p.ph.Precheck = time.Since(c0)
+			err := s.Precheck(scope)
+			p.ph.Precheck = time.Since(c0) - waited
 			p.checked <- err
 		}()
 	}
