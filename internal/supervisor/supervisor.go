@@ -783,7 +783,12 @@ func (s *Supervisor) port() uint16 {
 // scope's cgroup (own), or where that cannot be told the engine's user.
 func (s *Supervisor) portScope(own uint64) sockdiag.Scope {
 	sc := sockdiag.Scope{Unit: engine.UnitName(s.cfg.Pool), CgroupID: own, UID: ^uint32(0)}
-	if u, err := model.LookupUser(s.cfg.Build("").User); err == nil {
+	spec := s.cfg.Build("")
+	who := spec.Account
+	if who == nil {
+		who = func() (model.User, error) { return model.LookupUser(spec.User) }
+	}
+	if u, err := who(); err == nil {
 		sc.UID = u.UID
 	}
 	return sc
