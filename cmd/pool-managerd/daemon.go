@@ -101,11 +101,16 @@ func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 	// a leak shows in first.
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	set := metrics.New(reg)
+	stager := model.New(cfg.Manager.ModelsDir, filepath.Join(cfg.Manager.StateDir, "staged"), model.WithModelDirs(cfg.Manager.ModelDirs...))
+	// An older installation's staging directory was open to everyone.
+	if err := stager.PrepareStageDir(); err != nil {
+		log.Error("preparing the staging directory", journal.Error, err.Error())
+	}
 	mgr, err := manager.Open(ctx, cfg, manager.Options{
 		Log: log, Metrics: set, Inventory: inv, Runtime: rt, NVML: newNVML,
 		Users: users.Open(filepath.Join(cfg.Manager.StateDir, users.File), cfg.Manager.CacheDir,
 			cfg.Manager.EngineUIDs.First, cfg.Manager.EngineUIDs.Last, config.EngineGroup),
-		Stager:        model.New(cfg.Manager.ModelsDir, filepath.Join(cfg.Manager.StateDir, "staged"), model.WithModelDirs(cfg.Manager.ModelDirs...)),
+		Stager:        stager,
 		GPUFirstCheck: gpuFirstCheck, GPUCheckEvery: gpuCheckEvery,
 	})
 	if err != nil {

@@ -25,6 +25,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/manager"
+	"github.com/llorch/pool-managerd/internal/model"
 	"github.com/llorch/pool-managerd/internal/safetext"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 )
@@ -485,6 +486,7 @@ func (d *departures) end(name string) bool {
 // caller is what the bus said of one connection.
 type caller struct {
 	uid     uint32
+	gids    []uint32 // its groups, as the bus says
 	allowed bool
 	err     string // why the bus could not say
 }
@@ -526,10 +528,38 @@ func (s *Server) credentials(sender dbus.Sender) caller {
 		return caller{err: "the bus did not say who is calling"}
 	}
 	c := caller{uid: uid, allowed: uid == 0}
-	if gids, ok := creds["UnixGroupIDs"].Value().([]uint32); ok && s.adminGID >= 0 && slices.Contains(gids, uint32(s.adminGID)) {
-		c.allowed = true
+	if gids, ok := creds["UnixGroupIDs"].Value().([]uint32); ok {
+		c.gids = gids
+		if s.adminGID >= 0 && slices.Contains(gids, uint32(s.adminGID)) {
+			c.allowed = true
+		}
 	}
 	return c
+}
+
+// callerContext is the server's context carrying the caller of an
+// authorized call, unless it is root: a model it names must be one it
+// could read itself (the admin group is not root).
+func (s *Server) callerContext(sender dbus.Sender) context.Context {
+	s.mu.Lock()
+	c, ok := s.callers[string(sender)]
+	s.mu.Unlock()
+	if !ok {
+		c = s.credentials(sender)
+	}
+	if c.err == "" && c.uid == 0 {
+		return s.ctx
+	}
+	u := model.User{UID: c.uid, Groups: c.gids, Role: "the caller"}
+	if c.err != "" {
+		// Nobody's rights: what every user may read, no more.
+		u = model.User{UID: ^uint32(0), GID: ^uint32(0), Role: "the caller"}
+	} else if len(c.gids) > 0 {
+		u.GID = c.gids[0]
+	} else {
+		u.GID = ^uint32(0)
+	}
+	return model.WithCaller(s.ctx, u)
 }
 
 // managerObject is the exported Manager interface.
@@ -573,8 +603,8 @@ func (m *managerObject) Reload(sender dbus.Sender, pool, ref string, deadlineMS 
 	if err := checkDeadline(deadlineMS); err != nil {
 		return "", err
 	}
-	model, err := m.s.mgr.Reload(m.s.ctx, pool, ref, time.Duration(deadlineMS)*time.Millisecond)
-	return safetext.Bound(model), toDBus(err)
+	name, err := m.s.mgr.Reload(m.s.callerContext(sender), pool, ref, time.Duration(deadlineMS)*time.Millisecond)
+	return safetext.Bound(name), toDBus(err)
 }
 
 // ReloadEx is Reload with options: runtime (b) keeps the model for the

@@ -303,3 +303,49 @@ func TestReloadRefsStayWithinTheModelDirectories(t *testing.T) {
 	require.NoError(t, err, out)
 	assert.Equal(t, `s "`+secret+`"`, getProp(t, "llama-8b", "Model"))
 }
+
+// The admin group is not root: an admin's Reload names only a model the
+// admin could read itself, and is told nothing more of one it could not
+// (not even whether it exists), though the engines may read it; root's
+// Reload of it stands. Staged models are closed to the admin too.
+func TestAdminReloadsOnlyWhatItCouldRead(t *testing.T) {
+	dir, _ := daemon(t)
+	waitProp(t, "llama-8b", "Ready", "b true")
+	enginesOnly := filepath.Join(dir, "models", "engines-only")
+	require.NoError(t, os.Mkdir(enginesOnly, 0o750))
+	require.NoError(t, os.WriteFile(filepath.Join(enginesOnly, "x.gguf"), []byte("GGUF\x03\x00\x00\x00 for the engines"), 0o644))
+	sh(t, "chgrp", "pool-engine", enginesOnly)
+	sh(t, "useradd", "--system", "--no-create-home", "-G", "pool-admin", "operator2")
+	t.Cleanup(func() { exec.Command("userdel", "operator2").Run() })
+	uid := sh(t, "id", "-u", "operator2")
+	asAdmin := func(args ...string) (string, error) {
+		return try("setpriv", append([]string{"--reuid=operator2", "--regid=operator2", "--init-groups", "busctl", "--timeout=60", "call",
+			"org.llorch.PoolManager1", mgr, "org.llorch.PoolManager1.Manager"}, args...)...)
+	}
+
+	for _, ref := range []string{"engines-only/x.gguf", "engines-only/missing.gguf", filepath.Join(enginesOnly, "x.gguf")} {
+		out, err := asAdmin("Reload", "sst", "llama-8b", ref, "1000")
+		require.Error(t, err, ref)
+		// The reason is that and nothing more: no mode, owner or type.
+		assert.True(t, strings.HasSuffix(out, ": not found or not readable by the caller (uid "+uid+")"), "%s: %s", ref, out)
+		assert.Contains(t, out, "invalid argument: model ", ref)
+	}
+	assert.Equal(t, `s "a.gguf"`, getProp(t, "llama-8b", "Model"), "a refused ref changes nothing")
+	staged, _ := filepath.Glob(filepath.Join(dir, "state", "staged", "*", "x.gguf"))
+	assert.Empty(t, staged, "nothing of it was staged")
+
+	out, err := asAdmin("Reload", "sst", "llama-8b", "b.gguf", "1000")
+	require.NoError(t, err, "what the admin may read, it may name: %s", out)
+	assert.Equal(t, `s "b.gguf"`, getProp(t, "llama-8b", "Model"))
+	out, err = call("Reload", "sst", "llama-8b", "engines-only/x.gguf", "1000")
+	require.NoError(t, err, "root may: %s", out)
+	assert.Equal(t, `s "engines-only/x.gguf"`, getProp(t, "llama-8b", "Model"))
+
+	stage := filepath.Join(dir, "state", "staged")
+	assert.Equal(t, "710 root pool-engine", sh(t, "stat", "-c", "%a %U %G", stage))
+	staged, _ = filepath.Glob(filepath.Join(stage, "*", "x.gguf"))
+	require.Len(t, staged, 1)
+	out, err = try("setpriv", "--reuid=operator2", "--regid=operator2", "--init-groups", "cat", staged[0])
+	assert.Error(t, err, "the admin reads no staged model: %s", out)
+	assert.Contains(t, out, "Permission denied")
+}

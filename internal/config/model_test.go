@@ -2,6 +2,7 @@ package config
 
 import (
 	"os"
+	"os/user"
 	"path/filepath"
 	"testing"
 
@@ -15,7 +16,14 @@ import (
 // pinned by ModelDigest=: the configuration takes it, the stager stages
 // the tree under that digest, and %m is the staged directory.
 func TestDirectoryModel(t *testing.T) {
+	// The engine's user passes through every directory to its model.
 	root := t.TempDir()
+	require.NoError(t, os.Chmod(filepath.Dir(root), 0o755))
+	require.NoError(t, os.Chmod(root, 0o755))
+	me, err := user.Current()
+	require.NoError(t, err)
+	engine, err := model.LookupUser(me.Username)
+	require.NoError(t, err)
 	dir := filepath.Join(root, "models", "Llama-3.1-8B-Instruct")
 	for rel, content := range map[string]string{
 		"config.json":                      `{"architectures": ["LlamaForCausalLM"]}`,
@@ -28,10 +36,8 @@ func TestDirectoryModel(t *testing.T) {
 		require.NoError(t, os.MkdirAll(filepath.Dir(p), 0o755))
 		require.NoError(t, os.WriteFile(p, []byte(content), 0o644))
 	}
-	stager := model.New(filepath.Join(root, "models"), filepath.Join(root, "staged"))
-	nobody, err := model.LookupUser("nobody")
-	require.NoError(t, err)
-	src, err := stager.Resolve(dir, nobody)
+	stager := model.New(filepath.Join(root, "models"), filepath.Join(root, "staged"), model.WithEngineGroup(engine.GID))
+	src, err := stager.Resolve(dir, engine)
 	require.NoError(t, err)
 	digest, err := stager.Digest(src)
 	require.NoError(t, err)
@@ -43,12 +49,13 @@ ModelDigest=` + digest + `
 [Engine]
 ExecStart=/usr/bin/vllm serve %m --port %p
 Port=8000
-User=nobody
+User=` + me.Username + `
 `}))
 	require.NoError(t, err)
 	p := c.Pools[0]
 	stager.SetPoolModels([]string{p.Model})
-	st, err := stager.Stage(p.Model, p.ModelDigest, nobody)
+	require.Equal(t, me.Username, p.Engine.User)
+	st, err := stager.Stage(p.Model, p.ModelDigest, engine)
 	require.NoError(t, err)
 	assert.True(t, st.IsDir())
 	sp := p.Specifiers(st.Path)

@@ -279,7 +279,8 @@ func (h *host) open(lib func() gpu.NVML, tune func(*manager.Options)) *manager.M
 	}
 	inv, err := gpu.Load(cfg.Manager.Inventory, nv, "")
 	require.NoError(h.t, err)
-	stager := model.New(cfg.Manager.ModelsDir, filepath.Join(cfg.Manager.StateDir, "staged"))
+	// The tests' engines run as the test's own user.
+	stager := model.New(cfg.Manager.ModelsDir, filepath.Join(cfg.Manager.StateDir, "staged"), model.WithEngineGroup(uint32(os.Getgid())))
 	accounts := users.Open(filepath.Join(cfg.Manager.StateDir, users.File), "", cfg.Manager.EngineUIDs.First, cfg.Manager.EngineUIDs.Last, "")
 	h.users = accounts
 	h.opts = manager.Options{

@@ -28,6 +28,11 @@ func BenchmarkTreeDigest(b *testing.B) {
 		b.Skip("no sha256sum")
 	}
 	root := b.TempDir()
+	for _, d := range []string{filepath.Dir(root), root} { // the engine passes through
+		if err := os.Chmod(d, 0o755); err != nil {
+			b.Fatal(err)
+		}
+	}
 	models := filepath.Join(root, "models")
 	var paths []string
 	chunk := make([]byte, 1<<20)
@@ -65,9 +70,9 @@ func BenchmarkTreeDigest(b *testing.B) {
 	b.SetBytes(4 * int64(mb) << 20)
 	b.ResetTimer()
 	for i := range b.N {
-		s := newStager(models, filepath.Join(root, "stage"+strconv.Itoa(i))) // an empty cache
+		s := newStager(b, models, filepath.Join(root, "stage"+strconv.Itoa(i))) // an empty cache
 		start := time.Now()
-		src, err := s.Resolve("m", engine)
+		src, err := s.Resolve("m", engineUser)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -17,7 +17,7 @@ func TestDigest(t *testing.T) {
 	writeFile(t, path, "first content")
 	hashes := countHashes(s)
 
-	src, err := s.Resolve("m.gguf", engine)
+	src, err := s.Resolve("m.gguf", engineUser)
 	require.NoError(t, err)
 	d, err := s.Digest(src)
 	require.NoError(t, err)
@@ -36,7 +36,7 @@ func TestDigest(t *testing.T) {
 	require.NoError(t, err)
 	later := st.ModTime().Add(time.Second)
 	require.NoError(t, os.Chtimes(path, later, later))
-	src, err = s.Resolve("m.gguf", engine)
+	src, err = s.Resolve("m.gguf", engineUser)
 	require.NoError(t, err)
 	d, err = s.Digest(src)
 	require.NoError(t, err)
@@ -51,7 +51,7 @@ func TestDigestLargeFile(t *testing.T) {
 		content[i] = byte(i * 7)
 	}
 	writeFile(t, filepath.Join(models, "big.gguf"), string(content))
-	src, err := s.Resolve("big.gguf", engine)
+	src, err := s.Resolve("big.gguf", engineUser)
 	require.NoError(t, err)
 	d, err := s.Digest(src)
 	require.NoError(t, err)
@@ -62,7 +62,7 @@ func TestDigestChangedSinceResolve(t *testing.T) {
 	s, models, _ := newTestStager(t)
 	path := filepath.Join(models, "m.gguf")
 	writeFile(t, path, "v1")
-	src, err := s.Resolve("m.gguf", engine)
+	src, err := s.Resolve("m.gguf", engineUser)
 	require.NoError(t, err)
 	replaceFile(t, path, "v2")
 
@@ -76,7 +76,7 @@ func TestDigestConcurrent(t *testing.T) {
 	s, models, _ := newTestStager(t)
 	writeFile(t, filepath.Join(models, "m.gguf"), "shared content")
 	hashes := countHashes(s)
-	src, err := s.Resolve("m.gguf", engine)
+	src, err := s.Resolve("m.gguf", engineUser)
 	require.NoError(t, err)
 
 	var wg sync.WaitGroup
@@ -103,14 +103,14 @@ func TestDigestConcurrent(t *testing.T) {
 func TestDigestCachePersisted(t *testing.T) {
 	s, models, stage := newTestStager(t)
 	writeFile(t, filepath.Join(models, "m.gguf"), "persisted")
-	src, err := s.Resolve("m.gguf", engine)
+	src, err := s.Resolve("m.gguf", engineUser)
 	require.NoError(t, err)
 	_, err = s.Digest(src)
 	require.NoError(t, err)
 	require.FileExists(t, filepath.Join(stage, cacheFileName))
 
 	// A new Stager (a daemon restart) does not hash the file again.
-	s2 := newStager(models, stage)
+	s2 := newStager(t, models, stage)
 	hashes := countHashes(s2)
 	d, err := s2.Digest(src)
 	require.NoError(t, err)
@@ -120,14 +120,14 @@ func TestDigestCachePersisted(t *testing.T) {
 	// A corrupt cache is ignored, and replaced by a good one.
 	for _, junk := range []string{"{not json", `{"version":99,"entries":[]}`, `{"version":1,"entries":[{"digest":"md5:x"}]}`} {
 		require.NoError(t, os.WriteFile(filepath.Join(stage, cacheFileName), []byte(junk), 0o644))
-		s3 := newStager(models, stage)
+		s3 := newStager(t, models, stage)
 		hashes = countHashes(s3)
 		d, err = s3.Digest(src)
 		require.NoError(t, err, junk)
 		assert.Equal(t, sha("persisted"), d, junk)
 		assert.EqualValues(t, 1, hashes.Load(), junk)
 
-		s4 := newStager(models, stage)
+		s4 := newStager(t, models, stage)
 		hashes = countHashes(s4)
 		_, err = s4.Digest(src)
 		require.NoError(t, err)

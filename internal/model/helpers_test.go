@@ -17,22 +17,38 @@ import (
 // staging directory that does not exist yet.
 func newTestStager(t *testing.T) (s *Stager, models, stage string) {
 	t.Helper()
-	root := t.TempDir()
+	root := tempDir(t)
 	models = filepath.Join(root, "models")
 	stage = filepath.Join(root, "stage")
 	require.NoError(t, os.Mkdir(models, 0o755))
-	return newStager(models, stage), models, stage
+	return newStager(t, models, stage), models, stage
+}
+
+// tempDir is t.TempDir, which every user may pass through (as /tmp): an
+// engine reaches a model only through directories it may search.
+func tempDir(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	require.NoError(t, os.Chmod(filepath.Dir(dir), 0o755))
+	require.NoError(t, os.Chmod(dir, 0o755))
+	return dir
 }
 
 // engine is the made-up engine user of the tests: no owner, no group of
 // any test file, so it reads what "other" may read.
-var engine = User{Name: "engine", UID: 4242, GID: 4242}
+var engine = User{Name: "engine", UID: 4242, GID: 4242, Role: "the engine's user"}
 
 var engineUser = engine
 
-// newStager is New.
-func newStager(models, stage string, opts ...Option) *Stager {
-	return New(models, stage, opts...)
+// newStager is New with the test's engine user in the engines' group.
+// Staging gives the staging directory to that group: without root, a
+// test cannot.
+func newStager(t testing.TB, models, stage string, opts ...Option) *Stager {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: staging gives the staging directory to the engines' group (chown)")
+	}
+	return New(models, stage, append([]Option{WithEngineGroup(engineUser.GID)}, opts...)...)
 }
 
 // needChown skips a test that gives its files to other users, as the

@@ -7,13 +7,16 @@
 // models directory or another allowed model directory, with no symlink
 // leading out, unless it is a pool file's own Model=; it must be a non-empty
 // regular file (checked through an O_PATH descriptor, so a device or a FIFO
-// is never opened for reading) that the engine's user can read by its mode
-// bits. Content is hashed with sha256 once per file version (Digest, cached
+// is never opened for reading) that the engine's user (and a bus caller
+// who is not root) could reach itself: every directory from / down
+// searchable by that user, the file readable; a user who could not is
+// told "not found or not readable" and nothing more. Content is hashed with sha256 once per file version (Digest, cached
 // by device, inode, size, mtime and ctime and persisted across restarts),
 // and staged (Stage) as a content-addressed file,
 // stageDir/sha256-<hex>/<name>: a hard link of the source when possible,
-// else a copy that is no more readable than the source. The operator's file
-// is never modified.
+// else a copy that is no more readable than the source. stageDir is
+// mode 0710, root's and the engines' group's (EngineGroup): no other user
+// enters it. The operator's file is never modified.
 //
 // A ref may also name a directory, a model in Hugging Face layout
 // (config.json, *.safetensors, tokenizer files, maybe subdirectories). It
@@ -70,6 +73,8 @@ type Stager struct {
 	link     func(oldname, newname string) error // tests make it fail with EXDEV
 	newHash  func() hash.Hash                    // tests count it
 
+	engineGID *uint32 // the group of staged/; nil: EngineGroup's, looked up
+
 	mu         sync.Mutex
 	poolModels map[string]bool       // absolute paths pool files name as Model=
 	loaded     bool                  // cache read from digests.json
@@ -97,8 +102,15 @@ func WithModelDirs(dirs ...string) Option {
 	}
 }
 
+// WithEngineGroup makes gid the group that may enter the staging
+// directory, instead of EngineGroup's.
+func WithEngineGroup(gid uint32) Option {
+	return func(s *Stager) { s.engineGID = &gid }
+}
+
 // New returns a Stager. Plain names resolve under modelsDir, which must be
-// absolute. Staged files live under stageDir, created 0755 when first
+// absolute. Staged files live under stageDir, created (or set right by
+// PrepareStageDir) root's and the engines' group's, mode 0710, when first
 // needed; the digest cache is persisted at stageDir/digests.json.
 func New(modelsDir, stageDir string, opts ...Option) *Stager {
 	s := &Stager{
@@ -156,12 +168,14 @@ func absPath(ref string) (string, bool) {
 	return "", false
 }
 
-// User is the account an engine runs as: a model must be readable by it.
+// User is a credential a model is checked against: the account an engine
+// runs as, or a bus caller. Group rights count for GID and Groups alike.
 type User struct {
 	Name     string
 	UID, GID uint32
 	Groups   []uint32 // supplementary groups
 	Home     string
+	Role     string // for messages: "the engine's user", "the caller"
 }
 
 // LookupUser resolves an engine's user through NSS. An answer is kept
@@ -214,7 +228,7 @@ func lookupUserNSS(name string) (User, error) {
 	if err1 != nil || err2 != nil {
 		return User{}, fmt.Errorf("the engine's user %q has a non-numeric uid %q or gid %q", name, u.Uid, u.Gid)
 	}
-	out := User{Name: name, UID: uint32(uid), GID: uint32(gid), Home: u.HomeDir}
+	out := User{Name: name, UID: uint32(uid), GID: uint32(gid), Home: u.HomeDir, Role: "the engine's user"}
 	ids, err := u.GroupIds()
 	if err != nil {
 		return User{}, fmt.Errorf("the groups of the engine's user %q: %w", name, err)
@@ -236,7 +250,7 @@ func (u User) canRead(mode, uid, gid uint32) bool {
 		return true
 	case uid == u.UID:
 		return mode&0o400 != 0
-	case gid == u.GID || slices.Contains(u.Groups, gid):
+	case u.inGroup(gid):
 		return mode&0o040 != 0
 	}
 	return mode&0o004 != 0
@@ -250,7 +264,7 @@ func (u User) canList(mode, uid, gid uint32) bool {
 		return true
 	case uid == u.UID:
 		return mode&0o500 == 0o500
-	case gid == u.GID || slices.Contains(u.Groups, gid):
+	case u.inGroup(gid):
 		return mode&0o050 == 0o050
 	}
 	return mode&0o005 == 0o005
@@ -316,26 +330,50 @@ func sysLink(oldname, newname string) error {
 func fdPath(fd int) string { return "/proc/self/fd/" + strconv.Itoa(fd) }
 
 // Resolve validates a ref without reading the file's content: where it
-// resolves to, that it is a non-empty regular file, and that the engine's
-// user u (its credential: uid, gid, groups) can read it; or, for a
-// directory, that it holds only regular files and directories, within
-// bounds, that user can read and list (the package doc says more).
-// Problems with the ref are *RefError.
-func (s *Stager) Resolve(ref string, u User) (Source, error) {
-	fd, src, err := s.openPath(ref)
+// resolves to, that each of readers (the engine's user, then maybe the
+// bus caller) could reach it along its whole path, that it is a non-empty
+// regular file; or, for a directory, that it holds only regular files and
+// directories, within bounds, that those users can read and list (the
+// package doc says more). Problems with the ref are *RefError. Nothing is
+// said of a file a reader could not reach (its type, mode, owner, or
+// whether it exists) but "not found or not readable by" that reader.
+func (s *Stager) Resolve(ref string, readers ...User) (Source, error) {
+	if len(readers) == 0 {
+		return Source{}, fmt.Errorf("model %q: no user given to check it against", ref)
+	}
+	fd, path, err := s.locate(ref)
+	if err != nil {
+		return Source{}, hideFrom(readers, err)
+	}
+	defer unix.Close(fd)
+	if err := checkReach(ref, path, fd, readers); err != nil {
+		return Source{}, err
+	}
+	src, err := validate(ref, path, fd)
 	if err != nil {
 		return Source{}, err
 	}
-	defer unix.Close(fd)
 	if src.dir {
-		return s.resolveTree(src, fd, u)
-	}
-	if !u.canRead(src.Mode, src.UID, src.GID) {
-		return Source{}, refErr(ref, src.Path, unix.EACCES,
-			"is not readable by the engine's user %s (uid %d): mode %#o, owner %d, group %d",
-			u.Name, u.UID, src.Mode, src.UID, src.GID)
+		return s.resolveTree(src, fd, readers)
 	}
 	return src, nil
+}
+
+// hideFrom turns an error of a lookup in the filesystem (the name does not
+// exist, a symlink leads out, ...) into "not found or not readable" for a
+// reader who could not have gone there: the daemon looks with root's eyes.
+// Errors of the ref's own text say nothing of files and stay.
+func hideFrom(readers []User, err error) error {
+	var re *RefError
+	if !errors.As(err, &re) || re.Err == nil || !filepath.IsAbs(re.Path) {
+		return err
+	}
+	for _, u := range readers {
+		if _, rerr := reach(re.Path, u); errors.Is(rerr, errUnreachable) {
+			return unreachable(re.Ref, re.Path, u)
+		}
+	}
+	return err
 }
 
 // Only "scheme://" makes a URL: "hf:llama.gguf" is a plain (if odd) name.

@@ -115,7 +115,7 @@ func TestResolveRejects(t *testing.T) {
 			}
 			ref := tt.ref(models, outside)
 
-			_, err := s.Resolve(ref, engine)
+			_, err := s.Resolve(ref, engineUser)
 			var re *RefError
 			require.ErrorAs(t, err, &re)
 			assert.Equal(t, ref, re.Ref)
@@ -123,7 +123,7 @@ func TestResolveRejects(t *testing.T) {
 			assert.True(t, strings.HasPrefix(err.Error(), "model "), err.Error())
 
 			// Stage validates the same way, before creating anything.
-			_, err = s.Stage(ref, "", engine)
+			_, err = s.Stage(ref, "", engineUser)
 			require.ErrorAs(t, err, &re)
 			assert.Contains(t, err.Error(), tt.want)
 			assert.NoDirExists(t, stage)
@@ -134,9 +134,9 @@ func TestResolveRejects(t *testing.T) {
 func lit(ref string) func(string, string) string { return func(string, string) string { return ref } }
 
 func TestResolveAccepts(t *testing.T) {
-	root := t.TempDir()
+	root := tempDir(t)
 	models, extra, outside := filepath.Join(root, "models"), filepath.Join(root, "extra"), filepath.Join(root, "outside")
-	s := newStager(models, filepath.Join(root, "stage"), WithModelDirs(extra))
+	s := newStager(t, models, filepath.Join(root, "stage"), WithModelDirs(extra))
 	writeFile(t, filepath.Join(models, "plain.gguf"), "plain")
 	writeFile(t, filepath.Join(models, "llama", "8b-q4.gguf"), "nested")
 	writeFile(t, filepath.Join(models, "with space.gguf"), "space")
@@ -175,7 +175,7 @@ func TestResolveAccepts(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.ref, func(t *testing.T) {
-			src, err := s.Resolve(tt.ref, engine)
+			src, err := s.Resolve(tt.ref, engineUser)
 			require.NoError(t, err)
 			st, err := os.Stat(tt.path)
 			require.NoError(t, err)
@@ -202,7 +202,7 @@ func TestResolveUnreadable(t *testing.T) {
 		return open(dirfd, name, flags, resolve)
 	}
 	for _, ref := range []string{"locked.gguf", filepath.Join(models, "locked.gguf")} {
-		_, err := s.Resolve(ref, engine)
+		_, err := s.Resolve(ref, engineUser)
 		var re *RefError
 		require.ErrorAs(t, err, &re)
 		assert.Contains(t, err.Error(), "is not readable: permission denied")
@@ -228,7 +228,7 @@ func TestResolveWithoutOpenat2(t *testing.T) {
 	}
 
 	for _, ref := range []string{"llama/8b.gguf", "in.gguf"} {
-		src, err := s.Resolve(ref, engine)
+		src, err := s.Resolve(ref, engineUser)
 		require.NoError(t, err, ref)
 		assert.Equal(t, filepath.Join(models, ref), src.Path)
 		assert.Equal(t, int64(len("nested")), src.Size)
@@ -239,7 +239,7 @@ func TestResolveWithoutOpenat2(t *testing.T) {
 		"missing.gguf":       "does not exist",
 		"../x.gguf":          `".." element`,
 	} {
-		_, err := s.Resolve(ref, engine)
+		_, err := s.Resolve(ref, engineUser)
 		var re *RefError
 		require.ErrorAs(t, err, &re, ref)
 		assert.Contains(t, err.Error(), want, ref)
@@ -247,8 +247,8 @@ func TestResolveWithoutOpenat2(t *testing.T) {
 }
 
 func TestResolveRelativeModelsDir(t *testing.T) {
-	s := newStager("models", t.TempDir())
-	_, err := s.Resolve("x.gguf", engine)
+	s := newStager(t, "models", t.TempDir())
+	_, err := s.Resolve("x.gguf", engineUser)
 	var re *RefError
 	require.ErrorAs(t, err, &re)
 	assert.Contains(t, err.Error(), `the models directory "models" is not an absolute path`)
@@ -271,7 +271,7 @@ func TestResolveAbsoluteSymlinkInside(t *testing.T) {
 	s, models, _ := newTestStager(t)
 	writeFile(t, filepath.Join(models, "real.gguf"), "x")
 	require.NoError(t, os.Symlink(filepath.Join(models, "real.gguf"), filepath.Join(models, "abs.gguf")))
-	_, err := s.Resolve("abs.gguf", engine)
+	_, err := s.Resolve("abs.gguf", engineUser)
 	var re *RefError
 	require.ErrorAs(t, err, &re)
 	assert.Contains(t, err.Error(), "escapes the model directory")

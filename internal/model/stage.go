@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -55,8 +57,10 @@ func (s *Stager) lockDir(name string) (unlock func()) {
 
 // Stage resolves ref as Resolve does for the engine's user, computes its
 // digest, checks it against want (when want is not empty) and returns the
-// staged file stageDir/sha256-<hex>/<base name of the source> in a 0755
-// directory. The staged file is a hard link of the source when the daemon
+// staged file stageDir/sha256-<hex>/<base name of the source>, beneath
+// the staging directory that only root and the engines' group enter; the
+// engine's user must be able to reach it there (an error says so, and
+// how to fix it, if not). The staged file is a hard link of the source when the daemon
 // may make one (same filesystem; the source's mode and owner stay as they
 // are), else a copy verified against the digest, with the source's owner,
 // group and read bits only. The operator's file is never modified.
@@ -68,7 +72,7 @@ func (s *Stager) lockDir(name string) (unlock func()) {
 // a changed one (any of inode, size, mtime, ctime) is hashed again and
 // staged under its new digest. Every problem with ref or want is a
 // *RefError, found before anything is created.
-func (s *Stager) Stage(ref, want string, u User) (Staged, error) {
+func (s *Stager) Stage(ref, want string, engine User) (Staged, error) {
 	// Pools staging one ref take turns: a hard link changes the source's
 	// ctime under a concurrent read. Two refs of one file (a symlink) may
 	// still meet: that is no change of content, and the other tries
@@ -76,28 +80,49 @@ func (s *Stager) Stage(ref, want string, u User) (Staged, error) {
 	unlock := s.lockDir("ref:" + ref)
 	defer unlock()
 	for tries := 1; ; tries++ {
-		st, err := s.stage(ref, want, u)
-		if err == nil || !errors.Is(err, errChanged) || tries == 3 {
+		st, err := s.stage(ref, want, engine)
+		if err == nil {
+			if err := s.checkStaged(st, engine); err != nil {
+				return Staged{}, err
+			}
+			return st, nil
+		}
+		if !errors.Is(err, errChanged) || tries == 3 {
 			return st, err
 		}
 	}
+}
+
+// checkStaged makes sure the engine's user can reach what was staged for
+// it: one that is not in the engines' group cannot.
+func (s *Stager) checkStaged(st Staged, engine User) error {
+	_, err := reach(st.Path, engine)
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, errUnreachable) {
+		err = errors.New("not found or not readable")
+	}
+	return fmt.Errorf("stage model %q: %s cannot reach the staged model %s (%v): only root and the group %s may enter %s; "+
+		"make the user a member of that group, and StateDir= a directory it may pass through",
+		st.Ref, engine.describe(), st.Path, err, s.groupName(), s.stageDir)
 }
 
 // errChanged is the cause of a RefError for a source that changed while
 // it was staged.
 var errChanged = errors.New("the source changed")
 
-func (s *Stager) stage(ref, want string, u User) (Staged, error) {
+func (s *Stager) stage(ref, want string, engine User) (Staged, error) {
 	if want != "" && !ValidDigest(want) {
 		return Staged{}, refErr(ref, "", nil,
 			"malformed digest %q: want \"sha256:\" followed by 64 lower-case hex digits", want)
 	}
-	src, err := s.Resolve(ref, u)
+	src, err := s.Resolve(ref, engine)
 	if err != nil {
 		return Staged{}, err
 	}
 	if src.dir {
-		return s.stageTree(src, want, u)
+		return s.stageTree(src, want, engine)
 	}
 	digest, err := s.Digest(src)
 	if err != nil {
@@ -293,15 +318,108 @@ func tmpName(final string) (string, error) {
 	return filepath.Join(filepath.Dir(final), tmpPrefix+hex.EncodeToString(b[:])), nil
 }
 
-// ensureStageDir creates the staging directory, 0755 whatever the umask.
+// EngineGroup is the group every engine's user is in (the package's
+// sysusers.d creates it): it, and root, alone may enter the staging
+// directory.
+const EngineGroup = "pool-engine"
+
+// stageDirMode lets the engines' group pass through the staging directory
+// to a staged model whose name it knows, and nobody else in.
+const stageDirMode = 0o710
+
+// PrepareStageDir creates the staging directory, or sets an existing one
+// right (an older installation's was 0755): the daemon's, the engines'
+// group's, mode 0710. The daemon calls it on start; Stage does the same.
+func (s *Stager) PrepareStageDir() error {
+	if err := s.ensureStageDir(); err != nil {
+		return fmt.Errorf("staging directory %s: %w", s.stageDir, err)
+	}
+	return nil
+}
+
+// stageGID is the staging directory's group: WithEngineGroup's, or
+// EngineGroup's, looked up once.
+func (s *Stager) stageGID() (uint32, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.engineGID != nil {
+		return *s.engineGID, nil
+	}
+	g, err := user.LookupGroup(EngineGroup)
+	if err != nil {
+		return 0, fmt.Errorf("the engines' group %s (created by the package's sysusers.d): %w", EngineGroup, err)
+	}
+	gid, err := strconv.ParseUint(g.Gid, 10, 32)
+	if err != nil {
+		return 0, fmt.Errorf("the engines' group %s has a non-numeric gid %q", EngineGroup, g.Gid)
+	}
+	v := uint32(gid)
+	s.engineGID = &v
+	return v, nil
+}
+
+// groupName names the staging directory's group in messages.
+func (s *Stager) groupName() string {
+	s.mu.Lock()
+	gid := s.engineGID
+	s.mu.Unlock()
+	if gid == nil {
+		return EngineGroup
+	}
+	if g, err := user.LookupGroupId(strconv.FormatUint(uint64(*gid), 10)); err == nil {
+		return fmt.Sprintf("%s (gid %d)", g.Name, *gid)
+	}
+	return fmt.Sprintf("gid %d", *gid)
+}
+
+// ensureStageDir creates the staging directory if need be and gives it
+// its owner, group and mode through a descriptor opened without following
+// a symlink, whatever the umask and whatever it was before.
 func (s *Stager) ensureStageDir() error {
-	if st, err := os.Lstat(s.stageDir); err == nil && st.IsDir() {
-		return nil
+	gid, err := s.stageGID()
+	if err != nil {
+		return err
 	}
 	if err := os.MkdirAll(filepath.Dir(s.stageDir), 0o755); err != nil {
 		return err
 	}
-	return mkdir0755(s.stageDir)
+	// Made private, opened up once it has its group.
+	err = unix.Mkdir(s.stageDir, 0o700)
+	if err != nil && !errors.Is(err, unix.EEXIST) {
+		return err
+	}
+	created := err == nil
+	fd, err := unix.Open(s.stageDir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOTDIR) {
+		var st unix.Stat_t
+		if unix.Lstat(s.stageDir, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFLNK {
+			return fmt.Errorf("%s is a symbolic link: staged models are not written through one (set StateDir= to where they should live)", s.stageDir)
+		}
+		return fmt.Errorf("%s exists and is not a directory", s.stageDir)
+	}
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return err
+	}
+	owner := uint32(os.Geteuid())
+	if st.Uid != owner || st.Gid != gid {
+		if err := unix.Fchown(fd, int(owner), int(gid)); err != nil {
+			return fmt.Errorf("give it to uid %d and the engines' group (gid %d): %w", owner, gid, err)
+		}
+	}
+	if st.Mode&0o7777 != stageDirMode {
+		if err := unix.Fchmod(fd, stageDirMode); err != nil {
+			return err
+		}
+	}
+	if created {
+		return syncDir(filepath.Dir(s.stageDir))
+	}
+	return nil
 }
 
 func mkdir0755(dir string) error {

@@ -40,7 +40,7 @@ func TestStage(t *testing.T) {
 	writeFile(t, path, "model v1")
 	hashes := countHashes(s)
 
-	st, err := s.Stage("llama/8b-q4.gguf", "", engine)
+	st, err := s.Stage("llama/8b-q4.gguf", "", engineUser)
 	require.NoError(t, err)
 	want := sha("model v1")
 	assert.Equal(t, want, st.Digest)
@@ -50,10 +50,11 @@ func TestStage(t *testing.T) {
 	assert.Equal(t, inode(t, path), inode(t, st.Path), "same filesystem: a hard link")
 	si, err := os.Stat(stage)
 	require.NoError(t, err)
-	assert.Equal(t, os.FileMode(0o755), si.Mode().Perm())
+	assert.Equal(t, os.FileMode(0o710), si.Mode().Perm(), "the engines' group passes through, nobody else")
+	assert.Equal(t, engineUser.GID, si.Sys().(*syscall.Stat_t).Gid)
 
 	// Again, with the digest given: same path, nothing re-hashed.
-	again, err := s.Stage("llama/8b-q4.gguf", want, engine)
+	again, err := s.Stage("llama/8b-q4.gguf", want, engineUser)
 	require.NoError(t, err)
 	assert.Equal(t, st.Path, again.Path)
 	assert.EqualValues(t, 1, hashes.Load())
@@ -61,7 +62,7 @@ func TestStage(t *testing.T) {
 	// The operator replaces the source: the staged file does not change.
 	replaceFile(t, path, "model v2")
 	requireStaged(t, st, "model v1")
-	v2, err := s.Stage("llama/8b-q4.gguf", "", engine)
+	v2, err := s.Stage("llama/8b-q4.gguf", "", engineUser)
 	require.NoError(t, err)
 	assert.Equal(t, sha("model v2"), v2.Digest)
 	assert.NotEqual(t, st.Path, v2.Path)
@@ -70,7 +71,7 @@ func TestStage(t *testing.T) {
 
 	// Other forms of a ref to the same file stage to the same path.
 	for _, ref := range []string{path, "file://" + path} {
-		other, err := s.Stage(ref, "", engine)
+		other, err := s.Stage(ref, "", engineUser)
 		require.NoError(t, err, ref)
 		assert.Equal(t, v2.Path, other.Path, ref)
 	}
@@ -87,7 +88,7 @@ func TestStageBadDigest(t *testing.T) {
 	writeFile(t, filepath.Join(models, "m.gguf"), "content")
 	wrong := sha("something else")
 
-	_, err := s.Stage("m.gguf", wrong, engine)
+	_, err := s.Stage("m.gguf", wrong, engineUser)
 	var re *RefError
 	require.ErrorAs(t, err, &re)
 	assert.ErrorIs(t, err, ErrDigestMismatch)
@@ -101,7 +102,7 @@ func TestStageBadDigest(t *testing.T) {
 		fmt.Sprintf("%064x", 1),
 		"sha256:" + fmt.Sprintf("%065x", 1),
 	} {
-		_, err := s.Stage("m.gguf", bad, engine)
+		_, err := s.Stage("m.gguf", bad, engineUser)
 		require.ErrorAs(t, err, &re, bad)
 		assert.Contains(t, err.Error(), fmt.Sprintf("malformed digest %q", bad))
 	}
@@ -109,10 +110,10 @@ func TestStageBadDigest(t *testing.T) {
 
 func TestStageNothingCreatedOnBadRef(t *testing.T) {
 	s, _, stage := newTestStager(t)
-	_, err := s.Stage("missing.gguf", "", engine)
+	_, err := s.Stage("missing.gguf", "", engineUser)
 	var re *RefError
 	require.ErrorAs(t, err, &re)
-	_, err = s.Stage("missing.gguf", "sha256:nope", engine)
+	_, err = s.Stage("missing.gguf", "sha256:nope", engineUser)
 	require.ErrorAs(t, err, &re)
 	assert.NoDirExists(t, stage)
 }
@@ -131,7 +132,7 @@ func TestStageCopyAcrossFilesystems(t *testing.T) {
 	}
 	hashes := countHashes(s)
 
-	st, err := s.Stage("m.gguf", sha(content), engine)
+	st, err := s.Stage("m.gguf", sha(content), engineUser)
 	require.NoError(t, err)
 	assert.Equal(t, 1, links)
 	assert.EqualValues(t, 2, hashes.Load(), "the digest, then the copy")
@@ -139,17 +140,17 @@ func TestStageCopyAcrossFilesystems(t *testing.T) {
 	assert.NotEqual(t, inode(t, path), inode(t, st.Path), "a copy")
 
 	// The copy is known: staging again neither copies nor hashes.
-	again, err := s.Stage("m.gguf", "", engine)
+	again, err := s.Stage("m.gguf", "", engineUser)
 	require.NoError(t, err)
 	assert.Equal(t, st.Path, again.Path)
 	assert.Equal(t, 1, links)
 	assert.EqualValues(t, 2, hashes.Load())
 
 	// Even after a restart.
-	s2 := newStager(models, filepath.Dir(filepath.Dir(st.Path)))
+	s2 := newStager(t, models, filepath.Dir(filepath.Dir(st.Path)))
 	s2.link = s.link
 	hashes = countHashes(s2)
-	again, err = s2.Stage("m.gguf", "", engine)
+	again, err = s2.Stage("m.gguf", "", engineUser)
 	require.NoError(t, err)
 	assert.Equal(t, st.Path, again.Path)
 	assert.Equal(t, 1, links)
@@ -162,7 +163,7 @@ func TestStageCopyVerified(t *testing.T) {
 	s, models, _ := newTestStager(t)
 	path := filepath.Join(models, "m.gguf")
 	writeFile(t, path, "tampered")
-	src, err := s.Resolve("m.gguf", engine)
+	src, err := s.Resolve("m.gguf", engineUser)
 	require.NoError(t, err)
 	d := sha("original")
 	s.mu.Lock()
@@ -171,7 +172,7 @@ func TestStageCopyVerified(t *testing.T) {
 	s.mu.Unlock()
 	s.link = func(string, string) error { return syscall.EXDEV }
 
-	_, err = s.Stage("m.gguf", "", engine)
+	_, err = s.Stage("m.gguf", "", engineUser)
 	var re *RefError
 	require.ErrorAs(t, err, &re)
 	assert.ErrorIs(t, err, ErrDigestMismatch)
@@ -186,7 +187,7 @@ func TestStageLinkErrors(t *testing.T) {
 	s, models, _ := newTestStager(t)
 	writeFile(t, filepath.Join(models, "m.gguf"), "x")
 	s.link = func(string, string) error { return syscall.EIO }
-	_, err := s.Stage("m.gguf", "", engine)
+	_, err := s.Stage("m.gguf", "", engineUser)
 	require.ErrorIs(t, err, syscall.EIO)
 }
 
@@ -212,11 +213,11 @@ func TestStageRecreates(t *testing.T) {
 			s, models, _ := newTestStager(t)
 			writeFile(t, filepath.Join(models, "m.gguf"), "content")
 			s.link = func(string, string) error { return syscall.EXDEV }
-			st, err := s.Stage("m.gguf", "", engine)
+			st, err := s.Stage("m.gguf", "", engineUser)
 			require.NoError(t, err)
 			tt.tamper(t, st.Path)
 
-			again, err := s.Stage("m.gguf", "", engine)
+			again, err := s.Stage("m.gguf", "", engineUser)
 			require.NoError(t, err)
 			assert.Equal(t, st.Path, again.Path)
 			requireStaged(t, again, "content")
@@ -234,7 +235,7 @@ func TestStageConcurrent(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			st, err := s.Stage("m.gguf", "", engine)
+			st, err := s.Stage("m.gguf", "", engineUser)
 			assert.NoError(t, err)
 			paths[i] = st.Path
 		}()
@@ -249,12 +250,11 @@ func TestStageConcurrent(t *testing.T) {
 }
 
 func TestStageUmask(t *testing.T) {
-	old := unix.Umask(0o077)
-	defer unix.Umask(old)
 	s, models, _ := newTestStager(t)
 	writeFile(t, filepath.Join(models, "m.gguf"), "content")
-	require.NoError(t, os.Chmod(filepath.Join(models, "m.gguf"), 0o644))
-	st, err := s.Stage("m.gguf", "", engine)
+	old := unix.Umask(0o077)
+	defer unix.Umask(old)
+	st, err := s.Stage("m.gguf", "", engineUser)
 	require.NoError(t, err)
 	requireStaged(t, st, "content")
 }
@@ -264,11 +264,11 @@ func TestPrune(t *testing.T) {
 	writeFile(t, filepath.Join(models, "a.gguf"), "a")
 	writeFile(t, filepath.Join(models, "b.gguf"), "b")
 	writeFile(t, filepath.Join(models, "b-copy.gguf"), "b")
-	a, err := s.Stage("a.gguf", "", engine)
+	a, err := s.Stage("a.gguf", "", engineUser)
 	require.NoError(t, err)
-	b, err := s.Stage("b.gguf", "", engine)
+	b, err := s.Stage("b.gguf", "", engineUser)
 	require.NoError(t, err)
-	bCopy, err := s.Stage("b-copy.gguf", "", engine)
+	bCopy, err := s.Stage("b-copy.gguf", "", engineUser)
 	require.NoError(t, err)
 	require.Equal(t, filepath.Dir(b.Path), filepath.Dir(bCopy.Path))
 	stale := filepath.Join(filepath.Dir(a.Path), tmpPrefix+"0123456789abcdef")
@@ -291,7 +291,7 @@ func TestPrune(t *testing.T) {
 	assert.NoDirExists(t, filepath.Dir(b.Path))
 
 	// Pruned content stages again.
-	a2, err := s.Stage("a.gguf", "", engine)
+	a2, err := s.Stage("a.gguf", "", engineUser)
 	require.NoError(t, err)
 	requireStaged(t, a2, "a")
 
@@ -304,7 +304,7 @@ func TestPruneForgetsCopies(t *testing.T) {
 	s, models, _ := newTestStager(t)
 	writeFile(t, filepath.Join(models, "m.gguf"), "content")
 	s.link = func(string, string) error { return syscall.EXDEV }
-	st, err := s.Stage("m.gguf", "", engine)
+	st, err := s.Stage("m.gguf", "", engineUser)
 	require.NoError(t, err)
 	copyIno := inode(t, st.Path)
 	require.NoError(t, s.Prune(nil))

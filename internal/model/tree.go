@@ -104,7 +104,7 @@ var errStop = errors.New("stop")
 // regular files and directories only; copy what a link points to in).
 type treeWalk struct {
 	ref, path string // for messages: the ref and the directory's path
-	user      *User  // whose rights are checked; nil: none (the daemon's own reads)
+	users     []User // whose rights are checked; none: the daemon's own reads
 	entries   int
 	visit     func(rel string, fd int, st *unix.Stat_t) error
 }
@@ -171,17 +171,17 @@ func (w *treeWalk) entry(dirfd int, dirRel, name string, depth int) error {
 		if depth+1 > maxTreeDepth {
 			return w.err(rel, nil, "is more than %d directories deep: too deep for a model directory", maxTreeDepth)
 		}
-		if w.user != nil && !w.user.canList(st.Mode, st.Uid, st.Gid) {
-			return w.err(rel, unix.EACCES,
-				"is a directory the engine's user %s (uid %d) cannot list: mode %#o, owner %d, group %d",
-				w.user.Name, w.user.UID, st.Mode&0o7777, st.Uid, st.Gid)
+		for _, u := range w.users {
+			if !u.canList(st.Mode, st.Uid, st.Gid) {
+				return w.err(rel, errUnreachable, "is a directory %s cannot list", u.describe())
+			}
 		}
 		return w.walk(fd, rel, depth+1)
 	case unix.S_IFREG:
-		if w.user != nil && !w.user.canRead(st.Mode, st.Uid, st.Gid) {
-			return w.err(rel, unix.EACCES,
-				"is not readable by the engine's user %s (uid %d): mode %#o, owner %d, group %d",
-				w.user.Name, w.user.UID, st.Mode&0o7777, st.Uid, st.Gid)
+		for _, u := range w.users {
+			if !u.canRead(st.Mode, st.Uid, st.Gid) {
+				return w.err(rel, errUnreachable, "is not readable by %s", u.describe())
+			}
 		}
 		return w.visit(rel, fd, &st)
 	case unix.S_IFLNK:
@@ -193,25 +193,21 @@ func (w *treeWalk) entry(dirfd int, dirRel, name string, depth int) error {
 
 // walkTree walks the directory model whose top the O_PATH descriptor top
 // names.
-func walkTree(ref, path string, top int, u *User, visit func(rel string, fd int, st *unix.Stat_t) error) error {
-	w := &treeWalk{ref: ref, path: path, user: u, visit: visit}
+func walkTree(ref, path string, top int, users []User, visit func(rel string, fd int, st *unix.Stat_t) error) error {
+	w := &treeWalk{ref: ref, path: path, users: users, visit: visit}
 	return w.walk(top, "", 0)
 }
 
-// resolveTree completes Resolve for a directory: the engine's user must be
-// able to list it and every directory in it, and read every file.
-func (s *Stager) resolveTree(src Source, top int, u User) (Source, error) {
+// resolveTree completes Resolve for a directory (which the readers reach
+// and may list): they must be able to list every directory in it, and
+// read every file.
+func (s *Stager) resolveTree(src Source, top int, readers []User) (Source, error) {
 	if filepath.Clean(src.Path) == "/" {
 		return Source{}, refErr(src.Ref, src.Path, nil, "is the root directory, not a model directory")
 	}
-	if !u.canList(src.Mode, src.UID, src.GID) {
-		return Source{}, refErr(src.Ref, src.Path, unix.EACCES,
-			"is a directory the engine's user %s (uid %d) cannot list: mode %#o, owner %d, group %d",
-			u.Name, u.UID, src.Mode, src.UID, src.GID)
-	}
 	src.Files = []TreeFile{}
 	src.Size = 0
-	err := walkTree(src.Ref, src.Path, top, &u, func(rel string, _ int, st *unix.Stat_t) error {
+	err := walkTree(src.Ref, src.Path, top, readers, func(rel string, _ int, st *unix.Stat_t) error {
 		src.Files = append(src.Files, treeFile(rel, st))
 		src.Size += st.Size
 		return nil
@@ -248,7 +244,7 @@ func (s *Stager) openTop(src Source) (int, error) {
 // index in src.Files of each file, checked to be the version resolved;
 // a file added or gone since is a change. The ctime of an inode in linked
 // may have moved on: this staging linked it already, under another name.
-func (s *Stager) walkSource(src Source, u *User, linked map[fileID]bool, visit func(i int, fd int) error) error {
+func (s *Stager) walkSource(src Source, users []User, linked map[fileID]bool, visit func(i int, fd int) error) error {
 	top, err := s.openTop(src)
 	if err != nil {
 		return err
@@ -259,7 +255,7 @@ func (s *Stager) walkSource(src Source, u *User, linked map[fileID]bool, visit f
 		index[f.Rel] = i
 	}
 	seen := 0
-	err = walkTree(src.Ref, src.Path, top, u, func(rel string, fd int, st *unix.Stat_t) error {
+	err = walkTree(src.Ref, src.Path, top, users, func(rel string, fd int, st *unix.Stat_t) error {
 		i, ok := index[rel]
 		if !ok {
 			return refErr(src.Ref, src.Path, errChanged, "changed since it was resolved: %q is new", rel)
@@ -547,7 +543,7 @@ func (s *Stager) createTree(src Source, digests []string, man []byte, manPath, f
 	}()
 	made := make([]fileKey, len(src.Files))
 	linkedIDs := map[fileID]bool{}
-	err = s.walkSource(src, &u, linkedIDs, func(i, pfd int) error {
+	err = s.walkSource(src, []User{u}, linkedIDs, func(i, pfd int) error {
 		fs := src.file(src.Files[i])
 		dst := filepath.Join(tmp, src.Files[i].Rel)
 		if err := mkdirs0755(tmp, filepath.Dir(dst)); err != nil {

@@ -3,6 +3,7 @@ package model
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -27,7 +28,7 @@ type trustEnv struct {
 
 func newTrustEnv(t *testing.T) trustEnv {
 	t.Helper()
-	root := t.TempDir()
+	root := tempDir(t)
 	e := trustEnv{
 		models:  filepath.Join(root, "models"),
 		extra:   filepath.Join(root, "extra"),
@@ -37,7 +38,7 @@ func newTrustEnv(t *testing.T) trustEnv {
 	for _, d := range []string{e.models, e.extra, e.outside} {
 		require.NoError(t, os.Mkdir(d, 0o755))
 	}
-	e.s = newStager(e.models, e.stage, WithModelDirs(e.extra))
+	e.s = newStager(t, e.models, e.stage, WithModelDirs(e.extra))
 	return e
 }
 
@@ -61,12 +62,12 @@ func TestRefOutsideModelDirsIsRefused(t *testing.T) {
 		"/etc/passwd",
 	} {
 		t.Run(ref, func(t *testing.T) {
-			_, err := e.s.Resolve(ref, engine)
+			_, err := e.s.Resolve(ref, engineUser)
 			var re *RefError
 			require.ErrorAs(t, err, &re)
 			assert.Equal(t, ref, re.Ref)
 			assert.Contains(t, err.Error(), "not beneath an allowed model directory ("+e.models+", "+e.extra+") and not a pool file's Model=")
-			_, err = e.s.Stage(ref, "", engine)
+			_, err = e.s.Stage(ref, "", engineUser)
 			require.ErrorAs(t, err, &re)
 			assert.NoDirExists(t, e.stage, "nothing staged, nothing created")
 		})
@@ -76,13 +77,13 @@ func TestRefOutsideModelDirsIsRefused(t *testing.T) {
 	// path); a configuration without that pool makes it a secret again.
 	e.s.SetPoolModels([]string{"file://" + secret})
 	for _, ref := range []string{secret, "file://" + secret} {
-		_, err := e.s.Stage(ref, "", engine)
+		_, err := e.s.Stage(ref, "", engineUser)
 		require.NoError(t, err, ref)
 	}
-	_, err := e.s.Resolve(e.outside+"/./id_rsa", engine)
+	_, err := e.s.Resolve(e.outside+"/./id_rsa", engineUser)
 	assert.ErrorContains(t, err, "not beneath an allowed model directory", "only the pool file's exact path")
 	e.s.SetPoolModels(nil)
-	_, err = e.s.Resolve(secret, engine)
+	_, err = e.s.Resolve(secret, engineUser)
 	assert.ErrorContains(t, err, "not beneath an allowed model directory")
 }
 
@@ -106,7 +107,7 @@ func TestSymlinkEscapeIsRefused(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.ref, func(t *testing.T) {
-			_, err := e.s.Stage(tt.ref, "", engine)
+			_, err := e.s.Stage(tt.ref, "", engineUser)
 			var re *RefError
 			require.ErrorAs(t, err, &re)
 			assert.Contains(t, err.Error(), "escapes the model directory "+tt.dir)
@@ -132,7 +133,7 @@ func TestOperatorFileModeIsUnchanged(t *testing.T) {
 			}
 			before := lstat(t, path)
 
-			st, err := e.s.Stage("m.gguf", "", engine)
+			st, err := e.s.Stage("m.gguf", "", engineUser)
 			require.NoError(t, err)
 			requireStaged(t, st, "operator's model")
 			after := lstat(t, path)
@@ -172,7 +173,7 @@ func TestCopyIsNoMoreReadableThanSource(t *testing.T) {
 			require.NoError(t, os.Chown(path, tt.uid, tt.gid))
 			require.NoError(t, os.Chmod(path, os.FileMode(tt.mode&0o777)|unixModeBits(tt.mode)))
 
-			st, err := e.s.Stage("m.gguf", "", engine)
+			st, err := e.s.Stage("m.gguf", "", engineUser)
 			require.NoError(t, err)
 			got := lstat(t, st.Path)
 			assert.NotEqual(t, lstat(t, path).Ino, got.Ino, "a copy")
@@ -235,9 +236,9 @@ func TestDeviceNodeIsNeverOpenedForReading(t *testing.T) {
 		fifo:             "is not a regular file or a directory (it is a named pipe)",
 		"file://" + fifo: "is not a regular file or a directory (it is a named pipe)",
 	} {
-		_, err := e.s.Resolve(ref, engine)
+		_, err := e.s.Resolve(ref, engineUser)
 		assert.ErrorContains(t, err, want, ref)
-		_, err = e.s.Stage(ref, "", engine)
+		_, err = e.s.Stage(ref, "", engineUser)
 		assert.ErrorContains(t, err, want, ref)
 		assert.Zero(t, opens(), "%s was opened", ref)
 	}
@@ -253,7 +254,7 @@ func TestDeviceNodeIsNeverOpenedForReading(t *testing.T) {
 // daemon (root) does not read or link for it what it could not read itself.
 func TestRefUnreadableByEngineUserIsRefused(t *testing.T) {
 	needChown(t)
-	withGroup := User{Name: "engine-g", UID: 4343, GID: 4343, Groups: []uint32{5000}}
+	withGroup := User{Name: "engine-g", UID: 4343, GID: 4343, Groups: []uint32{5000, engineUser.GID}, Role: "the engine's user"}
 	tests := []struct {
 		name     string
 		mode     os.FileMode
@@ -261,15 +262,15 @@ func TestRefUnreadableByEngineUserIsRefused(t *testing.T) {
 		user     User
 		readable bool
 	}{
-		{"root's private file", 0o600, 0, 0, engine, false},
-		{"root's group file", 0o640, 0, 0, engine, false},
-		{"world-readable", 0o644, 0, 0, engine, true},
-		{"other bits alone", 0o004, 0, 0, engine, true},
-		{"primary group", 0o640, 0, int(engineUser.GID), engine, true},
+		{"root's private file", 0o600, 0, 0, engineUser, false},
+		{"root's group file", 0o640, 0, 0, engineUser, false},
+		{"world-readable", 0o644, 0, 0, engineUser, true},
+		{"other bits alone", 0o004, 0, 0, engineUser, true},
+		{"primary group", 0o640, 0, int(engineUser.GID), engineUser, true},
 		{"supplementary group", 0o640, 0, 5000, withGroup, true},
 		{"supplementary group without read", 0o604, 0, 5000, withGroup, false},
-		{"owner", 0o400, int(engineUser.UID), 0, engine, true},
-		{"owner bits win over other bits", 0o044, int(engineUser.UID), 0, engine, false},
+		{"owner", 0o400, int(engineUser.UID), 0, engineUser, true},
+		{"owner bits win over other bits", 0o044, int(engineUser.UID), 0, engineUser, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -289,7 +290,7 @@ func TestRefUnreadableByEngineUserIsRefused(t *testing.T) {
 				var re *RefError
 				require.ErrorAs(t, err, &re, ref)
 				assert.ErrorIs(t, err, os.ErrPermission)
-				assert.Contains(t, err.Error(), "is not readable by the engine's user "+tt.user.Name)
+				assert.Contains(t, err.Error(), fmt.Sprintf("not found or not readable by the engine's user %s (uid %d)", tt.user.Name, tt.user.UID))
 				assert.NoDirExists(t, e.stage)
 			}
 		})
@@ -303,7 +304,7 @@ func TestRefUnreadableByEngineUserIsRefused(t *testing.T) {
 		nobody, err := LookupUser("nobody")
 		require.NoError(t, err)
 		_, err = e.s.Stage("m.gguf", "", nobody)
-		assert.ErrorContains(t, err, "is not readable by the engine's user nobody (uid 65534)")
+		assert.ErrorContains(t, err, "not found or not readable by the engine's user nobody (uid 65534)")
 	})
 	t.Run("a user of a pool's own, in no database", func(t *testing.T) {
 		e := newTrustEnv(t)
@@ -311,13 +312,18 @@ func TestRefUnreadableByEngineUserIsRefused(t *testing.T) {
 		writeFile(t, path, "model")
 		require.NoError(t, os.Chown(path, 0, 5000))
 		require.NoError(t, os.Chmod(path, 0o640))
-		own := User{Name: "pool-engine-x", UID: 65536, GID: 65536}
+		own := User{Name: "pool-engine-x", UID: 65536, GID: 65536, Groups: []uint32{engineUser.GID}, Role: "the engine's user"}
 		_, err := e.s.Stage("m.gguf", "", own)
-		assert.ErrorContains(t, err, "is not readable by the engine's user pool-engine-x (uid 65536)")
-		own.Groups = []uint32{5000}
+		assert.ErrorContains(t, err, "not found or not readable by the engine's user pool-engine-x (uid 65536)")
+		own.Groups = append(own.Groups, 5000)
 		_, err = e.s.Stage("m.gguf", "", own)
 		assert.NoError(t, err, "a model shared with the engines' group")
 	})
+}
+
+func TestLookupUnknownUser(t *testing.T) {
+	_, err := LookupUser("no-such-user-pmd")
+	assert.EqualError(t, err, `the engine's user "no-such-user-pmd": user: unknown user no-such-user-pmd`)
 }
 
 // A source rewritten in place, size and mtime put back, is a new version:
@@ -335,12 +341,12 @@ func TestSourceRewrittenInPlaceIsHashedAgain(t *testing.T) {
 			}
 			hashes := countHashes(e.s)
 			reads := countReads(e.s)
-			v1, err := e.s.Stage("m.gguf", "", engine)
+			v1, err := e.s.Stage("m.gguf", "", engineUser)
 			require.NoError(t, err)
 			require.Equal(t, sha("version 1"), v1.Digest)
 
 			for range 3 {
-				again, err := e.s.Stage("m.gguf", sha("version 1"), engine)
+				again, err := e.s.Stage("m.gguf", sha("version 1"), engineUser)
 				require.NoError(t, err)
 				assert.Equal(t, v1.Path, again.Path)
 			}
@@ -354,11 +360,11 @@ func TestSourceRewrittenInPlaceIsHashedAgain(t *testing.T) {
 			require.Equal(t, st.Size, lstat(t, path).Size)
 			require.Equal(t, st.Mtim, lstat(t, path).Mtim)
 
-			_, err = e.s.Stage("m.gguf", sha("version 1"), engine)
+			_, err = e.s.Stage("m.gguf", sha("version 1"), engineUser)
 			assert.ErrorIs(t, err, ErrDigestMismatch)
 			assert.ErrorContains(t, err, "digest mismatch: want "+sha("version 1")+", the file has "+sha("version 2"))
 
-			v2, err := e.s.Stage("m.gguf", "", engine)
+			v2, err := e.s.Stage("m.gguf", "", engineUser)
 			require.NoError(t, err)
 			assert.Equal(t, sha("version 2"), v2.Digest)
 			assert.NotEqual(t, v1.Path, v2.Path)
@@ -395,7 +401,7 @@ func TestDigestCacheWithoutCtimeIsReadGracefully(t *testing.T) {
 	require.NoError(t, os.WriteFile(filepath.Join(e.stage, cacheFileName), []byte(old), 0o644))
 
 	hashes := countHashes(e.s)
-	staged, err := e.s.Stage("m.gguf", "", engine)
+	staged, err := e.s.Stage("m.gguf", "", engineUser)
 	require.NoError(t, err)
 	assert.Equal(t, sha("content"), staged.Digest, "not the old entry's word")
 	assert.EqualValues(t, 1, hashes.Load())
@@ -408,9 +414,9 @@ func TestDigestCacheWithoutCtimeIsReadGracefully(t *testing.T) {
 	require.Len(t, cf.Entries, 1)
 	assert.NotZero(t, cf.Entries[0].CtimeNs)
 
-	s2 := newStager(e.models, e.stage, WithModelDirs(e.extra))
+	s2 := newStager(t, e.models, e.stage, WithModelDirs(e.extra))
 	hashes = countHashes(s2)
-	_, err = s2.Stage("m.gguf", "", engine)
+	_, err = s2.Stage("m.gguf", "", engineUser)
 	require.NoError(t, err)
 	assert.Zero(t, hashes.Load(), "known after a restart")
 }
@@ -438,7 +444,7 @@ func TestPruneNeverFollowsSymlinks(t *testing.T) {
 	t.Run("entries that are symlinks", func(t *testing.T) {
 		e := newTrustEnv(t)
 		writeFile(t, filepath.Join(e.models, "m.gguf"), "model")
-		st, err := e.s.Stage("m.gguf", "", engine)
+		st, err := e.s.Stage("m.gguf", "", engineUser)
 		require.NoError(t, err)
 		victim := filepath.Join(e.outside, "victim.gguf")
 		writeFile(t, victim, "victim")
@@ -467,9 +473,9 @@ func TestPruningALinkCostsNoRehash(t *testing.T) {
 	e := newTrustEnv(t)
 	writeFile(t, filepath.Join(e.models, "m.gguf"), "model")
 	require.NoError(t, os.Symlink("m.gguf", filepath.Join(e.models, "current.gguf")))
-	a, err := e.s.Stage("m.gguf", "", engine)
+	a, err := e.s.Stage("m.gguf", "", engineUser)
 	require.NoError(t, err)
-	b, err := e.s.Stage("current.gguf", "", engine)
+	b, err := e.s.Stage("current.gguf", "", engineUser)
 	require.NoError(t, err)
 	require.Equal(t, filepath.Dir(a.Path), filepath.Dir(b.Path))
 	require.NotEqual(t, a.Path, b.Path)
@@ -477,7 +483,7 @@ func TestPruningALinkCostsNoRehash(t *testing.T) {
 	hashes := countHashes(e.s)
 	require.NoError(t, e.s.Prune([]string{b.Path}))
 	assert.NoFileExists(t, a.Path)
-	again, err := e.s.Stage("current.gguf", "", engine)
+	again, err := e.s.Stage("current.gguf", "", engineUser)
 	require.NoError(t, err)
 	assert.Equal(t, b.Path, again.Path)
 	assert.Zero(t, hashes.Load())
@@ -503,8 +509,8 @@ func TestStagingNeedsNeitherFownerNorDacOverride(t *testing.T) {
 	var theirsSt, oursSt Staged
 	var errTheirs, errOurs, errNoChown error
 	withoutCaps(t, []uintptr{unix.CAP_FOWNER, unix.CAP_DAC_OVERRIDE}, func() {
-		theirsSt, errTheirs = e.s.Stage("theirs.gguf", "", engine)
-		oursSt, errOurs = e.s.Stage("ours.gguf", "", engine)
+		theirsSt, errTheirs = e.s.Stage("theirs.gguf", "", engineUser)
+		oursSt, errOurs = e.s.Stage("ours.gguf", "", engineUser)
 	})
 	require.NoError(t, errTheirs)
 	require.NoError(t, errOurs)
@@ -514,7 +520,7 @@ func TestStagingNeedsNeitherFownerNorDacOverride(t *testing.T) {
 
 	require.NoError(t, e.s.Prune(nil))
 	withoutCaps(t, []uintptr{unix.CAP_FOWNER, unix.CAP_DAC_OVERRIDE, unix.CAP_CHOWN}, func() {
-		_, errNoChown = e.s.Stage("theirs.gguf", "", engine)
+		_, errNoChown = e.s.Stage("theirs.gguf", "", engineUser)
 	})
 	assert.ErrorContains(t, errNoChown, "needs CAP_CHOWN")
 }
@@ -574,7 +580,7 @@ func TestStageRefusesASymlinkedStagingDirectory(t *testing.T) {
 	e := newTrustEnv(t)
 	writeFile(t, filepath.Join(e.models, "m.gguf"), "model")
 	require.NoError(t, os.Symlink(e.outside, e.stage))
-	_, err := e.s.Stage("m.gguf", "", engine)
+	_, err := e.s.Stage("m.gguf", "", engineUser)
 	assert.ErrorContains(t, err, e.stage+" is a symbolic link")
 	entries, err := os.ReadDir(e.outside)
 	require.NoError(t, err)
@@ -595,7 +601,7 @@ func TestOneSourceStagedForManyPoolsAtOnce(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				st, err := e.s.Stage("shared.gguf", "", engine)
+				st, err := e.s.Stage("shared.gguf", "", engineUser)
 				errs[i], paths[i] = err, st.Path
 			}()
 		}

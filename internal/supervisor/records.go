@@ -35,7 +35,7 @@ func (s *Supervisor) writeRecord(r *run, modelRef string) {
 	}
 	rec := Record{
 		Pool: s.cfg.Pool, Unit: r.e.Unit, PID: r.e.PID, Model: modelRef, StagedPath: r.staged.Path,
-		Digest: r.staged.Digest, EngineVersion: s.Snapshot().EngineVersion, DeviceMask: s.cfg.DeviceMask,
+		Digest: r.staged.Digest, EngineVersion: s.m.View(time.Now()).EngineVersion, DeviceMask: s.cfg.DeviceMask,
 		URL: s.cfg.HealthURL, StartedAt: r.started, Leases: s.m.Leases(),
 	}
 	if err := s.cfg.Records.Save(s.cfg.Pool, rec); err != nil {

@@ -15,9 +15,10 @@ import (
 )
 
 // ModelStager is the daemon's model stager (*model.Stager), which checks
-// every model against the reading rights of the engine's user.
+// every model against the rights of the engine's user (and of a bus
+// caller who names one).
 type ModelStager interface {
-	Resolve(ref string, engine model.User) (model.Source, error)
+	Resolve(ref string, readers ...model.User) (model.Source, error)
 	Digest(src model.Source) (string, error)
 	Stage(ref, want string, engine model.User) (model.Staged, error)
 	// AddPoolModels records refs that a pool file names as Model=: they
@@ -33,20 +34,33 @@ type engineStager struct {
 	user func() (model.User, error)
 }
 
-func (e engineStager) Resolve(ref string) (model.Source, error) {
+// engine is the engine's credential, named so in messages; a user that
+// cannot be had is the host's fault, not the ref's.
+func (e engineStager) engine(ref string) (model.User, error) {
 	u, err := e.user()
 	if err != nil {
-		return model.Source{}, fmt.Errorf("model %q: %w", ref, err)
+		return model.User{}, fmt.Errorf("model %q: %w", ref, err)
 	}
-	return e.s.Resolve(ref, u)
+	u.Role = "the engine's user"
+	return u, nil
+}
+
+// Resolve checks ref for the callers first (a caller is told nothing of
+// what it could not reach), then for the engine's user.
+func (e engineStager) Resolve(ref string, callers ...model.User) (model.Source, error) {
+	u, err := e.engine(ref)
+	if err != nil {
+		return model.Source{}, err
+	}
+	return e.s.Resolve(ref, append(callers[:len(callers):len(callers)], u)...)
 }
 
 func (e engineStager) Digest(src model.Source) (string, error) { return e.s.Digest(src) }
 
 func (e engineStager) Stage(ref, want string) (model.Staged, error) {
-	u, err := e.user()
+	u, err := e.engine(ref)
 	if err != nil {
-		return model.Staged{}, fmt.Errorf("model %q: %w", ref, err)
+		return model.Staged{}, err
 	}
 	return e.s.Stage(ref, want, u)
 }

@@ -88,7 +88,9 @@ type GPUHolder struct {
 
 // Stager validates and stages model files.
 type Stager interface {
-	Resolve(ref string) (model.Source, error)
+	// Resolve checks ref for the engine's user and for callers (a bus
+	// caller who is not root).
+	Resolve(ref string, callers ...model.User) (model.Source, error)
 	Digest(src model.Source) (string, error)
 	Stage(ref, want string) (model.Staged, error)
 	// Hashing says how far the hash of ref has come, while one runs.
@@ -939,7 +941,8 @@ func (s *Supervisor) Reload(ctx context.Context, ref string, drainDeadline time.
 		}
 		return fail("stage", fmt.Errorf("%w: %v (nothing changed)", lifecycle.ErrReloadFailed, err))
 	}
-	src, err := s.cfg.Stager.Resolve(ref)
+	// A caller (model.WithCaller) names only what it could read itself.
+	src, err := s.cfg.Stager.Resolve(ref, model.CallerOf(ctx)...)
 	if err != nil {
 		return refFail(err)
 	}

@@ -115,6 +115,7 @@ ControlDevice=/dev/nvidiactl
 	assert.Contains(t, string(status), "Groups:\t"+grp[2]+" \n", "and group pool-engine besides, for models shared with it")
 	assert.Equal(t, owner{0, 0, 0o755}, ownerOf(t, "/var/cache/pool-managerd"))
 	assert.Equal(t, owner{uint32(uid), uint32(gid), 0o700}, ownerOf(t, "/var/cache/pool-managerd/alpha"), "the engine's HOME and caches")
+	assert.Equal(t, owner{0, uint32(gid), 0o710}, ownerOf(t, "/var/lib/pool-managerd/staged"), "staged models: the engines' group passes, nobody else")
 	environ, err := os.ReadFile("/proc/" + pid + "/environ")
 	require.NoError(t, err)
 	assert.Contains(t, string(environ), "\x00HOME=/var/cache/pool-managerd/alpha\x00", "writable under the unit's ProtectHome= and ProtectSystem=")
