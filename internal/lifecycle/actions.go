@@ -106,7 +106,11 @@ type (
 	// CountHealthFailure, CountForcedDrain and CountDrain feed metrics.
 	CountHealthFailure struct{}
 	CountForcedDrain   struct{}
-	CountDrain         struct {
+	// CountIdleStop: the engine is stopped for want of use;
+	// CountLeaseStart: a start made for a lease or EnsureReady.
+	CountIdleStop   struct{}
+	CountLeaseStart struct{}
+	CountDrain      struct {
 		Start  time.Time
 		Result DrainResult
 	}
@@ -133,4 +137,6 @@ func (Journal) action()            {}
 func (Log) action()                {}
 func (CountHealthFailure) action() {}
 func (CountForcedDrain) action()   {}
+func (CountIdleStop) action()      {}
+func (CountLeaseStart) action()    {}
 func (CountDrain) action()         {}

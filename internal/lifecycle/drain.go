@@ -209,6 +209,9 @@ func (m *Machine) drainLogged(start time.Time, res DrainResult) {
 // ---- leases
 
 func (m *Machine) leaseRequested(e LeaseRequested) {
+	if m.leaseWaits(e) {
+		return
+	}
 	var err error
 	switch {
 	case m.drain != nil:
@@ -228,6 +231,7 @@ func (m *Machine) leaseRequested(e LeaseRequested) {
 	m.addLease(e.ID, e.Owner)
 	m.do(LeasesChanged{})
 	m.reply(Reply{Req: e.Req, Lease: e.ID})
+	m.used()
 }
 
 func (m *Machine) leaseReleased(e LeaseReleased) {
@@ -243,6 +247,7 @@ func (m *Machine) leaseReleased(e LeaseReleased) {
 	m.dropLease(e.ID, o)
 	m.do(LeasesChanged{})
 	m.reply(Reply{Req: e.Req})
+	m.used()
 	m.lastLeaseGone()
 }
 
@@ -256,7 +261,9 @@ func (m *Machine) ownerGone(e OwnerGone) {
 	}
 	if n > 0 {
 		m.do(LeasesChanged{})
+		m.used()
 	}
+	m.ownerWaitersGone(e.Owner)
 	m.reply(Reply{Req: e.Req, N: n})
 	if n > 0 {
 		m.lastLeaseGone()

@@ -29,6 +29,13 @@ type (
 		Digest   string
 		Deadline time.Duration
 	}
+	// EnsureReadyRequested: answer once the pool is Ready, starting it
+	// if it is idle, stopped, failed or in backoff (the policy permitting);
+	// Timeout bounds the wait (0: Config.WakeTimeout).
+	EnsureReadyRequested struct {
+		Req     ReqID
+		Timeout time.Duration
+	}
 	// ResetBreakerRequested closes the breakers and lifts a hold.
 	ResetBreakerRequested struct{}
 	// AllowRestartRequested lets one held restart happen now.
@@ -183,6 +190,7 @@ type (
 
 func (StartRequested) event()        {}
 func (DrainRequested) event()        {}
+func (EnsureReadyRequested) event()  {}
 func (ReloadRequested) event()       {}
 func (ResetBreakerRequested) event() {}
 func (AllowRestartRequested) event() {}

@@ -54,7 +54,8 @@ func (m *Machine) exited(e Exited) {
 	case r.candidate:
 		m.candidateExited(r, x)
 		return
-	case r.stopping == StopDrain || r.stopping == StopReload:
+	case r.stopping == StopDrain || r.stopping == StopReload || r.stopping == StopIdle:
+		// An idle stop is no crash, whatever the exit.
 		m.engineStopped(r)
 		return
 	case r.stopping == StopOperator:
@@ -287,6 +288,9 @@ func (m *Machine) engineStopped(r *run) {
 	if op := m.reload; op != nil && op.old == r {
 		m.reloadOldGone()
 	}
+	if r.stopping == StopIdle {
+		m.idleEngineGone()
+	}
 }
 
 func (m *Machine) timerFired(e TimerFired) {
@@ -313,6 +317,10 @@ func (m *Machine) timerFired(e TimerFired) {
 		m.prepareDue()
 	case TimerFault:
 		m.faultUnconfirmed()
+	case TimerIdle:
+		m.idleDue()
+	case TimerWake:
+		m.wakeDue()
 	default:
 		panic(fmt.Sprintf("lifecycle: unknown timer %d", e.Timer))
 	}

@@ -54,6 +54,15 @@ type Config struct {
 	// together prepare apart.
 	Ahead  time.Duration
 	Spread func() float64
+	// IdleStop: a Ready pool with no lease and no request in flight for
+	// this long goes Idle, its engine stopped (0: never; Pin=).
+	IdleStop time.Duration
+	// StartOnLease: a lease asked of an Idle pool starts it and is
+	// granted once it is Ready.
+	StartOnLease bool
+	// WakeTimeout bounds the wait of a lease that starts the pool, and of
+	// an EnsureReady with no timeout of its own (0: DefaultWakeTimeout).
+	WakeTimeout time.Duration
 }
 
 // View is the part of the pool's published state the machine owns (the
@@ -91,6 +100,8 @@ type View struct {
 	Operation string
 	// Progress is how far Operation has come: 0..1, -1 when unknown.
 	Progress float64
+	// IdleSince is when the pool went Idle (zero when it is not).
+	IdleSince time.Time
 }
 
 // run is one engine process's life as the machine sees it.
@@ -123,6 +134,9 @@ type run struct {
 	movedAt     time.Time
 	inFlight    float64
 	progressBad bool
+	// busy: the engine's metrics last said requests are in flight, or
+	// could not say (an idle stop must not cut them).
+	busy bool
 }
 
 // startOp is an engine start between its decision and its process.
@@ -206,6 +220,12 @@ type Machine struct {
 	// gpuHeld: GPUs that need a reset, with why.
 	gpuHeld map[string]string
 	timers  timers
+	// idleSince is when the pool went Idle; waiters wait for it to be
+	// Ready (a lease or EnsureReady); waking: a start made for them is
+	// under way.
+	idleSince time.Time
+	waiters   []waiter
+	waking    bool
 
 	// The step under way.
 	out       []Action
@@ -256,6 +276,9 @@ func (m *Machine) View(now time.Time) View {
 		NextRestart: m.next, MainPID: m.pid, Model: m.model, ModelDigest: m.digest, StagedPath: m.path,
 		EngineVersion: m.version, HealthFailures: slices.Clone(m.healthFailures), LastHeartbeat: m.heartbeat,
 		ReadyAt: m.readyAt, Starts: m.starts, Policy: st, Held: m.held, Operation: m.operation(), Progress: m.progressOf(),
+	}
+	if m.state == Idle {
+		v.IdleSince = m.idleSince
 	}
 	return v
 }
@@ -332,6 +355,8 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 		m.startRequested(e)
 	case DrainRequested:
 		m.drainRequested(e)
+	case EnsureReadyRequested:
+		m.ensureReady(e)
 	case ReloadRequested:
 		m.reloadRequested(e)
 	case ResetBreakerRequested:
@@ -405,6 +430,7 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 	default:
 		panic(fmt.Sprintf("lifecycle: unknown event %T", ev))
 	}
+	m.settleWaiters()
 	m.keepPrepared()
 	m.publish()
 	out := m.out
@@ -852,6 +878,7 @@ func (m *Machine) serving(r *run) {
 	// LastError stays: it is the last error, not the current one.
 	m.transition(Ready, "serving")
 	m.readyAt, m.heartbeat = m.now, m.now
+	m.used()
 	m.do(WriteRecord{Run: r.id, Model: m.model})
 	m.do(Log{Level: slog.LevelInfo, Msg: "engine ready", Engine: true, Attrs: []any{journal.StartupSec, m.now.Sub(r.started).Seconds()}})
 	m.rollbackSettled()
@@ -943,6 +970,9 @@ func (m *Machine) progress(e Progress) {
 		m.drainProgress(d, e)
 	}
 	r := m.unstopped(e.Run)
+	if r != nil && r.healthy {
+		m.progressUse(r, e)
+	}
 	if r == nil || !r.healthy || m.cfg.Stall <= 0 {
 		return
 	}

@@ -3,6 +3,7 @@ package lifecycle
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand"
 	"slices"
 	"syscall"
@@ -43,7 +44,7 @@ type engineRun struct {
 // engines, systemd, the timers and callers may send them: replies to its
 // actions in any order, late words on earlier runs, requests at any
 // time. Any move a table lacks panics (strictTransitions).
-func drive(c *choices) {
+func drive(c *choices) map[State]bool {
 	now := t0
 	cfg := Config{Pool: "p", Unit: "u.scope", Model: "m", FailureThreshold: 1 + c.n(2),
 		Witness: c.n(3) > 0, HoldExit: 500 * time.Millisecond, Warmup: c.yes()}
@@ -59,6 +60,11 @@ func drive(c *choices) {
 	}
 	if c.n(4) == 0 {
 		cfg.ModelDigest = "sha256:m"
+	}
+	if c.yes() {
+		cfg.IdleStop = 3 * time.Second
+		cfg.StartOnLease = c.yes()
+		cfg.WakeTimeout = time.Duration(1+c.n(3)) * 5 * time.Second
 	}
 	held := ""
 	if c.n(10) == 0 {
@@ -109,7 +115,11 @@ func drive(c *choices) {
 			}
 		}
 	}
-	step := func(ev Event) { track(m.Step(now, ev)) }
+	seen := map[State]bool{}
+	step := func(ev Event) {
+		track(m.Step(now, ev))
+		seen[m.state] = true
+	}
 	track(m.Init(now))
 	if c.n(4) == 0 {
 		// A daemon's first step may adopt the engine a previous one left.
@@ -328,7 +338,11 @@ func drive(c *choices) {
 			ev = LeaseReleased{Req: req, ID: fmt.Sprint("l", c.n(3)), Owner: fmt.Sprint("o", c.n(2)), CheckOwner: c.yes()}
 		case k < 38:
 			req++
-			ev = OwnerGone{Req: req, Owner: fmt.Sprint("o", c.n(2))}
+			if c.yes() {
+				ev = OwnerGone{Req: req, Owner: fmt.Sprint("o", c.n(2))}
+			} else {
+				ev = EnsureReadyRequested{Req: req, Timeout: time.Duration(c.n(3)) * 4 * time.Second}
+			}
 		case k < 39:
 			switch c.n(5) {
 			case 0:
@@ -353,7 +367,16 @@ func drive(c *choices) {
 		if m.state == Draining && m.drain == nil || m.drain != nil && m.drain.reload == nil && m.state != Draining {
 			panic(fmt.Sprintf("state %s with drain %+v", m.state, m.drain))
 		}
+		// Idle has no engine but the one its idle stop ends, and
+		// callers wait only while a start may still answer them.
+		if m.state == Idle && m.run != nil && m.run.stopping != StopIdle {
+			panic(fmt.Sprintf("idle with a serving engine %+v", m.run))
+		}
+		if len(m.waiters) > 0 && !(m.state == Starting || m.state == Warming || m.state == Idle && m.run != nil) {
+			panic(fmt.Sprintf("%d callers wait on a pool %s", len(m.waiters), m.state))
+		}
 	}
+	return seen
 }
 
 func later(a, b time.Time) time.Time {
@@ -377,8 +400,14 @@ func TestRandomEventsMoveOnlyAlongTheTables(t *testing.T) {
 	if testing.Short() {
 		seeds = 30
 	}
+	seen := map[State]bool{}
 	for seed := range int64(seeds) {
-		drive(&choices{seedChoices(seed, 1200)})
+		maps.Copy(seen, drive(&choices{seedChoices(seed, 1200)}))
+	}
+	for _, st := range States() {
+		if !seen[st] {
+			t.Errorf("the walk never reached %s", st)
+		}
 	}
 }
 

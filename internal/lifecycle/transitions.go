@@ -40,6 +40,7 @@ var transitions = map[State][]State{
 		Backoff,  // it crashed: a restart is scheduled
 		Failed,   // a crash held, or a GPU hold while its exit is held
 		Stopped,  // exit 0, or an operator's stop
+		Idle,     // no lease and no request in flight for IdleStopSec
 	},
 	Draining: {
 		Stopped,  // the drain is done, or the engine went (exit 0, an operator's stop)
@@ -55,6 +56,12 @@ var transitions = map[State][]State{
 		Starting, // a start, a retry, a restart
 		Stopped,  // a hold lifted, a drain, exit 0 or an operator's stop of a held exit
 		Backoff,  // a restart that could not start is a crash
+	},
+	Idle: {
+		Starting, // a lease (StartOnLease), EnsureReady, Start or a reload
+		Draining, // a drain while its engine is still being stopped
+		Stopped,  // a drain
+		Failed,   // a GPU hold
 	},
 }
 

@@ -29,9 +29,12 @@ const (
 	Draining
 	Backoff
 	Failed
+	// Idle: its engine was stopped because nobody used it for
+	// IdleStopSec; a lease (StartOnLease) or EnsureReady brings it back.
+	Idle
 )
 
-var stateNames = [...]string{"stopped", "starting", "warming", "ready", "draining", "backoff", "failed"}
+var stateNames = [...]string{"stopped", "starting", "warming", "ready", "draining", "backoff", "failed", "idle"}
 
 func (s State) String() string {
 	if int(s) < len(stateNames) {
@@ -80,9 +83,11 @@ const (
 	StopOperator
 	// StopStall: requests in flight and no token for StallSec.
 	StopStall
+	// StopIdle: nobody used it for IdleStopSec.
+	StopIdle
 )
 
-var stopNames = [...]string{"", "drain", "reload", "rollback", "health", "start-timeout", "fault", "operator", "stall"}
+var stopNames = [...]string{"", "drain", "reload", "rollback", "health", "start-timeout", "fault", "operator", "stall", "idle"}
 
 func (r StopReason) String() string {
 	if int(r) < len(stopNames) {
@@ -121,6 +126,11 @@ const (
 	// TimerFault: a GPU fault line of a serving engine that neither its
 	// death nor a failed probe confirmed is taken as text.
 	TimerFault
+	// TimerIdle: the pool has been unused for IdleStopSec.
+	TimerIdle
+	// TimerWake: the first caller waiting for an idle pool's start gives
+	// up.
+	TimerWake
 	numTimers
 )
 
