@@ -340,6 +340,7 @@ func TestUnprivilegedCallersMayOnlyRead(t *testing.T) {
 		{"ReloadConfig"},
 		{"Enable", "sb", "llama-8b", "false"},
 		{"Disable", "sb", "llama-8b", "true"},
+		{"EnsureReady", "st", "llama-8b", "1000"},
 	} {
 		out, err := nobody(args...)
 		assert.Error(t, err, "%v", args)

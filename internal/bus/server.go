@@ -175,6 +175,12 @@ var poolProperties = []property{
 	value("MainPID", func(s snapshot) uint32 { return uint32(s.MainPID) }),
 	text("Operation", func(s snapshot) string { return s.Operation }),
 	value("Progress", func(s snapshot) float64 { return s.Progress }),
+	value("IdleSinceUSec", func(s snapshot) uint64 {
+		if s.IdleSince.IsZero() {
+			return 0
+		}
+		return uint64(s.IdleSince.UnixMicro())
+	}),
 }
 
 // property is one property of the Pool interface.
@@ -686,6 +692,18 @@ func (m *managerObject) Stop(sender dbus.Sender, pool string) *dbus.Error {
 		return err
 	}
 	return toDBus(m.s.mgr.Stop(m.s.ctx, pool))
+}
+
+// EnsureReady answers once the pool is Ready, starting it where it can;
+// like Drain it blocks only its own call.
+func (m *managerObject) EnsureReady(sender dbus.Sender, pool string, timeoutMS uint64) *dbus.Error {
+	if err := m.check(sender, "EnsureReady", pool); err != nil {
+		return err
+	}
+	if timeoutMS > uint64(lifecycle.MaxWakeTimeout/time.Millisecond) {
+		return invalid(fmt.Sprintf("timeout_ms %d is more than %d (one hour)", timeoutMS, lifecycle.MaxWakeTimeout/time.Millisecond))
+	}
+	return toDBus(m.s.mgr.EnsureReady(m.s.ctx, pool, time.Duration(timeoutMS)*time.Millisecond))
 }
 
 func (m *managerObject) AcquireLease(sender dbus.Sender, pool string) (string, *dbus.Error) {

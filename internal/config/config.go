@@ -112,6 +112,12 @@ type Pool struct {
 	ModelDigest string // "sha256:<hex>" or empty
 	Slots       uint32 // 0: no limit
 	AutoStart   bool
+	// IdleStop: a ready pool unused this long has its engine stopped
+	// (idle); 0 (and Pin) never. StartOnLease: a lease on an idle pool
+	// starts it.
+	IdleStop     time.Duration
+	Pin          bool
+	StartOnLease bool
 
 	Engine  Engine
 	Health  Health

@@ -172,6 +172,21 @@ Environment=F=%i
 }
 
 // Each bad input must be named by file, section and key, with a reason.
+// Pools on demand: IdleStopSec= (empty or 0: off), Pin=, StartOnLease=.
+func TestOnDemandKeys(t *testing.T) {
+	dir := writeDir(t, map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nIdleStopSec=5min\nStartOnLease=yes\n",
+		"pools.d/b.pool": strings.Replace(minimalPool, "Devices=0", "Devices=1", 1) + "[Pool]\nIdleStopSec=30\nIdleStopSec=\nPin=yes\n"})
+	c, err := Load(dir)
+	require.NoError(t, err)
+	require.Len(t, c.Pools, 2)
+	assert.Equal(t, 5*time.Minute, c.Pools[0].IdleStop)
+	assert.True(t, c.Pools[0].StartOnLease)
+	assert.False(t, c.Pools[0].Pin)
+	assert.Zero(t, c.Pools[1].IdleStop)
+	assert.True(t, c.Pools[1].Pin)
+	assert.False(t, c.Pools[1].StartOnLease)
+}
+
 func TestErrors(t *testing.T) {
 	cases := []struct {
 		name  string
@@ -186,6 +201,12 @@ func TestErrors(t *testing.T) {
 			[]string{"a.pool:8: [Pool] Slots=: \"four\" is not an integer"}},
 		{"bad duration", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nIntervalSec=5 parsecs\n"},
 			[]string{"[Health] IntervalSec=: \"5 parsecs\" is not a time span: unknown unit \"parsecs\""}},
+		{"idle time too short", map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nIdleStopSec=10ms\n"},
+			[]string{"a.pool:8: [Pool] IdleStopSec=: must be 0 (never idle) or at least 1s, got \"10ms\""}},
+		{"idle time negative", map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nIdleStopSec=-5\n"},
+			[]string{"[Pool] IdleStopSec=: \"-5\" is not a time span"}},
+		{"pin not a boolean", map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nPin=always\n"},
+			[]string{"[Pool] Pin=: "}},
 		{"progress without a stall time", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nProgressURL=http://127.0.0.1:%p/metrics\n"},
 			[]string{"[Health] StallSec=: missing: ProgressURL= needs StallSec="}},
 		{"stall time without progress", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nStallSec=60\n"},

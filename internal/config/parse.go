@@ -350,7 +350,23 @@ func parsePool(file string, data []byte, dropIns []DropIn) (*Pool, Errors) {
 				}
 				return err
 			},
-			"AutoStart": setBool(&p.AutoStart),
+			"AutoStart":    setBool(&p.AutoStart),
+			"IdleStopSec": func(v string) error {
+				if v == "" {
+					p.IdleStop = 0
+					return nil
+				}
+				t, err := parseSeconds(v)
+				if err == nil && t > 0 && t < time.Second {
+					err = fmt.Errorf("must be 0 (never idle) or at least 1s, got %q", v)
+				}
+				if err == nil {
+					p.IdleStop = t
+				}
+				return err
+			},
+			"Pin":          setBool(&p.Pin),
+			"StartOnLease": setBool(&p.StartOnLease),
 		},
 		"Engine": {
 			"ExecStart": setCommand(&p.Engine.ExecStart),

@@ -157,15 +157,16 @@ func (f *fakePool) Reload(_ context.Context, ref string, _ time.Duration) (strin
 	return ref, nil
 }
 
-func (f *fakePool) ResetBreaker()                       {}
-func (f *fakePool) AllowRestart() error                 { return nil }
-func (f *fakePool) AcquireLease(string) (string, error) { return "", lifecycle.ErrNotReady }
-func (f *fakePool) ReleaseLease(string) error           { return lifecycle.ErrNoSuchLease }
-func (f *fakePool) ReleaseLeaseAs(string, string) error { return lifecycle.ErrNoSuchLease }
-func (f *fakePool) ReleaseOwner(string) int             { return 0 }
-func (f *fakePool) XID(uuid string, xid uint64)         { f.record(fmt.Sprintf("xid %d %s", xid, uuid)) }
-func (f *fakePool) GPUUnhealthy(uuid, why string)       { f.record("unhealthy " + uuid + ": " + why) }
-func (f *fakePool) GPUUsable(uuid string)               { f.record("usable " + uuid) }
+func (f *fakePool) ResetBreaker()                                    {}
+func (f *fakePool) AllowRestart() error                              { return nil }
+func (f *fakePool) EnsureReady(context.Context, time.Duration) error { return nil }
+func (f *fakePool) AcquireLease(string) (string, error)              { return "", lifecycle.ErrNotReady }
+func (f *fakePool) ReleaseLease(string) error                        { return lifecycle.ErrNoSuchLease }
+func (f *fakePool) ReleaseLeaseAs(string, string) error              { return lifecycle.ErrNoSuchLease }
+func (f *fakePool) ReleaseOwner(string) int                          { return 0 }
+func (f *fakePool) XID(uuid string, xid uint64)                      { f.record(fmt.Sprintf("xid %d %s", xid, uuid)) }
+func (f *fakePool) GPUUnhealthy(uuid, why string)                    { f.record("unhealthy " + uuid + ": " + why) }
+func (f *fakePool) GPUUsable(uuid string)                            { f.record("usable " + uuid) }
 
 func (f *fakePool) did(call string) bool { return slices.Contains(f.Calls(), call) }
 

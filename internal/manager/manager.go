@@ -43,6 +43,7 @@ type Pool interface {
 	Reload(ctx context.Context, ref string, drainDeadline time.Duration) (string, error)
 	ResetBreaker()
 	AllowRestart() error
+	EnsureReady(ctx context.Context, timeout time.Duration) error
 
 	AcquireLease(owner string) (string, error)
 	ReleaseLease(id string) error
@@ -224,6 +225,18 @@ func (m *Manager) Start(pool string) error {
 	}
 	m.clearStopped(pool)
 	return p.Start()
+}
+
+// EnsureReady answers once a pool is Ready, starting it if it is idle,
+// stopped, failed or in backoff (see supervisor.EnsureReady); like Start
+// it forgets that the operator stopped it.
+func (m *Manager) EnsureReady(ctx context.Context, pool string, timeout time.Duration) error {
+	p, err := m.Pool(pool)
+	if err != nil {
+		return err
+	}
+	m.clearStopped(pool)
+	return p.EnsureReady(ctx, timeout)
 }
 
 // Stop is a drain with deadline 0; the pool stays stopped across a

@@ -26,6 +26,8 @@ func (m *Set) InitPool(pool string) {
 		m.DrainDuration.WithLabelValues(pool, o)
 	}
 	m.DrainForceStops.WithLabelValues(pool)
+	m.IdleStops.WithLabelValues(pool)
+	m.LeaseStarts.WithLabelValues(pool)
 	for _, o := range []string{"success", "failure"} {
 		m.ReloadDuration.WithLabelValues(pool, o)
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/pool-managerd/internal/crash"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/policy"
 )
 
@@ -67,4 +68,20 @@ func TestForget(t *testing.T) {
 # TYPE pool_managerd_engine_crashes_total counter
 pool_managerd_engine_crashes_total{pool_id="kept",reason="signal"} 1
 `)))
+}
+
+// A pool's idle state has its series, and its idle stops and starts on
+// demand count from zero.
+func TestIdleSeries(t *testing.T) {
+	m := New(prometheus.NewRegistry())
+	m.InitPool("p")
+	assert.Equal(t, 0.0, testutil.ToFloat64(m.IdleStops.WithLabelValues("p")))
+	assert.Equal(t, 0.0, testutil.ToFloat64(m.LeaseStarts.WithLabelValues("p")))
+	assert.Equal(t, 0.0, testutil.ToFloat64(m.PoolState.WithLabelValues("p", "idle")))
+	m.SetPoolState("p", lifecycle.Idle)
+	assert.Equal(t, 1.0, testutil.ToFloat64(m.PoolState.WithLabelValues("p", "idle")))
+	assert.Equal(t, 0.0, testutil.ToFloat64(m.PoolState.WithLabelValues("p", "stopped")))
+	assert.Equal(t, 8, testutil.CollectAndCount(m.PoolState))
+	m.Forget("p")
+	assert.Equal(t, 0, testutil.CollectAndCount(m.IdleStops))
 }

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/engine"
@@ -157,6 +158,8 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Mode
 		VersionCommand: p.Engine.VersionCommand,
 		DeviceMask:     strings.Join(p.Devices, ","),
 		Slots:          p.Slots,
+		IdleStop:       idleStop(p),
+		StartOnLease:   p.StartOnLease,
 		Stager:         engineStager{stager, who},
 		Holders:        GPUHolders(inv, gpus, nil),
 		Port:           p.Engine.Port,
@@ -219,4 +222,13 @@ func GPUHolders(inv *gpu.Inventory, gpus []gpu.GPU, lib gpu.NVML) func() ([]GPUH
 		}
 		return out, nil
 	}
+}
+
+// idleStop is how long the pool may be unused before it goes idle (0:
+// never, as Pin= says).
+func idleStop(p *config.Pool) time.Duration {
+	if p.Pin {
+		return 0
+	}
+	return p.IdleStop
 }

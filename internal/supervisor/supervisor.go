@@ -74,6 +74,10 @@ type Config struct {
 	// looks again; 0: the lifecycle's default).
 	Port      int
 	PortRetry time.Duration
+	// IdleStop, StartOnLease: see lifecycle.Config (IdleStop is 0 for a
+	// pinned pool).
+	IdleStop     time.Duration
+	StartOnLease bool
 }
 
 // GPUHolder is a process with work (or an open device node) on one of the
@@ -215,6 +219,7 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 		EngineVersion: cfg.EngineVersion, DeviceMask: cfg.DeviceMask, Slots: cfg.Slots,
 		FailureThreshold: cfg.Health.FailureThreshold, Witness: rt != nil && rt.Witness != nil, HoldExit: holdExit,
 		Warmup: cfg.Health.Warmup != nil, Stall: cfg.Health.Stall, DrainRequests: cfg.Health.ProgressURL != "", GPURetry: cfg.GPURetry, PortRetry: cfg.PortRetry, Ahead: ahead, Spread: rand.Float64,
+		IdleStop: cfg.IdleStop, StartOnLease: cfg.StartOnLease, WakeTimeout: cfg.Health.StartTimeout,
 	}, tr, held)
 	s.snap = Snapshot{ID: cfg.Pool, Unit: engine.UnitName(cfg.Pool), DeviceMask: cfg.DeviceMask, Slots: cfg.Slots}
 	s.snap.View = s.m.View(time.Now())
@@ -326,6 +331,10 @@ func (s *Supervisor) exec(actions []lifecycle.Action) {
 			s.metrics.HealthCheckFailures.WithLabelValues(s.cfg.Pool).Inc()
 		case lifecycle.CountForcedDrain:
 			s.metrics.DrainForceStops.WithLabelValues(s.cfg.Pool).Inc()
+		case lifecycle.CountIdleStop:
+			s.metrics.IdleStops.WithLabelValues(s.cfg.Pool).Inc()
+		case lifecycle.CountLeaseStart:
+			s.metrics.LeaseStarts.WithLabelValues(s.cfg.Pool).Inc()
 		case lifecycle.CountDrain:
 			s.metrics.Drains.WithLabelValues(s.cfg.Pool, a.Result.Outcome).Inc()
 			s.metrics.DrainDuration.WithLabelValues(s.cfg.Pool, a.Result.Outcome).Observe(a.Result.Done.Sub(a.Start).Seconds())
@@ -462,7 +471,7 @@ func (s *Supervisor) publish(v lifecycle.View) {
 	s.metrics.PoolLive.WithLabelValues(id).Set(b(snap.Live))
 	s.metrics.PoolDraining.WithLabelValues(id).Set(b(snap.Draining))
 	if !s.stateSet || snap.State != s.stateWas {
-		// Seven series: set when the state changes, not on every
+		// One series a state: set when the state changes, not on every
 		// publish (a lease call publishes).
 		s.metrics.SetPoolState(id, snap.State)
 		s.stateSet, s.stateWas = true, snap.State
@@ -508,6 +517,24 @@ func (s *Supervisor) Drain(ctx context.Context, deadline time.Duration) (lifecyc
 		return rep.Drain, rep.Err
 	case <-ctx.Done():
 		return lifecycle.DrainResult{}, ctx.Err()
+	}
+}
+
+// EnsureReady answers once the pool is Ready: at once if it is, else
+// after the start it makes (an idle, stopped, failed or backoff pool, the
+// breaker permitting) or joins, which callers share. timeout bounds the
+// wait (0: the pool's StartTimeoutSec; at most lifecycle.MaxWakeTimeout);
+// a start that fails or a wait that ends answers ErrNotReady. ctx only
+// bounds the wait.
+func (s *Supervisor) EnsureReady(ctx context.Context, timeout time.Duration) error {
+	ch := s.request(func(id lifecycle.ReqID) lifecycle.Event {
+		return lifecycle.EnsureReadyRequested{Req: id, Timeout: timeout}
+	})
+	select {
+	case rep := <-ch:
+		return rep.Err
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
