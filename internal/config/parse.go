@@ -350,7 +350,7 @@ func parsePool(file string, data []byte, dropIns []DropIn) (*Pool, Errors) {
 				}
 				return err
 			},
-			"AutoStart":    setBool(&p.AutoStart),
+			"AutoStart": setBool(&p.AutoStart),
 			"IdleStopSec": func(v string) error {
 				if v == "" {
 					p.IdleStop = 0
