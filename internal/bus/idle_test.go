@@ -121,7 +121,8 @@ func TestIdlePoolComesBackOnDemand(t *testing.T) {
 }
 
 // Without StartOnLease a lease on an idle pool is NotReady, naming how to
-// bring it back; EnsureReady after a Stop starts it and forgets the Stop.
+// bring it back; it stays idle across a daemon restart; EnsureReady after
+// a Stop starts it and forgets the Stop.
 func TestIdlePoolWithoutStartOnLease(t *testing.T) {
 	dir, _ := configure(t)
 	f, err := os.OpenFile(filepath.Join(dir, "pools.d", "llama-8b.pool"), os.O_APPEND|os.O_WRONLY, 0)
@@ -132,6 +133,18 @@ func TestIdlePoolWithoutStartOnLease(t *testing.T) {
 	begin := time.Now()
 	start(t, dir)
 	goesIdle(t, begin)
+
+	// Idle survives a daemon restart (its mark is under the runtime
+	// directory, which a reboot clears): AutoStart= does not start it.
+	since := getProp(t, "llama-8b", "IdleSinceUSec")
+	sh(t, "systemctl", "restart", "pool-managerd.service")
+	waitProp(t, "llama-8b", "State", `s "idle"`)
+	assert.Equal(t, since, getProp(t, "llama-8b", "IdleSinceUSec"))
+	time.Sleep(500 * time.Millisecond)
+	assert.Equal(t, "b false", getProp(t, "llama-8b", "Live"))
+	out, _ := try("systemctl", "is-active", "pool-engine-llama\\x2d8b.scope")
+	assert.NotEqual(t, "active", out)
+
 	router, err := dbus.ConnectSystemBus()
 	require.NoError(t, err)
 	defer router.Close()
@@ -142,7 +155,7 @@ func TestIdlePoolWithoutStartOnLease(t *testing.T) {
 	assert.Contains(t, err.Error(), "is idle (no StartOnLease=): EnsureReady or Start brings it back")
 	assert.Equal(t, `s "idle"`, getProp(t, "llama-8b", "State"))
 
-	out, err := call("Stop", "s", "llama-8b")
+	out, err = call("Stop", "s", "llama-8b")
 	require.NoError(t, err, out)
 	assert.Equal(t, `s "stopped"`, getProp(t, "llama-8b", "State"))
 	assert.Equal(t, "t 0", getProp(t, "llama-8b", "IdleSinceUSec"))
@@ -151,4 +164,6 @@ func TestIdlePoolWithoutStartOnLease(t *testing.T) {
 	assert.Equal(t, `s "ready"`, getProp(t, "llama-8b", "State"))
 	_, err = os.Stat(filepath.Join(dir, "run", "stopped", "llama-8b"))
 	assert.ErrorIs(t, err, os.ErrNotExist, "EnsureReady forgets the operator's Stop as Start does")
+	_, err = os.Stat(filepath.Join(dir, "run", "idle", "llama-8b"))
+	assert.ErrorIs(t, err, os.ErrNotExist, "a pool that is not idle has no idle mark")
 }

@@ -36,6 +36,10 @@ type (
 		Req     ReqID
 		Timeout time.Duration
 	}
+	// IdleRestored: the pool was idle when the daemon last stopped (a
+	// mark under the runtime directory says since when): it is idle
+	// again, not started.
+	IdleRestored struct{ Since time.Time }
 	// ResetBreakerRequested closes the breakers and lifts a hold.
 	ResetBreakerRequested struct{}
 	// AllowRestartRequested lets one held restart happen now.
@@ -191,6 +195,7 @@ type (
 func (StartRequested) event()        {}
 func (DrainRequested) event()        {}
 func (EnsureReadyRequested) event()  {}
+func (IdleRestored) event()          {}
 func (ReloadRequested) event()       {}
 func (ResetBreakerRequested) event() {}
 func (AllowRestartRequested) event() {}

@@ -279,3 +279,17 @@ func (m *Machine) settleWaiters() {
 		}
 	}
 }
+
+// idleRestored makes a stopped pool that was idle before a daemon
+// restart idle again, as systemd keeps a unit's state across its own
+// re-execution: its first use starts it.
+func (m *Machine) idleRestored(e IdleRestored) {
+	if m.state != Stopped || m.busy() || m.cfg.IdleStop <= 0 || m.held != "" || len(m.gpuHeld) > 0 {
+		return
+	}
+	m.transition(Idle, "idle before the daemon restarted")
+	m.idleSince = e.Since
+	if e.Since.IsZero() || e.Since.After(m.now) {
+		m.idleSince = m.now
+	}
+}

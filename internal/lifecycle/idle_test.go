@@ -266,3 +266,33 @@ func TestLeaseWaiterOwnerGone(t *testing.T) {
 	assert.Equal(t, Ready, p.m.State())
 	assert.Equal(t, uint32(0), p.m.View(p.now).ActiveLeases)
 }
+
+// A pool idle before a daemon restart is idle again, not started, and its
+// first lease starts it; a pinned or held pool, or one that runs, is not
+// made idle.
+func TestIdleRestored(t *testing.T) {
+	p := idlePool(t, nil)
+	since := t0.Add(-time.Hour)
+	p.step(IdleRestored{Since: since})
+	v := p.m.View(p.now)
+	assert.Equal(t, Idle, v.State)
+	assert.Equal(t, since, v.IdleSince)
+	assert.Empty(t, all[Stage](p.last))
+	a := p.request(func(r ReqID) Event { return LeaseRequested{Req: r, ID: "p/a", Owner: "o"} })
+	assert.Equal(t, Starting, p.m.State())
+	p.step(ModelStaged{Run: p.m.start.run, Staged: staged("m.gguf", "sha256:a")})
+	launch, _ := find[Launch](p.last)
+	p.step(EngineStarted{Run: launch.Run, PID: 3})
+	p.step(Healthy{Run: launch.Run})
+	assert.Equal(t, "p/a", p.reply(a).Lease)
+	p.step(IdleRestored{Since: since})
+	assert.Equal(t, Ready, p.m.State(), "a running pool is not made idle")
+
+	q := newPool(t, nil)
+	q.step(IdleRestored{Since: since})
+	assert.Equal(t, Stopped, q.m.State(), "without IdleStopSec (or with Pin=) there is no idle")
+	r := idlePool(t, nil)
+	r.m = New(r.m.cfg, r.m.tr, "unreadable")
+	r.step(IdleRestored{Since: since})
+	assert.Equal(t, Failed, r.m.State(), "a held pool stays held")
+}

@@ -357,6 +357,8 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 		m.drainRequested(e)
 	case EnsureReadyRequested:
 		m.ensureReady(e)
+	case IdleRestored:
+		m.idleRestored(e)
 	case ReloadRequested:
 		m.reloadRequested(e)
 	case ResetBreakerRequested:

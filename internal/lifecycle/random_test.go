@@ -352,7 +352,11 @@ func drive(c *choices) map[State]bool {
 			case 2:
 				ev = VersionKnown{Version: fmt.Sprint("v", c.n(3))}
 			case 3:
-				ev = Hashing{Fraction: float64(c.n(5)) / 4, Done: c.n(3) == 0}
+				if c.yes() {
+					ev = IdleRestored{Since: now.Add(-time.Second)}
+				} else {
+					ev = Hashing{Fraction: float64(c.n(5)) / 4, Done: c.n(3) == 0}
+				}
 			default:
 				ev = StageProgress{Run: pick(), Fraction: float64(c.n(5)) / 4}
 			}

@@ -160,6 +160,7 @@ func (f *fakePool) Reload(_ context.Context, ref string, _ time.Duration) (strin
 func (f *fakePool) ResetBreaker()                                    {}
 func (f *fakePool) AllowRestart() error                              { return nil }
 func (f *fakePool) EnsureReady(context.Context, time.Duration) error { return nil }
+func (f *fakePool) RestoreIdle() bool                                { return false }
 func (f *fakePool) AcquireLease(string) (string, error)              { return "", lifecycle.ErrNotReady }
 func (f *fakePool) ReleaseLease(string) error                        { return lifecycle.ErrNoSuchLease }
 func (f *fakePool) ReleaseLeaseAs(string, string) error              { return lifecycle.ErrNoSuchLease }

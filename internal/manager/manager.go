@@ -44,6 +44,7 @@ type Pool interface {
 	ResetBreaker()
 	AllowRestart() error
 	EnsureReady(ctx context.Context, timeout time.Duration) error
+	RestoreIdle() bool
 
 	AcquireLease(owner string) (string, error)
 	ReleaseLease(id string) error

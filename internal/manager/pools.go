@@ -187,6 +187,11 @@ func (m *Manager) Adopt(ctx context.Context, keep func(owner string) bool) {
 			m.clearStopped(id)
 		case m.stoppedByOperator(id):
 			m.o.Log.Info("pool stopped by the operator stays stopped until started", journal.PoolID, id)
+		case e.pool.RestoreIdle():
+			// As systemd keeps a unit's state across its own restart: a
+			// pool idle before stays idle until used (a reboot clears
+			// the runtime directory, and AutoStart= then applies).
+			m.o.Log.Info("pool idle before the daemon restart stays idle until a lease or EnsureReady", journal.PoolID, id)
 		case e.cfg.AutoStart:
 			go m.start(e)
 		}

@@ -160,6 +160,7 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Mode
 		Slots:          p.Slots,
 		IdleStop:       idleStop(p),
 		StartOnLease:   p.StartOnLease,
+		IdleMark:       filepath.Join(m.RuntimeDir, "idle", p.ID),
 		Stager:         engineStager{stager, who},
 		Holders:        GPUHolders(inv, gpus, nil),
 		Port:           p.Engine.Port,

@@ -78,6 +78,10 @@ type Config struct {
 	// pinned pool).
 	IdleStop     time.Duration
 	StartOnLease bool
+	// IdleMark is the file under the runtime directory that says the
+	// pool is idle, so that it stays idle across a daemon restart ("":
+	// none).
+	IdleMark string
 }
 
 // GPUHolder is a process with work (or an open device node) on one of the
@@ -474,6 +478,7 @@ func (s *Supervisor) publish(v lifecycle.View) {
 		// One series a state: set when the state changes, not on every
 		// publish (a lease call publishes).
 		s.metrics.SetPoolState(id, snap.State)
+		s.markIdle(snap, s.stateSet && s.stateWas == lifecycle.Idle)
 		s.stateSet, s.stateWas = true, snap.State
 	}
 	s.metrics.ActiveLeases.WithLabelValues(id).Set(float64(snap.ActiveLeases))
