@@ -101,6 +101,9 @@ func (m *Machine) leaseWaits(e LeaseRequested) bool {
 		return false
 	}
 	if !m.cfg.StartOnLease {
+		if m.state != Idle {
+			return false
+		}
 		m.reply(Reply{Req: e.Req, Err: fmt.Errorf("pool %s is idle (no StartOnLease=): EnsureReady or Start brings it back: %w",
 			m.cfg.Pool, ErrNotReady)})
 		return true

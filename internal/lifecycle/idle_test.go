@@ -296,3 +296,28 @@ func TestIdleRestored(t *testing.T) {
 	r.step(IdleRestored{Since: since})
 	assert.Equal(t, Failed, r.m.State(), "a held pool stays held")
 }
+
+// A reloaded engine's idle time starts when it is Ready.
+func TestReloadedPoolIdles(t *testing.T) {
+	p := idlePool(t, nil)
+	old := p.ready()
+	p.advance(30 * time.Second)
+	req := p.request(func(r ReqID) Event { return ReloadRequested{Req: r, Ref: "n.gguf", Digest: "sha256:n"} })
+	stage, ok := find[Stage](p.last)
+	require.True(t, ok, "%v", p.last)
+	p.step(ModelStaged{Run: stage.Run, Staged: staged("n.gguf", "sha256:n")})
+	p.exit(old, killedBy(15))
+	if _, launched := find[Launch](p.last); !launched {
+		require.NotNil(t, p.m.start)
+		p.step(ModelStaged{Run: p.m.start.run, Staged: staged("n.gguf", "sha256:n")})
+	}
+	launch, ok := find[Launch](p.last)
+	require.True(t, ok, "%v", p.last)
+	p.step(EngineStarted{Run: launch.Run, PID: 9})
+	p.advance(20 * time.Second)
+	p.step(Healthy{Run: launch.Run})
+	require.NoError(t, p.reply(req).Err)
+	require.Equal(t, Ready, p.m.State())
+	assert.Equal(t, p.now.Add(time.Minute), p.timers[TimerIdle].At)
+	p.goneIdle(launch.Run)
+}

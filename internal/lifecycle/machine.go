@@ -880,7 +880,6 @@ func (m *Machine) serving(r *run) {
 	// LastError stays: it is the last error, not the current one.
 	m.transition(Ready, "serving")
 	m.readyAt, m.heartbeat = m.now, m.now
-	m.used()
 	m.do(WriteRecord{Run: r.id, Model: m.model})
 	m.do(Log{Level: slog.LevelInfo, Msg: "engine ready", Engine: true, Attrs: []any{journal.StartupSec, m.now.Sub(r.started).Seconds()}})
 	m.rollbackSettled()

@@ -82,6 +82,11 @@ func (m *Machine) transition(to State, why string) {
 		return
 	}
 	m.state = to
+	if to == Ready {
+		// However it became Ready (a start, a reload, a reload given
+		// up), its idle time starts now.
+		m.used()
+	}
 }
 
 // illegal refuses a move its table lacks.

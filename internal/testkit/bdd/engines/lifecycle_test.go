@@ -28,8 +28,8 @@ import (
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
 
-// The seed's lifecycle scenarios: drain (10) and reload (14).
-const lifecycleScenarios = 24
+// The lifecycle scenarios: drain (10), reload (14), pools on demand (3).
+const lifecycleScenarios = 27
 
 func TestLifecycleFeatures(t *testing.T) {
 	sandbox.Need(t)
@@ -156,6 +156,7 @@ func initLifecycle(sc *godog.ScenarioContext) {
 		w.beforeFault = w.first
 		return err
 	}
+	onDemandSteps(sc, w)
 	sc.Step(`^a ready pool "llama8b" running the engine simulator$`, func(ctx context.Context) error { return start(ctx, "") })
 	sc.Step(`^a ready pool "llama8b" running the engine simulator on model "([^"]+)"$`, start)
 	sc.Step(`^a model "([^"]+)" is available$`, func(name string) {
