@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -104,4 +105,19 @@ func fmtPool(devices, extra string) string { return fmt.Sprintf(specPool, device
 // testAccounts is a table of the engines' own users in a test's directory.
 func testAccounts(t *testing.T) Accounts {
 	return users.Open(filepath.Join(t.TempDir(), users.File), "", 65536, 99999, "")
+}
+
+// IdleStopSec= reaches the supervisor unless Pin= keeps the pool up; the
+// idle mark lies under the runtime directory.
+func TestSpecOnDemand(t *testing.T) {
+	p, m, inv, st := specFor(t, fmtPool("0", "")+"[Pool]\nIdleStopSec=90\nStartOnLease=yes\n")
+	cfg, err := FromPool(p, m, inv, st, testAccounts(t))
+	require.NoError(t, err)
+	assert.Equal(t, 90*time.Second, cfg.IdleStop)
+	assert.True(t, cfg.StartOnLease)
+	assert.Equal(t, filepath.Join(m.RuntimeDir, "idle", "p"), cfg.IdleMark)
+	p.Pin = true
+	cfg, err = FromPool(p, m, inv, st, testAccounts(t))
+	require.NoError(t, err)
+	assert.Zero(t, cfg.IdleStop, "Pin= keeps it up")
 }
