@@ -227,6 +227,11 @@ func TestStatusFollowsThePools(t *testing.T) {
 	require.Eventually(t, func() bool { return h.pool("d").did("start") }, time.Second, 5*time.Millisecond)
 	h.pool("d").set(func(s *supervisor.Snapshot) { s.State = lifecycle.Failed })
 	require.Eventually(t, func() bool { return last() == "1/4 pools ready, 1 starting, 1 failed, 1 stopped" }, time.Second, 5*time.Millisecond)
+
+	// An idle pool is counted, and has arrived.
+	h.pool("b").set(func(s *supervisor.Snapshot) { s.State = lifecycle.Idle })
+	require.Eventually(t, func() bool { return last() == "1/4 pools ready, 1 failed, 1 stopped, 1 idle" }, time.Second, 5*time.Millisecond, "%q", last())
+	assert.True(t, m.Settled(), "an idle pool is settled")
 }
 
 // The watchdog is petted while every pool's loop answers, and no more once
