@@ -681,8 +681,12 @@ func (m *Machine) engineStarted(e EngineStarted) {
 	}
 	m.start = nil
 	if e.Caution != "" {
-		m.lastErr = safetext.Bound(e.Caution)
-		m.log(slog.LevelWarn, "engine started on an incomplete check", journal.Error, m.lastErr)
+		// Said where nothing else is: a crash's reason stays the
+		// LastError of the restart it caused.
+		if m.lastErr == "" {
+			m.lastErr = safetext.Bound(e.Caution)
+		}
+		m.log(slog.LevelWarn, "engine started on an incomplete check", journal.Error, safetext.Bound(e.Caution))
 	}
 	m.run = &run{id: e.Run, pid: e.PID, started: m.now, staged: op.staged, candidate: op.candidate, invocation: e.Invocation}
 	m.live, m.pid, m.starts = true, e.PID, m.starts+1

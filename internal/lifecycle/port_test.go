@@ -81,3 +81,19 @@ func TestACautionOfTheStartIsTheLastError(t *testing.T) {
 	assert.True(t, v.Live)
 	assert.Equal(t, "could not check 3 processes of other users", v.LastError)
 }
+
+// A caution does not hide why the engine was restarted: the crash's
+// reason stays the LastError of the restart it caused.
+func TestACautionKeepsTheCrashReason(t *testing.T) {
+	p := newPool(t, nil)
+	run := p.ready()
+	p.exit(run, exitStatus(3))
+	reason := p.m.View(p.now).LastError
+	require.NotEmpty(t, reason)
+	p.fire(TimerRestart)
+	stage, _ := find[Stage](p.last)
+	p.step(ModelStaged{Run: stage.Run, Staged: staged("m.gguf", "sha256:a")})
+	launch, _ := find[Launch](p.last)
+	p.step(EngineStarted{Run: launch.Run, PID: 101, Caution: "could not check 3 processes of other users"})
+	assert.Equal(t, reason, p.m.View(p.now).LastError)
+}
