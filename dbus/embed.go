@@ -1,6 +1,6 @@
 // Package dbus holds the D-Bus files pool-managerd ships: its introspection
 // data (served as is by the daemon, so the two cannot differ) and its bus
-// policy and activation files.
+// policy. There is no activation file: a call never starts the daemon.
 package dbus
 
 import _ "embed"

@@ -16,7 +16,7 @@ func TestNamesAreTheShippedFilesNames(t *testing.T) {
 			t.Errorf("introspection data lacks %s", c.want)
 		}
 	}
-	for _, f := range []string{"org.llorch.PoolManager1.conf", "org.llorch.PoolManager1.service"} {
+	for _, f := range []string{"org.llorch.PoolManager1.conf"} {
 		b, err := os.ReadFile(f)
 		if err != nil {
 			t.Fatal(err)

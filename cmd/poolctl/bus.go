@@ -39,6 +39,9 @@ const (
 
 var errInterrupted = errors.New("interrupted")
 
+// notRunning is what a call to the daemon while it is down says.
+const notRunning = "pool-managerd is not running (systemctl start pool-managerd)"
+
 func (c *cli) bus() (*dbus.Conn, error) {
 	if c.conn != nil {
 		return c.conn, nil
@@ -191,6 +194,11 @@ func describe(err error) string {
 		if s, ok := de.Body[0].(string); ok {
 			msg = s
 		}
+	}
+	switch de.Name {
+	case "org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner":
+		// Nothing starts the daemon on a call (no bus activation).
+		msg = notRunning
 	}
 	if de.Name == accessDenied {
 		const who = "changing pools is for root and the pool-managerd admin group (pool-admin unless AdminGroup= says otherwise)"

@@ -23,7 +23,13 @@ c_host() {
 c_install() {
 	case $KIND in
 	deb) want_ok "dpkg -i" timeout 120 dpkg -i "$P/pool-managerd.deb" ;;
-	rpm) want_ok "rpm -i --nodeps" timeout 120 rpm -i --nodeps "$P/pool-managerd.rpm" ;;
+	rpm)
+		want_ok "rpm -i --nodeps" timeout 120 rpm -i --nodeps "$P/pool-managerd.rpm"
+		# %systemd_post: enabled as the presets say (Debian's enable what
+		# they do not name), started by the operator.
+		want "not started by rpm" "$(systemctl is-active pool-managerd)" inactive
+		want_ok "systemctl start pool-managerd" timeout 60 systemctl start pool-managerd
+		;;
 	esac
 	want "pool-managerd.service" "$(systemctl is-active pool-managerd)" active
 	want "enabled" "$(systemctl is-enabled pool-managerd)" enabled
@@ -90,6 +96,55 @@ c_configure() {
 	# The inventory is a manager setting: it takes a restart.
 	want_ok "systemctl restart pool-managerd" timeout 60 systemctl restart pool-managerd
 	wait_for 120 "2/2 pools ready" '[ "$(systemctl show -p StatusText --value pool-managerd)" = "2/2 pools ready" ]'
+}
+
+# upgrade: the same package again, as an upgrade (dpkg runs postinst
+# configure with the old version; rpm -U runs %post with 2 and the old
+# package's %postun with 1).
+upgrade() {
+	case $KIND in
+	deb) timeout 120 dpkg -i "$P/pool-managerd.deb" ;;
+	rpm) timeout 120 rpm -Uvh --replacepkgs --nodeps "$P/pool-managerd.rpm" ;;
+	esac
+}
+
+# nobody_poolctl ARGS...: poolctl as a user with no say, bounded.
+nobody_poolctl() { timeout 20 setpriv --reuid=nobody --regid=nogroup --clear-groups poolctl "$@" 2>&1; }
+
+c_upgrade() {
+	local d0 e1 e2 out code t0 t1
+	d0=$(systemctl show -p MainPID --value pool-managerd)
+	e1=$(pv llama8b MainPID)
+	e2=$(pv embed MainPID)
+	want_ok "upgrade of a running daemon" upgrade
+	want "running: still active" "$(systemctl is-active pool-managerd)" active
+	want "running: still enabled" "$(systemctl is-enabled pool-managerd)" enabled
+	[ "$(systemctl show -p MainPID --value pool-managerd)" != "$d0" ] || { echo "MISMATCH: the upgrade did not restart the running daemon"; fails=$((fails + 1)); }
+	wait_for 60 "2/2 pools ready" '[ "$(systemctl show -p StatusText --value pool-managerd)" = "2/2 pools ready" ]'
+	want "llama8b engine kept" "$(pv llama8b MainPID)" "$e1"
+	want "embed engine kept" "$(pv embed MainPID)" "$e2"
+
+	want_ok "systemctl disable --now pool-managerd" timeout 60 systemctl disable --now pool-managerd
+	want_ok "upgrade of a disabled, stopped daemon" upgrade
+	want "disabled: still inactive" "$(systemctl is-active pool-managerd)" inactive
+	want "disabled: still disabled" "$(systemctl is-enabled pool-managerd)" disabled
+	want "no bus activation" "$(busctl list --activatable --no-pager 2>&1 | grep -c "$B")" 0
+	t0=$(date +%s%N)
+	out=$(nobody_poolctl list)
+	code=$?
+	t1=$(date +%s%N)
+	want "poolctl list as nobody while down: exit status" "$code" 1
+	want_match "poolctl list as nobody while down" "$out" 'pool-managerd is not running \(systemctl start pool-managerd\)'
+	want "poolctl list answers within 5 s" "$(((t1 - t0) / 1000000000 < 5))" 1
+	info "poolctl list while down took $(((t1 - t0) / 1000000)) ms: $out"
+	out=$(nobody_poolctl status llama8b)
+	want_match "poolctl status as nobody while down" "$out" 'pool-managerd is not running'
+	want "still inactive after the calls" "$(systemctl is-active pool-managerd)" inactive
+	want "still disabled after the calls" "$(systemctl is-enabled pool-managerd)" disabled
+	want "llama8b engine runs on without its daemon" "$(kill -0 "$e1" 2>&1 && echo alive)" alive
+
+	want_ok "systemctl enable --now pool-managerd" timeout 60 systemctl enable --now pool-managerd
+	wait_for 60 "2/2 pools ready" '[ "$(systemctl show -p StatusText --value pool-managerd)" = "2/2 pools ready" ]'
 }
 
 c_ready() {
@@ -372,6 +427,7 @@ phase1() {
 	check "PID 1 is systemd on cgroup v2" c_host
 	check "install (.$KIND)" c_install || return 1
 	check "two simulator pools on fake GPUs" c_configure || return 1
+	check "upgrade: a running daemon is restarted (engines kept); a disabled, stopped one stays so, and poolctl says so at once" c_upgrade
 	check "both pools Ready over the bus" c_ready
 	check "poolctl: list, status as nobody, a refused stop, stop and start (waits for Ready); its man page, completion, dashboard, rules" c_poolctl
 	check "engine scope: slice, DevicePolicy=closed, DeviceAllow, MemoryMax, user" c_scope

@@ -1,15 +1,24 @@
 #!/bin/sh
-# After removal: systemd and the bus forget the units and policy. A purge
-# also removes the configuration and what the daemon made (its state files,
-# staged models, digest cache, the record of the engines' own uids, runtime
-# records, metrics textfile, the engines' cache directories), never the
-# operator's models: ModelsDir= and ModelDirs= are left as they are, and so
+# postrm: after a removal systemd and the bus forget the units and policy,
+# and the unit is masked as dh_installsystemd does (its enable links stay
+# for a reinstall). A purge forgets the unit's enable state and removes the
+# configuration and what the daemon made (its state files, staged models,
+# digest cache, the record of the engines' own uids, runtime records,
+# metrics textfile, the engines' cache directories), never the operator's
+# models: ModelsDir= and ModelDirs= are left as they are, and so
 # is the state directory itself while anything else is in it.
 set -e
 if [ -d /run/systemd/system ]; then
 	systemctl daemon-reload || true
 	busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ReloadConfig >/dev/null 2>&1 || true
 fi
+case "$1" in
+remove) deb-systemd-helper mask pool-managerd.service >/dev/null || true ;;
+purge)
+	deb-systemd-helper purge pool-managerd.service >/dev/null || true
+	deb-systemd-helper unmask pool-managerd.service >/dev/null || true
+	;;
+esac
 [ "$1" = purge ] || exit 0
 
 # setting KEY DEFAULT: the last absolute KEY= of the manager file and its
