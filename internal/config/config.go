@@ -305,6 +305,7 @@ func loadFiles(managerFiles []string, poolFiles []string, dropInDirs func(*Manag
 		bases = dropInDirs(&c.Manager)
 	}
 	seen := map[string]string{}
+	sources := map[string][]byte{}
 	for _, f := range poolFiles {
 		id := strings.TrimSuffix(filepath.Base(f), PoolSuffix)
 		if prev, dup := seen[id]; dup {
@@ -319,6 +320,7 @@ func loadFiles(managerFiles []string, poolFiles []string, dropInDirs func(*Manag
 		}
 		dis, derrs := readDropIns(id, bases)
 		errs = append(errs, derrs...)
+		sources[f] = data
 		p, perrs := parsePool(f, data, dis)
 		errs = append(errs, perrs...)
 		if p != nil {
@@ -327,6 +329,10 @@ func loadFiles(managerFiles []string, poolFiles []string, dropInDirs func(*Manag
 	}
 	sort.Slice(c.Pools, func(i, j int) bool { return c.Pools[i].ID < c.Pools[j].ID })
 	errs = append(errs, c.checkDevices()...)
+	errs = append(errs, c.checkPorts()...)
+	for f, data := range sources {
+		errs = withLines(errs, f, data)
+	}
 	if len(errs) > 0 {
 		return nil, errs
 	}

@@ -66,7 +66,7 @@ func TestCanaryKeys(t *testing.T) {
 	dir := writeDir(t, map[string]string{"pools.d/a.pool": minimalPool + `[Health]
 CanaryRequest=POST /v1/completions {"prompt":"Hi","max_tokens":1}
 CanaryIdleSec=45
-`, "pools.d/b.pool": strings.Replace(minimalPool, "Devices=0", "Devices=1", 1) + `[Health]
+`, "pools.d/b.pool": strings.NewReplacer("Devices=0", "Devices=1", "8081", "8082").Replace(minimalPool) + `[Health]
 CanaryRequest=GET /v1/models
 CanaryIdleSec=10
 CanaryTimeoutSec=5
@@ -196,7 +196,34 @@ func TestErrors(t *testing.T) {
 		{"unknown section", map[string]string{"pools.d/a.pool": minimalPool + "[Bogus]\nX=1\n"},
 			[]string{"a.pool:8: [Bogus] X=: unknown section"}},
 		{"unknown key", map[string]string{"pools.d/a.pool": minimalPool + "Prot=1\n"},
-			[]string{"a.pool:7: [Engine] Prot=: unknown key in [Engine]"}},
+			[]string{"a.pool:7: [Engine] Prot=: unknown key in [Engine]: did you mean Port=?"}},
+		{"key of another section", map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nport=8082\n"},
+			[]string{"a.pool:8: [Pool] port=: unknown key in [Pool]: Port= belongs in [Engine]"}},
+		{"scope key in [Engine]", map[string]string{"pools.d/a.pool": minimalPool + "MemoryMax=1G\n"},
+			[]string{"a.pool:7: [Engine] MemoryMax=: unknown key in [Engine]: MemoryMax= belongs in [Scope]"}},
+		{"a typo", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nIntervalSecs=5\n"},
+			[]string{"a.pool:8: [Health] IntervalSecs=: unknown key in [Health]: did you mean IntervalSec=?"}},
+		{"a swap and the wrong case", map[string]string{"pools.d/a.pool": minimalPool + "ExecStrat=/bin/x\nhealthurl=http://x/\n"},
+			[]string{"a.pool:7: [Engine] ExecStrat=: unknown key in [Engine]: did you mean ExecStart=?",
+				"a.pool:8: [Engine] healthurl=: unknown key in [Engine]: did you mean HealthURL=?"}},
+		{"a prefix", map[string]string{"pools.d/a.pool": minimalPool + "StopTimeout=5\n"},
+			[]string{"a.pool:7: [Engine] StopTimeout=: unknown key in [Engine]: did you mean StopTimeoutSec=?"}},
+		{"a near miss in another section", map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nProt=8082\n"},
+			[]string{"a.pool:8: [Pool] Prot=: unknown key in [Pool]: did you mean Port= in [Engine]?"}},
+		{"nothing near", map[string]string{"pools.d/a.pool": minimalPool + "Zebra=1\n"},
+			[]string{"a.pool:7: [Engine] Zebra=: unknown key in [Engine]\n", "a.pool:"}},
+		{"a typo in [Scope]", map[string]string{"pools.d/a.pool": minimalPool + "[Scope]\nMemoryMaxx=1G\n"},
+			[]string{"a.pool:8: [Scope] MemoryMaxx=: unsupported [Scope] key (supported: CPUQuota CPUWeight IOWeight MemoryHigh MemoryLow MemoryMax MemoryMin MemorySwapMax OOMPolicy TasksMax): did you mean MemoryMax=?"}},
+		{"a key of another section in [Scope]", map[string]string{"pools.d/a.pool": minimalPool + "[Scope]\nSlots=2\n"},
+			[]string{"a.pool:8: [Scope] Slots=: unsupported [Scope] key", "): Slots= belongs in [Pool]"}},
+		{"a misspelt section", map[string]string{"pools.d/a.pool": minimalPool + "[Helth]\nIntervalSec=5\n"},
+			[]string{"a.pool:8: [Helth] IntervalSec=: unknown section (known: [Engine] [Health] [Pool] [Restart] [Scope]); did you mean [Health]?"}},
+		{"manager: a key of another section", map[string]string{ManagerFile: "[Manager]\nBackend=static\n", "pools.d/a.pool": minimalPool},
+			[]string{"pool-managerd.conf:2: [Manager] Backend=: unknown key in [Manager]: Backend= belongs in [Inventory]"}},
+		{"manager: a missing key names its section", map[string]string{ManagerFile: "[Manager]\nAdminGroup=pool-admin\n[Inventory]\nBackend=static\n", "pools.d/a.pool": minimalPool},
+			[]string{"pool-managerd.conf:3: [Inventory] Device=: Backend=static needs at least one Device= line"}},
+		{"two pools on one port", map[string]string{"pools.d/a.pool": minimalPool, "pools.d/b.pool": strings.Replace(minimalPool, "Devices=0", "Devices=1", 1)},
+			[]string{`b.pool:6: [Engine] Port=: 8081 is already the port of pool "a" (`, `a.pool): each engine needs a port of its own`}},
 		{"bad number", map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nSlots=four\n"},
 			[]string{"a.pool:8: [Pool] Slots=: \"four\" is not an integer"}},
 		{"bad duration", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nIntervalSec=5 parsecs\n"},
@@ -208,7 +235,7 @@ func TestErrors(t *testing.T) {
 		{"pin not a boolean", map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nPin=always\n"},
 			[]string{"[Pool] Pin=: "}},
 		{"progress without a stall time", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nProgressURL=http://127.0.0.1:%p/metrics\n"},
-			[]string{"[Health] StallSec=: missing: ProgressURL= needs StallSec="}},
+			[]string{"a.pool:7: [Health] StallSec=: missing: ProgressURL= needs StallSec="}},
 		{"stall time without progress", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nStallSec=60\n"},
 			[]string{"[Health] ProgressURL=: missing: StallSec= needs ProgressURL="}},
 		{"progress not a URL", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nProgressURL=/metrics\nStallSec=60\n"},
@@ -236,20 +263,20 @@ func TestErrors(t *testing.T) {
 		{"bad bool", map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nAutoStart=maybe\n"},
 			[]string{"[Pool] AutoStart=: \"maybe\" is not a boolean"}},
 		{"missing ExecStart", map[string]string{"pools.d/a.pool": "[Pool]\nDevices=0\nModel=m\n"},
-			[]string{"a.pool: [Engine] ExecStart=: missing"}},
+			[]string{"a.pool:3: [Engine] ExecStart=: missing"}},
 		{"bad pool id", map[string]string{"pools.d/a.b.pool": minimalPool},
-			[]string{`pool id "a.b"`}},
+			[]string{`a.b.pool:1: pool id "a.b"`}},
 		{"two pools on one GPU", map[string]string{"pools.d/a.pool": minimalPool, "pools.d/b.pool": strings.Replace(minimalPool, "8081", "8082", 1)},
-			[]string{`b.pool: [Pool] Devices=: GPU "0" is already used by pool "a"`}},
+			[]string{`b.pool:2: [Pool] Devices=: GPU "0" is already used by pool "a"`}},
 		{"one GPU by index and by UUID", map[string]string{
 			ManagerFile:      "[Inventory]\nDevice=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0\n",
 			"pools.d/a.pool": minimalPool,
-			"pools.d/b.pool": strings.Replace(minimalPool, "Devices=0", "Devices=GPU-8F2C1A70-0000-4000-8000-000000000000", 1)},
-			[]string{`b.pool: [Pool] Devices=: GPU "GPU-8F2C1A70-0000-4000-8000-000000000000" is already used by pool "a"`}},
+			"pools.d/b.pool": strings.NewReplacer("Devices=0", "Devices=GPU-8F2C1A70-0000-4000-8000-000000000000", "8081", "8082").Replace(minimalPool)},
+			[]string{`b.pool:2: [Pool] Devices=: GPU "GPU-8F2C1A70-0000-4000-8000-000000000000" is already used by pool "a"`}},
 		{"GPU not in inventory", map[string]string{
 			ManagerFile:      "[Inventory]\nBackend=static\nDevice=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0\n",
 			"pools.d/a.pool": strings.Replace(minimalPool, "Devices=0", "Devices=0 3", 1)},
-			[]string{`a.pool: [Pool] Devices=: GPU "3" is not in the static inventory`}},
+			[]string{`a.pool:2: [Pool] Devices=: GPU "3" is not in the static inventory`}},
 		{"unknown specifier", map[string]string{"pools.d/a.pool": strings.Replace(minimalPool, "%m", "%x", 1)},
 			[]string{"[Engine] ExecStart=: unknown specifier %x"}},
 		{"port needed", map[string]string{"pools.d/a.pool": strings.Replace(minimalPool, "Port=8081\n", "", 1)},
@@ -261,11 +288,13 @@ func TestErrors(t *testing.T) {
 		{"bad reason in multiplier", map[string]string{"pools.d/a.pool": minimalPool + "[Restart]\nMultiplier=gremlins:2\n"},
 			[]string{`[Restart] Multiplier=: unknown crash reason "gremlins"`}},
 		{"inconsistent restart policy", map[string]string{"pools.d/a.pool": minimalPool + "[Restart]\nBackoffMaxSec=0.1\n"},
-			[]string{"[Restart] backoff: maximum delay 100ms is below the minimum 500ms"}},
+			[]string{"a.pool:7: [Restart] backoff: maximum delay 100ms is below the minimum 500ms"}},
 		{"text before a section", map[string]string{"pools.d/a.pool": "Devices=0\n" + minimalPool},
 			[]string{"a.pool:1: text before the first [Section] header"}},
 		{"line without =", map[string]string{"pools.d/a.pool": minimalPool + "Garbage\n"},
-			[]string{"a.pool: syntax error: "}},
+			[]string{"a.pool:7: syntax error: "}},
+		{"unclosed section", map[string]string{"pools.d/a.pool": minimalPool + "[Health\nIntervalSec=5\n"},
+			[]string{"a.pool:7: syntax error: "}},
 		{"manager: bad key and value", map[string]string{ManagerFile: "[Manager]\nStateDir=relative\nMetricsListen=nope\n[Inventory]\nBackend=cuda\n", "pools.d/a.pool": minimalPool},
 			[]string{
 				"pool-managerd.conf:2: [Manager] StateDir=: \"relative\" is not an absolute path",
@@ -281,7 +310,10 @@ func TestErrors(t *testing.T) {
 			var errs Errors
 			require.ErrorAs(t, err, &errs)
 			for _, w := range tc.want {
-				assert.Contains(t, err.Error(), w)
+				assert.Contains(t, err.Error()+"\n", w)
+			}
+			for _, e := range errs {
+				assert.Positive(t, e.Line, "%s names its line", e)
 			}
 		})
 	}
@@ -393,7 +425,7 @@ func TestManagerModelDirs(t *testing.T) {
 }
 
 func TestDeviceIDs(t *testing.T) {
-	c, err := Load(writeDir(t, map[string]string{"pools.d/a.pool": minimalPool, "pools.d/b.pool": strings.Replace(minimalPool, "Devices=0", "Devices=1", 1) + "DeviceIDs=index\n"}))
+	c, err := Load(writeDir(t, map[string]string{"pools.d/a.pool": minimalPool, "pools.d/b.pool": strings.NewReplacer("Devices=0", "Devices=1", "8081", "8082").Replace(minimalPool) + "DeviceIDs=index\n"}))
 	require.NoError(t, err)
 	assert.Equal(t, DeviceIDsUUID, c.Pools[0].Engine.DeviceIDs, "the default")
 	assert.Equal(t, DeviceIDsIndex, c.Pools[1].Engine.DeviceIDs)
@@ -411,13 +443,13 @@ func TestDeviceIDs(t *testing.T) {
 		{"nothing like it", map[string]string{"pools.d/a.pool": minimalPool + "DeviceIDs=bus\n"},
 			`[Engine] DeviceIDs=: "bus" is not uuid or index`},
 		{"a MIG device by UUID", map[string]string{"pools.d/a.pool": strings.Replace(minimalPool, "Devices=0", "Devices=0 "+mig, 1) + "DeviceIDs=index\n"},
-			"a.pool: [Engine] DeviceIDs=: index: MIG device " + mig + " has no index"},
+			"a.pool:7: [Engine] DeviceIDs=: index: MIG device " + mig + " has no index"},
 		{"a MIG device by index in the static inventory", map[string]string{
 			ManagerFile:      "[Inventory]\nBackend=static\nDevice=4 " + mig + " /dev/nvidia4\n",
 			"pools.d/a.pool": strings.Replace(minimalPool, "Devices=0", "Devices=4", 1) + "DeviceIDs=index\n"},
-			`a.pool: [Engine] DeviceIDs=: index: GPU "4" is MIG device ` + mig + " in the static inventory"},
+			`a.pool:7: [Engine] DeviceIDs=: index: GPU "4" is MIG device ` + mig + " in the static inventory"},
 		{"CUDA_DEVICE_ORDER with indices", map[string]string{"pools.d/a.pool": minimalPool + "DeviceIDs=index\nEnvironment=CUDA_DEVICE_ORDER=FASTEST_FIRST\n"},
-			"a.pool: [Engine] Environment=: CUDA_DEVICE_ORDER is set by pool-managerd with DeviceIDs=index"},
+			"a.pool:8: [Engine] Environment=: CUDA_DEVICE_ORDER is set by pool-managerd with DeviceIDs=index"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -37,7 +37,7 @@ func readUnit(file string, data []byte) ([]option, Errors) {
 	}
 	opts, err := unit.DeserializeOptions(bytes.NewReader(data))
 	if err != nil {
-		return nil, append(errs, &Error{File: file, Msg: "syntax error: " + syntaxMsg(err)})
+		return nil, append(errs, &Error{File: file, Line: syntaxLine(data), Msg: "syntax error: " + syntaxMsg(err)})
 	}
 	out := make([]option, len(opts))
 	for i, o := range opts {
@@ -140,12 +140,12 @@ func (d *decoder) apply(opts []option, s schema, passthrough map[string]func(opt
 				f(o)
 				continue
 			}
-			d.fail("unknown section (known: %s)", sectionNames(s, passthrough))
+			d.fail("unknown section (known: %s)%s", sectionNames(s, passthrough), sectionHint(s, passthrough, o.section))
 			continue
 		}
 		f, ok := keys[o.key]
 		if !ok {
-			d.fail("unknown key in [%s]", o.section)
+			d.fail("unknown key in [%s]%s", o.section, keyHint(s, passthrough, o.section, o.key))
 			continue
 		}
 		if err := f(o.value); err != nil {
@@ -293,7 +293,7 @@ func parsePool(file string, data []byte, dropIns []DropIn) (*Pool, Errors) {
 	opts, errs := readUnit(file, data)
 	d.errs = append(d.errs, errs...)
 	if opts == nil && len(errs) > 0 {
-		return nil, d.errs
+		return nil, withLines(d.errs, file, data)
 	}
 	for _, di := range dropIns {
 		more, errs := readUnit(di.File, di.Data)
@@ -497,7 +497,7 @@ func parsePool(file string, data []byte, dropIns []DropIn) (*Pool, Errors) {
 			d.opt = o
 			sp, err := parseScopeProperty(o.key, o.value)
 			if err != nil {
-				d.fail("%s", err)
+				d.fail("%s%s", err, scopeHint(s, o.key))
 				return
 			}
 			p.Scope = append(p.Scope, sp)
@@ -509,7 +509,7 @@ func parsePool(file string, data []byte, dropIns []DropIn) (*Pool, Errors) {
 	// Whole-pool checks, reported against the key that must change.
 	d.opt = option{}
 	need := func(section, key, msg string) {
-		d.errs = append(d.errs, &Error{File: file, Section: section, Key: key, Msg: msg})
+		d.errs = append(d.errs, lastSet(opts, &Error{File: file, Section: section, Key: key, Msg: msg}))
 	}
 	if !seen["Engine/ExecStart"] {
 		need("Engine", "ExecStart", "missing: the engine's command line is required")
@@ -582,7 +582,7 @@ func parsePool(file string, data []byte, dropIns []DropIn) (*Pool, Errors) {
 		}
 	}
 	if len(d.errs) > 0 {
-		return nil, d.errs
+		return nil, withLines(d.errs, file, data)
 	}
 	return p, nil
 }
@@ -713,5 +713,5 @@ func parseManager(file string, data []byte, m *Manager) Errors {
 	if inv.Backend == BackendStatic && len(inv.Devices) == 0 {
 		d.errs = append(d.errs, &Error{File: file, Section: "Inventory", Key: "Device", Msg: "Backend=static needs at least one Device= line"})
 	}
-	return d.errs
+	return withLines(d.errs, file, data)
 }

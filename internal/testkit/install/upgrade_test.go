@@ -52,7 +52,10 @@ func TestDebUpgradeAndTheBusLeaveAStoppedDaemonDown(t *testing.T) {
 	assert.Equal(t, "enabled", enabled)
 	assert.NotEqual(t, pid, daemonPID(t), "a running daemon is restarted by an upgrade")
 	waitReady(t, "alpha")
-	assert.Equal(t, "u "+engine, poolProperty("alpha", "MainPID"), "the engine outlives the restart")
+	if !assert.Equal(t, "u "+engine, poolProperty("alpha", "MainPID"), "the engine outlives the restart") {
+		j, _ := exec.Command("journalctl", "--no-pager", "-n", "150", "-o", "short-monotonic").CombinedOutput()
+		t.Logf("journal:\n%s", j)
+	}
 
 	// policy-rc.d says no: not even a restart.
 	require.NoError(t, os.WriteFile("/usr/sbin/policy-rc.d", []byte("#!/bin/sh\nexit 101\n"), 0o755))
