@@ -11,12 +11,18 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/pool-managerd/internal/config"
+	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 )
 
 // Every pool example the package ships (packaging/examples/pools.d/
 // *.pool.example) passes --check-config as it stands, copied into
 // pools.d beside the example manager file, with its model in ModelsDir=.
 func TestShippedPoolExamplesPass(t *testing.T) {
+	sandbox.Need(t)
+	// The engines they name, on this host.
+	for _, f := range []string{"/usr/bin/llama-server", "/opt/vllm/bin/vllm", "/opt/sglang/bin/python3"} {
+		hostFile(t, f)
+	}
 	examples, err := filepath.Glob("../../packaging/examples/pools.d/*.pool.example")
 	require.NoError(t, err)
 	var names []string
@@ -35,7 +41,7 @@ func TestShippedPoolExamplesPass(t *testing.T) {
 				require.NoError(t, os.MkdirAll(filepath.Join(dir, d), 0o755))
 			}
 			copyFile(t, "../../packaging/examples/pool-managerd.conf", filepath.Join(dir, "pool-managerd.conf"))
-			require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf.d", "models.conf"), []byte("[Manager]\nModelsDir="+models+"\n"), 0o644))
+			require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf.d", "models.conf"), []byte("[Manager]\nModelsDir="+models+"\n[Inventory]\nBackend=static\n"), 0o644))
 			copyFile(t, ex, filepath.Join(dir, "pools.d", id+".pool"))
 
 			c, err := config.Load(dir)
@@ -54,6 +60,9 @@ func TestShippedPoolExamplesPass(t *testing.T) {
 				require.NoError(t, os.WriteFile(filepath.Join(m, "model.safetensors"), []byte("fake"), 0o644))
 			}
 
+			for d := dir; d != os.TempDir() && d != "/"; d = filepath.Dir(d) {
+				require.NoError(t, os.Chmod(d, 0o755), "the engine's user reaches the model")
+			}
 			var out, errb bytes.Buffer
 			rc := run([]string{"--config-dir", dir, "--check-config"}, &out, &errb)
 			require.Equal(t, exitOK, rc, errb.String())

@@ -164,8 +164,13 @@ func TestManPageGivesTheBusPolicyOfCheckConfig(t *testing.T) {
 func TestCheckConfigWarnsOfAnEngineRunAsRoot(t *testing.T) {
 	dir := t.TempDir()
 	require.NoError(t, os.MkdirAll(filepath.Join(dir, "pools.d"), 0o755))
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte("[Manager]\nMetricsTextfile=\n"), 0o644))
-	pool := "[Pool]\nDevices=0\nModel=/models/m.gguf\n[Engine]\nExecStart=/usr/bin/llama-server --model %m --port %p\nPort=8081\nUser=root\n"
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"),
+		[]byte("[Manager]\nMetricsTextfile=\n[Inventory]\nBackend=static\nDevice=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0\n"), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "m.gguf"), []byte("GGUF\x03\x00\x00\x00 m"), 0o644))
+	for d := dir; d != os.TempDir() && d != "/"; d = filepath.Dir(d) {
+		require.NoError(t, os.Chmod(d, 0o755), "whatever the default user, it reaches the model")
+	}
+	pool := "[Pool]\nDevices=0\nModel=" + dir + "/m.gguf\n[Engine]\nExecStart=/bin/sh --model %m --port %p\nPort=8081\nUser=root\n"
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "r.pool"), []byte(pool), 0o644))
 	var out, errb bytes.Buffer
 	rc := run([]string{"--config-dir", dir, "--check-config"}, &out, &errb)

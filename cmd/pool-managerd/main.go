@@ -34,7 +34,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("pool-managerd", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	dir := fs.String("config-dir", config.DefaultDir, "configuration directory (pool-managerd.conf and pools.d/*.pool)")
-	check := fs.Bool("check-config", false, "validate the configuration, print the resolved pools and what the host lacks for them, and exit (78 on errors)")
+	check := fs.Bool("check-config", false, "validate the configuration and what its pools need of this host (GPUs, users, engines, models), print the resolved pools and what the host lacks, and exit (78 on errors)")
 	schedule := fs.Int("print-schedule", 0, "print the restart schedule the policy follows for `N` consecutive crashes of each pool, and exit")
 	reason := fs.String("crash-reason", string(crash.ExitCode), "crash reason for --print-schedule")
 	crashAfter := fs.Duration("crash-after", 0, "how long each restarted engine runs before it crashes again, for --print-schedule")
@@ -63,6 +63,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if *check {
 		printConfig(stdout, cfg)
 		printHostWarnings(stderr, cfg)
+		if errs := hostErrors(cfg); len(errs) > 0 {
+			fmt.Fprintf(stderr, "%s: %d error(s) the pools would meet on this host:\n%s\n", *dir, len(errs), errs)
+			return exitConfig
+		}
 	}
 	if *schedule > 0 {
 		for _, p := range cfg.Pools {

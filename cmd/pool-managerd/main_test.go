@@ -10,11 +10,24 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 )
 
+// The shipped example configuration passes on a host that has what it
+// names: its engine, its models, its user (pool-engine, made by the
+// sandbox) and, from the static inventory, its GPUs.
 func TestCheckConfigGood(t *testing.T) {
+	sandbox.Need(t)
+	for _, f := range []string{"/usr/bin/llama-server", "/var/lib/models/llama-3-8b-q4.gguf", "/var/lib/pool-managerd/models/nomic-embed-text-v1.5.Q8_0.gguf"} {
+		hostFile(t, f)
+	}
+	dir := t.TempDir()
+	copyTree(t, "../../packaging/examples", dir)
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "pool-managerd.conf.d"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf.d", "static.conf"), []byte("[Inventory]\nBackend=static\n"), 0o644))
 	var out, errb bytes.Buffer
-	rc := run([]string{"--config-dir", "../../packaging/examples", "--check-config"}, &out, &errb)
+	rc := run([]string{"--config-dir", dir, "--check-config"}, &out, &errb)
 	require.Equal(t, exitOK, rc, errb.String())
 	assert.Contains(t, out.String(), "pool llama8b")
 	assert.Contains(t, out.String(), "/usr/bin/llama-server --model /var/lib/models/llama-3-8b-q4.gguf --port 8081 --host 127.0.0.1 -ngl 99")
@@ -71,4 +84,36 @@ func TestUsageErrors(t *testing.T) {
 	var out, errb bytes.Buffer
 	assert.Equal(t, exitUsage, run([]string{"--print-schedule", "3", "--crash-reason", "gremlins"}, &out, &errb))
 	assert.Equal(t, exitUsage, run([]string{"stray"}, &out, &errb))
+}
+
+// hostFile makes a file the sandbox's host lacks, for as long as the test
+// runs: an executable script under a bin directory, else a tiny model.
+func hostFile(t *testing.T, path string) {
+	t.Helper()
+	if _, err := os.Stat(path); err == nil {
+		return
+	}
+	require.NoError(t, os.MkdirAll(filepath.Dir(path), 0o755))
+	if strings.Contains(path, "/bin/") {
+		require.NoError(t, os.WriteFile(path, []byte("#!/bin/sh\nexit 0\n"), 0o755))
+	} else {
+		require.NoError(t, os.WriteFile(path, []byte("GGUF\x03\x00\x00\x00 model"), 0o644))
+	}
+	t.Cleanup(func() { os.Remove(path) })
+}
+
+// copyTree copies the regular files under from to to.
+func copyTree(t *testing.T, from, to string) {
+	t.Helper()
+	require.NoError(t, filepath.WalkDir(from, func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(from, p)
+		if d.IsDir() {
+			return os.MkdirAll(filepath.Join(to, rel), 0o755)
+		}
+		copyFile(t, p, filepath.Join(to, rel))
+		return nil
+	}))
 }
