@@ -50,21 +50,28 @@ func TestCheckConfigBad(t *testing.T) {
 // --check-config shows the drop-ins it applied, in order, like systemctl
 // cat, and the values they set.
 func TestCheckConfigShowsDropIns(t *testing.T) {
-	dir, rdir := t.TempDir(), t.TempDir()
+	dir, rdir, m := t.TempDir(), t.TempDir(), t.TempDir()
+	// The models, where the pool's own user reaches them.
+	for d := m; d != os.TempDir() && d != "/"; d = filepath.Dir(d) {
+		require.NoError(t, os.Chmod(d, 0o755))
+	}
+	for _, f := range []string{"a.gguf", "b.gguf"} {
+		require.NoError(t, os.WriteFile(filepath.Join(m, f), []byte("GGUF\x03\x00\x00\x00 "+f), 0o644))
+	}
 	require.NoError(t, os.MkdirAll(filepath.Join(dir, "pools.d", "p.pool.d"), 0o755))
 	require.NoError(t, os.MkdirAll(filepath.Join(rdir, "pools.d", "p.pool.d"), 0o755))
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte("[Manager]\nRuntimeDir="+rdir+"\n"), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pool-managerd.conf"), []byte("[Manager]\nRuntimeDir="+rdir+"\n[Inventory]\nBackend=static\nDevice=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0\n"), 0o644))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "p.pool"),
-		[]byte("[Pool]\nDevices=0\nModel=/m/a.gguf\n[Engine]\nExecStart=/bin/engine\nPort=9000\n"), 0o644))
+		[]byte("[Pool]\nDevices=0\nModel="+m+"/a.gguf\n[Engine]\nExecStart=/bin/sh\nPort=9000\n"), 0o644))
 	etc := filepath.Join(dir, "pools.d", "p.pool.d", "50-Model.conf")
 	rt := filepath.Join(rdir, "pools.d", "p.pool.d", "60-slots.conf")
-	require.NoError(t, os.WriteFile(etc, []byte("[Pool]\nModel=/m/b.gguf\n"), 0o644))
+	require.NoError(t, os.WriteFile(etc, []byte("[Pool]\nModel="+m+"/b.gguf\n"), 0o644))
 	require.NoError(t, os.WriteFile(rt, []byte("[Pool]\nSlots=7\n"), 0o644))
 	var out, errb bytes.Buffer
 	rc := run([]string{"--config-dir", dir, "--check-config"}, &out, &errb)
 	require.Equal(t, exitOK, rc, errb.String())
 	assert.Regexp(t, `(?m)^  drop-in +`+regexp.QuoteMeta(etc)+`\n  drop-in +`+regexp.QuoteMeta(rt)+`$`, out.String())
-	assert.Contains(t, out.String(), "/m/b.gguf")
+	assert.Contains(t, out.String(), m+"/b.gguf")
 	assert.Regexp(t, `slots +7`, out.String())
 }
 

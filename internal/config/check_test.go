@@ -146,3 +146,31 @@ func TestCheckHostFindsWhatFailsAtRunTime(t *testing.T) {
 		})
 	}
 }
+
+// A value a drop-in set is named where the drop-in sets it.
+func TestCheckHostNamesTheDropInThatSetTheValue(t *testing.T) {
+	dir := hostDir(t)
+	cfg := writeDir(t, map[string]string{"pools.d/a.pool": hostPool(dir, "0", 8081, "")})
+	require.NoError(t, os.MkdirAll(filepath.Join(cfg, "pools.d", "a.pool.d"), 0o755))
+	dropIn := filepath.Join(cfg, "pools.d", "a.pool.d", "50-Model.conf")
+	require.NoError(t, os.WriteFile(dropIn, []byte("[Pool]\nModel="+dir+"/gone.gguf\n"), 0o644))
+	c, err := Load(cfg)
+	require.NoError(t, err)
+	errs := CheckHost(c, Host{GPU: fakeGPU})
+	require.Len(t, errs, 1, "%s", errs)
+	assert.Equal(t, dropIn, errs[0].File)
+	assert.Equal(t, 2, errs[0].Line)
+	assert.Contains(t, errs[0].Error(), dropIn+":2: [Pool] Model=: ")
+}
+
+// A whole-pool problem is named at the line that set the key, a drop-in's
+// included.
+func TestAWholePoolErrorNamesTheDropInLine(t *testing.T) {
+	cfg := writeDir(t, map[string]string{"pools.d/a.pool": minimalPool})
+	require.NoError(t, os.MkdirAll(filepath.Join(cfg, "pools.d", "a.pool.d"), 0o755))
+	dropIn := filepath.Join(cfg, "pools.d", "a.pool.d", "10-health.conf")
+	require.NoError(t, os.WriteFile(dropIn, []byte("# slower probes\n[Health]\nTimeoutSec=9\n"), 0o644))
+	_, err := Load(cfg)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), dropIn+":3: [Health] TimeoutSec=: 9s is longer than IntervalSec=")
+}
