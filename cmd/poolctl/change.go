@@ -169,6 +169,9 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 	if err != nil {
 		return err
 	}
+	// A daemon not on the bus when the command began did not leave it: it
+	// is not running.
+	wasUp := own.get() != ""
 	// The daemon answers when it is done: past the deadline it still
 	// stops one engine and starts another.
 	ctx, cancel := context.WithTimeout(context.Background(), c.deadline+changeTimeout)
@@ -267,7 +270,7 @@ func (c *cli) followUntil(verb, id string, call func(context.Context, dbus.BusOb
 	for {
 		select {
 		case r := <-done:
-			if gone(r.err) {
+			if gone(r.err) && wasUp {
 				return finish(leftBus)
 			}
 			if r.err != nil || settled == nil {

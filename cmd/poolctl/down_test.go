@@ -29,7 +29,7 @@ func TestPoolctlAnswersAtOnceWhileTheDaemonIsDown(t *testing.T) {
 	for _, c := range []struct {
 		user string
 		args []string
-	}{{viewer, []string{"list"}}, {viewer, []string{"status", "qwen"}}, {"", []string{"stop", "qwen"}}, {"", []string{"list", "--json"}}} {
+	}{{viewer, []string{"list"}}, {viewer, []string{"status", "qwen"}}, {"", []string{"stop", "qwen"}}, {"", []string{"start", "qwen"}}, {"", []string{"reload", "qwen", "b.gguf"}}, {"", []string{"list", "--json"}}} {
 		start := time.Now()
 		r := poolctl(t, c.user, c.args...)
 		assert.Less(t, time.Since(start), 5*time.Second, "%v answers at once", c.args)
