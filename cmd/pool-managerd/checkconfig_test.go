@@ -83,7 +83,7 @@ Device=2 GPU-8f2c1a70-0000-4000-8000-000000000002 /dev/nvidia2
 		": 3 error(s) the pools would meet on this host:\n",
 		dir + "/pools.d/a.pool:5: [Engine] ExecStart=: " + dir + "/engine is not executable by the engine's user nobody (uid 65534): mode 0700, owner 0, group 0",
 		dir + "/pools.d/a.pool:3: [Pool] Model=: ",
-		"is not readable by the engine's user nobody (uid 65534)",
+		"not found or not readable by the engine's user nobody (uid 65534)",
 		dir + `/pools.d/b.pool:7: [Engine] User=: user "no-such-engine-user" does not exist on this host`,
 	} {
 		assert.Contains(t, errb, w)

@@ -111,12 +111,12 @@ func TestCheckHostFindsWhatFailsAtRunTime(t *testing.T) {
 			require.NoError(t, os.Chmod(filepath.Join(dir, "m.gguf"), 0o600))
 		}, func(dir string) map[string]string {
 			return map[string]string{"a": hostPool(dir, "0", 8081, "User=nobody\n")}
-		}, []string{"a.pool:3: [Pool] Model=: ", "is not readable by the engine's user nobody"}},
+		}, []string{"a.pool:3: [Pool] Model=: ", "not found or not readable by the engine's user nobody"}},
 		{"a model a pool's own user may not read", func(dir string) {
 			require.NoError(t, os.Chmod(filepath.Join(dir, "m.gguf"), 0o640))
 		}, func(dir string) map[string]string {
 			return map[string]string{"a": hostPool(dir, "0", 8081, "")}
-		}, []string{"a.pool:3: [Pool] Model=: ", "is not readable by the engine's user pool-engine-a (uid "}},
+		}, []string{"a.pool:3: [Pool] Model=: ", "not found or not readable by pool-engine-a (uid "}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

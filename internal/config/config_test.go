@@ -175,7 +175,7 @@ Environment=F=%i
 // Pools on demand: IdleStopSec= (empty or 0: off), Pin=, StartOnLease=.
 func TestOnDemandKeys(t *testing.T) {
 	dir := writeDir(t, map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nIdleStopSec=5min\nStartOnLease=yes\n",
-		"pools.d/b.pool": strings.Replace(minimalPool, "Devices=0", "Devices=1", 1) + "[Pool]\nIdleStopSec=30\nIdleStopSec=\nPin=yes\n"})
+		"pools.d/b.pool": strings.NewReplacer("Devices=0", "Devices=1", "8081", "8082").Replace(minimalPool) + "[Pool]\nIdleStopSec=30\nIdleStopSec=\nPin=yes\n"})
 	c, err := Load(dir)
 	require.NoError(t, err)
 	require.Len(t, c.Pools, 2)
