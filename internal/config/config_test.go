@@ -285,6 +285,8 @@ func TestErrors(t *testing.T) {
 			[]string{"[Scope] DeviceAllow=: set by pool-managerd"}},
 		{"bad scope value", map[string]string{"pools.d/a.pool": minimalPool + "[Scope]\nMemoryMax=lots\n"},
 			[]string{`[Scope] MemoryMax=: "lots" is not a size`}},
+		{"delegated controllers", map[string]string{"pools.d/a.pool": minimalPool + "[Scope]\nDelegate=cpu memory\n"},
+			[]string{`[Scope] Delegate=: "cpu memory" is not a boolean`}},
 		{"bad reason in multiplier", map[string]string{"pools.d/a.pool": minimalPool + "[Restart]\nMultiplier=gremlins:2\n"},
 			[]string{`[Restart] Multiplier=: unknown crash reason "gremlins"`}},
 		{"inconsistent restart policy", map[string]string{"pools.d/a.pool": minimalPool + "[Restart]\nBackoffMaxSec=0.1\n"},

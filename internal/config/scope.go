@@ -33,6 +33,12 @@ var scopeKeys = map[string]scopeKey{
 	"CPUWeight":     {parse: weight(1, 10000)},
 	"IOWeight":      {parse: weight(1, 10000)},
 	"CPUQuota":      {parse: parseQuota, dbus: "CPUQuotaPerSecUSec"},
+	// The scope's cgroup is given to the engine's user (pool-managerd
+	// chowns it: systemd does not for a scope), so that a container
+	// engine can split it (podman run --cgroups=split). A list of
+	// controllers is not taken: the scope's own controllers stay
+	// systemd's.
+	"Delegate": {parse: func(v string) (any, error) { return parseBool(v) }},
 	"OOMPolicy": {parse: func(v string) (any, error) {
 		switch v {
 		case "continue", "stop", "kill":
@@ -48,7 +54,6 @@ var ownedScopeKeys = map[string]string{
 	"DevicePolicy": "device access is derived from Devices=",
 	"DeviceAllow":  "device access is derived from Devices=",
 	"Slice":        "engines always run in pool-managerd-engines.slice",
-	"Delegate":     "the engine's cgroup belongs to its scope",
 	"KillMode":     "stopping an engine always kills its whole scope",
 	"User":         "set User= in [Engine]",
 }
@@ -59,7 +64,7 @@ func parseScopeProperty(key, value string) (ScopeProperty, error) {
 	}
 	k, ok := scopeKeys[key]
 	if !ok {
-		return ScopeProperty{}, fmt.Errorf("unsupported [Scope] key (supported: CPUQuota CPUWeight IOWeight MemoryHigh MemoryLow MemoryMax MemoryMin MemorySwapMax OOMPolicy TasksMax)")
+		return ScopeProperty{}, fmt.Errorf("unsupported [Scope] key (supported: CPUQuota CPUWeight Delegate IOWeight MemoryHigh MemoryLow MemoryMax MemoryMin MemorySwapMax OOMPolicy TasksMax)")
 	}
 	v, err := k.parse(value)
 	if err != nil {

@@ -681,6 +681,13 @@ func (r *Runtime) prepare(ctx context.Context, s Spec, check bool) (*Prepared, e
 	if err := r.jobDone(ctx, sd, name, done); err != nil {
 		return abort(err)
 	}
+	if delegated(s) {
+		if err := delegate(cmd.Process.Pid, u.uid, u.gid); err != nil {
+			_, err = abort(fmt.Errorf("engine of pool %s: %w", s.Pool, err))
+			r.stopUnit(context.WithoutCancel(ctx), name)
+			return nil, err
+		}
+	}
 	// The shim is the daemon's child, not yet reaped: its pid is its own,
 	// and it is in the scope now.
 	id, err := sockdiag.CgroupID(cmd.Process.Pid)

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -228,6 +229,63 @@ func TestScopeOOMPolicyIsStopUnlessThePoolSetsIt(t *testing.T) {
 		require.NoError(t, err)
 		assert.NotEmpty(t, e.Invocation)
 		assert.Equal(t, strings.TrimSpace(string(inv)), e.Invocation)
+		require.NoError(t, rt.Stop(ctx, tc.pool))
+	}
+}
+
+// Delegate=yes gives the scope's cgroup (the directory and the files that
+// make and fill cgroups beneath it) to the engine's user: the engine can
+// then split its scope as podman run --cgroups=split does, while a process
+// of the same user outside the scope still cannot move in. Without it the
+// cgroup is root's alone and the engine cannot split it.
+func TestADelegatedScopeIsTheEnginesUsers(t *testing.T) {
+	rt, ctx := runtime(t)
+	u, err := user.Lookup("pool-engine")
+	require.NoError(t, err)
+	root, err := sockdiag.CgroupDir("/")
+	require.NoError(t, err)
+	// The engine moves itself to a cgroup beneath its scope if it may.
+	split := []string{"/bin/sh", "-c", `d=$1$(sed -n 's/^0:://p' /proc/self/cgroup); mkdir "$d/payload" && echo $$ >"$d/payload/cgroup.procs"; exec sleep 30`, "sh", root}
+	delegate := []config.ScopeProperty{{Key: "Delegate", Raw: "yes", Name: "Delegate", Value: true}}
+	for _, tc := range []struct {
+		pool  string
+		scope []config.ScopeProperty
+		owner string
+	}{
+		{pool: "undelegated", owner: "0"},
+		{pool: "delegated", scope: delegate, owner: u.Uid},
+	} {
+		e, err := rt.Start(ctx, engine.Spec{Pool: tc.pool, Argv: split, User: "pool-engine", StopTimeout: 2 * time.Second, Scope: tc.scope})
+		require.NoError(t, err)
+		out, err := exec.Command("systemctl", "show", "-P", "ControlGroup", e.Unit).Output()
+		require.NoError(t, err)
+		cg := strings.TrimSpace(string(out))
+		dir, err := sockdiag.CgroupDir(cg)
+		require.NoError(t, err)
+		for _, f := range []string{"", "cgroup.procs", "cgroup.threads", "cgroup.subtree_control"} {
+			fi, err := os.Stat(filepath.Join(dir, f))
+			require.NoError(t, err)
+			assert.Equal(t, tc.owner, fmt.Sprint(fi.Sys().(*syscall.Stat_t).Uid), "%s: owner of %s/%s", tc.pool, dir, f)
+		}
+		fi, err := os.Stat(filepath.Join(dir, "memory.max"))
+		if err == nil {
+			assert.Equal(t, uint32(0), fi.Sys().(*syscall.Stat_t).Uid, "%s: the scope's limits stay root's", tc.pool)
+		}
+		want := "0::" + cg + "\n"
+		if tc.owner != "0" {
+			want = "0::" + cg + "/payload\n"
+		}
+		assert.Eventually(t, func() bool {
+			b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", e.PID))
+			return strings.HasSuffix(string(b), want)
+		}, 10*time.Second, 20*time.Millisecond, "%s: the engine's cgroup is %q", tc.pool, want)
+		if tc.owner != "0" {
+			// The same user from outside the scope: the common ancestor
+			// is not the user's.
+			out, err := exec.Command("setpriv", "--reuid=pool-engine", "--regid=pool-engine", "--clear-groups", "--",
+				"sh", "-c", `echo $$ >"$1/payload/cgroup.procs"`, "sh", dir).CombinedOutput()
+			assert.Error(t, err, "a process of the engine's user outside the scope moved into it: %s", out)
+		}
 		require.NoError(t, rt.Stop(ctx, tc.pool))
 	}
 }

@@ -118,6 +118,16 @@ func CgroupPathOfID(id uint64) (string, error) {
 	return rel, nil
 }
 
+// CgroupDir maps a path in the cgroup v2 hierarchy (as /proc/PID/cgroup
+// names it) to the directory where this process sees it: beneath
+// /sys/fs/cgroup on a unified host, /sys/fs/cgroup/unified on a hybrid one.
+func CgroupDir(p string) (string, error) {
+	if !path.IsAbs(p) || path.Clean(p) != p {
+		return "", fmt.Errorf("sockdiag: cgroup path %q is not absolute and clean", p)
+	}
+	return cgroupDir(p)
+}
+
 // cgroupDir maps a path in the cgroup v2 hierarchy to the directory where
 // this process sees it.
 func cgroupDir(p string) (string, error) {

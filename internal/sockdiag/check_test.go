@@ -100,7 +100,7 @@ func TestCheckRefusesAnyForeignListener(t *testing.T) {
 				s = c.scope
 			}
 			f := modern
-			if c.facts != (facts{}) {
+			if c.facts.rootCgroup != 0 {
 				f = c.facts
 			}
 			m, err := check(c.owners, netip.MustParseAddr(c.probe), 8081, s, f)
@@ -118,6 +118,55 @@ func TestCheckRefusesAnyForeignListener(t *testing.T) {
 			}
 			assert.Equal(t, c.method, m)
 		})
+	}
+}
+
+// A listener made in a cgroup beneath the scope's (a container's, split
+// off by podman run --cgroups=split) passes where the scope's path is
+// known; a sibling whose name merely starts with the scope's, the scope's
+// parent, a cgroup gone since, or any cgroup when the path is unknown,
+// does not.
+func TestListenerBeneathTheScopePasses(t *testing.T) {
+	const engine = 999
+	const scopePath = "/pool.slice/pool-managerd.slice/pool-managerd-engines.slice/pool-engine-x.scope"
+	paths := map[uint64]string{
+		7:  scopePath,
+		8:  scopePath + "/libpod-payload-0123",
+		9:  scopePath + "/runtime/deeper",
+		10: scopePath + "-evil/libpod-payload-0123",
+		11: scopePath + "2",
+		12: "/pool.slice/pool-managerd.slice/pool-managerd-engines.slice",
+		13: "/",
+	}
+	f := facts{rootCgroup: 13, pathOf: func(id uint64) (string, error) {
+		if p, ok := paths[id]; ok {
+			return p, nil
+		}
+		return "", errors.New("stale file handle")
+	}}
+	at := func(cg uint64) []Owner {
+		return []Owner{{Addr: netip.MustParseAddrPort("127.0.0.1:8081"), UID: engine, Inode: 4711, CgroupID: cg}}
+	}
+	probe := netip.MustParseAddr("127.0.0.1")
+	withPath := Scope{Unit: "pool-engine-x.scope", CgroupID: 7, UID: engine, Path: scopePath}
+	for cg, ok := range map[uint64]bool{7: true, 8: true, 9: true, 10: false, 11: false, 12: false, 13: false, 99: false} {
+		m, err := check(at(cg), probe, 8081, withPath, f)
+		assert.Equal(t, ByCgroup, m)
+		if ok {
+			assert.NoError(t, err, "cgroup %d (%s)", cg, paths[cg])
+			continue
+		}
+		var fe *ForeignError
+		assert.True(t, errors.As(err, &fe), "cgroup %d (%s) refused: %v", cg, paths[cg], err)
+	}
+	// Unknown (or unusable) path: the scope's own cgroup only.
+	for _, p := range []string{"", "/", scopePath + "/", scopePath + "/../pool-engine-y.scope"} {
+		s := withPath
+		s.Path = p
+		_, err := check(at(8), probe, 8081, s, f)
+		assert.Error(t, err, "path %q", p)
+		_, err = check(at(7), probe, 8081, s, f)
+		assert.NoError(t, err, "path %q", p)
 	}
 }
 

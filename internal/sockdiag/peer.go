@@ -173,8 +173,9 @@ func (c *Conn) CheckPeer(local, remote netip.AddrPort, s Scope) (Method, error) 
 	if err != nil {
 		return 0, err
 	}
-	m, why := method([]Owner{o}, s, hostFacts())
-	if m == ByCgroup && o.CgroupID == s.CgroupID || m == ByUID && o.UID == s.UID {
+	hf := hostFacts()
+	m, why := method([]Owner{o}, s, hf)
+	if m == ByCgroup && (o.CgroupID == s.CgroupID || beneath(o.CgroupID, s, hf)) || m == ByUID && o.UID == s.UID {
 		return m, nil
 	}
 	f := &ForeignError{Addr: remote.Addr(), Port: remote.Port(), Scope: s, Owner: o, Method: m, Why: why}

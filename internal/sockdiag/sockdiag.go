@@ -42,6 +42,12 @@ type Scope struct {
 	// CgroupID is the scope's cgroup v2 id (CgroupID, CgroupIDOfPath);
 	// 0 where the host has none, which leaves the uid check.
 	CgroupID uint64
+	// Path is the scope's cgroup path (systemd's ControlGroup), "" if
+	// unknown. Where it is known, a listener made in a cgroup beneath the
+	// scope's passes too: an engine that splits its scope (podman run
+	// --cgroups=split puts the container in a child cgroup). Only root
+	// and the processes already in the scope can put a process there.
+	Path string
 	// UID is the engine's user.
 	UID uint32
 }
@@ -186,10 +192,12 @@ type facts struct {
 	// storage with net_cls/net_prio data, and once a v1 net_cls or
 	// net_prio was configured every new socket read the root cgroup.
 	sharedSkData bool
+	// pathOf finds a cgroup's path from its id (nil: not looked up).
+	pathOf func(uint64) (string, error)
 }
 
 var hostFacts = sync.OnceValue(func() facts {
-	var f facts
+	f := facts{pathOf: CgroupPathOfID}
 	f.rootCgroup, _ = CgroupIDOfPath("/")
 	var u unix.Utsname
 	if unix.Uname(&u) == nil {
@@ -220,11 +228,22 @@ func check(owners []Owner, addr netip.Addr, port uint16, s Scope, f facts) (Meth
 	}
 	m, why := method(owners, s, f)
 	for _, o := range owners {
-		if m == ByCgroup && o.CgroupID != s.CgroupID || m == ByUID && o.UID != s.UID {
+		if m == ByCgroup && o.CgroupID != s.CgroupID && !beneath(o.CgroupID, s, f) || m == ByUID && o.UID != s.UID {
 			return m, &ForeignError{Addr: addr, Port: port, Scope: s, Owner: o, Method: m, Why: why}
 		}
 	}
 	return m, nil
+}
+
+// beneath says whether cgroup id lies beneath the scope's cgroup. Ids
+// are never reused, so the path found for one is its own; a cgroup gone
+// since its socket was made is not beneath anything.
+func beneath(id uint64, s Scope, f facts) bool {
+	if s.Path == "" || s.Path == "/" || path.Clean(s.Path) != s.Path || f.pathOf == nil {
+		return false
+	}
+	p, err := f.pathOf(id)
+	return err == nil && strings.HasPrefix(p, s.Path+"/")
 }
 
 // method picks the cgroup check unless some listener's cgroup cannot be

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"strings"
 	"time"
 
 	"github.com/llorch/pool-managerd/internal/check"
@@ -36,9 +37,10 @@ func (s *Supervisor) watch(r *run, startBy time.Time) {
 }
 
 // ownedByScope verifies that a check's peer is a socket of the engine's
-// scope: the socket at the other end of the check's connection, looked up
-// by its addresses on a sock_diag socket kept for the run (one request
-// per connection). The scope's cgroup and user are found once per run.
+// scope or of a cgroup beneath it: the socket at the other end of the
+// check's connection, looked up by its addresses on a sock_diag socket kept
+// for the run (one request per connection). The scope's cgroup and user
+// are found once per run.
 func (s *Supervisor) ownedByScope(r *run) func(local, peer netip.AddrPort) error {
 	return func(local, peer netip.AddrPort) error {
 		r.scopeOnce.Do(func() {
@@ -52,7 +54,8 @@ func (s *Supervisor) ownedByScope(r *run) func(local, peer netip.AddrPort) error
 			if id == 0 {
 				id = p.CgroupID
 			}
-			r.scope = sockdiag.Scope{Unit: r.e.Unit, CgroupID: id, UID: p.UID}
+			r.scope = sockdiag.Scope{Unit: r.e.Unit, UID: p.UID}
+			r.scope.CgroupID, r.scope.Path = scopeCgroup(id, r.e.Unit)
 			c, err := sockdiag.Open()
 			if err != nil {
 				r.scopeErr = err
@@ -67,4 +70,32 @@ func (s *Supervisor) ownedByScope(r *run) func(local, peer netip.AddrPort) error
 		_, err := r.diag.CheckPeer(local, peer, r.scope)
 		return err
 	}
+}
+
+// scopeCgroup gives the id and path of the scope's cgroup from the id of
+// a cgroup in it: the shim's at the start, or an adopted engine's own,
+// which may lie beneath the scope (podman run --cgroups=split moves
+// itself there). The scope is the outermost cgroup named after its unit:
+// what lies above it is root's. Where the path cannot be found, id is
+// kept and only its own sockets pass.
+func scopeCgroup(id uint64, unit string) (uint64, string) {
+	p, err := sockdiag.CgroupPathOfID(id)
+	if err != nil {
+		return id, ""
+	}
+	parts := strings.Split(p, "/")
+	for i, c := range parts {
+		if c != unit {
+			continue
+		}
+		scope := strings.Join(parts[:i+1], "/")
+		if scope == p {
+			return id, p
+		}
+		if sid, err := sockdiag.CgroupIDOfPath(scope); err == nil {
+			return sid, scope
+		}
+		break
+	}
+	return id, p
 }

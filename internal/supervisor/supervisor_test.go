@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,6 +23,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/crash"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/shim"
+	"github.com/llorch/pool-managerd/internal/sockdiag"
 	. "github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
@@ -101,6 +103,47 @@ func TestScopeIsolationUserAndJournal(t *testing.T) {
 		return strings.Contains(string(out), "server is listening on http://127.0.0.1") &&
 			strings.Contains(string(out), "GET /health")
 	}, 20*time.Second, 100*time.Millisecond)
+}
+
+// splitEngine does what podman run --cgroups=split does to its scope: it
+// moves itself to a cgroup beneath the scope (runtime) and runs the engine
+// in another (payload).
+const splitEngine = `#!/bin/sh
+d=$CGROOT$(sed -n 's/^0:://p' /proc/self/cgroup)
+mkdir "$d/runtime" "$d/payload" || exit 90
+echo $$ >"$d/runtime/cgroup.procs" || exit 91
+sh -c 'echo $$ >"$0/payload/cgroup.procs" && exec "$@"' "$d" "$@" &
+wait $!
+`
+
+// An engine that splits its delegated scope (podman run --cgroups=split:
+// the engine's own process beneath the scope, the server in another
+// cgroup beneath it) is Ready, its listener being the scope's; a crash of
+// the server is seen and restarted.
+func TestAnEngineThatSplitsItsScopeIsReady(t *testing.T) {
+	e := testpool.New(t, nil)
+	root, err := sockdiag.CgroupDir("/")
+	require.NoError(t, err)
+	wrap := filepath.Join(e.Dir, "split-engine")
+	require.NoError(t, os.WriteFile(wrap, []byte(splitEngine), 0o755))
+	s := e.Start(testpool.Spec{ID: "split", Devices: "0", Wrap: wrap,
+		Engine: "Version=sim-1\nStopTimeoutSec=2\nEnvironment=CGROOT=" + root + "\n", Extra: "[Scope]\nDelegate=yes\n"})
+	snap := waitFor(t, s, "ready", ready(1))
+	cg := strings.TrimSpace(sh(t, "systemctl", "show", "-P", "ControlGroup", snap.Unit))
+	self, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", snap.MainPID))
+	require.NoError(t, err)
+	assert.True(t, strings.HasSuffix(string(self), "0::"+cg+"/runtime\n"), "the engine's process moved beneath its scope: %s", self)
+	owners, err := sockdiag.ListenerOwners(netip.MustParseAddr("127.0.0.1"), uint16(s.Port))
+	require.NoError(t, err)
+	require.Len(t, owners, 1)
+	where, err := sockdiag.CgroupPathOfID(owners[0].CgroupID)
+	require.NoError(t, err)
+	assert.Equal(t, cg+"/payload", where, "the listener is the payload's")
+
+	require.NoError(t, s.Fault("segv"))
+	crashed := waitFor(t, s, "the crash", func(s Snapshot) bool { return s.Policy.CrashCount == 1 })
+	assert.Contains(t, crashed.LastError, "status 139", "the wrapper's exit: the server's SIGSEGV")
+	waitFor(t, s, "ready again", ready(2))
 }
 
 func TestFaultsAreClassifiedAndRestarted(t *testing.T) {

@@ -138,6 +138,9 @@ type Spec struct {
 	GPURetry time.Duration
 	// Port is the engine's port (0: a free one).
 	Port int
+	// Wrap is a command the simulator's command line is given to, as a
+	// container engine is given its engine's ("": the simulator itself).
+	Wrap string
 }
 
 // Pool starts a pool of the simulator on the given devices with extra
@@ -172,11 +175,15 @@ func (e *Env) Start(ps Spec) *Pool {
 		ps.Engine = "Version=sim-1\nStopTimeoutSec=2\n"
 	}
 	id := ps.ID
+	wrap := ""
+	if ps.Wrap != "" {
+		wrap = ps.Wrap + " "
+	}
 	text := fmt.Sprintf(`[Pool]
 Devices=%s
 Model=%s
 [Engine]
-ExecStart=%s --model %%m --port %%p %s --probe-devices /dev/nvidia0,/dev/nvidia1,/dev/nvidiactl
+ExecStart=%s%s --model %%m --port %%p %s --probe-devices /dev/nvidia0,/dev/nvidia1,/dev/nvidiactl
 Port=%d
 %s
 [Health]
@@ -189,7 +196,7 @@ BackoffInitialSec=0.2
 BackoffMinSec=0.1
 BackoffMaxSec=2
 JitterPercent=0
-%s`, ps.Devices, ps.Model, sim, ps.SimArgs, port, ps.Engine, ps.Extra)
+%s`, ps.Devices, ps.Model, wrap, sim, ps.SimArgs, port, ps.Engine, ps.Extra)
 	require.NoError(t, os.WriteFile(filepath.Join(e.Dir, "pools.d", id+".pool"), []byte(text), 0o644))
 	c, err := config.Load(e.Dir)
 	require.NoError(t, err)

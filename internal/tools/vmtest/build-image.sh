@@ -23,8 +23,11 @@ suite=${1:-bookworm}
 packages=systemd-sysv,dbus,udev,linux-image-cloud-amd64,curl,procps
 case $suite in
 # initramfs-tools: bookworm's kernel asks for an initramfs generator; rpm
-# for the .rpm boot.
-bookworm) packages=$packages,initramfs-tools,rpm ;;
+# for the .rpm boot. podman and what it strictly needs (no recommends:
+# no uidmap, slirp4netns or fuse-overlayfs) for the engine in a container;
+# debootstrap does not resolve virtual packages, so the runtime (crun) and
+# the network stack (netavark) are named.
+bookworm) packages=$packages,initramfs-tools,rpm,podman,crun,conmon,netavark,golang-github-containers-common,golang-github-containers-image ;;
 # sid's kernel pulls dracut. llama.cpp-tools is the real engine,
 # llama.cpp-services Debian's own unit for it (the baseline of the
 # restart figure), python3-gguf and numpy write its tiny models in the
