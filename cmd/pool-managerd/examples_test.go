@@ -29,7 +29,7 @@ func TestShippedPoolExamplesPass(t *testing.T) {
 	for _, ex := range examples {
 		names = append(names, filepath.Base(ex))
 	}
-	assert.Subset(t, names, []string{"llama-server.pool.example", "vllm.pool.example", "sglang.pool.example"})
+	assert.Subset(t, names, []string{"llama-server.pool.example", "vllm.pool.example", "sglang.pool.example", "llama-server-podman.pool.example"})
 
 	got := map[string]*config.Pool{}
 	for _, ex := range examples {
@@ -96,6 +96,40 @@ func TestShippedPoolExamplesPass(t *testing.T) {
 		assert.Equal(t, "http://127.0.0.1:%p/health", p.Engine.HealthURL)
 		assert.Contains(t, p.Engine.ExecStart, "--enable-metrics")
 	}
+}
+
+// The container example runs rootless podman inside the pool's scope the
+// way the vm-test checks it (--cgroups=split in a delegated scope, the
+// host's network for the probe, the host's UTS namespace under
+// ProtectHostname=), and the drop-in it needs takes from the daemon's
+// hardening only what podman needs: no capability, no other system call
+// group, no other protection.
+func TestThePodmanExampleAndItsDropIn(t *testing.T) {
+	dir := t.TempDir()
+	copyFile(t, "../../packaging/examples/pool-managerd.conf", filepath.Join(dir, "pool-managerd.conf"))
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "pools.d"), 0o755))
+	copyFile(t, "../../packaging/examples/pools.d/llama-server-podman.pool.example", filepath.Join(dir, "pools.d", "p.pool"))
+	c, err := config.Load(dir)
+	require.NoError(t, err)
+	require.Len(t, c.Pools, 1)
+	p := c.Pools[0]
+	assert.Equal(t, []string{"/usr/bin/podman", "--cgroup-manager=cgroupfs", "run", "--rm", "--cgroups=split"}, p.Engine.ExecStart[:5])
+	for _, a := range []string{"--network=host", "--uts=host", "--replace"} {
+		assert.Contains(t, p.Engine.ExecStart, a)
+	}
+	assert.Contains(t, p.Engine.ExecStart, "%m:/models/model.gguf:ro")
+	require.Len(t, p.Scope, 1)
+	assert.Equal(t, config.ScopeProperty{Key: "Delegate", Raw: "yes", Name: "Delegate", Value: true}, p.Scope[0])
+
+	b, err := os.ReadFile("../../packaging/examples/pool-managerd.service.d/podman.conf")
+	require.NoError(t, err)
+	var keys []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if l != "" && !strings.HasPrefix(l, "#") {
+			keys = append(keys, l)
+		}
+	}
+	assert.Equal(t, []string{"[Service]", "RestrictNamespaces=no", "SystemCallFilter=@mount", "ProtectControlGroups=no"}, keys)
 }
 
 func copyFile(t *testing.T, from, to string) {

@@ -174,6 +174,7 @@ func TestRpmHoldsTheSameFiles(t *testing.T) {
 	// leave them behind; the .deb's directory entries were left out above.
 	owned := []string{"/etc/pool-managerd/pools.d", "/etc/pool-managerd/pool-managerd.conf.d",
 		"/usr/libexec/pool-managerd", "/usr/share/doc/pool-managerd", "/usr/share/doc/pool-managerd/examples",
+		"/usr/share/doc/pool-managerd/examples/pool-managerd.service.d",
 		"/usr/share/pool-managerd"}
 	var files []string
 	for _, f := range rpm {

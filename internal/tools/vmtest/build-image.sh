@@ -103,9 +103,10 @@ debootstrap --variant=minbase --include="$packages" "$suite" "$root" "$url" >"$t
 }
 
 # The console stays quiet and usable: no getty hanging up ttyS0, no first
-# boot prompt, no timers that wake up apt or fsck during a check.
+# boot prompt, no timers that wake up apt, fsck or podman during a check.
 for unit in serial-getty@ttyS0.service getty@tty1.service systemd-firstboot.service \
-	apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer; do
+	apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer \
+	podman-auto-update.timer podman-auto-update.service podman-restart.service; do
 	ln -sf /dev/null "$root/etc/systemd/system/$unit"
 done
 echo "/dev/vda / ext4 defaults 0 1" >"$root/etc/fstab"

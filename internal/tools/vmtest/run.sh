@@ -79,6 +79,14 @@ esac
 img=$("$here/build-image.sh")
 image_s=$(elapsed "$start_all")
 CGO_ENABLED=0 "$GO" build -o build/vm/router ./internal/tools/vmtest/router
+# The simulator as a container image for the .deb boot's podman engine: a
+# root holding only its static binary, imported in the guest (nothing is
+# pulled there).
+rm -rf build/vm/sim-image
+mkdir -p build/vm/sim-image/usr/bin build/vm/sim-image/tmp
+chmod 1777 build/vm/sim-image/tmp
+CGO_ENABLED=0 "$GO" build -trimpath -ldflags "-s -w" -o build/vm/sim-image/usr/bin/pool-engine-sim ./cmd/pool-engine-sim
+tar -C build/vm/sim-image --owner=0 --group=0 --numeric-owner -cf build/vm/pool-engine-sim.tar .
 
 # One line of the guest's report, for the terminal.
 show() {
@@ -137,7 +145,10 @@ for kind in "${kinds[@]}"; do
 	mkdir -p "$work/payload"
 	kimg=$img boots=2 limit=$guest_limit
 	case $kind in
-	deb) cp "$deb" "$work/payload/pool-managerd.deb" ;;
+	deb)
+		cp "$deb" "$work/payload/pool-managerd.deb"
+		cp build/vm/pool-engine-sim.tar "$work/payload/"
+		;;
 	rpm) cp "$rpm" "$work/payload/pool-managerd.rpm" ;;
 	sid)
 		if ! wait "$sid_pid"; then

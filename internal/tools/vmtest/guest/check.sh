@@ -429,6 +429,107 @@ c_breaker() {
 	want "llama8b unaffected" "$(pv llama8b Ready)" true
 }
 
+# An engine in a container: rootless podman run by the pool's User= inside
+# the pool's scope (--cgroups=split in a delegated scope), with the drop-in
+# the package ships. The image is the simulator's static binary alone,
+# imported from a tarball: no registry is reachable from here.
+PODHOME=/var/cache/pool-managerd/podsim
+# upodman ARGS...: podman as the engine's user with the pool's HOME, in a
+# service of its own, so that podman's pause process ends with it.
+upodman() {
+	systemd-run --wait --pipe --quiet -p User=pool-engine -p WorkingDirectory=/ -E HOME=$PODHOME \
+		podman --cgroup-manager=cgroupfs "$@" 2>/dev/null
+}
+# podsim_procs: conmon and the containers' processes, wherever they are.
+podsim_procs() { pgrep -f '^/usr/bin/conmon |^/usr/bin/pool-engine-sim --model /models/' | sort -n; }
+
+c_podman() {
+	local t0 n
+	install -d -o pool-engine -g pool-engine -m 0700 $PODHOME
+	t0=$(now)
+	want_ok "podman import of the image tarball" timeout 120 systemd-run --wait --pipe --quiet -p User=pool-engine -p WorkingDirectory=/ \
+		-E HOME=$PODHOME podman --cgroup-manager=cgroupfs import --change 'ENTRYPOINT ["/usr/bin/pool-engine-sim"]' \
+		"$P/pool-engine-sim.tar" localhost/pool-engine-sim || return 1
+	info "podman import of the simulator's image: $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }') s; $(podman --version)"
+	want "the import leaves no podman process" "$(pgrep -a podman | tr '\n' ' ')" ""
+	want_ok "the shipped drop-in" install -D -m 0644 /usr/share/doc/pool-managerd/examples/pool-managerd.service.d/podman.conf \
+		/etc/systemd/system/pool-managerd.service.d/podman.conf
+	echo 'c /dev/nvidia2 0666 root root - 195:2' >>/etc/tmpfiles.d/vm-fake-gpus.conf
+	systemd-tmpfiles --create /etc/tmpfiles.d/vm-fake-gpus.conf
+	echo 'Device=2 GPU-8f2c1a70-0000-4000-8000-000000000002 /dev/nvidia2' >>/etc/pool-managerd/pool-managerd.conf.d/gpus.conf
+	printf 'GGUF\003\000\000\000 podsim' >"$MODELS/podsim.gguf"
+	cat >/etc/pool-managerd/pools.d/podsim.pool <<-'EOF'
+		[Pool]
+		Description=The simulator in a container on GPU 2
+		Devices=2
+		Model=podsim.gguf
+		[Engine]
+		ExecStart=/usr/bin/podman --cgroup-manager=cgroupfs run --rm --cgroups=split --network=host --uts=host --name pool-%i --replace --volume %m:/models/model.gguf:ro localhost/pool-engine-sim --model /models/model.gguf --port %p
+		Port=8083
+		StopTimeoutSec=10
+		[Health]
+		IntervalSec=2
+		StartTimeoutSec=120
+		[Scope]
+		Delegate=yes
+	EOF
+	want_ok "pool-managerd --check-config" pool-managerd --check-config || return 1
+	systemctl daemon-reload
+	want_ok "systemctl restart pool-managerd" timeout 60 systemctl restart pool-managerd
+	ready podsim 150
+}
+
+c_podman_scope() {
+	local s=pool-engine-podsim.scope cg pid main n=0
+	cg=$(systemctl show -p ControlGroup --value $s)
+	want "podsim Unit" "$(pv podsim Unit)" $s
+	want "podsim State" "$(pv podsim State)" ready
+	main=$(pv podsim MainPID)
+	want_match "the engine (podman run) in the scope" "$(cat /proc/$main/cgroup)" "^0::$cg/"
+	want_match "conmon" "$(pgrep -a -f '^/usr/bin/conmon ')" conmon
+	want_match "the server in the container" "$(pgrep -a -f '^/usr/bin/pool-engine-sim --model /models/')" pool-engine-sim
+	for pid in $(podsim_procs); do
+		want_match "$(tr '\0' ' ' </proc/$pid/cmdline | cut -c1-60)'s cgroup" "$(cat /proc/$pid/cgroup)" "^0::$cg/(runtime|libpod-payload-[0-9a-f]{64})$"
+		n=$((n + 1))
+	done
+	want "conmon and the server" "$n" 2
+	pid=$(pgrep -f '^/usr/bin/pool-engine-sim --model /models/')
+	want_match "the server's cgroup" "$(cat /proc/$pid/cgroup)" "^0::$cg/libpod-payload-"
+	want "the server's user" "$(ps -o user= -p "$pid")" pool-engine
+	want "the scope's owner (Delegate=yes)" "$(stat -c %U /sys/fs/cgroup$cg)" pool-engine
+	want_match "podman ps" "$(upodman ps --format '{{.Names}} {{.Status}}')" '^pool-podsim Up'
+	info "$(systemd-cgls --no-pager -u $s | cut -c1-110 | tr -s ' \n' ' ')"
+}
+
+c_podman_kill() {
+	local c0 pid0 main0
+	c0=$(crashes podsim)
+	main0=$(pv podsim MainPID)
+	pid0=$(pgrep -f '^/usr/bin/pool-engine-sim --model /models/')
+	want_ok "kill -KILL of the server in the container" kill -KILL "$pid0"
+	wait_for 60 "the crash" "[ \"\$(pv podsim CrashCount)\" -gt $c0 ]"
+	want "CrashCount (counted once)" "$(crashes podsim)" $((c0 + 1))
+	info "LastError after a SIGKILL inside the container: $(pv podsim LastError)"
+	ready podsim 120
+	[ "$(pv podsim MainPID)" != "$main0" ] || { echo "MISMATCH: MainPID unchanged"; fails=$((fails + 1)); }
+	want_match "a new server" "$(pgrep -f '^/usr/bin/pool-engine-sim --model /models/')" "^[0-9]+$"
+	[ "$(pgrep -f '^/usr/bin/pool-engine-sim --model /models/')" != "$pid0" ] || { echo "MISMATCH: the same server"; fails=$((fails + 1)); }
+	want "CrashCount" "$(crashes podsim)" $((c0 + 1))
+}
+
+c_podman_stop() {
+	want_ok "poolctl stop podsim" timeout 60 poolctl stop podsim
+	want "State" "$(pv podsim State)" stopped
+	want "scope" "$(systemctl is-active pool-engine-podsim.scope)" inactive
+	want "podman ps -a" "$(upodman ps -a --format '{{.Names}}')" ""
+	want "conmon, the server, podman" "$(podsim_procs; pgrep -a podman)" ""
+	# The rest of the walkthrough runs as the package ships.
+	rm -f /etc/pool-managerd/pools.d/podsim.pool /etc/systemd/system/pool-managerd.service.d/podman.conf
+	systemctl daemon-reload
+	want_ok "systemctl reload pool-managerd" timeout 60 systemctl reload pool-managerd
+	wait_for 30 "podsim gone from ListPools" '! mcall ListPools | grep -q podsim'
+}
+
 phase1() {
 	info "boot 1 of the .$KIND: $(cat /proc/uptime | cut -d' ' -f1) s since the kernel started"
 	wait_for 60 "the system up" "timeout 5 systemctl is-system-running --wait >/dev/null 2>&1 || systemctl is-system-running | grep -Eq 'running|degraded'" >/dev/null
@@ -452,6 +553,12 @@ phase1() {
 	check "Stop, then systemctl restart pool-managerd: still stopped" c_stop_kept
 	check "breaker opens after BreakerThreshold crashes" c_breaker
 	check "Disable: a drop-in in /etc, the pool runs on" c_disable
+	if [ "$KIND" = deb ]; then
+		check "podman engine (rootless, --cgroups=split, the shipped drop-in): image imported from a tarball, Ready" c_podman &&
+			check "podman engine: podman, conmon and the server inside the pool's scope" c_podman_scope &&
+			check "podman engine: SIGKILL of the server inside the container is a crash, restarted" c_podman_kill
+		check "podman engine: a stop leaves no container and no process" c_podman_stop
+	fi
 	{
 		echo "llama_crashes=$(crashes llama8b)"
 		echo "embed_crashes=$(crashes embed)"
