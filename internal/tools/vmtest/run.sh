@@ -80,11 +80,12 @@ img=$("$here/build-image.sh")
 image_s=$(elapsed "$start_all")
 CGO_ENABLED=0 "$GO" build -o build/vm/router ./internal/tools/vmtest/router
 # The simulator as a container image for the .deb boot's podman engine: a
-# root holding only its static binary, imported in the guest (nothing is
-# pulled there).
+# root holding its static binary and, as real images have (su, passwd), a
+# set-user-ID file; imported in the guest (nothing is pulled there).
 rm -rf build/vm/sim-image
 mkdir -p build/vm/sim-image/usr/bin build/vm/sim-image/tmp
 chmod 1777 build/vm/sim-image/tmp
+install -m 4755 /dev/null build/vm/sim-image/usr/bin/setuid-file
 CGO_ENABLED=0 "$GO" build -trimpath -ldflags "-s -w" -o build/vm/sim-image/usr/bin/pool-engine-sim ./cmd/pool-engine-sim
 tar -C build/vm/sim-image --owner=0 --group=0 --numeric-owner -cf build/vm/pool-engine-sim.tar .
 

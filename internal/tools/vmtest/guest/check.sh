@@ -445,13 +445,20 @@ podsim_procs() { pgrep -f '^/usr/bin/conmon |^/usr/bin/pool-engine-sim --model /
 
 c_podman() {
 	local t0 n
-	install -d -o pool-engine -g pool-engine -m 0700 $PODHOME
+	install -d -o pool-engine -g pool-engine -m 0700 $PODHOME $PODHOME/.config $PODHOME/.config/containers
+	# overlay (native in the user namespace): vfs would copy the image at
+	# every start, and its copy of a set-user-ID file is refused under the
+	# daemon's RestrictSUIDSGID=.
+	printf '[storage]\ndriver = "overlay"\n' >$PODHOME/.config/containers/storage.conf
+	chown pool-engine:pool-engine $PODHOME/.config/containers/storage.conf
 	t0=$(now)
 	want_ok "podman import of the image tarball" timeout 120 systemd-run --wait --pipe --quiet -p User=pool-engine -p WorkingDirectory=/ \
 		-E HOME=$PODHOME podman --cgroup-manager=cgroupfs import --change 'ENTRYPOINT ["/usr/bin/pool-engine-sim"]' \
 		"$P/pool-engine-sim.tar" localhost/pool-engine-sim || return 1
 	info "podman import of the simulator's image: $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }') s; $(podman --version)"
 	want "the import leaves no podman process" "$(pgrep -a podman | tr '\n' ' ')" ""
+	want "storage driver" "$(upodman info --format '{{.Store.GraphDriverName}}')" overlay
+	want_match "the image's set-user-ID file" "$(tar -tvf "$P/pool-engine-sim.tar" ./usr/bin/setuid-file)" '^-rwsr-xr-x'
 	want_ok "the shipped drop-in" install -D -m 0644 /usr/share/doc/pool-managerd/examples/pool-managerd.service.d/podman.conf \
 		/etc/systemd/system/pool-managerd.service.d/podman.conf
 	echo 'c /dev/nvidia2 0666 root root - 195:2' >>/etc/tmpfiles.d/vm-fake-gpus.conf
