@@ -105,7 +105,8 @@ func Main() int {
 	ident := filepath.Base(spec.Argv[0])
 	outW, outLog := output(ident, 6)
 	errW, errLog := output(ident, 6)
-	oomBefore := oomKills()
+	oomAt := oomFile()
+	oomBefore := oomKills(oomAt)
 
 	cmd := exec.Command(spec.Argv[0], spec.Argv[1:]...)
 	cmd.Env = append([]string{
@@ -182,7 +183,7 @@ func Main() int {
 	wg.Wait()
 	outLog()
 	errLog()
-	report(Message{Event: EventExit, Status: uint32(ws), OOMKills: oomKills() - oomBefore})
+	report(Message{Event: EventExit, Status: uint32(ws), OOMKills: max(oomKills(oomAt), oomBefore) - oomBefore})
 	// If no daemon heard the exit (it is restarting), wait a while for one
 	// to reattach: the crash must not go unseen.
 	select {
@@ -340,12 +341,14 @@ func output(ident string, priority int) (io.Writer, func()) {
 	return c, func() { c.Close() }
 }
 
-// oomKills reads the OOM kill counter of the shim's own (the scope's)
-// memory cgroup, v2 or v1.
-func oomKills() uint64 {
+// oomFile is the OOM kill counter of the shim's own (the scope's) memory
+// cgroup, v2 or v1 ("" if none), found before the engine starts: an
+// engine may move the shim beneath the scope (podman run --cgroups=split),
+// and the scope's counter is the one that counts kills anywhere beneath it.
+func oomFile() string {
 	cg, err := os.ReadFile("/proc/self/cgroup")
 	if err != nil {
-		return 0
+		return ""
 	}
 	for _, l := range strings.Split(string(cg), "\n") {
 		parts := strings.SplitN(l, ":", 3)
@@ -365,15 +368,27 @@ func oomKills() uint64 {
 		default:
 			continue
 		}
-		b, err := os.ReadFile(file)
-		if err != nil {
+		if _, err := os.ReadFile(file); err != nil {
 			continue
 		}
-		for _, kv := range strings.Split(string(b), "\n") {
-			if f := strings.Fields(kv); len(f) == 2 && f[0] == "oom_kill" {
-				n, _ := strconv.ParseUint(f[1], 10, 64)
-				return n
-			}
+		return file
+	}
+	return ""
+}
+
+// oomKills reads the counter of oomFile.
+func oomKills(file string) uint64 {
+	if file == "" {
+		return 0
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return 0
+	}
+	for _, kv := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(kv); len(f) == 2 && f[0] == "oom_kill" {
+			n, _ := strconv.ParseUint(f[1], 10, 64)
+			return n
 		}
 	}
 	return 0

@@ -479,6 +479,8 @@ c_podman() {
 		StartTimeoutSec=120
 		[Scope]
 		Delegate=yes
+		MemoryMax=256M
+		OOMPolicy=continue
 	EOF
 	want_ok "pool-managerd --check-config" pool-managerd --check-config || return 1
 	systemctl daemon-reload
@@ -524,10 +526,29 @@ c_podman_kill() {
 	want "CrashCount" "$(crashes podsim)" $((c0 + 1))
 }
 
+# Under OOMPolicy=continue the shim's count of the scope's OOM kills is the
+# witness: it must count a kill inside the container, beneath the scope,
+# though podman moved the shim beneath it too.
+c_podman_oom() {
+	local c0
+	c0=$(crashes podsim)
+	curl -s --max-time 5 -X POST 'localhost:8083/sim/fault?kind=oom' >/dev/null
+	wait_for 60 "the crash" "[ \"\$(pv podsim CrashCount)\" -gt $c0 ]"
+	want "CrashCount" "$(crashes podsim)" $((c0 + 1))
+	want_match "LastError" "$(pv podsim LastError)" '^out of memory'
+	info "LastError after an OOM kill inside the container (OOMPolicy=continue): $(pv podsim LastError)"
+	ready podsim 120
+}
+
 c_podman_stop() {
+	local t0
+	t0=$(now)
 	want_ok "poolctl stop podsim" timeout 60 poolctl stop podsim
 	want "State" "$(pv podsim State)" stopped
-	want "scope" "$(systemctl is-active pool-engine-podsim.scope)" inactive
+	# The pool is stopped once its engine (podman run) has ended; conmon's
+	# cleanup may take the scope a moment longer.
+	wait_for 30 "the scope gone" '[ "$(systemctl is-active pool-engine-podsim.scope)" = inactive ]'
+	info "podman engine stopped, scope gone: $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }') s after poolctl stop"
 	want "podman ps -a" "$(upodman ps -a --format '{{.Names}}')" ""
 	want "conmon, the server, podman" "$(podsim_procs; pgrep -a podman)" ""
 	# The rest of the walkthrough runs as the package ships.
@@ -563,7 +584,8 @@ phase1() {
 	if [ "$KIND" = deb ]; then
 		check "podman engine (rootless, --cgroups=split, the shipped drop-in): image imported from a tarball, Ready" c_podman &&
 			check "podman engine: podman, conmon and the server inside the pool's scope" c_podman_scope &&
-			check "podman engine: SIGKILL of the server inside the container is a crash, restarted" c_podman_kill
+			check "podman engine: SIGKILL of the server inside the container is a crash, restarted" c_podman_kill &&
+			check "podman engine: an OOM kill inside the container classified out_of_memory (shim's witness)" c_podman_oom
 		check "podman engine: a stop leaves no container and no process" c_podman_stop
 	fi
 	{
