@@ -434,10 +434,13 @@ c_breaker() {
 # the package ships. The image is the simulator's static binary alone,
 # imported from a tarball: no registry is reachable from here.
 PODHOME=/var/cache/pool-managerd/podsim
+# A named system user of the pool's own: the image is put in its storage
+# before the pool first starts.
+PODUSER=podsim-engine
 # upodman ARGS...: podman as the engine's user with the pool's HOME, in a
 # service of its own, so that podman's pause process ends with it.
 upodman() {
-	systemd-run --wait --pipe --quiet -p User=pool-engine -p WorkingDirectory=/ -E HOME=$PODHOME \
+	systemd-run --wait --pipe --quiet -p User=$PODUSER -p WorkingDirectory=/ -E HOME=$PODHOME \
 		podman --cgroup-manager=cgroupfs "$@" 2>/dev/null
 }
 # podsim_procs: conmon and the containers' processes, wherever they are.
@@ -445,14 +448,15 @@ podsim_procs() { pgrep -f '^/usr/bin/conmon |^/usr/bin/pool-engine-sim --model /
 
 c_podman() {
 	local t0 n
-	install -d -o pool-engine -g pool-engine -m 0700 $PODHOME $PODHOME/.config $PODHOME/.config/containers
+	want_ok "useradd $PODUSER" useradd --system --no-create-home --home-dir $PODHOME --shell /usr/sbin/nologin $PODUSER
+	install -d -o $PODUSER -g $PODUSER -m 0700 $PODHOME $PODHOME/.config $PODHOME/.config/containers
 	# overlay (native in the user namespace): vfs would copy the image at
 	# every start, and its copy of a set-user-ID file is refused under the
 	# daemon's RestrictSUIDSGID=.
 	printf '[storage]\ndriver = "overlay"\n' >$PODHOME/.config/containers/storage.conf
-	chown pool-engine:pool-engine $PODHOME/.config/containers/storage.conf
+	chown $PODUSER:$PODUSER $PODHOME/.config/containers/storage.conf
 	t0=$(now)
-	want_ok "podman import of the image tarball" timeout 120 systemd-run --wait --pipe --quiet -p User=pool-engine -p WorkingDirectory=/ \
+	want_ok "podman import of the image tarball" timeout 120 systemd-run --wait --pipe --quiet -p User=$PODUSER -p WorkingDirectory=/ \
 		-E HOME=$PODHOME podman --cgroup-manager=cgroupfs import --change 'ENTRYPOINT ["/usr/bin/pool-engine-sim"]' \
 		"$P/pool-engine-sim.tar" localhost/pool-engine-sim || return 1
 	info "podman import of the simulator's image: $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }') s; $(podman --version)"
@@ -471,6 +475,7 @@ c_podman() {
 		Devices=2
 		Model=podsim.gguf
 		[Engine]
+		User=podsim-engine
 		ExecStart=/usr/bin/podman --cgroup-manager=cgroupfs run --rm --cgroups=split --network=host --uts=host --name pool-%i --replace --volume %m:/models/model.gguf:ro localhost/pool-engine-sim --model /models/model.gguf --port %p
 		Port=8083
 		StopTimeoutSec=10
@@ -504,8 +509,8 @@ c_podman_scope() {
 	want "conmon and the server" "$n" 2
 	pid=$(pgrep -f '^/usr/bin/pool-engine-sim --model /models/')
 	want_match "the server's cgroup" "$(cat /proc/$pid/cgroup)" "^0::$cg/libpod-payload-"
-	want "the server's user" "$(ps -o user= -p "$pid")" pool-engine
-	want "the scope's owner (Delegate=yes)" "$(stat -c %U /sys/fs/cgroup$cg)" pool-engine
+	want "the server's user" "$(ps -o user:20= -p "$pid")" $PODUSER
+	want "the scope's owner (Delegate=yes)" "$(stat -c %U /sys/fs/cgroup$cg)" $PODUSER
 	want_match "podman ps" "$(upodman ps --format '{{.Names}} {{.Status}}')" '^pool-podsim Up'
 	info "$(systemd-cgls --no-pager -u $s | cut -c1-110 | tr -s ' \n' ' ')"
 }
