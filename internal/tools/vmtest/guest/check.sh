@@ -585,7 +585,8 @@ phase1() {
 	check "systemctl reload of a broken pool file fails; the old configuration serves" c_reload_refused
 	check "Stop, then systemctl restart pool-managerd: still stopped" c_stop_kept
 	check "breaker opens after BreakerThreshold crashes" c_breaker
-	check "Disable: a drop-in in /etc, the pool runs on" c_disable
+	# Before Disable: the podman checks restart and reload the daemon, and
+	# boot 2 checks the state Disable leaves (llama8b running, disabled).
 	if [ "$KIND" = deb ]; then
 		check "podman engine (rootless, --cgroups=split, the shipped drop-in): image imported from a tarball, Ready" c_podman &&
 			check "podman engine: podman, conmon and the server inside the pool's scope" c_podman_scope &&
@@ -593,6 +594,7 @@ phase1() {
 			check "podman engine: an OOM kill inside the container classified out_of_memory (shim's witness)" c_podman_oom
 		check "podman engine: a stop leaves no container and no process" c_podman_stop
 	fi
+	check "Disable: a drop-in in /etc, the pool runs on" c_disable
 	{
 		echo "llama_crashes=$(crashes llama8b)"
 		echo "embed_crashes=$(crashes embed)"
