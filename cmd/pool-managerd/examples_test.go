@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -20,8 +21,15 @@ import (
 func TestShippedPoolExamplesPass(t *testing.T) {
 	sandbox.Need(t)
 	// The engines they name, on this host.
-	for _, f := range []string{"/usr/bin/llama-server", "/opt/vllm/bin/vllm", "/opt/sglang/bin/python3"} {
+	for _, f := range []string{"/usr/bin/llama-server", "/opt/vllm/bin/vllm", "/opt/sglang/bin/python3", "/usr/bin/podman"} {
 		hostFile(t, f)
+	}
+	// The podman example's user, a system user of its own (the sandbox's
+	// root is an overlay).
+	if exec.Command("id", "llama-podman").Run() != nil {
+		out, err := exec.Command("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "llama-podman").CombinedOutput()
+		require.NoError(t, err, "%s", out)
+		t.Cleanup(func() { exec.Command("userdel", "llama-podman").Run() })
 	}
 	examples, err := filepath.Glob("../../packaging/examples/pools.d/*.pool.example")
 	require.NoError(t, err)

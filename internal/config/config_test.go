@@ -213,7 +213,7 @@ func TestErrors(t *testing.T) {
 		{"nothing near", map[string]string{"pools.d/a.pool": minimalPool + "Zebra=1\n"},
 			[]string{"a.pool:7: [Engine] Zebra=: unknown key in [Engine]\n", "a.pool:"}},
 		{"a typo in [Scope]", map[string]string{"pools.d/a.pool": minimalPool + "[Scope]\nMemoryMaxx=1G\n"},
-			[]string{"a.pool:8: [Scope] MemoryMaxx=: unsupported [Scope] key (supported: CPUQuota CPUWeight IOWeight MemoryHigh MemoryLow MemoryMax MemoryMin MemorySwapMax OOMPolicy TasksMax): did you mean MemoryMax=?"}},
+			[]string{"a.pool:8: [Scope] MemoryMaxx=: unsupported [Scope] key (supported: CPUQuota CPUWeight Delegate IOWeight MemoryHigh MemoryLow MemoryMax MemoryMin MemorySwapMax OOMPolicy TasksMax): did you mean MemoryMax=?"}},
 		{"a key of another section in [Scope]", map[string]string{"pools.d/a.pool": minimalPool + "[Scope]\nSlots=2\n"},
 			[]string{"a.pool:8: [Scope] Slots=: unsupported [Scope] key", "): Slots= belongs in [Pool]"}},
 		{"a misspelt section", map[string]string{"pools.d/a.pool": minimalPool + "[Helth]\nIntervalSec=5\n"},
