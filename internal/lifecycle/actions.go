@@ -110,7 +110,21 @@ type (
 	// CountLeaseStart: a start made for a lease or EnsureReady.
 	CountIdleStop   struct{}
 	CountLeaseStart struct{}
-	CountDrain      struct {
+	// Sleep asks Run's engine to sleep at Level (vLLM's POST /sleep);
+	// Slept reports it. Wake asks it to wake (POST /wake_up); Woke
+	// reports it.
+	Sleep struct {
+		Run   RunID
+		Level int
+	}
+	Wake struct{ Run RunID }
+	// CountWake: a wake ended (Result "ok" or "failed"); Took is how
+	// long it took from the wake's start, for an "ok" one.
+	CountWake struct {
+		Result string
+		Took   time.Duration
+	}
+	CountDrain struct {
 		Start  time.Time
 		Result DrainResult
 	}
@@ -140,3 +154,6 @@ func (CountForcedDrain) action()   {}
 func (CountIdleStop) action()      {}
 func (CountLeaseStart) action()    {}
 func (CountDrain) action()         {}
+func (Sleep) action()              {}
+func (Wake) action()               {}
+func (CountWake) action()          {}

@@ -185,6 +185,16 @@ type (
 	// ScopePrepared: a Prepare's scope is made (Invocation is its
 	// InvocationID).
 	ScopePrepared struct{ Invocation string }
+	// Slept: Run's engine answered a Sleep (Err if it did not sleep).
+	Slept struct {
+		Run RunID
+		Err error
+	}
+	// Woke: Run's engine answered a Wake (Err if it did not wake).
+	Woke struct {
+		Run RunID
+		Err error
+	}
 	// TimerFired: an armed timer is due; Gen is the ArmTimer's.
 	TimerFired struct {
 		Timer Timer
@@ -223,3 +233,5 @@ func (UnitChanged) event()           {}
 func (TimerFired) event()            {}
 func (ScopePrepared) event()         {}
 func (Died) event()                  {}
+func (Slept) event()                 {}
+func (Woke) event()                  {}

@@ -54,8 +54,9 @@ func (m *Machine) exited(e Exited) {
 	case r.candidate:
 		m.candidateExited(r, x)
 		return
-	case r.stopping == StopDrain || r.stopping == StopReload || r.stopping == StopIdle:
-		// An idle stop is no crash, whatever the exit.
+	case r.stopping == StopDrain || r.stopping == StopReload || r.stopping == StopIdle || r.stopping == StopWake:
+		// An idle stop, or that of an engine that did not wake, is no
+		// crash, whatever the exit.
 		m.engineStopped(r)
 		return
 	case r.stopping == StopOperator:
@@ -290,6 +291,9 @@ func (m *Machine) engineStopped(r *run) {
 	}
 	if r.stopping == StopIdle {
 		m.idleEngineGone()
+	}
+	if r.stopping == StopWake {
+		m.wakeRestart()
 	}
 }
 

@@ -67,6 +67,10 @@ func (m *Machine) idleDue() {
 		m.used()
 		return
 	}
+	if m.cfg.Sleep {
+		m.sleepRun(r)
+		return
+	}
 	r.stopping = StopIdle
 	m.do(StopProbes{Run: r.id}, StopScope{Run: r.id})
 	m.policy(m.tr.Stopped(m.now))
@@ -96,16 +100,17 @@ func (m *Machine) idleEngineGone() {
 // refused naming what brings the pool back. It says whether it answered
 // (or queued) the request.
 func (m *Machine) leaseWaits(e LeaseRequested) bool {
-	joins := m.waking && (m.state == Starting || m.state == Warming)
-	if m.state != Idle && !joins {
+	joins := m.waking && (m.state == Starting || m.state == Warming || m.state == Waking)
+	resting := m.state == Idle || (m.state == Sleeping && m.drain == nil)
+	if !resting && !joins {
 		return false
 	}
 	if !m.cfg.StartOnLease {
-		if m.state != Idle {
+		if !resting {
 			return false
 		}
-		m.reply(Reply{Req: e.Req, Err: fmt.Errorf("pool %s is idle (no StartOnLease=): EnsureReady or Start brings it back: %w",
-			m.cfg.Pool, ErrNotReady)})
+		m.reply(Reply{Req: e.Req, Err: fmt.Errorf("pool %s is %s (no StartOnLease=): EnsureReady or Start brings it back: %w",
+			m.cfg.Pool, m.state, ErrNotReady)})
 		return true
 	}
 	if m.owned[e.Owner] >= MaxLeasesPerOwner {
@@ -140,8 +145,9 @@ func (m *Machine) await(w waiter, timeout time.Duration) {
 		return
 	}
 	startable := !m.busy() && (m.state == Idle || m.state == Stopped || m.state == Failed || m.state == Backoff)
-	starting := m.state == Starting || m.state == Warming || (m.state == Idle && m.run != nil)
-	if !startable && !starting {
+	sleeping := m.state == Sleeping && m.drain == nil && m.run != nil
+	starting := m.state == Starting || m.state == Warming || m.state == Waking || (m.state == Idle && m.run != nil)
+	if !startable && !starting && !sleeping {
 		m.reply(Reply{Req: w.req, Err: fmt.Errorf("pool %s is %s: %w", m.cfg.Pool, m.state, ErrNotReady)})
 		return
 	}
@@ -162,6 +168,9 @@ func (m *Machine) await(w waiter, timeout time.Duration) {
 	m.armWake()
 	if startable {
 		m.wake()
+	}
+	if sleeping {
+		m.wakeSleeping()
 	}
 }
 
@@ -235,7 +244,7 @@ func (m *Machine) ownerWaitersGone(owner string) {
 // it is starting (or its idle stop still ends) they wait.
 func (m *Machine) settleWaiters() {
 	if len(m.waiters) == 0 {
-		if m.waking && m.state != Starting && m.state != Warming {
+		if m.waking && m.state != Starting && m.state != Warming && m.state != Waking {
 			m.waking = false
 		}
 		return
@@ -270,6 +279,7 @@ func (m *Machine) settleWaiters() {
 		}
 	case (m.state == Starting || m.state == Warming) && m.drain == nil && m.reload == nil:
 	case m.state == Idle && (m.run != nil || m.waking):
+	case (m.state == Sleeping || m.state == Waking) && m.run != nil && m.drain == nil:
 	default:
 		m.waiters, m.waking = nil, false
 		m.disarm(TimerWake)

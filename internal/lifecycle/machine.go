@@ -60,6 +60,11 @@ type Config struct {
 	// StartOnLease: a lease asked of an Idle pool starts it and is
 	// granted once it is Ready.
 	StartOnLease bool
+	// Sleep: idleness puts the engine to sleep at SleepLevel instead of
+	// stopping it (vLLM's sleep mode); waking it is a request, not a
+	// start.
+	Sleep      bool
+	SleepLevel int
 	// WakeTimeout bounds the wait of a lease that starts the pool, and of
 	// an EnsureReady with no timeout of its own (0: DefaultWakeTimeout).
 	WakeTimeout time.Duration
@@ -137,6 +142,8 @@ type run struct {
 	// busy: the engine's metrics last said requests are in flight, or
 	// could not say (an idle stop must not cut them).
 	busy bool
+	// sleep: where it stands with Sleep= (sleep.go).
+	sleep sleepState
 }
 
 // startOp is an engine start between its decision and its process.
@@ -277,7 +284,7 @@ func (m *Machine) View(now time.Time) View {
 		EngineVersion: m.version, HealthFailures: slices.Clone(m.healthFailures), LastHeartbeat: m.heartbeat,
 		ReadyAt: m.readyAt, Starts: m.starts, Policy: st, Held: m.held, Operation: m.operation(), Progress: m.progressOf(),
 	}
-	if m.state == Idle {
+	if m.state == Idle || m.state == Sleeping {
 		v.IdleSince = m.idleSince
 	}
 	return v
@@ -425,6 +432,10 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 		if r := m.unstopped(e.Run); r != nil {
 			r.dead = true
 		}
+	case Slept:
+		m.slept(e)
+	case Woke:
+		m.woke(e)
 	case ScopePrepared:
 		if m.prepared != nil {
 			m.prepared.inv = e.Invocation
@@ -538,6 +549,13 @@ func (m *Machine) reply(r Reply) {
 // ---- starting
 
 func (m *Machine) startRequested(e StartRequested) {
+	if m.drain == nil && m.reload == nil && m.pending == nil && (m.state == Sleeping || m.state == Waking) {
+		// Start of a sleeping pool wakes it, as a start of a starting
+		// pool leaves it starting.
+		m.wakeSleeping()
+		m.reply(Reply{Req: e.Req})
+		return
+	}
 	// As systemctl start of an active unit: a pool on its way up or up
 	// already is left as it is. A drain or reload under way is not that.
 	if m.drain == nil && m.reload == nil && m.pending == nil && (m.state == Starting || m.state == Warming || m.state == Ready) {
@@ -864,6 +882,10 @@ func (m *Machine) warmedUp(e WarmedUp) {
 	if r == nil || !r.healthy || r.warm || m.state != Warming {
 		return
 	}
+	if e.Err != nil && r.waking() {
+		m.wakeFailed(r, "warm-up request after the wake failed: "+safetext.Bound(e.Err.Error()))
+		return
+	}
 	if e.Err != nil {
 		r.lastProbe = "warm-up request failed: " + e.Err.Error()
 		m.stopRun(StopStartTimeout)
@@ -883,7 +905,13 @@ func (m *Machine) serving(r *run) {
 	m.policy(m.tr.Healthy(m.now))
 	// LastError stays: it is the last error, not the current one.
 	m.transition(Ready, "serving")
-	m.readyAt, m.heartbeat = m.now, m.now
+	m.heartbeat = m.now
+	if r.waking() {
+		m.woken(r)
+		m.rollbackSettled()
+		return
+	}
+	m.readyAt = m.now
 	m.do(WriteRecord{Run: r.id, Model: m.model})
 	m.do(Log{Level: slog.LevelInfo, Msg: "engine ready", Engine: true, Attrs: []any{journal.StartupSec, m.now.Sub(r.started).Seconds()}})
 	m.rollbackSettled()
@@ -937,7 +965,8 @@ func (r *run) allFailures() []time.Time {
 // canaryProbed counts a serving engine's canaries: only a good one resets
 // their failures, and FailureThreshold in a row stop it as unhealthy.
 func (m *Machine) canaryProbed(r *run, err error) {
-	if !r.warm {
+	if !r.warm || m.asleep(r) {
+		// Asleep, an engine refuses to generate: no canary counts.
 		// Not serving yet: the warm-up is its test.
 		return
 	}
@@ -979,6 +1008,11 @@ func (m *Machine) progress(e Progress) {
 		m.progressUse(r, e)
 	}
 	if r == nil || !r.healthy || m.cfg.Stall <= 0 {
+		return
+	}
+	if m.asleep(r) {
+		// Asleep it makes no token: the clock starts when it serves.
+		r.movedAt, r.inFlight = time.Time{}, 0
 		return
 	}
 	if e.Err != nil && !(e.NoAnswer && r.inFlight > 0 && !r.movedAt.IsZero()) {

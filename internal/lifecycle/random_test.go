@@ -37,7 +37,7 @@ func (c *choices) yes() bool { return c.n(2) == 0 }
 // start timeout, probes after it, one death and one exit per process.
 type engineRun struct {
 	started, healthy, timedOut, died, exited, probesOff bool
-	warmups                                             int
+	warmups, sleeps, wakes                              int
 }
 
 // drive steps a machine with events chosen by c, as the supervisor, its
@@ -65,6 +65,7 @@ func drive(c *choices) map[State]bool {
 		cfg.IdleStop = 3 * time.Second
 		cfg.StartOnLease = c.yes()
 		cfg.WakeTimeout = time.Duration(1+c.n(3)) * 5 * time.Second
+		cfg.Sleep, cfg.SleepLevel = c.yes(), 1+c.n(2)
 	}
 	held := ""
 	if c.n(10) == 0 {
@@ -102,6 +103,10 @@ func drive(c *choices) map[State]bool {
 				eng(a.Run).started = true
 			case Warmup:
 				eng(a.Run).warmups++
+			case Sleep:
+				eng(a.Run).sleeps++
+			case Wake:
+				eng(a.Run).wakes++
 			case StopProbes:
 				eng(a.Run).probesOff = true
 			case ArmTimer:
@@ -147,7 +152,7 @@ func drive(c *choices) map[State]bool {
 	refs := []string{"m", "m2", "m3"}
 	for !c.over() {
 		var ev Event
-		switch k := c.n(40); {
+		switch k := c.n(42); {
 		case k < 4:
 			if len(stages) == 0 {
 				continue
@@ -360,6 +365,24 @@ func drive(c *choices) map[State]bool {
 			default:
 				ev = StageProgress{Run: pick(), Fraction: float64(c.n(5)) / 4}
 			}
+		case k < 41:
+			// The engine's answer to a Sleep or a Wake.
+			r := pick()
+			e := eng(r)
+			var err error
+			if c.n(4) == 0 {
+				err = errors.New("refused")
+			}
+			switch {
+			case e.sleeps > 0 && (e.wakes == 0 || c.yes()):
+				e.sleeps--
+				ev = Slept{Run: r, Err: err}
+			case e.wakes > 0:
+				e.wakes--
+				ev = Woke{Run: r, Err: err}
+			default:
+				continue
+			}
 		default:
 			now = now.Add(time.Duration(c.n(50)) * 10 * time.Millisecond)
 			continue
@@ -376,7 +399,11 @@ func drive(c *choices) map[State]bool {
 		if m.state == Idle && m.run != nil && m.run.stopping != StopIdle {
 			panic(fmt.Sprintf("idle with a serving engine %+v", m.run))
 		}
-		if len(m.waiters) > 0 && !(m.state == Starting || m.state == Warming || m.state == Idle && m.run != nil) {
+		if (m.state == Sleeping || m.state == Waking) && (m.run == nil && m.pending == nil || m.run != nil && m.run.stopping == StopIdle) {
+			panic(fmt.Sprintf("%s without an engine %+v", m.state, m.run))
+		}
+		if len(m.waiters) > 0 && !(m.state == Starting || m.state == Warming || m.state == Idle && m.run != nil ||
+			(m.state == Sleeping || m.state == Waking) && m.run != nil) {
 			panic(fmt.Sprintf("%d callers wait on a pool %s", len(m.waiters), m.state))
 		}
 	}

@@ -57,6 +57,9 @@ func (m *Machine) reloadRequested(e ReloadRequested) {
 	case m.state == Backoff || m.state == Starting || m.state == Warming || m.pending != nil || m.start != nil:
 		busy("is restarting (%s)", m.state)
 		return
+	case m.state == Sleeping || m.state == Waking:
+		busy("is %s: EnsureReady first", m.state)
+		return
 	case m.run != nil && m.run.healthy && m.current.Digest == e.Digest:
 		m.log(slog.LevelInfo, "reload: the model is already running, nothing restarted", journal.Model, e.Ref)
 		m.reply(Reply{Req: e.Req, Same: true})

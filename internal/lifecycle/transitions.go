@@ -34,7 +34,7 @@ var transitions = map[State][]State{
 		Backoff,  // it crashed: a restart is scheduled
 		Failed,   // a crash held, or a GPU hold while its exit is held
 		Stopped,  // exit 0, an operator's stop, a rollback with no old engine
-		Starting, // a reload's new engine failed: the old model starts again
+		Starting, // a reload's new engine failed: the old model starts again; a warm-up after a wake failed
 	},
 	Ready: {
 		Draining, // a drain or a reload
@@ -42,6 +42,7 @@ var transitions = map[State][]State{
 		Failed,   // a crash held, or a GPU hold while its exit is held
 		Stopped,  // exit 0, or an operator's stop
 		Idle,     // no lease and no request in flight for IdleStopSec
+		Sleeping, // the same, with Sleep=: its engine is asked to sleep
 	},
 	Draining: {
 		Stopped,  // the drain is done, or the engine went (exit 0, an operator's stop)
@@ -63,6 +64,23 @@ var transitions = map[State][]State{
 		Draining, // a drain while its engine is still being stopped
 		Stopped,  // a drain
 		Failed,   // a GPU hold
+	},
+	Sleeping: {
+		Waking,   // a lease (StartOnLease), EnsureReady or Start
+		Idle,     // the sleep failed: the engine is stopped instead
+		Draining, // a drain
+		Backoff,  // it crashed: a restart is scheduled
+		Failed,   // a crash held, or a GPU hold while its exit is held
+		Stopped,  // exit 0, or an operator's stop
+	},
+	Waking: {
+		Ready,    // awake (no warm-up)
+		Warming,  // awake: its warm-up is sent
+		Starting, // the wake failed: a fresh engine starts
+		Draining, // a drain
+		Backoff,  // it crashed: a restart is scheduled
+		Failed,   // a crash held, a GPU hold, or the restart after a failed wake refused
+		Stopped,  // exit 0, or an operator's stop
 	},
 }
 

@@ -32,9 +32,14 @@ const (
 	// Idle: its engine was stopped because nobody used it for
 	// IdleStopSec; a lease (StartOnLease) or EnsureReady brings it back.
 	Idle
+	// Sleeping: unused for IdleStopSec, its engine (Sleep=vllm) was
+	// asked to sleep: it runs, its GPU memory given back.
+	Sleeping
+	// Waking: a sleeping engine is being woken for a caller.
+	Waking
 )
 
-var stateNames = [...]string{"stopped", "starting", "warming", "ready", "draining", "backoff", "failed", "idle"}
+var stateNames = [...]string{"stopped", "starting", "warming", "ready", "draining", "backoff", "failed", "idle", "sleeping", "waking"}
 
 func (s State) String() string {
 	if int(s) < len(stateNames) {
@@ -85,9 +90,12 @@ const (
 	StopStall
 	// StopIdle: nobody used it for IdleStopSec.
 	StopIdle
+	// StopWake: it was asleep and did not wake: a fresh engine replaces
+	// it.
+	StopWake
 )
 
-var stopNames = [...]string{"", "drain", "reload", "rollback", "health", "start-timeout", "fault", "operator", "stall", "idle"}
+var stopNames = [...]string{"", "drain", "reload", "rollback", "health", "start-timeout", "fault", "operator", "stall", "idle", "wake"}
 
 func (r StopReason) String() string {
 	if int(r) < len(stopNames) {
