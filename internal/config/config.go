@@ -151,7 +151,22 @@ type Engine struct {
 	StopTimeout    time.Duration
 	Version        string
 	VersionCommand []string
+	// Sleep: how idleness rests the engine: SleepNone stops it, SleepVLLM
+	// asks it to sleep at SleepLevel (1 or 2) on its Port.
+	Sleep      Sleep
+	SleepLevel int
 }
+
+// Sleep is [Engine] Sleep=.
+type Sleep string
+
+const (
+	// SleepNone: an idle pool's engine is stopped.
+	SleepNone Sleep = "none"
+	// SleepVLLM: an idle pool's engine is put to sleep with vLLM's
+	// POST /sleep?level=N and woken with POST /wake_up.
+	SleepVLLM Sleep = "vllm"
+)
 
 // Health is the [Health] section.
 type Health struct {
@@ -219,7 +234,7 @@ func defaultPool(id, file string) *Pool {
 		ID:        id,
 		File:      file,
 		AutoStart: true,
-		Engine:    Engine{DeviceIDs: DeviceIDsUUID, StopTimeout: 30 * time.Second},
+		Engine:    Engine{DeviceIDs: DeviceIDsUUID, StopTimeout: 30 * time.Second, Sleep: SleepNone, SleepLevel: 1},
 		Health: Health{
 			Interval:         5 * time.Second,
 			Timeout:          2 * time.Second,

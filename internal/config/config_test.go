@@ -185,6 +185,16 @@ func TestOnDemandKeys(t *testing.T) {
 	assert.Zero(t, c.Pools[1].IdleStop)
 	assert.True(t, c.Pools[1].Pin)
 	assert.False(t, c.Pools[1].StartOnLease)
+	assert.Equal(t, SleepNone, c.Pools[0].Engine.Sleep, "idleness stops the engine unless Sleep= says otherwise")
+	assert.Equal(t, 1, c.Pools[0].Engine.SleepLevel)
+}
+
+func TestSleepKeys(t *testing.T) {
+	dir := writeDir(t, map[string]string{"pools.d/a.pool": minimalPool + "Sleep=vllm\nSleepLevel=2\n[Pool]\nIdleStopSec=5min\n"})
+	c, err := Load(dir)
+	require.NoError(t, err)
+	assert.Equal(t, SleepVLLM, c.Pools[0].Engine.Sleep)
+	assert.Equal(t, 2, c.Pools[0].Engine.SleepLevel)
 }
 
 func TestErrors(t *testing.T) {
@@ -232,6 +242,12 @@ func TestErrors(t *testing.T) {
 			[]string{"a.pool:8: [Pool] IdleStopSec=: must be 0 (never idle) or at least 1s, got \"10ms\""}},
 		{"idle time negative", map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nIdleStopSec=-5\n"},
 			[]string{"[Pool] IdleStopSec=: \"-5\" is not a time span"}},
+		{"unknown sleep", map[string]string{"pools.d/a.pool": minimalPool + "Sleep=VLLM2\n"},
+			[]string{"a.pool:7: [Engine] Sleep=: \"VLLM2\" is not none or vllm: did you mean vllm?"}},
+		{"sleep level out of range", map[string]string{"pools.d/a.pool": minimalPool + "SleepLevel=3\n"},
+			[]string{"a.pool:7: [Engine] SleepLevel=: "}},
+		{"sleep without a port", map[string]string{"pools.d/a.pool": strings.Replace(minimalPool, "Port=8081\n", "", 1) + "Sleep=vllm\n"},
+			[]string{"[Engine] Sleep=: vllm needs Port=: sleep and wake are asked of the engine's own port on loopback"}},
 		{"pin not a boolean", map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nPin=always\n"},
 			[]string{"[Pool] Pin=: "}},
 		{"progress without a stall time", map[string]string{"pools.d/a.pool": minimalPool + "[Health]\nProgressURL=http://127.0.0.1:%p/metrics\n"},

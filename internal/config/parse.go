@@ -419,6 +419,16 @@ func parsePool(file string, data []byte, dropIns []DropIn) (*Pool, Errors) {
 			"StopTimeoutSec": setSeconds(&p.Engine.StopTimeout, true),
 			"Version":        setString(&p.Engine.Version),
 			"VersionCommand": setCommand(&p.Engine.VersionCommand),
+			"Sleep": func(v string) error {
+				for _, k := range []Sleep{SleepNone, SleepVLLM} {
+					if v == string(k) {
+						p.Engine.Sleep = k
+						return nil
+					}
+				}
+				return fmt.Errorf("%q is not none or vllm%s", v, didYouMean(v, "none", "vllm"))
+			},
+			"SleepLevel": setInt(&p.Engine.SleepLevel, 1, 2),
 		},
 		"Health": {
 			"IntervalSec":      setSeconds(&p.Health.Interval, true),
@@ -521,6 +531,9 @@ func parsePool(file string, data []byte, dropIns []DropIn) (*Pool, Errors) {
 	}
 	if len(p.Devices) == 0 && !d.failed("Pool", "Devices") {
 		need("Pool", "Devices", "missing: a pool needs at least one GPU (an index, GPU- or MIG- UUID)")
+	}
+	if p.Engine.Sleep == SleepVLLM && !seen["Engine/Port"] {
+		need("Engine", "Sleep", "vllm needs Port=: sleep and wake are asked of the engine's own port on loopback")
 	}
 	usesPort := strings.Contains(strings.Join(p.Engine.ExecStart, " ")+p.Engine.HealthURL+p.Health.ProgressURL, "%p")
 	if usesPort && !seen["Engine/Port"] {
