@@ -23,6 +23,11 @@ import (
 type Config struct {
 	HealthURL string
 	Health    config.Health
+	// Port is the engine's own port (0: none); Sleep and SleepLevel its
+	// [Engine] Sleep= and SleepLevel=.
+	Port       int
+	Sleep      config.Sleep
+	SleepLevel int
 }
 
 // Kind is one kind of check.

@@ -28,6 +28,10 @@ func (m *Set) InitPool(pool string) {
 	m.DrainForceStops.WithLabelValues(pool)
 	m.IdleStops.WithLabelValues(pool)
 	m.LeaseStarts.WithLabelValues(pool)
+	for _, r := range []string{"ok", "failed"} {
+		m.Wakes.WithLabelValues(pool, r)
+	}
+	m.WakeDuration.WithLabelValues(pool)
 	for _, o := range []string{"success", "failure"} {
 		m.ReloadDuration.WithLabelValues(pool, o)
 	}

@@ -66,7 +66,8 @@ func TestExportWritesAndRetries(t *testing.T) {
 		"pool_managerd_circuit_breaker_opens_total", "pool_managerd_circuit_breaker_state", "pool_managerd_restart_storms_total",
 		"pool_managerd_restart_rate", "pool_managerd_pool_ready", "pool_managerd_pool_live", "pool_managerd_pool_draining",
 		"pool_managerd_active_leases", "pool_managerd_health_check_failures_total", "pool_managerd_build_info",
-		"pool_managerd_idle_stops_total", "pool_managerd_lease_starts_total",
+		"pool_managerd_idle_stops_total", "pool_managerd_lease_starts_total", "pool_managerd_wakes_total",
+		"pool_managerd_wake_duration_seconds",
 	} {
 		assert.Contains(t, fams, name)
 	}

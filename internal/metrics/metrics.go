@@ -25,8 +25,12 @@ type Set struct {
 	DrainForceStops *prometheus.CounterVec
 	// IdleStops counts engines stopped for want of use; LeaseStarts the
 	// starts a lease or EnsureReady made.
-	IdleStops         *prometheus.CounterVec
-	LeaseStarts       *prometheus.CounterVec
+	IdleStops   *prometheus.CounterVec
+	LeaseStarts *prometheus.CounterVec
+	// Wakes counts wakes of sleeping engines by result (ok, failed);
+	// WakeDuration is how long a good one took, from the wake to Ready.
+	Wakes             *prometheus.CounterVec
+	WakeDuration      *prometheus.HistogramVec
 	ReloadDuration    *prometheus.HistogramVec
 	ReloadSuccess     *prometheus.CounterVec
 	ReloadFailure     *prometheus.CounterVec
@@ -82,6 +86,9 @@ func New(reg prometheus.Registerer) *Set {
 		DrainForceStops: counter("drain_force_stops_total", "Drains that hit their deadline and force-stopped the engine.", "pool_id"),
 		IdleStops:       counter("idle_stops_total", "Engines stopped because nobody used the pool for IdleStopSec (the pool went idle).", "pool_id"),
 		LeaseStarts:     counter("lease_starts_total", "Starts made on demand: a lease (StartOnLease) or EnsureReady.", "pool_id"),
+		Wakes:           counter("wakes_total", "Wakes of sleeping engines (Sleep=) by result: ok, or failed (the engine was replaced).", "pool_id", "result"),
+		WakeDuration: histogram("wake_duration_seconds", "Time from a sleeping engine's wake to the pool being ready again (its warm-up included).",
+			[]float64{.1, .5, 1, 2, 5, 10, 30, 60, 120}, "pool_id"),
 		ReloadDuration: histogram("reload_duration_seconds", "Time from a reload request to its outcome.",
 			[]float64{1, 5, 10, 30, 60, 120, 300, 600}, "pool_id", "outcome"),
 		ReloadSuccess: counter("reload_success_total", "Reloads that switched the pool to the new model.", "pool_id"),
@@ -97,7 +104,7 @@ func New(reg prometheus.Registerer) *Set {
 		PoolReady:           gauge("pool_ready", "1 when the pool is ready to take leases.", "pool_id"),
 		PoolLive:            gauge("pool_live", "1 when the pool's engine process is up.", "pool_id"),
 		PoolDraining:        gauge("pool_draining", "1 while the pool drains.", "pool_id"),
-		PoolState:           gauge("pool_state", "1 for the pool's state (stopped, starting, warming, ready, draining, backoff, failed, idle), 0 for the others.", "pool_id", "state"),
+		PoolState:           gauge("pool_state", "1 for the pool's state (stopped, starting, warming, ready, draining, backoff, failed, idle, sleeping, waking), 0 for the others.", "pool_id", "state"),
 		ActiveLeases:        gauge("active_leases", "Leases held on the pool.", "pool_id"),
 		PoolInfo:            gauge("pool_info", "Constant 1, labelled with what the pool runs.", "pool_id", "model", "engine_version", "device_mask"),
 		HealthCheckFailures: counter("health_check_failures_total", "Failed engine health probes.", "pool_id"),
@@ -112,7 +119,7 @@ func New(reg prometheus.Registerer) *Set {
 		m.ReloadFailure, m.EngineCrashes, m.BackoffDelay, m.RestartsScheduled, m.BreakerOpens,
 		m.BreakerState, m.RestartStorms, m.RestartRate, m.PoolReady, m.PoolLive, m.PoolDraining,
 		m.PoolState, m.ActiveLeases, m.PoolInfo, m.HealthCheckFailures, m.BuildInfo, m.GPUUnhealthy,
-		m.GPUXIDs, m.BusRejected, m.KernelLogReadable, m.IdleStops, m.LeaseStarts)
+		m.GPUXIDs, m.BusRejected, m.KernelLogReadable, m.IdleStops, m.LeaseStarts, m.Wakes, m.WakeDuration)
 	m.BuildInfo.WithLabelValues(Version, runtime.Version()).Set(1)
 	// Zero from the start, so that the first refusal is an increase an
 	// alert can see.
@@ -164,7 +171,7 @@ func (m *Set) Forget(pool string) {
 		m.DrainDuration, m.Drains, m.DrainForceStops, m.ReloadDuration, m.ReloadSuccess, m.ReloadFailure,
 		m.EngineCrashes, m.BackoffDelay, m.RestartsScheduled, m.BreakerOpens, m.BreakerState,
 		m.RestartStorms, m.RestartRate, m.PoolReady, m.PoolLive, m.PoolDraining, m.PoolState, m.ActiveLeases,
-		m.PoolInfo, m.HealthCheckFailures, m.IdleStops, m.LeaseStarts,
+		m.PoolInfo, m.HealthCheckFailures, m.IdleStops, m.LeaseStarts, m.Wakes, m.WakeDuration,
 	} {
 		v.DeletePartialMatch(l)
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/check/canary"
 	"github.com/llorch/pool-managerd/internal/check/probe"
 	"github.com/llorch/pool-managerd/internal/check/progress"
+	"github.com/llorch/pool-managerd/internal/check/sleep"
 	"github.com/llorch/pool-managerd/internal/check/warmup"
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
@@ -24,12 +25,14 @@ var checkKinds = []check.Kind{
 	progress.Kind,
 	warmup.Kind,
 	canary.Kind,
+	sleep.Sleep,
+	sleep.Wake,
 }
 
 // watch starts the checks of r (startBy: see lifecycle.Watch); they end
 // with r's context. What they find goes to the loop.
 func (s *Supervisor) watch(r *run, startBy time.Time) {
-	cfg := check.Config{HealthURL: s.cfg.HealthURL, Health: s.cfg.Health}
+	cfg := check.Config{HealthURL: s.cfg.HealthURL, Health: s.cfg.Health, Port: s.cfg.Port, Sleep: s.cfg.Sleep, SleepLevel: s.cfg.SleepLevel}
 	target := check.Target{Run: r.id, Owned: s.ownedByScope(r)}
 	r.checks = check.Start(r.ctx, checkKinds, cfg, target, startBy, func(ev lifecycle.Event) {
 		s.post(func() { s.step(ev) })

@@ -160,6 +160,8 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Mode
 		Slots:          p.Slots,
 		IdleStop:       idleStop(p),
 		StartOnLease:   p.StartOnLease,
+		Sleep:          p.Engine.Sleep,
+		SleepLevel:     p.Engine.SleepLevel,
 		IdleMark:       filepath.Join(m.RuntimeDir, "idle", p.ID),
 		Stager:         engineStager{stager, who},
 		Holders:        GPUHolders(inv, gpus, nil),

@@ -26,6 +26,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/check"
 	"github.com/llorch/pool-managerd/internal/check/progress"
+	"github.com/llorch/pool-managerd/internal/check/sleep"
 	"github.com/llorch/pool-managerd/internal/check/warmup"
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/engine"
@@ -78,6 +79,10 @@ type Config struct {
 	// pinned pool).
 	IdleStop     time.Duration
 	StartOnLease bool
+	// Sleep, SleepLevel: [Engine] Sleep= and SleepLevel= (Sleep=vllm
+	// needs Port).
+	Sleep      config.Sleep
+	SleepLevel int
 	// IdleMark is the file under the runtime directory that says the
 	// pool is idle, so that it stays idle across a daemon restart ("":
 	// none).
@@ -224,6 +229,7 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 		FailureThreshold: cfg.Health.FailureThreshold, Witness: rt != nil && rt.Witness != nil, HoldExit: holdExit,
 		Warmup: cfg.Health.Warmup != nil, Stall: cfg.Health.Stall, DrainRequests: cfg.Health.ProgressURL != "", GPURetry: cfg.GPURetry, PortRetry: cfg.PortRetry, Ahead: ahead, Spread: rand.Float64,
 		IdleStop: cfg.IdleStop, StartOnLease: cfg.StartOnLease, WakeTimeout: cfg.Health.StartTimeout,
+		Sleep: cfg.Sleep == config.SleepVLLM && cfg.Port > 0, SleepLevel: cfg.SleepLevel,
 	}, tr, held)
 	s.snap = Snapshot{ID: cfg.Pool, Unit: engine.UnitName(cfg.Pool), DeviceMask: cfg.DeviceMask, Slots: cfg.Slots}
 	s.snap.View = s.m.View(time.Now())
@@ -339,6 +345,19 @@ func (s *Supervisor) exec(actions []lifecycle.Action) {
 			s.metrics.IdleStops.WithLabelValues(s.cfg.Pool).Inc()
 		case lifecycle.CountLeaseStart:
 			s.metrics.LeaseStarts.WithLabelValues(s.cfg.Pool).Inc()
+		case lifecycle.Sleep:
+			if r := s.runs[a.Run]; r != nil && r.checks != nil {
+				r.checks.Trigger(sleep.SleepName)
+			}
+		case lifecycle.Wake:
+			if r := s.runs[a.Run]; r != nil && r.checks != nil {
+				r.checks.Trigger(sleep.WakeName)
+			}
+		case lifecycle.CountWake:
+			s.metrics.Wakes.WithLabelValues(s.cfg.Pool, a.Result).Inc()
+			if a.Result == "ok" {
+				s.metrics.WakeDuration.WithLabelValues(s.cfg.Pool).Observe(a.Took.Seconds())
+			}
 		case lifecycle.CountDrain:
 			s.metrics.Drains.WithLabelValues(s.cfg.Pool, a.Result.Outcome).Inc()
 			s.metrics.DrainDuration.WithLabelValues(s.cfg.Pool, a.Result.Outcome).Observe(a.Result.Done.Sub(a.Start).Seconds())
