@@ -37,6 +37,11 @@ const (
 	faultChildExit
 	faultChildExitServerExits
 	faultChildOOM
+	// vLLM's sleep mode: /sleep answers 500 and the engine stays awake;
+	// /wake_up answers 500 and it stays asleep; /wake_up never answers.
+	faultSleepFail
+	faultWakeFail
+	faultWakeHang
 )
 
 // faultKindsHelp lists the kinds for --fault's help and parse errors.
@@ -67,6 +72,9 @@ var vllmFaultNames = map[string]faultKind{
 	"child-exit":              faultChildExit,
 	"child-exit-server-exits": faultChildExitServerExits,
 	"child-oom":               faultChildOOM,
+	"sleep-fail":              faultSleepFail,
+	"wake-fail":               faultWakeFail,
+	"wake-hang":               faultWakeHang,
 }
 
 // beforeAnswer says whether /sim/fault puts the fault in effect before it

@@ -155,7 +155,7 @@ func runVLLM(args []string) int {
 }
 
 // vllmFaultKindsHelp lists the vLLM mode's fault kinds.
-const vllmFaultKindsHelp = "child-exit, child-exit-server-exits, child-oom, " + faultKindsHelp
+const vllmFaultKindsHelp = "child-exit, child-exit-server-exits, child-oom, sleep-fail, wake-fail, wake-hang, " + faultKindsHelp
 
 // parseVLLMFault knows the engine-core faults besides the common ones.
 func parseVLLMFault(s string) (fault, error) {

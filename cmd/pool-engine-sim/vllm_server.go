@@ -51,6 +51,9 @@ type vllmServer struct {
 	keepAlive atomic.Bool // the API server outlives the engine core
 	dead      atomic.Bool // the engine core is gone, the API server stays
 	sleeping  atomic.Bool
+	// Sleep-mode faults: every sleep fails, every wake fails, or every
+	// wake hangs (until its caller gives up or the server stops).
+	sleepFail, wakeFail, wakeHang atomic.Bool
 
 	// For the periodic stats line.
 	nRunning, nWaiting, nGenerated, nPrompt atomic.Int64
@@ -470,6 +473,11 @@ func (v *vllmServer) handleSleep(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	vlog("INFO", "api_server.py:995", "sleep the engine with level %d", level)
+	if v.sleepFail.Load() {
+		vlog("ERROR", "api_server.py:997", "sim: sleep-fail: the engine stays awake")
+		vllmError(w, http.StatusInternalServerError, "sleep failed", "InternalServerError")
+		return
+	}
 	if _, err := v.coreCall(r, coreMsg{Op: opSleep, Level: level}); err != nil {
 		emptyStatus(w, http.StatusInternalServerError)
 		return
@@ -489,6 +497,18 @@ func (v *vllmServer) handleWakeUp(w http.ResponseWriter, r *http.Request) {
 		tags = "['" + strings.Join(t, "', '") + "']"
 	}
 	vlog("INFO", "api_server.py:1003", "wake up the engine with tags: %s", tags)
+	switch {
+	case v.wakeHang.Load():
+		select {
+		case <-r.Context().Done():
+		case <-v.shutdown:
+		}
+		return
+	case v.wakeFail.Load():
+		vlog("ERROR", "api_server.py:1005", "sim: wake-fail: the engine stays asleep")
+		vllmError(w, http.StatusInternalServerError, "wake up failed", "InternalServerError")
+		return
+	}
 	reply, err := v.coreCall(r, coreMsg{Op: opWake})
 	if err != nil || reply.Err != "" {
 		vllmError(w, http.StatusInternalServerError, "wake up failed: "+reply.Err, "InternalServerError")
@@ -563,6 +583,12 @@ func (v *vllmServer) fire(f fault) {
 	case faultCuda:
 		v.keepAlive.Store(false)
 		_ = v.core.send(coreMsg{Op: opFault, Kind: "cuda"})
+	case faultSleepFail:
+		v.sleepFail.Store(true)
+	case faultWakeFail:
+		v.wakeFail.Store(true)
+	case faultWakeHang:
+		v.wakeHang.Store(true)
 	case faultAbort:
 		writeLines(os.Stderr, "Fatal Python error: Aborted")
 		dieBySignal(syscall.SIGABRT)

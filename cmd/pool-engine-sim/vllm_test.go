@@ -827,6 +827,36 @@ func TestVLLMSleepAndWake(t *testing.T) {
 			s.waitOut(`INFO \S+ \S+ \[api_server\.py:\d+\] wake up the engine with tags: None\n`)
 		})
 	}
+	t.Run("faults", func(t *testing.T) {
+		t.Parallel()
+		s := startVLLM(t, hfModel(t, tinyConfig), "--gpu-mem-mb", "8", "--enable-sleep-mode")
+		s.waitHealthy()
+		code, body := s.post("/sim/fault?kind=sleep-fail", "")
+		require.Equal(t, http.StatusAccepted, code, string(body))
+		code, body = s.post("/sleep?level=1", "")
+		assert.Equal(t, http.StatusInternalServerError, code, string(body))
+		assert.Equal(t, simMemory{GPUMemBytes: 8 << 20, Alive: true}, s.memory(), "a failed sleep keeps the memory")
+
+		s2 := startVLLM(t, hfModel(t, tinyConfig), "--gpu-mem-mb", "8", "--enable-sleep-mode", "--fault", "wake-fail")
+		s2.waitHealthy()
+		code, body = s2.post("/sleep?level=2", "")
+		require.Equal(t, http.StatusOK, code, string(body))
+		code, body = s2.post("/wake_up", "")
+		assert.Equal(t, http.StatusInternalServerError, code, string(body))
+		assert.Equal(t, simMemory{Sleeping: true, Alive: true}, s2.memory(), "a failed wake leaves it asleep")
+		code, _ = s2.post("/v1/completions", `{"prompt":"Hi","max_tokens":1}`)
+		assert.Equal(t, http.StatusServiceUnavailable, code)
+
+		code, body = s2.post("/sim/fault?kind=wake-hang", "")
+		require.Equal(t, http.StatusAccepted, code, string(body))
+		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		defer cancel()
+		req, err := http.NewRequestWithContext(ctx, "POST", s2.url("/wake_up"), nil)
+		require.NoError(t, err)
+		_, err = http.DefaultClient.Do(req)
+		assert.ErrorIs(t, err, context.DeadlineExceeded, "a hanging wake never answers")
+		assert.Equal(t, simMemory{Sleeping: true, Alive: true}, s2.memory())
+	})
 	t.Run("bad level", func(t *testing.T) {
 		t.Parallel()
 		s := startVLLM(t, hfModel(t, tinyConfig), "--gpu-mem-mb", "1", "--enable-sleep-mode")
@@ -840,12 +870,12 @@ func TestVLLMSleepAndWake(t *testing.T) {
 }
 
 func TestParseVLLMFaults(t *testing.T) {
-	for _, kind := range []string{"child-exit", "child-exit-server-exits", "child-oom", "segv", "exit:3", "stall"} {
+	for _, kind := range []string{"child-exit", "child-exit-server-exits", "child-oom", "segv", "exit:3", "stall", "sleep-fail", "wake-fail", "wake-hang"} {
 		f, err := parseVLLMFault(kind)
 		require.NoError(t, err, kind)
 		assert.Equal(t, kind, f.String())
 	}
-	for _, kind := range []string{"child-exit", "child-exit-server-exits", "child-oom"} {
+	for _, kind := range []string{"child-exit", "child-exit-server-exits", "child-oom", "sleep-fail", "wake-fail", "wake-hang"} {
 		_, err := parseFault(kind)
 		assert.Error(t, err, "%s is the vLLM mode's only", kind)
 	}
