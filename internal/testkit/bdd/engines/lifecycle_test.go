@@ -29,7 +29,7 @@ import (
 )
 
 // The lifecycle scenarios: drain (10), reload (14), pools on demand (3).
-const lifecycleScenarios = 27
+const lifecycleScenarios = 29
 
 func TestLifecycleFeatures(t *testing.T) {
 	sandbox.Need(t)

@@ -2,8 +2,12 @@ package engines
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -38,6 +42,59 @@ func onDemandSteps(sc *godog.ScenarioContext, w *lifecycle) {
 		w.beforeFault = w.first
 		return err
 	})
+	sc.Step(`^a ready vLLM pool "vllm8b" that sleeps after (\d+) seconds? unused, starting on lease$`, func(ctx context.Context, n int) error {
+		w.t = &scenarioT{TestingT: godog.T(ctx)}
+		w.logs = capture.NewLog()
+		w.env = testpool.New(w.t, w.logs)
+		dir := filepath.Join(w.env.Dir, "models", "tiny")
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(dir, "config.json"),
+			[]byte(`{"architectures":["LlamaForCausalLM"],"model_type":"llama","max_position_embeddings":2048}`), 0o644); err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(dir, "model.safetensors"), make([]byte, 64<<10), 0o644); err != nil {
+			return err
+		}
+		w.pool = w.env.Start(testpool.Spec{ID: "vllm8b", Devices: "0", Model: dir,
+			SimArgs: "--engine vllm --enable-sleep-mode --gpu-mem-mb 8", Engine: "Version=sim-1\nStopTimeoutSec=2\nSleep=vllm\n",
+			Extra: fmt.Sprintf("[Pool]\nIdleStopSec=%d\nStartOnLease=yes\n", n)})
+		var err error
+		w.first, err = w.pool.Wait("ready", testpool.ReadyAfter(1))
+		w.beforeFault = w.first
+		return err
+	})
+	sc.Step(`^the pool falls asleep$`, func() error {
+		_, err := w.pool.Wait("sleeping", func(s supervisor.Snapshot) bool { return s.State == lc.Sleeping && s.Live })
+		return err
+	})
+	sc.Step(`^the simulator says the engine is asleep with no GPU memory held$`, func() error {
+		var mem struct {
+			Bytes    int64 `json:"gpu_mem_bytes"`
+			Sleeping bool  `json:"sleeping"`
+		}
+		// The state changes as the sleep is asked; the engine answers a
+		// moment later.
+		for end := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/sim/memory", w.pool.Port))
+			if err != nil {
+				return err
+			}
+			err = json.NewDecoder(resp.Body).Decode(&mem)
+			resp.Body.Close()
+			if err != nil {
+				return err
+			}
+			if mem.Sleeping && mem.Bytes == 0 {
+				return nil
+			}
+			if time.Now().After(end) {
+				return fmt.Errorf("the simulator says sleeping=%t with %d bytes of GPU memory", mem.Sleeping, mem.Bytes)
+			}
+		}
+	})
+	sc.Step(`^the simulator is given the fault "([^"]+)"$`, func(kind string) error { return w.pool.Fault(kind) })
 	sc.Step(`^the pool goes idle$`, func() error {
 		_, err := w.pool.Wait("idle", func(s supervisor.Snapshot) bool { return s.State == lc.Idle && !s.Live })
 		return err

@@ -38,3 +38,32 @@ Feature: Pools on demand
     Then EnsureReady succeeds
     And the pool is ready
     And the engine was started 2 times
+
+  Scenario: With Sleep=vllm an unused pool sleeps and a lease wakes the same engine
+    Given a ready vLLM pool "vllm8b" that sleeps after 1 second unused, starting on lease
+    When the pool falls asleep
+    Then the pool state is "sleeping"
+    And the engine process is the same as before
+    And the simulator says the engine is asleep with no GPU memory held
+    And no crash is counted
+    And the metric pool_managerd_pool_state{pool_id="vllm8b",state="sleeping"} is 1
+    When 2 routers ask for a lease at once
+    Then every router gets a lease
+    And the pool is ready
+    And the engine process is the same as before
+    And the engine was started 1 time
+    And the metric pool_managerd_wakes_total{pool_id="vllm8b",result="ok"} is 1
+    And the metric pool_managerd_wake_duration_seconds{pool_id="vllm8b"} has 1 observation
+    And no crash is counted
+
+  Scenario: With Sleep=vllm a wake that fails is replaced by a fresh engine, not counted as a crash
+    Given a ready vLLM pool "vllm8b" that sleeps after 1 second unused, starting on lease
+    When the pool falls asleep
+    And the simulator is given the fault "wake-fail"
+    And EnsureReady is called with a timeout of 30000 ms
+    Then EnsureReady succeeds
+    And the pool is ready
+    And a new engine process runs
+    And the engine was started 2 times
+    And the metric pool_managerd_wakes_total{pool_id="vllm8b",result="failed"} is 1
+    And no crash is counted
