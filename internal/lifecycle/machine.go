@@ -867,6 +867,15 @@ func (m *Machine) healthy(e Healthy) {
 		// stops serves nobody.
 		return
 	}
+	if m.wakeAdopted(r) {
+		return
+	}
+	m.awake(r)
+}
+
+// awake: a healthy engine (woken, if it was adopted with Sleep=) warms
+// up or serves.
+func (m *Machine) awake(r *run) {
 	if m.cfg.Warmup {
 		// A reload's new engine warms up too: nothing is Ready before it
 		// has answered a real request.

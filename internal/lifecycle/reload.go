@@ -241,6 +241,7 @@ func (m *Machine) adopted(e Adopted) {
 	}
 	m.current = e.Staged
 	m.run = &run{id: e.Run, pid: e.PID, started: e.Started, staged: e.Staged, invocation: e.Invocation}
+	m.run.sleep.adopted = m.cfg.Sleep
 	kept := 0
 	for id, owner := range e.Leases {
 		m.addLease(id, owner)

@@ -26,6 +26,21 @@ type sleepState struct {
 	wanted bool
 	// wakeAt is when the wake under way began (zero: none).
 	wakeAt time.Time
+	// adopted: an engine a previous daemon left may have been left
+	// asleep: it is woken (a no-op for an awake one) before it serves;
+	// adoptWake: that Wake is out.
+	adopted, adoptWake bool
+}
+
+// wakeAdopted asks an adopted engine, healthy now, to wake before it
+// serves; it says whether it did.
+func (m *Machine) wakeAdopted(r *run) bool {
+	if !r.sleep.adopted {
+		return false
+	}
+	r.sleep.adopted, r.sleep.adoptWake = false, true
+	m.do(Wake{Run: r.id})
+	return true
 }
 
 // sleepRun asks an unused engine to sleep.
@@ -93,6 +108,15 @@ func (m *Machine) wakeRun(r *run) {
 // woke: the engine answered the Wake.
 func (m *Machine) woke(e Woke) {
 	r := m.unstopped(e.Run)
+	if r != nil && r.sleep.adoptWake && m.state == Starting {
+		r.sleep.adoptWake = false
+		if e.Err != nil {
+			m.wakeFailed(r, "wake of the adopted engine failed: "+safetext.Bound(e.Err.Error()))
+			return
+		}
+		m.awake(r)
+		return
+	}
 	if r == nil || m.state != Waking {
 		return
 	}

@@ -258,3 +258,33 @@ func TestDrainAndReloadOfASleepingPool(t *testing.T) {
 	p.step(Slept{Run: run})
 	assert.Equal(t, Stopped, p.m.State())
 }
+
+// An engine a previous daemon left may be asleep: with Sleep= it is woken
+// (a no-op for an awake vLLM) before it serves, the wake not counted.
+func TestAdoptedEngineIsWokenBeforeItServes(t *testing.T) {
+	p := sleepPool(t, nil)
+	run := p.m.NewRun()
+	req := p.request(func(r ReqID) Event {
+		return Adopted{Req: r, Run: run, PID: 77, Started: p.now.Add(-time.Hour), Staged: staged("m.gguf", "sha256:a"), Invocation: "inv"}
+	})
+	require.NoError(t, p.reply(req).Err)
+	p.step(Healthy{Run: run})
+	w, ok := find[Wake](p.last)
+	require.True(t, ok, "the adopted engine is woken: %v", p.last)
+	assert.Equal(t, run, w.Run)
+	assert.Equal(t, Starting, p.m.State(), "not ready before it is awake")
+	p.step(Woke{Run: run})
+	assert.Equal(t, Ready, p.m.State())
+	assert.Empty(t, all[CountWake](p.last))
+	assert.Equal(t, 77, p.m.View(p.now).MainPID)
+
+	// Without Sleep= nothing is asked.
+	q := idlePool(t, nil)
+	run = q.m.NewRun()
+	q.request(func(r ReqID) Event {
+		return Adopted{Req: r, Run: run, PID: 78, Started: q.now.Add(-time.Hour), Staged: staged("m.gguf", "sha256:a")}
+	})
+	q.step(Healthy{Run: run})
+	assert.Empty(t, all[Wake](q.last))
+	assert.Equal(t, Ready, q.m.State())
+}
