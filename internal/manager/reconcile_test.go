@@ -232,6 +232,14 @@ func TestStatusFollowsThePools(t *testing.T) {
 	h.pool("b").set(func(s *supervisor.Snapshot) { s.State = lifecycle.Idle })
 	require.Eventually(t, func() bool { return last() == "1/4 pools ready, 1 failed, 1 stopped, 1 idle" }, time.Second, 5*time.Millisecond, "%q", last())
 	assert.True(t, m.Settled(), "an idle pool is settled")
+
+	// So is a sleeping one; a waking one is on its way.
+	h.pool("b").set(func(s *supervisor.Snapshot) { s.State = lifecycle.Sleeping })
+	require.Eventually(t, func() bool { return last() == "1/4 pools ready, 1 failed, 1 stopped, 1 sleeping" }, time.Second, 5*time.Millisecond, "%q", last())
+	assert.True(t, m.Settled(), "a sleeping pool is settled")
+	h.pool("b").set(func(s *supervisor.Snapshot) { s.State = lifecycle.Waking })
+	require.Eventually(t, func() bool { return last() == "1/4 pools ready, 1 failed, 1 stopped, 1 waking" }, time.Second, 5*time.Millisecond, "%q", last())
+	assert.False(t, m.Settled(), "a waking pool is on its way")
 }
 
 // The watchdog is petted while every pool's loop answers, and no more once

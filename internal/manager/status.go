@@ -19,7 +19,7 @@ func (m *Manager) Status() string {
 		count[p.Snapshot().State]++
 	}
 	out := fmt.Sprintf("%d/%d pools ready", count[lifecycle.Ready], len(pools))
-	for _, st := range []lifecycle.State{lifecycle.Starting, lifecycle.Warming, lifecycle.Backoff, lifecycle.Failed, lifecycle.Draining, lifecycle.Stopped, lifecycle.Idle} {
+	for _, st := range []lifecycle.State{lifecycle.Starting, lifecycle.Warming, lifecycle.Backoff, lifecycle.Failed, lifecycle.Draining, lifecycle.Stopped, lifecycle.Idle, lifecycle.Sleeping, lifecycle.Waking} {
 		if n := count[st]; n > 0 {
 			out += fmt.Sprintf(", %d %s", n, st)
 		}
@@ -28,16 +28,17 @@ func (m *Manager) Status() string {
 }
 
 // settleQuiet is how long every pool must have stayed settled (ready,
-// stopped, failed or idle) after a change of state before the daemon gives the
+// stopped, failed, idle or sleeping) after a change of state before the daemon gives the
 // memory of the burst back.
 var settleQuiet = 2 * time.Second
 
 // Settled reports whether no pool is on its way somewhere: none starting,
-// warming, in backoff or draining (an idle pool has arrived).
+// warming, waking, in backoff or draining (an idle or sleeping pool has
+// arrived).
 func (m *Manager) Settled() bool {
 	for _, p := range m.Pools() {
 		switch p.Snapshot().State {
-		case lifecycle.Ready, lifecycle.Stopped, lifecycle.Failed, lifecycle.Idle:
+		case lifecycle.Ready, lifecycle.Stopped, lifecycle.Failed, lifecycle.Idle, lifecycle.Sleeping:
 		default:
 			return false
 		}
