@@ -120,4 +120,12 @@ func TestSpecOnDemand(t *testing.T) {
 	cfg, err = FromPool(p, m, inv, st, testAccounts(t))
 	require.NoError(t, err)
 	assert.Zero(t, cfg.IdleStop, "Pin= keeps it up")
+	assert.Equal(t, config.SleepNone, cfg.Sleep, "idleness stops the engine by default")
+
+	p, m, inv, st = specFor(t, fmtPool("0", "Sleep=vllm\nSleepLevel=2")+"[Pool]\nIdleStopSec=90\n")
+	cfg, err = FromPool(p, m, inv, st, testAccounts(t))
+	require.NoError(t, err)
+	assert.Equal(t, config.SleepVLLM, cfg.Sleep)
+	assert.Equal(t, 2, cfg.SleepLevel)
+	assert.Equal(t, 8081, cfg.Port)
 }
