@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -63,6 +64,14 @@ type Witness struct {
 	queue    []Event
 	closing  bool
 	err      error
+	// reloading: systemd said Reloading(true) (a daemon-reload or
+	// daemon-reexec) and not yet Reloading(false). It unloads every unit
+	// and loads it again from its serialized state, telling UnitRemoved
+	// of each: a running scope's UnitRemoved then is no unload, and the
+	// scope's state is asked once the reload is over (held).
+	reloading   bool
+	reloadSince time.Time
+	held        []string
 
 	wake chan struct{}
 	read chan struct{} // closed when the reader ended
@@ -110,6 +119,7 @@ func (w *Witness) subscribe(ctx context.Context) error {
 			dbus.WithMatchPathNamespace(unitNamespace), dbus.WithMatchArg(0, scopeIface)},
 		{fromSystemd, dbus.WithMatchObjectPath(systemdPath), dbus.WithMatchInterface(manager), dbus.WithMatchMember("UnitRemoved")},
 		{fromSystemd, dbus.WithMatchObjectPath(systemdPath), dbus.WithMatchInterface(manager), dbus.WithMatchMember("JobRemoved")},
+		{fromSystemd, dbus.WithMatchObjectPath(systemdPath), dbus.WithMatchInterface(manager), dbus.WithMatchMember("Reloading")},
 		// systemd's unique name changes when it re-executes.
 		{dbus.WithMatchSender(busDriver), dbus.WithMatchInterface(busDriver), dbus.WithMatchMember("NameOwnerChanged"), dbus.WithMatchArg(0, systemdName)},
 	}
@@ -251,26 +261,40 @@ func (w *Witness) readLoop() {
 			}
 			continue
 		}
+		if w.reloading && now.Sub(w.reloadSince) > reloadMax {
+			// Reloading(false) never came (the systemd that began the
+			// reload is gone): the held units are asked now.
+			w.endReload(now)
+		}
+		if on, ok := reloadingSignal(sig, w.systemd); ok {
+			switch {
+			case on && !w.reloading:
+				w.reloading, w.reloadSince = true, now
+			case !on && w.reloading:
+				w.endReload(now)
+			}
+			w.mu.Unlock()
+			w.wakeDeliver()
+			continue
+		}
 		unit, o, ok := parse(sig, w.systemd)
 		if !ok {
 			w.mu.Unlock()
 			continue
 		}
 		t := w.units[unit]
-		if t == nil && (o.kind == obsUnit || o.kind == obsScope) {
-			t = w.tracker(unit)
-		}
-		if t != nil {
-			w.queue = append(w.queue, t.observe(o, now)...)
-			if t.idle() {
-				delete(w.units, unit)
+		if o.kind == obsUnitRemoved && w.reloading && t != nil && t.known {
+			// Unloaded to be loaded again from what systemd serialized:
+			// what became of the scope is asked after the reload.
+			if !slices.Contains(w.held, unit) {
+				w.held = append(w.held, unit)
 			}
+			w.mu.Unlock()
+			continue
 		}
+		w.observe(unit, o, now)
 		w.mu.Unlock()
-		select {
-		case w.wake <- struct{}{}:
-		default:
-		}
+		w.wakeDeliver()
 	}
 	w.mu.Lock()
 	if !w.closing {
@@ -278,6 +302,100 @@ func (w *Witness) readLoop() {
 	}
 	w.mu.Unlock()
 }
+
+// reloadMax bounds a reload: past it, a Reloading(false) is no longer
+// waited for.
+const reloadMax = 2 * time.Minute
+
+// observe feeds one observation to the unit's tracker; w.mu is held.
+func (w *Witness) observe(unit string, o observation, now time.Time) {
+	t := w.units[unit]
+	if t == nil && (o.kind == obsUnit || o.kind == obsScope) {
+		t = w.tracker(unit)
+	}
+	if t != nil {
+		w.queue = append(w.queue, t.observe(o, now)...)
+		if t.idle() {
+			delete(w.units, unit)
+		}
+	}
+}
+
+func (w *Witness) wakeDeliver() {
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+}
+
+// endReload asks systemd, once its reload is over, the state of each
+// scope it unloaded during the reload, and feeds that to the trackers as
+// if signalled: a scope still running with the same invocation gives no
+// event; one that ended or is gone is told as such. It is called with
+// w.mu held and holds it again on return; the signal loop waits for the
+// answers, so the signals after them are read after them.
+func (w *Witness) endReload(now time.Time) {
+	held := w.held
+	w.reloading, w.held = false, nil
+	if len(held) == 0 {
+		return
+	}
+	w.mu.Unlock()
+	defer w.mu.Lock()
+	for _, unit := range held {
+		obs, ok := w.ask(unit)
+		if !ok {
+			// No answer: the shim's word stands alone.
+			continue
+		}
+		w.mu.Lock()
+		if t := w.units[unit]; t != nil && t.known {
+			for _, o := range obs {
+				w.observe(unit, o, now)
+			}
+		}
+		w.mu.Unlock()
+	}
+}
+
+// ask reads a unit's state from systemd as observations; ok is false
+// when systemd did not answer.
+func (w *Witness) ask(unit string) (obs []observation, ok bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), askTimeout)
+	defer cancel()
+	sd := w.conn.Object(systemdName, systemdPath)
+	var path dbus.ObjectPath
+	err := sd.CallWithContext(ctx, manager+".GetUnit", 0, unit).Store(&path)
+	var de dbus.Error
+	if errors.As(err, &de) && de.Name == "org.freedesktop.systemd1.NoSuchUnit" {
+		return []observation{{kind: obsUnitRemoved}}, true
+	}
+	if err != nil {
+		return nil, false
+	}
+	u := w.conn.Object(systemdName, path)
+	var props map[string]dbus.Variant
+	if err := u.CallWithContext(ctx, "org.freedesktop.DBus.Properties.GetAll", 0, unitIface).Store(&props); err != nil {
+		return nil, false
+	}
+	if ls, _ := props["LoadState"].Value().(string); ls == "not-found" {
+		return []observation{{kind: obsUnitRemoved}}, true
+	}
+	o := unitObservation(props)
+	if ended(o.active) {
+		// How it ended, as the Scope's PropertiesChanged would have
+		// said before the Unit's.
+		var res dbus.Variant
+		if u.CallWithContext(ctx, "org.freedesktop.DBus.Properties.Get", 0, scopeIface, "Result").Store(&res) == nil {
+			r, _ := res.Value().(string)
+			obs = append(obs, observation{kind: obsScope, result: r})
+		}
+	}
+	return append(obs, o), true
+}
+
+// askTimeout bounds the questions to systemd after a reload.
+const askTimeout = 5 * time.Second
 
 func (w *Witness) deliverLoop() {
 	defer close(w.done)
@@ -323,6 +441,35 @@ func (w *Witness) deliver() {
 	}
 }
 
+// unitObservation reads the Unit properties the tracker follows.
+func unitObservation(props map[string]dbus.Variant) observation {
+	o := observation{kind: obsUnit}
+	o.active, _ = props["ActiveState"].Value().(string)
+	o.sub, _ = props["SubState"].Value().(string)
+	if id, ok := props["InvocationID"].Value().([]byte); ok && len(id) > 0 {
+		o.invocation = hex.EncodeToString(id)
+	}
+	if us, ok := props["StateChangeTimestamp"].Value().(uint64); ok && us > 0 {
+		o.changed = time.UnixMicro(int64(us))
+	}
+	if j, ok := props["Job"].Value().([]any); ok && len(j) == 2 {
+		if id, ok := j[0].(uint32); ok {
+			o.job, o.hasJob = id, true
+		}
+	}
+	return o
+}
+
+// reloadingSignal reads systemd's Reloading: true when a reload (or a
+// re-execution) begins, false once it is over.
+func reloadingSignal(sig *dbus.Signal, systemd string) (on, ok bool) {
+	if systemd == "" || sig.Sender != systemd || sig.Path != systemdPath || sig.Name != manager+".Reloading" || len(sig.Body) != 1 {
+		return false, false
+	}
+	on, ok = sig.Body[0].(bool)
+	return on, ok
+}
+
 // nameOwnerChanged reads the bus driver's word on who owns systemd's name.
 func nameOwnerChanged(sig *dbus.Signal) (string, bool) {
 	if sig.Sender != busDriver || sig.Name != busDriver+".NameOwnerChanged" || len(sig.Body) != 3 {
@@ -358,20 +505,7 @@ func parse(sig *dbus.Signal, systemd string) (unit string, o observation, ok boo
 			o.kind = obsScope
 			o.result, _ = props["Result"].Value().(string)
 		case unitIface:
-			o.kind = obsUnit
-			o.active, _ = props["ActiveState"].Value().(string)
-			o.sub, _ = props["SubState"].Value().(string)
-			if id, ok := props["InvocationID"].Value().([]byte); ok && len(id) > 0 {
-				o.invocation = hex.EncodeToString(id)
-			}
-			if us, ok := props["StateChangeTimestamp"].Value().(uint64); ok && us > 0 {
-				o.changed = time.UnixMicro(int64(us))
-			}
-			if j, ok := props["Job"].Value().([]any); ok && len(j) == 2 {
-				if id, ok := j[0].(uint32); ok {
-					o.job, o.hasJob = id, true
-				}
-			}
+			o = unitObservation(props)
 		default:
 			return "", o, false
 		}
