@@ -284,6 +284,34 @@ func TestOnlyTheBusDriverNamesSystemdsOwner(t *testing.T) {
 	assert.False(t, ok, "another name")
 }
 
+func TestOnlySystemdsReloadingIsRead(t *testing.T) {
+	const systemd = ":1.0"
+	reloading := func(sender string, path dbus.ObjectPath, body ...any) *dbus.Signal {
+		return &dbus.Signal{Sender: sender, Path: path, Name: manager + ".Reloading", Body: body}
+	}
+	on, ok := reloadingSignal(reloading(systemd, systemdPath, true), systemd)
+	assert.True(t, ok && on, "a reload begins")
+	on, ok = reloadingSignal(reloading(systemd, systemdPath, false), systemd)
+	assert.True(t, ok && !on, "a reload ends")
+	for name, sig := range map[string]*dbus.Signal{
+		"from another client":         reloading(":1.42", systemdPath, true),
+		"before systemd's name known": reloading(systemd, systemdPath, true),
+		"on another path":             reloading(systemd, "/org/example", true),
+		"with no body":                reloading(systemd, systemdPath),
+		"with a string body":          reloading(systemd, systemdPath, "true"),
+		"with two values":             reloading(systemd, systemdPath, true, true),
+	} {
+		known := systemd
+		if name == "before systemd's name known" {
+			known = ""
+		}
+		_, ok := reloadingSignal(sig, known)
+		assert.False(t, ok, name)
+	}
+	_, ok = reloadingSignal(&dbus.Signal{Sender: systemd, Path: systemdPath, Name: manager + ".UnitRemoved", Body: []any{true}}, systemd)
+	assert.False(t, ok, "another member")
+}
+
 func TestOursIsThePoolEngineScopes(t *testing.T) {
 	assert.True(t, Ours("pool-engine-t1.scope"))
 	assert.True(t, Ours(`pool-engine-first\x2dlight.scope`))

@@ -249,58 +249,67 @@ func (w *Witness) Close() error {
 func (w *Witness) readLoop() {
 	defer close(w.read)
 	for sig := range w.sigs {
-		now := time.Now()
+		w.handle(sig)
 		w.mu.Lock()
-		if owner, ok := nameOwnerChanged(sig); ok {
-			w.systemd = owner
-			w.mu.Unlock()
-			if owner != "" {
-				// A re-executed systemd keeps its subscribers, a new
-				// one does not.
-				go w.conn.Object(systemdName, systemdPath).Call(manager+".Subscribe", 0)
-			}
-			continue
-		}
-		if w.reloading && now.Sub(w.reloadSince) > reloadMax {
-			// Reloading(false) never came (the systemd that began the
-			// reload is gone): the held units are asked now.
-			w.endReload(now)
-		}
-		if on, ok := reloadingSignal(sig, w.systemd); ok {
-			switch {
-			case on && !w.reloading:
-				w.reloading, w.reloadSince = true, now
-			case !on && w.reloading:
-				w.endReload(now)
-			}
-			w.mu.Unlock()
-			w.wakeDeliver()
-			continue
-		}
-		unit, o, ok := parse(sig, w.systemd)
-		if !ok {
-			w.mu.Unlock()
-			continue
-		}
-		t := w.units[unit]
-		if o.kind == obsUnitRemoved && w.reloading && t != nil && t.known {
-			// Unloaded to be loaded again from what systemd serialized:
-			// what became of the scope is asked after the reload.
-			if !slices.Contains(w.held, unit) {
-				w.held = append(w.held, unit)
-			}
-			w.mu.Unlock()
-			continue
-		}
-		w.observe(unit, o, now)
+		overdue := w.reloading && time.Since(w.reloadSince) > reloadMax
 		w.mu.Unlock()
-		w.wakeDeliver()
+		if overdue {
+			// Reloading(false) never came (the systemd that began
+			// the reload is gone): the held scopes are asked now.
+			w.endReload()
+		}
 	}
 	w.mu.Lock()
 	if !w.closing {
 		w.err = ErrLost
 	}
 	w.mu.Unlock()
+}
+
+// handle reads one signal, in the order systemd sent them.
+func (w *Witness) handle(sig *dbus.Signal) {
+	now := time.Now()
+	w.mu.Lock()
+	if owner, ok := nameOwnerChanged(sig); ok {
+		w.systemd = owner
+		w.mu.Unlock()
+		if owner != "" {
+			// A re-executed systemd keeps its subscribers, a new
+			// one does not.
+			go w.conn.Object(systemdName, systemdPath).Call(manager+".Subscribe", 0)
+		}
+		return
+	}
+	if on, ok := reloadingSignal(sig, w.systemd); ok {
+		switch {
+		case on && !w.reloading:
+			w.reloading, w.reloadSince = true, now
+		case !on && w.reloading:
+			w.mu.Unlock()
+			w.endReload()
+			return
+		}
+		w.mu.Unlock()
+		return
+	}
+	unit, o, ok := parse(sig, w.systemd)
+	if !ok {
+		w.mu.Unlock()
+		return
+	}
+	t := w.units[unit]
+	if o.kind == obsUnitRemoved && w.reloading && t != nil && t.known {
+		// Unloaded to be loaded again from what systemd serialized:
+		// what became of the scope is asked after the reload.
+		if !slices.Contains(w.held, unit) {
+			w.held = append(w.held, unit)
+		}
+		w.mu.Unlock()
+		return
+	}
+	w.observe(unit, o, now)
+	w.mu.Unlock()
+	w.wakeDeliver()
 }
 
 // reloadMax bounds a reload: past it, a Reloading(false) is no longer
@@ -331,30 +340,41 @@ func (w *Witness) wakeDeliver() {
 // endReload asks systemd, once its reload is over, the state of each
 // scope it unloaded during the reload, and feeds that to the trackers as
 // if signalled: a scope still running with the same invocation gives no
-// event; one that ended or is gone is told as such. It is called with
-// w.mu held and holds it again on return; the signal loop waits for the
-// answers, so the signals after them are read after them.
-func (w *Witness) endReload(now time.Time) {
+// event; one that ended or is gone is told as such. The signals systemd
+// sent before its answers are read first (they are older): an answer
+// about a scope they already told gone is dropped. Called without w.mu.
+func (w *Witness) endReload() {
+	w.mu.Lock()
 	held := w.held
 	w.reloading, w.held = false, nil
+	w.mu.Unlock()
 	if len(held) == 0 {
 		return
 	}
-	w.mu.Unlock()
-	defer w.mu.Lock()
 	for _, unit := range held {
 		obs, ok := w.ask(unit)
+		// godbus hands over the signals it read before a reply before
+		// the reply itself.
+		for n := len(w.sigs); n > 0; n-- {
+			sig, open := <-w.sigs
+			if !open {
+				return
+			}
+			w.handle(sig)
+		}
 		if !ok {
 			// No answer: the shim's word stands alone.
 			continue
 		}
+		now := time.Now()
 		w.mu.Lock()
-		if t := w.units[unit]; t != nil && t.known {
+		if t := w.units[unit]; t != nil && t.known && !slices.Contains(w.held, unit) {
 			for _, o := range obs {
 				w.observe(unit, o, now)
 			}
 		}
 		w.mu.Unlock()
+		w.wakeDeliver()
 	}
 }
 

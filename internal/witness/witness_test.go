@@ -323,6 +323,7 @@ func TestForgedSignalsFromAnotherUserAreIgnored(t *testing.T) {
 	require.NoError(t, spy.AddMatchSignal(dbus.WithMatchMember("PropertiesChanged"), dbus.WithMatchObjectPath(dbus.ObjectPath(path))))
 	require.NoError(t, spy.AddMatchSignal(dbus.WithMatchMember("JobRemoved"), dbus.WithMatchArg(2, s.unit)))
 	require.NoError(t, spy.AddMatchSignal(dbus.WithMatchMember("UnitRemoved"), dbus.WithMatchArg(0, s.unit)))
+	require.NoError(t, spy.AddMatchSignal(dbus.WithMatchMember("Reloading"), dbus.WithMatchObjectPath(systemdPath)))
 	spied := make(chan *dbus.Signal, 16)
 	spy.Signal(spied)
 
@@ -334,7 +335,9 @@ func TestForgedSignalsFromAnotherUserAreIgnored(t *testing.T) {
 	forge(path, "org.freedesktop.DBus.Properties", "PropertiesChanged", "sa{sv}as", unitIface, "3", "ActiveState", "s", "failed", "SubState", "s", "failed", "Job", "(uo)", "0", "/", "0")
 	forge(string(systemdPath), manager, "JobRemoved", "uoss", "999", "/org/freedesktop/systemd1/job/999", s.unit, "done")
 	forge(string(systemdPath), manager, "UnitRemoved", "so", s.unit, path)
-	for range 4 {
+	// A forged reload would have the scope's real UnitRemoved held.
+	forge(string(systemdPath), manager, "Reloading", "b", "true")
+	for range 5 {
 		select {
 		case sig := <-spied:
 			w.mu.Lock()
@@ -350,6 +353,83 @@ func TestForgedSignalsFromAnotherUserAreIgnored(t *testing.T) {
 	assert.Equal(t, Dead, e.Kind, "%v", e)
 	assert.Equal(t, Emptied, e.Cause)
 	assert.Equal(t, "success", e.Result, "not the forged oom-kill")
+	e = next(t, ch)
+	assert.Equal(t, Removed, e.Kind, "not held for a forged reload: %v", e)
+}
+
+// systemd unloads every unit during a daemon-reload and a daemon-reexec
+// and tells UnitRemoved of each, running scopes included: no event, and
+// the scope's later end is told as ever.
+func TestADaemonReloadOrReexecIsNoEndOfAScope(t *testing.T) {
+	sandbox.Need(t)
+	s, ch, w := sleeper(t, "")
+	for _, verb := range []string{"daemon-reload", "daemon-reload", "daemon-reexec", "daemon-reload"} {
+		systemctl(t, verb)
+	}
+	// The reexec's new systemd is believed.
+	require.Eventually(t, func() bool {
+		var owner string
+		if w.conn.BusObject().Call(busDriver+".GetNameOwner", 0, systemdName).Store(&owner) != nil {
+			return false
+		}
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return owner == w.systemd && !w.reloading
+	}, 10*time.Second, 10*time.Millisecond)
+	quiet(t, ch, time.Second)
+	systemctl(t, "kill", "--signal=SIGKILL", s.unit)
+	e := next(t, ch)
+	assert.Equal(t, Dead, e.Kind, "%v", e)
+	assert.Equal(t, Emptied, e.Cause)
+	e = next(t, ch)
+	assert.Equal(t, Removed, e.Kind, "%v", e)
+	assert.Equal(t, NoCause, e.Cause)
+	quiet(t, ch, 500*time.Millisecond)
+}
+
+// A scope whose process ends while systemd reloads is told dead once,
+// whether systemd's word comes as signals or as the answer the witness
+// asks for after the reload.
+func TestAScopeThatEndsDuringAReloadIsToldOnce(t *testing.T) {
+	sandbox.Need(t)
+	for i := range 5 {
+		s, ch, _ := sleeper(t, "")
+		reload := exec.Command("systemctl", "daemon-reload")
+		require.NoError(t, reload.Start())
+		time.Sleep(time.Duration(i) * 5 * time.Millisecond)
+		require.NoError(t, syscall.Kill(s.pid, syscall.SIGKILL))
+		require.NoError(t, reload.Wait())
+		e := next(t, ch)
+		assert.Equal(t, Dead, e.Kind, "round %d: %v", i, e)
+		assert.Equal(t, Emptied, e.Cause, "round %d", i)
+		e = next(t, ch)
+		assert.Equal(t, Removed, e.Kind, "round %d: %v", i, e)
+		assert.Equal(t, NoCause, e.Cause, "round %d", i)
+		quiet(t, ch, 300*time.Millisecond)
+	}
+}
+
+// What the witness asks of a scope after a reload: its state as a
+// signal would tell it, and a unit systemd no longer has as removed.
+func TestAskReadsAScopesStateFromSystemd(t *testing.T) {
+	sandbox.Need(t)
+	s, ch, w := sleeper(t, "")
+	obs, ok := w.ask(s.unit)
+	require.True(t, ok)
+	require.Len(t, obs, 1)
+	assert.Equal(t, obsUnit, obs[0].kind)
+	assert.Equal(t, "active", obs[0].active)
+	assert.Equal(t, "running", obs[0].sub)
+	w.mu.Lock()
+	inv := w.units[s.unit].invocation
+	w.mu.Unlock()
+	assert.Equal(t, inv, obs[0].invocation)
+
+	obs, ok = w.ask(fmt.Sprintf("pool-engine-none%d.scope", os.Getpid()))
+	require.True(t, ok)
+	assert.Equal(t, []observation{{kind: obsUnitRemoved}}, obs)
+	systemctl(t, "kill", "--signal=SIGKILL", s.unit)
+	require.Equal(t, Dead, next(t, ch).Kind)
 }
 
 // How long from a SIGKILL of the scope's only process to the witness's
