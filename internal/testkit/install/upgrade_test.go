@@ -34,9 +34,18 @@ func upgrade(t *testing.T) {
 	require.NoError(t, err, "dpkg -i (upgrade): %s", out)
 }
 
+// engineOf is the pool's engine as the bus and systemd tell it: its pid
+// and its scope's invocation.
+func engineOf(t *testing.T, id string) (pid, invocation string) {
+	t.Helper()
+	return poolProperty(id, "MainPID"), sh(t, "systemctl", "show", "-p", "InvocationID", "--value", "pool-engine-"+id+".scope")
+}
+
 // An operator's systemctl decides whether the daemon runs: an upgrade
 // restarts only a running daemon and enables nothing, policy-rc.d can hold
-// even that, and nobody's call on the bus starts a stopped daemon.
+// even that, and nobody's call on the bus starts a stopped daemon. The
+// engines run on through every upgrade (each runs a daemon-reload, and
+// restarts a running daemon): same pid, same scope, no crash.
 func TestDebUpgradeAndTheBusLeaveAStoppedDaemonDown(t *testing.T) {
 	sandbox.Need(t)
 	sim := os.Getenv(sandbox.BinEnv("pool-engine-sim"))
@@ -45,12 +54,21 @@ func TestDebUpgradeAndTheBusLeaveAStoppedDaemonDown(t *testing.T) {
 
 	// Running and enabled: restarted with the new files.
 	pid := daemonPID(t)
+	engine, inv := engineOf(t, "alpha")
+	require.NotEqual(t, "u 0", engine)
 	upgrade(t)
 	active, enabled := unitState(t)
 	assert.Equal(t, "active", active)
 	assert.Equal(t, "enabled", enabled)
 	assert.NotEqual(t, pid, daemonPID(t), "a running daemon is restarted by an upgrade")
 	waitReady(t, "alpha")
+	// Past the 500 ms a pool holds an exit for systemd's word.
+	time.Sleep(time.Second)
+	e, i := engineOf(t, "alpha")
+	assert.Equal(t, engine, e, "the engine outlives the upgrade; journal:\n%s", journal())
+	assert.Equal(t, inv, i, "in the same scope")
+	assert.Equal(t, "u 0", poolProperty("alpha", "CrashCount"))
+	assert.NotContains(t, sh(t, "journalctl", "--no-pager", "-o", "cat", "-u", "pool-managerd.service"), "shim lost")
 
 	// policy-rc.d says no: not even a restart.
 	require.NoError(t, os.WriteFile("/usr/sbin/policy-rc.d", []byte("#!/bin/sh\nexit 101\n"), 0o755))
@@ -58,6 +76,11 @@ func TestDebUpgradeAndTheBusLeaveAStoppedDaemonDown(t *testing.T) {
 	pid = daemonPID(t)
 	upgrade(t)
 	assert.Equal(t, pid, daemonPID(t), "policy-rc.d 101 holds the restart")
+	time.Sleep(time.Second)
+	e, i = engineOf(t, "alpha")
+	assert.Equal(t, engine, e, "the engine outlives the daemon-reload of an upgrade")
+	assert.Equal(t, inv, i)
+	assert.Equal(t, "u 0", poolProperty("alpha", "CrashCount"))
 	require.NoError(t, os.Remove("/usr/sbin/policy-rc.d"))
 
 	// Enabled but stopped: an upgrade does not start it.
@@ -111,9 +134,15 @@ func TestDebUpgradeAndTheBusLeaveAStoppedDaemonDown(t *testing.T) {
 	sh(t, "systemctl", "start", "pool-managerd.service")
 	waitReady(t, "alpha")
 	pid = daemonPID(t)
+	engine, inv = engineOf(t, "alpha")
 	upgrade(t)
 	active, enabled = unitState(t)
 	assert.Equal(t, "active", active)
 	assert.Equal(t, "disabled", enabled)
 	assert.NotEqual(t, pid, daemonPID(t), "a running daemon is restarted, enabled or not")
+	waitReady(t, "alpha")
+	time.Sleep(time.Second)
+	e, i = engineOf(t, "alpha")
+	assert.Equal(t, engine, e, "the engine outlives the upgrade; journal:\n%s", journal())
+	assert.Equal(t, inv, i)
 }
