@@ -111,12 +111,12 @@ upgrade() {
 # nobody_poolctl ARGS...: poolctl as a user with no say, bounded.
 nobody_poolctl() { timeout 20 setpriv --reuid=nobody --regid=nogroup --clear-groups poolctl "$@" 2>&1; }
 
-# Run last before the removal, both pools ready. A daemon-reload (every
-# upgrade runs some) may still restart engines (their pids are reported):
-# the pools start with fresh counters, so that such restarts cannot open
-# a breaker.
+# Run last before the removal, both pools ready, with fresh counters. The
+# engines run on through every upgrade (each runs a daemon-reload, and
+# restarts a running daemon) and through the daemon's stop and start:
+# same pids, no crash.
 c_upgrade() {
-	local d0 e1 e2 out code t0 t1
+	local d0 e1 e2 c1 c2 out code t0 t1
 	mcall ResetBreaker s llama8b >/dev/null 2>&1
 	mcall ResetBreaker s embed >/dev/null 2>&1
 	ready llama8b
@@ -124,13 +124,21 @@ c_upgrade() {
 	d0=$(systemctl show -p MainPID --value pool-managerd)
 	e1=$(pv llama8b MainPID)
 	e2=$(pv embed MainPID)
+	c1=$(crashes llama8b)
+	c2=$(crashes embed)
 	want_ok "upgrade of a running daemon" upgrade
 	want "running: still active" "$(systemctl is-active pool-managerd)" active
 	want "running: still enabled" "$(systemctl is-enabled pool-managerd)" enabled
 	[ "$(systemctl show -p MainPID --value pool-managerd)" != "$d0" ] || { echo "MISMATCH: the upgrade did not restart the running daemon"; fails=$((fails + 1)); }
 	ready llama8b 120
 	ready embed 120
+	# Past the half second a pool holds an exit for systemd's word.
+	sleep 2
 	info "engines across the upgrade: llama8b pid $e1 -> $(pv llama8b MainPID), embed pid $e2 -> $(pv embed MainPID)"
+	want "llama8b's engine outlives the upgrade (pid)" "$(pv llama8b MainPID)" "$e1"
+	want "embed's engine outlives the upgrade (pid)" "$(pv embed MainPID)" "$e2"
+	want "llama8b: no crash across the upgrade" "$(crashes llama8b)" "$c1"
+	want "embed: no crash across the upgrade" "$(crashes embed)" "$c2"
 
 	want_ok "systemctl disable --now pool-managerd" timeout 60 systemctl disable --now pool-managerd
 	want_ok "upgrade of a disabled, stopped daemon" upgrade
@@ -153,6 +161,11 @@ c_upgrade() {
 	want_ok "systemctl enable --now pool-managerd" timeout 60 systemctl enable --now pool-managerd
 	ready llama8b 120
 	ready embed 120
+	sleep 2
+	want "llama8b's engine outlives the stopped daemon's upgrade (pid)" "$(pv llama8b MainPID)" "$e1"
+	want "embed's engine outlives the stopped daemon's upgrade (pid)" "$(pv embed MainPID)" "$e2"
+	want "llama8b: no crash across the stopped daemon's upgrade" "$(crashes llama8b)" "$c1"
+	want "embed: no crash across the stopped daemon's upgrade" "$(crashes embed)" "$c2"
 }
 
 c_ready() {
@@ -696,7 +709,7 @@ phase2() {
 	check "after a reboot: the disabled pool stays stopped; its reloaded model loads on Start" c_disabled_kept
 	check "after a reboot: the pools come back, counters kept" c_back
 	check "after a reboot: breaker state kept, ResetBreaker" c_breaker_kept
-	check "upgrade: a running daemon is restarted; a disabled, stopped one stays so, and poolctl says so at once" c_upgrade
+	check "upgrade: a running daemon is restarted and the engines run on; a disabled, stopped one stays so, and poolctl says so at once" c_upgrade
 	case $KIND in
 	deb)
 		check "dpkg -r: no scope, no engine, operator's files kept" c_remove
