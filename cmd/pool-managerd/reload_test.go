@@ -111,4 +111,21 @@ func TestEnginesOutliveSystemdReloadsAndReexecs(t *testing.T) {
 	require.Eventually(t, func() bool { return prop("State") == `s "stopped"` }, 10*time.Second, 20*time.Millisecond,
 		"an operator's stop after the reloads:\n%s", daemonLog())
 	assert.Equal(t, "u 0", prop("CrashCount"))
+
+	// Started again, and systemd re-executed while the engine loads.
+	start := exec.Command("busctl", "--timeout=60", "call", "org.llorch.PoolManager1", "/org/llorch/PoolManager1",
+		"org.llorch.PoolManager1.Manager", "Start", "s", "rl")
+	require.NoError(t, start.Start())
+	t.Cleanup(func() { start.Process.Kill(); start.Wait() })
+	require.Eventually(t, func() bool {
+		return prop("State") == `s "starting"` && prop("MainPID") != "u 0" && prop("MainPID") != engine
+	}, 20*time.Second, 20*time.Millisecond, "engine started again:\n%s", daemonLog())
+	engine = prop("MainPID")
+	sh(t, "systemctl", "daemon-reexec")
+	require.Eventually(t, func() bool { return prop("Ready") == "b true" }, 30*time.Second, 50*time.Millisecond,
+		"ready after a daemon-reexec while starting:\n%s", daemonLog())
+	time.Sleep(time.Second)
+	assert.Equal(t, engine, prop("MainPID"), "the engine that was starting is the one that serves")
+	assert.Equal(t, "u 0", prop("CrashCount"))
+	assert.NotContains(t, daemonLog(), "shim lost")
 }
