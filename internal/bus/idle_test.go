@@ -161,7 +161,9 @@ func TestIdlePoolWithoutStartOnLease(t *testing.T) {
 	assert.Equal(t, "t 0", getProp(t, "llama-8b", "IdleSinceUSec"))
 	out, err = call("EnsureReady", "st", "llama-8b", "30000")
 	require.NoError(t, err, out)
-	assert.Equal(t, `s "ready"`, getProp(t, "llama-8b", "State"))
+	// The reply comes from the pool; its properties follow from the
+	// publisher a moment later.
+	waitProp(t, "llama-8b", "State", `s "ready"`)
 	_, err = os.Stat(filepath.Join(dir, "run", "stopped", "llama-8b"))
 	assert.ErrorIs(t, err, os.ErrNotExist, "EnsureReady forgets the operator's Stop as Start does")
 	_, err = os.Stat(filepath.Join(dir, "run", "idle", "llama-8b"))

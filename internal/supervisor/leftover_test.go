@@ -178,7 +178,9 @@ func TestAScopeNamedLikeThePoolsElsewhereIsForeign(t *testing.T) {
 		t.Fatal("the daemon killed a process that is not the pool's")
 	default:
 	}
-	assert.Equal(t, lifecycle.Failed, p.Snapshot().State, "held while it runs")
+	// Held while it runs: each retry (every GPURetry) finds it again.
+	require.Eventually(t, func() bool { return p.Snapshot().State == lifecycle.Failed }, 5*time.Second, 10*time.Millisecond, "held while it runs")
+	assert.Contains(t, p.Snapshot().LastError, "pid "+pid+" (sleep, uid 65534, cgroup ")
 
 	require.NoError(t, impostor.Process.Kill())
 	<-gone
