@@ -9,7 +9,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
+	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -118,11 +121,33 @@ type Pool struct {
 	IdleStop     time.Duration
 	Pin          bool
 	StartOnLease bool
+	// Group names the pools that share their GPUs and take turns on them,
+	// one awake at a time ("": none). GroupDrain is how long the awake
+	// member's leases are honoured when another member is asked for.
+	Group      string
+	GroupDrain time.Duration
+	// devicesAt is where Devices= was last set ("file:line"), for the
+	// errors of the shared-GPU rule.
+	devicesAt string
 
 	Engine  Engine
 	Health  Health
 	Restart policy.Params
 	Scope   []ScopeProperty
+}
+
+// DefaultGroupDrain is GroupDrainSec= where it is not set.
+const DefaultGroupDrain = 30 * time.Second
+
+// SameSettings says whether two pools differ only in what the manager
+// applies without a new supervisor: AutoStart=, Group=, GroupDrainSec=,
+// where their lines are and which drop-ins set them.
+func SameSettings(a, b *Pool) bool {
+	x, y := *a, *b
+	for _, p := range []*Pool{&x, &y} {
+		p.AutoStart, p.DropIns, p.Group, p.GroupDrain, p.devicesAt = false, nil, "", 0, ""
+	}
+	return reflect.DeepEqual(&x, &y)
 }
 
 // DeviceIDs is how the engine's CUDA_VISIBLE_DEVICES names its GPUs.
@@ -231,10 +256,11 @@ func DefaultManager() Manager {
 
 func defaultPool(id, file string) *Pool {
 	return &Pool{
-		ID:        id,
-		File:      file,
-		AutoStart: true,
-		Engine:    Engine{DeviceIDs: DeviceIDsUUID, StopTimeout: 30 * time.Second, Sleep: SleepNone, SleepLevel: 1},
+		ID:         id,
+		File:       file,
+		AutoStart:  true,
+		GroupDrain: DefaultGroupDrain,
+		Engine:     Engine{DeviceIDs: DeviceIDsUUID, StopTimeout: 30 * time.Second, Sleep: SleepNone, SleepLevel: 1},
 		Health: Health{
 			Interval:         5 * time.Second,
 			Timeout:          2 * time.Second,
@@ -361,45 +387,116 @@ func (m *Manager) staticApplies() bool {
 		m.Inventory.Backend == BackendAuto && len(m.Inventory.Devices) > 0
 }
 
-// checkDevices finds GPUs claimed by two pools (by index or UUID alike when
-// the static inventory relates them) and entries the inventory lacks.
+// checkDevices finds GPUs shared outside a group (by index or UUID alike
+// when the static inventory relates them) and entries the inventory lacks.
 func (c *Config) checkDevices() Errors {
 	var errs Errors
-	canon := func(d string) string { return d }
+	ident := func(d string) (string, string) { return strings.ToLower(d), strings.ToLower(d) }
 	known := func(string) bool { return true }
+	canon := func(d string) string { return d }
 	if c.Manager.staticApplies() {
-		byKey := map[string]string{}
+		// Each node is listed once: the static inventory relates no MIG
+		// device to its GPU (the daemon checks that on NVML's).
+		byKey := map[string]StaticDevice{}
 		for _, d := range c.Manager.Inventory.Devices {
-			byKey[fmt.Sprint(d.Index)] = d.UUID
-			byKey[strings.ToLower(d.UUID)] = d.UUID
+			byKey[fmt.Sprint(d.Index)] = d
+			byKey[strings.ToLower(d.UUID)] = d
 		}
-		canon = func(d string) string {
-			if u, ok := byKey[strings.ToLower(d)]; ok {
-				return u
-			}
-			return d
+		ident = func(d string) (string, string) {
+			k := strings.ToLower(cmp.Or(byKey[strings.ToLower(d)].UUID, d))
+			return k, k
 		}
 		known = func(d string) bool { _, ok := byKey[strings.ToLower(d)]; return ok }
+		canon = func(d string) string { return cmp.Or(byKey[strings.ToLower(d)].UUID, d) }
 	}
-	owner := map[string]string{}
+	var pools []*Pool
 	for _, p := range c.Pools {
+		bad := false
 		for _, d := range p.Devices {
 			if !known(d) {
+				bad = true
 				errs = append(errs, &Error{File: p.File, Section: "Pool", Key: "Devices",
 					Msg: fmt.Sprintf("GPU %q is not in the static inventory (Device= lines of [Inventory] in %s)", d, orDefault(c.Manager.File))})
 				continue
 			}
-			if p.Engine.DeviceIDs == DeviceIDsIndex && !isMIG(d) && isMIG(canon(d)) {
+			if u := canon(d); p.Engine.DeviceIDs == DeviceIDsIndex && !isMIG(d) && isMIG(u) {
 				errs = append(errs, &Error{File: p.File, Section: "Engine", Key: "DeviceIDs",
-					Msg: fmt.Sprintf("index: GPU %q is MIG device %s in the static inventory, which has no index CUDA_VISIBLE_DEVICES can name (set DeviceIDs=uuid)", d, canon(d))})
+					Msg: fmt.Sprintf("index: GPU %q is MIG device %s in the static inventory, which has no index CUDA_VISIBLE_DEVICES can name (set DeviceIDs=uuid)", d, u)})
 			}
-			k := strings.ToLower(canon(d))
-			if prev, ok := owner[k]; ok && prev != p.ID {
-				errs = append(errs, &Error{File: p.File, Section: "Pool", Key: "Devices",
-					Msg: fmt.Sprintf("GPU %q is already used by pool %q: a GPU belongs to one pool", d, prev)})
+		}
+		if !bad {
+			pools = append(pools, p)
+		}
+	}
+	return append(errs, CheckSharedGPUs(pools, ident)...)
+}
+
+// CheckSharedGPUs holds pools to the rule of shared GPUs: two pools may
+// name one GPU (or a GPU and a MIG device on it) only with the same
+// Group=, and the members of a group name the same GPUs. ident gives a
+// Devices= entry's own key and its physical GPU's key (the same for a
+// whole GPU; the parent's for a MIG device): how the inventory at hand
+// relates the names. Errors name both pools' files and lines.
+func CheckSharedGPUs(pools []*Pool, ident func(dev string) (key, gpu string)) Errors {
+	type dev struct{ name, key, gpu string }
+	devs := make([][]dev, len(pools))
+	for i, p := range pools {
+		for _, d := range p.Devices {
+			k, g := ident(d)
+			devs[i] = append(devs[i], dev{d, k, g})
+		}
+	}
+	overlap := func(a, b dev) bool {
+		return a.key == b.key || a.key == a.gpu && b.gpu == a.key || b.key == b.gpu && a.gpu == b.key
+	}
+	keys := func(ds []dev) string {
+		ks := make([]string, len(ds))
+		for i, d := range ds {
+			ks[i] = d.key
+		}
+		slices.Sort(ks)
+		return strings.Join(ks, " ")
+	}
+	at := func(p *Pool) (string, int) {
+		i := strings.LastIndexByte(p.devicesAt, ':')
+		if i < 0 {
+			return p.File, 0
+		}
+		n, _ := strconv.Atoi(p.devicesAt[i+1:])
+		return p.devicesAt[:i], n
+	}
+	var errs Errors
+	first := map[string]int{} // a group's first member, by name
+	for j, q := range pools {
+		file, line := at(q)
+		fail := func(msg string) {
+			errs = append(errs, &Error{File: file, Line: line, Section: "Pool", Key: "Devices", Msg: msg})
+		}
+		if q.Group != "" {
+			if i, ok := first[q.Group]; !ok {
+				first[q.Group] = j
+			} else if keys(devs[i]) != keys(devs[j]) {
+				pf, pl := at(pools[i])
+				fail(fmt.Sprintf("%s names other GPUs than pool %q of Group=%s (%s:%d: %s): the members of a group name the same GPUs",
+					strings.Join(q.Devices, " "), pools[i].ID, q.Group, pf, pl, strings.Join(pools[i].Devices, " ")))
 				continue
 			}
-			owner[k] = p.ID
+		}
+	pairs:
+		for i, p := range pools[:j] {
+			if p.Group != "" && p.Group == q.Group {
+				continue
+			}
+			for _, a := range devs[i] {
+				for _, b := range devs[j] {
+					if overlap(a, b) {
+						pf, pl := at(p)
+						fail(fmt.Sprintf("GPU %q is already used by pool %q (%s:%d: %q): pools share a GPU only with the same Group= (a GPU belongs to one pool otherwise)",
+							b.name, p.ID, pf, pl, a.name))
+						break pairs
+					}
+				}
+			}
 		}
 	}
 	return errs

@@ -3,6 +3,7 @@ package config
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -311,6 +312,7 @@ func parsePool(file string, data []byte, dropIns []DropIn) (*Pool, Errors) {
 		"Pool": {
 			"Description": setString(&p.Description),
 			"Devices": func(v string) error {
+				p.devicesAt = fmt.Sprintf("%s:%d", cmp.Or(d.opt.file, file), d.opt.line)
 				var bad []string
 				for _, dev := range strings.Fields(v) {
 					if err := parseDevice(dev); err != nil {
@@ -367,6 +369,14 @@ func parsePool(file string, data []byte, dropIns []DropIn) (*Pool, Errors) {
 			},
 			"Pin":          setBool(&p.Pin),
 			"StartOnLease": setBool(&p.StartOnLease),
+			"Group": func(v string) error {
+				if v != "" && !ValidPoolID(v) {
+					return fmt.Errorf("group name %q must be 1 to 64 characters of A-Z a-z 0-9 _ -", v)
+				}
+				p.Group = v
+				return nil
+			},
+			"GroupDrainSec": setSeconds(&p.GroupDrain, false),
 		},
 		"Engine": {
 			"ExecStart": setCommand(&p.Engine.ExecStart),
@@ -528,6 +538,9 @@ func parsePool(file string, data []byte, dropIns []DropIn) (*Pool, Errors) {
 	}
 	if !seen["Pool/Model"] {
 		need("Pool", "Model", "missing: the model path or name is required")
+	}
+	if p.Pin && p.Group != "" {
+		need("Pool", "Pin", fmt.Sprintf("yes keeps the engine up, but a member of Group=%s gives its GPUs to the member asked for: set one or the other", p.Group))
 	}
 	if len(p.Devices) == 0 && !d.failed("Pool", "Devices") {
 		need("Pool", "Devices", "missing: a pool needs at least one GPU (an index, GPU- or MIG- UUID)")

@@ -94,10 +94,7 @@ func empty(v any) bool {
 // AutoStart= (read when the daemon or the pool starts) and where the
 // settings came from differ.
 func samePool(a, b *config.Pool) bool {
-	x, y := *a, *b
-	x.AutoStart, y.AutoStart = false, false
-	x.DropIns, y.DropIns = nil, nil
-	return reflect.DeepEqual(&x, &y)
+	return config.SameSettings(a, b)
 }
 
 // stoppedDir holds a mark per pool the operator stopped: under RuntimeDir,
