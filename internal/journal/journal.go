@@ -90,6 +90,10 @@ const (
 	// many were left out of the journal.
 	WarningKind = "WARNING_KIND"
 	Suppressed  = "SUPPRESSED"
+	// A group of pools that take turns on their GPUs, and the members a
+	// swap parked.
+	Group  = "GROUP"
+	Parked = "PARKED_POOLS"
 )
 
 // Levels beyond slog's own, mapped to syslog priorities by slog-journal.

@@ -27,6 +27,8 @@ type drainOp struct {
 	reload *reloadOp
 	// waitedRequests: the engine's requests in flight were journaled.
 	waitedRequests bool
+	// park: the drain parks the pool (see ParkRequested): it ends Idle.
+	park bool
 }
 
 // drainRequested stops new leases at once (Draining, not Ready), waits
@@ -57,7 +59,7 @@ func (m *Machine) drainRequested(e DrainRequested) {
 	m.policy(m.tr.Stopped(m.now))
 	m.next = time.Time{}
 	if m.run == nil {
-		m.transition(Stopped, "drained")
+		m.drainedTo(m.parking)
 		res := DrainResult{Outcome: Drained, LeasesDrainedAt: m.now, Done: m.now}
 		m.do(CountDrain{Start: m.now, Result: res})
 		m.reply(Reply{Req: e.Req, Drain: res})
@@ -187,7 +189,7 @@ func (m *Machine) finishDrain() {
 		d.res.Outcome = Drained
 	}
 	d.res.Done = m.now
-	m.transition(Stopped, "drained")
+	m.drainedTo(d.park)
 	// Counted before the callers hear of it, journaled after.
 	m.do(CountDrain{Start: d.start, Result: d.res})
 	for _, w := range d.waiters {

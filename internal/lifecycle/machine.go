@@ -233,6 +233,8 @@ type Machine struct {
 	idleSince time.Time
 	waiters   []waiter
 	waking    bool
+	// parking: the drain being requested is a park (ParkRequested).
+	parking bool
 
 	// The step under way.
 	out       []Action
@@ -362,6 +364,8 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 		m.startRequested(e)
 	case DrainRequested:
 		m.drainRequested(e)
+	case ParkRequested:
+		m.parkRequested(e)
 	case EnsureReadyRequested:
 		m.ensureReady(e)
 	case IdleRestored:

@@ -18,7 +18,7 @@ var transitions = map[State][]State{
 		Starting, // a start: on request, a reload's new engine, an adopted engine
 		Failed,   // a start refused by the breaker, or a GPU hold
 		Backoff,  // a held exit, settled after a reload gave up, is a crash
-		Idle,     // it was idle when the daemon last stopped
+		Idle,     // it was idle when the daemon last stopped, or parked for another pool of its group
 	},
 	Starting: {
 		Warming,  // healthy: its warm-up is sent

@@ -44,6 +44,12 @@ type fakePool struct {
 	drainedWhileServed bool
 	hung               bool // Ping never answers
 	adoptable          bool
+	// parkGate, when set, holds Park (its drain) until closed; parkErr
+	// fails it.
+	parkGate chan struct{}
+	parkErr  error
+	// onReady, when set, is called as EnsureReady makes the pool Ready.
+	onReady func()
 }
 
 func newFakePool(p *config.Pool, m *manager.Manager) *fakePool {
@@ -157,17 +163,50 @@ func (f *fakePool) Reload(_ context.Context, ref string, _ time.Duration) (strin
 	return ref, nil
 }
 
-func (f *fakePool) ResetBreaker()                                    {}
-func (f *fakePool) AllowRestart() error                              { return nil }
-func (f *fakePool) EnsureReady(context.Context, time.Duration) error { return nil }
-func (f *fakePool) RestoreIdle() bool                                { return false }
-func (f *fakePool) AcquireLease(string) (string, error)              { return "", lifecycle.ErrNotReady }
-func (f *fakePool) ReleaseLease(string) error                        { return lifecycle.ErrNoSuchLease }
-func (f *fakePool) ReleaseLeaseAs(string, string) error              { return lifecycle.ErrNoSuchLease }
-func (f *fakePool) ReleaseOwner(string) int                          { return 0 }
-func (f *fakePool) XID(uuid string, xid uint64)                      { f.record(fmt.Sprintf("xid %d %s", xid, uuid)) }
-func (f *fakePool) GPUUnhealthy(uuid, why string)                    { f.record("unhealthy " + uuid + ": " + why) }
-func (f *fakePool) GPUUsable(uuid string)                            { f.record("usable " + uuid) }
+// Park drains as the pool's parkGate says, then leaves it Idle.
+func (f *fakePool) Park(ctx context.Context, deadline time.Duration) (lifecycle.DrainResult, error) {
+	f.record(fmt.Sprintf("park %s", deadline))
+	f.set(func(s *supervisor.Snapshot) { s.State = lifecycle.Draining })
+	f.mu.Lock()
+	gate, err := f.parkGate, f.parkErr
+	f.mu.Unlock()
+	if err != nil {
+		return lifecycle.DrainResult{}, err
+	}
+	if gate != nil {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return lifecycle.DrainResult{}, ctx.Err()
+		}
+	}
+	f.set(func(s *supervisor.Snapshot) { s.State, s.Live = lifecycle.Idle, false })
+	return lifecycle.DrainResult{Outcome: lifecycle.Drained}, nil
+}
+
+// EnsureReady makes the pool Ready at once.
+func (f *fakePool) EnsureReady(context.Context, time.Duration) error {
+	f.record("ensure")
+	f.set(func(s *supervisor.Snapshot) { s.State, s.Live, s.Ready = lifecycle.Ready, true, true })
+	f.mu.Lock()
+	hook := f.onReady
+	f.mu.Unlock()
+	if hook != nil {
+		hook()
+	}
+	return nil
+}
+
+func (f *fakePool) ResetBreaker()                       {}
+func (f *fakePool) AllowRestart() error                 { return nil }
+func (f *fakePool) RestoreIdle() bool                   { return false }
+func (f *fakePool) AcquireLease(string) (string, error) { return "", lifecycle.ErrNotReady }
+func (f *fakePool) ReleaseLease(string) error           { return lifecycle.ErrNoSuchLease }
+func (f *fakePool) ReleaseLeaseAs(string, string) error { return lifecycle.ErrNoSuchLease }
+func (f *fakePool) ReleaseOwner(string) int             { return 0 }
+func (f *fakePool) XID(uuid string, xid uint64)         { f.record(fmt.Sprintf("xid %d %s", xid, uuid)) }
+func (f *fakePool) GPUUnhealthy(uuid, why string)       { f.record("unhealthy " + uuid + ": " + why) }
+func (f *fakePool) GPUUsable(uuid string)               { f.record("usable " + uuid) }
 
 func (f *fakePool) did(call string) bool { return slices.Contains(f.Calls(), call) }
 

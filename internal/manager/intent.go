@@ -205,14 +205,20 @@ func (m *Manager) SetAutoStart(pool string, on, runtime bool) error {
 // daemon loads it too; runtime keeps it under /run only, until the boot
 // ends. A ref that cannot be written in a unit file is refused first.
 func (m *Manager) ReloadModel(ctx context.Context, pool, ref string, drainDeadline time.Duration, runtime bool) (string, error) {
-	p, err := m.Pool(pool)
+	e, err := m.entry(pool)
 	if err != nil {
 		return "", err
 	}
 	if _, err := config.DropInText("Pool", "Model", ref, ""); err != nil {
 		return "", fmt.Errorf("model ref: %v: %w", err, lifecycle.ErrInvalidArgument)
 	}
-	model, err := p.Reload(ctx, ref, drainDeadline)
+	// A reload starts a pool with no engine: a group member in its turn.
+	var model string
+	err = m.inTurn(ctx, pool, e, false, func(p Pool) error {
+		var err error
+		model, err = p.Reload(ctx, ref, drainDeadline)
+		return err
+	})
 	if err != nil {
 		return model, err
 	}

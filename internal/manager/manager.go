@@ -40,6 +40,10 @@ type Pool interface {
 	Start() error
 	Stop(ctx context.Context) error
 	Drain(ctx context.Context, deadline time.Duration) (lifecycle.DrainResult, error)
+	// Park gives the pool's GPUs to another pool of its group: today its
+	// engine is drained and stopped, the pool left Idle; a pool that can
+	// sleep may sleep instead, behind the same call.
+	Park(ctx context.Context, deadline time.Duration) (lifecycle.DrainResult, error)
 	Reload(ctx context.Context, ref string, drainDeadline time.Duration) (string, error)
 	ResetBreaker()
 	AllowRestart() error
@@ -84,6 +88,9 @@ type Manager struct {
 	// warn writes the entries others can cause at will (XIDs of their
 	// processes), rate-limited.
 	warn *journal.Limiter
+	// groups are the queues of turns of the groups of pools that share
+	// GPUs, by name (guarded by mu).
+	groups map[string]*group
 }
 
 // entry is one configured pool as the manager runs it.
@@ -159,13 +166,30 @@ func (m *Manager) ids() []string {
 	return ids
 }
 
-// AcquireLease takes a lease on a pool for owner.
+// AcquireLease takes a lease on a pool for owner. A member of a group
+// with StartOnLease= is started in its group's turn first.
 func (m *Manager) AcquireLease(pool, owner string) (string, error) {
-	p, err := m.Pool(pool)
+	e, err := m.entry(pool)
 	if err != nil {
 		return "", err
 	}
-	return p.AcquireLease(owner)
+	if e.cfg == nil || e.cfg.Group == "" || !e.cfg.StartOnLease {
+		return e.pool.AcquireLease(owner)
+	}
+	// Bounded like the pool's own wait for a start, with the awake
+	// member's drain before it; the lease is taken within the turn, so
+	// that no swap parks the pool in between.
+	ctx, cancel := context.WithTimeout(m.ctx, e.cfg.GroupDrain+lifecycle.DefaultWakeTimeout)
+	defer cancel()
+	var id string
+	err = m.inTurn(ctx, pool, e, false, func(p Pool) error {
+		if err := p.EnsureReady(ctx, 0); err != nil {
+			return err
+		}
+		id, err = p.AcquireLease(owner)
+		return err
+	})
+	return id, err
 }
 
 // ReleaseLease gives a lease back; a lease id naming no pool is
@@ -219,25 +243,28 @@ func (m *Manager) Reload(ctx context.Context, pool, ref string, drainDeadline ti
 }
 
 // Start starts a stopped pool, and forgets that the operator stopped it.
+// A member of a group starts in its group's turn: after the awake
+// member's park.
 func (m *Manager) Start(pool string) error {
-	p, err := m.Pool(pool)
+	e, err := m.entry(pool)
 	if err != nil {
 		return err
 	}
 	m.clearStopped(pool)
-	return p.Start()
+	return m.inTurn(m.ctx, pool, e, true, func(p Pool) error { return p.Start() })
 }
 
 // EnsureReady answers once a pool is Ready, starting it if it is idle,
 // stopped, failed or in backoff (see supervisor.EnsureReady); like Start
-// it forgets that the operator stopped it.
+// it forgets that the operator stopped it. A member of a group waits for
+// its group's turn (see inTurn).
 func (m *Manager) EnsureReady(ctx context.Context, pool string, timeout time.Duration) error {
-	p, err := m.Pool(pool)
+	e, err := m.entry(pool)
 	if err != nil {
 		return err
 	}
 	m.clearStopped(pool)
-	return p.EnsureReady(ctx, timeout)
+	return m.inTurn(ctx, pool, e, false, func(p Pool) error { return p.EnsureReady(ctx, timeout) })
 }
 
 // Stop is a drain with deadline 0; the pool stays stopped across a

@@ -172,6 +172,7 @@ func (m *Manager) newPool(p *config.Pool) (*entry, error) {
 // adopt starts in the background if it starts on its own (the first start
 // of a big model hashes it for minutes).
 func (m *Manager) Adopt(ctx context.Context, keep func(owner string) bool) {
+	running := map[string]bool{}
 	for _, id := range m.IDs() {
 		m.mu.RLock()
 		e := m.pools[id]
@@ -180,7 +181,13 @@ func (m *Manager) Adopt(ctx context.Context, keep func(owner string) bool) {
 		if err != nil {
 			m.o.Log.Error("cannot adopt the pool's engine", journal.PoolID, id, journal.Error, err.Error())
 		}
+		running[id] = adopted
 		switch {
+		case e.cfg != nil && e.cfg.Group != "":
+			// One member up at a time: see startGroups.
+			if adopted {
+				m.clearStopped(id)
+			}
 		case adopted:
 			// It runs: whatever a mark says, the operator's last word
 			// was a start.
@@ -196,6 +203,9 @@ func (m *Manager) Adopt(ctx context.Context, keep func(owner string) bool) {
 			go m.start(e)
 		}
 	}
+	m.startGroups(running, func(id string, e *entry) bool {
+		return e.cfg.AutoStart && !m.stoppedByOperator(id) && !e.pool.RestoreIdle()
+	})
 }
 
 func (m *Manager) start(e *entry) {
@@ -310,7 +320,7 @@ func (m *Manager) apply(cfg *config.Config) ([]string, error) {
 			}
 		}
 		if e.cfg.AutoStart && !m.stoppedByOperator(id) {
-			go m.start(e)
+			go m.autoStart(e)
 		}
 	}
 	m.mu.Lock()

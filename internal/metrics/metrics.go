@@ -64,6 +64,11 @@ type Set struct {
 	// for the driver's XID lines, 0 while they cannot be: then a
 	// process-tied XID restarts no pool. Absent without NVML.
 	KernelLogReadable *prometheus.GaugeVec
+	// GroupSwaps counts the turns of a group that parked its awake member
+	// for another; GroupSwapDuration is how long each took, from the park
+	// to the asked pool's start answered.
+	GroupSwaps        *prometheus.CounterVec
+	GroupSwapDuration *prometheus.HistogramVec
 
 	touched chan struct{}
 }
@@ -113,13 +118,17 @@ func New(reg prometheus.Registerer) *Set {
 		GPUXIDs:             counter("gpu_xids_total", "XIDs by GPU and tie: pool (a process in a pool's scope), none (a process in no pool's scope: no pool acts), device (the GPU itself).", "gpu_uuid", "xid", "tied"),
 		BusRejected:         counter("bus_rejected_total", "Bus messages from others that the daemon refused, by reason (access_denied, forged_signal).", "reason"),
 		KernelLogReadable:   gauge("kernel_log_readable", "1 while the kernel's journal entries are read for the driver's XID lines, 0 while they cannot be (process-tied XIDs restart no pool)."),
-		touched:             make(chan struct{}, 1),
+		GroupSwaps:          counter("group_swaps_total", "Swaps in a group of pools that share GPUs: its awake member parked for the one asked for.", "group"),
+		GroupSwapDuration: histogram("group_swap_duration_seconds", "Time a group swap took: the awake member's drain and stop, then the asked pool's start.",
+			[]float64{.1, .5, 1, 5, 10, 30, 60, 120, 300, 600}, "group"),
+		touched: make(chan struct{}, 1),
 	}
 	reg.MustRegister(m.DrainDuration, m.Drains, m.DrainForceStops, m.ReloadDuration, m.ReloadSuccess,
 		m.ReloadFailure, m.EngineCrashes, m.BackoffDelay, m.RestartsScheduled, m.BreakerOpens,
 		m.BreakerState, m.RestartStorms, m.RestartRate, m.PoolReady, m.PoolLive, m.PoolDraining,
 		m.PoolState, m.ActiveLeases, m.PoolInfo, m.HealthCheckFailures, m.BuildInfo, m.GPUUnhealthy,
-		m.GPUXIDs, m.BusRejected, m.KernelLogReadable, m.IdleStops, m.LeaseStarts, m.Wakes, m.WakeDuration)
+		m.GPUXIDs, m.BusRejected, m.KernelLogReadable, m.IdleStops, m.LeaseStarts, m.Wakes, m.WakeDuration,
+		m.GroupSwaps, m.GroupSwapDuration)
 	m.BuildInfo.WithLabelValues(Version, runtime.Version()).Set(1)
 	// Zero from the start, so that the first refusal is an increase an
 	// alert can see.

@@ -544,6 +544,22 @@ func (s *Supervisor) Drain(ctx context.Context, deadline time.Duration) (lifecyc
 	}
 }
 
+// Park gives the pool's GPUs to another pool of its group: a drain
+// (leases honoured up to deadline) that leaves the pool Idle, reason
+// group, for its next use to start (see lifecycle.ParkRequested). ctx only
+// bounds the wait.
+func (s *Supervisor) Park(ctx context.Context, deadline time.Duration) (lifecycle.DrainResult, error) {
+	ch := s.request(func(id lifecycle.ReqID) lifecycle.Event {
+		return lifecycle.ParkRequested{Req: id, Deadline: deadline}
+	})
+	select {
+	case rep := <-ch:
+		return rep.Drain, rep.Err
+	case <-ctx.Done():
+		return lifecycle.DrainResult{}, ctx.Err()
+	}
+}
+
 // EnsureReady answers once the pool is Ready: at once if it is, else
 // after the start it makes (an idle, stopped, failed or backoff pool, the
 // breaker permitting) or joins, which callers share. timeout bounds the
