@@ -1,6 +1,7 @@
 package manager
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"slices"
@@ -8,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/supervisor"
@@ -334,4 +336,26 @@ func (m *Manager) autoStart(e *entry) {
 	if err != nil {
 		m.o.Log.Error("pool did not start", journal.PoolID, e.cfg.ID, journal.Error, err.Error())
 	}
+}
+
+// checkShared holds cfg's pools to the rule of shared GPUs on the
+// inventory the daemon runs on: NVML relates a MIG device to its GPU,
+// which the configuration alone cannot (config.CheckSharedGPUs).
+func (m *Manager) checkShared(cfg *config.Config) error {
+	inv := m.o.Inventory
+	if inv == nil {
+		return nil
+	}
+	errs := config.CheckSharedGPUs(cfg.Pools, func(d string) (string, string) {
+		gs, err := inv.Resolve([]string{d})
+		if err != nil || len(gs) != 1 {
+			k := strings.ToLower(d)
+			return k, k
+		}
+		return strings.ToLower(gs[0].UUID), strings.ToLower(cmp.Or(gs[0].Parent, gs[0].UUID))
+	})
+	if len(errs) > 0 {
+		return errs
+	}
+	return nil
 }

@@ -13,6 +13,11 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/NVIDIA/go-nvml/pkg/nvml"
+	"github.com/NVIDIA/go-nvml/pkg/nvml/mock/dgxh100"
+
+	"github.com/llorch/pool-managerd/internal/gpu"
+	"github.com/llorch/pool-managerd/internal/gpu/nvmlmock"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/supervisor"
 )
@@ -267,4 +272,26 @@ func TestGroupNeverTwoUp(t *testing.T) {
 	assert.NoError(t, twoUp)
 	assert.LessOrEqual(t, swaps(h), 29.0)
 	assert.True(t, strings.Contains(h.logs.String(), "group swap"))
+}
+
+// On NVML's inventory a MIG device is on its GPU: a pool on the GPU and
+// one on its MIG device outside one group are refused (a reload too),
+// naming both files and lines; two MIG devices of one GPU are not shared.
+func TestGroupRuleOnNVMLInventory(t *testing.T) {
+	nv := nvmlmock.New(dgxh100.New())
+	mig, err := nv.AddMIG(0, nvml.GPU_INSTANCE_PROFILE_1_SLICE)
+	require.NoError(t, err)
+	mig2, err := nv.AddMIG(0, nvml.GPU_INSTANCE_PROFILE_1_SLICE)
+	require.NoError(t, err)
+	h := newHost(t, func(dir string) string {
+		return "[Manager]\nStateDir=" + dir + "/state\nRuntimeDir=" + dir + "/run\nModelsDir=" + dir + "/models\nMetricsTextfile=\n[Inventory]\nBackend=nvml\n"
+	}, map[string]string{"a": mig.UUID, "b": mig2.UUID})
+	m := h.open(func() gpu.NVML { return gpu.NewNVMLWith(nv.Server) }, nil)
+	assert.Equal(t, []string{"a", "b"}, m.IDs())
+
+	h.writePools(map[string]string{"a": mig.UUID, "b": mig2.UUID, "c": nv.GPU(0).UUID})
+	err = m.Apply(h.load())
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "c.pool:2: [Pool] Devices=: GPU \""+nv.GPU(0).UUID+"\" is already used by pool \"a\" ("+h.dir+"/pools.d/a.pool:2: \""+mig.UUID+"\")")
+	assert.Equal(t, []string{"a", "b"}, m.IDs(), "nothing changed")
 }

@@ -100,6 +100,9 @@ func Open(ctx context.Context, cfg *config.Config, o Options) (*Manager, error) 
 		m.o.NewPool = m.supervisor
 	}
 	m.cfg = cfg
+	if err := m.checkShared(cfg); err != nil {
+		return nil, err
+	}
 	for _, p := range cfg.Pools {
 		e, err := m.newPool(p)
 		if err != nil {
@@ -255,6 +258,9 @@ func (m *Manager) apply(cfg *config.Config) ([]string, error) {
 	next := map[string]*config.Pool{}
 	for _, p := range cfg.Pools {
 		next[p.ID] = p
+	}
+	if err := m.checkShared(cfg); err != nil {
+		return nil, err
 	}
 	m.mu.RLock()
 	running := make(map[string]*entry, len(m.pools))
