@@ -67,3 +67,20 @@ Feature: Pools on demand
     And the engine was started 2 times
     And the metric pool_managerd_wakes_total{pool_id="vllm8b",result="failed"} is 1
     And no crash is counted
+
+  Scenario: Group swap with a held lease
+    Pools that share a GPU with one Group= take turns: asking for the parked
+    one drains the awake one, its lease honoured, then parks it (idle, not a
+    crash) and starts the one asked for.
+    Given pools "chat" and "code" of group "pair" on GPU 0 with GroupDrainSec=30, started as the daemon starts them
+    Then pool "chat" is ready and pool "code" is parked
+    Given a router holds a lease on pool "chat"
+    When EnsureReady is called for pool "code" in the background
+    Then pool "chat" is draining with 1 active lease
+    And after 1 second pool "code" is still idle and EnsureReady has not answered
+    When the router releases its lease
+    Then EnsureReady answers with success within 30 seconds
+    And pool "code" is ready
+    And pool "chat" is parked without a crash, journaled with reason "group"
+    And the metric pool_managerd_group_swaps_total{group="pair"} is 1
+    And the metric pool_managerd_group_swap_duration_seconds{group="pair"} has 1 observation
