@@ -306,8 +306,9 @@ type Host struct {
 var enginePath = []string{"/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"}
 
 // CheckHost finds what a valid configuration would still fail at on this
-// host when its pools start: a GPU that two pools name differently (index,
-// UUID, a MIG device and its parent), a GPU the host lacks, an unknown
+// host when its pools start: a GPU that two pools outside one Group= name
+// differently (index, UUID, a MIG device and its parent), members of a
+// group on other GPUs, a GPU the host lacks, an unknown
 // User=, an ExecStart= binary that is missing or that the pool's user may
 // not execute, a Model= that is missing or that the user may not read.
 // Every error names file and line.
@@ -320,41 +321,26 @@ func CheckHost(c *Config, h Host) Errors {
 	}
 	stager.SetPoolModels(refs)
 
-	type claim struct {
-		pool *Pool
-		dev  string
-		gpu  GPUInfo
-	}
-	var claims []claim
+	var shared []*Pool
+	known := map[string]GPUInfo{}
 	for _, p := range c.Pools {
 		fail := func(section, key, format string, a ...any) {
 			file, line := keyPlace(p, section, key)
 			errs = append(errs, &Error{File: file, Line: line, Section: section, Key: key, Msg: fmt.Sprintf(format, a...)})
 		}
 		if h.GPU != nil {
+			ok := true
 			for _, d := range p.Devices {
 				g, err := h.GPU(d)
 				if err != nil {
 					fail("Pool", "Devices", "%v", err)
+					ok = false
 					continue
 				}
-				for _, o := range claims {
-					if o.pool == p {
-						continue
-					}
-					switch {
-					case strings.EqualFold(o.gpu.UUID, g.UUID):
-						fail("Pool", "Devices", "GPU %q is %s, which pool %q names %q (%s): a GPU belongs to one pool", d, g.UUID, o.pool.ID, o.dev, o.pool.File)
-					case g.Parent != "" && strings.EqualFold(o.gpu.UUID, g.Parent):
-						fail("Pool", "Devices", "GPU %q is a MIG device of %s, which pool %q takes whole as %q (%s): a GPU belongs to one pool", d, g.Parent, o.pool.ID, o.dev, o.pool.File)
-					case o.gpu.Parent != "" && strings.EqualFold(o.gpu.Parent, g.UUID):
-						fail("Pool", "Devices", "GPU %q is %s, whose MIG device %q pool %q uses (%s): a GPU belongs to one pool", d, g.UUID, o.dev, o.pool.ID, o.pool.File)
-					default:
-						continue
-					}
-					break
-				}
-				claims = append(claims, claim{p, d, g})
+				known[d] = g
+			}
+			if ok {
+				shared = append(shared, p)
 			}
 		}
 
@@ -379,6 +365,9 @@ func CheckHost(c *Config, h Host) Errors {
 		if _, err := stager.Resolve(p.Model, u); err != nil {
 			fail("Pool", "Model", "%v", err)
 		}
+	}
+	if h.GPU != nil {
+		errs = append(errs, CheckSharedGPUs(shared, func(d string) (GPUInfo, bool) { return known[d], true })...)
 	}
 	return errs
 }

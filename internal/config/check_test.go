@@ -75,6 +75,12 @@ func TestCheckHostFindsWhatFailsAtRunTime(t *testing.T) {
 		{"a parent after its MIG device", nil, func(dir string) map[string]string {
 			return map[string]string{"a": hostPool(dir, "MIG-11111111-0000-4000-8000-0000000000a1", 8081, ""), "b": hostPool(dir, "GPU-11111111-0000-4000-8000-000000000000", 8082, "")}
 		}, []string{`b.pool:2: [Pool] Devices=: GPU "GPU-11111111-0000-4000-8000-000000000000" is GPU-11111111-0000-4000-8000-000000000000, whose MIG device "MIG-11111111-0000-4000-8000-0000000000a1" pool "a" uses`}},
+		{"a group shares a GPU by index and by UUID", nil, func(dir string) map[string]string {
+			return map[string]string{"a": hostPool(dir, "0", 8081, "[Pool]\nGroup=g\n"), "b": hostPool(dir, "GPU-00000000-0000-4000-8000-000000000000", 8082, "[Pool]\nGroup=g\n")}
+		}, nil},
+		{"a group's members on a GPU and its MIG device", nil, func(dir string) map[string]string {
+			return map[string]string{"a": hostPool(dir, "1", 8081, "[Pool]\nGroup=g\n"), "b": hostPool(dir, "MIG-11111111-0000-4000-8000-0000000000a1", 8082, "[Pool]\nGroup=g\n")}
+		}, []string{`b.pool:2: [Pool] Devices=: MIG-11111111-0000-4000-8000-0000000000a1 names other GPUs than pool "a" of Group=g (`}},
 		{"a GPU the host lacks", nil, func(dir string) map[string]string {
 			return map[string]string{"a": hostPool(dir, "7", 8081, "")}
 		}, []string{`a.pool:2: [Pool] Devices=: GPU "7" is not on this host`}},

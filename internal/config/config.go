@@ -391,23 +391,22 @@ func (m *Manager) staticApplies() bool {
 // when the static inventory relates them) and entries the inventory lacks.
 func (c *Config) checkDevices() Errors {
 	var errs Errors
-	ident := func(d string) (string, string) { return strings.ToLower(d), strings.ToLower(d) }
+	// Without a static inventory only the names as written are known: the
+	// daemon (and CheckHost) check again on NVML's.
+	ident := func(d string) (GPUInfo, bool) { return GPUInfo{UUID: d}, false }
 	known := func(string) bool { return true }
 	canon := func(d string) string { return d }
 	if c.Manager.staticApplies() {
 		// Each node is listed once: the static inventory relates no MIG
-		// device to its GPU (the daemon checks that on NVML's).
-		byKey := map[string]StaticDevice{}
+		// device to its GPU.
+		byKey := map[string]string{}
 		for _, d := range c.Manager.Inventory.Devices {
-			byKey[fmt.Sprint(d.Index)] = d
-			byKey[strings.ToLower(d.UUID)] = d
-		}
-		ident = func(d string) (string, string) {
-			k := strings.ToLower(cmp.Or(byKey[strings.ToLower(d)].UUID, d))
-			return k, k
+			byKey[fmt.Sprint(d.Index)] = d.UUID
+			byKey[strings.ToLower(d.UUID)] = d.UUID
 		}
 		known = func(d string) bool { _, ok := byKey[strings.ToLower(d)]; return ok }
-		canon = func(d string) string { return cmp.Or(byKey[strings.ToLower(d)].UUID, d) }
+		canon = func(d string) string { return cmp.Or(byKey[strings.ToLower(d)], d) }
+		ident = func(d string) (GPUInfo, bool) { return GPUInfo{UUID: canon(d)}, known(d) }
 	}
 	var pools []*Pool
 	for _, p := range c.Pools {
@@ -433,31 +432,49 @@ func (c *Config) checkDevices() Errors {
 
 // CheckSharedGPUs holds pools to the rule of shared GPUs: two pools may
 // name one GPU (or a GPU and a MIG device on it) only with the same
-// Group=, and the members of a group name the same GPUs. ident gives a
-// Devices= entry's own key and its physical GPU's key (the same for a
-// whole GPU; the parent's for a MIG device): how the inventory at hand
-// relates the names. Errors name both pools' files and lines.
-func CheckSharedGPUs(pools []*Pool, ident func(dev string) (key, gpu string)) Errors {
-	type dev struct{ name, key, gpu string }
+// Group=, and the members of a group name the same GPUs. ident says what
+// a Devices= entry is on the inventory at hand, and whether that is known
+// (not only the name as written: then two members' sets are not
+// compared). Errors name both pools' files and lines.
+func CheckSharedGPUs(pools []*Pool, ident func(dev string) (GPUInfo, bool)) Errors {
+	type dev struct {
+		name  string
+		gpu   GPUInfo
+		known bool
+	}
 	devs := make([][]dev, len(pools))
 	for i, p := range pools {
 		for _, d := range p.Devices {
-			k, g := ident(d)
-			devs[i] = append(devs[i], dev{d, k, g})
+			g, ok := ident(d)
+			devs[i] = append(devs[i], dev{d, g, ok})
 		}
 	}
-	overlap := func(a, b dev) bool {
-		return a.key == b.key || a.key == a.gpu && b.gpu == a.key || b.key == b.gpu && a.gpu == b.key
+	// why says how b, of a later pool, is on a's GPU ("" when it is not).
+	why := func(a, b dev, prev *Pool, at string) string {
+		switch {
+		case strings.EqualFold(a.gpu.UUID, b.gpu.UUID) && strings.EqualFold(a.name, b.name):
+			return fmt.Sprintf("GPU %q is already used by pool %q (%s)", b.name, prev.ID, at)
+		case strings.EqualFold(a.gpu.UUID, b.gpu.UUID):
+			return fmt.Sprintf("GPU %q is %s, which pool %q names %q (%s)", b.name, b.gpu.UUID, prev.ID, a.name, at)
+		case b.gpu.Parent != "" && strings.EqualFold(a.gpu.UUID, b.gpu.Parent):
+			return fmt.Sprintf("GPU %q is a MIG device of %s, which pool %q takes whole as %q (%s)", b.name, b.gpu.Parent, prev.ID, a.name, at)
+		case a.gpu.Parent != "" && strings.EqualFold(a.gpu.Parent, b.gpu.UUID):
+			return fmt.Sprintf("GPU %q is %s, whose MIG device %q pool %q uses (%s)", b.name, b.gpu.UUID, a.name, prev.ID, at)
+		}
+		return ""
 	}
-	keys := func(ds []dev) string {
+	set := func(ds []dev) (string, bool) {
 		ks := make([]string, len(ds))
 		for i, d := range ds {
-			ks[i] = d.key
+			if !d.known {
+				return "", false
+			}
+			ks[i] = strings.ToLower(d.gpu.UUID)
 		}
 		slices.Sort(ks)
-		return strings.Join(ks, " ")
+		return strings.Join(ks, " "), true
 	}
-	at := func(p *Pool) (string, int) {
+	place := func(p *Pool) (string, int) {
 		i := strings.LastIndexByte(p.devicesAt, ':')
 		if i < 0 {
 			return p.File, 0
@@ -468,18 +485,22 @@ func CheckSharedGPUs(pools []*Pool, ident func(dev string) (key, gpu string)) Er
 	var errs Errors
 	first := map[string]int{} // a group's first member, by name
 	for j, q := range pools {
-		file, line := at(q)
+		file, line := place(q)
 		fail := func(msg string) {
 			errs = append(errs, &Error{File: file, Line: line, Section: "Pool", Key: "Devices", Msg: msg})
 		}
 		if q.Group != "" {
 			if i, ok := first[q.Group]; !ok {
 				first[q.Group] = j
-			} else if keys(devs[i]) != keys(devs[j]) {
-				pf, pl := at(pools[i])
-				fail(fmt.Sprintf("%s names other GPUs than pool %q of Group=%s (%s:%d: %s): the members of a group name the same GPUs",
-					strings.Join(q.Devices, " "), pools[i].ID, q.Group, pf, pl, strings.Join(pools[i].Devices, " ")))
-				continue
+			} else {
+				a, aok := set(devs[i])
+				b, bok := set(devs[j])
+				if aok && bok && a != b {
+					pf, pl := place(pools[i])
+					fail(fmt.Sprintf("%s names other GPUs than pool %q of Group=%s (%s:%d: %s): the members of a group name the same GPUs",
+						strings.Join(q.Devices, " "), pools[i].ID, q.Group, pf, pl, strings.Join(pools[i].Devices, " ")))
+					continue
+				}
 			}
 		}
 	pairs:
@@ -487,12 +508,11 @@ func CheckSharedGPUs(pools []*Pool, ident func(dev string) (key, gpu string)) Er
 			if p.Group != "" && p.Group == q.Group {
 				continue
 			}
+			pf, pl := place(p)
 			for _, a := range devs[i] {
 				for _, b := range devs[j] {
-					if overlap(a, b) {
-						pf, pl := at(p)
-						fail(fmt.Sprintf("GPU %q is already used by pool %q (%s:%d: %q): pools share a GPU only with the same Group= (a GPU belongs to one pool otherwise)",
-							b.name, p.ID, pf, pl, a.name))
+					if w := why(a, b, p, fmt.Sprintf("%s:%d", pf, pl)); w != "" {
+						fail(w + ": pools share a GPU only with the same Group= (a GPU belongs to one pool otherwise)")
 						break pairs
 					}
 				}

@@ -288,7 +288,7 @@ func TestErrors(t *testing.T) {
 			ManagerFile:      "[Inventory]\nDevice=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0\n",
 			"pools.d/a.pool": minimalPool,
 			"pools.d/b.pool": strings.NewReplacer("Devices=0", "Devices=GPU-8F2C1A70-0000-4000-8000-000000000000", "8081", "8082").Replace(minimalPool)},
-			[]string{`b.pool:2: [Pool] Devices=: GPU "GPU-8F2C1A70-0000-4000-8000-000000000000" is already used by pool "a"`}},
+			[]string{`b.pool:2: [Pool] Devices=: GPU "GPU-8F2C1A70-0000-4000-8000-000000000000" is GPU-8f2c1a70-0000-4000-8000-000000000000, which pool "a" names "0"`}},
 		{"GPU not in inventory", map[string]string{
 			ManagerFile:      "[Inventory]\nBackend=static\nDevice=0 GPU-8f2c1a70-0000-4000-8000-000000000000 /dev/nvidia0\n",
 			"pools.d/a.pool": strings.Replace(minimalPool, "Devices=0", "Devices=0 3", 1)},

@@ -1,9 +1,11 @@
 package config
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -11,10 +13,15 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
+// nextPort gives each pool a port of its own.
+var nextPort atomic.Int32
+
+func init() { nextPort.Store(9000) }
+
 // groupPool is minimalPool on devices, in group (none when empty), with
 // more lines under [Pool].
 func groupPool(devices, group, more string) string {
-	p := strings.Replace(minimalPool, "Devices=0", "Devices="+devices, 1)
+	p := strings.NewReplacer("Devices=0", "Devices="+devices, "Port=8081", fmt.Sprintf("Port=%d", nextPort.Add(1))).Replace(minimalPool)
 	if group != "" {
 		p += "[Pool]\nGroup=" + group + "\n"
 	}
@@ -54,24 +61,24 @@ func TestGroupSharedGPUErrors(t *testing.T) {
 		want  string
 	}{
 		{"no group", map[string]string{"pools.d/a.pool": groupPool("0", "", ""), "pools.d/b.pool": groupPool("0", "", "")},
-			`b.pool:2: [Pool] Devices=: GPU "0" is already used by pool "a" (%s/a.pool:2: "0"): pools share a GPU only with the same Group=`},
+			`b.pool:2: [Pool] Devices=: GPU "0" is already used by pool "a" (%s/a.pool:2): pools share a GPU only with the same Group=`},
 		{"one in a group", map[string]string{"pools.d/a.pool": groupPool("0", "chat", ""), "pools.d/b.pool": groupPool("0", "", "")},
-			`b.pool:2: [Pool] Devices=: GPU "0" is already used by pool "a" (%s/a.pool:2: "0")`},
+			`b.pool:2: [Pool] Devices=: GPU "0" is already used by pool "a" (%s/a.pool:2)`},
 		{"other groups", map[string]string{"pools.d/a.pool": groupPool("0", "chat", ""), "pools.d/b.pool": groupPool("0", "code", "")},
 			`b.pool:2: [Pool] Devices=: GPU "0" is already used by pool "a"`},
 		{"index and UUID", map[string]string{ManagerFile: groupInventory,
 			"pools.d/a.pool": groupPool("0", "chat", ""), "pools.d/b.pool": groupPool("GPU-8F2C1A70-0000-4000-8000-000000000000", "", "")},
-			`b.pool:2: [Pool] Devices=: GPU "GPU-8F2C1A70-0000-4000-8000-000000000000" is already used by pool "a" (%s/a.pool:2: "0")`},
+			`b.pool:2: [Pool] Devices=: GPU "GPU-8F2C1A70-0000-4000-8000-000000000000" is GPU-8f2c1a70-0000-4000-8000-000000000000, which pool "a" names "0" (%s/a.pool:2): pools share a GPU only with the same Group=`},
 		{"members on other GPUs", map[string]string{ManagerFile: groupInventory,
 			"pools.d/a.pool": groupPool("0 1", "chat", ""), "pools.d/b.pool": groupPool("0", "chat", "")},
 			`b.pool:2: [Pool] Devices=: 0 names other GPUs than pool "a" of Group=chat (%s/a.pool:2: 0 1): the members of a group name the same GPUs`},
 		{"a drop-in's line", map[string]string{"pools.d/a.pool": groupPool("0", "", ""), "pools.d/b.pool": groupPool("1", "", ""),
 			"pools.d/b.pool.d/gpu.conf": "[Pool]\nDevices=\nDevices=0\n"},
-			`b.pool.d/gpu.conf:3: [Pool] Devices=: GPU "0" is already used by pool "a" (%s/a.pool:2: "0")`},
+			`b.pool.d/gpu.conf:3: [Pool] Devices=: GPU "0" is already used by pool "a" (%s/a.pool:2)`},
 		{"bad group name", map[string]string{"pools.d/a.pool": groupPool("0", "chat room", "")},
 			`a.pool:8: [Pool] Group=: group name "chat room" must be 1 to 64 characters`},
 		{"pinned member", map[string]string{"pools.d/a.pool": groupPool("0", "chat", "Pin=yes\n")},
-			`a.pool: [Pool] Pin=: yes keeps the engine up, but a member of Group=chat gives its GPUs`},
+			`a.pool:9: [Pool] Pin=: yes keeps the engine up, but a member of Group=chat gives its GPUs`},
 		{"drain time", map[string]string{"pools.d/a.pool": groupPool("0", "chat", "GroupDrainSec=soon\n")},
 			`a.pool:9: [Pool] GroupDrainSec=: "soon" is not a time span`},
 	}

@@ -111,3 +111,19 @@ func TestParkWithoutEngine(t *testing.T) {
 	p.reply(park)
 	assert.Equal(t, Stopped, p.m.State(), "the operator's drain stops the pool")
 }
+
+// A sleeping engine (Sleep=vllm) still holds its process on the GPU: a
+// park stops it, and the pool ends Idle, not Sleeping.
+func TestParkOfASleepingPoolStopsItsEngine(t *testing.T) {
+	p := sleepPool(t, nil)
+	run := p.ready()
+	p.asleep(run)
+	req := p.request(func(r ReqID) Event { return ParkRequested{Req: r, Deadline: time.Minute} })
+	_, ok := find[StopScope](p.last)
+	require.True(t, ok, "the sleeping engine is stopped: %v", p.last)
+	acts := p.exit(run, killedBy(15))
+	require.NoError(t, p.reply(req).Err)
+	assert.Equal(t, Idle, p.m.State())
+	assert.True(t, parkLogged(acts))
+	assert.Zero(t, p.m.View(p.now).Policy.CrashCount)
+}

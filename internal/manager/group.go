@@ -1,7 +1,6 @@
 package manager
 
 import (
-	"cmp"
 	"context"
 	"fmt"
 	"slices"
@@ -76,10 +75,12 @@ func (m *Manager) groupOf(e *entry) (*group, []*entry) {
 }
 
 // awake says whether a pool holds or is about to hold its GPUs: an engine
-// up or starting, a restart scheduled, a drain not done.
+// up or starting, a restart scheduled, a drain not done, an engine asleep
+// (Sleep=vllm: its process still holds the GPU) or waking.
 func awake(s supervisor.Snapshot) bool {
 	switch s.State {
-	case lifecycle.Starting, lifecycle.Warming, lifecycle.Ready, lifecycle.Draining, lifecycle.Backoff:
+	case lifecycle.Starting, lifecycle.Warming, lifecycle.Ready, lifecycle.Draining, lifecycle.Backoff,
+		lifecycle.Sleeping, lifecycle.Waking:
 		return true
 	}
 	return s.Live
@@ -346,13 +347,12 @@ func (m *Manager) checkShared(cfg *config.Config) error {
 	if inv == nil {
 		return nil
 	}
-	errs := config.CheckSharedGPUs(cfg.Pools, func(d string) (string, string) {
+	errs := config.CheckSharedGPUs(cfg.Pools, func(d string) (config.GPUInfo, bool) {
 		gs, err := inv.Resolve([]string{d})
 		if err != nil || len(gs) != 1 {
-			k := strings.ToLower(d)
-			return k, k
+			return config.GPUInfo{UUID: d}, false
 		}
-		return strings.ToLower(gs[0].UUID), strings.ToLower(cmp.Or(gs[0].Parent, gs[0].UUID))
+		return config.GPUInfo{UUID: gs[0].UUID, Parent: gs[0].Parent}, true
 	})
 	if len(errs) > 0 {
 		return errs

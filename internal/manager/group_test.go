@@ -292,6 +292,7 @@ func TestGroupRuleOnNVMLInventory(t *testing.T) {
 	h.writePools(map[string]string{"a": mig.UUID, "b": mig2.UUID, "c": nv.GPU(0).UUID})
 	err = m.Apply(h.load())
 	require.Error(t, err)
-	assert.Contains(t, err.Error(), "c.pool:2: [Pool] Devices=: GPU \""+nv.GPU(0).UUID+"\" is already used by pool \"a\" ("+h.dir+"/pools.d/a.pool:2: \""+mig.UUID+"\")")
+	assert.Contains(t, err.Error(), "c.pool:2: [Pool] Devices=: GPU \""+nv.GPU(0).UUID+"\" is "+nv.GPU(0).UUID+", whose MIG device \""+mig.UUID+
+		"\" pool \"a\" uses ("+h.dir+"/pools.d/a.pool:2): pools share a GPU only with the same Group=")
 	assert.Equal(t, []string{"a", "b"}, m.IDs(), "nothing changed")
 }
