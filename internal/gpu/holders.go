@@ -55,35 +55,51 @@ func ComputeProcesses(n NVML, uuid, procRoot string) ([]Holder, error) {
 	if err != nil {
 		return nil, fmt.Errorf("compute processes on %s: %w", uuid, err)
 	}
-	ps, err := d.ComputeProcesses()
+	ps, err := deviceProcesses(d)
 	if err != nil {
 		return nil, fmt.Errorf("compute processes on %s: %w", uuid, err)
+	}
+	out := make([]Holder, 0, len(ps))
+	for _, p := range ps {
+		out = append(out, holder(procRoot, p.PID))
+	}
+	return out, nil
+}
+
+// deviceProcesses are the processes on d, each once, by PID (for a MIG
+// device only its instance's), with the memory they use summed over
+// their contexts.
+func deviceProcesses(d Device) ([]GPUProcess, error) {
+	ps, err := d.ComputeProcesses()
+	if err != nil {
+		return nil, err
 	}
 	// NVML answers a MIG handle with its own processes; the instance ids
 	// guard against a driver that answers with the whole GPU's.
 	mig, gi, ci := false, 0, 0
 	if p, err := d.Parent(); err != nil {
-		return nil, fmt.Errorf("compute processes on %s: %w", uuid, err)
+		return nil, err
 	} else if p != nil {
 		mig = true
 		if gi, ci, err = d.MIGInstance(); err != nil {
-			return nil, fmt.Errorf("compute processes on %s: %w", uuid, err)
+			return nil, err
 		}
 	}
-	var pids []int
+	var out []GPUProcess
 	for _, p := range ps {
 		if mig && p.GPUInstance != NoInstance && (int(p.GPUInstance) != gi || p.ComputeInstance != NoInstance && int(p.ComputeInstance) != ci) {
 			continue
 		}
-		if p.PID > 0 && !slices.Contains(pids, p.PID) {
-			pids = append(pids, p.PID)
+		if p.PID <= 0 {
+			continue
 		}
+		if i := slices.IndexFunc(out, func(o GPUProcess) bool { return o.PID == p.PID }); i >= 0 {
+			out[i].UsedMemory += p.UsedMemory
+			continue
+		}
+		out = append(out, p)
 	}
-	slices.Sort(pids)
-	out := make([]Holder, 0, len(pids))
-	for _, pid := range pids {
-		out = append(out, holder(procRoot, pid))
-	}
+	slices.SortFunc(out, func(a, b GPUProcess) int { return a.PID - b.PID })
 	return out, nil
 }
 

@@ -37,6 +37,9 @@ type Device interface {
 	Minor() (int, error)
 	Name() (string, error)
 	MemoryTotal() (uint64, error)
+	// Memory is the device's total and free memory in bytes (a MIG
+	// device's own).
+	Memory() (total, free uint64, err error)
 	// MIGDevices lists a GPU's MIG devices when MIG mode is on; none
 	// otherwise.
 	MIGDevices() ([]Device, error)
@@ -78,6 +81,9 @@ const (
 // GPUProcess is a process NVML reports on a device.
 type GPUProcess struct {
 	PID int
+	// UsedMemory is the device memory it uses, in bytes (0: NVML does
+	// not say).
+	UsedMemory uint64
 	// GPUInstance and ComputeInstance place it on a MIG device;
 	// NoInstance outside MIG mode.
 	GPUInstance, ComputeInstance uint32

@@ -177,6 +177,11 @@ func (d realDevice) MemoryTotal() (uint64, error) {
 	return m.Total, nvmlErr("memory info", ret)
 }
 
+func (d realDevice) Memory() (uint64, uint64, error) {
+	m, ret := d.d.GetMemoryInfo()
+	return m.Total, m.Free, nvmlErr("memory info", ret)
+}
+
 func (d realDevice) MIGDevices() ([]Device, error) {
 	cur, _, ret := d.d.GetMigMode()
 	if ret == nvml.ERROR_NOT_SUPPORTED || ret == nvml.SUCCESS && cur != nvml.DEVICE_MIG_ENABLE {
@@ -231,7 +236,11 @@ func (d realDevice) ComputeProcesses() ([]GPUProcess, error) {
 	}
 	out := make([]GPUProcess, 0, len(ps))
 	for _, p := range ps {
-		out = append(out, GPUProcess{PID: int(p.Pid), GPUInstance: p.GpuInstanceId, ComputeInstance: p.ComputeInstanceId})
+		used := p.UsedGpuMemory
+		if used == ^uint64(0) { // NVML_VALUE_NOT_AVAILABLE
+			used = 0
+		}
+		out = append(out, GPUProcess{PID: int(p.Pid), UsedMemory: used, GPUInstance: p.GpuInstanceId, ComputeInstance: p.ComputeInstanceId})
 	}
 	return out, nil
 }

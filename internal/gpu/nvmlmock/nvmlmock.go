@@ -166,9 +166,14 @@ func (h *Host) SetHealth(i int, s Health) {
 }
 
 // RunCompute makes NVML report pid running compute work on GPU i, or on
-// its MIG device m when m is not nil, until StopCompute.
-func (h *Host) RunCompute(i int, m *MIG, pid int) {
-	p := nvml.ProcessInfo{Pid: uint32(pid), UsedGpuMemory: 1 << 30, GpuInstanceId: ^uint32(0), ComputeInstanceId: ^uint32(0)}
+// its MIG device m when m is not nil, until StopCompute; it uses 1 GiB of
+// the device's memory.
+func (h *Host) RunCompute(i int, m *MIG, pid int) { h.RunComputeMemory(i, m, pid, 1<<30) }
+
+// RunComputeMemory is RunCompute with the bytes the process uses, which
+// the device's free memory (GetMemoryInfo) no longer has.
+func (h *Host) RunComputeMemory(i int, m *MIG, pid int, used uint64) {
+	p := nvml.ProcessInfo{Pid: uint32(pid), UsedGpuMemory: used, GpuInstanceId: ^uint32(0), ComputeInstanceId: ^uint32(0)}
 	if m != nil {
 		p.GpuInstanceId, p.ComputeInstanceId = uint32(m.GPUInstance), uint32(m.ComputeInstance)
 	}
@@ -202,6 +207,16 @@ func (h *Host) computeProcs(d *server.Device, mig bool, gi, ci int) ([]nvml.Proc
 	return out, nvml.SUCCESS
 }
 
+// used is a device's memory of total bytes with procs on it.
+func used(total uint64, procs []nvml.ProcessInfo) nvml.Memory {
+	var n uint64
+	for _, p := range procs {
+		n += p.UsedGpuMemory
+	}
+	n = min(n, total)
+	return nvml.Memory{Total: total, Used: n, Free: total - n}
+}
+
 func (h *Host) gpuFuncs(d *server.Device) {
 	// What a lost GPU still answers from the mock's own data is lost.
 	uuid, mem, name, minor := d.GetUUIDFunc, d.GetMemoryInfoFunc, d.GetNameFunc, d.GetMinorNumberFunc
@@ -215,7 +230,13 @@ func (h *Host) gpuFuncs(d *server.Device) {
 		if h.lost(d) {
 			return nvml.Memory{}, nvml.ERROR_GPU_IS_LOST
 		}
-		return mem()
+		m, ret := mem()
+		if ret != nvml.SUCCESS {
+			return m, ret
+		}
+		// What the processes use is not free (the mock's own Free is 0).
+		procs, _ := h.computeProcs(d, false, 0, 0)
+		return used(m.Total, procs), nvml.SUCCESS
 	}
 	d.GetNameFunc = func() (string, nvml.Return) {
 		if h.lost(d) {
@@ -343,7 +364,8 @@ func (h *Host) AddMIG(i, profile int) (*MIG, error) {
 		if h.lost(d) {
 			return nvml.Memory{}, nvml.ERROR_GPU_IS_LOST
 		}
-		return mem, nvml.SUCCESS
+		procs, _ := h.computeProcs(d, true, m.GPUInstance, m.ComputeInstance)
+		return used(mem.Total, procs), nvml.SUCCESS
 	}
 	m.GetComputeRunningProcessesFunc = func() ([]nvml.ProcessInfo, nvml.Return) {
 		return h.computeProcs(d, true, m.GPUInstance, m.ComputeInstance)
