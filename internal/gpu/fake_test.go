@@ -100,9 +100,9 @@ func (f *fakeNVML) NewEventSet() (EventSet, error) {
 	return &fakeEventSet{f: f}, nil
 }
 
-func (d *fakeDev) UUID() (string, error)        { return d.uuid, nil }
-func (d *fakeDev) Name() (string, error)        { return d.name, nil }
-func (d *fakeDev) MemoryTotal() (uint64, error) { return d.mem, nil }
+func (d *fakeDev) UUID() (string, error)           { return d.uuid, nil }
+func (d *fakeDev) Name() (string, error)           { return d.name, nil }
+func (d *fakeDev) MemoryTotal() (uint64, error)    { return d.mem, nil }
 func (d *fakeDev) Memory() (uint64, uint64, error) { return d.mem, d.mem, nil }
 
 func (d *fakeDev) Minor() (int, error) {
