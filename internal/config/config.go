@@ -129,6 +129,9 @@ type Pool struct {
 	// devicesAt is where Devices= was last set ("file:line"), for the
 	// errors of the shared-GPU rule.
 	devicesAt string
+	// MemoryRequired is the GPU memory a start needs free, in bytes, over
+	// the pool's GPUs (0: not checked); nil: the model's size times 1.2.
+	MemoryRequired *uint64
 
 	Engine  Engine
 	Health  Health

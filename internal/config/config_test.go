@@ -197,6 +197,41 @@ func TestSleepKeys(t *testing.T) {
 	assert.Equal(t, 2, c.Pools[0].Engine.SleepLevel)
 }
 
+// MemoryRequired=: a size as systemd's MemoryMax= reads one; 0 turns the
+// memory fit off; unset (or emptied by a later line) is the default, the
+// model's size times 1.2.
+func TestMemoryRequired(t *testing.T) {
+	for in, want := range map[string]uint64{"0": 0, "1024": 1024, "20G": 20 << 30, "1.5T": 3 << 39, "512M": 512 << 20, "7K": 7 << 10} {
+		dir := writeDir(t, map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nMemoryRequired=" + in + "\n"})
+		c, err := Load(dir)
+		require.NoError(t, err, in)
+		require.NotNil(t, c.Pools[0].MemoryRequired, in)
+		assert.Equal(t, want, *c.Pools[0].MemoryRequired, in)
+	}
+	dir := writeDir(t, map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nMemoryRequired=8G\nMemoryRequired=\n",
+		"pools.d/b.pool": strings.Replace(minimalPool, "Devices=0", "Devices=1", 1)})
+	c, err := Load(dir)
+	require.NoError(t, err)
+	assert.Nil(t, c.Pools[0].MemoryRequired, "emptied: the default again")
+	assert.Nil(t, c.Pools[1].MemoryRequired, "unset: the default")
+
+	for in, why := range map[string]string{
+		"-1G":       `"-1G" is not a size`,
+		"20GB":      `"20GB" is not a size`,
+		"lots":      `"lots" is not a size`,
+		"1e3":       `"1e3" is not a size`,
+		"0x10":      `"0x10" is not a size`,
+		"NaN":       `"NaN" is not a size`,
+		"99999999T": `"99999999T" is not a size`,
+		"infinity":  `"infinity": no GPU has infinite memory (0 turns the check off)`,
+	} {
+		dir := writeDir(t, map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nMemoryRequired=" + in + "\n"})
+		_, err := Load(dir)
+		require.Error(t, err, in)
+		assert.Contains(t, err.Error(), "a.pool:8: [Pool] MemoryRequired=: "+why, in)
+	}
+}
+
 func TestErrors(t *testing.T) {
 	cases := []struct {
 		name  string

@@ -377,6 +377,22 @@ func parsePool(file string, data []byte, dropIns []DropIn) (*Pool, Errors) {
 				return nil
 			},
 			"GroupDrainSec": setSeconds(&p.GroupDrain, false),
+			"MemoryRequired": func(v string) error {
+				if v == "" {
+					p.MemoryRequired = nil
+					return nil
+				}
+				if v == "infinity" {
+					return fmt.Errorf("%q: no GPU has infinite memory (0 turns the check off)", v)
+				}
+				n, err := parseBytes(v)
+				if err != nil {
+					return err
+				}
+				b := n.(uint64)
+				p.MemoryRequired = &b
+				return nil
+			},
 		},
 		"Engine": {
 			"ExecStart": setCommand(&p.Engine.ExecStart),
