@@ -287,8 +287,14 @@ func (m *Machine) settleWaiters() {
 		if why == "" {
 			why = "no engine"
 		}
+		// A start refused for want of GPU memory says so by its name:
+		// the caller learns who holds the memory and may come back.
+		notReady := ErrNotReady
+		if m.noMemory {
+			notReady = ErrNoGPUMemory
+		}
 		for _, w := range ws {
-			m.reply(Reply{Req: w.req, Err: fmt.Errorf("pool %s did not start (it is %s: %s): %w", m.cfg.Pool, m.state, why, ErrNotReady)})
+			m.reply(Reply{Req: w.req, Err: fmt.Errorf("pool %s did not start (it is %s: %s): %w", m.cfg.Pool, m.state, why, notReady)})
 		}
 	}
 }

@@ -45,8 +45,9 @@ type Config struct {
 	// are not cut (and llama-server, which ignores SIGTERM while it
 	// serves one, is not killed).
 	DrainRequests bool
-	// GPURetry and PortRetry override the package's (0: keep it).
-	GPURetry, PortRetry time.Duration
+	// GPURetry, PortRetry and MemoryRetry override the package's (0:
+	// keep it).
+	GPURetry, PortRetry, MemoryRetry time.Duration
 	// Ahead is how long before a scheduled restart its engine's scope is
 	// prepared at least (0: not): systemd's part of the restart is then
 	// done during the backoff. Spread, when set, draws a number in [0, 1)
@@ -235,6 +236,8 @@ type Machine struct {
 	waking    bool
 	// parking: the drain being requested is a park (ParkRequested).
 	parking bool
+	// noMemory: the last start was refused for want of GPU memory.
+	noMemory bool
 
 	// The step under way.
 	out       []Action
@@ -631,7 +634,7 @@ func (m *Machine) stageRef() (ref, want string) {
 // (cheap when unchanged), then it is launched.
 func (m *Machine) startEngine(candidate bool, req ReqID) {
 	m.transition(Starting, "start")
-	m.next, m.healthFailures = time.Time{}, nil
+	m.next, m.healthFailures, m.noMemory = time.Time{}, nil, false
 	m.frac.stage = -1
 	m.runs++
 	m.start = &startOp{run: m.runs, candidate: candidate, req: req}
@@ -670,10 +673,11 @@ func (m *Machine) startFailed(e StartFailed) {
 	m.start = nil
 	m.transition(Failed, "launch failed")
 	m.lastErr = safetext.Bound(e.Err.Error())
-	if (errors.Is(e.Err, ErrGPUBusy) || errors.Is(e.Err, ErrPortBusy)) && !op.candidate {
-		// Another process holds the GPUs or the port: no crash of ours;
-		// the start looks again later, and the operator (told now, if
-		// they asked) sees who holds them.
+	if heldByOthers(e.Err) && !op.candidate {
+		// Another process holds the GPUs, their memory or the port: no
+		// crash of ours; the start looks again later, and the operator
+		// (told now, if they asked) sees who holds them.
+		m.noMemory = errors.Is(e.Err, ErrNoGPUMemory)
 		m.retryLater(e.Err)
 		m.reply(Reply{Req: op.req, Err: e.Err})
 		return
@@ -681,13 +685,22 @@ func (m *Machine) startFailed(e StartFailed) {
 	m.startDone(op, e.Err)
 }
 
+// heldByOthers says whether a start was refused for what other
+// processes hold: the GPUs, their memory or the engine's port.
+func heldByOthers(err error) bool {
+	return errors.Is(err, ErrGPUBusy) || errors.Is(err, ErrPortBusy) || errors.Is(err, ErrNoGPUMemory)
+}
+
 // retryLater arms the retry of a start that another process held (err
 // says which): the GPUs are looked at again after GPURetry, a port after
 // PortRetry.
 func (m *Machine) retryLater(err error) {
 	retry := cmp.Or(m.cfg.GPURetry, GPURetry)
-	if errors.Is(err, ErrPortBusy) {
+	switch {
+	case errors.Is(err, ErrPortBusy):
 		retry = cmp.Or(m.cfg.PortRetry, PortRetry)
+	case errors.Is(err, ErrNoGPUMemory):
+		retry = cmp.Or(m.cfg.MemoryRetry, MemoryRetry)
 	}
 	m.next = m.now.Add(retry)
 	m.arm(TimerRetry, m.next)

@@ -182,6 +182,8 @@ func drive(c *choices) map[State]bool {
 				ev = StartFailed{Run: r, Err: errors.New("launch failed")}
 			case 1:
 				ev = StartFailed{Run: r, Err: fmt.Errorf("held: %w", ErrGPUBusy)}
+			case 2:
+				ev = StartFailed{Run: r, Err: fmt.Errorf("no memory: %w", ErrNoGPUMemory)}
 			default:
 				pid++
 				ev = EngineStarted{Run: r, PID: pid, Invocation: inv(r)}

@@ -187,6 +187,9 @@ var (
 	// from outside the pool's scope (the supervisor's Launch reports
 	// it): another user squats it.
 	ErrPortBusy = errors.New("port held by another process")
+	// ErrNoGPUMemory is a start whose GPUs lack the free memory the pool
+	// needs (the supervisor's Launch reports it, naming who holds it).
+	ErrNoGPUMemory = errors.New("not enough free GPU memory")
 	// ErrNoRestartPending refuses an AllowRestart with nothing to allow.
 	ErrNoRestartPending = policy.ErrNoRestartPending
 )
@@ -194,6 +197,11 @@ var (
 // GPURetry is how long a start that found its GPUs held waits before it
 // looks again, unless Config says otherwise.
 const GPURetry = 10 * time.Second
+
+// MemoryRetry is how long a start that found too little free GPU memory
+// waits before it looks again (one NVML query), unless Config says
+// otherwise: memory is given back when a process ends.
+const MemoryRetry = 3 * time.Second
 
 // PortRetry is how long a start that found the engine's port held waits
 // before it looks again, unless Config says otherwise: a port is given
