@@ -154,6 +154,7 @@ func (m *Manager) supervisor(p *config.Pool) (Pool, error) {
 	if inv.Source == gpu.SourceNVML {
 		gpus, _ := inv.Resolve(p.Devices)
 		c.Holders = supervisor.GPUHolders(inv, gpus, m.o.NVML())
+		c.Memory = supervisor.GPUMemory(gpus, m.o.NVML())
 	}
 	return supervisor.New(c, m.o.Runtime, m.o.Log, m.o.Metrics), nil
 }

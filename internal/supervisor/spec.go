@@ -165,6 +165,9 @@ func FromPool(p *config.Pool, m *config.Manager, inv *gpu.Inventory, stager Mode
 		IdleMark:       filepath.Join(m.RuntimeDir, "idle", p.ID),
 		Stager:         engineStager{stager, who},
 		Holders:        GPUHolders(inv, gpus, nil),
+		Memory:         gpuMemory(inv, gpus),
+		MemoryRequired: p.MemoryRequired,
+		Inventory:      inv,
 		Port:           p.Engine.Port,
 		Records:        state.Dir{Path: filepath.Join(m.RuntimeDir, "pools"), Mode: 0o644, NoSync: true},
 		State:          state.Dir{Path: filepath.Join(m.StateDir, "pools"), Mode: 0o600},
@@ -225,6 +228,15 @@ func GPUHolders(inv *gpu.Inventory, gpus []gpu.GPU, lib gpu.NVML) func() ([]GPUH
 		}
 		return out, nil
 	}
+}
+
+// gpuMemory reads the memory of gpus where NVML can (nil: the static
+// inventory cannot).
+func gpuMemory(inv *gpu.Inventory, gpus []gpu.GPU) func() ([]gpu.DeviceMemory, error) {
+	if inv.Source != gpu.SourceNVML {
+		return nil
+	}
+	return GPUMemory(gpus, nil)
 }
 
 // idleStop is how long the pool may be unused before it goes idle (0:

@@ -75,6 +75,16 @@ type Config struct {
 	// looks again; 0: the lifecycle's default).
 	Port      int
 	PortRetry time.Duration
+	// Memory reads the free memory of the pool's GPUs and who uses it
+	// (nil: not known, as with the static inventory, of which Inventory
+	// says so once); MemoryRequired is what a start needs free over them
+	// (nil: the staged model's size times DefaultMemoryFactor; 0: no
+	// check); MemoryRetry how often a start refused for it looks again
+	// (0: the lifecycle's default).
+	Memory         func() ([]gpu.DeviceMemory, error)
+	MemoryRequired *uint64
+	MemoryRetry    time.Duration
+	Inventory      *gpu.Inventory
 	// IdleStop, StartOnLease: see lifecycle.Config (IdleStop is 0 for a
 	// pinned pool).
 	IdleStop     time.Duration
@@ -227,7 +237,7 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 		Pool: cfg.Pool, Unit: engine.UnitName(cfg.Pool), Model: cfg.Model, ModelDigest: cfg.ModelDigest,
 		EngineVersion: cfg.EngineVersion, DeviceMask: cfg.DeviceMask, Slots: cfg.Slots,
 		FailureThreshold: cfg.Health.FailureThreshold, Witness: rt != nil && rt.Witness != nil, HoldExit: holdExit,
-		Warmup: cfg.Health.Warmup != nil, Stall: cfg.Health.Stall, DrainRequests: cfg.Health.ProgressURL != "", GPURetry: cfg.GPURetry, PortRetry: cfg.PortRetry, Ahead: ahead, Spread: rand.Float64,
+		Warmup: cfg.Health.Warmup != nil, Stall: cfg.Health.Stall, DrainRequests: cfg.Health.ProgressURL != "", GPURetry: cfg.GPURetry, PortRetry: cfg.PortRetry, MemoryRetry: cfg.MemoryRetry, Ahead: ahead, Spread: rand.Float64,
 		IdleStop: cfg.IdleStop, StartOnLease: cfg.StartOnLease, WakeTimeout: cfg.Health.StartTimeout,
 		Sleep: cfg.Sleep == config.SleepVLLM && cfg.Port > 0, SleepLevel: cfg.SleepLevel,
 	}, tr, held)
@@ -703,9 +713,9 @@ func (s *Supervisor) launch(a lifecycle.Launch) {
 	// caution is set by the precheck, which is done before a start
 	// returns.
 	var caution string
-	e, err := s.startPrepared(startCtx, a, st, s.precheck(&caution))
+	e, err := s.startPrepared(startCtx, a, st, s.precheck(st, &caution))
 	if e == nil && err == nil {
-		spec.Precheck = s.precheck(&caution)
+		spec.Precheck = s.precheck(st, &caution)
 		checked = time.Now()
 		e, err = s.rt.Start(startCtx, spec)
 	}
@@ -742,16 +752,22 @@ func (s *Supervisor) spec(st model.Staged, candidate bool, started time.Time) en
 // to die.
 const leftoverWait = 5 * time.Second
 
-// precheck is the check before an engine starts: the pool's port and
-// GPUs must be free of other processes. The GPUs' holders are listed
-// while systemd makes the scope; what is in the scope's cgroup is the
-// pool's own. What it could not make sure of goes to caution.
-func (s *Supervisor) precheck(caution *string) engine.Precheck {
+// precheck is the check before an engine starts on st: the pool's port
+// and GPUs must be free of other processes, and the GPUs must have the
+// memory the pool needs. The GPUs' holders and memory are read while
+// systemd makes the scope; what is in the scope's cgroup is the pool's
+// own. What it could not make sure of goes to caution.
+func (s *Supervisor) precheck(st model.Staged, caution *string) engine.Precheck {
 	return func(scope func() (uint64, error)) error {
 		var holders []GPUHolder
 		var herr error
 		if s.cfg.Holders != nil {
 			holders, herr = s.cfg.Holders()
+		}
+		var mem []gpu.DeviceMemory
+		var merr error
+		if s.cfg.Memory != nil && s.memoryNeeded(st) > 0 {
+			mem, merr = s.cfg.Memory()
 		}
 		own, err := scope()
 		if err != nil {
@@ -761,6 +777,9 @@ func (s *Supervisor) precheck(caution *string) engine.Precheck {
 			own = 0
 		}
 		if err := s.portFree(own); err != nil {
+			return err
+		}
+		if err := s.memoryFits(st, mem, merr, own); err != nil {
 			return err
 		}
 		if s.cfg.Holders == nil {
