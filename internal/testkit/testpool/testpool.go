@@ -136,6 +136,10 @@ type Spec struct {
 	// GPURetry, when set, is how often a start they hold looks again.
 	Holders  func() ([]supervisor.GPUHolder, error)
 	GPURetry time.Duration
+	// Memory, when set, stands in for the memory of the pool's GPUs;
+	// MemoryRetry, when set, is how often a start it refused looks again.
+	Memory      func() ([]gpu.DeviceMemory, error)
+	MemoryRetry time.Duration
 	// Port is the engine's port (0: a free one).
 	Port int
 	// Wrap is a command the simulator's command line is given to, as a
@@ -219,6 +223,10 @@ JitterPercent=0
 		cfg.Holders = ps.Holders
 	}
 	cfg.GPURetry = ps.GPURetry
+	if ps.Memory != nil {
+		cfg.Memory = ps.Memory
+	}
+	cfg.MemoryRetry = ps.MemoryRetry
 	s := supervisor.New(cfg, e.RT, e.Log, e.Metrics)
 	ctx, cancel := context.WithCancel(e.Ctx)
 	go s.Run(ctx)
