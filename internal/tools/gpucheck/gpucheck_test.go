@@ -118,7 +118,8 @@ func TestGPUCheckSandboxPartOnFakeGPUs(t *testing.T) {
 	}{
 		{name: "GPU 0 is confined to its node", node: "/dev/nvidia0", want: []string{
 			"DevicePolicy=closed", "DeviceAllow=/dev/nvidia0 rw", "CUDA_VISIBLE_DEVICES=" + uuid0,
-			"/dev/nvidia0: ENXIO", "/dev/nvidia1: EPERM", "armed: no NVML error from the daemon's watch in 1s"}},
+			"/dev/nvidia0: ENXIO", "/dev/nvidia1: EPERM", "armed: no NVML error from the daemon's watch in 1s",
+			"memory fit: the static inventory cannot tell free memory; the daemon said so 1 time(s)"}},
 		{name: "a scope on another node than GPU 0's fails the check", node: "/dev/nvidia1", want: []string{
 			"FAIL: the scope does not allow GPU 0's node /dev/nvidia1", "FAIL: the scope allows /dev/nvidia0, another GPU's node",
 			"FAIL: the engine may not open its GPU's node /dev/nvidia1: EPERM",

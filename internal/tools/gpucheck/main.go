@@ -4,8 +4,10 @@
 // systemd (the project's sandbox, with the host's /dev/nvidia* nodes), it
 // runs the daemon with Backend=nvml and one simulator pool on GPU 0 and
 // prints the scope's DeviceAllow, what the engine may open and what the
-// daemon's XID watch says. It writes only under -work and tears the
-// sandbox down on exit, failure or signal. internal/tools/gpucheck/gpu-check.sh runs it.
+// daemon's XID watch says, and that a start needing more memory than GPU 0
+// has is refused (NoGPUMemory). It writes only under -work and tears the
+// sandbox down on exit, failure or signal.
+// internal/tools/gpucheck/gpu-check.sh runs it.
 //
 // Exit status: 0 all checks passed, 1 a check failed, 2 no GPU or not
 // root.
@@ -56,6 +58,9 @@ type plan struct {
 	UUID      string // GPU 0's
 	Node      string // GPU 0's node, from its NVML minor
 	Other     string // a node the pool must not open ("" if none)
+	// MemoryTotal is GPU 0's memory as NVML says (0: not known, as with
+	// the static inventory).
+	MemoryTotal uint64
 	Port      int
 }
 
@@ -154,6 +159,11 @@ func outside(work, bin, holderCmd string, watch time.Duration, stdout, stderr io
 
 	section(stdout, fmt.Sprintf("XID watch on GPU 0 for %s (host)", watch))
 	if err := watchXID(ctx, p.UUID, watch, stdout); err != nil {
+		return err
+	}
+
+	section(stdout, "GPU 0: free memory, as a start reads it (host)")
+	if p.MemoryTotal, err = hostMemory(ctx, p.UUID, stdout); err != nil {
 		return err
 	}
 
@@ -454,6 +464,9 @@ func inside(work string, watch time.Duration, w io.Writer) error {
 		check(false, "the daemon's XID watch failed: %s", line)
 	} else {
 		fmt.Fprintf(w, "  armed: no NVML error from the daemon's watch in %s\n", watch)
+	}
+	for _, f := range insideFit(p, work, sh, w) {
+		check(false, "%s", f)
 	}
 	show("journalctl", "-u", service, "--no-pager", "-o", "cat", "-n", "8")
 
