@@ -2,7 +2,8 @@
 # make gpu-check: pool-managerd on this host's real NVIDIA GPU, in under a
 # minute: the NVML inventory, nvidia-smi's view, an XID watch, and the
 # daemon with Backend=nvml running one simulator pool on GPU 0 in a private
-# systemd (the project's sandbox), with its scope's DeviceAllow.
+# systemd (the project's sandbox), with its scope's DeviceAllow, and the
+# memory fit against GPU 0's real free memory.
 # Safe as root on a machine that is not ours: it writes only in its own
 # temporary directory, and removes it and the sandbox on exit, failure and
 # signals. Binaries come from build/ when there (make build), else go build.

@@ -61,7 +61,7 @@ type plan struct {
 	// MemoryTotal is GPU 0's memory as NVML says (0: not known, as with
 	// the static inventory).
 	MemoryTotal uint64
-	Port      int
+	Port        int
 }
 
 // exitError carries an exit status.
