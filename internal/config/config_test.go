@@ -209,7 +209,7 @@ func TestMemoryRequired(t *testing.T) {
 		assert.Equal(t, want, *c.Pools[0].MemoryRequired, in)
 	}
 	dir := writeDir(t, map[string]string{"pools.d/a.pool": minimalPool + "[Pool]\nMemoryRequired=8G\nMemoryRequired=\n",
-		"pools.d/b.pool": strings.Replace(minimalPool, "Devices=0", "Devices=1", 1)})
+		"pools.d/b.pool": strings.NewReplacer("Devices=0", "Devices=1", "Port=8081", "Port=8082").Replace(minimalPool)})
 	c, err := Load(dir)
 	require.NoError(t, err)
 	assert.Nil(t, c.Pools[0].MemoryRequired, "emptied: the default again")
