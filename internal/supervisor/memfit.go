@@ -39,6 +39,34 @@ func GPUMemory(gpus []gpu.GPU, lib gpu.NVML) func() ([]gpu.DeviceMemory, error) 
 	}
 }
 
+// memoryPreflight looks at the memory before a scope is made, once a
+// start was refused for want of it: a pool that waits for memory costs
+// one NVML query a retry, not a scope. Where the pool's own scope holds
+// the GPU (a leftover, freed by the precheck) it leaves the call to the
+// precheck.
+func (s *Supervisor) memoryPreflight(st model.Staged) error {
+	if s.cfg.Memory == nil || s.memoryNeeded(st) == 0 {
+		return nil
+	}
+	mem, err := s.cfg.Memory()
+	if err != nil {
+		return nil // the precheck reads it again and says so
+	}
+	scope := engine.ScopeCgroup(s.cfg.Pool)
+	for _, d := range mem {
+		for _, h := range d.Holders {
+			if p, err := engine.OpenProcess(h.PID); err == nil {
+				mine := p.Cgroup == scope
+				p.Close()
+				if mine {
+					return nil
+				}
+			}
+		}
+	}
+	return s.memoryFits(st, mem, nil, 0)
+}
+
 // memoryNeeded is what a start of st needs free over the pool's GPUs:
 // MemoryRequired=, else the staged model's size times
 // DefaultMemoryFactor; 0: not checked.

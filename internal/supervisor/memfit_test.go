@@ -4,6 +4,7 @@ package supervisor_test
 
 import (
 	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -34,7 +35,17 @@ func TestAStartWithoutGPUMemoryWaitsForItByName(t *testing.T) {
 	require.NotZero(t, smallPID)
 	host.RunComputeMemory(0, nil, smallPID, 60<<30)
 
-	big := e.Start(testpool.Spec{ID: "big", Devices: "0", NoStart: true, Memory: memory, MemoryRetry: 300 * time.Millisecond,
+	// Holders is asked only while a scope is made (the precheck).
+	var reads, scopes atomic.Int32
+	big := e.Start(testpool.Spec{ID: "big", Devices: "0", NoStart: true, MemoryRetry: 300 * time.Millisecond,
+		Memory: func() ([]gpu.DeviceMemory, error) {
+			reads.Add(1)
+			return memory()
+		},
+		Holders: func() ([]supervisor.GPUHolder, error) {
+			scopes.Add(1)
+			return nil, nil
+		},
 		Extra: "[Pool]\nMemoryRequired=30G\n"})
 	err := big.Start()
 	require.ErrorIs(t, err, lifecycle.ErrNoGPUMemory)
@@ -49,8 +60,11 @@ func TestAStartWithoutGPUMemoryWaitsForItByName(t *testing.T) {
 	assert.Equal(t, "closed", s.Policy.Breaker.String())
 	assert.False(t, s.Live)
 
-	// It looks again and again without counting anything.
+	// It looks again and again without counting anything, and without
+	// making a scope for each look.
 	time.Sleep(time.Second)
+	assert.GreaterOrEqual(t, reads.Load(), int32(3), "the memory is read at each retry")
+	assert.Equal(t, int32(1), scopes.Load(), "a retry refused for memory makes no scope")
 	s = big.Snapshot()
 	assert.False(t, s.Live, "no engine started (a look may be under way: starting)")
 	assert.Zero(t, s.Policy.CrashCount)
@@ -59,6 +73,7 @@ func TestAStartWithoutGPUMemoryWaitsForItByName(t *testing.T) {
 
 	host.StopCompute(0, smallPID)
 	got := waitFor(t, big, "ready once the memory is free", ready(1))
+	assert.Equal(t, int32(2), scopes.Load(), "the start that fits makes its scope")
 	assert.Zero(t, got.Policy.CrashCount)
 	assert.Zero(t, got.Policy.Streak)
 }

@@ -153,6 +153,9 @@ type Supervisor struct {
 	recordDirty bool
 	recordLast  time.Time
 	recordAt    *time.Timer
+	// memWait: the last launch was refused for want of GPU memory; the
+	// next looks at the memory before it makes a scope.
+	memWait bool
 	runs        map[lifecycle.RunID]*run
 	timers      map[lifecycle.Timer]*time.Timer
 	reqs        map[lifecycle.ReqID]chan lifecycle.Reply
@@ -707,6 +710,13 @@ func (s *Supervisor) launch(a lifecycle.Launch) {
 			return
 		}
 	}
+	if s.memWait {
+		if err := s.memoryPreflight(st); err != nil {
+			s.unprepare()
+			s.step(lifecycle.StartFailed{Run: a.Run, Err: err})
+			return
+		}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	startCtx, stop := context.WithTimeout(ctx, 30*time.Second)
 	checked := time.Now()
@@ -720,6 +730,7 @@ func (s *Supervisor) launch(a lifecycle.Launch) {
 		e, err = s.rt.Start(startCtx, spec)
 	}
 	stop()
+	s.memWait = errors.Is(err, lifecycle.ErrNoGPUMemory)
 	if err != nil {
 		cancel()
 		s.step(lifecycle.StartFailed{Run: a.Run, Err: err})
