@@ -153,14 +153,11 @@ type Supervisor struct {
 	recordDirty bool
 	recordLast  time.Time
 	recordAt    *time.Timer
-	// memWait: the last launch was refused for want of GPU memory; the
-	// next looks at the memory before it makes a scope.
-	memWait  bool
-	runs     map[lifecycle.RunID]*run
-	timers   map[lifecycle.Timer]*time.Timer
-	reqs     map[lifecycle.ReqID]chan lifecycle.Reply
-	lastReq  lifecycle.ReqID
-	stopping chan struct{} // closed when the last stop of the scope is done
+	runs        map[lifecycle.RunID]*run
+	timers      map[lifecycle.Timer]*time.Timer
+	reqs        map[lifecycle.ReqID]chan lifecycle.Reply
+	lastReq     lifecycle.ReqID
+	stopping    chan struct{} // closed when the last stop of the scope is done
 	// prep is the scope prepared for the scheduled restart (nil: none).
 	prep *prepared
 	// staged is when the last start was decided (its staging asked for,
@@ -168,6 +165,10 @@ type Supervisor struct {
 	// start's journal entry.
 	staged time.Time
 	steps  lifecycle.Queue
+
+	// memWait: the last launch was refused for want of GPU memory; the
+	// next looks at the memory before it makes a scope.
+	memWait bool
 }
 
 // run is one engine process: what the machine's RunID stands for.
