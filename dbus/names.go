@@ -30,6 +30,7 @@ const (
 	ErrReloadFailed     = ErrorPrefix + "ReloadFailed"
 	ErrBreakerOpen      = ErrorPrefix + "BreakerOpen"
 	ErrGPUUnhealthy     = ErrorPrefix + "GPUUnhealthy"
+	ErrGPUBusy          = ErrorPrefix + "GPUBusy"
 	ErrNoGPUMemory      = ErrorPrefix + "NoGPUMemory"
 	ErrNoRestartPending = ErrorPrefix + "NoRestartPending"
 )

@@ -29,6 +29,7 @@ var errorNames = []struct {
 	{lifecycle.ErrReloadFailed, api.ErrReloadFailed},
 	{lifecycle.ErrBreakerOpen, api.ErrBreakerOpen},
 	{lifecycle.ErrGPUUnhealthy, api.ErrGPUUnhealthy},
+	{lifecycle.ErrGPUBusy, api.ErrGPUBusy},
 	{lifecycle.ErrNoGPUMemory, api.ErrNoGPUMemory},
 	{lifecycle.ErrNoRestartPending, api.ErrNoRestartPending},
 }

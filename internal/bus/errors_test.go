@@ -65,3 +65,11 @@ func TestNoGPUMemoryIsItsOwnError(t *testing.T) {
 	assert.Equal(t, "org.llorch.PoolManager1.Error.NoGPUMemory", e.Name)
 	assert.Contains(t, e.Body[0], "used by pid 7 (python3, 78G)")
 }
+
+// A start refused because another process holds the pool's GPUs says so
+// by its name, as the contract lists it, not as a generic failure.
+func TestGPUBusyIsItsOwnError(t *testing.T) {
+	e := toDBus(fmt.Errorf("GPU GPU-0 in use by pid 4242 (python3, user.slice): %w", lifecycle.ErrGPUBusy))
+	assert.Equal(t, "org.llorch.PoolManager1.Error.GPUBusy", e.Name)
+	assert.Contains(t, e.Body[0], "pid 4242 (python3, user.slice)")
+}
