@@ -718,6 +718,7 @@ func TestDashboardIsWellFormedAndCoversThePools(t *testing.T) {
 	ids := map[int]string{}
 	used := map[string]bool{}
 	family := regexp.MustCompile(`pool_managerd_[a-z_]+`)
+	idle := false
 	var panels func([]dashPanel, bool)
 	panels = func(ps []dashPanel, nested bool) {
 		for _, p := range ps {
@@ -742,6 +743,7 @@ func TestDashboardIsWellFormedAndCoversThePools(t *testing.T) {
 					used[n] = true
 					state = state || n == "pool_managerd_circuit_breaker_state"
 				}
+				idle = idle || strings.Contains(tg.Expr, `pool_managerd_pool_state{`) && strings.Contains(tg.Expr, `state="idle"`)
 			}
 			if state {
 				got := map[string]string{}
@@ -763,9 +765,11 @@ func TestDashboardIsWellFormedAndCoversThePools(t *testing.T) {
 		"pool_managerd_drains_total", "pool_managerd_drain_duration_seconds",
 		"pool_managerd_reload_duration_seconds", "pool_managerd_reload_success_total", "pool_managerd_reload_failure_total",
 		"pool_managerd_gpu_unhealthy",
+		"pool_managerd_idle_stops_total", "pool_managerd_lease_starts_total",
 	} {
 		assert.True(t, used[f], "no panel shows %s", f)
 	}
+	assert.True(t, idle, "no panel shows the pools idle (pool_managerd_pool_state{state=\"idle\"})")
 }
 
 // Grafana would half-read these; the test reads none of them.
