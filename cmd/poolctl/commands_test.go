@@ -446,12 +446,15 @@ COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _poolctl; echo "${COMPREPLY[*]}"`
 		words []string
 		want  string
 	}{
-		{[]string{"poolctl", ""}, "list status show logs events start stop restart drain reload enable disable is-ready wait reset-breaker allow-restart daemon-reload help"},
+		{[]string{"poolctl", ""}, "list status show logs events start ensure-ready stop restart drain reload enable disable is-ready wait reset-breaker allow-restart daemon-reload help"},
 		{[]string{"poolctl", "re"}, "restart reload reset-breaker"},
 		{[]string{"poolctl", "--json", "st"}, "status start stop"},
 		{[]string{"poolctl", "wait", "--for", "s"}, "stopped starting sleeping"},
 		{[]string{"poolctl", "show", "qwen", "-p", "Dr"}, "Draining"},
 		{[]string{"poolctl", "is-ready", "q"}, "qwen"},
+		{[]string{"poolctl", "ensure-ready", "l"}, "llama-8b"},
+		{[]string{"poolctl", "ensure-ready", "qwen", "--t"}, "--timeout"},
+		{[]string{"poolctl", "e"}, "events ensure-ready enable"},
 		{[]string{"poolctl", "drain", ""}, "llama-8b qwen"},
 		{[]string{"poolctl", "--bus", "unix:path=/run/dbus/system_bus_socket", "status", "q"}, "qwen"},
 		{[]string{"poolctl", "reload", "l"}, "llama-8b"},

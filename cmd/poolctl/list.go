@@ -121,7 +121,7 @@ func (c *cli) printList(all []hostPools, fleet bool) {
 				up = "-" // the engine's process is on another host
 			}
 			row := []string{
-				id, value[string](m, "State"), yesNo(value[bool](m, "Ready")),
+				id, idleFor(m, now, false), yesNo(value[bool](m, "Ready")),
 				fmt.Sprintf("%d/%s", value[uint32](m, "ActiveLeases"), slots),
 				dash(value[string](m, "Model")), dash(value[string](m, "DeviceMask")),
 				strconv.FormatUint(uint64(value[uint32](m, "CrashCount")), 10),
@@ -205,7 +205,7 @@ func (c *cli) printStatus(id string, m map[string]dbus.Variant, now time.Time) {
 			dot = code + dot + reset
 		}
 	}
-	fmt.Fprintf(c.stdout, "%s %s - %s\n", dot, safetext.Line(id), safetext.Line(state))
+	fmt.Fprintf(c.stdout, "%s %s - %s\n", dot, safetext.Line(id), safetext.Line(idleFor(m, now, true)))
 	names := ordered(m)
 	width := len("Uptime")
 	for _, n := range names {
@@ -215,6 +215,9 @@ func (c *cli) printStatus(id string, m map[string]dbus.Variant, now time.Time) {
 		v := human(n, m[n], now)
 		if n == "Progress" && value[string](m, "Operation") == "" {
 			v = "-" // of no operation
+		}
+		if n == "State" {
+			v = idleFor(m, now, true)
 		}
 		fmt.Fprintf(c.stdout, "%*s: %s\n", width, safetext.Line(n), safetext.Line(v))
 	}

@@ -71,6 +71,8 @@ var commands = []command{
 		help: "First a line per pool with its state now, then one line per change: time, pool,\nproperty=value... --json prints JSON lines."},
 	{name: "start", args: "POOL", nargs: 1, opts: []string{"no-block"}, summary: "start a pool and wait until it is ready", run: (*cli).start,
 		help: "Waits, as systemctl start does, until the engine is Ready, and fails with the pool's\nLastError if it crashes or is held instead. A pool that is starting or ready is left as it\nis. On a terminal a line shows the step."},
+	{name: "ensure-ready", args: "POOL", nargs: 1, opts: []string{"timeout"}, summary: "start an idle pool if need be and wait until it is ready", run: (*cli).ensureReady,
+		help: "Calls EnsureReady, as a router does before it takes a lease: a ready pool answers at once;\nan idle, stopped or failed one is started (the circuit breaker permitting) and poolctl waits,\nsharing the start with the leases that wait for it. --timeout bounds the daemon's wait (at\nmost 1h; by default the pool's StartTimeoutSec=); past it the call fails with NotReady."},
 	{name: "stop", args: "POOL", nargs: 1, opts: []string{"deadline", "now"}, summary: "stop a pool gracefully: drain it, then stop", run: (*cli).stop,
 		help: "Refuses new leases, waits up to --deadline for those in flight, then stops the engine\n(leases still held are revoked). --now is --deadline 0."},
 	{name: "restart", args: "POOL", nargs: 1, opts: []string{"deadline", "now", "no-block"}, summary: "stop a pool gracefully, then start it", run: (*cli).restart},
@@ -297,6 +299,9 @@ func (c *cli) parse(args []string) (*command, []string, error) {
 		if err := checkLines(c.lines); err != nil {
 			return nil, nil, usageError{cmd.name, fmt.Sprintf("%s: -n %s", cmd.name, err)}
 		}
+	}
+	if cmd.name == "ensure-ready" && c.timeout > maxEnsureWait {
+		return nil, nil, usageError{cmd.name, fmt.Sprintf("ensure-ready: --timeout %s is more than the daemon waits for a start (%s)", span(c.timeout), span(maxEnsureWait))}
 	}
 	if cmd.name == "wait" && !slices.Contains(poolStates, c.waitFor) {
 		return nil, nil, usageError{cmd.name, fmt.Sprintf("wait: --for %q is no pool state (one of %s)", c.waitFor, strings.Join(poolStates, ", "))}

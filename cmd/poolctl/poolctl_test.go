@@ -59,6 +59,12 @@ ControlDevice=/dev/nvidiactl
 // configuration directory (models in models/).
 func daemon(t *testing.T) string {
 	t.Helper()
+	return daemonWith(t, "")
+}
+
+// daemonWith is daemon with more lines in llama-8b's [Pool] section.
+func daemonWith(t *testing.T, llamaPool string) string {
+	t.Helper()
 	sandbox.Need(t)
 	dir, err := os.MkdirTemp("", "poolctl-test-")
 	require.NoError(t, err)
@@ -74,7 +80,7 @@ func daemon(t *testing.T) string {
 	const more = "Version=sim-1\n[Health]\nIntervalSec=0.2\nTimeoutSec=0.2\n[Restart]\nBackoffInitialSec=0.2\n"
 	sim := os.Getenv(sandbox.BinEnv("pool-engine-sim"))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "llama-8b.pool"),
-		testpool.SimPoolFile(sim, "0", "a.gguf", freePort(t), more+"[Pool]\nSlots=2\n"), 0o644))
+		testpool.SimPoolFile(sim, "0", "a.gguf", freePort(t), more+"[Pool]\nSlots=2\n"+llamaPool), 0o644))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "qwen.pool"),
 		testpool.SimPoolFile(sim, "1", "b.gguf", freePort(t), more), 0o644))
 	t.Cleanup(func() {

@@ -20,7 +20,7 @@ _poolctl()
         cword=$COMP_CWORD
     fi
 
-    local commands="list status show logs events start stop restart drain reload enable disable is-ready wait reset-breaker allow-restart daemon-reload help"
+    local commands="list status show logs events start ensure-ready stop restart drain reload enable disable is-ready wait reset-breaker allow-restart daemon-reload help"
     local cmd="" where=() npos=0 i w
     for ((i = 1; i < cword; i++)); do
         w=${words[i]}
@@ -60,7 +60,7 @@ _poolctl()
         return
         ;;
     -p | --property)
-        COMPREPLY=($(compgen -W "Id State Live Ready Draining ActiveLeases Slots Model ModelDigest EngineVersion DeviceMask LastError CrashCount RestartCount FailureStreak BreakerState NextRestartUSec Unit MainPID Operation Progress" -- "$cur"))
+        COMPREPLY=($(compgen -W "Id State Live Ready Draining ActiveLeases Slots Model ModelDigest EngineVersion DeviceMask LastError CrashCount RestartCount FailureStreak BreakerState NextRestartUSec Unit MainPID Operation Progress IdleSinceUSec" -- "$cur"))
         return
         ;;
     -n | --lines)
@@ -82,6 +82,7 @@ _poolctl()
         enable) opts+=" --now --runtime --no-block" ;;
         disable) opts+=" --now --runtime --deadline" ;;
         wait) opts+=" --for --timeout" ;;
+        ensure-ready) opts+=" --timeout" ;;
         esac
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))
         return
@@ -96,7 +97,7 @@ _poolctl()
     help)
         ((npos == 0)) && COMPREPLY=($(compgen -W "$commands" -- "$cur"))
         ;;
-    status | show | logs | start | stop | restart | drain | enable | disable | is-ready | wait | reset-breaker | allow-restart)
+    status | show | logs | start | ensure-ready | stop | restart | drain | enable | disable | is-ready | wait | reset-breaker | allow-restart)
         ((npos == 0)) && COMPREPLY=($(compgen -W "$(_poolctl_pools "${where[@]}")" -- "$cur"))
         ;;
     reload)
