@@ -65,7 +65,7 @@ vm-test: deps-vm packages
 # Figures against systemd and the bus, each in interleaved rounds (ours,
 # reference, ours, ...) in the sandbox (root needed); writes
 # build/bench.json with every round. BENCH_ARGS picks figures and settings:
-# crash restart lease drain reload staging ready scale storm, rounds=N
+# crash restart lease drain reload staging ready scale storm ondemand, rounds=N
 # (default 5), stage-mb=N (default 2048), idle-sec=N (default 10), load=N.
 # Two tables: quiet, then load=2 (two CPU-bound processes in the engines'
 # slice for every round, as a host's engines would keep its CPUs busy);

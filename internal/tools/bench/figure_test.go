@@ -126,6 +126,9 @@ func TestArguments(t *testing.T) {
 	o, err = parseArgs([]string{"scale"})
 	require.NoError(t, err)
 	assert.Equal(t, []string{"scale", "storm"}, o.Figures, "scale names every 64-pool figure")
+	o, err = parseArgs([]string{"ondemand", "rounds=3"})
+	require.NoError(t, err)
+	assert.Equal(t, []string{"ondemand"}, o.Figures, "the cold start and the 64 pools with 60 idle")
 
 	o, err = parseArgs([]string{"load=2", "crash"})
 	require.NoError(t, err)

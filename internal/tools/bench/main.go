@@ -21,13 +21,13 @@ import (
 )
 
 // figureNames are what BENCH_ARGS may select, in the order they run.
-var figureNames = []string{"crash", "restart", "lease", "drain", "reload", "staging", "ready", "scale", "storm"}
+var figureNames = []string{"crash", "restart", "lease", "drain", "reload", "staging", "ready", "scale", "storm", "ondemand"}
 
 const usage = `usage: bench [FIGURE...] [rounds=N] [stage-mb=N] [idle-sec=N] [load=N]
-figures: crash restart lease drain reload staging ready scale storm (default: all)
+figures: crash restart lease drain reload staging ready scale storm ondemand (default: all)
   rounds=N    rounds per figure (default 5, at least 1)
   stage-mb=N  size of the staging figure's model file (default 2048)
-  idle-sec=N  length of each round's 64-pool idle CPU window (default 10)
+  idle-sec=N  length of each round's 64-pool idle CPU windows (default 10)
   load=N      N CPU-bound processes in the engines' slice for every round (default 0)`
 
 // Options are the parsed arguments.
@@ -133,7 +133,7 @@ func main() {
 		return
 	}
 	// Outside: boot a sandbox and run this program again inside it.
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	var buf bytes.Buffer
 	must(sandbox.RunSelf(ctx, sandbox.Options{Nodes: sandbox.GPUNodes(scalePools), Prepare: [][]string{{"useradd", "--system", "pool-engine"}}},

@@ -74,7 +74,13 @@ func inside(opts Options) {
 		progress("writing the %d MB model file", opts.StageMB)
 		b.writeBig(b.bigModel, int64(opts.StageMB)<<20)
 	}
-	b.writeManager(2)
+	if opts.has("ondemand") {
+		// The cold start figure's pool on a GPU of its own.
+		b.writeManager(3)
+		must(os.WriteFile(filepath.Join(dir, "pools.d", odPool+".pool"), b.odPoolFile("2", freePort()), 0o644))
+	} else {
+		b.writeManager(2)
+	}
 	must(os.WriteFile(filepath.Join(dir, "pools.d", benchPool+".pool"), testpool.SimPoolFile(b.sim, "0", smallModel, b.port, `[Health]
 IntervalSec=0.1
 TimeoutSec=0.1
@@ -103,7 +109,7 @@ StormMaxRestarts=10000
 	}
 	cpuStart, err := readCPUTimes()
 	must(err)
-	onePool := opts.has("crash", "restart", "lease", "drain", "reload", "staging", "ready")
+	onePool := opts.has("crash", "restart", "lease", "drain", "reload", "staging", "ready", "ondemand")
 	if onePool {
 		b.waitReady(benchPool)
 		if opts.has("ready") {
@@ -129,12 +135,19 @@ StormMaxRestarts=10000
 			if opts.has("ready") {
 				b.readyRound(r, &figs)
 			}
+			if opts.has("ondemand") {
+				b.coldRound(r, &figs)
+			}
 		}
 	}
 	if opts.has("scale", "storm") {
 		exec.Command("sh", "-c", "systemctl stop pool-managerd 'pool-engine-*.scope'").Run()
 		os.Remove(filepath.Join(dir, "models", b.bigModel))
 		b.scale(&figs)
+	}
+	if opts.has("ondemand") {
+		exec.Command("sh", "-c", "systemctl stop pool-managerd 'pool-engine-*.scope'").Run()
+		b.idleScale(&figs)
 	}
 	rep.Figures = figs.list()
 	rep.Seconds = time.Since(began).Seconds()
