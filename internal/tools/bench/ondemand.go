@@ -46,7 +46,7 @@ func (b *bench) waitIdle(id string, d time.Duration) {
 	deadline := time.Now().Add(d)
 	for b.get(id, "State") != "idle" || b.get(id, "Live") != false {
 		if time.Now().After(deadline) {
-			must(fmt.Errorf("pool %s not idle within %s: %v", id, d, b.get(id, "State")))
+			must(fmt.Errorf("pool %s not idle within %s: %v (%v)", id, d, b.get(id, "State"), b.get(id, "LastError")))
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -120,7 +120,8 @@ func (b *bench) idleScale(figs *Figures) {
 		os.Remove(filepath.Join(b.dir, "pools.d", p+".pool"))
 	}
 	for i := range scalePools {
-		more := "[Health]\nIntervalSec=5\nTimeoutSec=2\n"
+		// As the scale figure's: nothing opens a breaker.
+		more := "[Health]\nIntervalSec=5\nTimeoutSec=2\n[Restart]\nBackoffInitialSec=1\nBackoffMaxSec=1\nJitterPercent=10\nBreakerThreshold=1000\nStormMaxRestarts=10000\n"
 		if i >= scalePools-idlePools {
 			more += "[Pool]\nIdleStopSec=1\nStartOnLease=yes\n"
 		}
@@ -200,7 +201,7 @@ func (b *bench) waitReadyWithin(id string, d time.Duration) {
 			return
 		}
 		if time.Now().After(deadline) {
-			must(fmt.Errorf("pool %s not ready within %s", id, d))
+			must(fmt.Errorf("pool %s not ready within %s: %v", id, d, b.get(id, "LastError")))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
