@@ -766,6 +766,7 @@ func TestDashboardIsWellFormedAndCoversThePools(t *testing.T) {
 		"pool_managerd_reload_duration_seconds", "pool_managerd_reload_success_total", "pool_managerd_reload_failure_total",
 		"pool_managerd_gpu_unhealthy",
 		"pool_managerd_idle_stops_total", "pool_managerd_lease_starts_total",
+		"pool_managerd_wakes_total", "pool_managerd_wake_duration_seconds",
 	} {
 		assert.True(t, used[f], "no panel shows %s", f)
 	}

@@ -105,7 +105,7 @@ func TestAlertRulesUseExportedMetrics(t *testing.T) {
 		}
 	}
 	for _, a := range []string{"PoolCircuitBreakerOpen", "PoolRestartStorm", "PoolNotReady", "PoolEngineOOM", "PoolEngineStalled", "GPUUnhealthy",
-		"GPUForeignXID", "KernelLogUnreadable", "BusForgedSignals", "PoolManagerDown", "PoolStartOnDemandFailing", "PoolIdleFlapping"} {
+		"GPUForeignXID", "KernelLogUnreadable", "BusForgedSignals", "PoolManagerDown", "PoolStartOnDemandFailing", "PoolIdleFlapping", "PoolWakeFailed"} {
 		assert.True(t, alerts[a], "alert %s", a)
 	}
 }
