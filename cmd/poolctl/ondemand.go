@@ -22,12 +22,12 @@ func (c *cli) ensureReady(args []string) error {
 	})
 }
 
-// idleFor is how an idle pool's state reads: since when and how long ago
-// (IdleSinceUSec); any other state as it is.
+// idleFor is how an idle or sleeping pool's state reads: since when and
+// how long ago (IdleSinceUSec); any other state as it is.
 func idleFor(m map[string]dbus.Variant, now time.Time, long bool) string {
 	state := value[string](m, "State")
 	since := value[uint64](m, "IdleSinceUSec")
-	if state != "idle" || since == 0 {
+	if state != "idle" && state != "sleeping" || since == 0 {
 		return state
 	}
 	at := time.UnixMicro(int64(since))
@@ -36,7 +36,7 @@ func idleFor(m map[string]dbus.Variant, now time.Time, long bool) string {
 		ago = span(d)
 	}
 	if !long {
-		return "idle (" + ago + ")"
+		return state + " (" + ago + ")"
 	}
-	return "idle since " + at.Format("Mon 2006-01-02 15:04:05 MST") + " (" + ago + " ago)"
+	return state + " since " + at.Format("Mon 2006-01-02 15:04:05 MST") + " (" + ago + " ago)"
 }

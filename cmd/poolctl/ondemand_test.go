@@ -14,8 +14,8 @@ import (
 	"github.com/llorch/pool-managerd/internal/lifecycle"
 )
 
-// An idle pool reads as idle since when, and how long ago; a pool that is
-// not idle, or idle without a time, reads as its state.
+// An idle or sleeping pool reads as such since when, and how long ago; a
+// pool in another state, or idle without a time, reads as its state.
 func TestIdleStateSaysSinceWhenAndHowLongAgo(t *testing.T) {
 	now := time.Date(2026, 12, 7, 16, 30, 0, 0, time.UTC)
 	since := now.Add(-(5*time.Minute + 3*time.Second + 400*time.Millisecond))
@@ -24,6 +24,9 @@ func TestIdleStateSaysSinceWhenAndHowLongAgo(t *testing.T) {
 	assert.Equal(t, "idle since "+since.Local().Format("Mon 2006-01-02 15:04:05 MST")+" (5min 3s ago)", idleFor(idle, now, true))
 	// A clock behind the daemon's is no negative span.
 	assert.Equal(t, "idle (0s)", idleFor(idle, since.Add(-time.Second), false))
+	asleep := map[string]dbus.Variant{"State": dbus.MakeVariant("sleeping"), "IdleSinceUSec": dbus.MakeVariant(uint64(since.UnixMicro()))}
+	assert.Equal(t, "sleeping (5min 3s)", idleFor(asleep, now, false))
+	assert.Equal(t, "sleeping since "+since.Local().Format("Mon 2006-01-02 15:04:05 MST")+" (5min 3s ago)", idleFor(asleep, now, true))
 	ready := map[string]dbus.Variant{"State": dbus.MakeVariant("ready"), "IdleSinceUSec": dbus.MakeVariant(uint64(0))}
 	assert.Equal(t, "ready", idleFor(ready, now, true))
 	noTime := map[string]dbus.Variant{"State": dbus.MakeVariant("idle")}
