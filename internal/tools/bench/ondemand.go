@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -119,20 +120,23 @@ func (b *bench) idleScale(figs *Figures) {
 	for _, p := range []string{benchPool, dfltPool, odPool} {
 		os.Remove(filepath.Join(b.dir, "pools.d", p+".pool"))
 	}
+	ports := freePorts(scalePools)
 	for i := range scalePools {
 		// As the scale figure's: nothing opens a breaker.
 		more := "[Health]\nIntervalSec=5\nTimeoutSec=2\n[Restart]\nBackoffInitialSec=1\nBackoffMaxSec=1\nJitterPercent=10\nBreakerThreshold=1000\nStormMaxRestarts=10000\n"
 		if i >= scalePools-idlePools {
 			more += "[Pool]\nIdleStopSec=1\nStartOnLease=yes\n"
 		}
-		// Ports the kernel found free: other sandboxes on the host share
-		// its network, and a fixed port of theirs would hold a start.
+		// Ports the kernel found free (other sandboxes on the host share
+		// its network: a fixed port of theirs would hold a start).
 		must(os.WriteFile(filepath.Join(b.dir, "pools.d", scalePool(i)+".pool"),
-			testpool.SimPoolFile(b.sim, strconv.Itoa(i), smallModel, freePort(), more), 0o644))
+			testpool.SimPoolFile(b.sim, strconv.Itoa(i), smallModel, ports[i], more), 0o644))
 	}
 	out, err := exec.Command("systemctl", "restart", "pool-managerd").CombinedOutput()
 	if err != nil {
-		must(fmt.Errorf("restart: %v: %s", err, out))
+		// Why the daemon refused (its configuration check, say).
+		log, _ := exec.Command("journalctl", "-u", "pool-managerd", "-n", "20", "--no-pager", "-o", "cat").CombinedOutput()
+		must(fmt.Errorf("restart: %v: %s\n%s", err, out, log))
 	}
 	defer exec.Command("sh", "-c", "systemctl stop pool-managerd 'pool-engine-*.scope'").Run()
 	var v dbus.Variant
@@ -205,4 +209,18 @@ func (b *bench) waitReadyWithin(id string, d time.Duration) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// freePorts is n distinct ports free now: each listener is held until all
+// are found, or the kernel could hand out one twice (two pools on one
+// Port= are refused).
+func freePorts(n int) []int {
+	var ports []int
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		must(err)
+		defer l.Close()
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports
 }
