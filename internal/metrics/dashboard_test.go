@@ -767,6 +767,7 @@ func TestDashboardIsWellFormedAndCoversThePools(t *testing.T) {
 		"pool_managerd_gpu_unhealthy",
 		"pool_managerd_idle_stops_total", "pool_managerd_lease_starts_total",
 		"pool_managerd_wakes_total", "pool_managerd_wake_duration_seconds",
+		"pool_managerd_group_swaps_total", "pool_managerd_group_swap_duration_seconds",
 	} {
 		assert.True(t, used[f], "no panel shows %s", f)
 	}
