@@ -77,7 +77,12 @@ func inside(opts Options) {
 	if opts.has("ondemand") {
 		// The cold start figure's pool on a GPU of its own.
 		b.writeManager(3)
-		must(os.WriteFile(filepath.Join(dir, "pools.d", odPool+".pool"), b.odPoolFile("2", freePort()), 0o644))
+		// A port of its own: two pools on one Port= are refused.
+		port := freePort()
+		for port == b.port || port == b.alonePort {
+			port = freePort()
+		}
+		must(os.WriteFile(filepath.Join(dir, "pools.d", odPool+".pool"), b.odPoolFile("2", port), 0o644))
 	} else {
 		b.writeManager(2)
 	}

@@ -42,7 +42,7 @@ func scalePool(i int) string { return fmt.Sprintf("p%02d", i) }
 func (b *bench) scale(figs *Figures) {
 	progress("64 pools: starting")
 	b.writeManager(scalePools)
-	for _, p := range []string{benchPool, dfltPool} {
+	for _, p := range []string{benchPool, dfltPool, odPool} {
 		os.Remove(filepath.Join(b.dir, "pools.d", p+".pool"))
 	}
 	for i := range scalePools {
