@@ -40,7 +40,7 @@ deps-test:
 deps-demo:
 	@$(DEPS) $(SYSTEMD_DEPS)
 deps-vm:
-	@$(DEPS) qemu-system-x86_64:qemu-system-x86 debootstrap:debootstrap mkfs.ext4:e2fsprogs
+	@$(DEPS) qemu-system-x86_64:qemu-system-x86 debootstrap:debootstrap mkfs.ext4:e2fsprogs ssh:openssh-client
 
 fmt-check:
 	@out=$$(gofmt -l cmd internal docs); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi

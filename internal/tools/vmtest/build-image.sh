@@ -26,8 +26,9 @@ case $suite in
 # for the .rpm boot. podman and what it strictly needs (no recommends:
 # no uidmap, slirp4netns or fuse-overlayfs) for the engine in a container;
 # debootstrap does not resolve virtual packages, so the runtime (crun) and
-# the network stack (netavark) are named.
-bookworm) packages=$packages,initramfs-tools,rpm,podman,crun,conmon,netavark,golang-github-containers-common,golang-github-containers-image ;;
+# the network stack (netavark) are named. openssh-server for poolctl -H
+# from the host (started by the check that needs it).
+bookworm) packages=$packages,initramfs-tools,rpm,podman,crun,conmon,netavark,golang-github-containers-common,golang-github-containers-image,openssh-server ;;
 # sid's kernel pulls dracut. llama.cpp-tools is the real engine,
 # llama.cpp-services Debian's own unit for it (the baseline of the
 # restart figure), python3-gguf and numpy write its tiny models in the
@@ -109,6 +110,8 @@ for unit in serial-getty@ttyS0.service getty@tty1.service systemd-firstboot.serv
 	podman-auto-update.timer podman-auto-update.service podman-restart.service; do
 	ln -sf /dev/null "$root/etc/systemd/system/$unit"
 done
+# sshd only where a check starts it (its host keys were made at install).
+rm -f "$root/etc/systemd/system/multi-user.target.wants/ssh.service" "$root/etc/systemd/system/sshd.service"
 echo "/dev/vda / ext4 defaults 0 1" >"$root/etc/fstab"
 echo vmtest >"$root/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 vmtest\n' >"$root/etc/hosts"

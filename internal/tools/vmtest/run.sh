@@ -7,7 +7,9 @@
 # own llama-server (guest/check-sid.sh). The sid image is built while the
 # bookworm guests run. The guest reports on its second serial port; each
 # check is printed as it finishes, and a summary at the end. Exits non-zero
-# when any check fails or a boot does not finish.
+# when any check fails or a boot does not finish. In the .deb's first boot
+# this host runs poolctl -H against the guest's sshd through a port that
+# qemu forwards (remote_check).
 #
 #   internal/tools/vmtest/run.sh [deb] [rpm] [sid]     (all by default; root needed)
 #   VM_BOOT_TIMEOUT=420  seconds one qemu run may take
@@ -29,9 +31,10 @@ kinds=("$@")
 start_all=$(date +%s.%N)
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 
-qpid= tpid= qemu_pidfile=
+qpid= tpid= rpid= qemu_pidfile=
 stop_qemu() {
 	[ -n "${sid_pid:-}" ] && kill "$sid_pid" 2>/dev/null || true
+	[ -n "$rpid" ] && kill "$rpid" 2>/dev/null || true
 	[ -n "$tpid" ] && kill "$tpid" 2>/dev/null || true
 	if [ -n "$qpid" ]; then
 		kill "$qpid" 2>/dev/null || true
@@ -45,7 +48,7 @@ stop_qemu() {
 		kill -KILL "$qpid" 2>/dev/null || true
 		wait "$qpid" 2>/dev/null || true
 	fi
-	qpid= tpid=
+	qpid= tpid= rpid=
 }
 trap stop_qemu EXIT
 trap 'echo "vm-test: interrupted"; exit 130' INT TERM HUP
@@ -54,17 +57,17 @@ if [ "$(id -u)" != 0 ]; then
 	echo "vm-test: needs root (debootstrap, mkfs.ext4 -d of a root file system)" >&2
 	exit 1
 fi
-for tool in qemu-system-x86_64 debootstrap mkfs.ext4 timeout; do
+for tool in qemu-system-x86_64 debootstrap mkfs.ext4 timeout ssh ssh-keygen; do
 	if ! command -v "$tool" >/dev/null; then
-		echo "vm-test: $tool missing: apt-get install -y --no-install-recommends qemu-system-x86 debootstrap e2fsprogs" >&2
+		echo "vm-test: $tool missing: apt-get install -y --no-install-recommends qemu-system-x86 debootstrap e2fsprogs openssh-client" >&2
 		exit 1
 	fi
 done
 # The newest packages: what make packages has just built.
 deb=$(ls -t build/pool-managerd_*.deb 2>/dev/null | head -n 1)
 rpm=$(ls -t build/pool-managerd-*.rpm 2>/dev/null | head -n 1)
-if [ -z "$deb" ] || [ -z "$rpm" ] || [ ! -x build/pool-engine-sim ]; then
-	echo "vm-test: build/ lacks the packages or pool-engine-sim: run make packages" >&2
+if [ -z "$deb" ] || [ -z "$rpm" ] || [ ! -x build/pool-engine-sim ] || [ ! -x build/poolctl ]; then
+	echo "vm-test: build/ lacks the packages, pool-engine-sim or poolctl: run make packages" >&2
 	exit 1
 fi
 
@@ -100,20 +103,189 @@ show() {
 		$1 == "PHASE" { printf "  -- boot %s done\n", $2; fflush(); next }'
 }
 
+# free_port: a port of this host's loopback that nobody listens on.
+free_port() {
+	local p
+	for _ in $(seq 100); do
+		p=$((20000 + RANDOM % 40000))
+		if ! (exec 9<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+			echo "$p"
+			return 0
+		fi
+	done
+	echo "vm-test: no free port on 127.0.0.1" >&2
+	return 1
+}
+
+# ssh_setup WORK: for poolctl -H from here, a throwaway key (its public
+# half goes to the guest on the payload disk), a config that uses it and
+# takes the guest's host key unseen (each image makes new ones), and an
+# ssh first on PATH that reads that config: poolctl runs "ssh" as
+# systemctl -H does.
+ssh_setup() {
+	local dir=$top/$1/ssh real
+	real=$(command -v ssh)
+	mkdir -p "$dir/bin"
+	ssh-keygen -q -t ed25519 -N '' -C vm-test -f "$dir/key"
+	cat >"$dir/config" <<-EOF
+		Host *
+			IdentityFile $dir/key
+			IdentitiesOnly yes
+			BatchMode yes
+			StrictHostKeyChecking no
+			UserKnownHostsFile /dev/null
+			LogLevel ERROR
+			ConnectTimeout 30
+	EOF
+	printf '#!/bin/sh\nexec "%s" -F "%s" "$@"\n' "$real" "$dir/config" >"$dir/bin/ssh"
+	chmod 0755 "$dir/bin/ssh"
+	cp "$dir/key.pub" "$1/payload/remote.pub"
+}
+
+# The host's side of poolctl -H: checks reported as the guest reports its
+# own (into a log of their own), with this host's poolctl and ssh.
+hfails=0
+hwant() {
+	if [ "$2" = "$3" ]; then
+		echo "ok: $1 = $2"
+	else
+		echo "MISMATCH: $1: got '$2', want '$3'"
+		hfails=$((hfails + 1))
+	fi
+}
+hwant_match() {
+	if printf '%s' "$2" | grep -Eq -- "$3"; then
+		echo "ok: $1 ~ $3"
+	else
+		echo "MISMATCH: $1: got '$2', want a match of /$3/"
+		hfails=$((hfails + 1))
+	fi
+}
+# rpoolctl ARGS...: build/poolctl with the throwaway ssh, bounded; stdout
+# in $out, stderr in $err, exit status in $code.
+rpoolctl() {
+	local e
+	e=$(mktemp)
+	out=$(PATH="$sshdir/bin:$PATH" timeout 60 build/poolctl "$@" 2>"$e")
+	code=$?
+	err=$(cat "$e")
+	rm -f "$e"
+}
+# hcheck LOG NAME FUNCTION
+hcheck() {
+	local log=$1 name=$2 t0 dt rc
+	t0=$(date +%s.%N)
+	hfails=0
+	"$3" >"$log.out" 2>&1
+	rc=$?
+	[ "$hfails" -eq 0 ] || rc=1
+	dt=$(elapsed "$t0")
+	if [ "$rc" -eq 0 ]; then
+		printf 'RESULT\tPASS\t%s\t%s\n' "$dt" "$name"
+	else
+		printf 'RESULT\tFAIL\t%s\t%s\n' "$dt" "$name"
+		sed 's/^/DETAIL\t/' "$log.out"
+	fi | tee -a "$log" | show
+}
+
+h_list() {
+	rpoolctl -H "$guest" list
+	hwant "exit status" "$code" 0
+	hwant_match "llama8b" "$out" '^llama8b +ready +yes '
+	hwant_match "embed" "$out" '^embed +ready +yes '
+	hwant_match "count" "$out" '^2 pools listed\.$'
+	echo "stderr: $err"
+}
+h_fleet() {
+	local h=${guest//./\\.}
+	rpoolctl -H "$guest,$guest" list
+	hwant "exit status" "$code" 0
+	hwant_match "HOST column" "$out" '^HOST +POOL +STATE +READY'
+	hwant "llama8b rows" "$(printf '%s\n' "$out" | grep -Ec "^$h +llama8b +ready +yes ")" 2
+	hwant "embed rows" "$(printf '%s\n' "$out" | grep -Ec "^$h +embed +ready +yes ")" 2
+	hwant_match "count" "$out" '^4 pools listed\.$'
+	echo "stderr: $err"
+}
+h_fleet_down() {
+	local h=${guest//./\\.}
+	rpoolctl -H "$guest,$dead" list
+	hwant "exit status" "$code" 1
+	hwant_match "the reachable host's pools" "$out" "^$h +llama8b +ready +yes "
+	hwant_match "ssh's refusal" "$err" 'Connection refused'
+	hwant_match "the host that could not be read" "$err" "^poolctl: ${dead//./\\.}: "
+	hwant_match "the count" "$err" '^poolctl: 1 of 2 hosts could not be read$'
+}
+h_status() {
+	rpoolctl -H "$guest" status llama8b
+	hwant "exit status" "$code" 0
+	hwant_match "the scope's journal, read over ssh" "$out" 'server is listening on http://127\.0\.0\.1:8081'
+	hwant_match "the daemon's journal of the pool" "$out" 'engine ready'
+	echo "stderr: $err"
+}
+h_trust() {
+	local user=vmremote@${guest#root@}
+	rpoolctl -H "$user" list
+	hwant "an unprivileged user's list: exit status" "$code" 0
+	hwant_match "an unprivileged user's list" "$out" '^embed +ready +yes '
+	rpoolctl -H "$user" stop embed --now
+	hwant "an unprivileged user's stop: exit status" "$code" 1
+	hwant_match "an unprivileged user's stop: refused" "$err" 'org\.freedesktop\.DBus\.Error\.AccessDenied'
+	rpoolctl -H "$guest" show embed -p State --value
+	hwant "embed State after the refusal" "$out" ready
+	rpoolctl -H "$guest" stop embed --now
+	hwant "root's stop: exit status" "$code" 0
+	rpoolctl -H "$guest" show embed -p State --value
+	hwant "embed State after root's stop" "$out" stopped
+	rpoolctl -H "$guest" start embed
+	hwant "root's start: exit status" "$code" 0
+	hwant_match "root's start waits for Ready" "$out" '^start embed: ready in '
+	echo "stderr: $err"
+}
+
+# remote_check RESULTS LOG PORT DEADPORT: once the guest says its sshd is
+# up ("REMOTE READY" on its report), poolctl -H from here through qemu's
+# forward of PORT; DEADPORT has no listener. Then the guest goes on.
+remote_check() {
+	local results=$1 log=$2 guest=root@127.0.0.1:$3 dead=root@127.0.0.1:$4 t0
+	# A check's failure is its report, not the end of this subshell.
+	set +e +o pipefail
+	: >"$log"
+	until tr -d '\r' <"$results" | grep -q '^REMOTE	READY'; do
+		if ! kill -0 "$qpid" 2>/dev/null || tr -d '\r' <"$results" | grep -Eq '^(PHASE|GUEST END)'; then
+			printf 'RESULT\tFAIL\t0\tfrom the host: poolctl -H (the guest never said its sshd was up)\n' | tee -a "$log" | show
+			return 0
+		fi
+		sleep 0.5
+	done
+	t0=$(date +%s.%N)
+	hcheck "$log" "from the host: poolctl -H root@GUEST:PORT list (real ssh, the guest's systemd-stdio-bridge and system bus)" h_list
+	hcheck "$log" "from the host: poolctl -H GUEST,GUEST list, one table with a HOST column" h_fleet
+	hcheck "$log" "from the host: poolctl -H GUEST,DOWN list: the reachable host's pools, the other named, exit 1" h_fleet_down
+	hcheck "$log" "from the host: poolctl -H status reads the guest's journal over ssh" h_status
+	hcheck "$log" "from the host: -H as an unprivileged user reads but may not stop; as root stop and start" h_trust
+	if ! timeout 60 "$sshdir/bin/ssh" -p "$3" root@127.0.0.1 touch /run/vm-check-remote >"$log.out" 2>&1; then
+		{ printf 'RESULT\tFAIL\t0\tfrom the host: ssh could not tell the guest to go on\n'; sed 's/^/DETAIL\t/' "$log.out"; } | tee -a "$log" | show
+	fi
+	printf 'INFO\tpoolctl -H checks from the host: %ss\n' "$(elapsed "$t0")" | tee -a "$log" | show
+}
+
 summary=()
 failed=0
-# boot KIND N IMAGE: one qemu run on the disk of KIND; its report in
-# results-N.log.
+# boot KIND N IMAGE [PORT]: one qemu run on the disk of KIND; its report
+# in results-N.log. With PORT, the guest has a user-mode NIC (restrict=on:
+# it reaches nothing) with PORT of this host's loopback forwarded to its
+# sshd, and remote_check runs beside it.
 boot() {
-	local kind=$1 n=$2 img=$3 work=build/vm/run-$1 t0 rc=0
+	local kind=$1 n=$2 img=$3 port=${4:-} work=build/vm/run-$1 t0 rc=0 nic=none
 	local results=$work/results-$n.log console=$work/console-$n.log
+	[ -z "$port" ] || nic="user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:$port-:22"
 	qemu_pidfile=$work/qemu-$n.pid
 	rm -f "$results" "$qemu_pidfile"
 	: >"$results"
 	echo "== .$kind, boot $n (qemu -accel tcg; console in $console)"
 	t0=$(date +%s.%N)
 	timeout --kill-after=10 "$boot_timeout" qemu-system-x86_64 \
-		-accel tcg -m 2048 -smp 2 -nographic -no-reboot -nic none \
+		-accel tcg -m 2048 -smp 2 -nographic -no-reboot -nic "$nic" \
 		-kernel "$img/vmlinuz" -initrd "$img/initrd.img" \
 		-append "root=/dev/vda rw console=ttyS0 panic=-1" \
 		-drive "file=$work/disk.img,format=raw,if=virtio" \
@@ -123,10 +295,18 @@ boot() {
 	qpid=$!
 	tail -n +1 -F --pid="$qpid" "$results" 2>/dev/null | show &
 	tpid=$!
+	if [ -n "$port" ]; then
+		remote_check "$results" "$work/remote-$n.log" "$port" "$(free_port)" &
+		rpid=$!
+	fi
 	wait "$qpid" || rc=$?
 	qpid=
 	wait "$tpid" 2>/dev/null || true
 	tpid=
+	if [ -n "$rpid" ]; then
+		wait "$rpid" 2>/dev/null || true
+		rpid=
+	fi
 	local took
 	took=$(elapsed "$t0")
 	summary+=("$(printf '%-4s %6ss  .%s boot %s (qemu, boot to poweroff)' "" "$took" "$kind" "$n")")
@@ -146,11 +326,14 @@ for kind in "${kinds[@]}"; do
 	work=build/vm/run-$kind
 	rm -rf "$work"
 	mkdir -p "$work/payload"
-	kimg=$img boots=2 limit=$guest_limit
+	kimg=$img boots=2 limit=$guest_limit port1=
 	case $kind in
 	deb)
 		cp "$deb" "$work/payload/pool-managerd.deb"
 		cp build/vm/pool-engine-sim.tar "$work/payload/"
+		sshdir=$top/$work/ssh
+		ssh_setup "$work"
+		port1=$(free_port)
 		;;
 	rpm) cp "$rpm" "$work/payload/pool-managerd.rpm" ;;
 	sid)
@@ -185,16 +368,16 @@ for kind in "${kinds[@]}"; do
 	truncate -s 64M "$work/payload.img"
 	mkfs.ext4 -q -F -L payload -d "$work/payload" "$work/payload.img"
 	ok=1
-	boot "$kind" 1 "$kimg" || ok=0
+	boot "$kind" 1 "$kimg" "$port1" || ok=0
 	[ "$ok" = 0 ] || [ "$boots" = 1 ] || boot "$kind" 2 "$kimg" || ok=0
 	[ "$ok" = 1 ] || failed=1
-	for n in 1 2; do
-		[ -f "$work/results-$n.log" ] || continue
+	for log in "$work/results-1.log" "$work/remote-1.log" "$work/results-2.log"; do
+		[ -f "$log" ] || continue
 		while IFS=$'\t' read -r tag verdict secs name; do
 			[ "$tag" = RESULT ] || continue
 			summary+=("$(printf '%-4s %6ss  .%s: %s' "$verdict" "$secs" "$kind" "$name")")
 			[ "$verdict" = PASS ] || failed=1
-		done < <(tr -d '\r' <"$work/results-$n.log")
+		done < <(tr -d '\r' <"$log")
 	done
 	# The disk copy is 3 GiB of mostly holes; the logs stay for a look.
 	rm -f "$work/disk.img" "$work/payload.img"

@@ -206,6 +206,32 @@ c_poolctl() {
 	done
 }
 
+# poolctl -H from the host: qemu forwards a port of the host's loopback to
+# this guest's sshd on its user-mode NIC, which the host's throwaway key
+# (remote.pub on the payload disk) opens for root and for an unprivileged
+# user. The host watches this report for "REMOTE READY", runs its checks
+# (their results are its own) and then touches /run/vm-check-remote.
+c_remote() {
+	install -d -m 0700 /root/.ssh
+	install -m 0600 "$P/remote.pub" /root/.ssh/authorized_keys
+	want_ok "useradd vmremote" useradd --create-home --shell /bin/sh vmremote
+	install -d -m 0700 -o vmremote -g vmremote /home/vmremote/.ssh
+	install -m 0600 -o vmremote -g vmremote "$P/remote.pub" /home/vmremote/.ssh/authorized_keys
+	# qemu's user network: the guest is 10.0.2.15, the forward's target.
+	mkdir -p /run/systemd/network
+	printf '[Match]\nType=ether\n[Network]\nAddress=10.0.2.15/24\nLinkLocalAddressing=no\n' >/run/systemd/network/10-vmtest.network
+	want_ok "systemctl start systemd-networkd" timeout 30 systemctl start systemd-networkd
+	wait_for 30 "the NIC configured" "networkctl list --no-legend | grep -q ' configured'"
+	want_ok "systemctl start ssh" timeout 30 systemctl start ssh || return 1
+	info "$(networkctl list --no-legend | tr -s ' \n' ' '); openssh-server $(dpkg-query -W -f '${Version}' openssh-server 2>&1)"
+	rm -f /run/vm-check-remote
+	emit "REMOTE	READY"
+	wait_for 150 "the host's poolctl -H checks (it touches /run/vm-check-remote)" '[ -e /run/vm-check-remote ]'
+	want "llama8b Ready after the host's checks" "$(pv llama8b Ready)" true
+	want "embed Ready after the host's checks" "$(pv embed Ready)" true
+	want_ok "systemctl stop ssh" timeout 30 systemctl stop ssh
+}
+
 c_scope() {
 	local s=pool-engine-llama8b.scope pid cg
 	want "Slice" "$(systemctl show -p Slice --value $s)" pool-managerd-engines.slice
@@ -584,6 +610,9 @@ phase1() {
 	check "two simulator pools on fake GPUs" c_configure || return 1
 	check "both pools Ready over the bus" c_ready
 	check "poolctl: list, status as nobody, a refused stop, stop and start (waits for Ready); its man page, completion, dashboard, rules" c_poolctl
+	if [ -f "$P/remote.pub" ]; then
+		check "sshd up for the host's poolctl -H; the pools still Ready after it" c_remote
+	fi
 	check "engine scope: slice, DevicePolicy=closed, DeviceAllow, MemoryMax, user" c_scope
 	check "DevicePolicy=closed enforced: own GPU ENXIO, other pool's EPERM" c_devices
 	check "engine output in the scope's journal" c_journal
