@@ -218,7 +218,8 @@ h_fleet_down() {
 h_status() {
 	rpoolctl -H "$guest" status llama8b
 	hwant "exit status" "$code" 0
-	hwant_match "the scope's journal, read over ssh" "$out" 'server is listening on http://127\.0\.0\.1:8081'
+	# vmtest: the guest's host name, so the journal is the guest's.
+	hwant_match "the scope's journal, read over ssh" "$out" ' vmtest pool-engine-sim\[[0-9]+\]: '
 	hwant_match "the daemon's journal of the pool" "$out" 'engine ready'
 	echo "stderr: $err"
 }
@@ -234,8 +235,6 @@ h_trust() {
 	hwant "embed State after the refusal" "$out" ready
 	rpoolctl -H "$guest" stop embed --now
 	hwant "root's stop: exit status" "$code" 0
-	rpoolctl -H "$guest" show embed -p State --value
-	hwant "embed State after root's stop" "$out" stopped
 	rpoolctl -H "$guest" start embed
 	hwant "root's start: exit status" "$code" 0
 	hwant_match "root's start waits for Ready" "$out" '^start embed: ready in '
@@ -334,6 +333,8 @@ for kind in "${kinds[@]}"; do
 		sshdir=$top/$work/ssh
 		ssh_setup "$work"
 		port1=$(free_port)
+		# The host's poolctl -H checks run within boot 1's limit.
+		limit=$((guest_limit + 90))
 		;;
 	rpm) cp "$rpm" "$work/payload/pool-managerd.rpm" ;;
 	sid)
