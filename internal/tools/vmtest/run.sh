@@ -7,7 +7,7 @@
 # own llama-server (guest/check-sid.sh). The sid image is built while the
 # bookworm guests run. The guest reports on its second serial port; each
 # check is printed as it finishes, and a summary at the end. Exits non-zero
-# when any check fails or a boot does not finish. In the .deb's first boot
+# when any check fails or a boot does not finish. In the .deb's second boot
 # this host runs poolctl -H against the guest's sshd through a port that
 # qemu forwards (remote_check).
 #
@@ -325,15 +325,15 @@ for kind in "${kinds[@]}"; do
 	work=build/vm/run-$kind
 	rm -rf "$work"
 	mkdir -p "$work/payload"
-	kimg=$img boots=2 limit=$guest_limit port1=
+	kimg=$img boots=2 limit=$guest_limit port2=
 	case $kind in
 	deb)
 		cp "$deb" "$work/payload/pool-managerd.deb"
 		cp build/vm/pool-engine-sim.tar "$work/payload/"
 		sshdir=$top/$work/ssh
 		ssh_setup "$work"
-		port1=$(free_port)
-		# The host's poolctl -H checks run within boot 1's limit.
+		port2=$(free_port)
+		# The host's poolctl -H checks run within boot 2's limit.
 		limit=$((guest_limit + 90))
 		;;
 	rpm) cp "$rpm" "$work/payload/pool-managerd.rpm" ;;
@@ -369,10 +369,10 @@ for kind in "${kinds[@]}"; do
 	truncate -s 64M "$work/payload.img"
 	mkfs.ext4 -q -F -L payload -d "$work/payload" "$work/payload.img"
 	ok=1
-	boot "$kind" 1 "$kimg" "$port1" || ok=0
-	[ "$ok" = 0 ] || [ "$boots" = 1 ] || boot "$kind" 2 "$kimg" || ok=0
+	boot "$kind" 1 "$kimg" || ok=0
+	[ "$ok" = 0 ] || [ "$boots" = 1 ] || boot "$kind" 2 "$kimg" "$port2" || ok=0
 	[ "$ok" = 1 ] || failed=1
-	for log in "$work/results-1.log" "$work/remote-1.log" "$work/results-2.log"; do
+	for log in "$work/results-1.log" "$work/results-2.log" "$work/remote-2.log"; do
 		[ -f "$log" ] || continue
 		while IFS=$'\t' read -r tag verdict secs name; do
 			[ "$tag" = RESULT ] || continue

@@ -610,9 +610,6 @@ phase1() {
 	check "two simulator pools on fake GPUs" c_configure || return 1
 	check "both pools Ready over the bus" c_ready
 	check "poolctl: list, status as nobody, a refused stop, stop and start (waits for Ready); its man page, completion, dashboard, rules" c_poolctl
-	if [ -f "$P/remote.pub" ]; then
-		check "sshd up for the host's poolctl -H; the pools still Ready after it" c_remote
-	fi
 	check "engine scope: slice, DevicePolicy=closed, DeviceAllow, MemoryMax, user" c_scope
 	check "DevicePolicy=closed enforced: own GPU ENXIO, other pool's EPERM" c_devices
 	check "engine output in the scope's journal" c_journal
@@ -738,6 +735,9 @@ phase2() {
 	check "after a reboot: the disabled pool stays stopped; its reloaded model loads on Start" c_disabled_kept
 	check "after a reboot: the pools come back, counters kept" c_back
 	check "after a reboot: breaker state kept, ResetBreaker" c_breaker_kept
+	if [ -f "$P/remote.pub" ]; then
+		check "sshd up for the host's poolctl -H; the pools still Ready after it" c_remote
+	fi
 	check "upgrade: a running daemon is restarted and the engines run on; a disabled, stopped one stays so, and poolctl says so at once" c_upgrade
 	case $KIND in
 	deb)
