@@ -231,13 +231,10 @@ h_trust() {
 	rpoolctl -H "$user" stop embed --now
 	hwant "an unprivileged user's stop: exit status" "$code" 1
 	hwant_match "an unprivileged user's stop: refused" "$err" 'org\.freedesktop\.DBus\.Error\.AccessDenied'
+	# root's own changes over -H are left out: the upgrade check that
+	# follows wants the pools as the reboot checks left them.
 	rpoolctl -H "$guest" show embed -p State --value
-	hwant "embed State after the refusal" "$out" ready
-	rpoolctl -H "$guest" stop embed --now
-	hwant "root's stop: exit status" "$code" 0
-	rpoolctl -H "$guest" start embed
-	hwant "root's start: exit status" "$code" 0
-	hwant_match "root's start waits for Ready" "$out" '^start embed: ready in '
+	hwant "embed State after the refusal, as root sees it" "$out" ready
 	echo "stderr: $err"
 }
 
@@ -261,7 +258,7 @@ remote_check() {
 	hcheck "$log" "from the host: poolctl -H GUEST,GUEST list, one table with a HOST column" h_fleet
 	hcheck "$log" "from the host: poolctl -H GUEST,DOWN list: the reachable host's pools, the other named, exit 1" h_fleet_down
 	hcheck "$log" "from the host: poolctl -H status reads the guest's journal over ssh" h_status
-	hcheck "$log" "from the host: -H as an unprivileged user reads but may not stop; as root stop and start" h_trust
+	hcheck "$log" "from the host: -H as an unprivileged user reads but may not stop" h_trust
 	if ! timeout 60 "$sshdir/bin/ssh" -p "$3" root@127.0.0.1 touch /run/vm-check-remote >"$log.out" 2>&1; then
 		{ printf 'RESULT\tFAIL\t0\tfrom the host: ssh could not tell the guest to go on\n'; sed 's/^/DETAIL\t/' "$log.out"; } | tee -a "$log" | show
 	fi
