@@ -2,6 +2,7 @@ package main
 
 import (
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -76,6 +77,32 @@ func TestOverheadGoalAllowsTheRoundsHashing(t *testing.T) {
 	assert.Equal(t, 55.0, f.WorstJudged)
 }
 
+// An overhead round is judged on its median less the reference's median
+// (not on the median of differences), with no ratio to report; a
+// reference of two parts adds them sample by sample.
+func TestOverheadRoundOfTwoPartReference(t *testing.T) {
+	ms := func(xs ...int) []time.Duration {
+		var out []time.Duration
+		for _, x := range xs {
+			out = append(out, time.Duration(x)*time.Millisecond)
+		}
+		return out
+	}
+	ref := sumEach(ms(2, 3, 50), ms(5, 4, 1))
+	assert.Equal(t, ms(7, 7, 51), ref)
+	r := overheadRound(2, ms(30, 10, 20), ref)
+	assert.Equal(t, 3, r.Index)
+	assert.Equal(t, 20.0, r.Median)
+	assert.Equal(t, 7.0, r.RefMedian)
+	assert.InDelta(t, 13, r.Overhead, 1e-9)
+	assert.Zero(t, r.Ratio)
+	f := Figure{Basis: "median", Goal: swapFig.Goal, Rounds: []Round{r}}
+	f.summarize()
+	assert.True(t, f.Met)
+	assert.InDelta(t, 13, f.Judged, 1e-9)
+	assert.Panics(t, func() { sumEach(ms(1, 2), ms(1)) }, "parts of unequal counts")
+}
+
 // p99 of fewer than a hundred samples is the largest, by nearest rank;
 // a round's value follows the figure's basis.
 func TestRoundBasis(t *testing.T) {
@@ -128,7 +155,7 @@ func TestArguments(t *testing.T) {
 	assert.Equal(t, []string{"scale", "storm"}, o.Figures, "scale names every 64-pool figure")
 	o, err = parseArgs([]string{"ondemand", "rounds=3"})
 	require.NoError(t, err)
-	assert.Equal(t, []string{"ondemand"}, o.Figures, "the cold start and the 64 pools with 60 idle")
+	assert.Equal(t, []string{"ondemand"}, o.Figures, "the cold start, the group swap, the wake and the 64 pools with 60 idle")
 
 	o, err = parseArgs([]string{"load=2", "crash"})
 	require.NoError(t, err)

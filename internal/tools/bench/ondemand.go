@@ -89,9 +89,7 @@ func (b *bench) coldRound(r int, figs *Figures) {
 			healthy = append(healthy, ms(t0.Add(took).Sub(live)))
 		}
 	}
-	rd := newRound(r, coldFig.Basis, msAll(ours), msAll(alone))
-	rd.Overhead = rd.Median - rd.RefMedian
-	rd.Ratio = 0 // an overhead goal: the ratio says little of a start
+	rd := overheadRound(r, ours, alone)
 	rd.Parts = map[string]float64{"1 idle -> starting": median(leaving), "2 engine running (Live=true)": median(running),
 		"3 lease granted": median(healthy), "engine alone": median(msAll(alone))}
 	figs.add(coldFig, rd)
@@ -117,7 +115,7 @@ var (
 func (b *bench) idleScale(figs *Figures) {
 	progress("64 pools, 60 on demand: starting")
 	b.writeManager(scalePools)
-	for _, p := range []string{benchPool, dfltPool, odPool} {
+	for _, p := range append([]string{benchPool, dfltPool}, onDemandPools...) {
 		os.Remove(filepath.Join(b.dir, "pools.d", p+".pool"))
 	}
 	ports := freePorts(scalePools)

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -37,6 +38,8 @@ type bench struct {
 	alonePort int
 	// bigModel is the staging figure's file (its name under models/).
 	bigModel string
+	// wakePort is the wake figure's pool's engine port.
+	wakePort int
 }
 
 const (
@@ -75,14 +78,20 @@ func inside(opts Options) {
 		b.writeBig(b.bigModel, int64(opts.StageMB)<<20)
 	}
 	if opts.has("ondemand") {
-		// The cold start figure's pool on a GPU of its own.
-		b.writeManager(3)
-		// A port of its own: two pools on one Port= are refused.
-		port := freePort()
-		for port == b.port || port == b.alonePort {
-			port = freePort()
+		// The cold start figure's pool on a GPU of its own, the group's
+		// two on another, the sleeping pool on a fifth.
+		b.writeManager(5)
+		b.writeVLLMModel()
+		// Ports of their own: two pools on one Port= are refused.
+		ports := freePorts(4)
+		for slices.Contains(ports, b.port) || slices.Contains(ports, b.alonePort) {
+			ports = freePorts(4)
 		}
-		must(os.WriteFile(filepath.Join(dir, "pools.d", odPool+".pool"), b.odPoolFile("2", port), 0o644))
+		b.wakePort = ports[3]
+		must(os.WriteFile(filepath.Join(dir, "pools.d", odPool+".pool"), b.odPoolFile("2", ports[0]), 0o644))
+		must(os.WriteFile(filepath.Join(dir, "pools.d", swapPoolA+".pool"), b.swapPoolFile(ports[1]), 0o644))
+		must(os.WriteFile(filepath.Join(dir, "pools.d", swapPoolB+".pool"), b.swapPoolFile(ports[2]), 0o644))
+		must(os.WriteFile(filepath.Join(dir, "pools.d", wakePool+".pool"), b.wakePoolFile(b.wakePort), 0o644))
 	} else {
 		b.writeManager(2)
 	}
@@ -142,6 +151,8 @@ StormMaxRestarts=10000
 			}
 			if opts.has("ondemand") {
 				b.coldRound(r, &figs)
+				b.swapRound(r, &figs)
+				b.wakeRound(r, b.wakePort, &figs)
 			}
 		}
 	}

@@ -42,7 +42,7 @@ func scalePool(i int) string { return fmt.Sprintf("p%02d", i) }
 func (b *bench) scale(figs *Figures) {
 	progress("64 pools: starting")
 	b.writeManager(scalePools)
-	for _, p := range []string{benchPool, dfltPool, odPool} {
+	for _, p := range append([]string{benchPool, dfltPool}, onDemandPools...) {
 		os.Remove(filepath.Join(b.dir, "pools.d", p+".pool"))
 	}
 	for i := range scalePools {

@@ -85,6 +85,23 @@ func (w *watcher) until(path dbus.ObjectPath, timeout time.Duration, what string
 	}
 }
 
+// seen returns the first change for which ok holds, on any path; false
+// after timeout (for breakdowns, which a coalesced signal may miss).
+func (w *watcher) seen(timeout time.Duration, ok func(c change) bool) (change, bool) {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	for {
+		select {
+		case c := <-w.out:
+			if ok(c) {
+				return c, true
+			}
+		case <-t.C:
+			return change{}, false
+		}
+	}
+}
+
 // prop returns the first change on path that carries prop (with want's
 // value, unless want is nil).
 func (w *watcher) prop(path dbus.ObjectPath, prop string, want any, timeout time.Duration) change {
