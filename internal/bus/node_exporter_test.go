@@ -189,7 +189,9 @@ func TestNodeExporterServesEveryFamilyAfterCrashesADrainAndAReload(t *testing.T)
 	// Series only while a GPU needs a reset or is lost, or once an XID
 	// came; there is none here.
 	// The kernel log's readability is said on NVML hosts only.
-	onlyWhileWrong := map[string]bool{"pool_managerd_gpu_unhealthy": true, "pool_managerd_gpu_xids_total": true, "pool_managerd_kernel_log_readable": true}
+	onlyWhileWrong := map[string]bool{"pool_managerd_gpu_unhealthy": true, "pool_managerd_gpu_xids_total": true, "pool_managerd_kernel_log_readable": true,
+		// Swaps are counted for a Group= only.
+		"pool_managerd_group_swaps_total": true, "pool_managerd_group_swap_duration_seconds": true}
 	for _, name := range reg.names {
 		_, served := fams[name]
 		if onlyWhileWrong[name] {

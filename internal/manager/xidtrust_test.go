@@ -245,8 +245,11 @@ func kernelPrints(t *testing.T, msg string) {
 // inJournal waits until every marker is in a journal entry's message.
 func inJournal(t *testing.T, markers ...string) {
 	t.Helper()
+	// Since a minute ago, not the last lines: the kernel's ring, which
+	// other tests on the host write to, fills the journal too.
+	since := fmt.Sprintf("--since=@%d", time.Now().Add(-time.Minute).Unix())
 	require.Eventually(t, func() bool {
-		out, _ := exec.Command("journalctl", "--boot", "--no-pager", "--output=cat", "--lines=500").Output()
+		out, _ := exec.Command("journalctl", "--boot", "--no-pager", "--output=cat", since).Output()
 		for _, m := range markers {
 			if !strings.Contains(string(out), m) {
 				return false
