@@ -197,13 +197,29 @@ func (e *Engine) OnDied(f func()) {
 }
 
 // watchDeath waits, in the runtime's poller, for the engine's pidfd to
-// say it ended. A PID reused before the pidfd was opened (the engine ended
-// and was reaped at once) would be another live process: its end would
-// come after the shim's report, when no one listens any more.
+// say it ended. The pidfd is opened before the watch goes to its own
+// goroutine, so an engine killed the moment it started is still seen to
+// end: a PID that is already gone then is the engine's end. A PID reused
+// in the meantime (the engine ended and was reaped at once) would be
+// another live process: its end would come after the shim's report, when
+// no one listens any more.
 func (e *Engine) watchDeath() {
-	if !awaitPidfd(e.PID) {
+	f, err := openPidfd(e.PID)
+	if err != nil {
+		if errors.Is(err, unix.ESRCH) {
+			go e.died()
+		}
 		return
 	}
+	go func() {
+		if awaitFile(f) {
+			e.died()
+		}
+	}()
+}
+
+// died records the kernel's word and tells whoever listens.
+func (e *Engine) died() {
 	e.diedMu.Lock()
 	e.dead = true
 	tell := e.onDied
@@ -772,7 +788,7 @@ func (p *Prepared) goAhead(ctx context.Context) (*Engine, error) {
 	}
 	e := &Engine{Unit: name, PID: first.PID, ShimPID: cmd.Process.Pid, Started: t3, Note: first.Note, events: make(chan Event, 4),
 		Invocation: id.id, Phases: *ph, CgroupID: p.cgroup}
-	go e.watchDeath()
+	e.watchDeath()
 	e.shimEnded = func(wait time.Duration) (syscall.WaitStatus, bool) {
 		select {
 		case <-p.reaped:
@@ -797,16 +813,29 @@ func awaitExit(pid int) { awaitPidfd(pid) }
 // pidfd turns readable then, reaped or not, child or not). false: it could
 // not be watched (no pidfd).
 func awaitPidfd(pid int) bool {
-	fd, err := unix.PidfdOpen(pid, 0)
+	f, err := openPidfd(pid)
 	if err != nil {
 		return false
 	}
-	// Non-blocking, so that os.NewFile puts it in the poller.
+	return awaitFile(f)
+}
+
+// openPidfd opens a non-blocking pidfd of pid, so that the runtime's
+// poller waits on it.
+func openPidfd(pid int) (*os.File, error) {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return nil, err
+	}
 	if err := unix.SetNonblock(fd, true); err != nil {
 		unix.Close(fd)
-		return false
+		return nil, err
 	}
-	f := os.NewFile(uintptr(fd), "pidfd")
+	return os.NewFile(uintptr(fd), "pidfd"), nil
+}
+
+// awaitFile waits until the pidfd f says its process ended, and closes it.
+func awaitFile(f *os.File) bool {
 	defer f.Close()
 	rc, err := f.SyscallConn()
 	if err != nil {
@@ -903,7 +932,7 @@ func (r *Runtime) Attach(ctx context.Context, pool, socket string) (*Engine, err
 		e.CgroupID = p.CgroupID
 		p.Close()
 	}
-	go e.watchDeath()
+	e.watchDeath()
 	if p, err := os.Stat(fmt.Sprintf("/proc/%d", first.PID)); err == nil {
 		e.Started = p.ModTime()
 	}
