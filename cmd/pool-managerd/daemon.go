@@ -56,6 +56,7 @@ var (
 // keep running after it exits: they live in their own scopes.
 func daemon(dir string, cfg *config.Config, stderr io.Writer) int {
 	log := logger(stderr)
+	defer profile()()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 

@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -23,12 +24,15 @@ import (
 // figureNames are what BENCH_ARGS may select, in the order they run.
 var figureNames = []string{"crash", "restart", "lease", "drain", "reload", "staging", "ready", "scale", "storm", "ondemand"}
 
-const usage = `usage: bench [FIGURE...] [rounds=N] [stage-mb=N] [idle-sec=N] [load=N]
+const usage = `usage: bench [FIGURE...] [rounds=N] [stage-mb=N] [idle-sec=N] [load=N] [profile=DIR]
 figures: crash restart lease drain reload staging ready scale storm ondemand (default: all)
   rounds=N    rounds per figure (default 5, at least 1)
   stage-mb=N  size of the staging figure's model file (default 2048)
   idle-sec=N  length of each round's 64-pool idle CPU windows (default 10)
-  load=N      N CPU-bound processes in the engines' slice for every round (default 0)`
+  load=N      N CPU-bound processes in the engines' slice for every round (default 0)
+  profile=DIR the daemon's execution trace, block and mutex profiles, and
+              CPU profiles of the idle windows and storms, in DIR (the
+              daemon built with GOFLAGS=-tags=pprof)`
 
 // Options are the parsed arguments.
 type Options struct {
@@ -37,6 +41,7 @@ type Options struct {
 	StageMB int      `json:"stage_mb"`
 	IdleSec int      `json:"idle_sec"`
 	Load    int      `json:"load"`
+	Profile string   `json:"profile,omitempty"`
 	all     bool
 }
 
@@ -62,6 +67,13 @@ func parseArgs(args []string) (Options, error) {
 			default:
 				return o, fmt.Errorf("unknown figure %q\n%s", a, usage)
 			}
+			continue
+		}
+		if k == "profile" {
+			if !filepath.IsAbs(v) {
+				return o, fmt.Errorf("profile: want an absolute directory, got %q\n%s", v, usage)
+			}
+			o.Profile = filepath.Clean(v)
 			continue
 		}
 		n, err := strconv.Atoi(v)
@@ -136,7 +148,12 @@ func main() {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	var buf bytes.Buffer
-	must(sandbox.RunSelf(ctx, sandbox.Options{Nodes: sandbox.GPUNodes(scalePools), Prepare: [][]string{{"useradd", "--system", "pool-engine"}}},
+	so := sandbox.Options{Nodes: sandbox.GPUNodes(scalePools), Prepare: [][]string{{"useradd", "--system", "pool-engine"}}}
+	if opts.Profile != "" {
+		must(os.MkdirAll(opts.Profile, 0o700))
+		so.Binds = append(so.Binds, opts.Profile)
+	}
+	must(sandbox.RunSelf(ctx, so,
 		&buf, "github.com/llorch/pool-managerd/cmd/pool-managerd", "github.com/llorch/pool-managerd/cmd/pool-managerd-shim", "github.com/llorch/pool-managerd/cmd/pool-engine-sim"))
 	out := buf.Bytes()
 	if len(out) == 0 {

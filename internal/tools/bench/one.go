@@ -111,6 +111,14 @@ StormMaxRestarts=10000
 		// The default policy: no [Health] and no [Restart] settings.
 		must(os.WriteFile(filepath.Join(dir, "pools.d", dfltPool+".pool"), testpool.SimPoolFile(b.sim, "1", smallModel, freePort(), ""), 0o644))
 	}
+	if opts.Profile != "" {
+		// The daemon records itself while it runs; it writes the
+		// profiles when it stops, at the end.
+		d := "/etc/systemd/system/pool-managerd.service.d"
+		must(os.MkdirAll(d, 0o755))
+		must(os.WriteFile(filepath.Join(d, "profile.conf"), []byte("[Service]\nEnvironment=POOL_MANAGERD_PROFILE="+opts.Profile+"\n"), 0o644))
+		defer exec.Command("systemctl", "stop", "pool-managerd").Run()
+	}
 	must(testpool.InstallDaemon(".", b.daemon, dir))
 	b.conn, err = dbus.ConnectSystemBus()
 	must(err)
