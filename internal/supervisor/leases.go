@@ -22,10 +22,21 @@ func (s *Supervisor) AcquireLease(owner string) (string, error) {
 	b := make([]byte, 16)
 	rand.Read(b)
 	id := s.cfg.Pool + "/" + hex.EncodeToString(b)
+	s.mayHold(owner)
 	rep := <-s.request(func(req lifecycle.ReqID) lifecycle.Event {
 		return lifecycle.LeaseRequested{Req: req, ID: id, Owner: owner}
 	})
 	return rep.Lease, rep.Err
+}
+
+// mayHold notes that owner may hold or wait for a lease on the pool
+// before the loop hears of it: a departure told after this reaches the
+// loop. An owner stays noted until it leaves the bus; an AcquireLease
+// under way when it left notes it again, and the bus undoes that lease.
+func (s *Supervisor) mayHold(owner string) {
+	s.ownersMu.Lock()
+	s.owners[owner] = struct{}{}
+	s.ownersMu.Unlock()
 }
 
 // ReleaseLease gives a lease back. A lease that is not held (never was,
@@ -44,8 +55,18 @@ func (s *Supervisor) ReleaseLeaseAs(id, owner string) error {
 	return rep.Err
 }
 
-// ReleaseOwner releases every lease of owner and returns how many.
+// ReleaseOwner releases every lease of owner and returns how many. An
+// owner that never asked the pool for a lease is not the loop's business:
+// every connection that leaves the bus is told to every pool, and on a
+// busy host (systemctl, busctl, systemd-run) that would wake each loop.
 func (s *Supervisor) ReleaseOwner(owner string) int {
+	s.ownersMu.Lock()
+	_, known := s.owners[owner]
+	delete(s.owners, owner)
+	s.ownersMu.Unlock()
+	if !known {
+		return 0
+	}
 	rep := <-s.request(func(req lifecycle.ReqID) lifecycle.Event { return lifecycle.OwnerGone{Req: req, Owner: owner} })
 	return rep.N
 }

@@ -112,6 +112,7 @@ func (s *Supervisor) Adopt(ctx context.Context, keep func(owner string) bool) (b
 	for id, owner := range rec.Leases {
 		if keep(owner) {
 			kept[id] = owner
+			s.mayHold(owner)
 		}
 	}
 	var r *run

@@ -142,6 +142,11 @@ type Supervisor struct {
 	snap    Snapshot
 	changed chan struct{}
 
+	// owners are the connections that asked for a lease on the pool
+	// (see mayHold).
+	ownersMu sync.Mutex
+	owners   map[string]struct{}
+
 	// Owned by the loop.
 	m    *lifecycle.Machine
 	info [4]string // the pool_info labels set last
@@ -203,6 +208,7 @@ func New(cfg Config, rt *engine.Runtime, log *slog.Logger, m *metrics.Set) *Supe
 		runs:    map[lifecycle.RunID]*run{},
 		timers:  map[lifecycle.Timer]*time.Timer{},
 		reqs:    map[lifecycle.ReqID]chan lifecycle.Reply{},
+		owners:  map[string]struct{}{},
 	}
 	m.InitPool(cfg.Pool)
 	tr := policy.New(cfg.Restart, rand.Float64)
