@@ -4,6 +4,9 @@ package main
 
 import (
 	"fmt"
+	"net"
+	"net/http"
+	_ "net/http/pprof"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -12,8 +15,10 @@ import (
 )
 
 // ProfileEnv names a directory where a build with the pprof tag writes the
-// daemon's CPU profile (cpu.pprof) and execution trace (trace.out) of its
-// whole run, for make bench to find where the time goes.
+// daemon's execution trace (trace.out) of its whole run and its block and
+// mutex profiles when it stops, for make bench to find where the time
+// goes; DIR/pprof.sock serves net/http/pprof meanwhile, for a CPU profile
+// of one window (make bench takes the idle windows' and the storms').
 const ProfileEnv = "POOL_MANAGERD_PROFILE"
 
 func init() {
@@ -33,18 +38,15 @@ func init() {
 		// Blocked and waiting goroutines too: a Get that waits shows.
 		runtime.SetBlockProfileRate(10000)
 		runtime.SetMutexProfileFraction(10)
-		cpu, tr := open("cpu.pprof"), open("trace.out")
-		if cpu != nil {
-			pprof.StartCPUProfile(cpu)
-		}
+		tr := open("trace.out")
 		if tr != nil {
 			trace.Start(tr)
 		}
+		os.Remove(filepath.Join(dir, "pprof.sock"))
+		if l, err := net.Listen("unix", filepath.Join(dir, "pprof.sock")); err == nil {
+			go http.Serve(l, nil)
+		}
 		return func() {
-			if cpu != nil {
-				pprof.StopCPUProfile()
-				cpu.Close()
-			}
 			if tr != nil {
 				trace.Stop()
 				tr.Close()

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -17,6 +19,79 @@ type Host struct {
 	LoadAvg  [3]float64 `json:"loadavg_at_end"`
 	BusyPct  float64    `json:"busy_pct"`
 	StealPct float64    `json:"steal_pct"`
+	// Weights are the CPU weights the kernel holds for the daemon and
+	// the engines' slice, as found in their cgroups (cpu.weight, or v1's
+	// cpu.shares): whether systemd could apply CPUWeight= at all.
+	Weights string `json:"cpu_weights,omitempty"`
+}
+
+// cpuWeights says what CPU weight the kernel gives the daemon and the
+// engines' slice, where the cpu controller is: cgroup v2's cpu.weight, or
+// a v1 hierarchy's cpu.shares (1024 is weight 100). In a v1 hierarchy
+// systemd makes a unit's own cgroup only where something needs it: the
+// daemon then shares the weight of the deepest cgroup above it there.
+func cpuWeights(pid int) string {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		return "daemon's cgroup unreadable: " + err.Error()
+	}
+	var unit, root, file string
+	top := ""
+	for _, l := range strings.Split(strings.TrimSpace(string(raw)), "\n") {
+		f := strings.SplitN(l, ":", 3)
+		if len(f) != 3 {
+			continue
+		}
+		switch {
+		case f[0] == "0" && f[1] == "":
+			unit = f[2]
+			for _, r := range []string{"/sys/fs/cgroup", "/sys/fs/cgroup/unified"} {
+				if _, err := os.Stat(r + f[2] + "/cpu.weight"); err == nil {
+					root, file = r, "cpu.weight"
+				}
+			}
+		case f[1] == "name=systemd" && unit == "":
+			unit = f[2]
+		case slices.Contains(strings.Split(f[1], ","), "cpu") && file == "":
+			root, file = "/sys/fs/cgroup/"+f[1], "cpu.shares"
+			if _, err := os.Stat(root); err != nil {
+				root = "/sys/fs/cgroup/cpu"
+			}
+		}
+	}
+	if root == "" || unit == "" {
+		return "no cpu controller holds the daemon's cgroup: CPUWeight= is not applied"
+	}
+	// The daemon is system.slice/pool-managerd.service below systemd's
+	// root.
+	top = filepath.Dir(filepath.Dir(unit))
+	// Where a unit's weight is: its own cgroup, or the deepest one above
+	// it that the hierarchy has; and the top one's, which competes with
+	// the other's top one (system.slice against pool.slice).
+	weight := func(cg string) string {
+		at := cg
+		for at != "/" && at != "." {
+			if _, err := os.Stat(filepath.Join(root, at, file)); err == nil {
+				break
+			}
+			at = filepath.Dir(at)
+		}
+		rel := strings.Split(strings.TrimPrefix(cg, top+"/"), "/")
+		read := func(d string) string {
+			b, err := os.ReadFile(filepath.Join(root, d, file))
+			if err != nil {
+				return "none"
+			}
+			return strings.TrimSpace(string(b))
+		}
+		return fmt.Sprintf("%s in %s (top: %s %s)", read(at), strings.TrimPrefix(at, top+"/"), rel[0], read(filepath.Join(top, rel[0])))
+	}
+	out, err := exec.Command("systemctl", "show", "-P", "ControlGroup", "pool-managerd-engines.slice").Output()
+	engines := "not running"
+	if cg := strings.TrimSpace(string(out)); err == nil && cg != "" {
+		engines = weight(cg)
+	}
+	return fmt.Sprintf("%s: daemon %s; engines' slice %s", file, weight(unit), engines)
 }
 
 // cpuTimes are /proc/stat's first line: total, idle (with iowait) and

@@ -131,6 +131,7 @@ StormMaxRestarts=10000
 	}
 	cpuStart, err := readCPUTimes()
 	must(err)
+	weights := cpuWeights(b.daemonPID())
 	onePool := opts.has("crash", "restart", "lease", "drain", "reload", "staging", "ready", "ondemand")
 	if onePool {
 		b.waitReady(benchPool)
@@ -178,6 +179,7 @@ StormMaxRestarts=10000
 	cpuEnd, err := readCPUTimes()
 	must(err)
 	rep.Host = hostDuring(opts.Load, cpuStart, cpuEnd)
+	rep.Host.Weights = weights
 	out, err := json.MarshalIndent(rep, "", "  ")
 	must(err)
 	fmt.Println(string(out))
@@ -233,6 +235,14 @@ func (b *bench) writeBig(name string, size int64) {
 		written += n
 		block[8] ^= 0xff // blocks differ
 	}
+}
+
+// daemonPID is the daemon's main PID, as systemd knows it.
+func (b *bench) daemonPID() int {
+	var v dbus.Variant
+	must(b.conn.Object("org.freedesktop.systemd1", "/org/freedesktop/systemd1/unit/pool_2dmanagerd_2eservice").Call(
+		"org.freedesktop.DBus.Properties.Get", 0, "org.freedesktop.systemd1.Service", "MainPID").Store(&v))
+	return int(v.Value().(uint32))
 }
 
 func (b *bench) pool(id string) dbus.BusObject { return b.conn.Object(bus.Name, api.PoolPath(id)) }

@@ -1,7 +1,11 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -77,10 +81,7 @@ StormMaxRestarts=10000
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
-	var v dbus.Variant
-	must(b.conn.Object("org.freedesktop.systemd1", "/org/freedesktop/systemd1/unit/pool_2dmanagerd_2eservice").Call(
-		"org.freedesktop.DBus.Properties.Get", 0, "org.freedesktop.systemd1.Service", "MainPID").Store(&v))
-	pid := int(v.Value().(uint32))
+	pid := b.daemonPID()
 	for r := range b.opts.Rounds {
 		progress("64 pools: round %d of %d", r+1, b.opts.Rounds)
 		if b.opts.has("scale") {
@@ -88,8 +89,10 @@ StormMaxRestarts=10000
 			time.Sleep(time.Second)
 			c0, src := cpuTime(pid)
 			t0 := time.Now()
+			recorded := b.cpuProfile(fmt.Sprintf("idle-r%d", r+1), time.Duration(b.opts.IdleSec)*time.Second)
 			time.Sleep(time.Duration(b.opts.IdleSec) * time.Second)
 			c1, _ := cpuTime(pid)
+			recorded()
 			pct := float64(c1-c0) / float64(time.Since(t0)) * 100
 			if r == 0 {
 				progress("64 pools: the daemon's CPU time read from %s", src)
@@ -105,6 +108,35 @@ StormMaxRestarts=10000
 			b.storm(r, figs)
 		}
 	}
+}
+
+// cpuProfile takes the daemon's CPU profile of the next d as DIR/name.pprof
+// when the bench runs with profile=DIR; wait returns once it is written.
+func (b *bench) cpuProfile(name string, d time.Duration) (wait func()) {
+	if b.opts.Profile == "" {
+		return func() {}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c := http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", filepath.Join(b.opts.Profile, "pprof.sock"))
+		}}}
+		resp, err := c.Get(fmt.Sprintf("http://daemon/debug/pprof/profile?seconds=%d", max(1, int(d.Seconds()))))
+		if err != nil {
+			progress("profile %s: %v", name, err)
+			return
+		}
+		defer resp.Body.Close()
+		f, err := os.Create(filepath.Join(b.opts.Profile, name+".pprof"))
+		if err != nil {
+			progress("profile %s: %v", name, err)
+			return
+		}
+		defer f.Close()
+		io.Copy(f, resp.Body)
+	}()
+	return func() { <-done }
 }
 
 // cpuTime is the daemon's CPU time: its cgroup's count (every thread, to
@@ -202,6 +234,8 @@ func (b *bench) storm(r int, figs *Figures) {
 		}
 	}()
 	w.drain()
+	recorded := b.cpuProfile(fmt.Sprintf("storm-r%d", r+1), 3*time.Second)
+	defer recorded()
 	kill := time.Now()
 	for _, p := range pids {
 		syscall.Kill(p, syscall.SIGKILL)

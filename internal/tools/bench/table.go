@@ -19,6 +19,9 @@ func printTable(w io.Writer, rep Report) {
 	}
 	fmt.Fprintf(w, "%s; host during the run: %d CPUs, %.0f %% busy, %.1f %% steal, load average %.2f %.2f %.2f at the end\n",
 		load, h.CPUs, h.BusyPct, h.StealPct, h.LoadAvg[0], h.LoadAvg[1], h.LoadAvg[2])
+	if h.Weights != "" {
+		fmt.Fprintf(w, "CPU weights in the kernel: %s\n", h.Weights)
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "figure\tours\treference\tref.\tratio min / med / max\tgoal\tjudged\tmet\tworst round")
 	for _, f := range rep.Figures {
