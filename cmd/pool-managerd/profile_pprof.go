@@ -27,6 +27,8 @@ func init() {
 		if dir == "" {
 			return func() {}
 		}
+		// Not passed on to what the daemon starts.
+		os.Unsetenv(ProfileEnv)
 		open := func(name string) *os.File {
 			f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 			if err != nil {
