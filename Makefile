@@ -66,7 +66,8 @@ vm-test: deps-vm packages
 # reference, ours, ...) in the sandbox (root needed); writes
 # build/bench.json with every round. BENCH_ARGS picks figures and settings:
 # crash restart lease drain reload staging ready scale storm ondemand, rounds=N
-# (default 5), stage-mb=N (default 2048), idle-sec=N (default 10), load=N.
+# (default 5), stage-mb=N (default 2048), idle-sec=N (default 10), load=N,
+# profile=DIR (with GOFLAGS=-tags=pprof: the daemon's trace and profiles).
 # Two tables: quiet, then load=2 (two CPU-bound processes in the engines'
 # slice for every round, as a host's engines would keep its CPUs busy);
 # a load= in BENCH_ARGS runs that one table only.
