@@ -415,6 +415,11 @@ func TestDaemonRestartAdoptsEngines(t *testing.T) {
 	sh(t, "systemctl", "start", "pool-managerd.service")
 	readyAgain("after stop and start")
 	assert.Equal(t, "u 1", getProp(t, "llama-8b", "ActiveLeases"), "only the connected client's lease is kept")
+	// A lease kept across the restart is still its owner's: it goes when
+	// the owner leaves.
+	router.Close()
+	require.Eventually(t, func() bool { return getProp(t, "llama-8b", "ActiveLeases") == "u 0" }, 5*time.Second, 20*time.Millisecond,
+		"the adopted lease is released when its owner leaves the bus")
 	sh(t, "systemctl", "kill", "--signal=KILL", "pool-managerd.service")
 	require.Eventually(t, func() bool {
 		out, _ := try("systemctl", "show", "-p", "NRestarts", "--value", "pool-managerd.service")
