@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os/user"
-	"reflect"
 	"slices"
 	"strconv"
 	"sync"
@@ -279,11 +278,16 @@ func (s *Server) exportPool(p manager.Pool) error {
 func (s *Server) publish(ctx context.Context, p manager.Pool, path dbus.ObjectPath, props *prop.Properties, last map[string]any) {
 	var progressAt time.Time
 	for {
-		snap, err := p.Wait(ctx, func(snap supervisor.Snapshot) bool { return !reflect.DeepEqual(properties(snap), last) })
+		var err error
+		wait := func(cond func(supervisor.Snapshot) bool) supervisor.Snapshot {
+			var snap supervisor.Snapshot
+			snap, err = p.Wait(ctx, cond)
+			return snap
+		}
+		snap, cur := waitChange(wait, last)
 		if err != nil {
 			return
 		}
-		cur := properties(snap)
 		if onlyProgress(cur, last) {
 			// Progress moves often: at most 4 signals a second say so,
 			// the last with the latest value.
@@ -300,7 +304,7 @@ func (s *Server) publish(ctx context.Context, p manager.Pool, path dbus.ObjectPa
 		}
 		changed := map[string]dbus.Variant{}
 		for k, v := range cur {
-			if !reflect.DeepEqual(v, last[k]) {
+			if v != last[k] {
 				if err := setProp(props, k, v); err != nil {
 					s.log.Error("cannot set a pool property", journal.PoolID, snap.ID, journal.Property, k, journal.Error, err.Error())
 					continue
@@ -319,10 +323,38 @@ func (s *Server) publish(ctx context.Context, p manager.Pool, path dbus.ObjectPa
 	}
 }
 
+// waitChange waits (through wait, which is Supervisor.Wait's) for a
+// snapshot whose properties differ from last, and returns it with its
+// properties, projected once: the comparison is the publisher's work
+// for every change, on the CPUs a caller's reply needs too.
+func waitChange(wait func(cond func(supervisor.Snapshot) bool) supervisor.Snapshot, last map[string]any) (supervisor.Snapshot, map[string]any) {
+	var cur map[string]any
+	snap := wait(func(s supervisor.Snapshot) bool {
+		cur = properties(s)
+		return !sameProperties(cur, last)
+	})
+	return snap, cur
+}
+
+// sameProperties compares two projections. Every property's value is a
+// bool, a number or a string: == compares them as the bus would, without
+// reflection.
+func sameProperties(a, b map[string]any) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || v != w {
+			return false
+		}
+	}
+	return true
+}
+
 // onlyProgress says whether Progress is all that changed.
 func onlyProgress(cur, last map[string]any) bool {
 	for k, v := range cur {
-		if k != "Progress" && !reflect.DeepEqual(v, last[k]) {
+		if k != "Progress" && v != last[k] {
 			return false
 		}
 	}
