@@ -163,6 +163,11 @@ func TestArguments(t *testing.T) {
 	o, err = parseArgs([]string{"load=0"})
 	require.NoError(t, err)
 	assert.Equal(t, 0, o.Load, "load=0 is the quiet run")
+	o, err = parseArgs([]string{"crash", "profile=/tmp/prof/"})
+	require.NoError(t, err)
+	assert.Equal(t, "/tmp/prof", o.Profile)
+	_, err = parseArgs([]string{"profile=prof"})
+	assert.ErrorContains(t, err, `profile: want an absolute directory, got "prof"`)
 
 	for _, bad := range [][]string{{"crsh"}, {"rounds=0"}, {"rounds=x"}, {"speed=3"}, {"load=-1"}, {"load=65"}} {
 		_, err := parseArgs(bad)
