@@ -28,8 +28,8 @@ import (
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
 
-// The lifecycle scenarios: drain (10), reload (14), pools on demand (6).
-const lifecycleScenarios = 30
+// The lifecycle scenarios: drain (10), reload (14), pools on demand (8).
+const lifecycleScenarios = 32
 
 func TestLifecycleFeatures(t *testing.T) {
 	sandbox.Need(t)
@@ -158,6 +158,8 @@ func initLifecycle(sc *godog.ScenarioContext) {
 	}
 	onDemandSteps(sc, w)
 	groupSteps(sc, w)
+	canarySteps(sc, w)
+	memorySteps(sc, w)
 	sc.Step(`^a ready pool "llama8b" running the engine simulator$`, func(ctx context.Context) error { return start(ctx, "") })
 	sc.Step(`^a ready pool "llama8b" running the engine simulator on model "([^"]+)"$`, start)
 	sc.Step(`^a model "([^"]+)" is available$`, func(name string) {

@@ -84,3 +84,31 @@ Feature: Pools on demand
     And pool "chat" is parked without a crash, journaled with reason "group"
     And the metric pool_managerd_group_swaps_total{group="pair"} is 1
     And the metric pool_managerd_group_swap_duration_seconds{group="pair"} has 1 observation
+
+  Scenario: A canary finds an engine that answers its health check but cannot generate
+    An engine can keep answering /health while it cannot generate. A
+    ready pool unused for CanaryIdleSec= is sent CanaryRequest=; a failed
+    canary is a failed health probe, the good probes between canaries
+    reset nothing, and FailureThreshold= of them restart the engine.
+    Given a ready pool "llama8b" sent the canary "POST /completion" after 1 second unused
+    When the pool is left unused until the engine generates
+    Then the engine generated 1 token, the canary's, at least 1 second after the pool became ready
+    And no crash is counted
+    When the simulator is given the fault "fail-completion"
+    Then the engine's health check answers ok
+    And 3 failed canaries restart the engine as "health_check", good health probes between them resetting nothing
+    And a new engine process runs
+    And the metric pool_managerd_engine_crashes_total{pool_id="llama8b",reason="health_check"} is 1
+
+  Scenario: A start without the GPU memory it needs waits for it, naming who holds it
+    A start whose GPUs lack MemoryRequired= free is refused, naming the
+    processes that hold the memory, and is no crash: the pool looks
+    again until the memory is free, then starts by itself.
+    Given a ready pool "small" whose engine holds 60G of GPU 0's 80G
+    And a pool "big" on GPU 0 with MemoryRequired=30G
+    When pool "big" is started
+    Then the start is refused for want of GPU memory, naming pool "small" as holding 60G
+    And the pool is failed and not live, its last error saying why, no crash counted and its failure streak unchanged
+    And after 1 second the pool has looked at the memory again without starting an engine or counting a crash
+    When pool "small" stops, its engine freeing the memory
+    Then the pool starts by itself without a crash
