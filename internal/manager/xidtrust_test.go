@@ -248,15 +248,24 @@ func inJournal(t *testing.T, markers ...string) {
 	// Since a minute ago, not the last lines: the kernel's ring, which
 	// other tests on the host write to, fills the journal too.
 	since := fmt.Sprintf("--since=@%d", time.Now().Add(-time.Minute).Unix())
-	require.Eventually(t, func() bool {
+	var missing []string
+	deadline := time.Now().Add(30 * time.Second)
+	for {
 		out, _ := exec.Command("journalctl", "--boot", "--no-pager", "--output=cat", since).Output()
+		missing = missing[:0]
 		for _, m := range markers {
 			if !strings.Contains(string(out), m) {
-				return false
+				missing = append(missing, m)
 			}
 		}
-		return true
-	}, 10*time.Second, 50*time.Millisecond, "%v in the journal", markers)
+		if len(missing) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%v not in the journal within 30 s", missing)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // The kernel's XID lines are read from its journal entries: an XID line
