@@ -94,7 +94,14 @@ check() {
 	return "$rc"
 }
 
-ready() { wait_for "${2:-60}" "$1 Ready" "[ \"\$(pv $1 Ready)\" = true ]"; }
+# ready POOL [SECONDS]: waits for Ready; on a time-out says where the pool
+# is and why, from its properties and the daemon's entries about it.
+ready() {
+	wait_for "${2:-60}" "$1 Ready" "[ \"\$(pv $1 Ready)\" = true ]" && return 0
+	echo "  $1: State=$(pv "$1" State) LastError=$(pv "$1" LastError)"
+	journalctl -u pool-managerd -o verbose --no-pager -n 12 POOL_ID="$1" | grep -E '^ +(MESSAGE|ERROR)=' | cut -c1-300 | sed 's/^ */  /'
+	return 1
+}
 crashes() { pv "$1" CrashCount; }
 
 # gone WHAT PATH...: none of the paths exists.
