@@ -487,7 +487,7 @@ podsim_procs() { pgrep -f '^/usr/bin/conmon |^/usr/bin/pool-engine-sim --model /
 
 c_podman() {
 	local t0 n
-	want_ok "useradd $PODUSER" useradd --system --no-create-home --home-dir $PODHOME --shell /usr/sbin/nologin $PODUSER
+	want_ok "useradd $PODUSER" useradd --system --no-create-home --home-dir $PODHOME --groups pool-engine --shell /usr/sbin/nologin $PODUSER
 	install -d -o $PODUSER -g $PODUSER -m 0700 $PODHOME $PODHOME/.config $PODHOME/.config/containers
 	# overlay (native in the user namespace): vfs would copy the image at
 	# every start, and its copy of a set-user-ID file is refused under the
