@@ -191,6 +191,35 @@ func TestPruneKeepsModelsInUse(t *testing.T) {
 	assert.FileExists(t, filepath.Join(h.dir, "models", "a.gguf"), "sources are never touched")
 }
 
+// A pool between staging its model and its engine's start does not report
+// the file yet: a prune then waits for its next turn instead of taking the
+// file from under the start (a configuration reload prunes while a
+// changed pool stages its new model).
+func TestPruneWaitsForAPoolThatIsStarting(t *testing.T) {
+	h := newHost(t, static, map[string]string{"a": "0"})
+	m := h.open(nil, nil)
+	me, err := user.Current()
+	require.NoError(t, err)
+	src := filepath.Join(h.dir, "models", "a.gguf")
+	require.NoError(t, os.WriteFile(src, []byte("GGUF\x03\x00\x00\x00 a"), 0o644))
+	u, err := model.LookupUser(me.Username)
+	require.NoError(t, err)
+	st, err := h.opts.Stager.Stage(src, "", u)
+	require.NoError(t, err)
+	for _, during := range []func(*supervisor.Snapshot){
+		func(s *supervisor.Snapshot) { s.State, s.Live, s.StagedPath = lifecycle.Starting, false, "" },
+		func(s *supervisor.Snapshot) { s.State, s.Live, s.StagedPath = lifecycle.Backoff, false, "" },
+		func(s *supervisor.Snapshot) { s.State, s.Live, s.Operation, s.StagedPath = lifecycle.Draining, true, "staging", "" },
+	} {
+		h.pool("a").set(during)
+		m.Prune()
+		assert.FileExists(t, st.Path, "staged for a start under way")
+	}
+	h.pool("a").set(func(s *supervisor.Snapshot) { s.State, s.Live, s.Operation, s.StagedPath = lifecycle.Stopped, false, "", "" })
+	m.Prune()
+	assert.NoFileExists(t, st.Path, "no pool runs on it, none is starting")
+}
+
 // The status counts the pools by state, and is told again on each change.
 func TestStatusFollowsThePools(t *testing.T) {
 	h := newHost(t, static, map[string]string{"a": "0", "b": "1", "c": "2"})

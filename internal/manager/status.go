@@ -150,13 +150,20 @@ const pruneEvery = 10 * time.Minute
 // back) and disks of model stores fill.
 func (m *Manager) KeepPruning(ctx context.Context) { every(ctx, pruneEvery, m.Prune) }
 
-// Prune removes staged models that no pool's engine runs on. A pool
-// between staging its model and starting its engine may lose the file in
-// that moment; its start then fails and the restart stages it again.
+// Prune removes staged models that no pool's engine runs on. A pool that
+// is starting (or preparing a restart) may have staged a file it does not
+// report yet: the prune waits for the next turn rather than take it from
+// under the engine's start (which would fail and count a crash).
 func (m *Manager) Prune() {
 	var keep []string
 	for _, p := range m.Pools() {
-		if path := p.Snapshot().StagedPath; path != "" {
+		snap := p.Snapshot()
+		if snap.State == lifecycle.Backoff || snap.State == lifecycle.Starting && !snap.Live ||
+			snap.Operation == "staging" || snap.Operation == "starting" {
+			m.o.Log.Debug("prune of staged models put off: a pool is starting", journal.PoolID, snap.ID)
+			return
+		}
+		if path := snap.StagedPath; path != "" {
 			keep = append(keep, path)
 		}
 	}
