@@ -209,13 +209,17 @@ func TestPruneWaitsForAPoolThatIsStarting(t *testing.T) {
 	for _, during := range []func(*supervisor.Snapshot){
 		func(s *supervisor.Snapshot) { s.State, s.Live, s.StagedPath = lifecycle.Starting, false, "" },
 		func(s *supervisor.Snapshot) { s.State, s.Live, s.StagedPath = lifecycle.Backoff, false, "" },
-		func(s *supervisor.Snapshot) { s.State, s.Live, s.Operation, s.StagedPath = lifecycle.Draining, true, "staging", "" },
+		func(s *supervisor.Snapshot) {
+			s.State, s.Live, s.Operation, s.StagedPath = lifecycle.Draining, true, "staging", ""
+		},
 	} {
 		h.pool("a").set(during)
 		m.Prune()
 		assert.FileExists(t, st.Path, "staged for a start under way")
 	}
-	h.pool("a").set(func(s *supervisor.Snapshot) { s.State, s.Live, s.Operation, s.StagedPath = lifecycle.Stopped, false, "", "" })
+	h.pool("a").set(func(s *supervisor.Snapshot) {
+		s.State, s.Live, s.Operation, s.StagedPath = lifecycle.Stopped, false, "", ""
+	})
 	m.Prune()
 	assert.NoFileExists(t, st.Path, "no pool runs on it, none is starting")
 }
