@@ -5,7 +5,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,33 +21,6 @@ import (
 
 // unitOnMockNVML makes the test binary run as the daemon on mocked NVML.
 const unitOnMockNVML = "POOL_MANAGERD_TEST_UNIT_ON_MOCK_NVML"
-
-// kernelPrints has the kernel itself print msg (a packet log whose prefix
-// is msg, for a datagram sent here): a message of the kernel's own
-// facility that begins with text the test chooses. The table goes when
-// the test ends.
-func kernelPrints(t *testing.T, msg string) {
-	t.Helper()
-	nft, err := exec.LookPath("nft")
-	require.NoError(t, err, "nft is missing: install Debian's nftables package (apt-get install --no-install-recommends nftables; make test does, as root)")
-	require.Less(t, len(msg), 128, "nft's log prefix")
-	l, err := net.ListenPacket("udp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer l.Close()
-	port := l.LocalAddr().(*net.UDPAddr).Port
-	table := fmt.Sprintf("pool_managerd_test_%d_%d", os.Getpid(), port)
-	cmd := exec.Command(nft, "-f", "-")
-	cmd.Stdin = strings.NewReader(fmt.Sprintf("table inet %s {\n chain out {\n  type filter hook output priority 0; policy accept;\n"+
-		"  ip daddr 127.0.0.1 udp dport %d log prefix \"%s\" level warn\n }\n}\n", table, port, msg))
-	out, err := cmd.CombinedOutput()
-	require.NoError(t, err, "nft: %s", out)
-	t.Cleanup(func() { exec.Command(nft, "delete", "table", "inet", table).Run() })
-	c, err := net.Dial("udp", l.LocalAddr().String())
-	require.NoError(t, err)
-	defer c.Close()
-	_, err = c.Write([]byte("xid"))
-	require.NoError(t, err)
-}
 
 // The daemon as the installed unit runs it (ProtectKernelLogs=yes, no
 // CAP_SYSLOG: /dev/kmsg cannot be opened there) reads the kernel's XID
@@ -115,13 +87,13 @@ Backend=nvml
 	foreign := exec.Command("sleep", "300")
 	require.NoError(t, foreign.Start())
 	t.Cleanup(func() { foreign.Process.Kill(); foreign.Wait() })
-	kernelPrints(t, line(foreign.Process.Pid, "other"))
+	sandbox.KernelPrints(t, line(foreign.Process.Pid, "other"))
 	require.Eventually(t, func() bool {
 		return strings.Contains(daemonLog(), "GPU XID of a process in no pool's scope: no pool acts")
 	}, 10*time.Second, 50*time.Millisecond, "the kernel's line of another process is read:\n%s", daemonLog())
 	assert.Equal(t, "u 0", prop("CrashCount"), "the forged line before it acted on nothing")
 
-	kernelPrints(t, line(engine, "engine"))
+	sandbox.KernelPrints(t, line(engine, "engine"))
 	require.Eventually(t, func() bool { return prop("CrashCount") == "u 1" }, 10*time.Second, 50*time.Millisecond,
 		"the kernel's line of the engine restarts the pool:\n%s", daemonLog())
 	assert.Contains(t, prop("LastError"), "Xid 31")

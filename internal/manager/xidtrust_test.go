@@ -5,7 +5,6 @@ package manager_test
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"strings"
@@ -214,34 +213,6 @@ func TestForeignXIDsAreRateLimitedInTheJournal(t *testing.T) {
 	assert.Equal(t, journal.LimitBurst, strings.Count(h.logs.String(), "GPU XID of a process in no pool's scope"))
 }
 
-// kernelPrints has the kernel itself print msg (a packet log whose prefix
-// is msg, for a datagram sent here): the one way a test can make the
-// kernel write a message of its own facility that begins with the text it
-// chooses. The table is removed when the test ends.
-func kernelPrints(t *testing.T, msg string) {
-	t.Helper()
-	nft, err := exec.LookPath("nft")
-	require.NoError(t, err, "nft is missing: install Debian's nftables package (apt-get install --no-install-recommends nftables; make test does, as root)")
-	require.Less(t, len(msg), 128, "nft's log prefix")
-	l, err := net.ListenPacket("udp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer l.Close()
-	port := l.LocalAddr().(*net.UDPAddr).Port
-	table := fmt.Sprintf("pool_managerd_test_%d_%d", os.Getpid(), port)
-	rules := fmt.Sprintf("table inet %s {\n chain out {\n  type filter hook output priority 0; policy accept;\n"+
-		"  ip daddr 127.0.0.1 udp dport %d log prefix \"%s\" level warn\n }\n}\n", table, port, msg)
-	cmd := exec.Command(nft, "-f", "-")
-	cmd.Stdin = strings.NewReader(rules)
-	out, err := cmd.CombinedOutput()
-	require.NoError(t, err, "nft: %s", out)
-	t.Cleanup(func() { exec.Command(nft, "delete", "table", "inet", table).Run() })
-	c, err := net.Dial("udp", l.LocalAddr().String())
-	require.NoError(t, err)
-	defer c.Close()
-	_, err = c.Write([]byte("xid"))
-	require.NoError(t, err)
-}
-
 // inJournal waits until every marker is in a journal entry's message.
 func inJournal(t *testing.T, markers ...string) {
 	t.Helper()
@@ -311,11 +282,14 @@ func TestKernelXIDsAreReadFromTheKernelsJournalEntriesOnly(t *testing.T) {
 	kmsg.Close()
 	inJournal(t, "name=forged-syslog", "name=forged-stdout", "name=forged-kmsg")
 
-	kernelPrints(t, fmt.Sprintf("NVRM: Xid (PCI:0000:00:00): 31, pid=%d, name=kernel, ", engineA))
+	sandbox.KernelPrints(t, fmt.Sprintf("NVRM: Xid (PCI:0000:00:00): 31, pid=%d, name=kernel, ", engineA))
 	require.Eventually(t, func() bool { return len(a.gpuCalls()) > 0 }, 10*time.Second, 20*time.Millisecond, "the kernel's line acts")
-	assert.Equal(t, []string{"xid 31 " + uuid}, a.gpuCalls())
+	// The forged lines name pool a's engine: read, each would have acted
+	// on it. (The count of lines tied to no pool is not looked at: the
+	// kernel's ring is the host's, and a test of another package running
+	// now may make the kernel print its own XID line.)
+	assert.Equal(t, []string{"xid 31 " + uuid}, a.gpuCalls(), "the kernel's line only")
 	assert.Equal(t, 1.0, testutil.ToFloat64(h.opts.Metrics.GPUXIDs.WithLabelValues(uuid, "31", "pool")), "the kernel's line only")
-	assert.Equal(t, 0.0, testutil.ToFloat64(h.opts.Metrics.GPUXIDs.WithLabelValues(uuid, "31", "none")), "no forged line was read")
 }
 
 // A journal journalctl cannot read (here: run as a user outside the
