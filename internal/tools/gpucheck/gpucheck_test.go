@@ -107,6 +107,11 @@ func TestGPUCheckSandboxPartOnFakeGPUs(t *testing.T) {
 	}
 	require.NoError(t, err)
 	bin := filepath.Dir(strings.SplitN(env[0], "=", 2)[1])
+	lib := fakeLibcuda(t)
+	py := findPython()
+	if py == "" {
+		t.Skip("no python3 every user may run: the CUDA engine cannot run here")
+	}
 	const uuid0 = "GPU-8f2c1a70-0000-4000-8000-000000000000"
 	inventory := "Backend=static\nDevice=0 " + uuid0 + " /dev/nvidia0\nDevice=1 GPU-8f2c1a70-0000-4000-8000-000000000001 /dev/nvidia1\nControlDevice=/dev/nvidiactl\n"
 
@@ -119,7 +124,15 @@ func TestGPUCheckSandboxPartOnFakeGPUs(t *testing.T) {
 		{name: "GPU 0 is confined to its node", node: "/dev/nvidia0", want: []string{
 			"DevicePolicy=closed", "DeviceAllow=/dev/nvidia0 rw", "CUDA_VISIBLE_DEVICES=" + uuid0,
 			"/dev/nvidia0: ENXIO", "/dev/nvidia1: EPERM", "armed: no NVML error from the daemon's watch in 1s",
-			"memory fit: the static inventory cannot tell free memory; the daemon said so 1 time(s)"}},
+			"memory fit: the static inventory cannot tell free memory; the daemon said so 1 time(s)",
+			// A CUDA process of no pool holds GPU 0: the start waits for it.
+			"seen on GPU 0 (/dev/nvidia0 open (/proc): PID ", `State s "failed", CrashCount u 0`,
+			"in use by pid ", "outside pool-engine-gpucheck.scope", "the pool started by itself: Ready ",
+			"CrashCount u 0, FailureStreak u 0",
+			// The CUDA engine in the pool's scope.
+			"cuda-engine.py --port %p --mib 256 --libcuda ", "/pool-engine-gpucheck.scope\n",
+			"the engine says: {PID:", "MiB:256 Visible:" + uuid0 + "}",
+			"cuda-engine: cuCtxCreate_v2 failed: 100 CUDA_ERROR_NO_DEVICE"}},
 		{name: "a scope on another node than GPU 0's fails the check", node: "/dev/nvidia1", want: []string{
 			"FAIL: the scope does not allow GPU 0's node /dev/nvidia1", "FAIL: the scope allows /dev/nvidia0, another GPU's node",
 			"FAIL: the engine may not open its GPU's node /dev/nvidia1: EPERM",
@@ -131,10 +144,15 @@ func TestGPUCheckSandboxPartOnFakeGPUs(t *testing.T) {
 			require.NoError(t, err)
 			defer os.RemoveAll(work)
 			require.NoError(t, os.Chmod(work, 0o755))
-			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 			defer cancel()
 			var stdout, stderr bytes.Buffer
-			p := plan{Bin: bin, Work: work, Inventory: inventory, UUID: uuid0, Node: tc.node}
+			// The stand-in for the driver's libcuda, where the engines' users read it.
+			b, err := os.ReadFile(lib)
+			require.NoError(t, err)
+			require.NoError(t, os.WriteFile(filepath.Join(work, "libcuda.so.1"), b, 0o644))
+			p := plan{Bin: bin, Work: work, Inventory: inventory, UUID: uuid0, Node: tc.node,
+				Control: []string{"/dev/nvidiactl"}, CUDALib: filepath.Join(work, "libcuda.so.1")}
 			// Run from the repository root, as the script does.
 			wd, err := os.Getwd()
 			require.NoError(t, err)
@@ -161,6 +179,19 @@ func TestGPUCheckSandboxPartOnFakeGPUs(t *testing.T) {
 			}
 		})
 	}
+}
+
+// fakeLibcuda builds the stand-in for the driver's libcuda.so.1
+// (testdata/fakecuda.c).
+func fakeLibcuda(t *testing.T) string {
+	t.Helper()
+	if _, err := exec.LookPath("gcc"); err != nil {
+		t.Skip("no gcc: the stand-in libcuda cannot be built")
+	}
+	lib := filepath.Join(t.TempDir(), "libcuda.so.1")
+	out, err := exec.Command("gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", lib, "testdata/fakecuda.c").CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	return lib
 }
 
 // The holder check follows a holder's children: a shell may fork the

@@ -58,10 +58,15 @@ type plan struct {
 	UUID      string // GPU 0's
 	Node      string // GPU 0's node, from its NVML minor
 	Other     string // a node the pool must not open ("" if none)
+	// Control are the control nodes every engine is given.
+	Control []string
 	// MemoryTotal is GPU 0's memory as NVML says (0: not known, as with
 	// the static inventory).
 	MemoryTotal uint64
 	Port        int
+	// CUDALib is the libcuda.so.1 the CUDA engine loads ("": the
+	// driver's, where the loader finds it).
+	CUDALib string
 }
 
 // exitError carries an exit status.
@@ -145,7 +150,7 @@ func outside(work, bin, holderCmd string, watch time.Duration, stdout, stderr io
 	if err != nil {
 		return err
 	}
-	p := plan{Bin: bin, Work: work, Inventory: "Backend=nvml\n", UUID: g0[0].UUID, Node: g0[0].Node}
+	p := plan{Bin: bin, Work: work, Inventory: "Backend=nvml\n", UUID: g0[0].UUID, Node: g0[0].Node, Control: inv.Control}
 
 	section(stdout, "nvidia-smi")
 	out, err := exec.CommandContext(ctx, "nvidia-smi", "--query-gpu=index,uuid,name,memory.total,pci.bus_id", "--format=csv,noheader").CombinedOutput()
@@ -339,6 +344,7 @@ MetricsTextfile=
 		probe += "," + p.Other
 	}
 	files[filepath.Join(etc, "pools.d", pool+".pool")] = []byte(strings.Replace(pf, "--port %p", "--port %p --probe-devices "+probe, 1))
+	files[filepath.Join(p.Work, "cuda-engine.py")] = cudaEngineScript
 	pj, err := json.Marshal(p)
 	if err != nil {
 		return err
@@ -371,57 +377,33 @@ func inside(work string, watch time.Duration, w io.Writer) error {
 	if err := json.Unmarshal(b, &p); err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 45*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), insideLimit)
 	defer cancel()
-	sh := func(args ...string) (string, error) {
-		out, err := exec.CommandContext(ctx, args[0], args[1:]...).CombinedOutput()
-		return strings.TrimSpace(string(out)), err
-	}
-	show := func(args ...string) (string, error) {
-		fmt.Fprintf(w, "\n$ %s\n", strings.Join(args, " "))
-		out, err := sh(args...)
-		fmt.Fprint(w, indent(out))
-		return out, err
-	}
+	x := &box{ctx: ctx, w: w, p: p, work: work}
 	// The sandbox's end takes everything with it; this is the orderly way.
 	defer func() {
 		c, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 		defer cancel()
-		exec.CommandContext(c, "systemctl", "stop", service, scope).Run()
+		exec.CommandContext(c, "systemctl", "stop", service, scope, holderUnit).Run()
 	}()
 
 	if err := testpool.InstallDaemon(filepath.Join(work, "root"), filepath.Join(p.Bin, "pool-managerd"), filepath.Join(work, "etc")); err != nil {
 		return err
 	}
-	prop := func(name string) string {
-		out, _ := sh("busctl", "get-property", "org.llorch.PoolManager1", "/org/llorch/PoolManager1/pool/"+pool, "org.llorch.PoolManager1.Pool", name)
-		return out
-	}
-	for prop("Ready") != "b true" {
-		if ctx.Err() != nil {
-			journal, _ := sh("journalctl", "-u", service, "--no-pager", "-o", "cat", "-n", "30")
-			return fmt.Errorf("pool %s not ready (state %s, last error %s); the daemon's journal:\n%s", pool, prop("State"), prop("LastError"), journal)
-		}
-		time.Sleep(100 * time.Millisecond)
+	if _, err := x.waitReady(startLimit); err != nil {
+		journal, _ := x.sh("journalctl", "-u", service, "--no-pager", "-o", "cat", "-n", "30")
+		return fmt.Errorf("pool %s not ready (%v; state %s, last error %s); the daemon's journal:\n%s", pool, err, x.prop("State"), x.prop("LastError"), journal)
 	}
 	fmt.Fprintf(w, "  pool %s ready on GPU 0\n", pool)
 
-	var failed []string
-	check := func(ok bool, format string, a ...any) {
-		if !ok {
-			failed = append(failed, fmt.Sprintf(format, a...))
-			fmt.Fprintf(w, "  FAIL: "+format+"\n", a...)
-		}
-	}
-	out, err := show("systemctl", "show", "-p", "DevicePolicy", "-p", "DeviceAllow", scope)
-	check(err == nil && strings.Contains(out, "DevicePolicy=closed"), "the scope's DevicePolicy is not closed")
-	check(strings.Contains(out, "DeviceAllow="+p.Node+" rw"), "the scope does not allow GPU 0's node %s (from its NVML minor)", p.Node)
+	out, err := x.show("systemctl", "show", "-p", "DevicePolicy", "-p", "DeviceAllow", scope)
+	x.check(err == nil && strings.Contains(out, "DevicePolicy=closed"), "the scope's DevicePolicy is not closed")
+	x.check(strings.Contains(out, "DeviceAllow="+p.Node+" rw"), "the scope does not allow GPU 0's node %s (from its NVML minor)", p.Node)
 	if p.Other != "" {
-		check(!strings.Contains(out, p.Other+" "), "the scope allows %s, another GPU's node", p.Other)
+		x.check(!strings.Contains(out, p.Other+" "), "the scope allows %s, another GPU's node", p.Other)
 	}
 
-	var pid int
-	fmt.Sscanf(prop("MainPID"), "u %d", &pid)
+	pid := x.mainPID()
 	env, _ := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
 	fmt.Fprintf(w, "\n$ tr '\\0' '\\n' < /proc/%d/environ | grep VISIBLE_DEVICES\n", pid)
 	var visible string
@@ -433,12 +415,12 @@ func inside(work string, watch time.Duration, w io.Writer) error {
 			visible = v
 		}
 	}
-	check(visible == p.UUID, "the engine's CUDA_VISIBLE_DEVICES is %q, not GPU 0's UUID %s", visible, p.UUID)
+	x.check(visible == p.UUID, "the engine's CUDA_VISIBLE_DEVICES is %q, not GPU 0's UUID %s", visible, p.UUID)
 
 	fmt.Fprintf(w, "\n$ curl http://127.0.0.1:%d/sim/devices   # what the engine may open\n", p.Port)
 	opened, err := probe(ctx, p.Port)
 	if err != nil {
-		check(false, "asking the engine what it may open: %v", err)
+		x.check(false, "asking the engine what it may open: %v", err)
 	}
 	for n, r := range opened {
 		fmt.Fprintf(w, "  %s: %s\n", n, r)
@@ -446,32 +428,41 @@ func inside(work string, watch time.Duration, w io.Writer) error {
 	// EPERM is the device cgroup's refusal; a fake node without a driver
 	// answers ENXIO once let through.
 	own := opened[p.Node]
-	check(own != "" && own != "EPERM", "the engine may not open its GPU's node %s: %s", p.Node, own)
+	x.check(own != "" && own != "EPERM", "the engine may not open its GPU's node %s: %s", p.Node, own)
 	if p.Other != "" {
-		check(opened[p.Other] == "EPERM", "the engine opens another GPU's node %s: %s, not EPERM", p.Other, opened[p.Other])
+		x.check(opened[p.Other] == "EPERM", "the engine opens another GPU's node %s: %s, not EPERM", p.Other, opened[p.Other])
 	}
 
-	show("nvidia-smi")
+	x.show("nvidia-smi")
 
 	fmt.Fprintf(w, "\n  the daemon's XID watch runs %s...\n", watch)
 	select {
 	case <-time.After(watch):
 	case <-ctx.Done():
 	}
-	journal, _ := sh("journalctl", "-u", service, "--no-pager", "-o", "cat")
+	journal, _ := x.sh("journalctl", "-u", service, "--no-pager", "-o", "cat")
 	if i := strings.Index(journal, xidWarning); i >= 0 {
 		line, _, _ := strings.Cut(journal[i:], "\n")
-		check(false, "the daemon's XID watch failed: %s", line)
+		x.check(false, "the daemon's XID watch failed: %s", line)
 	} else {
 		fmt.Fprintf(w, "  armed: no NVML error from the daemon's watch in %s\n", watch)
 	}
-	for _, f := range insideFit(p, work, sh, w) {
-		check(false, "%s", f)
+	for _, f := range insideFit(p, x.sh, w) {
+		x.check(false, "%s", f)
 	}
-	show("journalctl", "-u", service, "--no-pager", "-o", "cat", "-n", "8")
 
-	if len(failed) > 0 {
-		return fmt.Errorf("%d check(s) failed:\n  %s", len(failed), strings.Join(failed, "\n  "))
+	section(w, "a CUDA process outside the pool holds GPU 0")
+	if py := findPython(); py == "" {
+		x.check(false, "no python3: the CUDA holder and CUDA engine checks cannot run (a failed prerequisite: install python3)")
+	} else {
+		x.heldStart(py)
+		section(w, "a CUDA engine in the pool's scope")
+		x.cudaEngine(py)
+	}
+	x.show("journalctl", "-u", service, "--no-pager", "-o", "cat", "-n", "12")
+
+	if len(x.failed) > 0 {
+		return fmt.Errorf("%d check(s) failed:\n  %s", len(x.failed), strings.Join(x.failed, "\n  "))
 	}
 	return nil
 }

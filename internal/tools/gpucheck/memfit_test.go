@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -38,26 +39,36 @@ func TestMemoryAgrees(t *testing.T) {
 	assert.NoError(t, memoryAgrees(small, 4<<30, 4<<30), "at least 256 MiB of slack")
 }
 
-// The drop-in gpu-check writes is one the daemon takes, asking for more
-// than the GPU has.
-func TestFitDropInAsksForMoreThanTheGPUHas(t *testing.T) {
+// The drop-in gpu-check writes is one the daemon takes.
+func TestFitDropInIsTaken(t *testing.T) {
 	dir := t.TempDir()
 	require.NoError(t, os.MkdirAll(filepath.Join(dir, "pools.d", pool+".pool.d"), 0o755))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", pool+".pool"),
 		[]byte("[Pool]\nDevices=0\nModel=/m.gguf\n[Engine]\nExecStart=/bin/true\nPort=8081\n"), 0o644))
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", pool+".pool.d", "90-memory-fit.conf"), []byte(fitDropIn(80<<30)), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", pool+".pool.d", "90-gpu-check.conf"), []byte(fitDropIn(81<<30)), 0o644))
 	c, err := config.Load(dir)
 	require.NoError(t, err)
 	require.NotNil(t, c.Pools[0].MemoryRequired)
 	assert.Equal(t, uint64(81<<30), *c.Pools[0].MemoryRequired)
 }
 
+// The need over the free memory stays within the GPU's size: only the
+// free memory can refuse it.
+func TestAboveFree(t *testing.T) {
+	m := gpu.DeviceMemory{Total: 80 << 30, Free: 79 << 30}
+	assert.Equal(t, uint64(79<<30+512<<20), aboveFree(m))
+	full := gpu.DeviceMemory{Total: 80 << 30, Free: 80 << 30}
+	assert.Equal(t, uint64(80<<30+1), aboveFree(full), "over the free memory even when nothing is used")
+}
+
 func TestJudgeFit(t *testing.T) {
 	const uuid = "GPU-8f2c1a70-0000-4000-8000-000000000000"
-	refused := "Call failed: the pool needs 81G of GPU memory (MemoryRequired=): GPU " + uuid + " has 79.2G free of 80G; it starts once the memory is free: not enough free GPU memory"
-	assert.Empty(t, judgeFit(refused, errors.New("exit status 1"), uuid, "u 0"))
-	assert.Equal(t, []string{"a start that needs more memory than GPU 0 has was not refused",
-		`the refusal does not say GPU 0's free memory: ""`}, judgeFit("", nil, uuid, "u 0"))
-	assert.Equal(t, []string{"the refused start counted a crash: CrashCount u 1"}, judgeFit(refused, errors.New("exit status 1"), uuid, "u 1"))
-	assert.Len(t, judgeFit("Call failed: GPU in use", errors.New("exit status 1"), uuid, "u 0"), 1, "another refusal is not this one")
+	refused := "Call failed: the pool needs 79.5G of GPU memory (MemoryRequired=): GPU " + uuid + " has 79G free of 80G, used by pid 42 (python3, 1G); it starts once the memory is free: not enough free GPU memory"
+	assert.Empty(t, judgeFit(refused, errors.New("exit status 1"), uuid, "u 0", 42))
+	assert.Equal(t, []string{"a start that needs more memory than GPU 0 has free was not refused",
+		`the refusal does not say GPU 0's free memory: ""`}, judgeFit("", nil, uuid, "u 0", 42))
+	assert.Equal(t, []string{"the refused start counted a crash: CrashCount u 1"}, judgeFit(refused, errors.New("exit status 1"), uuid, "u 1", 42))
+	assert.Equal(t, []string{"the refusal does not name the holder, pid 4: " + strconv.Quote(refused)},
+		judgeFit(refused, errors.New("exit status 1"), uuid, "u 0", 4), "pid 42 is not pid 4")
+	assert.Len(t, judgeFit("Call failed: GPU in use", errors.New("exit status 1"), uuid, "u 0", 42), 1, "another refusal is not this one")
 }
