@@ -7,7 +7,7 @@ allocates and writes --mib MiB there, then, by mode:
              127.0.0.1:N until killed: a pool's engine;
   --hold     holds the context until killed: another process on the GPU;
   --probe    exits 0: the GPU can be used from here.
-It prints one line once the memory is held. Any CUDA call that fails ends
+It prints one line once the memory is held (and the port bound). Any CUDA call that fails ends
 it with status 1 and names the call and CUDA's error.
 """
 
@@ -99,7 +99,7 @@ def hold_gpu(lib, mib):
     return name.value.decode(errors="replace")
 
 
-def serve(port, info):
+def server(port, info):
     body = json.dumps(info).encode()
 
     class Handler(BaseHTTPRequestHandler):
@@ -121,7 +121,7 @@ def serve(port, info):
         def log_message(self, *args):
             pass
 
-    HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    return HTTPServer(("127.0.0.1", port), Handler)
 
 
 def main(argv):
@@ -143,9 +143,16 @@ def main(argv):
         return 1
     info = {"pid": os.getpid(), "device": name, "mib": a.mib,
             "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
-    print("cuda-engine: %s MiB held on %s (pid %d)" % (a.mib, name, os.getpid()), flush=True)
+    srv = None
     if a.port is not None:
-        serve(a.port, info)
+        try:
+            srv = server(a.port, info)
+        except OSError as e:
+            print("cuda-engine: port %d: %s" % (a.port, e), file=sys.stderr, flush=True)
+            return 1
+    print("cuda-engine: %s MiB held on %s (pid %d)" % (a.mib, name, os.getpid()), flush=True)
+    if srv is not None:
+        srv.serve_forever()
     elif a.hold:
         while True:
             time.sleep(3600)
