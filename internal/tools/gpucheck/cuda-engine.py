@@ -82,7 +82,7 @@ def hold_gpu(lib, mib):
     n = ctypes.c_int()
     call(lib, "cuDeviceGetCount", ctypes.byref(n))
     if n.value < 1:
-        raise Failed("cuDeviceGetCount: no CUDA device (CUDA_VISIBLE_DEVICES=%s)" % os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+        raise Failed("cuDeviceGetCount counts no device (CUDA_VISIBLE_DEVICES=%s)" % os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     dev = ctypes.c_int()
     call(lib, "cuDeviceGet", ctypes.byref(dev), 0)
     name = ctypes.create_string_buffer(256)

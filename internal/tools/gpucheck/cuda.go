@@ -45,8 +45,9 @@ const (
 	engineMiB = 256
 )
 
-// cudaFailed is the engine's word that a CUDA call failed.
-var cudaFailed = regexp.MustCompile(`cuda-engine: cu[A-Za-z_0-9]+ failed: \d+ `)
+// cudaFailed is the engine's word that CUDA failed it: a call's error, or
+// no device to be seen.
+var cudaFailed = regexp.MustCompile(`cuda-engine: (cu[A-Za-z_0-9]+ failed: \d+ |cuDeviceGetCount counts no device)`)
 
 // box is the check in the sandbox: the daemon's bus, the pool, and the
 // checks that failed so far.
@@ -411,9 +412,17 @@ func (x *box) cudaEngine(py string) {
 	x.check(err != nil && cudaFailed.MatchString(out), "the CUDA program did not fail in CUDA without GPU 0's node: %v", err)
 }
 
-// findPython is a python3 every engine user may run.
+// noPython fails the CUDA checks on a host without python3: a failed
+// prerequisite, not a pass.
+const noPython = "no python3: the CUDA holder and CUDA engine checks cannot run (a failed prerequisite: install python3)"
+
+// pythons are where a python3 every user may run is looked for before
+// $PATH.
+var pythons = []string{"/usr/bin/python3", "/usr/local/bin/python3", "/opt/conda/bin/python3"}
+
+// findPython is a python3 every engine user may run ("": none).
 func findPython() string {
-	cands := []string{"/usr/bin/python3", "/usr/local/bin/python3", "/opt/conda/bin/python3"}
+	cands := append([]string(nil), pythons...)
 	if p, err := exec.LookPath("python3"); err == nil {
 		cands = append(cands, p)
 	}

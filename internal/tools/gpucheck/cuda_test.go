@@ -106,6 +106,7 @@ func TestCUDAEngineOnAStandInLibcuda(t *testing.T) {
 		{"no control node", "FAKE_CUDA_CTL=/nonexistent", "cuda-engine: cuInit failed: 100 CUDA_ERROR_NO_DEVICE\n"},
 		{"GPU node refused", "FAKE_CUDA_NODE=/nonexistent", "cuda-engine: cuCtxCreate_v2 failed: 100 CUDA_ERROR_NO_DEVICE\n"},
 		{"allocation fails", "FAKE_CUDA_FAIL=cuMemAlloc_v2", "cuda-engine: cuMemAlloc_v2 failed: 2 CUDA_ERROR_OUT_OF_MEMORY\n"},
+		{"no device counted", "FAKE_CUDA_COUNT=0", "cuda-engine: cuDeviceGetCount counts no device (CUDA_VISIBLE_DEVICES=)\n"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			stdout, stderr, code := engine(t, append(env, tc.env), "--hold", "--libcuda", lib)
@@ -244,6 +245,23 @@ func TestOthersMayRun(t *testing.T) {
 		require.NoError(t, err)
 		assert.True(t, othersMayRun(r), py)
 	}
+}
+
+// Without a python3 every user may run there is none to use.
+func TestFindPythonWithoutOne(t *testing.T) {
+	dir := t.TempDir()
+	private := filepath.Join(dir, "home")
+	require.NoError(t, os.Mkdir(private, 0o700))
+	require.NoError(t, os.WriteFile(filepath.Join(private, "python3"), []byte("#!/bin/sh\n"), 0o755))
+	old := pythons
+	t.Cleanup(func() { pythons = old })
+	pythons = []string{filepath.Join(dir, "none")}
+	t.Setenv("PATH", private)
+	assert.Empty(t, findPython(), "one in a private home is none")
+	for _, d := range []string{filepath.Dir(dir), dir, private} {
+		require.NoError(t, os.Chmod(d, 0o755))
+	}
+	assert.Equal(t, filepath.Join(private, "python3"), findPython())
 }
 
 // The script's bound is above the program's own in the sandbox, whose

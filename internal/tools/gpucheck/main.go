@@ -1,13 +1,18 @@
 // Command gpucheck is make gpu-check: pool-managerd on this host's real
 // NVIDIA GPU. On the host it prints the NVML inventory and nvidia-smi's
-// view and arms an XID watch on GPU 0 for a few seconds; then, in a private
-// systemd (the project's sandbox, with the host's /dev/nvidia* nodes), it
-// runs the daemon with Backend=nvml and one simulator pool on GPU 0 and
-// prints the scope's DeviceAllow, what the engine may open and what the
-// daemon's XID watch says, and that a start needing more memory than GPU 0
-// has is refused (NoGPUMemory). It writes only under -work and tears the
-// sandbox down on exit, failure or signal.
-// internal/tools/gpucheck/gpu-check.sh runs it.
+// view, arms an XID watch on GPU 0 for a few seconds and reads GPU 0's
+// free memory as a start does; then, in a private systemd (the project's
+// sandbox, with the host's /dev/nvidia* nodes), it runs the daemon with
+// Backend=nvml and one simulator pool on GPU 0 and prints the scope's
+// DeviceAllow, what the engine may open and what the daemon's XID watch
+// says. With a CUDA process of no pool on GPU 0 (cuda-engine.py --hold), a
+// start needing more than the free memory is refused (NoGPUMemory), one
+// that fits is held (GPUBusy), and the pool starts by itself once the
+// process ends, with no crash counted. Last, the pool runs a real CUDA
+// engine (cuda-engine.py: python3 and the driver's libcuda.so.1) in its
+// scope, and the same program where no GPU node is allowed must fail in
+// CUDA. It writes only under -work and tears the sandbox down on exit,
+// failure or signal. internal/tools/gpucheck/gpu-check.sh runs it.
 //
 // Exit status: 0 all checks passed, 1 a check failed, 2 no GPU or not
 // root.
@@ -453,7 +458,7 @@ func inside(work string, watch time.Duration, w io.Writer) error {
 
 	section(w, "a CUDA process outside the pool holds GPU 0")
 	if py := findPython(); py == "" {
-		x.check(false, "no python3: the CUDA holder and CUDA engine checks cannot run (a failed prerequisite: install python3)")
+		x.check(false, noPython)
 	} else {
 		x.heldStart(py)
 		section(w, "a CUDA engine in the pool's scope")

@@ -4,7 +4,8 @@
  * device's node for a context, so the device cgroup decides as it would
  * (EPERM: refused; ENXIO, a node without a driver behind it: let through).
  * The context holds the node open (O_PATH), as /proc shows a real one.
- * FAKE_CUDA_CTL and FAKE_CUDA_NODE name other nodes (tests on the host).
+ * FAKE_CUDA_CTL and FAKE_CUDA_NODE name other nodes (tests on the host),
+ * FAKE_CUDA_COUNT the devices it counts (default 1).
  * FAKE_CUDA_FAIL=<call> makes that call fail with CUDA_ERROR_OUT_OF_MEMORY. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -54,7 +55,7 @@ int cuInit(unsigned flags)
 
 int cuDeviceGetCount(int *n)
 {
-	*n = 1;
+	*n = atoi(env("FAKE_CUDA_COUNT", "1"));
 	return 0;
 }
 
