@@ -106,10 +106,13 @@ fuzz:
 fuzz-short:
 	$(MAKE) fuzz FUZZTIME=20000x FUZZMINTIME=500x
 
-# On a host with a real NVIDIA GPU (root): the NVML inventory, nvidia-smi,
-# an XID watch, and one simulator pool on GPU 0 with Backend=nvml in a
-# private systemd; exits 2 at once without a GPU. Uses build/ binaries
-# when present, else builds into its own temp directory.
+# On a host with a real NVIDIA GPU (root), bounded at 7 minutes: the NVML
+# inventory, nvidia-smi, an XID watch, GPU 0's free memory, and the daemon
+# with Backend=nvml in a private systemd: a simulator pool on GPU 0, its
+# memory fit and a start held by a CUDA process of no pool, then a real
+# CUDA engine (python3 + libcuda.so.1) in the pool's scope; exits 2 at once
+# without a GPU. Uses build/ binaries when present, else builds into its
+# own temp directory.
 gpu-check:
 	internal/tools/gpucheck/gpu-check.sh $(GPU_CHECK_ARGS)
 
