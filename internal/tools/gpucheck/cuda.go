@@ -315,6 +315,11 @@ func (x *box) heldStart(py string) {
 		x.check(false, "%s", f)
 	}
 	x.show("systemctl", "stop", holderUnit)
+	if err == nil {
+		// Not held: there is nothing to wait out.
+		x.call("Stop", "s", pool)
+		return
+	}
 	took, err := x.waitReady(heldLimit)
 	if err != nil {
 		x.check(false, "the pool did not start by itself once the holder ended (%v): State %s, LastError %s", err, x.prop("State"), x.prop("LastError"))
