@@ -425,6 +425,37 @@ const noPython = "no python3: the CUDA holder and CUDA engine checks cannot run 
 // $PATH.
 var pythons = []string{"/usr/bin/python3", "/usr/local/bin/python3", "/opt/conda/bin/python3"}
 
+// hostCUDA says whether the CUDA program works on GPU uuid outside the
+// sandbox; the checks in it judge.
+func hostCUDA(ctx context.Context, py, work, uuid, lib string, w io.Writer) {
+	if py == "" {
+		fmt.Fprintf(w, "  %s\n", noPython)
+		return
+	}
+	script := filepath.Join(work, "cuda-engine.py")
+	if err := os.WriteFile(script, cudaEngineScript, 0o644); err != nil {
+		fmt.Fprintf(w, "  %v\n", err)
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	args := []string{script, "--probe", "--mib", "16"}
+	if lib != "" {
+		args = append(args, "--libcuda", lib)
+	}
+	cmd := exec.CommandContext(ctx, py, args...)
+	cmd.Env = append(os.Environ(), "CUDA_VISIBLE_DEVICES="+uuid)
+	fmt.Fprintf(w, "\n$ CUDA_VISIBLE_DEVICES=%s %s %s\n", uuid, py, strings.Join(args, " "))
+	start := time.Now()
+	out, err := cmd.CombinedOutput()
+	fmt.Fprint(w, indent(string(out)))
+	if err != nil {
+		fmt.Fprintf(w, "  it failed (%v): the CUDA checks in the sandbox will too\n", err)
+		return
+	}
+	fmt.Fprintf(w, "  in %.1f s\n", time.Since(start).Seconds())
+}
+
 // findPython is a python3 every engine user may run ("": none).
 func findPython() string {
 	cands := append([]string(nil), pythons...)

@@ -197,6 +197,24 @@ func startEngine(t *testing.T, env []string, args ...string) (*exec.Cmd, string)
 	return nil, ""
 }
 
+// The host's word on CUDA before the sandbox: what worked, what failed.
+func TestHostCUDA(t *testing.T) {
+	py := needPython(t)
+	lib := fakeLibcuda(t)
+	t.Setenv("FAKE_CUDA_CTL", "/dev/null")
+	t.Setenv("FAKE_CUDA_NODE", "/dev/null")
+	var w bytes.Buffer
+	hostCUDA(context.Background(), py, t.TempDir(), "GPU-x", lib, &w)
+	assert.Regexp(t, `^\n\$ CUDA_VISIBLE_DEVICES=GPU-x \S+python3\S* \S+/cuda-engine.py --probe --mib 16 --libcuda \S+\n  cuda-engine: 16 MiB held on Fake GPU \(pid \d+\)\n  in \d+\.\d s\n$`, w.String())
+	t.Setenv("FAKE_CUDA_FAIL", "cuInit")
+	w.Reset()
+	hostCUDA(context.Background(), py, t.TempDir(), "GPU-x", lib, &w)
+	assert.Contains(t, w.String(), "cuda-engine: cuInit failed: 2 CUDA_ERROR_OUT_OF_MEMORY\n  it failed (exit status 1): the CUDA checks in the sandbox will too\n")
+	w.Reset()
+	hostCUDA(context.Background(), "", t.TempDir(), "GPU-x", lib, &w)
+	assert.Equal(t, "  "+noPython+"\n", w.String())
+}
+
 func TestJudgeHeld(t *testing.T) {
 	const refused = `Call failed: GPU GPU-1 in use by pid 42 (python3, uid 0, cgroup /system.slice/gpucheck-holder.service), outside pool-engine-gpucheck.scope: GPU in use by another process`
 	const lastError = `s "GPU GPU-1 in use by pid 42 (python3, uid 0, cgroup /system.slice/gpucheck-holder.service), outside pool-engine-gpucheck.scope: GPU in use by another process"`

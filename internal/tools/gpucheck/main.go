@@ -1,7 +1,8 @@
 // Command gpucheck is make gpu-check: pool-managerd on this host's real
 // NVIDIA GPU. On the host it prints the NVML inventory and nvidia-smi's
-// view, arms an XID watch on GPU 0 for a few seconds and reads GPU 0's
-// free memory as a start does; then, in a private systemd (the project's
+// view, arms an XID watch on GPU 0 for a few seconds, reads GPU 0's free
+// memory as a start does and runs the CUDA program below once; then, in a
+// private systemd (the project's
 // sandbox, with the host's /dev/nvidia* nodes), it runs the daemon with
 // Backend=nvml and one simulator pool on GPU 0 and prints the scope's
 // DeviceAllow, what the engine may open and what the daemon's XID watch
@@ -181,6 +182,10 @@ func outside(work, bin, holderCmd string, watch time.Duration, stdout, stderr io
 	if err := health(ctx, p, holderCmd, stdout); err != nil {
 		return err
 	}
+
+	// Told here, the sandbox's CUDA failures have a cause or not.
+	section(stdout, "CUDA from python3 through libcuda.so.1 (host)")
+	hostCUDA(ctx, findPython(), work, p.UUID, "", stdout)
 
 	nodes, err := deviceNodes()
 	if err != nil {
