@@ -2,11 +2,10 @@
 // NVIDIA GPU. On the host it prints the NVML inventory and nvidia-smi's
 // view, arms an XID watch on GPU 0 for a few seconds, reads GPU 0's free
 // memory as a start does and runs the CUDA program below once; then, in a
-// private systemd (the project's
-// sandbox, with the host's /dev/nvidia* nodes), it runs the daemon with
-// Backend=nvml and one simulator pool on GPU 0 and prints the scope's
-// DeviceAllow, what the engine may open and what the daemon's XID watch
-// says. With a CUDA process of no pool on GPU 0 (cuda-engine.py --hold), a
+// private systemd (the project's sandbox, with the host's /dev/nvidia*
+// nodes), it runs the daemon with Backend=nvml and one simulator pool on
+// GPU 0 and prints the scope's DeviceAllow, what the engine may open and
+// what the daemon's XID watch says. With a CUDA process of no pool on GPU 0 (cuda-engine.py --hold), a
 // start needing more than the free memory is refused (NoGPUMemory), one
 // that fits is held (GPUBusy), and the pool starts by itself once the
 // process ends, with no crash counted. Last, the pool runs a real CUDA
