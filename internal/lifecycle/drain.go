@@ -40,6 +40,15 @@ func (m *Machine) drainRequested(e DrainRequested) {
 		// One drain, one outcome; a later, shorter deadline (Stop during
 		// a drain) tightens it.
 		d.waiters = append(d.waiters, e.Req)
+		if !m.parking && d.park {
+			// An operator's drain during a park: the pool ends stopped,
+			// its engine stopped, not asleep.
+			d.park = false
+			if d.phase == drainSleeping {
+				m.drainTo(d, drainStopping)
+				m.stopRun(StopDrain)
+			}
+		}
 		if at := m.now.Add(e.Deadline); m.timers.armed[TimerDrainDeadline] && at.Before(d.deadlineAt) && (d.phase == drainLeases || d.phase == drainRequests) {
 			m.armDeadline(d, e.Deadline)
 		}
@@ -66,7 +75,7 @@ func (m *Machine) drainRequested(e DrainRequested) {
 		m.drainLogged(m.now, res)
 		return
 	}
-	d := &drainOp{start: m.now, waiters: []ReqID{e.Req}, held: len(m.leases), deadline: e.Deadline}
+	d := &drainOp{start: m.now, waiters: []ReqID{e.Req}, held: len(m.leases), deadline: e.Deadline, park: m.parking}
 	m.drain = d
 	m.transition(Draining, "drain")
 	m.awaitLeases(d, e.Deadline)
@@ -146,6 +155,9 @@ func (m *Machine) requestsDrained(d *drainOp) {
 // stopDrained stops the engine of a drain whose leases are gone; the
 // engine's exit ends the drain.
 func (m *Machine) stopDrained(d *drainOp) {
+	if d.park && m.sleepParked(d) {
+		return
+	}
 	m.drainTo(d, drainStopping)
 	switch {
 	case m.run != nil:
@@ -189,7 +201,11 @@ func (m *Machine) finishDrain() {
 		d.res.Outcome = Drained
 	}
 	d.res.Done = m.now
-	m.drainedTo(d.park)
+	if d.phase == drainSleeping && m.run != nil && m.run.sleep.asleep {
+		m.parkedAsleep()
+	} else {
+		m.drainedTo(d.park)
+	}
 	// Counted before the callers hear of it, journaled after.
 	m.do(CountDrain{Start: d.start, Result: d.res})
 	for _, w := range d.waiters {

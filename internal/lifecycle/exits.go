@@ -205,8 +205,13 @@ func (m *Machine) exitedOnOwn(r *run, x Exit, uptime time.Duration) {
 func (m *Machine) portHeld(r *run, x Exit) {
 	m.log(slog.LevelWarn, "engine exited while another process held its port: not counted as a crash", journal.Error, safetext.Bound(x.PortHeld))
 	m.revokeLeases("the engine exited")
-	m.transition(Failed, "port held")
 	m.lastErr = safetext.Bound("the engine could not listen: " + x.PortHeld)
+	if r.onDemand && m.reload == nil {
+		m.idleAgain(m.lastErr)
+		m.engineStopped(r)
+		return
+	}
+	m.transition(Failed, "port held")
 	m.retryLater(ErrPortBusy)
 	m.engineStopped(r)
 }

@@ -176,12 +176,29 @@ func (m *Machine) await(w waiter, timeout time.Duration) {
 
 // wake starts the engine for the callers waiting.
 func (m *Machine) wake() {
+	idle := m.state == Idle
 	m.waking = true
 	m.cancelRestart()
 	m.disarm(TimerRetry)
 	m.do(CountLeaseStart{})
 	m.log(slog.LevelInfo, "pool started on demand", journal.Reason, "demand")
 	m.startEngine(false, 0)
+	if m.start != nil {
+		m.start.onDemand = idle
+	}
+}
+
+// idleAgain: an idle pool's start on demand found its GPUs, their memory
+// or its port held by another process. No crash, no retry: the callers
+// waiting are told who holds them, and the pool is idle again, its next
+// use trying anew.
+func (m *Machine) idleAgain(why string) {
+	m.waking = false
+	m.disarm(TimerRetry)
+	m.next = time.Time{}
+	m.transition(Idle, "start on demand held by another process")
+	m.idleSince = m.now
+	m.log(slog.LevelWarn, "pool idle again: "+why, journal.Reason, "demand")
 }
 
 // armWake arms the timer of the first waiter to give up.

@@ -2,6 +2,7 @@ package lifecycle
 
 import (
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -320,4 +321,97 @@ func TestReloadedPoolIdles(t *testing.T) {
 	require.Equal(t, Ready, p.m.State())
 	assert.Equal(t, p.now.Add(time.Minute), p.timers[TimerIdle].At)
 	p.goneIdle(launch.Run)
+}
+
+// Reload of an idle pool records the new model and starts nothing: the
+// pool stays idle, and its next start loads the new model.
+func TestReloadOfAnIdlePoolKeepsItIdle(t *testing.T) {
+	p := idlePool(t, nil)
+	p.goneIdle(p.ready())
+	since := p.m.View(p.now).IdleSince
+	p.advance(time.Second)
+	r := p.request(func(id ReqID) Event {
+		return ReloadRequested{Req: id, Ref: "m2", Digest: "sha256:b", Deadline: time.Minute}
+	})
+	rep := p.reply(r)
+	require.NoError(t, rep.Err)
+	assert.False(t, rep.Same)
+	assert.Empty(t, all[Stage](p.last), "no engine starts")
+	v := p.m.View(p.now)
+	assert.Equal(t, Idle, v.State)
+	assert.Equal(t, "m2", v.Model)
+	assert.Equal(t, since, v.IdleSince)
+	assert.Equal(t, 1, v.Starts)
+
+	same := p.request(func(id ReqID) Event { return ReloadRequested{Req: id, Ref: "m2", Digest: "sha256:b"} })
+	assert.True(t, p.reply(same).Same)
+
+	id, owner := "p/a", "o"
+	l := p.request(func(r ReqID) Event { return LeaseRequested{Req: r, ID: id, Owner: owner} })
+	st, ok := find[Stage](p.last)
+	require.True(t, ok, "the lease starts it: %v", p.last)
+	assert.Equal(t, "m2", st.Ref, "on the reloaded model")
+	run := p.launchStaged(staged("m2", "sha256:b"), 101)
+	p.step(Healthy{Run: run})
+	assert.Equal(t, id, p.reply(l).Lease)
+	assert.Equal(t, "m2", p.m.View(p.now).Model)
+}
+
+// An idle pool whose start on demand finds its GPUs, their memory or its
+// port held by another process tells its callers who holds them and is
+// idle again: no retry loop starting an engine nobody waits for, no
+// crash, and its next use tries again.
+func TestAHeldStartOnDemandLeavesThePoolIdle(t *testing.T) {
+	for _, held := range []error{
+		fmt.Errorf("%s: %w", noMemory, ErrNoGPUMemory),
+		fmt.Errorf("GPU GPU-0 in use by pid 4242 (python3): %w", ErrGPUBusy),
+		fmt.Errorf("port 8000 held by pid 4242: %w", ErrPortBusy),
+	} {
+		p := idlePool(t, nil)
+		p.goneIdle(p.ready())
+		l := p.request(func(r ReqID) Event { return LeaseRequested{Req: r, ID: "p/a", Owner: "o"} })
+		stage, _ := find[Stage](p.last)
+		p.step(ModelStaged{Run: stage.Run, Staged: staged("m.gguf", "sha256:a")})
+		launch, _ := find[Launch](p.last)
+		p.step(StartFailed{Run: launch.Run, Err: held})
+		err := p.reply(l).Err
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "4242")
+		v := p.m.View(p.now)
+		assert.Equal(t, Idle, v.State, "%v", held)
+		assert.Equal(t, p.now, v.IdleSince)
+		assert.Zero(t, v.Policy.CrashCount)
+		assert.NotContains(t, p.timers, TimerRetry, "no engine starts for nobody")
+		assert.NotContains(t, p.timers, TimerRestart)
+
+		// Its next use starts it again.
+		e := p.request(func(r ReqID) Event { return EnsureReadyRequested{Req: r} })
+		assert.Equal(t, Starting, p.m.State())
+		run := p.launchStaged(staged("m.gguf", "sha256:a"), 102)
+		p.step(Healthy{Run: run})
+		require.NoError(t, p.reply(e).Err)
+	}
+
+	// An engine of an idle pool's start that exits as another process
+	// holds its port: idle again too.
+	p := idlePool(t, nil)
+	p.goneIdle(p.ready())
+	e := p.request(func(r ReqID) Event { return EnsureReadyRequested{Req: r} })
+	run := p.launchStaged(staged("m.gguf", "sha256:a"), 103)
+	x := exitStatus(1)
+	x.PortHeld = "port 8000 held by pid 4242 (nc)"
+	p.exit(run, x)
+	assert.ErrorIs(t, p.reply(e).Err, ErrNotReady)
+	assert.Equal(t, Idle, p.m.State())
+	assert.NotContains(t, p.timers, TimerRetry)
+
+	// A stopped pool's EnsureReady held so is not made idle.
+	q := newPool(t, func(c *Config) { c.IdleStop = time.Minute })
+	e = q.request(func(r ReqID) Event { return EnsureReadyRequested{Req: r} })
+	stage, _ := find[Stage](q.last)
+	q.step(ModelStaged{Run: stage.Run, Staged: staged("m.gguf", "sha256:a")})
+	launch, _ := find[Launch](q.last)
+	q.step(StartFailed{Run: launch.Run, Err: fmt.Errorf("held: %w", ErrGPUBusy)})
+	require.Error(t, q.reply(e).Err)
+	assert.Equal(t, Failed, q.m.State())
 }

@@ -145,6 +145,8 @@ type run struct {
 	busy bool
 	// sleep: where it stands with Sleep= (sleep.go).
 	sleep sleepState
+	// onDemand: its start was an idle pool's, for its callers.
+	onDemand bool
 }
 
 // startOp is an engine start between its decision and its process.
@@ -156,6 +158,9 @@ type startOp struct {
 	req ReqID
 	// staged is its model, once staged (startLaunching).
 	staged model.Staged
+	// onDemand: the start of an idle (or sleeping) pool for its callers:
+	// held by what another process holds, the pool is idle again.
+	onDemand bool
 }
 
 // pendingExit is an exit waiting for systemd's word on it.
@@ -234,8 +239,11 @@ type Machine struct {
 	idleSince time.Time
 	waiters   []waiter
 	waking    bool
-	// parking: the drain being requested is a park (ParkRequested).
-	parking bool
+	// parking: the drain being requested is a park (ParkRequested);
+	// sleepParks are parks of a sleeping pool waiting for its engine's
+	// answer to the Sleep.
+	parking    bool
+	sleepParks []ReqID
 	// noMemory: the last start was refused for want of GPU memory.
 	noMemory bool
 
@@ -451,6 +459,7 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 		panic(fmt.Sprintf("lifecycle: unknown event %T", ev))
 	}
 	m.settleWaiters()
+	m.settleParks()
 	m.keepPrepared()
 	m.publish()
 	out := m.out
@@ -671,8 +680,17 @@ func (m *Machine) startFailed(e StartFailed) {
 		return
 	}
 	m.start = nil
-	m.transition(Failed, "launch failed")
 	m.lastErr = safetext.Bound(e.Err.Error())
+	if heldByOthers(e.Err) && op.onDemand && m.drain == nil {
+		// Its callers hear who holds it (settleWaiters); the pool waits
+		// for its next use, not in a retry loop that would start an
+		// engine nobody waits for.
+		m.noMemory = errors.Is(e.Err, ErrNoGPUMemory)
+		m.idleAgain("its start on demand was held: " + m.lastErr)
+		m.reply(Reply{Req: op.req, Err: e.Err})
+		return
+	}
+	m.transition(Failed, "launch failed")
 	if heldByOthers(e.Err) && !op.candidate {
 		// Another process holds the GPUs, their memory or the port: no
 		// crash of ours; the start looks again later, and the operator
@@ -723,7 +741,7 @@ func (m *Machine) engineStarted(e EngineStarted) {
 		}
 		m.log(slog.LevelWarn, "engine started on an incomplete check", journal.Error, safetext.Bound(e.Caution))
 	}
-	m.run = &run{id: e.Run, pid: e.PID, started: m.now, staged: op.staged, candidate: op.candidate, invocation: e.Invocation}
+	m.run = &run{id: e.Run, pid: e.PID, started: m.now, staged: op.staged, candidate: op.candidate, invocation: e.Invocation, onDemand: op.onDemand}
 	m.live, m.pid, m.starts = true, e.PID, m.starts+1
 	m.digest, m.path = op.staged.Digest, op.staged.Path
 	m.do(Watch{Run: e.Run})

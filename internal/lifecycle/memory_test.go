@@ -77,8 +77,8 @@ func TestARestartWithoutGPUMemoryKeepsTheStreak(t *testing.T) {
 }
 
 // An EnsureReady (or a lease) whose start is refused for want of memory
-// is answered NoGPUMemory at once, with who holds it; the pool still
-// starts by itself once the memory is free.
+// is answered NoGPUMemory at once, with who holds it; the idle pool is
+// idle again, its next use trying anew.
 func TestEnsureReadyWithoutGPUMemoryIsToldWhoHoldsIt(t *testing.T) {
 	p := idlePool(t, nil)
 	run := p.ready()
@@ -92,7 +92,8 @@ func TestEnsureReadyWithoutGPUMemoryIsToldWhoHoldsIt(t *testing.T) {
 	assert.ErrorContains(t, err, "pid 4242 (python3, 70G)")
 	assert.Zero(t, p.m.View(p.now).Policy.CrashCount)
 
-	p.fire(TimerRetry)
+	assert.Equal(t, Idle, p.m.State())
+	p.request(func(r ReqID) Event { return EnsureReadyRequested{Req: r} })
 	p.launchStaged(staged("m.gguf", "sha256:a"), 101)
 	assert.Equal(t, Starting, p.m.State())
 

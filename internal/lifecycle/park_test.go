@@ -1,6 +1,7 @@
 package lifecycle
 
 import (
+	"errors"
 	"testing"
 	"time"
 
@@ -112,18 +113,111 @@ func TestParkWithoutEngine(t *testing.T) {
 	assert.Equal(t, Stopped, p.m.State(), "the operator's drain stops the pool")
 }
 
-// A sleeping engine (Sleep=vllm) still holds its process on the GPU: a
-// park stops it, and the pool ends Idle, not Sleeping.
-func TestParkOfASleepingPoolStopsItsEngine(t *testing.T) {
+// A park of an awake pool with Sleep=vllm drains it (its lease honoured,
+// then the engine's own requests in flight) and puts its engine to sleep
+// instead of stopping it; the park is answered only once the engine says
+// it sleeps, and the pool ends Sleeping (reason group), its next use
+// waking the same engine.
+func TestParkPutsASleepCapableEngineToSleep(t *testing.T) {
+	p := sleepPool(t, func(c *Config) { c.DrainRequests = true })
+	run := p.ready()
+	id, err := p.lease("client")
+	require.NoError(t, err)
+	req := p.request(func(r ReqID) Event { return ParkRequested{Req: r, Deadline: time.Minute} })
+	assert.Equal(t, Draining, p.m.State())
+	assert.Empty(t, all[Sleep](p.last), "the lease is honoured first")
+	p.advance(time.Second)
+	p.request(func(r ReqID) Event { return LeaseReleased{Req: r, ID: id} })
+	_, reading := find[ReadProgress](p.last)
+	require.True(t, reading, "its requests in flight are read: %v", p.last)
+	assert.Empty(t, all[Sleep](p.last))
+	p.step(Progress{Run: run, InFlight: 1, Tokens: 5})
+	assert.Empty(t, all[Sleep](p.last), "a request in flight is waited for")
+	p.step(Progress{Run: run, InFlight: 0, Tokens: 9})
+	sl, ok := find[Sleep](p.last)
+	require.True(t, ok, "the engine is asked to sleep: %v", p.last)
+	assert.Equal(t, Sleep{Run: run, Level: 2}, sl)
+	assert.Empty(t, all[StopScope](p.last), "not stopped")
+	assert.Equal(t, Draining, p.m.State())
+	p.noReply(req)
+
+	p.advance(2 * time.Second)
+	acts := p.step(Slept{Run: run})
+	rep := p.reply(req)
+	require.NoError(t, rep.Err)
+	assert.Equal(t, Drained, rep.Drain.Outcome)
+	assert.True(t, parkLogged(acts), "journaled with reason group: %v", acts)
+	v := p.m.View(p.now)
+	assert.Equal(t, Sleeping, v.State)
+	assert.False(t, v.Draining)
+	assert.Equal(t, 100, v.MainPID, "the same engine")
+	assert.Equal(t, p.now, v.IdleSince)
+	assert.Zero(t, v.Policy.CrashCount)
+
+	// Parked again: answered at once. Its next use wakes it.
+	again := p.request(func(r ReqID) Event { return ParkRequested{Req: r, Deadline: time.Minute} })
+	require.NoError(t, p.reply(again).Err)
+	ens := p.request(func(r ReqID) Event { return EnsureReadyRequested{Req: r} })
+	wake, ok := find[Wake](p.last)
+	require.True(t, ok, "%v", p.last)
+	assert.Equal(t, run, wake.Run)
+	p.step(Woke{Run: run})
+	require.NoError(t, p.reply(ens).Err)
+	assert.Equal(t, Ready, p.m.State())
+}
+
+// A park whose engine refuses to sleep stops it, as idleness does: the
+// park is answered once the engine is gone, the pool Idle, no crash.
+func TestParkWhoseSleepFailsStopsTheEngine(t *testing.T) {
 	p := sleepPool(t, nil)
 	run := p.ready()
-	p.asleep(run)
 	req := p.request(func(r ReqID) Event { return ParkRequested{Req: r, Deadline: time.Minute} })
-	_, ok := find[StopScope](p.last)
-	require.True(t, ok, "the sleeping engine is stopped: %v", p.last)
+	_, ok := find[Sleep](p.last)
+	require.True(t, ok, "%v", p.last)
+	p.step(Slept{Run: run, Err: errors.New("500 Internal Server Error")})
+	stop, ok := find[StopScope](p.last)
+	require.True(t, ok, "stopped instead: %v", p.last)
+	assert.Equal(t, run, stop.Run)
+	p.noReply(req)
 	acts := p.exit(run, killedBy(15))
 	require.NoError(t, p.reply(req).Err)
-	assert.Equal(t, Idle, p.m.State())
 	assert.True(t, parkLogged(acts))
+	v := p.m.View(p.now)
+	assert.Equal(t, Idle, v.State)
+	assert.Contains(t, v.LastError, "sleep failed")
+	assert.Zero(t, v.Policy.CrashCount)
+}
+
+// An operator's Stop during a park's sleep wins: the engine is stopped
+// and the pool ends stopped, not asleep nor idle.
+func TestStopDuringAParksSleepStopsThePool(t *testing.T) {
+	p := sleepPool(t, nil)
+	run := p.ready()
+	park := p.request(func(r ReqID) Event { return ParkRequested{Req: r, Deadline: time.Minute} })
+	stop := p.request(func(r ReqID) Event { return DrainRequested{Req: r} })
+	_, ok := find[StopScope](p.last)
+	require.True(t, ok, "%v", p.last)
+	p.step(Slept{Run: run})
+	p.exit(run, killedBy(15))
+	require.NoError(t, p.reply(park).Err)
+	require.NoError(t, p.reply(stop).Err)
+	assert.Equal(t, Stopped, p.m.State())
+}
+
+// A pool already sleeping is parked already (its engine keeps little of
+// the GPU's memory): the park is answered once its Sleep is, and the
+// engine is neither stopped nor woken.
+func TestParkOfASleepingPoolKeepsItAsleep(t *testing.T) {
+	p := sleepPool(t, nil)
+	run := p.ready()
+	p.fire(TimerIdle)
+	req := p.request(func(r ReqID) Event { return ParkRequested{Req: r, Deadline: time.Minute} })
+	p.noReply(req)
+	p.step(Slept{Run: run})
+	require.NoError(t, p.reply(req).Err)
+	req = p.request(func(r ReqID) Event { return ParkRequested{Req: r, Deadline: time.Minute} })
+	require.NoError(t, p.reply(req).Err)
+	assert.Empty(t, all[StopScope](p.last))
+	assert.Equal(t, Sleeping, p.m.State())
 	assert.Zero(t, p.m.View(p.now).Policy.CrashCount)
 }

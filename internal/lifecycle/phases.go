@@ -47,15 +47,20 @@ const (
 	// flight (its metrics) are awaited until none is left or the
 	// deadline passes.
 	drainRequests
+	// drainSleeping: a park's leases and requests are gone and its
+	// engine (Sleep=) is asked to sleep; its answer ends the park
+	// (sleeping), a refusal stops the engine instead.
+	drainSleeping
 )
 
 var drainMoves = map[drainPhase][]drainPhase{
-	drainLeases:   {drainStopping, drainReloading, drainRequests},
-	drainRequests: {drainStopping, drainReloading},
+	drainLeases:   {drainStopping, drainReloading, drainRequests, drainSleeping},
+	drainRequests: {drainStopping, drainReloading, drainSleeping},
+	drainSleeping: {drainStopping},
 }
 
 func (p drainPhase) String() string {
-	return phaseName(p, "leases", "stopping", "reloading", "requests")
+	return phaseName(p, "leases", "stopping", "reloading", "requests", "sleeping")
 }
 
 // reloadPhase is how far a reload has come. A reload that cannot

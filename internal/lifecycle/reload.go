@@ -27,6 +27,9 @@ type reloadOp struct {
 	staged   *model.Staged
 	// why the new engine failed, and its metric label (reloadRollingBack).
 	why, reason string
+	// asleep: the old engine was asleep (Sleeping) when the reload
+	// began: a reload given up leaves it asleep.
+	asleep bool
 }
 
 // rollbackWait is a rolled-back reload waiting to hear whether the old
@@ -57,8 +60,13 @@ func (m *Machine) reloadRequested(e ReloadRequested) {
 	case m.state == Backoff || m.state == Starting || m.state == Warming || m.pending != nil || m.start != nil:
 		busy("is restarting (%s)", m.state)
 		return
-	case m.state == Sleeping || m.state == Waking:
-		busy("is %s: EnsureReady first", m.state)
+	case m.state == Waking:
+		busy("is waking")
+		return
+	case m.state == Idle:
+		// Nothing to stop and nothing to start: its next start loads
+		// the new model.
+		m.idleReload(e)
 		return
 	case m.run != nil && m.run.healthy && m.current.Digest == e.Digest:
 		m.log(slog.LevelInfo, "reload: the model is already running, nothing restarted", journal.Model, e.Ref)
@@ -72,7 +80,9 @@ func (m *Machine) reloadRequested(e ReloadRequested) {
 			return
 		}
 	}
-	op := &reloadOp{req: e.Req, ref: e.Ref, digest: e.Digest, prev: m.current, old: m.run}
+	// A sleeping engine serves nobody: it is stopped (its drain finds
+	// no lease) and the new model starts awake.
+	op := &reloadOp{req: e.Req, ref: e.Ref, digest: e.Digest, prev: m.current, old: m.run, asleep: m.state == Sleeping}
 	m.reload = op
 	if m.run == nil {
 		op.oldGone = true
@@ -83,6 +93,24 @@ func (m *Machine) reloadRequested(e ReloadRequested) {
 	m.drain = d
 	m.transition(Draining, "reload")
 	m.awaitLeases(d, e.Deadline)
+}
+
+// idleReload records the model of an idle pool's reload: no engine
+// starts, the pool stays idle, and its next start (a lease, EnsureReady,
+// Start) loads the new model.
+func (m *Machine) idleReload(e ReloadRequested) {
+	if m.current.Digest == e.Digest && m.model == e.Ref {
+		m.log(slog.LevelInfo, "reload: the idle pool already loads this model at its next start", journal.Model, e.Ref)
+		m.reply(Reply{Req: e.Req, Same: true})
+		return
+	}
+	st := model.Staged{Digest: e.Digest}
+	st.Ref = e.Ref
+	m.current = st
+	m.model, m.digest, m.path = e.Ref, e.Digest, ""
+	m.log(slog.LevelInfo, "reload done: the idle pool loads "+e.Ref+" at its next start", journal.MessageIDField, string(journal.MsgReloadDone),
+		journal.Model, e.Ref, journal.ModelDigest, e.Digest)
+	m.reply(Reply{Req: e.Req})
 }
 
 // reloadDrained: no lease holds the old engine any more; the new model is
@@ -145,6 +173,8 @@ func (m *Machine) reloadAborted(reason string, err error) {
 	m.reload, m.drain = nil, nil
 	m.disarm(TimerDrainDeadline)
 	switch r := m.run; {
+	case r != nil && r.healthy && op.asleep && r.stopping == NotStopping && (r.sleep.asleep || r.sleep.asking):
+		m.transition(Sleeping, "reload given up")
 	case r != nil && r.healthy:
 		m.transition(Ready, "reload given up")
 	case r == nil && op.old != nil:

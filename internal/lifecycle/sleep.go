@@ -59,6 +59,16 @@ func (m *Machine) sleepRun(r *run) {
 // stopped, as an idle engine without Sleep= is.
 func (m *Machine) slept(e Slept) {
 	r := m.unstopped(e.Run)
+	if d := m.drain; r != nil && d != nil && d.phase == drainSleeping && r.sleep.asking {
+		m.parkSlept(d, r, e.Err)
+		return
+	}
+	if r != nil && r.sleep.asking && m.reload != nil && m.reload.old == r {
+		// A reload took the sleeping pool over: it stops this engine,
+		// or, given up, leaves it as it is now.
+		r.sleep.asking, r.sleep.asleep = false, e.Err == nil
+		return
+	}
 	if r == nil || m.state != Sleeping || !r.sleep.asking {
 		return
 	}
@@ -162,6 +172,9 @@ func (m *Machine) wakeRestart() {
 	}
 	m.waking = true
 	m.startEngine(false, 0)
+	// The pool was resting: a start held by another process leaves it
+	// idle.
+	m.start.onDemand = true
 }
 
 // woken is told when a woken engine serves again.
@@ -174,5 +187,5 @@ func (m *Machine) woken(r *run) {
 // asleep says whether the engine is asleep or on its way in or out of
 // sleep: its canaries and the stall rule do not count.
 func (m *Machine) asleep(r *run) bool {
-	return m.state == Sleeping || m.state == Waking || r.waking()
+	return m.state == Sleeping || m.state == Waking || r.waking() || r.sleep.asking || r.sleep.asleep
 }

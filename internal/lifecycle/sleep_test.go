@@ -238,14 +238,11 @@ func TestNoCanaryOrStallWhileAsleep(t *testing.T) {
 	assert.EqualValues(t, 1, p.m.View(p.now).Policy.CrashCount)
 }
 
-// Reload refuses a sleeping pool; a drain stops its engine.
-func TestDrainAndReloadOfASleepingPool(t *testing.T) {
+// A drain of a sleeping pool stops its engine.
+func TestDrainOfASleepingPool(t *testing.T) {
 	p := sleepPool(t, nil)
 	run := p.ready()
 	p.asleep(run)
-	r := p.request(func(id ReqID) Event { return ReloadRequested{Req: id, Ref: "m2", Digest: "sha256:b"} })
-	assert.ErrorIs(t, p.reply(r).Err, ErrBusy)
-	assert.Equal(t, Sleeping, p.m.State())
 	d := p.request(func(id ReqID) Event { return DrainRequested{Req: id} })
 	_, ok := find[StopScope](p.last)
 	require.True(t, ok)
@@ -257,6 +254,49 @@ func TestDrainAndReloadOfASleepingPool(t *testing.T) {
 	p.step(Woke{Run: run})
 	p.step(Slept{Run: run})
 	assert.Equal(t, Stopped, p.m.State())
+}
+
+// Reload of a sleeping pool stops the sleeping engine (nothing to drain)
+// and starts the new model: the pool ends Ready on it, and the reload is
+// answered then.
+func TestReloadOfASleepingPoolStartsTheNewModel(t *testing.T) {
+	p := sleepPool(t, nil)
+	run := p.ready()
+	p.asleep(run)
+	r := p.request(func(id ReqID) Event { return ReloadRequested{Req: id, Ref: "m2", Digest: "sha256:b"} })
+	p.noReply(r)
+	st, ok := find[Stage](p.last)
+	require.True(t, ok, "the new model is staged: %v", p.last)
+	assert.Equal(t, "m2", st.Ref)
+	p.step(ModelStaged{Run: st.Run, Staged: staged("m2", "sha256:b")})
+	stop, ok := find[StopScope](p.last)
+	require.True(t, ok, "the sleeping engine is stopped: %v", p.last)
+	assert.Equal(t, run, stop.Run)
+	p.exit(run, killedBy(syscall.SIGTERM))
+	cand := p.launchStaged(staged("m2", "sha256:b"), 200)
+	p.step(Healthy{Run: cand})
+	require.NoError(t, p.reply(r).Err)
+	v := p.m.View(p.now)
+	assert.Equal(t, Ready, v.State)
+	assert.Equal(t, "m2", v.Model)
+	assert.Equal(t, 200, v.MainPID)
+	assert.Zero(t, v.Policy.CrashCount)
+
+	// A reload that cannot stage its model leaves the engine asleep.
+	q := sleepPool(t, nil)
+	run = q.ready()
+	q.asleep(run)
+	r = q.request(func(id ReqID) Event { return ReloadRequested{Req: id, Ref: "m3", Digest: "sha256:c"} })
+	st, _ = find[Stage](q.last)
+	q.step(ModelStaged{Run: st.Run, Err: errors.New("no such file")})
+	assert.ErrorIs(t, q.reply(r).Err, ErrReloadFailed)
+	assert.Empty(t, all[StopScope](q.last))
+	assert.Equal(t, Sleeping, q.m.State())
+	e := q.request(func(id ReqID) Event { return EnsureReadyRequested{Req: id} })
+	_, ok = find[Wake](q.last)
+	require.True(t, ok, "its next use wakes it: %v", q.last)
+	q.step(Woke{Run: run})
+	require.NoError(t, q.reply(e).Err)
 }
 
 // An engine a previous daemon left may be asleep: with Sleep= it is woken

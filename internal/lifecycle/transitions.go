@@ -27,6 +27,7 @@ var transitions = map[State][]State{
 		Backoff,  // it crashed: a restart is scheduled
 		Failed,   // staging or launch failed, a crash held, a GPU hold, or a port held (launch or the engine's bind)
 		Stopped,  // a drain with no engine yet, exit 0, an operator's stop, a rollback with no old engine
+		Idle,     // an idle pool's start on demand held by another process (GPUs, memory, port)
 	},
 	Warming: {
 		Ready,    // the warm-up request was answered
@@ -48,6 +49,7 @@ var transitions = map[State][]State{
 		Stopped,  // the drain is done, or the engine went (exit 0, an operator's stop)
 		Starting, // a reload's new engine starts
 		Ready,    // a reload gave up: the old engine serves again
+		Sleeping, // a park's engine (Sleep=) sleeps, or a reload of a sleeping pool gave up
 	},
 	Backoff: {
 		Starting, // the restart is due, or a start
