@@ -197,9 +197,18 @@ func (f *fakePool) EnsureReady(context.Context, time.Duration) error {
 	return nil
 }
 
-func (f *fakePool) ResetBreaker()                       {}
-func (f *fakePool) AllowRestart() error                 { return nil }
-func (f *fakePool) RestoreIdle() bool                   { return false }
+func (f *fakePool) ResetBreaker()       {}
+func (f *fakePool) AllowRestart() error { return nil }
+func (f *fakePool) RestoreIdle() bool   { return false }
+func (f *fakePool) KeepIdle(since time.Time) bool {
+	// As the supervisor's: a stopped pool on demand goes idle.
+	if f.cfg.IdleStop <= 0 || f.cfg.Pin || f.Snapshot().State != lifecycle.Stopped {
+		return false
+	}
+	f.record("keep idle")
+	f.set(func(s *supervisor.Snapshot) { s.State, s.IdleSince = lifecycle.Idle, since })
+	return true
+}
 func (f *fakePool) AcquireLease(string) (string, error) { return "", lifecycle.ErrNotReady }
 func (f *fakePool) ReleaseLease(string) error           { return lifecycle.ErrNoSuchLease }
 func (f *fakePool) ReleaseLeaseAs(string, string) error { return lifecycle.ErrNoSuchLease }

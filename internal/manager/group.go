@@ -1,6 +1,7 @@
 package manager
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"slices"
@@ -8,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/llorch/pool-managerd/internal/check/sleep"
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
@@ -75,15 +77,28 @@ func (m *Manager) groupOf(e *entry) (*group, []*entry) {
 }
 
 // awake says whether a pool holds or is about to hold its GPUs: an engine
-// up or starting, a restart scheduled, a drain not done, an engine asleep
-// (Sleep=vllm: its process still holds the GPU) or waking.
+// up or starting, a restart scheduled, a drain not done, an engine waking.
+// An engine asleep (Sleep=vllm) is parked: its process keeps little of the
+// GPU's memory (level 1 moves its weights to the host).
 func awake(s supervisor.Snapshot) bool {
 	switch s.State {
 	case lifecycle.Starting, lifecycle.Warming, lifecycle.Ready, lifecycle.Draining, lifecycle.Backoff,
-		lifecycle.Sleeping, lifecycle.Waking:
+		lifecycle.Waking:
 		return true
+	case lifecycle.Sleeping:
+		return false
 	}
 	return s.Live
+}
+
+// parkWait bounds the wait for a park of pool p: its drain, then its
+// engine's stop, or its sleep (bounded by StartTimeoutSec=, as a wake is).
+func parkWait(p *config.Pool) time.Duration {
+	d := p.GroupDrain + p.Engine.StopTimeout + time.Minute
+	if p.Engine.Sleep == config.SleepVLLM {
+		d += cmp.Or(p.Health.StartTimeout, sleep.DefaultTimeout)
+	}
+	return d
 }
 
 // inTurn runs serve on pool e in its group's turn (at once for a pool in
@@ -190,7 +205,7 @@ func (m *Manager) parkOthers(g *group, e *entry, members []*entry) ([]string, er
 			journal.Reason, lifecycle.ReasonGroup)
 		// The drain is bounded by its own deadline and the engine's stop;
 		// the caller leaving does not cut it short.
-		pctx, cancel := context.WithTimeout(m.ctx, o.cfg.GroupDrain+o.cfg.Engine.StopTimeout+time.Minute)
+		pctx, cancel := context.WithTimeout(m.ctx, parkWait(o.cfg))
 		_, err := o.pool.Park(pctx, o.cfg.GroupDrain)
 		cancel()
 		if err != nil {
@@ -311,7 +326,7 @@ func (m *Manager) entry(id string) (*entry, error) {
 // park parks a member that is not to be up, without a turn: at daemon
 // start or on a reload.
 func (m *Manager) park(name string, e *entry) {
-	ctx, cancel := context.WithTimeout(m.ctx, e.cfg.GroupDrain+e.cfg.Engine.StopTimeout+time.Minute)
+	ctx, cancel := context.WithTimeout(m.ctx, parkWait(e.cfg))
 	defer cancel()
 	if _, err := e.pool.Park(ctx, e.cfg.GroupDrain); err != nil {
 		m.o.Log.Error("cannot park the pool for another pool of its group", journal.PoolID, e.cfg.ID, journal.Group, name, journal.Error, err.Error())

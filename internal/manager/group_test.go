@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -295,4 +297,44 @@ func TestGroupRuleOnNVMLInventory(t *testing.T) {
 	assert.Contains(t, err.Error(), "c.pool:2: [Pool] Devices=: GPU \""+nv.GPU(0).UUID+"\" is "+nv.GPU(0).UUID+", whose MIG device \""+mig.UUID+
 		"\" pool \"a\" uses ("+h.dir+"/pools.d/a.pool:2): pools share a GPU only with the same Group=")
 	assert.Equal(t, []string{"a", "b"}, m.IDs(), "nothing changed")
+}
+
+// A sleeping member (Sleep=vllm) is parked already: asleep its engine
+// keeps little of the GPU's memory. Asking for another member starts it
+// without parking the sleeper; asking for the sleeper parks the awake one
+// first.
+func TestASleepingMemberCountsAsParked(t *testing.T) {
+	h := newHost(t, static, map[string]string{"a": member, "b": member})
+	m := h.open(nil, nil)
+	a, b := h.pool("a"), h.pool("b")
+	a.set(func(s *supervisor.Snapshot) { s.State, s.Live = lifecycle.Sleeping, true })
+
+	require.NoError(t, m.EnsureReady(context.Background(), "b", 0))
+	assert.Equal(t, []string{"ensure"}, b.Calls())
+	assert.Empty(t, a.Calls(), "the sleeping member is not parked again")
+	assert.Zero(t, swaps(h))
+
+	require.NoError(t, m.EnsureReady(context.Background(), "a", 0))
+	assert.True(t, b.did("park 7s"), "the awake member is parked for the sleeper: %v", b.Calls())
+	assert.Equal(t, []string{"ensure"}, a.Calls())
+}
+
+// Reload of an idle member records its model and starts nothing: it takes
+// no turn and parks no member; the model is kept as a drop-in all the
+// same.
+func TestReloadOfAnIdleMemberParksNobody(t *testing.T) {
+	h := newHost(t, static, map[string]string{"a": member, "b": member})
+	m := h.open(nil, nil)
+	a, b := h.pool("a"), h.pool("b")
+	readyNow(a)
+	b.set(func(s *supervisor.Snapshot) { s.State = lifecycle.Idle })
+	ref := filepath.Join(h.dir, "models", "new.gguf")
+	got, err := m.Reload(context.Background(), "b", ref, time.Second)
+	require.NoError(t, err)
+	assert.Equal(t, ref, got)
+	assert.Equal(t, []string{"reload " + ref}, b.Calls())
+	assert.False(t, a.did("park 7s"), "the awake member serves on: %v", a.Calls())
+	drop, err := os.ReadFile(filepath.Join(h.dir, "pools.d", "b.pool.d", "50-Model.conf"))
+	require.NoError(t, err)
+	assert.Contains(t, string(drop), "Model="+ref)
 }

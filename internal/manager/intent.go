@@ -212,13 +212,20 @@ func (m *Manager) ReloadModel(ctx context.Context, pool, ref string, drainDeadli
 	if _, err := config.DropInText("Pool", "Model", ref, ""); err != nil {
 		return "", fmt.Errorf("model ref: %v: %w", err, lifecycle.ErrInvalidArgument)
 	}
-	// A reload starts a pool with no engine: a group member in its turn.
+	// A reload starts a pool with no engine (or a sleeping one's new
+	// model): a group member in its turn. An idle pool's only records
+	// the model: no turn, no member parked.
 	var model string
-	err = m.inTurn(ctx, pool, e, false, func(p Pool) error {
+	reload := func(p Pool) error {
 		var err error
 		model, err = p.Reload(ctx, ref, drainDeadline)
 		return err
-	})
+	}
+	if e.pool.Snapshot().State == lifecycle.Idle {
+		err = reload(e.pool)
+	} else {
+		err = m.inTurn(ctx, pool, e, false, reload)
+	}
 	if err != nil {
 		return model, err
 	}

@@ -40,15 +40,18 @@ type Pool interface {
 	Start() error
 	Stop(ctx context.Context) error
 	Drain(ctx context.Context, deadline time.Duration) (lifecycle.DrainResult, error)
-	// Park gives the pool's GPUs to another pool of its group: today its
-	// engine is drained and stopped, the pool left Idle; a pool that can
-	// sleep may sleep instead, behind the same call.
+	// Park gives the pool's GPUs to another pool of its group: its
+	// engine is drained and stopped, the pool left Idle, or put to sleep
+	// where it can (Sleep=vllm), the pool left Sleeping.
 	Park(ctx context.Context, deadline time.Duration) (lifecycle.DrainResult, error)
 	Reload(ctx context.Context, ref string, drainDeadline time.Duration) (string, error)
 	ResetBreaker()
 	AllowRestart() error
 	EnsureReady(ctx context.Context, timeout time.Duration) error
 	RestoreIdle() bool
+	// KeepIdle makes a stopped pool with IdleStopSec= idle since since,
+	// and says whether it is.
+	KeepIdle(since time.Time) bool
 
 	AcquireLease(owner string) (string, error)
 	ReleaseLease(id string) error

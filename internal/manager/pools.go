@@ -11,6 +11,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/engine"
 	"github.com/llorch/pool-managerd/internal/gpu"
 	"github.com/llorch/pool-managerd/internal/journal"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	"github.com/llorch/pool-managerd/internal/metrics"
 	"github.com/llorch/pool-managerd/internal/model"
 	"github.com/llorch/pool-managerd/internal/supervisor"
@@ -309,7 +310,15 @@ func (m *Manager) apply(cfg *config.Config) ([]string, error) {
 		removed++
 	}
 	for id, e := range fresh {
+		// A pool resting (idle, or asleep: its engine serves nobody)
+		// stays idle through a change: it applies at its next start. One
+		// that is no pool on demand any more (IdleStopSec= gone, Pin=)
+		// starts as AutoStart= says.
+		var restingSince time.Time
 		if old, ok := running[id]; ok {
+			if s := old.pool.Snapshot(); s.State == lifecycle.Idle || s.State == lifecycle.Sleeping {
+				restingSince = s.IdleSince
+			}
 			m.drain(id, old)
 			if e.cfg.Engine.User != "" {
 				m.retireUser(id, old.cfg)
@@ -326,7 +335,11 @@ func (m *Manager) apply(cfg *config.Config) ([]string, error) {
 				m.o.Log.Error("cannot publish the pool", journal.PoolID, id, journal.Error, err.Error())
 			}
 		}
-		if e.cfg.AutoStart && !m.stoppedByOperator(id) {
+		switch {
+		case m.stoppedByOperator(id):
+		case !restingSince.IsZero() && e.pool.KeepIdle(restingSince):
+			m.o.Log.Info("pool changed while idle stays idle: the change applies at its next start", journal.PoolID, id)
+		case e.cfg.AutoStart:
 			go m.autoStart(e)
 		}
 	}

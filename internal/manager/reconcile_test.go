@@ -304,3 +304,33 @@ func TestWatchdogStopsOnAHungLoop(t *testing.T) {
 	assert.Never(t, func() bool { return count() > n }, 200*time.Millisecond, 10*time.Millisecond, "no petting while b hangs")
 	assert.Contains(t, h.logs.String(), "watchdog: a pool's loop does not answer")
 }
+
+// A reload that changes an idle (or sleeping) pool on demand keeps it
+// idle: the change applies at its next start, and nothing starts it. A
+// change that makes it no pool on demand (IdleStopSec= gone) starts it
+// as AutoStart= says.
+func TestApplyKeepsAChangedIdlePoolIdle(t *testing.T) {
+	h := newHost(t, static, map[string]string{"a": "0;[Pool];IdleStopSec=60", "b": "1;[Pool];IdleStopSec=60", "c": "2;[Pool];IdleStopSec=60"})
+	m := h.open(nil, nil)
+	since := time.Now().Add(-time.Minute).Truncate(time.Second)
+	h.pool("a").set(func(s *supervisor.Snapshot) { s.State, s.IdleSince = lifecycle.Idle, since })
+	h.pool("b").set(func(s *supervisor.Snapshot) { s.State, s.IdleSince, s.Live = lifecycle.Sleeping, since, true })
+	h.pool("c").set(func(s *supervisor.Snapshot) { s.State, s.IdleSince = lifecycle.Idle, since })
+
+	h.writePools(map[string]string{"a": "0;[Pool];IdleStopSec=60;Slots=3", "b": "1;[Pool];IdleStopSec=60;Slots=3", "c": "2;[Pool];Slots=3"})
+	require.NoError(t, m.Apply(h.load()))
+	for _, id := range []string{"a", "b"} {
+		n := h.pool(id)
+		assert.Equal(t, uint32(3), n.cfg.Slots, "pool %s runs its new configuration", id)
+		assert.True(t, n.did("keep idle"), "pool %s: %v", id, n.Calls())
+		assert.Equal(t, lifecycle.Idle, n.Snapshot().State)
+		assert.Equal(t, since, n.Snapshot().IdleSince, "idle since it was")
+	}
+	nc := h.pool("c")
+	require.Eventually(t, func() bool { return nc.did("start") }, time.Second, 5*time.Millisecond, "no pool on demand any more: AutoStart")
+	time.Sleep(50 * time.Millisecond)
+	for _, id := range []string{"a", "b"} {
+		assert.False(t, h.pool(id).did("start"), "pool %s is not started", id)
+	}
+	assert.Contains(t, h.logs.String(), "pool changed while idle stays idle")
+}

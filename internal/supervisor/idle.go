@@ -52,16 +52,27 @@ func (s *Supervisor) RestoreIdle() bool {
 	b, _ := io.ReadAll(io.LimitReader(f, 128))
 	f.Close()
 	since, _ := time.Parse(time.RFC3339Nano, string(trimNewline(b)))
+	if !s.KeepIdle(since) {
+		os.Remove(s.cfg.IdleMark)
+		return false
+	}
+	return true
+}
+
+// KeepIdle makes a stopped pool with IdleStopSec= idle, idle since since
+// (zero: now), and says whether it is: a configuration reload that
+// replaced an idle pool keeps it idle, its change applied at its next
+// start.
+func (s *Supervisor) KeepIdle(since time.Time) bool {
+	if s.cfg.IdleStop <= 0 {
+		return false
+	}
 	idle := make(chan bool, 1)
 	s.post(func() {
 		s.step(lifecycle.IdleRestored{Since: since})
 		idle <- s.m.State() == lifecycle.Idle
 	})
-	if !<-idle {
-		os.Remove(s.cfg.IdleMark)
-		return false
-	}
-	return true
+	return <-idle
 }
 
 func trimNewline(b []byte) []byte {
