@@ -58,6 +58,9 @@ type Target struct {
 	// engine's scope: while the engine is down or loading another user
 	// may listen on its port. Each kind says when it asks.
 	Owned func(local, peer netip.AddrPort) error
+	// Serving lets the requests the engine must generate for through
+	// only while the pool serves (nil: always).
+	Serving *Gate
 }
 
 // Result is what one look found.

@@ -187,6 +187,9 @@ type run struct {
 	exited  chan struct{}
 	// checks are the run's health checks (nil until it is watched).
 	checks *check.Run
+	// serving is open while the pool is Ready on this run: only then
+	// is a canary sent.
+	serving check.Gate
 	// Owned by the checks: the scope a check's peer must belong to.
 	scopeOnce sync.Once
 	scope     sockdiag.Scope
@@ -497,6 +500,15 @@ func (s *Supervisor) Wait(ctx context.Context, cond func(Snapshot) bool) (Snapsh
 
 // publish makes v the published state and its metrics.
 func (s *Supervisor) publish(v lifecycle.View) {
+	// A canary only while the pool serves: not asleep, waking, idle or
+	// stopping.
+	for _, r := range s.runs {
+		if v.State == lifecycle.Ready {
+			r.serving.Open()
+		} else {
+			r.serving.Shut()
+		}
+	}
 	s.mu.Lock()
 	s.snap.View = v
 	snap := s.snap

@@ -3,7 +3,8 @@
 // under a live API server, a hung decoder). After a good health probe, a
 // pool idle for [Health] CanaryIdleSec= is sent CanaryRequest=; its answer
 // is told as Probed{Canary}, which the lifecycle machine counts apart
-// from the health probes. After a failed canary it is sent after every
+// from the health probes. It is sent only while the pool serves (the
+// target's Serving gate): never to an engine asleep, waking or stopping. After a failed canary it is sent after every
 // good probe until one succeeds. Pools without CanaryRequest= have none.
 package canary
 
@@ -76,7 +77,15 @@ func (c *canary) Check(ctx context.Context, t check.Target) check.Result {
 	if !c.failing && now.Sub(c.since) < c.idle {
 		return check.Result{}
 	}
-	err := health.Request(ctx, c.url, c.req.Method, c.req.Path, c.req.Body, c.timeout, t.Owned)
+	var err error
+	if !t.Serving.Through(func() {
+		err = health.Request(ctx, c.url, c.req.Method, c.req.Path, c.req.Body, c.timeout, t.Owned)
+	}) {
+		// Asleep, waking or stopping: not sent, and idle from when it
+		// serves again.
+		c.since, c.failing = now, false
+		return check.Result{}
+	}
 	c.failing = err != nil
 	c.since = c.now()
 	if c.progressURL != "" {

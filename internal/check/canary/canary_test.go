@@ -213,3 +213,24 @@ func TestCanaryOnlyToTheEnginesScope(t *testing.T) {
 	assert.ErrorIs(t, p.Err, f.refuse)
 	assert.Zero(t, f.e.sent())
 }
+
+// The canary goes only through the target's Serving gate: shut (the pool
+// asleep, waking or stopping) nothing is sent, however long it has been
+// idle, and its idle time starts over once the gate opens.
+func TestCanaryOnlyWhileTheGateIsOpen(t *testing.T) {
+	f := newFixture(t, false)
+	f.tgt.Serving = &check.Gate{}
+	f.look(0)
+	_, sent := f.look(time.Hour)
+	assert.False(t, sent, "shut: not sent")
+	assert.Zero(t, f.e.sent())
+	f.tgt.Serving.Open()
+	_, sent = f.look(time.Second)
+	assert.False(t, sent, "idle from when the gate was last seen shut")
+	_, sent = f.look(30 * time.Second)
+	assert.True(t, sent, "open and idle: sent")
+	f.tgt.Serving.Shut()
+	_, sent = f.look(time.Hour)
+	assert.False(t, sent)
+	assert.Equal(t, 1, f.e.sent())
+}

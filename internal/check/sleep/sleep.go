@@ -60,6 +60,9 @@ func (c *call) Check(ctx context.Context, t check.Target) check.Result {
 		err := health.Request(ctx, c.base, "POST", "/wake_up", "", c.timeout, t.Owned)
 		return check.Result{Err: err, Events: []lifecycle.Event{lifecycle.Woke{Run: t.Run, Err: err}}}
 	}
+	// No canary reaches the engine from now until it serves again, and
+	// none is in flight as it is asked to sleep.
+	t.Serving.ShutAndWait()
 	err := health.Request(ctx, c.base, "POST", fmt.Sprintf("/sleep?level=%d", c.level), "", c.timeout, t.Owned)
 	return check.Result{Err: err, Events: []lifecycle.Event{lifecycle.Slept{Run: t.Run, Err: err}}}
 }

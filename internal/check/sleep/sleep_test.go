@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -85,4 +86,54 @@ func TestWakeIsBounded(t *testing.T) {
 	res := w.Check(context.Background(), check.Target{Run: 1, Owned: func(_, _ netip.AddrPort) error { return nil }})
 	assert.ErrorContains(t, res.Err, "no answer within 200ms")
 	assert.Less(t, time.Since(start), 5*time.Second)
+}
+
+// Asking the engine to sleep shuts the run's Serving gate first, and waits
+// for a canary let through before: none is in flight when /sleep
+// arrives, and none is sent after.
+func TestSleepShutsTheServingGateFirst(t *testing.T) {
+	canaryIn, release := make(chan struct{}), make(chan struct{})
+	var mu sync.Mutex
+	var got []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		got = append(got, r.URL.Path)
+		mu.Unlock()
+		if r.URL.Path == "/v1/completions" {
+			close(canaryIn)
+			<-release
+		}
+	}))
+	defer srv.Close()
+	port, err := strconv.Atoi(srv.URL[len("http://127.0.0.1:"):])
+	require.NoError(t, err)
+	gate := &check.Gate{}
+	gate.Open()
+	tgt := check.Target{Run: 4, Serving: gate}
+	canaryDone := make(chan bool)
+	go func() {
+		canaryDone <- gate.Through(func() {
+			c := http.Client{Timeout: 5 * time.Second}
+			if resp, err := c.Post(srv.URL+"/v1/completions", "", nil); err == nil {
+				resp.Body.Close()
+			}
+		})
+	}()
+	<-canaryIn
+	slept := make(chan check.Result)
+	go func() {
+		slept <- Sleep.New(check.Config{Port: port, Sleep: config.SleepVLLM, Health: config.Health{StartTimeout: 5 * time.Second}}).Check(context.Background(), tgt)
+	}()
+	select {
+	case <-slept:
+		t.Fatal("the sleep was asked with a canary in flight")
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(release)
+	require.True(t, <-canaryDone)
+	require.NoError(t, (<-slept).Err)
+	mu.Lock()
+	assert.Equal(t, []string{"/v1/completions", "/sleep"}, got)
+	mu.Unlock()
+	assert.False(t, gate.Through(func() {}), "shut: no canary after")
 }
