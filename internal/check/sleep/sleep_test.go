@@ -93,6 +93,8 @@ func TestWakeIsBounded(t *testing.T) {
 // arrives, and none is sent after.
 func TestSleepShutsTheServingGateFirst(t *testing.T) {
 	canaryIn, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	free := func() { once.Do(func() { close(release) }) }
 	var mu sync.Mutex
 	var got []string
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -101,10 +103,15 @@ func TestSleepShutsTheServingGateFirst(t *testing.T) {
 		mu.Unlock()
 		if r.URL.Path == "/v1/completions" {
 			close(canaryIn)
-			<-release
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
 		}
 	}))
+	// The canary is let go before the server closes, whatever happened.
 	defer srv.Close()
+	defer free()
 	port, err := strconv.Atoi(srv.URL[len("http://127.0.0.1:"):])
 	require.NoError(t, err)
 	gate := &check.Gate{}
@@ -129,9 +136,14 @@ func TestSleepShutsTheServingGateFirst(t *testing.T) {
 		t.Fatal("the sleep was asked with a canary in flight")
 	case <-time.After(100 * time.Millisecond):
 	}
-	close(release)
+	free()
 	require.True(t, <-canaryDone)
-	require.NoError(t, (<-slept).Err)
+	select {
+	case res := <-slept:
+		require.NoError(t, res.Err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("the sleep was not asked once the canary returned")
+	}
 	mu.Lock()
 	assert.Equal(t, []string{"/v1/completions", "/sleep"}, got)
 	mu.Unlock()

@@ -1,0 +1,109 @@
+package bus_test
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
+)
+
+// sleepMember is a vLLM simulator pool of group chat on GPU 0 that sleeps
+// (Sleep=vllm) and sends a canary to an engine idle for 0.3 s.
+func sleepMember(port int) string {
+	return fmt.Sprintf(`[Pool]
+Devices=0
+Model=tiny
+Slots=2
+Group=chat
+GroupDrainSec=4
+[Engine]
+ExecStart=%s --engine vllm --model %%m --port %%p --enable-sleep-mode --gpu-mem-mb 8
+Port=%d
+StopTimeoutSec=2
+Version=sim-1
+Sleep=vllm
+SleepLevel=1
+[Health]
+IntervalSec=0.2
+TimeoutSec=0.2
+CanaryRequest=POST /v1/completions {"prompt":"Hi","max_tokens":1}
+CanaryIdleSec=0.3
+CanaryTimeoutSec=1
+[Restart]
+BackoffInitialSec=0.2
+`, os.Getenv(sandbox.BinEnv("pool-engine-sim")), port)
+}
+
+// completions reads the completion requests an engine's scope logged
+// since then (vLLM's access lines).
+func completions(t *testing.T, unit string, since time.Time) int {
+	t.Helper()
+	out, _ := exec.Command("journalctl", "-u", unit, "--no-pager", "-o", "cat",
+		"--since", fmt.Sprintf("@%d.%06d", since.Unix(), since.Nanosecond()/1000)).Output()
+	return strings.Count(string(out), `"POST /v1/completions HTTP/1.1"`)
+}
+
+// A group's park of a member whose engine sleeps (Sleep=vllm) puts it to
+// sleep instead of stopping it: the same process, asleep (its GPU memory
+// given back), the pool sleeping (reason group, no crash), and the asked
+// member started only once the sleep is confirmed. Asleep it gets no
+// canary, while the awake member does. Asking for it again parks the
+// other the same way and wakes it: the same engine serves.
+func TestGroupParkPutsASleepingEngineToSleep(t *testing.T) {
+	dir, port := configure(t)
+	model := filepath.Join(dir, "models", "tiny")
+	require.NoError(t, os.Mkdir(model, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(model, "config.json"),
+		[]byte(`{"architectures":["LlamaForCausalLM"],"model_type":"llama","max_position_embeddings":2048}`), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(model, "model.safetensors"), make([]byte, 64<<10), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "llama-8b.pool"), []byte(sleepMember(port)), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "mistral.pool"), []byte(sleepMember(port+1)), 0o644))
+	t.Cleanup(func() { exec.Command("systemctl", "stop", "pool-engine-mistral.scope").Run() })
+	const llamaUnit = "pool-engine-llama\\x2d8b.scope"
+	start(t, dir)
+
+	waitProp(t, "llama-8b", "Ready", "b true")
+	waitProp(t, "mistral", "State", `s "idle"`)
+	pid := getProp(t, "llama-8b", "MainPID")
+
+	out, err := call("EnsureReady", "st", "mistral", "30000")
+	require.NoError(t, err, out)
+	assert.Equal(t, "b true", getProp(t, "mistral", "Ready"))
+	assert.Equal(t, `s "sleeping"`, getProp(t, "llama-8b", "State"), "parked asleep before mistral was answered")
+	assert.Equal(t, pid, getProp(t, "llama-8b", "MainPID"), "the engine sleeps, it is not stopped")
+	assert.Equal(t, "b true", getProp(t, "llama-8b", "Live"))
+	assert.Equal(t, "u 0", getProp(t, "llama-8b", "CrashCount"))
+	assert.Equal(t, true, simGet(t, port, "/is_sleeping")["is_sleeping"])
+	assert.Equal(t, float64(0), simGet(t, port, "/sim/memory")["gpu_mem_bytes"], "asleep, its GPU memory is given back")
+	out = sh(t, "journalctl", "-u", "pool-managerd.service", "--no-pager", "-o", "verbose", "POOL_ID=llama-8b",
+		"MESSAGE=pool parked: its GPUs go to another pool of its group")
+	assert.Contains(t, out, "REASON=group")
+	assert.Contains(t, out, "NEW_STATE=sleeping")
+
+	// Asleep: probed, no canary; the awake member gets its canaries.
+	since := time.Now()
+	time.Sleep(2 * time.Second)
+	assert.Equal(t, `s "sleeping"`, getProp(t, "llama-8b", "State"))
+	assert.Zero(t, completions(t, llamaUnit, since), "no canary reaches the sleeping engine")
+	require.Eventually(t, func() bool { return completions(t, "pool-engine-mistral.scope", since) > 0 }, 5*time.Second, 100*time.Millisecond,
+		"the awake member gets canaries")
+
+	// And back: mistral sleeps in turn, llama-8b's engine wakes.
+	mistral := getProp(t, "mistral", "MainPID")
+	out, err = call("EnsureReady", "st", "llama-8b", "30000")
+	require.NoError(t, err, out)
+	assert.Equal(t, "b true", getProp(t, "llama-8b", "Ready"))
+	assert.Equal(t, pid, getProp(t, "llama-8b", "MainPID"), "the same engine serves")
+	assert.Equal(t, `s "sleeping"`, getProp(t, "mistral", "State"))
+	assert.Equal(t, mistral, getProp(t, "mistral", "MainPID"))
+	assert.Equal(t, "u 0", getProp(t, "mistral", "CrashCount"))
+	require.Eventually(t, func() bool { return groupSwaps(t, dir) == 2 }, 10*time.Second, 50*time.Millisecond)
+}
