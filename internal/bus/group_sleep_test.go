@@ -106,4 +106,21 @@ func TestGroupParkPutsASleepingEngineToSleep(t *testing.T) {
 	assert.Equal(t, mistral, getProp(t, "mistral", "MainPID"))
 	assert.Equal(t, "u 0", getProp(t, "mistral", "CrashCount"))
 	require.Eventually(t, func() bool { return groupSwaps(t, dir) == 2 }, 10*time.Second, 50*time.Millisecond)
+
+	// Reload of the sleeping member: in its turn (llama-8b parked
+	// asleep), its sleeping engine is stopped and the new model serves.
+	tiny2 := filepath.Join(dir, "models", "tiny2")
+	require.NoError(t, os.Mkdir(tiny2, 0o755))
+	for _, f := range []string{"config.json", "model.safetensors"} {
+		b, err := os.ReadFile(filepath.Join(model, f))
+		require.NoError(t, err)
+		require.NoError(t, os.WriteFile(filepath.Join(tiny2, f), append(b, '\n'), 0o644))
+	}
+	out, err = call("Reload", "sst", "mistral", "tiny2", "30000")
+	require.NoError(t, err, out)
+	assert.Equal(t, `s "ready"`, getProp(t, "mistral", "State"))
+	assert.Equal(t, `s "tiny2"`, getProp(t, "mistral", "Model"))
+	assert.NotEqual(t, mistral, getProp(t, "mistral", "MainPID"), "a fresh engine on the new model")
+	assert.Equal(t, `s "sleeping"`, getProp(t, "llama-8b", "State"))
+	assert.FileExists(t, filepath.Join(dir, "pools.d", "mistral.pool.d", "50-Model.conf"))
 }

@@ -169,3 +169,44 @@ func TestIdlePoolWithoutStartOnLease(t *testing.T) {
 	_, err = os.Stat(filepath.Join(dir, "run", "idle", "llama-8b"))
 	assert.ErrorIs(t, err, os.ErrNotExist, "a pool that is not idle has no idle mark")
 }
+
+// Reload of an idle pool records the new model (and keeps it as a
+// drop-in) and starts nothing; a configuration change keeps it idle too;
+// its next start loads the new model on the new configuration.
+func TestReloadAndConfigChangeKeepAnIdlePoolIdle(t *testing.T) {
+	dir, _ := configure(t)
+	file := filepath.Join(dir, "pools.d", "llama-8b.pool")
+	f, err := os.OpenFile(file, os.O_APPEND|os.O_WRONLY, 0)
+	require.NoError(t, err)
+	_, err = f.WriteString("[Pool]\nIdleStopSec=1\nStartOnLease=yes\n")
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
+	begin := time.Now()
+	start(t, dir)
+	waitProp(t, "llama-8b", "Ready", "b true")
+	goesIdle(t, begin)
+	since := getProp(t, "llama-8b", "IdleSinceUSec")
+
+	out, err := call("Reload", "sst", "llama-8b", "b.gguf", "30000")
+	require.NoError(t, err, out)
+	assert.Equal(t, `s "b.gguf"`, getProp(t, "llama-8b", "Model"))
+	assert.FileExists(t, filepath.Join(dir, "pools.d", "llama-8b.pool.d", "50-Model.conf"))
+
+	src, err := os.ReadFile(file)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(file, []byte(regexp.MustCompile(`Slots=2`).ReplaceAllString(string(src), "Slots=3")), 0o644))
+	out, err = call("ReloadConfig")
+	require.NoError(t, err, out)
+	assert.Equal(t, "u 3", getProp(t, "llama-8b", "Slots"))
+	time.Sleep(time.Second)
+	assert.Equal(t, `s "idle"`, getProp(t, "llama-8b", "State"), "neither the reload nor the change starts it")
+	assert.Equal(t, "b false", getProp(t, "llama-8b", "Live"))
+	assert.Equal(t, since, getProp(t, "llama-8b", "IdleSinceUSec"), "idle since it was")
+	assert.Equal(t, `s "b.gguf"`, getProp(t, "llama-8b", "Model"))
+
+	out, err = call("EnsureReady", "st", "llama-8b", "30000")
+	require.NoError(t, err, out)
+	assert.Equal(t, `s "ready"`, getProp(t, "llama-8b", "State"))
+	assert.Equal(t, `s "b.gguf"`, getProp(t, "llama-8b", "Model"), "its start loaded the new model")
+	assert.Contains(t, getProp(t, "llama-8b", "ModelDigest"), "sha256:")
+}
