@@ -91,6 +91,20 @@ func awake(s supervisor.Snapshot) bool {
 	return s.Live
 }
 
+// asleepPeers names the members of group but id whose engines sleep:
+// parked asleep, their processes stay on the GPUs.
+func (m *Manager) asleepPeers(id, group string) []string {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	var out []string
+	for oid, o := range m.pools {
+		if oid != id && o.cfg != nil && o.cfg.Group == group && o.pool.Snapshot().State == lifecycle.Sleeping {
+			out = append(out, oid)
+		}
+	}
+	return out
+}
+
 // parkWait bounds the wait for a park of pool p: its drain, then its
 // engine's stop, or its sleep (bounded by StartTimeoutSec=, as a wake is).
 func parkWait(p *config.Pool) time.Duration {

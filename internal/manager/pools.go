@@ -157,6 +157,9 @@ func (m *Manager) supervisor(p *config.Pool) (Pool, error) {
 		c.Holders = supervisor.GPUHolders(inv, gpus, m.o.NVML())
 		c.Memory = supervisor.GPUMemory(gpus, m.o.NVML())
 	}
+	if p.Group != "" {
+		c.Asleep = func() []string { return m.asleepPeers(p.ID, p.Group) }
+	}
 	return supervisor.New(c, m.o.Runtime, m.o.Log, m.o.Metrics), nil
 }
 

@@ -272,3 +272,37 @@ func TestAnIncompleteGPUCheckIsTheLastError(t *testing.T) {
 	s := waitFor(t, p, "ready", ready(1))
 	assert.Contains(t, s.LastError, "could not check 3 processes of other users")
 }
+
+// A process in the scope of a pool of the group parked asleep (the
+// system manager's scope of that pool, told by its whole cgroup path) is
+// no holder: a sleeping vLLM keeps its process, and little memory, on the
+// GPU. The same process holds the start while its pool is not asleep.
+func TestASleepingPeersEngineDoesNotHoldTheStart(t *testing.T) {
+	sandbox.Need(t)
+	dir := filepath.Join(cgroup2(t), engine.ScopeCgroup("peer"))
+	require.NoError(t, os.MkdirAll(dir, 0o755))
+	asleep, gone := sleeper(t, "nobody", time.Minute)
+	t.Cleanup(func() {
+		asleep.Process.Kill()
+		<-gone
+		os.Remove(dir)
+	})
+	moveTo(t, dir, asleep.Process.Pid)
+	holders := func() ([]GPUHolder, error) {
+		return []GPUHolder{{GPU: gpu0, PID: asleep.Process.Pid, Command: "python3", Unit: engine.UnitName("peer")}}, nil
+	}
+	e := testpool.New(t, nil)
+	awake := e.Start(testpool.Spec{ID: "other", Devices: "0", NoStart: true, Holders: holders, GPURetry: time.Minute,
+		Asleep: func() []string { return nil }})
+	require.ErrorIs(t, awake.Start(), lifecycle.ErrGPUBusy, "not asleep: it holds the GPU")
+
+	p := e.Start(testpool.Spec{ID: "turn", Devices: "1", NoStart: true, Holders: holders,
+		Asleep: func() []string { return []string{"peer"} }})
+	require.NoError(t, p.Start())
+	waitFor(t, p, "ready beside the sleeping peer", ready(1))
+	select {
+	case <-gone:
+		t.Fatal("the sleeping peer's engine was killed")
+	default:
+	}
+}

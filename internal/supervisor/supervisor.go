@@ -70,6 +70,11 @@ type Config struct {
 	// lifecycle's default).
 	Holders  func() ([]GPUHolder, error)
 	GPURetry time.Duration
+	// Asleep names the pools of the pool's group whose engines sleep
+	// (parked asleep, Sleep=vllm; nil: none): a process of their scopes
+	// on the GPUs is no holder, as asleep they keep little of its memory
+	// (the memory check still counts what they keep).
+	Asleep func() []string
 	// Port is the engine's port (0: the HealthURL's): a listener on it
 	// outside the pool's scope holds a start (PortRetry: how often it
 	// looks again; 0: the lifecycle's default).
@@ -838,6 +843,10 @@ func (s *Supervisor) gpusFree(holders []GPUHolder, err error, own uint64, cautio
 		return nil
 	}
 	unit := engine.UnitName(s.cfg.Pool)
+	var asleep []string
+	if s.cfg.Asleep != nil {
+		asleep = s.cfg.Asleep()
+	}
 	type leftover struct {
 		p *engine.Process
 		h GPUHolder
@@ -855,6 +864,10 @@ func (s *Supervisor) gpusFree(holders []GPUHolder, err error, own uint64, cautio
 		}
 		if err != nil {
 			return fmt.Errorf("GPU %s in use by pid %d (%s), which cannot be looked at (%v): %w", h.GPU, h.PID, safetext.Bound(h.Command), err, lifecycle.ErrGPUBusy)
+		}
+		if (own == 0 || p.CgroupID != own) && sleepingPeer(p.CgroupID, asleep) {
+			p.Close()
+			continue
 		}
 		if own == 0 || p.CgroupID != own {
 			what := p.Named(safetext.Bound(h.Command))
@@ -882,6 +895,27 @@ func (s *Supervisor) gpusFree(holders []GPUHolder, err error, own uint64, cautio
 		}
 	}
 	return nil
+}
+
+// sleepingPeer says whether the cgroup id is the scope (or beneath the
+// scope) of one of the pools named, as the system manager makes it: told
+// by its whole path, not by a unit name anyone may give a cgroup of their
+// own.
+func sleepingPeer(id uint64, pools []string) bool {
+	if len(pools) == 0 {
+		return false
+	}
+	path, err := sockdiag.CgroupPathOfID(id)
+	if err != nil {
+		return false
+	}
+	for _, pool := range pools {
+		scope := engine.ScopeCgroup(pool)
+		if path == scope || strings.HasPrefix(path, scope+"/") {
+			return true
+		}
+	}
+	return false
 }
 
 // port is the engine's port: Port=, else the HealthURL's (0: none).

@@ -136,6 +136,8 @@ type Spec struct {
 	// GPURetry, when set, is how often a start they hold looks again.
 	Holders  func() ([]supervisor.GPUHolder, error)
 	GPURetry time.Duration
+	// Asleep, when set, names the sleeping pools of its group.
+	Asleep func() []string
 	// Memory, when set, stands in for the memory of the pool's GPUs;
 	// MemoryRetry, when set, is how often a start it refused looks again.
 	Memory      func() ([]gpu.DeviceMemory, error)
@@ -223,6 +225,7 @@ JitterPercent=0
 		cfg.Holders = ps.Holders
 	}
 	cfg.GPURetry = ps.GPURetry
+	cfg.Asleep = ps.Asleep
 	if ps.Memory != nil {
 		cfg.Memory = ps.Memory
 	}
