@@ -236,7 +236,8 @@ func (m *Manager) Close() {
 // Apply makes cfg the running configuration (a reload): added pools
 // start, removed pools are drained and stopped, changed pools are drained
 // and started again on their new configuration (unless the operator
-// stopped them), unchanged ones run on. [Manager] and [Inventory]
+// stopped them; an idle or sleeping pool on demand stays idle, its change
+// applied at its next start), unchanged ones run on. [Manager] and [Inventory]
 // settings take effect on a restart of the daemon: the running ones stay
 // (cfg's are replaced by them) and each one that changed is journaled. A
 // pool that cannot be set up refuses the whole configuration: nothing
