@@ -63,6 +63,10 @@ func (m *Machine) drainedTo(park bool) {
 	// Through Stopped, as a pool idle before a daemon restart comes back.
 	m.transition(Idle, "parked for another pool of its group")
 	m.idleSince = m.now
+	// A start on demand the park called off is over: its callers hear
+	// it did not start (the GPUs went to another pool), not wait for
+	// nothing.
+	m.waking = false
 	m.log(slog.LevelInfo, "pool parked: its GPUs go to another pool of its group", journal.Reason, ReasonGroup)
 }
 

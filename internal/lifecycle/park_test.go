@@ -221,3 +221,18 @@ func TestParkOfASleepingPoolKeepsItAsleep(t *testing.T) {
 	assert.Equal(t, Sleeping, p.m.State())
 	assert.Zero(t, p.m.View(p.now).Policy.CrashCount)
 }
+
+// A park of an idle pool starting on demand calls the start off: its
+// callers hear it did not start, and do not wait on an idle pool that
+// nothing starts.
+func TestParkOfAPoolStartingOnDemandAnswersItsCallers(t *testing.T) {
+	p := idlePool(t, nil)
+	p.goneIdle(p.ready())
+	ens := p.request(func(r ReqID) Event { return EnsureReadyRequested{Req: r} })
+	require.Equal(t, Starting, p.m.State())
+	park := p.request(func(r ReqID) Event { return ParkRequested{Req: r, Deadline: time.Minute} })
+	require.NoError(t, p.reply(park).Err)
+	assert.ErrorIs(t, p.reply(ens).Err, ErrNotReady)
+	assert.Equal(t, Idle, p.m.State())
+	assert.Empty(t, p.m.waiters)
+}

@@ -325,7 +325,11 @@ func drive(c *choices) map[State]bool {
 			ev = StartRequested{Req: req}
 		case k < 30:
 			req++
-			ev = DrainRequested{Req: req, Deadline: time.Duration(c.n(2)) * 5 * time.Second}
+			if c.yes() {
+				ev = DrainRequested{Req: req, Deadline: time.Duration(c.n(2)) * 5 * time.Second}
+			} else {
+				ev = ParkRequested{Req: req, Deadline: time.Duration(c.n(2)) * 5 * time.Second}
+			}
 		case k < 32:
 			req++
 			ref := refs[c.n(len(refs))]
