@@ -80,9 +80,11 @@ else
 endif
 
 # 1000 engine faults across four pools with drains and reloads, then the
-# leak checks (root needed; bounded by 8 minutes).
+# leak checks (root needed; bounded by 8 minutes). SOAK_ARGS=load=N runs N
+# CPU-bound processes in the engines' slice for the whole soak (as the
+# bench's load=N); the report says which load it ran under.
 soak:
-	$(GO) run ./internal/tools/soak
+	$(GO) run ./internal/tools/soak $(SOAK_ARGS)
 
 # Fuzzes every target for FUZZTIME. make test runs each for a fixed number
 # of executions: a wall-clock -fuzztime can fail with "context deadline

@@ -177,18 +177,3 @@ func TestArguments(t *testing.T) {
 	assert.ErrorContains(t, err, `unknown figure "crsh"`)
 	assert.ErrorContains(t, err, "figures: crash restart")
 }
-
-// The host's CPU readings: busy and steal shares over the run, from two
-// /proc/stat readings.
-func TestHostDuringTheRun(t *testing.T) {
-	a := cpuTimes{total: 1000, idle: 600, steal: 10}
-	b := cpuTimes{total: 2000, idle: 900, steal: 60}
-	h := hostDuring(2, a, b)
-	assert.Equal(t, 2, h.Load)
-	assert.InDelta(t, 70, h.BusyPct, 1e-9)
-	assert.InDelta(t, 5, h.StealPct, 1e-9)
-	assert.Positive(t, h.CPUs)
-	now, err := readCPUTimes()
-	require.NoError(t, err)
-	assert.Greater(t, now.total, now.idle)
-}

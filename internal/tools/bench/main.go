@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
+	"github.com/llorch/pool-managerd/internal/tools/load"
 )
 
 // figureNames are what BENCH_ARGS may select, in the order they run.
@@ -69,6 +70,14 @@ func parseArgs(args []string) (Options, error) {
 			}
 			continue
 		}
+		if k == "load" {
+			n, err := load.Parse(v)
+			if err != nil {
+				return o, fmt.Errorf("%v\n%s", err, usage)
+			}
+			o.Load = n
+			continue
+		}
 		if k == "profile" {
 			if !filepath.IsAbs(v) {
 				return o, fmt.Errorf("profile: want an absolute directory, got %q\n%s", v, usage)
@@ -77,7 +86,7 @@ func parseArgs(args []string) (Options, error) {
 			continue
 		}
 		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 && !(k == "load" && n == 0) {
+		if err != nil || n < 1 {
 			return o, fmt.Errorf("%s: want a positive whole number, got %q\n%s", k, v, usage)
 		}
 		switch k {
@@ -87,11 +96,6 @@ func parseArgs(args []string) (Options, error) {
 			o.StageMB = n
 		case "idle-sec":
 			o.IdleSec = n
-		case "load":
-			if n > 64 {
-				return o, fmt.Errorf("load: at most 64 processes, got %d\n%s", n, usage)
-			}
-			o.Load = n
 		default:
 			return o, fmt.Errorf("unknown setting %q\n%s", k, usage)
 		}
@@ -109,7 +113,7 @@ type Report struct {
 	Options Options  `json:"options"`
 	Start   string   `json:"start"`
 	Seconds float64  `json:"seconds"`
-	Host    Host     `json:"host"`
+	Host    load.Host `json:"host"`
 	Figures []Figure `json:"figures"`
 }
 

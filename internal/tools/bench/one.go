@@ -20,6 +20,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
+	"github.com/llorch/pool-managerd/internal/tools/load"
 )
 
 // bench is the one-pool setup: pool "bench" on GPU 0 restarts at once
@@ -125,13 +126,13 @@ StormMaxRestarts=10000
 	b.mgr = b.conn.Object(bus.Name, bus.ManagerPath)
 	if opts.Load > 0 {
 		progress("load: %d CPU-bound processes in pool-managerd-engines.slice", opts.Load)
-		stopLoad, err := startLoad(opts.Load)
+		stopLoad, err := load.Start(opts.Load)
 		must(err)
 		defer stopLoad()
 	}
-	cpuStart, err := readCPUTimes()
+	cpuStart, err := load.ReadCPUTimes()
 	must(err)
-	weights := cpuWeights(b.daemonPID())
+	weights := load.CPUWeights(b.daemonPID())
 	onePool := opts.has("crash", "restart", "lease", "drain", "reload", "staging", "ready", "ondemand")
 	if onePool {
 		b.waitReady(benchPool)
@@ -176,9 +177,9 @@ StormMaxRestarts=10000
 	}
 	rep.Figures = figs.list()
 	rep.Seconds = time.Since(began).Seconds()
-	cpuEnd, err := readCPUTimes()
+	cpuEnd, err := load.ReadCPUTimes()
 	must(err)
-	rep.Host = hostDuring(opts.Load, cpuStart, cpuEnd)
+	rep.Host = load.During(opts.Load, cpuStart, cpuEnd)
 	rep.Host.Weights = weights
 	out, err := json.MarshalIndent(rep, "", "  ")
 	must(err)

@@ -13,12 +13,7 @@ import (
 // judged (median over rounds), whether it was met and the worst round.
 func printTable(w io.Writer, rep Report) {
 	h := rep.Host
-	load := "quiet (no added load)"
-	if h.Load > 0 {
-		load = fmt.Sprintf("load=%d: %d CPU-bound processes in the engines' slice, every round", h.Load, h.Load)
-	}
-	fmt.Fprintf(w, "%s; host during the run: %d CPUs, %.0f %% busy, %.1f %% steal, load average %.2f %.2f %.2f at the end\n",
-		load, h.CPUs, h.BusyPct, h.StealPct, h.LoadAvg[0], h.LoadAvg[1], h.LoadAvg[2])
+	fmt.Fprintln(w, h.Describe("every round"))
 	if h.Weights != "" {
 		fmt.Fprintf(w, "CPU weights in the kernel: %s\n", h.Weights)
 	}

@@ -205,3 +205,19 @@ func TestFDKindNamesSocketsByProtocolAndNumbersAsN(t *testing.T) {
 		assert.Equal(t, kind, FDKind(target, protos), target)
 	}
 }
+
+// The soak takes load=N and nothing else; a bad argument is refused
+// before anything is built.
+func TestParseArgs(t *testing.T) {
+	n, err := parseArgs(nil)
+	require.NoError(t, err)
+	assert.Equal(t, 0, n)
+	n, err = parseArgs([]string{"load=2"})
+	require.NoError(t, err)
+	assert.Equal(t, 2, n)
+	for _, bad := range [][]string{{"load"}, {"load=65"}, {"load=-1"}, {"rounds=3"}, {"2"}} {
+		_, err := parseArgs(bad)
+		assert.Error(t, err, "%v", bad)
+		assert.ErrorContains(t, err, "usage: soak [load=N]", "%v", bad)
+	}
+}

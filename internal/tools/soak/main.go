@@ -1,7 +1,9 @@
 // Command soak runs a bounded crash/restart soak of pool-managerd inside
 // the project's sandbox: 1000 engine faults of every kind across four
 // pools, with drains and reloads interleaved, and checks that every crash
-// was counted once and that nothing leaks. Run it with make soak.
+// was counted once and that nothing leaks. Run it with make soak;
+// load=N (SOAK_ARGS) runs N CPU-bound processes in the engines' slice for
+// the whole soak, as the bench's load=N does for its rounds.
 //
 // A leak is judged on samples of the daemon at rest, every 100 faults from
 // 500 to 1000 (after a warm-up of 200): its goroutines by the function each
@@ -34,6 +36,7 @@ import (
 	"github.com/llorch/pool-managerd/internal/bus"
 	"github.com/llorch/pool-managerd/internal/testkit/sandbox"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
+	"github.com/llorch/pool-managerd/internal/tools/load"
 	"github.com/llorch/pool-managerd/internal/tools/soak/pprofhook"
 )
 
@@ -190,7 +193,27 @@ func daemonPID() (int, error) {
 	return pid, err
 }
 
-func inside() {
+const usage = `usage: soak [load=N]
+  load=N  N CPU-bound processes in the engines' slice for the whole soak
+          (default 0, at most 64)`
+
+// parseArgs reads the soak's arguments: the load it runs under.
+func parseArgs(args []string) (int, error) {
+	n := 0
+	for _, a := range args {
+		k, v, ok := strings.Cut(a, "=")
+		if !ok || k != "load" {
+			return 0, fmt.Errorf("unknown argument %q\n%s", a, usage)
+		}
+		var err error
+		if n, err = load.Parse(v); err != nil {
+			return 0, fmt.Errorf("%v\n%s", err, usage)
+		}
+	}
+	return n, nil
+}
+
+func inside(loadN int) {
 	sim := os.Getenv(sandbox.BinEnv("pool-engine-sim"))
 	daemon := os.Getenv(sandbox.BinEnv("pool-managerd"))
 	dir, err := os.MkdirTemp("", "soak-")
@@ -240,6 +263,15 @@ MemoryMax=64M
 	must(os.WriteFile("/etc/systemd/system/pool-managerd.service.d/soak-pprof.conf",
 		[]byte("[Service]\nEnvironment="+pprofhook.Env+"="+sock+"\n"), 0o644))
 	must(testpool.InstallDaemon(".", daemon, dir))
+	if loadN > 0 {
+		stopLoad, err := load.Start(loadN)
+		must(err)
+		// must exits without deferred calls: the sandbox's end stops
+		// the load then.
+		defer stopLoad()
+	}
+	cpuStart, err := load.ReadCPUTimes()
+	must(err)
 	prof := profiler(sock)
 	conn, err := dbus.ConnectSystemBus()
 	must(err)
@@ -544,6 +576,9 @@ MemoryMax=64M
 	}
 	took := time.Since(start)
 	crashes := crashCounts(textfile)
+	cpuEnd, err := load.ReadCPUTimes()
+	must(err)
+	fmt.Println(load.During(loadN, cpuStart, cpuEnd).Describe("for the whole soak"))
 
 	fmt.Printf("faults injected: %d in %s (%d drains, %d reloads interleaved), 4 pools\n", done.Load(), took.Round(time.Second), drains.Load(), reloads.Load())
 	fmt.Printf("  systemctl stop of a scope: %d, none counted as a crash, each started again\n", stops.Load())
@@ -701,8 +736,13 @@ func buildDaemon() (string, error) {
 }
 
 func main() {
+	loadN, err := parseArgs(os.Args[1:])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "soak:", err)
+		os.Exit(2)
+	}
 	if sandbox.Inside() {
-		inside()
+		inside(loadN)
 		return
 	}
 	bin, err := buildDaemon()

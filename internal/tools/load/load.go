@@ -1,4 +1,7 @@
-package main
+// Package load is what the bench and the soak share to run under a busy
+// host's load: CPU-bound processes in the engines' slice, and what the
+// host said about its CPUs meanwhile.
+package load
 
 import (
 	"bufio"
@@ -25,12 +28,12 @@ type Host struct {
 	Weights string `json:"cpu_weights,omitempty"`
 }
 
-// cpuWeights says what CPU weight the kernel gives the daemon and the
+// CPUWeights says what CPU weight the kernel gives the daemon and the
 // engines' slice, where the cpu controller is: cgroup v2's cpu.weight, or
 // a v1 hierarchy's cpu.shares (1024 is weight 100). In a v1 hierarchy
 // systemd makes a unit's own cgroup only where something needs it: the
 // daemon then shares the weight of the deepest cgroup above it there.
-func cpuWeights(pid int) string {
+func CPUWeights(pid int) string {
 	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
 	if err != nil {
 		return "daemon's cgroup unreadable: " + err.Error()
@@ -94,29 +97,29 @@ func cpuWeights(pid int) string {
 	return fmt.Sprintf("%s: daemon %s; engines' slice %s", file, weight(unit), engines)
 }
 
-// cpuTimes are /proc/stat's first line: total, idle (with iowait) and
+// CPUTimes are /proc/stat's first line: total, idle (with iowait) and
 // steal ticks, host-wide (the sandbox shares the host's /proc/stat).
-type cpuTimes struct{ total, idle, steal uint64 }
+type CPUTimes struct{ total, idle, steal uint64 }
 
-func readCPUTimes() (cpuTimes, error) {
+func ReadCPUTimes() (CPUTimes, error) {
 	f, err := os.Open("/proc/stat")
 	if err != nil {
-		return cpuTimes{}, err
+		return CPUTimes{}, err
 	}
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	if !sc.Scan() {
-		return cpuTimes{}, fmt.Errorf("/proc/stat is empty")
+		return CPUTimes{}, fmt.Errorf("/proc/stat is empty")
 	}
 	fields := strings.Fields(sc.Text())
 	if len(fields) < 9 || fields[0] != "cpu" {
-		return cpuTimes{}, fmt.Errorf("/proc/stat: unexpected first line %q", sc.Text())
+		return CPUTimes{}, fmt.Errorf("/proc/stat: unexpected first line %q", sc.Text())
 	}
-	var t cpuTimes
+	var t CPUTimes
 	for i, s := range fields[1:] {
 		v, err := strconv.ParseUint(s, 10, 64)
 		if err != nil {
-			return cpuTimes{}, fmt.Errorf("/proc/stat: %q: %v", s, err)
+			return CPUTimes{}, fmt.Errorf("/proc/stat: %q: %v", s, err)
 		}
 		// user nice system idle iowait irq softirq steal guest guest_nice;
 		// guest time is already counted in user.
@@ -134,8 +137,8 @@ func readCPUTimes() (cpuTimes, error) {
 	return t, nil
 }
 
-// hostDuring fills what the host said between two readings.
-func hostDuring(load int, a, b cpuTimes) Host {
+// During fills what the host said between two readings.
+func During(load int, a, b CPUTimes) Host {
 	h := Host{Load: load, CPUs: cpuCount()}
 	if d := float64(b.total - a.total); d > 0 {
 		h.BusyPct = 100 * float64((b.total-a.total)-(b.idle-a.idle)) / d
@@ -145,6 +148,31 @@ func hostDuring(load int, a, b cpuTimes) Host {
 		fmt.Sscanf(string(raw), "%f %f %f", &h.LoadAvg[0], &h.LoadAvg[1], &h.LoadAvg[2])
 	}
 	return h
+}
+
+// Describe is one line for a table or a report: the load the run added
+// (each of its processes there for what during says) and the host's
+// CPUs over the run.
+func (h Host) Describe(during string) string {
+	load := "quiet (no added load)"
+	if h.Load > 0 {
+		load = fmt.Sprintf("load=%d: %d CPU-bound processes in the engines' slice, %s", h.Load, h.Load, during)
+	}
+	return fmt.Sprintf("%s; host during the run: %d CPUs, %.0f %% busy, %.1f %% steal, load average %.2f %.2f %.2f at the end",
+		load, h.CPUs, h.BusyPct, h.StealPct, h.LoadAvg[0], h.LoadAvg[1], h.LoadAvg[2])
+}
+
+// Max bounds load=N: more processes than that measure the host, not the
+// daemon.
+const Max = 64
+
+// Parse reads the N of load=N: 0 to Max processes.
+func Parse(v string) (int, error) {
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 0 || n > Max {
+		return 0, fmt.Errorf("load: want 0 to %d processes, got %q", Max, v)
+	}
+	return n, nil
 }
 
 func cpuCount() int {
@@ -161,11 +189,11 @@ func cpuCount() int {
 	return n
 }
 
-// startLoad runs n CPU-bound processes where a host's engines live (the
+// Start runs n CPU-bound processes where a host's engines live (the
 // engines' slice), each in its own transient service of the sandbox's
 // systemd, for the whole run: ours and the references share the same
 // contended CPUs. It returns how to stop them.
-func startLoad(n int) (stop func(), err error) {
+func Start(n int) (stop func(), err error) {
 	var units []string
 	stop = func() {
 		if len(units) > 0 {
@@ -173,7 +201,7 @@ func startLoad(n int) (stop func(), err error) {
 		}
 	}
 	for i := range n {
-		unit := fmt.Sprintf("bench-load-%d.service", i)
+		unit := fmt.Sprintf("pool-load-%d.service", i)
 		out, err := exec.Command("systemd-run", "--quiet", "--unit="+unit, "--slice=pool-managerd-engines.slice",
 			"--property=CPUWeight=100", "/bin/sh", "-c", "while :; do :; done").CombinedOutput()
 		if err != nil {
