@@ -110,11 +110,11 @@ func parseArgs(args []string) (Options, error) {
 
 // Report is what the run writes to build/bench.json.
 type Report struct {
-	Options Options  `json:"options"`
-	Start   string   `json:"start"`
-	Seconds float64  `json:"seconds"`
+	Options Options   `json:"options"`
+	Start   string    `json:"start"`
+	Seconds float64   `json:"seconds"`
 	Host    load.Host `json:"host"`
-	Figures []Figure `json:"figures"`
+	Figures []Figure  `json:"figures"`
 }
 
 func must(err error) {
