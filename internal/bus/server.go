@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os/user"
 	"slices"
 	"strconv"
@@ -274,53 +275,116 @@ func (s *Server) exportPool(p manager.Pool) error {
 }
 
 // publish keeps a pool's properties current and sends one
-// PropertiesChanged per change with every property that changed.
+// PropertiesChanged per change with every property that changed, or, for
+// a burst of changes of ActiveLeases or Progress alone, one for the burst
+// (see announcer). A Get answers the current value at once.
 func (s *Server) publish(ctx context.Context, p manager.Pool, path dbus.ObjectPath, props *prop.Properties, last map[string]any) {
-	var progressAt time.Time
+	a, id := newAnnouncer(last), p.Snapshot().ID
 	for {
 		var err error
+		wctx, cancel := ctx, context.CancelFunc(func() {})
+		if !a.due.IsZero() {
+			wctx, cancel = context.WithDeadline(ctx, a.due)
+		}
 		wait := func(cond func(supervisor.Snapshot) bool) supervisor.Snapshot {
 			var snap supervisor.Snapshot
-			snap, err = p.Wait(ctx, cond)
+			snap, err = p.Wait(wctx, cond)
 			return snap
 		}
-		snap, cur := waitChange(wait, last)
-		if err != nil {
+		_, cur := waitChange(wait, last)
+		cancel()
+		switch {
+		case ctx.Err() != nil:
 			return
-		}
-		if onlyProgress(cur, last) {
-			// Progress moves often: at most 4 signals a second say so,
-			// the last with the latest value.
-			if wait := time.Until(progressAt.Add(progressEvery)); wait > 0 {
-				select {
-				case <-time.After(wait):
-				case <-ctx.Done():
-					return
+		case err != nil:
+			// The held changes are due: nothing new.
+		default:
+			for k, v := range cur {
+				if v != last[k] {
+					if err := setProp(props, k, v); err != nil {
+						s.log.Error("cannot set a pool property", journal.PoolID, id, journal.Property, k, journal.Error, err.Error())
+						a.said[k] = v // not announced either
+					}
 				}
-				snap = p.Snapshot()
-				cur = properties(snap)
 			}
-			progressAt = time.Now()
-		}
-		changed := map[string]dbus.Variant{}
-		for k, v := range cur {
-			if v != last[k] {
-				if err := setProp(props, k, v); err != nil {
-					s.log.Error("cannot set a pool property", journal.PoolID, snap.ID, journal.Property, k, journal.Error, err.Error())
-					continue
-				}
-				changed[k] = dbus.MakeVariant(v)
-			}
-		}
-		if len(changed) == 0 {
 			last = cur
+		}
+		changed := a.change(time.Now(), last)
+		if len(changed) == 0 {
 			continue
 		}
 		if err := s.conn.Emit(path, "org.freedesktop.DBus.Properties.PropertiesChanged", PoolIface, changed, []string{}); err != nil {
-			s.log.Error("cannot publish a pool's property changes", journal.PoolID, snap.ID, journal.Error, err.Error())
+			s.log.Error("cannot publish a pool's property changes", journal.PoolID, id, journal.Error, err.Error())
 		}
-		last = cur
 	}
+}
+
+// leasesEvery bounds how often a change of ActiveLeases alone is sent: a
+// router's lease calls each change it, and a signal for each is encoded
+// by the daemon and routed by the bus beside every reply. A change after
+// a quiet while is sent at once.
+const leasesEvery = 20 * time.Millisecond
+
+// announcer decides what a pool's PropertiesChanged says, and when.
+// Changes of ActiveLeases or Progress alone are held while their own
+// property was announced less than leasesEvery or progressEvery ago, and
+// then sent with their latest values (nothing, if they came back to what
+// was said); any other change is sent at once, with whatever was held.
+type announcer struct {
+	said map[string]any // the values last announced
+	// due is when the held changes are sent; zero when none are held.
+	due                  time.Time
+	leasesAt, progressAt time.Time // when each was last announced
+}
+
+func newAnnouncer(said map[string]any) *announcer {
+	return &announcer{said: maps.Clone(said)}
+}
+
+// change takes the current properties at now and returns those to
+// announce now (none: nothing changed, or it is held until a.due).
+func (a *announcer) change(now time.Time, cur map[string]any) map[string]dbus.Variant {
+	var diff []string
+	held := true
+	for k, v := range cur {
+		if v != a.said[k] {
+			diff = append(diff, k)
+			held = held && (k == "ActiveLeases" || k == "Progress")
+		}
+	}
+	if len(diff) == 0 {
+		a.due = time.Time{}
+		return nil
+	}
+	if held {
+		var due time.Time
+		for _, k := range diff {
+			at, every := a.leasesAt, leasesEvery
+			if k == "Progress" {
+				at, every = a.progressAt, progressEvery
+			}
+			if d := at.Add(every); d.After(due) {
+				due = d
+			}
+		}
+		if due.After(now) {
+			a.due = due
+			return nil
+		}
+	}
+	changed := make(map[string]dbus.Variant, len(diff))
+	for _, k := range diff {
+		changed[k] = dbus.MakeVariant(cur[k])
+		a.said[k] = cur[k]
+		switch k {
+		case "ActiveLeases":
+			a.leasesAt = now
+		case "Progress":
+			a.progressAt = now
+		}
+	}
+	a.due = time.Time{}
+	return changed
 }
 
 // waitChange waits (through wait, which is Supervisor.Wait's) for a
@@ -345,16 +409,6 @@ func sameProperties(a, b map[string]any) bool {
 	}
 	for k, v := range a {
 		if w, ok := b[k]; !ok || v != w {
-			return false
-		}
-	}
-	return true
-}
-
-// onlyProgress says whether Progress is all that changed.
-func onlyProgress(cur, last map[string]any) bool {
-	for k, v := range cur {
-		if k != "Progress" && v != last[k] {
 			return false
 		}
 	}
