@@ -9,12 +9,12 @@ import (
 	"path/filepath"
 	"reflect"
 	"slices"
+	"syscall"
 	"time"
 
 	"github.com/llorch/pool-managerd/internal/config"
 	"github.com/llorch/pool-managerd/internal/journal"
 	"github.com/llorch/pool-managerd/internal/lifecycle"
-	"github.com/llorch/pool-managerd/internal/state"
 )
 
 // RefusedError is a configuration a reload refused: the running one
@@ -107,15 +107,35 @@ func (m *Manager) stoppedDir() string {
 	return filepath.Join(cfg.Manager.RuntimeDir, "stopped")
 }
 
-// markStopped notes that the operator stopped pool (Stop, Drain).
+// markStopped notes that the operator stopped pool (Stop, Drain). The
+// mark is the file's being there (stoppedByOperator reads no content), so
+// it is made in one create, with no temporary file, rename or fsync: it
+// is on a drain's way to its reply, and RuntimeDir ends with the boot
+// anyway.
 func (m *Manager) markStopped(pool string) {
 	d := m.stoppedDir()
 	if d == "" {
 		return
 	}
-	if err := state.WriteFile(filepath.Join(d, pool), []byte("stopped by the operator; Start clears it\n"), 0o644); err != nil {
+	err := createMark(filepath.Join(d, pool))
+	if errors.Is(err, fs.ErrNotExist) {
+		// The first mark makes the directory.
+		if err = os.MkdirAll(d, 0o755); err == nil {
+			err = createMark(filepath.Join(d, pool))
+		}
+	}
+	if err != nil {
 		m.o.Log.Error("cannot keep the pool stopped across a daemon restart", journal.PoolID, pool, journal.Error, err.Error())
 	}
+}
+
+func createMark(path string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|syscall.O_NOFOLLOW, 0o644)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteString("stopped by the operator; Start clears it\n")
+	return errors.Join(err, f.Close())
 }
 
 // clearStopped forgets that the operator stopped pool.
