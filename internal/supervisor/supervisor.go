@@ -17,6 +17,7 @@ import (
 	"math/rand/v2"
 	"net/url"
 	"os"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -348,6 +349,11 @@ func (s *Supervisor) exec(actions []lifecycle.Action) {
 			if ch := s.reqs[a.Req]; ch != nil {
 				delete(s.reqs, a.Req)
 				ch <- a
+				// The caller waits in this P's next slot: it answers now,
+				// before the loop logs and publishes the step (whose
+				// PropertiesChanged the bus would route before the
+				// reply); a busy host has no other CPU to take it.
+				runtime.Gosched()
 			}
 		case lifecycle.Publish:
 			s.publish(a.View)
