@@ -45,10 +45,8 @@ func (m *Machine) parkRequested(e ParkRequested) {
 		m.sleepParks = append(m.sleepParks, e.Req)
 		return
 	}
-	if m.drain != nil {
-		m.drainRequested(DrainRequested{Req: e.Req, Deadline: e.Deadline})
-		return
-	}
+	// Joining a drain under way, a park is still a park: it does not
+	// turn another park into an operator's stop.
 	m.parking = true
 	defer func() { m.parking = false }()
 	m.drainRequested(DrainRequested{Req: e.Req, Deadline: e.Deadline})

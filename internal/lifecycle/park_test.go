@@ -236,3 +236,37 @@ func TestParkOfAPoolStartingOnDemandAnswersItsCallers(t *testing.T) {
 	assert.Equal(t, Idle, p.m.State())
 	assert.Empty(t, p.m.waiters)
 }
+
+// A second park joining a park under way (a turn that gave up waiting
+// parks again) is still a park: the pool ends parked (asleep, or idle),
+// not stopped as an operator's drain leaves it.
+func TestParkJoiningAParkStaysAPark(t *testing.T) {
+	p := sleepPool(t, nil)
+	run := p.ready()
+	_, err := p.lease("client")
+	require.NoError(t, err)
+	first := p.request(func(r ReqID) Event { return ParkRequested{Req: r, Deadline: time.Minute} })
+	second := p.request(func(r ReqID) Event { return ParkRequested{Req: r, Deadline: time.Minute} })
+	p.advance(time.Minute)
+	p.fire(TimerDrainDeadline)
+	assert.Empty(t, all[StopScope](p.last), "not stopped: %v", p.last)
+	_, ok := find[Sleep](p.last)
+	require.True(t, ok, "asked to sleep: %v", p.last)
+	p.step(Slept{Run: run})
+	require.NoError(t, p.reply(first).Err)
+	require.NoError(t, p.reply(second).Err)
+	assert.Equal(t, Sleeping, p.m.State())
+
+	p = newPool(t, nil)
+	run = p.ready()
+	_, err = p.lease("client")
+	require.NoError(t, err)
+	first = p.request(func(r ReqID) Event { return ParkRequested{Req: r, Deadline: time.Minute} })
+	second = p.request(func(r ReqID) Event { return ParkRequested{Req: r, Deadline: time.Minute} })
+	p.advance(time.Minute)
+	p.fire(TimerDrainDeadline)
+	p.exit(run, killedBy(9))
+	require.NoError(t, p.reply(first).Err)
+	require.NoError(t, p.reply(second).Err)
+	assert.Equal(t, Idle, p.m.State(), "parked, not stopped")
+}
