@@ -50,6 +50,9 @@ type fakePool struct {
 	parkErr  error
 	// onReady, when set, is called as EnsureReady makes the pool Ready.
 	onReady func()
+	// onFlush, when set, runs as Flush does, as the pool's loop would
+	// before it gets to the flush.
+	onFlush func()
 }
 
 func newFakePool(p *config.Pool, m *manager.Manager) *fakePool {
@@ -132,7 +135,15 @@ func (f *fakePool) Ping(ctx context.Context) error {
 	return nil
 }
 
-func (f *fakePool) Flush() { f.record("flush") }
+func (f *fakePool) Flush() {
+	f.mu.Lock()
+	on := f.onFlush
+	f.mu.Unlock()
+	if on != nil {
+		on()
+	}
+	f.record("flush")
+}
 
 func (f *fakePool) Start() error {
 	f.record("start")

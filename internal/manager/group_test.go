@@ -338,3 +338,42 @@ func TestReloadOfAnIdleMemberParksNobody(t *testing.T) {
 	require.NoError(t, err)
 	assert.Contains(t, string(drop), "Model="+ref)
 }
+
+// The daemon's stop flushes every pool while a group member's loop may be
+// reading the manager (its start asks which members sleep): the stop does
+// not hold the manager while it waits for that loop.
+func TestCloseWhileAPoolReadsTheManager(t *testing.T) {
+	h := newHost(t, static, map[string]string{"a": member, "b": member})
+	m := h.open(nil, nil)
+	a := h.pool("a")
+	// The loop reads the manager before it flushes; on a hang the test
+	// lets it go, so that it ends.
+	release := make(chan struct{})
+	a.mu.Lock()
+	a.onFlush = func() {
+		read := make(chan struct{})
+		go func() {
+			m.IDs()
+			close(read)
+		}()
+		select {
+		case <-read:
+		case <-release:
+		}
+	}
+	a.mu.Unlock()
+	closed := make(chan struct{})
+	go func() {
+		m.Close()
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		close(release)
+		<-closed
+		t.Fatal("Close hung on a pool reading the manager")
+	}
+	assert.True(t, a.did("flush"))
+	assert.True(t, h.pool("b").did("flush"))
+}

@@ -225,9 +225,16 @@ func (m *Manager) start(e *entry) {
 // Close flushes every pool's state to disk and ends its loop. The engines
 // run on in their scopes, for the next daemon to adopt.
 func (m *Manager) Close() {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	// Not under the lock: a pool's loop may be reading the manager (a
+	// group member's start asks which members sleep) as it is asked to
+	// flush.
+	m.mu.RLock()
+	pools := make([]*entry, 0, len(m.pools))
 	for _, e := range m.pools {
+		pools = append(pools, e)
+	}
+	m.mu.RUnlock()
+	for _, e := range pools {
 		e.pool.Flush()
 		e.cancel()
 	}
