@@ -177,7 +177,12 @@ func (f *fakePool) Reload(_ context.Context, ref string, _ time.Duration) (strin
 // Park drains as the pool's parkGate says, then leaves it Idle.
 func (f *fakePool) Park(ctx context.Context, deadline time.Duration) (lifecycle.DrainResult, error) {
 	f.record(fmt.Sprintf("park %s", deadline))
-	f.set(func(s *supervisor.Snapshot) { s.State = lifecycle.Draining })
+	// As the supervisor's: a sleeping pool's park waits for its sleep
+	// (the gate) and leaves it asleep.
+	asleep := f.Snapshot().State == lifecycle.Sleeping
+	if !asleep {
+		f.set(func(s *supervisor.Snapshot) { s.State = lifecycle.Draining })
+	}
 	f.mu.Lock()
 	gate, err := f.parkGate, f.parkErr
 	f.mu.Unlock()
@@ -190,6 +195,9 @@ func (f *fakePool) Park(ctx context.Context, deadline time.Duration) (lifecycle.
 		case <-ctx.Done():
 			return lifecycle.DrainResult{}, ctx.Err()
 		}
+	}
+	if asleep {
+		return lifecycle.DrainResult{Outcome: lifecycle.Drained}, nil
 	}
 	f.set(func(s *supervisor.Snapshot) { s.State, s.Live = lifecycle.Idle, false })
 	return lifecycle.DrainResult{Outcome: lifecycle.Drained}, nil

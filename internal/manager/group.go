@@ -211,7 +211,20 @@ func (m *Manager) onlyAwake(e *entry, members []*entry) bool {
 func (m *Manager) parkOthers(g *group, e *entry, members []*entry) ([]string, error) {
 	var parked []string
 	for _, o := range members {
-		if o == e || !awake(o.pool.Snapshot()) {
+		s := o.pool.Snapshot()
+		if o != e && s.State == lifecycle.Sleeping {
+			// Parked already, but its engine may still be moving its
+			// weights off the GPU (its Sleep not yet answered): its park
+			// answers once it sleeps. Not a swap.
+			pctx, cancel := context.WithTimeout(m.ctx, parkWait(o.cfg))
+			_, err := o.pool.Park(pctx, o.cfg.GroupDrain)
+			cancel()
+			if err != nil {
+				return parked, fmt.Errorf("pool %s: pool %s of group %s did not sleep: %v: %w", e.cfg.ID, o.cfg.ID, g.name, err, lifecycle.ErrBusy)
+			}
+			continue
+		}
+		if o == e || !awake(s) {
 			continue
 		}
 		id := o.cfg.ID

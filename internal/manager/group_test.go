@@ -311,12 +311,33 @@ func TestASleepingMemberCountsAsParked(t *testing.T) {
 
 	require.NoError(t, m.EnsureReady(context.Background(), "b", 0))
 	assert.Equal(t, []string{"ensure"}, b.Calls())
-	assert.Empty(t, a.Calls(), "the sleeping member is not parked again")
+	assert.Equal(t, []string{"park 7s"}, a.Calls(), "the sleeping member's sleep is only confirmed")
+	assert.Equal(t, lifecycle.Sleeping, a.Snapshot().State)
 	assert.Zero(t, swaps(h))
+	assert.NotContains(t, h.logs.String(), `msg="pool parked for another pool of its group" POOL_ID=a`)
 
 	require.NoError(t, m.EnsureReady(context.Background(), "a", 0))
 	assert.True(t, b.did("park 7s"), "the awake member is parked for the sleeper: %v", b.Calls())
-	assert.Equal(t, []string{"ensure"}, a.Calls())
+	assert.Equal(t, []string{"park 7s", "ensure"}, a.Calls())
+}
+
+// A member whose engine is still being put to sleep (its Sleep not yet
+// answered) still holds the GPU's memory: another member starts only once
+// its sleep is confirmed.
+func TestAMemberFallingAsleepHoldsTheStartUntilItSleeps(t *testing.T) {
+	h := newHost(t, static, map[string]string{"a": member, "b": member})
+	m := h.open(nil, nil)
+	a, b := h.pool("a"), h.pool("b")
+	a.set(func(s *supervisor.Snapshot) { s.State, s.Live = lifecycle.Sleeping, true })
+	open := gate(a)
+	done := ensure(m, "b")
+	require.Eventually(t, func() bool { return a.did("park 7s") }, 5*time.Second, 5*time.Millisecond, "a's sleep is waited for")
+	assert.Never(t, func() bool { return b.did("ensure") }, 100*time.Millisecond, 10*time.Millisecond, "b waits for a's sleep")
+	close(open)
+	require.NoError(t, <-done)
+	assert.Equal(t, []string{"ensure"}, b.Calls())
+	assert.Equal(t, lifecycle.Sleeping, a.Snapshot().State)
+	assert.Zero(t, swaps(h))
 }
 
 // Reload of an idle member records its model and starts nothing: it takes
