@@ -146,7 +146,7 @@ func (m *Machine) settle(r *run, x Exit, uptime time.Duration, cause witness.Cau
 	case witness.OperatorStop:
 		m.operatorStopped(r)
 	case witness.OOMKilled:
-		m.crashed(crash.OutOfMemory, "out of memory: systemd reports the scope's Result=oom-kill; "+describe("", r, x), &x, uptime)
+		m.crashed(r, crash.OutOfMemory, "out of memory: systemd reports the scope's Result=oom-kill; "+describe("", r, x), &x, uptime)
 		m.engineStopped(r)
 	default:
 		m.exitedOnOwn(r, x, uptime)
@@ -194,7 +194,7 @@ func (m *Machine) exitedOnOwn(r *run, x Exit, uptime time.Duration) {
 		m.portHeld(r, x)
 		return
 	}
-	m.crashed(reason, describe(reason, r, x), &x, uptime)
+	m.crashed(r, reason, describe(reason, r, x), &x, uptime)
 	m.engineStopped(r)
 }
 
@@ -218,8 +218,10 @@ func (m *Machine) portHeld(r *run, x Exit) {
 
 // crashed counts a crash: the pool is not live or ready, its leases are
 // gone with its engine, and the policy decides when it restarts (unless a
-// drain is under way: then it does not). uptime < 0: not known.
-func (m *Machine) crashed(reason crash.Reason, msg string, x *Exit, uptime time.Duration) {
+// drain is under way, or the engine was parked asleep: then it does
+// not). r is the engine that crashed (nil: a start). uptime < 0: not
+// known.
+func (m *Machine) crashed(r *run, reason crash.Reason, msg string, x *Exit, uptime time.Duration) {
 	// It may quote the engine's output: valid UTF-8 and bounded before
 	// it reaches the journal and the bus.
 	msg = safetext.Bound(msg)
@@ -250,6 +252,15 @@ func (m *Machine) crashed(reason crash.Reason, msg string, x *Exit, uptime time.
 	if m.drain != nil {
 		// A draining pool is not restarted.
 		m.policy(append(d.Events, m.tr.Stopped(m.now)...))
+		return
+	}
+	if r != nil && r.sleep.parked {
+		// Parked asleep, another member of its group has the GPUs: a
+		// restart would load its model beside that member. It stays
+		// parked; its next use starts it.
+		m.policy(append(d.Events, m.tr.Stopped(m.now)...))
+		m.transition(Idle, "crashed while parked asleep")
+		m.idleSince = m.now
 		return
 	}
 	m.policy(d.Events)

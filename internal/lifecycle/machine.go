@@ -760,7 +760,7 @@ func (m *Machine) startDone(op *startOp, err error) {
 	case err != nil && !errors.Is(err, ErrBusy):
 		// A restart (or rollback) that could not start an engine is a
 		// crash like any other.
-		m.crashed(crash.StartFailure, err.Error(), nil, -1)
+		m.crashed(nil, crash.StartFailure, err.Error(), nil, -1)
 	}
 }
 

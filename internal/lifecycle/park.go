@@ -105,6 +105,7 @@ func (m *Machine) parkSlept(d *drainOp, r *run, err error) {
 
 // parkedAsleep ends a park whose engine sleeps.
 func (m *Machine) parkedAsleep() {
+	m.run.sleep.parked = true
 	m.transition(Sleeping, "parked asleep")
 	m.idleSince = m.now
 	m.log(slog.LevelInfo, "pool parked: its GPUs go to another pool of its group", journal.Reason, ReasonGroup,
@@ -128,6 +129,9 @@ func (m *Machine) settleParks() {
 	case m.state == Sleeping && r != nil && r.sleep.asleep && r.stopping == NotStopping, m.state == Idle:
 	default:
 		err = fmt.Errorf("pool %s is %s: not parked: %w", m.cfg.Pool, m.state, ErrBusy)
+	}
+	if r := m.run; err == nil && r != nil && m.state == Sleeping {
+		r.sleep.parked = true
 	}
 	reqs := m.sleepParks
 	m.sleepParks = nil

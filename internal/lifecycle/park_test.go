@@ -270,3 +270,26 @@ func TestParkJoiningAParkStaysAPark(t *testing.T) {
 	require.NoError(t, p.reply(second).Err)
 	assert.Equal(t, Idle, p.m.State(), "parked, not stopped")
 }
+
+// An engine parked asleep for another member of its group that dies is a
+// crash (counted), but the pool stays parked: no restart loads its model
+// beside the member that has the GPUs; its next use starts it.
+func TestACrashWhileParkedAsleepStaysParked(t *testing.T) {
+	p := sleepPool(t, nil)
+	run := p.ready()
+	req := p.request(func(r ReqID) Event { return ParkRequested{Req: r, Deadline: time.Minute} })
+	p.step(Slept{Run: run})
+	require.NoError(t, p.reply(req).Err)
+	require.Equal(t, Sleeping, p.m.State())
+	p.advance(time.Second)
+	p.exit(run, exitStatus(1))
+	v := p.m.View(p.now)
+	assert.Equal(t, Idle, v.State, "parked still")
+	assert.EqualValues(t, 1, v.Policy.CrashCount, "a crash all the same")
+	assert.NotContains(t, p.timers, TimerRestart)
+	assert.Empty(t, all[Stage](p.last), "nothing starts: %v", p.last)
+
+	ens := p.request(func(r ReqID) Event { return EnsureReadyRequested{Req: r} })
+	assert.Equal(t, Starting, p.m.State(), "its next use starts it")
+	p.noReply(ens)
+}

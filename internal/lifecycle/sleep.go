@@ -30,6 +30,9 @@ type sleepState struct {
 	// asleep: it is woken (a no-op for an awake one) before it serves;
 	// adoptWake: that Wake is out.
 	adopted, adoptWake bool
+	// parked: asleep for a park: another member of its group may have
+	// the GPUs.
+	parked bool
 }
 
 // wakeAdopted asks an adopted engine, healthy now, to wake before it

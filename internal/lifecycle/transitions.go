@@ -69,7 +69,7 @@ var transitions = map[State][]State{
 	},
 	Sleeping: {
 		Waking,   // a lease (StartOnLease), EnsureReady or Start
-		Idle,     // the sleep failed: the engine is stopped instead
+		Idle,     // the sleep failed: the engine is stopped instead; it crashed parked asleep
 		Draining, // a drain
 		Backoff,  // it crashed: a restart is scheduled
 		Failed,   // a crash held, or a GPU hold while its exit is held
