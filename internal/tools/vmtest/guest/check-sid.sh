@@ -8,7 +8,7 @@
 
 LS=/usr/bin/llama-server
 # The engines' own ports.
-PORT=8081 SLEEPY=8082 BIG=8083 FIG=8084 DEBIAN=8090
+PORT=8081 SLEEPY=8082 BIG=8083 FIG=8084 COLD=8085 SWAPA=8086 SWAPB=8087 DEBIAN=8090
 
 # complete PORT N_PREDICT [PROMPT]: one real generation; prints the HTTP code.
 complete() {
@@ -51,6 +51,8 @@ c_configure() {
 		c /dev/nvidia1 0666 root root - 195:1
 		c /dev/nvidia2 0666 root root - 195:2
 		c /dev/nvidia3 0666 root root - 195:3
+		c /dev/nvidia4 0666 root root - 195:4
+		c /dev/nvidia5 0666 root root - 195:5
 		c /dev/nvidiactl 0666 root root - 195:255
 	EOF
 	want_ok "fake GPU nodes" systemd-tmpfiles --create /etc/tmpfiles.d/vm-fake-gpus.conf
@@ -71,6 +73,8 @@ c_configure() {
 		Device=1 GPU-5d1e0c3a-0000-4000-8000-000000000001 /dev/nvidia1
 		Device=2 GPU-5d1e0c3a-0000-4000-8000-000000000002 /dev/nvidia2
 		Device=3 GPU-5d1e0c3a-0000-4000-8000-000000000003 /dev/nvidia3
+		Device=4 GPU-5d1e0c3a-0000-4000-8000-000000000004 /dev/nvidia4
+		Device=5 GPU-5d1e0c3a-0000-4000-8000-000000000005 /dev/nvidia5
 		ControlDevice=/dev/nvidiactl
 	EOF
 	cat >/etc/pool-managerd/pools.d/llama.pool <<-EOF
@@ -323,20 +327,27 @@ c_scanner() {
 	info "the verbose engine's lines: $(journalctl -u pool-engine-sleepy.scope -o cat --no-pager | grep -a -m 3 -E ' D (srv|slot|que) ' | tr '\n' '|' | cut -c1-300)"
 }
 
-# Time from a SIGKILL of llama-server until it answers /completion again,
-# under pool-managerd and under Debian's own llama-server.service (from
-# llama.cpp-services) with Restart=always and RestartSec=100ms, the same
-# model and arguments, in turns.
-c_figure() {
-	local i t ours=() debs=() t0
+# debian_model MODEL: the model, arguments and port of Debian's
+# llama-server.service, read at its next start (/etc/default/llama-server);
+# the same arguments as the figures' pools.
+debian_model() {
 	cat >/etc/default/llama-server <<-EOF
-		LLAMA_ARG_MODEL=$MODELS/tiny-a.gguf
+		LLAMA_ARG_MODEL=$MODELS/$1
 		LLAMA_ARG_HOST=127.0.0.1
 		LLAMA_ARG_PORT=$DEBIAN
 		LLAMA_ARG_CTX_SIZE=8192
 		LLAMA_ARG_N_PARALLEL=1
 		LLAMA_ARG_THREADS=1
 	EOF
+}
+
+# Time from a SIGKILL of llama-server until it answers /completion again,
+# under pool-managerd and under Debian's own llama-server.service (from
+# llama.cpp-services) with Restart=always and RestartSec=100ms, the same
+# model and arguments, in turns.
+c_figure() {
+	local i t ours=() debs=() t0
+	debian_model tiny-a.gguf
 	mkdir -p /etc/systemd/system/llama-server.service.d
 	printf '[Service]\nRestart=always\nRestartSec=100ms\n' >/etc/systemd/system/llama-server.service.d/restart.conf
 	systemctl daemon-reload
@@ -372,6 +383,181 @@ back_after_kill() {
 }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
+# clock MODE PORT COMMAND...: seconds from COMMAND's start until it has
+# succeeded and, MODE "until", the engine on PORT answers /health with
+# 200 (looked at every 5 ms); MODE "then": one look once COMMAND is done
+# must find it 200 (the lease or EnsureReady answered with an engine
+# serving). "failed: why" otherwise. One python process times it: no fork
+# per look. COMMAND's output is left in /tmp/clock.out.
+clock() {
+	python3 -c '
+import subprocess, sys, time, urllib.request
+mode, port, cmd = sys.argv[1], sys.argv[2], sys.argv[3:]
+def health():
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%s/health" % port, timeout=2) as r:
+            return r.status
+    except Exception:
+        return 0
+health()  # imports and first-call costs off the clock
+t0 = time.monotonic()
+try:
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=180)
+except subprocess.TimeoutExpired:
+    print("failed: %s ran past 180 s" % cmd[0]); sys.exit(1)
+took = time.monotonic() - t0
+open("/tmp/clock.out", "wb").write(r.stdout)
+if r.returncode != 0:
+    print("failed: %s exited %d: %s" % (cmd[0], r.returncode, r.stdout.decode(errors="replace").strip()[:200])); sys.exit(1)
+if mode == "until":
+    while health() != 200:
+        if time.monotonic() - t0 > 180:
+            print("failed: no /health 200 within 180 s"); sys.exit(1)
+        time.sleep(0.005)
+    took = time.monotonic() - t0
+elif health() != 200:
+    print("failed: /health on port %s not 200 once %s answered" % (port, cmd[0])); sys.exit(1)
+print("%.3f" % took)
+' "$@"
+}
+# idle_gone POOL: waits until the pool is idle with its engine and scope gone.
+idle_gone() {
+	wait_for 60 "$1 idle, its engine gone" "[ \"\$(pv $1 State)\" = idle ] && [ \"\$(pv $1 Live)\" = false ] && ! systemctl -q is-active pool-engine-$1.scope"
+}
+# figures WHAT OURS REFERENCE: medians, ratio and overhead of two series of seconds.
+figures() {
+	local a b
+	a=$(median $2) b=$(median $3)
+	info "$1: medians: pool-managerd $a s, Debian's unit $b s, ratio $(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.2f", a / b }'); overhead (ours less the reference) $(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.0f", (a - b) * 1000 }') ms against the goal < 30 ms (information only: a software-emulated guest)"
+}
+# journal_since POOL T0: the daemon's entries about the pool from T0, in
+# seconds after it, on one line.
+journal_since() {
+	journalctl POOL_ID="$1" --since="@${2%.*}" -o short-unix --no-pager |
+		awk -v t0="$2" '{ ts = $1; $1 = ""; $2 = ""; sub(/^ +/, ""); if (ts >= t0) printf "%.3f %s|", ts - t0, $0 }' | cut -c1-700
+}
+
+# Pools on demand, added by a configuration reload: one that goes idle a
+# second after its last use and starts on a lease, and two of one group
+# that take turns on GPU 5, each on its own model. The engine's arguments
+# are those of Debian's unit in the figures below.
+c_ondemand() {
+	local m port
+	cat >/etc/pool-managerd/pools.d/cold.pool <<-EOF
+		[Pool]
+		Description=llama-server stopped when unused, started on a lease
+		Devices=4
+		Model=tiny-a.gguf
+		IdleStopSec=1
+		StartOnLease=yes
+		[Engine]
+		ExecStart=$LS -m %m --port %p --host 127.0.0.1 -c 8192 -np 1 -t 1
+		Port=$COLD
+		StopTimeoutSec=10
+		[Health]
+		IntervalSec=2
+		TimeoutSec=2
+	EOF
+	for m in a b; do
+		port=$SWAPA
+		[ $m = a ] || port=$SWAPB
+		cat >/etc/pool-managerd/pools.d/swap$m.pool <<-EOF
+			[Pool]
+			Description=llama-server on tiny-$m, taking turns on GPU 5
+			Devices=5
+			Group=gpu5
+			Model=tiny-$m.gguf
+			[Engine]
+			ExecStart=$LS -m %m --port %p --host 127.0.0.1 -c 8192 -np 1 -t 1
+			Port=$port
+			StopTimeoutSec=10
+			[Health]
+			IntervalSec=2
+			TimeoutSec=2
+		EOF
+	done
+	want_ok "pool-managerd --check-config" pool-managerd --check-config || return 1
+	want_ok "systemctl reload pool-managerd" timeout 120 systemctl reload pool-managerd || return 1
+	idle_gone cold
+	want_match "cold's idle stop journaled" "$(journalctl POOL_ID=cold REASON=idle -o cat --no-pager)" 'pool idle: engine stopped'
+	want_ok "EnsureReady swapa" mcall EnsureReady st swapa 120000
+	want "swapa State" "$(pv swapa State)" ready
+	idle_gone swapb
+}
+
+# The cold start on a lease on the real engine: AcquireLease of the idle
+# pool until it answers with the lease, the engine serving; against
+# Debian's llama-server.service started until its /health answers, same
+# model and arguments, in turns.
+c_cold() {
+	local i t ours=() debs=() t0
+	debian_model tiny-a.gguf
+	systemctl stop llama-server.service
+	for i in 1 2 3 4 5; do
+		idle_gone cold || break
+		t0=$(now)
+		t=$(clock then $COLD busctl --timeout=120 call "$B" "$OBJ" "$B.Manager" AcquireLease s cold)
+		ours+=("$t")
+		want_match "round $i: AcquireLease answered with an engine serving" "$t" '^[0-9.]+$'
+		want_match "round $i: the lease" "$(cat /tmp/clock.out)" '^s "cold/'
+		# The lease went with busctl's connection: the pool goes idle
+		# again before the reference starts.
+		idle_gone cold || break
+		t=$(clock until $DEBIAN systemctl start llama-server.service)
+		debs+=("$t")
+		want_match "round $i: Debian's unit answered" "$t" '^[0-9.]+$'
+		systemctl stop llama-server.service
+	done
+	info "cold start on a lease (AcquireLease of an idle pool to its answer), pool-managerd: ${ours[*]} s; Debian's llama-server.service (systemctl start to /health 200): ${debs[*]} s"
+	figures "cold start on a lease" "${ours[*]}" "${debs[*]}"
+	info "pool-managerd's last cold start, seconds after the AcquireLease: $(journal_since cold "$t0")"
+	want "rounds" "${#ours[@]} ${#debs[@]}" "5 5"
+	want "cold CrashCount" "$(crashes cold)" 0
+	want_match "idle stops journaled (REASON=idle)" "$(journalctl POOL_ID=cold REASON=idle -o cat --no-pager | grep -c 'pool idle: engine stopped')" '^([6-9]|[1-9][0-9])$'
+}
+
+# A group swap on the real engine: EnsureReady of the parked pool until it
+# answers (the awake one drained, parked, its engine stopped; the parked
+# one started and healthy), each swap the other way; against Debian's
+# llama-server.service restarted on the other model until its /health
+# answers (the stop of one engine and the start of another), in turns.
+c_swap() {
+	local i t ours=() debs=() awake parked port m n0 t0
+	debian_model tiny-a.gguf
+	want_ok "Debian's llama-server.service" systemctl start llama-server.service
+	for i in 1 2 3 4 5; do
+		awake=swapa parked=swapb port=$SWAPB m=b
+		if [ "$(pv swapb Ready)" = true ]; then
+			awake=swapb parked=swapa port=$SWAPA m=a
+		fi
+		want "round $i: $awake Ready" "$(pv $awake Ready)" true
+		idle_gone $parked || break
+		n0=$(journalctl POOL_ID=$awake REASON=group -o cat --no-pager | grep -c 'pool parked: its GPUs go')
+		t0=$(now)
+		t=$(clock then $port busctl --timeout=120 call "$B" "$OBJ" "$B.Manager" EnsureReady st $parked 120000)
+		ours+=("$t")
+		want_match "round $i: EnsureReady $parked answered with its engine serving" "$t" '^[0-9.]+$'
+		want "round $i: $parked State" "$(pv $parked State)" ready
+		want_match "round $i: $parked serves tiny-$m" "$(curl -s --max-time 5 localhost:$port/v1/models)" "tiny-$m"
+		want "round $i: $awake State" "$(pv $awake State)" idle
+		want "round $i: $awake Live" "$(pv $awake Live)" false
+		want "round $i: $awake's scope" "$(systemctl is-active pool-engine-$awake.scope)" inactive
+		wait_for 10 "round $i: $awake parked (REASON=group)" "[ \$(journalctl POOL_ID=$awake REASON=group -o cat --no-pager | grep -c 'pool parked: its GPUs go') -gt $n0 ]"
+		debian_model tiny-$m.gguf
+		t=$(clock until $DEBIAN systemctl restart llama-server.service)
+		debs+=("$t")
+		want_match "round $i: Debian's unit answered" "$t" '^[0-9.]+$'
+		want_match "round $i: Debian's unit serves tiny-$m" "$(curl -s --max-time 5 localhost:$DEBIAN/v1/models)" "tiny-$m"
+	done
+	systemctl stop llama-server.service
+	info "group swap (EnsureReady of the parked pool to its answer), pool-managerd: ${ours[*]} s; Debian's llama-server.service (systemctl restart on the other model to /health 200): ${debs[*]} s"
+	figures "group swap" "${ours[*]}" "${debs[*]}"
+	info "the daemon's own swap times (park to answer, journal's DURATION_SEC): $(journalctl GROUP=gpu5 -o verbose --no-pager | awk -F= '/^ *DURATION_SEC=/ { printf "%.3f ", $2 }')s"
+	info "pool-managerd's last swap, seconds after the EnsureReady: $(journal_since "$parked" "$t0")$(journal_since "$awake" "$t0")"
+	want "rounds" "${#ours[@]} ${#debs[@]}" "5 5"
+	want "crashes" "$(crashes swapa) $(crashes swapb)" "0 0"
+}
+
 c_purge() {
 	local out
 	out=$(timeout 120 dpkg --purge pool-managerd 2>&1)
@@ -400,6 +586,10 @@ check "systemctl restart pool-managerd adopts the real engine" c_adopt
 check "--sleep-idle-seconds: the engine sleeps and wakes, never restarted" c_sleepy
 check "a request that makes the engine quote a CUDA error is not a fault" c_scanner
 check "figure: SIGKILL to /completion, pool-managerd against Debian's llama-server.service" c_figure
+if check "pools on demand added by a reload: one idle, a group of two with one up" c_ondemand; then
+	check "figure: cold start on a lease, pool-managerd against Debian's llama-server.service started" c_cold
+	check "figure: group swap by EnsureReady, against Debian's llama-server.service restarted on the other model" c_swap
+fi
 check "dpkg --purge: nothing of the package left, models kept" c_purge
 emit "PHASE	1	DONE"
 exit 0
