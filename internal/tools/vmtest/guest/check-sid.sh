@@ -352,6 +352,7 @@ c_figure() {
 	printf '[Service]\nRestart=always\nRestartSec=100ms\n' >/etc/systemd/system/llama-server.service.d/restart.conf
 	systemctl daemon-reload
 	want_ok "Debian's llama-server.service" systemctl start llama-server.service
+	n0=$(parks)
 	wait_for 60 "Debian's unit answers" "[ \"\$(complete $DEBIAN 1)\" = 200 ]"
 	wait_for 60 "fig answers" "[ \"\$(complete $FIG 1)\" = 200 ]"
 	for i in 1 2 3 4 5; do
@@ -383,42 +384,47 @@ back_after_kill() {
 }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
-# clock MODE PORT COMMAND...: seconds from COMMAND's start until it has
-# succeeded and, MODE "until", the engine on PORT answers /health with
-# 200 (looked at every 5 ms); MODE "then": one look once COMMAND is done
-# must find it 200 (the lease or EnsureReady answered with an engine
-# serving). "failed: why" otherwise. One python process times it: no fork
-# per look. COMMAND's output is left in /tmp/clock.out.
+# healthy PORT: the engine on PORT answers GET /health with 200. Bash's own
+# /dev/tcp: no fork, so a clock can look every few milliseconds.
+healthy() {
+	local line=
+	{ printf 'GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' >&9 && read -r -t 2 line <&9; } 2>/dev/null 9<>"/dev/tcp/127.0.0.1/$1"
+	[[ $line == "HTTP/1."?" 200 "* ]]
+}
+# clock MODE PORT COMMAND...: sets took to the seconds from COMMAND's start
+# until it has succeeded and, MODE "until", the engine on PORT answers
+# /health with 200 (looked at every 5 ms); MODE "then": one look once
+# COMMAND is done must find it 200 (the lease or EnsureReady answered with
+# the engine serving). took is "failed: why" otherwise. Nothing is forked
+# but COMMAND; its output is in /tmp/clock.out, its start in clock_t0.
 clock() {
-	python3 -c '
-import subprocess, sys, time, urllib.request
-mode, port, cmd = sys.argv[1], sys.argv[2], sys.argv[3:]
-def health():
-    try:
-        with urllib.request.urlopen("http://127.0.0.1:%s/health" % port, timeout=2) as r:
-            return r.status
-    except Exception:
-        return 0
-health()  # imports and first-call costs off the clock
-t0 = time.monotonic()
-try:
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=180)
-except subprocess.TimeoutExpired:
-    print("failed: %s ran past 180 s" % cmd[0]); sys.exit(1)
-took = time.monotonic() - t0
-open("/tmp/clock.out", "wb").write(r.stdout)
-if r.returncode != 0:
-    print("failed: %s exited %d: %s" % (cmd[0], r.returncode, r.stdout.decode(errors="replace").strip()[:200])); sys.exit(1)
-if mode == "until":
-    while health() != 200:
-        if time.monotonic() - t0 > 180:
-            print("failed: no /health 200 within 180 s"); sys.exit(1)
-        time.sleep(0.005)
-    took = time.monotonic() - t0
-elif health() != 200:
-    print("failed: /health on port %s not 200 once %s answered" % (port, cmd[0])); sys.exit(1)
-print("%.3f" % took)
-' "$@"
+	local mode=$1 port=$2 rc t1
+	shift 2
+	[ -p /tmp/clock.fifo ] || { rm -f /tmp/clock.fifo; mkfifo /tmp/clock.fifo; }
+	exec 8<>/tmp/clock.fifo
+	clock_t0=$EPOCHREALTIME
+	"$@" >/tmp/clock.out 2>&1
+	rc=$?
+	if [ $rc != 0 ]; then
+		took="failed: $1 exited $rc: $(head -c 200 /tmp/clock.out)"
+		return 1
+	fi
+	if [ "$mode" = until ]; then
+		# a 5 ms wait on a FIFO nobody writes: sleep(1) would fork
+		until healthy "$port"; do
+			if ((${EPOCHREALTIME%.*} - ${clock_t0%.*} > 180)); then
+				took="failed: no /health 200 within 180 s"
+				return 1
+			fi
+			read -r -t 0.005 -u 8
+		done
+	fi
+	t1=$EPOCHREALTIME
+	if [ "$mode" = then ] && ! healthy "$port"; then
+		took="failed: /health on port $port not 200 once $1 answered"
+		return 1
+	fi
+	took=$(awk -v a="$clock_t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
 }
 # idle_gone POOL: waits until the pool is idle with its engine and scope gone.
 idle_gone() {
@@ -430,11 +436,14 @@ figures() {
 	a=$(median $2) b=$(median $3)
 	info "$1: medians: pool-managerd $a s, Debian's unit $b s, ratio $(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.2f", a / b }'); overhead (ours less the reference) $(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.0f", (a - b) * 1000 }') ms against the goal < 30 ms (information only: a software-emulated guest)"
 }
-# journal_since POOL T0: the daemon's entries about the pool from T0, in
-# seconds after it, on one line.
+# journal_since T0 POOL...: the daemon's entries about the pools from T0,
+# in seconds after it, on one line.
 journal_since() {
-	journalctl POOL_ID="$1" --since="@${2%.*}" -o short-unix --no-pager |
-		awk -v t0="$2" '{ ts = $1; $1 = ""; $2 = ""; sub(/^ +/, ""); if (ts >= t0) printf "%.3f %s|", ts - t0, $0 }' | cut -c1-700
+	local t0=$1 p m=()
+	shift
+	for p in "$@"; do m+=("POOL_ID=$p"); done
+	journalctl "${m[@]}" --since="@${t0%.*}" -o short-unix --no-pager |
+		awk -v t0="$t0" '{ ts = $1; $1 = ""; $2 = ""; sub(/^ +/, ""); if (ts >= t0) printf "%.3f %s|", ts - t0, $0 }' | cut -c1-700
 }
 
 # Pools on demand, added by a configuration reload: one that goes idle a
@@ -490,31 +499,34 @@ c_ondemand() {
 # Debian's llama-server.service started until its /health answers, same
 # model and arguments, in turns.
 c_cold() {
-	local i t ours=() debs=() t0
+	local i ours=() debs=() t0
 	debian_model tiny-a.gguf
 	systemctl stop llama-server.service
 	for i in 1 2 3 4 5; do
 		idle_gone cold || break
-		t0=$(now)
-		t=$(clock then $COLD busctl --timeout=120 call "$B" "$OBJ" "$B.Manager" AcquireLease s cold)
-		ours+=("$t")
-		want_match "round $i: AcquireLease answered with an engine serving" "$t" '^[0-9.]+$'
-		want_match "round $i: the lease" "$(cat /tmp/clock.out)" '^s "cold/'
+		clock then $COLD busctl --timeout=120 call "$B" "$OBJ" "$B.Manager" AcquireLease s cold
+		ours+=("$took") t0=$clock_t0
+		want_match "round $i: AcquireLease answered with an engine serving" "$took" '^[0-9.]+$'
+		want_match "round $i: the lease" "$(</tmp/clock.out)" '^s "cold/'
 		# The lease went with busctl's connection: the pool goes idle
 		# again before the reference starts.
 		idle_gone cold || break
-		t=$(clock until $DEBIAN systemctl start llama-server.service)
-		debs+=("$t")
-		want_match "round $i: Debian's unit answered" "$t" '^[0-9.]+$'
+		clock until $DEBIAN systemctl start llama-server.service
+		debs+=("$took")
+		want_match "round $i: Debian's unit answered" "$took" '^[0-9.]+$'
 		systemctl stop llama-server.service
 	done
 	info "cold start on a lease (AcquireLease of an idle pool to its answer), pool-managerd: ${ours[*]} s; Debian's llama-server.service (systemctl start to /health 200): ${debs[*]} s"
 	figures "cold start on a lease" "${ours[*]}" "${debs[*]}"
-	info "pool-managerd's last cold start, seconds after the AcquireLease: $(journal_since cold "$t0")"
+	info "pool-managerd's last cold start, seconds after the AcquireLease: $(journal_since "$t0" cold)"
 	want "rounds" "${#ours[@]} ${#debs[@]}" "5 5"
 	want "cold CrashCount" "$(crashes cold)" 0
 	want_match "idle stops journaled (REASON=idle)" "$(journalctl POOL_ID=cold REASON=idle -o cat --no-pager | grep -c 'pool idle: engine stopped')" '^([6-9]|[1-9][0-9])$'
 }
+
+# parks: the group's pools parked so far, as the journal says.
+parks() { journalctl REASON=group -o cat --no-pager | grep -c 'pool parked: its GPUs go'; }
+export -f parks
 
 # A group swap on the real engine: EnsureReady of the parked pool until it
 # answers (the awake one drained, parked, its engine stopped; the parked
@@ -522,9 +534,10 @@ c_cold() {
 # llama-server.service restarted on the other model until its /health
 # answers (the stop of one engine and the start of another), in turns.
 c_swap() {
-	local i t ours=() debs=() awake parked port m n0 t0
+	local i ours=() debs=() awake parked port m n0 t0
 	debian_model tiny-a.gguf
 	want_ok "Debian's llama-server.service" systemctl start llama-server.service
+	n0=$(parks)
 	for i in 1 2 3 4 5; do
 		awake=swapa parked=swapb port=$SWAPB m=b
 		if [ "$(pv swapb Ready)" = true ]; then
@@ -532,29 +545,27 @@ c_swap() {
 		fi
 		want "round $i: $awake Ready" "$(pv $awake Ready)" true
 		idle_gone $parked || break
-		n0=$(journalctl POOL_ID=$awake REASON=group -o cat --no-pager | grep -c 'pool parked: its GPUs go')
-		t0=$(now)
-		t=$(clock then $port busctl --timeout=120 call "$B" "$OBJ" "$B.Manager" EnsureReady st $parked 120000)
-		ours+=("$t")
-		want_match "round $i: EnsureReady $parked answered with its engine serving" "$t" '^[0-9.]+$'
+		clock then $port busctl --timeout=120 call "$B" "$OBJ" "$B.Manager" EnsureReady st $parked 120000
+		ours+=("$took") t0=$clock_t0
+		want_match "round $i: EnsureReady $parked answered with its engine serving" "$took" '^[0-9.]+$'
 		want "round $i: $parked State" "$(pv $parked State)" ready
 		want_match "round $i: $parked serves tiny-$m" "$(curl -s --max-time 5 localhost:$port/v1/models)" "tiny-$m"
 		want "round $i: $awake State" "$(pv $awake State)" idle
 		want "round $i: $awake Live" "$(pv $awake Live)" false
 		want "round $i: $awake's scope" "$(systemctl is-active pool-engine-$awake.scope)" inactive
-		wait_for 10 "round $i: $awake parked (REASON=group)" "[ \$(journalctl POOL_ID=$awake REASON=group -o cat --no-pager | grep -c 'pool parked: its GPUs go') -gt $n0 ]"
 		debian_model tiny-$m.gguf
-		t=$(clock until $DEBIAN systemctl restart llama-server.service)
-		debs+=("$t")
-		want_match "round $i: Debian's unit answered" "$t" '^[0-9.]+$'
+		clock until $DEBIAN systemctl restart llama-server.service
+		debs+=("$took")
+		want_match "round $i: Debian's unit answered" "$took" '^[0-9.]+$'
 		want_match "round $i: Debian's unit serves tiny-$m" "$(curl -s --max-time 5 localhost:$DEBIAN/v1/models)" "tiny-$m"
 	done
 	systemctl stop llama-server.service
 	info "group swap (EnsureReady of the parked pool to its answer), pool-managerd: ${ours[*]} s; Debian's llama-server.service (systemctl restart on the other model to /health 200): ${debs[*]} s"
 	figures "group swap" "${ours[*]}" "${debs[*]}"
 	info "the daemon's own swap times (park to answer, journal's DURATION_SEC): $(journalctl GROUP=gpu5 -o verbose --no-pager | awk -F= '/^ *DURATION_SEC=/ { printf "%.3f ", $2 }')s"
-	info "pool-managerd's last swap, seconds after the EnsureReady: $(journal_since "$parked" "$t0")$(journal_since "$awake" "$t0")"
+	info "pool-managerd's last swap, seconds after the EnsureReady: $(journal_since "$t0" swapa swapb)"
 	want "rounds" "${#ours[@]} ${#debs[@]}" "5 5"
+	wait_for 10 "each swap parked the awake pool (REASON=group)" "[ \$(parks) -eq $((n0 + 5)) ]"
 	want "crashes" "$(crashes swapa) $(crashes swapb)" "0 0"
 }
 
