@@ -436,6 +436,10 @@ idle_gone() {
 # figures WHAT OURS REFERENCE: medians, ratio and overhead of two series of seconds.
 figures() {
 	local a b
+	if ! [[ "$2 $3" =~ ^[0-9.\ ]+$ ]]; then
+		info "$1: no medians: a round failed"
+		return
+	fi
 	a=$(median $2) b=$(median $3)
 	info "$1: medians: pool-managerd $a s, Debian's unit $b s, ratio $(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.2f", a / b }'); overhead (ours less the reference) $(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.0f", (a - b) * 1000 }') ms against the goal < 30 ms (information only: a software-emulated guest)"
 }
