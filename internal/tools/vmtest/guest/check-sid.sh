@@ -352,7 +352,6 @@ c_figure() {
 	printf '[Service]\nRestart=always\nRestartSec=100ms\n' >/etc/systemd/system/llama-server.service.d/restart.conf
 	systemctl daemon-reload
 	want_ok "Debian's llama-server.service" systemctl start llama-server.service
-	n0=$(parks)
 	wait_for 60 "Debian's unit answers" "[ \"\$(complete $DEBIAN 1)\" = 200 ]"
 	wait_for 60 "fig answers" "[ \"\$(complete $FIG 1)\" = 200 ]"
 	for i in 1 2 3 4 5; do
