@@ -124,3 +124,66 @@ func TestGroupParkPutsASleepingEngineToSleep(t *testing.T) {
 	assert.Equal(t, `s "sleeping"`, getProp(t, "llama-8b", "State"))
 	assert.FileExists(t, filepath.Join(dir, "pools.d", "mistral.pool.d", "50-Model.conf"))
 }
+
+// A daemon restart keeps a group as it was: the member parked asleep is
+// adopted asleep (the same engine, not woken: no weights loaded beside the
+// awake member's), the awake one stays ready on its engine, and nothing is
+// parked or swapped; the sleeping member's next use is a swap as before.
+func TestDaemonRestartLeavesAParkedMemberAsleep(t *testing.T) {
+	dir, port := configure(t)
+	model := filepath.Join(dir, "models", "tiny")
+	require.NoError(t, os.Mkdir(model, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(model, "config.json"),
+		[]byte(`{"architectures":["LlamaForCausalLM"],"model_type":"llama","max_position_embeddings":2048}`), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(model, "model.safetensors"), make([]byte, 64<<10), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "llama-8b.pool"), []byte(sleepMember(port)), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "mistral.pool"), []byte(sleepMember(port+1)), 0o644))
+	t.Cleanup(func() { exec.Command("systemctl", "stop", "pool-engine-mistral.scope").Run() })
+	start(t, dir)
+
+	waitProp(t, "llama-8b", "Ready", "b true")
+	waitProp(t, "mistral", "State", `s "idle"`)
+	llama := getProp(t, "llama-8b", "MainPID")
+	out, err := call("EnsureReady", "st", "mistral", "30000")
+	require.NoError(t, err, out)
+	mistral := getProp(t, "mistral", "MainPID")
+	require.Equal(t, `s "sleeping"`, getProp(t, "llama-8b", "State"))
+	since := getProp(t, "llama-8b", "IdleSinceUSec")
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(filepath.Join(dir, "run", "pools", "llama-8b.json"))
+		return strings.Contains(string(b), `"asleep"`) && strings.Contains(string(b), `"parked": true`)
+	}, 5*time.Second, 20*time.Millisecond, "its runtime record says it was left asleep")
+
+	restarted := time.Now()
+	sh(t, "systemctl", "restart", "pool-managerd.service")
+	waitProp(t, "mistral", "Ready", "b true")
+	assert.Equal(t, mistral, getProp(t, "mistral", "MainPID"), "the awake member adopted, not started again")
+	// Probed for a while: it sleeps on.
+	time.Sleep(time.Second)
+	assert.Equal(t, `s "sleeping"`, getProp(t, "llama-8b", "State"))
+	assert.Equal(t, llama, getProp(t, "llama-8b", "MainPID"), "adopted asleep, not started again")
+	assert.Equal(t, "b true", getProp(t, "llama-8b", "Live"))
+	assert.Equal(t, since, getProp(t, "llama-8b", "IdleSinceUSec"))
+	assert.Equal(t, true, simGet(t, port, "/is_sleeping")["is_sleeping"], "not woken")
+	assert.Equal(t, float64(0), simGet(t, port, "/sim/memory")["gpu_mem_bytes"], "its GPU memory still given back")
+	assert.Equal(t, "b true", getProp(t, "mistral", "Ready"))
+	assert.Equal(t, mistral, getProp(t, "mistral", "MainPID"))
+	assert.Equal(t, float64(8<<20), simGet(t, port+1, "/sim/memory")["gpu_mem_bytes"])
+	assert.Equal(t, "u 0", getProp(t, "llama-8b", "CrashCount"))
+	assert.Equal(t, "u 0", getProp(t, "mistral", "CrashCount"))
+	parks, _ := exec.Command("journalctl", "-u", "pool-managerd.service", "--no-pager", "-q", "-o", "cat",
+		"--since", fmt.Sprintf("@%d.%06d", restarted.Unix(), restarted.Nanosecond()/1000), "REASON=group").Output()
+	assert.Empty(t, strings.TrimSpace(string(parks)), "nothing parked at the restart")
+	assert.Contains(t, sh(t, "journalctl", "-u", "pool-managerd.service", "--no-pager", "-o", "cat", "POOL_ID=llama-8b"),
+		"adopted the sleeping engine")
+
+	// Its next use: mistral parked asleep, the same llama-8b engine woken.
+	out, err = call("EnsureReady", "st", "llama-8b", "30000")
+	require.NoError(t, err, out)
+	assert.Equal(t, llama, getProp(t, "llama-8b", "MainPID"))
+	assert.Equal(t, false, simGet(t, port, "/is_sleeping")["is_sleeping"])
+	assert.Equal(t, `s "sleeping"`, getProp(t, "mistral", "State"))
+	assert.Equal(t, mistral, getProp(t, "mistral", "MainPID"))
+	// Counted by the restarted daemon, from 0: the restart swapped nothing.
+	require.Eventually(t, func() bool { return groupSwaps(t, dir) == 1 }, 10*time.Second, 50*time.Millisecond)
+}

@@ -53,10 +53,15 @@ type (
 	// timeout) in the background; its exit comes as Exited.
 	StopScope struct{ Run RunID }
 	// WriteRecord writes the runtime record of Run (healthy) with Model
-	// as its ref and the leases held now.
+	// as its ref and the leases held now. Asleep (since AsleepSince,
+	// Parked for its group) says its engine was left asleep: a restarted
+	// daemon adopts it sleeping instead of waking it.
 	WriteRecord struct {
-		Run   RunID
-		Model string
+		Run         RunID
+		Model       string
+		Asleep      bool
+		AsleepSince time.Time
+		Parked      bool
 	}
 	// RemoveRecord removes the runtime record.
 	RemoveRecord struct{}

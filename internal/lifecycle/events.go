@@ -79,6 +79,12 @@ type (
 		StartBy time.Time
 		// Invocation is its scope's InvocationID ("" if not known).
 		Invocation string
+		// Asleep: the record says the engine was left asleep (since
+		// AsleepSince; Parked for its group): with Sleep= it is adopted
+		// sleeping, not woken.
+		Asleep      bool
+		AsleepSince time.Time
+		Parked      bool
 	}
 )
 

@@ -44,6 +44,7 @@ func (m *Machine) exited(e Exited) {
 	}
 	uptime := x.At.Sub(r.started)
 	m.do(RemoveRecord{})
+	m.recSleep = sleepRecord{}
 	unitEnded, cause := m.unitEnded, m.unitCause
 	m.unitEnded = false
 	if unitEnded && m.pending == nil {

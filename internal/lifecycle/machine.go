@@ -246,6 +246,9 @@ type Machine struct {
 	sleepParks []ReqID
 	// noMemory: the last start was refused for want of GPU memory.
 	noMemory bool
+	// recSleep is what the engine's runtime record says of sleep, as
+	// last written (or found, for an adopted engine).
+	recSleep sleepRecord
 
 	// The step under way.
 	out       []Action
@@ -277,14 +280,15 @@ func (m *Machine) Leases() map[string]string { return m.leases }
 // Policy is the pool's restart policy, for its status and persistence.
 func (m *Machine) Policy() *policy.Tracker { return m.tr }
 
-// RecordWritable says whether the runtime record may be written now: an
-// engine runs healthy, serving, and no drain or reload is under way.
-func (m *Machine) RecordWritable() (RunID, string, bool) {
+// RecordWritable says whether the runtime record may be written now (an
+// engine runs healthy, serving, and no drain or reload is under way), and
+// what it says.
+func (m *Machine) RecordWritable() (WriteRecord, bool) {
 	r := m.run
 	if r == nil || !r.healthy || r.candidate || r.stopping != NotStopping || m.drain != nil {
-		return 0, "", false
+		return WriteRecord{}, false
 	}
-	return r.id, m.model, true
+	return m.recordOf(r, m.model), true
 }
 
 // View returns the published state at now.
@@ -460,6 +464,7 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 	}
 	m.settleWaiters()
 	m.settleParks()
+	m.recordSleep()
 	m.keepPrepared()
 	m.publish()
 	out := m.out
@@ -897,6 +902,13 @@ func (m *Machine) healthy(e Healthy) {
 		return
 	}
 	r.healthy = true
+	if r.sleep.asleep {
+		// Adopted asleep: it sleeps on, woken once it is wanted.
+		if m.state == Sleeping && m.drain == nil && (r.sleep.wanted || len(m.waiters) > 0) {
+			m.wakeRun(r)
+		}
+		return
+	}
 	if d := m.drain; d != nil && d.reload == nil {
 		// The drain goes on: the pool stays Draining, and the engine it
 		// stops serves nobody.
@@ -956,7 +968,7 @@ func (m *Machine) serving(r *run) {
 		return
 	}
 	m.readyAt = m.now
-	m.do(WriteRecord{Run: r.id, Model: m.model})
+	m.writeRecord(r, m.model)
 	m.do(Log{Level: slog.LevelInfo, Msg: "engine ready", Engine: true, Attrs: []any{journal.StartupSec, m.now.Sub(r.started).Seconds()}})
 	m.rollbackSettled()
 }
@@ -1131,8 +1143,8 @@ func (m *Machine) versionKnown(e VersionKnown) {
 		return
 	}
 	m.version = e.Version
-	if id, model, ok := m.RecordWritable(); ok {
-		m.do(WriteRecord{Run: id, Model: model})
+	if _, ok := m.RecordWritable(); ok {
+		m.writeRecord(m.run, m.model)
 	}
 }
 

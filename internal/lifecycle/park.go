@@ -108,6 +108,8 @@ func (m *Machine) parkedAsleep() {
 	m.run.sleep.parked = true
 	m.transition(Sleeping, "parked asleep")
 	m.idleSince = m.now
+	// Recorded before the park is answered and another member starts.
+	m.recordSleep()
 	m.log(slog.LevelInfo, "pool parked: its GPUs go to another pool of its group", journal.Reason, ReasonGroup,
 		journal.NewState, Sleeping.String())
 }
@@ -132,6 +134,7 @@ func (m *Machine) settleParks() {
 	}
 	if r := m.run; err == nil && r != nil && m.state == Sleeping {
 		r.sleep.parked = true
+		m.recordSleep()
 	}
 	reqs := m.sleepParks
 	m.sleepParks = nil

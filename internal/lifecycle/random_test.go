@@ -132,8 +132,16 @@ func drive(c *choices) map[State]bool {
 		runs = append(runs, r)
 		st := staged("m", "sha256:m")
 		req++
+		// Its record may say it was left asleep (a sleeping engine holds
+		// no lease).
+		asleep := c.n(3) == 0
+		leases := map[string]string{"l1": "o1"}
+		if asleep {
+			leases = nil
+		}
 		step(Adopted{Req: req, Run: r, PID: pid, Started: now.Add(-time.Minute), Staged: st,
-			Leases: map[string]string{"l1": "o1"}, RecordHeld: 1, Starting: c.yes(), Invocation: fmt.Sprint("inv", r)})
+			Leases: leases, RecordHeld: len(leases), Starting: !asleep && c.yes(), Invocation: fmt.Sprint("inv", r),
+			Asleep: asleep, AsleepSince: now.Add(-time.Minute), Parked: c.yes()})
 	}
 	// pick is mostly the latest run, sometimes an earlier one.
 	pick := func() RunID {

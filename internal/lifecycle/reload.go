@@ -173,7 +173,8 @@ func (m *Machine) reloadAborted(reason string, err error) {
 	m.reload, m.drain = nil, nil
 	m.disarm(TimerDrainDeadline)
 	switch r := m.run; {
-	case r != nil && r.healthy && op.asleep && r.stopping == NotStopping && (r.sleep.asleep || r.sleep.asking):
+	case r != nil && op.asleep && r.stopping == NotStopping && (r.sleep.asleep || r.sleep.asking):
+		// Healthy, or adopted asleep and not yet probed.
 		m.transition(Sleeping, "reload given up")
 	case r != nil && r.healthy:
 		m.transition(Ready, "reload given up")
@@ -192,7 +193,7 @@ func (m *Machine) candidateHealthy(r *run) {
 	m.transition(Ready, "reloaded")
 	m.readyAt, m.heartbeat = m.now, m.now
 	m.model, m.digest, m.path = op.ref, r.staged.Digest, r.staged.Path
-	m.do(WriteRecord{Run: r.id, Model: op.ref})
+	m.writeRecord(r, op.ref)
 	m.do(Log{Level: slog.LevelInfo, Msg: "reload done: now serving " + op.ref, Engine: true,
 		Attrs: []any{journal.MessageIDField, string(journal.MsgReloadDone), journal.ModelDigest, r.staged.Digest}})
 	m.reply(Reply{Req: op.req})
@@ -271,21 +272,31 @@ func (m *Machine) adopted(e Adopted) {
 	}
 	m.current = e.Staged
 	m.run = &run{id: e.Run, pid: e.PID, started: e.Started, staged: e.Staged, invocation: e.Invocation}
-	m.run.sleep.adopted = m.cfg.Sleep
+	// Asleep by its record (a sleeping engine holds no lease); without
+	// one, it may be asleep all the same, and is woken before it serves.
+	asleep := e.Asleep && m.cfg.Sleep && !e.Starting && len(e.Leases) == 0 && m.state == Stopped
+	m.run.sleep.adopted = m.cfg.Sleep && !asleep
 	kept := 0
 	for id, owner := range e.Leases {
 		m.addLease(id, owner)
 		kept++
 	}
-	m.transition(Starting, "adopted")
+	if asleep {
+		m.adoptedAsleep(m.run, e)
+	} else {
+		m.transition(Starting, "adopted")
+	}
 	m.live, m.pid = true, e.PID
 	m.model, m.digest, m.path = e.Staged.Ref, e.Staged.Digest, e.Staged.Path
 	if e.EngineVersion != "" {
 		m.version = e.EngineVersion
 	}
-	if e.Starting {
+	switch {
+	case e.Starting:
 		m.log(slog.LevelInfo, fmt.Sprintf("adopted the engine (pid %d) that was starting, %s into its start", e.PID, m.now.Sub(e.Started).Round(1e6)))
-	} else {
+	case asleep:
+		m.log(slog.LevelInfo, fmt.Sprintf("adopted the sleeping engine (pid %d): it sleeps on until it is used", e.PID))
+	default:
 		m.log(slog.LevelInfo, fmt.Sprintf("adopted the running engine (pid %d), %d of %d lease(s) kept", e.PID, kept, e.RecordHeld))
 	}
 	m.do(Watch{Run: e.Run, StartBy: e.StartBy})

@@ -15,7 +15,9 @@ import (
 // with the same process. A sleep that fails is an idle stop; a wake that
 // fails (or whose warm-up fails) is a health failure, not a crash: the
 // engine is stopped and a fresh one started for the callers. An engine
-// that dies on its own while asleep or waking crashed.
+// that dies on its own while asleep or waking crashed. Its runtime record
+// says it was left asleep, so that a restarted daemon adopts it Sleeping
+// instead of waking it.
 
 // sleepState is where a run stands with sleep.
 type sleepState struct {
@@ -27,12 +29,66 @@ type sleepState struct {
 	// wakeAt is when the wake under way began (zero: none).
 	wakeAt time.Time
 	// adopted: an engine a previous daemon left may have been left
-	// asleep: it is woken (a no-op for an awake one) before it serves;
-	// adoptWake: that Wake is out.
+	// asleep (its record does not say): it is woken (a no-op for an
+	// awake one) before it serves; adoptWake: that Wake is out.
 	adopted, adoptWake bool
 	// parked: asleep for a park: another member of its group may have
 	// the GPUs.
 	parked bool
+}
+
+// sleepRecord is what the runtime record says of sleep: the engine was
+// left asleep, since when, and whether for its group.
+type sleepRecord struct {
+	asleep bool
+	since  time.Time
+	parked bool
+}
+
+// recordOf is the runtime record of r (Model model) as things stand.
+func (m *Machine) recordOf(r *run, model string) WriteRecord {
+	w := WriteRecord{Run: r.id, Model: model}
+	if r.sleep.asleep {
+		w.Asleep, w.AsleepSince, w.Parked = true, m.idleSince, r.sleep.parked
+	}
+	return w
+}
+
+// writeRecord has r's runtime record written.
+func (m *Machine) writeRecord(r *run, model string) {
+	w := m.recordOf(r, model)
+	m.recSleep = sleepRecord{w.Asleep, w.AsleepSince, w.Parked}
+	m.do(w)
+}
+
+// recordSleep keeps what the runtime record says of sleep in step with
+// the engine, so that a restarted daemon knows an engine left asleep:
+// asleep once its Sleep is answered, awake as a wake starts (written
+// before the Wake goes out: an engine recorded asleep must be). The
+// record goes with the engine.
+func (m *Machine) recordSleep() {
+	r := m.run
+	if r == nil || r.stopping != NotStopping || r.dead || r.candidate {
+		return
+	}
+	w := m.recordOf(r, m.model)
+	if (sleepRecord{w.Asleep, w.AsleepSince, w.Parked}) != m.recSleep {
+		m.writeRecord(r, m.model)
+	}
+}
+
+// adoptedAsleep takes over an engine its record says was left asleep: it
+// sleeps on (the same process, not woken), parked if it was, until it is
+// wanted, as any sleeping engine; woken, another member of its group
+// would have its weights loaded beside the awake one's.
+func (m *Machine) adoptedAsleep(r *run, e Adopted) {
+	r.sleep = sleepState{asleep: true, parked: e.Parked}
+	m.recSleep = sleepRecord{true, e.AsleepSince, e.Parked}
+	m.transition(Sleeping, "adopted asleep")
+	m.idleSince = e.AsleepSince
+	if e.AsleepSince.IsZero() || e.AsleepSince.After(m.now) {
+		m.idleSince = m.now
+	}
 }
 
 // wakeAdopted asks an adopted engine, healthy now, to wake before it
@@ -91,7 +147,9 @@ func (m *Machine) slept(e Slept) {
 	m.log(slog.LevelInfo, "engine asleep")
 	if len(m.waiters) > 0 || r.sleep.wanted {
 		m.wakeRun(r)
+		return
 	}
+	m.recordSleep()
 }
 
 // wakeSleeping wakes a sleeping engine, or has it woken once its Sleep is
@@ -101,10 +159,12 @@ func (m *Machine) wakeSleeping() {
 	if m.state != Sleeping || r == nil || r.stopping != NotStopping {
 		return
 	}
-	if r.sleep.asleep {
+	if r.sleep.asleep && r.healthy {
 		m.wakeRun(r)
 		return
 	}
+	// Its Sleep is out, or it was adopted asleep and has not answered a
+	// probe yet.
 	r.sleep.wanted = true
 }
 
@@ -114,6 +174,7 @@ func (m *Machine) wakeRun(r *run) {
 	r.sleep = sleepState{wakeAt: m.now}
 	// Its warm-up, where the pool sets one, comes again before it serves.
 	r.warm = false
+	m.recordSleep()
 	m.do(Wake{Run: r.id})
 	m.log(slog.LevelInfo, "pool waking on demand", journal.Reason, "demand")
 }

@@ -328,3 +328,165 @@ func TestAdoptedEngineIsWokenBeforeItServes(t *testing.T) {
 	assert.Empty(t, all[Wake](q.last))
 	assert.Equal(t, Ready, q.m.State())
 }
+
+// index is the position of the first action of type T in acts (-1: none).
+func index[T Action](acts []Action) int {
+	for i, a := range acts {
+		if _, ok := a.(T); ok {
+			return i
+		}
+	}
+	return -1
+}
+
+// An engine whose record says it was left asleep is adopted sleeping: the
+// same process, not woken at its first good probe, parked if it was (a
+// park answers at once); it is woken on demand as any sleeping engine,
+// once it has answered a probe, its record saying awake before the Wake
+// goes out. Without that record, or starting, it is woken as before.
+func TestAdoptedAsleepEngineSleepsOn(t *testing.T) {
+	p := sleepPool(t, nil)
+	since := p.now.Add(-10 * time.Minute)
+	run := p.m.NewRun()
+	req := p.request(func(r ReqID) Event {
+		return Adopted{Req: r, Run: run, PID: 77, Started: p.now.Add(-time.Hour), Staged: staged("m.gguf", "sha256:a"),
+			Invocation: "inv", Asleep: true, AsleepSince: since, Parked: true}
+	})
+	require.NoError(t, p.reply(req).Err)
+	_, watched := find[Watch](p.last)
+	assert.True(t, watched, "its probes go on: %v", p.last)
+	assert.Empty(t, all[WriteRecord](p.last), "its record says so already")
+	v := p.m.View(p.now)
+	assert.Equal(t, Sleeping, v.State)
+	assert.False(t, v.Ready)
+	assert.True(t, v.Live)
+	assert.Equal(t, 77, v.MainPID)
+	assert.Equal(t, since, v.IdleSince)
+
+	// Wanted before its first probe: woken once it answers.
+	e := p.request(func(r ReqID) Event { return EnsureReadyRequested{Req: r} })
+	assert.Empty(t, all[Wake](p.last))
+	p.noReply(e)
+	p.step(Healthy{Run: run})
+	assert.NotEqual(t, -1, index[Wake](p.last), "wanted, it is woken: %v", p.last)
+	assert.Equal(t, Waking, p.m.State())
+	p.step(Woke{Run: run})
+	require.NoError(t, p.reply(e).Err)
+	assert.Equal(t, Ready, p.m.State())
+
+	// Not wanted: it sleeps on; a park finds it parked.
+	p = sleepPool(t, nil)
+	run = p.m.NewRun()
+	p.request(func(r ReqID) Event {
+		return Adopted{Req: r, Run: run, PID: 78, Started: p.now.Add(-time.Hour), Staged: staged("m.gguf", "sha256:a"),
+			Asleep: true, AsleepSince: since, Parked: true}
+	})
+	p.step(Healthy{Run: run})
+	assert.Empty(t, all[Wake](p.last), "not woken by its first good probe: %v", p.last)
+	assert.Equal(t, Sleeping, p.m.State())
+	p.step(Probed{Run: run})
+	p.step(Probed{Run: run, Canary: true, Err: errors.New("asleep")})
+	assert.Equal(t, Sleeping, p.m.State())
+	assert.Empty(t, p.m.View(p.now).HealthFailures)
+	park := p.request(func(r ReqID) Event { return ParkRequested{Req: r, Deadline: time.Minute} })
+	require.NoError(t, p.reply(park).Err)
+	assert.Empty(t, all[Sleep](p.last))
+	assert.Empty(t, all[StopScope](p.last))
+	assert.Equal(t, Sleeping, p.m.State())
+	l := p.request(func(r ReqID) Event { return LeaseRequested{Req: r, ID: "p/a", Owner: "o"} })
+	rec, wake := index[WriteRecord](p.last), index[Wake](p.last)
+	require.NotEqual(t, -1, wake, "a lease wakes it: %v", p.last)
+	require.NotEqual(t, -1, rec, "its record says awake: %v", p.last)
+	assert.Less(t, rec, wake, "recorded awake before the Wake goes out")
+	assert.Equal(t, WriteRecord{Run: run, Model: "m.gguf"}, p.last[rec])
+	p.advance(2 * time.Second)
+	p.step(Woke{Run: run})
+	assert.Equal(t, "p/a", p.reply(l).Lease)
+	assert.Equal(t, 78, p.m.View(p.now).MainPID)
+	cw, ok := find[CountWake](p.last)
+	require.True(t, ok, "a wake on demand, counted")
+	assert.Equal(t, CountWake{Result: "ok", Took: 2 * time.Second}, cw)
+
+	// Crashed asleep and parked: not restarted beside the awake member.
+	p = sleepPool(t, nil)
+	run = p.m.NewRun()
+	p.request(func(r ReqID) Event {
+		return Adopted{Req: r, Run: run, PID: 79, Started: p.now.Add(-time.Hour), Staged: staged("m.gguf", "sha256:a"),
+			Asleep: true, Parked: true}
+	})
+	assert.Equal(t, p.now, p.m.View(p.now).IdleSince, "asleep since no known time: since now")
+	p.exit(run, killedBy(syscall.SIGSEGV))
+	assert.Equal(t, Idle, p.m.State())
+
+	// No record of sleep, a starting engine, or leases: woken as before.
+	for name, e := range map[string]Adopted{
+		"no record": {},
+		"starting":  {Asleep: true, Starting: true},
+		"leases":    {Asleep: true, Leases: map[string]string{"p/x": "o"}, RecordHeld: 1},
+	} {
+		q := sleepPool(t, nil)
+		run := q.m.NewRun()
+		q.request(func(r ReqID) Event {
+			e.Req, e.Run, e.PID, e.Started, e.Staged = r, run, 80, q.now.Add(-time.Hour), staged("m.gguf", "sha256:a")
+			return e
+		})
+		assert.Equal(t, Starting, q.m.State(), name)
+		q.step(Healthy{Run: run})
+		_, woken := find[Wake](q.last)
+		assert.True(t, woken, "%s: woken before it serves: %v", name, q.last)
+	}
+	// Without Sleep= a record of sleep is not acted on.
+	q := idlePool(t, nil)
+	run = q.m.NewRun()
+	q.request(func(r ReqID) Event {
+		return Adopted{Req: r, Run: run, PID: 81, Started: q.now.Add(-time.Hour), Staged: staged("m.gguf", "sha256:a"), Asleep: true}
+	})
+	q.step(Healthy{Run: run})
+	assert.Equal(t, Ready, q.m.State())
+}
+
+// The runtime record says whether the engine was left asleep: set once a
+// Sleep is answered (idle, or parked for its group), cleared before a
+// wake goes out; the record goes with the engine.
+func TestSleepIsRecorded(t *testing.T) {
+	p := sleepPool(t, nil)
+	run := p.ready()
+	acts := p.fire(TimerIdle)
+	at := p.now
+	assert.Empty(t, all[WriteRecord](acts), "asked to sleep is not asleep")
+	p.step(Slept{Run: run})
+	assert.Equal(t, []WriteRecord{{Run: run, Model: "m.gguf", Asleep: true, AsleepSince: at}}, all[WriteRecord](p.last))
+	w, ok := p.m.RecordWritable()
+	require.True(t, ok)
+	assert.True(t, w.Asleep, "a record written for another reason says so too")
+
+	// A park of the sleeping pool: parked from now.
+	park := p.request(func(r ReqID) Event { return ParkRequested{Req: r} })
+	require.NoError(t, p.reply(park).Err)
+	assert.Equal(t, []WriteRecord{{Run: run, Model: "m.gguf", Asleep: true, AsleepSince: at, Parked: true}}, all[WriteRecord](p.last))
+
+	e := p.request(func(r ReqID) Event { return EnsureReadyRequested{Req: r} })
+	rec, wake := index[WriteRecord](p.last), index[Wake](p.last)
+	require.NotEqual(t, -1, wake)
+	require.NotEqual(t, -1, rec, "%v", p.last)
+	assert.Less(t, rec, wake)
+	assert.Equal(t, WriteRecord{Run: run, Model: "m.gguf"}, p.last[rec])
+	p.step(Woke{Run: run})
+	require.NoError(t, p.reply(e).Err)
+	assert.Empty(t, all[WriteRecord](p.last), "nothing more to say")
+
+	// Parked asleep by a park of the awake pool.
+	p.request(func(r ReqID) Event { return ParkRequested{Req: r} })
+	_, asked := find[Sleep](p.last)
+	require.True(t, asked, "%v", p.last)
+	assert.Empty(t, all[WriteRecord](p.last))
+	p.step(Slept{Run: run})
+	assert.Equal(t, []WriteRecord{{Run: run, Model: "m.gguf", Asleep: true, AsleepSince: p.now, Parked: true}}, all[WriteRecord](p.last))
+	assert.Equal(t, Sleeping, p.m.State())
+
+	// Its exit removes the record: a fresh engine is recorded awake.
+	p.exit(run, exitStatus(0))
+	_, removed := find[RemoveRecord](p.last)
+	assert.True(t, removed)
+	assert.Empty(t, all[WriteRecord](p.last))
+}

@@ -19,6 +19,7 @@ var transitions = map[State][]State{
 		Failed,   // a start refused by the breaker, or a GPU hold
 		Backoff,  // a held exit, settled after a reload gave up, is a crash
 		Idle,     // it was idle when the daemon last stopped, or parked for another pool of its group
+		Sleeping, // an adopted engine its runtime record says was left asleep
 	},
 	Starting: {
 		Warming,  // healthy: its warm-up is sent

@@ -298,10 +298,12 @@ func (g *group) next() {
 }
 
 // startGroups is Adopt's rule for groups: one member up at a time. A
-// member adopted running (or the first adopted, if several were) stays
-// up; with none, the first member (by id, the file name) that starts on
-// its own starts. The others are parked (Idle, reason group), except
-// those the operator stopped.
+// member adopted awake (or the first adopted awake, if several were)
+// stays up; with none, the first member (by id, the file name) that
+// starts on its own starts. A member adopted asleep (its record said it
+// was left asleep) is parked already: neither woken nor parked again. The
+// others are parked (Idle, reason group), except those the operator
+// stopped.
 func (m *Manager) startGroups(adopted map[string]bool, starts func(id string, e *entry) bool) {
 	byGroup := map[string][]string{}
 	m.mu.RLock()
@@ -312,11 +314,17 @@ func (m *Manager) startGroups(adopted map[string]bool, starts func(id string, e 
 	}
 	m.mu.RUnlock()
 	for name, ids := range byGroup {
+		asleep := map[string]bool{}
 		up := ""
 		for _, id := range ids {
-			if adopted[id] {
+			e, err := m.entry(id)
+			if err != nil || !adopted[id] {
+				continue
+			}
+			if e.pool.Snapshot().State == lifecycle.Sleeping {
+				asleep[id] = true
+			} else if up == "" {
 				up = id
-				break
 			}
 		}
 		for _, id := range ids {
@@ -325,7 +333,7 @@ func (m *Manager) startGroups(adopted map[string]bool, starts func(id string, e 
 				continue
 			}
 			switch {
-			case id == up:
+			case id == up, asleep[id]:
 			case up == "" && !adopted[id] && starts(id, e):
 				up = id
 				go m.start(e)

@@ -225,6 +225,44 @@ func TestGroupOneMemberStartsAtDaemonStart(t *testing.T) {
 	})
 }
 
+// asleepNow makes a fake pool Sleeping, as an engine adopted asleep is.
+func asleepNow(p *fakePool) {
+	p.set(func(s *supervisor.Snapshot) { s.State, s.Live, s.Ready = lifecycle.Sleeping, true, false })
+}
+
+// At daemon start a member adopted asleep is parked already: the member
+// adopted awake stays up even if another comes first by id, and the
+// sleeping ones are neither started nor parked again (no swap); with only
+// sleeping members adopted, the first that starts on its own starts.
+func TestGroupAdoptedAsleepMembersStayParked(t *testing.T) {
+	t.Run("one awake", func(t *testing.T) {
+		h := newHost(t, static, map[string]string{"a": member, "b": member, "c": member})
+		m := h.open(nil, nil)
+		for _, id := range []string{"a", "b", "c"} {
+			h.pool(id).adoptable = true
+		}
+		asleepNow(h.pool("a"))
+		readyNow(h.pool("b"))
+		asleepNow(h.pool("c"))
+		m.Adopt(context.Background(), func(string) bool { return true })
+		for _, id := range []string{"a", "b", "c"} {
+			assert.Equal(t, []string{"adopt"}, h.pool(id).Calls(), id)
+		}
+		assert.Equal(t, lifecycle.Ready, h.pool("b").Snapshot().State)
+		assert.Equal(t, lifecycle.Sleeping, h.pool("a").Snapshot().State)
+	})
+	t.Run("none awake", func(t *testing.T) {
+		h := newHost(t, static, map[string]string{"a": member, "b": member})
+		m := h.open(nil, nil)
+		h.pool("a").adoptable = true
+		asleepNow(h.pool("a"))
+		m.Adopt(context.Background(), func(string) bool { return true })
+		b := h.pool("b")
+		require.Eventually(t, func() bool { return b.did("start") }, 5*time.Second, 5*time.Millisecond)
+		assert.Equal(t, []string{"adopt"}, h.pool("a").Calls())
+	})
+}
+
 // A reload that adds a member while another is up parks it, not starts
 // it.
 func TestGroupReloadDoesNotStartASecondMember(t *testing.T) {

@@ -102,9 +102,9 @@ func (s *Supervisor) leasesIdle() {
 func (s *Supervisor) flushLeases() {
 	s.recordDirty = false
 	s.recordLast = time.Now()
-	if id, model, ok := s.m.RecordWritable(); ok {
-		if r := s.runs[id]; r != nil {
-			s.writeRecord(r, model)
+	if w, ok := s.m.RecordWritable(); ok {
+		if r := s.runs[w.Run]; r != nil {
+			s.writeRecord(r, w)
 		}
 	}
 }

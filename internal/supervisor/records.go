@@ -27,16 +27,30 @@ type Record struct {
 	// Leases are the leases on the engine, id -> owner, for a restarted
 	// daemon to keep those whose owners are still connected.
 	Leases map[string]string `json:"leases,omitempty"`
+	// Asleep, when set, says the engine was left asleep (Sleep=vllm): a
+	// restarted daemon adopts it sleeping instead of waking it. Without
+	// it (an older daemon's record) an adopted engine is woken.
+	Asleep *AsleepRecord `json:"asleep,omitempty"`
 }
 
-func (s *Supervisor) writeRecord(r *run, modelRef string) {
+// AsleepRecord is what a runtime record says of an engine left asleep.
+type AsleepRecord struct {
+	Since time.Time `json:"since"`
+	// Parked: asleep for another pool of its group.
+	Parked bool `json:"parked,omitempty"`
+}
+
+func (s *Supervisor) writeRecord(r *run, w lifecycle.WriteRecord) {
 	if s.cfg.Records.Path == "" {
 		return
 	}
 	rec := Record{
-		Pool: s.cfg.Pool, Unit: r.e.Unit, PID: r.e.PID, Model: modelRef, StagedPath: r.staged.Path,
+		Pool: s.cfg.Pool, Unit: r.e.Unit, PID: r.e.PID, Model: w.Model, StagedPath: r.staged.Path,
 		Digest: r.staged.Digest, EngineVersion: s.m.View(time.Now()).EngineVersion, DeviceMask: s.cfg.DeviceMask,
 		URL: s.cfg.HealthURL, StartedAt: r.started, Leases: s.m.Leases(),
+	}
+	if w.Asleep {
+		rec.Asleep = &AsleepRecord{Since: w.AsleepSince.UTC(), Parked: w.Parked}
 	}
 	if err := s.cfg.Records.Save(s.cfg.Pool, rec); err != nil {
 		s.log.Error("cannot write the runtime record", journal.PoolID, s.cfg.Pool, journal.Error, err.Error())
@@ -115,6 +129,13 @@ func (s *Supervisor) Adopt(ctx context.Context, keep func(owner string) bool) (b
 			s.mayHold(owner)
 		}
 	}
+	// Left asleep, by a record of this engine: else it may be asleep
+	// all the same, and is woken before it serves.
+	var asleep AsleepRecord
+	left := found && rec.Asleep != nil && rec.PID == e.PID && len(rec.Leases) == 0
+	if left {
+		asleep = *rec.Asleep
+	}
 	var r *run
 	rep := <-s.request(func(id lifecycle.ReqID) lifecycle.Event {
 		ctx, cancel := context.WithCancel(context.Background())
@@ -122,7 +143,7 @@ func (s *Supervisor) Adopt(ctx context.Context, keep func(owner string) bool) (b
 		s.adoptHandle(r)
 		return lifecycle.Adopted{Req: id, Run: r.id, PID: e.PID, Started: rec.StartedAt, Staged: staged,
 			EngineVersion: rec.EngineVersion, Leases: kept, RecordHeld: len(rec.Leases), Starting: !found, StartBy: startBy,
-			Invocation: e.Invocation}
+			Invocation: e.Invocation, Asleep: left, AsleepSince: asleep.Since, Parked: asleep.Parked}
 	})
 	err = rep.Err
 	if err != nil {

@@ -332,7 +332,7 @@ func (s *Supervisor) exec(actions []lifecycle.Action) {
 			s.stopScope(s.runs[a.Run])
 		case lifecycle.WriteRecord:
 			if r := s.runs[a.Run]; r != nil {
-				s.writeRecord(r, a.Model)
+				s.writeRecord(r, a)
 			}
 		case lifecycle.RemoveRecord:
 			s.removeRecord()

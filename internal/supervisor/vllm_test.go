@@ -1,9 +1,11 @@
 package supervisor_test
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +15,7 @@ import (
 
 	"github.com/llorch/pool-managerd/internal/crash"
 	"github.com/llorch/pool-managerd/internal/health"
+	"github.com/llorch/pool-managerd/internal/lifecycle"
 	. "github.com/llorch/pool-managerd/internal/supervisor"
 	"github.com/llorch/pool-managerd/internal/testkit/testpool"
 )
@@ -104,6 +107,82 @@ func TestVLLMEngineCoreFaults(t *testing.T) {
 			assert.Contains(t, crashed.LastError, c.errHas)
 			again := waitFor(t, s, "ready again", ready(2))
 			assert.NotEqual(t, first.MainPID, again.MainPID)
+		})
+	}
+}
+
+// isSleeping asks the simulator's vLLM whether it sleeps.
+func isSleeping(t *testing.T, port int) bool {
+	t.Helper()
+	var out struct {
+		IsSleeping bool `json:"is_sleeping"`
+	}
+	get(t, port, "/is_sleeping", &out)
+	return out.IsSleeping
+}
+
+// An engine its runtime record says was left asleep is adopted asleep, as
+// after a daemon restart: the same process, not woken, until its next
+// use. A record naming another process, or one whose word on sleep is
+// garbled (set aside), is no such word: the engine is woken before it
+// serves, as one without a record.
+func TestAnEngineRecordedAsleepIsAdoptedAsleep(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		edit   func(string) string
+		asleep bool
+	}{
+		{"recorded", func(s string) string { return s }, true},
+		{"another pid", func(s string) string {
+			return regexp.MustCompile(`"pid": \d+`).ReplaceAllString(s, `"pid": 1`)
+		}, false},
+		{"garbled", func(s string) string { return strings.Replace(s, `"asleep": {`, `"asleep": 5, "was": {`, 1) }, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			e := testpool.New(t, nil)
+			id := "asleep" + strings.ReplaceAll(c.name, " ", "")
+			spec := testpool.Spec{ID: id, Devices: "0", SimArgs: "--engine vllm --enable-sleep-mode --gpu-mem-mb 8",
+				Model: vllmModel(t, e, "tiny"), Engine: "Version=sim-1\nStopTimeoutSec=2\nSleep=vllm\nSleepLevel=1\n",
+				Extra: "[Pool]\nIdleStopSec=2\n"}
+			s := e.Start(spec)
+			first := waitFor(t, s, "asleep", func(p Snapshot) bool { return p.State == lifecycle.Sleeping })
+			rec := filepath.Join(e.Dir, "run", "pools", id+".json")
+			var text string
+			require.Eventually(t, func() bool {
+				b, _ := os.ReadFile(rec)
+				text = string(b)
+				return strings.Contains(text, `"asleep": {`)
+			}, 5*time.Second, 10*time.Millisecond, "the record says it sleeps")
+			require.True(t, isSleeping(t, s.Port))
+			require.NoError(t, os.WriteFile(rec, []byte(c.edit(text)), 0o644))
+
+			// A second supervisor of the pool, as after a daemon restart.
+			spec.NoStart, spec.Port = true, s.Port
+			again := e.Start(spec)
+			ctx, cancel := context.WithTimeout(e.Ctx, 20*time.Second)
+			defer cancel()
+			adopted, err := again.Adopt(ctx, func(string) bool { return true })
+			require.NoError(t, err)
+			require.True(t, adopted)
+			if !c.asleep {
+				snap := waitFor(t, again, "ready", func(p Snapshot) bool { return p.Ready })
+				assert.Equal(t, first.MainPID, snap.MainPID)
+				assert.False(t, isSleeping(t, s.Port), "woken before it serves")
+				return
+			}
+			snap := again.Snapshot()
+			assert.Equal(t, lifecycle.Sleeping, snap.State)
+			assert.Equal(t, first.MainPID, snap.MainPID)
+			assert.Equal(t, first.IdleSince.UnixMicro(), snap.IdleSince.UnixMicro())
+			time.Sleep(time.Second)
+			assert.Equal(t, lifecycle.Sleeping, again.Snapshot().State, "probed, it sleeps on")
+			assert.True(t, isSleeping(t, s.Port), "not woken")
+			require.NoError(t, again.EnsureReady(ctx, 0))
+			assert.Equal(t, first.MainPID, again.Snapshot().MainPID, "the same engine serves")
+			assert.False(t, isSleeping(t, s.Port))
+			b, err := os.ReadFile(rec)
+			require.NoError(t, err)
+			assert.NotContains(t, string(b), `"asleep"`, "recorded awake")
 		})
 	}
 }
