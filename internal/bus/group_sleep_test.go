@@ -59,11 +59,7 @@ func completions(t *testing.T, unit string, since time.Time) int {
 // other the same way and wakes it: the same engine serves.
 func TestGroupParkPutsASleepingEngineToSleep(t *testing.T) {
 	dir, port := configure(t)
-	model := filepath.Join(dir, "models", "tiny")
-	require.NoError(t, os.Mkdir(model, 0o755))
-	require.NoError(t, os.WriteFile(filepath.Join(model, "config.json"),
-		[]byte(`{"architectures":["LlamaForCausalLM"],"model_type":"llama","max_position_embeddings":2048}`), 0o644))
-	require.NoError(t, os.WriteFile(filepath.Join(model, "model.safetensors"), make([]byte, 64<<10), 0o644))
+	model := vllmModel(t, dir)
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "llama-8b.pool"), []byte(sleepMember(port)), 0o644))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "mistral.pool"), []byte(sleepMember(port+1)), 0o644))
 	t.Cleanup(func() { exec.Command("systemctl", "stop", "pool-engine-mistral.scope").Run() })
@@ -89,12 +85,13 @@ func TestGroupParkPutsASleepingEngineToSleep(t *testing.T) {
 	assert.Contains(t, out, "NEW_STATE=sleeping")
 
 	// Asleep: probed, no canary; the awake member gets its canaries.
+	// The window is three of the awake member's canaries: as many turns
+	// in which the sleeping one would have had its own.
 	since := time.Now()
-	time.Sleep(2 * time.Second)
+	require.Eventually(t, func() bool { return completions(t, "pool-engine-mistral.scope", since) >= 3 }, 10*time.Second, 100*time.Millisecond,
+		"the awake member gets canaries")
 	assert.Equal(t, `s "sleeping"`, getProp(t, "llama-8b", "State"))
 	assert.Zero(t, completions(t, llamaUnit, since), "no canary reaches the sleeping engine")
-	require.Eventually(t, func() bool { return completions(t, "pool-engine-mistral.scope", since) > 0 }, 5*time.Second, 100*time.Millisecond,
-		"the awake member gets canaries")
 
 	// And back: mistral sleeps in turn, llama-8b's engine wakes.
 	mistral := getProp(t, "mistral", "MainPID")
@@ -131,11 +128,7 @@ func TestGroupParkPutsASleepingEngineToSleep(t *testing.T) {
 // parked or swapped; the sleeping member's next use is a swap as before.
 func TestDaemonRestartLeavesAParkedMemberAsleep(t *testing.T) {
 	dir, port := configure(t)
-	model := filepath.Join(dir, "models", "tiny")
-	require.NoError(t, os.Mkdir(model, 0o755))
-	require.NoError(t, os.WriteFile(filepath.Join(model, "config.json"),
-		[]byte(`{"architectures":["LlamaForCausalLM"],"model_type":"llama","max_position_embeddings":2048}`), 0o644))
-	require.NoError(t, os.WriteFile(filepath.Join(model, "model.safetensors"), make([]byte, 64<<10), 0o644))
+	vllmModel(t, dir)
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "llama-8b.pool"), []byte(sleepMember(port)), 0o644))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "mistral.pool"), []byte(sleepMember(port+1)), 0o644))
 	t.Cleanup(func() { exec.Command("systemctl", "stop", "pool-engine-mistral.scope").Run() })

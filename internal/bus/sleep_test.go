@@ -55,11 +55,7 @@ func simGet(t *testing.T, port int, path string) map[string]any {
 // engine serves the caller.
 func TestSleepingPoolWakesOnLease(t *testing.T) {
 	dir, port := configure(t)
-	model := filepath.Join(dir, "models", "tiny")
-	require.NoError(t, os.Mkdir(model, 0o755))
-	require.NoError(t, os.WriteFile(filepath.Join(model, "config.json"),
-		[]byte(`{"architectures":["LlamaForCausalLM"],"model_type":"llama","max_position_embeddings":2048}`), 0o644))
-	require.NoError(t, os.WriteFile(filepath.Join(model, "model.safetensors"), make([]byte, 64<<10), 0o644))
+	vllmModel(t, dir)
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pools.d", "llama-8b.pool"), []byte(fmt.Sprintf(`[Pool]
 Devices=0
 Model=tiny
@@ -132,4 +128,17 @@ BackoffInitialSec=0.2
 	assert.Equal(t, "u 0", getProp(t, "llama-8b", "CrashCount"))
 	assert.True(t, strings.Contains(getProp(t, "llama-8b", "LastError"), "wake failed"), getProp(t, "llama-8b", "LastError"))
 	require.Eventually(t, func() bool { return wakes(t, dir, "failed") == 1 }, 10*time.Second, 50*time.Millisecond)
+}
+
+// vllmModel makes the vLLM simulator's model directory "tiny" in dir's
+// models (a Hugging Face config and one weights file) and returns its
+// path.
+func vllmModel(t *testing.T, dir string) string {
+	t.Helper()
+	model := filepath.Join(dir, "models", "tiny")
+	require.NoError(t, os.Mkdir(model, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(model, "config.json"),
+		[]byte(`{"architectures":["LlamaForCausalLM"],"model_type":"llama","max_position_embeddings":2048}`), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(model, "model.safetensors"), make([]byte, 64<<10), 0o644))
+	return model
 }
