@@ -29,6 +29,9 @@ type drainOp struct {
 	waitedRequests bool
 	// park: the drain parks the pool (see ParkRequested): it ends Idle.
 	park bool
+	// engineGone: the engine exited; the drain ends once no stop of
+	// its scope is out (see stopScope).
+	engineGone bool
 }
 
 // drainRequested stops new leases at once (Draining, not Ready), waits
@@ -166,6 +169,17 @@ func (m *Machine) stopDrained(d *drainOp) {
 		// It exited on its own, its exit held for systemd's word: that
 		// exit, once settled, ends the drain (and no restart follows).
 	default:
+		m.drainEngineGone()
+	}
+}
+
+// drainEngineGone: the drain's engine is gone; the drain ends now, or
+// when the last stop of its scope ends (scopeStopped). An exit that
+// already moved the pool on (an operator's systemctl stop, a crash) ends
+// it now: that scope ends on its own.
+func (m *Machine) drainEngineGone() {
+	m.drain.engineGone = true
+	if len(m.scopeStops) == 0 || m.state != Draining {
 		m.finishDrain()
 	}
 }

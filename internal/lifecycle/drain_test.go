@@ -390,3 +390,32 @@ func TestAReloadWaitsForRequestsInFlightAndGivesUpAtItsDeadline(t *testing.T) {
 	assert.Contains(t, rep.Err.Error(), "requests still in flight")
 	assert.Equal(t, Ready, p.m.State(), "the old engine goes on serving")
 }
+
+// Like systemctl stop, a Stop (a drain) is answered once nothing of the
+// engine's scope runs: its shim reports the engine's exit before it
+// leaves the scope itself, and systemd's stop job ends after that.
+func TestStopAnswersOnceTheScopeIsGone(t *testing.T) {
+	p := newPool(t, nil)
+	run := p.ready()
+	req := p.request(func(id ReqID) Event { return DrainRequested{Req: id} })
+	stop, ok := find[StopScope](p.last)
+	require.True(t, ok, "the engine's scope is stopped")
+	require.Equal(t, run, stop.Run)
+
+	p.advance(3 * time.Millisecond)
+	p.step(Exited{Run: run, Exit: Exit{Status: syscall.WaitStatus(syscall.SIGTERM), At: p.now}})
+	p.noReply(req)
+	assert.Equal(t, Draining, p.m.State(), "draining until the scope is gone")
+	assert.False(t, p.m.View(p.now).Live)
+
+	p.step(ScopeStopped{Run: run + 1})
+	p.noReply(req)
+
+	p.advance(2 * time.Millisecond)
+	p.step(ScopeStopped{Run: run})
+	rep := p.reply(req)
+	require.NoError(t, rep.Err)
+	assert.Equal(t, Drained, rep.Drain.Outcome)
+	assert.Equal(t, p.now, rep.Drain.Done, "done when the scope is")
+	assert.Equal(t, Stopped, p.m.State())
+}

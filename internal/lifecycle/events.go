@@ -176,6 +176,10 @@ type (
 		Run  RunID
 		Exit Exit
 	}
+	// ScopeStopped: systemd's stop job of Run's scope (StopScope) ended:
+	// nothing of the scope runs any more, shim included (or the job
+	// failed, and there is nothing more to wait for).
+	ScopeStopped struct{ Run RunID }
 	// GPUUnhealthy: one of the pool's GPUs needs a reset or is lost (Why
 	// names the GPU, the XID, its meaning and the remedy): the engine is
 	// stopped and the pool held until GPUUsable or AllowRestart.
@@ -210,6 +214,7 @@ type (
 
 func (StartRequested) event()        {}
 func (DrainRequested) event()        {}
+func (ScopeStopped) event()          {}
 func (EnsureReadyRequested) event()  {}
 func (IdleRestored) event()          {}
 func (ReloadRequested) event()       {}

@@ -40,7 +40,7 @@ func (m *Machine) exited(e Exited) {
 		// garbled report may come from an engine that still runs): the
 		// scope goes before anything else happens on its GPUs.
 		m.log(slog.LevelError, "engine's shim lost: stopping its scope", journal.Error, x.LostWhy)
-		m.do(StopScope{Run: r.id})
+		m.stopScope(r.id)
 	}
 	uptime := x.At.Sub(r.started)
 	m.do(RemoveRecord{})
@@ -301,7 +301,7 @@ func exitFields(x Exit) (code *int, signal string) {
 // engineStopped is told of every engine exit.
 func (m *Machine) engineStopped(r *run) {
 	if m.drain != nil && m.drain.reload == nil {
-		m.finishDrain()
+		m.drainEngineGone()
 	}
 	if op := m.reload; op != nil && op.old == r {
 		m.reloadOldGone()

@@ -164,8 +164,13 @@ func killedBy(sig syscall.Signal) Exit {
 	return Exit{Status: syscall.WaitStatus(sig), At: t0}
 }
 
-// exit reports run's exit now.
+// exit reports run's exit now; a stop of its scope that is out ends
+// first (systemd's job may end before the shim's report reaches the
+// loop; TestStopAnswersOnceTheScopeIsGone takes the other order).
 func (p *pool) exit(run RunID, x Exit) []Action {
 	x.At = p.now
+	if p.m.scopeStops[run] {
+		p.step(ScopeStopped{Run: run})
+	}
 	return p.step(Exited{Run: run, Exit: x})
 }

@@ -72,7 +72,8 @@ func (m *Machine) idleDue() {
 		return
 	}
 	r.stopping = StopIdle
-	m.do(StopProbes{Run: r.id}, StopScope{Run: r.id})
+	m.do(StopProbes{Run: r.id})
+	m.stopScope(r.id)
 	m.policy(m.tr.Stopped(m.now))
 	m.transition(Idle, "unused")
 	m.idleSince = m.now

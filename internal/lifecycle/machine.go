@@ -225,6 +225,8 @@ type Machine struct {
 	unitCause witness.Cause
 	prepared  *preparedScope
 	frac      stagingFrac
+	// scopeStops: runs whose scope's stop (StopScope) is out.
+	scopeStops map[RunID]bool
 	// current is the model the running (or next) engine loads.
 	current model.Staged
 	leases  map[string]string
@@ -260,7 +262,7 @@ type Machine struct {
 // the caller). held, when set, keeps it from starting until ResetBreaker
 // (its persisted state could not be read).
 func New(cfg Config, tr *policy.Tracker, held string) *Machine {
-	m := &Machine{cfg: cfg, tr: tr, held: held, leases: map[string]string{}, owned: map[string]int{}, gpuHeld: map[string]string{}, frac: stagingFrac{stage: -1},
+	m := &Machine{cfg: cfg, tr: tr, held: held, leases: map[string]string{}, scopeStops: map[RunID]bool{}, owned: map[string]int{}, gpuHeld: map[string]string{}, frac: stagingFrac{stage: -1},
 		model: cfg.Model, version: cfg.EngineVersion}
 	if held != "" {
 		m.transition(Failed, "held from the start")
@@ -435,6 +437,8 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 		}
 	case Exited:
 		m.exited(e)
+	case ScopeStopped:
+		m.scopeStopped(e)
 	case VersionKnown:
 		m.versionKnown(e)
 	case GPUUnhealthy:
@@ -734,7 +738,7 @@ func (m *Machine) engineStarted(e EngineStarted) {
 	if op == nil || op.run != e.Run || op.phase != startLaunching {
 		// A start called off while it launched: its engine must not
 		// run unwatched.
-		m.do(StopScope{Run: e.Run})
+		m.stopScope(e.Run)
 		return
 	}
 	m.start = nil
@@ -1155,5 +1159,24 @@ func (m *Machine) stopRun(why StopReason) {
 		return
 	}
 	r.stopping = why
-	m.do(StopProbes{Run: r.id}, StopScope{Run: r.id})
+	m.do(StopProbes{Run: r.id})
+	m.stopScope(r.id)
+}
+
+// stopScope has run's scope stopped; until its job ends (ScopeStopped)
+// a drain is not answered: like systemctl stop, a Stop returns when
+// nothing of the engine's scope runs, its shim included.
+func (m *Machine) stopScope(run RunID) {
+	m.scopeStops[run] = true
+	m.do(StopScope{Run: run})
+}
+
+func (m *Machine) scopeStopped(e ScopeStopped) {
+	if !m.scopeStops[e.Run] {
+		return
+	}
+	delete(m.scopeStops, e.Run)
+	if d := m.drain; d != nil && d.reload == nil && d.engineGone && len(m.scopeStops) == 0 {
+		m.finishDrain()
+	}
 }

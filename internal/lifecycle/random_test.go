@@ -88,6 +88,8 @@ func drive(c *choices) map[State]bool {
 		return engines[r]
 	}
 	timers := map[Timer]ArmTimer{}
+	// stops: scopes whose stop is out (StopScope), in order.
+	var stops []RunID
 	prepared, prepInv, preps := false, "", 0
 	var req ReqID
 	pid := 100
@@ -109,6 +111,8 @@ func drive(c *choices) map[State]bool {
 				eng(a.Run).wakes++
 			case StopProbes:
 				eng(a.Run).probesOff = true
+			case StopScope:
+				stops = append(stops, a.Run)
 			case ArmTimer:
 				timers[a.Timer] = a
 			case CancelTimer:
@@ -160,7 +164,7 @@ func drive(c *choices) map[State]bool {
 	refs := []string{"m", "m2", "m3"}
 	for !c.over() {
 		var ev Event
-		switch k := c.n(42); {
+		switch k := c.n(43); {
 		case k < 4:
 			if len(stages) == 0 {
 				continue
@@ -396,6 +400,16 @@ func drive(c *choices) map[State]bool {
 				ev = Woke{Run: r, Err: err}
 			default:
 				continue
+			}
+		case k < 42:
+			// systemd ends a stop job, in any order, at times twice.
+			if len(stops) == 0 {
+				continue
+			}
+			i := c.n(len(stops))
+			ev = ScopeStopped{Run: stops[i]}
+			if c.n(8) > 0 {
+				stops = slices.Delete(stops, i, i+1)
 			}
 		default:
 			now = now.Add(time.Duration(c.n(50)) * 10 * time.Millisecond)

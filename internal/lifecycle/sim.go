@@ -56,6 +56,7 @@ func (s *Sim) do(acts []Action) {
 			if s.M.run != nil && s.M.run.id == a.Run {
 				s.step(Exited{Run: a.Run, Exit: Exit{Status: syscall.WaitStatus(syscall.SIGTERM), At: s.Now}})
 			}
+			s.step(ScopeStopped{Run: a.Run})
 		case ArmTimer:
 			s.timers[a.Timer] = a
 		case CancelTimer:

@@ -329,7 +329,7 @@ func (s *Supervisor) exec(actions []lifecycle.Action) {
 				r.cancel()
 			}
 		case lifecycle.StopScope:
-			s.stopScope(s.runs[a.Run])
+			s.stopScope(s.runs[a.Run], a.Run)
 		case lifecycle.WriteRecord:
 			if r := s.runs[a.Run]; r != nil {
 				s.writeRecord(r, a)
@@ -1054,9 +1054,10 @@ func (s *Supervisor) versionKnown(out, failed string) {
 }
 
 // stopScope stops the engine's scope in the background (r nil: whatever
-// runs in it). The next start waits for it: a stop by name must not reach
+// runs in it) and tells the machine when systemd's job ends (id: the run
+// it stops). The next start waits for it: a stop by name must not reach
 // the next engine's scope.
-func (s *Supervisor) stopScope(r *run) {
+func (s *Supervisor) stopScope(r *run, id lifecycle.RunID) {
 	staged := s.m.View(time.Now()).StagedPath
 	if r != nil {
 		r.cancel()
@@ -1066,12 +1067,13 @@ func (s *Supervisor) stopScope(r *run) {
 	done := make(chan struct{})
 	s.stopping = done
 	go func() {
-		defer close(done)
 		ctx, cancel := context.WithTimeout(context.Background(), stopTimeout+30*time.Second)
-		defer cancel()
 		if err := s.rt.Stop(ctx, s.cfg.Pool); err != nil {
 			s.log.Error("stopping engine", journal.PoolID, s.cfg.Pool, journal.Error, err.Error())
 		}
+		cancel()
+		close(done)
+		s.post(func() { s.step(lifecycle.ScopeStopped{Run: id}) })
 	}()
 }
 

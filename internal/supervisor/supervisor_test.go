@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	sddbus "github.com/coreos/go-systemd/v22/dbus"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -375,4 +376,26 @@ func TestReloadIsBusyWhileReloading(t *testing.T) {
 	_, err = s.Reload(e.Ctx, "../escape.gguf", time.Minute)
 	assert.ErrorIs(t, err, lifecycle.ErrInvalidArgument)
 	assert.Equal(t, "other.gguf", filepath.Base(s.Snapshot().Model), "a bad ref changes nothing")
+}
+
+// Like systemctl stop, Stop returns once nothing of the engine's scope
+// runs: its shim reports the engine's exit before it leaves the scope
+// itself, and systemd ends the scope a few milliseconds later. Asked at
+// once over the bus (systemctl show takes longer than that window), the
+// scope is inactive every time.
+func TestStopReturnsOnceTheScopeIsGone(t *testing.T) {
+	e := testpool.New(t, nil)
+	sd, err := sddbus.NewSystemConnectionContext(e.Ctx)
+	require.NoError(t, err)
+	defer sd.Close()
+	s := e.Pool("gone", "0", "", "")
+	for i := range 5 {
+		snap := waitFor(t, s, "ready", ready(i+1))
+		require.NoError(t, s.Stop(e.Ctx))
+		p, err := sd.GetUnitPropertyContext(e.Ctx, snap.Unit, "ActiveState")
+		require.NoError(t, err)
+		assert.Equal(t, `"inactive"`, p.Value.String(), "stop %d", i+1)
+		assert.Equal(t, lifecycle.Stopped, s.Snapshot().State)
+		require.NoError(t, s.Start())
+	}
 }
