@@ -176,9 +176,12 @@ type Engine struct {
 	// shimEnded waits a moment for the shim the daemon started to be
 	// reaped and says how it ended (nil for an adopted engine).
 	shimEnded func(wait time.Duration) (syscall.WaitStatus, bool)
-	diedMu    sync.Mutex
-	dead      bool
-	onDied    func()
+	// scopeOOMKills reads the OOM kills in the scope since the engine's
+	// start, from outside it (nil: not known).
+	scopeOOMKills func() uint64
+	diedMu        sync.Mutex
+	dead          bool
+	onDied        func()
 }
 
 // OnDied has f called once when the kernel says the engine process ended
@@ -482,6 +485,9 @@ type Prepared struct {
 	madeOnce  sync.Once
 	cgroup    uint64
 	cgroupErr error
+	// oom is the scope's OOM kill counter, found through the shim
+	// once it is in the scope ("" if none).
+	oom string
 }
 
 // scopeMade records the scope's cgroup, or why there is none.
@@ -710,6 +716,7 @@ func (r *Runtime) prepare(ctx context.Context, s Spec, check bool) (*Prepared, e
 	if err != nil {
 		err = fmt.Errorf("the cgroup of %s: %w", name, err)
 	}
+	p.oom = shim.OOMFile(strconv.Itoa(cmd.Process.Pid))
 	p.scopeMade(id, err)
 	p.ready = time.Now()
 	p.ph.Scope = p.ready.Sub(t1)
@@ -733,6 +740,8 @@ func (p *Prepared) goAhead(ctx context.Context) (*Engine, error) {
 		}
 		return err
 	}
+	// Read before the engine can run, as the shim reads it.
+	oomBefore := shim.OOMKills(p.oom)
 	t2 := time.Now()
 	if _, err := p.goW.Write([]byte{1}); err != nil {
 		p.Abort()
@@ -788,6 +797,9 @@ func (p *Prepared) goAhead(ctx context.Context) (*Engine, error) {
 	}
 	e := &Engine{Unit: name, PID: first.PID, ShimPID: cmd.Process.Pid, Started: t3, Note: first.Note, events: make(chan Event, 4),
 		Invocation: id.id, Phases: *ph, CgroupID: p.cgroup}
+	if p.oom != "" {
+		e.scopeOOMKills = func() uint64 { return max(shim.OOMKills(p.oom), oomBefore) - oomBefore }
+	}
 	e.watchDeath()
 	e.shimEnded = func(wait time.Duration) (syscall.WaitStatus, bool) {
 		select {
@@ -860,15 +872,26 @@ func awaitFile(f *os.File) bool {
 func (e *Engine) forward(rd *shim.Reader, c io.Closer) {
 	defer close(e.events)
 	defer c.Close()
+	// A shim lost is no word on an OOM kill; the scope's counter,
+	// read here while the engine (still exiting, or running) keeps the
+	// scope's cgroup, is: the kernel may kill the shim itself once the
+	// engine it killed is past the OOM killer's reach but its memory not
+	// yet released.
+	oomKills := func() uint64 {
+		if e.scopeOOMKills == nil {
+			return 0
+		}
+		return e.scopeOOMKills()
+	}
 	lost := func(why string) {
-		e.events <- Event{Exit: &lifecycle.Exit{Lost: true, LostWhy: why, At: time.Now()}}
+		e.events <- Event{Exit: &lifecycle.Exit{Lost: true, LostWhy: why, OOMKills: oomKills(), At: time.Now()}}
 	}
 	for {
 		m, err := rd.Next()
 		var bad *shim.ReportError
 		switch {
 		case err == io.EOF:
-			x := &lifecycle.Exit{Lost: true, LostWhy: LostVanished, At: time.Now()}
+			x := &lifecycle.Exit{Lost: true, LostWhy: LostVanished, OOMKills: oomKills(), At: time.Now()}
 			// The shim died without a word: killed with its scope
 			// (systemctl kill) or alone. Its own end names the signal.
 			if e.shimEnded != nil {

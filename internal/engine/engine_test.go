@@ -496,3 +496,29 @@ func TestTheKernelSaysAnEngineDied(t *testing.T) {
 		assert.Equal(t, int32(1), calls.Load())
 	}
 }
+
+// The kernel may OOM-kill the shim too: where it cannot be exempted (no
+// CAP_SYS_RESOURCE), once the engine it killed is past the OOM killer's
+// reach but its memory not yet released, a page the shim touches makes it
+// the only candidate. The scope's OOM count still comes with the lost
+// shim's exit, read by the daemon from outside the scope.
+func TestAShimLostAfterAnOOMKillInItsScopeStillTellsTheOOMKill(t *testing.T) {
+	rt, ctx := runtime(t)
+	mem := []config.ScopeProperty{{Key: "MemoryMax", Raw: "32M", Name: "MemoryMax", Value: uint64(32 << 20)}}
+	e, err := rt.Start(ctx, engine.Spec{Pool: "oom-shim-lost", User: "pool-engine", StopTimeout: time.Second, Scope: mem,
+		// tail -c keeps what it is told in memory: the OOM killer's
+		// victim in the scope, while the engine itself lives on.
+		Argv: []string{"/bin/sh", "-c", "head -c 100000000 /dev/zero | tail -c 90000000 >/dev/null; echo tail gone; exec sleep 60"}})
+	require.NoError(t, err)
+	t.Cleanup(func() { rt.Stop(context.Background(), "oom-shim-lost") })
+	journal(t, e.Unit, "tail gone")
+	require.NoError(t, syscall.Kill(e.ShimPID, syscall.SIGKILL))
+	select {
+	case ev := <-e.Events():
+		require.NotNil(t, ev.Exit)
+		assert.True(t, ev.Exit.Lost, "the shim never reported")
+		assert.Equal(t, uint64(1), ev.Exit.OOMKills, "the scope's OOM kill, read from outside it")
+	case <-time.After(10 * time.Second):
+		t.Fatal("no word of the shim's end")
+	}
+}

@@ -12,7 +12,9 @@ import (
 // classify adds to crash.Classify what only the pool knows: that it
 // stopped the engine for failing its probes, its start or a GPU fault.
 func classify(r *run, x Exit) (crash.Reason, bool) {
-	if x.Lost && !escalated(r, x) {
+	// A lost shim that the scope's counter shows an OOM kill beside (the
+	// kernel can kill the shim too, on the engine's heels) is the OOM's.
+	if x.Lost && !escalated(r, x) && x.OOMKills == 0 {
 		return crash.Signal, true
 	}
 	reason, ok := crash.Classify(crash.Exit{Status: x.Status, OOMKilled: x.OOMKills > 0, CUDAFault: r.fault != ""})

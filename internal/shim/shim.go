@@ -345,8 +345,16 @@ func output(ident string, priority int) (io.Writer, func()) {
 // cgroup, v2 or v1 ("" if none), found before the engine starts: an
 // engine may move the shim beneath the scope (podman run --cgroups=split),
 // and the scope's counter is the one that counts kills anywhere beneath it.
-func oomFile() string {
-	cg, err := os.ReadFile("/proc/self/cgroup")
+func oomFile() string { return OOMFile("self") }
+
+// OOMFile is the OOM kill counter of the memory cgroup that process pid
+// ("self": the caller) is in, as oomFile finds it. The daemon reads the
+// scope's counter too, from outside: the shim is in the memory cgroup
+// that is at its limit, and the kernel may kill it (where it cannot be
+// exempted: no CAP_SYS_RESOURCE) between the engine's OOM kill and the
+// release of the engine's memory, before it could report.
+func OOMFile(pid string) string {
+	cg, err := os.ReadFile("/proc/" + pid + "/cgroup")
 	if err != nil {
 		return ""
 	}
@@ -375,6 +383,9 @@ func oomFile() string {
 	}
 	return ""
 }
+
+// OOMKills reads the counter of an OOMFile (0 if it cannot).
+func OOMKills(file string) uint64 { return oomKills(file) }
 
 // oomKills reads the counter of oomFile.
 func oomKills(file string) uint64 {
