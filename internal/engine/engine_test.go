@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -508,10 +509,12 @@ func TestAShimLostAfterAnOOMKillInItsScopeStillTellsTheOOMKill(t *testing.T) {
 	e, err := rt.Start(ctx, engine.Spec{Pool: "oom-shim-lost", User: "pool-engine", StopTimeout: time.Second, Scope: mem,
 		// tail -c keeps what it is told in memory: the OOM killer's
 		// victim in the scope, while the engine itself lives on.
-		Argv: []string{"/bin/sh", "-c", "head -c 100000000 /dev/zero | tail -c 90000000 >/dev/null; echo tail gone; exec sleep 60"}})
+		Argv: []string{"/bin/sh", "-c", "head -c 100000000 /dev/zero | tail -c 90000000 >/dev/null; exec sleep 60"}})
 	require.NoError(t, err)
 	t.Cleanup(func() { rt.Stop(context.Background(), "oom-shim-lost") })
-	journal(t, e.Unit, "tail gone")
+	counter := shim.OOMFile(strconv.Itoa(e.ShimPID))
+	require.NotEmpty(t, counter, "the scope has a memory cgroup")
+	require.Eventually(t, func() bool { return shim.OOMKills(counter) == 1 }, 20*time.Second, 20*time.Millisecond, "tail OOM-killed")
 	require.NoError(t, syscall.Kill(e.ShimPID, syscall.SIGKILL))
 	select {
 	case ev := <-e.Events():
