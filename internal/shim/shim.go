@@ -106,7 +106,7 @@ func Main() int {
 	outW, outLog := output(ident, 6)
 	errW, errLog := output(ident, 6)
 	oomAt := oomFile()
-	oomBefore := oomKills(oomAt)
+	oomBefore := OOMKills(oomAt)
 
 	cmd := exec.Command(spec.Argv[0], spec.Argv[1:]...)
 	cmd.Env = append([]string{
@@ -137,7 +137,9 @@ func Main() int {
 	}
 	outPipe.Close()
 	errPipe.Close()
-	// The OOM killer must pick the engine, never its reporter.
+	// The OOM killer must pick the engine, never its reporter; where the
+	// host denies it (no CAP_SYS_RESOURCE) the daemon reads the scope's
+	// OOM count itself should the shim go with the engine.
 	os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0)
 	report(Message{Event: EventStarted, PID: cmd.Process.Pid, Note: spec.Note})
 	if version != nil {
@@ -183,7 +185,7 @@ func Main() int {
 	wg.Wait()
 	outLog()
 	errLog()
-	report(Message{Event: EventExit, Status: uint32(ws), OOMKills: max(oomKills(oomAt), oomBefore) - oomBefore})
+	report(Message{Event: EventExit, Status: uint32(ws), OOMKills: max(OOMKills(oomAt), oomBefore) - oomBefore})
 	// If no daemon heard the exit (it is restarting), wait a while for one
 	// to reattach: the crash must not go unseen.
 	select {
@@ -385,10 +387,7 @@ func OOMFile(pid string) string {
 }
 
 // OOMKills reads the counter of an OOMFile (0 if it cannot).
-func OOMKills(file string) uint64 { return oomKills(file) }
-
-// oomKills reads the counter of oomFile.
-func oomKills(file string) uint64 {
+func OOMKills(file string) uint64 {
 	if file == "" {
 		return 0
 	}
