@@ -61,6 +61,9 @@ type Target struct {
 	// Serving lets the requests the engine must generate for through
 	// only while the pool serves (nil: always).
 	Serving *Gate
+	// Beat takes the time of a look that changed nothing (see
+	// Result.Beat); nil: such a look is dropped.
+	Beat func(time.Time)
 }
 
 // Result is what one look found.
@@ -71,6 +74,10 @@ type Result struct {
 	// Events tell the pool's lifecycle machine what the look found, in
 	// this order.
 	Events []lifecycle.Event
+	// Beat: a good look after a good look, which would change nothing in
+	// the machine: it is not told (no wake of the pool's loop for it),
+	// only its time kept as the heartbeat (Target.Beat).
+	Beat bool
 }
 
 // Schedule is when a check looks. Exactly one of Every, After and

@@ -2,6 +2,7 @@ package check_test
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -54,6 +55,9 @@ func TestTheKindsOnOneEngine(t *testing.T) {
 	var evs []lifecycle.Event
 	tell := func(ev lifecycle.Event) { mu.Lock(); evs = append(evs, ev); mu.Unlock() }
 	told := func() []lifecycle.Event { mu.Lock(); defer mu.Unlock(); return append([]lifecycle.Event(nil), evs...) }
+	// A beat (a good look after a good look) is not told; it is marked
+	// here, in order with what is.
+	tgt.Beat = func(time.Time) { tell(nil) }
 
 	ctx, cancel := context.WithCancel(context.Background())
 	r := check.Start(ctx, kinds, check.Config{HealthURL: srv.URL + "/health", Health: h}, tgt, time.Time{}, tell)
@@ -71,9 +75,8 @@ func TestTheKindsOnOneEngine(t *testing.T) {
 		case lifecycle.WarmedUp:
 			assert.NoError(t, ev.Err)
 			seq = append(seq, "warmed")
-		case lifecycle.Probed:
-			assert.NoError(t, ev.Err)
-			seq = append(seq, "probed")
+		case nil:
+			seq = append(seq, "beat")
 		case lifecycle.Progress:
 			assert.Equal(t, lifecycle.Progress{Run: 8, Tokens: 3}, ev)
 			seq = append(seq, "progress")
@@ -92,7 +95,7 @@ func TestTheKindsOnOneEngine(t *testing.T) {
 	}
 	assert.Equal(t, 1, warmed)
 	for i := 0; i+1 < len(rest); i += 2 {
-		assert.Equal(t, []string{"probed", "progress"}, rest[i:i+2], "each good probe is followed by a read: %v", rest)
+		assert.Equal(t, []string{"beat", "progress"}, rest[i:i+2], "each good probe is followed by a read: %v", rest)
 	}
 	// 4 start looks, the warm-up, each probe of the healthy engine and
 	// each metrics read were verified.
@@ -101,7 +104,7 @@ func TestTheKindsOnOneEngine(t *testing.T) {
 		switch k {
 		case "progress":
 			reads++
-		case "probed":
+		case "beat":
 			probes++
 		}
 	}
@@ -113,6 +116,52 @@ func TestTheKindsOnOneEngine(t *testing.T) {
 	assert.Equal(t, 1, workers(), "the probe alone")
 	cancel()
 	require.Eventually(t, func() bool { return workers() == 0 }, 5*time.Second, time.Millisecond)
+}
+
+// A good look after a good look changes nothing: it is a beat, not told
+// to the pool's loop; a failed look is told, and so is the good one after
+// it (it clears the failure), and the next good one is a beat again.
+func TestOnlyAProbeThatChangesSomethingIsTold(t *testing.T) {
+	answers := []int{200, 200, 200, 500, 200, 200}
+	var n atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		i := int(n.Add(1)) - 1
+		if i >= len(answers) {
+			i = len(answers) - 1
+		}
+		w.WriteHeader(answers[i])
+	}))
+	defer srv.Close()
+	var mu sync.Mutex
+	var seq []string
+	add := func(k string) { mu.Lock(); seq = append(seq, k); mu.Unlock() }
+	got := func() []string { mu.Lock(); defer mu.Unlock(); return append([]string(nil), seq...) }
+	var beatAt time.Time
+	tgt := check.Target{Run: 3, Beat: func(at time.Time) { beatAt = at; add("beat") }}
+	h := config.Health{Interval: 20 * time.Millisecond, Timeout: time.Second, StartTimeout: 10 * time.Second}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	start := time.Now()
+	check.Start(ctx, []check.Kind{probe.Kind}, check.Config{HealthURL: srv.URL + "/health", Health: h}, tgt, time.Time{}, func(ev lifecycle.Event) {
+		switch ev := ev.(type) {
+		case lifecycle.Healthy:
+			add("healthy")
+		case lifecycle.Probed:
+			if ev.Err != nil {
+				add("failed")
+			} else {
+				add("good")
+			}
+		default:
+			add(fmt.Sprintf("%T", ev))
+		}
+	})
+	require.Eventually(t, func() bool { return len(got()) >= 7 }, 5*time.Second, time.Millisecond)
+	cancel()
+	assert.Equal(t, []string{"healthy", "beat", "beat", "failed", "good", "beat", "beat"}, got()[:7])
+	mu.Lock()
+	assert.True(t, beatAt.After(start), "a beat carries its look's time")
+	mu.Unlock()
 }
 
 // workers counts the goroutines of runs' checks: those the check package

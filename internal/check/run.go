@@ -70,6 +70,9 @@ func (r *Run) look(c Check) Result {
 	if r.ctx.Err() != nil {
 		return Result{Err: r.ctx.Err()}
 	}
+	if res.Beat && r.target.Beat != nil {
+		r.target.Beat(time.Now())
+	}
 	for _, ev := range res.Events {
 		r.tell(ev)
 	}

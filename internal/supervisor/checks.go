@@ -33,7 +33,7 @@ var checkKinds = []check.Kind{
 // with r's context. What they find goes to the loop.
 func (s *Supervisor) watch(r *run, startBy time.Time) {
 	cfg := check.Config{HealthURL: s.cfg.HealthURL, Health: s.cfg.Health, Port: s.cfg.Port, Sleep: s.cfg.Sleep, SleepLevel: s.cfg.SleepLevel}
-	target := check.Target{Run: r.id, Owned: s.ownedByScope(r), Serving: &r.serving}
+	target := check.Target{Run: r.id, Owned: s.ownedByScope(r), Serving: &r.serving, Beat: s.beat}
 	r.checks = check.Start(r.ctx, checkKinds, cfg, target, startBy, func(ev lifecycle.Event) {
 		s.post(func() { s.step(ev) })
 	})

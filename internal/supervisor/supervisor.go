@@ -358,10 +358,7 @@ func (s *Supervisor) exec(actions []lifecycle.Action) {
 		case lifecycle.Publish:
 			s.publish(a.View)
 		case lifecycle.Heartbeat:
-			// A heartbeat alone wakes nobody: it is read, not watched.
-			s.mu.Lock()
-			s.snap.LastHeartbeat = a.At
-			s.mu.Unlock()
+			s.beat(a.At)
 		case lifecycle.Journal:
 			s.journal(a)
 		case lifecycle.Log:
@@ -482,6 +479,21 @@ func (s *Supervisor) Ping(ctx context.Context) error {
 	}
 }
 
+// beat records a good probe's time. A heartbeat alone wakes nobody: it
+// is read, not watched.
+func (s *Supervisor) beat(at time.Time) {
+	s.mu.Lock()
+	s.snap.LastHeartbeat = latest(s.snap.LastHeartbeat, at)
+	s.mu.Unlock()
+}
+
+func latest(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}
+
 // Snapshot returns the current state.
 func (s *Supervisor) Snapshot() Snapshot {
 	s.mu.Lock()
@@ -521,6 +533,8 @@ func (s *Supervisor) publish(v lifecycle.View) {
 		}
 	}
 	s.mu.Lock()
+	// The probes' beats (check.Result.Beat) are not the machine's.
+	v.LastHeartbeat = latest(v.LastHeartbeat, s.snap.LastHeartbeat)
 	s.snap.View = v
 	snap := s.snap
 	close(s.changed)

@@ -30,8 +30,8 @@ type probe struct {
 	cfg    config.Health
 	prober *health.Prober
 	// up: a look has answered (the engine is up); squatted: a foreign
-	// socket was told.
-	up, squatted bool
+	// socket was told; good: the last look told was good.
+	up, squatted, good bool
 }
 
 func (p *probe) Schedule() check.Schedule {
@@ -51,11 +51,17 @@ func (p *probe) Check(ctx context.Context, t check.Target) check.Result {
 	}
 	if !p.up {
 		if err == nil {
-			p.up = true
+			p.up, p.good = true, true
 			res.Events = append(res.Events, lifecycle.Healthy{Run: t.Run})
 		}
 		return res
 	}
+	if err == nil && p.good && len(res.Events) == 0 {
+		// Nothing changed: the machine is not told, the time is kept.
+		res.Beat = true
+		return res
+	}
+	p.good = err == nil
 	res.Events = append(res.Events, lifecycle.Probed{Run: t.Run, Err: err})
 	return res
 }
