@@ -508,8 +508,10 @@ func TestAShimLostAfterAnOOMKillInItsScopeStillTellsTheOOMKill(t *testing.T) {
 	mem := []config.ScopeProperty{{Key: "MemoryMax", Raw: "32M", Name: "MemoryMax", Value: uint64(32 << 20)}}
 	e, err := rt.Start(ctx, engine.Spec{Pool: "oom-shim-lost", User: "pool-engine", StopTimeout: time.Second, Scope: mem,
 		// tail -c keeps what it is told in memory: the OOM killer's
-		// victim in the scope, while the engine itself lives on.
-		Argv: []string{"/bin/sh", "-c", "head -c 100000000 /dev/zero | tail -c 90000000 >/dev/null; exec sleep 60"}})
+		// victim in the scope (first in line by its oom_score_adj, before
+		// the shim, a race build that may be larger), while the engine
+		// itself lives on.
+		Argv: []string{"/bin/sh", "-c", "head -c 100000000 /dev/zero | (echo 1000 >/proc/self/oom_score_adj && exec tail -c 90000000 >/dev/null); exec sleep 60"}})
 	require.NoError(t, err)
 	t.Cleanup(func() { rt.Stop(context.Background(), "oom-shim-lost") })
 	counter := shim.OOMFile(strconv.Itoa(e.ShimPID))
