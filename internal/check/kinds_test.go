@@ -137,7 +137,7 @@ func TestOnlyAProbeThatChangesSomethingIsTold(t *testing.T) {
 	add := func(k string) { mu.Lock(); seq = append(seq, k); mu.Unlock() }
 	got := func() []string { mu.Lock(); defer mu.Unlock(); return append([]string(nil), seq...) }
 	var beatAt time.Time
-	tgt := check.Target{Run: 3, Beat: func(at time.Time) { beatAt = at; add("beat") }}
+	tgt := check.Target{Run: 3, Beat: func(at time.Time) { mu.Lock(); beatAt = at; seq = append(seq, "beat"); mu.Unlock() }}
 	h := config.Health{Interval: 20 * time.Millisecond, Timeout: time.Second, StartTimeout: 10 * time.Second}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
