@@ -446,7 +446,7 @@ var drainFig = Figure{Name: "drain completion, engine stop excluded", Unit: "ms"
 	Reference: "engine stop (reported apart)", Goal: Goal{Text: "p99 < 2 ms", Of: "value", AtMost: 2}}
 
 // drainRound: last ReleaseLease sent -> Drain reply, less the engine's
-// stop (the last lease gone to the engine's exit settled), which the
+// stop (the last lease gone to its exit settled and its scope gone), which the
 // daemon logs as ENGINE_STOP_USEC and the simulator makes short: what is
 // left is the release's way in and the drain's reply's way out. Timed
 // from the release's reply instead, the figure would take off the
