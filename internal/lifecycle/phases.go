@@ -38,7 +38,7 @@ const (
 	// the last is released or the deadline passes.
 	drainLeases drainPhase = iota
 	// drainStopping: the leases are gone; the engine is being stopped,
-	// and its exit ends the drain.
+	// and its exit, once its scope's stop job has ended, ends the drain.
 	drainStopping
 	// drainReloading: a reload's drain whose leases are gone: the
 	// reload goes on, and no lease is granted until it ends.
