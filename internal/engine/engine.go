@@ -176,12 +176,19 @@ type Engine struct {
 	// shimEnded waits a moment for the shim the daemon started to be
 	// reaped and says how it ended (nil for an adopted engine).
 	shimEnded func(wait time.Duration) (syscall.WaitStatus, bool)
-	// scopeOOMKills reads the OOM kills in the scope since the engine's
-	// start, from outside it (nil: not known).
-	scopeOOMKills func() uint64
-	diedMu        sync.Mutex
-	dead          bool
-	onDied        func()
+	// oomFile is the scope's OOM kill counter ("" if not known) and
+	// oomBefore its count before the engine ran (see scopeOOMKills).
+	oomFile   string
+	oomBefore uint64
+	diedMu    sync.Mutex
+	dead      bool
+	onDied    func()
+}
+
+// scopeOOMKills reads the OOM kills in the scope since the engine's
+// start, from outside it (0 where the counter is not known).
+func (e *Engine) scopeOOMKills() uint64 {
+	return max(shim.OOMKills(e.oomFile), e.oomBefore) - e.oomBefore
 }
 
 // OnDied has f called once when the kernel says the engine process ended
@@ -796,10 +803,7 @@ func (p *Prepared) goAhead(ctx context.Context) (*Engine, error) {
 		ph.Invocation = max(0, id.done.Sub(t3))
 	}
 	e := &Engine{Unit: name, PID: first.PID, ShimPID: cmd.Process.Pid, Started: t3, Note: first.Note, events: make(chan Event, 4),
-		Invocation: id.id, Phases: *ph, CgroupID: p.cgroup}
-	if p.oom != "" {
-		e.scopeOOMKills = func() uint64 { return max(shim.OOMKills(p.oom), oomBefore) - oomBefore }
-	}
+		Invocation: id.id, Phases: *ph, CgroupID: p.cgroup, oomFile: p.oom, oomBefore: oomBefore}
 	e.watchDeath()
 	e.shimEnded = func(wait time.Duration) (syscall.WaitStatus, bool) {
 		select {
@@ -877,21 +881,15 @@ func (e *Engine) forward(rd *shim.Reader, c io.Closer) {
 	// scope's cgroup, is: the kernel may kill the shim itself once the
 	// engine it killed is past the OOM killer's reach but its memory not
 	// yet released.
-	oomKills := func() uint64 {
-		if e.scopeOOMKills == nil {
-			return 0
-		}
-		return e.scopeOOMKills()
-	}
 	lost := func(why string) {
-		e.events <- Event{Exit: &lifecycle.Exit{Lost: true, LostWhy: why, OOMKills: oomKills(), At: time.Now()}}
+		e.events <- Event{Exit: &lifecycle.Exit{Lost: true, LostWhy: why, OOMKills: e.scopeOOMKills(), At: time.Now()}}
 	}
 	for {
 		m, err := rd.Next()
 		var bad *shim.ReportError
 		switch {
 		case err == io.EOF:
-			x := &lifecycle.Exit{Lost: true, LostWhy: LostVanished, OOMKills: oomKills(), At: time.Now()}
+			x := &lifecycle.Exit{Lost: true, LostWhy: LostVanished, OOMKills: e.scopeOOMKills(), At: time.Now()}
 			// The shim died without a word: killed with its scope
 			// (systemctl kill) or alone. Its own end names the signal.
 			if e.shimEnded != nil {

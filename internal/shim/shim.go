@@ -105,7 +105,7 @@ func Main() int {
 	ident := filepath.Base(spec.Argv[0])
 	outW, outLog := output(ident, 6)
 	errW, errLog := output(ident, 6)
-	oomAt := oomFile()
+	oomAt := OOMFile("self")
 	oomBefore := OOMKills(oomAt)
 
 	cmd := exec.Command(spec.Argv[0], spec.Argv[1:]...)
@@ -343,18 +343,15 @@ func output(ident string, priority int) (io.Writer, func()) {
 	return c, func() { c.Close() }
 }
 
-// oomFile is the OOM kill counter of the shim's own (the scope's) memory
-// cgroup, v2 or v1 ("" if none), found before the engine starts: an
-// engine may move the shim beneath the scope (podman run --cgroups=split),
-// and the scope's counter is the one that counts kills anywhere beneath it.
-func oomFile() string { return OOMFile("self") }
-
-// OOMFile is the OOM kill counter of the memory cgroup that process pid
-// ("self": the caller) is in, as oomFile finds it. The daemon reads the
-// scope's counter too, from outside: the shim is in the memory cgroup
-// that is at its limit, and the kernel may kill it (where it cannot be
-// exempted: no CAP_SYS_RESOURCE) between the engine's OOM kill and the
-// release of the engine's memory, before it could report.
+// OOMFile is the OOM kill counter of the memory cgroup process pid is in
+// ("self": the caller), v2 or v1 ("" if none). The shim finds its own (the
+// scope's) before the engine starts: an engine may move the shim beneath
+// the scope (podman run --cgroups=split), and the scope's counter is the
+// one that counts kills anywhere beneath it. The daemon reads the scope's
+// counter too, from outside: the shim is in the memory cgroup that is at
+// its limit, and the kernel may kill it (where it cannot be exempted: no
+// CAP_SYS_RESOURCE) between the engine's OOM kill and the release of the
+// engine's memory, before it could report.
 func OOMFile(pid string) string {
 	cg, err := os.ReadFile("/proc/" + pid + "/cgroup")
 	if err != nil {
